@@ -1,0 +1,1 @@
+"""kubeflash_node.agent"""
