@@ -1,0 +1,67 @@
+"""The one `kubeflash` command: subcommands are registered by module path and imported only when used.
+
+Each subcommand module exposes ``add_arguments(parser)`` and ``main(args) -> int`` and imports nothing heavy
+(torch, kopf, kubernetes) at module level, so `kubeflash operator` runs in an image without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("kubeflash_node.engine.cli_run", "run an InferenceJob manifest on this machine, no cluster needed"),
+    "convert": ("kubeflash_node.store.cli", "convert a model (HF dir, GGUF file, builtin:, dummy:) into the layer store"),
+    "bench": ("kubeflash_node.engine.cli_bench", "measure this machine's ceilings and a workload against its roofline"),
+    "plan": ("kubeflash_node.engine.cli_plan", "print the offload policy the cost model picks for a job, and why"),
+    "engine": ("kubeflash_node.engine.cli_pod", "the inference pod's entry point (reads the job the operator mounted)"),
+    "agent": ("kubeflash_node.agent.cli", "the node agent DaemonSet: pairing, model staging, KV space, progress relay"),
+    "operator": ("kubeflash_operator.cli", "the kopf operator that places InferenceJobs on GPU<->SSD pairs"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Build the top-level parser; only the chosen subcommand's module is imported."""
+    parser = argparse.ArgumentParser(
+        prog="kubeflash",
+        description="SSD-native LLM inference: weights stream layer by layer from the SSD into the GPU.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == only:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def _version() -> str:
+    from kubeflash_node import __version__
+
+    return f"kubeflash {__version__}"
+
+
+def _chosen(argv: list[str]) -> str | None:
+    return next((a for a in argv if a in SUBCOMMANDS), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = _chosen(argv)
+    parser = build_parser(only=chosen)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
