@@ -1,0 +1,131 @@
+"""Model shape: one frozen dataclass for every supported architecture, plus the dummy-weight presets.
+
+Torch-free, so the store, the planner and the operator-side size estimates can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+ARCHITECTURES = ("llama", "opt")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a decoder-only transformer (Llama family or OPT)."""
+
+    architecture: str  # llama (Llama 2/3, Mistral, Qwen2, SmolLM2) | opt
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int = 0  # 0: same as num_heads (MHA)
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    max_position_embeddings: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    attention_bias: bool = False  # q/k/v bias (Qwen2)
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture {self.architecture!r} is not supported; expected one of {ARCHITECTURES}")
+        if not self.num_kv_heads:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if isinstance(self.eos_token_id, int):
+            object.__setattr__(self, "eos_token_id", [self.eos_token_id])
+
+    # ---- derived sizes (elements) ----
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def layer_params(self) -> int:
+        h, i = self.hidden_size, self.intermediate_size
+        attn = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
+        if self.architecture == "opt":
+            return attn + 4 * h + 2 * h * i + i + h + 2 * 2 * h  # biases and two LayerNorms
+        return attn + 3 * h * i + 2 * h + (self.q_dim + 2 * self.kv_dim if self.attention_bias else 0)
+
+    def embed_params(self) -> int:
+        pos = (self.max_position_embeddings + 2) * self.hidden_size if self.architecture == "opt" else 0
+        return self.vocab_size * self.hidden_size + pos
+
+    def head_params(self) -> int:
+        norm = 2 * self.hidden_size if self.architecture == "opt" else self.hidden_size
+        return norm + (0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size)
+
+    def total_params(self) -> int:
+        return self.embed_params() + self.num_layers * self.layer_params() + self.head_params()
+
+    def layer_flops_per_token(self, context: int) -> float:
+        """Matmul FLOPs of one decoder layer for one token attending to `context` positions."""
+        h, i = self.hidden_size, self.intermediate_size
+        proj = 2 * (h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h)
+        mlp = 2 * (2 if self.architecture == "opt" else 3) * h * i
+        attn = 2 * 2 * self.q_dim * context
+        return proj + mlp + attn
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        return 2 * self.num_layers * self.kv_dim * itemsize
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _llama(**kw) -> ModelConfig:
+    return ModelConfig(architecture="llama", **kw)
+
+
+def _opt(h: int, layers: int, heads: int) -> ModelConfig:
+    return ModelConfig(
+        architecture="opt", vocab_size=50272, hidden_size=h, intermediate_size=4 * h, num_layers=layers,
+        num_heads=heads, max_position_embeddings=2048, bos_token_id=2, eos_token_id=[2], pad_token_id=1,
+    )
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+PRESETS: dict[str, ModelConfig] = {
+    "smollm2-135m": _llama(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                           num_kv_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=[2], pad_token_id=2),
+    "llama-3-8b": _llama(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                         num_kv_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
+                         rope_scaling=LLAMA3_ROPE, bos_token_id=128000, eos_token_id=[128001, 128009]),
+    "llama-2-7b": _llama(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                         max_position_embeddings=4096, bos_token_id=1, eos_token_id=[2]),
+    "llama-2-13b": _llama(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
+                          max_position_embeddings=4096, bos_token_id=1, eos_token_id=[2]),
+    "opt-125m": _opt(768, 12, 12),
+    "opt-1.3b": _opt(2048, 24, 32),
+    "opt-6.7b": _opt(4096, 32, 32),
+    "opt-13b": _opt(5120, 40, 40),
+    "opt-30b": _opt(7168, 48, 56),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown dummy preset {name!r}; expected one of: {', '.join(PRESETS)}") from None

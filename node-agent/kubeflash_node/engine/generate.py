@@ -1,0 +1,233 @@
+"""The one generation schedule: for each step, for each stage (embed, layers, head) load its weights once,
+then run every micro-batch of the block through it (zig-zag), loading and storing each micro-batch's KV.
+
+    for step:                       # step 0 is prefill
+        for stage:                  # weights of stage+1.. are already being read (WeightStreamer)
+            w = load_weight(stage)
+            for mb in block:        # each layer is read once per block
+                load_cache(stage, mb); compute(stage, mb); store_cache(stage, mb)
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..store.format import Manifest, load_manifest
+from .config import ModelConfig
+from .kvcache import make_kv
+from .model import LAYERS, embed, head, make_batch, rope_cos_sin, rope_inv_freq
+from .policy import Policy
+from .sampling import sample
+from .stream import TORCH_DTYPES, WeightStreamer
+from .timing import Timings
+
+
+class EngineError(Exception):
+    """A job cannot run as asked (prompt too long, empty prompt, …); the message says which input."""
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Generation parameters of one job."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Completion:
+    """One prompt's result."""
+
+    index: int
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # length | stop
+
+
+@dataclass
+class _MicroBatch:
+    index: list[int]  # prompt indices
+    ids: torch.Tensor  # [B, Tp] left padded
+    mask: torch.Tensor  # [B, Tp + max_new] 1 = real token
+    done: torch.Tensor  # [B] bool
+    out: list[list[int]]
+    reason: list[str]
+    x: torch.Tensor | None = None  # activations between stages [B, S, H]
+    batch: object = None
+    rope: tuple | None = None
+
+
+class Engine:
+    """A stored model ready to generate under one policy on one device."""
+
+    def __init__(self, model_dir: Path, *, policy: Policy = Policy(), device: str = "cpu",
+                 job_dir: Path | None = None, profile: bool = False):
+        self.dir = Path(model_dir)
+        self.manifest: Manifest = load_manifest(self.dir)
+        self.config = ModelConfig.from_dict(self.manifest.config)
+        self.policy, self.device, self.job_dir = policy, torch.device(device), job_dir
+        cd = policy.compute_dtype
+        if cd == "auto":
+            cd = "float32" if self.device.type == "cpu" else self.manifest.dtype
+        self.dtype = TORCH_DTYPES[cd]
+        cuda = self.device.type == "cuda"
+        self.timings = Timings(sync=(lambda: torch.cuda.synchronize(self.device)) if cuda else None)
+        self.profile = profile or not cuda  # on CPU timers are exact without syncs
+        self.layer_fn = LAYERS[self.config.architecture]
+        self.inv_freq = rope_inv_freq(self.config, self.device) if self.config.architecture == "llama" else None
+        n = len(self.manifest.stages)
+        placement = policy.placement(n)
+        if self.config.tie_word_embeddings and placement[0] == "disk":
+            placement[0] = "gpu"  # the head reads the embedding: keep it resident instead of reading it twice
+        self.placement = placement
+        self.streamer = WeightStreamer(
+            self.dir, self.manifest, device=self.device, dtype=self.dtype, placement=placement,
+            order=itertools.cycle(range(n)), prefetch=policy.prefetch, threads=policy.io_threads,
+            task_bytes=policy.io_task_bytes, backend=policy.io_backend, timings=self.timings)
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cache_bytes": 0}
+
+    def close(self) -> None:
+        self.streamer.close()
+
+    # ------------------------------------------------------------------------------------ public
+    def generate(self, prompts: Sequence[Sequence[int]], params: GenParams,
+                 stop: Callable[[int, list[int]], bool] | None = None,
+                 on_block: Callable[[list[Completion]], None] | None = None,
+                 on_step: Callable[[int], None] | None = None) -> list[Completion]:
+        """Generate for every prompt, one block (policy.block_size prompts) at a time."""
+        self._check(prompts, params)
+        gen = torch.Generator().manual_seed(params.seed)
+        results: list[Completion] = []
+        bs = self.policy.block_size
+        for b0 in range(0, len(prompts), bs):
+            block = list(range(b0, min(b0 + bs, len(prompts))))
+            done = self._run_block(prompts, block, params, gen, stop, on_step)
+            results.extend(done)
+            if on_block:
+                on_block(done)
+        return results
+
+    def prefill_logits(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Last-position logits [N, V] after prefill (for comparisons against a reference)."""
+        logits = []
+        params = GenParams(max_new_tokens=1)
+        self._check(prompts, params)
+        bs = self.policy.block_size
+        for b0 in range(0, len(prompts), bs):
+            block = list(range(b0, min(b0 + bs, len(prompts))))
+            mbs = self._make_block(prompts, block, params)
+            self._pass(mbs, step=0, params=params, gen=None, stop=None, collect=logits)
+        return torch.cat(logits)
+
+    # ------------------------------------------------------------------------------------ schedule
+    def _run_block(self, prompts, block, params, gen, stop, on_step) -> list[Completion]:
+        mbs = self._make_block(prompts, block, params)
+        for step in range(params.max_new_tokens):
+            t0 = time.perf_counter()
+            self._pass(mbs, step=step, params=params, gen=gen, stop=stop)
+            dt = time.perf_counter() - (t0 if not self.device.type == "cuda" else (torch.cuda.synchronize(), t0)[1])
+            key = "prefill" if step == 0 else "decode"
+            self.stats[f"{key}_s"] += dt
+            self.stats[f"{key}_tokens"] += sum(mb.ids.shape[0] * (mb.ids.shape[1] if step == 0 else 1) for mb in mbs)
+            if on_step:
+                on_step(sum(mb.ids.shape[0] for mb in mbs))
+            if all(bool(mb.done.all()) for mb in mbs):
+                break
+        self.stats["cache_bytes"] = max(self.stats["cache_bytes"], self.kv.nbytes())
+        self.kv.close()
+        return [Completion(i, mb.out[r], mb.reason[r]) for mb in mbs for r, i in enumerate(mb.index)]
+
+    def _pass(self, mbs: list[_MicroBatch], *, step: int, params, gen, stop, collect=None) -> None:
+        """One pass over every stage for every micro-batch: the zig-zag inner loops."""
+        phase = "prefill" if step == 0 else "decode"
+        last = len(self.manifest.stages) - 1
+        for stage in range(last + 1):
+            w = self.streamer.get(stage)
+            for k, mb in enumerate(mbs):
+                if stage == 0:
+                    self._embed(mb, w, step)
+                elif stage == last:
+                    self._head(mb, w, step, params, gen, stop, collect)
+                else:
+                    self._layer(stage - 1, k, mb, w, phase)
+
+    def _embed(self, mb: _MicroBatch, w, step: int) -> None:
+        tp = mb.ids.shape[1]
+        start, new = (0, tp) if step == 0 else (tp + step - 1, 1)
+        ids = mb.ids if step == 0 else torch.tensor([o[-1] if o else 0 for o in mb.out]).view(-1, 1)
+        mb.batch = make_batch(mb.mask.to(self.device), start, new, self.dtype)
+        if self.inv_freq is not None:
+            mb.rope = rope_cos_sin(self.inv_freq, mb.batch.positions, self.dtype)
+        mb.x = embed(self.config, w, ids.to(self.device), mb.batch.positions)
+
+    def _layer(self, j: int, k: int, mb: _MicroBatch, w, phase: str) -> None:
+        t = self.timings
+        with t(f"load_cache_{phase}", sync=self.profile):
+            kv = self.kv.load(j, k, mb.batch.start)
+        with t(f"compute_layer_{phase}", sync=self.profile):
+            mb.x = self.layer_fn(self.config, w, mb.x, mb.batch, kv, mb.rope)
+        with t(f"store_cache_{phase}", sync=self.profile):
+            self.kv.store(j, k, kv)
+
+    def _head(self, mb: _MicroBatch, w, step: int, params: GenParams, gen, stop, collect) -> None:
+        if self.config.tie_word_embeddings:
+            w = {**w, "lm_head": self.streamer.resident[0]["tok_embed"]}  # embed stage is resident when tied
+        logits = head(self.config, w, mb.x[:, -1])
+        if collect is not None:
+            collect.append(logits.cpu())
+            return
+        nxt = sample(logits, temperature=params.temperature, top_p=params.top_p, generator=gen).cpu().tolist()
+        tp = mb.ids.shape[1]
+        for r, tok in enumerate(nxt):
+            if mb.done[r]:
+                continue
+            if tok in params.eos_token_ids:
+                mb.done[r], mb.reason[r] = True, "stop"
+                continue
+            mb.out[r].append(tok)
+            if stop and stop(mb.index[r], mb.out[r]):
+                mb.done[r], mb.reason[r] = True, "stop"
+        mb.mask[:, tp + step] = 1
+
+    # ------------------------------------------------------------------------------------ setup
+    def _check(self, prompts, params: GenParams) -> None:
+        if not prompts:
+            raise EngineError("no prompts to run")
+        limit = self.config.max_position_embeddings
+        for i, p in enumerate(prompts):
+            if not len(p):
+                raise EngineError(f"prompt {i} is empty")
+            if len(p) + params.max_new_tokens > limit:
+                raise EngineError(f"prompt {i}: {len(p)} tokens + max_new_tokens {params.max_new_tokens} exceed "
+                                  f"the model's context window of {limit} tokens")
+
+    def _make_block(self, prompts, block: list[int], params: GenParams) -> list[_MicroBatch]:
+        g = self.policy.gpu_batch_size
+        mbs = []
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        for m0 in range(0, len(block), g):
+            idx = block[m0:m0 + g]
+            tp = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), tp), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), tp + params.max_new_tokens), dtype=torch.long)
+            for r, i in enumerate(idx):
+                p = list(prompts[i])
+                ids[r, tp - len(p):] = torch.tensor(p)
+                mask[r, tp - len(p):tp] = 1
+            mbs.append(_MicroBatch(idx, ids, mask, torch.zeros(len(idx), dtype=torch.bool),
+                                   [[] for _ in idx], ["length"] * len(idx)))
+        c = self.config
+        self.kv = make_kv(self.policy.kv, device=self.device, dtype=self.dtype, num_kv_heads=c.num_kv_heads,
+                          head_dim=c.head_dim, directory=(self.job_dir / "kv") if self.job_dir else None)
+        for k, mb in enumerate(mbs):
+            for j in range(c.num_layers):
+                self.kv.allocate(j, k, mb.ids.shape[0], mb.mask.shape[1])
+        return mbs

@@ -1,0 +1,47 @@
+"""The offload policy: where weights, KV cache and activations live, and how work is batched.
+
+One frozen dataclass, built once at the edge (job manifest, CLI flags or the cost model) and passed down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KV_TIERS = ("device", "cpu", "disk")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How one job runs (FlexGen's policy, plus our I/O knobs)."""
+
+    gpu_batch_size: int = 8  # sequences per micro-batch
+    num_gpu_batches: int = 1  # micro-batches per block; each layer is read once per block (zig-zag)
+    weights_gpu_percent: float = 0.0  # share of layers resident on the compute device
+    weights_cpu_percent: float = 0.0  # share of layers resident in (pinned) host memory; the rest stream from disk
+    kv: str = "device"  # where the KV cache lives: device | cpu | disk
+    prefetch: int = 2  # stages read ahead of the one computing (weights of at most prefetch+1 stages in flight)
+    io_threads: int = 4  # reader threads
+    io_task_bytes: int = 16 << 20  # one read task; a stage file is split into tasks read in parallel
+    io_backend: str = "auto"  # auto | posix | odirect | kvikio
+    compute_dtype: str = "auto"  # auto: float32 on CPU, the store dtype on GPU
+
+    def __post_init__(self):
+        if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
+            raise ValueError("policy: gpu_batch_size and num_gpu_batches must be >= 1")
+        if not (0 <= self.weights_gpu_percent <= 100 and 0 <= self.weights_cpu_percent <= 100
+                and self.weights_gpu_percent + self.weights_cpu_percent <= 100):
+            raise ValueError("policy: weights gpu + cpu percentages must lie in 0..100 and sum to at most 100")
+        if self.kv not in KV_TIERS:
+            raise ValueError(f"policy: kv tier {self.kv!r} is not one of {KV_TIERS}")
+        if self.prefetch < 1:
+            raise ValueError("policy: prefetch must be >= 1")
+
+    @property
+    def block_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    def placement(self, num_stages: int) -> list[str]:
+        """Per stage: 'gpu' (resident on device), 'cpu' (resident in host memory) or 'disk' (streamed)."""
+        n_gpu = round(num_stages * self.weights_gpu_percent / 100)
+        n_cpu = round(num_stages * (self.weights_gpu_percent + self.weights_cpu_percent) / 100) - n_gpu
+        return ["gpu"] * n_gpu + ["cpu"] * n_cpu + ["disk"] * (num_stages - n_gpu - n_cpu)

