@@ -92,7 +92,8 @@ class Engine:
             self.dir, self.manifest, device=self.device, dtype=self.dtype, placement=placement,
             order=itertools.cycle(range(n)), prefetch=policy.prefetch, threads=policy.io_threads,
             task_bytes=policy.io_task_bytes, backend=policy.io_backend, timings=self.timings)
-        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cache_bytes": 0}
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cache_bytes": 0,
+                      "generated_tokens": 0}
 
     def close(self) -> None:
         self.streamer.close()
@@ -189,6 +190,7 @@ class Engine:
         for r, tok in enumerate(nxt):
             if mb.done[r]:
                 continue
+            self.stats["generated_tokens"] += 1
             if tok in params.eos_token_ids:
                 mb.done[r], mb.reason[r] = True, "stop"
                 continue

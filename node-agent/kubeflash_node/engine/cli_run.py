@@ -1,0 +1,100 @@
+"""`kubeflash run JOB.yaml`: run an InferenceJob manifest on this machine, no cluster.
+
+The same manifest a cluster takes; the model is converted once into a local store (~/.cache/kubeflash),
+results are appended to JSONL as prompts finish (re-running skips finished prompts), and the outputs and
+FlexGen's timing breakdown are printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", type=Path, help="an InferenceJob YAML file (e.g. examples/capital-of-france.yaml)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default)")
+    p.add_argument("--output", type=Path, help="results JSONL (default: spec.output.path, else kubeflash-out/<job>/results.jsonl)")
+    p.add_argument("--job-dir", type=Path, help="job directory for KV files, progress.json and report.json "
+                                                "(default: kubeflash-out/<job>/)")
+    p.add_argument("--store", type=Path, help="local model store root (default: $KUBEFLASH_HOME or ~/.cache/kubeflash)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, no outputs; only the report")
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return name
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..jobspec import SpecError, load_job
+    from ..store.cache import DEFAULT_ROOT, ensure_model
+    from ..store.format import StoreError
+    from .generate import EngineError
+    from .job import run_job
+    from .report import format_report, write_report
+    from .results import read_results
+
+    try:
+        spec = load_job(args.manifest)
+        device = resolve_device(args.device)
+        job_dir = args.job_dir or Path("kubeflash-out") / spec.name
+        output = args.output or (Path(spec.output.path) if spec.output.path else job_dir / "results.jsonl")
+        job_dir.mkdir(parents=True, exist_ok=True)
+        dtype = "float32" if device == "cpu" else spec.model.dtype
+        model_dir, manifest = ensure_model(spec.model.uri, dtype=dtype, root=args.store or DEFAULT_ROOT,
+                                           progress_bar=not args.quiet)
+        bar = _TokenBar(len(spec.input.prompts), enabled=not args.quiet)
+        report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device,
+                         job_dir=job_dir, on_tokens=bar.tokens, on_prompts=bar.prompts)
+        bar.close()
+    except (SpecError, StoreError, EngineError, ValueError, OSError) as e:
+        print(f"kubeflash run: error: {e}", file=sys.stderr)
+        return 1
+    results = read_results(output)
+    if not args.quiet:
+        print("Outputs:")
+        for p in spec.input.prompts:
+            rec = results.get(p.id)
+            text = rec["response"]["body"]["choices"][0]["message"]["content"] if rec else "<missing>"
+            print("-" * 40)
+            print(f"{p.id}: {text}")
+        print("-" * 40)
+    if "skipped" in report:
+        print(f"all {report['skipped']} prompts already had results in {output}; nothing to run")
+        return 0
+    print(format_report(report))
+    write_report(report, job_dir / "report.json")
+    print(f"results: {output}\nreport:  {job_dir / 'report.json'}")
+    return 0
+
+
+class _TokenBar:
+    """Progress over prompts, with generated tokens as the postfix."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.t = None
+        self.n_tokens = 0
+        if enabled:
+            from tqdm import tqdm
+
+            self.t = tqdm(total=total, desc="generating", unit="prompt")
+
+    def tokens(self, n: int) -> None:
+        self.n_tokens += n
+        if self.t:
+            self.t.set_postfix_str(f"{self.n_tokens} tokens")
+
+    def prompts(self, n: int) -> None:
+        if self.t:
+            self.t.update(n)
+
+    def close(self) -> None:
+        if self.t:
+            self.t.close()

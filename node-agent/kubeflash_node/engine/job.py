@@ -1,0 +1,158 @@
+"""Run one InferenceJob on this machine: tokenize, skip prompts already done, generate, append results,
+keep progress.json current, and return the report. Shared by `kubeflash run` and the inference pod.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from ..jobspec import JobSpec, SpecError
+from ..store.format import atomic_write_json
+from .generate import Engine, GenParams
+from .policy import Policy
+from .report import build_report
+from .results import ResultsFile
+
+
+@dataclass
+class Tokenized:
+    ids: list[list[int]]
+    tokenizer: object | None
+
+
+def policy_for(spec: JobSpec, *, n_prompts: int, device: str) -> Policy:
+    """Policy from the manifest: explicit percentages as given, or the default streaming policy for auto."""
+    o = spec.offload
+    g = o.gpu_batch_size or min(8, max(1, n_prompts))
+    nb = o.num_gpu_batches or 1
+    if o.policy == "auto":
+        return Policy(gpu_batch_size=g, num_gpu_batches=nb)
+    kv = {"gpu": "device", "cpu": "cpu", "disk": "disk"}
+    full = [t for t in ("gpu", "cpu", "disk") if getattr(o.kv, t) == 100]
+    if not full:
+        raise SpecError("spec.offload.kv: splitting the KV cache across tiers is not supported; put 100 in one of gpu, cpu, disk")
+    return Policy(gpu_batch_size=g, num_gpu_batches=nb, weights_gpu_percent=o.weights.gpu,
+                  weights_cpu_percent=o.weights.cpu, kv=kv[full[0]])
+
+
+def load_tokenizer(model_dir: Path, manifest):
+    if not manifest.tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(Path(model_dir) / manifest.tokenizer))
+
+
+def tokenize(spec: JobSpec, tokenizer) -> list[list[int]]:
+    out = []
+    for p in spec.input.prompts:
+        if p.token_ids is not None:
+            out.append(list(p.token_ids))
+        elif tokenizer is None:
+            raise SpecError(f"spec.input: prompt {p.id!r} is text but model {spec.model.uri} has no tokenizer "
+                            f"(dummy models take spec.input.synthetic)")
+        elif p.messages is not None and getattr(tokenizer, "chat_template", None):
+            out.append(list(tokenizer.apply_chat_template(list(p.messages), tokenize=True, add_generation_prompt=True,
+                                                          return_dict=True)["input_ids"]))
+        else:
+            text = p.text if p.text is not None else "\n".join(m["content"] for m in p.messages)
+            out.append(tokenizer(text)["input_ids"])
+    return out
+
+
+class Progress:
+    """progress.json in the job directory (rewritten atomically), read by the node agent."""
+
+    def __init__(self, job_dir: Path | None, total: int, done: int):
+        self.path = Path(job_dir) / "progress.json" if job_dir else None
+        self.total, self.done, self.tokens, self.t0 = total, done, 0, time.perf_counter()
+
+    def write(self, phase: str, timings: dict | None = None, message: str = "") -> None:
+        if self.path is None:
+            return
+        dt = time.perf_counter() - self.t0
+        atomic_write_json(self.path, {
+            "phase": phase, "promptsDone": self.done, "promptsTotal": self.total, "tokens": self.tokens,
+            "tokensPerSecond": round(self.tokens / dt, 3) if dt > 0 else 0.0, "timings": timings or {},
+            "message": message, "updated": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+
+
+def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: str = "cpu",
+            job_dir: Path | None = None, policy: Policy | None = None,
+            on_tokens: Callable[[int], None] | None = None, on_prompts: Callable[[int], None] | None = None) -> dict:
+    """Generate every prompt of `spec` not already in `output`; returns the report dict."""
+    tokenizer = load_tokenizer(model_dir, manifest)
+    ids = tokenize(spec, tokenizer)
+    results = ResultsFile(output)
+    todo = [i for i, p in enumerate(spec.input.prompts) if p.id not in results.done]
+    progress = Progress(job_dir, total=len(ids), done=len(ids) - len(todo))
+    progress.write("running")
+    if not todo:
+        results.close()
+        progress.write("done", message="every prompt already has a result")
+        return {"skipped": len(ids), "generated_tokens": 0}
+    policy = policy or policy_for(spec, n_prompts=len(todo), device=device)
+    engine = Engine(model_dir, policy=policy, device=device, job_dir=job_dir)
+    g = spec.generation
+    eos = tuple(engine.config.eos_token_id) + ((tokenizer.eos_token_id,) if tokenizer is not None
+                                                and tokenizer.eos_token_id is not None else ())
+    max_new = max([g.max_new_tokens] + [spec.input.prompts[i].max_tokens or 0 for i in todo])
+    params = GenParams(max_new_tokens=max_new, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
+                       eos_token_ids=tuple(sorted(set(eos))))
+    limits = [spec.input.prompts[i].max_tokens or g.max_new_tokens for i in todo]
+
+    def decode(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
+
+    def stop(k: int, tokens: list[int]) -> bool:
+        if len(tokens) >= limits[k]:
+            return True
+        return bool(g.stop) and any(s in decode(tokens[-16:]) or s in decode(tokens) for s in g.stop)
+
+    def on_block(done) -> None:
+        for c in done:
+            p = spec.input.prompts[todo[c.index]]
+            text = decode(c.tokens)
+            reason = c.finish_reason
+            if len(c.tokens) >= limits[c.index] and reason == "stop" and not _hit_stop(text, g.stop):
+                reason = "length"
+            for s in g.stop:
+                if s in text:
+                    text, reason = text[:text.index(s)], "stop"
+            results.append(p.id, text, finish_reason=reason, prompt_tokens=len(ids[todo[c.index]]),
+                           completion_tokens=len(c.tokens), token_ids=c.tokens)
+        progress.done += len(done)
+        progress.write("running", timings=_timings(engine))
+        if on_prompts:
+            on_prompts(len(done))
+
+    def on_step(n: int) -> None:
+        progress.tokens += n
+        if on_tokens:
+            on_tokens(n)
+
+    try:
+        engine.generate([ids[i] for i in todo], params, stop=stop, on_block=on_block, on_step=on_step)
+        report = build_report(engine)
+        progress.write("done", timings=_timings(engine))
+        return report
+    except BaseException as e:
+        progress.write("failed", timings=_timings(engine), message=str(e)[:500])
+        raise
+    finally:
+        results.close()
+        engine.close()
+
+
+def _hit_stop(text: str, stops) -> bool:
+    return any(s in text for s in stops)
+
+
+def _timings(engine) -> dict:
+    t = engine.timings
+    return {k: round(t.mean(k), 6) for k in ("load_weight", "compute_layer_prefill", "compute_layer_decode",
+                                             "load_cache_decode", "store_cache_decode") if t.count[k]}
