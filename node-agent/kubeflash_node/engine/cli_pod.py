@@ -1,0 +1,62 @@
+"""`kubeflash engine`: the inference pod's entry point, configured by the operator through env and mounts.
+
+Env (docs/contract.md): KUBEFLASH_JOB_SPEC (the InferenceJob spec as JSON), KUBEFLASH_JOB_NAME,
+KUBEFLASH_JOB_NAMESPACE, KUBEFLASH_MODEL_DIR (the staged model, read-only), KUBEFLASH_JOB_DIR (KV files,
+results.jsonl, progress.json, report.json). A restarted pod skips the prompts already in results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=os.environ.get("KUBEFLASH_DEVICE", "auto"),
+                   help="cpu, cuda or auto (default: $KUBEFLASH_DEVICE or auto)")
+    p.add_argument("--output-dir", type=Path, default=os.environ.get("KUBEFLASH_OUTPUT_DIR"),
+                   help="also copy results.jsonl here when done (the mounted spec.output PVC)")
+
+
+def _env(name: str) -> str:
+    v = os.environ.get(name)
+    if not v:
+        raise ValueError(f"environment variable {name} is required (the operator sets it in the pod spec)")
+    return v
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..jobspec import API_VERSION, SpecError, parse_job
+    from ..store.format import StoreError, load_manifest
+    from .cli_run import resolve_device
+    from .generate import EngineError
+    from .job import run_job
+    from .report import format_report, write_report
+
+    try:
+        spec_json = json.loads(_env("KUBEFLASH_JOB_SPEC"))
+        doc = {"apiVersion": API_VERSION, "kind": "InferenceJob",
+               "metadata": {"name": _env("KUBEFLASH_JOB_NAME"), "namespace": os.environ.get("KUBEFLASH_JOB_NAMESPACE", "default")},
+               "spec": spec_json}
+        spec = parse_job(doc, base=Path("/input"))
+        model_dir, job_dir = Path(_env("KUBEFLASH_MODEL_DIR")), Path(_env("KUBEFLASH_JOB_DIR"))
+        manifest = load_manifest(model_dir)
+        device = resolve_device(args.device)
+        output = job_dir / "results.jsonl"
+        report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device, job_dir=job_dir)
+    except (SpecError, StoreError, EngineError, ValueError, OSError, json.JSONDecodeError) as e:
+        print(f"kubeflash engine: error: {e}", file=sys.stderr)
+        return 1
+    if "skipped" not in report:
+        print(format_report(report))
+        write_report(report, job_dir / "report.json")
+    if args.output_dir:
+        from ..store.format import atomic_write_bytes
+
+        dest = Path(args.output_dir) / (spec.output.path or f"{spec.name}.results.jsonl")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(dest, output.read_bytes())
+    return 0
