@@ -69,7 +69,7 @@ class Engine:
     """A stored model ready to generate under one policy on one device."""
 
     def __init__(self, model_dir: Path, *, policy: Policy = Policy(), device: str = "cpu",
-                 job_dir: Path | None = None, profile: bool = False):
+                 job_dir: Path | None = None):
         self.dir = Path(model_dir)
         self.manifest: Manifest = load_manifest(self.dir)
         self.config = ModelConfig.from_dict(self.manifest.config)
@@ -79,8 +79,7 @@ class Engine:
             cd = "float32" if self.device.type == "cpu" else self.manifest.dtype
         self.dtype = TORCH_DTYPES[cd]
         cuda = self.device.type == "cuda"
-        self.timings = Timings(sync=(lambda: torch.cuda.synchronize(self.device)) if cuda else None)
-        self.profile = profile or not cuda  # on CPU timers are exact without syncs
+        self.timings = Timings(cuda=cuda)
         self.layer_fn = LAYERS[self.config.architecture]
         self.inv_freq = rope_inv_freq(self.config, self.device) if self.config.architecture == "llama" else None
         n = len(self.manifest.stages)
@@ -134,7 +133,9 @@ class Engine:
         for step in range(params.max_new_tokens):
             t0 = time.perf_counter()
             self._pass(mbs, step=step, params=params, gen=gen, stop=stop)
-            dt = time.perf_counter() - (t0 if not self.device.type == "cuda" else (torch.cuda.synchronize(), t0)[1])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
             key = "prefill" if step == 0 else "decode"
             self.stats[f"{key}_s"] += dt
             self.stats[f"{key}_tokens"] += sum(mb.ids.shape[0] * (mb.ids.shape[1] if step == 0 else 1) for mb in mbs)
@@ -171,11 +172,11 @@ class Engine:
 
     def _layer(self, j: int, k: int, mb: _MicroBatch, w, phase: str) -> None:
         t = self.timings
-        with t(f"load_cache_{phase}", sync=self.profile):
+        with t(f"load_cache_{phase}"):
             kv = self.kv.load(j, k, mb.batch.start)
-        with t(f"compute_layer_{phase}", sync=self.profile):
+        with t(f"compute_layer_{phase}"):
             mb.x = self.layer_fn(self.config, w, mb.x, mb.batch, kv, mb.rope)
-        with t(f"store_cache_{phase}", sync=self.profile):
+        with t(f"store_cache_{phase}"):
             self.kv.store(j, k, kv)
 
     def _head(self, mb: _MicroBatch, w, step: int, params: GenParams, gen, stop, collect) -> None:
@@ -227,7 +228,8 @@ class Engine:
             mbs.append(_MicroBatch(idx, ids, mask, torch.zeros(len(idx), dtype=torch.bool),
                                    [[] for _ in idx], ["length"] * len(idx)))
         c = self.config
-        self.kv = make_kv(self.policy.kv, device=self.device, dtype=self.dtype, num_kv_heads=c.num_kv_heads,
+        tier = "none" if params.max_new_tokens == 1 else self.policy.kv  # prefill-only: no step reads KV back
+        self.kv = make_kv(tier, device=self.device, dtype=self.dtype, num_kv_heads=c.num_kv_heads,
                           head_dim=c.head_dim, directory=(self.job_dir / "kv") if self.job_dir else None)
         for k, mb in enumerate(mbs):
             for j in range(c.num_layers):

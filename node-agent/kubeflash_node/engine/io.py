@@ -72,6 +72,7 @@ class KvikioReader:
     """kvikio CuFile reads into host or device tensors (GDS, or compat mode via POSIX inside kvikio)."""
 
     name = "kvikio"
+    device_capable = True  # reads straight into GPU memory (GDS, or kvikio's own bounce buffers in compat mode)
 
     def __init__(self):
         import kvikio  # noqa: F401  (import error = backend unavailable)
@@ -100,9 +101,27 @@ def _pread_all(fd: int, view: memoryview, offset: int, path: Path, allow_short: 
 BACKENDS = {"posix": PosixReader, "odirect": ODirectReader, "kvikio": KvikioReader}
 
 
-def make_reader(name: str = "auto", *, cuda: bool = False):
-    """The named backend, or for 'auto': posix (reads hit the page cache when the model is cached there)."""
+def odirect_supported(path: Path) -> bool:
+    """Whether files under `path` can be opened with O_DIRECT (tmpfs and some overlays refuse it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def make_reader(name: str = "auto", *, cuda: bool = False, probe: Path | None = None):
+    """The named backend, or for 'auto': kvikio on CUDA when importable, else O_DIRECT on CUDA when the
+    file system allows it (streams from the SSD without evicting the page cache), else buffered posix."""
     if name == "auto":
+        if cuda:
+            try:
+                return KvikioReader()
+            except ImportError:
+                pass
+            if probe is None or odirect_supported(probe):
+                return ODirectReader()
         return PosixReader()
     if name not in BACKENDS:
         raise ValueError(f"io backend {name!r} is unknown; expected auto, {', '.join(BACKENDS)}")

@@ -140,7 +140,17 @@ class DiskKV:
         self.files.clear()
 
 
-TIERS = {"device": DeviceKV, "cpu": HostKV, "disk": DiskKV}
+class NoKV(DeviceKV):
+    """Prefill-only jobs (max_new_tokens == 1): attention uses the chunk's own K, V; nothing is kept."""
+
+    def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
+        pass
+
+    def load(self, layer: int, mb: int, start: int) -> LayerKV:
+        return LayerKV(None, None, in_place=False)
+
+
+TIERS = {"device": DeviceKV, "cpu": HostKV, "disk": DiskKV, "none": NoKV}
 
 
 def make_kv(tier: str, **kw):

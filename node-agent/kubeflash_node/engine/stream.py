@@ -27,8 +27,8 @@ TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 class Slot:
     """One stage's buffers: a host buffer (pinned on CUDA) and, on CUDA, a device buffer."""
 
-    def __init__(self, nbytes: int, device: torch.device, pinned: bool):
-        self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    def __init__(self, nbytes: int, device: torch.device, pinned: bool, host: bool = True):
+        self.host = torch.empty(nbytes if host else 0, dtype=torch.uint8, pin_memory=pinned)
         self.dev = torch.empty(nbytes, dtype=torch.uint8, device=device) if device.type == "cuda" else None
         self.ready: torch.cuda.Event | None = None  # device copy done (CUDA)
         self.free: torch.cuda.Event | None = None  # compute finished with the device buffer (CUDA)
@@ -44,14 +44,20 @@ class WeightStreamer:
         self.placement, self.order, self.prefetch = placement, order, prefetch
         self.task_bytes, self.timings = task_bytes, timings
         self.cuda = device.type == "cuda"
-        self.reader = make_reader(backend, cuda=self.cuda)
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kf-read")
+        self.reader = make_reader(backend, cuda=self.cuda, probe=self.dir / self.m.stages[0])
+        self.direct_to_device = self.cuda and getattr(self.reader, "device_capable", False)
+        self.reader_host = make_reader("posix") if self.direct_to_device else self.reader
+        self.pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="kf-stage")
+        self.task_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kf-read")
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.lock = threading.Lock()
         self.resident: dict[int, dict[str, torch.Tensor]] = {}
-        max_bytes = max(self.m.files[s].size for i, s in enumerate(self.m.stages) if placement[i] == "disk") \
-            if "disk" in placement else 0
-        self.slots = [Slot(max_bytes, device, self.cuda) for _ in range(prefetch + 1)] if max_bytes else []
+        self.host_resident: dict[int, torch.Tensor] = {}  # 'cpu' stages on CUDA: whole stage file, pinned
+        self.streamed = {i for i, p in enumerate(placement) if p == "disk" or (p == "cpu" and self.cuda)}
+        max_bytes = max((self.m.files[self.m.stages[i]].size for i in self.streamed), default=0)
+        host_ring = any(placement[i] == "disk" for i in self.streamed) and not self.direct_to_device
+        self.slots = [Slot(max_bytes, device, pinned=self.cuda, host=host_ring) for _ in range(prefetch + 1)] \
+            if max_bytes else []
         self.free_slots = deque(self.slots)
         self.inflight: deque[tuple[int, Slot, Future]] = deque()
         self.current: Slot | None = None
@@ -62,7 +68,7 @@ class WeightStreamer:
     def get(self, stage: int) -> dict[str, torch.Tensor]:
         """Weights of `stage` on the compute device; frees the previous streamed stage's slot."""
         self._release_current()
-        if self.placement[stage] != "disk":
+        if stage not in self.streamed:
             self._fill()
             return self.resident[stage]
         if not self.inflight or self.inflight[0][0] != stage:
@@ -81,6 +87,7 @@ class WeightStreamer:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.task_pool.shutdown(wait=True, cancel_futures=True)
 
     # ---------------------------------------------------------------- internals
     def _release_current(self) -> None:
@@ -98,34 +105,43 @@ class WeightStreamer:
             stage = next(self.order, None)
             if stage is None:
                 return
-            if self.placement[stage] != "disk":
+            if stage not in self.streamed:
                 continue
             slot = self.free_slots.popleft()
             self.inflight.append((stage, slot, self.pool.submit(self._read_stage, stage, slot)))
 
     def _read_stage(self, stage: int, slot: Slot) -> None:
+        """Bring one stage into `slot`: disk -> pinned host -> device (CUDA), or disk -> host (CPU)."""
         name = self.m.stages[stage]
         size = self.m.files[name].size
         t0 = time.perf_counter()
-        tasks = [(off, min(self.task_bytes, size - off)) for off in range(0, size, self.task_bytes)]
-        if len(tasks) == 1:
-            self.reader.read_into(self.dir / name, 0, slot.host[:size])
-        else:  # split into parallel tasks on the same pool's spare threads
-            subs = [self.pool.submit(self.reader.read_into, self.dir / name, off, slot.host[off:off + n])
-                    for off, n in tasks[1:]]
-            self.reader.read_into(self.dir / name, 0, slot.host[:tasks[0][1]])
-            for s in subs:
-                s.result()
-        if self.cuda:
+        if self.cuda and slot.free is not None:
+            slot.free.synchronize()  # compute has finished with this slot's previous stage
+        src = self.host_resident.get(stage)
+        if src is None:
+            dest = slot.dev if self.direct_to_device else slot.host
+            self._read_parallel(self.dir / name, dest[:size])
+            src = slot.host
+        if self.cuda and not (self.direct_to_device and stage not in self.host_resident):
             with torch.cuda.stream(self.copy_stream):
-                if slot.free is not None:
-                    self.copy_stream.wait_event(slot.free)
-                slot.dev[:size].copy_(slot.host[:size], non_blocking=True)
+                slot.dev[:size].copy_(src[:size], non_blocking=True)
                 slot.ready = torch.cuda.Event()
                 slot.ready.record(self.copy_stream)
             slot.ready.synchronize()  # the host slot may be refilled only after the copy drained it
+        elif self.cuda:
+            slot.ready = torch.cuda.Event()
+            slot.ready.record(self.copy_stream)
         if self.timings is not None:
             self.timings.add("load_weight", time.perf_counter() - t0, bytes=size)
+
+    def _read_parallel(self, path: Path, dest: torch.Tensor) -> None:
+        """Split one stage read into `task_bytes` tasks run on the reader pool's spare threads."""
+        size = dest.numel()
+        tasks = [(off, min(self.task_bytes, size - off)) for off in range(0, size, self.task_bytes)]
+        subs = [self.task_pool.submit(self.reader.read_into, path, off, dest[off:off + n]) for off, n in tasks[1:]]
+        self.reader.read_into(path, 0, dest[:tasks[0][1]])
+        for sub in subs:
+            sub.result()
 
     def _views(self, stage: int, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed tensor views into a stage buffer, cast to the compute dtype where the store differs."""
@@ -136,6 +152,7 @@ class WeightStreamer:
         return out
 
     def _load_resident(self) -> None:
+        """Read resident stages once: 'gpu' ones onto the device, 'cpu' ones into host memory (pinned on CUDA)."""
         for stage, where in enumerate(self.placement):
             if where == "disk":
                 continue
@@ -143,26 +160,10 @@ class WeightStreamer:
             size = self.m.files[name].size
             host = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
             t0 = time.perf_counter()
-            self.reader.read_into(self.dir / name, 0, host)
+            self.reader_host.read_into(self.dir / name, 0, host)
             if self.timings is not None:
                 self.timings.add("load_weight_resident", time.perf_counter() - t0, bytes=size)
-            views = self._views(stage, host)
-            if where == "gpu" or not self.cuda:
-                views = {k: v.to(self.device) for k, v in views.items()}
-                self.resident[stage] = views
-            else:  # 'cpu' on CUDA: pinned host copy, moved per use
-                self.resident[stage] = _HostResident(views, self.device)
-
-
-class _HostResident(dict):
-    """Weights kept in pinned host memory and copied to the device when the schedule asks for them."""
-
-    def __init__(self, views: dict[str, torch.Tensor], device: torch.device):
-        super().__init__({k: v.pin_memory() if not v.is_pinned() else v for k, v in views.items()})
-        self.device = device
-
-    def __getitem__(self, k):
-        return super().__getitem__(k).to(self.device, non_blocking=True)
-
-    def get(self, k, default=None):
-        return self[k] if k in self else default
+            if where == "cpu" and self.cuda:
+                self.host_resident[stage] = host
+            else:
+                self.resident[stage] = {k: v.to(self.device) for k, v in self._views(stage, host).items()}

@@ -1,0 +1,187 @@
+"""`python -m kubeflash_node.agent.stageworker REQUEST_JSON`: stages one model into a staging directory.
+
+A child of the agent (it dies with it), so a model being staged can be cancelled by killing it and torch is
+never loaded into the agent. It downloads (http), unpacks (.tar archives, with tarfile's "data" filter),
+converts into `<staging>/<model-id>` via store.convert, verifies every sha256 and makes the tree readable
+by the engine's unprivileged user. The agent renames the result into models/ and removes the staging dir.
+
+Protocol: one JSON event per line on stdout. Before each large write the worker sends
+{"event": "need", "bytes": N, "phase": ...} and waits for "go" on stdin (the agent makes room, evicting if
+it must) or anything else (stop). Then {"event": "progress", "percent", "phase"}…, and finally
+{"event": "done", "bytes"} or {"event": "error", "kind": nospace|fetch|source|verify|internal, "message"}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .fsutil import is_no_space, tree_bytes
+
+EXIT_ERROR, EXIT_STOPPED = 1, 2
+TOKENIZER_GUESS = 32 << 20  # GGUF sources: tokenizer.json written by transformers
+
+
+class Stopped(Exception):
+    """The agent answered a `need` with something other than go."""
+
+
+class FetchError(Exception):
+    pass
+
+
+class Worker:
+    def __init__(self, req: dict, proto, stdin):
+        self.req, self.proto, self.stdin = req, proto, stdin
+        self.staging = Path(req["staging"])
+        self.http = req["kind"] == "http"
+        self.phase = "start"
+
+    def emit(self, event: str, **fields) -> None:
+        self.proto.write(json.dumps({"event": event, **fields}) + "\n")
+        self.proto.flush()
+
+    def need(self, nbytes: int, phase: str) -> None:
+        self.emit("need", bytes=int(nbytes), phase=phase)
+        answer = self.stdin.readline().strip()
+        if answer != "go":
+            raise Stopped(answer or "agent went away")
+
+    def progress(self, lo: float, hi: float, frac: float) -> None:
+        self.emit("progress", percent=round(lo + (hi - lo) * min(max(frac, 0.0), 1.0), 2), phase=self.phase)
+
+    # ----------------------------------------------------------------------------------------- steps
+
+    def run(self) -> int:
+        src = self.fetch() if self.http else self.req["ref"]
+        base = 45.0 if self.http else 0.0
+        out = self.convert(src, base)
+        self.phase = "verify"
+        self.progress(0, 100, 0.95 if self.http else 0.9)
+        from kubeflash_node.store.format import verify
+
+        verify(out)
+        make_readable(out)
+        self.emit("done", bytes=tree_bytes(out))
+        return 0
+
+    def fetch(self) -> str:
+        self.phase = "download"
+        dl = self.staging / "download"
+        dl.mkdir()
+        dest = dl / self.req["fetchName"]
+        digest = self.download(self.req["ref"], dest)
+        want = self.req.get("sha256") or ""
+        if want and digest != want:
+            raise FetchError(f"sha256 of the download is {digest[:12]}…, the URL says {want[:12]}…")
+        if dest.name.startswith("source.tar"):
+            self.phase = "extract"
+            return str(self.extract(dest, self.staging / "src"))
+        return str(dest)
+
+    def download(self, url: str, dest: Path) -> str:
+        req = urllib.request.Request(url, headers={"User-Agent": "kubeflash-agent"})
+        h = hashlib.sha256()
+        with urllib.request.urlopen(req, timeout=60) as r:
+            total = int(r.headers.get("Content-Length") or 0)
+            self.need(total, "download")
+            done = 0
+            with open(dest, "wb") as f:
+                while block := r.read(1 << 20):
+                    f.write(block)
+                    h.update(block)
+                    done += len(block)
+                    if total:
+                        self.progress(0, 40, done / total)
+                if total and done != total:
+                    raise FetchError(f"the download ended after {done} of {total} bytes")
+                f.flush()
+                os.fsync(f.fileno())
+        return h.hexdigest()
+
+    def extract(self, archive: Path, dest: Path) -> Path:
+        with tarfile.open(archive) as t:
+            members = t.getmembers()
+            self.need(sum(m.size for m in members if m.isfile()), "extract")
+            dest.mkdir()
+            t.extractall(dest, filter="data")
+        archive.unlink()
+        found = sorted(dest.rglob("config.json"), key=lambda p: len(p.parts))
+        if not found:
+            raise FetchError("the archive holds no config.json (expected a Hugging Face model directory)")
+        return found[0].parent
+
+    def convert(self, src: str, base: float) -> Path:
+        from kubeflash_node.store.convert import HFSource, open_source
+        from kubeflash_node.store.convert import convert as convert_model
+
+        from .space import estimate_store_bytes
+
+        self.phase = "convert"
+        dtype = self.req["dtype"]
+        source = open_source(src)
+        extra = 0
+        if isinstance(source, HFSource):
+            extra = sum((source.path / n).stat().st_size for n in HFSource.TOKENIZER_FILES if (source.path / n).is_file())
+        elif src.endswith(".gguf") or src.startswith("builtin:"):
+            extra = TOKENIZER_GUESS
+        self.need(estimate_store_bytes(source.config, dtype, extra=extra), "convert")
+        del source
+        out = self.staging / self.req["id"]
+        top = 95.0 if self.http else 90.0
+        convert_model(src, out, dtype=dtype, progress=lambda n, total, stage: self.progress(base, top, n / total))
+        return out
+
+
+def make_readable(root: Path) -> None:
+    """convert() creates 0700/0600 temporaries; the engine runs unprivileged and only needs to read."""
+    os.chmod(root, 0o755)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+
+
+def classify(e: BaseException, phase: str) -> tuple[str, str]:
+    """(kind, message) for an error, worded for FlashNode.status.models[].message."""
+    from kubeflash_node.store.format import StoreError
+
+    if is_no_space(e):
+        return "nospace", f"no space left on the disk during {phase}"
+    if isinstance(e, urllib.error.HTTPError):
+        return "fetch", f"download failed: HTTP {e.code} {e.reason}"
+    if isinstance(e, (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)):
+        return "fetch", f"download failed: {getattr(e, 'reason', None) or e}"
+    if isinstance(e, FetchError):
+        return "fetch", str(e)
+    if isinstance(e, tarfile.TarError):
+        return "source", f"unsafe or corrupt archive: {e}"
+    if isinstance(e, StoreError):
+        return ("verify" if phase == "verify" else "source"), str(e)
+    return "internal", f"{type(e).__name__}: {e}"
+
+
+def main(argv: list[str]) -> int:
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # libraries that print go to stderr, never into the protocol
+    worker = Worker(json.loads(argv[1]), proto, sys.stdin)
+    try:
+        return worker.run()
+    except Stopped:
+        return EXIT_STOPPED
+    except Exception as e:  # every failure becomes one error event the agent shows in status
+        kind, message = classify(e, worker.phase)
+        worker.emit("error", kind=kind, message=message, phase=worker.phase)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

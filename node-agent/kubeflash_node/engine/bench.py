@@ -1,0 +1,202 @@
+"""Machine ceilings (disk, PCIe, GPU matmul) and the roofline floor of a workload.
+
+The floor is max(disk bytes / disk bandwidth, PCIe bytes / H2D bandwidth, FLOPs / GPU rate); efficiency is
+floor / measured time. Ceilings are measured here, on this machine, never assumed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+
+GB = 1e9
+
+
+@dataclass
+class Ceilings:
+    """Measured bandwidths (GB/s, 1e9 bytes) and matmul rate (TFLOP/s)."""
+
+    disk_read_cold: float = 0.0
+    disk_read_warm: float = 0.0
+    disk_write: float = 0.0
+    h2d_pinned: float = 0.0
+    h2d_pageable: float = 0.0
+    d2h_pinned: float = 0.0
+    matmul_tflops: float = 0.0
+    disk_read_threads: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def drop_page_cache(paths: list[Path] = ()) -> str:
+    """Drop the page cache (root: all of it; otherwise fadvise DONTNEED on `paths`). Returns what was done."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        for p in paths:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return "fadvise"
+
+
+def _write_probe(path: Path, size: int) -> float:
+    """Write `size` bytes with O_DIRECT (falling back to buffered) and fsync; returns GB/s."""
+    import mmap
+
+    block = 16 << 20
+    buf = mmap.mmap(-1, block)
+    buf.write(os.urandom(1 << 20) * 16)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    try:
+        fd = os.open(path, flags | os.O_DIRECT, 0o600)
+    except OSError:
+        fd = os.open(path, flags, 0o600)
+    t0 = time.perf_counter()
+    try:
+        for off in range(0, size, block):
+            os.pwrite(fd, buf, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size / (time.perf_counter() - t0) / GB
+
+
+def _read_probe(path: Path, size: int, threads: int, backend: str) -> float:
+    from .io import make_reader
+
+    reader = make_reader(backend)
+    task = 16 << 20
+    bufs = [torch.empty(task, dtype=torch.uint8) for _ in range(threads)]
+    offsets = list(range(0, size, task))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda i: reader.read_into(path, offsets[i], bufs[i % threads][:min(task, size - offsets[i])]),
+                      range(len(offsets))))
+    return size / (time.perf_counter() - t0) / GB
+
+
+def measure_disk(directory: Path, size: int = 2 << 30, thread_options=(1, 4, 8, 16)) -> dict:
+    """Sequential write, cold read (O_DIRECT, best thread count) and warm read (page cache) of a probe file."""
+    from .io import odirect_supported
+
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / ".kubeflash-disk-probe"
+    out = {"disk_write": _write_probe(probe, size)}
+    direct = odirect_supported(probe)
+    best, best_t = 0.0, 0
+    for t in thread_options:
+        drop_page_cache([probe])
+        bw = _read_probe(probe, size, t, "odirect" if direct else "posix")
+        if bw > best:
+            best, best_t = bw, t
+    out |= {"disk_read_cold": best, "disk_read_threads": best_t}
+    _read_probe(probe, size, 4, "posix")  # bring it into the page cache
+    out["disk_read_warm"] = _read_probe(probe, size, 4, "posix")
+    probe.unlink(missing_ok=True)
+    return out
+
+
+def measure_pcie(nbytes: int = 1 << 30) -> dict:
+    if not torch.cuda.is_available():
+        return {}
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    pageable = torch.empty(nbytes, dtype=torch.uint8)
+
+    def rate(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        return 3 * nbytes / (time.perf_counter() - t0) / GB
+
+    return {"h2d_pinned": rate(lambda: dev.copy_(pinned, non_blocking=True)),
+            "h2d_pageable": rate(lambda: dev.copy_(pageable)),
+            "d2h_pinned": rate(lambda: pinned.copy_(dev, non_blocking=True))}
+
+
+def measure_matmul(n: int = 8192, dtype=torch.float16) -> dict:
+    if not torch.cuda.is_available():
+        return {}
+    a = torch.randn(n, n, dtype=dtype, device="cuda")
+    b = torch.randn(n, n, dtype=dtype, device="cuda")
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return {"matmul_tflops": 10 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e12}
+
+
+def measure_ceilings(directory: Path, *, disk_bytes: int = 2 << 30) -> Ceilings:
+    c = Ceilings()
+    for part in (measure_disk(directory, disk_bytes), measure_pcie(), measure_matmul()):
+        for k, v in part.items():
+            setattr(c, k, v)
+    return c
+
+
+@dataclass
+class Workload:
+    """What one benchmark run does."""
+
+    prompts: int
+    prompt_len: int
+    gen_len: int
+    block_size: int
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.prompts // self.block_size)
+
+    @property
+    def passes(self) -> int:
+        """Passes over every stage's weights: one per generated token per block (the first is prefill)."""
+        return self.blocks * self.gen_len
+
+
+def workload_flops(c: ModelConfig, w: Workload) -> float:
+    """Matmul FLOPs of the whole run (prefill over every prompt token, then each decode token)."""
+    per_seq = sum(c.layer_flops_per_token(t + 1) for t in range(w.prompt_len)) * c.num_layers
+    per_seq += sum(c.layer_flops_per_token(w.prompt_len + s + 1) for s in range(w.gen_len - 1)) * c.num_layers
+    per_seq += w.gen_len * 2 * c.hidden_size * c.vocab_size  # lm head on the last position of each step
+    return per_seq * w.prompts
+
+
+def roofline(*, stage_bytes: list[int], placement: list[str], w: Workload, c: ModelConfig, ceil: Ceilings,
+             kv_tier: str, itemsize: int) -> dict:
+    """Bytes and FLOPs the run must move and do, and the time floor each implies."""
+    disk_w = sum(b for b, p in zip(stage_bytes, placement) if p == "disk") * w.passes
+    pcie_w = sum(b for b, p in zip(stage_bytes, placement) if p in ("disk", "cpu")) * w.passes
+    kv_token = c.kv_bytes_per_token(itemsize)
+    # decode step s reads the prefix back (prompt_len + s tokens) and writes one token, per sequence
+    kv_read = sum((w.prompt_len + s) for s in range(1, w.gen_len)) * kv_token * w.prompts
+    kv_write = (w.prompt_len + w.gen_len - 1) * kv_token * w.prompts
+    kv_bytes = (kv_read + kv_write) if w.gen_len > 1 else 0
+    disk_b = disk_w + (kv_bytes if kv_tier == "disk" else 0)
+    pcie_b = pcie_w + (kv_bytes if kv_tier in ("cpu", "disk") else 0)
+    flops = workload_flops(c, w)
+    t_disk = disk_b / (ceil.disk_read_cold * GB) if disk_b and ceil.disk_read_cold else 0.0
+    t_pcie = pcie_b / (ceil.h2d_pinned * GB) if pcie_b and ceil.h2d_pinned else 0.0
+    t_flops = flops / (ceil.matmul_tflops * 1e12) if ceil.matmul_tflops else 0.0
+    floor = max(t_disk, t_pcie, t_flops)
+    bound = {t_disk: "disk", t_pcie: "pcie", t_flops: "compute"}[floor] if floor else "unknown"
+    return {"disk_bytes": disk_b, "pcie_bytes": pcie_b, "flops": flops, "t_disk_s": t_disk, "t_pcie_s": t_pcie,
+            "t_compute_s": t_flops, "floor_s": floor, "bound": bound}
