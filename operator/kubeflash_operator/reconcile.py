@@ -1,0 +1,362 @@
+"""One reconcile step of an InferenceJob: from the job and what the cluster looks like, a Plan of what to do.
+
+Pure: the kopf handlers gather a World (FlashNodes, other jobs' claims, this job's pods), call `step`, then
+carry the Plan out (status patch, FlashNode model request, pod create/delete, events, metrics). Every value
+in the status patch is absolute, derived from what was observed, so running a step twice on a stale view
+writes the same thing again instead of counting twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from kubeflash_operator import status as st
+from kubeflash_operator.builder import PodTarget, pod_name
+from kubeflash_operator.config import OperatorConfig
+from kubeflash_operator.pods import FATAL_IMAGE_ERRORS, PodView
+from kubeflash_operator.scheduler import Claim, NodeView, NoFit, Request, place
+from kubeflash_operator.spec import JobSpec, SpecError, parse_job_spec
+from kubeflash_operator.timefmt import format_time, parse_time
+
+_PLACEMENT_FIELDS = ("node", "gpu", "gpus", "disk", "modelDisk", "staged")
+
+
+@dataclass(frozen=True)
+class Job:
+    namespace: str
+    name: str
+    uid: str
+    spec: Mapping[str, Any]
+    status: Mapping[str, Any]
+    created: datetime
+    generation: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class World:
+    now: datetime
+    nodes: Mapping[str, NodeView]  # by node name
+    claims: tuple[Claim, ...] = ()  # placed jobs (this one's own claim is ignored)
+    pods: Mapping[str, PodView] = field(default_factory=dict)  # this job's pods by name
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class StageModel:
+    """Add this entry to FlashNode(node).spec.models (the agent stages it)."""
+
+    node: str
+    entry: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class CreatePod:
+    attempt: int
+    target: PodTarget
+
+
+@dataclass
+class Plan:
+    status: dict[str, Any] = field(default_factory=dict)  # merge patch for .status (None deletes a key)
+    events: list[Event] = field(default_factory=list)
+    stage: StageModel | None = None
+    create: CreatePod | None = None
+    delete_pods: list[str] = field(default_factory=list)
+    claim: Claim | None = None  # a new placement, to count before the watch shows it
+    release: bool = False  # the job's placement is gone
+    observe: list[tuple[str, float]] = field(default_factory=list)  # (histogram, seconds)
+    invalid: SpecError | None = None
+
+
+# ------------------------------------------------------------------------------------------- entry points
+
+
+def admit(job: Job, *, now: datetime) -> Plan:
+    """First look at a new job: Pending if its spec is valid, Failed naming the field if not."""
+    plan = Plan()
+    if job.status.get("phase") is not None:
+        return plan
+    try:
+        parse_job_spec(job.spec)
+    except SpecError as e:
+        plan.invalid = e
+        plan.status = st.transition(job.status, st.FAILED, reason="InvalidSpec", message=str(e), now=now,
+                                    generation=job.generation)
+        plan.events.append(Event("Warning", "InvalidSpec", str(e)))
+        return plan
+    plan.status = st.transition(job.status, st.PENDING, reason="Accepted", message="waiting for a GPU<->SSD pair",
+                                now=now, generation=job.generation)
+    plan.events.append(Event("Normal", "Accepted", "job accepted; waiting for a GPU<->SSD pair"))
+    return plan
+
+
+def step(job: Job, world: World, cfg: OperatorConfig) -> Plan:
+    """Advance the job as far as the world allows (a few phases at most); an empty Plan means nothing to do."""
+    plan = Plan()
+    phase = job.status.get("phase")
+    if phase is None or phase in st.TERMINAL:
+        return plan
+    try:
+        spec = parse_job_spec(job.spec)
+    except SpecError as e:
+        plan.invalid = e
+        _to(plan, job, st.FAILED, world, reason="InvalidSpec", message=str(e))
+        return plan
+    for _ in range(4):
+        view = _view(job, plan)
+        before = view.get("phase")
+        handler = _PHASES.get(before)
+        if handler is None:
+            break
+        handler(plan, job, spec, view, world, cfg)
+        if plan.create or _view(job, plan).get("phase") == before:
+            break  # a new pod is observed on the next tick, not assumed
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------- phases
+
+
+def _pending(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, cfg: OperatorConfig) -> None:
+    retry_at = parse_time(view.get("retryAt"))
+    if retry_at and world.now < retry_at:
+        return
+    request = Request(job.key, spec.model.id, gpus=spec.resources.gpus, kv_bytes=spec.resources.kv_disk)
+    found = place(request, world.nodes.values(), world.claims, now=world.now, heartbeat_timeout=cfg.heartbeat_timeout)
+    if isinstance(found, NoFit):
+        cond = st.condition(view, "Scheduled") or {}
+        if cond.get("reason") != "Unschedulable" or cond.get("message") != found.reason:
+            _set(plan, job, view, world, "Scheduled", "False", "Unschedulable", found.reason, top=True)
+            plan.events.append(Event("Warning", "Unschedulable", found.reason))
+        return
+    message = f"placed on {found.node}: GPU {found.gpu} <-> disk {found.disk}" + ("" if found.staged else " (model not staged)")
+    first = not view.get("scheduledTime")
+    _to(plan, job, st.SCHEDULED, world, reason="Placed", message=message, fields={
+        "node": found.node, "gpu": found.gpu, "gpus": list(found.gpus), "disk": found.disk,
+        "staged": found.staged, "modelId": spec.model.id, "scheduledTime": format_time(world.now), "retryAt": None,
+    })
+    plan.claim = found.claim(job.key, spec.resources.kv_disk)
+    plan.events.append(Event("Normal", "Scheduled", message))
+    if first:
+        plan.observe.append(("scheduling", (world.now - job.created).total_seconds()))
+
+
+def _scheduled(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, cfg: OperatorConfig) -> None:
+    node = _placed_node(plan, job, view, world, cfg)
+    if node is None:
+        return
+    retry_at = parse_time(view.get("retryAt"))
+    if retry_at and world.now < retry_at:
+        return
+    copy = _ready_copy(node, spec.model.id, view.get("disk"))
+    if copy is not None:
+        _create_pod(plan, job, spec, view, world, node, copy.disk)
+        return
+    message = f"staging {spec.model.uri} on {node.name} (disk {view.get('disk')})"
+    _to(plan, job, st.STAGING, world, reason="Staging", message=message, fields={"staged": False})
+    plan.events.append(Event("Normal", "Staging", message))
+    _request_model(plan, spec, node, view)
+
+
+def _staging(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, cfg: OperatorConfig) -> None:
+    node = _placed_node(plan, job, view, world, cfg)
+    if node is None:
+        return
+    copy = _ready_copy(node, spec.model.id, view.get("disk"))
+    if copy is not None:
+        placed = parse_time(view.get("scheduledTime")) or world.now
+        plan.observe.append(("staging", (world.now - placed).total_seconds()))
+        plan.status["stagedTime"] = format_time(world.now)
+        plan.events.append(Event("Normal", "Staged", f"model {spec.model.id} is Ready on {node.name}/{copy.disk}"))
+        _create_pod(plan, job, spec, _view(job, plan), world, node, copy.disk)
+        return
+    copy = node.model(spec.model.id, view.get("disk")) or node.model(spec.model.id)
+    if copy is not None and copy.state == "Failed":
+        message = f"model {spec.model.uri} failed to stage on {node.name}: {copy.message or 'no reason given'}"
+        _to(plan, job, st.FAILED, world, reason="StagingFailed", message=message)
+        plan.events.append(Event("Warning", "StagingFailed", message))
+        plan.release = True
+        return
+    if spec.model.id not in node.desired or (copy is not None and copy.state == "Evicted"):
+        _request_model(plan, spec, node, view)
+    progress = f"{copy.state.lower()} {copy.progress:.0f}%" if copy is not None else "requested"
+    message = f"staging {spec.model.uri} on {node.name} (disk {view.get('disk')}): {progress}"
+    if (st.condition(view, "Staged") or {}).get("message") != message:
+        _set(plan, job, view, world, "Staged", "False", "Staging", message, top=True)
+
+
+def _running(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, cfg: OperatorConfig) -> None:
+    name = view.get("pod") or ""
+    pod = world.pods.get(name)
+    if pod is None:
+        _attempt_failed(plan, job, spec, view, world, cfg, reason="PodLost", replace=True,
+                        message=f"pod {name} disappeared (deleted, or its node is gone)")
+    elif pod.phase == "Succeeded":
+        _finish(plan, job, view, world, pod)
+    elif pod.phase == "Failed":
+        reason, message = pod.failure
+        _attempt_failed(plan, job, spec, view, world, cfg, reason=reason, message=message)
+    elif pod.phase == "Running":
+        _ready(plan, job, view, world, "True", "PodRunning", f"pod {name} is running on {pod.node or view.get('node')}")
+    elif pod.unschedulable:
+        _stuck(plan, job, spec, view, world, cfg, reason="Unschedulable", message=f"pod {name}: {pod.unschedulable}",
+               since=pod.unschedulable_since or pod.created, timeout=cfg.unschedulable_timeout_s, replace=True)
+    elif pod.image_error:
+        reason, detail = pod.image_error
+        timeout = 0.0 if reason in FATAL_IMAGE_ERRORS else cfg.image_pull_timeout_s
+        _stuck(plan, job, spec, view, world, cfg, reason=reason, message=f"pod {name}: {detail or reason}",
+               since=pod.created, timeout=timeout)
+    elif pod.phase == "Unknown":
+        _ready(plan, job, view, world, "False", "NodeUnreachable", f"pod {name}: its node stopped reporting")
+    elif pod.waiting:
+        _ready(plan, job, view, world, "False", pod.waiting[0], f"pod {name}: {pod.waiting[1] or pod.waiting[0]}")
+
+
+_PHASES = {st.PENDING: _pending, st.SCHEDULED: _scheduled, st.STAGING: _staging, st.RUNNING: _running}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _placed_node(plan: Plan, job: Job, view: Mapping, world: World, cfg: OperatorConfig) -> NodeView | None:
+    """The job's node if it still reports; otherwise drop the placement (back to Pending) and say why."""
+    node = world.nodes.get(view.get("node") or "")
+    if node is not None and node.fresh(world.now, cfg.heartbeat_timeout) and view.get("disk") in node.disks:
+        return node
+    message = f"node {view.get('node')} stopped reporting (FlashNode stale or gone); placing the job again"
+    _to(plan, job, st.PENDING, world, reason="NodeLost", message=message, fields=_unplaced())
+    plan.events.append(Event("Warning", "NodeLost", message))
+    plan.release = True
+    return None
+
+
+def _ready_copy(node: NodeView, model_id: str, disk: str | None):
+    """A Ready copy of the model on this node, on the pair's disk if there is one there."""
+    copy = node.model(model_id, disk)
+    if copy is not None and copy.state == "Ready":
+        return copy
+    copy = node.model(model_id)
+    return copy if copy is not None and copy.state == "Ready" else None
+
+
+def _request_model(plan: Plan, spec: JobSpec, node: NodeView, view: Mapping) -> None:
+    entry = {"id": spec.model.id, "uri": spec.model.uri, "dtype": spec.model.dtype,
+             "quantization": spec.model.quantization, "disk": view.get("disk") or ""}
+    plan.stage = StageModel(node=node.name, entry=entry)
+
+
+def _create_pod(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, node: NodeView, model_disk: str) -> None:
+    attempt = int(view.get("attempt") or 0) + 1
+    disk = node.disks[view["disk"]]
+    target = PodTarget(
+        node=node.name, gpus=tuple(view.get("gpus") or [view.get("gpu")]), disk=disk.name, disk_path=disk.path,
+        model_id=spec.model.id, model_disk=model_disk, model_disk_path=node.disks[model_disk].path,
+    )
+    name = pod_name(job.name, attempt)
+    message = f"pod {name} created on {node.name} (attempt {attempt} of {spec.backoff_limit + 1})"
+    fields = {"attempt": attempt, "pod": name, "staged": True, "modelDisk": model_disk, "retryAt": None}
+    if not view.get("startTime"):
+        fields["startTime"] = format_time(world.now)
+    _to(plan, job, st.RUNNING, world, reason="PodCreated", message=message, fields=fields)
+    plan.create = CreatePod(attempt=attempt, target=target)
+    plan.events.append(Event("Normal", "PodCreated", message))
+
+
+def _finish(plan: Plan, job: Job, view: Mapping, world: World, pod: PodView) -> None:
+    attempts = _record(view, world, result="Succeeded", reason="Completed", message=f"pod {pod.name} succeeded")
+    message = f"pod {pod.name} succeeded"
+    _to(plan, job, st.SUCCEEDED, world, reason="Succeeded", message=message, fields={"attempts": attempts})
+    plan.events.append(Event("Normal", "Succeeded", message))
+    plan.release = True
+
+
+def _stuck(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, cfg: OperatorConfig, *,
+           reason: str, message: str, since: datetime | None, timeout: float, replace: bool = False) -> None:
+    """A pod that cannot start: surface it at once, fail the attempt once it has lasted `timeout` seconds."""
+    if timeout <= 0 or (since is not None and world.now - since >= timedelta(seconds=timeout)):
+        _attempt_failed(plan, job, spec, view, world, cfg, reason=reason, message=message,
+                        delete_pod=True, replace=replace)
+        return
+    if (st.condition(view, "Ready") or {}).get("reason") != reason:
+        plan.events.append(Event("Warning", reason, message))
+    _ready(plan, job, view, world, "False", reason, message)
+
+
+def _attempt_failed(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, cfg: OperatorConfig, *,
+                    reason: str, message: str, delete_pod: bool = False, replace: bool = False) -> None:
+    attempts = _record(view, world, result="Failed", reason=reason, message=message)
+    failures = sum(1 for a in attempts if a.get("result") == "Failed")
+    attempt = int(view.get("attempt") or 0)
+    if delete_pod and view.get("pod"):
+        plan.delete_pods.append(view["pod"])
+    if failures > spec.backoff_limit:
+        text = f"attempt {attempt} failed ({reason}: {message}); backoffLimit {spec.backoff_limit} reached"
+        _to(plan, job, st.FAILED, world, reason="BackoffLimitExceeded", message=text, fields={"attempts": attempts})
+        plan.events.append(Event("Warning", "BackoffLimitExceeded", text))
+        plan.release = True
+        return
+    delay = cfg.backoff(failures)
+    text = f"attempt {attempt} failed ({reason}: {message}); retry {failures}/{spec.backoff_limit} in {delay:g}s"
+    fields: dict[str, Any] = {"attempts": attempts, "retryAt": format_time(world.now + timedelta(seconds=delay))}
+    node = world.nodes.get(view.get("node") or "")
+    if replace or node is None or not node.fresh(world.now, cfg.heartbeat_timeout):
+        fields.update(_unplaced())
+        plan.release = True
+        _to(plan, job, st.PENDING, world, reason="BackOff", message=text, fields=fields)
+    else:
+        _to(plan, job, st.SCHEDULED, world, reason="BackOff", message=text, fields=fields)
+    plan.events.append(Event("Warning", "AttemptFailed", text))
+
+
+def _record(view: Mapping, world: World, *, result: str, reason: str, message: str) -> list[dict[str, Any]]:
+    """The attempts list with the current attempt's outcome (once; a second look at the same pod is a no-op)."""
+    attempts = [dict(a) for a in view.get("attempts") or []]
+    attempt = int(view.get("attempt") or 0)
+    if not any(a.get("attempt") == attempt for a in attempts):
+        attempts.append({"attempt": attempt, "pod": view.get("pod") or "", "result": result, "reason": reason,
+                         "message": message, "finishedAt": format_time(world.now)})
+    return attempts
+
+
+def _unplaced() -> dict[str, Any]:
+    return dict.fromkeys(_PLACEMENT_FIELDS)
+
+
+def _ready(plan: Plan, job: Job, view: Mapping, world: World, value: str, reason: str, message: str) -> None:
+    cond = st.condition(view, "Ready") or {}
+    if (cond.get("status"), cond.get("reason"), cond.get("message")) != (value, reason, message):
+        _set(plan, job, view, world, "Ready", value, reason, message, top=False)
+
+
+def _set(plan: Plan, job: Job, view: Mapping, world: World, ctype: str, value: str, reason: str, message: str,
+         *, top: bool) -> None:
+    """Update one condition within the same phase; `top` also mirrors it into status.reason/message."""
+    plan.status["conditions"] = st.set_condition(view.get("conditions") or [], ctype, value, reason=reason,
+                                                 message=message, now=world.now, generation=job.generation)
+    if top:
+        plan.status.update({"reason": reason, "message": message})
+
+
+def _to(plan: Plan, job: Job, phase: str, world: World, *, reason: str, message: str,
+        fields: Mapping[str, Any] | None = None) -> None:
+    plan.status.update(st.transition(_view(job, plan), phase, reason=reason, message=message, now=world.now,
+                                     generation=job.generation, fields=fields))
+
+
+def _view(job: Job, plan: Plan) -> dict[str, Any]:
+    """The job's status as it will be once the plan's patch is applied."""
+    merged = {**job.status, **plan.status}
+    return {k: v for k, v in merged.items() if v is not None}

@@ -1,0 +1,231 @@
+"""Pure placement: which node's GPU<->SSD pair runs a job, from FlashNode status and the jobs already placed.
+
+Filter: a fresh heartbeat, enough free pairs (a pair is taken while a placed job holds its GPU), and room on
+the pair's SSD for the model (unless already there) plus the job's KV reservation. Score: model Ready on
+that SSD >> model being staged there >> SSD read bandwidth > free space; ties go to the lower node name and
+GPU index so placement is deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from kubeflash_operator.timefmt import parse_time
+
+DEFAULT_HEARTBEAT_TIMEOUT = timedelta(seconds=120)
+_PRESENT = ("Pending", "Staging", "Ready")  # states in which a model takes (or will take) its space
+
+
+@dataclass(frozen=True)
+class Disk:
+    name: str
+    path: str
+    free_bytes: int = 0
+    read_gbps: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelCopy:
+    id: str
+    disk: str
+    state: str
+    bytes: int = 0
+    progress: float = 0.0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What the scheduler needs from one FlashNode."""
+
+    name: str  # the Kubernetes node (spec.nodeName)
+    heartbeat: datetime | None
+    disks: Mapping[str, Disk]
+    pairs: tuple[tuple[int, str], ...]  # (gpu index, disk name)
+    models: tuple[ModelCopy, ...] = ()
+    kv_jobs: frozenset[str] = frozenset()  # "ns/name" the agent already reserved KV space for
+    desired: frozenset[str] = frozenset()  # model ids in spec.models
+
+    def model(self, model_id: str, disk: str | None = None) -> ModelCopy | None:
+        """This node's copy of a model (on `disk` if given), Ready copies first."""
+        copies = [m for m in self.models if m.id == model_id and (disk is None or m.disk == disk)]
+        copies.sort(key=lambda m: m.state != "Ready")
+        return copies[0] if copies else None
+
+    def fresh(self, now: datetime, timeout: timedelta = DEFAULT_HEARTBEAT_TIMEOUT) -> bool:
+        return self.heartbeat is not None and now - self.heartbeat <= timeout
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A placed job's hold on a node: its GPUs and the KV space on its pair's disk."""
+
+    job: str  # "ns/name"
+    node: str
+    gpus: tuple[int, ...]
+    disk: str
+    kv_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Request:
+    job: str  # "ns/name"
+    model_id: str
+    gpus: int = 1
+    kv_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Placement:
+    node: str
+    gpu: int
+    disk: str
+    staged: bool  # model already Ready on `disk`
+    gpus: tuple[int, ...] = ()  # all GPUs held, `gpu` first
+
+    def claim(self, job: str, kv_bytes: int) -> Claim:
+        return Claim(job=job, node=self.node, gpus=self.gpus or (self.gpu,), disk=self.disk, kv_bytes=kv_bytes)
+
+
+@dataclass(frozen=True)
+class NoFit:
+    reason: str
+
+
+# --------------------------------------------------------------------------------------------- placement
+
+
+def place(
+    request: Request,
+    nodes: Iterable[NodeView],
+    claims: Iterable[Claim],
+    *,
+    now: datetime,
+    heartbeat_timeout: timedelta = DEFAULT_HEARTBEAT_TIMEOUT,
+) -> Placement | NoFit:
+    """Pick the best GPU<->SSD pair for `request`, or say why none fits."""
+    nodes = sorted(nodes, key=lambda n: n.name)
+    if not nodes:
+        return NoFit("no FlashNode reports GPU<->SSD pairs yet")
+    claims = [c for c in claims if c.job != request.job]
+    model_bytes = known_model_bytes(request.model_id, nodes)
+    candidates: list[tuple[tuple, Placement]] = []
+    rejects: list[str] = []
+    for node in nodes:
+        found = _node_candidates(request, node, claims, model_bytes, now=now, timeout=heartbeat_timeout)
+        if isinstance(found, NoFit):
+            rejects.append(f"{node.name}: {found.reason}")
+        else:
+            candidates.extend(found)
+    if not candidates:
+        return NoFit(f"0/{len(nodes)} nodes fit: " + "; ".join(rejects))
+    return min(candidates, key=lambda c: c[0])[1]
+
+
+def known_model_bytes(model_id: str, nodes: Iterable[NodeView]) -> int:
+    """Size of a model as any node reports it (0 while no node has staged it)."""
+    return max((m.bytes for n in nodes for m in n.models if m.id == model_id), default=0)
+
+
+def _node_candidates(
+    request: Request,
+    node: NodeView,
+    claims: Sequence[Claim],
+    model_bytes: int,
+    *,
+    now: datetime,
+    timeout: timedelta,
+) -> list[tuple[tuple, Placement]] | NoFit:
+    if not node.fresh(now, timeout):
+        age = "never" if node.heartbeat is None else f"{int((now - node.heartbeat).total_seconds())}s ago"
+        return NoFit(f"heartbeat stale (last {age})")
+    mine = [c for c in claims if c.node == node.name]
+    busy = {g for c in mine for g in c.gpus}
+    free = [(g, d) for g, d in sorted(node.pairs) if g not in busy and d in node.disks]
+    if len(free) < request.gpus:
+        return NoFit(f"{len(free)} free GPU<->SSD pairs, needs {request.gpus}")
+    out: list[tuple[tuple, Placement]] = []
+    worst = ""
+    for gpu, disk_name in free:
+        disk = node.disks[disk_name]
+        copy = node.model(request.model_id, disk_name)
+        present = copy is not None and copy.state in _PRESENT
+        need = request.kv_bytes + (0 if present else model_bytes)
+        room = disk.free_bytes - _reserved(mine, node, disk_name)
+        if room < need:
+            worst = f"disk {disk_name} has {_gib(room)} free, needs {_gib(need)}"
+            continue
+        rank = 2 if copy is not None and copy.state == "Ready" else 1 if present else 0
+        others = tuple(g for g, _ in free if g != gpu)[: request.gpus - 1]
+        staged = rank == 2
+        score = (-rank, -disk.read_gbps, -room, node.name, gpu)
+        out.append((score, Placement(node.name, gpu, disk_name, staged, (gpu, *others))))
+    return out or NoFit(worst)
+
+
+def _reserved(claims: Sequence[Claim], node: NodeView, disk: str) -> int:
+    """KV space promised to placed jobs that the agent has not reserved (and subtracted) yet."""
+    return sum(c.kv_bytes for c in claims if c.disk == disk and c.job not in node.kv_jobs)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f}Gi"
+
+
+# ------------------------------------------------------------------------------------ FlashNode parsing
+
+
+def node_view(body: Mapping[str, Any]) -> NodeView:
+    """A NodeView from a FlashNode object; tolerant of a half-written status (the agent fills it in)."""
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    name = spec.get("nodeName") or body.get("metadata", {}).get("name", "")
+    disks = {
+        d["name"]: Disk(
+            name=d["name"],
+            path=d.get("path", ""),
+            free_bytes=int(d.get("freeBytes") or 0),
+            read_gbps=float(d.get("readGBps") or 0.0),
+        )
+        for d in status.get("disks") or []
+        if d.get("name")
+    }
+    models = tuple(
+        ModelCopy(
+            id=m["id"],
+            disk=m.get("disk", ""),
+            state=m.get("state", "Pending"),
+            bytes=int(m.get("bytes") or 0),
+            progress=float(m.get("progress") or 0.0),
+            message=m.get("message", ""),
+        )
+        for m in status.get("models") or []
+        if m.get("id")
+    )
+    return NodeView(
+        name=name,
+        heartbeat=parse_time(status.get("heartbeat")),
+        disks=disks,
+        pairs=tuple((int(p["gpu"]), p["disk"]) for p in status.get("pairs") or [] if "gpu" in p and "disk" in p),
+        models=models,
+        kv_jobs=frozenset(a["job"] for a in status.get("kvAllocations") or [] if a.get("job")),
+        desired=frozenset(m["id"] for m in spec.get("models") or [] if m.get("id")),
+    )
+
+
+def claim_of(body: Mapping[str, Any], *, kv_bytes: int) -> Claim | None:
+    """The hold an InferenceJob has on a node, from its status (None unless placed and not finished)."""
+    status = body.get("status") or {}
+    if status.get("phase") not in ("Scheduled", "Staging", "Running") or not status.get("node"):
+        return None
+    meta = body.get("metadata", {})
+    gpus = tuple(status.get("gpus") or ([status["gpu"]] if status.get("gpu") is not None else []))
+    return Claim(
+        job=f"{meta.get('namespace')}/{meta.get('name')}",
+        node=status["node"],
+        gpus=gpus,
+        disk=status.get("disk", ""),
+        kv_bytes=kv_bytes,
+    )

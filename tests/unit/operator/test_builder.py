@@ -1,0 +1,143 @@
+"""The inference pod manifest: identity, pinning, GPUs, mounts and an unprivileged container (docs/contract.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from operator_factories import job_spec
+from kubeflash_operator.builder import JobRef, PodTarget, build_pod, pod_name
+from kubeflash_operator.spec import parse_job_spec
+
+JOB = JobRef(namespace="team-a", name="summarize", uid="uid-123")
+TARGET = PodTarget(node="gpu-node-1", gpus=(1,), disk="nvme1", disk_path="/mnt/nvme1/kubeflash", model_id="m-1",
+                   model_disk="nvme1", model_disk_path="/mnt/nvme1/kubeflash/")
+
+
+def pod(attempt=1, target=TARGET, **spec_overrides):
+    raw = job_spec(**spec_overrides)
+    return build_pod(JOB, parse_job_spec(raw), raw, target, attempt=attempt, default_image="img:default")
+
+
+def container(manifest):
+    return manifest["spec"]["containers"][0]
+
+
+def env(manifest):
+    return {e["name"]: e["value"] for e in container(manifest)["env"]}
+
+
+def test_name_labels_and_owner():
+    """Deterministic name <job>-<attempt>, the five labels, and a controller owner reference to the job."""
+    p = pod(attempt=3)
+    meta = p["metadata"]
+    assert (meta["name"], meta["namespace"]) == ("summarize-3", "team-a")
+    assert meta["labels"] == {
+        "app.kubernetes.io/name": "kubeflash", "app.kubernetes.io/component": "engine",
+        "app.kubernetes.io/managed-by": "kubeflash-operator", "app.kubernetes.io/instance": "summarize",
+        "kubeflash.io/job": "summarize",
+    }
+    assert meta["ownerReferences"] == [{"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob",
+                                        "name": "summarize", "uid": "uid-123", "controller": True,
+                                        "blockOwnerDeletion": True}]
+    assert meta["annotations"]["kubeflash.io/gpus"] == "1" and meta["annotations"]["kubeflash.io/attempt"] == "3"
+
+
+def test_pinned_to_the_placed_node_by_required_affinity():
+    """requiredDuringScheduling node affinity with matchFields metadata.name In [node]."""
+    terms = pod()["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert terms["nodeSelectorTerms"] == [
+        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["gpu-node-1"]}]}]
+
+
+@pytest.mark.parametrize("gpus", [1, 4], ids=["one", "four"])
+def test_gpu_limit_follows_spec(gpus):
+    """nvidia.com/gpu limit (and request) equal spec.resources.gpus."""
+    res = container(pod(resources={"gpus": gpus}))["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == str(gpus) and res["requests"]["nvidia.com/gpu"] == str(gpus)
+
+
+def test_cpu_memory_becomes_a_memory_request():
+    """resources.cpuMemory (pinned host memory for offload) is requested from the node as written."""
+    res = container(pod(resources={"cpuMemory": "64Gi"}))["resources"]
+    assert res["requests"]["memory"] == "64Gi" and "memory" not in res["limits"]
+
+
+def test_store_read_only_and_job_dir_on_the_pair_disk():
+    """The model store mounts read-only from the model's disk; the job dir is a DirectoryOrCreate hostPath."""
+    p = pod()
+    volumes = {v["name"]: v for v in p["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in container(p)["volumeMounts"]}
+    assert volumes["models"]["hostPath"] == {"path": "/mnt/nvme1/kubeflash/models", "type": "Directory"}
+    assert mounts["models"] == {"name": "models", "mountPath": "/models", "readOnly": True}
+    assert volumes["job"]["hostPath"] == {"path": "/mnt/nvme1/kubeflash/jobs/team-a/summarize",
+                                          "type": "DirectoryOrCreate"}
+    assert mounts["job"]["mountPath"] == "/job" and not mounts["job"].get("readOnly")
+
+
+def test_runs_unprivileged_without_a_token():
+    """No service-account token, non-root uid 1000, read-only root filesystem, every capability dropped."""
+    p = pod()
+    spec, sc = p["spec"], container(p)["securityContext"]
+    assert spec["automountServiceAccountToken"] is False and spec["restartPolicy"] == "Never"
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 1000
+    assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["allowPrivilegeEscalation"] is False
+    assert {"name": "tmp", "mountPath": "/tmp"} in container(p)["volumeMounts"]  # writable scratch
+
+
+def test_env_carries_the_contract():
+    """command `kubeflash engine`; the spec as JSON, job identity, model dir and job dir in the environment."""
+    p = pod()
+    e = env(p)
+    assert container(p)["command"] == ["kubeflash", "engine"]
+    assert json.loads(e["KUBEFLASH_JOB_SPEC"]) == job_spec()
+    assert (e["KUBEFLASH_JOB_NAME"], e["KUBEFLASH_JOB_NAMESPACE"]) == ("summarize", "team-a")
+    assert (e["KUBEFLASH_MODEL_DIR"], e["KUBEFLASH_JOB_DIR"]) == ("/models/m-1", "/job")
+    assert "KUBEFLASH_INPUT_FILE" not in e and "KUBEFLASH_OUTPUT_DIR" not in e
+
+
+@pytest.mark.parametrize(("inp", "volume", "path"), [
+    ({"configMap": {"name": "prompts", "key": "batch.jsonl"}},
+     {"name": "input", "configMap": {"name": "prompts", "items": [{"key": "batch.jsonl", "path": "batch.jsonl"}]}},
+     "/input/batch.jsonl"),
+    ({"file": "runs/a.jsonl", "pvc": {"claimName": "data"}},
+     {"name": "input", "persistentVolumeClaim": {"claimName": "data", "readOnly": True}}, "/input/runs/a.jsonl"),
+], ids=["configmap", "pvc-file"])
+def test_input_mounted_read_only(inp, volume, path):
+    """A configMap or PVC input is mounted read-only at /input and named by KUBEFLASH_INPUT_FILE."""
+    p = pod(input=inp)
+    assert volume in p["spec"]["volumes"]
+    assert {"name": "input", "mountPath": "/input", "readOnly": True} in container(p)["volumeMounts"]
+    assert env(p)["KUBEFLASH_INPUT_FILE"] == path
+
+
+def test_output_pvc_mounted_writable():
+    """output.pvc mounts at /output and KUBEFLASH_OUTPUT_DIR points at its path."""
+    p = pod(output={"pvc": {"claimName": "results", "path": "run1/"}})
+    assert {"name": "output", "persistentVolumeClaim": {"claimName": "results"}} in p["spec"]["volumes"]
+    assert env(p)["KUBEFLASH_OUTPUT_DIR"] == "/output/run1"
+
+
+@pytest.mark.parametrize(("image", "expected"), [(None, "img:default"), ("mine:1", "mine:1")],
+                         ids=["operator-default", "job-override"])
+def test_image(image, expected):
+    """spec.image overrides the operator's engine image."""
+    overrides = {"image": image} if image else {}
+    assert container(pod(**overrides))["image"] == expected
+
+
+def test_multi_gpu_target_lists_all_gpus():
+    """A job holding several pairs tells the engine which GPUs through KUBEFLASH_GPUS."""
+    target = PodTarget("n", (2, 0), "nvme2", "/d2", "m", "nvme2", "/d2")
+    assert env(pod(target=target, resources={"gpus": 2}))["KUBEFLASH_GPUS"] == "2,0"
+
+
+def test_rejects_bad_attempt_and_long_names():
+    """Attempts start at 1; job names longer than 56 characters cannot make label-safe pod names."""
+    with pytest.raises(ValueError, match="attempt must be >= 1"):
+        pod_name("j", 0)
+    raw = job_spec()
+    with pytest.raises(ValueError, match="at most 56"):
+        build_pod(JobRef("ns", "x" * 57, "u"), parse_job_spec(raw), raw, TARGET, attempt=1)

@@ -1,0 +1,28 @@
+"""Operator configuration: environment overrides and the retry backoff curve."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubeflash_operator.config import OperatorConfig
+
+
+def test_from_env_reads_prefixed_fields_with_their_types():
+    """KUBEFLASH_OPERATOR_<FIELD> overrides a field, converted to the field's type."""
+    cfg = OperatorConfig.from_env({"KUBEFLASH_OPERATOR_BACKOFF_BASE_S": "0.5", "KUBEFLASH_OPERATOR_METRICS_PORT": "9100",
+                                   "KUBEFLASH_OPERATOR_ENGINE_IMAGE": "x:1", "UNRELATED": "1"})
+    assert (cfg.backoff_base_s, cfg.metrics_port, cfg.engine_image) == (0.5, 9100, "x:1")
+    assert cfg.heartbeat_timeout_s == OperatorConfig().heartbeat_timeout_s
+
+
+def test_from_env_names_the_bad_variable():
+    """A value of the wrong type is an error naming the variable."""
+    with pytest.raises(ValueError, match="KUBEFLASH_OPERATOR_METRICS_PORT must be a int"):
+        OperatorConfig.from_env({"KUBEFLASH_OPERATOR_METRICS_PORT": "lots"})
+
+
+@pytest.mark.parametrize(("failures", "delay"), [(1, 10), (2, 20), (3, 40), (5, 60), (30, 60)],
+                         ids=["first", "second", "third", "capped", "far"])
+def test_backoff_doubles_and_caps(failures, delay):
+    """The wait before the next attempt doubles per failure and never exceeds the cap."""
+    assert OperatorConfig(backoff_base_s=10, backoff_cap_s=60).backoff(failures) == delay

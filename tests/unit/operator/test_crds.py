@@ -1,0 +1,133 @@
+"""The CRDs and the operator agree: defaults, enums, required fields, printer columns, conditions shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubeflash_operator import spec as specmod
+from kubeflash_operator.spec import DEFAULT_KV_DISK, JobSpec, parse_job_spec
+from kubeflash_operator.status import PHASES
+
+CRDS = Path(__file__).resolve().parents[3] / "crds"
+
+
+def load(name):
+    crd = yaml.safe_load((CRDS / name).read_text())
+    (version,) = crd["spec"]["versions"]
+    return crd, version, version["schema"]["openAPIV3Schema"]
+
+
+def job_schema():
+    return load("inferencejobs.kubeflash.io.yaml")[2]["properties"]["spec"]["properties"]
+
+
+def defaults(schema):
+    """The object the API server's defaulting makes from {} for one schema node."""
+    out = {}
+    for key, sub in schema.get("properties", {}).items():
+        if "default" in sub:
+            out[key] = sub["default"]
+    return out
+
+
+def test_names_scope_and_status_subresource():
+    """InferenceJob is namespaced (ij), FlashNode cluster-scoped (fn); both have a status subresource."""
+    for name, scope, short in (("inferencejobs.kubeflash.io.yaml", "Namespaced", "ij"),
+                               ("flashnodes.kubeflash.io.yaml", "Cluster", "fn")):
+        crd, version, _ = load(name)
+        assert crd["spec"]["group"] == "kubeflash.io" and version["name"] == "v1alpha1"
+        assert crd["spec"]["scope"] == scope and crd["spec"]["names"]["shortNames"] == [short]
+        assert version["subresources"] == {"status": {}}
+
+
+def test_printer_columns():
+    """kubectl get ij shows Phase, Model, Node, Progress, Tokens/s, Age."""
+    _, version, _ = load("inferencejobs.kubeflash.io.yaml")
+    names = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
+    assert names == ["Phase", "Model", "Node", "Progress", "Tokens/s", "Age"]
+
+
+def test_crd_defaults_equal_the_parsers_defaults():
+    """A spec defaulted by the API server parses to the same JobSpec as the bare spec parsed locally."""
+    schema = job_schema()
+    bare = {"model": {"uri": "builtin:smollm2-135m"}, "input": {"prompts": ["a"]}}
+    defaulted = {
+        "model": {**defaults(schema["model"]), **bare["model"]},
+        "input": bare["input"],
+        **{k: defaults(schema[k]) for k in ("generation", "resources", "offload")},
+        "backoffLimit": schema["backoffLimit"]["default"],
+    }
+    assert parse_job_spec(defaulted) == parse_job_spec(bare)
+    assert schema["resources"]["properties"]["kvDisk"]["default"] == DEFAULT_KV_DISK
+
+
+@pytest.mark.parametrize(("path", "values"), [
+    (("model", "dtype"), specmod.DTYPES),
+    (("model", "quantization"), specmod.QUANTIZATIONS),
+    (("offload", "policy"), specmod.POLICIES),
+    (("offload", "compression"), specmod.COMPRESSIONS),
+], ids=["dtype", "quantization", "policy", "compression"])
+def test_enums_match(path, values):
+    """Every enum in the CRD lists exactly the values the parser accepts."""
+    section, key = path
+    assert tuple(job_schema()[section]["properties"][key]["enum"]) == values
+
+
+def test_ranges_match_the_brief():
+    """maxNewTokens 1..32768, gpus 1..8, backoffLimit 0..20, topP in (0, 1], temperature >= 0."""
+    s = job_schema()
+    gen = s["generation"]["properties"]
+    assert (gen["maxNewTokens"]["minimum"], gen["maxNewTokens"]["maximum"]) == (1, 32768)
+    assert (gen["topP"]["minimum"], gen["topP"]["exclusiveMinimum"], gen["topP"]["maximum"]) == (0, True, 1)
+    assert gen["temperature"]["minimum"] == 0
+    assert (s["resources"]["properties"]["gpus"]["minimum"], s["resources"]["properties"]["gpus"]["maximum"]) == (1, 8)
+    assert (s["backoffLimit"]["minimum"], s["backoffLimit"]["maximum"]) == (0, 20)
+
+
+def test_cross_field_rules_are_cel():
+    """Input exclusivity, explicit-offload completeness and per-split sums are x-kubernetes-validations."""
+    s = job_schema()
+    rules = " ".join(r["rule"] for r in s["input"]["x-kubernetes-validations"])
+    assert "has(self.prompts)" in rules and "has(self.configMap)" in rules
+    assert any("== 100" in r["rule"] for r in s["offload"]["properties"]["kv"]["x-kubernetes-validations"])
+    assert len(s["offload"]["x-kubernetes-validations"]) == 2
+
+
+def test_status_phases_and_conditions_shape():
+    """status.phase lists the machine's phases; conditions are metav1.Condition-shaped list-map by type."""
+    status = load("inferencejobs.kubeflash.io.yaml")[2]["properties"]["status"]["properties"]
+    assert tuple(status["phase"]["enum"]) == PHASES
+    cond = status["conditions"]
+    assert cond["x-kubernetes-list-map-keys"] == ["type"]
+    assert set(cond["items"]["required"]) == {"type", "status", "lastTransitionTime", "reason", "message"}
+    assert cond["items"]["properties"]["status"]["enum"] == ["True", "False", "Unknown"]
+
+
+def test_every_status_field_the_operator_writes_is_in_the_schema():
+    """Fields missing from a structural schema are pruned silently; the reconcile's fields must all be declared."""
+    status = load("inferencejobs.kubeflash.io.yaml")[2]["properties"]["status"]["properties"]
+    written = {"phase", "reason", "message", "conditions", "observedGeneration", "node", "gpu", "gpus", "disk",
+               "modelDisk", "staged", "modelId", "scheduledTime", "stagedTime", "startTime", "completionTime",
+               "retryAt", "attempt", "pod", "attempts"}
+    assert written <= set(status)
+
+
+def test_flashnode_contract_fields():
+    """FlashNode status carries what docs/contract.md lists (gpus, disks, pairs, models, kvAllocations, heartbeat)."""
+    _, _, schema = load("flashnodes.kubeflash.io.yaml")
+    status = schema["properties"]["status"]["properties"]
+    assert {"gpus", "disks", "pairs", "models", "kvAllocations", "heartbeat", "conditions"} <= set(status)
+    assert status["models"]["items"]["properties"]["state"]["enum"] == ["Pending", "Staging", "Ready", "Failed", "Evicted"]
+    models = schema["properties"]["spec"]["properties"]["models"]
+    assert set(models["items"]["required"]) == {"id", "uri"} and models["x-kubernetes-list-map-keys"] == ["id"]
+
+
+def test_jobspec_is_frozen():
+    """Specs are immutable values (the CRD also forbids spec changes)."""
+    js = parse_job_spec({"model": {"uri": "dummy:x"}, "input": {"prompts": ["a"]}})
+    assert isinstance(js, JobSpec)
+    with pytest.raises(AttributeError):
+        js.backoff_limit = 5
