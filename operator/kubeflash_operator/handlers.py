@@ -120,7 +120,7 @@ def _live(status: kopf.Status, **_: Any) -> bool:
     return status.get("phase") not in TERMINAL
 
 
-@kopf.timer(*JOBS, interval=TICK_S, when=_live)
+@kopf.timer(*JOBS, interval=TICK_S, backoff=TICK_S, when=_live)
 def reconcile_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, flashnode_index: kopf.Index,
                   claim_index: kopf.Index, pod_index: kopf.Index, **_: Any) -> None:
     job = _job(body)
@@ -215,7 +215,5 @@ def _carry_out(plan: reconcile.Plan, job: reconcile.Job, memo: kopf.Memo) -> Non
 def _report(plan: reconcile.Plan, body: kopf.Body, memo: kopf.Memo) -> None:
     for ev in plan.events:
         kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
-        if ev.reason in ("AttemptFailed", "BackoffLimitExceeded"):
-            memo.metrics.failed_attempts.labels(reason=(plan.status.get("attempts") or [{}])[-1].get("reason", "")).inc()
-    for name, seconds in plan.observe:
-        memo.metrics.observe(name, seconds)
+    for name, value in plan.observe:
+        memo.metrics.observe(name, value)

@@ -50,8 +50,12 @@ class Metrics:
         with self._lock:
             return dict(_Tally(self._phases.values()))
 
-    def observe(self, name: str, seconds: float) -> None:
-        {"scheduling": self.scheduling, "staging": self.staging}[name].observe(max(seconds, 0.0))
+    def observe(self, name: str, value: float | str) -> None:
+        """A reconcile observation: ("scheduling"|"staging", seconds) or ("failed_attempt", reason)."""
+        if name == "failed_attempt":
+            self.failed_attempts.labels(reason=str(value)).inc()
+        else:
+            {"scheduling": self.scheduling, "staging": self.staging}[name].observe(max(float(value), 0.0))
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         self._server, _ = start_http_server(port, addr=addr, registry=self.registry)

@@ -77,7 +77,7 @@ class Plan:
     delete_pods: list[str] = field(default_factory=list)
     claim: Claim | None = None  # a new placement, to count before the watch shows it
     release: bool = False  # the job's placement is gone
-    observe: list[tuple[str, float]] = field(default_factory=list)  # (histogram, seconds)
+    observe: list[tuple[str, float | str]] = field(default_factory=list)  # ("scheduling", s), ("failed_attempt", reason)
     invalid: SpecError | None = None
 
 
@@ -299,6 +299,8 @@ def _attempt_failed(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: W
                     reason: str, message: str, delete_pod: bool = False, replace: bool = False) -> None:
     attempts = _record(view, world, result="Failed", reason=reason, message=message)
     failures = sum(1 for a in attempts if a.get("result") == "Failed")
+    if len(attempts) > len(view.get("attempts") or []):
+        plan.observe.append(("failed_attempt", reason))
     attempt = int(view.get("attempt") or 0)
     if delete_pod and view.get("pod"):
         plan.delete_pods.append(view["pod"])

@@ -7,12 +7,14 @@ the same defaults as the CRD, so both paths see one JobSpec.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import Any
+
+from kubeflash_operator.fields import Reader, SpecError, parse_quantity
+
+__all__ = ["JobSpec", "SpecError", "parse_job_spec", "parse_quantity"]
 
 DTYPES = ("float16", "bfloat16", "float32")
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -21,20 +23,7 @@ POLICIES = ("auto", "explicit")
 DEFAULT_KV_DISK = "10Gi"
 MAX_NAME = 56  # <name>-<attempt> stays a 63-character label value
 
-_QUANTITY = re.compile(r"^\+?(?P<num>[0-9]+(\.[0-9]*)?|\.[0-9]+)(?P<suffix>[KMGTPE]i|[kMGTPE]|[eE]\+?[0-9]+)?$")
-_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
-_K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _BUILTIN = re.compile(r"^builtin:[a-z0-9][a-z0-9._-]*$")
-
-
-class SpecError(ValueError):
-    """A user's mistake in an InferenceJob spec; `path` is the offending field (spec.generation.topP)."""
-
-    def __init__(self, path: str, problem: str):
-        super().__init__(f"{path} {problem}")
-        self.path = path
-        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -58,16 +47,25 @@ class ConfigMapKey:
 
 
 @dataclass(frozen=True)
+class Synthetic:
+    """Generated token-id prompts, for tokenizer-free dummy: models and benchmarks."""
+
+    count: int = 1
+    prompt_length: int = 32
+
+
+@dataclass(frozen=True)
 class InputSpec:
     prompts: tuple[str, ...] = ()
     file: str | None = None  # JSONL path relative to the root of `pvc`
     config_map: ConfigMapKey | None = None
     pvc: str | None = None  # claim name
+    synthetic: Synthetic | None = None
 
 
 @dataclass(frozen=True)
 class GenerationSpec:
-    max_new_tokens: int = 128
+    max_new_tokens: int = 32
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -102,6 +100,8 @@ class OffloadSpec:
     x_cache: bool = False
     cpu_attention: bool = False
     compression: str = "none"
+    gpu_batch_size: int | None = None  # sequences per micro-batch
+    num_gpu_batches: int | None = None  # micro-batches per block
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class JobSpec:
 
 def parse_job_spec(spec: Mapping[str, Any], *, path: str = "spec") -> JobSpec:
     """Parse and check an InferenceJob spec; raises SpecError naming the first bad field."""
-    r = _Reader(spec, path)
+    r = Reader(spec, path)
     r.only("model", "input", "generation", "resources", "offload", "output", "backoffLimit", "image")
     output = r.sub("output", required=False)
     return JobSpec(
@@ -143,33 +143,10 @@ def parse_job_spec(spec: Mapping[str, Any], *, path: str = "spec") -> JobSpec:
     )
 
 
-def parse_quantity(value: Any, *, path: str) -> int:
-    """A Kubernetes quantity (10Gi, 1.5G, 1e9, 4096) as whole bytes, rounded up."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise SpecError(path, f"must be a quantity such as 10Gi, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise SpecError(path, f"must not be negative, got {value}")
-        return value
-    m = _QUANTITY.match(value.strip())
-    if not m:
-        raise SpecError(path, f"must be a quantity such as 10Gi, got {value!r}")
-    try:
-        number = Decimal(m["num"])
-    except InvalidOperation as e:  # pragma: no cover - the regex admits only decimals
-        raise SpecError(path, f"must be a quantity such as 10Gi, got {value!r}") from e
-    suffix = m["suffix"] or ""
-    if suffix[:1] in ("e", "E"):
-        number *= Decimal(10) ** int(suffix[1:].lstrip("+"))
-    else:
-        number *= _BINARY.get(suffix) or _DECIMAL.get(suffix) or 1
-    return int(math.ceil(number))
-
-
 # ----------------------------------------------------------------------------------------------- sections
 
 
-def _model(r: _Reader) -> ModelSpec:
+def _model(r: Reader) -> ModelSpec:
     r.only("uri", "dtype", "quantization")
     uri = r.string("uri")
     _check_uri(uri, f"{r.path}.uri")
@@ -201,11 +178,11 @@ def _check_uri(uri: str, path: str) -> None:
         )
 
 
-def _input(r: _Reader) -> InputSpec:
-    r.only("prompts", "file", "configMap", "pvc")
-    given = [k for k in ("prompts", "file", "configMap") if r.has(k)]
+def _input(r: Reader) -> InputSpec:
+    r.only("prompts", "file", "configMap", "pvc", "synthetic")
+    given = [k for k in ("prompts", "file", "configMap", "synthetic") if r.has(k)]
     if len(given) != 1:
-        raise SpecError(r.path, f"needs exactly one of prompts, file or configMap, got {given or 'none'}")
+        raise SpecError(r.path, f"needs exactly one of prompts, file, configMap or synthetic, got {given or 'none'}")
     prompts = tuple(r.strings("prompts", min_items=1)) if r.has("prompts") else ()
     file = r.string("file", default=None)
     if file is not None:
@@ -214,23 +191,26 @@ def _input(r: _Reader) -> InputSpec:
         raise SpecError(f"{r.path}.pvc.claimName", "is required with file (the claim that holds the file)")
     if r.has("pvc") and file is None:
         raise SpecError(f"{r.path}.pvc", "is only used together with file")
-    cm = r.sub("configMap", required=False)
-    pvc = r.sub("pvc", required=False)
+    cm, pvc, syn = r.sub("configMap", required=False), r.sub("pvc", required=False), r.sub("synthetic", required=False)
+    if syn.present:
+        syn.only("count", "promptLength")
     return InputSpec(
         prompts=prompts,
         file=file,
         config_map=ConfigMapKey(cm.name("name"), cm.string("key")) if cm.present else None,
         pvc=pvc.name("claimName") if pvc.present else None,
+        synthetic=Synthetic(syn.integer("count", default=1, lo=1, hi=100000),
+                            syn.integer("promptLength", default=32, lo=1, hi=32768)) if syn.present else None,
     )
 
 
-def _generation(r: _Reader) -> GenerationSpec:
+def _generation(r: Reader) -> GenerationSpec:
     r.only("maxNewTokens", "temperature", "topP", "seed", "stop")
     top_p = r.number("topP", default=1.0)
     if not 0.0 < top_p <= 1.0:
         raise SpecError(f"{r.path}.topP", f"must be in (0, 1], got {top_p:g}")
     return GenerationSpec(
-        max_new_tokens=r.integer("maxNewTokens", default=128, lo=1, hi=32768),
+        max_new_tokens=r.integer("maxNewTokens", default=32, lo=1, hi=32768),
         temperature=r.number("temperature", default=0.0, lo=0.0),
         top_p=top_p,
         seed=r.integer("seed", default=None, lo=0),
@@ -238,7 +218,7 @@ def _generation(r: _Reader) -> GenerationSpec:
     )
 
 
-def _resources(r: _Reader) -> ResourcesSpec:
+def _resources(r: Reader) -> ResourcesSpec:
     r.only("gpus", "gpuMemory", "cpuMemory", "kvDisk")
     return ResourcesSpec(
         gpus=r.integer("gpus", default=1, lo=1, hi=8),
@@ -249,8 +229,9 @@ def _resources(r: _Reader) -> ResourcesSpec:
     )
 
 
-def _offload(r: _Reader) -> OffloadSpec:
-    r.only("policy", "weights", "kv", "activations", "kvWriteBack", "xCache", "cpuAttention", "compression")
+def _offload(r: Reader) -> OffloadSpec:
+    r.only("policy", "weights", "kv", "activations", "kvWriteBack", "xCache", "cpuAttention", "compression",
+           "gpuBatchSize", "numGpuBatches")
     policy = r.choice("policy", POLICIES, default="auto")
     splits = {k: _split(r.sub(k, required=False)) for k in ("weights", "kv", "activations")}
     given = [k for k, v in splits.items() if v is not None]
@@ -268,10 +249,12 @@ def _offload(r: _Reader) -> OffloadSpec:
         x_cache=r.boolean("xCache"),
         cpu_attention=r.boolean("cpuAttention"),
         compression=r.choice("compression", COMPRESSIONS, default="none"),
+        gpu_batch_size=r.integer("gpuBatchSize", default=None, lo=1, hi=4096),
+        num_gpu_batches=r.integer("numGpuBatches", default=None, lo=1, hi=1024),
     )
 
 
-def _split(r: _Reader) -> Split | None:
+def _split(r: Reader) -> Split | None:
     if not r.present:
         return None
     r.only("gpu", "cpu", "disk")
@@ -282,7 +265,7 @@ def _split(r: _Reader) -> Split | None:
     return split
 
 
-def _output(r: _Reader) -> OutputSpec:
+def _output(r: Reader) -> OutputSpec:
     r.only("pvc", "configMap")
     if r.has("pvc") == r.has("configMap"):
         raise SpecError(r.path, "needs exactly one of pvc or configMap")
@@ -300,102 +283,3 @@ def _output(r: _Reader) -> OutputSpec:
 def _check_relative(path: str, where: str) -> None:
     if path.startswith("/") or ".." in path.split("/"):
         raise SpecError(where, f"must be a path relative to the claim's root without '..', got {path!r}")
-
-
-# ------------------------------------------------------------------------------------------------ reader
-
-
-class _Reader:
-    """Typed access to one mapping of the spec; every error names `<path>.<key>`."""
-
-    def __init__(self, data: Any, path: str, *, present: bool = True):
-        if data is None:
-            data, present = {}, False
-        if not isinstance(data, Mapping):
-            raise SpecError(path, f"must be an object, got {type(data).__name__}")
-        self.data, self.path, self.present = data, path, present
-
-    def has(self, key: str) -> bool:
-        return self.data.get(key) is not None
-
-    def get(self, key: str) -> Any:
-        return self.data.get(key)
-
-    def only(self, *allowed: str) -> None:
-        for key in self.data:
-            if key not in allowed:
-                raise SpecError(f"{self.path}.{key}", f"is not a known field (known: {', '.join(allowed)})")
-
-    def sub(self, key: str, *, required: bool = True) -> _Reader:
-        if required and not self.has(key):
-            raise SpecError(f"{self.path}.{key}", "is required")
-        return _Reader(self.get(key), f"{self.path}.{key}", present=self.has(key))
-
-    def string(self, key: str, *, default: Any = ...) -> Any:
-        value = self._value(key, default)
-        if value is default and default is not ...:
-            return default
-        if not isinstance(value, str) or not value:
-            raise SpecError(f"{self.path}.{key}", f"must be a non-empty string, got {value!r}")
-        return value
-
-    def name(self, key: str) -> str:
-        value = self.string(key)
-        if len(value) > 253 or not _K8S_NAME.match(value):
-            raise SpecError(f"{self.path}.{key}", f"must be a Kubernetes object name, got {value!r}")
-        return value
-
-    def choice(self, key: str, choices: tuple[str, ...], *, default: str) -> str:
-        value = self._value(key, default)
-        if value not in choices:
-            raise SpecError(f"{self.path}.{key}", f"must be one of {', '.join(choices)}, got {value!r}")
-        return value
-
-    def integer(self, key: str, *, default: Any = ..., lo: int | None = None, hi: int | None = None) -> Any:
-        value = self._value(key, default)
-        if value is None and default is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(f"{self.path}.{key}", f"must be an integer, got {value!r}")
-        self._range(key, value, lo, hi)
-        return value
-
-    def number(self, key: str, *, default: float, lo: float | None = None) -> float:
-        value = self._value(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SpecError(f"{self.path}.{key}", f"must be a number, got {value!r}")
-        self._range(key, value, lo, None)
-        return float(value)
-
-    def boolean(self, key: str) -> bool:
-        value = self._value(key, False)
-        if not isinstance(value, bool):
-            raise SpecError(f"{self.path}.{key}", f"must be true or false, got {value!r}")
-        return value
-
-    def quantity(self, key: str, *, default: Any = None) -> Any:
-        value = self._value(key, default)
-        return None if value is None else parse_quantity(value, path=f"{self.path}.{key}")
-
-    def strings(self, key: str, *, min_items: int) -> list[str]:
-        value = self.get(key)
-        where = f"{self.path}.{key}"
-        if not isinstance(value, list) or len(value) < min_items:
-            raise SpecError(where, f"must be a list of at least {min_items} strings, got {value!r}")
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or not item:
-                raise SpecError(f"{where}[{i}]", f"must be a non-empty string, got {item!r}")
-        return value
-
-    def _value(self, key: str, default: Any) -> Any:
-        value = self.get(key)
-        if value is None:
-            if default is ...:
-                raise SpecError(f"{self.path}.{key}", "is required")
-            return default
-        return value
-
-    def _range(self, key: str, value: float, lo: float | None, hi: float | None) -> None:
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            bounds = f"{'-inf' if lo is None else lo}..{'inf' if hi is None else hi}"
-            raise SpecError(f"{self.path}.{key}", f"must be in {bounds}, got {value}")

@@ -371,3 +371,11 @@ def test_malformed_jobs_are_rejected_or_failed_while_a_good_job_runs(ns, kube, c
         assert ("InvalidSpec", s["message"]) in kube.events(f"bad-{name}")
     assert kube.wait_phase("good", "Running")["pod"] == "good-1"
     assert all(kube.pod_names(f"bad-{name}") == [] for name, _, _ in BAD_FOR_OPERATOR)
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (REPO / "examples").glob("cluster-*.yaml")))
+def test_cluster_examples_pass_server_validation(ns, control_plane, example):
+    """Every examples/cluster-*.yaml is accepted by the API server (server-side dry run against the CRDs)."""
+    out = control_plane.kubectl("apply", "--dry-run=server", "-n", ns, "-f", str(REPO / "examples" / example),
+                                check=False)
+    assert out.returncode == 0, out.stderr

@@ -31,6 +31,14 @@ def test_latency_histograms():
     assert sample(m, "kubeflash_staging_latency_seconds_count") == 2
 
 
+def test_failed_attempts_by_reason():
+    """Failed attempts are counted per reason."""
+    m = Metrics()
+    m.observe("failed_attempt", "Evicted")
+    m.observe("failed_attempt", "Evicted")
+    assert sample(m, "kubeflash_failed_attempts_total", reason="Evicted") == 2
+
+
 def test_serves_metrics_over_http():
     """serve() exposes the registry on /metrics."""
     import urllib.request

@@ -174,6 +174,7 @@ def test_seeing_the_same_failed_pod_twice_counts_once():
     first = step(job, world(holder(), pods=pods), CFG)
     again = step(job, world(holder(), pods=pods), CFG)
     assert first.status["attempts"] == again.status["attempts"] and len(first.status["attempts"]) == 1
+    assert ("failed_attempt", "Error") in first.observe
 
 
 def test_evicted_pod_reason_is_kept():

@@ -13,7 +13,7 @@ def test_minimal_spec_gets_crd_defaults():
     spec = parse_job_spec(job_spec())
     assert spec.model.dtype == "float16" and spec.model.quantization == "none"
     assert spec.input.prompts == ("Hello", "World")
-    assert (spec.generation.max_new_tokens, spec.generation.temperature, spec.generation.top_p) == (128, 0.0, 1.0)
+    assert (spec.generation.max_new_tokens, spec.generation.temperature, spec.generation.top_p) == (32, 0.0, 1.0)
     assert spec.resources.gpus == 1 and spec.resources.kv_disk == 10 * 2**30
     assert spec.offload.policy == "auto" and spec.offload.weights is None
     assert spec.output is None and spec.backoff_limit == 3 and spec.image is None
@@ -41,6 +41,14 @@ def test_full_spec_round_trips_every_section():
     assert spec.backoff_limit == 0 and spec.image == "registry.local/kubeflash:dev"
 
 
+def test_synthetic_input_and_micro_batches():
+    """Benchmark jobs: synthetic token prompts and FlexGen's micro-batch knobs, as the engine reads them."""
+    spec = parse_job_spec(job_spec(model={"uri": "dummy:opt-1.3b"}, input={"synthetic": {"count": 8}},
+                                   offload={"gpuBatchSize": 4, "numGpuBatches": 2}))
+    assert (spec.input.synthetic.count, spec.input.synthetic.prompt_length) == (8, 32)
+    assert (spec.offload.gpu_batch_size, spec.offload.num_gpu_batches) == (4, 2)
+
+
 def test_model_id_is_the_agents():
     """The operator names a model exactly as kubeflash_node.store.ids.model_id does."""
     from kubeflash_node.store.ids import model_id
@@ -60,7 +68,7 @@ BAD = [
     ("bad-dtype", {"model": {"uri": "dummy:x", "dtype": "fp8"}}, "spec.model.dtype must be one of"),
     ("bad-quant", {"model": {"uri": "dummy:x", "quantization": "int3"}}, "spec.model.quantization must be one of"),
     ("two-inputs", {"input": {"prompts": ["a"], "configMap": {"name": "c", "key": "k"}}},
-     "spec.input needs exactly one of prompts, file or configMap"),
+     "spec.input needs exactly one of prompts, file, configMap or synthetic"),
     ("no-input", {"input": {}}, "spec.input needs exactly one"),
     ("file-no-pvc", {"input": {"file": "a.jsonl"}}, "spec.input.pvc.claimName is required"),
     ("file-absolute", {"input": {"file": "/a.jsonl", "pvc": {"claimName": "p"}}}, "spec.input.file must be a path"),
@@ -75,6 +83,8 @@ BAD = [
     ("max-tokens-zero", {"generation": {"maxNewTokens": 0}}, "spec.generation.maxNewTokens must be in 1..32768"),
     ("max-tokens-huge", {"generation": {"maxNewTokens": 40000}}, "spec.generation.maxNewTokens must be in 1..32768"),
     ("max-tokens-str", {"generation": {"maxNewTokens": "10"}}, "spec.generation.maxNewTokens must be an integer"),
+    ("synthetic-zero", {"input": {"synthetic": {"count": 0}}}, "spec.input.synthetic.count must be in 1..100000"),
+    ("batch-size-zero", {"offload": {"gpuBatchSize": 0}}, "spec.offload.gpuBatchSize must be in 1..4096"),
     ("gpus-nine", {"resources": {"gpus": 9}}, "spec.resources.gpus must be in 1..8"),
     ("kv-disk-words", {"resources": {"kvDisk": "lots"}}, "spec.resources.kvDisk must be a quantity"),
     ("split-sum", {"offload": {"policy": "explicit", "weights": {"gpu": 50}, "kv": {"disk": 100},
