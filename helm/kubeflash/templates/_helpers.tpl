@@ -1,0 +1,78 @@
+{{/* The chart name, truncated to the 63 characters a label value allows. */}}
+{{- define "kubeflash.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The prefix of every object name: the release name, plus the chart name unless the release name has it. */}}
+{{- define "kubeflash.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kubeflash.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "kubeflash.labels" -}}
+helm.sh/chart: {{ include "kubeflash.chart" . }}
+app.kubernetes.io/name: {{ include "kubeflash.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubeflash
+{{- end }}
+
+{{/* Selector labels of one component: (dict "ctx" $ "component" "operator"). */}}
+{{- define "kubeflash.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubeflash.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Labels of one component's objects: (dict "ctx" $ "component" "agent"). */}}
+{{- define "kubeflash.componentLabels" -}}
+{{ include "kubeflash.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* An image reference from {repository, tag}; the tag defaults to the chart's appVersion. */}}
+{{- define "kubeflash.image" -}}
+{{- printf "%s:%s" .image.repository (default .ctx.Chart.AppVersion .image.tag) }}
+{{- end }}
+
+{{/* The image of the inference pods: engine.image, else the agent image (it carries the engine). */}}
+{{- define "kubeflash.engineImage" -}}
+{{- default (include "kubeflash.image" (dict "image" .Values.agent.image "ctx" .)) .Values.engine.image }}
+{{- end }}
+
+{{- define "kubeflash.operator.fullname" -}}
+{{- printf "%s-operator" (include "kubeflash.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kubeflash.agent.fullname" -}}
+{{- printf "%s-agent" (include "kubeflash.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The agent's store disks: agent.storePath, then agent.extraDisks (each is mounted at its own path). */}}
+{{- define "kubeflash.agent.disks" -}}
+{{- $disks := list (dict "name" .Values.agent.storeName "path" .Values.agent.storePath) }}
+{{- range .Values.agent.extraDisks }}
+{{- $disks = append $disks . }}
+{{- end }}
+{{- toYaml $disks }}
+{{- end }}
+
+{{/* The agent's config file (docs/agent.md): the store disks, then the keys of agent.config. */}}
+{{- define "kubeflash.agent.config" -}}
+{{- $disks := include "kubeflash.agent.disks" . | fromYamlArray }}
+{{- toYaml (merge (dict "disks" $disks) (deepCopy .Values.agent.config)) }}
+{{- end }}

@@ -1,0 +1,471 @@
+"""The Helm chart (helm/kubeflash) against a real control plane: lint, schema, server-side validation of every
+rendered object, install / upgrade / uninstall with the CRDs kept, and the chart's RBAC exercised by the real
+`kubeflash operator` and `kubeflash agent` running under the chart's service accounts.
+
+KWOK fakes the pods, so the chart's own Deployment and DaemonSet never run code here; the RBAC test runs the
+operator and the agent as local processes that authenticate with the chart's service-account tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "kubeflash"
+CRD_NAMES = ("inferencejobs.kubeflash.io", "flashnodes.kubeflash.io")
+MODEL_URI = "builtin:smollm2-135m"
+
+# Every optional feature on: what the "all features" renders and dry-runs check.
+ALL_FEATURES = {
+    "operator": {"verbose": True, "config": {"heartbeat_timeout_s": 60, "backoff_base_s": 5}},
+    "agent": {
+        "extraDisks": [{"name": "nvme1", "path": "/mnt/nvme1/kubeflash", "reserve": "10Gi"}],
+        "config": {"interval": "5s", "probe": {"enabled": False},
+                   "gpus": [{"index": 0, "name": "Fake GPU", "memory": "16Gi"}]},
+        "runtimeClassName": "nvidia",
+        "priorityClassName": "system-node-critical",
+    },
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "dashboard": {"enabled": True},
+        "jobMetrics": {"enabled": True, "serviceAccount": {"name": "kube-state-metrics", "namespace": "monitoring"}},
+    },
+}
+
+# A stand-in for the Prometheus Operator's CRD, so a rendered ServiceMonitor can be validated server-side.
+SERVICEMONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "scope": "Namespaced",
+        "names": {"kind": "ServiceMonitor", "plural": "servicemonitors", "singular": "servicemonitor"},
+        "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+            "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}],
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def wait_for(what: str, get: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = get()
+        if ok(value):
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {json.dumps(value, default=str)[:3000]}")
+
+
+def values_file(tmp_path: Path, values: dict[str, Any], name: str = "values.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def render(cp, *args: str) -> list[dict[str, Any]]:
+    out = cp.helm("template", "kf", str(CHART), *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def crd_established(cp, name: str) -> bool:
+    crd = cp.kubectl_json("get", "crd", name)
+    return any(c["type"] == "Established" and c["status"] == "True" for c in crd.get("status", {}).get("conditions", []))
+
+
+def adopt_crds(cp, release: str, namespace: str) -> None:
+    """CRDs applied by another test (kubectl apply -f crds/) become this release's, as Helm adopts objects."""
+    for name in CRD_NAMES:
+        if cp.kubectl("get", "crd", name, check=False).returncode == 0:
+            cp.kubectl("label", "--overwrite", "crd", name, "app.kubernetes.io/managed-by=Helm")
+            cp.kubectl("annotate", "--overwrite", "crd", name, f"meta.helm.sh/release-name={release}",
+                       f"meta.helm.sh/release-namespace={namespace}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sa_kubeconfig(cp, namespace: str, sa: str, dest: Path) -> str:
+    """A kubeconfig that authenticates as a service account (a token from the TokenRequest API)."""
+    token = cp.kubectl("create", "token", sa, "-n", namespace, "--duration=1h").stdout.strip()
+    admin = yaml.safe_load(Path(cp.kubeconfig).read_text())
+    cluster = admin["clusters"][0]
+    config = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": sa, "context": {"cluster": cluster["name"], "user": sa}}],
+        "current-context": sa,
+    }
+    dest.write_text(yaml.safe_dump(config))
+    return str(dest)
+
+
+@pytest.fixture(scope="module")
+def crds_present(control_plane):
+    """The CRDs, applied from crds/ if no earlier test made them."""
+    if any(control_plane.kubectl("get", "crd", n, check=False).returncode for n in CRD_NAMES):
+        control_plane.kubectl("apply", "-f", str(REPO / "crds"))
+    for name in CRD_NAMES:
+        wait_for(f"CRD {name} Established", lambda: crd_established(control_plane, name), bool)
+
+
+@pytest.fixture(scope="module")
+def servicemonitor_crd(control_plane):
+    control_plane.apply(SERVICEMONITOR_CRD)
+    wait_for("ServiceMonitor CRD", lambda: crd_established(control_plane, SERVICEMONITOR_CRD["metadata"]["name"]), bool)
+    yield
+    control_plane.kubectl("delete", "crd", SERVICEMONITOR_CRD["metadata"]["name"], "--wait=false", check=False)
+
+
+# ---------------------------------------------------------------------------------------- chart, no install
+
+
+def test_chart_crds_are_the_repository_crds():
+    """helm/kubeflash/files/crds/ is a byte-for-byte copy of crds/ (kind/sync-crds.sh makes it)."""
+    source = {p.name: p.read_bytes() for p in sorted((REPO / "crds").glob("*.yaml"))}
+    copied = {p.name: p.read_bytes() for p in sorted((CHART / "files" / "crds").glob("*.yaml"))}
+    assert source, "no CRDs in crds/"
+    assert copied == source, "the chart's CRDs differ from crds/: run kind/sync-crds.sh"
+
+
+def test_values_schema_knows_every_operator_and_agent_setting():
+    """operator.config and agent.config in values.schema.json list exactly the settings the code reads."""
+    from dataclasses import fields
+
+    from kubeflash_node.agent import config as agent_config
+    from kubeflash_operator.config import OperatorConfig
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    props = schema["properties"]
+    operator_keys = set(props["operator"]["properties"]["config"]["properties"])
+    set_by_chart = {"metrics_port", "liveness_port", "engine_image"}  # flags of the Deployment
+    assert operator_keys == {f.name for f in fields(OperatorConfig)} - set_by_chart
+    agent_keys = set(props["agent"]["properties"]["config"]["properties"])
+    chart_owned = {"nodeName", "kube", "kubeconfig", "listen", "disks"}  # env, in-cluster, apiPort, storePath
+    local_mode_only = {"models", "jobs"}  # --no-kube mode: in a cluster they come from FlashNode.spec and pods
+    assert agent_keys == agent_config._TOP - chart_owned - local_mode_only
+
+
+def test_dashboard_uses_only_exported_metrics():
+    """Every kubeflash_* series in the Grafana dashboard is exported by the operator, the agent, or the
+    kube-state-metrics job config the chart ships."""
+    defined: set[str] = set()
+    for module in (REPO / "operator/kubeflash_operator/metrics.py", REPO / "node-agent/kubeflash_node/agent/metrics.py"):
+        text = module.read_text()
+        prefix = dict(re.findall(r'^(\w+)\s*=\s*"(kubeflash_\w*)"', text, re.M))
+        defined |= set(re.findall(r'(?:Counter|Gauge|Histogram)\(\s*"(kubeflash_\w+)"', text))
+        defined |= {prefix[var] + name for var, name in re.findall(r'(?:Counter|Gauge|Histogram)\(\s*(\w+)\s*\+\s*"(\w+)"', text)
+                    if var in prefix}
+    jobs = yaml.safe_load((CHART / "files" / "job-metrics.yaml").read_text())
+    for res in jobs["spec"]["resources"]:
+        defined |= {f"{res['metricNamePrefix']}_{m['name']}" for m in res["metrics"]}
+    assert "kubeflash_agent_disk_read_bytes_per_second" in defined and "kubeflash_jobs" in defined
+
+    dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    series = {m for e in exprs for m in re.findall(r"\bkubeflash_\w+", e)}
+    used = {m if m in defined else re.sub(r"_(total|bucket|sum|count)$", "", m) for m in series}
+    assert used, "the dashboard queries nothing"
+    assert used <= defined, f"dashboard series nobody exports: {sorted(used - defined)}"
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("throughput", "per-layer", "ssd bandwidth", "cache hit"):
+        assert topic in titles, f"no dashboard panel about {topic}"
+
+
+def variant_args(tmp_path: Path, variant: str) -> list[str]:
+    """Values of a variant: chart defaults, every optional feature on, or the kind cluster's (kind/values.yaml)."""
+    if variant == "all-features":
+        return ["-f", values_file(tmp_path, ALL_FEATURES)]
+    if variant == "kind":
+        return ["-f", str(REPO / "kind" / "values.yaml")]
+    return []
+
+
+@pytest.mark.parametrize("variant", ["defaults", "all-features", "kind"])
+def test_helm_lint(control_plane, tmp_path, variant):
+    """helm lint --strict is clean with the defaults, with every optional feature on, and with the kind values."""
+    args = variant_args(tmp_path, variant)
+    out = control_plane.helm("lint", "--strict", str(CHART), *args)
+    assert "0 chart(s) failed" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("bad, complaint", [
+    ("operator.confg.x=1", "confg"),
+    ("agent.config.disks=x", "disks"),
+    ("operator.config.metrics_port=1", "metrics_port"),
+    ("agent.storePath=relative", "storePath"),
+    ("crds.enabled=maybe", "enabled"),
+], ids=["typo", "disks-come-from-storePath", "port-is-a-flag", "relative-store", "not-a-bool"])
+def test_values_schema_rejects_mistakes(control_plane, bad, complaint):
+    proc = control_plane.helm("template", "kf", str(CHART), "--set", bad, check=False)
+    assert proc.returncode != 0, f"--set {bad} was accepted"
+    assert complaint in proc.stderr, proc.stderr
+
+
+def test_rendered_crds_are_the_source_crds(control_plane):
+    """The templated CRDs carry the source's spec unchanged, Helm labels, and the keep policy only with crds.keep."""
+    sources = {d["metadata"]["name"]: d for p in (REPO / "crds").glob("*.yaml") for d in [yaml.safe_load(p.read_text())]}
+    kept = by_kind(render(control_plane), "CustomResourceDefinition")
+    assert {d["metadata"]["name"] for d in kept} == set(sources)
+    for crd in kept:
+        assert crd["spec"] == sources[crd["metadata"]["name"]]["spec"]
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    dropped = by_kind(render(control_plane, "--set", "crds.keep=false"), "CustomResourceDefinition")
+    assert dropped and all("helm.sh/resource-policy" not in (d["metadata"].get("annotations") or {}) for d in dropped)
+    assert not by_kind(render(control_plane, "--set", "crds.enabled=false"), "CustomResourceDefinition")
+
+
+def test_rendered_workloads(control_plane, tmp_path):
+    """The operator and agent pods are wired as the components expect (flags, env, mounts, probes, ports)."""
+    docs = render(control_plane, "-n", "kubeflash-system", "-f", values_file(tmp_path, ALL_FEATURES),
+                  "--set", "engine.image=example.com/engine:1")
+    (deploy,) = by_kind(docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    op = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert op["command"] == ["kubeflash", "operator"]
+    assert {"--all-namespaces", "--metrics-port=9090", "--liveness-port=8080", "--verbose",
+            "--engine-image=example.com/engine:1"} <= set(op["args"])
+    assert {"name": "KUBEFLASH_OPERATOR_HEARTBEAT_TIMEOUT_S", "value": "60"} in op["env"]
+    assert op["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+
+    (ds,) = by_kind(docs, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    agent, proxy = pod["containers"]
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in agent["env"]
+    assert pod["nodeSelector"] == {"kubeflash.io/ssd": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    host = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    mounted = {m["mountPath"] for m in agent["volumeMounts"]}
+    assert host == {"/var/lib/kubeflash", "/mnt/nvme1/kubeflash"} and host <= mounted, \
+        "store paths must be mounted at the same path: the operator builds hostPath volumes from them"
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-agent")]
+    config = yaml.safe_load(cm["data"]["agent.yaml"])
+    assert [d["path"] for d in config["disks"]] == ["/var/lib/kubeflash", "/mnt/nvme1/kubeflash"]
+    assert config["listen"] == "127.0.0.1:9477" and config["gpus"][0]["name"] == "Fake GPU"
+    from kubeflash_node.agent.config import from_mapping
+
+    assert from_mapping(config, node_name="n1").disks[1].name == "nvme1"  # the agent accepts the file
+    assert proxy["ports"][0]["containerPort"] == 9478 and proxy["securityContext"]["runAsNonRoot"] is True
+
+    services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
+    (monitor,) = by_kind(docs, "ServiceMonitor")
+    selected = [s for s in services.values()
+                if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    assert len(selected) == 2 and all(s["spec"]["ports"][0]["name"] == "metrics" for s in selected)
+    (dashboard,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["kubeflash.json"])["uid"] == "kubeflash"
+
+
+# ------------------------------------------------------------------------------------- against the server
+
+
+@pytest.mark.parametrize("variant", ["defaults", "all-features", "kind"])
+def test_rendered_manifests_pass_server_side_dry_run(control_plane, namespace, servicemonitor_crd, tmp_path, variant):
+    """`helm template | kubectl apply --dry-run=server`: the API server validates every object."""
+    values = {} if variant != "all-features" else {
+        **ALL_FEATURES,
+        "operator": {**ALL_FEATURES["operator"], "watchNamespaces": [namespace]},
+        "metrics": {**ALL_FEATURES["metrics"], "jobMetrics": {"enabled": True, "serviceAccount": {
+            "name": "kube-state-metrics", "namespace": namespace}}},
+    }
+    # The CRDs are validated in the install test (a dry-run create of an existing CRD conflicts).
+    extra = variant_args(tmp_path, variant) if variant == "kind" else ["-f", values_file(tmp_path, values)]
+    manifest = control_plane.helm("template", f"dry-{variant}", str(CHART), "-n", namespace, "--set", "crds.enabled=false",
+                                  *extra).stdout
+    proc = control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=manifest)
+    kinds = {line.split("/")[0].split(".")[0] for line in proc.stdout.splitlines()}
+    expected = {"deployment", "daemonset", "clusterrole", "clusterrolebinding", "serviceaccount", "configmap", "service"}
+    assert expected <= kinds, proc.stdout
+    if variant == "all-features":
+        assert {"servicemonitor", "rolebinding"} <= kinds, proc.stdout
+
+
+def test_install_upgrade_uninstall_keeps_crds(control_plane, namespace):
+    """helm install creates every object and serving CRDs; upgrade keeps the CRDs (same objects); uninstall with
+    crds.keep leaves them while everything else goes."""
+    release = f"kubeflash-{namespace}"  # contains the chart name, so objects are <release>-operator etc.
+    cp = control_plane
+    cp.create_fake_node(f"{namespace}-gpu", labels={"kubeflash.io/ssd": "true"},
+                        taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
+    cp.create_fake_node(f"{namespace}-cpu")
+    adopt_crds(cp, release, namespace)
+    try:
+        cp.helm("install", release, str(CHART), "-n", namespace, "--wait=false", timeout=180)
+        for name in CRD_NAMES:
+            wait_for(f"CRD {name} Established", lambda: crd_established(cp, name), bool)
+        cp.kubectl("get", "ij", "-n", namespace)  # the short name serves
+        cp.kubectl("get", "fn")
+        uids = {n: cp.kubectl_json("get", "crd", n)["metadata"]["uid"] for n in CRD_NAMES}
+
+        deploy = cp.kubectl_json("get", "deployment", f"{release}-operator", "-n", namespace)
+        assert deploy["spec"]["strategy"]["type"] == "Recreate"
+        ds = wait_for("the agent DaemonSet to target the one SSD node",
+                      lambda: cp.kubectl_json("get", "daemonset", f"{release}-agent", "-n", namespace),
+                      lambda d: d.get("status", {}).get("desiredNumberScheduled") == 1)
+        pods = cp.kubectl_json("get", "pods", "-n", namespace, "-l", "app.kubernetes.io/component=agent")["items"]
+        assert [p["spec"].get("nodeName") for p in pods] == [f"{namespace}-gpu"], \
+            "the agent runs on kubeflash.io/ssd=true nodes only, despite their GPU taint"
+        assert ds["spec"]["template"]["spec"]["serviceAccountName"] == f"{release}-agent"
+        for role in (f"{release}-operator", f"{release}-operator-jobs", f"{release}-agent"):
+            cp.kubectl("get", "clusterrole", role)
+            cp.kubectl("get", "clusterrolebinding", role)
+
+        cp.helm("upgrade", release, str(CHART), "-n", namespace, "--reuse-values", "--set", "crds.enabled=true",
+                "--set", "operator.verbose=true", "--wait=false", timeout=180)
+        assert {n: cp.kubectl_json("get", "crd", n)["metadata"]["uid"] for n in CRD_NAMES} == uids
+        args = cp.kubectl_json("get", "deployment", f"{release}-operator", "-n", namespace)[
+            "spec"]["template"]["spec"]["containers"][0]["args"]
+        assert "--verbose" in args
+    finally:
+        cp.helm("uninstall", release, "-n", namespace, "--wait", timeout=180, check=False)
+        for node in (f"{namespace}-gpu", f"{namespace}-cpu"):
+            cp.kubectl("delete", "node", node, "--wait=false", check=False)
+    for name in CRD_NAMES:
+        assert crd_established(cp, name), f"crds.keep=true, yet {name} is gone after helm uninstall"
+    assert cp.kubectl("get", "deployment", f"{release}-operator", "-n", namespace, check=False).returncode != 0
+    assert cp.kubectl("get", "clusterrole", f"{release}-agent", check=False).returncode != 0
+
+
+# ------------------------------------------------------------------------------------------------------ RBAC
+
+
+class Proc:
+    """A `kubeflash` subcommand as a local process, its output in a log file."""
+
+    def __init__(self, name: str, args: list[str], log: Path, env: dict[str, str]):
+        self.name, self.log_path = name, log
+        self.fh = open(log, "wb")
+        self.popen = subprocess.Popen([sys.executable, "-m", "kubeflash_node.cli", *args], stdout=self.fh,
+                                      stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> None:
+        assert self.popen.poll() is None, f"{self.name} exited with {self.popen.returncode}:\n{self.log()[-4000:]}"
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self.fh.close()
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def test_rbac_is_enough_for_the_real_operator_and_agent(control_plane, namespace, crds_present, tmp_path):
+    """The operator and the agent, authenticated as the chart's service accounts, take a job from submission to a
+    running pod and through deletion, with no request refused (least privilege, but enough)."""
+    cp = control_plane
+    release = f"kubeflash-rbac-{uuid.uuid4().hex[:6]}"
+    node = f"{namespace}-n0"
+    cp.helm("install", release, str(CHART), "-n", namespace, "--set", "crds.enabled=false",
+            "--set", "agent.nodeSelector.kubeflash\\.io/rbac-test=none", "--wait=false", timeout=180)
+    procs: list[Proc] = []
+    try:
+        cp.create_fake_node(node, labels={"kubeflash.io/ssd": "true"})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KUBEFLASH_")}
+        env.update(PYTHONPATH=os.pathsep.join([str(REPO / "node-agent"), str(REPO / "operator")]),
+                   KUBEFLASH_OPERATOR_HEARTBEAT_TIMEOUT_S="900", KUBEFLASH_OPERATOR_BACKOFF_BASE_S="1")
+        store = tmp_path / "store"
+        agent_cfg = {"disks": [{"name": "nvme0", "path": str(store)}], "listen": "none", "interval": 1,
+                     "probe": {"enabled": False}, "logFormat": "text",
+                     "gpus": [{"index": 0, "name": "Fake GPU", "memory": "16Gi"},
+                              {"index": 1, "name": "Fake GPU", "memory": "16Gi"}]}
+        (tmp_path / "agent.yaml").write_text(yaml.safe_dump(agent_cfg))
+        agent_kc = sa_kubeconfig(cp, namespace, f"{release}-agent", tmp_path / "agent.kubeconfig")
+        operator_kc = sa_kubeconfig(cp, namespace, f"{release}-operator", tmp_path / "operator.kubeconfig")
+        metrics, liveness = free_port(), free_port()
+        procs.append(Proc("agent", ["agent", "-c", str(tmp_path / "agent.yaml"), "--node-name", node,
+                                    "--kubeconfig", agent_kc], tmp_path / "agent.log", env))
+        procs.append(Proc("operator", ["operator", "--all-namespaces", "--kubeconfig", operator_kc,
+                                       f"--metrics-port={metrics}", f"--liveness-port={liveness}"],
+                          tmp_path / "operator.log", env))
+
+        def check_alive() -> None:
+            for p in procs:
+                p.alive()
+
+        fn = wait_for("the agent's FlashNode with pairs", lambda: (check_alive(), cp.kubectl_json(
+            "get", "flashnode", node) if cp.kubectl("get", "flashnode", node, check=False).returncode == 0 else {})[1],
+            lambda f: len((f.get("status") or {}).get("pairs") or []) == 2, timeout=90)
+        assert fn["metadata"]["ownerReferences"][0]["kind"] == "Node"
+        labels = cp.kubectl_json("get", "node", node)["metadata"]["labels"]
+        assert labels.get("kubeflash.io/gpu-ssd-pairs") == "2"
+        wait_for("the operator's /healthz (the liveness probe's target)",
+                 lambda: (check_alive(), http_ok(f"http://127.0.0.1:{liveness}/healthz"))[1], bool, timeout=60)
+
+        cp.apply({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob",
+                  "metadata": {"name": "rbac", "namespace": namespace},
+                  "spec": {"model": {"uri": MODEL_URI}, "input": {"prompts": ["What is the capital of France?"]},
+                           "generation": {"maxNewTokens": 4}, "resources": {"kvDisk": "64Mi"}}})
+        job = wait_for("the job to be placed, staged and running", lambda: (check_alive(), cp.kubectl_json(
+            "get", "ij", "rbac", "-n", namespace))[1],
+            lambda j: (j.get("status") or {}).get("phase") in ("Running", "Failed"), timeout=240)
+        assert job["status"]["phase"] == "Running", json.dumps(job["status"], indent=1)
+        pod = cp.kubectl_json("get", "pod", job["status"]["pod"], "-n", namespace)
+        assert pod["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+        wait_for("the agent to make the job's directory", lambda: (store / "jobs" / namespace / "rbac").is_dir(), bool)
+        assert "kubeflash_jobs" in urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read().decode()
+        events = cp.kubectl_json("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=rbac")
+        assert events["items"], "the operator posted no Events"
+
+        cp.kubectl("delete", "ij", "rbac", "-n", namespace, "--wait=false")
+        wait_for("the job's pod to be gone", lambda: (check_alive(), cp.kubectl(
+            "get", "pods", "-n", namespace, "-l", "kubeflash.io/job=rbac", "-o", "name").stdout)[1],
+            lambda out: out.strip() == "", timeout=90)
+        wait_for("the job to be gone (the operator's finalizer released)", lambda: (check_alive(), cp.kubectl(
+            "get", "ij", "rbac", "-n", namespace, check=False).returncode)[1], lambda rc: rc != 0, timeout=60)
+        wait_for("the agent to remove the job's directory",
+                 lambda: not (store / "jobs" / namespace / "rbac").exists(), bool, timeout=60)
+        for p in procs:
+            refused = [line for line in p.log().splitlines() if re.search(r"\b403\b|[Ff]orbidden", line)]
+            assert not refused, f"{p.name} was refused:\n" + "\n".join(refused[:20])
+    except AssertionError as e:
+        tails = "\n".join(f"--- {p.name} log ---\n{p.log()[-6000:]}" for p in procs)
+        raise AssertionError(f"{e}\n{tails}") from None
+    finally:
+        for p in procs:
+            p.stop()
+        cp.kubectl("delete", "ij", "--all", "-n", namespace, "--wait=false", check=False)
+        cp.kubectl("delete", "flashnode", node, "--ignore-not-found", check=False)
+        cp.kubectl("delete", "node", node, "--wait=false", check=False)
+        cp.helm("uninstall", release, "-n", namespace, check=False, timeout=180)
