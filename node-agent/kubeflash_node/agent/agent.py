@@ -27,6 +27,7 @@ from .jobs import JobSpaces
 from .metrics import Metrics
 from .models import ModelCache
 from .pairing import pair
+from .pods import merge
 from .probe import DiskProbe, GpuProbe, ProbeCache, measure
 from .sides import Side
 from .space import free_bytes
@@ -128,11 +129,10 @@ class Agent:
         self.last_ok, self.last_error = time.time(), ""
 
     def _merge_pods(self, pods: list[JobWant]) -> dict[str, JobWant]:
-        """One entry per job (attempts are several pods): a running pod wins."""
+        """One entry per job (a job has pods for several attempts, and its InferenceJob)."""
         out: dict[str, JobWant] = {}
         for j in pods:
-            if j.key not in out or (j.running and not out[j.key].running):
-                out[j.key] = j
+            out[j.key] = merge(out[j.key], j) if j.key in out else j
         return out
 
     def _reconcile_jobs(self, pods: dict[str, JobWant]) -> dict[str, str]:
@@ -177,6 +177,8 @@ class Agent:
             if patch and patch != self.relayed.get(key):
                 self.side.relay(key, patch)
                 self.relayed[key] = patch
+        for key, disk in alive.items():
+            self.side.export_results(key, self.jobs.path(key, disk))
 
     def _publish(self, allocations, *, running: bool = True) -> None:
         now = rfc3339()

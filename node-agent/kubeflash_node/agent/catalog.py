@@ -1,6 +1,7 @@
 """catalog.json on each store disk: the agent's record of staged models (lastUsed…) and job quotas.
 
-Crash-safe (temp + fsync + rename). The directories are the truth for *what* exists: on start the catalog is
+Crash-safe (temp + fsync + rename) and thread-safe (the stager and the reconcile pass both write it). The
+directories are the truth for *what* exists: on start the catalog is
 reconciled with them (entries without a directory dropped, directories without an entry adopted), so a
 catalog that is stale after a kill -9 heals itself.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ class Catalog:
         self.path = path
         self.models: dict[str, ModelRecord] = {}
         self.jobs: dict[str, JobRecord] = {}
+        self._lock = threading.RLock()
         self._load()
 
     def _load(self) -> None:
@@ -59,34 +62,40 @@ class Catalog:
             self.models, self.jobs = {}, {}
 
     def save(self) -> None:
-        atomic_write_json(self.path, {
-            "version": VERSION,
-            "models": {k: asdict(v) for k, v in sorted(self.models.items())},
-            "jobs": {k: asdict(v) for k, v in sorted(self.jobs.items())},
-        })
+        with self._lock:
+            atomic_write_json(self.path, {
+                "version": VERSION,
+                "models": {k: asdict(v) for k, v in sorted(self.models.items())},
+                "jobs": {k: asdict(v) for k, v in sorted(self.jobs.items())},
+            })
 
     def add_model(self, model_id: str, record: ModelRecord) -> None:
-        self.models[model_id] = record
-        self.save()
+        with self._lock:
+            self.models[model_id] = record
+            self.save()
 
     def remove_model(self, model_id: str) -> None:
-        if self.models.pop(model_id, None) is not None:
-            self.save()
+        with self._lock:
+            if self.models.pop(model_id, None) is not None:
+                self.save()
 
     def touch(self, model_id: str, now: float | None = None, *, every: float = 60.0) -> None:
         """Record a use; written at most once a minute per model, to spare the disk."""
-        rec = self.models.get(model_id)
         now = time.time() if now is None else now
-        if rec is not None and now - rec.last_used >= every:
-            rec.last_used = now
-            self.save()
+        with self._lock:
+            rec = self.models.get(model_id)
+            if rec is not None and now - rec.last_used >= every:
+                rec.last_used = now
+                self.save()
 
     def set_job(self, key: str, quota: int) -> None:
-        rec = self.jobs.get(key)
-        if rec is None or rec.quota != quota:
-            self.jobs[key] = JobRecord(quota=quota, created=rec.created if rec else time.time())
-            self.save()
+        with self._lock:
+            rec = self.jobs.get(key)
+            if rec is None or rec.quota != quota:
+                self.jobs[key] = JobRecord(quota=quota, created=rec.created if rec else time.time())
+                self.save()
 
     def remove_job(self, key: str) -> None:
-        if self.jobs.pop(key, None) is not None:
-            self.save()
+        with self._lock:
+            if self.jobs.pop(key, None) is not None:
+                self.save()

@@ -104,6 +104,8 @@ class AgentConfig:
     probe_bytes: int = 256 << 20
     probe_seconds: float = 2.0
     default_job_quota: int = 10 << 30  # InferenceJob spec.resources.kvDisk default
+    job_uid: int | None = 1000  # owner of a placed job's directory before its pod shows (the engine's user)
+    job_gid: int | None = 1000
     retry_seconds: float = 300.0  # a Failed model is retried after this long
     models: tuple[ModelWant, ...] = ()  # --no-kube: wanted models
     jobs: tuple[JobWant, ...] = ()  # --no-kube: wanted job directories
@@ -237,8 +239,8 @@ def parse_job(raw: Any, where: str) -> JobWant:
 
 
 _TOP = {"nodeName", "kube", "kubeconfig", "listen", "interval", "sysfsRoot", "stateDir", "allowedSourceRoots",
-        "allowHttp", "allowDummy", "probe", "defaultJobQuota", "retryInterval", "gpus", "disks", "models", "jobs",
-        "logFormat", "logLevel"}
+        "allowHttp", "allowDummy", "probe", "defaultJobQuota", "jobOwner", "retryInterval", "gpus", "disks", "models",
+        "jobs", "logFormat", "logLevel"}
 
 
 def from_mapping(raw: Mapping[str, Any] | None, **overrides: Any) -> AgentConfig:
@@ -257,6 +259,8 @@ def from_mapping(raw: Mapping[str, Any] | None, **overrides: Any) -> AgentConfig
     probe = _mapping(raw.get("probe") or {}, "probe")
     _check_keys(probe, {"enabled", "maxBytes", "maxSeconds"}, "probe")
     listen = str(raw.get("listen", DEFAULT_LISTEN))
+    owner = _mapping(raw.get("jobOwner") or {}, "jobOwner")
+    _check_keys(owner, {"uid", "gid"}, "jobOwner")
     cfg = AgentConfig(
         node_name=str(raw.get("nodeName") or ""),
         disks=disks,
@@ -274,6 +278,8 @@ def from_mapping(raw: Mapping[str, Any] | None, **overrides: Any) -> AgentConfig
         probe_bytes=parse_bytes(probe.get("maxBytes", 256 << 20), "probe.maxBytes"),
         probe_seconds=parse_seconds(probe.get("maxSeconds", 2), "probe.maxSeconds"),
         default_job_quota=parse_bytes(raw.get("defaultJobQuota", 10 << 30), "defaultJobQuota"),
+        job_uid=_opt_int(owner.get("uid", 1000), "jobOwner.uid"),
+        job_gid=_opt_int(owner.get("gid", 1000), "jobOwner.gid"),
         retry_seconds=parse_seconds(raw.get("retryInterval", 300), "retryInterval"),
         models=tuple(parse_model(m, f"models[{i}]") for i, m in enumerate(_list(raw.get("models"), "models"))),
         jobs=tuple(parse_job(j, f"jobs[{i}]") for i, j in enumerate(_list(raw.get("jobs"), "jobs"))),

@@ -34,7 +34,8 @@ def discover(cfg: AgentConfig) -> Inventory:
 
 
 def _merge(found: PciLocation, root: str, numa: int | None) -> PciLocation:
-    return PciLocation(root=root or found.root, path=found.path, numa_node=numa if numa is not None else found.numa_node)
+    return PciLocation(root=root or found.root, path=found.path,
+                       numa_node=numa if numa is not None else found.numa_node)
 
 
 def _gpu(cfg: AgentConfig, spec: GpuSpec, *, fake: bool) -> Gpu:

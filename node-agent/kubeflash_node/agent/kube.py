@@ -1,27 +1,33 @@
-"""The cluster side: FlashNode spec/status, node labels, job pods and InferenceJob status, via the
-kubernetes client (status subresource, JSON merge patches). Thin: every decision is made elsewhere."""
+"""The cluster side: FlashNode spec/status, node labels, job pods, InferenceJobs (status relay, results
+copied into an output ConfigMap), via the kubernetes client (status subresource, JSON merge patches).
+Thin: every decision is made elsewhere."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from .config import AgentConfig, ConfigError, JobWant, ModelWant, parse_model
 from .devices import Disk
 from .models import Problem
-from .pods import JOB_LABEL, job_from_pod, quota_of
+from .pods import JOB_LABEL, job_from_inferencejob, job_from_pod, quota_of
 from .sides import JobState
 
 log = logging.getLogger(__name__)
 GROUP, VERSION = "kubeflash.io", "v1alpha1"
 MERGE = "application/merge-patch+json"
 TIMEOUT = 15
+CONFIGMAP_LIMIT = 1000 << 10  # a ConfigMap holds at most 1 MiB in all
+RESULTS_SHA = "kubeflash.io/results-sha256"
 
 
 class KubeSide:
     def __init__(self, cfg: AgentConfig, disks: tuple[Disk, ...]):
-        from kubernetes import client, config as kconfig
+        from kubernetes import client
+        from kubernetes import config as kconfig
 
         self.cfg, self.disks, self.node = cfg, disks, cfg.node_name
         if cfg.kubeconfig or not os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -34,7 +40,8 @@ class KubeSide:
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.ApiException = client.exceptions.ApiException
-        self._job_cache: dict[str, dict | None] = {}
+        self._jobs: dict[str, dict] = {}  # ns/name -> InferenceJob, from the last job_pods()
+        self._exported: dict[str, str] = {}  # ns/name -> sha256 of the results copied
 
     # -------------------------------------------------------------------------------------- FlashNode
 
@@ -43,7 +50,7 @@ class KubeSide:
 
     def ensure_flashnode(self) -> dict:
         try:
-            return self.custom.get_cluster_custom_object(GROUP, VERSION, "flashnodes", self.node, _request_timeout=TIMEOUT)
+            return self._get_flashnode()
         except self.ApiException as e:
             if e.status != 404:
                 raise
@@ -55,11 +62,15 @@ class KubeSide:
             body["metadata"]["ownerReferences"] = [owner]
         log.info("creating FlashNode", extra={"node": self.node})
         try:
-            return self.custom.create_cluster_custom_object(GROUP, VERSION, "flashnodes", body, _request_timeout=TIMEOUT)
+            return self.custom.create_cluster_custom_object(GROUP, VERSION, "flashnodes", body,
+                                                            _request_timeout=TIMEOUT)
         except self.ApiException as e:
             if e.status != 409:  # created meanwhile (by the operator)
                 raise
-            return self.custom.get_cluster_custom_object(GROUP, VERSION, "flashnodes", self.node, _request_timeout=TIMEOUT)
+            return self._get_flashnode()
+
+    def _get_flashnode(self) -> dict:
+        return self.custom.get_cluster_custom_object(GROUP, VERSION, "flashnodes", self.node, _request_timeout=TIMEOUT)
 
     def _node_owner(self) -> dict | None:
         """The Node owns its FlashNode, so deleting the node garbage-collects it."""
@@ -106,28 +117,22 @@ class KubeSide:
     # ------------------------------------------------------------------------------------------- jobs
 
     def job_pods(self) -> list[JobWant]:
-        self._job_cache = {}
+        """Jobs on this node: pods labelled kubeflash.io/job bound here, and InferenceJobs placed here.
+
+        Lists every InferenceJob once per pass; job_state() and export_results() answer from that list.
+        """
+        ijs = self.custom.list_cluster_custom_object(GROUP, VERSION, "inferencejobs", _request_timeout=TIMEOUT)
+        self._jobs = {f"{j['metadata']['namespace']}/{j['metadata']['name']}": j for j in ijs.get("items", [])}
         pods = self.core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={self.node}",
                                                      label_selector=JOB_LABEL, _request_timeout=TIMEOUT)
-        out = []
-        for pod in pods.items:
-            job = job_from_pod(self.api.sanitize_for_serialization(pod), self.disks)
-            if job is not None:
-                out.append(job)
+        out = [j for pod in pods.items if (j := job_from_pod(self.api.sanitize_for_serialization(pod), self.disks))]
+        out += [j for ij in self._jobs.values()
+                if (j := job_from_inferencejob(ij, self.node, self.disks, default_quota=self.cfg.default_job_quota,
+                                               uid=self.cfg.job_uid, gid=self.cfg.job_gid))]
         return out
 
     def job_state(self, key: str) -> JobState:
-        ns, name = key.split("/", 1)
-        if key not in self._job_cache:
-            try:
-                self._job_cache[key] = self.custom.get_namespaced_custom_object(
-                    GROUP, VERSION, ns, "inferencejobs", name, _request_timeout=TIMEOUT)
-            except self.ApiException as e:
-                if e.status != 404:
-                    log.warning("cannot read InferenceJob", extra={"job": key, "status": e.status})
-                    return JobState(None)
-                self._job_cache[key] = None
-        job = self._job_cache[key]
+        job = self._jobs.get(key)
         if job is None or (job.get("metadata") or {}).get("deletionTimestamp"):
             return JobState(False)
         return JobState(True, quota_of(job, self.cfg.default_job_quota))
@@ -141,3 +146,39 @@ class KubeSide:
         except self.ApiException as e:
             if e.status != 404:
                 raise
+
+    def export_results(self, key: str, job_dir: Path) -> None:
+        """spec.output.configMap: once the job has ended, copy results.jsonl into that ConfigMap (the pod has
+        no API token to do it). Too large for a ConfigMap: an `error` key says so instead."""
+        job = self._jobs.get(key) or {}
+        target = (((job.get("spec") or {}).get("output") or {}).get("configMap") or {}).get("name")
+        if not target or (job.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+            return
+        results = job_dir / "results.jsonl"
+        if not results.is_file():
+            return
+        data = results.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if self._exported.get(key) == digest:
+            return
+        ns = key.split("/", 1)[0]
+        if len(data) <= CONFIGMAP_LIMIT:
+            body_data = {"results.jsonl": data.decode(errors="replace"), "error": None}
+        else:
+            body_data = {"results.jsonl": None, "error": f"results.jsonl is {len(data)} bytes, over what a "
+                         f"ConfigMap holds ({CONFIGMAP_LIMIT}); use spec.output.pvc, or read it on the node at "
+                         f"{job_dir}"}
+        meta = {"annotations": {RESULTS_SHA: digest}, "labels": {"app.kubernetes.io/managed-by": "kubeflash-agent",
+                                                                   "kubeflash.io/job": key.split("/", 1)[1]}}
+        try:
+            self.core.patch_namespaced_config_map(target, ns, {"metadata": meta, "data": body_data},
+                                                  _request_timeout=TIMEOUT)
+        except self.ApiException as e:
+            if e.status != 404:
+                raise
+            created = {k: v for k, v in body_data.items() if v is not None}
+            self.core.create_namespaced_config_map(ns, {"metadata": {"name": target, **meta}, "data": created},
+                                                   _request_timeout=TIMEOUT)
+        self._exported[key] = digest
+        log.info("results copied into the output ConfigMap", extra={"job": key, "configMap": target,
+                                                                      "bytes": len(data)})

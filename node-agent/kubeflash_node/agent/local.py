@@ -39,9 +39,9 @@ class LocalSide:
             return
         except ValueError as e:
             raise ConfigError(f"{self.path}: not valid JSON ({e}); fix or delete it") from e
-        for mid, raw in (saved.get("models") or {}).items():
+        for raw in (saved.get("models") or {}).values():
             self._add_model(raw)
-        for key, raw in (saved.get("jobs") or {}).items():
+        for raw in (saved.get("jobs") or {}).values():
             self._put_job(raw)
 
     def _save(self) -> None:
@@ -114,6 +114,9 @@ class LocalSide:
 
     def relay(self, key: str, patch: dict[str, Any]) -> None:
         self.progress[key] = patch
+
+    def export_results(self, key: str, job_dir: Path) -> None:
+        """Nothing to copy to without a cluster: results stay in the job directory."""
 
     def set_labels(self, labels: dict[str, str | None]) -> None:
         self.labels = {k: v for k, v in labels.items() if v is not None}

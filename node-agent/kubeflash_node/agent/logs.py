@@ -31,7 +31,8 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         extra = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD)
-        line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname:<7} {record.getMessage()}"
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        line = f"{stamp} {record.levelname:<7} {record.getMessage()}"
         line = f"{line} {extra}" if extra else line
         return line + ("\n" + self.formatException(record.exc_info) if record.exc_info else "")
 

@@ -22,7 +22,7 @@ from .config import AgentConfig, ModelWant
 from .devices import Disk
 from .fsutil import TRASH, clean_leftovers, trash, tree_bytes
 from .metrics import Metrics
-from .paths import STAGING, SourceRejected, catalog_path, models_dir, model_dir, resolve_source
+from .paths import STAGING, SourceRejected, catalog_path, model_dir, models_dir, resolve_source
 from .space import Candidate, evictable_bytes, human, plan_eviction
 from .staging import Stager, Task
 from .timefmt import rfc3339
@@ -145,7 +145,8 @@ class ModelCache:
         e = self.entries.get(mid)
         if e and e.state in ("Pending", "Staging"):
             return
-        if e and e.state in ("Failed", "Evicted") and now - e.since < self.cfg.retry_seconds:
+        needed_now = e is not None and e.state == "Evicted" and mid in self.in_use  # a placed job waits for it
+        if e and e.state in ("Failed", "Evicted") and now - e.since < self.cfg.retry_seconds and not needed_now:
             return
         try:
             source = resolve_source(want.uri, allowed_roots=self.cfg.allowed_roots, allow_http=self.cfg.allow_http,
@@ -160,7 +161,9 @@ class ModelCache:
             self.metrics.cache_misses.inc()
         evicted = e is not None and e.state == "Evicted"
         self.entries[mid] = Entry(mid, want.uri, disk.name, "Pending", e.message if evicted else "", now)
-        self.stager.submit(Task(id=mid, want=want, source=source, disk=disk, evict_only_unwanted=evicted))
+        # an evicted model comes back by pushing out wanted ones only when a job on this node needs it
+        self.stager.submit(Task(id=mid, want=want, source=source, disk=disk,
+                                evict_only_unwanted=evicted and mid not in self.in_use))
 
     def _choose_disk(self, want: ModelWant) -> Disk:
         if want.disk in self.disks:
@@ -208,6 +211,9 @@ class ModelCache:
     def _fail(self, task: Task, kind: str, message: str) -> None:
         with self.lock:
             self.metrics.staging_failures.labels(kind=kind).inc()
+            old = self.entries.get(task.id)
+            if old is None or old.message != message:
+                log.warning("model not staged", extra={"model": task.id, "kind": kind, "error": message})
             if task.id in self.wanted:
                 state = "Evicted" if kind == "nofit" and task.evict_only_unwanted else "Failed"
                 self.entries[task.id] = Entry(task.id, task.want.uri, task.disk.name, state, message, time.time())

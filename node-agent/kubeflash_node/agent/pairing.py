@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .devices import Disk, Gpu, PciLocation, Pair
+from .devices import Disk, Gpu, Pair, PciLocation
 
 
 def closeness(g: PciLocation, d: PciLocation) -> tuple[int, int, int]:
@@ -17,7 +17,7 @@ def closeness(g: PciLocation, d: PciLocation) -> tuple[int, int, int]:
     same_root = int(bool(g.root) and g.root == d.root)
     shared = 0
     if same_root:
-        for a, b in zip(g.path, d.path):
+        for a, b in zip(g.path, d.path, strict=False):
             if a != b:
                 break
             shared += 1
@@ -37,11 +37,8 @@ def pair(gpus: Sequence[Gpu], disks: Sequence[Disk]) -> list[Pair]:
     order = {d.name: i for i, d in enumerate(disks)}
     pairs = []
     for g in sorted(gpus, key=lambda g: g.index):
-        def key(d: Disk) -> tuple:
-            c = closeness(g.location, d.location)
-            return (c, -load[d.name], -order[d.name])
-
-        best = max(disks, key=key)
+        ranked = [(closeness(g.location, d.location), -load[d.name], -order[d.name], d) for d in disks]
+        best = max(ranked, key=lambda r: r[:3])[3]
         load[best.name] += 1
         pairs.append(Pair(gpu=g.index, disk=best.name, reason=reason(closeness(g.location, best.location))))
     return pairs

@@ -1,8 +1,9 @@
-"""What the agent needs from a pod on its node, read from the pod as a dict; pure.
+"""What the agent needs from a job pod or an InferenceJob placed on its node, read from dicts; pure.
 
 The operator's pods carry label kubeflash.io/job=<name>, annotations kubeflash.io/disk and
-kubeflash.io/model-id, and mount the job directory by hostPath (docs/contract.md). Nothing from a pod is used
-as a path unless it is a valid Kubernetes name or a model id.
+kubeflash.io/model-id, and mount the job directory by hostPath; a placed InferenceJob names the node, disk and
+model in its status (docs/contract.md). Nothing read here becomes a path unless it is a valid Kubernetes name
+or a model id.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ DISK_ANNOTATION = "kubeflash.io/disk"
 MODEL_ANNOTATION = "kubeflash.io/model-id"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,127}$")
+ACTIVE = ("Scheduled", "Staging", "Running")  # phases in which a job holds its pair and its model
 
 
 def job_from_pod(pod: Mapping[str, Any], disks: Sequence[Disk]) -> JobWant | None:
@@ -66,6 +68,29 @@ def _user(spec: Mapping) -> tuple[int | None, int | None]:
     gid = c_sc.get("runAsGroup", pod_sc.get("runAsGroup", pod_sc.get("fsGroup")))
     ok = lambda v: v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None  # noqa: E731
     return ok(uid), ok(gid)
+
+
+def job_from_inferencejob(job: Mapping[str, Any], node: str, disks: Sequence[Disk], *, default_quota: int,
+                          uid: int | None = None, gid: int | None = None) -> JobWant | None:
+    """A job placed on `node` (status.node) and not finished; None otherwise. Its directory goes to uid/gid
+    (the engine's user) until its pod says otherwise."""
+    meta, status = job.get("metadata") or {}, job.get("status") or {}
+    ns, name = meta.get("namespace") or "", meta.get("name") or ""
+    if status.get("node") != node or not (_NAME.match(ns) and _NAME.match(name)):
+        return None
+    if status.get("phase") not in ACTIVE or meta.get("deletionTimestamp"):
+        return None
+    disk = status.get("disk") if status.get("disk") in {d.name for d in disks} else ""
+    model = status.get("modelId") or ""
+    return JobWant(namespace=ns, name=name, disk=disk, quota=quota_of(job, default_quota),
+                   model_id=model if _ID.match(model) else "", uid=uid, gid=gid, running=True)
+
+
+def merge(a: JobWant, b: JobWant) -> JobWant:
+    """Two views of one job (its pod, its InferenceJob): every field from whichever knows it."""
+    return JobWant(namespace=a.namespace, name=a.name, disk=a.disk or b.disk, quota=max(a.quota, b.quota),
+                   model_id=a.model_id or b.model_id, uid=a.uid if a.uid is not None else b.uid,
+                   gid=a.gid if a.gid is not None else b.gid, running=a.running or b.running)
 
 
 def quota_of(job: Mapping[str, Any], default: int) -> int:

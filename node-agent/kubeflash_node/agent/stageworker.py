@@ -129,7 +129,8 @@ class Worker:
         source = open_source(src)
         extra = 0
         if isinstance(source, HFSource):
-            extra = sum((source.path / n).stat().st_size for n in HFSource.TOKENIZER_FILES if (source.path / n).is_file())
+            files = [source.path / n for n in HFSource.TOKENIZER_FILES]
+            extra = sum(f.stat().st_size for f in files if f.is_file())
         elif src.endswith(".gguf") or src.startswith("builtin:"):
             extra = TOKENIZER_GUESS
         self.need(estimate_store_bytes(source.config, dtype, extra=extra), "convert")

@@ -1,0 +1,190 @@
+"""The node agent against a real control plane: FlashNode status kept current, models staged from
+FlashNode.spec.models, KV space created for placed jobs and released when they are deleted (also while the
+agent was down), engine progress relayed into InferenceJob status, results copied into an output ConfigMap.
+
+The test plays the operator's part (it places jobs by writing InferenceJob status and creates the pods);
+the agent is a real `kubeflash agent` process for a KWOK fake node, with its disks in temporary directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
+
+from agent_harness import AgentProc, wait_for, write_tiny_llama  # noqa: E402
+
+from kubeflash_node.store.ids import model_id  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def crds(control_plane):
+    # --validate=false: a re-apply (another module applied them first) must not trip over unknown fields
+    control_plane.kubectl("apply", "--validate=false", "-f", str(REPO / "crds"))
+    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                          "crd/inferencejobs.kubeflash.io", "crd/flashnodes.kubeflash.io")
+
+
+@pytest.fixture
+def node(control_plane, namespace, crds):
+    name = f"{namespace}-gpu"
+    control_plane.create_fake_node(name)
+    yield name
+    control_plane.kubectl("delete", "flashnode", name, "--ignore-not-found", check=False)
+    control_plane.kubectl("delete", "node", name, "--ignore-not-found", "--wait=false", check=False)
+
+
+@pytest.fixture
+def agent(tmp_path, node, kubeconfig):
+    sources = tmp_path / "sources"
+    write_tiny_llama(sources / "tiny")
+    a = AgentProc(tmp_path, {
+        "nodeName": node, "kube": True, "kubeconfig": kubeconfig, "interval": 0.5,
+        "gpus": [{"index": 0, "name": "fake-h100", "memory": "80Gi", "pciRoot": "0000:00", "numaNode": 0},
+                 {"index": 1, "name": "fake-h100", "memory": "80Gi", "pciRoot": "0000:80", "numaNode": 1}],
+        "disks": [{"name": "ssd0", "path": str(tmp_path / "ssd0"), "pciRoot": "0000:00", "numaNode": 0},
+                  {"name": "ssd1", "path": str(tmp_path / "ssd1"), "pciRoot": "0000:80", "numaNode": 1}],
+        "allowedSourceRoots": [str(sources)],
+    })
+    a.sources = sources
+    yield a
+    a.stop()
+
+
+def flashnode(cp, name: str) -> dict:
+    r = cp.kubectl("get", "flashnode", name, "-o", "json", check=False)
+    return json.loads(r.stdout) if r.returncode == 0 else {}
+
+
+def get_json(cp, *args) -> dict:
+    r = cp.kubectl("get", *args, "-o", "json", check=False)
+    return json.loads(r.stdout) if r.returncode == 0 else {}
+
+
+def create_job(cp, ns: str, name: str, node: str, disk: str, **spec) -> None:
+    """An InferenceJob placed on `node` the way the operator does it: status.phase/node/disk/modelId."""
+    cp.apply({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob",
+              "metadata": {"name": name, "namespace": ns},
+              "spec": {"model": {"uri": "builtin:smollm2-135m"}, "input": {"prompts": ["hello"]},
+                       "resources": {"kvDisk": "2Gi"}, **spec}})
+    set_job_status(cp, ns, name, {"phase": "Running", "node": node, "disk": disk,
+                                  "modelId": model_id("builtin:smollm2-135m")})
+
+
+def set_job_status(cp, ns: str, name: str, status: dict) -> None:
+    cp.kubectl("patch", "inferencejob", name, "-n", ns, "--subresource=status", "--type=merge",
+               "-p", json.dumps({"status": status}))
+
+
+def test_flashnode_status_kept_current(control_plane, node, agent):
+    """The agent creates its FlashNode (owned by the Node), fills in devices, pairs and conditions, labels the
+    node, advances the heartbeat, stages what spec.models asks for, and says so when it stops."""
+    cp = control_plane
+    agent.start()
+    fn = wait_for(lambda: flashnode(cp, node).get("status", {}).get("heartbeat") and flashnode(cp, node), 30,
+                  what="FlashNode status", log=agent.log)
+    status = fn["status"]
+    assert fn["spec"]["nodeName"] == node
+    assert fn["metadata"]["ownerReferences"][0]["kind"] == "Node"
+    assert {(p["gpu"], p["disk"]) for p in status["pairs"]} == {(0, "ssd0"), (1, "ssd1")}
+    assert [g["memoryBytes"] for g in status["gpus"]] == [80 << 30, 80 << 30]
+    assert all(d["freeBytes"] > 0 and d["capacityBytes"] > 0 for d in status["disks"])
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
+    labels = get_json(cp, "node", node)["metadata"]["labels"]
+    assert labels["kubeflash.io/gpu-ssd-pairs"] == "2" and labels["kubeflash.io/agent"] == "ready"
+
+    first = status["heartbeat"]
+    wait_for(lambda: flashnode(cp, node)["status"]["heartbeat"] > first, 10, what="heartbeat advances",
+             log=agent.log)
+
+    uri = str(agent.sources / "tiny")
+    good, bad = model_id(uri), "not-the-id-0000000000000000"
+    cp.kubectl("patch", "flashnode", node, "--type=merge", "-p", json.dumps(
+        {"spec": {"models": [{"id": good, "uri": uri, "disk": "ssd1"}, {"id": bad, "uri": "dummy:opt-125m"}]}}))
+
+    def models():
+        return {m["id"]: m for m in flashnode(cp, node)["status"].get("models", [])}
+
+    wait_for(lambda: models().get(good, {}).get("state") == "Ready", 120, what="model Ready", log=agent.log)
+    assert models()[good]["disk"] == "ssd1" and models()[good]["bytes"] > 0
+    assert models()[bad]["state"] == "Failed" and "does not match" in models()[bad]["message"]
+
+    assert agent.stop() == 0
+    assert "kubeflash.io/agent" not in get_json(cp, "node", node)["metadata"]["labels"]
+    conditions = {c["type"]: c for c in flashnode(cp, node)["status"]["conditions"]}
+    assert conditions["Ready"]["status"] == "False" and conditions["Ready"]["reason"] == "AgentStopped"
+
+
+def test_kv_space_released_on_job_deletion(control_plane, namespace, node, agent, tmp_path):
+    """A job placed on the node gets <disk>/jobs/<ns>/<name>/ (sized by kvDisk, owned by the pod's user),
+    its progress.json shows up in InferenceJob status, and deleting the job removes the space."""
+    cp = control_plane
+    agent.start()
+    create_job(cp, namespace, "run", node, "ssd1")
+    cp.apply({"apiVersion": "v1", "kind": "Pod",
+              "metadata": {"name": "run-1", "namespace": namespace, "labels": {"kubeflash.io/job": "run"},
+                           "annotations": {"kubeflash.io/disk": "ssd1"}},
+              "spec": {"nodeName": node, "securityContext": {"runAsUser": 1000, "runAsGroup": 1000},
+                       "containers": [{"name": "engine", "image": "registry.k8s.io/pause:3.10"}]}})
+    job_dir = tmp_path / "ssd1" / "jobs" / namespace / "run"
+    wait_for(lambda: (job_dir / "kv").is_dir(), 30, what="job space", log=agent.log)
+    if os.geteuid() == 0:
+        wait_for(lambda: job_dir.stat().st_uid == 1000, 10, what="job space owned by the pod's user")
+    alloc = wait_for(lambda: flashnode(cp, node)["status"].get("kvAllocations"), 10, what="kvAllocations")
+    assert alloc == [{"job": f"{namespace}/run", "disk": "ssd1", "bytes": 2 << 30, "path": str(job_dir)}]
+
+    (job_dir / "progress.json").write_text(json.dumps({
+        "phase": "running", "promptsDone": 2, "promptsTotal": 4, "tokens": 64, "tokensPerSecond": 31.5,
+        "timings": {"load_weight": 0.75}, "updated": "2025-01-01T00:00:00Z"}))
+    job = wait_for(lambda: (j := get_json(cp, "inferencejob", "run", "-n", namespace)).get("status", {})
+                   .get("progress") and j, 30, what="progress relayed", log=agent.log)
+    assert job["status"]["progress"]["summary"] == "2/4" and job["status"]["progress"]["tokens"] == 64
+    assert job["status"]["throughput"]["tokensPerSecond"] == 31.5
+    assert job["status"]["timings"] == {"load_weight": 0.75}
+    assert job["status"]["phase"] == "Running"  # the operator's fields are left alone
+
+    cp.kubectl("delete", "inferencejob", "run", "-n", namespace)
+    wait_for(lambda: not job_dir.exists(), 30, what="job space removed", log=agent.log)
+    wait_for(lambda: not flashnode(cp, node)["status"].get("kvAllocations"), 10, what="allocation gone")
+
+
+def test_kv_space_released_for_job_deleted_while_agent_down(control_plane, namespace, node, agent, tmp_path):
+    """A job deleted while the agent is stopped has its space removed when the agent starts again; a job
+    that still exists keeps its space."""
+    cp = control_plane
+    agent.start()
+    create_job(cp, namespace, "gone", node, "ssd0")
+    create_job(cp, namespace, "stays", node, "ssd0")
+    gone, stays = (tmp_path / "ssd0" / "jobs" / namespace / n for n in ("gone", "stays"))
+    wait_for(lambda: gone.is_dir() and stays.is_dir(), 30, what="job spaces", log=agent.log)
+    assert agent.stop() == 0
+    cp.kubectl("delete", "inferencejob", "gone", "-n", namespace)
+    time.sleep(0.5)
+    assert gone.is_dir()  # nobody removed it while the agent was down
+    agent.start()
+    wait_for(lambda: not gone.exists(), 30, what="stale job space removed at start", log=agent.log)
+    assert stays.is_dir()
+
+
+def test_results_copied_to_output_configmap(control_plane, namespace, node, agent, tmp_path):
+    """spec.output.configMap: when the job has ended the agent copies results.jsonl into that ConfigMap."""
+    cp = control_plane
+    agent.start()
+    create_job(cp, namespace, "batch", node, "ssd0", output={"configMap": {"name": "batch-results"}})
+    job_dir = tmp_path / "ssd0" / "jobs" / namespace / "batch"
+    wait_for(lambda: job_dir.is_dir(), 30, what="job space", log=agent.log)
+    lines = '{"custom_id": "0", "response": {"body": {"choices": [{"text": "hi"}]}}}\n'
+    (job_dir / "results.jsonl").write_text(lines)
+    set_job_status(cp, namespace, "batch", {"phase": "Succeeded"})
+    cm = wait_for(lambda: get_json(cp, "configmap", "batch-results", "-n", namespace), 30,
+                  what="output ConfigMap", log=agent.log)
+    assert cm["data"] == {"results.jsonl": lines}
+    assert job_dir.is_dir()  # the space stays until the job is deleted
