@@ -207,6 +207,32 @@ def variant_args(tmp_path: Path, variant: str) -> list[str]:
     return []
 
 
+def test_install_doc_lists_every_value():
+    """docs/install.md's values table has a row for every leaf key of values.yaml (maps of settings count as one)."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    whole = {"resources", "securityContext", "podSecurityContext", "nodeSelector", "labels", "serviceAccount",
+             "config", "tolerations", "affinity", "podAnnotations"}
+
+    def leaves(node: dict, prefix: str = "") -> list[str]:
+        out = []
+        for key, value in node.items():
+            if isinstance(value, dict) and value and key not in whole:
+                out += leaves(value, f"{prefix}{key}.")
+            else:
+                out.append(prefix + key)
+        return out
+
+    doc = (REPO / "docs" / "install.md").read_text()
+    missing = [k for k in leaves(values) if f"| `{k}` |" not in doc]
+    assert not missing, f"docs/install.md has no row for {missing}"
+
+
+def test_kind_examples_are_valid_inferencejobs(control_plane, namespace, crds_present):
+    """The manifests the kind tests submit pass the CRD's validation (server-side dry run)."""
+    for name in ("capital-of-france.yaml", "cluster-batch-configmap.yaml", "kind-long-job.yaml"):
+        control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(REPO / "examples" / name))
+
+
 @pytest.mark.parametrize("variant", ["defaults", "all-features", "kind"])
 def test_helm_lint(control_plane, tmp_path, variant):
     """helm lint --strict is clean with the defaults, with every optional feature on, and with the kind values."""

@@ -20,19 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 # Setting up includes building the images (torch CPU wheels): far longer than one test's default timeout.
 pytestmark = [pytest.mark.kind, pytest.mark.timeout(5400)]
 
-# A job that runs for minutes on the CPU: random OPT-125M weights, synthetic prompts, long generations.
-LONG_JOB = """
-apiVersion: kubeflash.io/v1alpha1
-kind: InferenceJob
-metadata: {name: long}
-spec:
-  model: {uri: "dummy:opt-125m"}
-  input:
-    synthetic: {count: 64, promptLength: 128}
-  generation: {maxNewTokens: 256}
-  resources: {kvDisk: 1Gi}
-  backoffLimit: 3
-"""
+# A job that runs for minutes on the CPU (random OPT-125M weights, synthetic prompts, long generations).
+LONG_JOB = REPO / "examples" / "kind-long-job.yaml"
 
 
 def wait_for(what: str, get: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 300.0,
@@ -126,7 +115,7 @@ def test_draining_the_node_of_a_running_job_moves_the_job(kind_cluster, kind_nam
     """`kubectl drain` evicts the job's pod; the operator records the failed attempt and places the job again,
     on the other worker (the drained one is cordoned)."""
     kind, ns = kind_cluster, kind_namespace
-    kind.apply(LONG_JOB, ns)
+    kind.apply(LONG_JOB.read_text(), ns)
     j = wait_phase(kind, ns, "long", {"Running"})
     first = j["status"]["pod"]
     wait_for(f"pod {first} to run", lambda: kind.json("get", "pod", first, "-n", ns),
