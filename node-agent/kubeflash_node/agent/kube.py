@@ -40,7 +40,9 @@ class KubeSide:
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.ApiException = client.exceptions.ApiException
-        self._jobs: dict[str, dict] = {}  # ns/name -> InferenceJob, from the last job_pods()
+        self._jobs: dict[str, dict] | None = {}  # ns/name -> InferenceJob, from the last job_pods()
+        self._got: dict[str, dict | None] = {}  # per-pass GETs where listing is forbidden
+        self._warned_list = False
         self._exported: dict[str, str] = {}  # ns/name -> sha256 of the results copied
 
     # -------------------------------------------------------------------------------------- FlashNode
@@ -119,20 +121,52 @@ class KubeSide:
     def job_pods(self) -> list[JobWant]:
         """Jobs on this node: pods labelled kubeflash.io/job bound here, and InferenceJobs placed here.
 
-        Lists every InferenceJob once per pass; job_state() and export_results() answer from that list.
+        Lists every InferenceJob once per pass (job_state() and export_results() answer from that list); where
+        RBAC forbids the list, falls back to pods only and one GET per job.
         """
-        ijs = self.custom.list_cluster_custom_object(GROUP, VERSION, "inferencejobs", _request_timeout=TIMEOUT)
-        self._jobs = {f"{j['metadata']['namespace']}/{j['metadata']['name']}": j for j in ijs.get("items", [])}
+        self._jobs, self._got = self._list_jobs(), {}
         pods = self.core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={self.node}",
                                                      label_selector=JOB_LABEL, _request_timeout=TIMEOUT)
         out = [j for pod in pods.items if (j := job_from_pod(self.api.sanitize_for_serialization(pod), self.disks))]
-        out += [j for ij in self._jobs.values()
+        out += [j for ij in (self._jobs or {}).values()
                 if (j := job_from_inferencejob(ij, self.node, self.disks, default_quota=self.cfg.default_job_quota,
                                                uid=self.cfg.job_uid, gid=self.cfg.job_gid))]
         return out
 
+    def _list_jobs(self) -> dict[str, dict] | None:
+        try:
+            ijs = self.custom.list_cluster_custom_object(GROUP, VERSION, "inferencejobs", _request_timeout=TIMEOUT)
+        except self.ApiException as e:
+            if e.status != 403:
+                raise
+            if not self._warned_list:
+                log.warning("cannot list InferenceJobs (RBAC needs inferencejobs: list); jobs are found from "
+                            "their pods only")
+                self._warned_list = True
+            return None
+        return {f"{j['metadata']['namespace']}/{j['metadata']['name']}": j for j in ijs.get("items", [])}
+
+    def _job(self, key: str) -> dict | None:
+        """The InferenceJob, None when it does not exist; raises ApiException when the API cannot tell."""
+        if self._jobs is not None:
+            return self._jobs.get(key)
+        if key not in self._got:
+            ns, name = key.split("/", 1)
+            try:
+                self._got[key] = self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, "inferencejobs", name,
+                                                                          _request_timeout=TIMEOUT)
+            except self.ApiException as e:
+                if e.status != 404:
+                    raise
+                self._got[key] = None
+        return self._got[key]
+
     def job_state(self, key: str) -> JobState:
-        job = self._jobs.get(key)
+        try:
+            job = self._job(key)
+        except self.ApiException as e:
+            log.warning("cannot read InferenceJob", extra={"job": key, "status": e.status})
+            return JobState(None)
         if job is None or (job.get("metadata") or {}).get("deletionTimestamp"):
             return JobState(False)
         return JobState(True, quota_of(job, self.cfg.default_job_quota))
@@ -150,7 +184,10 @@ class KubeSide:
     def export_results(self, key: str, job_dir: Path) -> None:
         """spec.output.configMap: once the job has ended, copy results.jsonl into that ConfigMap (the pod has
         no API token to do it). Too large for a ConfigMap: an `error` key says so instead."""
-        job = self._jobs.get(key) or {}
+        try:
+            job = self._job(key) or {}
+        except self.ApiException:
+            return  # the API cannot tell now; next pass
         target = (((job.get("spec") or {}).get("output") or {}).get("configMap") or {}).get("name")
         if not target or (job.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
             return
@@ -171,14 +208,21 @@ class KubeSide:
         meta = {"annotations": {RESULTS_SHA: digest}, "labels": {"app.kubernetes.io/managed-by": "kubeflash-agent",
                                                                    "kubeflash.io/job": key.split("/", 1)[1]}}
         try:
-            self.core.patch_namespaced_config_map(target, ns, {"metadata": meta, "data": body_data},
-                                                  _request_timeout=TIMEOUT)
+            self._write_configmap(ns, target, meta, body_data)
+        except self.ApiException as e:
+            if e.status != 403:
+                raise
+            log.warning("cannot write the output ConfigMap (RBAC needs configmaps: create, patch)",
+                        extra={"job": key, "configMap": target})
+        self._exported[key] = digest
+
+    def _write_configmap(self, ns: str, name: str, meta: dict, data: dict) -> None:
+        try:
+            self.core.patch_namespaced_config_map(name, ns, {"metadata": meta, "data": data}, _request_timeout=TIMEOUT)
         except self.ApiException as e:
             if e.status != 404:
                 raise
-            created = {k: v for k, v in body_data.items() if v is not None}
-            self.core.create_namespaced_config_map(ns, {"metadata": {"name": target, **meta}, "data": created},
+            created = {k: v for k, v in data.items() if v is not None}
+            self.core.create_namespaced_config_map(ns, {"metadata": {"name": name, **meta}, "data": created},
                                                    _request_timeout=TIMEOUT)
-        self._exported[key] = digest
-        log.info("results copied into the output ConfigMap", extra={"job": key, "configMap": target,
-                                                                      "bytes": len(data)})
+        log.info("results copied into the output ConfigMap", extra={"configMap": f"{ns}/{name}"})

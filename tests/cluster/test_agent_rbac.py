@@ -1,0 +1,80 @@
+"""The node agent under the Helm chart's own RBAC (helm template … agent-rbac.yaml), not as cluster admin:
+everything it does in a pass — FlashNode, node labels, job pods, InferenceJobs, results ConfigMap — is allowed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
+
+from agent_harness import AgentProc, wait_for  # noqa: E402
+
+from kubeflash_node.store.ids import model_id  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def agent_kubeconfig(cp, namespace: str, tmp_path: Path) -> Path:
+    """Install the chart's agent ServiceAccount/ClusterRole/Binding and a kubeconfig with that SA's token."""
+    release = f"kf-{namespace}"
+    rendered = cp.helm("template", release, str(REPO / "helm" / "kubeflash"), "--namespace", namespace,
+                       "--show-only", "templates/agent-rbac.yaml").stdout
+    cp.kubectl("apply", "-f", "-", input=rendered)
+    sa = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "ServiceAccount")["metadata"]["name"]
+    token = cp.kubectl("create", "token", sa, "-n", namespace, "--duration=1h").stdout.strip()
+    config = yaml.safe_load(Path(cp.kubeconfig).read_text())
+    for user in config["users"]:
+        user["user"] = {"token": token}
+    path = tmp_path / "agent.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_agent_works_with_chart_rbac(control_plane, namespace, tmp_path):
+    cp = control_plane
+    cp.kubectl("apply", "--validate=false", "-f", str(REPO / "crds"))
+    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/inferencejobs.kubeflash.io",
+               "crd/flashnodes.kubeflash.io")
+    node = f"{namespace}-rbac"
+    cp.create_fake_node(node)
+    agent = AgentProc(tmp_path, {
+        "nodeName": node, "kube": True, "kubeconfig": str(agent_kubeconfig(cp, namespace, tmp_path)),
+        "interval": 0.5, "gpus": [{"index": 0, "name": "fake", "memory": "16Gi", "pciRoot": "0000:00"}],
+        "disks": [{"name": "nvme0", "path": str(tmp_path / "nvme0"), "pciRoot": "0000:00"}]})
+    try:
+        agent.start()
+        wait_for(lambda: json.loads(cp.kubectl("get", "flashnode", node, "-o", "json", check=False).stdout or "{}")
+                 .get("status", {}).get("heartbeat"), 30, what="FlashNode status", log=agent.log)
+        labels = json.loads(cp.kubectl("get", "node", node, "-o", "json").stdout)["metadata"]["labels"]
+        assert labels["kubeflash.io/agent"] == "ready"
+
+        cp.apply({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob",
+                  "metadata": {"name": "j", "namespace": namespace},
+                  "spec": {"model": {"uri": "dummy:opt-125m"}, "input": {"prompts": ["x"]},
+                           "output": {"configMap": {"name": "j-out"}}}})
+        cp.kubectl("patch", "inferencejob", "j", "-n", namespace, "--subresource=status", "--type=merge", "-p",
+                   json.dumps({"status": {"phase": "Running", "node": node, "disk": "nvme0",
+                                          "modelId": model_id("dummy:opt-125m")}}))
+        job_dir = tmp_path / "nvme0" / "jobs" / namespace / "j"
+        wait_for(lambda: job_dir.is_dir(), 30, what="job space", log=agent.log)
+        (job_dir / "progress.json").write_text(json.dumps({"promptsDone": 1, "promptsTotal": 1, "tokens": 3}))
+        wait_for(lambda: json.loads(cp.kubectl("get", "inferencejob", "j", "-n", namespace, "-o", "json").stdout)
+                 .get("status", {}).get("progress", {}).get("tokens") == 3, 30, what="progress", log=agent.log)
+        (job_dir / "results.jsonl").write_text('{"custom_id": "0"}\n')
+        cp.kubectl("patch", "inferencejob", "j", "-n", namespace, "--subresource=status", "--type=merge", "-p",
+                   json.dumps({"status": {"phase": "Succeeded"}}))
+        wait_for(lambda: cp.kubectl("get", "configmap", "j-out", "-n", namespace, check=False).returncode == 0, 30,
+                 what="results ConfigMap", log=agent.log)
+        cp.kubectl("delete", "inferencejob", "j", "-n", namespace)
+        wait_for(lambda: not job_dir.exists(), 30, what="job space removed", log=agent.log)
+        assert "reconcile pass failed" not in agent.log() and "RBAC needs" not in agent.log()
+    finally:
+        agent.stop()
+        cp.kubectl("delete", "flashnode", node, "--ignore-not-found", check=False)
+        cp.kubectl("delete", "node", node, "--ignore-not-found", "--wait=false", check=False)
+        cp.kubectl("delete", "clusterrolebinding,clusterrole", f"kf-{namespace}-kubeflash-agent",
+                   "--ignore-not-found", check=False)
