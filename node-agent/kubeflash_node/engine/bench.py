@@ -31,6 +31,8 @@ class Ceilings:
     d2h_pinned: float = 0.0
     matmul_tflops: float = 0.0
     disk_read_threads: int = 0
+    disk_read_task_bytes: int = 0
+    disk_probe_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,6 +109,38 @@ def measure_disk(directory: Path, size: int = 2 << 30, thread_options=(1, 4, 8, 
     out["disk_read_warm"] = _read_probe(probe, size, 4, "posix")
     probe.unlink(missing_ok=True)
     return out
+
+
+def measure_disk_files(files: list[Path], *, max_bytes: int = 4 << 30, thread_options=(8, 16),
+                       task_options=(16 << 20, 64 << 20)) -> dict:
+    """Cold O_DIRECT read rate of existing files (e.g. the model's own layer files): the best over thread
+    counts and task sizes is this disk's ceiling for the workload, and the engine's tuned I/O settings."""
+    from .io import make_reader, odirect_supported
+
+    chunks, total = [], 0
+    for f in files:
+        size = f.stat().st_size
+        chunks += [(f, off, min(64 << 20, size - off)) for off in range(0, size, 64 << 20)]
+        total += size
+        if total >= max_bytes:
+            break
+    direct = odirect_supported(files[0])
+    reader = make_reader("odirect" if direct else "posix")
+    best = (0.0, 0, 0)
+    for threads in thread_options:
+        for task in task_options:
+            drop_page_cache(files)
+            tasks = [(f, off + o, min(task, n - o)) for f, off, n in chunks for o in range(0, n, task)]
+            bufs = [torch.empty(task, dtype=torch.uint8) for _ in range(threads)]
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda i: reader.read_into(tasks[i][0], tasks[i][1], bufs[i % threads][:tasks[i][2]]),
+                              range(len(tasks))))
+            bw = sum(t[2] for t in tasks) / (time.perf_counter() - t0) / GB
+            if bw > best[0]:
+                best = (bw, threads, task)
+    return {"disk_read_cold": best[0], "disk_read_threads": best[1], "disk_read_task_bytes": best[2],
+            "disk_probe_bytes": sum(c[2] for c in chunks)}
 
 
 def measure_pcie(nbytes: int = 1 << 30) -> dict:

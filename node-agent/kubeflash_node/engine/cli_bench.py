@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv", default="device", choices=["device", "cpu", "disk"])
     p.add_argument("--prefetch", type=int, default=2, help="stages read ahead of compute")
     p.add_argument("--io-backend", default="auto", choices=["auto", "posix", "odirect", "kvikio"])
-    p.add_argument("--io-threads", type=int, default=8)
-    p.add_argument("--task-mb", type=int, default=16, help="size of one read task in MiB")
+    p.add_argument("--io-threads", type=int, default=0, help="reader threads (default: the best the disk probe found)")
+    p.add_argument("--task-mb", type=int, default=0, help="one read task in MiB (default: the best the probe found)")
     p.add_argument("--cold", action="store_true", help="drop the page cache before the run")
     p.add_argument("--no-ceilings", action="store_true", help="skip the ceiling measurements")
     p.add_argument("--ceilings", type=Path, help="read ceilings from this JSON instead of measuring")
@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
 
     from ..store.cache import ensure_model
     from ..store.format import StoreError, load_manifest
-    from .bench import Ceilings, Workload, drop_page_cache, measure_ceilings, roofline
+    from .bench import Ceilings, Workload, drop_page_cache, measure_ceilings, measure_disk_files, roofline
     from .cli_run import resolve_device
     from .generate import Engine, GenParams
     from .policy import Policy
@@ -77,10 +77,18 @@ def main(args: argparse.Namespace) -> int:
         else:
             model_dir, manifest = ensure_model(args.model, dtype=args.dtype, root=args.store)
         g_pct, c_pct = _placement_args(args.weights)
+        if args.cold and g_pct + c_pct < 100 and not args.no_ceilings:
+            files = [model_dir / st for st in manifest.stages]
+            print("measuring the disk's cold read ceiling on the model's own files…", file=sys.stderr)
+            for k, v in measure_disk_files(files).items():
+                setattr(ceil, k, v)
+            _print_ceilings(ceil)
+        threads = args.io_threads or ceil.disk_read_threads or 8
+        task_mb = args.task_mb or (ceil.disk_read_task_bytes >> 20) or 16
         gbs = args.gpu_batch_size or args.prompts
         policy = Policy(gpu_batch_size=gbs, num_gpu_batches=args.num_gpu_batches, weights_gpu_percent=g_pct,
                         weights_cpu_percent=c_pct, kv=args.kv, prefetch=args.prefetch, io_backend=args.io_backend,
-                        io_threads=args.io_threads, io_task_bytes=args.task_mb << 20)
+                        io_threads=threads, io_task_bytes=task_mb << 20)
         prompts = [[(7 * i + 13 * j) % 1000 + 3 for j in range(args.prompt_len)] for i in range(args.prompts)]
         if args.cold:
             print(f"page cache: {drop_page_cache([model_dir / f for f in manifest.files])}", file=sys.stderr)
@@ -126,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _print_ceilings(c) -> None:
     print(f"ceilings: disk read cold {c.disk_read_cold:.2f} GB/s ({c.disk_read_threads} threads), warm "
-          f"{c.disk_read_warm:.2f} GB/s, write {c.disk_write:.2f} GB/s; H2D pinned {c.h2d_pinned:.1f} GB/s, "
+          f"{c.disk_read_warm:.2f} GB/s, tasks {c.disk_read_task_bytes >> 20} MiB, write {c.disk_write:.2f} GB/s; H2D pinned {c.h2d_pinned:.1f} GB/s, "
           f"pageable {c.h2d_pageable:.1f} GB/s; D2H pinned {c.d2h_pinned:.1f} GB/s; matmul {c.matmul_tflops:.0f} TFLOP/s")
 
 

@@ -84,7 +84,7 @@ class Engine:
         self.inv_freq = rope_inv_freq(self.config, self.device) if self.config.architecture == "llama" else None
         n = len(self.manifest.stages)
         placement = policy.placement(n)
-        if self.config.tie_word_embeddings and placement[0] == "disk":
+        if self.config.tie_word_embeddings:
             placement[0] = "gpu"  # the head reads the embedding: keep it resident instead of reading it twice
         self.placement = placement
         self.streamer = WeightStreamer(

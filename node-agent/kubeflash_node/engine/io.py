@@ -79,9 +79,23 @@ class KvikioReader:
 
         self.kvikio = kvikio
 
+    @staticmethod
+    def gds_available() -> bool:
+        """True when kvikio does real GPUDirect Storage (not its POSIX compatibility mode)."""
+        try:
+            import kvikio.defaults as d
+
+            for probe in ("is_compat_mode_preferred", "compat_mode"):
+                if hasattr(d, probe):
+                    return not bool(getattr(d, probe)())
+            return str(d.get("compat_mode")).upper() not in ("ON", "TRUE", "1", "COMPATMODE.ON")
+        except Exception:  # any failure to tell means: assume compat mode
+            return False
+
     def read_into(self, path: Path, offset: int, dest: torch.Tensor) -> None:
+        buf = dest if dest.is_cuda else dest.numpy()  # kvikio takes host memory through the buffer protocol
         with self.kvikio.CuFile(str(path), "r") as f:
-            got = f.pread(dest, size=dest.numel(), file_offset=offset).get()
+            got = f.pread(buf, size=dest.numel(), file_offset=offset).get()
         if got != dest.numel():
             raise OSError(f"{path}: short read at offset {offset} ({got} of {dest.numel()} bytes)")
 
@@ -112,12 +126,13 @@ def odirect_supported(path: Path) -> bool:
 
 
 def make_reader(name: str = "auto", *, cuda: bool = False, probe: Path | None = None):
-    """The named backend, or for 'auto': kvikio on CUDA when importable, else O_DIRECT on CUDA when the
+    """The named backend, or for 'auto': kvikio on CUDA when it has real GDS, else O_DIRECT on CUDA when the
     file system allows it (streams from the SSD without evicting the page cache), else buffered posix."""
     if name == "auto":
         if cuda:
             try:
-                return KvikioReader()
+                if KvikioReader.gds_available():  # in compat mode kvikio is POSIX + bounce: O_DIRECT is better
+                    return KvikioReader()
             except ImportError:
                 pass
             if probe is None or odirect_supported(probe):

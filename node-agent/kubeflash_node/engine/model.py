@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 
@@ -72,9 +73,22 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
+# cuDNN's SDPA re-plans for every new sequence length (~2.4 ms of CPU per call, measured on H100 during
+# decode); the memory-efficient kernel takes the padding mask without that cost.
+_CUDA_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # q: [B, Nh, S, D]; k, v: [B, Nk, T, D]; mask: [B, 1, S, T] -> [B, Nh, S, D]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:  # [B, Nk, T, D] -> [B, Nh, T, D]: the efficient kernel has no GQA mode
+        b, nk, t, d = k.shape
+        k = k[:, :, None].expand(b, nk, rep, t, d).reshape(b, nk * rep, t, d)
+        v = v[:, :, None].expand(b, nk, rep, t, d).reshape(b, nk * rep, t, d)
+    with sdpa_kernel(_CUDA_SDPA):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def split_heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:

