@@ -95,13 +95,18 @@ def crd_established(cp, name: str) -> bool:
     return any(c["type"] == "Established" and c["status"] == "True" for c in crd.get("status", {}).get("conditions", []))
 
 
-def adopt_crds(cp, release: str, namespace: str) -> None:
-    """CRDs applied by another test (kubectl apply -f crds/) become this release's, as Helm adopts objects."""
-    for name in CRD_NAMES:
-        if cp.kubectl("get", "crd", name, check=False).returncode == 0:
-            cp.kubectl("label", "--overwrite", "crd", name, "app.kubernetes.io/managed-by=Helm")
-            cp.kubectl("annotate", "--overwrite", "crd", name, f"meta.helm.sh/release-name={release}",
-                       f"meta.helm.sh/release-namespace={namespace}")
+def delete_crds(cp) -> None:
+    """Remove the kubeflash CRDs (and so every InferenceJob and FlashNode), so that a test starts and leaves the
+    cluster as `kubectl apply -f crds/` expects it (another test's module fixture creates them again). Objects
+    left by other tests whose operator is gone keep their finalizers: those are dropped first."""
+    for kind in ("inferencejobs", "flashnodes"):
+        listed = cp.kubectl("get", kind, "-A", "-o", "json", check=False)
+        for item in (json.loads(listed.stdout).get("items", []) if listed.returncode == 0 else []):
+            meta = item["metadata"]
+            where = ["-n", meta["namespace"]] if meta.get("namespace") else []
+            cp.kubectl("patch", kind, meta["name"], *where, "--type=merge", "-p", '{"metadata":{"finalizers":null}}',
+                       check=False)
+    cp.kubectl("delete", "crd", *CRD_NAMES, "--ignore-not-found", "--timeout=120s", timeout=180)
 
 
 def free_port() -> int:
@@ -126,13 +131,18 @@ def sa_kubeconfig(cp, namespace: str, sa: str, dest: Path) -> str:
     return str(dest)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def crds_present(control_plane):
-    """The CRDs, applied from crds/ if no earlier test made them."""
-    if any(control_plane.kubectl("get", "crd", n, check=False).returncode for n in CRD_NAMES):
+    """The CRDs, applied from crds/ if no earlier test made them, and then removed again (other test modules
+    apply crds/ themselves and expect to create them)."""
+    made = any(control_plane.kubectl("get", "crd", n, check=False).returncode for n in CRD_NAMES)
+    if made:
         control_plane.kubectl("apply", "-f", str(REPO / "crds"))
     for name in CRD_NAMES:
         wait_for(f"CRD {name} Established", lambda: crd_established(control_plane, name), bool)
+    yield
+    if made:
+        delete_crds(control_plane)
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +352,7 @@ def test_install_upgrade_uninstall_keeps_crds(control_plane, namespace):
     cp.create_fake_node(f"{namespace}-gpu", labels={"kubeflash.io/ssd": "true"},
                         taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
     cp.create_fake_node(f"{namespace}-cpu")
-    adopt_crds(cp, release, namespace)
+    delete_crds(cp)  # the release creates them
     try:
         cp.helm("install", release, str(CHART), "-n", namespace, "--wait=false", timeout=180)
         for name in CRD_NAMES:
@@ -374,10 +384,13 @@ def test_install_upgrade_uninstall_keeps_crds(control_plane, namespace):
         cp.helm("uninstall", release, "-n", namespace, "--wait", timeout=180, check=False)
         for node in (f"{namespace}-gpu", f"{namespace}-cpu"):
             cp.kubectl("delete", "node", node, "--wait=false", check=False)
-    for name in CRD_NAMES:
-        assert crd_established(cp, name), f"crds.keep=true, yet {name} is gone after helm uninstall"
-    assert cp.kubectl("get", "deployment", f"{release}-operator", "-n", namespace, check=False).returncode != 0
-    assert cp.kubectl("get", "clusterrole", f"{release}-agent", check=False).returncode != 0
+    try:
+        for name in CRD_NAMES:
+            assert crd_established(cp, name), f"crds.keep=true, yet {name} is gone after helm uninstall"
+        assert cp.kubectl("get", "deployment", f"{release}-operator", "-n", namespace, check=False).returncode != 0
+        assert cp.kubectl("get", "clusterrole", f"{release}-agent", check=False).returncode != 0
+    finally:
+        delete_crds(cp)
 
 
 # ------------------------------------------------------------------------------------------------------ RBAC
@@ -483,7 +496,7 @@ def test_rbac_is_enough_for_the_real_operator_and_agent(control_plane, namespace
         wait_for("the agent to remove the job's directory",
                  lambda: not (store / "jobs" / namespace / "rbac").exists(), bool, timeout=60)
         for p in procs:
-            refused = [line for line in p.log().splitlines() if re.search(r"\b403\b|[Ff]orbidden", line)]
+            refused = [line for line in p.log().splitlines() if re.search(r"\b403\b|[Ff]orbidden|RBAC needs", line)]
             assert not refused, f"{p.name} was refused:\n" + "\n".join(refused[:20])
     except AssertionError as e:
         tails = "\n".join(f"--- {p.name} log ---\n{p.log()[-6000:]}" for p in procs)
