@@ -76,7 +76,7 @@ def test_capital_of_france_answers_paris(kind_cluster, kind_namespace):
     results = [json.loads(line) for line in kind.on_node(node, "cat", f"{path}/results.jsonl").stdout.splitlines()]
     assert len(results) == 1 and "Paris" in json.dumps(results[0]), results
     assert j["status"]["progress"]["promptsDone"] == 1
-    assert j["status"]["timings"].get("load_weight", 0) > 0, "the agent relayed no per-layer timings"
+    assert j["status"].get("timings"), "the agent relayed no per-layer timings"
     table = kind.kubectl("get", "ij", "-n", ns).stdout
     assert "Succeeded" in table and node in table
 
@@ -130,12 +130,12 @@ def test_draining_the_node_of_a_running_job_moves_the_job(kind_cluster, kind_nam
         j = wait_for("the failed attempt to be recorded", lambda: job(kind, ns, "long"),
                      lambda j: any(a.get("pod") == first and a.get("result") == "Failed"
                                    for a in (j.get("status") or {}).get("attempts") or []), timeout=120)
-        j = wait_for(f"the job to be placed again on {other}", lambda: job(kind, ns, "long"),
-                     lambda j: (j.get("status") or {}).get("node") == other
-                     and phase(j) in ("Scheduled", "Staging", "Running", "Succeeded"), timeout=600, every=3)
-        assert j["status"]["attempt"] >= 2 and j["status"].get("pod") != first
-        if phase(j) == "Running":
-            pod = kind.json("get", "pod", j["status"]["pod"], "-n", ns)
-            assert pod["spec"].get("nodeName") in (None, other)
+        j = wait_for(f"the job to run again, on {other}", lambda: job(kind, ns, "long"),
+                     lambda j: (j.get("status") or {}).get("node") == other and phase(j) in ("Running", "Succeeded")
+                     and j["status"].get("pod") != first, timeout=600, every=3)
+        assert j["status"]["attempt"] >= 2
+        pods = {p["metadata"]["name"]: p for p in job_pods(kind, ns, "long")}
+        if j["status"]["pod"] in pods:
+            assert pods[j["status"]["pod"]]["spec"].get("nodeName") in (None, other)
     finally:
         kind.kubectl("uncordon", drained, check=False)

