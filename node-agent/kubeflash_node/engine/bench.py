@@ -111,10 +111,12 @@ def measure_disk(directory: Path, size: int = 2 << 30, thread_options=(1, 4, 8, 
     return out
 
 
-def measure_disk_files(files: list[Path], *, max_bytes: int = 4 << 30, thread_options=(8, 16),
-                       task_options=(16 << 20, 64 << 20)) -> dict:
+def measure_disk_files(files: list[Path], *, max_bytes: int = 16 << 30, thread_options=(8, 16),
+                       task_options=(64 << 20,)) -> dict:
     """Cold O_DIRECT read rate of existing files (e.g. the model's own layer files): the best over thread
-    counts and task sizes is this disk's ceiling for the workload, and the engine's tuned I/O settings."""
+    counts and task sizes is this disk's ceiling for the workload, and the engine's tuned I/O settings.
+    16 GB by default: on the H100 machine's virtio disk a 4 GB probe read 1.27-1.41 GB/s where a 16 GB one and
+    the 10-minute runs themselves read 1.6-1.7 GB/s (docs/benchmarks.md)."""
     from .io import make_reader, odirect_supported
 
     chunks, total = [], 0
