@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=os.environ.get("KUBEFLASH_DEVICE", "auto"),
                    help="cpu, cuda or auto (default: $KUBEFLASH_DEVICE or auto)")
     p.add_argument("--output-dir", type=Path, default=os.environ.get("KUBEFLASH_OUTPUT_DIR"),
-                   help="also copy results.jsonl here when done (the mounted spec.output PVC)")
+                   help="also copy results here as <job>.results.jsonl when done (default: $KUBEFLASH_OUTPUT_DIR, "
+                        "the mounted spec.output PVC path)")
 
 
 def _env(name: str) -> str:
@@ -28,7 +29,13 @@ def _env(name: str) -> str:
     return v
 
 
+def _terminate(signum, frame):  # PID 1 in the pod: turn SIGTERM into a clean exit (results are already flushed)
+    raise SystemExit(128 + signum)
+
+
 def main(args: argparse.Namespace) -> int:
+    import signal
+
     from ..jobspec import API_VERSION, SpecError, parse_job
     from ..store.format import StoreError, load_manifest
     from .cli_run import resolve_device
@@ -36,8 +43,11 @@ def main(args: argparse.Namespace) -> int:
     from .job import run_job
     from .report import format_report, write_report
 
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         spec_json = json.loads(_env("KUBEFLASH_JOB_SPEC"))
+        if os.environ.get("KUBEFLASH_INPUT_FILE"):  # configMap or PVC input, mounted by the operator
+            spec_json["input"] = {"file": os.environ["KUBEFLASH_INPUT_FILE"]}
         doc = {"apiVersion": API_VERSION, "kind": "InferenceJob",
                "metadata": {"name": _env("KUBEFLASH_JOB_NAME"), "namespace": os.environ.get("KUBEFLASH_JOB_NAMESPACE", "default")},
                "spec": spec_json}
@@ -56,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     if args.output_dir:
         from ..store.format import atomic_write_bytes
 
-        dest = Path(args.output_dir) / (spec.output.path or f"{spec.name}.results.jsonl")
+        dest = Path(args.output_dir) / f"{spec.name}.results.jsonl"  # the dir is already <pvc>/<output.pvc.path>
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(dest, output.read_bytes())
     return 0
