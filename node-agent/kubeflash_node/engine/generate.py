@@ -106,9 +106,7 @@ class Engine:
         self._check(prompts, params)
         gen = torch.Generator().manual_seed(params.seed)
         results: list[Completion] = []
-        bs = self.policy.block_size
-        for b0 in range(0, len(prompts), bs):
-            block = list(range(b0, min(b0 + bs, len(prompts))))
+        for block in self._blocks(len(prompts)):
             done = self._run_block(prompts, block, params, gen, stop, on_step)
             results.extend(done)
             if on_block:
@@ -120,12 +118,17 @@ class Engine:
         logits = []
         params = GenParams(max_new_tokens=1)
         self._check(prompts, params)
-        bs = self.policy.block_size
-        for b0 in range(0, len(prompts), bs):
-            block = list(range(b0, min(b0 + bs, len(prompts))))
+        for block in self._blocks(len(prompts)):
             mbs = self._make_block(prompts, block, params)
             self._pass(mbs, step=0, params=params, gen=None, stop=None, collect=logits)
+            self.kv.close()
         return torch.cat(logits)
+
+    def _blocks(self, n: int):
+        """Prompt indices of each block (policy.block_size prompts; the last may be smaller)."""
+        bs = self.policy.block_size
+        for b0 in range(0, n, bs):
+            yield list(range(b0, min(b0 + bs, n)))
 
     # ------------------------------------------------------------------------------------ schedule
     def _run_block(self, prompts, block, params, gen, stop, on_step) -> list[Completion]:
