@@ -69,8 +69,9 @@ def build_pod(
     *,
     attempt: int,
     default_image: str = DEFAULT_IMAGE,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """The pod manifest for attempt `attempt` of `job` on `target`."""
+    """The pod manifest for attempt `attempt` of `job` on `target`; `device` is the engine's KUBEFLASH_DEVICE."""
     if len(job.name) > MAX_NAME:
         raise ValueError(f"metadata.name must be at most {MAX_NAME} characters, got {len(job.name)}")
     volumes, mounts = _volumes(job, spec, target)
@@ -107,7 +108,7 @@ def build_pod(
                     "name": "engine",
                     "image": spec.image or default_image,
                     "command": ["kubeflash", "engine"],
-                    "env": _env(job, raw_spec, target),
+                    "env": _env(job, raw_spec, target, device),
                     "resources": _resources(spec),
                     "volumeMounts": mounts,
                     "securityContext": {
@@ -140,7 +141,7 @@ def _pin(node: str) -> dict[str, Any]:
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
 
 
-def _env(job: JobRef, raw_spec: Mapping[str, Any], target: PodTarget) -> list[dict[str, str]]:
+def _env(job: JobRef, raw_spec: Mapping[str, Any], target: PodTarget, device: str) -> list[dict[str, str]]:
     env = {
         "KUBEFLASH_JOB_SPEC": json.dumps(raw_spec, sort_keys=True, separators=(",", ":")),
         "KUBEFLASH_JOB_NAME": job.name,
@@ -148,6 +149,7 @@ def _env(job: JobRef, raw_spec: Mapping[str, Any], target: PodTarget) -> list[di
         "KUBEFLASH_MODEL_DIR": f"/models/{target.model_id}",
         "KUBEFLASH_JOB_DIR": "/job",
         "KUBEFLASH_GPUS": ",".join(str(g) for g in target.gpus),
+        "KUBEFLASH_DEVICE": device,
     }
     if (raw_spec.get("input") or {}).get("configMap") or (raw_spec.get("input") or {}).get("file"):
         env["KUBEFLASH_INPUT_FILE"] = _input_file(raw_spec["input"])

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG)")
     parser.add_argument("--engine-image", help="image of the inference pods (default: $KUBEFLASH_OPERATOR_ENGINE_IMAGE "
                                                "or the release image)")
+    parser.add_argument("--engine-device",
+                        help="KUBEFLASH_DEVICE of the inference pods: auto, cpu or cuda (default: "
+                             "$KUBEFLASH_OPERATOR_ENGINE_DEVICE or auto; kind uses cpu)")
     parser.add_argument("--peering", action="store_true",
                         help="coordinate with other operator replicas through kopf peering (needs its CRDs)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -26,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     cfg = replace(OperatorConfig.from_env(), metrics_port=args.metrics_port, liveness_port=args.liveness_port)
-    return replace(cfg, engine_image=args.engine_image) if args.engine_image else cfg
+    if args.engine_image:
+        cfg = replace(cfg, engine_image=args.engine_image)
+    if args.engine_device:
+        cfg = replace(cfg, engine_device=args.engine_device)
+    return cfg
 
 
 def main(args: argparse.Namespace) -> int:

@@ -10,11 +10,13 @@ from datetime import timedelta
 from kubeflash_operator.builder import DEFAULT_IMAGE
 
 ENV_PREFIX = "KUBEFLASH_OPERATOR_"
+ENGINE_DEVICES = ("auto", "cpu", "cuda")  # the engine's --device / $KUBEFLASH_DEVICE (cuda:<n> also accepted)
 
 
 @dataclass(frozen=True)
 class OperatorConfig:
     engine_image: str = DEFAULT_IMAGE  # image of the inference pods unless a job names its own
+    engine_device: str = "auto"  # KUBEFLASH_DEVICE of the inference pods: auto, cpu, cuda (kind forces cpu)
     heartbeat_timeout_s: float = 120.0  # a FlashNode older than this takes no new jobs
     backoff_base_s: float = 10.0  # first retry delay after a failed attempt; doubles per failure
     backoff_cap_s: float = 300.0  # longest retry delay
@@ -22,6 +24,11 @@ class OperatorConfig:
     image_pull_timeout_s: float = 300.0  # a pod that cannot pull its image this long fails its attempt
     metrics_port: int = 0  # Prometheus /metrics; 0 = off
     liveness_port: int = 0  # kopf's /healthz; 0 = off
+
+    def __post_init__(self) -> None:
+        dev = self.engine_device
+        if dev not in ENGINE_DEVICES and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+            raise ValueError(f"engine device must be one of {', '.join(ENGINE_DEVICES)} (or cuda:<n>), got {dev!r}")
 
     @property
     def heartbeat_timeout(self) -> timedelta:

@@ -1,14 +1,15 @@
 """kopf handlers: thin glue between watch events and the pure reconcile step.
 
-Indices keep FlashNodes, placed jobs and engine pods in memory; a timer per live InferenceJob gathers them into
-a World, asks `reconcile.step` for a Plan and carries it out (FlashNode model request, pod create/delete,
-then the status patch, events and metrics). Create/resume admit a job (Pending, or Failed naming the bad
-field); the `kubeflash.io/release-kv` finalizer deletes a job's pods before the job goes away.
+Indices keep FlashNodes, cordoned Nodes, placed jobs and engine pods in memory; a timer per live InferenceJob
+gathers them into a World, asks `reconcile.step` for a Plan and carries it out (FlashNode model request, pod
+create/delete, then the status patch, events and metrics). Create/resume admit a job (Pending, or Failed naming
+the bad field); the `kubeflash.io/release-kv` finalizer deletes a job's pods before the job goes away.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import kopf
@@ -87,6 +88,12 @@ def flashnode_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
     return {view.name: view}
 
 
+@kopf.index("v1", "nodes")
+def cordon_index(name: str, spec: kopf.Spec, **_: Any) -> dict[str, bool]:
+    """Cordoned Nodes (spec.unschedulable: kubectl cordon/drain) by name; they take no new jobs or retries."""
+    return {name: True} if spec.get("unschedulable") else {}  # {} drops an uncordoned node
+
+
 @kopf.index(*JOBS)
 def claim_index(body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, Any]:
     try:
@@ -122,10 +129,11 @@ def _live(status: kopf.Status, **_: Any) -> bool:
 
 @kopf.timer(*JOBS, interval=TICK_S, backoff=TICK_S, when=_live)
 def reconcile_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, flashnode_index: kopf.Index,
-                  claim_index: kopf.Index, pod_index: kopf.Index, **_: Any) -> None:
+                  claim_index: kopf.Index, pod_index: kopf.Index, cordon_index: kopf.Index, **_: Any) -> None:
     job = _job(body)
     pods = _pods(memo.kube, job, pod_index)
-    nodes = {name: next(iter(store)) for name, store in flashnode_index.items()}
+    views = (next(iter(store)) for store in flashnode_index.values())
+    nodes = {v.name: replace(v, cordoned=True) if v.name in cordon_index else v for v in views}
     with memo.book.lock:
         claims = memo.book.claims(c for store in claim_index.values() for c in store)
         plan = reconcile.step(job, reconcile.World(now=now(), nodes=nodes, claims=claims, pods=pods), memo.config)
@@ -205,7 +213,8 @@ def _carry_out(plan: reconcile.Plan, job: reconcile.Job, memo: kopf.Memo) -> Non
         memo.kube.request_model(plan.stage.node, plan.stage.entry)
     if plan.create:
         manifest = build_pod(JobRef(job.namespace, job.name, job.uid), parse_job_spec(job.spec), job.spec,
-                             plan.create.target, attempt=plan.create.attempt, default_image=memo.config.engine_image)
+                             plan.create.target, attempt=plan.create.attempt, default_image=memo.config.engine_image,
+                             device=memo.config.engine_device)
         memo.kube.create_pod(manifest, owner_uid=job.uid)
         memo.metrics.pods.inc()
     for pod in plan.delete_pods:

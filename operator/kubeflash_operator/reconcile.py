@@ -232,13 +232,20 @@ _PHASES = {st.PENDING: _pending, st.SCHEDULED: _scheduled, st.STAGING: _staging,
 
 
 def _placed_node(plan: Plan, job: Job, view: Mapping, world: World, cfg: OperatorConfig) -> NodeView | None:
-    """The job's node if it still reports; otherwise drop the placement (back to Pending) and say why."""
+    """The job's node if it still reports and is not cordoned; otherwise drop the placement (back to Pending) and
+    say why. Only called before the attempt's pod exists: a cordon leaves running pods alone (a drain evicts them,
+    which fails the attempt)."""
     node = world.nodes.get(view.get("node") or "")
-    if node is not None and node.fresh(world.now, cfg.heartbeat_timeout) and view.get("disk") in node.disks:
+    if node is not None and node.usable(world.now, cfg.heartbeat_timeout) and view.get("disk") in node.disks:
         return node
-    message = f"node {view.get('node')} stopped reporting (FlashNode stale or gone); placing the job again"
-    _to(plan, job, st.PENDING, world, reason="NodeLost", message=message, fields=_unplaced())
-    plan.events.append(Event("Warning", "NodeLost", message))
+    if node is not None and node.cordoned:
+        reason = "NodeCordoned"
+        message = f"node {view.get('node')} is cordoned (spec.unschedulable); placing the job again"
+    else:
+        reason = "NodeLost"
+        message = f"node {view.get('node')} stopped reporting (FlashNode stale or gone); placing the job again"
+    _to(plan, job, st.PENDING, world, reason=reason, message=message, fields=_unplaced())
+    plan.events.append(Event("Warning", reason, message))
     plan.release = True
     return None
 
@@ -314,7 +321,7 @@ def _attempt_failed(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: W
     text = f"attempt {attempt} failed ({reason}: {message}); retry {failures}/{spec.backoff_limit} in {delay:g}s"
     fields: dict[str, Any] = {"attempts": attempts, "retryAt": format_time(world.now + timedelta(seconds=delay))}
     node = world.nodes.get(view.get("node") or "")
-    if replace or node is None or not node.fresh(world.now, cfg.heartbeat_timeout):
+    if replace or node is None or not node.usable(world.now, cfg.heartbeat_timeout):
         fields.update(_unplaced())
         plan.release = True
         _to(plan, job, st.PENDING, world, reason="BackOff", message=text, fields=fields)

@@ -1,6 +1,6 @@
 """Pure placement: which node's GPU<->SSD pair runs a job, from FlashNode status and the jobs already placed.
 
-Filter: a fresh heartbeat, enough free pairs (a pair is taken while a placed job holds its GPU), and room on
+Filter: a Node that is not cordoned (`spec.unschedulable`: kubectl cordon/drain), a fresh heartbeat, enough free pairs (a pair is taken while a placed job holds its GPU), and room on
 the pair's SSD for the model (unless already there) plus the job's KV reservation. Score: model Ready on
 that SSD >> model being staged there >> SSD read bandwidth > free space; ties go to the lower node name and
 GPU index so placement is deterministic.
@@ -48,6 +48,7 @@ class NodeView:
     models: tuple[ModelCopy, ...] = ()
     kv_jobs: frozenset[str] = frozenset()  # "ns/name" the agent already reserved KV space for
     desired: frozenset[str] = frozenset()  # model ids in spec.models
+    cordoned: bool = False  # the Node has spec.unschedulable (kubectl cordon/drain): no new jobs or retries
 
     def model(self, model_id: str, disk: str | None = None) -> ModelCopy | None:
         """This node's copy of a model (on `disk` if given), Ready copies first."""
@@ -57,6 +58,10 @@ class NodeView:
 
     def fresh(self, now: datetime, timeout: timedelta = DEFAULT_HEARTBEAT_TIMEOUT) -> bool:
         return self.heartbeat is not None and now - self.heartbeat <= timeout
+
+    def usable(self, now: datetime, timeout: timedelta = DEFAULT_HEARTBEAT_TIMEOUT) -> bool:
+        """May take new jobs and retries: not cordoned and reporting."""
+        return not self.cordoned and self.fresh(now, timeout)
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,8 @@ def _node_candidates(
     now: datetime,
     timeout: timedelta,
 ) -> list[tuple[tuple, Placement]] | NoFit:
+    if node.cordoned:
+        return NoFit("node cordoned (spec.unschedulable)")
     if not node.fresh(now, timeout):
         age = "never" if node.heartbeat is None else f"{int((now - node.heartbeat).total_seconds())}s ago"
         return NoFit(f"heartbeat stale (last {age})")
@@ -178,8 +185,11 @@ def _gib(n: int) -> str:
 # ------------------------------------------------------------------------------------ FlashNode parsing
 
 
-def node_view(body: Mapping[str, Any]) -> NodeView:
-    """A NodeView from a FlashNode object; tolerant of a half-written status (the agent fills it in)."""
+def node_view(body: Mapping[str, Any], *, cordoned: bool = False) -> NodeView:
+    """A NodeView from a FlashNode object; tolerant of a half-written status (the agent fills it in).
+
+    `cordoned`: the Kubernetes Node of that name has `spec.unschedulable` (read from the Node, not the FlashNode).
+    """
     spec, status = body.get("spec") or {}, body.get("status") or {}
     name = spec.get("nodeName") or body.get("metadata", {}).get("name", "")
     disks = {
@@ -212,6 +222,7 @@ def node_view(body: Mapping[str, Any]) -> NodeView:
         models=models,
         kv_jobs=frozenset(a["job"] for a in status.get("kvAllocations") or [] if a.get("job")),
         desired=frozenset(m["id"] for m in spec.get("models") or [] if m.get("id")),
+        cordoned=cordoned,
     )
 
 

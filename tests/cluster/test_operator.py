@@ -205,6 +205,15 @@ def condition(status: dict, ctype: str) -> dict:
 # ----------------------------------------------------------------------------------------------------- tests
 
 
+def test_crds_apply_twice(control_plane, crds):
+    """`kubectl apply -f crds/` (strict field validation) works on an existing CRD too: no schema key is bogus
+    (an unquoted comma in a flow-mapping description once split into an unknown JSONSchemaProps field)."""
+    for _ in range(2):
+        out = control_plane.kubectl("apply", "-f", str(REPO / "crds"), check=False)
+        assert out.returncode == 0, out.stderr
+        assert "unknown field" not in out.stderr, out.stderr
+
+
 def test_job_lands_on_the_node_that_holds_the_model(ns, kube, control_plane):
     """A slower node whose SSD already holds the model wins; the pod is pinned there, owned, labelled, unprivileged."""
     kube.gpu_node(control_plane, "fast", read=14.0)
@@ -263,6 +272,31 @@ def test_staging_flow(ns, kube, control_plane):
         {"id": MODEL, "uri": MODEL_URI, "disk": "nvme0", "state": "Ready", "progress": 100, "bytes": GiB}]})
     s = kube.wait_phase("j", "Running")
     assert condition(s, "Staged")["status"] == "True" and s["stagedTime"] and kube.pod_names("j") == ["j-1"]
+
+
+def test_cordoned_node_gets_no_new_jobs_or_retries(ns, kube, control_plane):
+    """kubectl cordon (spec.unschedulable) keeps new jobs and retries off a node, even the one holding the model
+    on the fastest SSD; the pod already running there is left alone until its attempt ends."""
+    holder = kube.gpu_node(control_plane, "holder", pairs=2, read=14.0, models=(MODEL,))
+    other = kube.gpu_node(control_plane, "other", pairs=2, read=3.0)
+    kube.submit("first")
+    assert kube.wait_phase("first", "Running")["node"] == holder
+    control_plane.kubectl("cordon", holder)
+    kube.submit("second")  # uncordoned, the holder's free pair (faster SSD) would win
+    assert kube.wait_phase("second", "Staging")["node"] == other
+    kube.agent_status(other, {"heartbeat": now_rfc(), "models": [
+        {"id": MODEL, "uri": MODEL_URI, "disk": "nvme0", "state": "Ready", "bytes": GiB}]})
+    assert kube.wait_phase("second", "Running")["node"] == other
+    pod = wait_for("second-1 bound", lambda: kube.pods("second"), lambda ps: ps and ps[0]["spec"].get("nodeName"))
+    assert pod[0]["spec"]["nodeName"] == other
+    assert kube.status("first")["phase"] == "Running"  # a cordon does not evict
+    kube.end_pod("first-1", "Failed", exit_code=1)
+    s = wait_for("first retried on the other node", lambda: kube.status("first"),
+                 lambda s: s.get("phase") == "Running" and s.get("pod") == "first-2")
+    assert (s["node"], s["gpu"]) == (other, 1)
+    pod = wait_for("first-2 bound", lambda: [p for p in kube.pods("first") if p["metadata"]["name"] == "first-2"],
+                   lambda ps: ps and ps[0]["spec"].get("nodeName"))
+    assert pod[0]["spec"]["nodeName"] == other
 
 
 def test_pod_failure_retries_then_fails_after_the_limit(ns, kube, control_plane):

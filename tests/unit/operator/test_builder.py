@@ -96,6 +96,14 @@ def test_env_carries_the_contract():
     assert (e["KUBEFLASH_JOB_NAME"], e["KUBEFLASH_JOB_NAMESPACE"]) == ("summarize", "team-a")
     assert (e["KUBEFLASH_MODEL_DIR"], e["KUBEFLASH_JOB_DIR"]) == ("/models/m-1", "/job")
     assert "KUBEFLASH_INPUT_FILE" not in e and "KUBEFLASH_OUTPUT_DIR" not in e
+    assert e["KUBEFLASH_DEVICE"] == "auto"
+
+
+def test_engine_device_is_passed_to_the_pod():
+    """The operator's --engine-device becomes the engine's KUBEFLASH_DEVICE (kind forces cpu)."""
+    raw = job_spec()
+    p = build_pod(JOB, parse_job_spec(raw), raw, TARGET, attempt=1, device="cpu")
+    assert env(p)["KUBEFLASH_DEVICE"] == "cpu"
 
 
 @pytest.mark.parametrize(("inp", "volume", "path"), [

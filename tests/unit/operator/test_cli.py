@@ -54,3 +54,18 @@ def test_no_torch_anywhere_in_the_operator():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "PYTHONPATH": ":".join(sys.path)})
     assert out.stdout.strip() == "False"
+
+
+def test_engine_device_flag_then_env_then_auto(monkeypatch):
+    """--engine-device wins over $KUBEFLASH_OPERATOR_ENGINE_DEVICE, which wins over the default auto."""
+    monkeypatch.delenv("KUBEFLASH_OPERATOR_ENGINE_DEVICE", raising=False)
+    assert cli.config_from_args(parse()).engine_device == "auto"
+    monkeypatch.setenv("KUBEFLASH_OPERATOR_ENGINE_DEVICE", "cuda")
+    assert cli.config_from_args(parse()).engine_device == "cuda"
+    assert cli.config_from_args(parse("--engine-device", "cpu")).engine_device == "cpu"
+
+
+def test_bad_engine_device_is_refused():
+    """A device the engine would not understand is an error at startup, not in every pod."""
+    with pytest.raises(ValueError, match="engine device"):
+        cli.config_from_args(parse("--engine-device", "tpu"))

@@ -26,3 +26,16 @@ def test_from_env_names_the_bad_variable():
 def test_backoff_doubles_and_caps(failures, delay):
     """The wait before the next attempt doubles per failure and never exceeds the cap."""
     assert OperatorConfig(backoff_base_s=10, backoff_cap_s=60).backoff(failures) == delay
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_engine_devices_accepted(device):
+    """The engine understands auto, cpu, cuda and cuda:<n>."""
+    assert OperatorConfig.from_env({"KUBEFLASH_OPERATOR_ENGINE_DEVICE": device}).engine_device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "CPU", "cuda:x", ""])
+def test_bad_engine_device_rejected(device):
+    """Anything else is refused when the configuration is built."""
+    with pytest.raises(ValueError, match="engine device"):
+        OperatorConfig(engine_device=device)

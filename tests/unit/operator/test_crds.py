@@ -131,3 +131,53 @@ def test_jobspec_is_frozen():
     assert isinstance(js, JobSpec)
     with pytest.raises(AttributeError):
         js.backoff_limit = 5
+
+
+# Every field of apiextensions.k8s.io/v1 JSONSchemaProps (k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1).
+# An unquoted description with a comma inside a YAML flow mapping ({type: x, description: a, b}) splits into a
+# bogus key ("b"), which the API server rejects on update ("strict decoding error: unknown field").
+JSON_SCHEMA_PROPS_KEYS = frozenset({
+    "id", "$schema", "$ref", "description", "type", "format", "title", "default", "maximum", "exclusiveMaximum",
+    "minimum", "exclusiveMinimum", "maxLength", "minLength", "pattern", "maxItems", "minItems", "uniqueItems",
+    "multipleOf", "enum", "maxProperties", "minProperties", "required", "items", "allOf", "oneOf", "anyOf", "not",
+    "properties", "additionalProperties", "patternProperties", "dependencies", "additionalItems", "definitions",
+    "externalDocs", "example", "nullable", "x-kubernetes-preserve-unknown-fields", "x-kubernetes-embedded-resource",
+    "x-kubernetes-int-or-string", "x-kubernetes-list-map-keys", "x-kubernetes-list-type", "x-kubernetes-map-type",
+    "x-kubernetes-validations",
+})
+VALIDATION_RULE_KEYS = frozenset({"rule", "message", "messageExpression", "reason", "fieldPath", "optionalOldSelf"})
+CRD_FILES = sorted(p.name for p in CRDS.glob("*.yaml"))
+
+
+def schemas(node, path):
+    """(path, schema) for `node` and every schema nested in it (properties, items, anyOf, …)."""
+    yield path, node
+    for key in ("properties", "patternProperties", "definitions"):
+        for name, sub in (node.get(key) or {}).items():
+            yield from schemas(sub, f"{path}.{name}")
+    for key in ("items", "additionalProperties", "not", "additionalItems"):
+        if isinstance(node.get(key), dict):
+            yield from schemas(node[key], f"{path}.{key}")
+    for key in ("allOf", "oneOf", "anyOf"):
+        for i, sub in enumerate(node.get(key) or []):
+            yield from schemas(sub, f"{path}.{key}[{i}]")
+
+
+@pytest.mark.parametrize("name", CRD_FILES)
+def test_every_schema_has_only_json_schema_props_keys(name):
+    """No bogus keys (e.g. from an unquoted comma in a flow-mapping description); descriptions are strings."""
+    assert CRD_FILES == ["flashnodes.kubeflash.io.yaml", "inferencejobs.kubeflash.io.yaml"]
+    _, version, root = load(name)
+    seen = 0
+    for path, schema in schemas(root, "openAPIV3Schema"):
+        seen += 1
+        assert isinstance(schema, dict), path
+        unknown = set(schema) - JSON_SCHEMA_PROPS_KEYS
+        assert not unknown, f"{name}: {path} has keys that are not JSONSchemaProps fields: {sorted(unknown)}"
+        if "description" in schema:
+            assert isinstance(schema["description"], str) and schema["description"].strip(), path
+        for rule in schema.get("x-kubernetes-validations") or []:
+            assert set(rule) <= VALIDATION_RULE_KEYS and isinstance(rule["rule"], str), (path, rule)
+    assert seen > 20
+    for col in version.get("additionalPrinterColumns") or []:
+        assert set(col) <= {"name", "type", "format", "description", "priority", "jsonPath"}, col

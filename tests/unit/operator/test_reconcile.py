@@ -29,9 +29,9 @@ def apply(job: Job, patch: dict) -> Job:
                job.created, job.generation)
 
 
-def world(*bodies, now=NOW, claims=(), pods=()):
-    return World(now=now, nodes={b["metadata"]["name"]: node_view(b) for b in bodies}, claims=tuple(claims),
-                 pods={p.name: p for p in pods})
+def world(*bodies, now=NOW, claims=(), pods=(), cordoned=()):
+    views = {b["metadata"]["name"]: node_view(b, cordoned=b["metadata"]["name"] in cordoned) for b in bodies}
+    return World(now=now, nodes=views, claims=tuple(claims), pods={p.name: p for p in pods})
 
 
 def admitted(**spec_overrides) -> Job:
@@ -237,6 +237,47 @@ def test_node_lost_before_the_pod_sends_the_job_back_to_pending():
     assert (plan.status["phase"], plan.status["node"]) == ("Staging", "n2")
     assert plan.stage.node == "n2"
     assert [e.reason for e in plan.events][:2] == ["NodeLost", "Scheduled"]
+
+
+def test_cordoned_model_holder_is_skipped_and_the_job_stages_elsewhere():
+    """The only node holding the model is cordoned: the job is placed on the other node and stages there."""
+    plan = step(admitted(), world(holder(), flashnode("n2"), cordoned={"n1"}), CFG)
+    assert (plan.status["phase"], plan.status["node"]) == ("Staging", "n2") and plan.stage.node == "n2"
+
+
+def test_cordoned_everywhere_waits_pending():
+    """Nothing but a cordoned node: the job waits (Pending, Unschedulable) and runs once it is uncordoned."""
+    job = admitted()
+    plan = step(job, world(holder(), cordoned={"n1"}), CFG)
+    assert "phase" not in plan.status and plan.status["reason"] == "Unschedulable"
+    assert "n1: node cordoned" in plan.status["message"]
+    job = apply(job, plan.status)
+    assert step(job, world(holder()), CFG).status["phase"] == "Running"
+
+
+def test_cordon_before_the_pod_exists_places_the_job_again():
+    """A job placed (Staging) on a node that is then cordoned goes elsewhere instead of making a pod there."""
+    job = apply(admitted(), step(admitted(), world(flashnode("n1")), CFG).status)  # Staging on n1
+    plan = step(job, world(flashnode("n1"), flashnode("n2"), cordoned={"n1"}), CFG)
+    assert (plan.status["phase"], plan.status["node"]) == ("Staging", "n2") and plan.create is None
+    assert [e.reason for e in plan.events][:2] == ["NodeCordoned", "Scheduled"]
+
+
+def test_cordon_leaves_a_running_pod_alone():
+    """Cordoning does not evict: a running attempt on a cordoned node keeps running."""
+    job = running()
+    plan = step(job, world(holder(), pods=[PodView("j-1", phase="Running", node="n1")], cordoned={"n1"}), CFG)
+    assert "phase" not in plan.status and not plan.delete_pods and not plan.release
+
+
+def test_retry_after_a_failure_on_a_cordoned_node_goes_elsewhere():
+    """A failed attempt normally retries on the same pair; on a cordoned node the job is placed again."""
+    job = running()
+    plan = step(job, world(holder(), flashnode("n2"), pods=[failed_pod("j-1")], cordoned={"n1"}), CFG)
+    assert plan.status["phase"] == "Pending" and plan.status["node"] is None and plan.release
+    job = apply(job, plan.status)
+    plan = step(job, world(holder(), flashnode("n2"), now=NOW + timedelta(seconds=10), cordoned={"n1"}), CFG)
+    assert (plan.status["phase"], plan.status["node"]) == ("Staging", "n2")
 
 
 def test_terminal_jobs_are_left_alone():

@@ -95,6 +95,27 @@ def test_nothing_fits_says_why_for_each_node():
     assert "full: disk nvme0 has 8.0Gi free, needs 10.0Gi" in found.reason
 
 
+def test_cordoned_node_gets_no_job_even_when_it_holds_the_model():
+    """A Node with spec.unschedulable (kubectl cordon/drain) is filtered out; the job goes to another node."""
+    found = place(request(), [
+        node_view(flashnode("holder", read=(14.0,), models=[ready()]), cordoned=True),
+        node_view(flashnode("other", read=(3.0,))),
+    ], [], now=NOW)
+    assert (found.node, found.staged) == ("other", False)
+
+
+def test_only_cordoned_nodes_means_wait_and_say_so():
+    """With every fitting node cordoned nothing fits, and the reason names the cordon."""
+    found = place(request(), [node_view(flashnode("holder", models=[ready()]), cordoned=True)], [], now=NOW)
+    assert found == NoFit("0/1 nodes fit: holder: node cordoned (spec.unschedulable)")
+
+
+def test_node_view_is_not_cordoned_by_default():
+    """The cordon comes from the Node, not the FlashNode: node_view assumes schedulable unless told."""
+    assert node_view(flashnode("n")).cordoned is False
+    assert node_view(flashnode("n"), cordoned=True).usable(NOW) is False
+
+
 def test_no_flashnodes():
     """An empty cluster gives a NoFit that says no node reports pairs."""
     assert place(request(), [], [], now=NOW) == NoFit("no FlashNode reports GPU<->SSD pairs yet")
