@@ -1,9 +1,9 @@
 """Pure placement: which node's GPU<->SSD pair runs a job, from FlashNode status and the jobs already placed.
 
-Filter: a Node that is not cordoned (`spec.unschedulable`: kubectl cordon/drain), a fresh heartbeat, enough free pairs (a pair is taken while a placed job holds its GPU), and room on
-the pair's SSD for the model (unless already there) plus the job's KV reservation. Score: model Ready on
-that SSD >> model being staged there >> SSD read bandwidth > free space; ties go to the lower node name and
-GPU index so placement is deterministic.
+Filter: a Node that is not cordoned (`spec.unschedulable`: kubectl cordon/drain), a fresh heartbeat, enough
+free pairs (a pair is taken while a placed job holds its GPU), and room on the pair's SSD for the model (unless
+already there) plus the job's KV reservation. Score: model Ready on that SSD >> model being staged there >> SSD
+read bandwidth > free space; ties go to the lower node name and GPU index so placement is deterministic.
 """
 
 from __future__ import annotations
