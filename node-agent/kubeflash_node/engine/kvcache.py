@@ -3,6 +3,9 @@
 device: tensors stay on the compute device, updated in place. cpu: host tensors, prefix copied in and new
 slice copied out per step. disk: one file per (layer, micro-batch) in the job directory, token-major
 ([T, B, 2, Nk, D]) so the prefix is one sequential read and a step's new tokens one sequential write.
+With bits 8 or 4 the host and disk tiers keep each row of D values group-wise quantized (quant.KVCodec: codes,
+float16 scale and zero in one uint8 row): encoded on the compute device before it leaves, decoded there after
+it comes back, so PCIe and disk carry the compressed bytes. The device tier is never compressed.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from .quant import KVCodec
 
 
 class LayerKV:
@@ -37,9 +42,12 @@ class LayerKV:
 class DeviceKV:
     """KV resident on the compute device (preallocated to the block's full length)."""
 
-    def __init__(self, *, device, dtype, num_kv_heads: int, head_dim: int, **_):
+    compressible = False  # only the host and disk tiers compress
+
+    def __init__(self, *, device, dtype, num_kv_heads: int, head_dim: int, bits: int = 16, **_):
         self.device, self.dtype, self.nk, self.d = device, dtype, num_kv_heads, head_dim
         self.bufs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.codec = _codec(bits, head_dim) if self.compressible else None
 
     def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
         shape = (batch, self.nk, capacity, self.d)
@@ -60,24 +68,37 @@ class DeviceKV:
         self.bufs.clear()
 
 
+def _codec(bits: int, head_dim: int) -> KVCodec | None:
+    if bits not in (16, 8, 4):
+        raise ValueError(f"KV compression: bits must be 16, 8 or 4, got {bits}")
+    return None if bits == 16 else KVCodec(bits, head_dim)
+
+
 class HostKV(DeviceKV):
     """KV in host memory (pinned when the compute device is a GPU); only the new slice is written back."""
 
+    compressible = True
+
     def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
-        shape = (batch, self.nk, capacity, self.d)
+        # [B, Nk, T_cap, D] in the compute dtype, or [B, Nk, T_cap, codec.nbytes] uint8 when compressed
+        shape = (batch, self.nk, capacity, self.codec.nbytes if self.codec else self.d)
+        dtype = torch.uint8 if self.codec else self.dtype
         pin = self.device.type == "cuda"
-        self.bufs[layer, mb] = (torch.empty(shape, dtype=self.dtype, pin_memory=pin),
-                                torch.empty(shape, dtype=self.dtype, pin_memory=pin))
+        self.bufs[layer, mb] = (torch.empty(shape, dtype=dtype, pin_memory=pin),
+                                torch.empty(shape, dtype=dtype, pin_memory=pin))
 
     def load(self, layer: int, mb: int, start: int) -> LayerKV:
         if start == 0:
             return LayerKV(None, None, in_place=False)
-        k, v = self.bufs[layer, mb]
-        return LayerKV(k[:, :, :start].to(self.device, non_blocking=True),
-                       v[:, :, :start].to(self.device, non_blocking=True), in_place=False)
+        k, v = (b[:, :, :start].to(self.device, non_blocking=True) for b in self.bufs[layer, mb])
+        if self.codec:
+            k, v = self.codec.decode(k, self.dtype), self.codec.decode(v, self.dtype)
+        return LayerKV(k, v, in_place=False)
 
     def store(self, layer: int, mb: int, kv: LayerKV) -> None:
         k_new, v_new, start = kv.new
+        if self.codec:
+            k_new, v_new = self.codec.encode(k_new), self.codec.encode(v_new)
         k, v = self.bufs[layer, mb]
         s = k_new.shape[2]
         k[:, :, start:start + s].copy_(k_new, non_blocking=True)
@@ -87,12 +108,14 @@ class HostKV(DeviceKV):
 class DiskKV:
     """KV in files under `directory`: kv_l{layer}_m{mb}.bin, rows of [B, 2, Nk, D] per token position."""
 
-    def __init__(self, *, device, dtype, num_kv_heads: int, head_dim: int, directory: Path):
+    def __init__(self, *, device, dtype, num_kv_heads: int, head_dim: int, directory: Path, bits: int = 16):
         self.device, self.dtype, self.nk, self.d = device, dtype, num_kv_heads, head_dim
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.files: dict[tuple[int, int], tuple[int, int]] = {}  # -> (fd, batch)
-        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.codec = _codec(bits, head_dim)
+        # bytes of one head's K (or V) row: D values, or the codec's packed row
+        self.head_bytes = self.codec.nbytes if self.codec else head_dim * torch.empty((), dtype=dtype).element_size()
 
     def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
         path = self.dir / f"kv_l{layer:03d}_m{mb:03d}.bin"
@@ -104,7 +127,7 @@ class DiskKV:
         self.files[layer, mb] = (fd, batch)
 
     def _row(self, batch: int) -> int:
-        return batch * 2 * self.nk * self.d * self.itemsize
+        return batch * 2 * self.nk * self.head_bytes
 
     def load(self, layer: int, mb: int, start: int) -> LayerKV:
         if start == 0:
@@ -118,14 +141,18 @@ class DiskKV:
             if got == 0:
                 raise OSError(f"{self.dir}: KV file for layer {layer} micro-batch {mb} is shorter than expected")
             done += got
-        rows = raw.view(self.dtype).view(start, b, 2, self.nk, self.d).to(self.device)
+        if self.codec:
+            rows = self.codec.decode(raw.view(start, b, 2, self.nk, self.head_bytes).to(self.device), self.dtype)
+        else:
+            rows = raw.view(self.dtype).view(start, b, 2, self.nk, self.d).to(self.device)
         kv = rows.permute(1, 2, 3, 0, 4)  # [B, 2, Nk, T, D]
         return LayerKV(kv[:, 0], kv[:, 1], in_place=False)
 
     def store(self, layer: int, mb: int, kv: LayerKV) -> None:
         k_new, v_new, start = kv.new
         fd, b = self.files[layer, mb]
-        rows = torch.stack([k_new, v_new], dim=1).permute(3, 0, 1, 2, 4).contiguous().cpu()  # [S, B, 2, Nk, D]
+        rows = torch.stack([k_new, v_new], dim=1).permute(3, 0, 1, 2, 4).contiguous()  # [S, B, 2, Nk, D]
+        rows = (self.codec.encode(rows) if self.codec else rows).cpu()  # [S, B, 2, Nk, D or codec.nbytes]
         data = memoryview(rows.view(torch.uint8).numpy()).cast("B")
         done = 0
         while done < len(data):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KV_TIERS = ("device", "cpu", "disk")
+KV_BITS = (16, 8, 4)
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class Policy:
     weights_gpu_percent: float = 0.0  # share of layers resident on the compute device
     weights_cpu_percent: float = 0.0  # share of layers resident in (pinned) host memory; the rest stream from disk
     kv: str = "device"  # where the KV cache lives: device | cpu | disk
+    kv_bits: int = 16  # 16: as computed; 8 / 4: group-wise quantized in the cpu and disk tiers (quant.KVCodec)
     prefetch: int = 2  # stages read ahead of the one computing (weights of at most prefetch+1 stages in flight)
     io_threads: int = 4  # reader threads
     io_task_bytes: int = 16 << 20  # one read task; a stage file is split into tasks read in parallel
@@ -33,6 +35,8 @@ class Policy:
             raise ValueError("policy: weights gpu + cpu percentages must lie in 0..100 and sum to at most 100")
         if self.kv not in KV_TIERS:
             raise ValueError(f"policy: kv tier {self.kv!r} is not one of {KV_TIERS}")
+        if self.kv_bits not in KV_BITS:
+            raise ValueError(f"policy: kv_bits {self.kv_bits} is not one of {KV_BITS}")
         if self.prefetch < 1:
             raise ValueError("policy: prefetch must be >= 1")
 

@@ -4,6 +4,8 @@ It follows the schedule's stage order (an iterator given up front), keeps at mos
 flight beyond the one computing, and hands out weight dicts already on the compute device. On CUDA a stage
 goes disk -> pinned host slot (reader threads) -> device slot (copy stream), and the compute stream waits
 on a CUDA event, never on the host. Resident stages ('gpu'/'cpu' placement) are read once and kept.
+Quantized matrices (w.q/w.scale/w.zero, see quant.py) travel packed and are dequantized to the compute dtype
+where the views are built, on the compute device: on CUDA the decompression runs on the GPU, after the copy.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from ..store.format import Manifest
 from .io import make_reader
+from .quant import QuantSpec, dequantize_named
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                 "int8": torch.int8, "uint8": torch.uint8}
@@ -44,6 +47,7 @@ class WeightStreamer:
         self.placement, self.order, self.prefetch = placement, order, prefetch
         self.task_bytes, self.timings = task_bytes, timings
         self.cuda = device.type == "cuda"
+        self.quant = QuantSpec.from_dict(self.m.extra.get("quant"))
         self.reader = make_reader(backend, cuda=self.cuda, probe=self.dir / self.m.stages[0])
         self.direct_to_device = self.cuda and getattr(self.reader, "device_capable", False)
         self.reader_host = make_reader("posix") if self.direct_to_device else self.reader
@@ -144,11 +148,19 @@ class WeightStreamer:
             sub.result()
 
     def _views(self, stage: int, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Typed tensor views into a stage buffer, cast to the compute dtype where the store differs."""
+        """Typed tensor views into a stage buffer, cast to the compute dtype where the store differs;
+        quantized matrices are dequantized here, on `buf`'s device."""
         out = {}
         for tname, e in self.m.files[self.m.stages[stage]].tensors.items():
             t = buf[e.offset:e.offset + e.nbytes].view(TORCH_DTYPES[e.dtype]).view(e.shape)
-            out[tname] = t.to(self.dtype) if t.dtype != self.dtype and t.is_floating_point() else t
+            packed = tname.endswith((".scale", ".zero"))
+            out[tname] = t.to(self.dtype) if t.dtype != self.dtype and t.is_floating_point() and not packed else t
+        if self.quant is None or not any(k.endswith(".q") for k in out):
+            return out
+        t0 = time.perf_counter()
+        out = dequantize_named(out, self.quant, self.dtype)
+        if self.timings is not None:
+            self.timings.add("dequant_weight_issue", time.perf_counter() - t0)
         return out
 
     def _load_resident(self) -> None:
@@ -165,5 +177,10 @@ class WeightStreamer:
                 self.timings.add("load_weight_resident", time.perf_counter() - t0, bytes=size)
             if where == "cpu" and self.cuda:
                 self.host_resident[stage] = host
+            elif self.cuda:  # copy packed, dequantize on the GPU; own copies, so the raw buffer is freed
+                dev = host.to(self.device)
+                raw = dev.untyped_storage().data_ptr()
+                self.resident[stage] = {k: v.clone() if v.untyped_storage().data_ptr() == raw else v
+                                        for k, v in self._views(stage, dev).items()}
             else:
-                self.resident[stage] = {k: v.to(self.device) for k, v in self._views(stage, host).items()}
+                self.resident[stage] = self._views(stage, host)

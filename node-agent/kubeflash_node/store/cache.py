@@ -35,11 +35,15 @@ def fetch_url(url: str, dest: Path, *, progress=None) -> Path:
     return dest
 
 
-def ensure_model(uri: str, *, dtype: str = "float16", root: Path = DEFAULT_ROOT, progress_bar: bool = True) -> tuple[Path, Manifest]:
-    """Return (model_dir, manifest), converting the source into the cache first if it is not there."""
+def ensure_model(uri: str, *, dtype: str = "float16", quantization: str = "none", root: Path = DEFAULT_ROOT,
+                 progress_bar: bool = True) -> tuple[Path, Manifest]:
+    """Return (model_dir, manifest), converting the source into the cache first if it is not there.
+
+    quantization (none | int8 | int4, the job's spec.model.quantization) is part of the model id.
+    """
     from .convert import convert
 
-    model_dir = Path(root) / "models" / model_id(uri, dtype=dtype)
+    model_dir = Path(root) / "models" / model_id(uri, dtype=dtype, quantization=quantization)
     try:
         return model_dir, load_manifest(model_dir)
     except StoreError:
@@ -50,7 +54,8 @@ def ensure_model(uri: str, *, dtype: str = "float16", root: Path = DEFAULT_ROOT,
         name = uri.rstrip("/").rsplit("/", 1)[-1] or "model.gguf"
         src = str(fetch_url(uri, Path(root) / "downloads" / f"{model_dir.name}-{Path(name).name}"))
     bar = _bar(f"converting {uri}", progress_bar)
-    manifest = convert(src, model_dir, dtype=dtype, progress=lambda n, total, stage: bar(n, total, stage))
+    manifest = convert(src, model_dir, dtype=dtype, quantization=quantization,
+                       progress=lambda n, total, stage: bar(n, total, stage))
     bar.close()
     return model_dir, manifest
 

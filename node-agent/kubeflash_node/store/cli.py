@@ -9,10 +9,14 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="builtin:smollm2-135m, dummy:<preset> (e.g. dummy:llama-3-8b), a .gguf file, "
-                                  "or a Hugging Face directory with config.json and *.safetensors")
+                                  "a Hugging Face directory with config.json and *.safetensors, or a float store")
     p.add_argument("--out", required=True, type=Path, help="model directory to create (published atomically)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the stored weights (default: float16)")
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+                   help="group-wise (64 inputs) quantization of the layers' big matrices (default: none)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero points)")
+    p.add_argument("--quant-group", type=int, default=64, help="inputs per quantization scale (default 64)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.add_argument("--verify", action="store_true", help="re-read every file and check its sha256 afterwards")
     p.add_argument("--list-presets", action="store_true", help="print the dummy presets and exit")
@@ -30,7 +34,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     bar = _bar(f"converting {args.source}", sys.stderr.isatty() or True)
     try:
-        manifest = convert(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=bar)
+        manifest = convert(args.source, args.out, dtype=args.dtype, quantization=args.quantization,
+                           symmetric=args.symmetric, group=args.quant_group, overwrite=args.overwrite, progress=bar)
         bar.close()
         if args.verify:
             verify(args.out, manifest)
@@ -38,6 +43,8 @@ def main(args: argparse.Namespace) -> int:
         bar.close()
         print(f"kubeflash convert: error: {e}", file=sys.stderr)
         return 1
-    print(f"{args.out}: {manifest.architecture}, {manifest.num_layers} layers, {manifest.dtype}, "
+    q = manifest.extra.get("quant")
+    qs = f" + int{q['bits']} matrices (group {q['group']}{', symmetric' if q['symmetric'] else ''})" if q else ""
+    print(f"{args.out}: {manifest.architecture}, {manifest.num_layers} layers, {manifest.dtype}{qs}, "
           f"{manifest.total_bytes / 2**30:.3f} GiB, tokenizer: {manifest.tokenizer or 'none'}")
     return 0

@@ -6,6 +6,9 @@ through ModelWriter, so a model directory appears only when complete.
 Canonical names. embed: tok_embed [V, H] (+ pos_embed [P+2, H] for OPT). layer (llama): attn_norm, wq, wk,
 wv, (bq, bk, bv), wo, mlp_norm, w_gate, w_up, w_down. layer (opt): attn_norm_w/_b, wq/bq, wk/bk, wv/bv,
 wo/bo, mlp_norm_w/_b, fc1_w/_b, fc2_w/_b. head: norm (llama) or norm_w/norm_b (opt), lm_head unless tied.
+With `quantization` int8/int4 the layers' big matrices are stored as w.q / w.scale / w.zero (engine/quant.py)
+and the manifest's extra["quant"] records bits, group and scheme. An existing store is itself a source, so a
+float store can be re-quantized without the original checkpoint.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ import importlib.util
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from ..engine.config import ModelConfig, preset
-from .format import Manifest, ModelWriter, StoreError
+from .format import Manifest, ModelWriter, StoreError, load_manifest, tensor_view
 
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 Tensors = dict[str, "object"]  # canonical name -> torch.Tensor
@@ -274,6 +278,43 @@ class GGUFSource(Source):
         return True
 
 
+class StoreSource(Source):
+    """A model already in the layer store (float weights), read back stage by stage for re-conversion."""
+
+    def __init__(self, path: Path):
+        self.path, self.m = path, load_manifest(path)
+        if self.m.extra.get("quant"):
+            raise SourceError(f"{path}: already quantized; convert from the original source or a float store")
+        self.config = ModelConfig.from_dict(self.m.config)
+        self.description = self.m.source or f"store:{path}"
+
+    def _stage(self, i: int) -> Tensors:
+        import torch
+
+        name = self.m.stages[i]
+        buf = np.fromfile(self.path / name, dtype=np.uint8)
+        out = {}
+        for t, e in self.m.files[name].tensors.items():
+            a = torch.from_numpy(tensor_view(buf, e).copy())
+            out[t] = a.view(torch.bfloat16) if e.dtype == "bfloat16" else a
+        return out
+
+    def embed(self) -> Tensors:
+        return self._stage(0)
+
+    def layer(self, i: int) -> Tensors:
+        return self._stage(i + 1)
+
+    def head(self) -> Tensors:
+        return self._stage(len(self.m.stages) - 1)
+
+    def save_tokenizer(self, out: Path) -> bool:
+        if not self.m.tokenizer:
+            return False
+        shutil.copytree(self.path / self.m.tokenizer, out)
+        return True
+
+
 class DummySource(Source):
     """Tokenizer-free random weights of a preset's shape, for benchmarks (values cycle through one random pool)."""
 
@@ -340,6 +381,8 @@ def open_source(uri: str) -> Source:
     path = Path(uri.removeprefix("file://")).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return GGUFSource(path)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return StoreSource(path)
     if path.is_dir():
         return HFSource(path)
     if path.exists():
@@ -359,19 +402,36 @@ def _to_store(t, dtype: str):
     return (t.view(torch.int16) if dtype == "bfloat16" else t).numpy()
 
 
-def _stage_iter(tensors: Tensors, dtype: str) -> Iterator[tuple[str, np.ndarray, str]]:
-    for name, t in tensors.items():
-        yield name, _to_store(t, dtype), dtype
+def _stage_iter(tensors: Tensors, dtype: str, quant=None) -> Iterator[tuple[str, np.ndarray, str]]:
+    from ..engine.quant import quantize_named
+
+    for name, t in quantize_named({k: v.float() for k, v in tensors.items()} if quant else tensors, quant).items():
+        if name.endswith(".q"):
+            yield name, t.numpy(), "uint8"
+        elif name.endswith((".scale", ".zero")):
+            yield name, t.numpy(), "float16"
+        else:
+            yield name, _to_store(t, dtype), dtype
 
 
-def convert(uri: str, out_dir: Path, *, dtype: str = "float16", overwrite: bool = False,
+def convert(uri: str, out_dir: Path, *, dtype: str = "float16", quantization: str = "none",
+            symmetric: bool = False, group: int = 64, overwrite: bool = False,
             progress: Callable[[int, int, str], None] | None = None) -> Manifest:
     """Convert `uri` into a complete model directory at `out_dir` (published atomically).
 
+    quantization: none | int8 | int4 (group-wise over `group` inputs, asymmetric unless `symmetric`): only the
+    layers' big matrices; everything else is stored in `dtype`, which is also the GPU compute dtype.
     `progress(done, total, stage)` is called after each stage file is written.
     """
+    from ..engine.quant import QuantSpec
+
     if dtype not in STORE_DTYPES:
         raise SourceError(f"dtype {dtype!r} is not supported; expected one of {STORE_DTYPES}")
+    try:
+        quant = QuantSpec.named(quantization, symmetric=symmetric)
+        quant = replace(quant, group=group) if quant else None
+    except ValueError as e:
+        raise SourceError(str(e)) from None
     source = open_source(uri)
     c = source.config
     stages = ["embed.bin"] + [f"layer_{i:03d}.bin" for i in range(c.num_layers)] + ["head.bin"]
@@ -379,12 +439,13 @@ def convert(uri: str, out_dir: Path, *, dtype: str = "float16", overwrite: bool 
     try:
         readers = [source.embed] + [lambda i=i: source.layer(i) for i in range(c.num_layers)] + [source.head]
         for n, (name, read) in enumerate(zip(stages, readers), 1):
-            writer.add_stage(name, _stage_iter(read(), dtype))
+            writer.add_stage(name, _stage_iter(read(), dtype, quant if name.startswith("layer_") else None))
             if progress:
                 progress(n, len(stages), name)
         has_tok = source.save_tokenizer(writer.tmp / "tokenizer")
         manifest = Manifest(architecture=c.architecture, config=c.to_dict(), dtype=dtype, files=dict(writer.files),
-                            stages=stages, tokenizer="tokenizer" if has_tok else None, source=source.description)
+                            stages=stages, tokenizer="tokenizer" if has_tok else None, source=source.description,
+                            extra={"quant": quant.to_dict()} if quant else {})
         writer.publish(manifest)
         return manifest
     except BaseException:
