@@ -1,0 +1,212 @@
+"""`kubeflash plan JOB.yaml`: the policy the cost model picks for a job on this machine's measured ceilings,
+its predicted time and throughput, the resource that bounds it, and the runner-up. Runs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+KV_BITS = {"none": 16, "int8": 8, "int4": 4}  # spec.offload.compression -> Policy.kv_bits
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+
+
+def parse_size(s: str) -> int:
+    """`5GiB`, `5Gi`, `64G`, `500MiB`, `1073741824` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]i?)?b?\s*", str(s).lower())
+    if not m:
+        raise ValueError(f"{s!r} is not a size; expected something like 5GiB, 64G or 500MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", type=Path, help="an InferenceJob YAML file")
+    p.add_argument("--ceilings", type=Path, help="ceilings JSON (kubeflash bench --ceilings-only --json FILE, or a "
+                                                 "bench result holding a 'ceilings' key)")
+    p.add_argument("--measure", action="store_true", help="measure the ceilings now (disk probe under --store, GPU)")
+    p.add_argument("--gpu-memory", help="GPU memory the job may use, e.g. 5GiB (default: the GPU's total)")
+    p.add_argument("--cpu-memory", help="host memory the job may use, e.g. 64GiB (default: MemAvailable)")
+    p.add_argument("--store", type=Path, help="local model store root, to read the converted model's stage sizes "
+                                              "(default: $KUBEFLASH_HOME or ~/.cache/kubeflash)")
+    p.add_argument("--prompt-len", type=int, default=0, help="tokens per prompt (default: from the job's prompts)")
+    p.add_argument("--allow-compression", action="store_true",
+                   help="also weigh int8/int4 weights and 8/4-bit KV (changes the outputs: see docs/compression.md)")
+    p.add_argument("--step", type=int, default=10, help="step of the weights' gpu/cpu percentages (default 10)")
+    p.add_argument("--json", type=Path, help="write the plan to this JSON file")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..jobspec import SpecError, load_job
+    from ..store.format import StoreError
+    from .costmodel import Budget, candidates, choose
+
+    try:
+        spec = load_job(args.manifest)
+        ceil = _ceilings(args)
+        config, sizes, itemsize, size_note, tokenizer = _model(spec, args.store)
+        job = _job(spec, tokenizer, args.prompt_len)
+        budget = Budget(parse_size(args.gpu_memory) if args.gpu_memory else _gpu_total(),
+                        parse_size(args.cpu_memory) if args.cpu_memory else _mem_available())
+        quants = tuple(sizes) if args.allow_compression else (spec.model.quantization,)
+        kv_bits = (16, 8, 4) if args.allow_compression else (KV_BITS[spec.offload.compression],)
+        base = _base_policy(ceil)
+        cands = candidates(job, quantizations=quants, kv_bits=kv_bits, step=args.step, base=base)
+        plan = choose(cands, config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, itemsize=itemsize)
+    except (SpecError, StoreError, ValueError, OSError) as e:
+        print(f"kubeflash plan: error: {e}", file=sys.stderr)
+        return 1
+    print(f"model: {spec.model.uri} ({config.architecture}, {config.num_layers} layers, {spec.model.dtype}; "
+          f"{sum(sizes[spec.model.quantization][0]) / 2**30:.2f} GiB stored, {size_note})")
+    print(f"job: {job.prompts} prompts x ({job.prompt_len} prompt + {job.gen_len} generated tokens)")
+    print(f"ceilings: disk read {ceil.disk_read_cold:.2f} GB/s cold, H2D {ceil.h2d_pinned:.1f} GB/s, "
+          f"matmul {ceil.matmul_tflops:.0f} TFLOP/s")
+    print(f"budgets: GPU {budget.gpu_bytes / 2**30:.2f} GiB, CPU {budget.cpu_bytes / 2**30:.2f} GiB; "
+          f"{plan.fitting} of {plan.considered} candidate policies fit\n")
+    print("chosen:    " + _describe(plan.best))
+    print("           why: " + plan.best.why())
+    if plan.runner_up:
+        r = plan.runner_up
+        print(f"runner-up: {_describe(r)}  (+{max(0.0, r.total_s / plan.best.total_s - 1):.1%})")
+        print("           why: " + r.why())
+    print("\nto pin it, in the job's spec:\n" + _offload_yaml(plan.best))
+    if args.json:
+        args.json.write_text(json.dumps(_to_json(plan, job, budget), indent=1))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def _ceilings(args):
+    from .bench import Ceilings
+
+    if args.ceilings:
+        d = json.loads(args.ceilings.read_text())
+        d = d.get("ceilings", d)
+        return Ceilings(**{k: v for k, v in d.items() if k in Ceilings.__dataclass_fields__})
+    if args.measure:
+        from ..store.cache import DEFAULT_ROOT
+        from .bench import measure_ceilings
+
+        print("measuring ceilings (disk, PCIe, matmul)…", file=sys.stderr)
+        return measure_ceilings((args.store or DEFAULT_ROOT) / "probe")
+    raise ValueError("no ceilings: pass --ceilings FILE (kubeflash bench --ceilings-only --json FILE writes one) "
+                     "or --measure")
+
+
+def _model(spec, store: Path | None):
+    """(config, {quantization: (stored, dense)}, compute itemsize, where the sizes come from, tokenizer dir)."""
+    from ..store.cache import DEFAULT_ROOT
+    from ..store.format import StoreError, load_manifest
+    from ..store.ids import model_id
+    from .config import ModelConfig, preset
+    from .costmodel import stage_sizes
+
+    m = spec.model
+    itemsize = 4 if m.dtype == "float32" else 2
+    model_dir = (store or DEFAULT_ROOT) / "models" / model_id(m.uri, dtype=m.dtype, quantization=m.quantization)
+    try:
+        manifest = load_manifest(model_dir)
+    except StoreError:
+        manifest = None
+    if manifest:
+        config = ModelConfig.from_dict(manifest.config)
+        have = [manifest.files[s].size for s in manifest.stages]
+    elif m.uri.startswith("dummy:"):
+        config, have = preset(m.uri.split(":", 1)[1]), None
+    elif m.uri == "builtin:smollm2-135m":
+        config, have = preset("smollm2-135m"), None
+    else:
+        from ..store.convert import open_source
+
+        config, have = open_source(m.uri).config, None
+    sizes = {q: stage_sizes(config, itemsize, q) for q in ("none", "int8", "int4")}
+    if have:  # measured sizes for the stored quantization, scaled by the estimates for the others
+        base = sizes[m.quantization][0]
+        sizes = {q: ([round(h * s / b) for h, s, b in zip(have, st, base)], de) for q, (st, de) in sizes.items()}
+    tok = model_dir / manifest.tokenizer if manifest and manifest.tokenizer else None
+    return config, sizes, itemsize, f"sizes from {model_dir}" if have else "sizes estimated from the config", tok
+
+
+def _job(spec, tokenizer_dir: Path | None, prompt_len: int):
+    from .costmodel import JobShape
+
+    prompts = spec.input.prompts
+    g = spec.generation
+    gen = max([g.max_new_tokens] + [p.max_tokens or 0 for p in prompts])
+    if not prompt_len:
+        lens = [len(p.token_ids) for p in prompts if p.token_ids is not None]
+        texts = [p.text if p.text is not None else "\n".join(x["content"] for x in p.messages or ())
+                 for p in prompts if p.token_ids is None]
+        if texts and tokenizer_dir:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+            lens += [len(tok(t)["input_ids"]) + 16 for t in texts]  # + a chat template's few tokens
+        else:
+            lens += [len(t) // 4 + 16 for t in texts]  # ~4 characters a token
+        prompt_len = max(lens)
+    return JobShape(prompts=len(prompts), prompt_len=prompt_len, gen_len=gen)
+
+
+def _base_policy(ceil):
+    from .policy import Policy
+
+    return Policy(io_threads=ceil.disk_read_threads or 4, io_task_bytes=ceil.disk_read_task_bytes or 16 << 20)
+
+
+def _gpu_total() -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("no GPU here: pass --gpu-memory (the GPU the job will run on, e.g. 80GiB)")
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError("cannot read MemAvailable: pass --cpu-memory")
+
+
+# ------------------------------------------------------------------------------------------- output
+
+
+def _describe(pr) -> str:
+    p, q = pr.candidate.policy, pr.candidate.quantization
+    pl = pr.placement
+    kv = p.kv + (f" {p.kv_bits}-bit" if p.kv_bits != 16 else "")
+    return (f"weights gpu {p.weights_gpu_percent:.0f}% cpu {p.weights_cpu_percent:.0f}% (stages gpu={pl['gpu']} "
+            f"cpu={pl['cpu']} disk={pl['disk']}){'' if q == 'none' else ', ' + q + ' weights'}, kv {kv}, "
+            f"micro-batch {p.gpu_batch_size} x {p.num_gpu_batches}: {pr.total_s:.3g} s (setup {pr.setup_s:.3g} s + "
+            f"run {pr.run_s:.3g} s), {pr.tokens_per_s:.3g} generated tokens/s, GPU {pr.gpu_bytes / 2**30:.2f} GiB, "
+            f"CPU {pr.cpu_bytes / 2**30:.2f} GiB")
+
+
+def _offload_yaml(pr) -> str:
+    p = pr.candidate.policy
+    kv = {t: 100 if t == {"device": "gpu"}.get(p.kv, p.kv) else 0 for t in ("gpu", "cpu", "disk")}
+    disk = 100 - p.weights_gpu_percent - p.weights_cpu_percent
+    return (f"  offload:\n    policy: explicit\n    weights: {{gpu: {p.weights_gpu_percent:g}, cpu: "
+            f"{p.weights_cpu_percent:g}, disk: {disk:g}}}\n"
+            f"    kv: {{gpu: {kv['gpu']}, cpu: {kv['cpu']}, disk: {kv['disk']}}}\n"
+            f"    gpuBatchSize: {p.gpu_batch_size}\n    numGpuBatches: {p.num_gpu_batches}"
+            + (f"\n    compression: int{p.kv_bits}  # the KV cache's bits" if p.kv_bits != 16 else "")
+            + (f"\n  model: {{quantization: {q}}}  # merge into spec.model" if (q := pr.candidate.quantization) != "none"
+               else ""))
+
+
+def _to_json(plan, job, budget) -> dict:
+    def one(pr):
+        return None if pr is None else {
+            "policy": pr.candidate.policy.__dict__, "quantization": pr.candidate.quantization,
+            "placement": pr.placement, "total_s": pr.total_s, "run_s": pr.run_s, "setup_s": pr.setup_s,
+            "tokens_per_s": pr.tokens_per_s, "bound": pr.bound, "resource_s": pr.resource_s,
+            "gpu_bytes": pr.gpu_bytes, "cpu_bytes": pr.cpu_bytes}
+
+    return {"job": job.__dict__, "budget": budget.__dict__, "considered": plan.considered, "fitting": plan.fitting,
+            "best": one(plan.best), "runner_up": one(plan.runner_up)}

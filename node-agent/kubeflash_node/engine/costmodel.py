@@ -1,0 +1,343 @@
+"""Cost model: predict a job's time under candidate policies from measured ceilings, keep those that fit the GPU
+and CPU memory budgets, pick the fastest and say which resource bounds it.
+
+Pure (no torch). The schedule reads stage j+1 (disk -> pinned host -> GPU, `prefetch` deep) while stage j runs
+for every micro-batch of the block, and a micro-batch's KV load/store runs on the compute stream, so
+    t_stage = max(t_disk, t_pcie, t_compute + t_kv)      t_run = sum over blocks, steps, stages of t_stage
+plus a one-time setup that reads the resident stages. Compute is FLOPs / (matmul peak x efficiency) plus a
+fixed per-(layer, micro-batch) overhead (Python and kernel launches); Calibration holds those constants,
+fitted to the H100 runs in docs/bench-results (docs/costmodel.md has the fit and the errors).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+from .config import ModelConfig
+from .policy import Policy
+
+GB = 1e9
+QUANT_BITS = {"none": 16, "int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """What the job asks for: sequences, (max) prompt tokens, tokens generated per sequence."""
+
+    prompts: int
+    prompt_len: int
+    gen_len: int
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Memory the job may use (bytes)."""
+
+    gpu_bytes: int
+    cpu_bytes: int
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Constants the ceilings do not give; defaults fitted to the H100 runs (docs/costmodel.md)."""
+
+    compute_efficiency: float = 0.5  # attained / measured matmul peak over a layer (prefill runs: 0.47-0.64)
+    layer_overhead_s: float = 1.5e-3  # per (layer, micro-batch): launches + Python (decode runs: 1.3-1.9 ms)
+    hbm_gbps: float = 3000.0  # GPU memory bandwidth: a decode micro-batch reads the layer's weights once
+    dequant_gbps: float = 300.0  # dequantized output bytes per second on the GPU (assumed, not yet measured)
+    gpu_reserve_bytes: int = 1 << 30  # CUDA context and allocator slack beyond the tensors counted
+    host_base_bytes: int = 2 << 30  # the process itself (Python, torch, CUDA runtime)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A policy plus the weight quantization of the store it would read."""
+
+    policy: Policy
+    quantization: str = "none"  # none | int8 | int4
+
+
+@dataclass
+class Prediction:
+    """Predicted time and memory of one candidate."""
+
+    candidate: Candidate
+    run_s: float  # the generation itself (what `kubeflash bench` reports as measured_s)
+    setup_s: float  # reading the resident stages once
+    resource_s: dict[str, float]  # summed per-stage time of each resource (disk, pcie, compute)
+    bound_s: dict[str, float]  # run time during which each resource was the slowest
+    gpu_bytes: int
+    cpu_bytes: int
+    tokens: int
+    placement: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_s(self) -> float:
+        return self.run_s + self.setup_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.total_s if self.total_s else 0.0
+
+    @property
+    def bound(self) -> str:
+        return max(self.bound_s, key=self.bound_s.get)
+
+    def why(self) -> str:
+        share = self.bound_s[self.bound] / self.run_s if self.run_s else 0.0
+        parts = ", ".join(f"{k} {v:.3g} s" for k, v in self.resource_s.items())
+        return f"{self.bound}-bound: the slowest resource in {share:.0%} of the run (summed stage time: {parts})"
+
+
+# ------------------------------------------------------------------------------------------- sizes
+
+
+def layer_matrix_params(c: ModelConfig) -> int:
+    """Parameters of a layer's big matrices (the ones quantization packs)."""
+    h, i = c.hidden_size, c.intermediate_size
+    return h * c.q_dim + 2 * h * c.kv_dim + c.q_dim * h + (2 if c.architecture == "opt" else 3) * h * i
+
+
+def packed_bytes(bits: int, group: int = 64) -> float:
+    """Stored bytes per value: float at 16 bits, else codes + float16 scale and zero per group."""
+    return 2.0 if bits == 16 else bits / 8 + 4 / group
+
+
+def stage_sizes(c: ModelConfig, itemsize: int, quantization: str = "none") -> tuple[list[int], list[int]]:
+    """(stored, dense) bytes per stage (embed, layers, head), estimated from the config: stored is what disk
+    and PCIe carry; dense is the dequantized layer in the compute dtype."""
+    dense_layer = c.layer_params() * itemsize
+    mat = layer_matrix_params(c)
+    bits = QUANT_BITS[quantization]
+    stored_layer = dense_layer if bits == 16 else int(mat * packed_bytes(bits) + (c.layer_params() - mat) * itemsize)
+    embed, head = c.embed_params() * itemsize, c.head_params() * itemsize
+    n = c.num_layers
+    return [embed] + [stored_layer] * n + [head], [embed] + [dense_layer] * n + [head]
+
+
+# ------------------------------------------------------------------------------------------- prediction
+
+
+@dataclass(frozen=True)
+class _Env:
+    c: ModelConfig
+    ceil: object  # bench.Ceilings (duck-typed: disk_read_cold, disk_read_warm, disk_write, h2d_pinned, matmul_tflops)
+    job: JobShape
+    budget: Budget
+    cal: Calibration
+    itemsize: int  # compute dtype bytes
+
+
+def _rate(nbytes: float, gbps: float) -> float:
+    return nbytes / (gbps * GB) if nbytes and gbps else 0.0
+
+
+def _blocks(job: JobShape, p: Policy) -> list[tuple[int, list[int]]]:
+    """(how many such blocks, micro-batch sizes) for the full blocks and the remainder block."""
+    full, rest = divmod(job.prompts, p.block_size)
+    out = [(full, [p.gpu_batch_size] * p.num_gpu_batches)] if full else []
+    if rest:
+        whole, part = divmod(rest, p.gpu_batch_size)
+        out.append((1, [p.gpu_batch_size] * whole + ([part] if part else [])))
+    return out
+
+
+def _kv_row(e: _Env, bits: int) -> float:
+    """Bytes of one token's K and V of one layer for one sequence, as the cpu/disk tiers hold it."""
+    d = e.c.head_dim
+    per = e.itemsize * d if bits == 16 else d * bits / 8 + 4 * (d // min(64, d))
+    return 2 * e.c.num_kv_heads * per
+
+
+def _layer_compute(e: _Env, b: int, s_new: int, ctx: int, dense: int) -> float:
+    """Seconds of one layer for one micro-batch of b sequences adding s_new tokens to a cache of ctx-s_new."""
+    f0 = e.c.layer_flops_per_token(0)
+    f1 = e.c.layer_flops_per_token(1) - f0
+    prev = ctx - s_new
+    flops = b * (s_new * f0 + f1 * (s_new * prev + s_new * (s_new + 1) / 2))
+    return _rate(flops, e.ceil.matmul_tflops * 1e3 * e.cal.compute_efficiency) + e.cal.layer_overhead_s \
+        + _rate(dense, e.cal.hbm_gbps)
+
+
+def _kv_time(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bool) -> float:
+    """KV load + store of one layer for one micro-batch (cpu/disk tiers), on the compute stream."""
+    if p.kv == "device" or e.job.gen_len <= 1:
+        return 0.0
+    row = _kv_row(e, p.kv_bits) * b
+    load, store = (ctx - s_new) * row, s_new * row
+    t = _rate(load + store, e.ceil.h2d_pinned)
+    if p.kv_bits != 16:
+        t += _rate((load + store) / row * b * 2 * e.c.kv_dim * e.itemsize, e.cal.dequant_gbps)
+    if p.kv == "disk":
+        read_bw = e.ceil.disk_read_warm if kv_fits_cache else e.ceil.disk_read_cold
+        t += _rate(load, read_bw) + _rate(store, e.ceil.disk_read_warm if kv_fits_cache else e.ceil.disk_write)
+    return t
+
+
+def _placement(c: ModelConfig, p: Policy, n: int) -> list[str]:
+    where = p.placement(n)
+    if c.tie_word_embeddings:
+        where[0] = "gpu"  # as the engine does: the head reads the embedding
+    return where
+
+
+def memory(cand: Candidate, *, config: ModelConfig, job: JobShape, sizes: tuple[list[int], list[int]],
+           cal: Calibration = Calibration(), itemsize: int = 2) -> tuple[int, int]:
+    """(GPU bytes, CPU bytes) the candidate needs at its peak (the GPU figure excludes cal.gpu_reserve_bytes)."""
+    e = _Env(config, None, job, Budget(0, 0), cal, itemsize)
+    stored, dense = sizes
+    return _memory(e, cand.policy, stored, dense, _placement(config, cand.policy, len(stored)))
+
+
+def _memory(e: _Env, p: Policy, stored: list[int], dense: list[int], where: list[str]) -> tuple[int, int]:
+    """(GPU bytes, CPU bytes) at the peak: prefill of the first block."""
+    c, j, isz = e.c, e.job, e.itemsize
+    streamed = [i for i, w in enumerate(where) if w != "gpu"]
+    slots = (p.prefetch + 1) * max((stored[i] for i in streamed), default=0)
+    deq = 2 * max((dense[i] for i in streamed if stored[i] != dense[i]), default=0)
+    blk, g = min(p.block_size, j.prompts), min(p.gpu_batch_size, j.prompts)
+    s, cap = j.prompt_len, j.prompt_len + j.gen_len
+    if p.kv == "device" and j.gen_len > 1:
+        kv_dev = blk * cap * c.kv_bytes_per_token(isz)  # the whole block's cache, every layer
+    else:
+        kv_dev = 2 * g * cap * 2 * c.kv_dim * isz  # one layer's prefix for one micro-batch, loaded + concatenated
+    act = blk * s * (c.hidden_size + s + 2 * c.head_dim) * isz  # x, mask [B,1,S,T], rope cos/sin of every micro-batch
+    mlp = (2 if c.architecture == "opt" else 3) * c.intermediate_size  # gate, up, act (llama) | fc1, act (opt)
+    act += g * s * (3 * c.hidden_size + c.q_dim + 2 * c.kv_dim + mlp) * isz + g * c.vocab_size * 4  # one layer's temps
+    gpu = sum(dense[i] for i, w in enumerate(where) if w == "gpu") + slots + deq + kv_dev + act
+    ring = slots if any(w == "disk" for w in where) else 0
+    kv_host = blk * cap * c.num_layers * _kv_row(e, p.kv_bits) if p.kv == "cpu" and j.gen_len > 1 else 0
+    cpu = e.cal.host_base_bytes + sum(stored[i] for i, w in enumerate(where) if w == "cpu") + ring + kv_host
+    return int(gpu), int(cpu)
+
+
+def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget: Budget,
+            sizes: tuple[list[int], list[int]], cal: Calibration = Calibration(), itemsize: int = 2,
+            memo: dict | None = None) -> Prediction:
+    """Time and memory of one candidate; `sizes` = (stored, dense) bytes per stage for its quantization.
+    `memo` caches stage times across candidates of one search (same config, ceilings, job and calibration)."""
+    e = _Env(config, ceil, job, budget, cal, itemsize)
+    p, (stored, dense) = cand.policy, sizes
+    where = _placement(config, p, len(stored))
+    gpu, cpu = _memory(e, p, stored, dense, where)
+    kv_total = job.prompts * (job.prompt_len + job.gen_len) * config.num_layers * _kv_row(e, p.kv_bits)
+    kv_fits_cache = kv_total <= budget.cpu_bytes - cpu
+    res = {"disk": 0.0, "pcie": 0.0, "compute": 0.0}
+    bound = dict.fromkeys(res, 0.0)
+    last = len(stored) - 1
+    kinds = Counter(("embed" if i == 0 else "head" if i == last else "layer", where[i], stored[i], dense[i])
+                    for i in range(last + 1))  # identical stages are computed once and counted
+    for count, mbs in _blocks(job, p):
+        for (kind, w, st, de), n in kinds.items():
+            key = (kind, w, st, de, tuple(mbs), p.kv, p.kv_bits, kv_fits_cache)
+            got = memo.get(key) if memo is not None else None
+            if got is None:
+                got = _stage_all_steps(e, p, kind, w, st, de, Counter(mbs), kv_fits_cache)
+                if memo is not None:
+                    memo[key] = got
+            for k in res:
+                res[k] += got[0][k] * n * count
+                bound[k] += got[1][k] * n * count
+    setup = sum(_rate(stored[i], ceil.disk_read_cold) for i, w in enumerate(where) if w != "disk")
+    tokens = job.prompts * job.gen_len
+    return Prediction(cand, sum(bound.values()), setup, res, bound, gpu, cpu, tokens,
+                      {k: where.count(k) for k in ("gpu", "cpu", "disk")})
+
+
+def _steps(gen_len: int, exact: int = 33) -> list[tuple[int, float]]:
+    """(step, weight): every step when few, else prefill + evenly spaced decode steps whose weights sum to the
+    steps they stand for (stage time is piecewise linear in the context, so the error stays small)."""
+    if gen_len <= exact:
+        return [(s, 1.0) for s in range(gen_len)]
+    n = exact - 1
+    picks = [1 + round(k * (gen_len - 2) / (n - 1)) for k in range(n)]
+    return [(0, 1.0)] + [(s, (gen_len - 1) / n) for s in picks]
+
+
+def _stage_all_steps(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, mbs: Counter,
+                     kv_fits_cache: bool) -> tuple[dict, dict]:
+    """One stage over every step of one block: (seconds per resource, seconds each resource was the slowest)."""
+    res = {"disk": 0.0, "pcie": 0.0, "compute": 0.0}
+    bound = dict.fromkeys(res, 0.0)
+    j = e.job
+    for step, weight in _steps(j.gen_len):
+        s_new, ctx = (j.prompt_len, j.prompt_len) if step == 0 else (1, j.prompt_len + step)
+        t = _stage(e, p, kind, where, stored, dense, mbs, s_new, ctx, kv_fits_cache)
+        top = max(t, key=t.get)
+        for k, v in t.items():
+            res[k] += v * weight
+        bound[top] += t[top] * weight
+    return res, bound
+
+
+def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, mbs: Counter,
+           s_new: int, ctx: int, kv_fits_cache: bool) -> dict[str, float]:
+    """Per-resource seconds of one stage in one pass over the micro-batches `mbs` ({size: how many})."""
+    disk = _rate(stored, e.ceil.disk_read_cold) if where == "disk" else 0.0
+    pcie = _rate(stored, e.ceil.h2d_pinned) if where != "gpu" else 0.0
+    comp = _rate(dense, e.cal.dequant_gbps) if where != "gpu" and stored != dense else 0.0
+    peak = e.ceil.matmul_tflops * 1e3 * e.cal.compute_efficiency  # GFLOP/s
+    for b, m in mbs.items():
+        if kind == "embed":
+            comp += m * e.cal.layer_overhead_s / 4  # an embedding lookup: a few kernels
+        elif kind == "head":
+            comp += m * (_rate(2 * b * e.c.hidden_size * e.c.vocab_size, peak) + e.cal.layer_overhead_s / 2)
+        else:
+            comp += m * (_layer_compute(e, b, s_new, ctx, dense) + _kv_time(e, p, b, s_new, ctx, kv_fits_cache))
+    return {"disk": disk, "pcie": pcie, "compute": comp}
+
+
+# ------------------------------------------------------------------------------------------- search
+
+
+def candidates(job: JobShape, *, quantizations=("none",), kv_bits=(16,), step: int = 10,
+               base: Policy = Policy()) -> list[Candidate]:
+    """Weights gpu/cpu percentages in `step`s, KV tiers (+ compressed), batch shapes in powers of two."""
+    pct = range(0, 101, step)
+    sizes = sorted({min(2 ** k, job.prompts) for k in range(12)})
+    shapes = [(g, nb) for g in sizes for nb in (2 ** k for k in range(8)) if (nb - 1) * g < job.prompts]
+    kvs = [("device", 16)] + ([(t, b) for t in ("cpu", "disk") for b in kv_bits] if job.gen_len > 1 else [])
+    out = []
+    for (gp, cp), (kv, kb), (g, nb), q in itertools.product(
+            [(gp, cp) for gp in pct for cp in pct if gp + cp <= 100], kvs, shapes, quantizations):
+        pol = replace(base, weights_gpu_percent=float(gp), weights_cpu_percent=float(cp), kv=kv, kv_bits=kb,
+                      gpu_batch_size=g, num_gpu_batches=nb)
+        out.append(Candidate(pol, q))
+    return out
+
+
+@dataclass
+class Plan:
+    """The chosen prediction, the best one placing or quantizing weights otherwise, and how many were weighed."""
+
+    best: Prediction
+    runner_up: Prediction | None
+    considered: int
+    fitting: int
+
+
+def _shape(pr: Prediction) -> tuple:
+    """What makes a runner-up worth showing: another weights placement or quantization."""
+    return tuple(pr.placement.values()), pr.candidate.quantization
+
+
+def choose(cands: list[Candidate], *, config: ModelConfig, ceil, job: JobShape, budget: Budget,
+           sizes: dict[str, tuple[list[int], list[int]]], cal: Calibration = Calibration(),
+           itemsize: int = 2) -> Plan:
+    """Predict every candidate that fits both budgets; the fastest wins (ties: less summed work, less GPU)."""
+    fits, memo = [], {}
+    for cand in cands:
+        gpu, cpu = memory(cand, config=config, job=job, sizes=sizes[cand.quantization], cal=cal, itemsize=itemsize)
+        if gpu + cal.gpu_reserve_bytes <= budget.gpu_bytes and cpu <= budget.cpu_bytes:
+            fits.append(predict(cand, config=config, ceil=ceil, job=job, budget=budget,
+                                sizes=sizes[cand.quantization], cal=cal, itemsize=itemsize, memo=memo))
+    if not fits:
+        raise ValueError(f"no candidate policy fits {budget.gpu_bytes / 2**30:.1f} GiB of GPU and "
+                         f"{budget.cpu_bytes / 2**30:.1f} GiB of CPU memory; raise a budget or shorten the job")
+    # ties (a hidden resource changes nothing) go to the candidate that does less work, then uses less GPU
+    fits.sort(key=lambda pr: (round(pr.total_s, 9), round(sum(pr.resource_s.values()), 9), pr.gpu_bytes, pr.cpu_bytes))
+    best = fits[0]
+    runner = next((pr for pr in fits[1:] if _shape(pr) != _shape(best)), None)
+    return Plan(best, runner, len(cands), len(fits))

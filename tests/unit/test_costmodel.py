@@ -1,0 +1,191 @@
+"""The cost model: stage sizes, memory-budget filtering, the bound it names, monotonic sanity, and its
+predictions of the recorded H100 runs (docs/bench-results) staying within the error docs/costmodel.md states."""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from kubeflash_node.engine.config import preset
+from kubeflash_node.engine.costmodel import (Budget, Candidate, JobShape, _steps, candidates, choose, memory,
+                                             predict, stage_sizes)
+from kubeflash_node.engine.policy import Policy
+
+ROOT = Path(__file__).resolve().parents[2]
+GIB = 1 << 30
+LLAMA = preset("llama-3-8b")
+
+
+@dataclass
+class Ceil:
+    """The fields of bench.Ceilings the model reads (bench imports torch; this test stays pure)."""
+
+    disk_read_cold: float = 2.0
+    disk_read_warm: float = 14.0
+    disk_write: float = 2.0
+    h2d_pinned: float = 55.0
+    matmul_tflops: float = 750.0
+
+
+def _pred(policy: Policy, job=JobShape(8, 512, 32), ceil=Ceil(), quant="none", c=LLAMA):
+    return predict(Candidate(policy, quant), config=c, ceil=ceil, job=job, budget=Budget(1 << 50, 1 << 50),
+                   sizes=stage_sizes(c, 2, quant))
+
+
+def test_stage_sizes_match_params_and_shrink_with_quantization():
+    """Float sizes are params x itemsize; int8 and int4 shrink only the layers, int4 below int8."""
+    none, _ = stage_sizes(LLAMA, 2)
+    assert sum(none) == LLAMA.total_params() * 2
+    i8, dense8 = stage_sizes(LLAMA, 2, "int8")
+    i4, _ = stage_sizes(LLAMA, 2, "int4")
+    assert i8[0] == none[0] and i8[-1] == none[-1] and i4[0] == none[0]  # embed and head stay float
+    assert i4[1] < i8[1] < none[1] and dense8 == none
+    assert 0.5 < i8[1] / none[1] < 0.56 and 0.26 < i4[1] / none[1] < 0.3  # 1.0625 and 0.5625 bytes a value
+
+
+@pytest.mark.parametrize("gpu_gib, cpu_gib", [(5, 64), (8, 8), (24, 32), (80, 200)],
+                         ids=["5g-gpu", "8g-both", "24g-gpu", "80g-gpu"])
+def test_chosen_policy_fits_the_budgets(gpu_gib, cpu_gib):
+    """Whatever is chosen fits both budgets (GPU with its reserve)."""
+    job = JobShape(16, 512, 16)
+    sizes = {"none": stage_sizes(LLAMA, 2)}
+    plan = choose(candidates(job), config=LLAMA, ceil=Ceil(), job=job, budget=Budget(gpu_gib * GIB, cpu_gib * GIB),
+                  sizes=sizes)
+    b = plan.best
+    assert b.gpu_bytes + (1 << 30) <= gpu_gib * GIB and b.cpu_bytes <= cpu_gib * GIB
+    assert plan.fitting <= plan.considered
+
+
+def test_no_candidate_fits_a_tiny_budget():
+    """A budget below the weights in flight gets an error saying which budgets were tried."""
+    job = JobShape(8, 512, 8)
+    with pytest.raises(ValueError, match="no candidate policy fits 1.5 GiB of GPU"):
+        choose(candidates(job), config=LLAMA, ceil=Ceil(), job=job, budget=Budget(int(1.5 * GIB), 64 * GIB),
+               sizes={"none": stage_sizes(LLAMA, 2)})
+
+
+def test_memory_counts_resident_weights_kv_and_slots():
+    """Resident weights and device KV add to the GPU figure; cpu weights and cpu KV move it to the host."""
+    job, sizes = JobShape(8, 512, 32), stage_sizes(LLAMA, 2)
+    disk = memory(Candidate(Policy()), config=LLAMA, job=job, sizes=sizes)
+    gpu = memory(Candidate(Policy(weights_gpu_percent=100)), config=LLAMA, job=job, sizes=sizes)
+    cpu_kv = memory(Candidate(Policy(kv="cpu")), config=LLAMA, job=job, sizes=sizes)
+    assert gpu[0] - disk[0] > sum(sizes[1]) * 0.75  # the whole model, minus the slots no longer needed
+    assert cpu_kv[0] < disk[0] and cpu_kv[1] > disk[1]
+    kv = 8 * (512 + 32) * LLAMA.kv_bytes_per_token(2)
+    assert abs((cpu_kv[1] - disk[1]) - kv) < 0.01 * kv
+
+
+@pytest.mark.parametrize("ceil, policy, bound", [
+    (Ceil(disk_read_cold=1.0), Policy(), "disk"),
+    (Ceil(h2d_pinned=1.0), Policy(weights_cpu_percent=100), "pcie"),
+    (Ceil(matmul_tflops=5.0), Policy(weights_gpu_percent=100), "compute"),
+    (Ceil(), Policy(weights_gpu_percent=100, gpu_batch_size=8), "compute"),
+], ids=["slow-disk", "slow-pcie", "slow-gpu", "resident"])
+def test_bound_names_the_slowest_resource(ceil, policy, bound):
+    """The bound is the resource that is slowest in most of the run."""
+    assert _pred(policy, ceil=ceil).bound == bound
+
+
+def test_disk_bound_run_time_is_bytes_over_bandwidth():
+    """A disk-streamed decode run costs (passes x model bytes) / disk bandwidth when the disk is the bottleneck."""
+    job = JobShape(8, 128, 16)
+    pr = _pred(Policy(gpu_batch_size=8), job=job, ceil=Ceil(disk_read_cold=1.0))
+    expect = job.gen_len * sum(stage_sizes(LLAMA, 2)[0]) / 1e9
+    assert pr.bound == "disk" and pr.run_s == pytest.approx(expect, rel=0.01)
+
+
+def test_monotonic_sanity():
+    """More bandwidth never slows a run; more prompts or tokens never speed it up; resident beats streamed."""
+    p = Policy(gpu_batch_size=8)
+    base = _pred(p)
+    assert _pred(p, ceil=replace(Ceil(), disk_read_cold=4.0)).run_s <= base.run_s
+    assert _pred(p, ceil=replace(Ceil(), matmul_tflops=1500)).run_s <= base.run_s
+    assert _pred(p, job=JobShape(16, 512, 32)).run_s >= base.run_s
+    assert _pred(p, job=JobShape(8, 512, 64)).run_s >= base.run_s
+    assert _pred(replace(p, weights_gpu_percent=100)).run_s <= _pred(replace(p, weights_cpu_percent=100)).run_s \
+        <= base.run_s
+    assert _pred(p, quant="int4").run_s < base.run_s  # disk-bound: a quarter of the bytes
+
+
+def test_more_gpu_memory_never_slows_the_choice():
+    """The best predicted time is non-increasing in the GPU budget."""
+    job = JobShape(16, 256, 8)
+    times = []
+    for gib in (4, 8, 16, 32, 64):
+        plan = choose(candidates(job, step=25), config=LLAMA, ceil=Ceil(), job=job,
+                      budget=Budget(gib * GIB, 64 * GIB), sizes={"none": stage_sizes(LLAMA, 2)})
+        times.append(plan.best.total_s)
+    assert times == sorted(times, reverse=True)
+
+
+def test_candidates_are_valid_and_prefill_only_keeps_kv_on_device():
+    """Every candidate is a valid policy whose micro-batches are all used; prefill-only jobs weigh no KV tier."""
+    cs = candidates(JobShape(12, 64, 1), quantizations=("none", "int4"), kv_bits=(16, 8))
+    assert {c.policy.kv for c in cs} == {"device"}
+    assert all((c.policy.num_gpu_batches - 1) * c.policy.gpu_batch_size < 12 for c in cs)
+    assert {c.quantization for c in cs} == {"none", "int4"}
+    assert {c.policy.kv_bits for c in candidates(JobShape(4, 64, 4), kv_bits=(16, 8))} == {16, 8}
+
+
+def test_sampled_decode_steps_match_every_step(monkeypatch):
+    """Long generations are integrated over sampled steps: weights sum to the steps, and the time is close."""
+    import kubeflash_node.engine.costmodel as cm
+
+    assert sum(w for _, w in _steps(500)) == pytest.approx(500)
+    job = JobShape(8, 256, 500)
+    p = Policy(kv="cpu", gpu_batch_size=8, weights_gpu_percent=100)
+    sampled = _pred(p, job=job).run_s
+    monkeypatch.setattr(cm, "_steps", functools.partial(_steps, exact=10 ** 6))
+    assert _pred(p, job=job).run_s == pytest.approx(sampled, rel=0.01)
+
+
+def test_recorded_h100_runs_are_predicted_within_30_percent():
+    """bench/validate_costmodel.py's predictions of docs/bench-results stay within 30% (docs/costmodel.md)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from validate_costmodel import predict_run
+    finally:
+        sys.path.pop(0)
+    runs = [json.loads(f.read_text()) for f in sorted((ROOT / "docs" / "bench-results").glob("*.json"))]
+    rows = [predict_run(d) for d in runs if "measured_s" in d]
+    assert len(rows) >= 5
+    for r in rows:
+        assert abs(r["error"]) < 0.30, r
+        assert r["bound"] == r["roofline_bound"], r
+        assert r["gpu_gib"] == pytest.approx(r["gpu_gib_measured"], rel=0.15), r
+
+
+def test_plan_cli_prints_the_choice(tmp_path):
+    """`kubeflash plan` on a dummy model's job prints the chosen policy, why, the runner-up and a YAML snippet."""
+    job = tmp_path / "job.yaml"
+    job.write_text("apiVersion: kubeflash.io/v1alpha1\nkind: InferenceJob\nmetadata: {name: p}\nspec:\n"
+                   "  model: {uri: 'dummy:llama-3-8b'}\n  input: {synthetic: {count: 8, promptLength: 512}}\n"
+                   "  generation: {maxNewTokens: 32}\n")
+    out = subprocess.run([sys.executable, "-m", "kubeflash_node.cli", "plan", str(job), "--ceilings",
+                          str(ROOT / "docs/bench-results/llama-decode-cold.json"), "--gpu-memory", "5GiB",
+                          "--cpu-memory", "64GiB", "--store", str(tmp_path), "--json", str(tmp_path / "plan.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "chosen:" in out.stdout and "pcie-bound" in out.stdout and "runner-up:" in out.stdout
+    assert "weights: {gpu: 0, cpu: 100, disk: 0}" in out.stdout
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["best"]["bound"] == "pcie" and plan["best"]["gpu_bytes"] + GIB <= 5 * GIB
+
+
+def test_plan_cli_without_ceilings_says_how_to_get_them(tmp_path, capsys):
+    """No ceilings file and no --measure: a one-line error naming both ways."""
+    from kubeflash_node.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text("apiVersion: kubeflash.io/v1alpha1\nkind: InferenceJob\nmetadata: {name: p}\nspec:\n"
+                   "  model: {uri: 'dummy:opt-125m'}\n  input: {synthetic: {count: 2}}\n")
+    assert main(["plan", str(job), "--gpu-memory", "4GiB", "--cpu-memory", "8GiB"]) == 1
+    err = capsys.readouterr().err
+    assert "kubeflash plan: error: no ceilings" in err and "--ceilings FILE" in err and "--measure" in err
