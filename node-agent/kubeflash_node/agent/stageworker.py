@@ -137,7 +137,7 @@ class Worker:
         del source
         out = self.staging / self.req["id"]
         top = 95.0 if self.http else 90.0
-        convert_model(src, out, dtype=dtype, progress=lambda n, total, stage: self.progress(base, top, n / total))
+        convert_model(src, out, dtype=dtype, quantization=self.req.get("quantization", "none"), progress=lambda n, total, stage: self.progress(base, top, n / total))
         return out
 
 

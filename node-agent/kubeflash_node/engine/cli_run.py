@@ -53,7 +53,8 @@ def main(args: argparse.Namespace) -> int:
         output = args.output or (Path(spec.output.path) if spec.output.path else job_dir / "results.jsonl")
         job_dir.mkdir(parents=True, exist_ok=True)
         dtype = "float32" if device == "cpu" else spec.model.dtype
-        model_dir, manifest = ensure_model(spec.model.uri, dtype=dtype, root=args.store or DEFAULT_ROOT,
+        model_dir, manifest = ensure_model(spec.model.uri, dtype=dtype, quantization=spec.model.quantization,
+                                           root=args.store or DEFAULT_ROOT,
                                            progress_bar=not args.quiet)
         bar = _TokenBar(len(spec.input.prompts), enabled=not args.quiet)
         report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device,

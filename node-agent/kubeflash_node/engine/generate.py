@@ -233,7 +233,8 @@ class Engine:
         c = self.config
         tier = "none" if params.max_new_tokens == 1 else self.policy.kv  # prefill-only: no step reads KV back
         self.kv = make_kv(tier, device=self.device, dtype=self.dtype, num_kv_heads=c.num_kv_heads,
-                          head_dim=c.head_dim, directory=(self.job_dir / "kv") if self.job_dir else None)
+                          head_dim=c.head_dim, directory=(self.job_dir / "kv") if self.job_dir else None,
+                          bits=self.policy.kv_bits)
         for k, mb in enumerate(mbs):
             for j in range(c.num_layers):
                 self.kv.allocate(j, k, mb.ids.shape[0], mb.mask.shape[1])

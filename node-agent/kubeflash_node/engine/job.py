@@ -29,14 +29,15 @@ def policy_for(spec: JobSpec, *, n_prompts: int, device: str) -> Policy:
     o = spec.offload
     g = o.gpu_batch_size or min(8, max(1, n_prompts))
     nb = o.num_gpu_batches or 1
+    kv_bits = {"none": 16, "int8": 8, "int4": 4}[o.compression]  # weights: spec.model.quantization
     if o.policy == "auto":
-        return Policy(gpu_batch_size=g, num_gpu_batches=nb)
+        return Policy(gpu_batch_size=g, num_gpu_batches=nb, kv_bits=kv_bits)
     kv = {"gpu": "device", "cpu": "cpu", "disk": "disk"}
     full = [t for t in ("gpu", "cpu", "disk") if getattr(o.kv, t) == 100]
     if not full:
         raise SpecError("spec.offload.kv: splitting the KV cache across tiers is not supported; put 100 in one of gpu, cpu, disk")
     return Policy(gpu_batch_size=g, num_gpu_batches=nb, weights_gpu_percent=o.weights.gpu,
-                  weights_cpu_percent=o.weights.cpu, kv=kv[full[0]])
+                  weights_cpu_percent=o.weights.cpu, kv=kv[full[0]], kv_bits=kv_bits)
 
 
 def load_tokenizer(model_dir: Path, manifest):
