@@ -39,8 +39,11 @@ def reference_tokens(smol_reference, smol_tokenizer):
 @pytest.mark.parametrize(
     "policy",
     [Policy(gpu_batch_size=1), Policy(gpu_batch_size=2, num_gpu_batches=3), Policy(gpu_batch_size=5),
-     Policy(gpu_batch_size=2, num_gpu_batches=2, kv="disk"), Policy(gpu_batch_size=3, kv="cpu", prefetch=1)],
-    ids=["bs1", "bs2x3-zigzag", "bs5-mixed-lengths", "bs2x2-kv-disk", "bs3-kv-cpu-prefetch1"],
+     Policy(gpu_batch_size=2, num_gpu_batches=2, kv="disk"), Policy(gpu_batch_size=3, kv="cpu", prefetch=1),
+     Policy(gpu_batch_size=2, num_gpu_batches=2, kv="cpu", cpu_attention=True),
+     Policy(gpu_batch_size=3, kv="disk", kv_write_back=True, kv_write_back_bytes=32 << 10)],
+    ids=["bs1", "bs2x3-zigzag", "bs5-mixed-lengths", "bs2x2-kv-disk", "bs3-kv-cpu-prefetch1", "cpu-attention",
+         "kv-write-back"],
 )
 def test_greedy_matches_transformers(smol_store, smol_tokenizer, reference_tokens, policy, tmp_path):
     """Every prompt's greedy tokens equal transformers' for batches of mixed lengths and each KV tier."""

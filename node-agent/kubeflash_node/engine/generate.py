@@ -21,6 +21,7 @@ import torch
 from ..store.format import Manifest, load_manifest
 from .config import ModelConfig
 from .kvcache import make_kv
+from .kvnear import CpuAttentionKV, WriteBackDiskKV
 from .model import LAYERS, embed, head, make_batch, rope_cos_sin, rope_inv_freq
 from .policy import Policy
 from .sampling import sample
@@ -215,6 +216,20 @@ class Engine:
                 raise EngineError(f"prompt {i}: {len(p)} tokens + max_new_tokens {params.max_new_tokens} exceed "
                                   f"the model's context window of {limit} tokens")
 
+    def _make_kv(self, tier: str):
+        """The KV tier of the policy: plain, or with CPU attention / delayed write-back (kvnear)."""
+        c, p = self.config, self.policy
+        kw = dict(device=self.device, dtype=self.dtype, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                  bits=p.kv_bits)
+        if tier == "cpu" and p.cpu_attention:
+            return CpuAttentionKV(**kw)
+        directory = (self.job_dir / "kv") if self.job_dir else None
+        if tier == "disk" and p.kv_write_back:
+            if directory is None:
+                raise ValueError("kv tier 'disk' needs a job directory for its files")
+            return WriteBackDiskKV(directory=directory, flush_bytes=p.kv_write_back_bytes, **kw)
+        return make_kv(tier, directory=directory, **kw)
+
     def _make_block(self, prompts, block: list[int], params: GenParams) -> list[_MicroBatch]:
         g = self.policy.gpu_batch_size
         mbs = []
@@ -231,10 +246,7 @@ class Engine:
             mbs.append(_MicroBatch(idx, ids, mask, torch.zeros(len(idx), dtype=torch.bool),
                                    [[] for _ in idx], ["length"] * len(idx)))
         c = self.config
-        tier = "none" if params.max_new_tokens == 1 else self.policy.kv  # prefill-only: no step reads KV back
-        self.kv = make_kv(tier, device=self.device, dtype=self.dtype, num_kv_heads=c.num_kv_heads,
-                          head_dim=c.head_dim, directory=(self.job_dir / "kv") if self.job_dir else None,
-                          bits=self.policy.kv_bits)
+        self.kv = self._make_kv("none" if params.max_new_tokens == 1 else self.policy.kv)  # prefill-only: no KV
         for k, mb in enumerate(mbs):
             for j in range(c.num_layers):
                 self.kv.allocate(j, k, mb.ids.shape[0], mb.mask.shape[1])

@@ -30,14 +30,21 @@ def policy_for(spec: JobSpec, *, n_prompts: int, device: str) -> Policy:
     g = o.gpu_batch_size or min(8, max(1, n_prompts))
     nb = o.num_gpu_batches or 1
     kv_bits = {"none": 16, "int8": 8, "int4": 4}[o.compression]  # weights: spec.model.quantization
-    if o.policy == "auto":
-        return Policy(gpu_batch_size=g, num_gpu_batches=nb, kv_bits=kv_bits)
+    if o.policy == "auto":  # the INF² switches pick the KV tier they need
+        kv_tier = "cpu" if o.cpu_attention else "disk" if o.kv_write_back else "device"
+        return Policy(gpu_batch_size=g, num_gpu_batches=nb, kv_bits=kv_bits, kv=kv_tier,
+                      cpu_attention=o.cpu_attention, kv_write_back=o.kv_write_back)
     kv = {"gpu": "device", "cpu": "cpu", "disk": "disk"}
     full = [t for t in ("gpu", "cpu", "disk") if getattr(o.kv, t) == 100]
     if not full:
         raise SpecError("spec.offload.kv: splitting the KV cache across tiers is not supported; put 100 in one of gpu, cpu, disk")
+    if o.cpu_attention and full[0] != "cpu":
+        raise SpecError("spec.offload.cpuAttention needs the KV cache in CPU memory (spec.offload.kv: {cpu: 100})")
+    if o.kv_write_back and full[0] != "disk":
+        raise SpecError("spec.offload.kvWriteBack needs the KV cache on disk (spec.offload.kv: {disk: 100})")
     return Policy(gpu_batch_size=g, num_gpu_batches=nb, weights_gpu_percent=o.weights.gpu,
-                  weights_cpu_percent=o.weights.cpu, kv=kv[full[0]], kv_bits=kv_bits)
+                  weights_cpu_percent=o.weights.cpu, kv=kv[full[0]], kv_bits=kv_bits,
+                  cpu_attention=o.cpu_attention, kv_write_back=o.kv_write_back)
 
 
 def load_tokenizer(model_dir: Path, manifest):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .model import attention
 from .quant import KVCodec
 
 
@@ -37,6 +38,12 @@ class LayerKV:
         if self.k is None or start == 0:
             return k_new, v_new
         return torch.cat([self.k, k_new], dim=2), torch.cat([self.v, v_new], dim=2)
+
+    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, start: int, mask: torch.Tensor):
+        """Add the new K, V and attend over the whole cache; a tier may do this where its data lives."""
+        # q: [B, Nh, S, D] -> [B, Nh, S, D]
+        k, v = self.update(k_new, v_new, start)
+        return attention(q, k, v, mask)
 
 
 class DeviceKV:
@@ -116,6 +123,7 @@ class DiskKV:
         self.codec = _codec(bits, head_dim)
         # bytes of one head's K (or V) row: D values, or the codec's packed row
         self.head_bytes = self.codec.nbytes if self.codec else head_dim * torch.empty((), dtype=dtype).element_size()
+        self.io = {"reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0}
 
     def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
         path = self.dir / f"kv_l{layer:03d}_m{mb:03d}.bin"
@@ -133,30 +141,49 @@ class DiskKV:
         if start == 0:
             return LayerKV(None, None, in_place=False)
         fd, b = self.files[layer, mb]
-        raw = torch.empty(start * self._row(b), dtype=torch.uint8)
-        view = memoryview(raw.numpy())
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], done)
-            if got == 0:
-                raise OSError(f"{self.dir}: KV file for layer {layer} micro-batch {mb} is shorter than expected")
-            done += got
-        if self.codec:
-            rows = self.codec.decode(raw.view(start, b, 2, self.nk, self.head_bytes).to(self.device), self.dtype)
-        else:
-            rows = raw.view(self.dtype).view(start, b, 2, self.nk, self.d).to(self.device)
-        kv = rows.permute(1, 2, 3, 0, 4)  # [B, 2, Nk, T, D]
-        return LayerKV(kv[:, 0], kv[:, 1], in_place=False)
+        return self._kv(self._read(fd, start * self._row(b), layer, mb), start, b)
 
     def store(self, layer: int, mb: int, kv: LayerKV) -> None:
         k_new, v_new, start = kv.new
         fd, b = self.files[layer, mb]
+        self._write(fd, self._rows(k_new, v_new), start * self._row(b))
+
+    # ---- byte-level pieces shared with the write-back tier (kvnear.WriteBackDiskKV)
+    def _rows(self, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+        # k_new, v_new: [B, Nk, S, D] -> host uint8 [S, row bytes] (encoded when compressed)
         rows = torch.stack([k_new, v_new], dim=1).permute(3, 0, 1, 2, 4).contiguous()  # [S, B, 2, Nk, D]
-        rows = (self.codec.encode(rows) if self.codec else rows).cpu()  # [S, B, 2, Nk, D or codec.nbytes]
-        data = memoryview(rows.view(torch.uint8).numpy()).cast("B")
+        rows = (self.codec.encode(rows) if self.codec else rows).cpu()
+        return rows.view(torch.uint8).reshape(rows.shape[0], -1)
+
+    def _kv(self, raw: torch.Tensor, t: int, b: int) -> LayerKV:
+        # raw: host uint8, t token rows -> K, V [B, Nk, t, D] on the compute device
+        if self.codec:
+            rows = self.codec.decode(raw.view(t, b, 2, self.nk, self.head_bytes).to(self.device), self.dtype)
+        else:
+            rows = raw.view(self.dtype).view(t, b, 2, self.nk, self.d).to(self.device)
+        kv = rows.permute(1, 2, 3, 0, 4)  # [B, 2, Nk, T, D]
+        return LayerKV(kv[:, 0], kv[:, 1], in_place=False)
+
+    def _read(self, fd: int, n: int, layer: int, mb: int) -> torch.Tensor:
+        raw = torch.empty(n, dtype=torch.uint8)
+        view = memoryview(raw.numpy())
+        done = 0
+        while done < n:
+            got = os.preadv(fd, [view[done:]], done)
+            if got == 0:
+                raise OSError(f"{self.dir}: KV file for layer {layer} micro-batch {mb} is shorter than expected")
+            done += got
+        self.io["reads"] += 1
+        self.io["read_bytes"] += n
+        return raw
+
+    def _write(self, fd: int, rows: torch.Tensor, offset: int) -> None:
+        data = memoryview(rows.contiguous().view(torch.uint8).numpy()).cast("B")
         done = 0
         while done < len(data):
-            done += os.pwrite(fd, data[done:], start * self._row(b) + done)
+            done += os.pwrite(fd, data[done:], offset + done)
+        self.io["writes"] += 1
+        self.io["write_bytes"] += len(data)
 
     def nbytes(self) -> int:
         return sum(os.fstat(fd).st_size for fd, _ in self.files.values())

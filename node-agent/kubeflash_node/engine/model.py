@@ -98,7 +98,7 @@ def split_heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
 
 
 def llama_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rope) -> torch.Tensor:
-    """One Llama-family decoder layer; `cache.update(k, v, start)` returns the full K, V [B, Nk, T, D]."""
+    """One Llama-family decoder layer; `cache.attend` adds the new K, V and attends over the whole cache."""
     # x: [B, S, H]
     h = rms_norm(x, w["attn_norm"], c.norm_eps)
     q = F.linear(h, w["wq"], w.get("bq"))
@@ -107,8 +107,7 @@ def llama_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, r
     q, k, v = split_heads(q, c.num_heads, c.head_dim), split_heads(k, c.num_kv_heads, c.head_dim), split_heads(v, c.num_kv_heads, c.head_dim)
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k_all, v_all = cache.update(k, v, batch.start)
-    o = attention(q, k_all, v_all, batch.mask)  # [B, Nh, S, D]
+    o = cache.attend(q, k, v, batch.start, batch.mask)  # [B, Nh, S, D], computed where the KV lives
     x = x + F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.q_dim), w["wo"])
     h = rms_norm(x, w["mlp_norm"], c.norm_eps)
     return x + F.linear(F.silu(F.linear(h, w["w_gate"])) * F.linear(h, w["w_up"]), w["w_down"])
@@ -121,8 +120,7 @@ def opt_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rop
     q = split_heads(F.linear(h, w["wq"], w["bq"]), c.num_heads, c.head_dim)
     k = split_heads(F.linear(h, w["wk"], w["bk"]), c.num_heads, c.head_dim)
     v = split_heads(F.linear(h, w["wv"], w["bv"]), c.num_heads, c.head_dim)
-    k_all, v_all = cache.update(k, v, batch.start)
-    o = attention(q, k_all, v_all, batch.mask)
+    o = cache.attend(q, k, v, batch.start, batch.mask)
     x = x + F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.hidden_size), w["wo"], w["bo"])
     h = F.layer_norm(x, (c.hidden_size,), w["mlp_norm_w"], w["mlp_norm_b"], c.norm_eps)
     return x + F.linear(F.relu(F.linear(h, w["fc1_w"], w["fc1_b"])), w["fc2_w"], w["fc2_b"])

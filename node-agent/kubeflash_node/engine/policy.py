@@ -21,6 +21,9 @@ class Policy:
     weights_cpu_percent: float = 0.0  # share of layers resident in (pinned) host memory; the rest stream from disk
     kv: str = "device"  # where the KV cache lives: device | cpu | disk
     kv_bits: int = 16  # 16: as computed; 8 / 4: group-wise quantized in the cpu and disk tiers (quant.KVCodec)
+    cpu_attention: bool = False  # kv=cpu: decode attention runs on the CPU where the KV lives (kvnear)
+    kv_write_back: bool = False  # kv=disk: new K/V buffered in host memory, written in large chunks (kvnear)
+    kv_write_back_bytes: int = 8 << 20  # write-back chunk: buffered bytes per layer/micro-batch before a write
     prefetch: int = 2  # stages read ahead of the one computing (weights of at most prefetch+1 stages in flight)
     io_threads: int = 4  # reader threads
     io_task_bytes: int = 16 << 20  # one read task; a stage file is split into tasks read in parallel
@@ -37,6 +40,10 @@ class Policy:
             raise ValueError(f"policy: kv tier {self.kv!r} is not one of {KV_TIERS}")
         if self.kv_bits not in KV_BITS:
             raise ValueError(f"policy: kv_bits {self.kv_bits} is not one of {KV_BITS}")
+        if self.cpu_attention and self.kv != "cpu":
+            raise ValueError("policy: cpu_attention needs the KV cache in CPU memory (kv=cpu)")
+        if self.kv_write_back and self.kv != "disk":
+            raise ValueError("policy: kv_write_back needs the KV cache on disk (kv=disk)")
         if self.prefetch < 1:
             raise ValueError("policy: prefetch must be >= 1")
 

@@ -1,0 +1,98 @@
+"""INF²/FlexGen KV techniques as KV tiers: attention near the data, and delayed KV write-back.
+
+CpuAttentionKV: the cache lives in host memory (float32) and decode attention runs on the CPU there, so only
+q, the new K/V row and the attention output cross PCIe (FlexGen's CPU attention); prefill attends on the
+device over the chunk it just computed. WriteBackDiskKV: new K/V rows are buffered in host memory and written
+to the token-major KV file in large sequential chunks once `flush_bytes` accumulate; loads merge the file's
+prefix with the buffered rows, so nothing is re-read twice or written in small pieces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kvcache import DiskKV, HostKV, LayerKV
+from .model import attention
+
+
+class _HostAttention(LayerKV):
+    """One layer/micro-batch step whose attention runs on the CPU over the host-resident cache."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        super().__init__(k, v, in_place=True)
+
+    def attend(self, q, k_new, v_new, start, mask):
+        # q: [B, Nh, S, D] on the compute device; self.k, self.v: [B, Nk, T_cap, D] float32 on the host
+        s = k_new.shape[2]
+        self.k[:, :, start:start + s] = k_new.float().cpu()
+        self.v[:, :, start:start + s] = v_new.float().cpu()
+        self.new = (k_new, v_new, start)
+        if start == 0:  # prefill: the chunk's own K, V are already on the device
+            return attention(q, k_new, v_new, mask)
+        o = attention(q.float().cpu(), self.k[:, :, :start + s], self.v[:, :, :start + s], mask.float().cpu())
+        return o.to(q.device, q.dtype)
+
+
+class CpuAttentionKV(HostKV):
+    """KV in host memory, decode attention computed on the CPU (only q and the output move)."""
+
+    def __init__(self, **kw):
+        if kw.get("bits", 16) != 16:
+            raise ValueError("policy: CPU attention works on uncompressed KV (kv_bits 16)")
+        super().__init__(**kw)
+
+    def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
+        shape = (batch, self.nk, capacity, self.d)
+        self.bufs[layer, mb] = (torch.empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.float32))
+
+    def load(self, layer: int, mb: int, start: int) -> LayerKV:
+        return _HostAttention(*self.bufs[layer, mb])
+
+    def store(self, layer: int, mb: int, kv: LayerKV) -> None:
+        pass  # attend() already wrote the new rows where they live
+
+
+class WriteBackDiskKV(DiskKV):
+    """Disk KV with new rows held in host memory and written back in chunks of at least `flush_bytes`."""
+
+    def __init__(self, *, flush_bytes: int = 8 << 20, **kw):
+        super().__init__(**kw)
+        self.flush_bytes = flush_bytes
+        self.pending: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.flushed: dict[tuple[int, int], int] = {}  # token rows already in the file
+
+    def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
+        super().allocate(layer, mb, batch, capacity)
+        self.pending[layer, mb], self.flushed[layer, mb] = [], 0
+
+    def store(self, layer: int, mb: int, kv: LayerKV) -> None:
+        k_new, v_new, _ = kv.new
+        rows = self.pending[layer, mb]
+        rows.append(self._rows(k_new, v_new))  # [S, row bytes] on the host
+        if sum(r.numel() for r in rows) >= self.flush_bytes:
+            self._flush(layer, mb)
+
+    def load(self, layer: int, mb: int, start: int) -> LayerKV:
+        if start == 0:
+            return LayerKV(None, None, in_place=False)
+        fd, b = self.files[layer, mb]
+        n = self.flushed[layer, mb]
+        parts = [self._read(fd, n * self._row(b), layer, mb).view(n, -1)] if n else []
+        raw = torch.cat(parts + self.pending[layer, mb])  # [start, row bytes]: file prefix, then buffered rows
+        if raw.shape[0] != start:
+            raise RuntimeError(f"KV write-back: layer {layer} micro-batch {mb} holds {raw.shape[0]} rows, expected {start}")
+        return self._kv(raw, start, b)
+
+    def _flush(self, layer: int, mb: int) -> None:
+        rows = self.pending[layer, mb]
+        if not rows:
+            return
+        fd, b = self.files[layer, mb]
+        data = torch.cat(rows)
+        self._write(fd, data, self.flushed[layer, mb] * self._row(b))
+        self.flushed[layer, mb] += data.shape[0]
+        rows.clear()
+
+    def close(self) -> None:
+        self.pending.clear()
+        super().close()

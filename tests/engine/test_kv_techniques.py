@@ -1,0 +1,78 @@
+"""INF² KV techniques: delayed write-back writes fewer, larger chunks and changes no token; CPU attention
+keeps the cache on the host and changes no token; misconfigurations name the manifest field."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubeflash_node.engine.generate import Engine, GenParams
+from kubeflash_node.engine.policy import Policy
+from kubeflash_node.store.convert import convert
+
+PROMPTS = [[5 + i, 9, 13 + i, 2, 7] * (3 + i) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def opt_store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kv") / "opt"
+    convert("dummy:opt-125m", out, dtype="float32")
+    return out
+
+
+def _run(store, policy, job_dir, new=12):
+    engine = Engine(store, policy=policy, job_dir=job_dir)
+    try:
+        out = [c.tokens for c in engine.generate(PROMPTS, GenParams(max_new_tokens=new))]
+        return out, engine
+    finally:
+        engine.close()
+
+
+def test_write_back_same_tokens_fewer_larger_writes(opt_store, tmp_path):
+    """Buffered K/V rows reach the file in chunks >= the threshold; tokens equal the plain disk tier's."""
+    plain, e1 = _run(opt_store, Policy(gpu_batch_size=2, num_gpu_batches=2, kv="disk"), tmp_path / "a")
+    wb, e2 = _run(opt_store, Policy(gpu_batch_size=2, num_gpu_batches=2, kv="disk", kv_write_back=True,
+                                    kv_write_back_bytes=64 << 10), tmp_path / "b")
+    assert wb == plain
+    assert e2.kv.io["writes"] < e1.kv.io["writes"] / 3
+    assert e2.kv.io["write_bytes"] / e2.kv.io["writes"] >= 64 << 10
+    assert e2.kv.io["write_bytes"] <= e1.kv.io["write_bytes"]  # rows still buffered at the end are never written
+
+
+def test_cpu_attention_same_tokens(opt_store, tmp_path):
+    """Decode attention over host-resident KV gives the device tier's tokens."""
+    dev, _ = _run(opt_store, Policy(gpu_batch_size=2, num_gpu_batches=2), tmp_path / "a")
+    cpu, _ = _run(opt_store, Policy(gpu_batch_size=2, num_gpu_batches=2, kv="cpu", cpu_attention=True), tmp_path / "b")
+    assert cpu == dev
+
+
+@pytest.mark.parametrize("offload, message", [
+    ({"policy": "explicit", "weights": {"gpu": 0, "cpu": 0, "disk": 100}, "kv": {"gpu": 100, "cpu": 0, "disk": 0},
+      "cpuAttention": True}, "spec.offload.cpuAttention needs the KV cache in CPU memory"),
+    ({"policy": "explicit", "weights": {"gpu": 0, "cpu": 0, "disk": 100}, "kv": {"gpu": 0, "cpu": 100, "disk": 0},
+      "kvWriteBack": True}, "spec.offload.kvWriteBack needs the KV cache on disk"),
+], ids=["cpu-attention-without-cpu-kv", "write-back-without-disk-kv"])
+def test_technique_needs_its_tier(offload, message):
+    """Asking for a technique on the wrong KV tier is refused with the manifest field's name."""
+    from kubeflash_node.engine.job import policy_for
+    from kubeflash_node.jobspec import SpecError, parse_job
+
+    job = parse_job({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "j"},
+                     "spec": {"model": {"uri": "dummy:opt-125m"}, "input": {"synthetic": {"count": 1}},
+                              "offload": offload}})
+    with pytest.raises(SpecError, match=message):
+        policy_for(job, n_prompts=1, device="cpu")
+
+
+def test_auto_policy_picks_the_tier_a_technique_needs():
+    """With policy auto, asking for CPU attention or write-back moves the KV to the tier they work on."""
+    from kubeflash_node.engine.job import policy_for
+    from kubeflash_node.jobspec import parse_job
+
+    def pol(**off):
+        job = parse_job({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "j"},
+                         "spec": {"model": {"uri": "dummy:opt-125m"}, "input": {"synthetic": {"count": 1}},
+                                  "offload": off}})
+        return policy_for(job, n_prompts=1, device="cpu")
+
+    assert pol(cpuAttention=True).kv == "cpu" and pol(kvWriteBack=True).kv == "disk" and pol().kv == "device"
