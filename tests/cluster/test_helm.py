@@ -14,7 +14,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from polling import wait_for as _wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "kubeflash"
@@ -65,14 +65,8 @@ SERVICEMONITOR_CRD = {
 
 
 def wait_for(what: str, get: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = get()
-        if ok(value):
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {json.dumps(value, default=str)[:3000]}")
+    return _wait_for(what, get, ok, timeout=timeout, every=0.5)
+
 
 
 def values_file(tmp_path: Path, values: dict[str, Any], name: str = "values.yaml") -> str:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ kopf_testing = pytest.importorskip("kopf.testing")
 kubernetes = pytest.importorskip("kubernetes")
 
 from kubeflash_node.store.ids import model_id  # noqa: E402
+from polling import wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "kubeflash.io", "v1alpha1"
@@ -107,15 +106,6 @@ def now_rfc() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def wait_for(what: str, get: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = get()
-        if ok(value):
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {json.dumps(value, default=str)[:3000]}")
 
 
 class Kube:
