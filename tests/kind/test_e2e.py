@@ -8,12 +8,12 @@ worker. Needs Docker and kind (skipped otherwise); the first test pays for the i
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from polling import wait_for as _wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,14 +26,7 @@ LONG_JOB = REPO / "examples" / "kind-long-job.yaml"
 
 def wait_for(what: str, get: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 300.0,
              every: float = 2.0) -> Any:
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = get()
-        if ok(value):
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {json.dumps(value, default=str)[:3000]}")
+    return _wait_for(what, get, ok, timeout=timeout, every=every)
 
 
 def job(kind, ns: str, name: str) -> dict:

@@ -1,4 +1,4 @@
-"""Bounded polling for cluster tests: wait until a condition holds, or fail showing the last value seen."""
+"""Bounded polling for cluster and kind tests: wait until a condition holds, or fail showing the last value seen."""
 
 from __future__ import annotations
 
