@@ -1,5 +1,6 @@
 """INF² KV techniques: delayed write-back writes fewer, larger chunks and changes no token; CPU attention
-keeps the cache on the host and changes no token; misconfigurations name the manifest field."""
+keeps the cache on the host and changes no token; the X-cache halves an MHA model's cache and changes no token;
+misconfigurations name the manifest field."""
 
 from __future__ import annotations
 
@@ -44,6 +45,18 @@ def test_cpu_attention_same_tokens(opt_store, tmp_path):
     dev, _ = _run(opt_store, Policy(gpu_batch_size=2, num_gpu_batches=2), tmp_path / "a")
     cpu, _ = _run(opt_store, Policy(gpu_batch_size=2, num_gpu_batches=2, kv="cpu", cpu_attention=True), tmp_path / "b")
     assert cpu == dev
+
+
+def test_x_cache_halves_mha_cache_same_tokens(opt_store, tmp_path):
+    """OPT (multi-head): holding X instead of K and V takes half the bytes on disk, and the K, V recomputed
+    from it give the plain tier's tokens; a partial share splits the layers between the two kinds."""
+    base = dict(gpu_batch_size=2, num_gpu_batches=2, kv="disk")
+    plain, e1 = _run(opt_store, Policy(**base), tmp_path / "a")
+    full, e2 = _run(opt_store, Policy(**base, x_cache_percent=100), tmp_path / "b")
+    half, e3 = _run(opt_store, Policy(**base, x_cache_percent=50), tmp_path / "c")
+    assert full == plain and half == plain
+    kv_bytes, x_bytes, mixed = (e.stats["cache_bytes"] for e in (e1, e2, e3))
+    assert x_bytes * 2 == kv_bytes and mixed * 4 == kv_bytes * 3
 
 
 @pytest.mark.parametrize("offload, message", [

@@ -41,9 +41,13 @@ def reference_tokens(smol_reference, smol_tokenizer):
     [Policy(gpu_batch_size=1), Policy(gpu_batch_size=2, num_gpu_batches=3), Policy(gpu_batch_size=5),
      Policy(gpu_batch_size=2, num_gpu_batches=2, kv="disk"), Policy(gpu_batch_size=3, kv="cpu", prefetch=1),
      Policy(gpu_batch_size=2, num_gpu_batches=2, kv="cpu", cpu_attention=True),
-     Policy(gpu_batch_size=3, kv="disk", kv_write_back=True, kv_write_back_bytes=32 << 10)],
+     Policy(gpu_batch_size=3, kv="disk", kv_write_back=True, kv_write_back_bytes=32 << 10),
+     Policy(gpu_batch_size=2, num_gpu_batches=2, x_cache_percent=50),
+     Policy(gpu_batch_size=3, kv="cpu", x_cache_percent=100),
+     Policy(gpu_batch_size=2, num_gpu_batches=2, kv="disk", kv_write_back=True, kv_write_back_bytes=32 << 10,
+            x_cache_percent=50)],
     ids=["bs1", "bs2x3-zigzag", "bs5-mixed-lengths", "bs2x2-kv-disk", "bs3-kv-cpu-prefetch1", "cpu-attention",
-         "kv-write-back"],
+         "kv-write-back", "x-cache-half-device", "x-cache-all-cpu", "x-cache-disk-write-back"],
 )
 def test_greedy_matches_transformers(smol_store, smol_tokenizer, reference_tokens, policy, tmp_path):
     """Every prompt's greedy tokens equal transformers' for batches of mixed lengths and each KV tier."""

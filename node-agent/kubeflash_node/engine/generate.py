@@ -21,7 +21,7 @@ import torch
 from ..store.format import Manifest, load_manifest
 from .config import ModelConfig
 from .kvcache import make_kv
-from .kvnear import CpuAttentionKV, WriteBackDiskKV
+from .kvnear import CpuAttentionKV, WriteBackDiskKV, XCacheKV
 from .model import LAYERS, embed, head, make_batch, rope_cos_sin, rope_inv_freq
 from .policy import Policy
 from .sampling import sample
@@ -172,6 +172,7 @@ class Engine:
         mb.batch = make_batch(mb.mask.to(self.device), start, new, self.dtype)
         if self.inv_freq is not None:
             mb.rope = rope_cos_sin(self.inv_freq, mb.batch.positions, self.dtype)
+            mb.batch.rope_at = lambda pos: rope_cos_sin(self.inv_freq, pos, self.dtype)
         mb.x = embed(self.config, w, ids.to(self.device), mb.batch.positions)
 
     def _layer(self, j: int, k: int, mb: _MicroBatch, w, phase: str) -> None:
@@ -217,11 +218,21 @@ class Engine:
                                   f"the model's context window of {limit} tokens")
 
     def _make_kv(self, tier: str):
-        """The KV tier of the policy: plain, or with CPU attention / delayed write-back (kvnear)."""
+        """The KV tier of the policy: plain, with CPU attention / delayed write-back, and X-cache layers (kvnear)."""
         c, p = self.config, self.policy
-        kw = dict(device=self.device, dtype=self.dtype, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                  bits=p.kv_bits)
-        if tier == "cpu" and p.cpu_attention:
+        kv = self._tier(tier, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, cpu_attention=p.cpu_attention)
+        x_layers = p.x_layers(c.num_layers) if tier != "none" else set()
+        if not x_layers:
+            return kv
+        if c.hidden_size % 2:
+            raise ValueError(f"X-cache: hidden size {c.hidden_size} is odd; it is held as two halves")
+        xs = self._tier(tier, num_kv_heads=1, head_dim=c.hidden_size // 2, cpu_attention=False)
+        return XCacheKV(kv, xs, x_layers)
+
+    def _tier(self, tier: str, *, num_kv_heads: int, head_dim: int, cpu_attention: bool):
+        p = self.policy
+        kw = dict(device=self.device, dtype=self.dtype, num_kv_heads=num_kv_heads, head_dim=head_dim, bits=p.kv_bits)
+        if tier == "cpu" and cpu_attention:
             return CpuAttentionKV(**kw)
         directory = (self.job_dir / "kv") if self.job_dir else None
         if tier == "disk" and p.kv_write_back:

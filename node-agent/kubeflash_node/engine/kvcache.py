@@ -39,8 +39,10 @@ class LayerKV:
             return k_new, v_new
         return torch.cat([self.k, k_new], dim=2), torch.cat([self.v, v_new], dim=2)
 
-    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, start: int, mask: torch.Tensor):
-        """Add the new K, V and attend over the whole cache; a tier may do this where its data lives."""
+    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, start: int, mask: torch.Tensor,
+               x: torch.Tensor | None = None, project=None):
+        """Add the new K, V and attend over the whole cache; a tier may do this where its data lives.
+        x [B, S, H] is the layer's attention input and `project` maps a prefix of it to K, V (X-cache tiers)."""
         # q: [B, Nh, S, D] -> [B, Nh, S, D]
         k, v = self.update(k_new, v_new, start)
         return attention(q, k, v, mask)

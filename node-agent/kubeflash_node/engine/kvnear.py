@@ -1,10 +1,15 @@
-"""INF²/FlexGen KV techniques as KV tiers: attention near the data, and delayed KV write-back.
+"""INF²/FlexGen KV techniques as KV tiers: attention near the data, delayed KV write-back, and the X-cache.
 
 CpuAttentionKV: the cache lives in host memory (float32) and decode attention runs on the CPU there, so only
 q, the new K/V row and the attention output cross PCIe (FlexGen's CPU attention); prefill attends on the
 device over the chunk it just computed. WriteBackDiskKV: new K/V rows are buffered in host memory and written
 to the token-major KV file in large sequential chunks once `flush_bytes` accumulate; loads merge the file's
-prefix with the buffered rows, so nothing is re-read twice or written in small pieces.
+prefix with the buffered rows, so nothing is re-read twice or written in small pieces. XCacheKV: for a share
+of the layers the cache keeps the layer's attention input X [B, T, H] instead of K and V and recomputes K, V
+on the compute device each step (INF²'s cooperative X-cache): H values a token instead of 2 x Nk x D, which
+saves bytes for multi-head attention (OPT: half) and costs bytes for GQA models (Llama-3-8B: 4096 > 2048).
+X is held by an ordinary tier as a pair of halves [B, 1, T, H/2], so every tier, the write-back and the KV
+codec carry it unchanged.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ class _HostAttention(LayerKV):
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         super().__init__(k, v, in_place=True)
 
-    def attend(self, q, k_new, v_new, start, mask):
+    def attend(self, q, k_new, v_new, start, mask, x=None, project=None):
         # q: [B, Nh, S, D] on the compute device; self.k, self.v: [B, Nk, T_cap, D] float32 on the host
         s = k_new.shape[2]
         self.k[:, :, start:start + s] = k_new.float().cpu()
@@ -96,3 +101,59 @@ class WriteBackDiskKV(DiskKV):
     def close(self) -> None:
         self.pending.clear()
         super().close()
+
+
+class _XLayer(LayerKV):
+    """One X-cache layer/micro-batch step: stores the new X, recomputes the cached tokens' K, V from their X."""
+
+    def __init__(self, inner: LayerKV):
+        super().__init__(None, None, in_place=False)
+        self.inner = inner  # the X halves as the holding tier loaded them
+
+    def attend(self, q, k_new, v_new, start, mask, x=None, project=None):
+        if x is None or project is None:
+            raise RuntimeError("X-cache: the layer did not pass its input and K/V projection to attend()")
+        half = x.shape[-1] // 2
+        xk, xv = x[..., :half].unsqueeze(1).contiguous(), x[..., half:].unsqueeze(1).contiguous()  # [B, 1, S, H/2]
+        prefix = None
+        if start:  # [B, start, H]: read before the in-place tier writes the new rows
+            prefix = torch.cat([self.inner.k[:, 0, :start], self.inner.v[:, 0, :start]], dim=-1)
+        if self.inner.in_place:
+            self.inner.update(xk, xv, start)
+        else:
+            self.inner.new = (xk, xv, start)
+        if prefix is None:
+            return attention(q, k_new, v_new, mask)
+        k_old, v_old = project(prefix)
+        return attention(q, torch.cat([k_old, k_new], dim=2), torch.cat([v_old, v_new], dim=2), mask)
+
+
+class XCacheKV:
+    """Routes the layers in `x_layers` to a tier holding X (built with one head of H/2 values per half) and
+    the rest to the K/V tier."""
+
+    def __init__(self, kv, xs, x_layers: set[int]):
+        self.kv, self.xs, self.x_layers = kv, xs, set(x_layers)
+
+    def _tier(self, layer: int):
+        return self.xs if layer in self.x_layers else self.kv
+
+    def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
+        self._tier(layer).allocate(layer, mb, batch, capacity)
+
+    def load(self, layer: int, mb: int, start: int) -> LayerKV:
+        got = self._tier(layer).load(layer, mb, start)
+        return _XLayer(got) if layer in self.x_layers else got
+
+    def store(self, layer: int, mb: int, kv: LayerKV) -> None:
+        if layer in self.x_layers:
+            self.xs.store(layer, mb, kv.inner)
+        else:
+            self.kv.store(layer, mb, kv)
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes() + self.xs.nbytes()
+
+    def close(self) -> None:
+        self.kv.close()
+        self.xs.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ class Batch:
     positions: torch.Tensor  # [B, S] position ids of the new tokens
     mask: torch.Tensor  # [B, 1, S, T] additive attention mask (0 or -inf-like)
     start: int  # slot in the KV cache where the new tokens go
+    prefix_positions: torch.Tensor | None = None  # [B, start] position ids of the cached tokens (X-cache recompute)
+    rope_at: Callable | None = None  # positions [B, T] -> (cos, sin) [B, 1, T, D]; None for learned positions
 
 
 # ----------------------------------------------------------------------------------------------- rope
@@ -97,20 +100,31 @@ def split_heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
     return x.view(b, s, n, d).transpose(1, 2)
 
 
+def llama_kv(c: ModelConfig, w: dict, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (rotated) and V of a Llama layer from its normalized input h [B, T, H] -> [B, Nk, T, D] each."""
+    k = split_heads(F.linear(h, w["wk"], w.get("bk")), c.num_kv_heads, c.head_dim)
+    v = split_heads(F.linear(h, w["wv"], w.get("bv")), c.num_kv_heads, c.head_dim)
+    return apply_rope(k, *rope), v
+
+
 def llama_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rope) -> torch.Tensor:
-    """One Llama-family decoder layer; `cache.attend` adds the new K, V and attends over the whole cache."""
+    """One Llama-family decoder layer; `cache.attend` adds the new K, V and attends over the whole cache
+    (an X-cache layer recomputes the cached tokens' K, V from their stored input with `project`)."""
     # x: [B, S, H]
     h = rms_norm(x, w["attn_norm"], c.norm_eps)
-    q = F.linear(h, w["wq"], w.get("bq"))
-    k = F.linear(h, w["wk"], w.get("bk"))
-    v = F.linear(h, w["wv"], w.get("bv"))
-    q, k, v = split_heads(q, c.num_heads, c.head_dim), split_heads(k, c.num_kv_heads, c.head_dim), split_heads(v, c.num_kv_heads, c.head_dim)
-    cos, sin = rope
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o = cache.attend(q, k, v, batch.start, batch.mask)  # [B, Nh, S, D], computed where the KV lives
+    q = apply_rope(split_heads(F.linear(h, w["wq"], w.get("bq")), c.num_heads, c.head_dim), *rope)
+    k, v = llama_kv(c, w, h, rope)
+    o = cache.attend(q, k, v, batch.start, batch.mask, x=h,  # [B, Nh, S, D], computed where the KV lives
+                     project=lambda hp: llama_kv(c, w, hp, batch.rope_at(batch.prefix_positions)))
     x = x + F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.q_dim), w["wo"])
     h = rms_norm(x, w["mlp_norm"], c.norm_eps)
     return x + F.linear(F.silu(F.linear(h, w["w_gate"])) * F.linear(h, w["w_up"]), w["w_down"])
+
+
+def opt_kv(c: ModelConfig, w: dict, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of an OPT layer from its normalized input h [B, T, H] -> [B, Nh, T, D] each."""
+    return (split_heads(F.linear(h, w["wk"], w["bk"]), c.num_heads, c.head_dim),
+            split_heads(F.linear(h, w["wv"], w["bv"]), c.num_heads, c.head_dim))
 
 
 def opt_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rope=None) -> torch.Tensor:
@@ -118,9 +132,8 @@ def opt_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rop
     # x: [B, S, H]
     h = F.layer_norm(x, (c.hidden_size,), w["attn_norm_w"], w["attn_norm_b"], c.norm_eps)
     q = split_heads(F.linear(h, w["wq"], w["bq"]), c.num_heads, c.head_dim)
-    k = split_heads(F.linear(h, w["wk"], w["bk"]), c.num_heads, c.head_dim)
-    v = split_heads(F.linear(h, w["wv"], w["bv"]), c.num_heads, c.head_dim)
-    o = cache.attend(q, k, v, batch.start, batch.mask)
+    k, v = opt_kv(c, w, h)
+    o = cache.attend(q, k, v, batch.start, batch.mask, x=h, project=lambda hp: opt_kv(c, w, hp))
     x = x + F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.hidden_size), w["wo"], w["bo"])
     h = F.layer_norm(x, (c.hidden_size,), w["mlp_norm_w"], w["mlp_norm_b"], c.norm_eps)
     return x + F.linear(F.relu(F.linear(h, w["fc1_w"], w["fc1_b"])), w["fc2_w"], w["fc2_b"])
@@ -153,10 +166,11 @@ def make_batch(attn_mask: torch.Tensor, start: int, new: int, dtype) -> Batch:
     """
     t = start + new
     am = attn_mask[:, :t].bool()
-    positions = (am.long().cumsum(-1) - 1).clamp(min=0)[:, start:t]  # [B, S]
+    every = (am.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+    positions = every[:, start:t]  # [B, S]
     q_idx = torch.arange(start, t, device=am.device)[:, None]
     k_idx = torch.arange(t, device=am.device)[None, :]
     allowed = (k_idx <= q_idx)[None] & am[:, None, :]  # [B, S, T]
     allowed = allowed | (k_idx == q_idx)[None]  # a padding query attends to itself: no all-masked rows
     mask = torch.zeros(allowed.shape, dtype=dtype, device=am.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return Batch(positions=positions, mask=mask[:, None], start=start)
+    return Batch(positions=positions, mask=mask[:, None], start=start, prefix_positions=every[:, :start])

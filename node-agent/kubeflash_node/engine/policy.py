@@ -24,6 +24,7 @@ class Policy:
     cpu_attention: bool = False  # kv=cpu: decode attention runs on the CPU where the KV lives (kvnear)
     kv_write_back: bool = False  # kv=disk: new K/V buffered in host memory, written in large chunks (kvnear)
     kv_write_back_bytes: int = 8 << 20  # write-back chunk: buffered bytes per layer/micro-batch before a write
+    x_cache_percent: float = 0.0  # share of layers whose cache holds the input X, K/V recomputed (INF² X-cache)
     prefetch: int = 2  # stages read ahead of the one computing (weights of at most prefetch+1 stages in flight)
     io_threads: int = 4  # reader threads
     io_task_bytes: int = 16 << 20  # one read task; a stage file is split into tasks read in parallel
@@ -44,12 +45,18 @@ class Policy:
             raise ValueError("policy: cpu_attention needs the KV cache in CPU memory (kv=cpu)")
         if self.kv_write_back and self.kv != "disk":
             raise ValueError("policy: kv_write_back needs the KV cache on disk (kv=disk)")
+        if not 0 <= self.x_cache_percent <= 100:
+            raise ValueError("policy: x_cache_percent must lie in 0..100")
         if self.prefetch < 1:
             raise ValueError("policy: prefetch must be >= 1")
 
     @property
     def block_size(self) -> int:
         return self.gpu_batch_size * self.num_gpu_batches
+
+    def x_layers(self, num_layers: int) -> set[int]:
+        """The layers whose cache holds X instead of K and V (the first x_cache_percent of them)."""
+        return set(range(round(num_layers * self.x_cache_percent / 100)))
 
     def placement(self, num_stages: int) -> list[str]:
         """Per stage: 'gpu' (resident on device), 'cpu' (resident in host memory) or 'disk' (streamed)."""
