@@ -89,3 +89,49 @@ def test_auto_policy_picks_the_tier_a_technique_needs():
         return policy_for(job, n_prompts=1, device="cpu")
 
     assert pol(cpuAttention=True).kv == "cpu" and pol(kvWriteBack=True).kv == "disk" and pol().kv == "device"
+
+
+def _job(uri="dummy:opt-125m", count=6, **offload):
+    from kubeflash_node.jobspec import parse_job
+
+    return parse_job({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "j"},
+                      "spec": {"model": {"uri": uri, "dtype": "float32"},
+                               "input": {"synthetic": {"count": count, "promptTokens": 24}},
+                               "generation": {"maxNewTokens": 6}, "offload": offload}})
+
+
+def test_explicit_x_cache_only_where_it_saves_bytes():
+    """xCache: true under an explicit policy holds X on every layer of an MHA model, none of a GQA one."""
+    from kubeflash_node.engine.job import policy_for
+
+    explicit = {"policy": "explicit", "weights": {"gpu": 0, "cpu": 0, "disk": 100},
+                "kv": {"gpu": 0, "cpu": 100, "disk": 0}, "xCache": True}
+    assert policy_for(_job(**explicit), n_prompts=1, device="cpu").x_cache_percent == 100
+    assert policy_for(_job("dummy:llama-3-8b", **explicit), n_prompts=1, device="cpu").x_cache_percent == 0
+
+
+def test_run_job_auto_policy_follows_the_cost_model(opt_store, tmp_path):
+    """policy auto with measured ceilings and budgets: run_job runs the cost model's choice, honours the pinned
+    batch shape, and reports the plan; the tokens equal a plain run's."""
+    import json
+    from pathlib import Path
+
+    from kubeflash_node.engine.bench import Ceilings
+    from kubeflash_node.engine.job import Machine, run_job
+    from kubeflash_node.store.format import load_manifest
+
+    ceil = Ceilings(**json.loads((Path(__file__).parents[2] / "docs/bench-results/ceilings.json").read_text()))
+    manifest = load_manifest(opt_store)
+    spec = _job(gpuBatchSize=2)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    report = run_job(spec, model_dir=opt_store, manifest=manifest, output=tmp_path / "a.jsonl", device="cpu",
+                     job_dir=tmp_path / "a", machine=Machine(ceil, 2 << 30, 3 << 30))
+    assert report["policy"]["gpu_batch_size"] == 2 and "micro-batch 2 x" in report["plan"]["chosen"]
+    assert report["plan"]["considered"] > 100 and report["plan"]["predicted_s"] > 0
+    plain = run_job(spec, model_dir=opt_store, manifest=manifest, output=tmp_path / "b.jsonl", device="cpu",
+                    job_dir=tmp_path / "b")
+    assert "plan" not in plain
+    rows = [[json.loads(line)["response"]["body"]["choices"][0]["message"]["content"]
+             for line in (tmp_path / f).read_text().splitlines()] for f in ("a.jsonl", "b.jsonl")]
+    assert rows[0] == rows[1]

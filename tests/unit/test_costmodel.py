@@ -189,3 +189,55 @@ def test_plan_cli_without_ceilings_says_how_to_get_them(tmp_path, capsys):
     assert main(["plan", str(job), "--gpu-memory", "4GiB", "--cpu-memory", "8GiB"]) == 1
     err = capsys.readouterr().err
     assert "kubeflash plan: error: no ceilings" in err and "--ceilings FILE" in err and "--measure" in err
+
+
+OPT13 = preset("opt-13b")
+
+
+def test_x_cache_saves_bytes_only_for_multi_head_attention():
+    """X is H values a token, K + V 2 x Nk x D: half for OPT (MHA), double for Llama-3-8B (GQA); candidates
+    offer X-cache shares only where it saves bytes."""
+    from kubeflash_node.engine.costmodel import x_cache_note, x_cache_saves
+
+    assert x_cache_saves(OPT13) and not x_cache_saves(LLAMA)
+    assert "saves bytes" in x_cache_note(OPT13) and "4096 values" in x_cache_note(LLAMA)
+    job = JobShape(8, 512, 32)
+    assert {c.policy.x_cache_percent for c in candidates(job, config=OPT13)} == {0.0, 50.0, 100.0}
+    assert {c.policy.x_cache_percent for c in candidates(job, config=LLAMA)} == {0.0}
+
+
+def test_x_cache_halves_the_offloaded_cache_and_adds_recompute():
+    """For OPT-13B with KV in CPU memory, X-cache on every layer halves the host cache and the PCIe bytes of the
+    cache, and adds GPU recompute; memory and time move in the stated directions."""
+    from kubeflash_node.engine.costmodel import memory
+
+    job = JobShape(32, 512, 32)
+    sizes = stage_sizes(OPT13, 2)
+    kv = Policy(gpu_batch_size=32, kv="cpu", weights_gpu_percent=100)  # no weight streaming to hide the cache
+    x = replace(kv, x_cache_percent=100.0)
+    host_kv = memory(Candidate(kv), config=OPT13, job=job, sizes=sizes)[1]
+    host_x = memory(Candidate(x), config=OPT13, job=job, sizes=sizes)[1]
+    base = memory(Candidate(replace(kv, kv="device")), config=OPT13, job=job, sizes=sizes)[1]
+    assert (host_x - base) * 2 == pytest.approx(host_kv - base, rel=1e-6)
+    slow_pcie = Ceil(h2d_pinned=5.0)  # PCIe-starved: moving half the bytes wins despite the recompute
+    assert _pred(x, job, slow_pcie, c=OPT13).run_s < _pred(kv, job, slow_pcie, c=OPT13).run_s
+    fast_pcie = Ceil(h2d_pinned=5000.0, matmul_tflops=50.0)  # compute-starved: recomputing K, V loses
+    assert _pred(x, job, fast_pcie, c=OPT13).run_s > _pred(kv, job, fast_pcie, c=OPT13).run_s
+
+
+def test_auto_plan_uses_a_technique_when_memory_is_tight():
+    """A batch whose fp16 KV exceeds both budgets still gets a plan for OPT-13B, through X-cache or disk KV;
+    the plan honours what the manifest pins (batch shape, switches)."""
+    from kubeflash_node.engine.costmodel import plan
+
+    job = JobShape(64, 512, 32)
+    sizes = {"none": stage_sizes(OPT13, 2)}
+    kv_total = 64 * 544 * OPT13.kv_bytes_per_token(2)
+    budget = Budget(12 * GIB, int(kv_total * 0.7) + 4 * GIB)
+    best = plan(config=OPT13, ceil=Ceil(disk_read_cold=1.2), job=job, budget=budget, sizes=sizes).best
+    p = best.candidate.policy
+    assert best.gpu_bytes + (1 << 30) <= budget.gpu_bytes and best.cpu_bytes <= budget.cpu_bytes
+    assert p.x_cache_percent > 0 or p.kv == "disk"
+    pinned = plan(config=OPT13, ceil=Ceil(), job=job, budget=budget, sizes=sizes,
+                  keep=lambda q: q.gpu_batch_size == 8 and q.num_gpu_batches == 2).best.candidate.policy
+    assert (pinned.gpu_batch_size, pinned.num_gpu_batches) == (8, 2)

@@ -18,10 +18,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=8, help="number of sequences")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
-    p.add_argument("--gpu-batch-size", type=int, default=0, help="sequences per micro-batch (default: all prompts)")
-    p.add_argument("--num-gpu-batches", type=int, default=1, help="micro-batches per block (zig-zag)")
-    p.add_argument("--weights", default="disk", help="disk | cpu | gpu, or GPU:CPU percentages like 20:30")
-    p.add_argument("--kv", default="device", choices=["device", "cpu", "disk"])
+    p.add_argument("--policy", choices=["auto", "explicit"],
+                   help="auto: the cost model picks placement, batch shape and techniques from the ceilings and the "
+                        "budgets; explicit: the flags below (default: explicit when any of them is given, else auto)")
+    p.add_argument("--gpu-memory", help="GPU memory the run may use, e.g. 12GiB: the auto policy plans with it and "
+                                        "the CUDA allocator is capped to it (default: the GPU's)")
+    p.add_argument("--cpu-memory", help="host memory the auto policy plans with, e.g. 16GiB (default: MemAvailable)")
+    p.add_argument("--allow-compression", action="store_true",
+                   help="auto: also weigh int8/int4 weights and 8/4-bit KV (changes outputs: docs/compression.md)")
+    p.add_argument("--quantization", choices=["none", "int8", "int4"], help="explicit: store weights group-wise "
+                                                                            "quantized (default none)")
+    p.add_argument("--gpu-batch-size", type=int, help="sequences per micro-batch (default: all prompts)")
+    p.add_argument("--num-gpu-batches", type=int, help="micro-batches per block (zig-zag; default 1)")
+    p.add_argument("--weights", help="disk | cpu | gpu, or GPU:CPU percentages like 20:30 (default disk)")
+    p.add_argument("--kv", choices=["device", "cpu", "disk"], help="where the KV cache lives (default device)")
+    p.add_argument("--kv-bits", type=int, choices=[16, 8, 4], help="KV compression in the cpu/disk tiers")
+    p.add_argument("--cpu-attention", action="store_true", help="decode attention on the CPU (kv cpu)")
+    p.add_argument("--kv-write-back", action="store_true", help="buffer new KV rows, write large chunks (kv disk)")
+    p.add_argument("--x-cache", type=float, help="percent of layers keeping X instead of K and V (INF² X-cache)")
     p.add_argument("--prefetch", type=int, default=2, help="stages read ahead of compute")
     p.add_argument("--io-backend", default="auto", choices=["auto", "posix", "odirect", "kvikio"])
     p.add_argument("--io-threads", type=int, default=0, help="reader threads (default: the best the disk probe found)")
@@ -48,13 +62,46 @@ def _placement_args(s: str) -> tuple[float, float]:
     return g, c
 
 
+EXPLICIT = ("quantization", "gpu_batch_size", "num_gpu_batches", "weights", "kv", "kv_bits", "x_cache")
+
+
+def _explicit_policy(args, base):
+    from dataclasses import replace
+
+    g_pct, c_pct = _placement_args(args.weights or "disk")
+    return replace(base, gpu_batch_size=args.gpu_batch_size or args.prompts, num_gpu_batches=args.num_gpu_batches or 1,
+                   weights_gpu_percent=g_pct, weights_cpu_percent=c_pct, kv=args.kv or "device",
+                   kv_bits=args.kv_bits or 16, cpu_attention=args.cpu_attention, kv_write_back=args.kv_write_back,
+                   x_cache_percent=args.x_cache or 0.0), args.quantization or "none"
+
+
+def _model_shape(args):
+    """(config, {quantization: (stored, dense)}, quantizations the store can have) before any conversion."""
+    from ..store.format import load_manifest
+    from .config import ModelConfig, preset
+    from .costmodel import stage_sizes
+
+    itemsize = 4 if args.dtype == "float32" else 2
+    if Path(args.model).is_dir():
+        m = load_manifest(Path(args.model))
+        config = ModelConfig.from_dict(m.config)
+        q = {8: "int8", 4: "int4"}.get((m.extra.get("quant") or {}).get("bits"), "none")
+        return config, {q: ([m.files[st].size for st in m.stages], stage_sizes(config, itemsize, q)[1])}, (q,)
+    if not args.model.startswith("dummy:"):
+        raise ValueError(f"--model {args.model}: expected dummy:<preset> or a converted model directory")
+    config = preset(args.model.split(":", 1)[1])
+    return config, {q: stage_sizes(config, itemsize, q) for q in ("none", "int8", "int4")}, ("none", "int8", "int4")
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
     from ..store.cache import ensure_model
     from ..store.format import StoreError, load_manifest
     from .bench import Ceilings, Workload, drop_page_cache, measure_ceilings, measure_disk_files, roofline
+    from .cli_plan import _gpu_total, _mem_available, parse_size
     from .cli_run import resolve_device
+    from .costmodel import Budget, Candidate, JobShape, describe, plan, predict
     from .generate import Engine, GenParams
     from .policy import Policy
     from .report import build_report, format_report
@@ -72,23 +119,41 @@ def main(args: argparse.Namespace) -> int:
         if args.ceilings_only:
             _dump(args.json, {"ceilings": ceil.to_dict()})
             return 0
+        mode = args.policy or ("explicit" if any(getattr(args, k) is not None for k in EXPLICIT)
+                               or args.cpu_attention or args.kv_write_back else "auto")
+        config, sizes, quants = _model_shape(args)
+        job = JobShape(args.prompts, args.prompt_len, args.gen_len)
+        budget = Budget(parse_size(args.gpu_memory) if args.gpu_memory else
+                        _gpu_total() if device.startswith("cuda") else 1 << 50,
+                        parse_size(args.cpu_memory) if args.cpu_memory else _mem_available())
+        threads = args.io_threads or ceil.disk_read_threads or 8
+        task_mb = args.task_mb or (ceil.disk_read_task_bytes >> 20) or 16
+        base = Policy(prefetch=args.prefetch, io_backend=args.io_backend, io_threads=threads, io_task_bytes=task_mb << 20)
+        itemsize = 4 if args.dtype == "float32" else 2
+        if mode == "auto":
+            if args.no_ceilings:
+                raise ValueError("--policy auto plans from measured ceilings: drop --no-ceilings")
+            allowed = quants if args.allow_compression else tuple(q for q in quants if q == "none") or quants
+            chosen = plan(config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, quantizations=allowed,
+                          kv_bits=(16, 8, 4) if args.allow_compression else (16,), base=base, itemsize=itemsize).best
+            policy, quant = chosen.candidate.policy, chosen.candidate.quantization
+            print(f"policy auto: {describe(chosen)}\n             {chosen.why()}", file=sys.stderr)
+        else:
+            policy, quant = _explicit_policy(args, base)
+        if quant not in sizes:
+            raise ValueError(f"--quantization {quant}: {args.model} is stored as {quants[0]}")
+        if args.gpu_memory and device.startswith("cuda"):
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget.gpu_bytes / _gpu_total()))
         if Path(args.model).is_dir():
             model_dir, manifest = Path(args.model), load_manifest(Path(args.model))
         else:
-            model_dir, manifest = ensure_model(args.model, dtype=args.dtype, root=args.store)
-        g_pct, c_pct = _placement_args(args.weights)
-        if args.cold and g_pct + c_pct < 100 and not args.no_ceilings:
+            model_dir, manifest = ensure_model(args.model, dtype=args.dtype, quantization=quant, root=args.store)
+        if args.cold and policy.weights_gpu_percent + policy.weights_cpu_percent < 100 and not args.no_ceilings:
             files = [model_dir / st for st in manifest.stages]
             print("measuring the disk's cold read ceiling on the model's own files…", file=sys.stderr)
             for k, v in measure_disk_files(files).items():
                 setattr(ceil, k, v)
             _print_ceilings(ceil)
-        threads = args.io_threads or ceil.disk_read_threads or 8
-        task_mb = args.task_mb or (ceil.disk_read_task_bytes >> 20) or 16
-        gbs = args.gpu_batch_size or args.prompts
-        policy = Policy(gpu_batch_size=gbs, num_gpu_batches=args.num_gpu_batches, weights_gpu_percent=g_pct,
-                        weights_cpu_percent=c_pct, kv=args.kv, prefetch=args.prefetch, io_backend=args.io_backend,
-                        io_threads=threads, io_task_bytes=task_mb << 20)
         prompts = [[(7 * i + 13 * j) % 1000 + 3 for j in range(args.prompt_len)] for i in range(args.prompts)]
         if args.cold:
             print(f"page cache: {drop_page_cache([model_dir / f for f in manifest.files])}", file=sys.stderr)
@@ -105,23 +170,39 @@ def main(args: argparse.Namespace) -> int:
     except (StoreError, ValueError, OSError) as e:
         print(f"kubeflash bench: error: {e}", file=sys.stderr)
         return 1
+    gbs = policy.gpu_batch_size
+    stored = [manifest.files[st].size for st in manifest.stages]
+    pred = predict(Candidate(policy, quant), config=config, ceil=ceil, job=job, budget=budget,
+                   sizes=(stored, sizes[quant][1]), itemsize=itemsize) if not args.no_ceilings else None
     w = Workload(prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, block_size=policy.block_size)
     stage_bytes = [manifest.files[s].size for s in manifest.stages]
     itemsize = torch.empty((), dtype=engine.dtype).element_size()
     roof = roofline(stage_bytes=stage_bytes, placement=engine.placement, w=w, c=engine.config, ceil=ceil,
                     kv_tier=policy.kv, itemsize=itemsize)
+    weights = "disk" if policy.weights_gpu_percent + policy.weights_cpu_percent == 0 else \
+        f"{policy.weights_gpu_percent:g}:{policy.weights_cpu_percent:g}"
     tokens = args.prompts * args.gen_len
     result = {
         "workload": {"model": args.model, "prompts": args.prompts, "prompt_len": args.prompt_len,
-                     "gen_len": args.gen_len, "weights": args.weights, "kv": args.kv, "cold": args.cold,
-                     "gpu_batch_size": gbs, "num_gpu_batches": args.num_gpu_batches, "device": device},
+                     "gen_len": args.gen_len, "weights": weights, "kv": policy.kv, "cold": args.cold,
+                     "gpu_batch_size": gbs, "num_gpu_batches": policy.num_gpu_batches, "device": device,
+                     "policy_mode": mode, "quantization": quant, "kv_bits": policy.kv_bits,
+                     "cpu_attention": policy.cpu_attention, "kv_write_back": policy.kv_write_back,
+                     "x_cache_percent": policy.x_cache_percent,
+                     "gpu_memory_bytes": budget.gpu_bytes, "cpu_memory_bytes": budget.cpu_bytes},
+        "predicted_s": pred.run_s if pred else None,
+        "prediction_error": (pred.run_s / elapsed - 1) if pred else None,
         "measured_s": elapsed, "setup_s": t_setup, "tokens_per_s": tokens / elapsed, "projected": False,
         "roofline": roof, "efficiency": roof["floor_s"] / elapsed if roof["floor_s"] else None,
         "ceilings": ceil.to_dict(), "report": report,
     }
     print(format_report(report))
-    print(f"\nworkload: {args.prompts} x ({args.prompt_len} prompt + {args.gen_len} gen), weights={args.weights}, "
-          f"kv={args.kv}, block={policy.block_size} ({gbs} x {args.num_gpu_batches})  [full run, not projected]")
+    print(f"\nworkload: {args.prompts} x ({args.prompt_len} prompt + {args.gen_len} gen), weights={weights}"
+          f"{'' if quant == 'none' else ' ' + quant}, kv={policy.kv}{'' if policy.kv_bits == 16 else f' {policy.kv_bits}-bit'}"
+          f", x-cache {policy.x_cache_percent:g}%, cpu-attention {policy.cpu_attention}, write-back {policy.kv_write_back}"
+          f", block={policy.block_size} ({gbs} x {policy.num_gpu_batches}), policy {mode}  [full run, not projected]")
+    if pred:
+        print(f"cost model predicted {pred.run_s:.3f} s ({pred.run_s / elapsed - 1:+.1%}); {describe(pred)}")
     print(f"measured {elapsed:.3f} s  ->  {tokens / elapsed:.2f} generated tokens/s  (setup {t_setup:.2f} s)")
     print(f"roofline floor {roof['floor_s']:.3f} s ({roof['bound']}-bound: disk {roof['t_disk_s']:.3f} s for "
           f"{roof['disk_bytes'] / 1e9:.1f} GB, pcie {roof['t_pcie_s']:.3f} s for {roof['pcie_bytes'] / 1e9:.1f} GB, "

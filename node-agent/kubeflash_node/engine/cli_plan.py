@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..jobspec import SpecError, load_job
     from ..store.format import StoreError
-    from .costmodel import Budget, candidates, choose
+    from .costmodel import Budget, describe, plan as make_plan, x_cache_note
+    from .job import pinned
 
     try:
         spec = load_job(args.manifest)
@@ -52,9 +53,9 @@ def main(args: argparse.Namespace) -> int:
                         parse_size(args.cpu_memory) if args.cpu_memory else _mem_available())
         quants = tuple(sizes) if args.allow_compression else (spec.model.quantization,)
         kv_bits = (16, 8, 4) if args.allow_compression else (KV_BITS[spec.offload.compression],)
-        base = _base_policy(ceil)
-        cands = candidates(job, quantizations=quants, kv_bits=kv_bits, step=args.step, base=base)
-        plan = choose(cands, config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, itemsize=itemsize)
+        plan = make_plan(config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, quantizations=quants,
+                         kv_bits=kv_bits, base=_base_policy(ceil), step=args.step, keep=pinned(spec.offload, config),
+                         itemsize=itemsize)
     except (SpecError, StoreError, ValueError, OSError) as e:
         print(f"kubeflash plan: error: {e}", file=sys.stderr)
         return 1
@@ -65,11 +66,12 @@ def main(args: argparse.Namespace) -> int:
           f"matmul {ceil.matmul_tflops:.0f} TFLOP/s")
     print(f"budgets: GPU {budget.gpu_bytes / 2**30:.2f} GiB, CPU {budget.cpu_bytes / 2**30:.2f} GiB; "
           f"{plan.fitting} of {plan.considered} candidate policies fit\n")
-    print("chosen:    " + _describe(plan.best))
+    print(x_cache_note(config))
+    print("chosen:    " + describe(plan.best))
     print("           why: " + plan.best.why())
     if plan.runner_up:
         r = plan.runner_up
-        print(f"runner-up: {_describe(r)}  (+{max(0.0, r.total_s / plan.best.total_s - 1):.1%})")
+        print(f"runner-up: {describe(r)}  (+{max(0.0, r.total_s / plan.best.total_s - 1):.1%})")
         print("           why: " + r.why())
     print("\nto pin it, in the job's spec:\n" + _offload_yaml(plan.best))
     if args.json:
@@ -176,17 +178,6 @@ def _mem_available() -> int:
 # ------------------------------------------------------------------------------------------- output
 
 
-def _describe(pr) -> str:
-    p, q = pr.candidate.policy, pr.candidate.quantization
-    pl = pr.placement
-    kv = p.kv + (f" {p.kv_bits}-bit" if p.kv_bits != 16 else "")
-    return (f"weights gpu {p.weights_gpu_percent:.0f}% cpu {p.weights_cpu_percent:.0f}% (stages gpu={pl['gpu']} "
-            f"cpu={pl['cpu']} disk={pl['disk']}){'' if q == 'none' else ', ' + q + ' weights'}, kv {kv}, "
-            f"micro-batch {p.gpu_batch_size} x {p.num_gpu_batches}: {pr.total_s:.3g} s (setup {pr.setup_s:.3g} s + "
-            f"run {pr.run_s:.3g} s), {pr.tokens_per_s:.3g} generated tokens/s, GPU {pr.gpu_bytes / 2**30:.2f} GiB, "
-            f"CPU {pr.cpu_bytes / 2**30:.2f} GiB")
-
-
 def _offload_yaml(pr) -> str:
     p = pr.candidate.policy
     kv = {t: 100 if t == {"device": "gpu"}.get(p.kv, p.kv) else 0 for t in ("gpu", "cpu", "disk")}
@@ -196,6 +187,8 @@ def _offload_yaml(pr) -> str:
             f"    kv: {{gpu: {kv['gpu']}, cpu: {kv['cpu']}, disk: {kv['disk']}}}\n"
             f"    gpuBatchSize: {p.gpu_batch_size}\n    numGpuBatches: {p.num_gpu_batches}"
             + (f"\n    compression: int{p.kv_bits}  # the KV cache's bits" if p.kv_bits != 16 else "")
+            + ("\n    cpuAttention: true" if p.cpu_attention else "") + ("\n    kvWriteBack: true" if p.kv_write_back else "")
+            + ("\n    xCache: true" if p.x_cache_percent else "")
             + (f"\n  model: {{quantization: {q}}}  # merge into spec.model" if (q := pr.candidate.quantization) != "none"
                else ""))
 

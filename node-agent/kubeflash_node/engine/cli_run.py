@@ -20,6 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                 "(default: kubeflash-out/<job>/)")
     p.add_argument("--store", type=Path, help="local model store root (default: $KUBEFLASH_HOME or ~/.cache/kubeflash)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no outputs; only the report")
+    p.add_argument("--ceilings", type=Path, help="measured ceilings for spec.offload.policy auto (kubeflash bench "
+                                                 "--ceilings-only --json FILE; default: <store>/ceilings.json, "
+                                                 "measured and saved there on first use with a GPU)")
+    p.add_argument("--gpu-memory", help="GPU memory the automatic policy may plan with, e.g. 12GiB (default: the GPU's)")
+    p.add_argument("--cpu-memory", help="host memory the automatic policy may plan with, e.g. 16GiB "
+                                        "(default: MemAvailable)")
 
 
 def resolve_device(name: str) -> str:
@@ -57,8 +63,9 @@ def main(args: argparse.Namespace) -> int:
                                            root=args.store or DEFAULT_ROOT,
                                            progress_bar=not args.quiet)
         bar = _TokenBar(len(spec.input.prompts), enabled=not args.quiet)
+        machine = _machine(args, args.store or DEFAULT_ROOT) if spec.offload.policy == "auto" and device != "cpu" else None
         report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device,
-                         job_dir=job_dir, on_tokens=bar.tokens, on_prompts=bar.prompts)
+                         job_dir=job_dir, machine=machine, on_tokens=bar.tokens, on_prompts=bar.prompts)
         bar.close()
     except (SpecError, StoreError, EngineError, ValueError, OSError) as e:
         print(f"kubeflash run: error: {e}", file=sys.stderr)
@@ -76,9 +83,36 @@ def main(args: argparse.Namespace) -> int:
         print(f"all {report['skipped']} prompts already had results in {output}; nothing to run")
         return 0
     print(format_report(report))
+    if "plan" in report:
+        print(f"policy auto: {report['plan']['chosen']}\n             {report['plan']['why']}")
     write_report(report, job_dir / "report.json")
     print(f"results: {output}\nreport:  {job_dir / 'report.json'}")
     return 0
+
+
+def _machine(args, store: Path):
+    """Ceilings and budgets for the automatic policy (spec.offload.policy auto) on a GPU."""
+    import json
+
+    from .bench import Ceilings, measure_ceilings
+    from .cli_plan import _gpu_total, _mem_available, parse_size
+    from .job import Machine
+
+    path = args.ceilings or store / "ceilings.json"
+    if path.is_file():
+        d = json.loads(path.read_text())
+        d = d.get("ceilings", d)
+        ceil = Ceilings(**{k: v for k, v in d.items() if k in Ceilings.__dataclass_fields__})
+    elif args.ceilings:
+        raise ValueError(f"--ceilings {path}: no such file")
+    else:
+        print(f"policy auto: measuring this machine's ceilings once (saved to {path})…", file=sys.stderr)
+        ceil = measure_ceilings(store / "probe")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(ceil.to_dict(), indent=1))
+    gpu = parse_size(args.gpu_memory) if args.gpu_memory else _gpu_total()
+    cpu = parse_size(args.cpu_memory) if args.cpu_memory else _mem_available()
+    return Machine(ceil, gpu, cpu)
 
 
 class _TokenBar:

@@ -47,6 +47,7 @@ class Calibration:
     layer_overhead_s: float = 1.5e-3  # per (layer, micro-batch): launches + Python (decode runs: 1.3-1.9 ms)
     hbm_gbps: float = 3000.0  # GPU memory bandwidth: a decode micro-batch reads the layer's weights once
     dequant_gbps: float = 300.0  # dequantized output bytes per second on the GPU (assumed, not yet measured)
+    cpu_attention_gbps: float = 20.0  # float32 KV bytes CPU attention scans per second (assumed, not yet measured)
     gpu_reserve_bytes: int = 1 << 30  # CUDA context and allocator slack beyond the tensors counted
     host_base_bytes: int = 2 << 30  # the process itself (Python, torch, CUDA runtime)
 
@@ -144,11 +145,35 @@ def _blocks(job: JobShape, p: Policy) -> list[tuple[int, list[int]]]:
     return out
 
 
-def _kv_row(e: _Env, bits: int) -> float:
-    """Bytes of one token's K and V of one layer for one sequence, as the cpu/disk tiers hold it."""
-    d = e.c.head_dim
-    per = e.itemsize * d if bits == 16 else d * bits / 8 + 4 * (d // min(64, d))
-    return 2 * e.c.num_kv_heads * per
+def _packed(d: int, bits: int, itemsize: int) -> float:
+    """Bytes of a row of d values: as computed, or the KV codec's codes + float16 scale and zero per group."""
+    return itemsize * d if bits == 16 else d * bits / 8 + 4 * (d // min(64, d))
+
+
+def _kv_row(e: _Env, bits: int, x: bool = False) -> float:
+    """Bytes of one token's cache of one layer for one sequence, as the cpu/disk tiers hold it: K and V, or
+    (X-cache) the layer input X held as two halves of H/2."""
+    if x:
+        return 2 * _packed(e.c.hidden_size // 2, bits, e.itemsize)
+    return 2 * e.c.num_kv_heads * _packed(e.c.head_dim, bits, e.itemsize)
+
+
+def x_cache_saves(c: ModelConfig) -> bool:
+    """X (H values a token) is smaller than K + V (2 x Nk x D): true for multi-head attention, false for GQA
+    models whose K + V is already smaller."""
+    return c.hidden_size < 2 * c.kv_dim
+
+
+def x_cache_note(c: ModelConfig) -> str:
+    verdict = "saves bytes" if x_cache_saves(c) else "costs bytes, not used"
+    return (f"X-cache {verdict} for this model: X is {c.hidden_size} values a token and layer, K + V "
+            f"{2 * c.kv_dim}")
+
+
+def x_cache_fits(c: ModelConfig, bits: int) -> bool:
+    """X can be held by the tier: two halves, each a multiple of the KV codec's group when compressed."""
+    half = c.hidden_size // 2
+    return c.hidden_size % 2 == 0 and (bits == 16 or half % min(64, half) == 0)
 
 
 def _layer_compute(e: _Env, b: int, s_new: int, ctx: int, dense: int) -> float:
@@ -161,15 +186,24 @@ def _layer_compute(e: _Env, b: int, s_new: int, ctx: int, dense: int) -> float:
         + _rate(dense, e.cal.hbm_gbps)
 
 
-def _kv_time(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bool) -> float:
-    """KV load + store of one layer for one micro-batch (cpu/disk tiers), on the compute stream."""
-    if p.kv == "device" or e.job.gen_len <= 1:
+def _kv_time(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bool, x: bool = False) -> float:
+    """KV load + store of one layer for one micro-batch (cpu/disk tiers), on the compute stream; an X-cache
+    layer moves X and recomputes the cached tokens' K, V; CPU attention scans the host KV where it lives."""
+    if e.job.gen_len <= 1:
         return 0.0
-    row = _kv_row(e, p.kv_bits) * b
-    load, store = (ctx - s_new) * row, s_new * row
-    t = _rate(load + store, e.ceil.h2d_pinned)
+    prev = ctx - s_new
+    t = _rate(2 * b * prev * e.c.hidden_size * 2 * e.c.kv_dim,
+              e.ceil.matmul_tflops * 1e12 / GB * e.cal.compute_efficiency) if x else 0.0
+    if p.kv == "device":
+        return t
+    if p.cpu_attention and not x:  # float32 rows scanned on the host; q, the new row and the output move
+        return _rate(prev * b * 2 * e.c.kv_dim * 4, e.cal.cpu_attention_gbps) \
+            + _rate(s_new * b * 2 * e.c.kv_dim * 4, e.ceil.h2d_pinned)
+    row = _kv_row(e, p.kv_bits, x) * b
+    load, store = prev * row, s_new * row
+    t += _rate(load + store, e.ceil.h2d_pinned)
     if p.kv_bits != 16:
-        t += _rate((load + store) / row * b * 2 * e.c.kv_dim * e.itemsize, e.cal.dequant_gbps)
+        t += _rate((load + store) / row * b * _kv_row(e, 16, x), e.cal.dequant_gbps)
     if p.kv == "disk":
         read_bw = e.ceil.disk_read_warm if kv_fits_cache else e.ceil.disk_read_cold
         t += _rate(load, read_bw) + _rate(store, e.ceil.disk_read_warm if kv_fits_cache else e.ceil.disk_write)
@@ -199,16 +233,25 @@ def _memory(e: _Env, p: Policy, stored: list[int], dense: list[int], where: list
     deq = 2 * max((dense[i] for i in streamed if stored[i] != dense[i]), default=0)
     blk, g = min(p.block_size, j.prompts), min(p.gpu_batch_size, j.prompts)
     s, cap = j.prompt_len, j.prompt_len + j.gen_len
+    nx = len(p.x_layers(c.num_layers))
+    per_token = (c.num_layers - nx) * _kv_row(e, 16) + nx * _kv_row(e, 16, x=True)  # every layer, as computed
     if p.kv == "device" and j.gen_len > 1:
-        kv_dev = blk * cap * c.kv_bytes_per_token(isz)  # the whole block's cache, every layer
+        kv_dev = blk * cap * per_token  # the whole block's cache, every layer
     else:
         kv_dev = 2 * g * cap * 2 * c.kv_dim * isz  # one layer's prefix for one micro-batch, loaded + concatenated
+    if nx:
+        kv_dev += g * cap * (c.hidden_size + 2 * c.kv_dim) * isz  # a layer's X prefix and the K, V made from it
     act = blk * s * (c.hidden_size + s + 2 * c.head_dim) * isz  # x, mask [B,1,S,T], rope cos/sin of every micro-batch
     mlp = (2 if c.architecture == "opt" else 3) * c.intermediate_size  # gate, up, act (llama) | fc1, act (opt)
     act += g * s * (3 * c.hidden_size + c.q_dim + 2 * c.kv_dim + mlp) * isz + g * c.vocab_size * 4  # one layer's temps
     gpu = sum(dense[i] for i, w in enumerate(where) if w == "gpu") + slots + deq + kv_dev + act
     ring = slots if any(w == "disk" for w in where) else 0
-    kv_host = blk * cap * c.num_layers * _kv_row(e, p.kv_bits) if p.kv == "cpu" and j.gen_len > 1 else 0
+    kv_host = 0
+    if p.kv == "cpu" and j.gen_len > 1:
+        row = _kv_row(e, p.kv_bits) * (2 if p.cpu_attention else 1)  # CPU attention keeps float32
+        kv_host = blk * cap * ((c.num_layers - nx) * row + nx * _kv_row(e, p.kv_bits, x=True))
+    if p.kv == "disk" and p.kv_write_back and j.gen_len > 1:  # rows buffered per (layer, micro-batch)
+        kv_host = c.num_layers * -(-blk // g) * min(p.kv_write_back_bytes, cap * g * _kv_row(e, p.kv_bits))
     cpu = e.cal.host_base_bytes + sum(stored[i] for i, w in enumerate(where) if w == "cpu") + ring + kv_host
     return int(gpu), int(cpu)
 
@@ -222,16 +265,18 @@ def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget
     p, (stored, dense) = cand.policy, sizes
     where = _placement(config, p, len(stored))
     gpu, cpu = _memory(e, p, stored, dense, where)
-    kv_total = job.prompts * (job.prompt_len + job.gen_len) * config.num_layers * _kv_row(e, p.kv_bits)
+    xl = p.x_layers(config.num_layers)
+    kv_total = job.prompts * (job.prompt_len + job.gen_len) * sum(
+        _kv_row(e, p.kv_bits, x=j in xl) for j in range(config.num_layers))
     kv_fits_cache = kv_total <= budget.cpu_bytes - cpu
     res = {"disk": 0.0, "pcie": 0.0, "compute": 0.0}
     bound = dict.fromkeys(res, 0.0)
     last = len(stored) - 1
-    kinds = Counter(("embed" if i == 0 else "head" if i == last else "layer", where[i], stored[i], dense[i])
-                    for i in range(last + 1))  # identical stages are computed once and counted
+    kinds = Counter(("embed" if i == 0 else "head" if i == last else "xlayer" if i - 1 in xl else "layer",
+                     where[i], stored[i], dense[i]) for i in range(last + 1))  # identical stages: computed once
     for count, mbs in _blocks(job, p):
         for (kind, w, st, de), n in kinds.items():
-            key = (kind, w, st, de, tuple(mbs), p.kv, p.kv_bits, kv_fits_cache)
+            key = (kind, w, st, de, tuple(mbs), p.kv, p.kv_bits, p.cpu_attention, kv_fits_cache)
             got = memo.get(key) if memo is not None else None
             if got is None:
                 got = _stage_all_steps(e, p, kind, w, st, de, Counter(mbs), kv_fits_cache)
@@ -285,7 +330,8 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
         elif kind == "head":
             comp += m * (_rate(2 * b * e.c.hidden_size * e.c.vocab_size, peak) + e.cal.layer_overhead_s / 2)
         else:
-            comp += m * (_layer_compute(e, b, s_new, ctx, dense) + _kv_time(e, p, b, s_new, ctx, kv_fits_cache))
+            comp += m * (_layer_compute(e, b, s_new, ctx, dense)
+                         + _kv_time(e, p, b, s_new, ctx, kv_fits_cache, x=kind == "xlayer"))
     return {"disk": disk, "pcie": pcie, "compute": comp}
 
 
@@ -293,18 +339,30 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
 
 
 def candidates(job: JobShape, *, quantizations=("none",), kv_bits=(16,), step: int = 10,
-               base: Policy = Policy()) -> list[Candidate]:
-    """Weights gpu/cpu percentages in `step`s, KV tiers (+ compressed), batch shapes in powers of two."""
+               base: Policy = Policy(), config: ModelConfig | None = None, techniques: bool = True,
+               shapes: list[tuple[int, int]] | None = None) -> list[Candidate]:
+    """Weights gpu/cpu percentages in `step`s, KV tiers (+ compressed), batch shapes in powers of two, and with
+    `techniques` the exact INF² ones: CPU attention (KV in CPU memory), write-back (KV on disk, always on) and,
+    where X is smaller than K + V (`config`), X-cache for half or all of the layers."""
     pct = range(0, 101, step)
-    sizes = sorted({min(2 ** k, job.prompts) for k in range(12)})
-    shapes = [(g, nb) for g in sizes for nb in (2 ** k for k in range(8)) if (nb - 1) * g < job.prompts]
-    kvs = [("device", 16)] + ([(t, b) for t in ("cpu", "disk") for b in kv_bits] if job.gen_len > 1 else [])
+    if shapes is None:
+        sizes = sorted({min(2 ** k, job.prompts) for k in range(12)})
+        shapes = [(g, nb) for g in sizes for nb in (2 ** k for k in range(8)) if (nb - 1) * g < job.prompts]
+    kvs = [("device", 16, False)]
+    if job.gen_len > 1:
+        kvs += [(t, b, False) for t in ("cpu", "disk") for b in kv_bits]
+        if techniques and 16 in kv_bits:
+            kvs.append(("cpu", 16, True))
     out = []
-    for (gp, cp), (kv, kb), (g, nb), q in itertools.product(
+    for (gp, cp), (kv, kb, attn), (g, nb), q in itertools.product(
             [(gp, cp) for gp in pct for cp in pct if gp + cp <= 100], kvs, shapes, quantizations):
-        pol = replace(base, weights_gpu_percent=float(gp), weights_cpu_percent=float(cp), kv=kv, kv_bits=kb,
-                      gpu_batch_size=g, num_gpu_batches=nb)
-        out.append(Candidate(pol, q))
+        xs = (0.0, 50.0, 100.0) if (techniques and config and job.gen_len > 1 and not attn and x_cache_saves(config)
+                                    and x_cache_fits(config, kb)) else (0.0,)
+        for xp in xs:
+            pol = replace(base, weights_gpu_percent=float(gp), weights_cpu_percent=float(cp), kv=kv, kv_bits=kb,
+                          gpu_batch_size=g, num_gpu_batches=nb, cpu_attention=attn, x_cache_percent=xp,
+                          kv_write_back=techniques and kv == "disk")
+            out.append(Candidate(pol, q))
     return out
 
 
@@ -341,3 +399,28 @@ def choose(cands: list[Candidate], *, config: ModelConfig, ceil, job: JobShape, 
     best = fits[0]
     runner = next((pr for pr in fits[1:] if _shape(pr) != _shape(best)), None)
     return Plan(best, runner, len(cands), len(fits))
+
+
+def plan(*, config: ModelConfig, ceil, job: JobShape, budget: Budget, sizes: dict[str, tuple[list[int], list[int]]],
+         quantizations=("none",), kv_bits=(16,), base: Policy = Policy(), step: int = 10,
+         shapes: list[tuple[int, int]] | None = None, keep=None, cal: Calibration = Calibration(),
+         itemsize: int = 2) -> Plan:
+    """The automatic policy: every candidate (techniques included) that `keep` accepts, the fastest that fits."""
+    cands = candidates(job, quantizations=quantizations, kv_bits=kv_bits, step=step, base=base, config=config,
+                       shapes=shapes)
+    if keep is not None:
+        cands = [cd for cd in cands if keep(cd.policy)]
+    return choose(cands, config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, cal=cal, itemsize=itemsize)
+
+
+def describe(pr: Prediction) -> str:
+    """One line: placement, quantization, KV tier and techniques, batch shape, predicted time and memory."""
+    p, q, pl = pr.candidate.policy, pr.candidate.quantization, pr.placement
+    kv = p.kv + (f" {p.kv_bits}-bit" if p.kv_bits != 16 else "")
+    tech = [t for t, on in (("CPU attention", p.cpu_attention), ("write-back", p.kv_write_back),
+                            (f"X-cache {p.x_cache_percent:g}% of layers", p.x_cache_percent > 0)) if on]
+    return (f"weights gpu {p.weights_gpu_percent:.0f}% cpu {p.weights_cpu_percent:.0f}% (stages gpu={pl['gpu']} "
+            f"cpu={pl['cpu']} disk={pl['disk']}){'' if q == 'none' else ', ' + q + ' weights'}, kv {kv}"
+            f"{' + ' + ', '.join(tech) if tech else ''}, micro-batch {p.gpu_batch_size} x {p.num_gpu_batches}: "
+            f"{pr.total_s:.3g} s (setup {pr.setup_s:.3g} s + run {pr.run_s:.3g} s), {pr.tokens_per_s:.3g} generated "
+            f"tokens/s, GPU {pr.gpu_bytes / 2**30:.2f} GiB, CPU {pr.cpu_bytes / 2**30:.2f} GiB")

@@ -24,8 +24,53 @@ class Tokenized:
     tokenizer: object | None
 
 
-def policy_for(spec: JobSpec, *, n_prompts: int, device: str) -> Policy:
-    """Policy from the manifest: explicit percentages as given, or the default streaming policy for auto."""
+@dataclass(frozen=True)
+class Machine:
+    """What the automatic policy plans against: measured ceilings (bench.Ceilings) and memory budgets (bytes)."""
+
+    ceilings: object
+    gpu_bytes: int
+    cpu_bytes: int
+
+
+def pinned(offload, config):
+    """The cost model's filter for what the manifest pins under policy auto: the batch shape and the INF²
+    switches (xCache: on wherever X is smaller than K + V, so it pins nothing for a GQA model)."""
+    from .costmodel import x_cache_saves
+
+    want_x = offload.x_cache and x_cache_saves(config)
+
+    def keep(p: Policy) -> bool:
+        return ((offload.gpu_batch_size is None or p.gpu_batch_size == offload.gpu_batch_size)
+                and (offload.num_gpu_batches is None or p.num_gpu_batches == offload.num_gpu_batches)
+                and (not offload.cpu_attention or p.cpu_attention) and (not offload.kv_write_back or p.kv_write_back)
+                and (not want_x or p.x_cache_percent > 0))
+    return keep
+
+
+def auto_plan(spec: JobSpec, *, manifest, prompts: list[list[int]], gen_len: int, machine: Machine):
+    """The cost model's plan for this job on this machine (costmodel.Plan): placement, batch shape and the exact
+    techniques; the store's quantization and the KV compression stay as the manifest says."""
+    from .config import ModelConfig
+    from .costmodel import Budget, JobShape, plan, stage_sizes
+
+    config = ModelConfig.from_dict(manifest.config)
+    itemsize = 4 if manifest.dtype == "float32" else 2
+    q = spec.model.quantization
+    dense = stage_sizes(config, itemsize, q)[1]
+    stored = [manifest.files[s].size for s in manifest.stages]
+    job = JobShape(prompts=len(prompts), prompt_len=max(len(p) for p in prompts), gen_len=gen_len)
+    ceil = machine.ceilings
+    base = Policy(io_threads=ceil.disk_read_threads or 4, io_task_bytes=ceil.disk_read_task_bytes or 16 << 20)
+    kv_bits = {"none": 16, "int8": 8, "int4": 4}[spec.offload.compression]
+    return plan(config=config, ceil=ceil, job=job, budget=Budget(machine.gpu_bytes, machine.cpu_bytes),
+                sizes={q: (stored, dense)}, quantizations=(q,), kv_bits=(kv_bits,), base=base,
+                keep=pinned(spec.offload, config), itemsize=itemsize)
+
+
+def policy_for(spec: JobSpec, *, n_prompts: int, device: str, config=None) -> Policy:
+    """Policy from the manifest: explicit percentages as given; for auto without measured ceilings (run_job
+    plans with the cost model when it has them) the default streaming policy."""
     o = spec.offload
     g = o.gpu_batch_size or min(8, max(1, n_prompts))
     nb = o.num_gpu_batches or 1
@@ -44,7 +89,20 @@ def policy_for(spec: JobSpec, *, n_prompts: int, device: str) -> Policy:
         raise SpecError("spec.offload.kvWriteBack needs the KV cache on disk (spec.offload.kv: {disk: 100})")
     return Policy(gpu_batch_size=g, num_gpu_batches=nb, weights_gpu_percent=o.weights.gpu,
                   weights_cpu_percent=o.weights.cpu, kv=kv[full[0]], kv_bits=kv_bits,
-                  cpu_attention=o.cpu_attention, kv_write_back=o.kv_write_back)
+                  cpu_attention=o.cpu_attention, kv_write_back=o.kv_write_back,
+                  x_cache_percent=100.0 if o.x_cache and _x_saves(spec, kv_bits, config) else 0.0)
+
+
+def _x_saves(spec: JobSpec, kv_bits: int, config) -> bool:
+    """xCache under an explicit policy: every layer, where X is smaller than K + V (never for GQA models)."""
+    from ..store.convert import open_source
+    from .config import preset
+    from .costmodel import x_cache_fits, x_cache_saves
+
+    uri = spec.model.uri
+    if config is None:
+        config = preset(uri.split(":", 1)[1]) if uri.startswith(("dummy:", "builtin:")) else open_source(uri).config
+    return x_cache_saves(config) and x_cache_fits(config, kv_bits)
 
 
 def load_tokenizer(model_dir: Path, manifest):
@@ -90,7 +148,7 @@ class Progress:
 
 
 def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: str = "cpu",
-            job_dir: Path | None = None, policy: Policy | None = None,
+            job_dir: Path | None = None, policy: Policy | None = None, machine: Machine | None = None,
             on_tokens: Callable[[int], None] | None = None, on_prompts: Callable[[int], None] | None = None) -> dict:
     """Generate every prompt of `spec` not already in `output`; returns the report dict."""
     tokenizer = load_tokenizer(model_dir, manifest)
@@ -103,12 +161,19 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         results.close()
         progress.write("done", message="every prompt already has a result")
         return {"skipped": len(ids), "generated_tokens": 0}
-    policy = policy or policy_for(spec, n_prompts=len(todo), device=device)
-    engine = Engine(model_dir, policy=policy, device=device, job_dir=job_dir)
     g = spec.generation
+    max_new = max([g.max_new_tokens] + [spec.input.prompts[i].max_tokens or 0 for i in todo])
+    chosen = None
+    if policy is None and spec.offload.policy == "auto" and machine is not None:
+        chosen = auto_plan(spec, manifest=manifest, prompts=[ids[i] for i in todo], gen_len=max_new, machine=machine)
+        policy = chosen.best.candidate.policy
+    if policy is None:
+        from .config import ModelConfig
+
+        policy = policy_for(spec, n_prompts=len(todo), device=device, config=ModelConfig.from_dict(manifest.config))
+    engine = Engine(model_dir, policy=policy, device=device, job_dir=job_dir)
     eos = tuple(engine.config.eos_token_id) + ((tokenizer.eos_token_id,) if tokenizer is not None
                                                 and tokenizer.eos_token_id is not None else ())
-    max_new = max([g.max_new_tokens] + [spec.input.prompts[i].max_tokens or 0 for i in todo])
     params = GenParams(max_new_tokens=max_new, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
                        eos_token_ids=tuple(sorted(set(eos))))
     limits = [spec.input.prompts[i].max_tokens or g.max_new_tokens for i in todo]
@@ -146,6 +211,11 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
     try:
         engine.generate([ids[i] for i in todo], params, stop=stop, on_block=on_block, on_step=on_step)
         report = build_report(engine)
+        if chosen is not None:
+            from .costmodel import describe
+
+            report["plan"] = {"chosen": describe(chosen.best), "why": chosen.best.why(),
+                              "predicted_s": chosen.best.run_s, "considered": chosen.considered}
         progress.write("done", timings=_timings(engine))
         return report
     except BaseException as e:
