@@ -332,6 +332,8 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
         else:
             comp += m * (_layer_compute(e, b, s_new, ctx, dense)
                          + _kv_time(e, p, b, s_new, ctx, kv_fits_cache, x=kind == "xlayer"))
+            if p.kv == "disk" and not kv_fits_cache and e.job.gen_len > 1:  # KV reads share the disk with weights
+                disk += m * _rate((ctx - s_new) * b * _kv_row(e, p.kv_bits, kind == "xlayer"), e.ceil.disk_read_cold)
     return {"disk": disk, "pcie": pcie, "compute": comp}
 
 

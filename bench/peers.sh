@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Peers side by side on one GPU machine (docs/benchmarks.md, "Peers"): kubeflash's auto policy, FlexGen and
+# transformers + accelerate disk offload on the same OPT shape, prompt/generation lengths and memory budgets.
+# Usage: bench/peers.sh STEP [STEP…]   (results JSON in $RES, default /root/peers; logs on stdout)
+#
+# Budgets of the opt-13b "weights on disk" workload (26 GB of fp16 weights): every timed run sits in a cgroup v2
+# with memory.max=16G (host memory and page cache together, below the model) with the page cache dropped first,
+# and its CUDA allocator capped at 12 GiB. Conversions and weight set-up run outside the cgroup and untimed.
+set -u
+source "$(dirname "$0")/device-setup.sh"
+STORE=${STORE:-/root/kfb}
+RES=${RES:-/root/peers}
+CG=${CG:-16G}
+GPU=${GPU:-12GiB}
+mkdir -p "$STORE" "$RES"
+KF="python3 -m kubeflash_node.cli"
+incg() { # run a command inside the cgroup (memory.max=$CG)
+  echo +memory > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
+  mkdir -p /sys/fs/cgroup/kf && echo "$CG" > /sys/fs/cgroup/kf/memory.max
+  (echo $BASHPID > /sys/fs/cgroup/kf/cgroup.procs && exec "$@")
+}
+ours() { # name prompts [bench args…]: kubeflash bench, auto policy unless args pin one
+  local name=$1 n=$2; shift 2
+  echo "=== $name: kubeflash bench --prompts $n $*"
+  incg $KF bench --store "$STORE" --ceilings "$STORE/ceilings.json" --prompts "$n" --prompt-len 512 --gen-len 32 \
+    --gpu-memory "$GPU" --cpu-memory 14GiB --cold --json "$RES/$name.json" "$@" 2>&1 \
+    | grep -E "^(policy auto|  |workload|measured|cost model|roofline|efficiency|peak|load_weight|compute_layer)|rror"
+}
+flexgen() { # name [FlexGen args…]
+  local name=$1; shift
+  echo "=== $name: FlexGen $*"
+  incg python3 bench/peers/flexgen_opt.py --json "$RES/$name.json" --gpu-memory "$GPU" --cold "${FG_OPTS[@]}" -- \
+    --path _DUMMY_ --offload-dir /root/fgoff --prompt-len 512 --gen-len 32 --cut-gen-len 4 "$@" 2>&1 | tail -4
+  rm -rf /root/fgoff
+}
+FG_OPTS=()
+for step in "$@"; do case $step in
+  ceilings) [ -f "$STORE/ceilings.json" ] || { $KF bench --store "$STORE" --ceilings-only --json "$STORE/c.json" &&
+            python3 -c "import json;json.dump(json.load(open('$STORE/c.json'))['ceilings'],open('$STORE/ceilings.json','w'))"; }
+            cp "$STORE/ceilings.json" "$RES/" ;;
+  # ours, fp16: converted outside the cgroup, then the auto policy under the budgets
+  ours13) $KF convert dummy:opt-13b --out "$STORE/opt13" --dtype float16 2>&1 | tail -1
+          ours ours-opt13-fp16 16 --model "$STORE/opt13"; rm -rf "$STORE/opt13" ;;
+  # ours, compression allowed: the cost model may pick int8/int4 weights and 8/4-bit KV (converted first)
+  ours13c) ours ours-opt13-auto-compress 64 --model dummy:opt-13b --allow-compression
+           rm -rf "$STORE/models" ;;
+  # FlexGen, fp16 weights on disk, KV and activations on the GPU (its best fit under 12 GiB for 16 prompts)
+  fg13) flexgen fg-opt13-fp16-disk --model facebook/opt-13b --percent 0 0 100 0 100 0 --gpu-batch-size 16 ;;
+  # FlexGen, 4-bit group-wise weights (its --compress-weight) held in CPU memory; 2 copy threads (4 GiB pinned)
+  fg13c) FG_OPTS=(--copy-threads 2)
+         flexgen fg-opt13-compress-cpu --model facebook/opt-13b --percent 0 100 100 0 100 0 --gpu-batch-size 32 \
+           --num-gpu-batches 2 --compress-weight
+         FG_OPTS=() ;;
+  # transformers + accelerate disk offload, 4 layers resident on the GPU, 16 prompts, 4 tokens (every token
+  # re-reads the offloaded weights, so tokens/s barely depends on the generation length)
+  acc13) incg python3 bench/peers/accelerate_opt.py --model opt-13b --offload-folder /root/acc13 \
+           --json "$RES/acc-opt13-disk.json" --prompts 16 --prompt-len 512 --gen-len 4 --gpu-layers 4 \
+           --gpu-memory "$GPU" --cold 2>&1 | tail -3
+         rm -rf /root/acc13 ;;
+  *) echo "unknown step $step"; exit 2 ;;
+esac; done
