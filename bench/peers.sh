@@ -23,7 +23,7 @@ ours() { # name prompts [bench args…]: kubeflash bench, auto policy unless arg
   local name=$1 n=$2; shift 2
   echo "=== $name: kubeflash bench --prompts $n $*"
   incg $KF bench --store "$STORE" --ceilings "$STORE/ceilings.json" --prompts "$n" --prompt-len 512 --gen-len 32 \
-    --gpu-memory "$GPU" --cpu-memory 14GiB --cold --json "$RES/$name.json" "$@" 2>&1 \
+    --gpu-memory "$GPU" --cpu-memory "${CPUMEM:-14GiB}" --cold --json "$RES/$name.json" "$@" 2>&1 \
     | grep -E "^(policy auto|  |workload|measured|cost model|roofline|efficiency|peak|load_weight|compute_layer)|rror"
 }
 flexgen() { # name [FlexGen args…]
@@ -40,16 +40,17 @@ for step in "$@"; do case $step in
             cp "$STORE/ceilings.json" "$RES/" ;;
   # ours, fp16: converted outside the cgroup, then the auto policy under the budgets
   ours13) $KF convert dummy:opt-13b --out "$STORE/opt13" --dtype float16 2>&1 | tail -1
-          ours ours-opt13-fp16 16 --model "$STORE/opt13"; rm -rf "$STORE/opt13" ;;
+          CPUMEM=10GiB ours ours-opt13-fp16 16 --model "$STORE/opt13"; rm -rf "$STORE/opt13" ;;
   # ours, compression allowed: the cost model may pick int8/int4 weights and 8/4-bit KV (converted first)
   ours13c) ours ours-opt13-auto-compress 64 --model dummy:opt-13b --allow-compression
            rm -rf "$STORE/models" ;;
   # FlexGen, fp16 weights on disk, KV and activations on the GPU (its best fit under 12 GiB for 16 prompts)
   fg13) flexgen fg-opt13-fp16-disk --model facebook/opt-13b --percent 0 0 100 0 100 0 --gpu-batch-size 16 ;;
-  # FlexGen, 4-bit group-wise weights (its --compress-weight) held in CPU memory; 2 copy threads (4 GiB pinned)
+  # FlexGen, 4-bit group-wise weights and KV (--compress-weight --compress-cache), weights in CPU memory, KV on
+  # the GPU; 2 copy threads (4 GiB pinned) so weights + buffers fit the cgroup
   fg13c) FG_OPTS=(--copy-threads 2)
          flexgen fg-opt13-compress-cpu --model facebook/opt-13b --percent 0 100 100 0 100 0 --gpu-batch-size 32 \
-           --num-gpu-batches 2 --compress-weight
+           --num-gpu-batches 2 --compress-weight --compress-cache
          FG_OPTS=() ;;
   # transformers + accelerate disk offload, 4 layers resident on the GPU, 16 prompts, 4 tokens (every token
   # re-reads the offloaded weights, so tokens/s barely depends on the generation length)

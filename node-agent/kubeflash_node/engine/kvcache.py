@@ -84,13 +84,14 @@ def _codec(bits: int, head_dim: int) -> KVCodec | None:
 
 
 class HostKV(DeviceKV):
-    """KV in host memory (pinned when the compute device is a GPU); only the new slice is written back."""
+    """KV in host memory (pinned when the compute device is a GPU), token-major [T_cap, B, Nk, D] so a step's
+    prefix is one contiguous DMA in and its new rows one contiguous DMA out."""
 
     compressible = True
 
     def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
-        # [B, Nk, T_cap, D] in the compute dtype, or [B, Nk, T_cap, codec.nbytes] uint8 when compressed
-        shape = (batch, self.nk, capacity, self.codec.nbytes if self.codec else self.d)
+        # [T_cap, B, Nk, D] in the compute dtype, or [T_cap, B, Nk, codec.nbytes] uint8 when compressed
+        shape = (capacity, batch, self.nk, self.codec.nbytes if self.codec else self.d)
         dtype = torch.uint8 if self.codec else self.dtype
         pin = self.device.type == "cuda"
         self.bufs[layer, mb] = (torch.empty(shape, dtype=dtype, pin_memory=pin),
@@ -99,19 +100,20 @@ class HostKV(DeviceKV):
     def load(self, layer: int, mb: int, start: int) -> LayerKV:
         if start == 0:
             return LayerKV(None, None, in_place=False)
-        k, v = (b[:, :, :start].to(self.device, non_blocking=True) for b in self.bufs[layer, mb])
+        k, v = (b[:start].to(self.device, non_blocking=True) for b in self.bufs[layer, mb])
         if self.codec:
             k, v = self.codec.decode(k, self.dtype), self.codec.decode(v, self.dtype)
-        return LayerKV(k, v, in_place=False)
+        return LayerKV(k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), in_place=False)  # -> [B, Nk, T, D]
 
     def store(self, layer: int, mb: int, kv: LayerKV) -> None:
         k_new, v_new, start = kv.new
+        k_new, v_new = k_new.permute(2, 0, 1, 3).contiguous(), v_new.permute(2, 0, 1, 3).contiguous()  # [S, B, Nk, D]
         if self.codec:
             k_new, v_new = self.codec.encode(k_new), self.codec.encode(v_new)
         k, v = self.bufs[layer, mb]
-        s = k_new.shape[2]
-        k[:, :, start:start + s].copy_(k_new, non_blocking=True)
-        v[:, :, start:start + s].copy_(v_new, non_blocking=True)
+        s = k_new.shape[0]
+        k[start:start + s].copy_(k_new, non_blocking=True)
+        v[start:start + s].copy_(v_new, non_blocking=True)
 
 
 class DiskKV:
