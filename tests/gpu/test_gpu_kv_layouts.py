@@ -1,0 +1,57 @@
+"""KV tiers on the GPU with an MHA model (dummy OPT-125m, no tokenizer needed): the token-major host tier and the
+X-cache (K, V recomputed on the GPU from the stored layer input) give the device tier's tokens; the 4-bit codec
+gives the same tokens in host memory and on disk (one codec, two places)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubeflash_node.engine.generate import Engine, GenParams
+from kubeflash_node.engine.policy import Policy
+
+PROMPTS = [[5 + i, 9, 13 + i, 2, 7] * (3 + i) for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def opt(tmp_path_factory):
+    from kubeflash_node.store.convert import convert
+
+    out = tmp_path_factory.mktemp("gpu-opt") / "opt"
+    convert("dummy:opt-125m", out, dtype="float32")
+    return out
+
+
+def _run(store, policy, tmp_path, device="cuda"):
+    engine = Engine(store, policy=policy, device=device, job_dir=tmp_path)
+    try:
+        return [c.tokens for c in engine.generate(PROMPTS, GenParams(max_new_tokens=10))]
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def device_tokens(opt, tmp_path_factory):
+    return _run(opt, Policy(gpu_batch_size=2, num_gpu_batches=3, compute_dtype="float32"), tmp_path_factory.mktemp("d"))
+
+
+@pytest.mark.parametrize("policy", [
+    Policy(gpu_batch_size=2, num_gpu_batches=3, kv="cpu", compute_dtype="float32"),
+    Policy(gpu_batch_size=2, num_gpu_batches=3, x_cache_percent=100, compute_dtype="float32"),
+    Policy(gpu_batch_size=3, num_gpu_batches=2, kv="cpu", x_cache_percent=50, compute_dtype="float32"),
+    Policy(gpu_batch_size=2, num_gpu_batches=3, kv="disk", kv_write_back=True, kv_write_back_bytes=64 << 10,
+           x_cache_percent=100, compute_dtype="float32"),
+], ids=["host-token-major", "x-cache-device", "x-cache-half-host", "x-cache-disk-write-back"])
+def test_tiers_match_device_tier(opt, device_tokens, policy, tmp_path):
+    assert _run(opt, policy, tmp_path) == device_tokens
+
+
+def test_gpu_matches_cpu_engine(opt, device_tokens, tmp_path):
+    assert _run(opt, Policy(gpu_batch_size=2, kv="cpu", x_cache_percent=50), tmp_path, device="cpu") == device_tokens
+
+
+def test_four_bit_kv_same_in_host_memory_and_on_disk(opt, tmp_path):
+    host = _run(opt, Policy(gpu_batch_size=2, num_gpu_batches=3, kv="cpu", kv_bits=4, compute_dtype="float32"),
+                tmp_path / "h")
+    disk = _run(opt, Policy(gpu_batch_size=2, num_gpu_batches=3, kv="disk", kv_bits=4, compute_dtype="float32"),
+                tmp_path / "d")
+    assert host == disk and len(host) == len(PROMPTS)
