@@ -4,12 +4,10 @@ within the bound measured in docs/compression.md, 8-bit KV greedy tokens identic
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
 
-from kubeflash_node.engine import generate as gen_mod
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.kvcache import make_kv
 from kubeflash_node.engine.policy import Policy
@@ -75,9 +73,10 @@ def test_kv_codec_round_trip(bits):
     assert bool(((back - x).abs() <= 0.5 * step * 1.01 + 2 ** -10 * (x.abs().amax(-1, keepdim=True) + 15 * step)).all())
 
 
-@pytest.mark.parametrize("tier", ["cpu", "disk"])
+@pytest.mark.parametrize("tier", ["device", "cpu", "disk"])
 def test_kv_tiers_store_compressed_and_load_back(tier, tmp_path):
-    """Host and disk tiers at 8 bits hold about half the bytes of float16 and give back the rows they stored."""
+    """Device, host and disk tiers at 8 bits hold about half the bytes of float16 and give back the rows they
+    stored."""
     kw = dict(device=torch.device("cpu"), dtype=torch.float32, num_kv_heads=3, head_dim=64)
     kv, plain = make_kv(tier, bits=8, directory=tmp_path / "kv8", **kw), make_kv(tier, directory=tmp_path / "kv", **kw)
     for c in (kv, plain):
@@ -183,9 +182,8 @@ def test_int4_logits_close(int4_store, ids, reference):
     assert (logits.argmax(-1) == reference[0].argmax(-1)).all()
 
 
-@pytest.mark.parametrize("tier", ["cpu", "disk"])
-def test_kv8_greedy_tokens_identical(smol_store, ids, reference, tier, tmp_path, monkeypatch):
-    """8-bit KV in the host or disk tier: the same greedy tokens as the uncompressed run."""
-    monkeypatch.setattr(gen_mod, "make_kv", functools.partial(make_kv, bits=8))  # generate.py does not pass it yet
+@pytest.mark.parametrize("tier", ["device", "cpu", "disk"])
+def test_kv8_greedy_tokens_identical(smol_store, ids, reference, tier, tmp_path):
+    """8-bit KV on the device, in the host or on disk: the same greedy tokens as the uncompressed run."""
     _, tokens = _run(smol_store, ids, Policy(gpu_batch_size=2, kv=tier, kv_bits=8), job_dir=tmp_path)
     assert tokens == reference[1]

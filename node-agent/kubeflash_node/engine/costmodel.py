@@ -194,8 +194,8 @@ def _kv_time(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bo
     prev = ctx - s_new
     t = _rate(2 * b * prev * e.c.hidden_size * 2 * e.c.kv_dim,
               e.ceil.matmul_tflops * 1e12 / GB * e.cal.compute_efficiency) if x else 0.0
-    if p.kv == "device":
-        return t
+    if p.kv == "device":  # a compressed device cache decodes its prefix every step
+        return t + (_rate(ctx * b * _kv_row(e, 16, x), e.cal.dequant_gbps) if p.kv_bits != 16 else 0.0)
     if p.cpu_attention and not x:  # float32 rows scanned on the host; q, the new row and the output move
         return _rate(prev * b * 2 * e.c.kv_dim * 4, e.cal.cpu_attention_gbps) \
             + _rate(s_new * b * 2 * e.c.kv_dim * 4, e.ceil.h2d_pinned)
@@ -234,9 +234,11 @@ def _memory(e: _Env, p: Policy, stored: list[int], dense: list[int], where: list
     blk, g = min(p.block_size, j.prompts), min(p.gpu_batch_size, j.prompts)
     s, cap = j.prompt_len, j.prompt_len + j.gen_len
     nx = len(p.x_layers(c.num_layers))
-    per_token = (c.num_layers - nx) * _kv_row(e, 16) + nx * _kv_row(e, 16, x=True)  # every layer, as computed
+    per_token = (c.num_layers - nx) * _kv_row(e, p.kv_bits) + nx * _kv_row(e, p.kv_bits, x=True)  # every layer
     if p.kv == "device" and j.gen_len > 1:
         kv_dev = blk * cap * per_token  # the whole block's cache, every layer
+        if p.kv_bits != 16:
+            kv_dev += 2 * g * cap * 2 * c.kv_dim * isz  # one layer's prefix for one micro-batch, decoded
     else:
         kv_dev = 2 * g * cap * 2 * c.kv_dim * isz  # one layer's prefix for one micro-batch, loaded + concatenated
     if nx:
@@ -352,6 +354,7 @@ def candidates(job: JobShape, *, quantizations=("none",), kv_bits=(16,), step: i
         shapes = [(g, nb) for g in sizes for nb in (2 ** k for k in range(8)) if (nb - 1) * g < job.prompts]
     kvs = [("device", 16, False)]
     if job.gen_len > 1:
+        kvs += [("device", b, False) for b in kv_bits if b != 16]
         kvs += [(t, b, False) for t in ("cpu", "disk") for b in kv_bits]
         if techniques and 16 in kv_bits:
             kvs.append(("cpu", 16, True))

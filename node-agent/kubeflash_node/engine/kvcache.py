@@ -3,9 +3,9 @@
 device: tensors stay on the compute device, updated in place. cpu: host tensors, prefix copied in and new
 slice copied out per step. disk: one file per (layer, micro-batch) in the job directory, token-major
 ([T, B, 2, Nk, D]) so the prefix is one sequential read and a step's new tokens one sequential write.
-With bits 8 or 4 the host and disk tiers keep each row of D values group-wise quantized (quant.KVCodec: codes,
-float16 scale and zero in one uint8 row): encoded on the compute device before it leaves, decoded there after
-it comes back, so PCIe and disk carry the compressed bytes. The device tier is never compressed.
+With bits 8 or 4 every tier keeps each row of D values group-wise quantized (quant.KVCodec: codes, float16
+scale and zero in one uint8 row): encoded on the compute device before it leaves, decoded there after it comes
+back, so PCIe and disk carry the compressed bytes; on the device the cache takes a quarter (4-bit) of the memory.
 """
 
 from __future__ import annotations
@@ -49,9 +49,10 @@ class LayerKV:
 
 
 class DeviceKV:
-    """KV resident on the compute device (preallocated to the block's full length)."""
+    """KV resident on the compute device (preallocated to the block's full length); with bits 8 or 4 it is
+    CompressedDeviceKV instead (make_kv picks)."""
 
-    compressible = False  # only the host and disk tiers compress
+    compressible = False
 
     def __init__(self, *, device, dtype, num_kv_heads: int, head_dim: int, bits: int = 16, **_):
         self.device, self.dtype, self.nk, self.d = device, dtype, num_kv_heads, head_dim
@@ -208,6 +209,16 @@ class NoKV(DeviceKV):
         return LayerKV(None, None, in_place=False)
 
 
+class CompressedDeviceKV(HostKV):
+    """KV on the compute device, group-wise quantized (FlexGen's compressed cache): the host tier's token-major
+    codec rows, kept in device memory, so a step decodes its prefix without crossing PCIe."""
+
+    def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
+        shape = (capacity, batch, self.nk, self.codec.nbytes)
+        self.bufs[layer, mb] = (torch.empty(shape, dtype=torch.uint8, device=self.device),
+                                torch.empty(shape, dtype=torch.uint8, device=self.device))
+
+
 TIERS = {"device": DeviceKV, "cpu": HostKV, "disk": DiskKV, "none": NoKV}
 
 
@@ -216,4 +227,6 @@ def make_kv(tier: str, **kw):
         raise ValueError("kv tier 'disk' needs a job directory for its files")
     if tier != "disk":
         kw.pop("directory", None)
+    if tier == "device" and kw.get("bits", 16) != 16:
+        return CompressedDeviceKV(**kw)
     return TIERS[tier](**kw)

@@ -20,7 +20,7 @@ class Policy:
     weights_gpu_percent: float = 0.0  # share of layers resident on the compute device
     weights_cpu_percent: float = 0.0  # share of layers resident in (pinned) host memory; the rest stream from disk
     kv: str = "device"  # where the KV cache lives: device | cpu | disk
-    kv_bits: int = 16  # 16: as computed; 8 / 4: group-wise quantized in the cpu and disk tiers (quant.KVCodec)
+    kv_bits: int = 16  # 16: as computed; 8 / 4: group-wise quantized in every tier (quant.KVCodec)
     cpu_attention: bool = False  # kv=cpu: decode attention runs on the CPU where the KV lives (kvnear)
     kv_write_back: bool = False  # kv=disk: new K/V buffered in host memory, written in large chunks (kvnear)
     kv_write_back_bytes: int = 8 << 20  # write-back chunk: buffered bytes per layer/micro-batch before a write
