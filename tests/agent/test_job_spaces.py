@@ -34,8 +34,12 @@ def test_create_relay_quota_remove(tmp_path, agents):
 
     (job_dir / "kv" / "layer0.kv").write_bytes(os.urandom(2 << 20))
     wait_for(lambda: agent.inventory()["jobs"]["team/run-1"]["overQuota"], 10, what="over quota", log=agent.log)
-    conds = {c["type"]: c for c in agent.inventory()["status"]["conditions"]}
-    assert conds["KVWithinQuota"]["status"] == "False" and "team/run-1" in conds["KVWithinQuota"]["message"]
+
+    def quota_condition():  # the status is rewritten after the job table, in the same pass: wait for both
+        return {c["type"]: c for c in agent.inventory()["status"]["conditions"]}["KVWithinQuota"]
+
+    wait_for(lambda: quota_condition()["status"] == "False", 10, what="KVWithinQuota False", log=agent.log)
+    assert "team/run-1" in quota_condition()["message"]
     assert "kubeflash_agent_kv_over_quota_jobs 1.0" in agent.get("/metrics")[1]
 
     assert agent.request("DELETE", "/v1/jobs/team/run-1")[0] == 200
