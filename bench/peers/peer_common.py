@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 from pathlib import Path
 
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
-
+from kubeflash_node.engine.bench import drop_page_cache as _drop_page_cache
+from kubeflash_node.engine.cli_plan import parse_size as _parse_size
 
 def parse_size(text: str) -> int:
-    """`12GiB`, `12Gi`, `12G`, `500MiB`, `1073741824` -> bytes (the sizes `kubeflash` accepts); an argparse type."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?)?b?\s*", text.lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a size like 12GiB, 12G or 500MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+    """`12GiB`, `12Gi`, `12G`, `500MiB`, `1073741824` -> bytes (kubeflash's own parser); an argparse type."""
+    try:
+        return _parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size like 12GiB, 12G or 500MiB") from None
 
 
 def cap_gpu_memory(cap_bytes: int | None) -> int | None:
@@ -35,21 +32,10 @@ def cap_gpu_memory(cap_bytes: int | None) -> int | None:
 
 
 def drop_page_cache(folder: Path) -> str:
-    """Flush dirty pages, then drop the page cache (root: all of it through /proc/sys/vm/drop_caches; otherwise
-    POSIX_FADV_DONTNEED on every file under `folder`), so the next reads come from the disk, as in
-    `kubeflash bench --cold`. Returns how: "drop_caches" or "fadvise"."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return "drop_caches"
-    except OSError:
-        for path in (p for p in Path(folder).rglob("*") if p.is_file()):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        return "fadvise"
+    """Flush and drop the page cache as `kubeflash bench --cold` does (root: all of it; otherwise fadvise
+    DONTNEED on every file under `folder`), so the next reads come from the disk. Returns "drop_caches" or
+    "fadvise"."""
+    return _drop_page_cache([p for p in Path(folder).rglob("*") if p.is_file()])
 
 
 def write_result(path: Path, result: dict) -> None:

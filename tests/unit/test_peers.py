@@ -53,8 +53,8 @@ def test_drop_page_cache_falls_back_to_fadvise(tmp_path, monkeypatch):
         raise PermissionError(f"{self}: not root")
 
     advised = []
-    monkeypatch.setattr(peer_common.Path, "write_text", refuse)
-    monkeypatch.setattr(peer_common.os, "posix_fadvise", lambda fd, off, n, advice: advised.append((off, n, advice)))
+    monkeypatch.setattr(Path, "write_text", refuse)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: advised.append((off, n, advice)))
     assert peer_common.drop_page_cache(tmp_path) == "fadvise"
     assert advised == [(0, 0, os.POSIX_FADV_DONTNEED)] * len(files)
 

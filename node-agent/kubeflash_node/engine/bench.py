@@ -6,6 +6,7 @@ floor / measured time. Ceilings are measured here, on this machine, never assume
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,19 @@ class Ceilings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def load(cls, path: Path) -> "Ceilings":
+        """Read ceilings JSON: `kubeflash bench --ceilings-only --json` output, a bench result holding a
+        'ceilings' key, or the bare fields (unknown keys ignored)."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e}); expected the output of kubeflash bench --ceilings-only --json") from None
+        d = d.get("ceilings", d) if isinstance(d, dict) else None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object of ceilings (disk_read_cold, h2d_pinned, …)")
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def drop_page_cache(paths: list[Path] = ()) -> str:

@@ -86,7 +86,7 @@ def _model_shape(args):
         m = load_manifest(Path(args.model))
         config = ModelConfig.from_dict(m.config)
         q = {8: "int8", 4: "int4"}.get((m.extra.get("quant") or {}).get("bits"), "none")
-        return config, {q: ([m.files[st].size for st in m.stages], stage_sizes(config, itemsize, q)[1])}, (q,)
+        return config, {q: (m.stage_bytes, stage_sizes(config, itemsize, q)[1])}, (q,)
     if not args.model.startswith("dummy:"):
         raise ValueError(f"--model {args.model}: expected dummy:<preset> or a converted model directory")
     config = preset(args.model.split(":", 1)[1])
@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
         if args.ceilings:
-            ceil = Ceilings(**json.loads(args.ceilings.read_text()))
+            ceil = Ceilings.load(args.ceilings)
         elif args.no_ceilings:
             ceil = Ceilings()
         else:
@@ -171,13 +171,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"kubeflash bench: error: {e}", file=sys.stderr)
         return 1
     gbs = policy.gpu_batch_size
-    stored = [manifest.files[st].size for st in manifest.stages]
     pred = predict(Candidate(policy, quant), config=config, ceil=ceil, job=job, budget=budget,
-                   sizes=(stored, sizes[quant][1]), itemsize=itemsize) if not args.no_ceilings else None
+                   sizes=(manifest.stage_bytes, sizes[quant][1]), itemsize=itemsize) if not args.no_ceilings else None
     w = Workload(prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, block_size=policy.block_size)
-    stage_bytes = [manifest.files[s].size for s in manifest.stages]
     itemsize = torch.empty((), dtype=engine.dtype).element_size()
-    roof = roofline(stage_bytes=stage_bytes, placement=engine.placement, w=w, c=engine.config, ceil=ceil,
+    roof = roofline(stage_bytes=manifest.stage_bytes, placement=engine.placement, w=w, c=engine.config, ceil=ceil,
                     kv_tier=policy.kv, itemsize=itemsize)
     weights = "disk" if policy.weights_gpu_percent + policy.weights_cpu_percent == 0 else \
         f"{policy.weights_gpu_percent:g}:{policy.weights_cpu_percent:g}"

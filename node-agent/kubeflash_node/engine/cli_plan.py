@@ -10,7 +10,6 @@ import re
 import sys
 from pathlib import Path
 
-KV_BITS = {"none": 16, "int8": 8, "int4": 4}  # spec.offload.compression -> Policy.kv_bits
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
 
 
@@ -41,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..jobspec import SpecError, load_job
     from ..store.format import StoreError
-    from .costmodel import Budget, describe, plan as make_plan, x_cache_note
+    from .costmodel import QUANT_BITS, Budget, describe, plan as make_plan, x_cache_note
     from .job import pinned
 
     try:
@@ -52,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
         budget = Budget(parse_size(args.gpu_memory) if args.gpu_memory else _gpu_total(),
                         parse_size(args.cpu_memory) if args.cpu_memory else _mem_available())
         quants = tuple(sizes) if args.allow_compression else (spec.model.quantization,)
-        kv_bits = (16, 8, 4) if args.allow_compression else (KV_BITS[spec.offload.compression],)
+        kv_bits = (16, 8, 4) if args.allow_compression else (QUANT_BITS[spec.offload.compression],)
         plan = make_plan(config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, quantizations=quants,
                          kv_bits=kv_bits, base=_base_policy(ceil), step=args.step, keep=pinned(spec.offload, config),
                          itemsize=itemsize)
@@ -86,9 +85,7 @@ def _ceilings(args):
     from .bench import Ceilings
 
     if args.ceilings:
-        d = json.loads(args.ceilings.read_text())
-        d = d.get("ceilings", d)
-        return Ceilings(**{k: v for k, v in d.items() if k in Ceilings.__dataclass_fields__})
+        return Ceilings.load(args.ceilings)
     if args.measure:
         from ..store.cache import DEFAULT_ROOT
         from .bench import measure_ceilings
@@ -116,7 +113,7 @@ def _model(spec, store: Path | None):
         manifest = None
     if manifest:
         config = ModelConfig.from_dict(manifest.config)
-        have = [manifest.files[s].size for s in manifest.stages]
+        have = manifest.stage_bytes
     elif m.uri.startswith("dummy:"):
         config, have = preset(m.uri.split(":", 1)[1]), None
     elif m.uri == "builtin:smollm2-135m":

@@ -100,9 +100,7 @@ def _machine(args, store: Path):
 
     path = args.ceilings or store / "ceilings.json"
     if path.is_file():
-        d = json.loads(path.read_text())
-        d = d.get("ceilings", d)
-        ceil = Ceilings(**{k: v for k, v in d.items() if k in Ceilings.__dataclass_fields__})
+        ceil = Ceilings.load(path)
     elif args.ceilings:
         raise ValueError(f"--ceilings {path}: no such file")
     else:

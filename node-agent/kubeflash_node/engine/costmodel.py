@@ -193,7 +193,7 @@ def _kv_time(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bo
         return 0.0
     prev = ctx - s_new
     t = _rate(2 * b * prev * e.c.hidden_size * 2 * e.c.kv_dim,
-              e.ceil.matmul_tflops * 1e12 / GB * e.cal.compute_efficiency) if x else 0.0
+              e.ceil.matmul_tflops * 1e3 * e.cal.compute_efficiency) if x else 0.0  # GFLOP/s, as in _stage
     if p.kv == "device":  # a compressed device cache decodes its prefix every step
         return t + (_rate(ctx * b * _kv_row(e, 16, x), e.cal.dequant_gbps) if p.kv_bits != 16 else 0.0)
     if p.cpu_attention and not x:  # float32 rows scanned on the host; q, the new row and the output move

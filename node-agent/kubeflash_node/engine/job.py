@@ -52,19 +52,18 @@ def auto_plan(spec: JobSpec, *, manifest, prompts: list[list[int]], gen_len: int
     """The cost model's plan for this job on this machine (costmodel.Plan): placement, batch shape and the exact
     techniques; the store's quantization and the KV compression stay as the manifest says."""
     from .config import ModelConfig
-    from .costmodel import Budget, JobShape, plan, stage_sizes
+    from .costmodel import QUANT_BITS, Budget, JobShape, plan, stage_sizes
 
     config = ModelConfig.from_dict(manifest.config)
     itemsize = 4 if manifest.dtype == "float32" else 2
     q = spec.model.quantization
     dense = stage_sizes(config, itemsize, q)[1]
-    stored = [manifest.files[s].size for s in manifest.stages]
     job = JobShape(prompts=len(prompts), prompt_len=max(len(p) for p in prompts), gen_len=gen_len)
     ceil = machine.ceilings
     base = Policy(io_threads=ceil.disk_read_threads or 4, io_task_bytes=ceil.disk_read_task_bytes or 16 << 20)
-    kv_bits = {"none": 16, "int8": 8, "int4": 4}[spec.offload.compression]
+    kv_bits = QUANT_BITS[spec.offload.compression]
     return plan(config=config, ceil=ceil, job=job, budget=Budget(machine.gpu_bytes, machine.cpu_bytes),
-                sizes={q: (stored, dense)}, quantizations=(q,), kv_bits=(kv_bits,), base=base,
+                sizes={q: (manifest.stage_bytes, dense)}, quantizations=(q,), kv_bits=(kv_bits,), base=base,
                 keep=pinned(spec.offload, config), itemsize=itemsize)
 
 
@@ -74,7 +73,9 @@ def policy_for(spec: JobSpec, *, n_prompts: int, device: str, config=None) -> Po
     o = spec.offload
     g = o.gpu_batch_size or min(8, max(1, n_prompts))
     nb = o.num_gpu_batches or 1
-    kv_bits = {"none": 16, "int8": 8, "int4": 4}[o.compression]  # weights: spec.model.quantization
+    from .costmodel import QUANT_BITS
+
+    kv_bits = QUANT_BITS[o.compression]  # weights: spec.model.quantization
     if o.policy == "auto":  # the INF² switches pick the KV tier they need
         kv_tier = "cpu" if o.cpu_attention else "disk" if o.kv_write_back else "device"
         return Policy(gpu_batch_size=g, num_gpu_batches=nb, kv_bits=kv_bits, kv=kv_tier,

@@ -66,6 +66,11 @@ class Manifest:
         return sum(1 for s in self.stages if s.startswith("layer_"))
 
     @property
+    def stage_bytes(self) -> list[int]:
+        """Stored bytes of each stage file, in execution order."""
+        return [self.files[s].size for s in self.stages]
+
+    @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
 
