@@ -12,6 +12,7 @@ STORE=${STORE:-/root/kfb}
 RES=${RES:-/root/peers}
 CG=${CG:-16G}
 GPU=${GPU:-12GiB}
+PLEN=${PLEN:-512}
 mkdir -p "$STORE" "$RES"
 KF="python3 -m kubeflash_node.cli"
 incg() { # run a command inside the cgroup (memory.max=$CG)
@@ -22,7 +23,7 @@ incg() { # run a command inside the cgroup (memory.max=$CG)
 ours() { # name prompts [bench args…]: kubeflash bench, auto policy unless args pin one
   local name=$1 n=$2; shift 2
   echo "=== $name: kubeflash bench --prompts $n $*"
-  incg $KF bench --store "$STORE" --ceilings "$STORE/ceilings.json" --prompts "$n" --prompt-len 512 --gen-len 32 \
+  incg $KF bench --store "$STORE" --ceilings "$STORE/ceilings.json" --prompts "$n" --prompt-len "$PLEN" --gen-len 32 \
     --gpu-memory "$GPU" --cpu-memory "${CPUMEM:-14GiB}" --cold --json "$RES/$name.json" "$@" 2>&1 \
     | grep -E "^(policy auto|  |workload|measured|cost model|roofline|efficiency|peak|load_weight|compute_layer)|rror"
 }
@@ -30,7 +31,7 @@ flexgen() { # name [FlexGen args…]
   local name=$1; shift
   echo "=== $name: FlexGen $*"
   incg python3 bench/peers/flexgen_opt.py --json "$RES/$name.json" --gpu-memory "$GPU" --cold "${FG_OPTS[@]}" -- \
-    --path _DUMMY_ --offload-dir /root/fgoff --prompt-len 512 --gen-len 32 --cut-gen-len 4 "$@" 2>&1 | tail -4
+    --path _DUMMY_ --offload-dir /root/fgoff --prompt-len "$PLEN" --gen-len 32 --cut-gen-len 4 "$@" 2>&1 | tail -4
   rm -rf /root/fgoff
 }
 FG_OPTS=()
@@ -58,5 +59,15 @@ for step in "$@"; do case $step in
            --json "$RES/acc-opt13-disk.json" --prompts 16 --prompt-len 512 --gen-len 4 --gpu-layers 4 \
            --gpu-memory "$GPU" --cold 2>&1 | tail -3
          rm -rf /root/acc13 ;;
+  # long-context decode: opt-1.3b with 32K learned positions (a shape; FlexGen's max_seq_len raised to match),
+  # 16 prompts of 8192 tokens + 32 generated; the KV cache (26 GB) is offloaded to CPU memory: GPU capped at 16 GiB,
+  # cgroup at 64G (the cache lives in host memory for both systems).
+  ourslc) PLEN=8192 GPU=16GiB CG=64G CPUMEM=56GiB ours ours-lc8k-opt1.3b 16 --model dummy:opt-1.3b-32k
+          rm -rf "$STORE/models" ;;
+  # FlexGen: weights on the GPU, KV cache 100% in CPU memory (GPU attention), one sequence per micro-batch (its
+  # prefill materializes the 32 x 8192 x 8192 attention scores of a sequence: ~8.6 GB at its peak)
+  fglc) (PLEN=8192 GPU=16GiB CG=64G FG_OPTS=(--max-seq-len 8224)
+         flexgen fg-lc8k-opt1.3b --model facebook/opt-1.3b --percent 100 0 0 100 100 0 --gpu-batch-size 1 \
+           --num-gpu-batches 16) ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac; done

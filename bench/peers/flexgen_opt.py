@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Peer benchmark: FlexGen (the `flexgen` 0.1.8 wheel) generating with OPT, one command, one JSON result.
 
-    python bench/peers/flexgen_opt.py --json OUT.json --gpu-memory 12GiB [--cold] [--copy-threads N] -- \\
+    python bench/peers/flexgen_opt.py --json OUT.json --gpu-memory 12GiB [--cold] [--copy-threads N] \\
+        [--max-seq-len N] -- \\
         --model facebook/opt-13b --path _DUMMY_ --offload-dir /root/fgoff --prompt-len 512 --gen-len 32 \\
         --percent 0 0 100 0 100 0 --gpu-batch-size 16 --num-gpu-batches 1 [--compress-weight] [--cut-gen-len 4]
 
@@ -108,7 +109,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Split at `--`: this runner's flags before, FlexGen's argv after."""
     p = argparse.ArgumentParser(
         description="Run FlexGen's benchmark (flexgen.flex_opt.run_flexgen) and write its result as JSON.",
-        usage="%(prog)s --json OUT.json [--gpu-memory SIZE] [--cold] [--copy-threads N] -- FLEXGEN_ARGS...")
+        usage="%(prog)s --json OUT.json [--gpu-memory SIZE] [--cold] [--copy-threads N] [--max-seq-len N] -- "
+              "FLEXGEN_ARGS...")
     p.add_argument("--json", type=Path, required=True, metavar="FILE", help="write the result to this JSON file")
     p.add_argument("--gpu-memory", type=parse_size, metavar="SIZE",
                    help="GPU memory FlexGen may allocate, e.g. 12GiB (default: the whole GPU)")
@@ -117,10 +119,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         "fadvise on the --offload-dir files)")
     p.add_argument("--copy-threads", type=int, metavar="N",
                    help="FlexGen's disk copy threads, each pinning a 2 GiB host buffer (default: FlexGen's 4)")
+    p.add_argument("--max-seq-len", type=int, metavar="N",
+                   help="raise FlexGen's OPT max_seq_len (learned positions, default 2048) for long prompts, as "
+                        "kubeflash's dummy:opt-*-32k presets do")
     cut = argv.index("--") if "--" in argv else len(argv)
     args, rest = p.parse_known_args(argv[:cut])
     if args.copy_threads is not None and args.copy_threads < 1:
         p.error("--copy-threads must be at least 1")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        p.error("--max-seq-len must be at least 1")
     if rest or cut == len(argv):
         p.error("FlexGen's arguments go after `--`, e.g. -- --model facebook/opt-13b --path _DUMMY_ ..."
                 + (f" (not understood here: {' '.join(rest)})" if rest else ""))
@@ -143,9 +150,22 @@ def parse_flexgen_args(fo, fg_argv: list[str], json_path: Path) -> argparse.Name
         p.error(f"--model {fg.model}: {e}")
     if fo.DUMMY_WEIGHT not in fg.path and not weights.is_dir():
         p.error(f"no FlexGen weights at {weights} and no hub here: pass --path {fo.DUMMY_WEIGHT}")
+    max_seq_len = fo.get_opt_config(fg.model).max_seq_len
+    if fg.prompt_len + fg.gen_len > max_seq_len:
+        p.error(f"--prompt-len {fg.prompt_len} + --gen-len {fg.gen_len} exceeds the model's {max_seq_len} learned "
+                f"positions: raise them with this runner's --max-seq-len (before `--`)")
     if fg.log_file == "auto":
         fg.log_file = str(json_path.with_suffix(".flexgen.log"))
     return fg
+
+
+def raise_max_seq_len(fo, max_seq_len: int | None) -> None:
+    """Make flex_opt's get_opt_config (the only one run_flexgen and OptLM consult) give `max_seq_len` positions:
+    FlexGen sizes its position embedding (max_seq_len + 2 rows) from it."""
+    if max_seq_len is None:
+        return
+    get = fo.get_opt_config
+    fo.get_opt_config = lambda name, **kw: get(name, **{"max_seq_len": max_seq_len, **kw})
 
 
 def install_patches(fo, cold_dir: str | None = None, copy_threads: int | None = None) -> dict:
@@ -193,6 +213,7 @@ def build_result(fg: argparse.Namespace, record: dict, *, argv: list[str], versi
 def main(argv: list[str] | None = None) -> dict:
     args, fg_argv = parse_args(sys.argv[1:] if argv is None else argv)
     fo = import_flex_opt()
+    raise_max_seq_len(fo, args.max_seq_len)
     fg = parse_flexgen_args(fo, fg_argv, args.json)
     import torch
 

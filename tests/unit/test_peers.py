@@ -136,7 +136,7 @@ def fo(monkeypatch):
     if importlib.util.find_spec("flexgen") is None:
         pytest.skip("the flexgen wheel is not installed")
     module = flexgen_opt.import_flex_opt()
-    for name in ("AutoTokenizer", "write_benchmark_log", "TorchDisk"):
+    for name in ("AutoTokenizer", "write_benchmark_log", "TorchDisk", "get_opt_config"):
         monkeypatch.setattr(module, name, getattr(module, name))
     monkeypatch.setattr(module.OptLM, "generate", module.OptLM.generate)
     return module
@@ -154,6 +154,22 @@ def test_flexgen_parser_and_early_checks(fo, tmp_path, capsys):
             flexgen_opt.parse_flexgen_args(fo, FG_ARGV + argv, tmp_path / "r.json")
     err = capsys.readouterr().err
     assert "takes 6 numbers" in err and "4 <= N" in err and "no hub here" in err and "--model facebook/opt-350m" in err
+
+
+def test_long_prompts_need_and_get_more_positions(fo, tmp_path, capsys):
+    """OPT's 2048 learned positions stop a long prompt early, with the flag to raise them named; raised, FlexGen's
+    config (which sizes its position embedding) has them, and the other fields are FlexGen's own."""
+    long = FG_ARGV + ["--prompt-len", "8192"]
+    with pytest.raises(SystemExit):
+        flexgen_opt.parse_flexgen_args(fo, long, tmp_path / "r.json")
+    err = capsys.readouterr().err
+    assert "exceeds the model's 2048 learned positions" in err and "--max-seq-len" in err
+    plain = fo.get_opt_config("facebook/opt-13b")
+    flexgen_opt.raise_max_seq_len(fo, 8224)
+    assert flexgen_opt.parse_flexgen_args(fo, long, tmp_path / "r.json").prompt_len == 8192
+    raised = fo.get_opt_config("facebook/opt-13b")
+    assert raised.max_seq_len == 8224 and raised.hidden_size == plain.hidden_size
+    assert fo.get_opt_config("facebook/opt-13b", max_seq_len=4096).max_seq_len == 4096  # an explicit ask wins
 
 
 def test_flexgen_projection_needs_four_steps(fo):

@@ -190,6 +190,7 @@ def main(args: argparse.Namespace) -> int:
                      "gpu_memory_bytes": budget.gpu_bytes, "cpu_memory_bytes": budget.cpu_bytes},
         "predicted_s": pred.run_s if pred else None,
         "prediction_error": (pred.run_s / elapsed - 1) if pred else None,
+        "predicted_gpu_gib": pred.gpu_bytes / 2**30 if pred else None,  # compare report.peak_gpu_mem_gb (GiB)
         "measured_s": elapsed, "setup_s": t_setup, "tokens_per_s": tokens / elapsed, "projected": False,
         "roofline": roof, "efficiency": roof["floor_s"] / elapsed if roof["floor_s"] else None,
         "ceilings": ceil.to_dict(), "report": report,
@@ -200,7 +201,9 @@ def main(args: argparse.Namespace) -> int:
           f", x-cache {policy.x_cache_percent:g}%, cpu-attention {policy.cpu_attention}, write-back {policy.kv_write_back}"
           f", block={policy.block_size} ({gbs} x {policy.num_gpu_batches}), policy {mode}  [full run, not projected]")
     if pred:
-        print(f"cost model predicted {pred.run_s:.3f} s ({pred.run_s / elapsed - 1:+.1%}); {describe(pred)}")
+        print(f"cost model predicted {pred.run_s:.3f} s ({pred.run_s / elapsed - 1:+.1%}) and "
+              f"{pred.gpu_bytes / 2**30:.2f} GiB of GPU tensors (peak allocated {report['peak_gpu_mem_gb']:.2f} GiB); "
+              f"{describe(pred)}")
     print(f"measured {elapsed:.3f} s  ->  {tokens / elapsed:.2f} generated tokens/s  (setup {t_setup:.2f} s)")
     print(f"roofline floor {roof['floor_s']:.3f} s ({roof['bound']}-bound: disk {roof['t_disk_s']:.3f} s for "
           f"{roof['disk_bytes'] / 1e9:.1f} GB, pcie {roof['t_pcie_s']:.3f} s for {roof['pcie_bytes'] / 1e9:.1f} GB, "

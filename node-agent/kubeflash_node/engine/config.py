@@ -5,7 +5,7 @@ Torch-free, so the store, the planner and the operator-side size estimates can u
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 ARCHITECTURES = ("llama", "opt")
 
@@ -99,6 +99,7 @@ def _opt(h: int, layers: int, heads: int) -> ModelConfig:
     return ModelConfig(
         architecture="opt", vocab_size=50272, hidden_size=h, intermediate_size=4 * h, num_layers=layers,
         num_heads=heads, max_position_embeddings=2048, bos_token_id=2, eos_token_id=[2], pad_token_id=1,
+        tie_word_embeddings=True,  # as every released OPT: the head reads the token embedding
     )
 
 
@@ -122,6 +123,12 @@ PRESETS: dict[str, ModelConfig] = {
     "opt-13b": _opt(5120, 40, 40),
     "opt-30b": _opt(7168, 48, 56),
 }
+
+
+# Long-context shapes: OPT's learned positions extended to 32K (dummy weights only; no released OPT has them), so a
+# prompt of 8K-32K tokens fits, as FlexGen runs them with its max_seq_len raised (bench/peers/flexgen_opt.py).
+for _name in ("opt-1.3b", "opt-6.7b", "opt-13b"):
+    PRESETS[f"{_name}-32k"] = replace(PRESETS[_name], max_position_embeddings=32768)
 
 
 def preset(name: str) -> ModelConfig:

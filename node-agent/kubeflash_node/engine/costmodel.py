@@ -226,27 +226,32 @@ def memory(cand: Candidate, *, config: ModelConfig, job: JobShape, sizes: tuple[
 
 
 def _memory(e: _Env, p: Policy, stored: list[int], dense: list[int], where: list[str]) -> tuple[int, int]:
-    """(GPU bytes, CPU bytes) at the peak: prefill of the first block."""
+    """(GPU bytes, CPU bytes) at the peak: what lives the whole run plus the larger of a micro-batch's prefill
+    temporaries and a decode step's cache temporaries (they never coexist). Fitted to the measured peaks of
+    docs/bench-results (docs/costmodel.md, "Memory")."""
     c, j, isz = e.c, e.job, e.itemsize
+    h, q, kv = c.hidden_size, c.q_dim, c.kv_dim
     streamed = [i for i, w in enumerate(where) if w != "gpu"]
     slots = (p.prefetch + 1) * max((stored[i] for i in streamed), default=0)
-    deq = 2 * max((dense[i] for i in streamed if stored[i] != dense[i]), default=0)
+    deq = max((dense[i] for i in streamed if stored[i] != dense[i]), default=0)  # one stage dequantized at a time
     blk, g = min(p.block_size, j.prompts), min(p.gpu_batch_size, j.prompts)
     s, cap = j.prompt_len, j.prompt_len + j.gen_len
     nx = len(p.x_layers(c.num_layers))
     per_token = (c.num_layers - nx) * _kv_row(e, p.kv_bits) + nx * _kv_row(e, p.kv_bits, x=True)  # every layer
-    if p.kv == "device" and j.gen_len > 1:
-        kv_dev = blk * cap * per_token  # the whole block's cache, every layer
-        if p.kv_bits != 16:
-            kv_dev += 2 * g * cap * 2 * c.kv_dim * isz  # one layer's prefix for one micro-batch, decoded
-    else:
-        kv_dev = 2 * g * cap * 2 * c.kv_dim * isz  # one layer's prefix for one micro-batch, loaded + concatenated
-    if nx:
-        kv_dev += g * cap * (c.hidden_size + 2 * c.kv_dim) * isz  # a layer's X prefix and the K, V made from it
-    act = blk * s * (c.hidden_size + s + 2 * c.head_dim) * isz  # x, mask [B,1,S,T], rope cos/sin of every micro-batch
-    mlp = (2 if c.architecture == "opt" else 3) * c.intermediate_size  # gate, up, act (llama) | fc1, act (opt)
-    act += g * s * (3 * c.hidden_size + c.q_dim + 2 * c.kv_dim + mlp) * isz + g * c.vocab_size * 4  # one layer's temps
-    gpu = sum(dense[i] for i, w in enumerate(where) if w == "gpu") + slots + deq + kv_dev + act
+    kv_dev = blk * cap * per_token if p.kv == "device" and j.gen_len > 1 else 0  # the whole block's cache
+    # the hidden state of every micro-batch of the block, its mask [B,1,S,T] and rope cos/sin
+    static = sum(dense[i] for i, w in enumerate(where) if w == "gpu") + slots + deq + kv_dev \
+        + blk * s * (h + s + 2 * c.head_dim) * isz
+    # one micro-batch's prefill layer: attention holds x, h, q, k, v and o; the MLP x, the residual, h, the new
+    # K and V (until the cache stores them) and its hidden activations (OPT's ReLU in place; Llama's gate, up)
+    mlp = (1 if c.architecture == "opt" else 2) * c.intermediate_size
+    prefill = g * s * max(2 * h + 2 * q + 2 * kv, 3 * h + 2 * kv + mlp) * isz
+    decode = 0
+    if j.gen_len > 1 and (p.kv != "device" or p.kv_bits != 16):
+        decode = 2 * g * cap * 2 * kv * isz  # one layer's prefix for one micro-batch, loaded/decoded + concatenated
+    if j.gen_len > 1 and nx:
+        decode += g * cap * (h + 2 * kv) * isz  # a layer's X prefix and the K, V made from it
+    gpu = static + max(prefill, decode) + g * c.vocab_size * 4
     ring = slots if any(w == "disk" for w in where) else 0
     kv_host = 0
     if p.kv == "cpu" and j.gen_len > 1:

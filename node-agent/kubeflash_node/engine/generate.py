@@ -164,6 +164,7 @@ class Engine:
                     self._head(mb, w, step, params, gen, stop, collect)
                 else:
                     self._layer(stage - 1, k, mb, w, phase)
+            del w  # a dequantized stage is freed before the next one is built
 
     def _embed(self, mb: _MicroBatch, w, step: int) -> None:
         tp = mb.ids.shape[1]

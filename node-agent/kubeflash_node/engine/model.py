@@ -116,9 +116,12 @@ def llama_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, r
     k, v = llama_kv(c, w, h, rope)
     o = cache.attend(q, k, v, batch.start, batch.mask, x=h,  # [B, Nh, S, D], computed where the KV lives
                      project=lambda hp: llama_kv(c, w, hp, batch.rope_at(batch.prefix_positions)))
+    del q, k, v  # the MLP's temporaries are the peak of a prefill: free what attention no longer needs
     x = x + F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.q_dim), w["wo"])
+    del o
     h = rms_norm(x, w["mlp_norm"], c.norm_eps)
-    return x + F.linear(F.silu(F.linear(h, w["w_gate"])) * F.linear(h, w["w_up"]), w["w_down"])
+    gate = F.silu(F.linear(h, w["w_gate"]), inplace=True)
+    return x + F.linear(gate.mul_(F.linear(h, w["w_up"])), w["w_down"])
 
 
 def opt_kv(c: ModelConfig, w: dict, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,9 +137,11 @@ def opt_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rop
     q = split_heads(F.linear(h, w["wq"], w["bq"]), c.num_heads, c.head_dim)
     k, v = opt_kv(c, w, h)
     o = cache.attend(q, k, v, batch.start, batch.mask, x=h, project=lambda hp: opt_kv(c, w, hp))
+    del q, k, v  # as in llama_layer: the MLP's temporaries are a prefill's peak
     x = x + F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.hidden_size), w["wo"], w["bo"])
+    del o
     h = F.layer_norm(x, (c.hidden_size,), w["mlp_norm_w"], w["mlp_norm_b"], c.norm_eps)
-    return x + F.linear(F.relu(F.linear(h, w["fc1_w"], w["fc1_b"])), w["fc2_w"], w["fc2_b"])
+    return x + F.linear(F.relu(F.linear(h, w["fc1_w"], w["fc1_b"]), inplace=True), w["fc2_w"], w["fc2_b"])
 
 
 LAYERS = {"llama": llama_layer, "opt": opt_layer}

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import kernels
+
 QUANTIZATIONS = {"none": 16, "int8": 8, "int4": 4}
 # The big matrices of a decoder layer; norms, biases, embeddings and the lm head stay in float.
 QUANT_NAMES = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "fc1_w", "fc2_w"})
@@ -89,7 +91,16 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec,
                dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of `quantize`, on the tensors' own device: -> [..., K] in `dtype`."""
+    """Inverse of `quantize`, on the tensors' own device: -> [..., K] in `dtype` (one fused kernel on CUDA)."""
+    if kernels.available(q):
+        return kernels.dequantize_rows(q, scale, zero, bits=spec.bits, group=spec.group,
+                                       symmetric=spec.symmetric, dtype=dtype)
+    return dequantize_torch(q, scale, zero, spec, dtype)
+
+
+def dequantize_torch(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize` in plain torch ops (CPU, or CUDA without Triton): float32 temporaries, then `dtype`."""
     codes = _unpack4(q) if spec.bits == 4 else q  # [..., K]
     k = codes.shape[-1]
     g = codes.reshape(*codes.shape[:-1], k // spec.group, spec.group).float()  # [..., G, g]
@@ -144,14 +155,26 @@ class KVCodec:
         self.nq, self.ng = head_dim * bits // 8, head_dim // self.spec.group
         self.nbytes = self.nq + 2 * 2 * self.ng
 
+    CHUNK = 1 << 22  # values quantized at a time: bounds the float32 temporaries of a prefill's encode
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., D] -> [..., nbytes] uint8
-        p = quantize(x, self.spec)
-        return torch.cat([p["q"], p["scale"].view(torch.uint8), p["zero"].view(torch.uint8)], dim=-1)
+        rows = x.reshape(-1, self.d)
+        out = torch.empty(rows.shape[0], self.nbytes, dtype=torch.uint8, device=x.device)
+        a, b = self.nq, self.nq + 2 * self.ng
+        for i in range(0, rows.shape[0], self.CHUNK // self.d):
+            part = slice(i, i + self.CHUNK // self.d)
+            p = quantize(rows[part], self.spec)
+            out[part, :a], out[part, a:b], out[part, b:] = \
+                p["q"], p["scale"].view(torch.uint8), p["zero"].view(torch.uint8)
+        return out.view(*x.shape[:-1], self.nbytes)
 
     def decode(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # raw: [..., nbytes] uint8 -> [..., D] in dtype
         a, b = self.nq, self.nq + 2 * self.ng
+        if kernels.available(raw):  # the kernel reads scale and zero in place, at the row's stride
+            return dequantize(raw[..., :a], raw[..., a:b].view(torch.float16), raw[..., b:].view(torch.float16),
+                              self.spec, dtype)
         scale = raw[..., a:b].contiguous().view(torch.float16)
         zero = raw[..., b:].contiguous().view(torch.float16)
         return dequantize(raw[..., :a], scale, zero, self.spec, dtype)
