@@ -62,8 +62,10 @@ for step in "$@"; do case $step in
   # long-context decode: opt-1.3b with 32K learned positions (a shape; FlexGen's max_seq_len raised to match),
   # 16 prompts of 8192 tokens + 32 generated; the KV cache (26 GB) is offloaded to CPU memory: GPU capped at 16 GiB,
   # cgroup at 64G (the cache lives in host memory for both systems).
-  ourslc) PLEN=8192 GPU=16GiB CG=64G CPUMEM=56GiB ours ours-lc8k-opt1.3b 16 --model dummy:opt-1.3b-32k
-          rm -rf "$STORE/models" ;;
+  ourslc) PLEN=8192 GPU=16GiB CG=64G CPUMEM=56GiB ours ours-lc8k-opt1.3b 16 --model dummy:opt-1.3b-32k ;;
+  # the same with the KV cache pinned to CPU memory (--policy auto --kv cpu: the rest planned), as FlexGen's is
+  ourslcc) PLEN=8192 GPU=16GiB CG=64G CPUMEM=56GiB ours ours-lc8k-opt1.3b-kvcpu 16 --model dummy:opt-1.3b-32k \
+             --policy auto --kv cpu ;;
   # FlexGen: weights on the GPU, KV cache 100% in CPU memory (GPU attention), one sequence per micro-batch (its
   # prefill materializes the 32 x 8192 x 8192 attention scores of a sequence: ~8.6 GB at its peak)
   fglc) (PLEN=8192 GPU=16GiB CG=64G FG_OPTS=(--max-seq-len 8224)

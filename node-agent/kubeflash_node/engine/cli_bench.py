@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--policy", choices=["auto", "explicit"],
                    help="auto: the cost model picks placement, batch shape and techniques from the ceilings and the "
-                        "budgets; explicit: the flags below (default: explicit when any of them is given, else auto)")
+                        "budgets, keeping any placement flag below that is given with it (a pin); explicit: the "
+                        "flags below (default: explicit when any of them is given, else auto)")
     p.add_argument("--gpu-memory", help="GPU memory the run may use, e.g. 12GiB: the auto policy plans with it and "
                                         "the CUDA allocator is capped to it (default: the GPU's)")
     p.add_argument("--cpu-memory", help="host memory the auto policy plans with, e.g. 16GiB (default: MemAvailable)")
@@ -63,6 +64,21 @@ def _placement_args(s: str) -> tuple[float, float]:
 
 
 EXPLICIT = ("quantization", "gpu_batch_size", "num_gpu_batches", "weights", "kv", "kv_bits", "x_cache")
+
+
+def _pins(args):
+    """--policy auto with placement flags: the flags given, as a filter on the cost model's candidates."""
+    want = {}
+    if args.weights is not None:
+        want["weights_gpu_percent"], want["weights_cpu_percent"] = _placement_args(args.weights)
+    for flag, field in (("gpu_batch_size", "gpu_batch_size"), ("num_gpu_batches", "num_gpu_batches"), ("kv", "kv"),
+                        ("kv_bits", "kv_bits"), ("x_cache", "x_cache_percent")):
+        if getattr(args, flag) is not None:
+            want[field] = getattr(args, flag)
+    for flag in ("cpu_attention", "kv_write_back"):
+        if getattr(args, flag):
+            want[flag] = True
+    return (lambda pol: all(getattr(pol, k) == v for k, v in want.items())) if want else None
 
 
 def _explicit_policy(args, base):
@@ -134,8 +150,13 @@ def main(args: argparse.Namespace) -> int:
             if args.no_ceilings:
                 raise ValueError("--policy auto plans from measured ceilings: drop --no-ceilings")
             allowed = quants if args.allow_compression else tuple(q for q in quants if q == "none") or quants
+            if args.quantization is not None:
+                if args.quantization not in quants:
+                    raise ValueError(f"--quantization {args.quantization}: {args.model} is stored as {quants[0]}")
+                allowed = (args.quantization,)
+            bits = (16, 8, 4) if args.allow_compression or (args.kv_bits or 16) != 16 else (16,)
             chosen = plan(config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, quantizations=allowed,
-                          kv_bits=(16, 8, 4) if args.allow_compression else (16,), base=base, itemsize=itemsize).best
+                          kv_bits=bits, base=base, itemsize=itemsize, keep=_pins(args)).best
             policy, quant = chosen.candidate.policy, chosen.candidate.quantization
             print(f"policy auto: {describe(chosen)}\n             {chosen.why()}", file=sys.stderr)
         else:
