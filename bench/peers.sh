@@ -25,7 +25,7 @@ ours() { # name prompts [bench args…]: kubeflash bench, auto policy unless arg
   echo "=== $name: kubeflash bench --prompts $n $*"
   incg $KF bench --store "$STORE" --ceilings "$STORE/ceilings.json" --prompts "$n" --prompt-len "$PLEN" --gen-len 32 \
     --gpu-memory "$GPU" --cpu-memory "${CPUMEM:-14GiB}" --cold --json "$RES/$name.json" "$@" 2>&1 \
-    | grep -E "^(policy auto|  |workload|measured|cost model|roofline|efficiency|peak|load_weight|compute_layer)|rror"
+    | grep -E "^(policy auto|  |workload|measured|cost model|roofline|efficiency|peak|load_|store_|compute_layer|prefill|decode|block)|rror"
 }
 flexgen() { # name [FlexGen args…]
   local name=$1; shift

@@ -93,7 +93,27 @@ class Engine:
             order=itertools.cycle(range(n)), prefetch=policy.prefetch, threads=policy.io_threads,
             task_bytes=policy.io_task_bytes, backend=policy.io_backend, timings=self.timings)
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cache_bytes": 0,
-                      "generated_tokens": 0}
+                      "generated_tokens": 0, "block_setup_s": 0.0}
+        if cuda:
+            self._warm_kernels()
+
+    def _warm_kernels(self) -> None:
+        """Compile the fused dequantization kernels this job will launch (the store's weights, the KV codec) now,
+        at set-up, not in the first step: Triton compiles each variant once (~2 s on the H100)."""
+        from .quant import KVCodec, QuantSpec, dequantize, quantize
+
+        c, spec = self.config, self.streamer.quant
+        if spec is not None:
+            for k in {c.hidden_size, c.intermediate_size}:  # the matrices' input dims
+                if spec.fits((k,)):
+                    p = quantize(torch.zeros(2, k, device=self.device), spec)
+                    dequantize(p["q"], p["scale"], p.get("zero"), spec, self.dtype)
+        if self.policy.kv_bits != 16:
+            dims = {c.head_dim} | ({c.hidden_size // 2} if self.policy.x_cache_percent else set())
+            for d in dims:
+                codec = KVCodec(self.policy.kv_bits, d)
+                codec.decode(codec.encode(torch.zeros(2, 1, d, device=self.device))[:1], self.dtype)
+        torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
         self.streamer.close()
@@ -133,7 +153,9 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ schedule
     def _run_block(self, prompts, block, params, gen, stop, on_step) -> list[Completion]:
-        mbs = self._make_block(prompts, block, params)
+        t0 = time.perf_counter()
+        mbs = self._make_block(prompts, block, params)  # allocates the block's KV cache (pinned host memory: slow)
+        self.stats["block_setup_s"] += time.perf_counter() - t0
         for step in range(params.max_new_tokens):
             t0 = time.perf_counter()
             self._pass(mbs, step=step, params=params, gen=gen, stop=stop)

@@ -26,7 +26,8 @@ def available(t: torch.Tensor) -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    # sizes and strides are not specialized on: one compiled kernel serves every step's prefix length
+    @triton.jit(do_not_specialize=["rows", "k", "q_rs", "s_rs", "z_rs"])
     def _dequant_kernel(q_ptr, s_ptr, z_ptr, o_ptr, rows, k, q_rs, s_rs, z_rs,
                         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, MID: tl.constexpr,
                         ROWS: tl.constexpr, COLS: tl.constexpr):

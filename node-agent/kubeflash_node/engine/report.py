@@ -35,6 +35,7 @@ def build_report(engine) -> dict:
         "decode_latency_s": s["decode_s"], "decode_tokens": s["decode_tokens"],
         "decode_throughput_tok_s": s["decode_tokens"] / s["decode_s"] if s["decode_s"] else 0.0,
         "total_latency_s": total_s,
+        "block_setup_s": s.get("block_setup_s", 0.0),  # KV allocation etc. before each block's prefill
         "generated_tokens": s["generated_tokens"],
         "peak_gpu_mem_gb": peak_gpu, "peak_host_rss_gb": peak_rss,
         "model_size_gb": m.total_bytes / GB, "cache_size_gb": s["cache_bytes"] / GB,
@@ -66,6 +67,7 @@ def format_report(r: dict) -> str:
         ("prefill latency / throughput", f"{r['prefill_latency_s']:.3f} s / {r['prefill_throughput_tok_s']:.3f} token/s"),
         ("decode latency / throughput", f"{r['decode_latency_s']:.3f} s / {r['decode_throughput_tok_s']:.3f} token/s"),
         ("total latency / throughput", f"{r['total_latency_s']:.3f} s / {r['total_throughput_tok_s']:.3f} token/s"),
+        ("block setup (KV allocation)", f"{r['block_setup_s']:.3f} s"),
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
