@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import pinned
 from .model import attention
 from .quant import KVCodec
 
@@ -95,8 +96,7 @@ class HostKV(DeviceKV):
         shape = (capacity, batch, self.nk, self.codec.nbytes if self.codec else self.d)
         dtype = torch.uint8 if self.codec else self.dtype
         pin = self.device.type == "cuda"
-        self.bufs[layer, mb] = (torch.empty(shape, dtype=dtype, pin_memory=pin),
-                                torch.empty(shape, dtype=dtype, pin_memory=pin))
+        self.bufs[layer, mb] = (pinned.empty(shape, dtype, pinned=pin), pinned.empty(shape, dtype, pinned=pin))
 
     def load(self, layer: int, mb: int, start: int) -> LayerKV:
         if start == 0:

@@ -21,6 +21,7 @@ import torch
 
 from ..store.format import Manifest
 from .io import make_reader
+from .pinned import empty as pinned_empty
 from .quant import QuantSpec, dequantize_named
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -31,7 +32,7 @@ class Slot:
     """One stage's buffers: a host buffer (pinned on CUDA) and, on CUDA, a device buffer."""
 
     def __init__(self, nbytes: int, device: torch.device, pinned: bool, host: bool = True):
-        self.host = torch.empty(nbytes if host else 0, dtype=torch.uint8, pin_memory=pinned)
+        self.host = pinned_empty(nbytes if host else 0, torch.uint8, pinned=pinned)
         self.dev = torch.empty(nbytes, dtype=torch.uint8, device=device) if device.type == "cuda" else None
         self.ready: torch.cuda.Event | None = None  # device copy done (CUDA)
         self.free: torch.cuda.Event | None = None  # compute finished with the device buffer (CUDA)
@@ -170,7 +171,7 @@ class WeightStreamer:
                 continue
             name = self.m.stages[stage]
             size = self.m.files[name].size
-            host = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
+            host = pinned_empty(size, torch.uint8, pinned=self.cuda)
             t0 = time.perf_counter()
             self.reader_host.read_into(self.dir / name, 0, host)
             if self.timings is not None:
