@@ -1,5 +1,6 @@
-"""Exact-size page-locked host buffers (engine/pinned.py): page-aligned, locked (asynchronous copies), the size
-asked for rather than the caching allocator's next power of two, and unlocked when garbage."""
+"""Exact-size page-locked host buffers (engine/pinned.py): page-aligned, locked (the driver refuses to register
+the range again; torch's is_pinned() only knows its own allocator's blocks), the size asked for rather than the
+caching allocator's next power of two, and unlocked when garbage."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ import torch
 
 from kubeflash_node.engine import pinned
 
+ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
+
+
+def _locked(t: torch.Tensor) -> bool:
+    return int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), pinned.PAGE, 0)) == ALREADY_REGISTERED
+
 
 def test_pinned_buffer_is_exact_aligned_and_locked():
     t = pinned.empty((3, 5, 7), torch.float16)
-    assert t.shape == (3, 5, 7) and t.dtype == torch.float16 and t.is_pinned()
+    assert t.shape == (3, 5, 7) and t.dtype == torch.float16 and _locked(t)
     assert t.data_ptr() % pinned.PAGE == 0 and t.untyped_storage().nbytes() < 3 * 5 * 7 * 2 + 3 * pinned.PAGE
     t.copy_(torch.arange(105, dtype=torch.float16).view(3, 5, 7))
     d = t.to("cuda", non_blocking=True)
@@ -26,7 +33,7 @@ def test_large_buffer_is_not_rounded_to_a_power_of_two(monkeypatch):
     monkeypatch.setattr(pinned, "_unregister", lambda cudart, ptr: calls.append(ptr) or real(cudart, ptr))
     n = (600 << 20) + 12345  # the caching allocator would lock 1 GiB for this
     t = pinned.empty(n, torch.uint8)
-    assert t.is_pinned() and t.untyped_storage().nbytes() <= n + 2 * pinned.PAGE
+    assert _locked(t) and t.untyped_storage().nbytes() <= n + 2 * pinned.PAGE
     ptr = t.data_ptr()
     del t
     gc.collect()
