@@ -1,20 +1,21 @@
-"""Exact-size page-locked host buffers (engine/pinned.py): page-aligned, locked (the driver refuses to register
-the range again; torch's is_pinned() only knows its own allocator's blocks), the size asked for rather than the
-caching allocator's next power of two, and unlocked when garbage."""
+"""Exact-size page-locked host buffers (engine/pinned.py): page-aligned, locked (the driver knows the range as
+locked host memory; torch's is_pinned() knows only its own allocator's blocks), the size asked for rather than
+the caching allocator's next power of two, and unlocked when garbage."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
 
 import torch
 
 from kubeflash_node.engine import pinned
 
-ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
-
 
 def _locked(t: torch.Tensor) -> bool:
-    return int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), pinned.PAGE, 0)) == ALREADY_REGISTERED
+    """The driver knows the range as page-locked host memory (cuMemHostGetFlags succeeds only for that)."""
+    flags = ctypes.c_uint(0)
+    return pinned._cuda_driver().cuMemHostGetFlags(ctypes.byref(flags), ctypes.c_void_p(t.data_ptr())) == 0
 
 
 def test_pinned_buffer_is_exact_aligned_and_locked():
@@ -30,7 +31,7 @@ def test_pinned_buffer_is_exact_aligned_and_locked():
 def test_large_buffer_is_not_rounded_to_a_power_of_two(monkeypatch):
     calls = []
     real = pinned._unregister
-    monkeypatch.setattr(pinned, "_unregister", lambda cudart, ptr: calls.append(ptr) or real(cudart, ptr))
+    monkeypatch.setattr(pinned, "_unregister", lambda drv, ptr: calls.append(ptr) or real(drv, ptr))
     n = (600 << 20) + 12345  # the caching allocator would lock 1 GiB for this
     t = pinned.empty(n, torch.uint8)
     assert _locked(t) and t.untyped_storage().nbytes() <= n + 2 * pinned.PAGE
@@ -41,5 +42,6 @@ def test_large_buffer_is_not_rounded_to_a_power_of_two(monkeypatch):
 
 
 def test_unpinned_and_empty_shapes():
-    assert not pinned.empty((4,), torch.float32, pinned=False).is_pinned()
+    plain = pinned.empty((4,), torch.float32, pinned=False)
+    assert not plain.is_pinned() and not _locked(plain)
     assert pinned.empty((0, 3), torch.float16).shape == (0, 3)

@@ -9,16 +9,30 @@ exact size, and it is unregistered when the tensor is garbage (before its memory
 
 from __future__ import annotations
 
+import ctypes
 import weakref
 
 import torch
 
 
 PAGE = 4096
+_driver: ctypes.CDLL | None | bool = None  # libcuda, loaded on first use; False where it cannot be
 
 
-def _unregister(cudart, ptr: int) -> None:
-    cudart.cudaHostUnregister(ptr)
+def _cuda_driver() -> ctypes.CDLL | None:
+    """The CUDA driver library. Registration goes through the driver API: a refused cudaHostRegister would leave
+    its error in the runtime's last-error slot, where the next kernel launch check raises it."""
+    global _driver
+    if _driver is None:
+        try:
+            _driver = ctypes.CDLL("libcuda.so.1")
+        except OSError:
+            _driver = False
+    return _driver or None
+
+
+def _unregister(drv: ctypes.CDLL, ptr: int) -> None:
+    drv.cuMemHostUnregister(ctypes.c_void_p(ptr))
 
 
 def empty(shape, dtype: torch.dtype, *, pinned: bool = True) -> torch.Tensor:
@@ -27,14 +41,16 @@ def empty(shape, dtype: torch.dtype, *, pinned: bool = True) -> torch.Tensor:
     if not pinned:
         return torch.empty(shape, dtype=dtype)
     n = torch.Size(shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,)).numel() * dtype.itemsize
-    if n == 0:
-        return torch.empty(shape, dtype=dtype)
+    drv = _cuda_driver()
+    if n == 0 or drv is None:
+        return torch.empty(shape, dtype=dtype, pin_memory=n > 0)
     span = -(-n // PAGE) * PAGE  # whole pages: no page is shared with another registration
     raw = torch.empty(span + PAGE, dtype=torch.uint8)
-    start = -raw.data_ptr() % PAGE
-    cudart = torch.cuda.cudart()
-    if int(cudart.cudaHostRegister(raw.data_ptr() + start, span, 0)) != 0:  # e.g. RLIMIT_MEMLOCK in a container
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    ptr = raw.data_ptr() + (-raw.data_ptr() % PAGE)
+    torch.cuda.set_device(torch.cuda.current_device())  # the runtime's primary context, current on this thread
+    if drv.cuMemHostRegister_v2(ctypes.c_void_p(ptr), ctypes.c_size_t(span), ctypes.c_uint(0)) != 0:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)  # e.g. RLIMIT_MEMLOCK in a container
+    start = ptr - raw.data_ptr()
     t = raw[start:start + n].view(dtype).view(shape)
-    weakref.finalize(t, _unregister, cudart, raw.data_ptr() + start)
+    weakref.finalize(t, _unregister, drv, ptr)
     return t
