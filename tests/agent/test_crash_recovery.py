@@ -58,7 +58,8 @@ def test_kill9_agent_during_download_then_restart(tmp_path, slow_tar, agents):
 
 
 def test_kill9_agent_during_convert_then_restart(tmp_path, agents):
-    """Killed while converting (dummy:opt-125m, ~330 MB): the restarted agent publishes a verified model."""
+    """Killed while converting (dummy:opt-125m, ~250 MB in float16): the restarted agent publishes a verified
+    model."""
     disk = tmp_path / "ssd0"
     uri = "dummy:opt-125m"
     mid = model_id(uri)
@@ -70,7 +71,7 @@ def test_kill9_agent_during_convert_then_restart(tmp_path, agents):
     assert_nothing_half_written(disk, mid)
     again = agents(config).start()
     row = again.wait_model(mid, timeout=300)
-    assert row["bytes"] > 300 << 20
+    assert row["bytes"] > 230 << 20  # 125M parameters (the head tied to the embedding, as in OPT) x 2 bytes
     verify(disk / "models" / mid)
     assert staging_leftovers(disk) == []
 
