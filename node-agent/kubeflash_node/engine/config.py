@@ -132,6 +132,8 @@ for _name in ("opt-1.3b", "opt-6.7b", "opt-13b"):
 
 
 def preset(name: str) -> ModelConfig:
+    """The shape of `dummy:NAME` (a fill after @, as in opt-30b@zeros, does not change it)."""
+    name = name.partition("@")[0]
     try:
         return PRESETS[name]
     except KeyError:

@@ -316,17 +316,29 @@ class StoreSource(Source):
 
 
 class DummySource(Source):
-    """Tokenizer-free random weights of a preset's shape, for benchmarks (values cycle through one random pool)."""
+    """Tokenizer-free random weights of a preset's shape, for benchmarks (values cycle through one random pool).
+    `dummy:PRESET@zeros` makes every weight zero instead: the store's files are then sparse (write_stage leaves
+    all-zero tensors as holes), so a model larger than the free disk can be staged for a throughput benchmark."""
+
+    FILLS = ("random", "zeros")
 
     def __init__(self, name: str, seed: int = 0):
         import torch
 
+        name, _, fill = name.partition("@")
+        if fill and fill not in self.FILLS:
+            raise SourceError(f"dummy:{name}@{fill}: the fill after @ must be one of {', '.join(self.FILLS)}")
         self.config = preset(name)
-        self.description = f"dummy:{name}"
+        self.zeros = fill == "zeros"
+        self.description = f"dummy:{name}" + ("@zeros" if self.zeros else "")
         g = torch.Generator().manual_seed(seed)
         self.pool = torch.randn(1 << 22, generator=g) * 0.02  # 4M values, tiled: writing is disk-bound, not RNG-bound
 
     def _rand(self, *shape: int):
+        import torch
+
+        if self.zeros:
+            return torch.zeros(shape)
         n = int(np.prod(shape))
         reps = -(-n // self.pool.numel())
         return self.pool.repeat(reps)[:n].reshape(shape) if reps > 1 else self.pool[:n].reshape(shape).clone()
@@ -334,7 +346,7 @@ class DummySource(Source):
     def _ones(self, n: int):
         import torch
 
-        return torch.ones(n)
+        return torch.zeros(n) if self.zeros else torch.ones(n)
 
     def embed(self) -> Tensors:
         c = self.config

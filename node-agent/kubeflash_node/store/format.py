@@ -164,6 +164,9 @@ def _raw(arr: np.ndarray) -> bytes:
     return np.ascontiguousarray(arr).view(np.uint8).tobytes()
 
 
+HOLE_BYTES = 1 << 20  # all-zero tensors at least this large are written as holes (sparse files)
+
+
 def write_stage(path: Path, tensors: Iterable[tuple[str, np.ndarray, str]]) -> FileEntry:
     """Write one stage file: each tensor at a 4 KiB-aligned offset; returns its entry (size, sha256, offsets).
 
@@ -181,7 +184,10 @@ def write_stage(path: Path, tensors: Iterable[tuple[str, np.ndarray, str]]) -> F
                 digest.update(b"\0" * pad)
                 offset += pad
             raw = _raw(arr)
-            f.write(raw)
+            if len(raw) >= HOLE_BYTES and not np.frombuffer(raw, np.uint64 if len(raw) % 8 == 0 else np.uint8).any():
+                f.seek(len(raw), os.SEEK_CUR)  # an all-zero tensor becomes a hole: reads as zeros, takes no disk
+            else:
+                f.write(raw)
             digest.update(raw)
             entries[name] = TensorEntry(offset, tuple(int(s) for s in arr.shape), dtype, len(raw))
             offset += len(raw)
@@ -189,6 +195,7 @@ def write_stage(path: Path, tensors: Iterable[tuple[str, np.ndarray, str]]) -> F
         f.write(b"\0" * pad)
         digest.update(b"\0" * pad)
         offset += pad
+        f.truncate(offset)  # a file ending in a hole still has its full size
         f.flush()
         os.fsync(f.fileno())
     return FileEntry(size=offset, sha256=digest.hexdigest(), tensors=entries)

@@ -89,3 +89,32 @@ def test_missing_model_directory(tmp_path):
     """Loading a model that was never converted says so and how to fix it."""
     with pytest.raises(StoreError, match="no such model directory.*kubeflash convert"):
         load_manifest(tmp_path / "nope")
+
+
+def test_all_zero_tensors_become_holes(tmp_path):
+    """A large all-zero tensor is written as a hole (the file keeps its size, the disk holds almost nothing) and
+    reads back as zeros under the same sha256; a tensor of negative zeros is data, not a hole."""
+    big = 4 << 20
+    tensors = {"zeros": np.zeros(big // 4, np.float32), "negzero": np.full(big // 4, -0.0, np.float32),
+               "tail": np.zeros(big // 2, np.float16)}
+    _, entry = _write_model(tmp_path / "m", tensors=tensors)
+    path = tmp_path / "m" / "layer_000.bin"
+    assert path.stat().st_size == entry.size >= 2.5 * big
+    assert path.stat().st_blocks * 512 < 1.5 * big  # only the negative zeros take disk
+    verify(tmp_path / "m")  # sizes and sha256 of what the holes read as
+    buf = np.fromfile(path, dtype=np.uint8)
+    m = load_manifest(tmp_path / "m")
+    for name, arr in tensors.items():
+        assert np.array_equal(tensor_view(buf, m.files["layer_000.bin"].tensors[name]).view(np.uint8),
+                              arr.view(np.uint8)), name
+
+
+def test_zero_filled_dummy_source(tmp_path):
+    from kubeflash_node.store.convert import SourceError, convert
+
+    m = convert("dummy:opt-125m@zeros", tmp_path / "z", dtype="float16")
+    apparent = sum((tmp_path / "z" / f).stat().st_size for f in m.files)
+    used = sum((tmp_path / "z" / f).stat().st_blocks * 512 for f in m.files)
+    assert apparent > 230 << 20 and used < apparent / 50
+    with pytest.raises(SourceError, match="must be one of random, zeros"):
+        convert("dummy:opt-125m@ones", tmp_path / "o", dtype="float16")
