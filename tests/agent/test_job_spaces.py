@@ -27,13 +27,16 @@ def test_create_relay_quota_remove(tmp_path, agents):
         assert (job_dir.stat().st_uid, job_dir.stat().st_gid) == (1000, 2000)
     write_progress(job_dir, phase="running", promptsDone=2, promptsTotal=8, tokens=100, tokensPerSecond=12.5,
                    timings={"load_weight": 0.5}, updated="2025-01-01T00:00:00Z")
-    wait_for(lambda: agent.inventory()["jobs"]["team/run-1"]["progress"].get("progress", {}).get("summary") == "2/8",
+    def job():  # the directory can appear before the job table that lists it is published: wait for both
+        return agent.inventory()["jobs"].get("team/run-1", {})
+
+    wait_for(lambda: (job().get("progress") or {}).get("progress", {}).get("summary") == "2/8",
              10, what="progress relayed", log=agent.log)
     alloc = agent.inventory()["status"]["kvAllocations"]
     assert alloc == [{"job": "team/run-1", "disk": "ssd0", "bytes": 1 << 20, "path": str(job_dir)}]
 
     (job_dir / "kv" / "layer0.kv").write_bytes(os.urandom(2 << 20))
-    wait_for(lambda: agent.inventory()["jobs"]["team/run-1"]["overQuota"], 10, what="over quota", log=agent.log)
+    wait_for(lambda: job().get("overQuota"), 10, what="over quota", log=agent.log)
 
     def quota_condition():  # the status is rewritten after the job table, in the same pass: wait for both
         return {c["type"]: c for c in agent.inventory()["status"]["conditions"]}["KVWithinQuota"]

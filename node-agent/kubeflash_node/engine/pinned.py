@@ -47,6 +47,8 @@ def empty(shape, dtype: torch.dtype, *, pinned: bool = True) -> torch.Tensor:
     span = -(-n // PAGE) * PAGE  # whole pages: no page is shared with another registration
     raw = torch.empty(span + PAGE, dtype=torch.uint8)
     ptr = raw.data_ptr() + (-raw.data_ptr() % PAGE)
+    raw[ptr - raw.data_ptr():ptr - raw.data_ptr() + span].zero_()  # fault the pages in on torch's threads: the
+    # driver would fault them one by one while locking (24 GB: 15 s that way on the H100 machine)
     torch.cuda.set_device(torch.cuda.current_device())  # the runtime's primary context, current on this thread
     if drv.cuMemHostRegister_v2(ctypes.c_void_p(ptr), ctypes.c_size_t(span), ctypes.c_uint(0)) != 0:
         return torch.empty(shape, dtype=dtype, pin_memory=True)  # e.g. RLIMIT_MEMLOCK in a container
