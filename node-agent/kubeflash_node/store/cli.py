@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="builtin:smollm2-135m, dummy:<preset> (e.g. dummy:llama-3-8b), a .gguf file, "
+    p.add_argument("source", help="builtin:smollm2-135m, dummy:<preset> (e.g. dummy:llama-3-8b; dummy:<preset>@zeros: "
+                                  "all-zero weights in sparse files), a .gguf file, "
                                   "a Hugging Face directory with config.json and *.safetensors, or a float store")
     p.add_argument("--out", required=True, type=Path, help="model directory to create (published atomically)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
