@@ -42,6 +42,7 @@ class PodTarget:
     model_id: str
     model_disk: str  # the disk holding the staged model (the pair's disk unless staged elsewhere)
     model_disk_path: str
+    probe: tuple[tuple[str, float], ...] = ()  # the agent's measured bandwidths (NodeView.probe) for the engine
 
 
 def pod_name(job: str, attempt: int) -> str:
@@ -151,6 +152,8 @@ def _env(job: JobRef, raw_spec: Mapping[str, Any], target: PodTarget, device: st
         "KUBEFLASH_GPUS": ",".join(str(g) for g in target.gpus),
         "KUBEFLASH_DEVICE": device,
     }
+    if target.probe:  # what spec.offload.policy auto plans with (docs/contract.md)
+        env["KUBEFLASH_PROBE"] = json.dumps(dict(target.probe), sort_keys=True, separators=(",", ":"))
     if (raw_spec.get("input") or {}).get("configMap") or (raw_spec.get("input") or {}).get("file"):
         env["KUBEFLASH_INPUT_FILE"] = _input_file(raw_spec["input"])
     output = raw_spec.get("output") or {}

@@ -268,9 +268,11 @@ def _request_model(plan: Plan, spec: JobSpec, node: NodeView, view: Mapping) -> 
 def _create_pod(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, node: NodeView, model_disk: str) -> None:
     attempt = int(view.get("attempt") or 0) + 1
     disk = node.disks[view["disk"]]
+    gpus = tuple(view.get("gpus") or [view.get("gpu")])
     target = PodTarget(
-        node=node.name, gpus=tuple(view.get("gpus") or [view.get("gpu")]), disk=disk.name, disk_path=disk.path,
+        node=node.name, gpus=gpus, disk=disk.name, disk_path=disk.path,
         model_id=spec.model.id, model_disk=model_disk, model_disk_path=node.disks[model_disk].path,
+        probe=tuple(sorted(node.probe(gpus[0], model_disk).items())) if gpus[0] is not None else (),
     )
     name = pod_name(job.name, attempt)
     message = f"pod {name} created on {node.name} (attempt {attempt} of {spec.backoff_limit + 1})"

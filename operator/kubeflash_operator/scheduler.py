@@ -9,7 +9,7 @@ read bandwidth > free space; ties go to the lower node name and GPU index so pla
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,6 +25,7 @@ class Disk:
     path: str
     free_bytes: int = 0
     read_gbps: float = 0.0
+    write_gbps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,15 @@ class NodeView:
     kv_jobs: frozenset[str] = frozenset()  # "ns/name" the agent already reserved KV space for
     desired: frozenset[str] = frozenset()  # model ids in spec.models
     cordoned: bool = False  # the Node has spec.unschedulable (kubectl cordon/drain): no new jobs or retries
+    gpu_h2d_gbps: Mapping[int, float] = field(default_factory=dict)  # the agent's host->GPU probe, by GPU index
+
+    def probe(self, gpu: int, disk: str) -> dict[str, float]:
+        """The agent's measured bandwidths for a (GPU, disk) placement, as the engine reads them
+        (KUBEFLASH_PROBE; only the values the agent has measured)."""
+        d = self.disks.get(disk)
+        got = {"diskReadGBps": d.read_gbps if d else 0.0, "diskWriteGBps": d.write_gbps if d else 0.0,
+               "h2dGBps": self.gpu_h2d_gbps.get(gpu, 0.0)}
+        return {k: v for k, v in got.items() if v > 0}
 
     def model(self, model_id: str, disk: str | None = None) -> ModelCopy | None:
         """This node's copy of a model (on `disk` if given), Ready copies first."""
@@ -198,6 +208,7 @@ def node_view(body: Mapping[str, Any], *, cordoned: bool = False) -> NodeView:
             path=d.get("path", ""),
             free_bytes=int(d.get("freeBytes") or 0),
             read_gbps=float(d.get("readGBps") or 0.0),
+            write_gbps=float(d.get("writeGBps") or 0.0),
         )
         for d in status.get("disks") or []
         if d.get("name")
@@ -223,6 +234,8 @@ def node_view(body: Mapping[str, Any], *, cordoned: bool = False) -> NodeView:
         kv_jobs=frozenset(a["job"] for a in status.get("kvAllocations") or [] if a.get("job")),
         desired=frozenset(m["id"] for m in spec.get("models") or [] if m.get("id")),
         cordoned=cordoned,
+        gpu_h2d_gbps={int(g["index"]): float(g["h2dGBps"]) for g in status.get("gpus") or []
+                      if g.get("index") is not None and g.get("h2dGBps")},
     )
 
 

@@ -52,3 +52,22 @@ def test_pod_entry_missing_env_named(tmp_path):
     env = {k: "" for k in ("KUBEFLASH_JOB_SPEC", "KUBEFLASH_JOB_NAME")}
     r = _engine(env, tmp_path)
     assert r.returncode == 1 and "KUBEFLASH_JOB_SPEC is required" in r.stderr
+
+
+def test_probe_ceilings_from_the_agent_and_the_pod():
+    """spec.offload.policy auto in a GPU pod plans with the agent's probe of the placed pair, completed by the
+    pod's own PCIe/matmul figures; a bad probe names the key."""
+    import pytest
+
+    from kubeflash_node.engine.job import probe_ceilings
+
+    measured = {"h2d_pinned": 50.0, "h2d_pageable": 9.0, "d2h_pinned": 48.0, "matmul_tflops": 700.0}
+    c = probe_ceilings({"diskReadGBps": 1.4, "diskWriteGBps": 2.1, "h2dGBps": 53.0}, measured)
+    assert (c.disk_read_cold, c.disk_write, c.h2d_pinned, c.matmul_tflops) == (1.4, 2.1, 53.0, 700.0)
+    assert c.disk_read_warm == 1.4  # no page-cache figure: no help from it assumed
+    own = probe_ceilings({}, measured | {"disk_read_cold": 3.0, "disk_read_warm": 9.0, "disk_write": 2.0})
+    assert (own.disk_read_cold, own.disk_read_warm, own.h2d_pinned) == (3.0, 9.0, 50.0)
+    with pytest.raises(ValueError, match="unknown key 'readGBps'"):
+        probe_ceilings({"readGBps": 1.0}, measured)
+    with pytest.raises(ValueError, match=r"KUBEFLASH_PROBE.h2dGBps must be a positive number"):
+        probe_ceilings({"h2dGBps": "fast"}, measured)

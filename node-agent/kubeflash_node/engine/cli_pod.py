@@ -2,7 +2,9 @@
 
 Env (docs/contract.md): KUBEFLASH_JOB_SPEC (the InferenceJob spec as JSON), KUBEFLASH_JOB_NAME,
 KUBEFLASH_JOB_NAMESPACE, KUBEFLASH_MODEL_DIR (the staged model, read-only), KUBEFLASH_JOB_DIR (KV files,
-results.jsonl, progress.json, report.json). A restarted pod skips the prompts already in results.jsonl.
+results.jsonl, progress.json, report.json), KUBEFLASH_PROBE (the node agent's measured bandwidths of the placed
+pair, JSON; spec.offload.policy auto plans with it on a GPU). A restarted pod skips the prompts already in
+results.jsonl.
 """
 
 from __future__ import annotations
@@ -56,7 +58,13 @@ def main(args: argparse.Namespace) -> int:
         manifest = load_manifest(model_dir)
         device = resolve_device(args.device)
         output = job_dir / "results.jsonl"
-        report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device, job_dir=job_dir)
+        machine = None
+        if spec.offload.policy == "auto" and device.startswith("cuda"):  # plan with the agent's probe
+            from .job import pod_machine
+
+            machine = pod_machine(os.environ.get("KUBEFLASH_PROBE"), job_dir / "probe")
+        report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device, job_dir=job_dir,
+                         machine=machine)
     except (SpecError, StoreError, EngineError, ValueError, OSError, json.JSONDecodeError) as e:
         print(f"kubeflash engine: error: {e}", file=sys.stderr)
         return 1

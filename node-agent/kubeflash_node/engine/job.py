@@ -33,6 +33,51 @@ class Machine:
     cpu_bytes: int
 
 
+def probe_ceilings(probe: dict, measured: dict):
+    """bench.Ceilings for an inference pod: the node agent's probe of the placed pair (KUBEFLASH_PROBE:
+    diskReadGBps, diskWriteGBps, h2dGBps), completed by what the pod measured itself (`measured`: bench's keys,
+    PCIe and matmul always, the disk when the agent had not). Without a page-cache figure the warm disk rate is
+    taken as the cold one (no help from the page cache is assumed)."""
+    from .bench import Ceilings
+
+    c = Ceilings(**{k: v for k, v in measured.items() if k in Ceilings.__dataclass_fields__})
+    named = {"diskReadGBps": "disk_read_cold", "diskWriteGBps": "disk_write", "h2dGBps": "h2d_pinned"}
+    for key, value in probe.items():
+        if key not in named:
+            raise ValueError(f"KUBEFLASH_PROBE: unknown key {key!r}; expected {', '.join(named)}")
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"KUBEFLASH_PROBE.{key} must be a positive number of GB/s, got {value!r}")
+        setattr(c, named[key], float(value))
+    if "disk_read_warm" not in measured:
+        c.disk_read_warm = c.disk_read_cold
+    return c
+
+
+def pod_machine(probe_env: str | None, scratch: Path) -> Machine:
+    """The Machine an inference pod plans `policy: auto` against on a GPU: the agent's probe (measuring the
+    disk under `scratch` only if the agent did not), PCIe and matmul measured here (~1 s), the GPU's memory and
+    the host memory left to the pod (its cgroup limit or MemAvailable, the smaller)."""
+    import json
+
+    from .bench import measure_disk, measure_matmul, measure_pcie
+    from .cli_plan import _gpu_total, _mem_available
+
+    try:
+        probe = json.loads(probe_env) if probe_env else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"KUBEFLASH_PROBE is not JSON ({e}): the operator writes it from the FlashNode") from None
+    if not isinstance(probe, dict):
+        raise ValueError("KUBEFLASH_PROBE must be a JSON object")
+    measured = measure_pcie(256 << 20) | measure_matmul(4096)
+    if not probe.get("diskReadGBps") or not probe.get("diskWriteGBps"):
+        measured |= measure_disk(scratch, 256 << 20, thread_options=(8,))
+    cpu = _mem_available()
+    limit = Path("/sys/fs/cgroup/memory.max")
+    if limit.is_file() and limit.read_text().strip().isdigit():
+        cpu = min(cpu, int(limit.read_text()))
+    return Machine(probe_ceilings(probe, measured), _gpu_total(), cpu)
+
+
 def pinned(offload, config):
     """The cost model's filter for what the manifest pins under policy auto: the batch shape and the INF²
     switches (xCache: on wherever X is smaller than K + V, so it pins nothing for a GQA model)."""

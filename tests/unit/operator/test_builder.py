@@ -149,3 +149,12 @@ def test_rejects_bad_attempt_and_long_names():
     raw = job_spec()
     with pytest.raises(ValueError, match="at most 56"):
         build_pod(JobRef("ns", "x" * 57, "u"), parse_job_spec(raw), raw, TARGET, attempt=1)
+
+
+def test_probe_reaches_the_engine_only_when_measured():
+    """KUBEFLASH_PROBE: the placed pair's measured bandwidths as JSON; absent when the agent measured none."""
+    from dataclasses import replace
+
+    probed = replace(TARGET, probe=(("diskReadGBps", 1.4), ("h2dGBps", 53.0)))
+    assert json.loads(env(pod(target=probed))["KUBEFLASH_PROBE"]) == {"diskReadGBps": 1.4, "h2dGBps": 53.0}
+    assert "KUBEFLASH_PROBE" not in env(pod())

@@ -289,3 +289,15 @@ def test_terminal_jobs_are_left_alone():
 def test_unadmitted_jobs_wait_for_admission():
     """The timer does nothing until create/resume has given the job a phase."""
     assert step(make_job(), world(holder()), CFG).status == {}
+
+
+def test_pod_target_carries_the_agents_probe():
+    """The agent's measured disk read/write and host->GPU rates of the placed pair travel to the pod (for
+    spec.offload.policy auto); values the agent has not measured are left out."""
+    body = holder()
+    body["status"]["disks"][0]["writeGBps"] = 2.5
+    body["status"]["gpus"][0]["h2dGBps"] = 51.0
+    plan = step(admitted(), world(body), CFG)
+    assert dict(plan.create.target.probe) == {"diskReadGBps": 7.0, "diskWriteGBps": 2.5, "h2dGBps": 51.0}
+    plan = step(admitted(), world(holder(read=(0.0,))), CFG)  # the agent's probe skipped: nothing measured
+    assert plan.create.target.probe == ()
