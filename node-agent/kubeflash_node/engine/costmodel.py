@@ -46,8 +46,9 @@ class Calibration:
     compute_efficiency: float = 0.5  # attained / measured matmul peak over a layer (prefill runs: 0.47-0.64)
     layer_overhead_s: float = 1.5e-3  # per (layer, micro-batch): launches + Python (decode runs: 1.3-1.9 ms)
     hbm_gbps: float = 3000.0  # GPU memory bandwidth: a decode micro-batch reads the layer's weights once
-    dequant_gbps: float = 300.0  # dequantized output bytes per second on the GPU (assumed, not yet measured)
+    dequant_gbps: float = 600.0  # dequantized bytes per second on the GPU (fused kernel; fitted to the int4 peer run)
     cpu_attention_gbps: float = 20.0  # float32 KV bytes CPU attention scans per second (assumed, not yet measured)
+    host_lock_gbps: float = 4.0  # page-locking a block's host KV cache before its prefill (H100 machine: 3.0-6.2)
     gpu_reserve_bytes: int = 1 << 30  # CUDA context and allocator slack beyond the tensors counted
     host_base_bytes: int = 2 << 30  # the process itself (Python, torch, CUDA runtime)
 
@@ -73,6 +74,7 @@ class Prediction:
     cpu_bytes: int
     tokens: int
     placement: dict[str, int] = field(default_factory=dict)
+    lock_s: float = 0.0  # of run_s: page-locking the host KV cache of every block (before its prefill)
 
     @property
     def total_s(self) -> float:
@@ -89,7 +91,8 @@ class Prediction:
     def why(self) -> str:
         share = self.bound_s[self.bound] / self.run_s if self.run_s else 0.0
         parts = ", ".join(f"{k} {v:.3g} s" for k, v in self.resource_s.items())
-        return f"{self.bound}-bound: the slowest resource in {share:.0%} of the run (summed stage time: {parts})"
+        lock = f"; {self.lock_s:.3g} s page-locking the host KV cache" if self.lock_s else ""
+        return f"{self.bound}-bound: the slowest resource in {share:.0%} of the run (summed stage time: {parts}){lock}"
 
 
 # ------------------------------------------------------------------------------------------- sizes
@@ -294,8 +297,13 @@ def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget
                 bound[k] += got[1][k] * n * count
     setup = sum(_rate(stored[i], ceil.disk_read_cold) for i, w in enumerate(where) if w != "disk")
     tokens = job.prompts * job.gen_len
-    return Prediction(cand, sum(bound.values()), setup, res, bound, gpu, cpu, tokens,
-                      {k: where.count(k) for k in ("gpu", "cpu", "disk")})
+    lock = 0.0
+    if p.kv == "cpu" and job.gen_len > 1:  # each block's host cache is page-locked when the block starts
+        row = sum(_kv_row(e, p.kv_bits, x=j in xl) * (2 if p.cpu_attention and j not in xl else 1)
+                  for j in range(config.num_layers))
+        lock = _rate(job.prompts * (job.prompt_len + job.gen_len) * row, cal.host_lock_gbps)
+    return Prediction(cand, sum(bound.values()) + lock, setup, res, bound, gpu, cpu, tokens,
+                      {k: where.count(k) for k in ("gpu", "cpu", "disk")}, lock)
 
 
 def _steps(gen_len: int, exact: int = 33) -> list[tuple[int, float]]:
@@ -339,6 +347,9 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
         else:
             comp += m * (_layer_compute(e, b, s_new, ctx, dense)
                          + _kv_time(e, p, b, s_new, ctx, kv_fits_cache, x=kind == "xlayer"))
+            if p.kv in ("cpu", "disk") and not (p.cpu_attention and kind != "xlayer") and e.job.gen_len > 1:
+                # the prefix crosses PCIe on the compute stream, sharing the link with the weight copies
+                pcie += m * _rate(ctx * b * _kv_row(e, p.kv_bits, kind == "xlayer"), e.ceil.h2d_pinned)
             if p.kv == "disk" and not kv_fits_cache and e.job.gen_len > 1:  # KV reads share the disk with weights
                 disk += m * _rate((ctx - s_new) * b * _kv_row(e, p.kv_bits, kind == "xlayer"), e.ceil.disk_read_cold)
     return {"disk": disk, "pcie": pcie, "compute": comp}
