@@ -48,10 +48,9 @@ def test_corrupt_store_layer_named(tmp_path):
         Engine(tmp_path / "m")
 
 
-def test_prompt_longer_than_context(tmp_path):
+def test_prompt_longer_than_context(opt_store):
     """A prompt plus max_new_tokens beyond the context window names the prompt and the window."""
-    convert("dummy:opt-125m", tmp_path / "m", dtype="float32")
-    engine = Engine(tmp_path / "m")
+    engine = Engine(opt_store)
     try:
         with pytest.raises(EngineError, match="prompt 1: 2040 tokens \\+ max_new_tokens 16 exceed .* 2048"):
             engine.generate([[5] * 10, [5] * 2040], GenParams(max_new_tokens=16))

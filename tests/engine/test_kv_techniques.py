@@ -8,16 +8,8 @@ import pytest
 
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.policy import Policy
-from kubeflash_node.store.convert import convert
 
 PROMPTS = [[5 + i, 9, 13 + i, 2, 7] * (3 + i) for i in range(4)]
-
-
-@pytest.fixture(scope="module")
-def opt_store(tmp_path_factory):
-    out = tmp_path_factory.mktemp("kv") / "opt"
-    convert("dummy:opt-125m", out, dtype="float32")
-    return out
 
 
 def _run(store, policy, job_dir, new=12):

@@ -10,28 +10,19 @@ import sys
 import pytest
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from kubeflash_node.store.convert import convert
-
-    out = tmp_path_factory.mktemp("pod") / "m"
-    convert("dummy:opt-125m", out, dtype="float32")
-    return out
-
-
 def _engine(env, tmp_path):
     full = {**os.environ, **env, "KUBEFLASH_DEVICE": "cpu"}
     return subprocess.run([sys.executable, "-m", "kubeflash_node.cli", "engine"], env=full, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
 
 
-def test_pod_entry_runs_input_file_and_copies_output(model_dir, tmp_path):
+def test_pod_entry_runs_input_file_and_copies_output(opt_store, tmp_path):
     """Input from KUBEFLASH_INPUT_FILE (a configMap key mount), results in the job dir and the output dir."""
     inp = tmp_path / "input.jsonl"
     inp.write_text(json.dumps({"custom_id": "a", "body": {"prompt": "x", "max_tokens": 3}}) + "\n")
     spec = {"model": {"uri": "dummy:opt-125m"}, "input": {"configMap": {"name": "c", "key": "input.jsonl"}},
             "generation": {"maxNewTokens": 3}}
-    env = {"KUBEFLASH_JOB_SPEC": json.dumps(spec), "KUBEFLASH_JOB_NAME": "j1", "KUBEFLASH_MODEL_DIR": str(model_dir),
+    env = {"KUBEFLASH_JOB_SPEC": json.dumps(spec), "KUBEFLASH_JOB_NAME": "j1", "KUBEFLASH_MODEL_DIR": str(opt_store),
            "KUBEFLASH_JOB_DIR": str(tmp_path / "job"), "KUBEFLASH_INPUT_FILE": str(inp),
            "KUBEFLASH_OUTPUT_DIR": str(tmp_path / "out")}
     r = _engine(env, tmp_path)
@@ -57,8 +48,6 @@ def test_pod_entry_missing_env_named(tmp_path):
 def test_probe_ceilings_from_the_agent_and_the_pod():
     """spec.offload.policy auto in a GPU pod plans with the agent's probe of the placed pair, completed by the
     pod's own PCIe/matmul figures; a bad probe names the key."""
-    import pytest
-
     from kubeflash_node.engine.job import probe_ceilings
 
     measured = {"h2d_pinned": 50.0, "h2d_pageable": 9.0, "d2h_pinned": 48.0, "matmul_tflops": 700.0}

@@ -12,15 +12,6 @@ from kubeflash_node.engine.policy import Policy
 PROMPTS = [[5 + i, 9, 13 + i, 2, 7] * (3 + i) for i in range(6)]
 
 
-@pytest.fixture(scope="module")
-def opt(tmp_path_factory):
-    from kubeflash_node.store.convert import convert
-
-    out = tmp_path_factory.mktemp("gpu-opt") / "opt"
-    convert("dummy:opt-125m", out, dtype="float32")
-    return out
-
-
 def _run(store, policy, tmp_path, device="cuda"):
     engine = Engine(store, policy=policy, device=device, job_dir=tmp_path)
     try:
@@ -30,8 +21,9 @@ def _run(store, policy, tmp_path, device="cuda"):
 
 
 @pytest.fixture(scope="module")
-def device_tokens(opt, tmp_path_factory):
-    return _run(opt, Policy(gpu_batch_size=2, num_gpu_batches=3, compute_dtype="float32"), tmp_path_factory.mktemp("d"))
+def device_tokens(opt_store, tmp_path_factory):
+    return _run(opt_store, Policy(gpu_batch_size=2, num_gpu_batches=3, compute_dtype="float32"),
+                tmp_path_factory.mktemp("d"))
 
 
 @pytest.mark.parametrize("policy", [
@@ -41,15 +33,16 @@ def device_tokens(opt, tmp_path_factory):
     Policy(gpu_batch_size=2, num_gpu_batches=3, kv="disk", kv_write_back=True, kv_write_back_bytes=64 << 10,
            x_cache_percent=100, compute_dtype="float32"),
 ], ids=["host-token-major", "x-cache-device", "x-cache-half-host", "x-cache-disk-write-back"])
-def test_tiers_match_device_tier(opt, device_tokens, policy, tmp_path):
-    assert _run(opt, policy, tmp_path) == device_tokens
+def test_tiers_match_device_tier(opt_store, device_tokens, policy, tmp_path):
+    assert _run(opt_store, policy, tmp_path) == device_tokens
 
 
-def test_gpu_matches_cpu_engine(opt, device_tokens, tmp_path):
-    assert _run(opt, Policy(gpu_batch_size=2, kv="cpu", x_cache_percent=50), tmp_path, device="cpu") == device_tokens
+def test_gpu_matches_cpu_engine(opt_store, device_tokens, tmp_path):
+    cpu = _run(opt_store, Policy(gpu_batch_size=2, kv="cpu", x_cache_percent=50), tmp_path, device="cpu")
+    assert cpu == device_tokens
 
 
-def test_four_bit_kv_same_on_device_in_host_memory_and_on_disk(opt, tmp_path):
-    got = [_run(opt, Policy(gpu_batch_size=2, num_gpu_batches=3, kv=tier, kv_bits=4, compute_dtype="float32"),
+def test_four_bit_kv_same_on_device_in_host_memory_and_on_disk(opt_store, tmp_path):
+    got = [_run(opt_store, Policy(gpu_batch_size=2, num_gpu_batches=3, kv=tier, kv_bits=4, compute_dtype="float32"),
                 tmp_path / tier) for tier in ("device", "cpu", "disk")]
     assert got[0] == got[1] == got[2] and len(got[0]) == len(PROMPTS)
