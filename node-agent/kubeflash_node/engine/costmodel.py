@@ -161,6 +161,14 @@ def _kv_row(e: _Env, bits: int, x: bool = False) -> float:
     return 2 * e.c.num_kv_heads * _packed(e.c.head_dim, bits, e.itemsize)
 
 
+def _kv_token(e: _Env, p: Policy, *, host: bool = False) -> float:
+    """Bytes of one token's cache over every layer for one sequence: K and V, or X on the X-cache layers; `host`:
+    as the cpu tier holds it (CPU attention keeps its K and V in float32, twice the bytes)."""
+    nx = len(p.x_layers(e.c.num_layers))
+    kv = _kv_row(e, p.kv_bits) * (2 if host and p.cpu_attention else 1)
+    return (e.c.num_layers - nx) * kv + nx * _kv_row(e, p.kv_bits, x=True)
+
+
 def x_cache_saves(c: ModelConfig) -> bool:
     """X (H values a token) is smaller than K + V (2 x Nk x D): true for multi-head attention, false for GQA
     models whose K + V is already smaller."""
@@ -240,8 +248,7 @@ def _memory(e: _Env, p: Policy, stored: list[int], dense: list[int], where: list
     blk, g = min(p.block_size, j.prompts), min(p.gpu_batch_size, j.prompts)
     s, cap = j.prompt_len, j.prompt_len + j.gen_len
     nx = len(p.x_layers(c.num_layers))
-    per_token = (c.num_layers - nx) * _kv_row(e, p.kv_bits) + nx * _kv_row(e, p.kv_bits, x=True)  # every layer
-    kv_dev = blk * cap * per_token if p.kv == "device" and j.gen_len > 1 else 0  # the whole block's cache
+    kv_dev = blk * cap * _kv_token(e, p) if p.kv == "device" and j.gen_len > 1 else 0  # the whole block's cache
     # the hidden state of every micro-batch of the block, its mask [B,1,S,T] and rope cos/sin
     static = sum(dense[i] for i, w in enumerate(where) if w == "gpu") + slots + deq + kv_dev \
         + blk * s * (h + s + 2 * c.head_dim) * isz
@@ -258,8 +265,7 @@ def _memory(e: _Env, p: Policy, stored: list[int], dense: list[int], where: list
     ring = slots if any(w == "disk" for w in where) else 0
     kv_host = 0
     if p.kv == "cpu" and j.gen_len > 1:
-        row = _kv_row(e, p.kv_bits) * (2 if p.cpu_attention else 1)  # CPU attention keeps float32
-        kv_host = blk * cap * ((c.num_layers - nx) * row + nx * _kv_row(e, p.kv_bits, x=True))
+        kv_host = blk * cap * _kv_token(e, p, host=True)
     if p.kv == "disk" and p.kv_write_back and j.gen_len > 1:  # rows buffered per (layer, micro-batch)
         kv_host = c.num_layers * -(-blk // g) * min(p.kv_write_back_bytes, cap * g * _kv_row(e, p.kv_bits))
     cpu = e.cal.host_base_bytes + sum(stored[i] for i, w in enumerate(where) if w == "cpu") + ring + kv_host
@@ -276,8 +282,7 @@ def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget
     where = _placement(config, p, len(stored))
     gpu, cpu = _memory(e, p, stored, dense, where)
     xl = p.x_layers(config.num_layers)
-    kv_total = job.prompts * (job.prompt_len + job.gen_len) * sum(
-        _kv_row(e, p.kv_bits, x=j in xl) for j in range(config.num_layers))
+    kv_total = job.prompts * (job.prompt_len + job.gen_len) * _kv_token(e, p)
     kv_fits_cache = kv_total <= budget.cpu_bytes - cpu
     res = {"disk": 0.0, "pcie": 0.0, "compute": 0.0}
     bound = dict.fromkeys(res, 0.0)
@@ -299,9 +304,7 @@ def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget
     tokens = job.prompts * job.gen_len
     lock = 0.0
     if p.kv == "cpu" and job.gen_len > 1:  # each block's host cache is page-locked when the block starts
-        row = sum(_kv_row(e, p.kv_bits, x=j in xl) * (2 if p.cpu_attention and j not in xl else 1)
-                  for j in range(config.num_layers))
-        lock = _rate(job.prompts * (job.prompt_len + job.gen_len) * row, cal.host_lock_gbps)
+        lock = _rate(job.prompts * (job.prompt_len + job.gen_len) * _kv_token(e, p, host=True), cal.host_lock_gbps)
     return Prediction(cand, sum(bound.values()) + lock, setup, res, bound, gpu, cpu, tokens,
                       {k: where.count(k) for k in ("gpu", "cpu", "disk")}, lock)
 

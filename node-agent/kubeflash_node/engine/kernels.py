@@ -61,9 +61,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, *, bits: int, group: int,
-                    symmetric: bool, dtype: torch.dtype) -> torch.Tensor:
-    """q: uint8 [..., K*bits/8], scale (and zero): float16 [..., K/group], each last dim unit-stride ->
-    [..., K] in `dtype`, in one kernel."""
+                    dtype: torch.dtype) -> torch.Tensor:
+    """q: uint8 [..., K*bits/8], scale (and zero): float16 [..., K/group] -> [..., K] in `dtype`, in one kernel.
+    Without `zero` the codes are symmetric (centred on 2^(bits-1))."""
     k = q.shape[-1] * 8 // bits
     out = torch.empty(*q.shape[:-1], k, dtype=dtype, device=q.device)
     if out.numel() == 0:

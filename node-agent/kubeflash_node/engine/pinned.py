@@ -3,7 +3,7 @@
 torch.empty(..., pin_memory=True) goes through PyTorch's caching host allocator, which rounds every request up to
 a power of two: a 539 MB KV buffer takes 1 GiB of locked memory, a 630 MB fp16 layer 1 GiB. On the H100 machine
 a 16 x 8K-token OPT-1.3B cache (26 GB) took 48 GiB of host memory and 26.6 s to allocate that way. Here the
-buffer is an ordinary allocation registered with the CUDA driver (cudaHostRegister): the same DMA speed, the
+buffer is an ordinary allocation registered with the CUDA driver (cuMemHostRegister): the same DMA speed, the
 exact size, and it is unregistered when the tensor is garbage (before its memory is freed).
 """
 
@@ -46,13 +46,13 @@ def empty(shape, dtype: torch.dtype, *, pinned: bool = True) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=n > 0)
     span = -(-n // PAGE) * PAGE  # whole pages: no page is shared with another registration
     raw = torch.empty(span + PAGE, dtype=torch.uint8)
-    ptr = raw.data_ptr() + (-raw.data_ptr() % PAGE)
-    raw[ptr - raw.data_ptr():ptr - raw.data_ptr() + span].zero_()  # fault the pages in on torch's threads: the
-    # driver would fault them one by one while locking (24 GB: 15 s that way on the H100 machine)
+    start = -raw.data_ptr() % PAGE
+    ptr = raw.data_ptr() + start
+    raw[start:start + span].zero_()  # fault the pages in on torch's threads: the driver would fault them one by
+    # one while locking (24 GB: 15 s that way on the H100 machine)
     torch.cuda.set_device(torch.cuda.current_device())  # the runtime's primary context, current on this thread
     if drv.cuMemHostRegister_v2(ctypes.c_void_p(ptr), ctypes.c_size_t(span), ctypes.c_uint(0)) != 0:
         return torch.empty(shape, dtype=dtype, pin_memory=True)  # e.g. RLIMIT_MEMLOCK in a container
-    start = ptr - raw.data_ptr()
     t = raw[start:start + n].view(dtype).view(shape)
     weakref.finalize(t, _unregister, drv, ptr)
     return t

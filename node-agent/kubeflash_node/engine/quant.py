@@ -93,8 +93,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
                dtype: torch.dtype) -> torch.Tensor:
     """Inverse of `quantize`, on the tensors' own device: -> [..., K] in `dtype` (one fused kernel on CUDA)."""
     if kernels.available(q):
-        return kernels.dequantize_rows(q, scale, zero, bits=spec.bits, group=spec.group,
-                                       symmetric=spec.symmetric, dtype=dtype)
+        return kernels.dequantize_rows(q, scale, zero, bits=spec.bits, group=spec.group, dtype=dtype)
     return dequantize_torch(q, scale, zero, spec, dtype)
 
 
@@ -171,10 +170,6 @@ class KVCodec:
 
     def decode(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # raw: [..., nbytes] uint8 -> [..., D] in dtype
-        a, b = self.nq, self.nq + 2 * self.ng
-        if kernels.available(raw):  # the kernel reads scale and zero in place, at the row's stride
-            return dequantize(raw[..., :a], raw[..., a:b].view(torch.float16), raw[..., b:].view(torch.float16),
-                              self.spec, dtype)
-        scale = raw[..., a:b].contiguous().view(torch.float16)
-        zero = raw[..., b:].contiguous().view(torch.float16)
-        return dequantize(raw[..., :a], scale, zero, self.spec, dtype)
+        a, b = self.nq, self.nq + 2 * self.ng  # scale and zero are read in place, at the row's stride
+        return dequantize(raw[..., :a], raw[..., a:b].view(torch.float16), raw[..., b:].view(torch.float16),
+                          self.spec, dtype)
