@@ -76,9 +76,19 @@ for step in "$@"; do case $step in
   # memory holds the weights and the KV cache for both systems). 64 prompts do not fit FlexGen in the machine's
   # 125 GB: its pinned weights are rounded up by PyTorch's pinned allocator, its 48 GB cache is pageable.
   ours30) GPU=12GiB CG=max CPUMEM=100GiB ours ours-opt30-cpu 32 --model dummy:opt-30b@zeros ;;
+  ours30x64) GPU=12GiB CG=max CPUMEM=100GiB ours ours-opt30-cpu-64 64 --model dummy:opt-30b@zeros ;;
+  ours30x96) GPU=12GiB CG=max CPUMEM=100GiB ours ours-opt30-cpu-96 96 --model dummy:opt-30b@zeros ;;
+  ours30x128) GPU=12GiB CG=max CPUMEM=104GiB ours ours-opt30-cpu-128 128 --model dummy:opt-30b@zeros ;;
   # FlexGen: weights 100% in (pinned) CPU memory, KV cache 100% in CPU memory (GPU attention), 32 x 1
   fg30) (GPU=12GiB CG=max
         flexgen fg-opt30-cpu --model facebook/opt-30b --percent 0 100 0 100 100 0 --gpu-batch-size 32 \
+          --num-gpu-batches 1) ;;
+  # the same with 48 prompts in one micro-batch: FlexGen's largest batch that the 125 GB host might hold
+  fg30x48) (GPU=12GiB CG=max
+        flexgen fg-opt30-cpu-48 --model facebook/opt-30b --percent 0 100 0 100 100 0 --gpu-batch-size 48 \
+          --num-gpu-batches 1) ;;
+  fg30x56) (GPU=12GiB CG=max
+        flexgen fg-opt30-cpu-56 --model facebook/opt-30b --percent 0 100 0 100 100 0 --gpu-batch-size 56 \
           --num-gpu-batches 1) ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac; done

@@ -46,3 +46,19 @@ def test_four_bit_kv_same_on_device_in_host_memory_and_on_disk(opt_store, tmp_pa
     got = [_run(opt_store, Policy(gpu_batch_size=2, num_gpu_batches=3, kv=tier, kv_bits=4, compute_dtype="float32"),
                 tmp_path / tier) for tier in ("device", "cpu", "disk")]
     assert got[0] == got[1] == got[2] and len(got[0]) == len(PROMPTS)
+
+
+def test_host_tier_serves_every_decode_load_from_a_prefetch(opt_store, device_tokens, tmp_path):
+    """The schedule asks for the next (layer, micro-batch)'s prefix before computing the current one, so no
+    decode load of the host tier waits for its copy on the compute stream; the tokens stay the device tier's."""
+    engine = Engine(opt_store, policy=Policy(gpu_batch_size=2, num_gpu_batches=3, kv="cpu", compute_dtype="float32"),
+                    device="cuda", job_dir=tmp_path)
+    try:
+        tokens = [c.tokens for c in engine.generate(PROMPTS, GenParams(max_new_tokens=10))]
+        loads = engine.kv.loads
+    finally:
+        engine.close()
+    assert tokens == device_tokens
+    layers = engine.config.num_layers
+    assert loads["waited"] == 0
+    assert loads["prefetched"] > 0 and loads["prefetched"] % (layers * 3) == 0  # every layer, every micro-batch

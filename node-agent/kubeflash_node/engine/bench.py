@@ -231,17 +231,20 @@ def workload_flops(c: ModelConfig, w: Workload) -> float:
 
 
 def roofline(*, stage_bytes: list[int], placement: list[str], w: Workload, c: ModelConfig, ceil: Ceilings,
-             kv_tier: str, itemsize: int) -> dict:
-    """Bytes and FLOPs the run must move and do, and the time floor each implies."""
+             policy, itemsize: int) -> dict:
+    """Bytes and FLOPs the run must move and do under `policy`'s placement and KV techniques, and the time floor
+    each implies."""
+    from .costmodel import kv_link_bytes
+
     disk_w = sum(b for b, p in zip(stage_bytes, placement) if p == "disk") * w.passes
     pcie_w = sum(b for b, p in zip(stage_bytes, placement) if p in ("disk", "cpu")) * w.passes
-    kv_token = c.kv_bytes_per_token(itemsize)
+    read_token, write_token = kv_link_bytes(c, policy, itemsize)
     # decode step s reads the prefix back (prompt_len + s tokens) and writes one token, per sequence
-    kv_read = sum((w.prompt_len + s) for s in range(1, w.gen_len)) * kv_token * w.prompts
-    kv_write = (w.prompt_len + w.gen_len - 1) * kv_token * w.prompts
+    kv_read = sum((w.prompt_len + s) for s in range(1, w.gen_len)) * read_token * w.prompts
+    kv_write = (w.prompt_len + w.gen_len - 1) * write_token * w.prompts
     kv_bytes = (kv_read + kv_write) if w.gen_len > 1 else 0
-    disk_b = disk_w + (kv_bytes if kv_tier == "disk" else 0)
-    pcie_b = pcie_w + (kv_bytes if kv_tier in ("cpu", "disk") else 0)
+    disk_b = disk_w + (kv_bytes if policy.kv == "disk" else 0)
+    pcie_b = pcie_w + (kv_bytes if policy.kv in ("cpu", "disk") else 0)
     flops = workload_flops(c, w)
     t_disk = disk_b / (ceil.disk_read_cold * GB) if disk_b and ceil.disk_read_cold else 0.0
     t_pcie = pcie_b / (ceil.h2d_pinned * GB) if pcie_b and ceil.h2d_pinned else 0.0

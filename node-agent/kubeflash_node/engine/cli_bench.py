@@ -197,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
     w = Workload(prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, block_size=policy.block_size)
     itemsize = torch.empty((), dtype=engine.dtype).element_size()
     roof = roofline(stage_bytes=manifest.stage_bytes, placement=engine.placement, w=w, c=engine.config, ceil=ceil,
-                    kv_tier=policy.kv, itemsize=itemsize)
+                    policy=policy, itemsize=itemsize)
     weights = "disk" if policy.weights_gpu_percent + policy.weights_cpu_percent == 0 else \
         f"{policy.weights_gpu_percent:g}:{policy.weights_cpu_percent:g}"
     tokens = args.prompts * args.gen_len

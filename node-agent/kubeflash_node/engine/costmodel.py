@@ -47,8 +47,9 @@ class Calibration:
     layer_overhead_s: float = 1.5e-3  # per (layer, micro-batch): launches + Python (decode runs: 1.3-1.9 ms)
     hbm_gbps: float = 3000.0  # GPU memory bandwidth: a decode micro-batch reads the layer's weights once
     dequant_gbps: float = 600.0  # dequantized bytes per second on the GPU (fused kernel; fitted to the int4 peer run)
+    recompute_efficiency: float = 0.85  # X-cache: K, V rebuilt by one [B*T, H] x [H, 2 kv] GEMM (opt-30b, 64 x 528: 0.9)
     cpu_attention_gbps: float = 20.0  # float32 KV bytes CPU attention scans per second (assumed, not yet measured)
-    host_lock_gbps: float = 4.0  # page-locking a block's host KV cache before its prefill (H100 machine: 3.0-6.2)
+    host_lock_gbps: float = 6.0  # page-locking a block's host KV cache, behind its prefill (H100, huge pages: 7.0)
     gpu_reserve_bytes: int = 1 << 30  # CUDA context and allocator slack beyond the tensors counted
     host_base_bytes: int = 2 << 30  # the process itself (Python, torch, CUDA runtime)
 
@@ -74,7 +75,7 @@ class Prediction:
     cpu_bytes: int
     tokens: int
     placement: dict[str, int] = field(default_factory=dict)
-    lock_s: float = 0.0  # of run_s: page-locking the host KV cache of every block (before its prefill)
+    lock_s: float = 0.0  # of run_s: page-locking the host KV cache that its block's prefill does not hide
 
     @property
     def total_s(self) -> float:
@@ -169,6 +170,18 @@ def _kv_token(e: _Env, p: Policy, *, host: bool = False) -> float:
     return (e.c.num_layers - nx) * kv + nx * _kv_row(e, p.kv_bits, x=True)
 
 
+def kv_link_bytes(c: ModelConfig, p: Policy, itemsize: int) -> tuple[float, float]:
+    """(bytes read back per cached token, bytes written out per new token) over every layer for one sequence
+    when the cache is off the device: K and V, or X on the X-cache layers; CPU attention reads nothing back (the
+    scan runs where the cache is) and writes its float32 rows."""
+    e = _Env(c, None, JobShape(1, 1, 2), Budget(0, 0), Calibration(), itemsize)
+    nx = len(p.x_layers(c.num_layers))
+    x, kv = nx * _kv_row(e, p.kv_bits, x=True), (c.num_layers - nx) * _kv_row(e, p.kv_bits)
+    if p.cpu_attention:
+        return x, x + 2 * kv
+    return x + kv, x + kv
+
+
 def x_cache_saves(c: ModelConfig) -> bool:
     """X (H values a token) is smaller than K + V (2 x Nk x D): true for multi-head attention, false for GQA
     models whose K + V is already smaller."""
@@ -198,13 +211,14 @@ def _layer_compute(e: _Env, b: int, s_new: int, ctx: int, dense: int) -> float:
 
 
 def _kv_time(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bool, x: bool = False) -> float:
-    """KV load + store of one layer for one micro-batch (cpu/disk tiers), on the compute stream; an X-cache
-    layer moves X and recomputes the cached tokens' K, V; CPU attention scans the host KV where it lives."""
+    """KV work of one layer for one micro-batch on the compute stream: the store (and, from disk, the load; the
+    cpu tier's prefix load is prefetched on a side stream and counts only on the link, in _stage); an X-cache
+    layer recomputes the cached tokens' K, V; CPU attention scans the host KV where it lives."""
     if e.job.gen_len <= 1:
         return 0.0
     prev = ctx - s_new
     t = _rate(2 * b * prev * e.c.hidden_size * 2 * e.c.kv_dim,
-              e.ceil.matmul_tflops * 1e3 * e.cal.compute_efficiency) if x else 0.0  # GFLOP/s, as in _stage
+              e.ceil.matmul_tflops * 1e3 * e.cal.recompute_efficiency) if x else 0.0  # GFLOP/s, as in _stage
     if p.kv == "device":  # a compressed device cache decodes its prefix every step
         return t + (_rate(ctx * b * _kv_row(e, 16, x), e.cal.dequant_gbps) if p.kv_bits != 16 else 0.0)
     if p.cpu_attention and not x:  # float32 rows scanned on the host; q, the new row and the output move
@@ -212,7 +226,7 @@ def _kv_time(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bo
             + _rate(s_new * b * 2 * e.c.kv_dim * 4, e.ceil.h2d_pinned)
     row = _kv_row(e, p.kv_bits, x) * b
     load, store = prev * row, s_new * row
-    t += _rate(load + store, e.ceil.h2d_pinned)
+    t += _rate(store + (load if p.kv == "disk" else 0), e.ceil.h2d_pinned)
     if p.kv_bits != 16:
         t += _rate((load + store) / row * b * _kv_row(e, 16, x), e.cal.dequant_gbps)
     if p.kv == "disk":
@@ -259,6 +273,8 @@ def _memory(e: _Env, p: Policy, stored: list[int], dense: list[int], where: list
     decode = 0
     if j.gen_len > 1 and (p.kv != "device" or p.kv_bits != 16):
         decode = 2 * g * cap * 2 * kv * isz  # one layer's prefix for one micro-batch, loaded/decoded + concatenated
+    if j.gen_len > 1 and p.kv == "cpu" and not p.cpu_attention:  # and the next one's, prefetched meanwhile
+        decode += g * cap * max(_kv_row(e, p.kv_bits), _kv_row(e, p.kv_bits, x=True) if nx else 0)
     if j.gen_len > 1 and nx:
         decode += g * cap * (h + 2 * kv) * isz  # a layer's X prefix and the K, V made from it
     gpu = static + max(prefill, decode) + g * c.vocab_size * 4
@@ -289,7 +305,9 @@ def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget
     last = len(stored) - 1
     kinds = Counter(("embed" if i == 0 else "head" if i == last else "xlayer" if i - 1 in xl else "layer",
                      where[i], stored[i], dense[i]) for i in range(last + 1))  # identical stages: computed once
+    lock = 0.0
     for count, mbs in _blocks(job, p):
+        prefill = 0.0
         for (kind, w, st, de), n in kinds.items():
             key = (kind, w, st, de, tuple(mbs), p.kv, p.kv_bits, p.cpu_attention, kv_fits_cache)
             got = memo.get(key) if memo is not None else None
@@ -300,11 +318,12 @@ def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget
             for k in res:
                 res[k] += got[0][k] * n * count
                 bound[k] += got[1][k] * n * count
+            prefill += got[2] * n
+        if p.kv == "cpu" and job.gen_len > 1:  # a block's host cache is page-locked while its prefill runs
+            need = _rate(sum(mbs) * (job.prompt_len + job.gen_len) * _kv_token(e, p, host=True), cal.host_lock_gbps)
+            lock += max(0.0, need - prefill) * count
     setup = sum(_rate(stored[i], ceil.disk_read_cold) for i, w in enumerate(where) if w != "disk")
     tokens = job.prompts * job.gen_len
-    lock = 0.0
-    if p.kv == "cpu" and job.gen_len > 1:  # each block's host cache is page-locked when the block starts
-        lock = _rate(job.prompts * (job.prompt_len + job.gen_len) * _kv_token(e, p, host=True), cal.host_lock_gbps)
     return Prediction(cand, sum(bound.values()) + lock, setup, res, bound, gpu, cpu, tokens,
                       {k: where.count(k) for k in ("gpu", "cpu", "disk")}, lock)
 
@@ -320,10 +339,12 @@ def _steps(gen_len: int, exact: int = 33) -> list[tuple[int, float]]:
 
 
 def _stage_all_steps(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, mbs: Counter,
-                     kv_fits_cache: bool) -> tuple[dict, dict]:
-    """One stage over every step of one block: (seconds per resource, seconds each resource was the slowest)."""
+                     kv_fits_cache: bool) -> tuple[dict, dict, float]:
+    """One stage over every step of one block: (seconds per resource, seconds each resource was the slowest,
+    seconds of the prefill step)."""
     res = {"disk": 0.0, "pcie": 0.0, "compute": 0.0}
     bound = dict.fromkeys(res, 0.0)
+    prefill = 0.0
     j = e.job
     for step, weight in _steps(j.gen_len):
         s_new, ctx = (j.prompt_len, j.prompt_len) if step == 0 else (1, j.prompt_len + step)
@@ -332,7 +353,9 @@ def _stage_all_steps(e: _Env, p: Policy, kind: str, where: str, stored: int, den
         for k, v in t.items():
             res[k] += v * weight
         bound[top] += t[top] * weight
-    return res, bound
+        if step == 0:
+            prefill = t[top]
+    return res, bound, prefill
 
 
 def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, mbs: Counter,

@@ -5,7 +5,7 @@ then run every micro-batch of the block through it (zig-zag), loading and storin
         for stage:                  # weights of stage+1.. are already being read (WeightStreamer)
             w = load_weight(stage)
             for mb in block:        # each layer is read once per block
-                load_cache(stage, mb); compute(stage, mb); store_cache(stage, mb)
+                load_cache(stage, mb); prefetch_cache(next (stage, mb)); compute(stage, mb); store_cache(stage, mb)
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class Engine:
     # ------------------------------------------------------------------------------------ schedule
     def _run_block(self, prompts, block, params, gen, stop, on_step) -> list[Completion]:
         t0 = time.perf_counter()
-        mbs = self._make_block(prompts, block, params)  # allocates the block's KV cache (pinned host memory: slow)
+        mbs = self._make_block(prompts, block, params)  # queues the block's KV cache (host memory locks meanwhile)
         self.stats["block_setup_s"] += time.perf_counter() - t0
         for step in range(params.max_new_tokens):
             t0 = time.perf_counter()
@@ -185,7 +185,9 @@ class Engine:
                 elif stage == last:
                     self._head(mb, w, step, params, gen, stop, collect)
                 else:
-                    self._layer(stage - 1, k, mb, w, phase)
+                    self._layer(stage - 1, k, mb, w, phase, mbs)
+            if stage == 0 and last > 1:
+                self.kv.prefetch(0, 0, mbs[0].batch.start)
             del w  # a dequantized stage is freed before the next one is built
 
     def _embed(self, mb: _MicroBatch, w, step: int) -> None:
@@ -198,10 +200,14 @@ class Engine:
             mb.batch.rope_at = lambda pos: rope_cos_sin(self.inv_freq, pos, self.dtype)
         mb.x = embed(self.config, w, ids.to(self.device), mb.batch.positions)
 
-    def _layer(self, j: int, k: int, mb: _MicroBatch, w, phase: str) -> None:
+    def _layer(self, j: int, k: int, mb: _MicroBatch, w, phase: str, mbs: list[_MicroBatch]) -> None:
         t = self.timings
         with t(f"load_cache_{phase}"):
             kv = self.kv.load(j, k, mb.batch.start)
+            # the next (layer, micro-batch) in schedule order: its cache crosses PCIe while this one computes
+            nj, nk = (j, k + 1) if k + 1 < len(mbs) else (j + 1, 0)
+            if nj < self.config.num_layers:
+                self.kv.prefetch(nj, nk, mbs[nk].batch.start)
         with t(f"compute_layer_{phase}"):
             mb.x = self.layer_fn(self.config, w, mb.x, mb.batch, kv, mb.rope)
         with t(f"store_cache_{phase}"):
@@ -281,7 +287,7 @@ class Engine:
                                    [[] for _ in idx], ["length"] * len(idx)))
         c = self.config
         self.kv = self._make_kv("none" if params.max_new_tokens == 1 else self.policy.kv)  # prefill-only: no KV
-        for k, mb in enumerate(mbs):
-            for j in range(c.num_layers):
+        for j in range(c.num_layers):  # in the order the prefill stores them (host buffers are locked meanwhile)
+            for k, mb in enumerate(mbs):
                 self.kv.allocate(j, k, mb.ids.shape[0], mb.mask.shape[1])
         return mbs

@@ -3,6 +3,9 @@
 device: tensors stay on the compute device, updated in place. cpu: host tensors, prefix copied in and new
 slice copied out per step. disk: one file per (layer, micro-batch) in the job directory, token-major
 ([T, B, 2, Nk, D]) so the prefix is one sequential read and a step's new tokens one sequential write.
+The schedule calls `prefetch(layer, mb, start)` for the next (layer, micro-batch) before computing the current
+one: the host tier then copies that prefix on a copy stream of its own, so the transfer overlaps the compute
+instead of queueing behind it on the compute stream (the other tiers ignore it).
 With bits 8 or 4 every tier keeps each row of D values group-wise quantized (quant.KVCodec: codes, float16
 scale and zero in one uint8 row): encoded on the compute device before it leaves, decoded there after it comes
 back, so PCIe and disk carry the compressed bytes; on the device the cache takes a quarter (4-bit) of the memory.
@@ -11,6 +14,7 @@ back, so PCIe and disk carry the compressed bytes; on the device the cache takes
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -69,6 +73,9 @@ class DeviceKV:
         k, v = self.bufs[layer, mb]
         return LayerKV(k, v, in_place=True)
 
+    def prefetch(self, layer: int, mb: int, start: int) -> None:
+        pass  # nothing crosses a link: the cache is where the compute is
+
     def store(self, layer: int, mb: int, kv: LayerKV) -> None:
         pass
 
@@ -87,21 +94,74 @@ def _codec(bits: int, head_dim: int) -> KVCodec | None:
 
 class HostKV(DeviceKV):
     """KV in host memory (pinned when the compute device is a GPU), token-major [T_cap, B, Nk, D] so a step's
-    prefix is one contiguous DMA in and its new rows one contiguous DMA out."""
+    prefix is one contiguous DMA in and its new rows one contiguous DMA out.
+
+    On a GPU, page-locking the buffers is slow (~7 GB/s: a 36 GB cache takes 5 s), so `allocate` only queues
+    them and a background thread locks them in the order the prefill stores them, while the prefill runs; the
+    first use of an entry waits for its buffers. `prefetch` starts the next (layer, micro-batch)'s prefix copy on
+    a side stream once that entry's last store has drained; `load` then only makes the compute stream wait."""
 
     compressible = True
+    prefetches = True  # the buffers are on the host: worth copying ahead
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.device = torch.device(self.device)
+        cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda and self.prefetches else None
+        self.stored: dict[tuple[int, int], torch.cuda.Event] = {}  # the last store's copy out, per entry
+        self.ahead: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}
+        self.loads = {"prefetched": 0, "waited": 0}  # decode loads served from a prefetch / copied when asked
+        self.locker = ThreadPoolExecutor(1, thread_name_prefix="kf-kv-lock") if cuda and self.prefetches else None
+        self.locking: dict[tuple[int, int], Future] = {}
+        self.device_index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
+            if self.locker else None
 
     def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
         # [T_cap, B, Nk, D] in the compute dtype, or [T_cap, B, Nk, codec.nbytes] uint8 when compressed
         shape = (capacity, batch, self.nk, self.codec.nbytes if self.codec else self.d)
         dtype = torch.uint8 if self.codec else self.dtype
-        pin = self.device.type == "cuda"
-        self.bufs[layer, mb] = (pinned.empty(shape, dtype, pinned=pin), pinned.empty(shape, dtype, pinned=pin))
+        if self.locker is None:
+            self.bufs[layer, mb] = (torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
+            return
+        self.bufs.pop((layer, mb), None)
+        self.locking[layer, mb] = self.locker.submit(self._lock, shape, dtype)
+
+    def _lock(self, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.cuda.set_device(self.device_index)  # register with the compute device's context
+        return pinned.empty(shape, dtype), pinned.empty(shape, dtype)
+
+    def _bufs(self, layer: int, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        fut = self.locking.pop((layer, mb), None)
+        if fut is not None:
+            self.bufs[layer, mb] = fut.result()
+        return self.bufs[layer, mb]
+
+    def prefetch(self, layer: int, mb: int, start: int) -> None:
+        if self.copy_stream is None or start == 0 or (layer, mb, start) in self.ahead:
+            return
+        bufs = self._bufs(layer, mb)
+        with torch.cuda.stream(self.copy_stream):
+            if (layer, mb) in self.stored:
+                self.copy_stream.wait_event(self.stored[layer, mb])  # the rows stored last step are in
+            k, v = (b[:start].to(self.device, non_blocking=True) for b in bufs)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        self.ahead[layer, mb, start] = (k, v, done)
 
     def load(self, layer: int, mb: int, start: int) -> LayerKV:
         if start == 0:
             return LayerKV(None, None, in_place=False)
-        k, v = (b[:start].to(self.device, non_blocking=True) for b in self.bufs[layer, mb])
+        got = self.ahead.pop((layer, mb, start), None)
+        self.loads["waited" if got is None else "prefetched"] += 1
+        if got is None:
+            k, v = (b[:start].to(self.device, non_blocking=True) for b in self._bufs(layer, mb))
+        else:
+            k, v, done = got
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(done)
+            k.record_stream(compute)  # allocated on the copy stream, used and freed on the compute stream
+            v.record_stream(compute)
         if self.codec:
             k, v = self.codec.decode(k, self.dtype), self.codec.decode(v, self.dtype)
         return LayerKV(k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), in_place=False)  # -> [B, Nk, T, D]
@@ -111,10 +171,29 @@ class HostKV(DeviceKV):
         k_new, v_new = k_new.permute(2, 0, 1, 3).contiguous(), v_new.permute(2, 0, 1, 3).contiguous()  # [S, B, Nk, D]
         if self.codec:
             k_new, v_new = self.codec.encode(k_new), self.codec.encode(v_new)
-        k, v = self.bufs[layer, mb]
+        k, v = self._bufs(layer, mb)
         s = k_new.shape[0]
         k[start:start + s].copy_(k_new, non_blocking=True)
         v[start:start + s].copy_(v_new, non_blocking=True)
+        if self.copy_stream is not None:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self.stored[layer, mb] = ev
+
+    def nbytes(self) -> int:
+        for layer, mb in list(self.locking):
+            self._bufs(layer, mb)
+        return super().nbytes()
+
+    def close(self) -> None:
+        if self.locker is not None:
+            for fut in self.locking.values():
+                fut.cancel()
+            self.locker.shutdown(wait=True)
+        self.locking.clear()
+        self.ahead.clear()
+        self.stored.clear()
+        super().close()
 
 
 class DiskKV:
@@ -147,6 +226,9 @@ class DiskKV:
             return LayerKV(None, None, in_place=False)
         fd, b = self.files[layer, mb]
         return self._kv(self._read(fd, start * self._row(b), layer, mb), start, b)
+
+    def prefetch(self, layer: int, mb: int, start: int) -> None:
+        pass  # read when loaded (the write-back tier merges its buffered rows then)
 
     def store(self, layer: int, mb: int, kv: LayerKV) -> None:
         k_new, v_new, start = kv.new
@@ -212,6 +294,8 @@ class NoKV(DeviceKV):
 class CompressedDeviceKV(HostKV):
     """KV on the compute device, group-wise quantized (FlexGen's compressed cache): the host tier's token-major
     codec rows, kept in device memory, so a step decodes its prefix without crossing PCIe."""
+
+    prefetches = False
 
     def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
         shape = (capacity, batch, self.nk, self.codec.nbytes)

@@ -41,6 +41,8 @@ class _HostAttention(LayerKV):
 class CpuAttentionKV(HostKV):
     """KV in host memory, decode attention computed on the CPU (only q and the output move)."""
 
+    prefetches = False  # nothing is copied to the device
+
     def __init__(self, **kw):
         if kw.get("bits", 16) != 16:
             raise ValueError("policy: CPU attention works on uncompressed KV (kv_bits 16)")
@@ -144,6 +146,9 @@ class XCacheKV:
     def load(self, layer: int, mb: int, start: int) -> LayerKV:
         got = self._tier(layer).load(layer, mb, start)
         return _XLayer(got) if layer in self.x_layers else got
+
+    def prefetch(self, layer: int, mb: int, start: int) -> None:
+        self._tier(layer).prefetch(layer, mb, start)
 
     def store(self, layer: int, mb: int, kv: LayerKV) -> None:
         if layer in self.x_layers:
