@@ -26,15 +26,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def predict_run(d: dict, cal: Calibration = Calibration(), disk_read_cold: float = 0.0) -> dict:
     """Prediction vs measurement of one recorded run (optionally with another cold disk ceiling, GB/s)."""
     w, r = d["workload"], d["report"]
-    config = preset(Path(w["model"]).name)
+    name = w["model"]  # dummy:<preset>[@fill] as given to bench, or a converted model's directory
+    config = preset(name.split(":", 1)[1] if name.startswith("dummy:") else Path(name).name)
     policy = Policy(**{k: v for k, v in r["policy"].items() if k in Policy.__dataclass_fields__})
     itemsize = 4 if r["dtype"] == "float32" else 2
-    sizes = stage_sizes(config, itemsize)
+    quant = w.get("quantization", "none")
+    sizes = stage_sizes(config, itemsize, quant)
     ceil = Ceilings(**{k: v for k, v in d["ceilings"].items() if k in Ceilings.__dataclass_fields__})
     ceil.disk_read_cold = disk_read_cold or ceil.disk_read_cold
-    pr = predict(Candidate(policy), config=config, ceil=ceil, job=JobShape(w["prompts"], w["prompt_len"], w["gen_len"]),
+    pr = predict(Candidate(policy, quant), config=config, ceil=ceil, job=JobShape(w["prompts"], w["prompt_len"], w["gen_len"]),
                  budget=Budget(1 << 50, 1 << 50), sizes=sizes, cal=cal, itemsize=itemsize)
-    return {"model": Path(w["model"]).name, "shape": f"{w['prompts']}x({w['prompt_len']}+{w['gen_len']})",
+    return {"model": Path(name).name, "shape": f"{w['prompts']}x({w['prompt_len']}+{w['gen_len']})",
             "weights": w["weights"], "batch": f"{policy.gpu_batch_size}x{policy.num_gpu_batches}",
             "size_gib": sum(sizes[0]) / 2**30, "size_gib_measured": r["model_size_gb"],
             "predicted_s": pr.run_s, "measured_s": d["measured_s"], "error": pr.run_s / d["measured_s"] - 1,
