@@ -77,6 +77,11 @@ class OffloadSpec:
 
 
 @dataclass(frozen=True)
+class ResourcesSpec:
+    kv_disk: int = 10 << 30  # bytes of the paired SSD the job's KV cache may take (spec.resources.kvDisk)
+
+
+@dataclass(frozen=True)
 class OutputSpec:
     path: str | None = None  # local file (kubeflash run), or a path inside the mounted output PVC
     pvc: str | None = None
@@ -92,6 +97,7 @@ class JobSpec:
     generation: GenerationSpec = GenerationSpec()
     offload: OffloadSpec = OffloadSpec()
     output: OutputSpec = OutputSpec()
+    resources: ResourcesSpec = ResourcesSpec()
     backoff_limit: int = 3
     extra: dict = field(default_factory=dict)
 
@@ -222,6 +228,7 @@ def parse_input(d, path="spec.input", base: Path | None = None) -> InputSpec:
         return InputSpec(prompts=tuple(out))
     if "synthetic" in given:
         s = _obj(d["synthetic"], f"{path}.synthetic")
+        _check_keys(s, f"{path}.synthetic", {"count", "promptLength"})
         n = _num(s, "count", f"{path}.synthetic", 1, kind=int, lo=1)
         length = _num(s, "promptLength", f"{path}.synthetic", 32, kind=int, lo=1)
         return InputSpec(prompts=tuple(Prompt(id=f"synthetic-{i}", token_ids=tuple((7 * i + 13 * j) % 1000 + 3
@@ -283,6 +290,21 @@ def parse_offload(d, path="spec.offload") -> OffloadSpec:
     )
 
 
+def parse_resources(d, path="spec.resources") -> ResourcesSpec:
+    """What the engine enforces of spec.resources: the KV disk quota (the GPUs and memory limits are the pod's,
+    set by the operator)."""
+    from .agent.config import ConfigError, parse_bytes  # torch-free
+
+    d = _obj(d, path)
+    _check_keys(d, path, {"gpus", "gpuMemory", "cpuMemory", "kvDisk"})
+    if d.get("kvDisk") is None:
+        return ResourcesSpec()
+    try:
+        return ResourcesSpec(kv_disk=parse_bytes(d["kvDisk"], f"{path}.kvDisk"))
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
+
+
 def parse_output(d, path="spec.output") -> OutputSpec:
     d = _obj(d, path)
     _check_keys(d, path, {"path", "pvc", "configMap"})
@@ -310,6 +332,7 @@ def parse_job(doc, *, base: Path | None = None) -> JobSpec:
         name=name, namespace=meta.get("namespace", "default"), model=parse_model(spec.get("model")),
         input=parse_input(spec.get("input"), base=base), generation=parse_generation(spec.get("generation")),
         offload=parse_offload(spec.get("offload")), output=parse_output(spec.get("output")),
+        resources=parse_resources(spec.get("resources")),
         backoff_limit=_num(spec, "backoffLimit", "spec", 3, kind=int, lo=0, hi=20),
         extra={"resources": spec.get("resources") or {}, "image": spec.get("image")},
     )

@@ -88,7 +88,7 @@ def _job(uri="dummy:opt-125m", count=6, **offload):
 
     return parse_job({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "j"},
                       "spec": {"model": {"uri": uri, "dtype": "float32"},
-                               "input": {"synthetic": {"count": count, "promptTokens": 24}},
+                               "input": {"synthetic": {"count": count, "promptLength": 24}},
                                "generation": {"maxNewTokens": 6}, "offload": offload}})
 
 
@@ -127,3 +127,29 @@ def test_run_job_auto_policy_follows_the_cost_model(opt_store, tmp_path):
     rows = [[json.loads(line)["response"]["body"]["choices"][0]["message"]["content"]
              for line in (tmp_path / f).read_text().splitlines()] for f in ("a.jsonl", "b.jsonl")]
     assert rows[0] == rows[1]
+
+
+def test_run_job_refuses_a_disk_cache_over_the_kv_disk_quota(opt_store, tmp_path):
+    """An explicit policy whose KV files would outgrow spec.resources.kvDisk fails before generating, naming the
+    field and the size it needs; no result is written."""
+    from kubeflash_node.engine.job import run_job
+    from kubeflash_node.jobspec import SpecError, parse_job
+    from kubeflash_node.store.format import load_manifest
+
+    def spec(kv_disk):
+        return parse_job({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "j"},
+                          "spec": {"model": {"uri": "dummy:opt-125m", "dtype": "float32"},
+                                   "input": {"synthetic": {"count": 4}},
+                                   "generation": {"maxNewTokens": 6}, "resources": {"kvDisk": kv_disk},
+                                   "offload": {"policy": "explicit", "weights": {"gpu": 100, "cpu": 0, "disk": 0},
+                                               "kv": {"gpu": 0, "cpu": 0, "disk": 100}, "gpuBatchSize": 4}}})
+
+    manifest = load_manifest(opt_store)
+    out = tmp_path / "out.jsonl"
+    # 4 prompts x 38 tokens (32 + 6) x 12 layers x K, V of 768 float32 values: 10.7 MiB
+    with pytest.raises(SpecError, match=r"spec.resources.kvDisk: the KV cache on disk needs 10.7 MiB for blocks "
+                                        r"of 4 prompts x 38 tokens, more than the 1.0 MiB reserved"):
+        run_job(spec("1Mi"), model_dir=opt_store, manifest=manifest, output=out, device="cpu", job_dir=tmp_path)
+    assert not out.exists() or not out.read_text().strip()
+    report = run_job(spec("11Mi"), model_dir=opt_store, manifest=manifest, output=out, device="cpu", job_dir=tmp_path)
+    assert report["generated_tokens"] > 0 and len(out.read_text().splitlines()) == 4

@@ -290,3 +290,25 @@ def test_recorded_opt30_peer_runs_are_predicted_within_10_percent(run):
     assert abs(r["error"]) < 0.10, r
     assert r["bound"] == r["roofline_bound"] == "pcie", r
     assert r["gpu_gib_measured"] <= r["gpu_gib"] <= 1.25 * r["gpu_gib_measured"], r
+
+
+def test_kv_disk_budget_keeps_the_plan_off_a_disk_cache_that_would_not_fit():
+    """Budget.disk_bytes (spec.resources.kvDisk): a disk KV cache larger than it is never chosen; when nothing
+    else fits either, the error names the KV disk budget."""
+    from kubeflash_node.engine.costmodel import kv_disk_bytes, plan
+
+    job = JobShape(64, 512, 32)
+    sizes = {"none": stage_sizes(OPT13, 2)}
+    kv_total = 64 * 544 * OPT13.kv_bytes_per_token(2)
+    tight_cpu = Budget(12 * GIB, int(kv_total * 0.3) + 4 * GIB)
+    roomy = plan(config=OPT13, ceil=Ceil(), job=job, budget=tight_cpu, sizes=sizes)
+    small = plan(config=OPT13, ceil=Ceil(), job=job, budget=replace(tight_cpu, disk_bytes=GIB), sizes=sizes)
+    for pr in (roomy, small):
+        p = pr.best.candidate.policy
+        assert pr.best.gpu_bytes + GIB <= 12 * GIB
+    assert kv_disk_bytes(small.best.candidate, config=OPT13, job=job) <= GIB
+    assert kv_disk_bytes(Candidate(Policy(gpu_batch_size=8, num_gpu_batches=2, kv="disk")), config=OPT13, job=job) \
+        == 16 * 544 * OPT13.kv_bytes_per_token(2)
+    with pytest.raises(ValueError, match="and 0.0 GiB of KV disk"):
+        plan(config=OPT13, ceil=Ceil(), job=job, budget=Budget(2 * GIB, 3 * GIB, 0), sizes=sizes,
+             keep=lambda q: q.kv == "disk")

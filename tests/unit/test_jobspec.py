@@ -110,3 +110,22 @@ def test_yaml_errors(tmp_path):
     (tmp_path / "b.yaml").write_text("kind: ConfigMap\n")
     with pytest.raises(SpecError, match="holds no InferenceJob"):
         load_job(tmp_path / "b.yaml")
+
+
+def test_kv_disk_quota_parses_and_bad_values_name_the_field():
+    """spec.resources.kvDisk is a Kubernetes quantity (default 10Gi, as the CRD); the engine enforces it."""
+    assert parse_job(GOOD).resources.kv_disk == 10 << 30
+    assert parse_job(_with("spec.resources", {"kvDisk": "2Gi", "gpus": 1})).resources.kv_disk == 2 << 30
+    assert parse_job(_with("spec.resources", {"kvDisk": "500M"})).resources.kv_disk == 500_000_000
+    with pytest.raises(SpecError, match="spec.resources.kvDisk must be a byte count like 10Gi"):
+        parse_job(_with("spec.resources", {"kvDisk": "lots"}))
+    with pytest.raises(SpecError, match="spec.resources.disk is not a known field"):
+        parse_job(_with("spec.resources", {"disk": "1Gi"}))
+
+
+def test_synthetic_input_rejects_unknown_fields():
+    """A misspelt synthetic field is an error naming it, not a silently ignored length."""
+    doc = _with("spec.input", {"synthetic": {"count": 2, "promptLength": 5}})
+    assert [len(p.token_ids) for p in parse_job(doc).input.prompts] == [5, 5]
+    with pytest.raises(SpecError, match="spec.input.synthetic.promptTokens is not a known field"):
+        parse_job(_with("spec.input", {"synthetic": {"count": 2, "promptTokens": 5}}))

@@ -49,7 +49,8 @@ def main(args: argparse.Namespace) -> int:
         config, sizes, itemsize, size_note, tokenizer = _model(spec, args.store)
         job = _job(spec, tokenizer, args.prompt_len)
         budget = Budget(parse_size(args.gpu_memory) if args.gpu_memory else _gpu_total(),
-                        parse_size(args.cpu_memory) if args.cpu_memory else _mem_available())
+                        parse_size(args.cpu_memory) if args.cpu_memory else _mem_available(),
+                        spec.resources.kv_disk)
         quants = tuple(sizes) if args.allow_compression else (spec.model.quantization,)
         kv_bits = (16, 8, 4) if args.allow_compression else (QUANT_BITS[spec.offload.compression],)
         plan = make_plan(config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, quantizations=quants,

@@ -33,10 +33,11 @@ class JobShape:
 
 @dataclass(frozen=True)
 class Budget:
-    """Memory the job may use (bytes)."""
+    """Memory the job may use, and room for its KV cache on the paired SSD (bytes)."""
 
     gpu_bytes: int
     cpu_bytes: int
+    disk_bytes: int = 1 << 62  # spec.resources.kvDisk; unbounded for `kubeflash bench`
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,15 @@ def memory(cand: Candidate, *, config: ModelConfig, job: JobShape, sizes: tuple[
     return _memory(e, cand.policy, stored, dense, _placement(config, cand.policy, len(stored)))
 
 
+def kv_disk_bytes(cand: Candidate, *, config: ModelConfig, job: JobShape, itemsize: int = 2) -> int:
+    """Bytes the candidate's KV files take on disk: a block's cache (the next block reuses the files)."""
+    p = cand.policy
+    if p.kv != "disk" or job.gen_len <= 1:
+        return 0
+    e = _Env(config, None, job, Budget(0, 0), Calibration(), itemsize)
+    return int(min(p.block_size, job.prompts) * (job.prompt_len + job.gen_len) * _kv_token(e, p))
+
+
 def _memory(e: _Env, p: Policy, stored: list[int], dense: list[int], where: list[str]) -> tuple[int, int]:
     """(GPU bytes, CPU bytes) at the peak: what lives the whole run plus the larger of a micro-batch's prefill
     temporaries and a decode step's cache temporaries (they never coexist). Fitted to the measured peaks of
@@ -435,12 +445,14 @@ def choose(cands: list[Candidate], *, config: ModelConfig, ceil, job: JobShape, 
     fits, memo = [], {}
     for cand in cands:
         gpu, cpu = memory(cand, config=config, job=job, sizes=sizes[cand.quantization], cal=cal, itemsize=itemsize)
-        if gpu + cal.gpu_reserve_bytes <= budget.gpu_bytes and cpu <= budget.cpu_bytes:
+        disk = kv_disk_bytes(cand, config=config, job=job, itemsize=itemsize)
+        if gpu + cal.gpu_reserve_bytes <= budget.gpu_bytes and cpu <= budget.cpu_bytes and disk <= budget.disk_bytes:
             fits.append(predict(cand, config=config, ceil=ceil, job=job, budget=budget,
                                 sizes=sizes[cand.quantization], cal=cal, itemsize=itemsize, memo=memo))
     if not fits:
+        disk = "" if budget.disk_bytes >= 1 << 62 else f" (and {budget.disk_bytes / 2**30:.1f} GiB of KV disk)"
         raise ValueError(f"no candidate policy fits {budget.gpu_bytes / 2**30:.1f} GiB of GPU and "
-                         f"{budget.cpu_bytes / 2**30:.1f} GiB of CPU memory; raise a budget or shorten the job")
+                         f"{budget.cpu_bytes / 2**30:.1f} GiB of CPU memory{disk}; raise a budget or shorten the job")
     # ties (a hidden resource changes nothing) go to the candidate that does less work, then uses less GPU
     fits.sort(key=lambda pr: (round(pr.total_s, 9), round(sum(pr.resource_s.values()), 9), pr.gpu_bytes, pr.cpu_bytes))
     best = fits[0]

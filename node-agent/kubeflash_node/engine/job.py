@@ -107,9 +107,28 @@ def auto_plan(spec: JobSpec, *, manifest, prompts: list[list[int]], gen_len: int
     ceil = machine.ceilings
     base = Policy(io_threads=ceil.disk_read_threads or 4, io_task_bytes=ceil.disk_read_task_bytes or 16 << 20)
     kv_bits = QUANT_BITS[spec.offload.compression]
-    return plan(config=config, ceil=ceil, job=job, budget=Budget(machine.gpu_bytes, machine.cpu_bytes),
+    return plan(config=config, ceil=ceil, job=job,
+                budget=Budget(machine.gpu_bytes, machine.cpu_bytes, spec.resources.kv_disk),
                 sizes={q: (manifest.stage_bytes, dense)}, quantizations=(q,), kv_bits=(kv_bits,), base=base,
                 keep=pinned(spec.offload, config), itemsize=itemsize)
+
+
+def check_kv_disk(spec: JobSpec, policy: Policy, *, manifest, prompts: list[list[int]], gen_len: int) -> None:
+    """Refuse, before anything runs, a policy whose KV files would outgrow spec.resources.kvDisk (the room the
+    operator reserved for this job on the paired SSD)."""
+    from ..agent.space import human
+    from .config import ModelConfig
+    from .costmodel import Candidate, JobShape, kv_disk_bytes
+
+    job = JobShape(prompts=len(prompts), prompt_len=max(len(p) for p in prompts), gen_len=gen_len)
+    need = kv_disk_bytes(Candidate(policy), config=ModelConfig.from_dict(manifest.config), job=job,
+                         itemsize=4 if manifest.dtype == "float32" else 2)
+    have = spec.resources.kv_disk
+    if need > have:
+        raise SpecError(f"spec.resources.kvDisk: the KV cache on disk needs {human(need)} for blocks of "
+                        f"{min(policy.block_size, job.prompts)} prompts x {job.prompt_len + gen_len} tokens, more "
+                        f"than the {human(have)} reserved; raise kvDisk, or lower spec.offload.gpuBatchSize"
+                        f" x numGpuBatches, or move the KV cache (spec.offload.kv)")
 
 
 def policy_for(spec: JobSpec, *, n_prompts: int, device: str, config=None) -> Policy:
@@ -217,6 +236,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         from .config import ModelConfig
 
         policy = policy_for(spec, n_prompts=len(todo), device=device, config=ModelConfig.from_dict(manifest.config))
+    check_kv_disk(spec, policy, manifest=manifest, prompts=[ids[i] for i in todo], gen_len=max_new)
     engine = Engine(model_dir, policy=policy, device=device, job_dir=job_dir)
     eos = tuple(engine.config.eos_token_id) + ((tokenizer.eos_token_id,) if tokenizer is not None
                                                 and tokenizer.eos_token_id is not None else ())
