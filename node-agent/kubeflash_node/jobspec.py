@@ -79,6 +79,8 @@ class OffloadSpec:
 @dataclass(frozen=True)
 class ResourcesSpec:
     kv_disk: int = 10 << 30  # bytes of the paired SSD the job's KV cache may take (spec.resources.kvDisk)
+    gpu_memory: int | None = None  # bytes of GPU memory the engine may allocate (None: the whole GPU)
+    cpu_memory: int | None = None  # bytes of host memory the plan may use (None: what the machine has free)
 
 
 @dataclass(frozen=True)
@@ -291,18 +293,27 @@ def parse_offload(d, path="spec.offload") -> OffloadSpec:
 
 
 def parse_resources(d, path="spec.resources") -> ResourcesSpec:
-    """What the engine enforces of spec.resources: the KV disk quota (the GPUs and memory limits are the pod's,
-    set by the operator)."""
+    """What the engine enforces of spec.resources: the KV disk quota and the GPU and host memory budgets (the GPU
+    count is the operator's)."""
     from .agent.config import ConfigError, parse_bytes  # torch-free
 
     d = _obj(d, path)
     _check_keys(d, path, {"gpus", "gpuMemory", "cpuMemory", "kvDisk"})
-    if d.get("kvDisk") is None:
-        return ResourcesSpec()
-    try:
-        return ResourcesSpec(kv_disk=parse_bytes(d["kvDisk"], f"{path}.kvDisk"))
-    except ConfigError as e:
-        raise SpecError(str(e)) from None
+
+    def size(key: str):
+        if d.get(key) is None:
+            return None
+        try:
+            n = parse_bytes(d[key], f"{path}.{key}")
+        except ConfigError as e:
+            raise SpecError(str(e)) from None
+        if n <= 0 and key != "kvDisk":
+            raise SpecError(f"{path}.{key} must be more than 0, got {d[key]!r}")
+        return n
+
+    kv = size("kvDisk")
+    return ResourcesSpec(kv_disk=ResourcesSpec.kv_disk if kv is None else kv, gpu_memory=size("gpuMemory"),
+                         cpu_memory=size("cpuMemory"))
 
 
 def parse_output(d, path="spec.output") -> OutputSpec:

@@ -153,3 +153,32 @@ def test_run_job_refuses_a_disk_cache_over_the_kv_disk_quota(opt_store, tmp_path
     assert not out.exists() or not out.read_text().strip()
     report = run_job(spec("11Mi"), model_dir=opt_store, manifest=manifest, output=out, device="cpu", job_dir=tmp_path)
     assert report["generated_tokens"] > 0 and len(out.read_text().splitlines()) == 4
+
+
+def test_run_job_plans_within_the_manifests_memory_budgets(opt_store, tmp_path):
+    """spec.resources.gpuMemory / cpuMemory shrink the machine's budgets for the auto plan: a GPU budget below
+    what any policy needs is refused with the budget in the message, before anything is generated."""
+    import json
+    from pathlib import Path
+
+    from kubeflash_node.engine.bench import Ceilings
+    from kubeflash_node.engine.job import Machine, run_job
+    from kubeflash_node.jobspec import parse_job
+    from kubeflash_node.store.format import load_manifest
+
+    def spec(gpu):
+        return parse_job({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "j"},
+                          "spec": {"model": {"uri": "dummy:opt-125m", "dtype": "float32"},
+                                   "input": {"synthetic": {"count": 4}}, "generation": {"maxNewTokens": 4},
+                                   "resources": {"gpuMemory": gpu, "cpuMemory": "3Gi"}}})
+
+    ceil = Ceilings(**json.loads((Path(__file__).parents[2] / "docs/bench-results/ceilings.json").read_text()))
+    manifest, machine = load_manifest(opt_store), Machine(ceil, 80 << 30, 512 << 30)
+    with pytest.raises(ValueError, match="no candidate policy fits 0.0 GiB of GPU and 3.0 GiB of CPU memory"):
+        run_job(spec("16Mi"), model_dir=opt_store, manifest=manifest, output=tmp_path / "a.jsonl", device="cpu",
+                job_dir=tmp_path, machine=machine)
+    assert not (tmp_path / "a.jsonl").exists() or not (tmp_path / "a.jsonl").read_text().strip()
+    report = run_job(spec("2Gi"), model_dir=opt_store, manifest=manifest, output=tmp_path / "b.jsonl", device="cpu",
+                     job_dir=tmp_path, machine=machine)
+    gib = float(report["plan"]["chosen"].split("GPU ")[1].split(" GiB")[0])
+    assert 0 < gib <= 1.0  # within 2 GiB less the 1 GiB reserve

@@ -129,3 +129,14 @@ def test_synthetic_input_rejects_unknown_fields():
     assert [len(p.token_ids) for p in parse_job(doc).input.prompts] == [5, 5]
     with pytest.raises(SpecError, match="spec.input.synthetic.promptTokens is not a known field"):
         parse_job(_with("spec.input", {"synthetic": {"count": 2, "promptTokens": 5}}))
+
+
+def test_memory_budgets_parse_and_bad_values_name_the_field():
+    """spec.resources.gpuMemory / cpuMemory are optional quantities the engine plans within."""
+    r = parse_job(_with("spec.resources", {"gpuMemory": "12Gi", "cpuMemory": "64Gi"})).resources
+    assert (r.gpu_memory, r.cpu_memory, r.kv_disk) == (12 << 30, 64 << 30, 10 << 30)
+    assert parse_job(GOOD).resources.gpu_memory is None
+    with pytest.raises(SpecError, match="spec.resources.gpuMemory must be more than 0"):
+        parse_job(_with("spec.resources", {"gpuMemory": 0}))
+    with pytest.raises(SpecError, match="spec.resources.cpuMemory must be a byte count"):
+        parse_job(_with("spec.resources", {"cpuMemory": "much"}))

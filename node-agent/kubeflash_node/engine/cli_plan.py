@@ -26,8 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ceilings", type=Path, help="ceilings JSON (kubeflash bench --ceilings-only --json FILE, or a "
                                                  "bench result holding a 'ceilings' key)")
     p.add_argument("--measure", action="store_true", help="measure the ceilings now (disk probe under --store, GPU)")
-    p.add_argument("--gpu-memory", help="GPU memory the job may use, e.g. 5GiB (default: the GPU's total)")
-    p.add_argument("--cpu-memory", help="host memory the job may use, e.g. 64GiB (default: MemAvailable)")
+    p.add_argument("--gpu-memory", help="GPU memory the job may use, e.g. 5GiB (default: the manifest's "
+                                        "spec.resources.gpuMemory, else the GPU's total)")
+    p.add_argument("--cpu-memory", help="host memory the job may use, e.g. 64GiB (default: the manifest's "
+                                        "spec.resources.cpuMemory, else MemAvailable)")
     p.add_argument("--store", type=Path, help="local model store root, to read the converted model's stage sizes "
                                               "(default: $KUBEFLASH_HOME or ~/.cache/kubeflash)")
     p.add_argument("--prompt-len", type=int, default=0, help="tokens per prompt (default: from the job's prompts)")
@@ -48,9 +50,10 @@ def main(args: argparse.Namespace) -> int:
         ceil = _ceilings(args)
         config, sizes, itemsize, size_note, tokenizer = _model(spec, args.store)
         job = _job(spec, tokenizer, args.prompt_len)
-        budget = Budget(parse_size(args.gpu_memory) if args.gpu_memory else _gpu_total(),
-                        parse_size(args.cpu_memory) if args.cpu_memory else _mem_available(),
-                        spec.resources.kv_disk)
+        r = spec.resources
+        budget = Budget(parse_size(args.gpu_memory) if args.gpu_memory else r.gpu_memory or _gpu_total(),
+                        parse_size(args.cpu_memory) if args.cpu_memory else r.cpu_memory or _mem_available(),
+                        r.kv_disk)
         quants = tuple(sizes) if args.allow_compression else (spec.model.quantization,)
         kv_bits = (16, 8, 4) if args.allow_compression else (QUANT_BITS[spec.offload.compression],)
         plan = make_plan(config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, quantizations=quants,

@@ -5,7 +5,7 @@ keep progress.json current, and return the report. Shared by `kubeflash run` and
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -111,6 +111,23 @@ def auto_plan(spec: JobSpec, *, manifest, prompts: list[list[int]], gen_len: int
                 budget=Budget(machine.gpu_bytes, machine.cpu_bytes, spec.resources.kv_disk),
                 sizes={q: (manifest.stage_bytes, dense)}, quantizations=(q,), kv_bits=(kv_bits,), base=base,
                 keep=pinned(spec.offload, config), itemsize=itemsize)
+
+
+def _within_resources(spec: JobSpec, machine: Machine | None, device: str) -> Machine | None:
+    """Apply spec.resources.gpuMemory / cpuMemory: the plan's budgets shrink to them, and on a GPU the caching
+    allocator is capped at gpuMemory (an allocation beyond it fails as out of memory)."""
+    r = spec.resources
+    if r.gpu_memory and device.startswith("cuda"):
+        import torch
+
+        dev = torch.device(device)
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(idx).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, r.gpu_memory / total), idx)
+    if machine is None:
+        return None
+    return replace(machine, gpu_bytes=min(machine.gpu_bytes, r.gpu_memory or machine.gpu_bytes),
+                   cpu_bytes=min(machine.cpu_bytes, r.cpu_memory or machine.cpu_bytes))
 
 
 def check_kv_disk(spec: JobSpec, policy: Policy, *, manifest, prompts: list[list[int]], gen_len: int) -> None:
@@ -229,6 +246,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
     g = spec.generation
     max_new = max([g.max_new_tokens] + [spec.input.prompts[i].max_tokens or 0 for i in todo])
     chosen = None
+    machine = _within_resources(spec, machine, device)
     if policy is None and spec.offload.policy == "auto" and machine is not None:
         chosen = auto_plan(spec, manifest=manifest, prompts=[ids[i] for i in todo], gen_len=max_new, machine=machine)
         policy = chosen.best.candidate.policy
