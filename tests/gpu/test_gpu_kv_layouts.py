@@ -62,3 +62,27 @@ def test_host_tier_serves_every_decode_load_from_a_prefetch(opt_store, device_to
     layers = engine.config.num_layers
     assert loads["waited"] == 0
     assert loads["prefetched"] > 0 and loads["prefetched"] % (layers * 3) == 0  # every layer, every micro-batch
+
+
+def test_gpu_memory_of_the_manifest_caps_the_allocator(opt_store, tmp_path):
+    """spec.resources.gpuMemory: run_job caps the CUDA caching allocator at it, so an allocation beyond it fails
+    as out of memory; the job itself, far smaller, runs."""
+    import torch
+
+    from kubeflash_node.engine.job import run_job
+    from kubeflash_node.jobspec import parse_job
+    from kubeflash_node.store.format import load_manifest
+
+    spec = parse_job({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "j"},
+                      "spec": {"model": {"uri": "dummy:opt-125m", "dtype": "float32"},
+                               "input": {"synthetic": {"count": 2}}, "generation": {"maxNewTokens": 4},
+                               "resources": {"gpuMemory": "2Gi"}}})
+    try:
+        report = run_job(spec, model_dir=opt_store, manifest=load_manifest(opt_store), output=tmp_path / "o.jsonl",
+                         device="cuda", job_dir=tmp_path)
+        assert report["generated_tokens"] > 0
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(3 << 30, dtype=torch.uint8, device="cuda")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
