@@ -30,6 +30,11 @@ def test_write_back_same_tokens_fewer_larger_writes(opt_store, tmp_path):
     assert e2.kv.io["writes"] < e1.kv.io["writes"] / 3
     assert e2.kv.io["write_bytes"] / e2.kv.io["writes"] >= 64 << 10
     assert e2.kv.io["write_bytes"] <= e1.kv.io["write_bytes"]  # rows still buffered at the end are never written
+    # every decode load found its file prefix already read by the reader thread (asked one entry ahead)
+    layers, steps = e1.config.num_layers, 11
+    assert e1.kv.loads == {"prefetched": layers * 2 * steps, "waited": 0}
+    assert e2.kv.loads == {"prefetched": layers * 2 * steps, "waited": 0}  # the prompts' rows were flushed at once
+    assert e1.kv.io["reads"] == layers * 2 * steps and e1.kv.io["read_bytes"] > 0
 
 
 def test_cpu_attention_same_tokens(opt_store, tmp_path):

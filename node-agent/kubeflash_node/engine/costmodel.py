@@ -212,8 +212,9 @@ def _layer_compute(e: _Env, b: int, s_new: int, ctx: int, dense: int) -> float:
 
 
 def _kv_time(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bool, x: bool = False) -> float:
-    """KV work of one layer for one micro-batch on the compute stream: the store (and, from disk, the load; the
-    cpu tier's prefix load is prefetched on a side stream and counts only on the link, in _stage); an X-cache
+    """KV work of one layer for one micro-batch on the compute stream: the store and the prefix's copy to the
+    device from disk (the cpu tier's copy is prefetched on a side stream, the disk tier's read on a reader thread:
+    those count on the link and the disk, in _stage); an X-cache
     layer recomputes the cached tokens' K, V; CPU attention scans the host KV where it lives."""
     if e.job.gen_len <= 1:
         return 0.0
@@ -230,9 +231,8 @@ def _kv_time(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bo
     t += _rate(store + (load if p.kv == "disk" else 0), e.ceil.h2d_pinned)
     if p.kv_bits != 16:
         t += _rate((load + store) / row * b * _kv_row(e, 16, x), e.cal.dequant_gbps)
-    if p.kv == "disk":
-        read_bw = e.ceil.disk_read_warm if kv_fits_cache else e.ceil.disk_read_cold
-        t += _rate(load, read_bw) + _rate(store, e.ceil.disk_read_warm if kv_fits_cache else e.ceil.disk_write)
+    if p.kv == "disk":  # the prefix read is prefetched on a reader thread: it counts on the disk, in _stage
+        t += _rate(store, e.ceil.disk_read_warm if kv_fits_cache else e.ceil.disk_write)
     return t
 
 
@@ -386,8 +386,9 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
             if p.kv in ("cpu", "disk") and not (p.cpu_attention and kind != "xlayer") and e.job.gen_len > 1:
                 # the prefix crosses PCIe on the compute stream, sharing the link with the weight copies
                 pcie += m * _rate(ctx * b * _kv_row(e, p.kv_bits, kind == "xlayer"), e.ceil.h2d_pinned)
-            if p.kv == "disk" and not kv_fits_cache and e.job.gen_len > 1:  # KV reads share the disk with weights
-                disk += m * _rate((ctx - s_new) * b * _kv_row(e, p.kv_bits, kind == "xlayer"), e.ceil.disk_read_cold)
+            if p.kv == "disk" and e.job.gen_len > 1:  # KV reads share the disk with weights (or the page cache)
+                disk += m * _rate((ctx - s_new) * b * _kv_row(e, p.kv_bits, kind == "xlayer"),
+                                  e.ceil.disk_read_warm if kv_fits_cache else e.ceil.disk_read_cold)
     return {"disk": disk, "pcie": pcie, "compute": comp}
 
 

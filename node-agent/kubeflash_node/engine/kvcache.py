@@ -14,6 +14,7 @@ back, so PCIe and disk carry the compressed bytes; on the device the cache takes
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -197,7 +198,9 @@ class HostKV(DeviceKV):
 
 
 class DiskKV:
-    """KV in files under `directory`: kv_l{layer}_m{mb}.bin, rows of [B, 2, Nk, D] per token position."""
+    """KV in files under `directory`: kv_l{layer}_m{mb}.bin, rows of [B, 2, Nk, D] per token position.
+    `prefetch` reads the next (layer, micro-batch)'s prefix on a reader thread while the current one computes;
+    its rows were written by that entry's last store, which came before (a step stores every entry once)."""
 
     def __init__(self, *, device, dtype, num_kv_heads: int, head_dim: int, directory: Path, bits: int = 16):
         self.device, self.dtype, self.nk, self.d = device, dtype, num_kv_heads, head_dim
@@ -208,6 +211,10 @@ class DiskKV:
         # bytes of one head's K (or V) row: D values, or the codec's packed row
         self.head_bytes = self.codec.nbytes if self.codec else head_dim * torch.empty((), dtype=dtype).element_size()
         self.io = {"reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0}
+        self.io_lock = threading.Lock()
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="kf-kv-read")
+        self.ahead: dict[tuple[int, int, int], Future] = {}  # (layer, mb, file rows) -> raw prefix
+        self.loads = {"prefetched": 0, "waited": 0}
 
     def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
         path = self.dir / f"kv_l{layer:03d}_m{mb:03d}.bin"
@@ -224,11 +231,28 @@ class DiskKV:
     def load(self, layer: int, mb: int, start: int) -> LayerKV:
         if start == 0:
             return LayerKV(None, None, in_place=False)
+        return self._kv(self._prefix(layer, mb, start), start, self.files[layer, mb][1])
+
+    def _file_rows(self, layer: int, mb: int, start: int) -> int:
+        """Token rows of the prefix that are read from the file (all of them here)."""
+        return start
+
+    def _prefix(self, layer: int, mb: int, start: int) -> torch.Tensor:
+        """The file's part of the prefix, host uint8: from a prefetch if one was made, else read now."""
+        n = self._file_rows(layer, mb, start)
+        fut = self.ahead.pop((layer, mb, n), None)
+        self.loads["waited" if fut is None else "prefetched"] += 1
+        if fut is not None:
+            return fut.result()
         fd, b = self.files[layer, mb]
-        return self._kv(self._read(fd, start * self._row(b), layer, mb), start, b)
+        return self._read(fd, n * self._row(b), layer, mb)
 
     def prefetch(self, layer: int, mb: int, start: int) -> None:
-        pass  # read when loaded (the write-back tier merges its buffered rows then)
+        n = self._file_rows(layer, mb, start) if start else 0
+        if n == 0 or (layer, mb, n) in self.ahead:
+            return
+        fd, b = self.files[layer, mb]
+        self.ahead[layer, mb, n] = self.reader.submit(self._read, fd, n * self._row(b), layer, mb)
 
     def store(self, layer: int, mb: int, kv: LayerKV) -> None:
         k_new, v_new, start = kv.new
@@ -260,8 +284,9 @@ class DiskKV:
             if got == 0:
                 raise OSError(f"{self.dir}: KV file for layer {layer} micro-batch {mb} is shorter than expected")
             done += got
-        self.io["reads"] += 1
-        self.io["read_bytes"] += n
+        with self.io_lock:
+            self.io["reads"] += 1
+            self.io["read_bytes"] += n
         return raw
 
     def _write(self, fd: int, rows: torch.Tensor, offset: int) -> None:
@@ -269,13 +294,18 @@ class DiskKV:
         done = 0
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
-        self.io["writes"] += 1
-        self.io["write_bytes"] += len(data)
+        with self.io_lock:
+            self.io["writes"] += 1
+            self.io["write_bytes"] += len(data)
 
     def nbytes(self) -> int:
         return sum(os.fstat(fd).st_size for fd, _ in self.files.values())
 
     def close(self) -> None:
+        for fut in self.ahead.values():
+            fut.cancel()
+        self.reader.shutdown(wait=True)  # no read is left on a descriptor about to close
+        self.ahead.clear()
         for fd, _ in self.files.values():
             os.close(fd)
         self.files.clear()

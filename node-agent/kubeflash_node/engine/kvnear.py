@@ -79,12 +79,15 @@ class WriteBackDiskKV(DiskKV):
         if sum(r.numel() for r in rows) >= self.flush_bytes:
             self._flush(layer, mb)
 
+    def _file_rows(self, layer: int, mb: int, start: int) -> int:
+        return self.flushed[layer, mb]  # the rest of the prefix is still buffered here
+
     def load(self, layer: int, mb: int, start: int) -> LayerKV:
         if start == 0:
             return LayerKV(None, None, in_place=False)
-        fd, b = self.files[layer, mb]
+        b = self.files[layer, mb][1]
         n = self.flushed[layer, mb]
-        parts = [self._read(fd, n * self._row(b), layer, mb).view(n, -1)] if n else []
+        parts = [self._prefix(layer, mb, start).view(n, -1)] if n else []
         raw = torch.cat(parts + self.pending[layer, mb])  # [start, row bytes]: file prefix, then buffered rows
         if raw.shape[0] != start:
             raise RuntimeError(f"KV write-back: layer {layer} micro-batch {mb} holds {raw.shape[0]} rows, expected {start}")
