@@ -345,7 +345,7 @@ def parse_job(doc, *, base: Path | None = None) -> JobSpec:
         offload=parse_offload(spec.get("offload")), output=parse_output(spec.get("output")),
         resources=parse_resources(spec.get("resources")),
         backoff_limit=_num(spec, "backoffLimit", "spec", 3, kind=int, lo=0, hi=20),
-        extra={"resources": spec.get("resources") or {}, "image": spec.get("image")},
+        extra={"image": spec.get("image")},
     )
 
 

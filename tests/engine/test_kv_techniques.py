@@ -168,7 +168,7 @@ def test_run_job_plans_within_the_manifests_memory_budgets(opt_store, tmp_path):
 
     from kubeflash_node.engine.bench import Ceilings
     from kubeflash_node.engine.job import Machine, run_job
-    from kubeflash_node.jobspec import parse_job
+    from kubeflash_node.jobspec import SpecError, parse_job
     from kubeflash_node.store.format import load_manifest
 
     def spec(gpu):
@@ -179,7 +179,8 @@ def test_run_job_plans_within_the_manifests_memory_budgets(opt_store, tmp_path):
 
     ceil = Ceilings(**json.loads((Path(__file__).parents[2] / "docs/bench-results/ceilings.json").read_text()))
     manifest, machine = load_manifest(opt_store), Machine(ceil, 80 << 30, 512 << 30)
-    with pytest.raises(ValueError, match="no candidate policy fits 0.0 GiB of GPU and 3.0 GiB of CPU memory"):
+    with pytest.raises(SpecError, match="no candidate policy fits 0.0 GiB of GPU and 3.0 GiB of CPU memory .* "
+                                        r"\(the budgets: spec.resources.gpuMemory, cpuMemory and kvDisk"):
         run_job(spec("16Mi"), model_dir=opt_store, manifest=manifest, output=tmp_path / "a.jsonl", device="cpu",
                 job_dir=tmp_path, machine=machine)
     assert not (tmp_path / "a.jsonl").exists() or not (tmp_path / "a.jsonl").read_text().strip()

@@ -115,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
     from ..store.cache import ensure_model
     from ..store.format import StoreError, load_manifest
     from .bench import Ceilings, Workload, drop_page_cache, measure_ceilings, measure_disk_files, roofline
-    from .cli_plan import _gpu_total, _mem_available, parse_size
+    from .cli_plan import _gpu_total, _mem_available, cap_gpu_allocator, parse_size
     from .cli_run import resolve_device
     from .costmodel import Budget, Candidate, JobShape, describe, plan, predict
     from .generate import Engine, GenParams
@@ -164,7 +164,7 @@ def main(args: argparse.Namespace) -> int:
         if quant not in sizes:
             raise ValueError(f"--quantization {quant}: {args.model} is stored as {quants[0]}")
         if args.gpu_memory and device.startswith("cuda"):
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget.gpu_bytes / _gpu_total()))
+            cap_gpu_allocator(budget.gpu_bytes, device)
         if Path(args.model).is_dir():
             model_dir, manifest = Path(args.model), load_manifest(Path(args.model))
         else:

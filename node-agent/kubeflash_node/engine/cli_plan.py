@@ -169,6 +169,17 @@ def _gpu_total() -> int:
     return torch.cuda.get_device_properties(0).total_memory
 
 
+def cap_gpu_allocator(nbytes: int, device: str = "cuda") -> None:
+    """Cap this process's CUDA caching allocator on `device` at `nbytes`: an allocation beyond it fails as out of
+    memory (what `--gpu-memory` and spec.resources.gpuMemory promise)."""
+    import torch
+
+    dev = torch.device(device)
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(idx).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, nbytes / total), idx)
+
+
 def _mem_available() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):

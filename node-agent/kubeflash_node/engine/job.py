@@ -93,24 +93,34 @@ def pinned(offload, config):
     return keep
 
 
-def auto_plan(spec: JobSpec, *, manifest, prompts: list[list[int]], gen_len: int, machine: Machine):
-    """The cost model's plan for this job on this machine (costmodel.Plan): placement, batch shape and the exact
-    techniques; the store's quantization and the KV compression stay as the manifest says."""
+def job_shape(prompts: list[list[int]], gen_len: int):
+    """The cost model's view of the prompts still to run (costmodel.JobShape)."""
+    from .costmodel import JobShape
+
+    return JobShape(prompts=len(prompts), prompt_len=max(len(p) for p in prompts), gen_len=gen_len)
+
+
+def auto_plan(spec: JobSpec, *, manifest, job, machine: Machine):
+    """The cost model's plan for `job` (costmodel.JobShape) on this machine (costmodel.Plan): placement, batch
+    shape and the exact techniques; the store's quantization and the KV compression stay as the manifest says."""
     from .config import ModelConfig
-    from .costmodel import QUANT_BITS, Budget, JobShape, plan, stage_sizes
+    from .costmodel import QUANT_BITS, Budget, plan, stage_sizes
 
     config = ModelConfig.from_dict(manifest.config)
     itemsize = 4 if manifest.dtype == "float32" else 2
     q = spec.model.quantization
     dense = stage_sizes(config, itemsize, q)[1]
-    job = JobShape(prompts=len(prompts), prompt_len=max(len(p) for p in prompts), gen_len=gen_len)
     ceil = machine.ceilings
     base = Policy(io_threads=ceil.disk_read_threads or 4, io_task_bytes=ceil.disk_read_task_bytes or 16 << 20)
     kv_bits = QUANT_BITS[spec.offload.compression]
-    return plan(config=config, ceil=ceil, job=job,
-                budget=Budget(machine.gpu_bytes, machine.cpu_bytes, spec.resources.kv_disk),
-                sizes={q: (manifest.stage_bytes, dense)}, quantizations=(q,), kv_bits=(kv_bits,), base=base,
-                keep=pinned(spec.offload, config), itemsize=itemsize)
+    try:
+        return plan(config=config, ceil=ceil, job=job,
+                    budget=Budget(machine.gpu_bytes, machine.cpu_bytes, spec.resources.kv_disk),
+                    sizes={q: (manifest.stage_bytes, dense)}, quantizations=(q,), kv_bits=(kv_bits,), base=base,
+                    keep=pinned(spec.offload, config), itemsize=itemsize)
+    except ValueError as e:  # nothing fits: say which manifest fields set the budgets
+        raise SpecError(f"{e} (the budgets: spec.resources.gpuMemory, cpuMemory and kvDisk, within what this "
+                        f"machine has; and what spec.offload pins)") from None
 
 
 def _within_resources(spec: JobSpec, machine: Machine | None, device: str) -> Machine | None:
@@ -118,33 +128,29 @@ def _within_resources(spec: JobSpec, machine: Machine | None, device: str) -> Ma
     allocator is capped at gpuMemory (an allocation beyond it fails as out of memory)."""
     r = spec.resources
     if r.gpu_memory and device.startswith("cuda"):
-        import torch
+        from .cli_plan import cap_gpu_allocator
 
-        dev = torch.device(device)
-        idx = dev.index if dev.index is not None else torch.cuda.current_device()
-        total = torch.cuda.get_device_properties(idx).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, r.gpu_memory / total), idx)
+        cap_gpu_allocator(r.gpu_memory, device)
     if machine is None:
         return None
     return replace(machine, gpu_bytes=min(machine.gpu_bytes, r.gpu_memory or machine.gpu_bytes),
                    cpu_bytes=min(machine.cpu_bytes, r.cpu_memory or machine.cpu_bytes))
 
 
-def check_kv_disk(spec: JobSpec, policy: Policy, *, manifest, prompts: list[list[int]], gen_len: int) -> None:
+def check_kv_disk(spec: JobSpec, policy: Policy, *, manifest, job) -> None:
     """Refuse, before anything runs, a policy whose KV files would outgrow spec.resources.kvDisk (the room the
-    operator reserved for this job on the paired SSD)."""
+    operator reserved for this job on the paired SSD); `job` is the costmodel.JobShape still to run."""
     from ..agent.space import human
     from .config import ModelConfig
-    from .costmodel import Candidate, JobShape, kv_disk_bytes
+    from .costmodel import Candidate, kv_disk_bytes
 
-    job = JobShape(prompts=len(prompts), prompt_len=max(len(p) for p in prompts), gen_len=gen_len)
     need = kv_disk_bytes(Candidate(policy), config=ModelConfig.from_dict(manifest.config), job=job,
                          itemsize=4 if manifest.dtype == "float32" else 2)
     have = spec.resources.kv_disk
     if need > have:
         raise SpecError(f"spec.resources.kvDisk: the KV cache on disk needs {human(need)} for blocks of "
-                        f"{min(policy.block_size, job.prompts)} prompts x {job.prompt_len + gen_len} tokens, more "
-                        f"than the {human(have)} reserved; raise kvDisk, or lower spec.offload.gpuBatchSize"
+                        f"{min(policy.block_size, job.prompts)} prompts x {job.prompt_len + job.gen_len} tokens, "
+                        f"more than the {human(have)} reserved; raise kvDisk, or lower spec.offload.gpuBatchSize"
                         f" x numGpuBatches, or move the KV cache (spec.offload.kv)")
 
 
@@ -247,14 +253,15 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
     max_new = max([g.max_new_tokens] + [spec.input.prompts[i].max_tokens or 0 for i in todo])
     chosen = None
     machine = _within_resources(spec, machine, device)
+    shape = job_shape([ids[i] for i in todo], max_new)
     if policy is None and spec.offload.policy == "auto" and machine is not None:
-        chosen = auto_plan(spec, manifest=manifest, prompts=[ids[i] for i in todo], gen_len=max_new, machine=machine)
+        chosen = auto_plan(spec, manifest=manifest, job=shape, machine=machine)
         policy = chosen.best.candidate.policy
     if policy is None:
         from .config import ModelConfig
 
         policy = policy_for(spec, n_prompts=len(todo), device=device, config=ModelConfig.from_dict(manifest.config))
-    check_kv_disk(spec, policy, manifest=manifest, prompts=[ids[i] for i in todo], gen_len=max_new)
+    check_kv_disk(spec, policy, manifest=manifest, job=shape)
     engine = Engine(model_dir, policy=policy, device=device, job_dir=job_dir)
     eos = tuple(engine.config.eos_token_id) + ((tokenizer.eos_token_id,) if tokenizer is not None
                                                 and tokenizer.eos_token_id is not None else ())
