@@ -176,11 +176,11 @@ def kv_link_bytes(c: ModelConfig, p: Policy, itemsize: int) -> tuple[float, floa
     when the cache is off the device: K and V, or X on the X-cache layers; CPU attention reads nothing back (the
     scan runs where the cache is) and writes its float32 rows."""
     e = _Env(c, None, JobShape(1, 1, 2), Budget(0, 0), Calibration(), itemsize)
-    nx = len(p.x_layers(c.num_layers))
-    x, kv = nx * _kv_row(e, p.kv_bits, x=True), (c.num_layers - nx) * _kv_row(e, p.kv_bits)
-    if p.cpu_attention:
-        return x, x + 2 * kv
-    return x + kv, x + kv
+    full = _kv_token(e, p)
+    if not p.cpu_attention:
+        return full, full
+    scanned = (c.num_layers - len(p.x_layers(c.num_layers))) * _kv_row(e, p.kv_bits)  # K, V left on the host
+    return full - scanned, _kv_token(e, p, host=True)
 
 
 def x_cache_saves(c: ModelConfig) -> bool:
@@ -384,7 +384,7 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
             comp += m * (_layer_compute(e, b, s_new, ctx, dense)
                          + _kv_time(e, p, b, s_new, ctx, kv_fits_cache, x=kind == "xlayer"))
             if p.kv in ("cpu", "disk") and not (p.cpu_attention and kind != "xlayer") and e.job.gen_len > 1:
-                # the prefix crosses PCIe on the compute stream, sharing the link with the weight copies
+                # the prefix crosses PCIe (prefetched, or after its disk read), sharing the link with the weights
                 pcie += m * _rate(ctx * b * _kv_row(e, p.kv_bits, kind == "xlayer"), e.ceil.h2d_pinned)
             if p.kv == "disk" and e.job.gen_len > 1:  # KV reads share the disk with weights (or the page cache)
                 disk += m * _rate((ctx - s_new) * b * _kv_row(e, p.kv_bits, kind == "xlayer"),

@@ -103,7 +103,8 @@ class HostKV(DeviceKV):
     a side stream once that entry's last store has drained; `load` then only makes the compute stream wait."""
 
     compressible = True
-    prefetches = True  # the buffers are on the host: worth copying ahead
+    prefetches = True  # the buffers are on the host: locked in the background and copied ahead (subclasses that
+    # keep their buffers elsewhere or never copy them turn both off)
 
     def __init__(self, **kw):
         super().__init__(**kw)
