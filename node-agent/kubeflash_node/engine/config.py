@@ -8,13 +8,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 ARCHITECTURES = ("llama", "opt")
+# Activation names the engine computes (model.ACTIVATIONS), spelled as transformers' ACT2FN spells them.
+# ACT2FN's prelu and xielu carry learned parameters of their own and are refused.
+ACTIVATIONS = ("gelu", "gelu_10", "gelu_fast", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "gelu_python_tanh",
+               "gelu_accurate", "hardswish", "laplace", "leaky_relu", "linear", "mish", "quick_gelu", "relu", "relu2",
+               "relu6", "sigmoid", "silu", "sqrtsoftplus", "swish", "tanh")
+# RoPE variants (transformers' rope_type); "default" is stored as rope_scaling None.
+ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a decoder-only transformer (Llama family or OPT)."""
 
-    architecture: str  # llama (Llama 2/3, Mistral, Qwen2, SmolLM2) | opt
+    architecture: str  # llama (Llama 2/3, Mistral, Qwen2, SmolLM2/3) | opt
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -25,9 +32,22 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-    attention_bias: bool = False  # q/k/v bias (Qwen2)
+    # {"rope_type": one of ROPE_TYPES, + that type's keys as transformers names them, with
+    #  original_max_position_embeddings resolved}; None: plain RoPE
+    rope_scaling: dict | None = None
+    hidden_act: str = ""  # one of ACTIVATIONS; "": silu (llama) or relu (opt)
+    attention_bias: bool = False  # q/k/v biases (Llama attention_bias, Qwen2 always, OPT enable_bias)
+    o_bias: bool = False  # output projection bias (Llama attention_bias, OPT enable_bias; not Qwen2)
+    mlp_bias: bool = False  # gate/up/down (Llama mlp_bias) or fc1/fc2 (OPT enable_bias) biases
     tie_word_embeddings: bool = False
+    sliding_window: int = 0  # attention window of the layers in window_layers (0: none)
+    window_layers: list[int] = field(default_factory=list)  # layers whose attention slides (Mistral, Qwen2, SmolLM3)
+    nope_layers: list[int] = field(default_factory=list)  # layers without RoPE (SmolLM3 no_rope_layers)
+    # OPT only
+    pre_norm: bool = True  # do_layer_norm_before: False is post-LayerNorm (opt-350m)
+    final_norm: bool = True  # the decoder's final LayerNorm (absent when post-LN or _remove_final_layer_norm)
+    norm_affine: bool = True  # layer_norm_elementwise_affine: LayerNorms with weight and bias
+    embed_dim: int = 0  # word_embed_proj_dim (0: hidden_size); otherwise project_in / project_out
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -43,6 +63,33 @@ class ModelConfig:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if isinstance(self.eos_token_id, int):
             object.__setattr__(self, "eos_token_id", [self.eos_token_id])
+        if not self.hidden_act:
+            object.__setattr__(self, "hidden_act", "relu" if self.architecture == "opt" else "silu")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; expected one of {', '.join(ACTIVATIONS)}")
+        if not self.embed_dim:
+            object.__setattr__(self, "embed_dim", self.hidden_size)
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            object.__setattr__(self, "pad_token_id", None)  # absent or negative in config.json: no real token
+        kind = (self.rope_scaling or {}).get("rope_type")
+        if self.rope_scaling is not None and kind not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {kind!r} is not supported; expected one of {', '.join(ROPE_TYPES)}")
+        for name in ("window_layers", "nope_layers"):
+            layers = sorted(set(getattr(self, name)))
+            if any(not 0 <= j < self.num_layers for j in layers):
+                raise ValueError(f"{name} {layers} name layers outside 0..{self.num_layers - 1}")
+            object.__setattr__(self, name, layers)
+        if self.window_layers and self.sliding_window <= 0:
+            raise ValueError(f"window_layers {self.window_layers} need a positive sliding_window")
+
+    # ---- per layer ----
+    def layer_window(self, j: int) -> int:
+        """Attention window of layer j (0: the whole context)."""
+        return self.sliding_window if j in self.window_layers else 0
+
+    def layer_rope(self, j: int) -> bool:
+        """Whether layer j rotates q and k."""
+        return self.architecture == "llama" and j not in self.nope_layers
 
     # ---- derived sizes (elements) ----
     @property
@@ -56,17 +103,24 @@ class ModelConfig:
     def layer_params(self) -> int:
         h, i = self.hidden_size, self.intermediate_size
         attn = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
+        bias = (self.q_dim + 2 * self.kv_dim if self.attention_bias else 0) + (h if self.o_bias else 0)
         if self.architecture == "opt":
-            return attn + 4 * h + 2 * h * i + i + h + 2 * 2 * h  # biases and two LayerNorms
-        return attn + 3 * h * i + 2 * h + (self.q_dim + 2 * self.kv_dim if self.attention_bias else 0)
+            norms = 2 * 2 * h if self.norm_affine else 0
+            return attn + bias + 2 * h * i + (i + h if self.mlp_bias else 0) + norms
+        return attn + bias + 3 * h * i + (2 * i + h if self.mlp_bias else 0) + 2 * h
 
     def embed_params(self) -> int:
         pos = (self.max_position_embeddings + 2) * self.hidden_size if self.architecture == "opt" else 0
-        return self.vocab_size * self.hidden_size + pos
+        proj = self.embed_dim * self.hidden_size if self.embed_dim != self.hidden_size else 0
+        return self.vocab_size * self.embed_dim + pos + proj
 
     def head_params(self) -> int:
-        norm = 2 * self.hidden_size if self.architecture == "opt" else self.hidden_size
-        return norm + (0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size)
+        if self.architecture == "opt":
+            norm = 2 * self.hidden_size if self.final_norm and self.norm_affine else 0
+        else:
+            norm = self.hidden_size
+        proj = self.embed_dim * self.hidden_size if self.embed_dim != self.hidden_size else 0
+        return norm + proj + (0 if self.tie_word_embeddings else self.vocab_size * self.embed_dim)
 
     def total_params(self) -> int:
         return self.embed_params() + self.num_layers * self.layer_params() + self.head_params()
@@ -99,6 +153,7 @@ def _opt(h: int, layers: int, heads: int) -> ModelConfig:
     return ModelConfig(
         architecture="opt", vocab_size=50272, hidden_size=h, intermediate_size=4 * h, num_layers=layers,
         num_heads=heads, max_position_embeddings=2048, bos_token_id=2, eos_token_id=[2], pad_token_id=1,
+        attention_bias=True, o_bias=True, mlp_bias=True,
         tie_word_embeddings=True,  # as every released OPT: the head reads the token embedding
     )
 

@@ -22,7 +22,7 @@ from ..store.format import Manifest, load_manifest
 from .config import ModelConfig
 from .kvcache import make_kv
 from .kvnear import CpuAttentionKV, WriteBackDiskKV, XCacheKV
-from .model import LAYERS, embed, head, make_batch, rope_cos_sin, rope_inv_freq
+from .model import LAYERS, Rope, embed, head, make_batch
 from .policy import Policy
 from .sampling import sample
 from .stream import TORCH_DTYPES, WeightStreamer
@@ -82,7 +82,7 @@ class Engine:
         cuda = self.device.type == "cuda"
         self.timings = Timings(cuda=cuda)
         self.layer_fn = LAYERS[self.config.architecture]
-        self.inv_freq = rope_inv_freq(self.config, self.device) if self.config.architecture == "llama" else None
+        self.rope = Rope(self.config, self.device) if self.config.architecture == "llama" else None
         n = len(self.manifest.stages)
         placement = policy.placement(n)
         if self.config.tie_word_embeddings:
@@ -195,9 +195,9 @@ class Engine:
         start, new = (0, tp) if step == 0 else (tp + step - 1, 1)
         ids = mb.ids if step == 0 else torch.tensor([o[-1] if o else 0 for o in mb.out]).view(-1, 1)
         mb.batch = make_batch(mb.mask.to(self.device), start, new, self.dtype)
-        if self.inv_freq is not None:
-            mb.rope = rope_cos_sin(self.inv_freq, mb.batch.positions, self.dtype)
-            mb.batch.rope_at = lambda pos: rope_cos_sin(self.inv_freq, pos, self.dtype)
+        if self.rope is not None:
+            mb.rope = self.rope(mb.batch.positions, self.dtype)
+            mb.batch.rope_at = lambda pos: self.rope(pos, self.dtype)
         mb.x = embed(self.config, w, ids.to(self.device), mb.batch.positions)
 
     def _layer(self, j: int, k: int, mb: _MicroBatch, w, phase: str, mbs: list[_MicroBatch]) -> None:
@@ -209,7 +209,7 @@ class Engine:
             if nj < self.config.num_layers:
                 self.kv.prefetch(nj, nk, mbs[nk].batch.start)
         with t(f"compute_layer_{phase}"):
-            mb.x = self.layer_fn(self.config, w, mb.x, mb.batch, kv, mb.rope)
+            mb.x = self.layer_fn(self.config, w, mb.x, mb.batch, kv, mb.rope, layer=j)
         with t(f"store_cache_{phase}"):
             self.kv.store(j, k, kv)
 

@@ -13,7 +13,7 @@ from typing import Callable
 from ..jobspec import JobSpec, SpecError
 from ..store.format import atomic_write_json
 from .generate import Engine, GenParams
-from .policy import Policy
+from .policy import Policy, make_policy
 from .report import build_report
 from .results import ResultsFile
 
@@ -60,7 +60,7 @@ def pod_machine(probe_env: str | None, scratch: Path) -> Machine:
     import json
 
     from .bench import measure_disk, measure_matmul, measure_pcie
-    from .cli_plan import _gpu_total, _mem_available
+    from .memory import gpu_total, mem_available
 
     try:
         probe = json.loads(probe_env) if probe_env else {}
@@ -71,11 +71,11 @@ def pod_machine(probe_env: str | None, scratch: Path) -> Machine:
     measured = measure_pcie(256 << 20) | measure_matmul(4096)
     if not probe.get("diskReadGBps") or not probe.get("diskWriteGBps"):
         measured |= measure_disk(scratch, 256 << 20, thread_options=(8,))
-    cpu = _mem_available()
+    cpu = mem_available()
     limit = Path("/sys/fs/cgroup/memory.max")
     if limit.is_file() and limit.read_text().strip().isdigit():
         cpu = min(cpu, int(limit.read_text()))
-    return Machine(probe_ceilings(probe, measured), _gpu_total(), cpu)
+    return Machine(probe_ceilings(probe, measured), gpu_total(), cpu)
 
 
 def pinned(offload, config):
@@ -111,7 +111,7 @@ def auto_plan(spec: JobSpec, *, manifest, job, machine: Machine):
     q = spec.model.quantization
     dense = stage_sizes(config, itemsize, q)[1]
     ceil = machine.ceilings
-    base = Policy(io_threads=ceil.disk_read_threads or 4, io_task_bytes=ceil.disk_read_task_bytes or 16 << 20)
+    base = make_policy(ceil)
     kv_bits = QUANT_BITS[spec.offload.compression]
     try:
         return plan(config=config, ceil=ceil, job=job,
@@ -128,7 +128,7 @@ def _within_resources(spec: JobSpec, machine: Machine | None, device: str) -> Ma
     allocator is capped at gpuMemory (an allocation beyond it fails as out of memory)."""
     r = spec.resources
     if r.gpu_memory and device.startswith("cuda"):
-        from .cli_plan import cap_gpu_allocator
+        from .memory import cap_gpu_allocator
 
         cap_gpu_allocator(r.gpu_memory, device)
     if machine is None:
@@ -165,8 +165,8 @@ def policy_for(spec: JobSpec, *, n_prompts: int, device: str, config=None) -> Po
     kv_bits = QUANT_BITS[o.compression]  # weights: spec.model.quantization
     if o.policy == "auto":  # the INF² switches pick the KV tier they need
         kv_tier = "cpu" if o.cpu_attention else "disk" if o.kv_write_back else "device"
-        return Policy(gpu_batch_size=g, num_gpu_batches=nb, kv_bits=kv_bits, kv=kv_tier,
-                      cpu_attention=o.cpu_attention, kv_write_back=o.kv_write_back)
+        return make_policy(gpu_batch_size=g, num_gpu_batches=nb, kv_bits=kv_bits, kv=kv_tier,
+                           cpu_attention=o.cpu_attention, kv_write_back=o.kv_write_back)
     kv = {"gpu": "device", "cpu": "cpu", "disk": "disk"}
     full = [t for t in ("gpu", "cpu", "disk") if getattr(o.kv, t) == 100]
     if not full:
@@ -175,10 +175,10 @@ def policy_for(spec: JobSpec, *, n_prompts: int, device: str, config=None) -> Po
         raise SpecError("spec.offload.cpuAttention needs the KV cache in CPU memory (spec.offload.kv: {cpu: 100})")
     if o.kv_write_back and full[0] != "disk":
         raise SpecError("spec.offload.kvWriteBack needs the KV cache on disk (spec.offload.kv: {disk: 100})")
-    return Policy(gpu_batch_size=g, num_gpu_batches=nb, weights_gpu_percent=o.weights.gpu,
-                  weights_cpu_percent=o.weights.cpu, kv=kv[full[0]], kv_bits=kv_bits,
-                  cpu_attention=o.cpu_attention, kv_write_back=o.kv_write_back,
-                  x_cache_percent=100.0 if o.x_cache and _x_saves(spec, kv_bits, config) else 0.0)
+    return make_policy(gpu_batch_size=g, num_gpu_batches=nb, weights_gpu_percent=o.weights.gpu,
+                       weights_cpu_percent=o.weights.cpu, kv=kv[full[0]], kv_bits=kv_bits,
+                       cpu_attention=o.cpu_attention, kv_write_back=o.kv_write_back,
+                       x_cache_percent=100.0 if o.x_cache and _x_saves(spec, kv_bits, config) else 0.0)
 
 
 def _x_saves(spec: JobSpec, kv_bits: int, config) -> bool:

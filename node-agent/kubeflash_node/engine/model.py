@@ -8,7 +8,7 @@ Nh query heads, Nk kv heads, D head dim.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -27,39 +27,136 @@ class Batch:
     start: int  # slot in the KV cache where the new tokens go
     prefix_positions: torch.Tensor | None = None  # [B, start] position ids of the cached tokens (X-cache recompute)
     rope_at: Callable | None = None  # positions [B, T] -> (cos, sin) [B, 1, T, D]; None for learned positions
+    windowed: dict = field(default_factory=dict)  # window -> mask with the keys beyond it masked out too
+
+    def mask_for(self, window: int) -> torch.Tensor:
+        """The additive mask of a layer whose attention slides over `window` positions (0: the whole context).
+        A query at cache slot q sees slots k with q - window < k <= q, as transformers' sliding_window_overlay;
+        a row's real tokens sit in consecutive slots, so slots count positions."""
+        if not window:
+            return self.mask
+        if window not in self.windowed:
+            s, t = self.mask.shape[-2:]
+            q = torch.arange(self.start, self.start + s, device=self.mask.device)[:, None]
+            k = torch.arange(t, device=self.mask.device)[None, :]
+            self.windowed[window] = self.mask.masked_fill(q - k >= window, torch.finfo(self.mask.dtype).min)
+        return self.windowed[window]
 
 
 # ----------------------------------------------------------------------------------------------- rope
+# Every rope_type transformers' Llama family computes (modeling_rope_utils), in float32 as it does.
 
 
-def rope_inv_freq(c: ModelConfig, device=None) -> torch.Tensor:
-    """Inverse frequencies [D/2], with llama3 scaling when the config asks for it."""
+def _default_inv_freq(c: ModelConfig, base: float, device=None) -> torch.Tensor:
+    # [D/2]
     d = c.head_dim
-    inv = 1.0 / (c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
-    rs = c.rope_scaling or {}
-    kind = rs.get("rope_type", rs.get("type"))
-    if kind == "llama3":
-        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-        old = rs["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        low_wl, high_wl = old / lo, old / hi
-        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
-        smooth = (old / wavelen - lo) / (hi - lo)
-        mid = (1 - smooth) * scaled / factor + smooth * scaled
-        is_mid = (wavelen <= low_wl) & (wavelen >= high_wl)
-        inv = torch.where(is_mid, mid, scaled)
-    elif kind == "linear":
-        inv = inv / rs["factor"]
-    elif kind not in (None, "default"):
-        raise ValueError(f"rope_scaling type {kind!r} is not supported; expected llama3, linear or none")
-    return inv.float()
+    return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    # positions: [B, S] -> cos, sin: [B, 1, S, D]
-    freqs = positions.float()[..., None] * inv_freq  # [B, S, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+def _llama3_inv_freq(c: ModelConfig, rs: dict, device=None) -> torch.Tensor:
+    inv = _default_inv_freq(c, c.rope_theta, device)
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    low_wl, high_wl = old / lo, old / hi
+    scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen <= low_wl) & (wavelen >= high_wl)
+    return torch.where(is_mid, mid, scaled)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(c: ModelConfig, rs: dict, device=None) -> tuple[torch.Tensor, float]:
+    d, base, old = c.head_dim, c.rope_theta, rs["original_max_position_embeddings"]
+    factor = rs.get("factor") or c.max_position_embeddings / old
+    scale = rs.get("attention_factor")
+    if scale is None:
+        m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        scale = _yarn_mscale(factor, m) / _yarn_mscale(factor, m_all) if m and m_all else _yarn_mscale(factor)
+    fast, slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over `old` positions
+        return d * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    high = high + 0.001 if low == high else high
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)
+    pos = base ** (torch.arange(0, d, 2, device=device).float() / d)
+    extra = 1 - ramp  # share of the unscaled (extrapolated) frequency
+    return (1.0 / (factor * pos)) * (1 - extra) + (1.0 / pos) * extra, float(scale)
+
+
+def _longrope(c: ModelConfig, rs: dict, long: bool, device=None) -> tuple[torch.Tensor, float]:
+    d, old = c.head_dim, rs["original_max_position_embeddings"]
+    factor = rs.get("factor") or c.max_position_embeddings / old
+    scale = rs.get("attention_factor")
+    if scale is None:
+        scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
+    ext = torch.tensor(rs["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+    shape = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
+    return 1.0 / (ext * c.rope_theta ** shape), float(scale)
+
+
+def _dynamic_inv_freq(c: ModelConfig, rs: dict, seq_len: int, device=None) -> torch.Tensor:
+    d, limit, factor = c.head_dim, c.max_position_embeddings, rs["factor"]
+    n = torch.tensor(max(seq_len, limit), dtype=torch.float32)
+    base = c.rope_theta * ((factor * n / limit) - (factor - 1)) ** (d / (d - 2))
+    return 1.0 / (base.to(device) ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+
+
+class Rope:
+    """The rotary embedding of a Llama-family config: (cos, sin) [B, 1, S, D] for positions [B, S].
+
+    dynamic and longrope choose their frequencies from the longest position of each call (one micro-batch's
+    forward), as transformers does per forward: past the trained length (max_position_embeddings for dynamic,
+    original_max_position_embeddings for longrope) they switch to the scaled set. yarn and longrope scale cos
+    and sin by their attention factor.
+    """
+
+    def __init__(self, c: ModelConfig, device=None):
+        self.c, self.device = c, device
+        self.rs = dict(c.rope_scaling or {})
+        self.kind = self.rs.get("rope_type", "default")
+        self.scale = 1.0
+        if self.kind == "llama3":
+            self.inv_freq = _llama3_inv_freq(c, self.rs, device)
+        elif self.kind == "linear":
+            self.inv_freq = _default_inv_freq(c, c.rope_theta, device) / self.rs["factor"]
+        elif self.kind == "yarn":
+            self.inv_freq, self.scale = _yarn(c, self.rs, device)
+        elif self.kind == "longrope":
+            self.inv_freq, self.scale = _longrope(c, self.rs, False, device)
+            self.long_inv_freq = _longrope(c, self.rs, True, device)[0]
+        elif self.kind in ("default", "dynamic"):
+            self.inv_freq = _default_inv_freq(c, c.rope_theta, device)
+        else:
+            raise ValueError(f"rope_scaling type {self.kind!r} is not supported")
+
+    def freqs_for(self, seq_len: int) -> torch.Tensor:
+        """Inverse frequencies [D/2] for a call whose longest position is seq_len - 1."""
+        if self.kind == "dynamic" and seq_len > self.c.max_position_embeddings:
+            return _dynamic_inv_freq(self.c, self.rs, seq_len, self.device)
+        if self.kind == "longrope" and seq_len > self.rs["original_max_position_embeddings"]:
+            return self.long_inv_freq
+        return self.inv_freq
+
+    def __call__(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [B, S] -> cos, sin: [B, 1, S, D]
+        dynamic = self.kind in ("dynamic", "longrope") and positions.numel()
+        inv = self.freqs_for(int(positions.max()) + 1) if dynamic else self.inv_freq
+        freqs = positions.float()[..., None] * inv  # [B, S, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        cos, sin = emb.cos(), emb.sin()
+        if self.scale != 1.0:
+            cos, sin = cos * self.scale, sin * self.scale
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -69,6 +166,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------- blocks
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+# transformers' ACT2FN, formula for formula (config.ACTIVATIONS lists the names); each takes a temporary it may
+# overwrite. gelu_new, gelu_python_tanh and gelu_accurate are one formula in transformers too.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_10": lambda x: F.gelu(x).clamp_(-10, 10),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "gelu_new": _gelu_tanh,
+    "gelu_python": lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_python_tanh": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "hardswish": F.hardswish,
+    "laplace": lambda x: 0.5 * (1.0 + torch.erf((x - 0.707107).div(0.282095 * math.sqrt(2.0)))),
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.01, inplace=True),
+    "linear": lambda x: x,
+    "mish": F.mish,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": lambda x: F.relu(x, inplace=True),
+    "relu2": lambda x: torch.square(F.relu(x, inplace=True)),
+    "relu6": lambda x: F.relu6(x, inplace=True),
+    "sigmoid": torch.sigmoid,
+    "silu": lambda x: F.silu(x, inplace=True),
+    "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
+    "swish": lambda x: F.silu(x, inplace=True),
+    "tanh": torch.tanh,
+}
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -100,48 +229,65 @@ def split_heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
     return x.view(b, s, n, d).transpose(1, 2)
 
 
+def _rotate(x: torch.Tensor, rope) -> torch.Tensor:
+    return x if rope is None else apply_rope(x, *rope)
+
+
 def llama_kv(c: ModelConfig, w: dict, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
-    """K (rotated) and V of a Llama layer from its normalized input h [B, T, H] -> [B, Nk, T, D] each."""
+    """K (rotated unless rope is None) and V of a Llama layer from its normalized input h [B, T, H]
+    -> [B, Nk, T, D] each."""
     k = split_heads(F.linear(h, w["wk"], w.get("bk")), c.num_kv_heads, c.head_dim)
     v = split_heads(F.linear(h, w["wv"], w.get("bv")), c.num_kv_heads, c.head_dim)
-    return apply_rope(k, *rope), v
+    return _rotate(k, rope), v
 
 
-def llama_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rope) -> torch.Tensor:
-    """One Llama-family decoder layer; `cache.attend` adds the new K, V and attends over the whole cache
-    (an X-cache layer recomputes the cached tokens' K, V from their stored input with `project`)."""
+def llama_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rope, layer: int = 0) -> torch.Tensor:
+    """Decoder layer `layer` of the Llama family; `cache.attend` adds the new K, V and attends over the whole
+    cache (an X-cache layer recomputes the cached tokens' K, V from their stored input with `project`).
+    Biases are whichever the store holds (the converter reads exactly the ones the config names)."""
     # x: [B, S, H]
+    uses_rope = c.layer_rope(layer)
+    rope = rope if uses_rope else None
     h = rms_norm(x, w["attn_norm"], c.norm_eps)
-    q = apply_rope(split_heads(F.linear(h, w["wq"], w.get("bq")), c.num_heads, c.head_dim), *rope)
+    q = _rotate(split_heads(F.linear(h, w["wq"], w.get("bq")), c.num_heads, c.head_dim), rope)
     k, v = llama_kv(c, w, h, rope)
-    o = cache.attend(q, k, v, batch.start, batch.mask, x=h,  # [B, Nh, S, D], computed where the KV lives
-                     project=lambda hp: llama_kv(c, w, hp, batch.rope_at(batch.prefix_positions)))
+    o = cache.attend(q, k, v, batch.start, batch.mask_for(c.layer_window(layer)), x=h,  # [B, Nh, S, D]
+                     project=lambda hp: llama_kv(c, w, hp, batch.rope_at(batch.prefix_positions) if uses_rope else None))
     del q, k, v  # the MLP's temporaries are the peak of a prefill: free what attention no longer needs
-    x = x + F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.q_dim), w["wo"])
+    x = x + F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.q_dim), w["wo"], w.get("bo"))
     del o
     h = rms_norm(x, w["mlp_norm"], c.norm_eps)
-    gate = F.silu(F.linear(h, w["w_gate"]), inplace=True)
-    return x + F.linear(gate.mul_(F.linear(h, w["w_up"])), w["w_down"])
+    gate = ACTIVATIONS[c.hidden_act](F.linear(h, w["w_gate"], w.get("b_gate")))
+    return x + F.linear(gate.mul_(F.linear(h, w["w_up"], w.get("b_up"))), w["w_down"], w.get("b_down"))
+
+
+def _layer_norm(c: ModelConfig, w: dict, x: torch.Tensor, name: str) -> torch.Tensor:
+    # name_w / name_b are absent when layer_norm_elementwise_affine is false
+    return F.layer_norm(x, (c.hidden_size,), w.get(name + "_w"), w.get(name + "_b"), c.norm_eps)
 
 
 def opt_kv(c: ModelConfig, w: dict, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of an OPT layer from its normalized input h [B, T, H] -> [B, Nh, T, D] each."""
-    return (split_heads(F.linear(h, w["wk"], w["bk"]), c.num_heads, c.head_dim),
-            split_heads(F.linear(h, w["wv"], w["bv"]), c.num_heads, c.head_dim))
+    """K and V of an OPT layer from its attention input h [B, T, H] -> [B, Nh, T, D] each."""
+    return (split_heads(F.linear(h, w["wk"], w.get("bk")), c.num_heads, c.head_dim),
+            split_heads(F.linear(h, w["wv"], w.get("bv")), c.num_heads, c.head_dim))
 
 
-def opt_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rope=None) -> torch.Tensor:
-    """One OPT decoder layer (pre-LayerNorm, MHA with biases, ReLU MLP)."""
+def opt_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rope=None, layer: int = 0) -> torch.Tensor:
+    """One OPT decoder layer: MHA and an MLP of `activation_function`, LayerNorm before each (pre_norm) or
+    after each residual sum (post-LN, opt-350m)."""
     # x: [B, S, H]
-    h = F.layer_norm(x, (c.hidden_size,), w["attn_norm_w"], w["attn_norm_b"], c.norm_eps)
-    q = split_heads(F.linear(h, w["wq"], w["bq"]), c.num_heads, c.head_dim)
+    h = _layer_norm(c, w, x, "attn_norm") if c.pre_norm else x
+    q = split_heads(F.linear(h, w["wq"], w.get("bq")), c.num_heads, c.head_dim)
     k, v = opt_kv(c, w, h)
     o = cache.attend(q, k, v, batch.start, batch.mask, x=h, project=lambda hp: opt_kv(c, w, hp))
     del q, k, v  # as in llama_layer: the MLP's temporaries are a prefill's peak
-    x = x + F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.hidden_size), w["wo"], w["bo"])
+    x = x + F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.hidden_size), w["wo"], w.get("bo"))
     del o
-    h = F.layer_norm(x, (c.hidden_size,), w["mlp_norm_w"], w["mlp_norm_b"], c.norm_eps)
-    return x + F.linear(F.relu(F.linear(h, w["fc1_w"], w["fc1_b"]), inplace=True), w["fc2_w"], w["fc2_b"])
+    if not c.pre_norm:
+        x = _layer_norm(c, w, x, "attn_norm")
+    h = _layer_norm(c, w, x, "mlp_norm") if c.pre_norm else x
+    x = x + F.linear(ACTIVATIONS[c.hidden_act](F.linear(h, w["fc1_w"], w.get("fc1_b"))), w["fc2_w"], w.get("fc2_b"))
+    return x if c.pre_norm else _layer_norm(c, w, x, "mlp_norm")
 
 
 LAYERS = {"llama": llama_layer, "opt": opt_layer}
@@ -149,16 +295,21 @@ LAYERS = {"llama": llama_layer, "opt": opt_layer}
 
 def embed(c: ModelConfig, w: dict, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     # ids, positions: [B, S] -> [B, S, H]
-    x = F.embedding(ids, w["tok_embed"])
+    x = F.embedding(ids, w["tok_embed"])  # [B, S, E]
+    if "project_in" in w:  # OPT's word_embed_proj_dim != hidden_size: [B, S, E] -> [B, S, H]
+        x = F.linear(x, w["project_in"])
     if c.architecture == "opt":
         x = x + F.embedding(positions + 2, w["pos_embed"])  # OPT's learned positions are offset by 2
     return x
 
 
 def head(c: ModelConfig, w: dict, x: torch.Tensor) -> torch.Tensor:
-    # x: [B, H] (last position only) -> logits [B, V] in float32
+    # x: [B, H] (last position only) -> logits [B, V] in float32 (lm_head: [V, E])
     if c.architecture == "opt":
-        x = F.layer_norm(x, (c.hidden_size,), w["norm_w"], w["norm_b"], c.norm_eps)
+        if c.final_norm:
+            x = _layer_norm(c, w, x, "norm")
+        if "project_out" in w:  # [B, H] -> [B, E]
+            x = F.linear(x, w["project_out"])
     else:
         x = rms_norm(x, w["norm"], c.norm_eps)
     return F.linear(x, w["lm_head"]).float()

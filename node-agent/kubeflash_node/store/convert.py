@@ -24,14 +24,11 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..engine.config import ModelConfig, preset
-from .format import Manifest, ModelWriter, StoreError, load_manifest, tensor_view
+from .format import Manifest, ModelWriter, load_manifest, tensor_view
+from .hf_config import ConfigError, SourceError, config_from_hf  # noqa: F401 (re-exported)
 
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 Tensors = dict[str, "object"]  # canonical name -> torch.Tensor
-
-
-class SourceError(StoreError):
-    """The model source cannot be read: wrong kind, missing files, unsupported architecture."""
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -65,60 +62,37 @@ class Source:
         return False
 
 
-def _llama_layer_names(prefix: str, bias: bool) -> dict[str, str]:
+def _llama_layer_names(prefix: str, c: ModelConfig) -> dict[str, str]:
+    """Canonical name -> HF tensor name of a Llama-family layer: exactly the biases the config names."""
     names = {
         "attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
         "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
         "mlp_norm": "post_attention_layernorm.weight", "w_gate": "mlp.gate_proj.weight",
         "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
     }
-    if bias:
+    if c.attention_bias:
         names |= {"bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias"}
+    if c.o_bias:
+        names["bo"] = "self_attn.o_proj.bias"
+    if c.mlp_bias:
+        names |= {"b_gate": "mlp.gate_proj.bias", "b_up": "mlp.up_proj.bias", "b_down": "mlp.down_proj.bias"}
     return {k: prefix + v for k, v in names.items()}
 
 
-def _opt_layer_names(prefix: str) -> dict[str, str]:
-    pairs = {"attn_norm": "self_attn_layer_norm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj",
-             "wv": "self_attn.v_proj", "wo": "self_attn.out_proj", "mlp_norm": "final_layer_norm",
-             "fc1": "fc1", "fc2": "fc2"}
+def _opt_layer_names(prefix: str, c: ModelConfig) -> dict[str, str]:
+    """Canonical name -> HF tensor name of an OPT layer (biases per enable_bias, LayerNorm affine per
+    layer_norm_elementwise_affine)."""
     out = {}
-    for k, v in pairs.items():
-        if k.startswith("w"):
-            out[k], out["b" + k[1:]] = prefix + v + ".weight", prefix + v + ".bias"
-        else:
+    for k, v in {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+                 "wo": "self_attn.out_proj", "fc1": "fc1", "fc2": "fc2"}.items():
+        w, b = (k, "b" + k[1:]) if k.startswith("w") else (k + "_w", k + "_b")
+        out[w] = prefix + v + ".weight"
+        if c.attention_bias:  # enable_bias: every linear of the layer, or none
+            out[b] = prefix + v + ".bias"
+    if c.norm_affine:
+        for k, v in {"attn_norm": "self_attn_layer_norm", "mlp_norm": "final_layer_norm"}.items():
             out[k + "_w"], out[k + "_b"] = prefix + v + ".weight", prefix + v + ".bias"
     return out
-
-
-def config_from_hf(cfg: dict) -> ModelConfig:
-    """Map a transformers config.json onto ModelConfig (llama, mistral, qwen2, smollm, opt)."""
-    mt = cfg.get("model_type", "")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or None
-    theta = cfg.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
-    if rope and rope.get("rope_type", rope.get("type")) in (None, "default"):
-        rope = None
-    eos = cfg.get("eos_token_id")
-    common = dict(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], bos_token_id=cfg.get("bos_token_id"),
-                  eos_token_id=eos if isinstance(eos, list) else ([eos] if eos is not None else []),
-                  pad_token_id=cfg.get("pad_token_id"))
-    if mt in ("llama", "mistral", "qwen2", "smollm", "smollm3"):
-        return ModelConfig(
-            architecture="llama", intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
-            num_heads=cfg["num_attention_heads"], num_kv_heads=cfg.get("num_key_value_heads") or 0,
-            head_dim=cfg.get("head_dim") or 0, max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=rope,
-            attention_bias=bool(cfg.get("attention_bias", mt == "qwen2")),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), **common,
-        )
-    if mt == "opt":
-        if cfg.get("word_embed_proj_dim", cfg["hidden_size"]) != cfg["hidden_size"] or not cfg.get("do_layer_norm_before", True):
-            raise SourceError("OPT variants with word_embed_proj_dim != hidden_size (opt-350m) are not supported")
-        return ModelConfig(
-            architecture="opt", intermediate_size=cfg["ffn_dim"], num_layers=cfg["num_hidden_layers"],
-            num_heads=cfg["num_attention_heads"], max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=True, **common,
-        )
-    raise SourceError(f"config.json model_type {mt!r} is not supported; expected llama, mistral, qwen2 or opt")
 
 
 class HFSource(Source):
@@ -161,18 +135,24 @@ class HFSource(Source):
     def embed(self) -> Tensors:
         p = self.prefix
         if self.config.architecture == "opt":
-            return self._take({"tok_embed": p + "decoder.embed_tokens.weight", "pos_embed": p + "decoder.embed_positions.weight"})
+            names = {"tok_embed": p + "decoder.embed_tokens.weight", "pos_embed": p + "decoder.embed_positions.weight"}
+            if self.config.embed_dim != self.config.hidden_size:
+                names["project_in"] = p + "decoder.project_in.weight"
+            return self._take(names)
         return self._take({"tok_embed": p + "embed_tokens.weight"})
 
     def layer(self, i: int) -> Tensors:
         if self.config.architecture == "opt":
-            return self._take(_opt_layer_names(f"{self.prefix}decoder.layers.{i}."))
-        return self._take(_llama_layer_names(f"{self.prefix}layers.{i}.", self.config.attention_bias))
+            return self._take(_opt_layer_names(f"{self.prefix}decoder.layers.{i}.", self.config))
+        return self._take(_llama_layer_names(f"{self.prefix}layers.{i}.", self.config))
 
     def head(self) -> Tensors:
-        p = self.prefix
-        if self.config.architecture == "opt":
-            out = self._take({"norm_w": p + "decoder.final_layer_norm.weight", "norm_b": p + "decoder.final_layer_norm.bias"})
+        p, c = self.prefix, self.config
+        if c.architecture == "opt":
+            names = {"norm_w": p + "decoder.final_layer_norm.weight", "norm_b": p + "decoder.final_layer_norm.bias"}
+            out = self._take(names if c.final_norm and c.norm_affine else {})
+            if c.embed_dim != c.hidden_size:
+                out["project_out"] = self._get(p + "decoder.project_out.weight")
         else:
             out = self._take({"norm": p + "norm.weight"})
         if not self.config.tie_word_embeddings:
@@ -205,6 +185,9 @@ class GGUFSource(Source):
         if arch not in ("llama", "qwen2", "mistral"):
             raise SourceError(f"{path}: GGUF architecture {arch!r} is not supported; expected llama, qwen2 or mistral")
         a = arch
+        rope = self._rope_scaling(a)
+        if self._field(f"{a}.attention.sliding_window", None) is not None:
+            raise SourceError(f"{path}: GGUF {a}.attention.sliding_window is not supported (convert the HF directory)")
         n_vocab = len(self.reader.fields["tokenizer.ggml.tokens"].data)
         eos = self._field("tokenizer.ggml.eos_token_id", None)
         self.config = ModelConfig(
@@ -214,13 +197,22 @@ class GGUFSource(Source):
             num_kv_heads=self._field(f"{a}.attention.head_count_kv", 0),
             max_position_embeddings=self._field(f"{a}.context_length", 2048),
             norm_eps=float(self._field(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(self._field(f"{a}.rope.freq_base", 10000.0)),
+            rope_theta=float(self._field(f"{a}.rope.freq_base", 10000.0)), rope_scaling=rope,
             attention_bias=arch == "qwen2", tie_word_embeddings="output.weight" not in self.tensors,
             bos_token_id=self._field("tokenizer.ggml.bos_token_id", None),
             eos_token_id=[eos] if eos is not None else [],
             pad_token_id=self._field("tokenizer.ggml.padding_token_id", None),
         )
         self.description = f"gguf:{path}"
+
+    def _rope_scaling(self, a: str) -> dict | None:
+        kind = self._field(f"{a}.rope.scaling.type", "none")
+        if kind == "none":
+            return None
+        if kind == "linear":
+            return {"rope_type": "linear", "factor": float(self._field(f"{a}.rope.scaling.factor"))}
+        raise SourceError(f"{self.path}: GGUF {a}.rope.scaling.type {kind!r} is not supported; expected none or linear "
+                          "(convert the HF directory for other RoPE scalings)")
 
     def _field(self, key: str, default=KeyError):
         f = self.reader.fields.get(key)
