@@ -115,11 +115,11 @@ def main(args: argparse.Namespace) -> int:
     from ..store.cache import ensure_model
     from ..store.format import StoreError, load_manifest
     from .bench import Ceilings, Workload, drop_page_cache, measure_ceilings, measure_disk_files, roofline
-    from .cli_plan import _gpu_total, _mem_available, cap_gpu_allocator, parse_size
+    from .memory import cap_gpu_allocator, gpu_total, mem_available, parse_size
     from .cli_run import resolve_device
     from .costmodel import Budget, Candidate, JobShape, describe, plan, predict
     from .generate import Engine, GenParams
-    from .policy import Policy
+    from .policy import make_policy
     from .report import build_report, format_report
 
     try:
@@ -140,11 +140,10 @@ def main(args: argparse.Namespace) -> int:
         config, sizes, quants = _model_shape(args)
         job = JobShape(args.prompts, args.prompt_len, args.gen_len)
         budget = Budget(parse_size(args.gpu_memory) if args.gpu_memory else
-                        _gpu_total() if device.startswith("cuda") else 1 << 50,
-                        parse_size(args.cpu_memory) if args.cpu_memory else _mem_available())
-        threads = args.io_threads or ceil.disk_read_threads or 8
-        task_mb = args.task_mb or (ceil.disk_read_task_bytes >> 20) or 16
-        base = Policy(prefetch=args.prefetch, io_backend=args.io_backend, io_threads=threads, io_task_bytes=task_mb << 20)
+                        gpu_total() if device.startswith("cuda") else 1 << 50,
+                        parse_size(args.cpu_memory) if args.cpu_memory else mem_available())
+        base = make_policy(ceil, io_threads=args.io_threads, io_task_bytes=args.task_mb << 20, default_io_threads=8,
+                           prefetch=args.prefetch, io_backend=args.io_backend)
         itemsize = 4 if args.dtype == "float32" else 2
         if mode == "auto":
             if args.no_ceilings:

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from .config import ModelConfig
-from .policy import Policy
+from .policy import Policy, make_policy
 
 GB = 1e9
 QUANT_BITS = {"none": 16, "int8": 8, "int4": 4}
@@ -396,11 +396,13 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
 
 
 def candidates(job: JobShape, *, quantizations=("none",), kv_bits=(16,), step: int = 10,
-               base: Policy = Policy(), config: ModelConfig | None = None, techniques: bool = True,
+               base: Policy | None = None, config: ModelConfig | None = None, techniques: bool = True,
                shapes: list[tuple[int, int]] | None = None) -> list[Candidate]:
     """Weights gpu/cpu percentages in `step`s, KV tiers (+ compressed), batch shapes in powers of two, and with
     `techniques` the exact INF² ones: CPU attention (KV in CPU memory), write-back (KV on disk, always on) and,
-    where X is smaller than K + V (`config`), X-cache for half or all of the layers."""
+    where X is smaller than K + V (`config`), X-cache for half or all of the layers. Each candidate is `base`
+    (policy.make_policy's I/O settings by default) with those fields replaced."""
+    base = base or make_policy()
     pct = range(0, 101, step)
     if shapes is None:
         sizes = sorted({min(2 ** k, job.prompts) for k in range(12)})
@@ -462,7 +464,7 @@ def choose(cands: list[Candidate], *, config: ModelConfig, ceil, job: JobShape, 
 
 
 def plan(*, config: ModelConfig, ceil, job: JobShape, budget: Budget, sizes: dict[str, tuple[list[int], list[int]]],
-         quantizations=("none",), kv_bits=(16,), base: Policy = Policy(), step: int = 10,
+         quantizations=("none",), kv_bits=(16,), base: Policy | None = None, step: int = 10,
          shapes: list[tuple[int, int]] | None = None, keep=None, cal: Calibration = Calibration(),
          itemsize: int = 2) -> Plan:
     """The automatic policy: every candidate (techniques included) that `keep` accepts, the fastest that fits."""

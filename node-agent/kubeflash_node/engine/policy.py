@@ -63,3 +63,14 @@ class Policy:
         n_gpu = round(num_stages * self.weights_gpu_percent / 100)
         n_cpu = round(num_stages * (self.weights_gpu_percent + self.weights_cpu_percent) / 100) - n_gpu
         return ["gpu"] * n_gpu + ["cpu"] * n_cpu + ["disk"] * (num_stages - n_gpu - n_cpu)
+
+
+def make_policy(ceil=None, *, io_threads: int = 0, io_task_bytes: int = 0, default_io_threads: int = 4,
+                **fields) -> Policy:
+    """Every offload policy starts here (the manifest's, `kubeflash bench`'s flags, the cost model's base).
+
+    `fields`: placement, batch shape and techniques, as Policy names them. Reader threads and the read task size:
+    as given, else what this disk's probe found (`ceil`, a bench.Ceilings), else `default_io_threads` and 16 MiB.
+    """
+    return Policy(io_threads=io_threads or getattr(ceil, "disk_read_threads", 0) or default_io_threads,
+                  io_task_bytes=io_task_bytes or getattr(ceil, "disk_read_task_bytes", 0) or 16 << 20, **fields)
