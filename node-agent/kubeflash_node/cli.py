@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("kubeflash_node.engine.cli_plan", "pick a job's offload policy with the cost model from measured ceilings"),
     "engine": ("kubeflash_node.engine.cli_pod", "the inference pod's entry point (reads the job the operator mounted)"),
     "agent": ("kubeflash_node.agent.cli", "the node agent DaemonSet: pairing, model staging, KV space, progress relay"),
+    "csi": ("kubeflash_node.csi.cli", "the CSI node plugin (driver kubeflash.io): model, KV and job volumes for pods"),
     "operator": ("kubeflash_operator.cli", "the kopf operator that places InferenceJobs on GPU<->SSD pairs"),
 }
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from kubeflash_node.store import pins
 from kubeflash_node.store.format import StoreError, load_manifest
 from kubeflash_node.store.ids import model_id
 
@@ -177,7 +178,8 @@ class ModelCache:
             if (e := self.entries.get(task.id)) is not None:
                 e.state = "Staging"
             cat, free = self.catalogs[task.disk.name], self.free_of(task.disk)
-            cands = [Candidate(mid, r.bytes, r.last_used or r.staged_at, mid in self.wanted, mid in self.in_use)
+            busy = self.in_use | pins.pinned(task.disk.path)  # pins: models a CSI volume has mounted
+            cands = [Candidate(mid, r.bytes, r.last_used or r.staged_at, mid in self.wanted, mid in busy)
                      for mid, r in cat.models.items()]
             plan = plan_eviction(nbytes, free, cands, only_unwanted=task.evict_only_unwanted)
             if plan is None:
