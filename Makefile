@@ -41,5 +41,10 @@ test-gpu: setup  ## GPU tests (need an NVIDIA GPU)
 control-plane:   ## build etcd, kube-apiserver, controller-manager, scheduler, kwok and helm from Go modules
 	bash kind/build-control-plane.sh
 
+.PHONY: csi-sanity
+csi-sanity: setup ## csi-sanity (csi-test v5.6.0 from Go modules, cached) against a real `kubeflash csi` socket (root)
+	bash kind/build-csi-sanity.sh >/dev/null
+	$(BIN)/python -m pytest tests/csi/test_csi_sanity.py -v -s $(PYTEST_ARGS)
+
 clean:           ## remove the virtualenv and local outputs (the model store in ~/.cache/kubeflash stays)
 	rm -rf $(VENV) kubeflash-out .pytest_cache
