@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..jobspec import SpecError, load_job
+    from kubeflash_api import SpecError
+    from kubeflash_api.local import load_job_file as load_job
     from ..store.format import StoreError
     from .costmodel import QUANT_BITS, Budget, describe, plan as make_plan, x_cache_note
     from .job import pinned

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from ..jobspec import JobSpec, SpecError
+from kubeflash_api import JobSpec, SpecError
 from ..store.format import atomic_write_json
 from .generate import Engine, GenParams
 from .policy import Policy, make_policy
