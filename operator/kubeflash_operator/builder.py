@@ -8,15 +8,16 @@ mounts the node's model store read-only and the job's directory on the paired SS
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kubeflash_operator.spec import MAX_NAME, JobSpec
+from kubeflash_api import JobSpec, to_canonical
+from kubeflash_api import contract as c
+from kubeflash_api.names import MAX_JOB_NAME
 
-API_VERSION = "kubeflash.io/v1alpha1"
-KIND = "InferenceJob"
-JOB_LABEL = "kubeflash.io/job"
+API_VERSION = c.API_VERSION
+KIND = c.JOB_KIND
+JOB_LABEL = c.JOB_LABEL
 GPU_RESOURCE = "nvidia.com/gpu"
 ENGINE_UID = 1000
 DEFAULT_IMAGE = "ghcr.io/kubeflash/kubeflash:0.1.0"
@@ -65,7 +66,6 @@ def labels(job: str) -> dict[str, str]:
 def build_pod(
     job: JobRef,
     spec: JobSpec,
-    raw_spec: Mapping[str, Any],
     target: PodTarget,
     *,
     attempt: int,
@@ -73,8 +73,8 @@ def build_pod(
     device: str = "auto",
 ) -> dict[str, Any]:
     """The pod manifest for attempt `attempt` of `job` on `target`; `device` is the engine's KUBEFLASH_DEVICE."""
-    if len(job.name) > MAX_NAME:
-        raise ValueError(f"metadata.name must be at most {MAX_NAME} characters, got {len(job.name)}")
+    if len(job.name) > MAX_JOB_NAME:
+        raise ValueError(f"metadata.name must be at most {MAX_JOB_NAME} characters, got {len(job.name)}")
     volumes, mounts = _volumes(job, spec, target)
     return {
         "apiVersion": "v1",
@@ -109,7 +109,7 @@ def build_pod(
                     "name": "engine",
                     "image": spec.image or default_image,
                     "command": ["kubeflash", "engine"],
-                    "env": _env(job, raw_spec, target, device),
+                    "env": _env(job, spec, target, device),
                     "resources": _resources(spec),
                     "volumeMounts": mounts,
                     "securityContext": {
@@ -142,38 +142,32 @@ def _pin(node: str) -> dict[str, Any]:
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
 
 
-def _env(job: JobRef, raw_spec: Mapping[str, Any], target: PodTarget, device: str) -> list[dict[str, str]]:
+def _env(job: JobRef, spec: JobSpec, target: PodTarget, device: str) -> list[dict[str, str]]:
     env = {
-        "KUBEFLASH_JOB_SPEC": json.dumps(raw_spec, sort_keys=True, separators=(",", ":")),
-        "KUBEFLASH_JOB_NAME": job.name,
-        "KUBEFLASH_JOB_NAMESPACE": job.namespace,
-        "KUBEFLASH_MODEL_DIR": f"/models/{target.model_id}",
-        "KUBEFLASH_JOB_DIR": "/job",
-        "KUBEFLASH_GPUS": ",".join(str(g) for g in target.gpus),
-        "KUBEFLASH_DEVICE": device,
+        c.ENV_JOB_SPEC: json.dumps(to_canonical(spec), sort_keys=True, separators=(",", ":")),
+        c.ENV_JOB_NAME: job.name,
+        c.ENV_JOB_NAMESPACE: job.namespace,
+        c.ENV_MODEL_DIR: f"/models/{target.model_id}",
+        c.ENV_JOB_DIR: "/job",
+        c.ENV_GPUS: ",".join(str(g) for g in target.gpus),
+        c.ENV_DEVICE: device,
     }
     if target.probe:  # what spec.offload.policy auto plans with (docs/contract.md)
-        env["KUBEFLASH_PROBE"] = json.dumps(dict(target.probe), sort_keys=True, separators=(",", ":"))
-    if (raw_spec.get("input") or {}).get("configMap") or (raw_spec.get("input") or {}).get("file"):
-        env["KUBEFLASH_INPUT_FILE"] = _input_file(raw_spec["input"])
-    output = raw_spec.get("output") or {}
-    if output.get("pvc"):
-        sub = (output["pvc"].get("path") or "").strip("/")
-        env["KUBEFLASH_OUTPUT_DIR"] = f"/output/{sub}" if sub else "/output"
+        env[c.ENV_PROBE] = json.dumps(dict(target.probe), sort_keys=True, separators=(",", ":"))
+    if spec.input.config_map:
+        env[c.ENV_INPUT_FILE] = f"/input/{spec.input.config_map.key}"
+    elif spec.input.file:
+        env[c.ENV_INPUT_FILE] = f"/input/{spec.input.file}"
+    if spec.output.pvc:
+        env[c.ENV_OUTPUT_DIR] = "/output"
     return [{"name": k, "value": v} for k, v in env.items()]
-
-
-def _input_file(raw_input: Mapping[str, Any]) -> str:
-    if raw_input.get("configMap"):
-        return f"/input/{raw_input['configMap']['key']}"
-    return f"/input/{raw_input['file'].lstrip('/')}"
 
 
 def _resources(spec: JobSpec) -> dict[str, Any]:
     limits: dict[str, Any] = {GPU_RESOURCE: str(spec.resources.gpus)}
     requests: dict[str, Any] = dict(limits)
-    if spec.resources.cpu_memory_quantity:
-        requests["memory"] = spec.resources.cpu_memory_quantity
+    if spec.resources.cpu_memory:
+        requests["memory"] = str(spec.resources.cpu_memory)
     return {"limits": limits, "requests": requests}
 
 
@@ -196,7 +190,7 @@ def _volumes(job: JobRef, spec: JobSpec, target: PodTarget) -> tuple[list[dict],
     elif spec.input.pvc:
         volumes.append({"name": "input", "persistentVolumeClaim": {"claimName": spec.input.pvc, "readOnly": True}})
         mounts.append({"name": "input", "mountPath": "/input", "readOnly": True})
-    if spec.output and spec.output.pvc:
+    if spec.output.pvc:
         volumes.append({"name": "output", "persistentVolumeClaim": {"claimName": spec.output.pvc}})
         mounts.append({"name": "output", "mountPath": "/output"})
     return volumes, mounts

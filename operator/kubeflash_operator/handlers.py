@@ -14,6 +14,8 @@ from typing import Any
 
 import kopf
 
+from kubeflash_api import SpecError
+from kubeflash_api.inferencejob import kv_disk_bytes
 from kubeflash_operator import reconcile
 from kubeflash_operator.bookkeeping import Bookkeeping
 from kubeflash_operator.builder import JOB_LABEL, JobRef, build_pod
@@ -22,7 +24,6 @@ from kubeflash_operator.kube import Conflict, Kube, connection_info
 from kubeflash_operator.metrics import Metrics
 from kubeflash_operator.pods import PodView, pod_view
 from kubeflash_operator.scheduler import claim_of, node_view
-from kubeflash_operator.spec import SpecError, parse_job_spec, parse_quantity
 from kubeflash_operator.status import TERMINAL
 from kubeflash_operator.timefmt import now, parse_time
 
@@ -97,9 +98,9 @@ def cordon_index(name: str, spec: kopf.Spec, **_: Any) -> dict[str, bool]:
 @kopf.index(*JOBS)
 def claim_index(body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, Any]:
     try:
-        kv = parse_quantity((spec.get("resources") or {}).get("kvDisk") or 0, path="spec.resources.kvDisk")
+        kv = kv_disk_bytes(spec)
     except SpecError:
-        kv = 0
+        kv = 0  # an invalid job is Failed, never placed
     claim = claim_of(body, kv_bytes=kv)
     return {claim.job: claim} if claim else {}  # {} (not None) removes a finished job's old claim
 
@@ -212,8 +213,7 @@ def _carry_out(plan: reconcile.Plan, job: reconcile.Job, memo: kopf.Memo) -> Non
     if plan.stage:
         memo.kube.request_model(plan.stage.node, plan.stage.entry)
     if plan.create:
-        manifest = build_pod(JobRef(job.namespace, job.name, job.uid), parse_job_spec(job.spec), job.spec,
-                             plan.create.target, attempt=plan.create.attempt, default_image=memo.config.engine_image,
+        manifest = build_pod(JobRef(job.namespace, job.name, job.uid), job.parsed, plan.create.target, attempt=plan.create.attempt, default_image=memo.config.engine_image,
                              device=memo.config.engine_device)
         memo.kube.create_pod(manifest, owner_uid=job.uid)
         memo.metrics.pods.inc()

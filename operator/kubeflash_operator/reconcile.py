@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timedelta
 from typing import Any
 
+from kubeflash_api import JobSpec, SpecError, parse_job_spec
+from kubeflash_api.inferencejob import check_cluster
 from kubeflash_operator import status as st
 from kubeflash_operator.builder import PodTarget, pod_name
 from kubeflash_operator.config import OperatorConfig
 from kubeflash_operator.pods import FATAL_IMAGE_ERRORS, PodView
 from kubeflash_operator.scheduler import Claim, NodeView, NoFit, Request, place
-from kubeflash_operator.spec import JobSpec, SpecError, parse_job_spec
 from kubeflash_operator.timefmt import format_time, parse_time
 
 _PLACEMENT_FIELDS = ("node", "gpu", "gpus", "disk", "modelDisk", "staged")
@@ -37,6 +39,14 @@ class Job:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @cached_property
+    def parsed(self) -> JobSpec | SpecError:
+        """The spec parsed once for this view of the job (kubeflash_api), or why it cannot run in a cluster."""
+        try:
+            return check_cluster(parse_job_spec(self.spec, name=self.name, namespace=self.namespace))
+        except SpecError as e:
+            return e
 
 
 @dataclass(frozen=True)
@@ -89,10 +99,8 @@ def admit(job: Job, *, now: datetime) -> Plan:
     plan = Plan()
     if job.status.get("phase") is not None:
         return plan
-    try:
-        parse_job_spec(job.spec)
-    except SpecError as e:
-        plan.invalid = e
+    if isinstance(job.parsed, SpecError):
+        e = plan.invalid = job.parsed
         plan.status = st.transition(job.status, st.FAILED, reason="InvalidSpec", message=str(e), now=now,
                                     generation=job.generation)
         plan.events.append(Event("Warning", "InvalidSpec", str(e)))
@@ -109,11 +117,10 @@ def step(job: Job, world: World, cfg: OperatorConfig) -> Plan:
     phase = job.status.get("phase")
     if phase is None or phase in st.TERMINAL:
         return plan
-    try:
-        spec = parse_job_spec(job.spec)
-    except SpecError as e:
-        plan.invalid = e
-        _to(plan, job, st.FAILED, world, reason="InvalidSpec", message=str(e))
+    spec = job.parsed
+    if isinstance(spec, SpecError):
+        plan.invalid = spec
+        _to(plan, job, st.FAILED, world, reason="InvalidSpec", message=str(spec))
         return plan
     for _ in range(4):
         view = _view(job, plan)

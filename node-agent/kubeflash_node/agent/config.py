@@ -13,13 +13,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from kubeflash_api import SpecError, parse_quantity
+from kubeflash_api.inferencejob import DTYPES, QUANTIZATIONS
+
 DEFAULT_STORE = Path("/var/lib/kubeflash")
 DEFAULT_LISTEN = "127.0.0.1:9477"
-DTYPES = ("float16", "bfloat16", "float32")
-QUANTIZATIONS = ("none", "int8", "int4")
-_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGTPE]i|[kMGTPE]|)\s*$")
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*(ms|s|m|h|)\s*$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -122,19 +120,11 @@ class AgentConfig:
 
 
 def parse_bytes(value: Any, where: str) -> int:
-    """A byte count: an integer or a Kubernetes quantity (`10Gi`, `500M`, `1.5Ti`)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where} must be a byte count like 10Gi, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"{where} must not be negative, got {value}")
-        return value
-    if isinstance(value, float) and value >= 0:
-        return int(value)
-    m = _QUANTITY.match(str(value))
-    if not m:
-        raise ConfigError(f"{where} must be a byte count like 10Gi or 500M, got {value!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    """A byte count: an integer or a Kubernetes quantity (`10Gi`, `500M`, `1e9`), by the API's one parser."""
+    try:
+        return parse_quantity(value, path=where)
+    except SpecError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_seconds(value: Any, where: str) -> float:

@@ -95,12 +95,12 @@ def merge(a: JobWant, b: JobWant) -> JobWant:
 
 def quota_of(job: Mapping[str, Any], default: int) -> int:
     """InferenceJob spec.resources.kvDisk in bytes (the operator's default when absent or unreadable)."""
-    from .config import ConfigError, parse_bytes
+    from kubeflash_api import SpecError
+    from kubeflash_api.inferencejob import kv_disk_bytes
 
-    raw = ((job.get("spec") or {}).get("resources") or {}).get("kvDisk")
-    if raw is None:
+    if ((job.get("spec") or {}).get("resources") or {}).get("kvDisk") is None:
         return default
     try:
-        return parse_bytes(raw, "spec.resources.kvDisk")
-    except ConfigError:
-        return default
+        return kv_disk_bytes(job.get("spec"))
+    except SpecError:
+        return default  # the operator fails such a job; it is never placed

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kubeflash_api.quantity import human
+
 from .devices import Disk, Gpu, Pair
 from .jobs import Allocation
 from .probe import DiskProbe, GpuProbe
@@ -91,6 +93,11 @@ def flashnode_status(*, gpus: Sequence[dict], disks: Sequence[dict], pairs: Sequ
         "kvAllocations": [allocation_row(a) for a in allocations],
         "heartbeat": heartbeat,
         "conditions": list(conditions),
+        # one-glance summaries for `kubectl get fn` (printer columns cannot count lists)
+        "gpuCount": len(gpus),
+        "pairCount": len(pairs),
+        "freeSSD": human(sum(int(d.get("freeBytes") or 0) for d in disks)),
+        "modelsReady": sum(1 for m in models if m.get("state") == "Ready"),
     }
 
 

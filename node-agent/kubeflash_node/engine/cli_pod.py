@@ -38,7 +38,9 @@ def _terminate(signum, frame):  # PID 1 in the pod: turn SIGTERM into a clean ex
 def main(args: argparse.Namespace) -> int:
     import signal
 
-    from ..jobspec import API_VERSION, SpecError, parse_job
+    from kubeflash_api import SpecError, from_canonical
+    from kubeflash_api import contract as c
+    from kubeflash_api.batch import read_batch
     from ..store.format import StoreError, load_manifest
     from .cli_run import resolve_device
     from .generate import EngineError
@@ -47,13 +49,10 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        spec_json = json.loads(_env("KUBEFLASH_JOB_SPEC"))
-        if os.environ.get("KUBEFLASH_INPUT_FILE"):  # configMap or PVC input, mounted by the operator
-            spec_json["input"] = {"file": os.environ["KUBEFLASH_INPUT_FILE"]}
-        doc = {"apiVersion": API_VERSION, "kind": "InferenceJob",
-               "metadata": {"name": _env("KUBEFLASH_JOB_NAME"), "namespace": os.environ.get("KUBEFLASH_JOB_NAMESPACE", "default")},
-               "spec": spec_json}
-        spec = parse_job(doc, base=Path("/input"))
+        spec = from_canonical(json.loads(_env(c.ENV_JOB_SPEC)), name=_env(c.ENV_JOB_NAME),
+                              namespace=os.environ.get(c.ENV_JOB_NAMESPACE, "default"))
+        if os.environ.get(c.ENV_INPUT_FILE):  # configMap or PVC input, mounted by the operator
+            spec = spec.with_prompts(read_batch(Path(os.environ[c.ENV_INPUT_FILE]), field="spec.input"))
         model_dir, job_dir = Path(_env("KUBEFLASH_MODEL_DIR")), Path(_env("KUBEFLASH_JOB_DIR"))
         manifest = load_manifest(model_dir)
         device = resolve_device(args.device)
@@ -74,7 +73,10 @@ def main(args: argparse.Namespace) -> int:
     if args.output_dir:
         from ..store.format import atomic_write_bytes
 
-        dest = Path(args.output_dir) / f"{spec.name}.results.jsonl"  # the dir is already <pvc>/<output.pvc.path>
+        from kubeflash_api.names import resolve_within
+
+        root = Path(args.output_dir)  # the output claim's root
+        dest = resolve_within(root, spec.output.path or f"{spec.name}.results.jsonl", "spec.output.path")
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(dest, output.read_bytes())
     return 0

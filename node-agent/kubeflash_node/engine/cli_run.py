@@ -15,7 +15,7 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", type=Path, help="an InferenceJob YAML file (e.g. examples/capital-of-france.yaml)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default)")
-    p.add_argument("--output", type=Path, help="results JSONL (default: spec.output.path, else kubeflash-out/<job>/results.jsonl)")
+    p.add_argument("--output", type=Path, help="results JSONL (default: spec.output.path inside the job directory, else <job dir>/results.jsonl)")
     p.add_argument("--job-dir", type=Path, help="job directory for KV files, progress.json and report.json "
                                                 "(default: kubeflash-out/<job>/)")
     p.add_argument("--store", type=Path, help="local model store root (default: $KUBEFLASH_HOME or ~/.cache/kubeflash)")
@@ -44,7 +44,10 @@ def resolve_device(name: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..jobspec import SpecError, load_job
+    from kubeflash_api import SpecError
+    from kubeflash_api.local import load_job_file
+    from kubeflash_api.names import resolve_within
+
     from ..store.cache import DEFAULT_ROOT, ensure_model
     from ..store.format import StoreError
     from .generate import EngineError
@@ -53,11 +56,11 @@ def main(args: argparse.Namespace) -> int:
     from .results import read_results
 
     try:
-        spec = load_job(args.manifest)
+        spec = load_job_file(args.manifest)
         device = resolve_device(args.device)
         job_dir = args.job_dir or Path("kubeflash-out") / spec.name
-        output = args.output or (Path(spec.output.path) if spec.output.path else job_dir / "results.jsonl")
         job_dir.mkdir(parents=True, exist_ok=True)
+        output = args.output or resolve_within(job_dir, spec.output.path or "results.jsonl", "spec.output.path")
         dtype = "float32" if device == "cpu" else spec.model.dtype
         model_dir, manifest = ensure_model(spec.model.uri, dtype=dtype, quantization=spec.model.quantization,
                                            root=args.store or DEFAULT_ROOT,

@@ -45,7 +45,7 @@ def test_full_document():
                      id="model-dtype"),
         pytest.param({"jobs": [{"name": "../x"}]}, r"jobs\[0\]\.name must be a Kubernetes name", id="job-name"),
         pytest.param({"listen": "0.0.0.0:9477"}, "listen must be 127.0.0.1", id="listen-not-loopback"),
-        pytest.param({"disks": [{"path": "/x", "capacity": "lots"}]}, r"disks\[0\]\.capacity must be a byte count",
+        pytest.param({"disks": [{"path": "/x", "capacity": "lots"}]}, r"disks\[0\]\.capacity must be a quantity",
                      id="bad-quantity"),
         pytest.param({"colour": "blue"}, "colour is not a known field", id="unknown-key"),
         pytest.param({"allowedSourceRoots": ["models"]}, r"allowedSourceRoots\[0\] must be an absolute path",

@@ -8,7 +8,7 @@ import pytest
 
 from operator_factories import job_spec
 from kubeflash_operator.builder import JobRef, PodTarget, build_pod, pod_name
-from kubeflash_operator.spec import parse_job_spec
+from kubeflash_api import from_canonical, parse_job_spec
 
 JOB = JobRef(namespace="team-a", name="summarize", uid="uid-123")
 TARGET = PodTarget(node="gpu-node-1", gpus=(1,), disk="nvme1", disk_path="/mnt/nvme1/kubeflash", model_id="m-1",
@@ -17,7 +17,7 @@ TARGET = PodTarget(node="gpu-node-1", gpus=(1,), disk="nvme1", disk_path="/mnt/n
 
 def pod(attempt=1, target=TARGET, **spec_overrides):
     raw = job_spec(**spec_overrides)
-    return build_pod(JOB, parse_job_spec(raw), raw, target, attempt=attempt, default_image="img:default")
+    return build_pod(JOB, parse_job_spec(raw, name=JOB.name, namespace=JOB.namespace), target, attempt=attempt, default_image="img:default")
 
 
 def container(manifest):
@@ -59,9 +59,9 @@ def test_gpu_limit_follows_spec(gpus):
 
 
 def test_cpu_memory_becomes_a_memory_request():
-    """resources.cpuMemory (pinned host memory for offload) is requested from the node as written."""
+    """resources.cpuMemory (pinned host memory for offload) is requested from the node, in bytes."""
     res = container(pod(resources={"cpuMemory": "64Gi"}))["resources"]
-    assert res["requests"]["memory"] == "64Gi" and "memory" not in res["limits"]
+    assert res["requests"]["memory"] == str(64 << 30) and "memory" not in res["limits"]
 
 
 def test_store_read_only_and_job_dir_on_the_pair_disk():
@@ -88,11 +88,15 @@ def test_runs_unprivileged_without_a_token():
 
 
 def test_env_carries_the_contract():
-    """command `kubeflash engine`; the spec as JSON, job identity, model dir and job dir in the environment."""
+    """command `kubeflash engine`; the canonical spec (every default filled in) as JSON, job identity, model dir
+    and job dir in the environment; the pod reads back exactly the JobSpec the operator parsed."""
     p = pod()
     e = env(p)
     assert container(p)["command"] == ["kubeflash", "engine"]
-    assert json.loads(e["KUBEFLASH_JOB_SPEC"]) == job_spec()
+    canonical = json.loads(e["KUBEFLASH_JOB_SPEC"])
+    assert canonical["generation"]["topP"] == 1.0 and canonical["resources"]["kvDisk"] == 10 << 30
+    parsed = parse_job_spec(job_spec(), name=JOB.name, namespace=JOB.namespace)
+    assert from_canonical(canonical, name=JOB.name, namespace=JOB.namespace) == parsed
     assert (e["KUBEFLASH_JOB_NAME"], e["KUBEFLASH_JOB_NAMESPACE"]) == ("summarize", "team-a")
     assert (e["KUBEFLASH_MODEL_DIR"], e["KUBEFLASH_JOB_DIR"]) == ("/models/m-1", "/job")
     assert "KUBEFLASH_INPUT_FILE" not in e and "KUBEFLASH_OUTPUT_DIR" not in e
@@ -102,7 +106,7 @@ def test_env_carries_the_contract():
 def test_engine_device_is_passed_to_the_pod():
     """The operator's --engine-device becomes the engine's KUBEFLASH_DEVICE (kind forces cpu)."""
     raw = job_spec()
-    p = build_pod(JOB, parse_job_spec(raw), raw, TARGET, attempt=1, device="cpu")
+    p = build_pod(JOB, parse_job_spec(raw, name=JOB.name, namespace=JOB.namespace), TARGET, attempt=1, device="cpu")
     assert env(p)["KUBEFLASH_DEVICE"] == "cpu"
 
 
@@ -122,10 +126,12 @@ def test_input_mounted_read_only(inp, volume, path):
 
 
 def test_output_pvc_mounted_writable():
-    """output.pvc mounts at /output and KUBEFLASH_OUTPUT_DIR points at its path."""
-    p = pod(output={"pvc": {"claimName": "results", "path": "run1/"}})
+    """output.pvc mounts at /output, KUBEFLASH_OUTPUT_DIR points at the claim's root; output.path travels in the
+    canonical spec (the engine resolves it inside the root)."""
+    p = pod(output={"pvc": {"claimName": "results"}, "path": "run1/out.jsonl"})
     assert {"name": "output", "persistentVolumeClaim": {"claimName": "results"}} in p["spec"]["volumes"]
-    assert env(p)["KUBEFLASH_OUTPUT_DIR"] == "/output/run1"
+    assert env(p)["KUBEFLASH_OUTPUT_DIR"] == "/output"
+    assert json.loads(env(p)["KUBEFLASH_JOB_SPEC"])["output"]["path"] == "run1/out.jsonl"
 
 
 @pytest.mark.parametrize(("image", "expected"), [(None, "img:default"), ("mine:1", "mine:1")],
@@ -148,7 +154,7 @@ def test_rejects_bad_attempt_and_long_names():
         pod_name("j", 0)
     raw = job_spec()
     with pytest.raises(ValueError, match="at most 56"):
-        build_pod(JobRef("ns", "x" * 57, "u"), parse_job_spec(raw), raw, TARGET, attempt=1)
+        build_pod(JobRef("ns", "x" * 57, "u"), parse_job_spec(raw, name="x", namespace="ns"), TARGET, attempt=1)
 
 
 def test_probe_reaches_the_engine_only_when_measured():

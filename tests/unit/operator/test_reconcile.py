@@ -11,10 +11,10 @@ from kubeflash_operator.config import OperatorConfig
 from kubeflash_operator.pods import PodView
 from kubeflash_operator.reconcile import Job, World, admit, step
 from kubeflash_operator.scheduler import Claim, node_view
-from kubeflash_operator.spec import parse_job_spec
+from kubeflash_api import parse_job_spec
 
 CFG = OperatorConfig(backoff_base_s=10, backoff_cap_s=60, unschedulable_timeout_s=120, image_pull_timeout_s=60)
-MODEL = parse_job_spec(job_spec()).model.id
+MODEL = parse_job_spec(job_spec(), name="j", namespace="default").model.id
 
 
 def make_job(status=None, **spec_overrides) -> Job:
@@ -62,7 +62,7 @@ def test_admit_invalid_job_fails_naming_the_field():
     """A malformed spec fails the job at once; the message and the event name the field path."""
     plan = admit(make_job(generation={"topP": 2}), now=NOW)
     assert plan.status["phase"] == "Failed" and plan.status["reason"] == "InvalidSpec"
-    assert plan.status["message"] == "spec.generation.topP must be in (0, 1], got 2"
+    assert plan.status["message"] == "spec.generation.topP must be > 0 and <= 1, got 2"
     assert plan.invalid is not None and plan.events[0].type == "Warning"
 
 

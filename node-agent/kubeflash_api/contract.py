@@ -1,0 +1,29 @@
+"""Names the operator, the agent, the CSI driver and the engine pod agree on (docs/contract.md)."""
+
+from __future__ import annotations
+
+GROUP = "kubeflash.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+JOB_KIND = "InferenceJob"
+NODE_KIND = "FlashNode"
+
+# The engine pod's environment, set by the operator (engine/cli_pod.py reads it).
+ENV_JOB_SPEC = "KUBEFLASH_JOB_SPEC"  # the job's canonical spec (kubeflash_api.canonical), JSON
+ENV_JOB_NAME = "KUBEFLASH_JOB_NAME"
+ENV_JOB_NAMESPACE = "KUBEFLASH_JOB_NAMESPACE"
+ENV_MODEL_DIR = "KUBEFLASH_MODEL_DIR"
+ENV_JOB_DIR = "KUBEFLASH_JOB_DIR"
+ENV_INPUT_FILE = "KUBEFLASH_INPUT_FILE"  # the mounted batch file (configMap or pvc input)
+ENV_OUTPUT_DIR = "KUBEFLASH_OUTPUT_DIR"  # the mounted output claim's root
+ENV_PROBE = "KUBEFLASH_PROBE"
+ENV_DEVICE = "KUBEFLASH_DEVICE"
+ENV_GPUS = "KUBEFLASH_GPUS"
+
+# Files in a job's directory (written by the engine, read by the agent as hostile input).
+RESULTS_FILE = "results.jsonl"
+PROGRESS_FILE = "progress.json"
+REPORT_FILE = "report.json"
+
+JOB_LABEL = "kubeflash.io/job"
+DEFAULT_KV_DISK = "10Gi"

@@ -1,0 +1,124 @@
+"""The FlashNode API: one per node, spec written by the operator (wanted models), status by the node agent."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubeflash_api import schema as s
+from kubeflash_api.errors import SpecError
+from kubeflash_api.inferencejob import DTYPES, QUANTIZATIONS, check_uri
+from kubeflash_api.metadata import METADATA
+from kubeflash_api.names import is_model_id, model_id
+from kubeflash_api.status import conditions
+
+MODEL_STATES = ("Pending", "Staging", "Ready", "Failed", "Evicted")
+MAX_MODELS = 256
+_TIME = {"fmt": "date-time"}
+_NUMA = {"lo": -1}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One wanted model of FlashNode.spec.models: its id is derived from the rest, never trusted as given."""
+
+    uri: str
+    dtype: str = "float16"
+    quantization: str = "none"
+    disk: str = ""
+
+    @property
+    def id(self) -> str:
+        return model_id(self.uri, dtype=self.dtype, quantization=self.quantization)
+
+    def to_dict(self) -> dict[str, str]:
+        out = {"id": self.id, "uri": self.uri, "dtype": self.dtype, "quantization": self.quantization}
+        return {**out, "disk": self.disk} if self.disk else out
+
+
+MODEL_ENTRY = s.obj(
+    "A model that should be staged on this node.",
+    ("id", s.string("model_id(uri, dtype, quantization); checked against the other fields.", min_len=1,
+                    max_len=128)),
+    ("uri", s.string("The model's source, as in InferenceJob spec.model.uri.", min_len=1, max_len=2048)),
+    ("dtype", s.string("The staged dtype.", enum=DTYPES, default="float16")),
+    ("quantization", s.string("The staged weight quantization.", enum=QUANTIZATIONS, default="none")),
+    ("disk", s.string("The disk the operator would like it on (the placed job's pair); a hint.")),
+    required=("id", "uri"))
+
+SPEC = s.obj(
+    "Desired state of the node's store: which models it should hold.",
+    ("nodeName", s.string("The Node this FlashNode describes.", min_len=1, max_len=253)),
+    ("models", s.array("Models that should be staged on this node (written by the operator).", MODEL_ENTRY,
+                       max_len=MAX_MODELS, list_map_keys=("id",))),
+    required=("nodeName",))
+
+STATUS = s.obj(
+    "What the node agent found and did: devices, pairs, staged models, KV reservations, heartbeat.",
+    ("gpus", s.array("The node's GPUs.", s.obj(
+        "One GPU.",
+        ("index", s.integer("The GPU's index (CUDA order).", lo=0)),
+        ("uuid", s.string("The GPU's UUID.")),
+        ("name", s.string("The GPU's product name.")),
+        ("memoryBytes", s.integer("GPU memory in bytes.", lo=0, fmt="int64")),
+        ("pciRoot", s.string("The PCIe root complex it hangs off.")),
+        ("numaNode", s.integer("Its NUMA node (-1: unknown).", **_NUMA)),
+        ("h2dGBps", s.number("Measured host-to-device bandwidth, GB/s.", lo=0)),
+        required=("index",)))),
+    ("disks", s.array("The node's store disks.", s.obj(
+        "One SSD with a kubeflash store.",
+        ("name", s.string("The disk's name in the agent's config.")),
+        ("path", s.string("Store root on this disk, e.g. /var/lib/kubeflash.")),
+        ("pciRoot", s.string("The PCIe root complex it hangs off.")),
+        ("numaNode", s.integer("Its NUMA node (-1: unknown).", **_NUMA)),
+        ("capacityBytes", s.integer("The store's capacity in bytes.", lo=0, fmt="int64")),
+        ("freeBytes", s.integer("Free for new models and KV reservations (unused parts of existing reservations "
+                                "already subtracted).", lo=0, fmt="int64")),
+        ("readGBps", s.number("Measured read bandwidth, GB/s.", lo=0)),
+        ("writeGBps", s.number("Measured write bandwidth, GB/s.", lo=0)),
+        required=("name", "path")))),
+    ("pairs", s.array("GPU<->SSD pairs: each GPU with its closest store disk.", s.obj(
+        "One pair.", ("gpu", s.integer("The GPU's index.", lo=0)), ("disk", s.string("The disk's name.")),
+        required=("gpu", "disk")))),
+    ("models", s.array("Models in the node's store, with their staging state.", s.obj(
+        "One model copy.",
+        ("id", s.string("The model's id.")),
+        ("uri", s.string("Its source, credentials redacted.")),
+        ("disk", s.string("The disk holding it.")),
+        ("state", s.string("Pending, Staging, Ready, Failed or Evicted.", enum=MODEL_STATES)),
+        ("bytes", s.integer("Bytes on disk.", lo=0, fmt="int64")),
+        ("progress", s.number("Percent staged.", lo=0, hi=100)),
+        ("lastUsed", s.string("When a job last used it (eviction is least recently used first).", **_TIME)),
+        ("message", s.string("Why it failed, for people.")),
+        required=("id", "state")))),
+    ("gpuCount", s.integer("How many GPUs the agent found (for kubectl get fn).", lo=0)),
+    ("pairCount", s.integer("How many GPU<->SSD pairs (for kubectl get fn).", lo=0)),
+    ("freeSSD", s.string("Free store space over all disks, e.g. 1.5 TiB (for kubectl get fn).")),
+    ("modelsReady", s.integer("How many models are Ready (for kubectl get fn).", lo=0)),
+    ("kvAllocations", s.array("KV space reserved for jobs placed here.", s.obj(
+        "One job's reservation.",
+        ("job", s.string('"<namespace>/<name>"')),
+        ("disk", s.string("The disk it is on.")),
+        ("bytes", s.integer("Reserved bytes.", lo=0, fmt="int64")),
+        ("path", s.string("The job's directory on that disk.")),
+        required=("job", "disk")))),
+    ("heartbeat", s.string("When the agent last wrote this status.", **_TIME)),
+    ("conditions", conditions("Ready (the agent reports), as metav1.Conditions.")),
+)
+
+OBJECT = s.obj("A GPU/SSD node's devices, GPU<->SSD pairs, staged models and KV space.",
+               ("apiVersion", s.string("kubeflash.io/v1alpha1.")), ("kind", s.string("FlashNode.")),
+               ("metadata", METADATA), ("spec", SPEC), ("status", STATUS), required=("spec",))
+
+
+def parse_model_entry(raw: Any, path: str) -> ModelEntry:
+    """One entry of spec.models, as the agent reads it: its id must be the one its other fields give."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(path, f"must be an object, got {type(raw).__name__}")
+    d = s.parse(MODEL_ENTRY, raw, path)
+    check_uri(d["uri"], f"{path}.uri")
+    entry = ModelEntry(uri=d["uri"], dtype=d["dtype"], quantization=d["quantization"], disk=d.get("disk", ""))
+    if not is_model_id(d["id"]) or d["id"] != entry.id:
+        raise SpecError(f"{path}.id", f"must be {entry.id} (model_id of uri, dtype and quantization), got {d['id']!r}")
+    return entry
