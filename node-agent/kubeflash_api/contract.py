@@ -26,4 +26,12 @@ PROGRESS_FILE = "progress.json"
 REPORT_FILE = "report.json"
 
 JOB_LABEL = "kubeflash.io/job"
+
+# The CSI driver (docs/csi.md): its name and the inline-volume attributes the operator sets and the driver reads.
+CSI_DRIVER = "kubeflash.io"
+CSI_MODEL_ID = "kubeflash.io/model-id"  # a staged model, mounted read-only
+CSI_KV_SIZE = "kubeflash.io/kv-size"  # a sized KV space (bytes or a quantity)
+CSI_JOB = "kubeflash.io/job"  # the job's directory in the pod's namespace
+CSI_DISK = "kubeflash.io/disk"  # optional: the store disk's name
+CSI_MIN_KV = 16 << 20  # the smallest KV volume (an ext4 image smaller than this is mostly metadata)
 DEFAULT_KV_DISK = "10Gi"

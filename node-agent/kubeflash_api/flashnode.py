@@ -112,13 +112,19 @@ OBJECT = s.obj("A GPU/SSD node's devices, GPU<->SSD pairs, staged models and KV 
                ("metadata", METADATA), ("spec", SPEC), ("status", STATUS), required=("spec",))
 
 
-def parse_model_entry(raw: Any, path: str) -> ModelEntry:
-    """One entry of spec.models, as the agent reads it: its id must be the one its other fields give."""
+def parse_model_entry(raw: Any, path: str, *, require_id: bool = True) -> ModelEntry:
+    """One entry of spec.models, as the agent reads it: its id must be the one its other fields give (an entry of
+    the agent's own config may leave the id out: `require_id=False`)."""
     if not isinstance(raw, Mapping):
         raise SpecError(path, f"must be an object, got {type(raw).__name__}")
+    if not require_id and raw.get("id") is None:
+        raw = {**raw, "id": "derived"}
+        require_id = False
+    else:
+        require_id = True
     d = s.parse(MODEL_ENTRY, raw, path)
     check_uri(d["uri"], f"{path}.uri")
     entry = ModelEntry(uri=d["uri"], dtype=d["dtype"], quantization=d["quantization"], disk=d.get("disk", ""))
-    if not is_model_id(d["id"]) or d["id"] != entry.id:
+    if require_id and (not is_model_id(d["id"]) or d["id"] != entry.id):
         raise SpecError(f"{path}.id", f"must be {entry.id} (model_id of uri, dtype and quantization), got {d['id']!r}")
     return entry

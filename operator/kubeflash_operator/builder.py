@@ -2,7 +2,8 @@
 
 Pure: everything it needs comes in as arguments, so the manifest is unit-tested without a cluster. The pod is
 pinned to the placed node by required node affinity (the native scheduler still checks GPUs and memory),
-mounts the node's model store read-only and the job's directory on the paired SSD, and runs unprivileged.
+mounts its model (read-only), its job directory and its sized KV space as CSI inline volumes of the
+kubeflash.io driver on the paired SSD (no hostPath), and runs unprivileged.
 """
 
 from __future__ import annotations
@@ -171,16 +172,24 @@ def _resources(spec: JobSpec) -> dict[str, Any]:
     return {"limits": limits, "requests": requests}
 
 
+def _csi(attributes: dict[str, str], *, read_only: bool = False) -> dict[str, Any]:
+    """A CSI ephemeral inline volume of the kubeflash.io driver (docs/csi.md): created with the pod, on its node."""
+    return {"driver": c.CSI_DRIVER, "readOnly": read_only, "volumeAttributes": attributes}
+
+
 def _volumes(job: JobRef, spec: JobSpec, target: PodTarget) -> tuple[list[dict], list[dict]]:
-    root, model_root = target.disk_path.rstrip("/"), target.model_disk_path.rstrip("/")
+    kv_bytes = max(spec.resources.kv_disk, c.CSI_MIN_KV)  # the driver's smallest KV volume
     volumes: list[dict[str, Any]] = [
-        {"name": "models", "hostPath": {"path": f"{model_root}/models", "type": "Directory"}},
-        {"name": "job", "hostPath": {"path": f"{root}/jobs/{job.namespace}/{job.name}", "type": "DirectoryOrCreate"}},
+        {"name": "model", "csi": _csi({c.CSI_MODEL_ID: target.model_id, c.CSI_DISK: target.model_disk},
+                                      read_only=True)},
+        {"name": "job", "csi": _csi({c.CSI_JOB: job.name, c.CSI_DISK: target.disk})},
+        {"name": "kv", "csi": _csi({c.CSI_KV_SIZE: str(kv_bytes), c.CSI_DISK: target.disk})},
         {"name": "tmp", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
-        {"name": "models", "mountPath": "/models", "readOnly": True},
+        {"name": "model", "mountPath": f"/models/{target.model_id}", "readOnly": True},
         {"name": "job", "mountPath": "/job"},
+        {"name": "kv", "mountPath": "/job/kv"},  # the engine's disk KV tier (KUBEFLASH_JOB_DIR/kv)
         {"name": "tmp", "mountPath": "/tmp"},
     ]
     if spec.input.config_map:

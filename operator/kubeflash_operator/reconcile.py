@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from kubeflash_api import JobSpec, SpecError, parse_job_spec
+from kubeflash_api.flashnode import ModelEntry
 from kubeflash_api.inferencejob import check_cluster
 from kubeflash_operator import status as st
 from kubeflash_operator.builder import PodTarget, pod_name
@@ -267,8 +268,8 @@ def _ready_copy(node: NodeView, model_id: str, disk: str | None):
 
 
 def _request_model(plan: Plan, spec: JobSpec, node: NodeView, view: Mapping) -> None:
-    entry = {"id": spec.model.id, "uri": spec.model.uri, "dtype": spec.model.dtype,
-             "quantization": spec.model.quantization, "disk": view.get("disk") or ""}
+    entry = ModelEntry(uri=spec.model.uri, dtype=spec.model.dtype, quantization=spec.model.quantization,
+                       disk=view.get("disk") or "").to_dict()
     plan.stage = StageModel(node=node.name, entry=entry)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kubeflash_api import SpecError, parse_quantity
-from kubeflash_api.inferencejob import DTYPES, QUANTIZATIONS
+from kubeflash_api.flashnode import parse_model_entry
 
 DEFAULT_STORE = Path("/var/lib/kubeflash")
 DEFAULT_LISTEN = "127.0.0.1:9477"
@@ -195,21 +195,17 @@ def parse_disk(raw: Any, where: str, index: int) -> DiskSpec:
 
 
 def parse_model(raw: Any, where: str) -> ModelWant:
+    """A wanted model: a spec.models entry (its id checked) or a config entry (a uri string, or an object without
+    an id), by the API's one parser (kubeflash_api.flashnode)."""
     if isinstance(raw, str):
-        raw = {"uri": raw}
+        raw = {"uri": raw.strip()}
     raw = _mapping(raw, where)
-    _check_keys(raw, {"uri", "dtype", "quantization", "disk", "id"}, where)
-    uri = raw.get("uri")
-    if not isinstance(uri, str) or not uri.strip():
-        raise ConfigError(f"{where}.uri is required (builtin:…, dummy:…, http(s)://… or an absolute path)")
-    dtype = raw.get("dtype") or "float16"
-    if dtype not in DTYPES:
-        raise ConfigError(f"{where}.dtype must be one of {DTYPES}, got {dtype!r}")
-    quant = raw.get("quantization") or "none"
-    if quant not in QUANTIZATIONS:
-        raise ConfigError(f"{where}.quantization must be one of {QUANTIZATIONS}, got {quant!r}")
-    return ModelWant(uri=uri.strip(), dtype=dtype, quantization=quant, disk=str(raw.get("disk") or ""),
-                     id=str(raw.get("id") or ""))
+    try:
+        entry = parse_model_entry(raw, where, require_id=False)
+    except SpecError as e:
+        raise ConfigError(str(e)) from None
+    return ModelWant(uri=entry.uri, dtype=entry.dtype, quantization=entry.quantization, disk=entry.disk,
+                     id=entry.id)
 
 
 def parse_job(raw: Any, where: str) -> JobWant:

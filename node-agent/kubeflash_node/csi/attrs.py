@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from kubeflash_api import contract as c
 from kubeflash_api.errors import SpecError
 from kubeflash_api.names import MODEL_ID as MODEL_ID_RULE
 from kubeflash_api.names import is_model_id
@@ -21,15 +22,12 @@ from kubeflash_api.quantity import parse_quantity
 
 from .errors import CsiError
 
-MODEL_ID = "kubeflash.io/model-id"
-KV_SIZE = "kubeflash.io/kv-size"
-JOB = "kubeflash.io/job"
-DISK = "kubeflash.io/disk"
+MODEL_ID, KV_SIZE, JOB, DISK = c.CSI_MODEL_ID, c.CSI_KV_SIZE, c.CSI_JOB, c.CSI_DISK
 KINDS = {MODEL_ID: "model", KV_SIZE: "kv", JOB: "job"}
 KNOWN = set(KINDS) | {DISK}
 KUBELET_PREFIX = "csi.storage.k8s.io/"
 POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
-MIN_KV = 16 << 20  # below this ext4's own metadata takes a large share of the image
+MIN_KV = c.CSI_MIN_KV
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 

@@ -12,6 +12,7 @@ import logging
 import grpc
 from google.protobuf import wrappers_pb2
 
+from kubeflash_api import contract as c
 from kubeflash_node import __version__
 
 from .attrs import parse_request
@@ -21,7 +22,7 @@ from .pb import csi_pb2_grpc as pb_grpc
 from .volumes import Volumes
 
 log = logging.getLogger(__name__)
-DRIVER = "kubeflash.io"
+DRIVER = c.CSI_DRIVER
 TOPOLOGY_KEY = "topology.kubeflash.io/node"
 
 

@@ -64,16 +64,42 @@ def test_cpu_memory_becomes_a_memory_request():
     assert res["requests"]["memory"] == str(64 << 30) and "memory" not in res["limits"]
 
 
-def test_store_read_only_and_job_dir_on_the_pair_disk():
-    """The model store mounts read-only from the model's disk; the job dir is a DirectoryOrCreate hostPath."""
-    p = pod()
+def test_model_job_and_kv_are_csi_inline_volumes_on_the_pair_disk():
+    """The model mounts read-only at KUBEFLASH_MODEL_DIR, the job dir at /job and a KV space of exactly
+    resources.kvDisk at /job/kv, all three CSI inline volumes of kubeflash.io naming their disk; no hostPath."""
+    p = pod(resources={"kvDisk": "20Gi"})
     volumes = {v["name"]: v for v in p["spec"]["volumes"]}
     mounts = {m["name"]: m for m in container(p)["volumeMounts"]}
-    assert volumes["models"]["hostPath"] == {"path": "/mnt/nvme1/kubeflash/models", "type": "Directory"}
-    assert mounts["models"] == {"name": "models", "mountPath": "/models", "readOnly": True}
-    assert volumes["job"]["hostPath"] == {"path": "/mnt/nvme1/kubeflash/jobs/team-a/summarize",
-                                          "type": "DirectoryOrCreate"}
-    assert mounts["job"]["mountPath"] == "/job" and not mounts["job"].get("readOnly")
+    assert volumes["model"]["csi"] == {"driver": "kubeflash.io", "readOnly": True, "volumeAttributes": {
+        "kubeflash.io/model-id": "m-1", "kubeflash.io/disk": "nvme1"}}
+    assert mounts["model"] == {"name": "model", "mountPath": "/models/m-1", "readOnly": True}
+    assert env(p)["KUBEFLASH_MODEL_DIR"] == mounts["model"]["mountPath"]
+    assert volumes["job"]["csi"]["volumeAttributes"] == {"kubeflash.io/job": "summarize", "kubeflash.io/disk": "nvme1"}
+    assert mounts["job"]["mountPath"] == env(p)["KUBEFLASH_JOB_DIR"] == "/job" and not mounts["job"].get("readOnly")
+    assert volumes["kv"]["csi"]["volumeAttributes"] == {"kubeflash.io/kv-size": str(20 << 30),
+                                                        "kubeflash.io/disk": "nvme1"}
+    assert volumes["kv"]["csi"]["readOnly"] is False and mounts["kv"]["mountPath"] == "/job/kv"
+    assert not [v for v in p["spec"]["volumes"] if "hostPath" in v]
+
+
+def test_model_on_another_disk_than_the_pair():
+    """A model staged on another disk of the node is asked for on that disk; the job's spaces stay on the pair's."""
+    other = PodTarget(node="n", gpus=(0,), disk="nvme0", disk_path="/var/lib/kubeflash", model_id="m-2",
+                      model_disk="nvme1", model_disk_path="/mnt/nvme1/kubeflash")
+    volumes = {v["name"]: v["csi"]["volumeAttributes"] for v in pod(target=other)["spec"]["volumes"] if "csi" in v}
+    assert volumes["model"]["kubeflash.io/disk"] == "nvme1"
+    assert volumes["job"]["kubeflash.io/disk"] == volumes["kv"]["kubeflash.io/disk"] == "nvme0"
+
+
+def test_csi_volume_attributes_are_what_the_driver_parses():
+    """The operator's volumes pass the CSI driver's own attribute check (kubeflash_node.csi.attrs)."""
+    attrs = pytest.importorskip("kubeflash_node.csi.attrs")
+    target = TARGET.__class__(**{**TARGET.__dict__, "model_id": "smollm2-135m-0123456789abcdef"})
+    for v in pod(target=target)["spec"]["volumes"]:
+        if "csi" in v:
+            ctx = {**v["csi"]["volumeAttributes"], "csi.storage.k8s.io/pod.namespace": JOB.namespace}
+            req = attrs.parse_request("vol", "/t", ctx, read_only=v["csi"]["readOnly"])
+            assert req.kind == {"model": "model", "job": "job", "kv": "kv"}[v["name"]]
 
 
 def test_runs_unprivileged_without_a_token():
