@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_harness import model_id, write_tiny_llama
+from agent_harness import model_id, wait_for, write_tiny_llama
 
 from kubeflash_node.agent.space import estimate_store_bytes
 from kubeflash_node.agent.fsutil import tree_bytes
@@ -38,13 +38,23 @@ def catalog(tmp_path: Path) -> dict:
 
 def test_in_use_model_is_never_evicted(tmp_path, three, agents):
     """A (oldest) is read by a running job, so staging C evicts B; B is still wanted and shows Evicted
-    (it may come back only without pushing out another wanted model)."""
+    (it may come back only without pushing out another wanted model).
+
+    B is retried every retryInterval (1 s here) and each retry finds no room: the test waits until one such
+    retry has been answered, and B's status must still say why it was evicted. (It once failed under CPU load:
+    C took longer than the retry interval, and B's message had become only the retry's "does not fit".)"""
     root, (a, b, c), capacity = three
     agent = agents(base_config(tmp_path, root, capacity, [a, b, c],
                                jobs=[{"namespace": "default", "name": "uses-a", "model": a, "quota": "8Ki"}])).start()
     agent.wait_model(model_id(c))
-    row_b = agent.wait_model(model_id(b), states=("Evicted",))
+
+    def b_retried():
+        row = agent.models().get(model_id(b))
+        return row if row and row["state"] == "Evicted" and "(last try:" in row.get("message", "") else None
+
+    row_b = wait_for(b_retried, 120, what="B Evicted after a retry that did not fit", log=agent.log)
     assert f"to make room for {model_id(c)}" in row_b["message"]
+    assert "does not fit on disk ssd0" in row_b["message"]
     assert set(catalog(tmp_path)) == {model_id(a), model_id(c)}
     assert not (tmp_path / "ssd0" / "models" / model_id(b)).exists()
     assert 'kubeflash_agent_evictions_total{disk="ssd0"} 1.0' in agent.get("/metrics")[1]

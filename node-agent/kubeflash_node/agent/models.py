@@ -17,13 +17,14 @@ from typing import Callable
 from kubeflash_node.store import pins
 from kubeflash_node.store.format import StoreError, load_manifest
 from kubeflash_node.store.ids import model_id
+from kubeflash_node.store.scratch import clean_stale
 
 from .catalog import Catalog, ModelRecord
 from .config import AgentConfig, ModelWant
 from .devices import Disk
 from .fsutil import TRASH, clean_leftovers, trash, tree_bytes
 from .metrics import Metrics
-from .paths import STAGING, SourceRejected, catalog_path, model_dir, models_dir, resolve_source
+from .paths import SourceRejected, catalog_path, model_dir, models_dir, resolve_source
 from .space import Candidate, evictable_bytes, human, plan_eviction
 from .staging import Stager, Task
 from .timefmt import rfc3339
@@ -41,6 +42,7 @@ class Entry:
     state: str  # Pending | Staging | Failed | Evicted
     message: str = ""
     since: float = 0.0  # when it entered this state
+    evicted: str = ""  # why it was evicted; kept through retries that do not fit, so status still says it
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class ModelCache:
         for d in self.disks.values():
             root = models_dir(d.path)
             root.mkdir(mode=0o755, parents=True, exist_ok=True)
-            left = clean_leftovers(root, (STAGING, TRASH, ".old-"))
+            left = clean_stale(root) + clean_leftovers(root, (TRASH, ".old-"))  # staging dirs no live process holds
             left += clean_leftovers(d.path, (".catalog.json.", ".probe-"))
             if left:
                 log.info("removed leftovers of an interrupted run", extra={"disk": d.name, "entries": left})
@@ -161,7 +163,8 @@ class ModelCache:
         if newly:
             self.metrics.cache_misses.inc()
         evicted = e is not None and e.state == "Evicted"
-        self.entries[mid] = Entry(mid, want.uri, disk.name, "Pending", e.message if evicted else "", now)
+        self.entries[mid] = Entry(mid, want.uri, disk.name, "Pending", e.message if evicted else "", now,
+                                  evicted=e.evicted if evicted else "")
         # an evicted model comes back by pushing out wanted ones only when a job on this node needs it
         self.stager.submit(Task(id=mid, want=want, source=source, disk=disk,
                                 evict_only_unwanted=evicted and mid not in self.in_use))
@@ -197,9 +200,10 @@ class ModelCache:
         self.metrics.evictions.labels(disk=disk.name).inc()
         log.info("evicted model", extra={"model": mid, "disk": disk.name, "for": for_id})
         if mid in self.wanted:
-            self.entries[mid] = Entry(mid, record.uri if record else "", disk.name, "Evicted",
-                                      f"evicted from disk {disk.name} to make room for {for_id}; staged again "
-                                      "when it fits without evicting a wanted model", time.time())
+            why = (f"evicted from disk {disk.name} to make room for {for_id}; staged again when it fits without "
+                   "evicting a wanted model")
+            self.entries[mid] = Entry(mid, record.uri if record else "", disk.name, "Evicted", why, time.time(),
+                                      evicted=why)
 
     def _done(self, task: Task, nbytes: int) -> None:
         now = time.time()
@@ -214,11 +218,14 @@ class ModelCache:
         with self.lock:
             self.metrics.staging_failures.labels(kind=kind).inc()
             old = self.entries.get(task.id)
-            if old is None or old.message != message:
+            state = "Evicted" if kind == "nofit" and task.evict_only_unwanted else "Failed"
+            evicted = old.evicted if old is not None and state == "Evicted" else ""
+            shown = f"{evicted} (last try: {message})" if evicted else message
+            if old is None or old.message != shown:
                 log.warning("model not staged", extra={"model": task.id, "kind": kind, "error": message})
             if task.id in self.wanted:
-                state = "Evicted" if kind == "nofit" and task.evict_only_unwanted else "Failed"
-                self.entries[task.id] = Entry(task.id, task.want.uri, task.disk.name, state, message, time.time())
+                self.entries[task.id] = Entry(task.id, task.want.uri, task.disk.name, state, shown, time.time(),
+                                              evicted=evicted)
 
     # ----------------------------------------------------------------------------------------- status
 

@@ -18,7 +18,6 @@ from kubeflash_node.store.ids import job_dir_name
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,127}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
-STAGING = ".staging-"
 ARCHIVES = {".tar": "source.tar", ".tar.gz": "source.tar.gz", ".tgz": "source.tar.gz"}
 
 

@@ -2,8 +2,9 @@
 
 A child of the agent (it dies with it), so a model being staged can be cancelled by killing it and torch is
 never loaded into the agent. It downloads (http), unpacks (.tar archives, with tarfile's "data" filter),
-converts into `<staging>/<model-id>` via store.convert, verifies every sha256 and makes the tree readable
-by the engine's unprivileged user. The agent renames the result into models/ and removes the staging dir.
+converts into `<staging>/<model-id>` via store.convert, makes the tree readable by the engine's
+unprivileged user and verifies every sha256 (stamping the verdict, store.format.verify_model). The agent
+renames the result into models/ and removes the staging dir.
 
 Protocol: one JSON event per line on stdout. Before each large write the worker sends
 {"event": "need", "bytes": N, "phase": ...} and waits for "go" on stdin (the agent makes room, evicting if
@@ -65,10 +66,10 @@ class Worker:
         out = self.convert(src, base)
         self.phase = "verify"
         self.progress(0, 100, 0.95 if self.http else 0.9)
-        from kubeflash_node.store.format import verify
+        from kubeflash_node.store.format import verify_model
 
-        verify(out)
         make_readable(out)
+        verify_model(out)  # every sha256; its stamp spares the engine a second full read on first load
         self.emit("done", bytes=tree_bytes(out))
         return 0
 

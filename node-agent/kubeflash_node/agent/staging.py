@@ -3,7 +3,8 @@
 Each model is staged by a child process (stageworker) into `models/.staging-<id>-<suffix>/` and renamed into
 `models/<id>` only when converted and verified, so nothing half-written is ever under a model's name. The
 child is killed with the agent (PR_SET_PDEATHSIG) and when its model stops being wanted; the staging
-directory is always removed afterwards (and on the next start if the agent itself was killed).
+directory is always removed afterwards, and on the next start if the agent itself was killed: it is
+locked (store.scratch) while its stager lives, so the cleanup never touches a live one.
 """
 
 from __future__ import annotations
@@ -13,22 +14,21 @@ import json
 import logging
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from kubeflash_node.store.format import fsync_dir
+from kubeflash_node.store.scratch import STAGING, Scratch
 
 from .config import ModelWant
 from .devices import Disk
 from .fsutil import trash
-from .paths import STAGING, Source, model_dir, models_dir
+from .paths import Source, model_dir, models_dir
 from .stageworker import EXIT_STOPPED
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,8 @@ class Stager:
     def _run(self, task: Task) -> None:
         root = models_dir(task.disk.path)
         root.mkdir(mode=0o755, parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{task.id}-", dir=root))
-        try:
-            self._stage(task, staging)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with Scratch(root, f"{STAGING}{task.id}-") as scratch:  # locked while we live; removed afterwards
+            self._stage(task, scratch.path)
 
     def _stage(self, task: Task, staging: Path) -> None:
         req = {"kind": task.source.kind, "ref": task.source.ref, "fetchName": task.source.fetch_name,

@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
     from kubeflash_api import SpecError, from_canonical
     from kubeflash_api import contract as c
     from kubeflash_api.batch import read_batch
-    from ..store.format import StoreError, load_manifest
+    from ..store.format import StoreError, verify_model
     from .cli_run import resolve_device
     from .generate import EngineError
     from .job import run_job
@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
         if os.environ.get(c.ENV_INPUT_FILE):  # configMap or PVC input, mounted by the operator
             spec = spec.with_prompts(read_batch(Path(os.environ[c.ENV_INPUT_FILE]), field="spec.input"))
         model_dir, job_dir = Path(_env("KUBEFLASH_MODEL_DIR")), Path(_env("KUBEFLASH_JOB_DIR"))
-        manifest = load_manifest(model_dir)
+        manifest = verify_model(model_dir)  # sha256 of every file, once per node (cached verdict)
         device = resolve_device(args.device)
         output = job_dir / "results.jsonl"
         machine = None

@@ -1,63 +1,94 @@
 """A local model cache: converts a source once into `<root>/models/<model-id>` and reuses it afterwards.
 
-Used by `kubeflash run` on one machine; the node agent stages into the same layout on each SSD.
+Used by `kubeflash run` on one machine; the node agent stages into the same layout on each SSD. A model is
+handed out only verified (store.format.verify_model); each call first removes what killed runs left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
-from .format import Manifest, StoreError, load_manifest
+from .format import MANIFEST, Manifest, StoreError, verify_model
 from .ids import model_id
+from .scratch import STAGING, Scratch, clean_stale
 
 DEFAULT_ROOT = Path(os.environ.get("KUBEFLASH_HOME", Path.home() / ".cache" / "kubeflash"))
 
 
 def fetch_url(url: str, dest: Path, *, progress=None) -> Path:
-    """Download an http(s) source to `dest` (temp name, then rename), so a half download is never used."""
+    """Download an http(s) source to `dest` (in a locked scratch dir, then rename): a half download is never
+    used, and one left by a killed run is removed by the next ensure_model."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
         return dest
-    tmp = dest.with_name(f".{dest.name}.part")
-    with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-        total = int(r.headers.get("Content-Length") or 0)
-        done = 0
-        while block := r.read(8 << 20):
-            f.write(block)
-            done += len(block)
-            if progress:
-                progress(done, total)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
+    with Scratch(dest.parent, f"{STAGING}{dest.name}-") as scratch:
+        tmp = scratch.path / "part"
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0)
+            done = 0
+            while block := r.read(8 << 20):
+                f.write(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
     return dest
 
 
 def ensure_model(uri: str, *, dtype: str = "float16", quantization: str = "none", root: Path = DEFAULT_ROOT,
                  progress_bar: bool = True) -> tuple[Path, Manifest]:
-    """Return (model_dir, manifest), converting the source into the cache first if it is not there.
+    """Return (model_dir, manifest) of a verified model, converting the source into the cache first if it is
+    not there.
 
-    quantization (none | int8 | int4, the job's spec.model.quantization) is part of the model id.
+    quantization (none | int8 | int4, the job's spec.model.quantization) is part of the model id. Leftovers of
+    killed runs (scratch dirs no live process holds) are removed first; concurrent calls for one model convert
+    it once (a lock file per model). Every file is checked against its sha256 on first use (verify_model).
     """
+    models = Path(root) / "models"
+    model_dir = models / model_id(uri, dtype=dtype, quantization=quantization)
+    models.mkdir(parents=True, exist_ok=True)
+    clean_stale(models)
+    clean_stale(Path(root) / "downloads")
+    with _model_lock(models / f".{model_dir.name}.lock"):
+        if not (model_dir / MANIFEST).exists():
+            _convert_into(uri, model_dir, root=Path(root), dtype=dtype, quantization=quantization,
+                          progress_bar=progress_bar)
+        return model_dir, verify_model(model_dir)  # a broken published model: an error naming the file
+
+
+def _convert_into(uri: str, model_dir: Path, *, root: Path, dtype: str, quantization: str,
+                  progress_bar: bool) -> Manifest:
     from .convert import convert
 
-    model_dir = Path(root) / "models" / model_id(uri, dtype=dtype, quantization=quantization)
-    try:
-        return model_dir, load_manifest(model_dir)
-    except StoreError:
-        if model_dir.exists() and (model_dir / "manifest.json").exists():
-            raise  # a broken published model: say so rather than silently rebuilding over it
+    if model_dir.exists():  # a directory without a manifest is no model (none is published that way)
+        raise StoreError(f"{model_dir}: exists but has no {MANIFEST}; remove it and run again")
     src = uri
     if uri.startswith(("http://", "https://")):
         name = uri.rstrip("/").rsplit("/", 1)[-1] or "model.gguf"
-        src = str(fetch_url(uri, Path(root) / "downloads" / f"{model_dir.name}-{Path(name).name}"))
+        src = str(fetch_url(uri, root / "downloads" / f"{model_dir.name}-{Path(name).name}"))
     bar = _bar(f"converting {uri}", progress_bar)
     manifest = convert(src, model_dir, dtype=dtype, quantization=quantization,
                        progress=lambda n, total, stage: bar(n, total, stage))
     bar.close()
-    return model_dir, manifest
+    return manifest
+
+
+@contextlib.contextmanager
+def _model_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created if missing) for the duration; the kernel drops it if we die."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class _bar:

@@ -2,7 +2,10 @@
 
 A stage file is read with one large sequential read into one buffer; tensors are views at recorded offsets.
 `manifest.json` holds the architecture config, dtype, tokenizer reference, per-tensor offsets and a sha256
-per file. Every write is crash-safe (temp + fsync + rename) and a model directory appears only when whole.
+per file (stage files in `files`, the others, such as the tokenizer's, in `extra.other_files`); verify_model
+checks them all on a model's first load and caches the verdict. Every write is crash-safe (temp + fsync +
+rename) and a model directory appears only when whole; its scratch dir is locked (store.scratch), so a killed
+conversion's is removed by the next one.
 This module knows nothing of torch: tensors arrive as numpy arrays.
 """
 
@@ -11,13 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from .scratch import STAGING, Scratch, clean_stale
 
 FORMAT = "kubeflash-store/1"
 ALIGN = 4096
@@ -53,7 +58,7 @@ class Manifest:
     """Everything needed to stream a stored model without opening any other file first."""
 
     architecture: str  # llama | opt
-    config: dict  # ModelConfig fields (see kubeflash_node.engine.config)
+    config: dict  # ModelConfig fields (see kubeflash_node.store.modelconfig)
     dtype: str
     files: dict[str, FileEntry]
     stages: list[str]  # file names in execution order: embed, layer_000.., head
@@ -132,12 +137,14 @@ def align_up(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> None:
     """Write a small file crash-safely: temp file in the same directory, fsync, rename, fsync the dir."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -209,7 +216,10 @@ class ModelWriter:
         if self.out_dir.exists() and not overwrite:
             raise StoreError(f"{self.out_dir}: already exists (pass --overwrite to replace it)")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.out_dir.parent, prefix=f".staging-{self.out_dir.name}-"))
+        prefix = f"{STAGING}{self.out_dir.name}-"
+        clean_stale(self.out_dir.parent, (prefix,))  # what an earlier, killed conversion of this model left
+        self.scratch = Scratch(self.out_dir.parent, prefix)
+        self.tmp = self.scratch.path
         self.files: dict[str, FileEntry] = {}
 
     def add_stage(self, name: str, tensors: Iterable[tuple[str, np.ndarray, str]]) -> FileEntry:
@@ -218,43 +228,76 @@ class ModelWriter:
         return entry
 
     def publish(self, manifest: Manifest) -> Path:
+        """Write the manifest (recording the sha256 of the files that are not stages, such as the tokenizer's,
+        in manifest.extra["other_files"]) and rename the directory into place."""
+        manifest.extra["other_files"] = checksum_other_files(self.tmp, skip=set(manifest.files))
         atomic_write_json(self.tmp / MANIFEST, manifest.to_json())
         fsync_dir(self.tmp)
-        if self.out_dir.exists():  # --overwrite: move the old one aside first, then drop it
-            old = self.out_dir.with_name(f".old-{self.out_dir.name}-{os.getpid()}")
-            os.replace(self.out_dir, old)
-            os.replace(self.tmp, self.out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+        if self.out_dir.exists():  # --overwrite: move the old one into a scratch dir first, then drop it
+            with Scratch(self.out_dir.parent, f"{STAGING}{self.out_dir.name}-old-") as old:
+                os.replace(self.out_dir, old.path / "old")
+                os.replace(self.tmp, self.out_dir)
         else:
             os.replace(self.tmp, self.out_dir)
+        self.scratch.release()
         fsync_dir(self.out_dir.parent)
         return self.out_dir
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.scratch.remove()
+
+
+def checksum_other_files(model_dir: Path, *, skip: set[str]) -> dict[str, dict]:
+    """{relative path: {size, sha256}} of every regular file under `model_dir` but the manifest, its
+    verified stamp and the names in `skip` (the stage files, which the manifest records with their tensors)."""
+    out = {}
+    for path in sorted(Path(model_dir).rglob("*")):
+        rel = path.relative_to(model_dir).as_posix()
+        if path.is_file() and not path.is_symlink() and rel not in skip | {MANIFEST, STAMP}:
+            out[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    return out
 
 
 def load_manifest(model_dir: Path) -> Manifest:
     """Read and check a model directory's manifest and that every file is present with the recorded size."""
-    model_dir = Path(model_dir)
+    return _read_manifest(Path(model_dir))[0]
+
+
+def _read_manifest(model_dir: Path) -> tuple[Manifest, bytes]:
+    """(manifest, its raw bytes), after the cheap checks of load_manifest."""
     path = model_dir / MANIFEST
     if not model_dir.is_dir():
         raise StoreError(f"{model_dir}: no such model directory (convert the model first: kubeflash convert)")
     if not path.is_file():
         raise StoreError(f"{path}: missing; {model_dir} is not a complete kubeflash model")
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"{path}: not valid JSON ({e})") from e
     manifest = Manifest.from_json(data, where=str(path))
-    for name, entry in manifest.files.items():
+    for name, (size, _) in checked_files(manifest, where=str(path)).items():
         f = model_dir / name
         if not f.is_file():
             raise StoreError(f"{f}: missing (listed in {MANIFEST})")
-        size = f.stat().st_size
-        if size != entry.size:
-            raise StoreError(f"{f}: {size} bytes, expected {entry.size} (truncated or corrupt)")
-    return manifest
+        got = f.stat().st_size
+        if got != size:
+            raise StoreError(f"{f}: {got} bytes, expected {size} (truncated or corrupt)")
+    return manifest, raw
+
+
+def checked_files(manifest: Manifest, *, where: str = MANIFEST) -> dict[str, tuple[int, str]]:
+    """Every file the manifest vouches for: {relative path: (size, sha256)}, stage files first."""
+    out = {name: (f.size, f.sha256) for name, f in manifest.files.items()}
+    try:
+        out |= {str(rel): (int(f["size"]), str(f["sha256"]))
+                for rel, f in (manifest.extra.get("other_files") or {}).items()}
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise StoreError(f"{where}: malformed extra.other_files ({type(e).__name__}: {e})") from e
+    for rel in out:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise StoreError(f"{where}: file {rel!r} leaves the model directory")
+    return out
 
 
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
@@ -269,11 +312,67 @@ def verify(model_dir: Path, manifest: Manifest | None = None) -> Manifest:
     """Full check: sizes and sha256 of every file; raises StoreError naming the first bad file."""
     model_dir = Path(model_dir)
     manifest = manifest or load_manifest(model_dir)
-    for name, entry in manifest.files.items():
+    for name, (_, want) in checked_files(manifest).items():
         got = sha256_file(model_dir / name)
-        if got != entry.sha256:
-            raise StoreError(f"{model_dir / name}: sha256 {got[:12]}… does not match the manifest ({entry.sha256[:12]}…)")
+        if got != want:
+            raise StoreError(f"{model_dir / name}: sha256 {got[:12]}… does not match the manifest ({want[:12]}…); "
+                             "the file is corrupt: convert or stage the model again")
     return manifest
+
+
+# ------------------------------------------------------------------------------- verified on first load
+
+STAMP = ".verified"  # in the model directory: the verdict of the last full check, and what it was keyed on
+STAMP_FORMAT = "kubeflash-verified/1"
+
+
+def verify_model(model_dir: Path) -> Manifest:
+    """The manifest of a model whose every file matched its sha256, checked in full on first load.
+
+    The verdict is cached in `<model_dir>/.verified`, keyed by the manifest's sha256 and each file's size,
+    mtime_ns, ctime_ns and inode: while none of those change the check is not repeated; any write to a file
+    (even one that keeps its size) changes them, and the next load hashes everything again. Where the
+    directory is read-only (a pod's model volume) the stamp written at staging is used, or the check runs
+    every time. Raises StoreError naming the first missing, truncated or corrupt file.
+    """
+    model_dir = Path(model_dir)
+    manifest, raw = _read_manifest(model_dir)
+    key = _stamp_key(model_dir, manifest, raw)
+    if _read_stamp(model_dir) == key:
+        return manifest
+    verify(model_dir, manifest)
+    if _stamp_key(model_dir, manifest, raw) == key:  # nothing changed while hashing
+        _write_stamp(model_dir, key)
+    return manifest
+
+
+def _stamp_key(model_dir: Path, manifest: Manifest, raw: bytes) -> dict:
+    files = {}
+    for name in checked_files(manifest):
+        st = os.stat(model_dir / name)
+        files[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return {"format": STAMP_FORMAT, "manifest_sha256": hashlib.sha256(raw).hexdigest(), "files": files}
+
+
+def _read_stamp(model_dir: Path) -> dict | None:
+    try:
+        return json.loads((model_dir / STAMP).read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_stamp(model_dir: Path, key: dict) -> None:
+    """Best effort: a directory we may not write (read-only volume, another owner) just goes unstamped."""
+    for old in model_dir.glob(f".{STAMP}.*.tmp"):  # a writer killed before its rename; writes take ms
+        try:
+            if time.time() - old.stat().st_mtime > 60:
+                old.unlink()
+        except OSError:
+            pass
+    try:
+        atomic_write_bytes(model_dir / STAMP, (json.dumps(key) + "\n").encode(), mode=0o644)
+    except OSError:
+        pass
 
 
 def tensor_view(buf: np.ndarray, entry: TensorEntry) -> np.ndarray:
