@@ -33,8 +33,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == only:
-            importlib.import_module(module).add_arguments(p)
+        if name == only:  # its --help shows the module's own account of what it does (env, files, defaults)
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.formatter_class, p.description = argparse.RawDescriptionHelpFormatter, mod.__doc__ or help_text
+            parser.set_defaults(_subparser=p)
     return parser
 
 
@@ -48,6 +51,15 @@ def _chosen(argv: list[str]) -> str | None:
     return next((a for a in argv if a in SUBCOMMANDS), None)
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    """A subcommand's --device is refused here, before its module imports torch (exit 2, argparse's usage error)."""
+    from kubeflash_node.engine.devices import device_syntax_error
+
+    error = device_syntax_error(args.device) if hasattr(args, "device") else None
+    if error:
+        args._subparser.error(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = _chosen(argv)
@@ -56,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    _check_device(args)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
         return int(module.main(args) or 0)

@@ -38,6 +38,12 @@ class Ceilings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def unmeasured(self) -> dict[str, str]:
+        """The ceilings a plan or a roofline needs that are 0 (not measured), each with what measures it."""
+        need = {"disk_read_cold": "the disk probe (kubeflash bench)",
+                "h2d_pinned": "a CUDA GPU (PCIe host-to-device copies)", "matmul_tflops": "a CUDA GPU (fp16 matmul)"}
+        return {k: why for k, why in need.items() if not getattr(self, k)}
+
     @classmethod
     def load(cls, path: Path) -> "Ceilings":
         """Read ceilings JSON: `kubeflash bench --ceilings-only --json` output, a bench result holding a

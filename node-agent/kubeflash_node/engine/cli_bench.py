@@ -45,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ceilings", action="store_true", help="skip the ceiling measurements")
     p.add_argument("--ceilings", type=Path, help="read ceilings from this JSON instead of measuring")
     p.add_argument("--ceilings-only", action="store_true", help="measure the ceilings and stop")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--disk-probe", default="2GiB", help="size of the disk probe file written and read back under "
+                                                        "--store (default 2GiB; larger is steadier)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default)")
     p.add_argument("--json", type=Path, help="write everything measured to this JSON file")
 
 
@@ -129,14 +131,23 @@ def main(args: argparse.Namespace) -> int:
         elif args.no_ceilings:
             ceil = Ceilings()
         else:
-            print("measuring ceilings (disk write/read cold+warm, PCIe, matmul)…", file=sys.stderr)
-            ceil = measure_ceilings(args.store)
-        _print_ceilings(ceil)
+            what = ", PCIe, matmul" if torch.cuda.is_available() else "; no CUDA GPU here, so not PCIe or matmul"
+            print(f"measuring ceilings (disk write/read cold+warm{what})…", file=sys.stderr)
+            ceil = measure_ceilings(args.store, disk_bytes=parse_size(args.disk_probe))
+        missing = ceil.unmeasured()  # 0 in a ceilings file, or no GPU here: printed and left out, never as 0
+        _print_ceilings(ceil, _why_missing(args, torch.cuda.is_available()))
         if args.ceilings_only:
-            _dump(args.json, {"ceilings": ceil.to_dict()})
+            _dump(args.json, {"ceilings": ceil.to_dict(), "unmeasured": missing})
             return 0
         mode = args.policy or ("explicit" if any(getattr(args, k) is not None for k in EXPLICIT)
                                or args.cpu_attention or args.kv_write_back else "auto")
+        if mode == "auto" and missing and not args.no_ceilings:
+            if args.policy == "auto":
+                raise ValueError(f"--policy auto plans from measured ceilings; {', '.join(missing)} were not "
+                                 f"measured: pass --ceilings FILE from a GPU machine, or the placement flags")
+            print(f"policy: explicit defaults (the auto policy needs {', '.join(missing)}, not measured)",
+                  file=sys.stderr)
+            mode = "explicit"
         config, sizes, quants = _model_shape(args)
         job = JobShape(args.prompts, args.prompt_len, args.gen_len)
         budget = Budget(parse_size(args.gpu_memory) if args.gpu_memory else
@@ -192,7 +203,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     gbs = policy.gpu_batch_size
     pred = predict(Candidate(policy, quant), config=config, ceil=ceil, job=job, budget=budget,
-                   sizes=(manifest.stage_bytes, sizes[quant][1]), itemsize=itemsize) if not args.no_ceilings else None
+                   sizes=(manifest.stage_bytes, sizes[quant][1]), itemsize=itemsize) if not missing else None
     w = Workload(prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, block_size=policy.block_size)
     itemsize = torch.empty((), dtype=engine.dtype).element_size()
     roof = roofline(stage_bytes=manifest.stage_bytes, placement=engine.placement, w=w, c=engine.config, ceil=ceil,
@@ -213,31 +224,56 @@ def main(args: argparse.Namespace) -> int:
         "predicted_gpu_gib": pred.gpu_bytes / 2**30 if pred else None,  # compare report.peak_gpu_mem_gb (GiB)
         "measured_s": elapsed, "setup_s": t_setup, "tokens_per_s": tokens / elapsed, "projected": False,
         "roofline": roof, "efficiency": roof["floor_s"] / elapsed if roof["floor_s"] else None,
-        "ceilings": ceil.to_dict(), "report": report,
+        "ceilings": ceil.to_dict(), "unmeasured": missing, "report": report,
     }
     print(format_report(report))
     print(f"\nworkload: {args.prompts} x ({args.prompt_len} prompt + {args.gen_len} gen), weights={weights}"
           f"{'' if quant == 'none' else ' ' + quant}, kv={policy.kv}{'' if policy.kv_bits == 16 else f' {policy.kv_bits}-bit'}"
           f", x-cache {policy.x_cache_percent:g}%, cpu-attention {policy.cpu_attention}, write-back {policy.kv_write_back}"
           f", block={policy.block_size} ({gbs} x {policy.num_gpu_batches}), policy {mode}  [full run, not projected]")
+    if missing:
+        print(f"cost model: no prediction ({', '.join(missing)} not measured)")
     if pred:
         print(f"cost model predicted {pred.run_s:.3f} s ({pred.run_s / elapsed - 1:+.1%}) and "
               f"{pred.gpu_bytes / 2**30:.2f} GiB of GPU tensors (peak allocated {report['peak_gpu_mem_gb']:.2f} GiB); "
               f"{describe(pred)}")
     print(f"measured {elapsed:.3f} s  ->  {tokens / elapsed:.2f} generated tokens/s  (setup {t_setup:.2f} s)")
-    print(f"roofline floor {roof['floor_s']:.3f} s ({roof['bound']}-bound: disk {roof['t_disk_s']:.3f} s for "
-          f"{roof['disk_bytes'] / 1e9:.1f} GB, pcie {roof['t_pcie_s']:.3f} s for {roof['pcie_bytes'] / 1e9:.1f} GB, "
-          f"compute {roof['t_compute_s']:.3f} s for {roof['flops'] / 1e12:.1f} TFLOP)")
+    print(_roofline_line(roof, missing))
     if result["efficiency"] is not None:
         print(f"efficiency = floor / measured = {result['efficiency']:.3f}")
     _dump(args.json, result)
     return 0
 
 
-def _print_ceilings(c) -> None:
-    print(f"ceilings: disk read cold {c.disk_read_cold:.2f} GB/s ({c.disk_read_threads} threads), warm "
-          f"{c.disk_read_warm:.2f} GB/s, tasks {c.disk_read_task_bytes >> 20} MiB, write {c.disk_write:.2f} GB/s; H2D pinned {c.h2d_pinned:.1f} GB/s, "
-          f"pageable {c.h2d_pageable:.1f} GB/s; D2H pinned {c.d2h_pinned:.1f} GB/s; matmul {c.matmul_tflops:.0f} TFLOP/s")
+def _why_missing(args, gpu_here: bool) -> str:
+    if args.no_ceilings:
+        return "--no-ceilings"
+    if args.ceilings:
+        return f"0 in {args.ceilings}"
+    return "needs a CUDA GPU; none here" if not gpu_here else "not measured"
+
+
+def _print_ceilings(c, why: str = "not measured") -> None:
+    """One line per resource; a ceiling that is 0 is printed as not measured, with why, never as 0 GB/s."""
+    tasks = f", tasks {c.disk_read_task_bytes >> 20} MiB" if c.disk_read_task_bytes else ""
+    disk = (f"read cold {c.disk_read_cold:.2f} GB/s ({c.disk_read_threads} threads){tasks}, warm "
+            f"{c.disk_read_warm:.2f} GB/s, write {c.disk_write:.2f} GB/s" if c.disk_read_cold else f"not measured ({why})")
+    pcie = (f"H2D pinned {c.h2d_pinned:.1f} GB/s, pageable {c.h2d_pageable:.1f} GB/s; D2H pinned {c.d2h_pinned:.1f} "
+            f"GB/s" if c.h2d_pinned else f"not measured ({why})")
+    mm = f"{c.matmul_tflops:.0f} TFLOP/s" if c.matmul_tflops else f"not measured ({why})"
+    print(f"ceilings:\n  disk:   {disk}\n  PCIe:   {pcie}\n  matmul: {mm}")
+
+
+def _roofline_line(roof: dict, missing: dict) -> str:
+    """The floor and its terms; a term whose ceiling was not measured is named as left out, not shown as 0 s."""
+    terms = [(name, key, f"{roof[b] / scale:.1f} {unit}") for name, key, b, scale, unit in (
+        ("disk", "disk_read_cold", "disk_bytes", 1e9, "GB"), ("pcie", "h2d_pinned", "pcie_bytes", 1e9, "GB"),
+        ("compute", "matmul_tflops", "flops", 1e12, "TFLOP"))]
+    shown = [f"{n} {roof[f't_{n}_s']:.3f} s for {amount}" for n, key, amount in terms if key not in missing]
+    left = [f"{n} ({amount}, ceiling not measured)" for n, key, amount in terms if key in missing]
+    bound = f"{roof['bound']}-bound" if shown else "no measured term"
+    return (f"roofline floor {roof['floor_s']:.3f} s ({bound}: {', '.join(shown) or '-'})"
+            + (f"; left out: {', '.join(left)}" if left else ""))
 
 
 def _dump(path: Path | None, obj: dict) -> None:

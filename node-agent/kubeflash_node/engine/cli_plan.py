@@ -41,12 +41,12 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         spec = load_job(args.manifest)
-        ceil = _ceilings(args)
+        ceil, assumed = _ceilings(args)
         config, sizes, itemsize, size_note, tokenizer = _model(spec, args.store)
         job = _job(spec, tokenizer, args.prompt_len)
         r = spec.resources
-        budget = Budget(parse_size(args.gpu_memory) if args.gpu_memory else r.gpu_memory or _gpu_total(),
-                        parse_size(args.cpu_memory) if args.cpu_memory else r.cpu_memory or _mem_available(),
+        gpu_bytes = parse_size(args.gpu_memory) if args.gpu_memory else r.gpu_memory or _gpu_or_assumed(assumed)
+        budget = Budget(gpu_bytes, parse_size(args.cpu_memory) if args.cpu_memory else r.cpu_memory or _mem_available(),
                         r.kv_disk)
         quants = tuple(sizes) if args.allow_compression else (spec.model.quantization,)
         kv_bits = (16, 8, 4) if args.allow_compression else (QUANT_BITS[spec.offload.compression],)
@@ -61,6 +61,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"job: {job.prompts} prompts x ({job.prompt_len} prompt + {job.gen_len} generated tokens)")
     print(f"ceilings: disk read {ceil.disk_read_cold:.2f} GB/s cold, H2D {ceil.h2d_pinned:.1f} GB/s, "
           f"matmul {ceil.matmul_tflops:.0f} TFLOP/s")
+    for line in assumed:
+        print("assumed: " + line)
     print(f"budgets: GPU {budget.gpu_bytes / 2**30:.2f} GiB, CPU {budget.cpu_bytes / 2**30:.2f} GiB; "
           f"{plan.fitting} of {plan.considered} candidate policies fit\n")
     print(x_cache_note(config))
@@ -79,19 +81,49 @@ def main(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------- inputs
 
 
+_HOW = "kubeflash bench --ceilings-only --json FILE on the GPU machine writes them"
+
+
 def _ceilings(args):
+    """(bench.Ceilings with disk, PCIe and matmul measured, [what was assumed]): --ceilings FILE, --measure, else
+    the ceilings `kubeflash run` saved in the store. Ceilings without PCIe or matmul (measured where there is no
+    GPU) are refused: a plan from them would count those resources as free."""
+    from ..store.cache import DEFAULT_ROOT
     from .bench import Ceilings
 
+    saved = (args.store or DEFAULT_ROOT) / "ceilings.json"
     if args.ceilings:
-        return Ceilings.load(args.ceilings)
-    if args.measure:
-        from ..store.cache import DEFAULT_ROOT
+        ceil, source = Ceilings.load(args.ceilings), f"--ceilings {args.ceilings}"
+    elif args.measure:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--measure: no CUDA GPU here, so PCIe and matmul cannot be measured (only the disk "
+                             f"could); pass --ceilings FILE ({_HOW})")
         from .bench import measure_ceilings
 
         print("measuring ceilings (disk, PCIe, matmul)…", file=sys.stderr)
-        return measure_ceilings((args.store or DEFAULT_ROOT) / "probe")
-    raise ValueError("no ceilings: pass --ceilings FILE (kubeflash bench --ceilings-only --json FILE writes one) "
-                     "or --measure")
+        ceil, source = measure_ceilings((args.store or DEFAULT_ROOT) / "probe"), "--measure"
+    elif saved.is_file():
+        ceil, source = Ceilings.load(saved), str(saved)
+    else:
+        raise ValueError(f"no ceilings: pass --ceilings FILE ({_HOW}) or --measure (on a GPU machine); none were "
+                         f"saved in {saved} either")
+    missing = ceil.unmeasured()
+    if missing:
+        raise ValueError(f"{source}: {', '.join(missing)} not measured (0; they need "
+                         f"{' and '.join(sorted(set(missing.values())))}); pass --ceilings FILE ({_HOW})")
+    return ceil, [] if source.startswith("--") else [f"the ceilings saved in {source}"]
+
+
+def _gpu_or_assumed(assumed: list[str]) -> int:
+    """This machine's GPU memory; with no GPU here, an 80 GiB GPU (H100/A100 80GB), said in `assumed`."""
+    try:
+        return _gpu_total()
+    except ValueError:
+        assumed.append("no GPU here and no --gpu-memory or spec.resources.gpuMemory: planning for an 80 GiB GPU "
+                       "(pass --gpu-memory for the GPU the job will run on)")
+        return 80 << 30
 
 
 def _model(spec, store: Path | None):
@@ -118,8 +150,9 @@ def _model(spec, store: Path | None):
         config, have = preset("smollm2-135m"), None
     else:
         from ..store.convert import open_source
+        from ..store.uris import check_scheme
 
-        config, have = open_source(m.uri).config, None
+        config, have = open_source(check_scheme(m.uri)).config, None
     sizes = {q: stage_sizes(config, itemsize, q) for q in ("none", "int8", "int4")}
     if have:  # measured sizes for the stored quantization, scaled by the estimates for the others
         base = sizes[m.quantization][0]

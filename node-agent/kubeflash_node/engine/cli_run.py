@@ -34,6 +34,8 @@ def resolve_device(name: str) -> str:
 
     import torch
 
+    from .devices import check_device
+    check_device(name)  # syntax, and cuda:N within this machine's CUDA devices
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():

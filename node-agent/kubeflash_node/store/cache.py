@@ -51,6 +51,9 @@ def ensure_model(uri: str, *, dtype: str = "float16", quantization: str = "none"
     killed runs (scratch dirs no live process holds) are removed first; concurrent calls for one model convert
     it once (a lock file per model). Every file is checked against its sha256 on first use (verify_model).
     """
+    from .uris import check_scheme
+
+    check_scheme(uri)  # s3://, ftp://, hf://…: named, not taken for a path
     models = Path(root) / "models"
     model_dir = models / model_id(uri, dtype=dtype, quantization=quantization)
     models.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="builtin:smollm2-135m, dummy:<preset> (e.g. dummy:llama-3-8b; dummy:<preset>@zeros: "
+    p.add_argument("source", nargs="?", help="builtin:smollm2-135m, dummy:<preset> (e.g. dummy:llama-3-8b; dummy:<preset>@zeros: "
                                   "all-zero weights in sparse files), a .gguf file, "
                                   "a Hugging Face directory with config.json and *.safetensors, or a float store")
-    p.add_argument("--out", required=True, type=Path, help="model directory to create (published atomically)")
+    p.add_argument("--out", type=Path, help="model directory to create (published atomically); required with SOURCE")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the stored weights (default: float16)")
     p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
@@ -28,11 +28,20 @@ def main(args: argparse.Namespace) -> int:
     from .cache import _bar
     from .convert import convert
     from .format import StoreError, verify
+    from .uris import check_scheme
 
     if args.list_presets:
         for name, c in PRESETS.items():
             print(f"{name:14s} {c.architecture:6s} {c.total_params() / 1e9:7.2f} B params  {c.num_layers} layers")
         return 0
+    if not args.source or not args.out:
+        print("kubeflash convert: error: SOURCE and --out DIR are required (or --list-presets)", file=sys.stderr)
+        return 2
+    try:
+        check_scheme(args.source, field="SOURCE")
+    except ValueError as e:
+        print(f"kubeflash convert: error: {e}", file=sys.stderr)
+        return 1
     bar = _bar(f"converting {args.source}", sys.stderr.isatty() or True)
     try:
         manifest = convert(args.source, args.out, dtype=args.dtype, quantization=args.quantization,
