@@ -91,14 +91,21 @@ def test_node_image_carries_the_engine_the_default_model_and_a_cpu_variant():
 
 
 def test_build_context_is_only_the_package_sources():
-    """.dockerignore is an allowlist, and everything the Dockerfiles COPY from the context is allowed."""
+    """.dockerignore is an allowlist, and everything the Dockerfiles COPY from the context is allowed: a file
+    named in the list, or a directory that the list lets packages of in (node-agent/kubeflash_*/ for
+    `COPY node-agent/`), and every package the project installs is let in."""
+    import fnmatch
     rules = [l.strip() for l in (REPO / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
     assert rules[0] == "*"
     allowed = [r[1:].rstrip("/") for r in rules if r.startswith("!")]
     for image, path in DOCKERFILES.items():
         for args in (a for i, a in instructions(path) if i == "COPY" and "--from" not in a):
             for src in args.split()[:-1]:
-                assert any(src == a or src.startswith(a + "/") for a in allowed), f"{image}: COPY {src} is ignored"
+                src = src.rstrip("/")
+                assert any(src == a or src.startswith(a + "/") or a.startswith(src + "/") for a in allowed), \
+                    f"{image}: COPY {src} is ignored"
+    for pkg in (REPO / "node-agent").glob("kubeflash_*"):
+        assert any(fnmatch.fnmatch(f"node-agent/{pkg.name}", a) for a in allowed), f"{pkg} is not in the context"
 
 
 def test_kind_cluster_gives_each_worker_an_ssd_where_the_chart_keeps_its_store():
