@@ -137,12 +137,29 @@ class ControlPlane:
 
     def __init__(self, bin_dir: str | Path | None = None, *, workdir: str | Path | None = None,
                  keep_workdir: bool = False, start_timeout: float = 120.0,
-                 extra_apiserver_args: Sequence[str] = ()):
+                 extra_apiserver_args: Sequence[str] = (), bind_address: str = "127.0.0.1",
+                 advertise_address: str = "127.0.0.1", ports: Mapping[str, int] | None = None,
+                 persistent: bool = False, extra_tokens: Sequence[tuple[str, str, str]] = (),
+                 with_kwok: bool = True, endpoint_reconciler: str = "none"):
+        """The defaults serve tests/cluster (loopback, free ports, children die with the test process).
+
+        The real-node harness (kind/realnode.py) sets: bind_address 0.0.0.0 and advertise_address the node's
+        IP (pods reach the apiserver through the kubernetes Service), fixed ``ports`` (names: etcd, etcd-peer,
+        apiserver, controller-manager, scheduler), ``persistent`` (the components outlive this process; the
+        workdir stays), ``extra_tokens`` (token, user, comma-separated groups) for the kubelet and kube-proxy,
+        no kwok, and the lease endpoint reconciler (the Service's endpoint is the advertised address).
+        """
         self.bin_dir = Path(bin_dir) if bin_dir else default_bin_dir()
         self._given_workdir = Path(workdir) if workdir else None
         self.keep_workdir = keep_workdir
         self.start_timeout = start_timeout
         self.extra_apiserver_args = list(extra_apiserver_args)
+        self.bind_address, self.advertise_address = bind_address, advertise_address
+        self.ports = dict(ports or {})
+        self.persistent = persistent
+        self.extra_tokens = list(extra_tokens)
+        self.with_kwok = with_kwok
+        self.endpoint_reconciler = endpoint_reconciler
         self.workdir: Path | None = None
         self.kubeconfig: Path | None = None
         self.server: str | None = None
@@ -160,7 +177,8 @@ class ControlPlane:
         self.stop()
 
     def start(self) -> "ControlPlane":
-        missing = [b for b in BINARIES[:5] if not os.access(self.bin_dir / b, os.X_OK)]
+        needed = BINARIES[:5] if self.with_kwok else BINARIES[:4]
+        missing = [b for b in needed if not os.access(self.bin_dir / b, os.X_OK)]
         if missing:
             raise ControlPlaneError(f"missing binaries in {self.bin_dir}: {', '.join(missing)} "
                                     f"(run {BUILD_SCRIPT.relative_to(REPO_ROOT)})")
@@ -177,7 +195,8 @@ class ControlPlane:
             self._write_kubeconfig()
             self._start_controller_manager()
             self._start_scheduler()
-            self._start_kwok()
+            if self.with_kwok:
+                self._start_kwok()
             self._wait_cluster_usable()
         except BaseException:
             self.stop()
@@ -203,10 +222,17 @@ class ControlPlane:
                     pass
                 p.popen.wait(timeout=10)
         self._procs.clear()
-        if self.workdir and not self._given_workdir and not self.keep_workdir:
+        if self.workdir and not self._given_workdir and not self.keep_workdir and not self.persistent:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     # ------------------------------------------------------------------ helpers
+    def processes(self) -> list[tuple[str, int]]:
+        """(component, pid) of every started component, oldest first."""
+        return [(p.name, p.popen.pid) for p in self._procs]
+
+    def _port(self, name: str) -> int:
+        return self.ports.get(name) or free_port()
+
     def log_path(self, component: str) -> Path:
         assert self.workdir is not None
         return self.workdir / "logs" / f"{component}.log"
@@ -333,6 +359,10 @@ class ControlPlane:
         if proc.returncode != 0:
             raise ControlPlaneError(f"openssl {' '.join(args)} failed: {proc.stderr.strip()}")
 
+    def _extra_san(self) -> str:
+        a = self.advertise_address
+        return f"IP:{a}," if a not in ("127.0.0.1", "10.0.0.1") else ""
+
     def _generate_credentials(self) -> None:
         if shutil.which("openssl") is None:
             raise ControlPlaneError("openssl is required to generate the test CA and keys")
@@ -353,15 +383,27 @@ class ControlPlane:
             "extendedKeyUsage=serverAuth\n"
             "subjectKeyIdentifier=hash\n"
             "authorityKeyIdentifier=keyid,issuer\n"
-            "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
+            f"subjectAltName=IP:127.0.0.1,IP:10.0.0.1,{self._extra_san()}DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
             "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n")
         self._openssl("x509", "-req", "-in", str(pki / "apiserver.csr"), "-CA", str(self.ca_file),
                       "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-sha256", "-days", "2",
                       "-extfile", str(pki / "apiserver.ext"), "-out", str(pki / "apiserver.crt"))
+        if self.persistent:  # a real kubelet: the apiserver authenticates to it with this client certificate
+            self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-sha256",
+                          "-keyout", str(pki / "kubelet-client.key"), "-out", str(pki / "kubelet-client.csr"),
+                          "-subj", "/O=system:masters/CN=kube-apiserver-kubelet-client")
+            (pki / "kubelet-client.ext").write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+            self._openssl("x509", "-req", "-in", str(pki / "kubelet-client.csr"), "-CA", str(self.ca_file),
+                          "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-sha256", "-days", "2",
+                          "-extfile", str(pki / "kubelet-client.ext"), "-out", str(pki / "kubelet-client.crt"))
+            self.extra_apiserver_args += [f"--kubelet-client-certificate={pki / 'kubelet-client.crt'}",
+                                          f"--kubelet-client-key={pki / 'kubelet-client.key'}"]
         self._openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
         self._openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
         self.token = secrets.token_hex(24)
-        (pki / "tokens.csv").write_text(f'{self.token},admin,kubeflash-admin,"system:masters"\n')
+        lines = [f'{self.token},admin,kubeflash-admin,"system:masters"']
+        lines += [f'{tok},{user},{user},"{groups}"' for tok, user, groups in self.extra_tokens]
+        (pki / "tokens.csv").write_text("\n".join(lines) + "\n")
         for f in pki.iterdir():
             f.chmod(0o600)
         self._ssl = ssl.create_default_context(cafile=str(self.ca_file))
@@ -374,7 +416,7 @@ class ControlPlane:
             popen = subprocess.Popen(
                 list(args), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=self.workdir, start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") and not self.persistent else None,
                 env={**os.environ, "HOME": str(self.workdir / "home")},
             )
         proc = _Proc(name, popen, log)
@@ -409,7 +451,7 @@ class ControlPlane:
             return resp.status == 200
 
     def _start_etcd(self) -> None:
-        client, peer = free_port(), free_port()
+        client, peer = self._port("etcd"), self._port("etcd-peer")
         self.etcd_url = f"http://127.0.0.1:{client}"
         proc = self._spawn("etcd", [
             str(self.bin_dir / "etcd"),
@@ -433,14 +475,14 @@ class ControlPlane:
         self._wait(proc, healthy, "healthy")
 
     def _start_apiserver(self) -> None:
-        port = free_port()
+        port = self._port("apiserver")
         pki = self.workdir / "pki"
         self.server = f"https://127.0.0.1:{port}"
         proc = self._spawn("kube-apiserver", [
             str(self.bin_dir / "kube-apiserver"),
             f"--etcd-servers={self.etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self.bind_address}",
+            f"--advertise-address={self.advertise_address}",
             f"--secure-port={port}",
             f"--cert-dir={self.workdir / 'apiserver-certs'}",
             f"--tls-cert-file={pki / 'apiserver.crt'}",
@@ -454,7 +496,7 @@ class ControlPlane:
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--allow-privileged=true",
             "--profiling=false",
-            "--endpoint-reconciler-type=none",
+            f"--endpoint-reconciler-type={self.endpoint_reconciler}",
             *self.extra_apiserver_args,
         ])
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -486,7 +528,7 @@ class ControlPlane:
         self.kubeconfig.chmod(0o600)
 
     def _start_controller_manager(self) -> None:
-        port = free_port()
+        port = self._port("controller-manager")
         pki = self.workdir / "pki"
         proc = self._spawn("kube-controller-manager", [
             str(self.bin_dir / "kube-controller-manager"),
@@ -506,7 +548,7 @@ class ControlPlane:
         self._wait(proc, lambda: self._https_ok(f"https://127.0.0.1:{port}/healthz"), "healthy (/healthz)")
 
     def _start_scheduler(self) -> None:
-        port = free_port()
+        port = self._port("scheduler")
         proc = self._spawn("kube-scheduler", [
             str(self.bin_dir / "kube-scheduler"),
             f"--kubeconfig={self.kubeconfig}",
