@@ -268,7 +268,7 @@ def test_every_transformers_activation_is_computed_or_refused():
     """ACT2FN's names: the engine computes all but the two with learned parameters of their own."""
     from transformers.activations import ACT2FN
 
-    from kubeflash_node.engine import config, model
+    from kubeflash_node.store import modelconfig as config, model
 
     assert set(config.ACTIVATIONS) == set(model.ACTIVATIONS) == set(ACTS)
     assert set(ACT2FN) - set(config.ACTIVATIONS) == {"prelu", "xielu"}
@@ -280,7 +280,7 @@ def test_every_transformers_activation_is_computed_or_refused():
 def test_every_transformers_rope_type_is_computed_or_refused():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from kubeflash_node.engine.config import ROPE_TYPES
+    from kubeflash_node.store.modelconfig import ROPE_TYPES
 
     assert set(ROPE_INIT_FUNCTIONS) - set(ROPE_TYPES) == {"proportional"}
 

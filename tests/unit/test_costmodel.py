@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kubeflash_node.engine.config import preset
+from kubeflash_node.store.modelconfig import preset
 from kubeflash_node.engine.costmodel import (Budget, Candidate, JobShape, _steps, candidates, choose, memory,
                                              predict, stage_sizes)
 from kubeflash_node.engine.policy import Policy

@@ -258,7 +258,7 @@ def tiny_folder(acc, tmp_path_factory):
 
 
 def test_presets_match_kubeflash_opt_shapes(acc):
-    from kubeflash_node.engine.config import preset
+    from kubeflash_node.store.modelconfig import preset
 
     for name in ("opt-125m", "opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b"):
         ours, engine = acc.opt_config(name), preset(name)

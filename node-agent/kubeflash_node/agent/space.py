@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kubeflash_node.engine.config import ModelConfig
+from kubeflash_api.quantity import human  # noqa: F401  (re-exported for the agent's messages)
+from kubeflash_node.store.modelconfig import ModelConfig
 
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 ALIGN = 4096
@@ -70,11 +71,3 @@ def plan_eviction(need: int, free: int, candidates: Sequence[Candidate], *,
 
 def evictable_bytes(candidates: Sequence[Candidate], *, only_unwanted: bool = False) -> int:
     return sum(c.bytes for c in eviction_order(candidates) if not (only_unwanted and c.wanted))
-
-
-def human(n: int | float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n}"

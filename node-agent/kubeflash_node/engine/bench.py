@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from ..store.modelconfig import ModelConfig
 
 GB = 1e9
 

@@ -96,7 +96,7 @@ def _explicit_policy(args, base):
 def _model_shape(args):
     """(config, {quantization: (stored, dense)}, quantizations the store can have) before any conversion."""
     from ..store.format import load_manifest
-    from .config import ModelConfig, preset
+    from ..store.modelconfig import ModelConfig, preset
     from .costmodel import stage_sizes
 
     itemsize = 4 if args.dtype == "float32" else 2

@@ -131,7 +131,7 @@ def _model(spec, store: Path | None):
     from ..store.cache import DEFAULT_ROOT
     from ..store.format import StoreError, load_manifest
     from ..store.ids import model_id
-    from .config import ModelConfig, preset
+    from ..store.modelconfig import ModelConfig, preset
     from .costmodel import stage_sizes
 
     m = spec.model

@@ -15,7 +15,7 @@ import itertools
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from .config import ModelConfig
+from ..store.modelconfig import ModelConfig
 from .policy import Policy, make_policy
 
 GB = 1e9

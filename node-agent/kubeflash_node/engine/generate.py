@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..store.format import Manifest, load_manifest
-from .config import ModelConfig
+from ..store.modelconfig import ModelConfig
 from .kvcache import make_kv
 from .kvnear import CpuAttentionKV, WriteBackDiskKV, XCacheKV
 from .model import LAYERS, Rope, embed, head, make_batch

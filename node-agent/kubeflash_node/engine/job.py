@@ -103,7 +103,7 @@ def job_shape(prompts: list[list[int]], gen_len: int):
 def auto_plan(spec: JobSpec, *, manifest, job, machine: Machine):
     """The cost model's plan for `job` (costmodel.JobShape) on this machine (costmodel.Plan): placement, batch
     shape and the exact techniques; the store's quantization and the KV compression stay as the manifest says."""
-    from .config import ModelConfig
+    from ..store.modelconfig import ModelConfig
     from .costmodel import QUANT_BITS, Budget, plan, stage_sizes
 
     config = ModelConfig.from_dict(manifest.config)
@@ -140,8 +140,8 @@ def _within_resources(spec: JobSpec, machine: Machine | None, device: str) -> Ma
 def check_kv_disk(spec: JobSpec, policy: Policy, *, manifest, job) -> None:
     """Refuse, before anything runs, a policy whose KV files would outgrow spec.resources.kvDisk (the room the
     operator reserved for this job on the paired SSD); `job` is the costmodel.JobShape still to run."""
-    from ..agent.space import human
-    from .config import ModelConfig
+    from kubeflash_api.quantity import human
+    from ..store.modelconfig import ModelConfig
     from .costmodel import Candidate, kv_disk_bytes
 
     need = kv_disk_bytes(Candidate(policy), config=ModelConfig.from_dict(manifest.config), job=job,
@@ -184,7 +184,7 @@ def policy_for(spec: JobSpec, *, n_prompts: int, device: str, config=None) -> Po
 def _x_saves(spec: JobSpec, kv_bits: int, config) -> bool:
     """xCache under an explicit policy: every layer, where X is smaller than K + V (never for GQA models)."""
     from ..store.convert import open_source
-    from .config import preset
+    from ..store.modelconfig import preset
     from .costmodel import x_cache_fits, x_cache_saves
 
     uri = spec.model.uri
@@ -258,7 +258,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         chosen = auto_plan(spec, manifest=manifest, job=shape, machine=machine)
         policy = chosen.best.candidate.policy
     if policy is None:
-        from .config import ModelConfig
+        from ..store.modelconfig import ModelConfig
 
         policy = policy_for(spec, n_prompts=len(todo), device=device, config=ModelConfig.from_dict(manifest.config))
     check_kv_disk(spec, policy, manifest=manifest, job=shape)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .config import ModelConfig
+from ..store.modelconfig import ModelConfig
 
 
 @dataclass

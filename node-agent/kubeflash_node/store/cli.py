@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..engine.config import PRESETS
+    from .modelconfig import PRESETS
     from .cache import _bar
     from .convert import convert
     from .format import StoreError, verify

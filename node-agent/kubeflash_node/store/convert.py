@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..engine.config import ModelConfig, preset
+from .modelconfig import ModelConfig, preset
 from .format import Manifest, ModelWriter, load_manifest, tensor_view
 from .hf_config import ConfigError, SourceError, config_from_hf  # noqa: F401 (re-exported)
 
@@ -407,7 +407,7 @@ def _to_store(t, dtype: str):
 
 
 def _stage_iter(tensors: Tensors, dtype: str, quant=None) -> Iterator[tuple[str, np.ndarray, str]]:
-    from ..engine.quant import quantize_named
+    from .quantformat import quantize_named
 
     for name, t in quantize_named({k: v.float() for k, v in tensors.items()} if quant else tensors, quant).items():
         if name.endswith(".q"):
@@ -427,7 +427,7 @@ def convert(uri: str, out_dir: Path, *, dtype: str = "float16", quantization: st
     layers' big matrices; everything else is stored in `dtype`, which is also the GPU compute dtype.
     `progress(done, total, stage)` is called after each stage file is written.
     """
-    from ..engine.quant import QuantSpec
+    from .quantformat import QuantSpec
 
     if dtype not in STORE_DTYPES:
         raise SourceError(f"dtype {dtype!r} is not supported; expected one of {STORE_DTYPES}")

@@ -10,7 +10,7 @@ every 4th layer.
 
 from __future__ import annotations
 
-from ..engine.config import ACTIVATIONS, ROPE_TYPES, ModelConfig
+from .modelconfig import ACTIVATIONS, ROPE_TYPES, ModelConfig
 from .format import StoreError
 
 

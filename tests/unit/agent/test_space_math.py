@@ -1,7 +1,7 @@
 """Size estimates and free space: the estimate bounds the real store size; free honours capacity and KV."""
 
 from kubeflash_node.agent.space import estimate_store_bytes, free_bytes
-from kubeflash_node.engine.config import ModelConfig, preset
+from kubeflash_node.store.modelconfig import ModelConfig, preset
 
 
 def test_estimate_bounds_the_real_layout():
