@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-unit test-engine test-cluster test-gpu control-plane lint clean help
+.PHONY: setup run test test-unit test-engine test-cluster test-gpu control-plane lint clean help cluster cluster-down test-node
 
 help:            ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -37,6 +37,20 @@ test-cluster: setup ## tests against a real control plane built from Go modules 
 
 test-gpu: setup  ## GPU tests (need an NVIDIA GPU)
 	$(BIN)/python -m pytest tests/gpu $(PYTEST_ARGS)
+
+cluster: setup   ## a real one-node cluster here (root): control plane, kubelet, containerd, images, chart; runs capital-of-france
+	$(BIN)/python kind/realnode.py up
+	$(BIN)/python kind/realnode.py demo
+
+cluster-down:    ## stop `make cluster` and restore the host (processes, mounts, interfaces, iptables, sysctls)
+	$(BIN)/python kind/realnode.py down
+
+test-node: setup ## the real-node tests (root; uses a running `make cluster`, or brings one up and down)
+	$(BIN)/python -m pytest tests/node $(PYTEST_ARGS)
+
+lint: setup      ## ruff, and import-linter's layer contracts (.importlinter; ../shared/DESIGN.md "Layers")
+	$(BIN)/ruff check node-agent operator tests bench kind
+	$(BIN)/lint-imports
 
 control-plane:   ## build etcd, kube-apiserver, controller-manager, scheduler, kwok and helm from Go modules
 	bash kind/build-control-plane.sh
