@@ -268,7 +268,8 @@ def test_every_transformers_activation_is_computed_or_refused():
     """ACT2FN's names: the engine computes all but the two with learned parameters of their own."""
     from transformers.activations import ACT2FN
 
-    from kubeflash_node.store import modelconfig as config, model
+    from kubeflash_node.engine import model
+    from kubeflash_node.store import modelconfig as config
 
     assert set(config.ACTIVATIONS) == set(model.ACTIVATIONS) == set(ACTS)
     assert set(ACT2FN) - set(config.ACTIVATIONS) == {"prelu", "xielu"}
@@ -285,8 +286,8 @@ def test_every_transformers_rope_type_is_computed_or_refused():
     assert set(ROPE_INIT_FUNCTIONS) - set(ROPE_TYPES) == {"proportional"}
 
 
-LLAMA = dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_key_value_heads=4,
-             num_attention_heads=4)
+LLAMA = dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=4)
 OPT = dict(model_type="opt", vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4)
 REFUSED = [
     pytest.param({**LLAMA, "hidden_act": "xielu"}, "hidden_act = 'xielu'", id="llama-hidden_act-xielu"),

@@ -23,9 +23,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .modelconfig import ModelConfig, preset
 from .format import Manifest, ModelWriter, load_manifest, tensor_view
 from .hf_config import ConfigError, SourceError, config_from_hf  # noqa: F401 (re-exported)
+from .modelconfig import ModelConfig, preset
 
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 Tensors = dict[str, "object"]  # canonical name -> torch.Tensor
@@ -121,8 +121,9 @@ class HFSource(Source):
         self._open = {f: safe_open(f, framework="pt") for f in files}
         self.description = f"hf:{path}"
         # OPT checkpoints come with and without the "model." prefix
-        self.prefix = next((p for p in ("model.", "") if any(k.startswith(p + "decoder.") or k.startswith(p + "layers.")
-                                                                 or k.startswith(p + "embed_tokens") for k in self.index)), "model.")
+        roots = ("decoder.", "layers.", "embed_tokens")
+        self.prefix = next((p for p in ("model.", "") if any(k.startswith(tuple(p + r for r in roots)) for k in self.index)),
+                           "model.")
 
     def _get(self, name: str):
         if name not in self.index:
@@ -442,7 +443,7 @@ def convert(uri: str, out_dir: Path, *, dtype: str = "float16", quantization: st
     writer = ModelWriter(Path(out_dir), overwrite=overwrite)
     try:
         readers = [source.embed] + [lambda i=i: source.layer(i) for i in range(c.num_layers)] + [source.head]
-        for n, (name, read) in enumerate(zip(stages, readers), 1):
+        for n, (name, read) in enumerate(zip(stages, readers, strict=True), 1):
             writer.add_stage(name, _stage_iter(read(), dtype, quant if name.startswith("layer_") else None))
             if progress:
                 progress(n, len(stages), name)

@@ -10,8 +10,8 @@ every 4th layer.
 
 from __future__ import annotations
 
-from .modelconfig import ACTIVATIONS, ROPE_TYPES, ModelConfig
 from .format import StoreError
+from .modelconfig import ACTIVATIONS, ROPE_TYPES, ModelConfig
 
 
 class SourceError(StoreError):
