@@ -287,11 +287,12 @@ def test_rendered_workloads(control_plane, tmp_path):
 
     (ds,) = by_kind(docs, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
-    agent, proxy = pod["containers"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    agent, proxy = containers["agent"], containers["metrics"]
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in agent["env"]
     assert pod["nodeSelector"] == {"kubeflash.io/ssd": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    host = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    host = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v and v["name"].startswith("store-")}
     mounted = {m["mountPath"] for m in agent["volumeMounts"]}
     assert host == {"/var/lib/kubeflash", "/mnt/nvme1/kubeflash"} and host <= mounted, \
         "store paths must be mounted at the same path: the operator builds hostPath volumes from them"
@@ -312,6 +313,32 @@ def test_rendered_workloads(control_plane, tmp_path):
     (dashboard,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard["data"]["kubeflash.json"])["uid"] == "kubeflash"
+
+
+def test_rendered_csi_driver_and_plugin(control_plane, tmp_path):
+    """The CSIDriver kubeflash.io (no attach, pod info, ephemeral only) and the privileged `csi` container whose
+    mounts under the kubelet's pods directory propagate to the host; csi.enabled=false renders neither."""
+    docs = render(control_plane, "-n", "kubeflash-system", "-f", values_file(tmp_path, ALL_FEATURES))
+    (driver,) = by_kind(docs, "CSIDriver")
+    assert driver["metadata"]["name"] == "kubeflash.io"
+    assert driver["spec"]["attachRequired"] is False and driver["spec"]["podInfoOnMount"] is True
+    assert driver["spec"]["volumeLifecycleModes"] == ["Ephemeral"]
+    (ds,) = by_kind(docs, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    (csi,) = [c for c in pod["containers"] if c["name"] == "csi"]
+    assert csi["command"][:2] == ["kubeflash", "csi"] and csi["securityContext"]["privileged"] is True
+    assert {"--disk=nvme0=/var/lib/kubeflash", "--disk=nvme1=/mnt/nvme1/kubeflash",
+            "--pods-dir=/var/lib/kubelet/pods", "--registration-dir=/var/lib/kubelet/plugins_registry",
+            "--endpoint=unix:///var/lib/kubelet/plugins/kubeflash.io/csi.sock"} <= set(csi["command"])
+    mounts = {m["mountPath"]: m for m in csi["volumeMounts"]}
+    assert mounts["/var/lib/kubelet/pods"]["mountPropagation"] == "Bidirectional"
+    assert {"/var/lib/kubelet/plugins_registry", "/var/lib/kubelet/plugins/kubeflash.io", "/dev"} <= set(mounts)
+    host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert {host[m["name"]] for m in csi["volumeMounts"]} == set(mounts), "each path mounted where it is on the host"
+    off = render(control_plane, "-n", "kubeflash-system", "--set", "csi.enabled=false")
+    assert by_kind(off, "CSIDriver") == []
+    assert [c["name"] for c in by_kind(off, "DaemonSet")[0]["spec"]["template"]["spec"]["containers"]] == \
+        ["agent", "metrics"]
 
 
 # ------------------------------------------------------------------------------------- against the server
