@@ -122,3 +122,32 @@ def test_killed_conversions_leave_no_staging_after_the_next_run(tmp_path):
 
     verify(model)
     assert _results(work)
+
+
+def test_pod_entry_refuses_a_corrupt_staged_model(tmp_path):
+    """`kubeflash engine` (the inference pod) on a model staged and stamped as the agent does: it runs; after
+    bytes are flipped in a layer file it exits 1 naming the file, before any result is written."""
+    import json
+
+    from kubeflash_node.store.convert import convert
+    from kubeflash_node.store.format import verify_model
+
+    model = tmp_path / "models" / "opt"
+    convert(URI, model, dtype="float32")
+    verify_model(model)  # what the stage worker does before the agent publishes the model
+    spec = {"model": {"uri": URI, "dtype": "float32"}, "input": {"synthetic": {"count": 1, "promptLength": 8}},
+            "generation": {"maxNewTokens": 2}}
+
+    def engine(job: str) -> subprocess.CompletedProcess:
+        env = {**ENV, "KUBEFLASH_DEVICE": "cpu", "KUBEFLASH_JOB_SPEC": json.dumps(spec), "KUBEFLASH_JOB_NAME": job,
+               "KUBEFLASH_MODEL_DIR": str(model), "KUBEFLASH_JOB_DIR": str(tmp_path / job)}
+        return subprocess.run([sys.executable, "-m", "kubeflash_node.cli", "engine"], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+
+    ok = engine("before")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    _flip_middle(model / "layer_007.bin")
+    bad = engine("after")
+    assert bad.returncode == 1, bad.stdout[-2000:]
+    assert "layer_007.bin" in bad.stderr and "sha256" in bad.stderr, bad.stderr[-3000:]
+    assert not (tmp_path / "after" / "results.jsonl").exists() or not (tmp_path / "after" / "results.jsonl").read_text()
