@@ -208,13 +208,17 @@ def test_kv_volumes_commit_space_so_sparse_images_cannot_overbook_the_disk(drive
 
 
 def test_job_volume_binds_the_job_directory_of_the_pods_namespace(driver):
+    """The job's directory in the pod's own namespace (created for the engine's user when the agent has not yet)."""
     job_dir = driver.disk / "jobs" / "team-a" / "j1"
     target = driver.target("job")
     ctx = {"kubeflash.io/job": "j1", "csi.storage.k8s.io/pod.namespace": "team-a"}
-    code, msg = _code(lambda: driver.publish("vol-job", target, ctx))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "kubeflash.io/job" in msg
-    job_dir.mkdir(parents=True)
+    (driver.disk / "jobs").mkdir()
+    (driver.disk / "jobs" / "team-a").symlink_to(driver.root)  # a namespace directory that leads elsewhere
+    assert _code(lambda: driver.publish("vol-job", target, ctx))[0] == grpc.StatusCode.FAILED_PRECONDITION
+    (driver.disk / "jobs" / "team-a").unlink()
+    _nothing_left(driver, target)
     driver.publish("vol-job", target, ctx)
+    assert (job_dir.stat().st_uid, job_dir.stat().st_gid) == (1000, 1000)
     (target / "progress.json").write_text("{}")
     assert (job_dir / "progress.json").read_text() == "{}"
     driver.unpublish("vol-job", target)

@@ -195,10 +195,7 @@ class Volumes:
                                             f"staged and verified on disk {rec.disk}: {e}") from None
             pins.pin(disk, req.model_id, h)
         elif req.kind == "job":
-            ns, name = req.job.split("/", 1)
-            if not (disk / "jobs" / ns / name).is_dir():
-                raise CsiError.precondition(f"volume attribute {JOB} {name!r}: the job's directory does not exist "
-                                            f"on disk {rec.disk} yet (the agent creates it for jobs placed here)")
+            self._job_dir(disk, *req.job.split("/", 1))
         else:
             free = self.kv_free(rec.disk)
             if req.size > free:
@@ -215,6 +212,18 @@ class Volumes:
                 if isinstance(e, (OSError, mounts.MountError)):
                     raise CsiError.internal(f"creating the KV volume {req.volume_id!r}: {e}") from e
                 raise
+
+    def _job_dir(self, disk: Path, ns: str, name: str) -> None:
+        """The job's directory, created owned by the engine's user when the pod starts before the agent made it
+        (the agent adopts it: it sets the pod's owner, and removes it with the job)."""
+        path = disk / "jobs" / ns / name
+        for p in (path.parent.parent, path.parent, path):  # never follow a link out of the store
+            if p.is_symlink() or (p.exists() and not p.is_dir()):
+                raise CsiError.precondition(f"volume attribute {JOB} {name!r}: {p} is not a directory")
+            if not p.exists():
+                p.mkdir(mode=0o755)
+                if p == path:
+                    os.chown(p, *self.cfg.kv_owner)
 
     def _source(self, rec: Record) -> Path:
         req, disk = rec.req, self.disks[rec.disk]
