@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from agent_harness import model_id, write_tiny_llama
 
 from kubeflash_node.agent.fsutil import tree_bytes

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from operator_factories import job_spec
-from kubeflash_operator.builder import JobRef, PodTarget, build_pod, pod_name
+
 from kubeflash_api import from_canonical, parse_job_spec
+from kubeflash_operator.builder import JobRef, PodTarget, build_pod, pod_name
 
 JOB = JobRef(namespace="team-a", name="summarize", uid="uid-123")
 TARGET = PodTarget(node="gpu-node-1", gpus=(1,), disk="nvme1", disk_path="/mnt/nvme1/kubeflash", model_id="m-1",
@@ -17,7 +17,8 @@ TARGET = PodTarget(node="gpu-node-1", gpus=(1,), disk="nvme1", disk_path="/mnt/n
 
 def pod(attempt=1, target=TARGET, **spec_overrides):
     raw = job_spec(**spec_overrides)
-    return build_pod(JOB, parse_job_spec(raw, name=JOB.name, namespace=JOB.namespace), target, attempt=attempt, default_image="img:default")
+    spec = parse_job_spec(raw, name=JOB.name, namespace=JOB.namespace)
+    return build_pod(JOB, spec, target, attempt=attempt, default_image="img:default")
 
 
 def container(manifest):
