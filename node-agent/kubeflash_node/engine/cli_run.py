@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
     from .generate import EngineError
     from .job import run_job
     from .report import format_report, write_report
-    from .results import read_results
+    from .results import read_results, result_text
 
     try:
         spec = load_job_file(args.manifest)
@@ -80,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
         print("Outputs:")
         for p in spec.input.prompts:
             rec = results.get(p.id)
-            text = rec["response"]["body"]["choices"][0]["message"]["content"] if rec else "<missing>"
+            text = result_text(rec) if rec else "<missing>"
             print("-" * 40)
             print(f"{p.id}: {text}")
         print("-" * 40)

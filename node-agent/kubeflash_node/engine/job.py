@@ -15,7 +15,7 @@ from ..store.format import atomic_write_json
 from .generate import Engine, GenParams
 from .policy import Policy, make_policy
 from .report import build_report
-from .results import ResultsFile
+from .results import ResultsFile, fingerprints, is_chat
 
 
 @dataclass
@@ -219,11 +219,15 @@ def tokenize(spec: JobSpec, tokenizer) -> list[list[int]]:
 
 
 class Progress:
-    """progress.json in the job directory (rewritten atomically), read by the node agent."""
+    """progress.json in the job directory (rewritten atomically), read by the node agent: the prompts that have a
+    result and those results' completion tokens (as results.jsonl holds them); the rate counts this run's."""
 
-    def __init__(self, job_dir: Path | None, total: int, done: int):
+    def __init__(self, job_dir: Path | None, total: int, done: int, tokens: int = 0):
         self.path = Path(job_dir) / "progress.json" if job_dir else None
-        self.total, self.done, self.tokens, self.t0 = total, done, 0, time.perf_counter()
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.total, self.done, self.tokens, self.t0 = total, done, tokens, time.perf_counter()
+        self.tokens0 = tokens
 
     def write(self, phase: str, timings: dict | None = None, message: str = "") -> None:
         if self.path is None:
@@ -231,21 +235,24 @@ class Progress:
         dt = time.perf_counter() - self.t0
         atomic_write_json(self.path, {
             "phase": phase, "promptsDone": self.done, "promptsTotal": self.total, "tokens": self.tokens,
-            "tokensPerSecond": round(self.tokens / dt, 3) if dt > 0 else 0.0, "timings": timings or {},
+            "tokensPerSecond": round((self.tokens - self.tokens0) / dt, 3) if dt > 0 else 0.0,
+            "timings": timings or {},
             "message": message, "updated": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
 
 
 def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: str = "cpu",
             job_dir: Path | None = None, policy: Policy | None = None, machine: Machine | None = None,
             on_tokens: Callable[[int], None] | None = None, on_prompts: Callable[[int], None] | None = None) -> dict:
-    """Generate every prompt of `spec` not already in `output`; returns the report dict."""
+    """Generate every prompt of `spec` without a result of the same fingerprint in `output` (results.py); returns
+    the report dict. `output` is left untouched until the first new result is written."""
     tokenizer = load_tokenizer(model_dir, manifest)
     ids = tokenize(spec, tokenizer)
-    results = ResultsFile(output)
+    results = ResultsFile(output, fingerprints(spec, manifest=manifest, device=device), model=spec.model.uri)
     todo = [i for i, p in enumerate(spec.input.prompts) if p.id not in results.done]
-    progress = Progress(job_dir, total=len(ids), done=len(ids) - len(todo))
+    progress = Progress(job_dir, total=len(ids), done=len(ids) - len(todo), tokens=results.kept_tokens)
     progress.write("running")
     if not todo:
+        results.commit()  # sets aside the lines of prompts no longer in the job
         results.close()
         progress.write("done", message="every prompt already has a result")
         return {"skipped": len(ids), "generated_tokens": 0}
@@ -287,15 +294,15 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
             for s in g.stop:
                 if s in text:
                     text, reason = text[:text.index(s)], "stop"
-            results.append(p.id, text, finish_reason=reason, prompt_tokens=len(ids[todo[c.index]]),
+            results.append(p.id, text, chat=is_chat(p), finish_reason=reason, prompt_tokens=len(ids[todo[c.index]]),
                            completion_tokens=len(c.tokens), token_ids=c.tokens)
         progress.done += len(done)
+        progress.tokens += sum(len(c.tokens) for c in done)
         progress.write("running", timings=_timings(engine))
         if on_prompts:
             on_prompts(len(done))
 
     def on_step(n: int) -> None:
-        progress.tokens += n
         if on_tokens:
             on_tokens(n)
 
