@@ -322,3 +322,22 @@ def test_unsupported_options_are_refused_by_key(cfg, names, tmp_path):
         convert(str(tmp_path / "hf"), tmp_path / "store", dtype="float32")
     assert str(e.value).startswith(f"config.json {names}"), str(e.value)
     assert not (tmp_path / "store").exists()
+
+
+SIZED = [c for c in CASES if c.id.startswith(("llama-0", "qwen2-useTrue-mwl0", "smollm3", "opt"))]
+
+
+@pytest.mark.parametrize("family,kw,legacy", SIZED)
+def test_sizes_count_what_the_store_holds(family, kw, legacy, tmp_path):
+    """ModelConfig's tensor and parameter counts (the planner's and the agent's space estimates) equal what the
+    converter writes for the option, and transformers' own parameter count."""
+    from kubeflash_node.store.modelconfig import ModelConfig
+
+    model, hf_dir = _random_model(family, kw, tmp_path)
+    m = convert(str(hf_dir), tmp_path / "store", dtype="float32")
+    c = ModelConfig.from_dict(m.config)
+    counts = {name: sum(e.nbytes for e in f.tensors.values()) // 4 for name, f in m.files.items()}  # float32
+    assert len(m.files["layer_000.bin"].tensors) == c.layer_tensors()
+    assert counts["layer_000.bin"] == c.layer_params()
+    assert counts["embed.bin"] == c.embed_params() and counts["head.bin"] == c.head_params()
+    assert c.total_params() == sum(p.numel() for p in model.parameters())  # tied weights counted once

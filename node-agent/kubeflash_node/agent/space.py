@@ -29,9 +29,7 @@ class Candidate:
 
 
 def tensors_per_stage(cfg: ModelConfig) -> int:
-    if cfg.architecture == "opt":
-        return 16
-    return 9 + (3 if cfg.attention_bias else 0)
+    return cfg.layer_tensors()
 
 
 def estimate_store_bytes(cfg: ModelConfig, dtype: str, *, extra: int = 0) -> int:

@@ -100,6 +100,12 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def layer_tensors(self) -> int:
+        """How many tensors a layer's stage holds (canonical names in store/convert.py)."""
+        if self.architecture == "opt":
+            return 6 + (6 if self.attention_bias else 0) + (4 if self.norm_affine else 0)
+        return 9 + (3 if self.attention_bias else 0) + (1 if self.o_bias else 0) + (3 if self.mlp_bias else 0)
+
     def layer_params(self) -> int:
         h, i = self.hidden_size, self.intermediate_size
         attn = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
