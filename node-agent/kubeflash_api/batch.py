@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kubeflash_api.errors import SpecError
+from kubeflash_api.errors import SpecError, child, show
 from kubeflash_api.files import MAX_BATCH_BYTES, json_object, read_text
 from kubeflash_api.inferencejob import MAX_PROMPTS, MAX_TOKENS, Prompt
 
@@ -33,31 +33,31 @@ def parse_line(text: str, where: str) -> Prompt:
     cid = req.get("custom_id")
     if not isinstance(cid, str) or not cid.strip() or len(cid) > MAX_ID:
         raise SpecError(f"{where}: custom_id", f"must be a non-empty string of at most {MAX_ID} characters, "
-                                               f"got {cid!r}")
+                                               f"got {show(cid)}")
     if req.get("method", "POST") != "POST":
-        raise SpecError(f"{where}: method", f"must be POST, got {req.get('method')!r}")
+        raise SpecError(f"{where}: method", f"must be POST, got {show(req.get('method'))}")
     body = req.get("body")
     if not isinstance(body, dict):
         raise SpecError(f"{where}: body", "is required: an object with messages (chat) or prompt (completions)")
     url = req.get("url")
     if url is None:  # OpenAI requires it; without one the body's shape says which endpoint was meant
         url = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
-    if url not in URLS:
-        raise SpecError(f"{where}: url", f"must be one of {', '.join(URLS)}, got {url!r}")
+    if not isinstance(url, str) or url not in URLS:
+        raise SpecError(f"{where}: url", f"must be one of {', '.join(URLS)}, got {show(url)}")
     kind = URLS[url]
     for key in body:
         if key in _JOB_WIDE:
             spec = _JOB_WIDE[key]
             hint = f"set spec.generation.{spec} for the whole job" if spec else "one answer per request is made"
-            raise SpecError(f"{where}: body.{key}", f"cannot differ per request; {hint}")
+            raise SpecError(child(f"{where}: body", key), f"cannot differ per request; {hint}")
         if key not in _BODY_KEYS[kind]:
-            raise SpecError(f"{where}: body.{key}", f"is not supported for {url} (supported: "
+            raise SpecError(child(f"{where}: body", key), f"is not supported for {url} (supported: "
                                                     f"{', '.join(sorted(_BODY_KEYS[kind]))})")
     mt = body.get("max_tokens", body.get("max_completion_tokens"))
     if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or not 1 <= mt <= MAX_TOKENS):
-        raise SpecError(f"{where}: body.max_tokens", f"must be an integer from 1 to {MAX_TOKENS}, got {mt!r}")
+        raise SpecError(f"{where}: body.max_tokens", f"must be an integer from 1 to {MAX_TOKENS}, got {show(mt)}")
     if body.get("model") is not None and not isinstance(body["model"], str):
-        raise SpecError(f"{where}: body.model", f"must be a string, got {body['model']!r}")
+        raise SpecError(f"{where}: body.model", f"must be a string, got {show(body['model'])}")
     if kind == "completion":
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
@@ -76,7 +76,7 @@ def _messages(msgs: object, where: str) -> tuple[dict[str, str], ...]:
             raise SpecError(at, f"must be an object with role and content, got {_short(m)}")
         extra = set(m) - {"role", "content", "name"}
         if extra:
-            raise SpecError(f"{at}.{sorted(extra)[0]}", "is not supported (role, content, name)")
+            raise SpecError(child(at, sorted(extra)[0]), "is not supported (role, content, name)")
         if m.get("role") not in ROLES:
             raise SpecError(f"{at}.role", f"must be one of {', '.join(ROLES)}, got {_short(m.get('role'))}")
         out.append({"role": m["role"], "content": _content(m.get("content"), f"{at}.content")})
@@ -98,14 +98,16 @@ def _content(content: object, where: str) -> str:
 
 
 def _short(v: object) -> str:
-    text = repr(v)
-    return f"{type(v).__name__} {text[:60]}{'…' if len(text) > 60 else ''}"
+    return show(v)
 
 
 def parse_batch(text: str, name: str) -> tuple[Prompt, ...]:
     """Every request of a batch file's text; custom_ids must be unique."""
     prompts, seen = [], {}
-    for n, line in enumerate(text.splitlines(), 1):
+    # JSONL lines end at "\n" only: str.splitlines() would also break at U+2028, U+0085 and friends, which a JSON
+    # string may hold unescaped, and would number lines differently from every editor
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         p = parse_line(line, f"{name}:{n}")

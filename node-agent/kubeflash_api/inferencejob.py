@@ -15,9 +15,15 @@ from typing import Any
 
 from kubeflash_api import schema as s
 from kubeflash_api.contract import API_VERSION, DEFAULT_KV_DISK, JOB_KIND
-from kubeflash_api.errors import SpecError
+from kubeflash_api.errors import SpecError, child, show
 from kubeflash_api.metadata import METADATA, parse_metadata
-from kubeflash_api.names import MAX_JOB_NAME, check_relative, check_subdomain, model_id
+from kubeflash_api.names import (
+    CONFIG_KEY,
+    MAX_JOB_NAME,
+    check_relative,
+    check_subdomain,
+    model_id,
+)
 from kubeflash_api.quantity import parse_quantity
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -199,7 +205,7 @@ def _subdomain(v: str, path: str) -> str:
 
 
 def _config_key(v: str, path: str) -> str:
-    if not re.match(r"^[-._a-zA-Z0-9]+$", v) or v in (".", ".."):
+    if not CONFIG_KEY.fullmatch(v) or v in (".", ".."):  # fullmatch: "$" alone lets a final newline through
         raise SpecError(path, f"must be a ConfigMap key (letters, digits, '-', '_', '.'), got {v!r}")
     return v
 
@@ -329,11 +335,11 @@ def parse_job(doc: Any, *, namespace: str = "default") -> JobSpec:
         raise SpecError("manifest", f"must be an object (an InferenceJob), got {type(doc).__name__}")
     for key in doc:
         if key not in ("apiVersion", "kind", "metadata", "spec", "status"):
-            raise SpecError(str(key), "is not a known top-level field (known: apiVersion, kind, metadata, spec)")
+            raise SpecError(child("", key), "is not a known top-level field (known: apiVersion, kind, metadata, spec)")
     if doc.get("apiVersion") != API_VERSION:
-        raise SpecError("apiVersion", f"must be {API_VERSION}, got {doc.get('apiVersion')!r}")
+        raise SpecError("apiVersion", f"must be {API_VERSION}, got {show(doc.get('apiVersion'))}")
     if doc.get("kind") != JOB_KIND:
-        raise SpecError("kind", f"must be {JOB_KIND}, got {doc.get('kind')!r}")
+        raise SpecError("kind", f"must be {JOB_KIND}, got {show(doc.get('kind'))}")
     meta = parse_metadata(doc.get("metadata"), max_name=MAX_JOB_NAME)
     if doc.get("spec") is None:
         raise SpecError("spec", "is required")
@@ -353,7 +359,7 @@ def parse_job_spec(spec: Any, *, name: str, namespace: str, path: str = "spec") 
                                   temperature=d["generation"]["temperature"], top_p=d["generation"]["topP"],
                                   seed=d["generation"]["seed"], stop=tuple(d["generation"]["stop"])),
         offload=off,
-        output=_output(d.get("output") or {}),
+        output=_output(d.get("output") or {}, f"{path}.output"),
         resources=ResourcesSpec(gpus=d["resources"]["gpus"], gpu_memory=d["resources"].get("gpuMemory"),
                                 cpu_memory=d["resources"].get("cpuMemory"), kv_disk=d["resources"]["kvDisk"]),
         backoff_limit=d["backoffLimit"], image=d.get("image"))
@@ -410,9 +416,9 @@ def _offload(d: dict, path: str) -> OffloadSpec:
                        compression=d["compression"])
 
 
-def _output(d: dict) -> OutputSpec:
+def _output(d: dict, path: str) -> OutputSpec:
     if "pvc" in d and "configMap" in d:
-        raise SpecError("spec.output", "takes at most one of pvc or configMap")
+        raise SpecError(path, "takes at most one of pvc or configMap")
     return OutputSpec(path=d.get("path"), pvc=(d.get("pvc") or {}).get("claimName"),
                       config_map=(d.get("configMap") or {}).get("name"))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubeflash_api import schema as s
-from kubeflash_api.errors import SpecError
+from kubeflash_api.errors import SpecError, child
 from kubeflash_api.names import check_label
 
 _STRINGS = s.mapping("", s.string("", max_len=262144), max_len=256)
@@ -29,9 +29,9 @@ def parse_metadata(meta: Any, *, max_name: int) -> dict[str, Any]:
         raise SpecError("metadata", f"must be an object, got {type(meta).__name__}")
     for key, value in meta.items():
         if key not in _FIELDS:
-            raise SpecError(f"metadata.{key}", f"is not a known field (known fields: {', '.join(_FIELDS)})")
+            raise SpecError(child("metadata", key), f"is not a known field (known fields: {', '.join(_FIELDS)})")
         if value is not None:
-            s.parse(_FIELDS[key], value, f"metadata.{key}")
+            s.parse(_FIELDS[key], value, child("metadata", key))
     if meta.get("name") is None:
         raise SpecError("metadata.name", "is required" + (" (generateName works only with kubectl create)"
                                                           if meta.get("generateName") else ""))

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from kubeflash_api.errors import SpecError
+from kubeflash_api.errors import SpecError, show
 
 LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # DNS-1123 label
 SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")  # DNS-1123 subdomain
@@ -25,8 +25,8 @@ _SLUG = re.compile(r"[^a-z0-9]+")
 def check_label(value: object, path: str, *, max_len: int = 63) -> str:
     """`value` if it is a DNS-1123 label of at most `max_len` characters."""
     if not isinstance(value, str) or not value:
-        raise SpecError(path, f"must be a non-empty string, got {value!r}")
-    if len(value) > max_len or not LABEL.match(value):
+        raise SpecError(path, f"must be a non-empty string, got {show(value)}")
+    if len(value) > max_len or not LABEL.fullmatch(value):
         raise SpecError(path, f"must be a DNS-1123 label (lowercase letters, digits and '-', starting and ending "
                               f"with a letter or digit, at most {max_len} characters), got {value!r}")
     return value
@@ -35,8 +35,8 @@ def check_label(value: object, path: str, *, max_len: int = 63) -> str:
 def check_subdomain(value: object, path: str) -> str:
     """`value` if it is a DNS-1123 subdomain (the names of ConfigMaps and PersistentVolumeClaims)."""
     if not isinstance(value, str) or not value:
-        raise SpecError(path, f"must be a non-empty string, got {value!r}")
-    if len(value) > 253 or not SUBDOMAIN.match(value):
+        raise SpecError(path, f"must be a non-empty string, got {show(value)}")
+    if len(value) > 253 or not SUBDOMAIN.fullmatch(value):
         raise SpecError(path, f"must be a Kubernetes object name (DNS-1123 subdomain), got {value!r}")
     return value
 
@@ -51,7 +51,7 @@ def model_id(uri: str, *, dtype: str = "float16", quantization: str = "none", re
 
 
 def is_model_id(value: object) -> bool:
-    return isinstance(value, str) and bool(MODEL_ID.match(value))
+    return isinstance(value, str) and bool(MODEL_ID.fullmatch(value))
 
 
 def job_dir_name(namespace: str, name: str) -> str:
@@ -64,7 +64,7 @@ def job_dir_name(namespace: str, name: str) -> str:
 def check_relative(value: object, path: str) -> str:
     """A relative path a user gives (`results/out.jsonl`): no '..', not absolute, no NUL, normalized."""
     if not isinstance(value, str) or not value.strip():
-        raise SpecError(path, f"must be a non-empty relative path, got {value!r}")
+        raise SpecError(path, f"must be a non-empty relative path, got {show(value)}")
     if len(value) > 1024 or "\0" in value or "\\" in value:
         raise SpecError(path, f"must be a relative path of at most 1024 characters without NUL or '\\', got {value!r}")
     parts = value.split("/")

@@ -6,7 +6,7 @@ import math
 import re
 from decimal import Decimal, InvalidOperation
 
-from kubeflash_api.errors import SpecError
+from kubeflash_api.errors import SpecError, show
 
 # The grammar of k8s.io/apimachinery/pkg/api/resource (signed numbers are not byte counts, so no sign but '+').
 _QUANTITY = re.compile(
@@ -20,7 +20,7 @@ PATTERN = _QUANTITY.pattern  # what the CRDs check at apply time
 def parse_quantity(value: object, *, path: str, lo: int = 0, hi: int = MAX_BYTES) -> int:
     """`value` (an integer or a quantity string) as bytes, rounded up; SpecError naming `path` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise SpecError(path, f"must be a quantity such as 10Gi or 500M (an integer or a string), got {value!r}")
+        raise SpecError(path, f"must be a quantity such as 10Gi or 500M (an integer or a string), got {show(value)}")
     if isinstance(value, int):
         n = value
     else:
@@ -30,10 +30,10 @@ def parse_quantity(value: object, *, path: str, lo: int = 0, hi: int = MAX_BYTES
         suffix = m["suffix"] or ""
         try:
             number = Decimal(m["num"])
-            if suffix[:1] in ("e", "E"):
+            if suffix and suffix not in _BINARY and suffix not in _DECIMAL:  # an exponent ("E" is exa, "Ei" exbi)
                 exp = int(suffix[1:])
                 if exp > 30:
-                    raise SpecError(path, f"must be at most {human(hi)}, got {value!r}")
+                    raise SpecError(path, f"must be at most {human(hi)}, got {_given(value)}")
                 number = number.scaleb(exp)
             else:
                 number *= _BINARY.get(suffix) or _DECIMAL.get(suffix) or 1
@@ -41,10 +41,14 @@ def parse_quantity(value: object, *, path: str, lo: int = 0, hi: int = MAX_BYTES
             raise SpecError(path, f"must be a quantity such as 10Gi, got {value!r}") from None
         n = int(math.ceil(number))
     if n < lo:
-        raise SpecError(path, f"must be at least {human(lo)}, got {value!r}")
+        raise SpecError(path, f"must be at least {human(lo)}, got {_given(value)}")
     if n > hi:
-        raise SpecError(path, f"must be at most {human(hi)}, got {value!r}")
+        raise SpecError(path, f"must be at most {human(hi)}, got {_given(value)}")
     return n
+
+
+def _given(value: int | str) -> str:
+    return repr(value) if isinstance(value, str) else show(value).split(" ", 1)[1]
 
 
 def human(n: int) -> str:

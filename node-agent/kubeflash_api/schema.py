@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubeflash_api.errors import SpecError
+from kubeflash_api.errors import SpecError, child, show
 from kubeflash_api.quantity import PATTERN as QUANTITY_PATTERN
 from kubeflash_api.quantity import parse_quantity
 
@@ -105,7 +105,7 @@ def _parse(node: Node, value: Any, path: str) -> Any:
         if not isinstance(value, Mapping):
             raise SpecError(path, f"must be an object, got {_show(value)}")
         _length(node, len(value), path, "entries")
-        return {_key(kk, path): parse(node.items, v, f"{path}.{kk}") for kk, v in value.items()}
+        return {_key(kk, path): parse(node.items, v, child(path, kk)) for kk, v in value.items()}
     if k == "quantity":
         return parse_quantity(value, path=path, lo=int(node.lo or 0), **({"hi": int(node.hi)} if node.hi else {}))
     if k == "any":
@@ -129,7 +129,7 @@ def _object(node: Node, value: Any, path: str) -> dict:
         _key(key, path)
         if key not in known:
             names = ", ".join(known) or "none"
-            raise SpecError(f"{path}.{key}", f"is not a known field (known fields: {names})")
+            raise SpecError(child(path, key), f"is not a known field (known fields: {names})")
     out = {}
     for key, sub in node.fields:
         where = f"{path}.{key}"
@@ -149,6 +149,12 @@ def _string(node: Node, value: Any, path: str) -> str:
         raise SpecError(path, f"must be a string, got {_show(value)}")
     if "\0" in value:
         raise SpecError(path, "must not contain NUL characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate from a "\ud800" escape: no file or tokenizer takes it
+            raise SpecError(path, f"must be valid Unicode, got a lone surrogate {value[e.start]!r} at character "
+                                  f"{e.start}") from None
     _length(node, len(value), path, "characters")
     if node.enum and value not in node.enum:
         raise SpecError(path, f"must be one of {', '.join(node.enum)}, got {value!r}")
@@ -162,14 +168,18 @@ def _number(node: Node, value: Any, path: str) -> int | float:
     else:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(path, f"must be a number, got {_show(value)}")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float's range
+            raise SpecError(path, f"must be a finite number, got {_show(value)}") from None
         if not math.isfinite(value):
             raise SpecError(path, f"must be a finite number, got {value!r}")
-        value = float(value)
     lo_bad = node.lo is not None and (value <= node.lo if node.lo_open else value < node.lo)
     if lo_bad or (node.hi is not None and value > node.hi):
         lo = "" if node.lo is None else f"{'>' if node.lo_open else '>='} {node.lo:g}"
         hi = "" if node.hi is None else f"<= {node.hi:g}"
-        raise SpecError(path, f"must be {' and '.join(s for s in (lo, hi) if s)}, got {value:g}")
+        got = f"{value:g}" if isinstance(value, float) else show(value).split(" ", 1)[1]
+        raise SpecError(path, f"must be {' and '.join(s for s in (lo, hi) if s)}, got {got}")
     return value
 
 
@@ -187,8 +197,7 @@ def _key(key: Any, path: str) -> str:
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60]}{'…' if len(text) > 60 else ''}"
+    return show(value)
 
 
 def _copy(value: Any) -> Any:
