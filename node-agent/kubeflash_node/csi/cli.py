@@ -50,8 +50,9 @@ def _socket_path(endpoint: str) -> str:
 
 
 def _config(args):
-    from .attrs import parse_size
-    from .errors import CsiError
+    from kubeflash_api.errors import SpecError
+    from kubeflash_api.quantity import parse_quantity
+
     from .volumes import DriverConfig
 
     disks = []
@@ -65,9 +66,9 @@ def _config(args):
     except ValueError:
         raise SystemExit(f"kubeflash csi: --kv-owner must be UID:GID, got {args.kv_owner!r}") from None
     try:
-        reserve = 0 if args.kv_reserve in ("", "0") else parse_size(args.kv_reserve)
-    except CsiError as e:
-        raise SystemExit(f"kubeflash csi: --kv-reserve: {e.message}") from None
+        reserve = parse_quantity(args.kv_reserve or "0", path="--kv-reserve")
+    except SpecError as e:
+        raise SystemExit(f"kubeflash csi: {e}") from None
     return DriverConfig(node_id=args.node_id, disks=tuple(disks), pods_dir=args.pods_dir, kv_owner=(uid, gid),
                         kv_reserve=reserve)
 
