@@ -58,7 +58,8 @@ def _mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) 
             raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a scalar",
                                                     key_node.start_mark) from None
         if i >= merged and seen_own.get(key):  # a key given twice in the mapping itself
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {show(key)}", key_node.start_mark)
+            name = repr(key) if isinstance(key, str) else show(key)
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {name}", key_node.start_mark)
         seen[key] = loader.construct_object(value_node, deep=deep)
         seen_own[key] = i >= merged
     return seen
@@ -126,8 +127,11 @@ def load_manifest(path: Path) -> dict:
 
 
 def _kind(doc: Any) -> str:
-    kind = doc.get("kind") if isinstance(doc, dict) else None
-    return kind[:60] if isinstance(kind, str) else show(kind) if isinstance(doc, dict) else type(doc).__name__
+    """What a document is, for a message: its kind, or what it is when it has none."""
+    if not isinstance(doc, dict):
+        return f"a {type(doc).__name__}"
+    kind = doc.get("kind")
+    return kind[:60] if isinstance(kind, str) else "a mapping without kind" if kind is None else show(kind)
 
 
 def json_object(line: str, where: str) -> dict:
