@@ -72,8 +72,9 @@ def _llama_family_cases() -> list:
     n = len(ACTS)
     ropes = _cycle(rng, _ropes(rng, 16), n)
     acts = _cycle(rng, ACTS, n)
-    attn_bias, mlp_bias = _cycle(rng, [True, False], n), _cycle(rng, [False, True], n)
-    pads, tie = _cycle(rng, [None, -1, 3], n), _cycle(rng, [True, False], n)
+    # the binary options run through all 8 combinations (bits of i), pad ids through their 3 values
+    attn_bias, mlp_bias, tie = ([bool(i >> b & 1) for i in range(n)] for b in range(3))
+    pads = [(None, -1, 3)[i % 3] for i in range(n)]
     for i in range(n):
         kw = _shape(rng, head_dim_differs=i % 3 == 1)
         if ropes[i] and ropes[i]["rope_type"] == "longrope":
@@ -124,23 +125,28 @@ def _rope_id(rope: dict | None) -> str:
     return "rope-none" if rope is None else "rope-" + rope["rope_type"]
 
 
+# An L8 orthogonal array: any two of its columns hold all four combinations of two binary options
+L8 = ["0000000", "0001111", "0110011", "0111100", "1010101", "1011010", "1100110", "1101001"]
+
+
 def _opt_cases() -> list:
+    """Post-LN, project_in/out, untied head, no biases, no LayerNorm affine, no final LayerNorm: every pair of
+    them in both states (L8 rows), every activation drawn."""
     rng = random.Random(7)
     cases = []
-    acts = ["relu", "gelu", "gelu_new", "silu", "quick_gelu", "relu2"]
-    pre, tie = _cycle(rng, [True, False], 6), _cycle(rng, [False, True], 6)
-    proj, bias = _cycle(rng, [True, False], 6), _cycle(rng, [True, False, True], 6)
-    affine, remove = _cycle(rng, [True, False, True], 6), _cycle(rng, [False, True, False], 6)
-    for i in range(6):
+    acts = _cycle(rng, ["relu", "gelu", "gelu_new", "silu", "quick_gelu", "relu2", "gelu_pytorch_tanh", "tanh"], 8)
+    for i, row in enumerate(L8):
+        post, proj, untie, nobias, noaffine, remove = (c == "1" for c in row[:6])
         hidden = rng.choice([32, 64])
         kw = dict(vocab_size=VOCAB, hidden_size=hidden, ffn_dim=rng.choice([64, 96]), num_hidden_layers=rng.choice([2, 3]),
                   num_attention_heads=rng.choice([2, 4]), max_position_embeddings=64, activation_function=acts[i],
-                  do_layer_norm_before=pre[i], tie_word_embeddings=tie[i],
-                  word_embed_proj_dim=hidden // 2 if proj[i] else hidden, enable_bias=bias[i],
-                  layer_norm_elementwise_affine=affine[i], _remove_final_layer_norm=remove[i],
-                  pad_token_id=rng.choice([1, -1, None]))
-        cases.append(pytest.param("opt", kw, i % 2 == 0,
-                                  id=f"opt-{i}-{acts[i]}-{'pre' if pre[i] else 'post'}LN-proj{proj[i]}-tie{tie[i]}"))
+                  do_layer_norm_before=not post, tie_word_embeddings=not untie,
+                  word_embed_proj_dim=hidden // 2 if proj else hidden, enable_bias=not nobias,
+                  layer_norm_elementwise_affine=not noaffine, _remove_final_layer_norm=remove,
+                  pad_token_id=(1, -1, None)[i % 3])
+        name = "-".join(k for k, on in zip(("postLN", "proj", "untied", "nobias", "noaffine", "nofinal"), row, strict=False)
+                        if on == "1")
+        cases.append(pytest.param("opt", kw, False, id=f"opt-{i}-{acts[i]}-{name or 'plain'}"))
     return cases
 
 
@@ -341,3 +347,33 @@ def test_sizes_count_what_the_store_holds(family, kw, legacy, tmp_path):
     assert counts["layer_000.bin"] == c.layer_params()
     assert counts["embed.bin"] == c.embed_params() and counts["head.bin"] == c.head_params()
     assert c.total_params() == sum(p.numel() for p in model.parameters())  # tied weights counted once
+
+
+RICH = [c for c in CASES if c.id in ("mistral-window-7", "qwen2-useTrue-mwl0-types", "smollm3-nope[0, 1, 0]-window8",
+                                     "opt-6-gelu-postLN-proj-noaffine-nofinal")]
+KV_POLICIES = {
+    "cpu-attention": dict(kv="cpu", cpu_attention=True),
+    "x-cache": dict(kv="disk", x_cache_percent=100),
+    "write-back": dict(kv="disk", kv_write_back=True, kv_write_back_bytes=4096),
+}
+
+
+@pytest.mark.parametrize("family,kw,legacy", RICH)
+def test_kv_techniques_keep_the_options(family, kw, legacy, tmp_path):
+    """Sliding windows, no-RoPE layers, biases and post-LN hold through every KV path (CPU attention, X-cache
+    recompute, delayed write-back) and micro-batches: each prompt's greedy tokens are transformers' own."""
+    model, hf_dir = _random_model(family, kw, tmp_path)
+    convert(str(hf_dir), tmp_path / "store", dtype="float32")
+    prompts = _prompts()
+    with torch.no_grad():
+        ref = [model.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    assert len(RICH) == 4
+    for name, kv in KV_POLICIES.items():
+        engine = Engine(tmp_path / "store", policy=Policy(gpu_batch_size=2, num_gpu_batches=2, **kv),
+                        job_dir=tmp_path / name)
+        try:
+            out = [c.tokens for c in engine.generate(prompts, GenParams(max_new_tokens=5))]
+        finally:
+            engine.close()
+        assert out == ref, name

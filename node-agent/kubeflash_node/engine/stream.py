@@ -143,6 +143,8 @@ class WeightStreamer:
         """Split one stage read into `task_bytes` tasks run on the reader pool's spare threads."""
         size = dest.numel()
         tasks = [(off, min(self.task_bytes, size - off)) for off in range(0, size, self.task_bytes)]
+        if not tasks:  # an empty stage: OPT's head without final LayerNorm, projection or own lm_head
+            return
         subs = [self.task_pool.submit(self.reader.read_into, path, off, dest[off:off + n]) for off, n in tasks[1:]]
         self.reader.read_into(path, 0, dest[:tasks[0][1]])
         for sub in subs:
