@@ -1,43 +1,144 @@
-"""Placements made but not yet seen in the watch stream, so two jobs placed a moment apart never share a pair.
+"""Who holds which GPU<->SSD pair: one book, owned by the operator's event loop, fed by FlashNode events.
 
-The claims index is fed by watch events, which trail the status patch that records a placement. Until the
-index shows a job where this book says it is, the book's claim counts; a claim the watch never confirms
-expires after `ttl` seconds (its patch failed, the next tick places the job again).
+The record of a claim is the FlashNode's `kubeflash.io/claims` annotation (the node's ledger: job -> GPUs, disk,
+KV bytes). It is written only with the FlashNode's resourceVersion as a precondition, so a decision made on a
+stale view, or by a second operator replica, fails with 409 instead of handing out a pair twice. The book keeps
+every FlashNode's view and ledger at the newest resourceVersion seen (watch event or the answer to our own
+write) plus the claims decided but not yet written ("held"), so every placement sees every claim this operator
+has made. Only coroutines on the event loop touch it (no threads, hence no lock around reads); one writer task
+per FlashNode sends its queued ledger changes together, so the operator never races itself for a node.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Iterable
+import asyncio
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from kubeflash_operator.scheduler import Claim
+from kubeflash_operator.scheduler import Claim, NodeView, node_view
+
+CLAIMS_ANNOTATION = "kubeflash.io/claims"
 
 
-class Bookkeeping:
-    def __init__(self, *, ttl: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.lock = threading.RLock()  # held around "read claims, place, hold" so placements serialize
-        self._held: dict[str, tuple[Claim, float]] = {}
-        self._ttl = ttl
-        self._clock = clock
+# ------------------------------------------------------------------------------------------- the ledger (pure)
 
-    def claims(self, observed: Iterable[Claim]) -> tuple[Claim, ...]:
-        """Observed claims, overridden by newer ones this operator made and the watch has not shown yet."""
-        merged = {c.job: c for c in observed}
-        now = self._clock()
-        with self.lock:
-            for job, (claim, since) in list(self._held.items()):
-                seen = merged.get(job)
-                if now - since > self._ttl or (seen and (seen.node, seen.gpus) == (claim.node, claim.gpus)):
-                    del self._held[job]
-                else:
-                    merged[job] = claim
+
+def parse_ledger(node: str, body: Mapping[str, Any]) -> dict[str, Claim]:
+    """The claims recorded on a FlashNode object (a malformed entry is skipped, never trusted)."""
+    raw = ((body.get("metadata") or {}).get("annotations") or {}).get(CLAIMS_ANNOTATION) or "{}"
+    try:
+        entries = json.loads(raw)
+    except ValueError:
+        return {}
+    out: dict[str, Claim] = {}
+    for job, e in entries.items() if isinstance(entries, dict) else ():
+        try:
+            out[job] = Claim(job=job, node=node, gpus=tuple(int(g) for g in e["gpus"]), disk=str(e["disk"]),
+                             kv_bytes=int(e.get("kv") or 0))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def ledger_annotation(ledger: Mapping[str, Claim]) -> str:
+    """The annotation value for a ledger (sorted, compact: the same ledger always writes the same bytes)."""
+    entries = {job: {"gpus": list(c.gpus), "disk": c.disk, "kv": c.kv_bytes} for job, c in sorted(ledger.items())}
+    return json.dumps(entries, separators=(",", ":"), sort_keys=True)
+
+
+def clashes(claim: Claim, ledger: Mapping[str, Claim]) -> list[str]:
+    """Other jobs in `ledger` holding one of `claim`'s GPUs."""
+    return sorted(job for job, c in ledger.items() if job != claim.job and set(c.gpus) & set(claim.gpus))
+
+
+def apply_changes(ledger: Mapping[str, Claim], changes: Mapping[str, Claim | None]
+                  ) -> tuple[dict[str, Claim], dict[str, bool]]:
+    """The ledger after setting (Claim) or removing (None) each job, in order; a claim whose GPUs another job
+    holds by then is refused (False). Returns (new ledger, accepted per job)."""
+    out, accepted = dict(ledger), {}
+    for job, claim in changes.items():
+        if claim is None:
+            out.pop(job, None)
+            accepted[job] = True
+        elif clashes(claim, out):
+            accepted[job] = False
+        else:
+            out[job] = claim
+            accepted[job] = True
+    return out, accepted
+
+
+def resource_version(body: Mapping[str, Any]) -> int:
+    """metadata.resourceVersion as a number for ordering views (etcd revisions); 0 if absent or not numeric."""
+    try:
+        return int((body.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+# -------------------------------------------------------------------------------------------------- the book
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    name: str  # the FlashNode (whose ledger this is)
+    view: NodeView
+    rv: str  # resourceVersion, sent back as the precondition of the next ledger write
+    ledger: Mapping[str, Claim]
+
+
+def node_record(body: Mapping[str, Any]) -> NodeRecord:
+    view = node_view(body)
+    meta = body.get("metadata") or {}
+    return NodeRecord(name=meta.get("name", ""), view=view, rv=str(meta.get("resourceVersion") or ""),
+                      ledger=parse_ledger(view.name, body))
+
+
+def _newer(a: NodeRecord, b: NodeRecord | None) -> NodeRecord:
+    if b is None:
+        return a
+    try:
+        return b if int(b.rv) > int(a.rv) else a
+    except ValueError:
+        return a
+
+
+@dataclass
+class ClaimBook:
+    """The watch's FlashNode records (kopf's index, passed in) overlaid with newer ones from our own writes, plus
+    the claims decided but not yet written. Everything a placement needs, in one place, read without awaiting."""
+
+    written: dict[str, NodeRecord] = field(default_factory=dict)  # answers to our writes, by FlashNode name
+    held: dict[str, Claim] = field(default_factory=dict)  # decided, ledger write in flight, by job
+    pending: dict[str, dict[str, tuple[Claim | None, asyncio.Future[bool]]]] = field(default_factory=dict)
+    writers: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # the one ledger writer per FlashNode
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def current(self, watched: Iterable[NodeRecord]) -> dict[str, NodeRecord]:
+        """The newest record of every FlashNode the watch shows (one it no longer shows is gone)."""
+        out = {r.name: _newer(r, self.written.get(r.name)) for r in watched}
+        for name in [n for n in self.written if n not in out]:
+            del self.written[name]
+        return out
+
+    def note(self, body: Mapping[str, Any]) -> NodeRecord:
+        """A FlashNode as our write (or read) answered it."""
+        rec = node_record(body)
+        self.written[rec.name] = _newer(rec, self.written.get(rec.name))
+        return self.written[rec.name]
+
+    def claims(self, records: Mapping[str, NodeRecord]) -> tuple[Claim, ...]:
+        """Every recorded claim, overridden by the held ones (a job's newest decision wins)."""
+        merged = {job: c for r in records.values() for job, c in r.ledger.items()}
+        merged.update(self.held)
         return tuple(merged.values())
 
-    def hold(self, claim: Claim) -> None:
-        with self.lock:
-            self._held[claim.job] = (claim, self._clock())
 
-    def drop(self, job: str) -> None:
-        with self.lock:
-            self._held.pop(job, None)
+def record_for(records: Mapping[str, NodeRecord], node: str) -> NodeRecord | None:
+    """The record of the FlashNode serving Kubernetes node `node` (by default the FlashNode has its name)."""
+    rec = records.get(node)
+    if rec is not None and rec.view.name == node:
+        return rec
+    return next((r for r in records.values() if r.view.name == node), None)

@@ -1,29 +1,35 @@
 """kopf handlers: thin glue between watch events and the pure reconcile step.
 
-Indices keep FlashNodes, cordoned Nodes, placed jobs and engine pods in memory; a timer per live InferenceJob
-gathers them into a World, asks `reconcile.step` for a Plan and carries it out (FlashNode model request, pod
-create/delete, then the status patch, events and metrics). Create/resume admit a job (Pending, or Failed naming
-the bad field); the `kubeflash.io/release-kv` finalizer deletes a job's pods before the job goes away.
+Indices keep FlashNodes (view + claims ledger), cordoned Nodes and engine pods in memory; a timer per live
+InferenceJob gathers them into a World, asks `reconcile.step` for a Plan and carries it out: the claim first (a
+conditional write of the node's ledger, bookkeeping.py), then the FlashNode model request and pod create/delete,
+then the status patch, events and metrics. Everything runs on kopf's event loop (blocking API calls go to a
+thread), so no handler reads an index while it changes. The `kubeflash.io/release-kv` finalizer deletes a job's
+pods and its ledger entry before the job goes away.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
 import kopf
 
-from kubeflash_api import SpecError
-from kubeflash_api.inferencejob import kv_disk_bytes
 from kubeflash_operator import reconcile
-from kubeflash_operator.bookkeeping import Bookkeeping
-from kubeflash_operator.builder import JOB_LABEL, JobRef, build_pod
+from kubeflash_operator.bookkeeping import (
+    ClaimBook, NodeRecord, apply_changes, ledger_annotation, node_record, record_for,
+)
+from kubeflash_operator.builder import JOB_LABEL, JobRef, build_pod, pod_name
 from kubeflash_operator.config import OperatorConfig
-from kubeflash_operator.kube import Conflict, Kube, connection_info
+from kubeflash_operator.kube import Conflict, Gone, Kube, connection_info
 from kubeflash_operator.metrics import Metrics
 from kubeflash_operator.pods import PodView, pod_view
-from kubeflash_operator.scheduler import claim_of, node_view
+from kubeflash_operator.scheduler import Claim
 from kubeflash_operator.status import TERMINAL
 from kubeflash_operator.timefmt import now, parse_time
 
@@ -31,6 +37,11 @@ JOBS = ("kubeflash.io", "v1alpha1", "inferencejobs")
 FLASHNODES = ("kubeflash.io", "v1alpha1", "flashnodes")
 FINALIZER = "kubeflash.io/release-kv"
 TICK_S = 2.0  # how often a live job is reconciled (pod and FlashNode changes show up within one tick)
+STALE_S = 10.0  # how long a tick skips a job view older than our own last status patch (then it acts anyway)
+DELETE_POLL_S = 0.2  # a deleted job's finalizer looks at the pod index this often for its terminating pods ...
+DELETE_WAIT_S = 20.0  # ... for this long before it lets kopf retry (a progress write) instead
+API_THREADS = 32  # threads for blocking API calls (and the client's connection pool: kube.POOL_SIZE)
+LEDGER_RETRIES = 5  # conditional ledger writes tried (each after a fresh read) before the tick gives up
 _ROUTINE = ("Timer 'reconcile_job' succeeded.", "Handler 'count_job_phase' succeeded.")
 
 
@@ -44,19 +55,51 @@ class _QuietRoutine(logging.Filter):
 # ------------------------------------------------------------------------------------------------ startup
 
 
-@kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    cfg = memo.get("config") or OperatorConfig.from_env()
-    memo.config = cfg
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """Keeps no last-handled-configuration: the operator has no create/update handlers, only a timer and the
+    deletion finalizer, so that annotation (one write per job) would serve nothing."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> None:
+        return None
+
+    def fetch(self, *, body: kopf.Body) -> None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        return None
+
+
+def tune(settings: kopf.OperatorSettings) -> None:
+    """kopf's settings, each on purpose (docs/operator.md, "kopf settings", says why)."""
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubeflash.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubeflash.io")
-    settings.posting.level = logging.INFO
+    settings.persistence.diffbase_storage = _NoDiffBase()
+    settings.posting.level = logging.WARNING  # only our explicit Normal events and real warnings become Events
+    settings.posting.loggers = False
+    settings.background.cancellation_polling = 0.5  # a timer still running when its job is deleted: poll often
+    settings.background.instant_exit_timeout = 0.5  # ... after giving it this long to exit by itself
+    settings.watching.server_timeout = 300  # the API server ends each watch after 5 min; kopf re-lists from there
+    settings.watching.client_timeout = 330  # ... and a watch that stalls silently is dropped shortly after
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 30  # kopf's own calls (patches, events) never hang a worker for 5 min
+    settings.networking.connect_timeout = 10
+    settings.queueing.idle_timeout = 30  # an object's worker outlives a few ticks (no task churn per event)
+    settings.posting.idle_timeout = 10
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    cfg = memo.get("config") or OperatorConfig.from_env()
+    memo.config = cfg
+    tune(settings)
+    # the blocking client's calls (pods, FlashNode writes) run here; the default pool (cores + 4) queues a burst
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube-api"))
     objects = logging.getLogger("kopf.objects")
     if not any(isinstance(f, _QuietRoutine) for f in objects.filters):
         objects.addFilter(_QuietRoutine())
     memo.kube = Kube.connect()
-    memo.book = Bookkeeping()
+    memo.book = ClaimBook()
+    memo.sent = {}  # job uid -> (resourceVersion our last status patch was based on, when)
     memo.metrics = Metrics()
     if cfg.metrics_port:
         memo.metrics.serve(cfg.metrics_port)
@@ -81,32 +124,23 @@ def probe_jobs(memo: kopf.Memo, **_: Any) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------ indices
+# Async, so kopf runs them on its event loop: the indices change only there, and the (async) handlers that read
+# them run there too; nothing iterates an index from another thread.
 
 
 @kopf.index(*FLASHNODES)
-def flashnode_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
-    view = node_view(body)
-    return {view.name: view}
+async def flashnode_index(body: kopf.Body, name: str, **_: Any) -> dict[str, NodeRecord]:
+    return {name: node_record(body)}
 
 
 @kopf.index("v1", "nodes")
-def cordon_index(name: str, spec: kopf.Spec, **_: Any) -> dict[str, bool]:
+async def cordon_index(name: str, spec: kopf.Spec, **_: Any) -> dict[str, bool]:
     """Cordoned Nodes (spec.unschedulable: kubectl cordon/drain) by name; they take no new jobs or retries."""
     return {name: True} if spec.get("unschedulable") else {}  # {} drops an uncordoned node
 
 
-@kopf.index(*JOBS)
-def claim_index(body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, Any]:
-    try:
-        kv = kv_disk_bytes(spec)
-    except SpecError:
-        kv = 0  # an invalid job is Failed, never placed
-    claim = claim_of(body, kv_bytes=kv)
-    return {claim.job: claim} if claim else {}  # {} (not None) removes a finished job's old claim
-
-
 @kopf.index("pods", labels={JOB_LABEL: kopf.PRESENT})
-def pod_index(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[tuple[str, str], Any]:
+async def pod_index(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[tuple[str, str], Any]:
     owners = [o.get("uid") for o in body.get("metadata", {}).get("ownerReferences") or []]
     return {(namespace, labels[JOB_LABEL]): (tuple(owners), pod_view(body))}
 
@@ -114,72 +148,157 @@ def pod_index(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) ->
 # ------------------------------------------------------------------------------------------ job lifecycle
 
 
-@kopf.on.create(*JOBS)
-def admit_new_job(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _admit(body, patch)
-
-
-@kopf.on.resume(*JOBS)
-def admit_resumed_job(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _admit(body, patch)
-
-
 def _live(status: kopf.Status, **_: Any) -> bool:
     return status.get("phase") not in TERMINAL
 
 
 @kopf.timer(*JOBS, interval=TICK_S, backoff=TICK_S, when=_live)
-def reconcile_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, flashnode_index: kopf.Index,
-                  claim_index: kopf.Index, pod_index: kopf.Index, cordon_index: kopf.Index, **_: Any) -> None:
+async def reconcile_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, flashnode_index: kopf.Index,
+                        pod_index: kopf.Index, cordon_index: kopf.Index, **_: Any) -> None:
+    """Admit, place, stage, run and watch one job; the first tick of a new job admits and places it at once."""
     job = _job(body)
-    pods = _pods(memo.kube, job, pod_index)
-    views = (next(iter(store)) for store in flashnode_index.values())
-    nodes = {v.name: replace(v, cordoned=True) if v.name in cordon_index else v for v in views}
-    with memo.book.lock:
-        claims = memo.book.claims(c for store in claim_index.values() for c in store)
-        plan = reconcile.step(job, reconcile.World(now=now(), nodes=nodes, claims=claims, pods=pods), memo.config)
-        if plan.claim:
-            memo.book.hold(plan.claim)
-        if plan.release:
-            memo.book.drop(job.key)
+    version = body.get("metadata", {}).get("resourceVersion")
+    sent = memo.sent.get(job.uid)
+    if sent and sent[0] == version and time.monotonic() - sent[1] < STALE_S:
+        return  # our last status patch is not back from the watch yet: this view is older than what we decided
+    pods = await _pods(memo.kube, job, pod_index)
+    records = memo.book.current(_records(flashnode_index))
+    nodes = {r.view.name: replace(r.view, cordoned=r.view.name in cordon_index) for r in records.values()}
+    claims = memo.book.claims(records)
+    plan = reconcile.step(job, reconcile.World(now=now(), nodes=nodes, claims=claims, pods=pods), memo.config)
+    # From here on the plan is carried out; no other placement ran since `claims` was read (no await in between).
+    if plan.claim and not await _record_claim(memo, plan.claim, flashnode_index):
+        return  # the pair went to someone else (a write we had not seen): the next tick decides again
+    if plan.release:
+        await _release(memo, job.key, flashnode_index)
     try:
-        _carry_out(plan, job, memo)
+        await asyncio.to_thread(_carry_out, plan, job, pods, memo)
     except Conflict as e:
-        memo.book.drop(job.key)
         raise kopf.TemporaryError(str(e), delay=1) from e
-    except Exception:
-        memo.book.drop(job.key)  # nothing recorded: the next tick decides again from scratch
-        raise
-    patch.status.update(plan.status)
+    if plan.status:
+        patch.status.update(plan.status)
+        memo.sent[job.uid] = (version, time.monotonic())
     _report(plan, body, memo)
 
 
 @kopf.on.delete(*JOBS, timeout=120)
-def release_job(namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    memo.book.drop(f"{namespace}/{name}")
-    left = memo.kube.delete_job_pods(namespace, name)
-    if left:
-        raise kopf.TemporaryError(f"waiting for pods {', '.join(left)} to terminate", delay=2)
+async def release_job(namespace: str, name: str, memo: kopf.Memo, flashnode_index: kopf.Index,
+                      pod_index: kopf.Index, logger: logging.Logger, **_: Any) -> None:
+    """Delete the job's pods, wait (in memory, on the pod index) until they are gone, then free its ledger entry."""
+    left = await asyncio.to_thread(memo.kube.delete_job_pods, namespace, name)  # the API's answer: still there
+    deadline = time.monotonic() + DELETE_WAIT_S
+    while left and pod_index.get((namespace, name)) and time.monotonic() < deadline:
+        await asyncio.sleep(DELETE_POLL_S)  # the watch drops them from the index once they are gone
+    if left and pod_index.get((namespace, name)):
+        names = ", ".join(view.name for _, view in pod_index[(namespace, name)])
+        raise kopf.TemporaryError(f"waiting for pods {names} to terminate", delay=1)
+    await _release(memo, f"{namespace}/{name}", flashnode_index)
     logger.info("pods deleted; the job's GPU<->SSD pair and KV space are released")
 
 
 @kopf.on.event(*JOBS)
-def count_job_phase(event: kopf.RawEvent, namespace: str, name: str, status: kopf.Status, memo: kopf.Memo,
-                    **_: Any) -> None:
+async def count_job_phase(event: kopf.RawEvent, namespace: str, name: str, uid: str, status: kopf.Status,
+                          memo: kopf.Memo, **_: Any) -> None:
     gone = event.get("type") == "DELETED"
     memo.metrics.job_phase(f"{namespace}/{name}", None if gone else status.get("phase") or "Pending")
+    if gone:
+        memo.sent.pop(uid, None)
+
+
+# ------------------------------------------------------------------------------------------------ claims
+
+
+def _records(flashnode_index: kopf.Index) -> Iterator[NodeRecord]:
+    return (next(iter(store)) for store in flashnode_index.values())
+
+
+async def _record_claim(memo: kopf.Memo, claim: Claim, flashnode_index: kopf.Index) -> bool:
+    """Write `claim` into its node's ledger, conditional on the FlashNode's resourceVersion; False if the pair is
+    taken in the newest ledger (someone else's write came first). Held in the book while the write is in flight,
+    so placements decided meanwhile already count it."""
+    book = memo.book
+    book.held[claim.job] = claim
+    try:
+        return await _update_ledger(memo, claim.node, flashnode_index, claim.job, claim)
+    finally:
+        book.held.pop(claim.job, None)
+
+
+async def _release(memo: kopf.Memo, job: str, flashnode_index: kopf.Index) -> None:
+    """Remove `job` from every ledger that records it."""
+    records = memo.book.current(_records(flashnode_index))
+    for rec in [r for r in records.values() if job in r.ledger]:
+        await _update_ledger(memo, rec.view.name, flashnode_index, job, None)
+
+
+async def _update_ledger(memo: kopf.Memo, node: str, flashnode_index: kopf.Index, job: str,
+                         claim: Claim | None) -> bool:
+    """Set (claim) or remove (None) `job` in node's ledger; False if the claim's pair is taken in the newest ledger.
+
+    Changes to one FlashNode queue up while its write is in flight and go out together in the next write, so a
+    burst onto one node costs a few writes, not one per job, and this operator never races itself for a node."""
+    book = memo.book
+    rec = record_for(book.current(_records(flashnode_index)), node)
+    if rec is None:
+        return claim is None
+    done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    queue = book.pending.setdefault(rec.name, {})
+    if job in queue:
+        queue[job][1].set_result(False)  # superseded by this newer change
+    queue[job] = (claim, done)
+    if rec.name not in book.writers:
+        book.writers[rec.name] = asyncio.create_task(_ledger_writer(memo, rec.name, flashnode_index))
+    return await done
+
+
+async def _ledger_writer(memo: kopf.Memo, name: str, flashnode_index: kopf.Index) -> None:
+    book = memo.book
+    try:
+        while book.pending.get(name):
+            batch = book.pending.pop(name)
+            try:
+                results = await _write_batch(memo, name, flashnode_index, batch)
+            except Exception as e:  # noqa: BLE001 - handed to every waiting handler, which fails its tick
+                for _, done in batch.values():
+                    if not done.done():
+                        done.set_exception(e)
+                continue
+            for job, (_, done) in batch.items():
+                if not done.done():
+                    done.set_result(results[job])
+    finally:
+        book.writers.pop(name, None)
+
+
+async def _write_batch(memo: kopf.Memo, name: str, flashnode_index: kopf.Index,
+                       batch: dict[str, tuple[Claim | None, asyncio.Future[bool]]]) -> dict[str, bool]:
+    """One conditional write of FlashNode `name`'s ledger with every change in `batch` that still fits; a 409 is
+    retried on a fresh read (each claim checked again against the ledger as it now is)."""
+    book = memo.book
+    for _ in range(LEDGER_RETRIES):
+        rec = book.current(_records(flashnode_index)).get(name)
+        if rec is None:
+            return {job: claim is None for job, (claim, _) in batch.items()}
+        ledger, results = apply_changes(rec.ledger, {job: claim for job, (claim, _) in batch.items()})
+        if ledger == rec.ledger:
+            return results
+        try:
+            body = await asyncio.to_thread(memo.kube.write_ledger, name, rec.rv, ledger_annotation(ledger))
+        except Conflict:
+            memo.metrics.conflict("flashnode")
+            fresh = await asyncio.to_thread(memo.kube.read_flashnode, name)
+            if fresh is None:
+                return {job: claim is None for job, (claim, _) in batch.items()}
+            book.note(fresh)
+            continue
+        except Gone:
+            return {job: claim is None for job, (claim, _) in batch.items()}
+        book.note(body)
+        return results
+    raise kopf.TemporaryError(f"FlashNode {name} kept changing while its claims were written", delay=1)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _admit(body: kopf.Body, patch: kopf.Patch) -> None:
-    plan = reconcile.admit(_job(body), now=now())
-    patch.status.update(plan.status)
-    for ev in plan.events:
-        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
-    if plan.invalid:
-        raise kopf.PermanentError(str(plan.invalid))
 
 
 def _job(body: kopf.Body) -> reconcile.Job:
@@ -195,25 +314,27 @@ def _job(body: kopf.Body) -> reconcile.Job:
     )
 
 
-def _pods(kube: Kube, job: reconcile.Job, pod_index: kopf.Index) -> dict[str, PodView]:
+async def _pods(kube: Kube, job: reconcile.Job, pod_index: kopf.Index) -> dict[str, PodView]:
     """This job's pods (this incarnation's: owned by its uid); the current one read directly if not indexed yet."""
     store = pod_index.get((job.namespace, job.name)) or []
     pods = {view.name: view for owners, view in store if job.uid in owners}
     current = job.status.get("pod")
     if job.status.get("phase") == "Running" and current and current not in pods:
-        raw = kube.read_pod(job.namespace, current)
+        raw = await asyncio.to_thread(kube.read_pod, job.namespace, current)
         owners = [o.get("uid") for o in (raw or {}).get("metadata", {}).get("ownerReferences") or []]
         if raw is not None and job.uid in owners:
             pods[current] = pod_view(raw)
     return pods
 
 
-def _carry_out(plan: reconcile.Plan, job: reconcile.Job, memo: kopf.Memo) -> None:
-    """The plan's effects on other objects; any failure leaves the job's status untouched for the next tick."""
+def _carry_out(plan: reconcile.Plan, job: reconcile.Job, pods: dict[str, PodView], memo: kopf.Memo) -> None:
+    """The plan's effects on other objects (blocking calls: run in a thread); any failure leaves the job's status
+    untouched for the next tick."""
     if plan.stage:
         memo.kube.request_model(plan.stage.node, plan.stage.entry)
-    if plan.create:
-        manifest = build_pod(JobRef(job.namespace, job.name, job.uid), job.parsed, plan.create.target, attempt=plan.create.attempt, default_image=memo.config.engine_image,
+    if plan.create and pod_name(job.name, plan.create.attempt) not in pods:  # an indexed pod of ours: nothing to do
+        manifest = build_pod(JobRef(job.namespace, job.name, job.uid), job.parsed, plan.create.target,
+                             attempt=plan.create.attempt, default_image=memo.config.engine_image,
                              device=memo.config.engine_device)
         memo.kube.create_pod(manifest, owner_uid=job.uid)
         memo.metrics.pods.inc()
@@ -222,7 +343,13 @@ def _carry_out(plan: reconcile.Plan, job: reconcile.Job, memo: kopf.Memo) -> Non
 
 
 def _report(plan: reconcile.Plan, body: kopf.Body, memo: kopf.Memo) -> None:
+    """Warnings one by one; a step's Normal news (Accepted, Scheduled, PodCreated, ...) as one Event, named by the
+    last, so a job that goes from new to Running in one step costs one Event write, not three."""
+    normal = [ev for ev in plan.events if ev.type == "Normal"]
     for ev in plan.events:
-        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
+        if ev.type != "Normal":
+            kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
+    if normal:
+        kopf.event(body, type="Normal", reason=normal[-1].reason, message="; ".join(ev.message for ev in normal))
     for name, value in plan.observe:
         memo.metrics.observe(name, value)

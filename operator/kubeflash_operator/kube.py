@@ -14,9 +14,11 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from kubeflash_operator.bookkeeping import CLAIMS_ANNOTATION
 from kubeflash_operator.builder import JOB_LABEL
 
 GROUP, VERSION = "kubeflash.io", "v1alpha1"
+POOL_SIZE = 32  # HTTP connections kept to the API server (the operator's API threads share them)
 log = logging.getLogger(__name__)
 
 
@@ -50,6 +52,10 @@ class Conflict(Exception):
     """A transient clash (a pod of an older job with the same name, a concurrent FlashNode write)."""
 
 
+class Gone(Exception):
+    """The object to write no longer exists."""
+
+
 class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
@@ -57,9 +63,11 @@ class Kube:
         self.custom = client.CustomObjectsApi(api)
 
     @classmethod
-    def connect(cls) -> Kube:
+    def connect(cls, pool_size: int = POOL_SIZE) -> Kube:
         load_config()
-        return cls(client.ApiClient())
+        conf = client.Configuration.get_default_copy()
+        conf.connection_pool_maxsize = pool_size  # one kept-alive connection per API thread, no TLS per call
+        return cls(client.ApiClient(conf))
 
     # -------------------------------------------------------------------------------------------- pods
 
@@ -122,6 +130,30 @@ class Kube:
             raise
         log.info("requested model %s on FlashNode %s", entry["id"], node)
         return True
+
+    def read_flashnode(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_cluster_custom_object(GROUP, VERSION, "flashnodes", name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def write_ledger(self, name: str, resource_version: str, annotation: str) -> dict[str, Any]:
+        """Set FlashNode(name)'s claims ledger only if the object is still at `resource_version`.
+
+        Raises Conflict (409: someone wrote the FlashNode since; read it again and re-decide) or Gone (404).
+        Returns the FlashNode as written (its new resourceVersion is the next write's precondition).
+        """
+        patch = {"metadata": {"resourceVersion": resource_version, "annotations": {CLAIMS_ANNOTATION: annotation}}}
+        try:
+            return self.custom.patch_cluster_custom_object(GROUP, VERSION, "flashnodes", name, patch)
+        except ApiException as e:
+            if e.status == 409:
+                raise Conflict(f"FlashNode {name} changed since resourceVersion {resource_version}") from e
+            if e.status == 404:
+                raise Gone(f"FlashNode {name} is gone") from e
+            raise
 
     def _dict(self, obj: Any) -> dict[str, Any]:
         return self.api.sanitize_for_serialization(obj)

@@ -32,23 +32,34 @@ class Metrics:
         self.pods = Counter("kubeflash_engine_pods_created", "Inference pods created", registry=self.registry)
         self.failed_attempts = Counter("kubeflash_failed_attempts", "Failed job attempts by reason", ["reason"],
                                        registry=self.registry)
+        self.conflicts = Counter("kubeflash_operator_conflicts", "Conditional writes answered 409, by object",
+                                 ["object"], registry=self.registry)
+        self._tally: _Tally[str] = _Tally()
         for phase in PHASES:
             self.jobs.labels(phase=phase).set(0)
 
     def job_phase(self, job: str, phase: str | None) -> None:
-        """Record a job's current phase (None: the job is gone)."""
+        """Record a job's current phase (None: the job is gone); O(1), it runs on every job event."""
         with self._lock:
-            if phase is None:
-                self._phases.pop(job, None)
-            else:
+            old = self._phases.pop(job, None) if phase is None else self._phases.get(job)
+            if phase is not None:
                 self._phases[job] = phase
-            tally = _Tally(self._phases.values())
-        for p in PHASES:
-            self.jobs.labels(phase=p).set(tally.get(p, 0))
+            if old == phase:
+                return
+            if old is not None:
+                self._tally[old] -= 1
+            if phase is not None:
+                self._tally[phase] += 1
+            changed = {p: self._tally[p] for p in (old, phase) if p is not None}
+        for p, n in changed.items():
+            self.jobs.labels(phase=p).set(n)
+
+    def conflict(self, obj: str) -> None:
+        self.conflicts.labels(object=obj).inc()
 
     def phase_counts(self) -> dict[str, int]:
         with self._lock:
-            return dict(_Tally(self._phases.values()))
+            return {p: n for p, n in self._tally.items() if n}
 
     def observe(self, name: str, value: float | str) -> None:
         """A reconcile observation: ("scheduling"|"staging", seconds) or ("failed_attempt", reason)."""

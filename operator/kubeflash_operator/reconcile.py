@@ -21,7 +21,7 @@ from kubeflash_operator import status as st
 from kubeflash_operator.builder import PodTarget, pod_name
 from kubeflash_operator.config import OperatorConfig
 from kubeflash_operator.pods import FATAL_IMAGE_ERRORS, PodView
-from kubeflash_operator.scheduler import Claim, NodeView, NoFit, Request, place
+from kubeflash_operator.scheduler import Claim, NodeView, NoFit, Request, place, reuse
 from kubeflash_operator.timefmt import format_time, parse_time
 
 _PLACEMENT_FIELDS = ("node", "gpu", "gpus", "disk", "modelDisk", "staged")
@@ -114,10 +114,15 @@ def admit(job: Job, *, now: datetime) -> Plan:
 
 def step(job: Job, world: World, cfg: OperatorConfig) -> Plan:
     """Advance the job as far as the world allows (a few phases at most); an empty Plan means nothing to do."""
-    plan = Plan()
     phase = job.status.get("phase")
-    if phase is None or phase in st.TERMINAL:
-        return plan
+    if phase in st.TERMINAL:
+        return Plan()
+    if phase is None:  # a new job: admitted and, in the same step (one status write), placed as far as it goes
+        plan = admit(job, now=world.now)
+        if plan.invalid:
+            return plan
+    else:
+        plan = Plan()
     spec = job.parsed
     if isinstance(spec, SpecError):
         plan.invalid = spec
@@ -143,7 +148,10 @@ def _pending(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, c
     if retry_at and world.now < retry_at:
         return
     request = Request(job.key, spec.model.id, gpus=spec.resources.gpus, kv_bytes=spec.resources.kv_disk)
-    found = place(request, world.nodes.values(), world.claims, now=world.now, heartbeat_timeout=cfg.heartbeat_timeout)
+    own = next((c for c in world.claims if c.job == job.key), None)  # recorded before a crash, status not written
+    found = reuse(own, request, world.nodes, now=world.now, heartbeat_timeout=cfg.heartbeat_timeout) if own else None
+    found = found or place(request, world.nodes.values(), world.claims, now=world.now,
+                           heartbeat_timeout=cfg.heartbeat_timeout)
     if isinstance(found, NoFit):
         cond = st.condition(view, "Scheduled") or {}
         if cond.get("reason") != "Unschedulable" or cond.get("message") != found.reason:

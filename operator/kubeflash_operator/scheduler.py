@@ -140,6 +140,19 @@ def place(
     return min(candidates, key=lambda c: c[0])[1]
 
 
+def reuse(claim: Claim, request: Request, nodes: Mapping[str, NodeView], *, now: datetime,
+          heartbeat_timeout: timedelta = DEFAULT_HEARTBEAT_TIMEOUT) -> Placement | None:
+    """The placement a job's own recorded claim stands for, if its node still takes jobs and the pair still exists
+    (after a restart between recording a claim and writing the job's status, the job keeps that pair)."""
+    node = nodes.get(claim.node)
+    if node is None or not node.usable(now, heartbeat_timeout) or len(claim.gpus) != request.gpus:
+        return None
+    if any((g, claim.disk) not in node.pairs for g in claim.gpus[:1]) or claim.disk not in node.disks:
+        return None
+    copy = node.model(request.model_id, claim.disk)
+    return Placement(node.name, claim.gpus[0], claim.disk, copy is not None and copy.state == "Ready", claim.gpus)
+
+
 def known_model_bytes(model_id: str, nodes: Iterable[NodeView]) -> int:
     """Size of a model as any node reports it (0 while no node has staged it)."""
     return max((m.bytes for n in nodes for m in n.models if m.id == model_id), default=0)

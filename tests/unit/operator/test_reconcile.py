@@ -286,9 +286,29 @@ def test_terminal_jobs_are_left_alone():
         assert step(make_job({"phase": phase}), world(holder()), CFG).status == {}
 
 
-def test_unadmitted_jobs_wait_for_admission():
-    """The timer does nothing until create/resume has given the job a phase."""
-    assert step(make_job(), world(holder()), CFG).status == {}
+def test_new_job_is_admitted_and_placed_in_one_step():
+    """A job without a phase is admitted, placed and given its pod in one step: one status write, one claim."""
+    plan = step(make_job(), world(holder()), CFG)
+    assert plan.status["phase"] == "Running" and plan.create is not None
+    assert plan.claim == Claim("ns/j", "n1", (0,), "nvme0", 10 * GiB)
+    assert [e.reason for e in plan.events] == ["Accepted", "Scheduled", "PodCreated"]
+
+
+def test_new_invalid_job_fails_without_a_claim():
+    """A bad spec on a new job: Failed naming the field, nothing placed."""
+    plan = step(make_job(generation={"maxNewTokens": -1}), world(holder()), CFG)
+    assert plan.status["phase"] == "Failed" and plan.invalid is not None and plan.claim is None
+    assert "spec.generation.maxNewTokens" in plan.status["message"]
+
+
+def test_own_recorded_claim_is_reused_after_a_restart():
+    """The ledger says this job holds GPU 1 (recorded, then the operator died before the status write): the job
+    keeps that pair even though GPU 0 would score the same, so no entry is left behind."""
+    body = flashnode("n1", pairs=((0, "nvme0"), (1, "nvme1")),
+                     models=[{"id": MODEL, "disk": "nvme0", "state": "Ready", "bytes": GiB}])
+    own = Claim("ns/j", "n1", (1,), "nvme1", 10 * GiB)
+    plan = step(admitted(), world(body, claims=[own]), CFG)
+    assert plan.claim == own and plan.status["gpu"] == 1
 
 
 def test_pod_target_carries_the_agents_probe():

@@ -1,0 +1,425 @@
+"""The operator at cluster scale: N InferenceJobs on M KWOK nodes, applied in one burst, then one delete-collection.
+
+Starts a real control plane (tests/cluster/controlplane.py: etcd, kube-apiserver with an audit log of the
+operator's writes, controller-manager, scheduler, kwok) from the kind/build-control-plane.sh binaries, creates M
+KWOK nodes with FlashNodes (this script plays the node agent: every pair's disk holds the model, so a job goes
+straight to Running), runs `kubeflash operator` as its own process under its own user, applies N jobs from 8
+client threads, and watches them. Writes one JSON report:
+
+  to_node_p50_s / to_node_p99_s  job created (client clock) -> status.node seen in the watch
+  all_running_s                  burst start -> every job in phase Running (its pod exists)
+  pods_running_s                 burst start -> every pod Running on its KWOK node
+  double_booked                  (node, GPU) pairs held by more than one job, from job status and the ledgers
+  api_writes_per_job             the operator's create/update/patch/delete requests (audit log) per job, apply -> Running
+  delete_writes_per_job          the same for the deletion
+  conflicts_409                  the operator's requests answered 409 (burst and deletion)
+  delete_s                       delete-collection -> no job, no engine pod, no ledger entry left
+  operator_rss_mib, operator_idle_cpu_pct (10 s with every job placed), tracebacks (in the operator's log)
+
+  .venv/bin/python bench/operator_scale.py --jobs 100 --nodes 20 [--out report.json]
+  make bench-operator BENCH_OPERATOR="100:20 500:50"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client, config, watch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "cluster"))
+from controlplane import ControlPlane, default_bin_dir  # noqa: E402
+
+from kubeflash_api import parse_job_spec  # noqa: E402
+
+GROUP, VERSION = "kubeflash.io", "v1alpha1"
+NS = "default"
+MODEL_URI = "builtin:smollm2-135m"
+GiB = 2**30
+OPERATOR_USER = "kubeflash-operator"
+CLAIMS_ANNOTATION = "kubeflash.io/claims"
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+    "rules": [{"level": "Request", "users": [OPERATOR_USER], "verbs": sorted(WRITE_VERBS)}, {"level": "None"}],
+}
+
+
+# ----------------------------------------------------------------------------------------------- the cluster
+
+
+def start_cluster(bin_dir: Path, work: Path) -> tuple[ControlPlane, Path, Path]:
+    """The control plane with an audit log of the operator user's writes; returns it, the operator's kubeconfig
+    and the audit log path."""
+    policy, audit = work / "audit-policy.yaml", work / "audit.log"
+    policy.write_text(yaml.safe_dump(AUDIT_POLICY))
+    token = os.urandom(16).hex()
+    cp = ControlPlane(bin_dir, extra_tokens=[(token, OPERATOR_USER, "system:masters")], extra_apiserver_args=[
+        f"--audit-policy-file={policy}", f"--audit-log-path={audit}", "--audit-log-format=json",
+        "--audit-log-mode=batch", "--audit-log-batch-max-wait=1s", "--max-requests-inflight=800",
+        "--max-mutating-requests-inflight=400"]).start()
+    kc = yaml.safe_load(cp.kubeconfig.read_text())
+    kc["users"][0]["user"]["token"] = token
+    op_kubeconfig = work / "operator.kubeconfig"
+    op_kubeconfig.write_text(yaml.safe_dump(kc))
+    return cp, op_kubeconfig, audit
+
+
+def _loosen(schema: Any) -> None:
+    """Drop integer bounds past 2**53 (the API server reads them as float64 and refuses them)."""
+    if isinstance(schema, dict):
+        for key in ("maximum", "minimum"):
+            if isinstance(schema.get(key), int) and abs(schema[key]) > 2**53:
+                del schema[key]
+        for v in schema.values():
+            _loosen(v)
+    elif isinstance(schema, list):
+        for v in schema:
+            _loosen(v)
+
+
+def apply_crds(cp: ControlPlane) -> None:
+    """crds/ as they are, except what the API server refuses in the generated CRDs as of this writing: a
+    `metadata` schema under openAPIV3Schema (the server describes metadata itself) and int64-wide bounds.
+    Neither matters to placement; both are dropped here so the benchmark measures the operator."""
+    for path in sorted((REPO / "crds").glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        for v in crd["spec"]["versions"]:
+            v["schema"]["openAPIV3Schema"].get("properties", {}).pop("metadata", None)
+            _loosen(v["schema"])
+        cp.apply(crd)
+    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+               "crd/inferencejobs.kubeflash.io", "crd/flashnodes.kubeflash.io")
+
+
+def now_rfc() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def make_nodes(api: client.ApiClient, cp: ControlPlane, nodes: int, pairs: int, model: str) -> list[str]:
+    """M KWOK nodes with `pairs` GPUs each and their FlashNodes (the model Ready on every disk)."""
+    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+    names = [f"gpu-{i:04d}" for i in range(nodes)]
+    cap = {"cpu": "512", "memory": "8Ti", "pods": "250", "nvidia.com/gpu": str(pairs)}
+
+    def one(name: str) -> None:
+        core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {
+            "name": name, "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {"kubernetes.io/hostname": name, "type": "kwok"}},
+            "status": {"capacity": cap, "allocatable": cap}})
+        custom.create_cluster_custom_object(GROUP, VERSION, "flashnodes", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "FlashNode", "metadata": {"name": name},
+            "spec": {"nodeName": name}})
+        custom.patch_cluster_custom_object_status(GROUP, VERSION, "flashnodes", name, {"status": {
+            "heartbeat": now_rfc(),
+            "gpus": [{"index": i, "name": "Fake H100"} for i in range(pairs)],
+            "disks": [{"name": f"nvme{i}", "path": f"/mnt/nvme{i}/kubeflash", "freeBytes": 500 * GiB,
+                       "readGBps": 7.0, "capacityBytes": 1000 * GiB} for i in range(pairs)],
+            "pairs": [{"gpu": i, "disk": f"nvme{i}"} for i in range(pairs)],
+            "models": [{"id": model, "uri": MODEL_URI, "disk": f"nvme{i}", "state": "Ready", "bytes": GiB}
+                       for i in range(pairs)]}})
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, names))
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        ready = sum(1 for n in core.list_node(label_selector="type=kwok").items
+                    if any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or [])
+                    and not any(t.key.startswith("node.kubernetes.io/not-ready") for t in n.spec.taints or []))
+        if ready == nodes:
+            return names
+        time.sleep(1)
+    raise RuntimeError(f"only {ready}/{nodes} KWOK nodes became Ready within 180 s")
+
+
+# ----------------------------------------------------------------------------------------------- the operator
+
+
+class OperatorProcess:
+    """`kubeflash operator` as its own process (its log in the work dir)."""
+
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        env = {**os.environ, "KUBEFLASH_OPERATOR_HEARTBEAT_TIMEOUT_S": "86400", "PYTHONUNBUFFERED": "1"}
+        self.log = log
+        self._fh = open(log, "ab")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "kubeflash"), "operator", "-A", "--metrics-port", "0", "--liveness-port", "0",
+             "--kubeconfig", str(kubeconfig)], stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"operator exited {self.proc.returncode}: {self.text()[-3000:]}")
+            if "kubeflash operator configured" in self.text():
+                time.sleep(3)  # kopf lists and indexes the FlashNodes, Nodes and pods
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"operator not ready within {timeout} s: {self.text()[-3000:]}")
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._fh.close()
+
+
+# ------------------------------------------------------------------------------------------------ the jobs
+
+
+class JobWatch:
+    """First time (monotonic) each job shows status.node, and phase Running, in a watch stream."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.placed: dict[str, float] = {}
+        self.running: dict[str, float] = {}
+        self._stop = threading.Event()
+        rv = self.custom.list_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs")["metadata"]["resourceVersion"]
+        self._thread = threading.Thread(target=self._run, args=(rv,), daemon=True)
+        self._thread.start()
+
+    def _run(self, rv: str) -> None:
+        while not self._stop.is_set():
+            w = watch.Watch()
+            try:
+                for ev in w.stream(self.custom.list_namespaced_custom_object, GROUP, VERSION, NS, "inferencejobs",
+                                   resource_version=rv, timeout_seconds=60):
+                    t = time.monotonic()
+                    obj = ev["object"]
+                    rv = obj["metadata"]["resourceVersion"]
+                    name, status = obj["metadata"]["name"], obj.get("status") or {}
+                    if status.get("node"):
+                        self.placed.setdefault(name, t)
+                    if status.get("phase") == "Running":
+                        self.running.setdefault(name, t)
+                    if self._stop.is_set():
+                        break
+            except Exception:  # a dropped watch: resume from the last version seen
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def job_body(name: str) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceJob", "metadata": {"name": name},
+            "spec": {"model": {"uri": MODEL_URI}, "input": {"prompts": ["Hello"]}}}
+
+
+def burst(api: client.ApiClient, n: int) -> dict[str, float]:
+    """Create n jobs from 8 threads; the client-side time each create returned."""
+    custom = client.CustomObjectsApi(api)
+    created: dict[str, float] = {}
+
+    def one(i: int) -> None:
+        name = f"job-{i:05d}"
+        custom.create_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs", job_body(name))
+        created[name] = time.monotonic()
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(n)))
+    return created
+
+
+def wait(what: str, cond, timeout: float, every: float = 0.25) -> float:
+    """Poll cond() until true; the monotonic time it became true. Raises TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout} s")
+        time.sleep(every)
+
+
+def double_booked(api: client.ApiClient) -> list[str]:
+    """(node, GPU) pairs that two live jobs hold, by job status or by the FlashNodes' ledgers."""
+    custom = client.CustomObjectsApi(api)
+    holders: dict[tuple[str, int], set[str]] = {}
+    for job in custom.list_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs")["items"]:
+        s = job.get("status") or {}
+        if s.get("phase") in ("Scheduled", "Staging", "Running") and s.get("node"):
+            for g in s.get("gpus") or [s.get("gpu")]:
+                holders.setdefault((s["node"], g), set()).add(job["metadata"]["name"])
+    for fn in custom.list_cluster_custom_object(GROUP, VERSION, "flashnodes")["items"]:
+        ledger = json.loads(((fn["metadata"].get("annotations") or {}).get(CLAIMS_ANNOTATION)) or "{}")
+        for job, e in ledger.items():
+            for g in e["gpus"]:
+                holders.setdefault((fn["spec"]["nodeName"], g), set()).add(job.split("/", 1)[1])
+    return [f"{node}/gpu{g}: {sorted(jobs)}" for (node, g), jobs in sorted(holders.items()) if len(jobs) > 1]
+
+
+def leftovers(api: client.ApiClient) -> dict[str, int]:
+    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    jobs = len(custom.list_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs")["items"])
+    pods = len(core.list_namespaced_pod(NS, label_selector="kubeflash.io/job").items)
+    claims = 0
+    kv = 0
+    for fn in custom.list_cluster_custom_object(GROUP, VERSION, "flashnodes")["items"]:
+        claims += len(json.loads(((fn["metadata"].get("annotations") or {}).get(CLAIMS_ANNOTATION)) or "{}"))
+        kv += len((fn.get("status") or {}).get("kvAllocations") or [])
+    return {"jobs": jobs, "pods": pods, "claims": claims, "kv_allocations": kv}
+
+
+def audit_counts(audit: Path, since: str, until: str | None = None) -> tuple[int, int, dict[str, int]]:
+    """(writes, 409s, writes by "verb resource[/subresource]") by the operator user between two RFC3339 micro
+    timestamps (audit stage ResponseComplete)."""
+    writes = conflicts = 0
+    kinds: dict[str, int] = {}
+    if not audit.exists():
+        return 0, 0, kinds
+    for line in audit.read_text().splitlines():
+        ev = json.loads(line)
+        if ev.get("stage") != "ResponseComplete" or ev.get("user", {}).get("username") != OPERATOR_USER:
+            continue
+        t = ev.get("requestReceivedTimestamp", "")
+        if t < since or (until and t >= until):
+            continue
+        if ev.get("verb") in WRITE_VERBS:
+            writes += 1
+            ref = ev.get("objectRef") or {}
+            kind = f"{ev['verb']} {ref.get('resource')}" + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+            kinds[kind] = kinds.get(kind, 0) + 1
+        if (ev.get("responseStatus") or {}).get("code") == 409:
+            conflicts += 1
+    return writes, conflicts, kinds
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))] if s else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None = None,
+        settle_timeout: float = 600, delete_timeout: float = 120) -> dict[str, Any]:
+    """One run; returns the report (it also holds the operator log's path and any tracebacks)."""
+    work = Path(work or tempfile.mkdtemp(prefix="kubeflash-opscale-"))
+    pairs = math.ceil(jobs / nodes)
+    model = parse_job_spec(job_body("x")["spec"], name="x", namespace=NS).model.id
+    cp, op_kubeconfig, audit = start_cluster(Path(bin_dir or default_bin_dir()), work)
+    op = None
+    try:
+        api = config.new_client_from_config(config_file=str(cp.kubeconfig))
+        api.configuration.connection_pool_maxsize = 16
+        apply_crds(cp)
+        make_nodes(api, cp, nodes, pairs, model)
+        op = OperatorProcess(op_kubeconfig, work / "operator.log")
+        op.wait_ready()
+        jw = JobWatch(api)
+        core = client.CoreV1Api(api)
+        t0, stamp0 = time.monotonic(), _stamp()
+        created = burst(api, jobs)
+        t_running = wait(f"all {jobs} jobs Running", lambda: len(jw.running) >= jobs, settle_timeout)
+        stamp1 = _stamp()
+        t_pods = wait(f"all {jobs} pods Running", lambda: sum(
+            1 for p in core.list_namespaced_pod(NS, label_selector="kubeflash.io/job").items
+            if p.status.phase == "Running") >= jobs, settle_timeout, every=1.0)
+        booked = double_booked(api)
+        time.sleep(2)
+        cpu0 = op.cpu_s()
+        time.sleep(10)
+        idle_cpu = (op.cpu_s() - cpu0) / 10 * 100
+        rss = op.rss_mib()
+        stamp2, td = _stamp(), time.monotonic()
+        client.CustomObjectsApi(api).delete_collection_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs")
+        left: dict[str, int] = {}
+
+        def clean() -> bool:
+            left.update(leftovers(api))
+            return not any(left.values())
+
+        try:
+            t_deleted = wait("jobs, pods and claims gone", clean, delete_timeout, every=0.25)
+        except TimeoutError:
+            t_deleted = float("nan")
+        jw.stop()
+        time.sleep(1.5)  # the audit log's batch flush
+        w_burst, c_burst, k_burst = audit_counts(audit, stamp0, stamp1)
+        w_del, c_del, k_del = audit_counts(audit, stamp2)
+        to_node = [jw.placed[n] - created[n] for n in created if n in jw.placed]
+        log = op.text()
+        return {
+            "jobs": jobs, "nodes": nodes, "pairs_per_node": pairs,
+            "to_node_p50_s": round(statistics.median(to_node), 3),
+            "to_node_p99_s": round(pct(to_node, 0.99), 3),
+            "to_node_max_s": round(max(to_node), 3),
+            "all_running_s": round(t_running - t0, 3),
+            "pods_running_s": round(t_pods - t0, 3),
+            "delete_s": round(t_deleted - td, 3),
+            "left_after_delete": left,
+            "double_booked": len(booked), "double_booked_pairs": booked[:20],
+            "api_writes_per_job": round(w_burst / jobs, 2),
+            "delete_writes_per_job": round(w_del / jobs, 2),
+            "writes_by_kind": {"burst": k_burst, "delete": k_del},
+            "conflicts_409": c_burst + c_del,
+            "operator_rss_mib": round(rss, 1),
+            "operator_idle_cpu_pct": round(idle_cpu, 2),
+            "tracebacks": log.count("Traceback"),
+            "operator_log": str(op.log),
+            "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+        }
+    finally:
+        if op is not None:
+            op.stop()
+        cp.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--jobs", type=int, default=100)
+    p.add_argument("--nodes", type=int, default=20)
+    p.add_argument("--out", type=Path, help="write the JSON report here too")
+    p.add_argument("--bin-dir", type=Path, help="control plane binaries (default: kind/build-control-plane.sh's)")
+    args = p.parse_args(argv)
+    report = run(args.jobs, args.nodes, bin_dir=args.bin_dir or (Path(os.environ["KUBEFLASH_K8S_BIN"])
+                                                                   if os.environ.get("KUBEFLASH_K8S_BIN") else None))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
