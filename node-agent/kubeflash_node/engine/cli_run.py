@@ -50,6 +50,14 @@ def main(args: argparse.Namespace) -> int:
     from kubeflash_api.local import load_job_file
     from kubeflash_api.names import resolve_within
 
+    try:  # a bad manifest is refused here, before the engine's modules import torch (seconds)
+        spec = load_job_file(args.manifest)
+        job_dir = args.job_dir or Path("kubeflash-out") / spec.name
+        output = args.output or resolve_within(job_dir, spec.output.path or "results.jsonl", "spec.output.path")
+    except SpecError as e:
+        print(f"kubeflash run: error: {e}", file=sys.stderr)
+        return 1
+
     from ..store.cache import DEFAULT_ROOT, ensure_model
     from ..store.format import StoreError
     from .generate import EngineError
@@ -58,11 +66,8 @@ def main(args: argparse.Namespace) -> int:
     from .results import read_results, result_text
 
     try:
-        spec = load_job_file(args.manifest)
         device = resolve_device(args.device)
-        job_dir = args.job_dir or Path("kubeflash-out") / spec.name
         job_dir.mkdir(parents=True, exist_ok=True)
-        output = args.output or resolve_within(job_dir, spec.output.path or "results.jsonl", "spec.output.path")
         dtype = "float32" if device == "cpu" else spec.model.dtype
         model_dir, manifest = ensure_model(spec.model.uri, dtype=dtype, quantization=spec.model.quantization,
                                            root=args.store or DEFAULT_ROOT,
