@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Build the images the real-node harness runs, with no registry: a Debian bookworm base made with debootstrap
+# (python3 3.11 + venv, the host's CA bundle and pip config), a pause image (a static Go binary), the operator
+# image and the node image (operator/Dockerfile, node-agent/Dockerfile, classic builder, FROM that base).
+# Each image is cached as a docker-save tar under ${KUBEFLASH_IMAGE_CACHE:-~/.cache/kubeflash/images}, named by
+# a key over what goes into it (Dockerfile, .dockerignore, the sources it copies, the base's key), so a second
+# run reuses the tar without starting Docker, and a code change rebuilds only the last layer (Docker's layer
+# cache lives in ~/.cache/kubeflash/docker).
+#
+#   kind/images.sh          build what is missing; prints one line per image: <ref> <tar>
+#   kind/images.sh --keys   print the refs only (builds nothing)
+# Needs root, docker.io (dockerd), debootstrap, go. Starts its own dockerd on a private socket and stops it.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache="${KUBEFLASH_IMAGE_CACHE:-${HOME}/.cache/kubeflash/images}"
+docker_root="${KUBEFLASH_DOCKER_ROOT:-${HOME}/.cache/kubeflash/docker}"
+run_dir="${KUBEFLASH_IMAGES_RUN:-/run/kubeflash-images}"  # dockerd socket, pid, build logs
+mirror="${KUBEFLASH_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+suite=bookworm
+base_packages=python3,python3-venv,python-is-python3,ca-certificates,passwd
+# The build context: the working tree, or with KUBEFLASH_IMAGE_SOURCE=<git revision> (e.g. HEAD) that commit's
+# files only (a tree with someone's half-done edits still builds what was committed).
+ctx="$root"
+if [[ -n "${KUBEFLASH_IMAGE_SOURCE:-}" ]]; then
+  ctx="$(mktemp -d /var/tmp/kubeflash-context.XXXXXX)"
+  trap 'rm -rf "$ctx"' EXIT
+  git -C "$root" archive "${KUBEFLASH_IMAGE_SOURCE}" pyproject.toml README.md .dockerignore node-agent operator \
+    | tar -x -C "$ctx"
+fi
+export DOCKER_HOST="unix://${run_dir}/docker.sock" DOCKER_BUILDKIT=0
+
+log() { printf '[images %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+sha() { sha256sum | cut -c1-12; }
+
+# The key of an image built from the repository: its Dockerfile, .dockerignore and every file it may copy.
+source_key() { # dockerfile base_ref
+  {
+    echo "$2"
+    cat "$ctx/$1" "$ctx/.dockerignore"
+    (cd "$ctx" && find pyproject.toml README.md node-agent/kubeflash_* operator/kubeflash_* -type f \
+        ! -path '*/__pycache__/*' ! -name '*.py[co]' | LC_ALL=C sort \
+      | while read -r f; do echo "$f"; cat "$f"; done)
+  } | sha
+}
+
+host_pip_conf() { # the host's pip settings, as a pip.conf for the base image (pip needs PyPI in the build)
+  echo "[global]"
+  echo "cert = /etc/ssl/certs/ca-certificates.crt"
+  local idx="${PIP_INDEX_URL:-$(pip config get global.index-url 2>/dev/null || true)}"
+  [[ -n "$idx" ]] && echo "index-url = $idx"
+  local extra="${PIP_EXTRA_INDEX_URL:-$(pip config get global.extra-index-url 2>/dev/null || true)}"
+  [[ -n "$extra" ]] && echo "extra-index-url = $extra"
+  return 0
+}
+
+base_key="$( { echo "$suite $mirror $base_packages"; host_pip_conf; sha256sum /etc/ssl/certs/ca-certificates.crt; } | sha)"
+base_ref="kubeflash-base:${suite}-${base_key}"
+pause_ref="kubeflash/pause:${base_key}"
+operator_ref="kubeflash-operator:op-$(source_key operator/Dockerfile "$base_ref")"
+node_ref="kubeflash:node-$(source_key node-agent/Dockerfile "$base_ref")"
+tar_of() { echo "${cache}/${1//[:\/]/_}.tar"; }
+
+if [[ "${1:-}" == --keys ]]; then printf '%s\n' "$pause_ref" "$operator_ref" "$node_ref"; exit 0; fi
+[[ $EUID -eq 0 ]] || { log "ERROR: needs root (dockerd, debootstrap)"; exit 1; }
+mkdir -p "$cache" "$run_dir"
+
+missing=0
+for ref in "$pause_ref" "$operator_ref" "$node_ref"; do [[ -s "$(tar_of "$ref")" ]] || missing=1; done
+if (( missing == 0 )); then
+  log "all images cached in $cache"
+  for ref in "$pause_ref" "$operator_ref" "$node_ref"; do echo "$ref $(tar_of "$ref")"; done
+  exit 0
+fi
+
+exec 8>"${cache}/.lock"
+flock 8
+
+dockerd_pid=""
+stop_dockerd() {
+  if [[ -n "$dockerd_pid" ]]; then
+    kill "$dockerd_pid" 2>/dev/null || true
+    for _ in $(seq 60); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.5; done
+    rm -f "${run_dir}/dockerd.pid"
+  fi
+}
+trap 'stop_dockerd; [[ "$ctx" == "$root" ]] || rm -rf "$ctx"' EXIT
+trap 'exit 130' INT TERM
+# a dockerd left by an interrupted run of this script (the lock says no run is going on): adopt it, stop it below
+if [[ -f "${run_dir}/dockerd.pid" ]] && kill -0 "$(cat "${run_dir}/dockerd.pid")" 2>/dev/null; then
+  dockerd_pid="$(cat "${run_dir}/dockerd.pid")"
+fi
+if ! docker info >/dev/null 2>&1; then
+  command -v dockerd >/dev/null || { log "ERROR: dockerd is not installed (apt-get install docker.io)"; exit 1; }
+  mkdir -p "$docker_root"
+  log "starting dockerd (data root $docker_root, socket ${run_dir}/docker.sock, no bridge, no iptables)"
+  dockerd --data-root "$docker_root" --exec-root "${run_dir}/docker-exec" --pidfile "${run_dir}/docker.pid" \
+    --host "$DOCKER_HOST" --bridge=none --iptables=false --ip6tables=false --ip-masq=false \
+    >"${run_dir}/dockerd.log" 2>&1 &
+  dockerd_pid=$!
+  echo "$dockerd_pid" >"${run_dir}/dockerd.pid"
+  for _ in $(seq 120); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+  docker info >/dev/null 2>&1 || { tail -20 "${run_dir}/dockerd.log" >&2; log "ERROR: dockerd did not start"; exit 1; }
+fi
+
+save() { # ref: the tar, then drop older keys of the same image (tars and tags; shared layers stay cached)
+  local tar old; tar="$(tar_of "$1")"
+  docker save -o "${tar}.tmp" "$1"
+  mv -f "${tar}.tmp" "$tar"
+  log "$1 saved to $tar ($(du -h "$tar" | cut -f1))"
+  local prefix; prefix="$(tar_of "${1%-*}-")"
+  for old in "${prefix%.tar}"*.tar; do [[ "$old" == "$tar" || ! -f "$old" ]] || rm -f "$old"; done
+  docker images --format '{{.Repository}}:{{.Tag}}' "${1%:*}" | grep -vxF "$1" | xargs -r docker rmi >/dev/null || true
+}
+
+# ---------------------------------------------------------------- base (debootstrap)
+if ! docker image inspect "$base_ref" >/dev/null 2>&1; then
+  if [[ -s "$(tar_of "$base_ref")" ]]; then
+    docker load -i "$(tar_of "$base_ref")" >&2
+  else
+    command -v debootstrap >/dev/null || { log "ERROR: debootstrap is not installed"; exit 1; }
+    t0=$SECONDS
+    rootfs="$(mktemp -d /var/tmp/kubeflash-base.XXXXXX)"
+    log "debootstrap $suite ($base_packages) from $mirror"
+    debootstrap --variant=minbase --include="$base_packages" "$suite" "$rootfs" "$mirror" >"${run_dir}/debootstrap.log" 2>&1 \
+      || { tail -20 "${run_dir}/debootstrap.log" >&2; rm -rf "$rootfs"; log "ERROR: debootstrap failed"; exit 1; }
+    cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
+    host_pip_conf >"$rootfs/etc/pip.conf"
+    rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb
+    tar -C "$rootfs" -c . | docker import \
+      --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+      --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' - "$base_ref" >/dev/null
+    rm -rf "$rootfs"
+    log "base $base_ref made in $((SECONDS - t0))s"
+    save "$base_ref"
+  fi
+fi
+
+# ---------------------------------------------------------------- pause (the pods' sandbox)
+if [[ ! -s "$(tar_of "$pause_ref")" ]]; then
+  src="$(mktemp -d)"
+  cat >"$src/main.go" <<'GO'
+// pause: holds a pod's namespaces; exits on SIGINT/SIGTERM, reaps children.
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGCHLD)
+	for s := range sigs {
+		if s == syscall.SIGCHLD {
+			for {
+				var ws syscall.WaitStatus
+				if pid, _ := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil); pid <= 0 {
+					break
+				}
+			}
+			continue
+		}
+		os.Exit(0)
+	}
+}
+GO
+  printf 'module kubeflash.local/pause\n\ngo 1.22\n' >"$src/go.mod"
+  (cd "$src" && CGO_ENABLED=0 GOFLAGS='' go build -ldflags "-s -w" -o pause .)
+  tar -C "$src" -c pause | docker import --change 'ENTRYPOINT ["/pause"]' - "$pause_ref" >/dev/null
+  rm -rf "$src"
+  save "$pause_ref"
+fi
+
+# ---------------------------------------------------------------- operator and node images
+build() { # ref dockerfile
+  local t0=$SECONDS
+  log "building $1 from $2 (FROM $base_ref)"
+  docker build --network host --build-arg "PYTHON_IMAGE=$base_ref" -f "$ctx/$2" -t "$1" "$ctx" >"${run_dir}/build-${2%%/*}.log" 2>&1 \
+    || { tail -40 "${run_dir}/build-${2%%/*}.log" >&2; log "ERROR: building $1 failed (log ${run_dir}/build-${2%%/*}.log)"; exit 1; }
+  log "$1 built in $((SECONDS - t0))s"
+  save "$1"
+}
+[[ -s "$(tar_of "$operator_ref")" ]] || build "$operator_ref" operator/Dockerfile
+[[ -s "$(tar_of "$node_ref")" ]] || build "$node_ref" node-agent/Dockerfile
+for ref in "$pause_ref" "$operator_ref" "$node_ref"; do echo "$ref $(tar_of "$ref")"; done
