@@ -254,7 +254,7 @@ def test_rope_beyond_trained_length_matches_transformers(rope):
     there; the engine's context check keeps end-to-end runs below max_position_embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kubeflash_node.engine.model import Rope
+    from kubeflash_node.engine.rope import Rope
     from kubeflash_node.store.hf_config import config_from_hf
 
     hf_cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=1,

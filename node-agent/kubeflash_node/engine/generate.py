@@ -22,8 +22,9 @@ from ..store.format import Manifest, load_manifest
 from ..store.modelconfig import ModelConfig
 from .kvcache import make_kv
 from .kvnear import CpuAttentionKV, WriteBackDiskKV, XCacheKV
-from .model import LAYERS, Rope, embed, head, make_batch
+from .model import LAYERS, embed, head, make_batch
 from .policy import Policy
+from .rope import Rope
 from .sampling import sample
 from .stream import TORCH_DTYPES, WeightStreamer
 from .timing import Timings
@@ -100,7 +101,7 @@ class Engine:
     def _warm_kernels(self) -> None:
         """Compile the fused dequantization kernels this job will launch (the store's weights, the KV codec) now,
         at set-up, not in the first step: Triton compiles each variant once (~2 s on the H100)."""
-        from .quant import KVCodec, QuantSpec, dequantize, quantize
+        from .quant import KVCodec, dequantize, quantize
 
         c, spec = self.config, self.streamer.quant
         if spec is not None:
