@@ -60,6 +60,11 @@ def _job(tmp_path, prompts, **gen):
     return path
 
 
+def _results(d: Path) -> Path:
+    """Where `kubeflash run` writes spec.output.path: inside the job directory (kubeflash-out/<job>/)."""
+    return d / "kubeflash-out" / "many" / "results.jsonl"
+
+
 def test_killed_run_resumes_each_prompt_exactly_once(tmp_path, store_root):
     """kill -9 after the first results land; the rerun finishes the rest; every id appears exactly once."""
     prompts = [f"Count to {i}." for i in range(1, 9)]
@@ -67,7 +72,7 @@ def test_killed_run_resumes_each_prompt_exactly_once(tmp_path, store_root):
     proc = subprocess.Popen([sys.executable, "-m", "kubeflash_node.cli", "run", str(job), "--device", "cpu",
                              "--quiet", "--store", str(store_root)], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results = tmp_path / "results.jsonl"
+    results = _results(tmp_path)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if results.exists() and len(results.read_text().splitlines()) >= 2:
@@ -94,7 +99,7 @@ def test_stop_string_and_seeded_sampling(tmp_path, store_root):
     job = _job(tmp_path, ["What is the capital of France?"], stop=["Paris"], maxNewTokens=16)
     r = _run([str(job), "--device", "cpu", "--quiet"], tmp_path, store_root)
     assert r.returncode == 0, r.stderr
-    rec = json.loads((tmp_path / "results.jsonl").read_text())
+    rec = json.loads(_results(tmp_path).read_text())
     choice = rec["response"]["body"]["choices"][0]
     assert "Paris" not in choice["message"]["content"] and choice["finish_reason"] == "stop"
     texts = []
@@ -103,13 +108,13 @@ def test_stop_string_and_seeded_sampling(tmp_path, store_root):
         d.mkdir()
         job = _job(d, ["Tell me a story."], temperature=1.0, topP=0.9, seed=7)
         assert _run([str(job), "--device", "cpu", "--quiet"], d, store_root).returncode == 0
-        texts.append(json.loads((d / "results.jsonl").read_text())["response"]["body"]["token_ids"])
+        texts.append(json.loads(_results(d).read_text())["response"]["body"]["token_ids"])
     assert texts[0] == texts[1]
 
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d["spec"]["generation"].update(maxNewTokens=9000), "exceed the model's context window of 8192"),
-    (lambda d: d["spec"]["generation"].update(topP=3), "spec.generation.topP must be <= 1"),
+    (lambda d: d["spec"]["generation"].update(topP=3), "spec.generation.topP must be > 0 and <= 1, got 3"),
     (lambda d: d["spec"]["model"].update(uri="/no/such/model.gguf"), "/no/such/model.gguf: no such file"),
 ], ids=["prompt-too-long", "bad-field", "missing-model"])
 def test_bad_inputs_clear_errors(tmp_path, store_root, mutate, message):
@@ -121,4 +126,4 @@ def test_bad_inputs_clear_errors(tmp_path, store_root, mutate, message):
     r = _run([str(path), "--device", "cpu", "--quiet"], tmp_path, store_root)
     assert r.returncode == 1
     assert message in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "results.jsonl").exists() or not (tmp_path / "results.jsonl").read_text()
+    assert not _results(tmp_path).exists() or not _results(tmp_path).read_text()
