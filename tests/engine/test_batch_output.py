@@ -224,3 +224,31 @@ def test_refused_job_leaves_results_untouched(tmp_path, store_root, finished, ed
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert results.read_bytes() == before
     assert not [p.name for p in (tmp_path / "jobdir").iterdir() if p.name.startswith("results.jsonl.")]
+
+
+def test_lines_of_an_older_format_are_set_aside_not_trusted(tmp_path, capsys):
+    """A line without a fingerprint (kubeflash before fingerprints) is never taken as done: the file is kept as
+    .stale at the first new result, the new file holds only new lines. A file that is not results is refused
+    with its path and line, and left as it is."""
+    from kubeflash_node.engine.results import ResultsFile
+
+    path = tmp_path / "results.jsonl"
+    old = json.dumps({"id": "kf-a", "custom_id": "a", "response": {"status_code": 200, "body": {
+        "object": "chat.completion", "choices": [{"message": {"role": "assistant", "content": "old"}}]}},
+        "error": None}) + "\n"
+    path.write_text(old)
+    results = ResultsFile(path, {"a": "kf_1"}, model="m")
+    assert results.done == set() and results.stale == 1 and path.read_text() == old
+    results.append("a", "new", chat=False, finish_reason="length", prompt_tokens=2, completion_tokens=1, token_ids=[5])
+    results.close()
+    [aside] = tmp_path.glob("results.jsonl.*.stale")
+    assert aside.read_text() == old and "moved the file to" in capsys.readouterr().err
+    [rec] = [json.loads(line) for line in path.read_text().splitlines()]
+    assert check_line(rec, chat=False).choices[0].text == "new"
+    assert ResultsFile(path, {"a": "kf_1"}, model="m").done == {"a"}
+
+    other = tmp_path / "notes.txt"
+    other.write_text("hello\n")
+    with pytest.raises(ValueError, match=f"{other}:1: not a kubeflash result line"):
+        ResultsFile(other, {"a": "kf_1"}, model="m")
+    assert other.read_text() == "hello\n"
