@@ -142,6 +142,35 @@ def test_cuda_index_beyond_this_machine_is_refused(tmp_path):
     assert ("CUDA is not available" if not _cuda() else "this machine has") in proc.stderr
 
 
+BAD_FLAGS = [
+    ("bench", ["--prompts", "0"], "argument --prompts: must be an integer >= 1, got '0'"),
+    ("bench", ["--gen-len", "-1"], "argument --gen-len: must be an integer >= 1, got '-1'"),
+    ("bench", ["--num-gpu-batches", "0"], "argument --num-gpu-batches: must be an integer >= 1, got '0'"),
+    ("bench", ["--prefetch", "0"], "argument --prefetch: must be an integer >= 1, got '0'"),
+    ("bench", ["--io-threads", "-1"], "argument --io-threads: must be an integer >= 0, got '-1'"),
+    ("bench", ["--x-cache", "200"], "argument --x-cache: must be a percentage in 0..100, got '200'"),
+    ("bench", ["--x-cache", "nan"], "argument --x-cache: must be a percentage in 0..100, got 'nan'"),
+    ("bench", ["--weights", "50:80"], "argument --weights: expected disk, cpu, gpu or GPU:CPU percentages summing"),
+    ("bench", ["--gpu-memory", "lots"], "argument --gpu-memory: 'lots' is not a size; expected something like 5GiB"),
+    ("bench", ["--disk-probe", "0"], "argument --disk-probe: must be a size above 0, got '0'"),
+    ("plan", [EXAMPLE, "--step", "0"], "argument --step: must be an integer in 1..100, got '0'"),
+    ("plan", [EXAMPLE, "--prompt-len", "-3"], "argument --prompt-len: must be an integer >= 0, got '-3'"),
+    ("plan", [EXAMPLE, "--cpu-memory", "0"], "argument --cpu-memory: must be a size above 0, got '0'"),
+]
+
+
+@pytest.mark.parametrize("command, args, message", BAD_FLAGS, ids=[f"{c}{a[-2]}{a[-1]}" for c, a, _ in BAD_FLAGS])
+def test_bad_numbers_are_refused_by_argparse_in_under_a_second(tmp_path, command, args, message):
+    """Zero, negative or out-of-range numbers used to crash late (range() arg 3 must not be zero, max_workers must
+    be greater than 0) or be taken silently as the default (--num-gpu-batches 0)."""
+    t0 = time.perf_counter()
+    proc = kubeflash(command, *args, tmp_path=tmp_path)
+    elapsed = time.perf_counter() - t0
+    assert_clean_error(proc, rc=2)
+    assert f"kubeflash {command}: error: {message}" in proc.stderr
+    assert elapsed < 1.0, f"{elapsed:.2f} s"
+
+
 # ------------------------------------------------------------------------------------------- plan
 
 no_gpu = pytest.mark.skipif("_cuda()", reason="checks what happens on a machine without a GPU")

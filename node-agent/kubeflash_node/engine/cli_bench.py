@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
+
+from .cliargs import int_range, percent, positive_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,38 +18,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", type=Path, default=Path("/tmp/kubeflash-bench"),
                    help="where models are converted and probe files written (put it on the SSD under test)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--prompts", type=int, default=8, help="number of sequences")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--prompts", type=int_range(1), default=8, help="number of sequences")
+    p.add_argument("--prompt-len", type=int_range(1), default=512, help="tokens per prompt")
+    p.add_argument("--gen-len", type=int_range(1), default=32, help="tokens generated per prompt")
     p.add_argument("--policy", choices=["auto", "explicit"],
                    help="auto: the cost model picks placement, batch shape and techniques from the ceilings and the "
                         "budgets, keeping any placement flag below that is given with it (a pin); explicit: the "
                         "flags below (default: explicit when any of them is given, else auto)")
-    p.add_argument("--gpu-memory", help="GPU memory the run may use, e.g. 12GiB: the auto policy plans with it and "
-                                        "the CUDA allocator is capped to it (default: the GPU's)")
-    p.add_argument("--cpu-memory", help="host memory the auto policy plans with, e.g. 16GiB (default: MemAvailable)")
+    p.add_argument("--gpu-memory", type=positive_size,
+                   help="GPU memory the run may use, e.g. 12GiB: the auto policy plans with it and the CUDA allocator "
+                        "is capped to it (default: the GPU's)")
+    p.add_argument("--cpu-memory", type=positive_size,
+                   help="host memory the auto policy plans with, e.g. 16GiB (default: MemAvailable)")
     p.add_argument("--allow-compression", action="store_true",
                    help="auto: also weigh int8/int4 weights and 8/4-bit KV (changes outputs: docs/compression.md)")
     p.add_argument("--quantization", choices=["none", "int8", "int4"], help="explicit: store weights group-wise "
                                                                             "quantized (default none)")
-    p.add_argument("--gpu-batch-size", type=int, help="sequences per micro-batch (default: all prompts)")
-    p.add_argument("--num-gpu-batches", type=int, help="micro-batches per block (zig-zag; default 1)")
-    p.add_argument("--weights", help="disk | cpu | gpu, or GPU:CPU percentages like 20:30 (default disk)")
+    p.add_argument("--gpu-batch-size", type=int_range(1), help="sequences per micro-batch (default: all prompts)")
+    p.add_argument("--num-gpu-batches", type=int_range(1), help="micro-batches per block (zig-zag; default 1)")
+    p.add_argument("--weights", type=_weights_arg, help="disk | cpu | gpu, or GPU:CPU percentages like 20:30 (default disk)")
     p.add_argument("--kv", choices=["device", "cpu", "disk"], help="where the KV cache lives (default device)")
     p.add_argument("--kv-bits", type=int, choices=[16, 8, 4], help="KV compression in the cpu/disk tiers")
     p.add_argument("--cpu-attention", action="store_true", help="decode attention on the CPU (kv cpu)")
     p.add_argument("--kv-write-back", action="store_true", help="buffer new KV rows, write large chunks (kv disk)")
-    p.add_argument("--x-cache", type=float, help="percent of layers keeping X instead of K and V (INF² X-cache)")
-    p.add_argument("--prefetch", type=int, default=2, help="stages read ahead of compute")
+    p.add_argument("--x-cache", type=percent, help="percent of layers keeping X instead of K and V (INF² X-cache)")
+    p.add_argument("--prefetch", type=int_range(1), default=2, help="stages read ahead of compute")
     p.add_argument("--io-backend", default="auto", choices=["auto", "posix", "odirect", "kvikio"])
-    p.add_argument("--io-threads", type=int, default=0, help="reader threads (default: the best the disk probe found)")
-    p.add_argument("--task-mb", type=int, default=0, help="one read task in MiB (default: the best the probe found)")
+    p.add_argument("--io-threads", type=int_range(0), default=0, help="reader threads (default: the best the disk probe found)")
+    p.add_argument("--task-mb", type=int_range(0), default=0, help="one read task in MiB (default: the best the probe found)")
     p.add_argument("--cold", action="store_true", help="drop the page cache before the run")
     p.add_argument("--no-ceilings", action="store_true", help="skip the ceiling measurements")
     p.add_argument("--ceilings", type=Path, help="read ceilings from this JSON instead of measuring")
     p.add_argument("--ceilings-only", action="store_true", help="measure the ceilings and stop")
-    p.add_argument("--disk-probe", default="2GiB", help="size of the disk probe file written and read back under "
-                                                        "--store (default 2GiB; larger is steadier)")
+    p.add_argument("--disk-probe", type=positive_size, default="2GiB",
+                   help="size of the disk probe file written and read back under --store (default 2GiB; larger is steadier)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default)")
     p.add_argument("--json", type=Path, help="write everything measured to this JSON file")
 
@@ -61,8 +66,19 @@ def _placement_args(s: str) -> tuple[float, float]:
     try:
         g, c = (float(x) for x in s.split(":"))
     except ValueError:
-        raise ValueError(f"--weights {s!r}: expected disk, cpu, gpu or GPU:CPU percentages like 20:30") from None
+        g = c = math.nan
+    if not (0 <= g <= 100 and 0 <= c <= 100 and g + c <= 100):
+        raise ValueError(f"--weights {s!r}: expected disk, cpu, gpu or GPU:CPU percentages summing to at most 100, "
+                         f"like 20:30")
     return g, c
+
+
+def _weights_arg(s: str) -> str:
+    try:
+        _placement_args(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+    return s
 
 
 EXPLICIT = ("quantization", "gpu_batch_size", "num_gpu_batches", "weights", "kv", "kv_bits", "x_cache")
@@ -117,10 +133,10 @@ def main(args: argparse.Namespace) -> int:
     from ..store.cache import ensure_model
     from ..store.format import StoreError, load_manifest
     from .bench import Ceilings, Workload, drop_page_cache, measure_ceilings, measure_disk_files, roofline
-    from .memory import cap_gpu_allocator, gpu_total, mem_available, parse_size
     from .cli_run import resolve_device
     from .costmodel import Budget, Candidate, JobShape, describe, plan, predict
-    from .generate import Engine, GenParams
+    from .generate import Engine, EngineError, GenParams
+    from .memory import cap_gpu_allocator, gpu_total, mem_available
     from .policy import make_policy
     from .report import build_report, format_report
 
@@ -133,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             what = ", PCIe, matmul" if torch.cuda.is_available() else "; no CUDA GPU here, so not PCIe or matmul"
             print(f"measuring ceilings (disk write/read cold+warm{what})…", file=sys.stderr)
-            ceil = measure_ceilings(args.store, disk_bytes=parse_size(args.disk_probe))
+            ceil = measure_ceilings(args.store, disk_bytes=args.disk_probe)
         missing = ceil.unmeasured()  # 0 in a ceilings file, or no GPU here: printed and left out, never as 0
         _print_ceilings(ceil, _why_missing(args, torch.cuda.is_available()))
         if args.ceilings_only:
@@ -150,9 +166,8 @@ def main(args: argparse.Namespace) -> int:
             mode = "explicit"
         config, sizes, quants = _model_shape(args)
         job = JobShape(args.prompts, args.prompt_len, args.gen_len)
-        budget = Budget(parse_size(args.gpu_memory) if args.gpu_memory else
-                        gpu_total() if device.startswith("cuda") else 1 << 50,
-                        parse_size(args.cpu_memory) if args.cpu_memory else mem_available())
+        budget = Budget(args.gpu_memory or (gpu_total() if device.startswith("cuda") else 1 << 50),
+                        args.cpu_memory or mem_available())
         base = make_policy(ceil, io_threads=args.io_threads, io_task_bytes=args.task_mb << 20, default_io_threads=8,
                            prefetch=args.prefetch, io_backend=args.io_backend)
         itemsize = 4 if args.dtype == "float32" else 2
@@ -198,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - t0
         report = build_report(engine)
         engine.close()
-    except (StoreError, ValueError, OSError) as e:
+    except (StoreError, EngineError, ValueError, OSError) as e:
         print(f"kubeflash bench: error: {e}", file=sys.stderr)
         return 1
     gbs = policy.gpu_batch_size

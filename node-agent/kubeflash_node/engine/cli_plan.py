@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from .cliargs import int_range, positive_size
 from .memory import cap_gpu_allocator, parse_size  # noqa: F401  (kubeflash run and bench/peers import them here)
 from .memory import gpu_total as _gpu_total
 from .memory import mem_available as _mem_available
@@ -19,24 +20,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ceilings", type=Path, help="ceilings JSON (kubeflash bench --ceilings-only --json FILE, or a "
                                                  "bench result holding a 'ceilings' key)")
     p.add_argument("--measure", action="store_true", help="measure the ceilings now (disk probe under --store, GPU)")
-    p.add_argument("--gpu-memory", help="GPU memory the job may use, e.g. 5GiB (default: the manifest's "
+    p.add_argument("--gpu-memory", type=positive_size, help="GPU memory the job may use, e.g. 5GiB (default: the manifest's "
                                         "spec.resources.gpuMemory, else the GPU's total)")
-    p.add_argument("--cpu-memory", help="host memory the job may use, e.g. 64GiB (default: the manifest's "
+    p.add_argument("--cpu-memory", type=positive_size, help="host memory the job may use, e.g. 64GiB (default: the manifest's "
                                         "spec.resources.cpuMemory, else MemAvailable)")
     p.add_argument("--store", type=Path, help="local model store root, to read the converted model's stage sizes "
                                               "(default: $KUBEFLASH_HOME or ~/.cache/kubeflash)")
-    p.add_argument("--prompt-len", type=int, default=0, help="tokens per prompt (default: from the job's prompts)")
+    p.add_argument("--prompt-len", type=int_range(0), default=0, help="tokens per prompt (default: from the job's prompts)")
     p.add_argument("--allow-compression", action="store_true",
                    help="also weigh int8/int4 weights and 8/4-bit KV (changes the outputs: see docs/compression.md)")
-    p.add_argument("--step", type=int, default=10, help="step of the weights' gpu/cpu percentages (default 10)")
+    p.add_argument("--step", type=int_range(1, 100), default=10, help="step of the weights' gpu/cpu percentages (default 10)")
     p.add_argument("--json", type=Path, help="write the plan to this JSON file")
 
 
 def main(args: argparse.Namespace) -> int:
     from kubeflash_api import SpecError
     from kubeflash_api.local import load_job_file as load_job
+
     from ..store.format import StoreError
-    from .costmodel import QUANT_BITS, Budget, describe, plan as make_plan, x_cache_note
+    from .costmodel import QUANT_BITS, Budget, describe, x_cache_note
+    from .costmodel import plan as make_plan
     from .job import pinned
 
     try:
@@ -45,8 +48,8 @@ def main(args: argparse.Namespace) -> int:
         config, sizes, itemsize, size_note, tokenizer = _model(spec, args.store)
         job = _job(spec, tokenizer, args.prompt_len)
         r = spec.resources
-        gpu_bytes = parse_size(args.gpu_memory) if args.gpu_memory else r.gpu_memory or _gpu_or_assumed(assumed)
-        budget = Budget(gpu_bytes, parse_size(args.cpu_memory) if args.cpu_memory else r.cpu_memory or _mem_available(),
+        gpu_bytes = args.gpu_memory or r.gpu_memory or _gpu_or_assumed(assumed)
+        budget = Budget(gpu_bytes, args.cpu_memory or r.cpu_memory or _mem_available(),
                         r.kv_disk)
         quants = tuple(sizes) if args.allow_compression else (spec.model.quantization,)
         kv_bits = (16, 8, 4) if args.allow_compression else (QUANT_BITS[spec.offload.compression],)

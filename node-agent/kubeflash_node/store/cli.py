@@ -24,10 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .modelconfig import PRESETS
     from .cache import _bar
     from .convert import convert
     from .format import StoreError, verify
+    from .modelconfig import PRESETS
     from .uris import check_scheme
 
     if args.list_presets:
