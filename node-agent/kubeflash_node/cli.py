@@ -53,9 +53,11 @@ def _chosen(argv: list[str]) -> str | None:
 
 def _check_device(args: argparse.Namespace) -> None:
     """A subcommand's --device is refused here, before its module imports torch (exit 2, argparse's usage error)."""
+    if not hasattr(args, "device"):
+        return
     from kubeflash_node.engine.devices import device_syntax_error
 
-    error = device_syntax_error(args.device) if hasattr(args, "device") else None
+    error = device_syntax_error(args.device)
     if error:
         args._subparser.error(error)
 
