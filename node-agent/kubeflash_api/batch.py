@@ -77,6 +77,8 @@ def _messages(msgs: object, where: str) -> tuple[dict[str, str], ...]:
         extra = set(m) - {"role", "content", "name"}
         if extra:
             raise SpecError(child(at, sorted(extra)[0]), "is not supported (role, content, name)")
+        if m.get("name") is not None and not isinstance(m["name"], str):
+            raise SpecError(f"{at}.name", f"must be a string, got {_short(m['name'])}")
         if m.get("role") not in ROLES:
             raise SpecError(f"{at}.role", f"must be one of {', '.join(ROLES)}, got {_short(m.get('role'))}")
         out.append({"role": m["role"], "content": _content(m.get("content"), f"{at}.content")})

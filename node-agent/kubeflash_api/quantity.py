@@ -24,7 +24,9 @@ def parse_quantity(value: object, *, path: str, lo: int = 0, hi: int = MAX_BYTES
     if isinstance(value, int):
         n = value
     else:
-        m = _QUANTITY.match(value.strip()) if len(value) <= 64 else None
+        # fullmatch, no strip: the API server checks PATTERN with Go's `$` (end of text), so " 1Gi" or "1Gi\n"
+        # must be refused here too, or kubeflash run would take what kubectl apply refuses
+        m = _QUANTITY.fullmatch(value) if len(value) <= 64 else None
         if not m:
             raise SpecError(path, f"must be a quantity such as 10Gi, 500M or 1e9, got {value!r}")
         suffix = m["suffix"] or ""

@@ -245,6 +245,8 @@ def test_line_numbers_follow_newlines_only(tmp_path):
      "must be a text part"),
     (line(messages=[{"role": "user", "content": []}]), "FILE:1: body.messages[0].content",
      "must be a string or a list of text parts"),
+    (line(messages=[{"role": "user", "content": "hi", "name": ["x"]}]), "FILE:1: body.messages[0].name",
+     "must be a string, got list"),
     (line(messages=[{"role": "robot", "content": "hi"}]), "FILE:1: body.messages[0].role",
      "must be one of system, developer, user, assistant, got str 'robot'"),
     (line(messages=[{"role": "user", "content": "hi"}], temperature=0.5), "FILE:1: body.temperature",
@@ -266,7 +268,7 @@ def test_line_numbers_follow_newlines_only(tmp_path):
      "must be an integer from 1 to 32768, got int 0"),
 ], ids=["json", "dup-key", "dup-body-key", "nan", "inf", "1e999", "huge-int", "surrogate", "deep", "list",
         "dup-custom-id", "content-int", "content-dict", "content-image", "content-str-parts", "content-empty-list",
-        "role", "temperature", "top-p", "n", "completions-messages", "chat-prompt", "url-unknown", "url-list",
+        "name-list", "role", "temperature", "top-p", "n", "completions-messages", "chat-prompt", "url-unknown", "url-list",
         "custom-id-int", "method", "max-tokens-zero"])
 def test_bad_batch_lines_are_named(tmp_path, text, where, expected):
     """Each mistake in a batch file names the file, the line and the field, and what was expected."""

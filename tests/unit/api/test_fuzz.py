@@ -32,7 +32,7 @@ from kubeflash_api.batch import parse_line
 from kubeflash_api.contract import API_VERSION
 from kubeflash_api.errors import show
 from kubeflash_api.files import load_manifest
-from kubeflash_api.quantity import MAX_BYTES, parse_quantity
+from kubeflash_api.quantity import MAX_BYTES, PATTERN, parse_quantity
 
 FUZZ = settings(max_examples=200, derandomize=True, database=None, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -433,6 +433,25 @@ def test_integers_too_long_to_print(where):
     with pytest.raises(SpecError) as err:
         parse_quantity(10**5000, path="q")
     assert err.value.path == "q"
+
+
+def _crd_accepts(text: str) -> bool:
+    """The CRD's pattern as the API server applies it: a Go regexp search, where `$` means the end of the text."""
+    return re.search(PATTERN.replace("$", r"\Z"), text) is not None
+
+
+@FUZZ
+@given(st.one_of(st.from_regex(r"\s?\+?[0-9]{0,30}(\.[0-9]{0,5})?([KMGTPE]i?|[kmu]|[eE][+-]?[0-9]{1,3})?\s?",
+                               fullmatch=True), st.text(st.sampled_from("0123456789.+-eEKMGTPik \n\t"), max_size=12)))
+def test_quantity_strings_agree_with_the_crd_pattern(text):
+    """A quantity string is taken by parse_quantity exactly when the CRD's pattern lets the API server take it
+    (range aside), so kubeflash run and kubectl apply accept the same strings."""
+    try:
+        parse_quantity(text, path="q", lo=0, hi=2**200)
+        parsed = True
+    except SpecError as e:
+        parsed = "must be at most" in e.problem
+    assert parsed == _crd_accepts(text), text
 
 
 # ---------------------------------------------------------------------------------------- manifest files
