@@ -2,8 +2,8 @@
 
 Ready models are whatever catalog.json + models/<id> hold; Pending/Staging/Failed/Evicted live here in
 memory. Missing models are handed to the Stager; when a worker asks for room the cache evicts unused models
-(space.plan_eviction) or refuses with a message; on start it removes staging leftovers and adopts or drops
-model directories so the catalog matches the disk.
+(space.plan_eviction) or refuses with a message; on start it removes staging leftovers and adopts (verified)
+or drops model directories so the catalog matches the disk.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kubeflash_node.store import pins
-from kubeflash_node.store.format import StoreError, load_manifest
+from kubeflash_node.store.format import StoreError, verify_model
 from kubeflash_node.store.ids import model_id
 from kubeflash_node.store.scratch import clean_stale
 
@@ -88,9 +88,10 @@ class ModelCache:
             if entry.name.startswith(".") or not entry.is_dir():
                 continue
             try:
-                manifest = load_manifest(entry)
+                manifest = verify_model(entry)  # sha256 only where the stamp written at staging no longer matches
             except StoreError as e:
-                log.warning("removing an unreadable model directory", extra={"disk": d.name, "error": str(e)})
+                log.warning("removing an unreadable or corrupt model directory (staged again if wanted)",
+                            extra={"disk": d.name, "error": str(e)})
                 trash(entry)
                 continue
             found[entry.name] = manifest
