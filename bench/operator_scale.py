@@ -329,21 +329,27 @@ def pct(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None = None,
+def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None = None, replicas: int = 1,
         settle_timeout: float = 600, delete_timeout: float = 120) -> dict[str, Any]:
-    """One run; returns the report (it also holds the operator log's path and any tracebacks)."""
+    """One run; returns the report (it also holds the operator log's path and any tracebacks).
+
+    `replicas` > 1 runs that many operators side by side, all acting (no leader election): the conditional
+    ledger writes alone must keep every pair single-booked; RSS and CPU are the first one's."""
     work = Path(work or tempfile.mkdtemp(prefix="kubeflash-opscale-"))
     pairs = math.ceil(jobs / nodes)
     model = parse_job_spec(job_body("x")["spec"], name="x", namespace=NS).model.id
     cp, op_kubeconfig, audit = start_cluster(Path(bin_dir or default_bin_dir()), work)
     op = None
+    others: list[OperatorProcess] = []
     try:
         api = config.new_client_from_config(config_file=str(cp.kubeconfig))
         api.configuration.connection_pool_maxsize = 16
         apply_crds(cp)
         make_nodes(api, cp, nodes, pairs, model)
         op = OperatorProcess(op_kubeconfig, work / "operator.log")
-        op.wait_ready()
+        others = [OperatorProcess(op_kubeconfig, work / f"operator-{i}.log") for i in range(1, replicas)]
+        for o in (op, *others):
+            o.wait_ready()
         jw = JobWatch(api)
         core = client.CoreV1Api(api)
         t0, stamp0 = time.monotonic(), _stamp()
@@ -376,9 +382,9 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
         w_burst, c_burst, k_burst = audit_counts(audit, stamp0, stamp1)
         w_del, c_del, k_del = audit_counts(audit, stamp2)
         to_node = [jw.placed[n] - created[n] for n in created if n in jw.placed]
-        log = op.text()
+        log = "".join(o.text() for o in (op, *others))
         return {
-            "jobs": jobs, "nodes": nodes, "pairs_per_node": pairs,
+            "jobs": jobs, "nodes": nodes, "pairs_per_node": pairs, "operators": replicas,
             "to_node_p50_s": round(statistics.median(to_node), 3),
             "to_node_p99_s": round(pct(to_node, 0.99), 3),
             "to_node_max_s": round(max(to_node), 3),
@@ -398,8 +404,8 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
         }
     finally:
-        if op is not None:
-            op.stop()
+        for o in (*others, *([op] if op else [])):
+            o.stop()
         cp.stop()
 
 
@@ -407,10 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=100)
     p.add_argument("--nodes", type=int, default=20)
+    p.add_argument("--replicas", type=int, default=1, help="operators side by side, all acting (default 1)")
     p.add_argument("--out", type=Path, help="write the JSON report here too")
     p.add_argument("--bin-dir", type=Path, help="control plane binaries (default: kind/build-control-plane.sh's)")
     args = p.parse_args(argv)
-    report = run(args.jobs, args.nodes, bin_dir=args.bin_dir or (Path(os.environ["KUBEFLASH_K8S_BIN"])
+    report = run(args.jobs, args.nodes, replicas=args.replicas, bin_dir=args.bin_dir or (Path(os.environ["KUBEFLASH_K8S_BIN"])
                                                                    if os.environ.get("KUBEFLASH_K8S_BIN") else None))
     text = json.dumps(report, indent=2)
     print(text)

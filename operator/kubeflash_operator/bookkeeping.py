@@ -53,21 +53,44 @@ def clashes(claim: Claim, ledger: Mapping[str, Claim]) -> list[str]:
     return sorted(job for job, c in ledger.items() if job != claim.job and set(c.gpus) & set(claim.gpus))
 
 
-def apply_changes(ledger: Mapping[str, Claim], changes: Mapping[str, Claim | None]
+def apply_changes(ledger: Mapping[str, Claim], changes: Mapping[str, Claim | Release]
                   ) -> tuple[dict[str, Claim], dict[str, bool]]:
-    """The ledger after setting (Claim) or removing (None) each job, in order; a claim whose GPUs another job
-    holds by then is refused (False). Returns (new ledger, accepted per job)."""
+    """The ledger after each change, in order; returns (new ledger, accepted per job).
+
+    A Claim is recorded unless another job holds one of its GPUs, or the job already holds a different entry here
+    (someone else's decision for this job: ours came from an older view). A Release removes the job's entry only
+    if it is still the one given (else another decision replaced it, and that one stays)."""
     out, accepted = dict(ledger), {}
-    for job, claim in changes.items():
-        if claim is None:
-            out.pop(job, None)
+    for job, change in changes.items():
+        if isinstance(change, Release):
+            if change.claim is None or out.get(job) == change.claim:
+                out.pop(job, None)
             accepted[job] = True
-        elif clashes(claim, out):
+        elif clashes(change, out) or (job in out and out[job] != change):
             accepted[job] = False
         else:
-            out[job] = claim
+            out[job] = change
             accepted[job] = True
     return out, accepted
+
+
+@dataclass(frozen=True)
+class Release:
+    """Remove a job's entry (only if it is `claim`, when given)."""
+
+    claim: Claim | None = None
+
+
+def stale_entries(records: Mapping[str, NodeRecord], job: str, placed: Claim | None) -> list[tuple[str, Claim]]:
+    """(FlashNode, entry) of `job` that do not match where its status says it is placed (`placed`; None: it holds
+    no pair): left by a decision that lost (a crash, or another replica's conflicting write)."""
+    out = []
+    for name, rec in records.items():
+        entry = rec.ledger.get(job)
+        if entry is not None and (placed is None or (entry.node, entry.gpus, entry.disk) !=
+                                  (placed.node, placed.gpus, placed.disk)):
+            out.append((name, entry))
+    return out
 
 
 def resource_version(body: Mapping[str, Any]) -> int:
@@ -112,7 +135,7 @@ class ClaimBook:
 
     written: dict[str, NodeRecord] = field(default_factory=dict)  # answers to our writes, by FlashNode name
     held: dict[str, Claim] = field(default_factory=dict)  # decided, ledger write in flight, by job
-    pending: dict[str, dict[str, tuple[Claim | None, asyncio.Future[bool]]]] = field(default_factory=dict)
+    pending: dict[str, dict[str, tuple[Claim | Release, asyncio.Future[bool]]]] = field(default_factory=dict)
     writers: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # the one ledger writer per FlashNode
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 

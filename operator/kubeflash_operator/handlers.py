@@ -22,26 +22,35 @@ import kopf
 
 from kubeflash_operator import reconcile
 from kubeflash_operator.bookkeeping import (
-    ClaimBook, NodeRecord, apply_changes, ledger_annotation, node_record, record_for,
+    ClaimBook,
+    NodeRecord,
+    Release,
+    apply_changes,
+    ledger_annotation,
+    node_record,
+    record_for,
+    stale_entries,
 )
 from kubeflash_operator.builder import JOB_LABEL, JobRef, build_pod, pod_name
 from kubeflash_operator.config import OperatorConfig
 from kubeflash_operator.kube import Conflict, Gone, Kube, connection_info
 from kubeflash_operator.metrics import Metrics
 from kubeflash_operator.pods import PodView, pod_view
-from kubeflash_operator.scheduler import Claim
+from kubeflash_operator.scheduler import Claim, claim_of
 from kubeflash_operator.status import TERMINAL
 from kubeflash_operator.timefmt import now, parse_time
 
 JOBS = ("kubeflash.io", "v1alpha1", "inferencejobs")
 FLASHNODES = ("kubeflash.io", "v1alpha1", "flashnodes")
 FINALIZER = "kubeflash.io/release-kv"
+PROGRESS_PREFIX = "kopf.kubeflash.io"  # the finalizer's retry state, while a deleted job waits for its pods
 TICK_S = 2.0  # how often a live job is reconciled (pod and FlashNode changes show up within one tick)
 STALE_S = 10.0  # how long a tick skips a job view older than our own last status patch (then it acts anyway)
 DELETE_POLL_S = 0.2  # a deleted job's finalizer looks at the pod index this often for its terminating pods ...
 DELETE_WAIT_S = 20.0  # ... for this long before it lets kopf retry (a progress write) instead
 API_THREADS = 32  # threads for blocking API calls (and the client's connection pool: kube.POOL_SIZE)
 LEDGER_RETRIES = 5  # conditional ledger writes tried (each after a fresh read) before the tick gives up
+CONFLICT_DELAY_S = 0.5  # a tick whose decision was void (409) looks again this soon
 _ROUTINE = ("Timer 'reconcile_job' succeeded.", "Handler 'count_job_phase' succeeded.")
 
 
@@ -72,7 +81,8 @@ class _NoDiffBase(kopf.DiffBaseStorage):
 def tune(settings: kopf.OperatorSettings) -> None:
     """kopf's settings, each on purpose (docs/operator.md, "kopf settings", says why)."""
     settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubeflash.io")
+    # a "kopf." prefix: kopf adds no kopf-managed marker annotation (one write per deleted job) next to it
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PROGRESS_PREFIX)
     settings.persistence.diffbase_storage = _NoDiffBase()
     settings.posting.level = logging.WARNING  # only our explicit Normal events and real warnings become Events
     settings.posting.loggers = False
@@ -153,7 +163,7 @@ def _live(status: kopf.Status, **_: Any) -> bool:
 
 
 @kopf.timer(*JOBS, interval=TICK_S, backoff=TICK_S, when=_live)
-async def reconcile_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, flashnode_index: kopf.Index,
+async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.Index,
                         pod_index: kopf.Index, cordon_index: kopf.Index, **_: Any) -> None:
     """Admit, place, stage, run and watch one job; the first tick of a new job admits and places it at once."""
     job = _job(body)
@@ -171,12 +181,21 @@ async def reconcile_job(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, fla
         return  # the pair went to someone else (a write we had not seen): the next tick decides again
     if plan.release:
         await _release(memo, job.key, flashnode_index)
+    elif not plan.claim and (stale := stale_entries(records, job.key, claim_of(body, kv_bytes=0))):
+        await _release(memo, job.key, flashnode_index, stale)  # a lost decision's entry (crash, other replica)
     try:
         await asyncio.to_thread(_carry_out, plan, job, pods, memo)
+        if plan.status:  # conditional: a decision made on a view older than the job's status now is void
+            if not job.status:  # kopf's finalizer patch moved a new job's version: same status, same decision
+                version = await asyncio.to_thread(memo.kube.unchanged_version, job.namespace, job.name, job.status,
+                                                  job.generation) or version
+            await asyncio.to_thread(memo.kube.patch_job_status, job.namespace, job.name, version, plan.status)
     except Conflict as e:
-        raise kopf.TemporaryError(str(e), delay=1) from e
+        memo.metrics.conflict("job" if "InferenceJob" in str(e) else "pod")
+        raise kopf.TemporaryError(str(e), delay=CONFLICT_DELAY_S) from e
+    except Gone:
+        return
     if plan.status:
-        patch.status.update(plan.status)
         memo.sent[job.uid] = (version, time.monotonic())
     _report(plan, body, memo)
 
@@ -224,23 +243,29 @@ async def _record_claim(memo: kopf.Memo, claim: Claim, flashnode_index: kopf.Ind
         book.held.pop(claim.job, None)
 
 
-async def _release(memo: kopf.Memo, job: str, flashnode_index: kopf.Index) -> None:
-    """Remove `job` from every ledger that records it."""
-    records = memo.book.current(_records(flashnode_index))
-    for rec in [r for r in records.values() if job in r.ledger]:
-        await _update_ledger(memo, rec.view.name, flashnode_index, job, None)
+async def _release(memo: kopf.Memo, job: str, flashnode_index: kopf.Index,
+                   entries: list[tuple[str, Claim]] | None = None) -> None:
+    """Remove `job` from every ledger that records it (or only the given entries, each if it is still there)."""
+    if entries is None:
+        records = memo.book.current(_records(flashnode_index))
+        changes = [(r.view.name, Release()) for r in records.values() if job in r.ledger]
+    else:
+        changes = [(entry.node, Release(entry)) for _, entry in entries]
+    for node, change in changes:
+        await _update_ledger(memo, node, flashnode_index, job, change)
 
 
 async def _update_ledger(memo: kopf.Memo, node: str, flashnode_index: kopf.Index, job: str,
-                         claim: Claim | None) -> bool:
-    """Set (claim) or remove (None) `job` in node's ledger; False if the claim's pair is taken in the newest ledger.
+                         claim: Claim | Release) -> bool:
+    """Set (Claim) or remove (Release) `job` in node's ledger; False if the claim's pair is taken in the newest
+    ledger (or the job holds a different entry there).
 
     Changes to one FlashNode queue up while its write is in flight and go out together in the next write, so a
     burst onto one node costs a few writes, not one per job, and this operator never races itself for a node."""
     book = memo.book
     rec = record_for(book.current(_records(flashnode_index)), node)
     if rec is None:
-        return claim is None
+        return isinstance(claim, Release)
     done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
     queue = book.pending.setdefault(rec.name, {})
     if job in queue:
@@ -271,14 +296,14 @@ async def _ledger_writer(memo: kopf.Memo, name: str, flashnode_index: kopf.Index
 
 
 async def _write_batch(memo: kopf.Memo, name: str, flashnode_index: kopf.Index,
-                       batch: dict[str, tuple[Claim | None, asyncio.Future[bool]]]) -> dict[str, bool]:
+                       batch: dict[str, tuple[Claim | Release, asyncio.Future[bool]]]) -> dict[str, bool]:
     """One conditional write of FlashNode `name`'s ledger with every change in `batch` that still fits; a 409 is
     retried on a fresh read (each claim checked again against the ledger as it now is)."""
     book = memo.book
     for _ in range(LEDGER_RETRIES):
         rec = book.current(_records(flashnode_index)).get(name)
         if rec is None:
-            return {job: claim is None for job, (claim, _) in batch.items()}
+            return {job: isinstance(change, Release) for job, (change, _) in batch.items()}
         ledger, results = apply_changes(rec.ledger, {job: claim for job, (claim, _) in batch.items()})
         if ledger == rec.ledger:
             return results
@@ -288,11 +313,11 @@ async def _write_batch(memo: kopf.Memo, name: str, flashnode_index: kopf.Index,
             memo.metrics.conflict("flashnode")
             fresh = await asyncio.to_thread(memo.kube.read_flashnode, name)
             if fresh is None:
-                return {job: claim is None for job, (claim, _) in batch.items()}
+                return {job: isinstance(change, Release) for job, (change, _) in batch.items()}
             book.note(fresh)
             continue
         except Gone:
-            return {job: claim is None for job, (claim, _) in batch.items()}
+            return {job: isinstance(change, Release) for job, (change, _) in batch.items()}
         book.note(body)
         return results
     raise kopf.TemporaryError(f"FlashNode {name} kept changing while its claims were written", delay=1)

@@ -86,7 +86,37 @@ class Kube:
         if owner_uid not in owners:
             self.delete_pod(ns, name)
             raise Conflict(f"pod {ns}/{name} belongs to an older job of the same name; deleting it first")
+        if existing["spec"].get("affinity") != manifest["spec"].get("affinity"):  # another decision's pod
+            raise Conflict(f"pod {ns}/{name} exists, pinned elsewhere than this decision; deciding again")
         return existing
+
+    def patch_job_status(self, namespace: str, name: str, resource_version: str, status: Mapping[str, Any]) -> None:
+        """Merge `status` into the job's status only if the job is still at `resource_version` (Conflict if not:
+        something newer happened, e.g. another replica's decision, and this one is void)."""
+        patch = {"metadata": {"resourceVersion": resource_version}, "status": dict(status)}
+        try:
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "inferencejobs", name, patch)
+        except ApiException as e:
+            if e.status == 409:
+                raise Conflict(f"InferenceJob {namespace}/{name} changed since resourceVersion {resource_version}") from e
+            if e.status == 404:
+                raise Gone(f"InferenceJob {namespace}/{name} is gone") from e
+            raise
+
+    def unchanged_version(self, namespace: str, name: str, status: Mapping[str, Any], generation: int | None
+                          ) -> str | None:
+        """The job's current resourceVersion if its status and generation are still `status`/`generation` (only
+        metadata such as finalizers changed since), else None."""
+        try:
+            body = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "inferencejobs", name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        meta = body.get("metadata") or {}
+        if (body.get("status") or {}) != dict(status) or meta.get("generation") != generation:
+            return None
+        return meta.get("resourceVersion")
 
     def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -104,13 +134,13 @@ class Kube:
                 raise
 
     def delete_job_pods(self, namespace: str, job: str) -> list[str]:
-        """Delete every pod of the job; returns the names still present (terminating)."""
+        """Delete every pod of the job (one list, one delete per pod not already terminating); returns the names
+        that were there (the caller waits for the watch to show them gone)."""
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"{JOB_LABEL}={job}").items
         for pod in pods:
             if pod.metadata.deletion_timestamp is None:
                 self.delete_pod(namespace, pod.metadata.name)
-        left = self.core.list_namespaced_pod(namespace, label_selector=f"{JOB_LABEL}={job}").items
-        return [p.metadata.name for p in left]
+        return [p.metadata.name for p in pods]
 
     # -------------------------------------------------------------------------------------- FlashNodes
 

@@ -119,3 +119,18 @@ def namespace(control_plane):
         yield name
     finally:
         control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def k8s_bin_dir() -> Path:
+    """The control plane binaries, for a test that starts its own ControlPlane (e.g. with an audit log)."""
+    try:
+        if os.environ.get("KUBEFLASH_K8S_BIN"):
+            return Path(os.environ["KUBEFLASH_K8S_BIN"])
+        if "error" in _BUILD:
+            raise _BUILD["error"]
+        return _BUILD.get("bin_dir") or build_control_plane()
+    except (BuildError, OSError) as e:
+        if _required():
+            pytest.fail(f"KUBEFLASH_REQUIRE_CLUSTER is set but the control plane could not be built: {e}")
+        pytest.skip(f"control plane binaries unavailable: {getattr(e, 'reason', str(e))}")

@@ -10,12 +10,18 @@ from __future__ import annotations
 import json
 
 import pytest
+from operator_factories import NOW, flashnode
 
 from kubeflash_operator.bookkeeping import (
-    CLAIMS_ANNOTATION, ClaimBook, clashes, ledger_annotation, node_record, parse_ledger, record_for,
+    CLAIMS_ANNOTATION,
+    ClaimBook,
+    clashes,
+    ledger_annotation,
+    node_record,
+    parse_ledger,
+    record_for,
 )
 from kubeflash_operator.scheduler import Claim, Request, place
-from operator_factories import NOW, flashnode
 
 A = Claim("ns/a", "n1", (0,), "nvme0", 5)
 B = Claim("ns/b", "n1", (1,), "nvme1", 0)
