@@ -64,7 +64,7 @@ def test_x_cache_halves_mha_cache_same_tokens(opt_store, tmp_path):
 ], ids=["cpu-attention-without-cpu-kv", "write-back-without-disk-kv"])
 def test_technique_needs_its_tier(offload, message):
     """Asking for a technique on the wrong KV tier is refused with the manifest field's name (by the parser)."""
-    from kubeflash_node.engine.job import policy_for
+    from kubeflash_node.engine.planning import policy_for
     from kubeflash_api import SpecError, parse_job
 
     with pytest.raises(SpecError, match=message):  # refused by the one parser, before any engine work
@@ -76,7 +76,7 @@ def test_technique_needs_its_tier(offload, message):
 
 def test_auto_policy_picks_the_tier_a_technique_needs():
     """With policy auto, asking for CPU attention or write-back moves the KV to the tier they work on."""
-    from kubeflash_node.engine.job import policy_for
+    from kubeflash_node.engine.planning import policy_for
     from kubeflash_api import parse_job
 
     def pol(**off):
@@ -99,7 +99,7 @@ def _job(uri="dummy:opt-125m", count=6, **offload):
 
 def test_explicit_x_cache_only_where_it_saves_bytes():
     """xCache: true under an explicit policy holds X on every layer of an MHA model, none of a GQA one."""
-    from kubeflash_node.engine.job import policy_for
+    from kubeflash_node.engine.planning import policy_for
 
     explicit = {"policy": "explicit", "weights": {"gpu": 0, "cpu": 0, "disk": 100},
                 "kv": {"gpu": 0, "cpu": 100, "disk": 0}, "xCache": True}
@@ -114,7 +114,8 @@ def test_run_job_auto_policy_follows_the_cost_model(opt_store, tmp_path):
     from pathlib import Path
 
     from kubeflash_node.engine.bench import Ceilings
-    from kubeflash_node.engine.job import Machine, run_job
+    from kubeflash_node.engine.job import run_job
+    from kubeflash_node.engine.machine import Machine
     from kubeflash_node.store.format import load_manifest
 
     ceil = Ceilings(**json.loads((Path(__file__).parents[2] / "docs/bench-results/ceilings.json").read_text()))
@@ -167,7 +168,8 @@ def test_run_job_plans_within_the_manifests_memory_budgets(opt_store, tmp_path):
     from pathlib import Path
 
     from kubeflash_node.engine.bench import Ceilings
-    from kubeflash_node.engine.job import Machine, run_job
+    from kubeflash_node.engine.job import run_job
+    from kubeflash_node.engine.machine import Machine
     from kubeflash_api import SpecError, parse_job
     from kubeflash_node.store.format import load_manifest
 

@@ -48,7 +48,7 @@ def test_pod_entry_missing_env_named(tmp_path):
 def test_probe_ceilings_from_the_agent_and_the_pod():
     """spec.offload.policy auto in a GPU pod plans with the agent's probe of the placed pair, completed by the
     pod's own PCIe/matmul figures; a bad probe names the key."""
-    from kubeflash_node.engine.job import probe_ceilings
+    from kubeflash_node.engine.machine import probe_ceilings
 
     measured = {"h2d_pinned": 50.0, "h2d_pageable": 9.0, "d2h_pinned": 48.0, "matmul_tflops": 700.0}
     c = probe_ceilings({"diskReadGBps": 1.4, "diskWriteGBps": 2.1, "h2dGBps": 53.0}, measured)

@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
     from ..store.format import StoreError
     from .costmodel import QUANT_BITS, Budget, describe, x_cache_note
     from .costmodel import plan as make_plan
-    from .job import pinned
+    from .planning import pinned
 
     try:
         spec = load_job(args.manifest)

@@ -1,7 +1,7 @@
 """`kubeflash engine`: the inference pod's entry point, configured by the operator through env and mounts.
 
-Env (docs/contract.md): KUBEFLASH_JOB_SPEC (the InferenceJob spec as JSON), KUBEFLASH_JOB_NAME,
-KUBEFLASH_JOB_NAMESPACE, KUBEFLASH_MODEL_DIR (the staged model, read-only), KUBEFLASH_JOB_DIR (KV files,
+Env (docs/contract.md): KUBEFLASH_JOB_SPEC (the job's canonical spec, kubeflash_api.to_canonical, as JSON),
+KUBEFLASH_JOB_NAME, KUBEFLASH_JOB_NAMESPACE, KUBEFLASH_MODEL_DIR (the staged model, read-only), KUBEFLASH_JOB_DIR (KV files,
 results.jsonl, progress.json, report.json), KUBEFLASH_PROBE (the node agent's measured bandwidths of the placed
 pair, JSON; spec.offload.policy auto plans with it on a GPU). A restarted pod skips the prompts already in
 results.jsonl.
@@ -18,10 +18,10 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=os.environ.get("KUBEFLASH_DEVICE", "auto"),
-                   help="cpu, cuda or auto (default: $KUBEFLASH_DEVICE or auto)")
+                   help="auto, cpu, cuda or cuda:N (default: $KUBEFLASH_DEVICE or auto)")
     p.add_argument("--output-dir", type=Path, default=os.environ.get("KUBEFLASH_OUTPUT_DIR"),
-                   help="also copy results here as <job>.results.jsonl when done (default: $KUBEFLASH_OUTPUT_DIR, "
-                        "the mounted spec.output PVC path)")
+                   help="the output claim's root: results are copied to spec.output.path in it (default "
+                        "<job>.results.jsonl) when done (default: $KUBEFLASH_OUTPUT_DIR)")
 
 
 def _env(name: str) -> str:
@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
         output = job_dir / "results.jsonl"
         machine = None
         if spec.offload.policy == "auto" and device.startswith("cuda"):  # plan with the agent's probe
-            from .job import pod_machine
+            from .machine import pod_machine
 
             machine = pod_machine(os.environ.get("KUBEFLASH_PROBE"), job_dir / "probe")
         report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device, job_dir=job_dir,

@@ -106,7 +106,7 @@ def _machine(args, store: Path):
 
     from .bench import Ceilings, measure_ceilings
     from .cli_plan import _gpu_total, _mem_available, parse_size
-    from .job import Machine
+    from .machine import Machine
 
     path = args.ceilings or store / "ceilings.json"
     if path.is_file():

@@ -1,0 +1,107 @@
+"""Which Policy a job runs with: the manifest's explicit split, or the cost model's plan under `policy: auto`,
+checked against the job's KV disk quota before anything runs.
+"""
+
+from __future__ import annotations
+
+from kubeflash_api import JobSpec, SpecError
+
+from .machine import Machine
+from .policy import Policy, make_policy
+
+
+def pinned(offload, config):
+    """The cost model's filter for what the manifest pins under policy auto: the batch shape and the INF²
+    switches (xCache: on wherever X is smaller than K + V, so it pins nothing for a GQA model)."""
+    from .costmodel import x_cache_saves
+
+    want_x = offload.x_cache and x_cache_saves(config)
+
+    def keep(p: Policy) -> bool:
+        return ((offload.gpu_batch_size is None or p.gpu_batch_size == offload.gpu_batch_size)
+                and (offload.num_gpu_batches is None or p.num_gpu_batches == offload.num_gpu_batches)
+                and (not offload.cpu_attention or p.cpu_attention) and (not offload.kv_write_back or p.kv_write_back)
+                and (not want_x or p.x_cache_percent > 0))
+    return keep
+
+
+def job_shape(prompts: list[list[int]], gen_len: int):
+    """The cost model's view of the prompts still to run (costmodel.JobShape)."""
+    from .costmodel import JobShape
+
+    return JobShape(prompts=len(prompts), prompt_len=max(len(p) for p in prompts), gen_len=gen_len)
+
+
+def auto_plan(spec: JobSpec, *, manifest, job, machine: Machine):
+    """The cost model's plan for `job` (costmodel.JobShape) on this machine (costmodel.Plan): placement, batch
+    shape and the exact techniques; the store's quantization and the KV compression stay as the manifest says."""
+    from ..store.modelconfig import ModelConfig
+    from .costmodel import QUANT_BITS, Budget, plan, stage_sizes
+
+    config = ModelConfig.from_dict(manifest.config)
+    itemsize = 4 if manifest.dtype == "float32" else 2
+    q = spec.model.quantization
+    dense = stage_sizes(config, itemsize, q)[1]
+    ceil = machine.ceilings
+    base = make_policy(ceil)
+    kv_bits = QUANT_BITS[spec.offload.compression]
+    try:
+        return plan(config=config, ceil=ceil, job=job,
+                    budget=Budget(machine.gpu_bytes, machine.cpu_bytes, spec.resources.kv_disk),
+                    sizes={q: (manifest.stage_bytes, dense)}, quantizations=(q,), kv_bits=(kv_bits,), base=base,
+                    keep=pinned(spec.offload, config), itemsize=itemsize)
+    except ValueError as e:  # nothing fits: say which manifest fields set the budgets
+        raise SpecError(f"{e} (the budgets: spec.resources.gpuMemory, cpuMemory and kvDisk, within what this "
+                        f"machine has; and what spec.offload pins)") from None
+
+
+def check_kv_disk(spec: JobSpec, policy: Policy, *, manifest, job) -> None:
+    """Refuse, before anything runs, a policy whose KV files would outgrow spec.resources.kvDisk (the room the
+    operator reserved for this job on the paired SSD); `job` is the costmodel.JobShape still to run."""
+    from kubeflash_api.quantity import human
+
+    from ..store.modelconfig import ModelConfig
+    from .costmodel import Candidate, kv_disk_bytes
+
+    need = kv_disk_bytes(Candidate(policy), config=ModelConfig.from_dict(manifest.config), job=job,
+                         itemsize=4 if manifest.dtype == "float32" else 2)
+    have = spec.resources.kv_disk
+    if need > have:
+        raise SpecError(f"spec.resources.kvDisk: the KV cache on disk needs {human(need)} for blocks of "
+                        f"{min(policy.block_size, job.prompts)} prompts x {job.prompt_len + job.gen_len} tokens, "
+                        f"more than the {human(have)} reserved; raise kvDisk, or lower spec.offload.gpuBatchSize"
+                        f" x numGpuBatches, or move the KV cache (spec.offload.kv)")
+
+
+def policy_for(spec: JobSpec, *, n_prompts: int, device: str, config=None) -> Policy:
+    """Policy from the manifest: explicit percentages as given; for auto without measured ceilings (run_job
+    plans with the cost model when it has them) the default streaming policy."""
+    o = spec.offload
+    g = o.gpu_batch_size or min(8, max(1, n_prompts))
+    nb = o.num_gpu_batches or 1
+    from .costmodel import QUANT_BITS
+
+    kv_bits = QUANT_BITS[o.compression]  # weights: spec.model.quantization
+    if o.policy == "auto":  # the INF² switches pick the KV tier they need
+        kv_tier = "cpu" if o.cpu_attention else "disk" if o.kv_write_back else "device"
+        return make_policy(gpu_batch_size=g, num_gpu_batches=nb, kv_bits=kv_bits, kv=kv_tier,
+                           cpu_attention=o.cpu_attention, kv_write_back=o.kv_write_back)
+    kv = {"gpu": "device", "cpu": "cpu", "disk": "disk"}
+    full = [t for t in ("gpu", "cpu", "disk") if getattr(o.kv, t) == 100]
+    # kubeflash_api guarantees one tier at 100, and the tier cpuAttention / kvWriteBack need
+    return make_policy(gpu_batch_size=g, num_gpu_batches=nb, weights_gpu_percent=o.weights.gpu,
+                       weights_cpu_percent=o.weights.cpu, kv=kv[full[0]], kv_bits=kv_bits,
+                       cpu_attention=o.cpu_attention, kv_write_back=o.kv_write_back,
+                       x_cache_percent=100.0 if o.x_cache and _x_saves(spec, kv_bits, config) else 0.0)
+
+
+def _x_saves(spec: JobSpec, kv_bits: int, config) -> bool:
+    """xCache under an explicit policy: every layer, where X is smaller than K + V (never for GQA models)."""
+    from ..store.convert import open_source
+    from ..store.modelconfig import preset
+    from .costmodel import x_cache_fits, x_cache_saves
+
+    uri = spec.model.uri
+    if config is None:
+        config = preset(uri.split(":", 1)[1]) if uri.startswith(("dummy:", "builtin:")) else open_source(uri).config
+    return x_cache_saves(config) and x_cache_fits(config, kv_bits)
