@@ -4,18 +4,18 @@ within the bound measured in docs/compression.md, 8-bit KV greedy tokens identic
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.kvcache import make_kv
 from kubeflash_node.engine.policy import Policy
-from kubeflash_node.engine.quant import KVCodec, QuantSpec, _pack4, _unpack4, dequantize, quantize, quantize_named
+from kubeflash_node.engine.quant import KVCodec, dequantize
 from kubeflash_node.store.cache import ensure_model
 from kubeflash_node.store.convert import SourceError, convert
 from kubeflash_node.store.format import load_manifest
 from kubeflash_node.store.ids import model_id
+from kubeflash_node.store.quantformat import QuantSpec, _pack4, _unpack4, quantize, quantize_named
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colors."]
 NEW = 8
