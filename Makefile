@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-unit test-engine test-cluster test-gpu control-plane lint clean help cluster cluster-down test-node
+.PHONY: setup prebuilt run test test-unit test-engine test-cluster test-gpu control-plane lint clean help cluster cluster-down test-node
 
 help:            ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -23,8 +23,11 @@ setup: $(STAMP)  ## create .venv with kubeflash, the engine, test tools and the 
 run: setup       ## run the ready example job on this machine (SmolLM2-135M answers a question)
 	$(BIN)/kubeflash run examples/capital-of-france.yaml
 
-test: setup      ## every test this machine can run (unit, engine, agent, cluster; gpu/kind skip with a reason)
+test: setup prebuilt ## every test this machine can run (unit, engine, agent, cluster; gpu/kind skip with a reason)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+prebuilt:        # the Go-built control plane, once and cached, before pytest starts (skipped without Go: exit 3)
+	@bash kind/build-control-plane.sh >/dev/null || [ $$? -eq 3 ]
 
 test-unit: setup ## pure-logic tests only (seconds)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
