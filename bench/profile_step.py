@@ -22,7 +22,8 @@ torch.cuda.synchronize()
 t0 = time.perf_counter()
 eng.generate(prompts, GenParams(max_new_tokens=6))
 torch.cuda.synchronize()
-print(f"{weights}: 6 steps {time.perf_counter() - t0:.3f} s; prefill {eng.stats['prefill_s']:.3f} decode {eng.stats['decode_s']:.3f}")
+dt = time.perf_counter() - t0
+print(f"{weights}: 6 steps {dt:.3f} s; prefill {eng.stats['prefill_s']:.3f} decode {eng.stats['decode_s']:.3f}")
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     eng.generate(prompts, GenParams(max_new_tokens=3))
     torch.cuda.synchronize()

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from kubeflash_node.engine.bench import Ceilings
-from kubeflash_node.store.modelconfig import preset
 from kubeflash_node.engine.costmodel import Budget, Calibration, Candidate, JobShape, predict, stage_sizes
 from kubeflash_node.engine.policy import Policy
+from kubeflash_node.store.modelconfig import preset
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -49,10 +49,9 @@ import torch
 import transformers
 from accelerate import dispatch_model, init_empty_weights
 from accelerate.utils import OffloadedWeightsLoader, offload_weight, save_offload_index, set_module_tensor_to_device
+from peer_common import cap_gpu_memory, drop_page_cache, parse_size, write_result
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, OPTConfig, OPTForCausalLM
-
-from peer_common import cap_gpu_memory, drop_page_cache, parse_size, write_result
 
 # name: (hidden, decoder layers, heads, ffn, vocab). opt-tiny is for tests.
 PRESETS = {

@@ -101,7 +101,7 @@ def import_flex_opt():
     try:
         import flexgen.flex_opt as fo
     except ImportError as e:
-        raise SystemExit(f"cannot import flexgen ({e}): pip install --no-deps .whl/flexgen-0.1.8-py3-none-any.whl")
+        raise SystemExit(f"cannot import flexgen ({e}): pip install --no-deps .whl/flexgen-0.1.8-py3-none-any.whl") from e
     return fo
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from kubeflash_node.engine.bench import drop_page_cache as _drop_page_cache
 from kubeflash_node.engine.cli_plan import parse_size as _parse_size
 
+
 def parse_size(text: str) -> int:
     """`12GiB`, `12Gi`, `12G`, `500MiB`, `1073741824` -> bytes (kubeflash's own parser); an argparse type."""
     try:

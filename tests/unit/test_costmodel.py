@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kubeflash_node.store.modelconfig import preset
-from kubeflash_node.engine.costmodel import (Budget, Candidate, JobShape, _steps, candidates, choose, memory,
-                                             predict, stage_sizes)
+from kubeflash_node.engine.costmodel import Budget, Candidate, JobShape, _steps, candidates, choose, memory, predict, stage_sizes
 from kubeflash_node.engine.policy import Policy
+from kubeflash_node.store.modelconfig import preset
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 1 << 30
@@ -304,7 +303,6 @@ def test_kv_disk_budget_keeps_the_plan_off_a_disk_cache_that_would_not_fit():
     roomy = plan(config=OPT13, ceil=Ceil(), job=job, budget=tight_cpu, sizes=sizes)
     small = plan(config=OPT13, ceil=Ceil(), job=job, budget=replace(tight_cpu, disk_bytes=GIB), sizes=sizes)
     for pr in (roomy, small):
-        p = pr.best.candidate.policy
         assert pr.best.gpu_bytes + GIB <= 12 * GIB
     assert kv_disk_bytes(small.best.candidate, config=OPT13, job=job) <= GIB
     assert kv_disk_bytes(Candidate(Policy(gpu_batch_size=8, num_gpu_batches=2, kv="disk")), config=OPT13, job=job) \

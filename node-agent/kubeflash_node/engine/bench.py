@@ -156,8 +156,8 @@ def measure_disk_files(files: list[Path], *, max_bytes: int = 16 << 30, thread_o
             bufs = [torch.empty(task, dtype=torch.uint8) for _ in range(threads)]
             t0 = time.perf_counter()
             with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(lambda i: reader.read_into(tasks[i][0], tasks[i][1], bufs[i % threads][:tasks[i][2]]),
-                              range(len(tasks))))
+                list(pool.map(lambda t: reader.read_into(t[0][0], t[0][1], t[1][:t[0][2]]),
+                              ((t, bufs[i % threads]) for i, t in enumerate(tasks))))
             bw = sum(t[2] for t in tasks) / (time.perf_counter() - t0) / GB
             if bw > best[0]:
                 best = (bw, threads, task)

@@ -15,7 +15,8 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", type=Path, help="an InferenceJob YAML file (e.g. examples/capital-of-france.yaml)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default)")
-    p.add_argument("--output", type=Path, help="results JSONL (default: spec.output.path inside the job directory, else <job dir>/results.jsonl)")
+    p.add_argument("--output", type=Path, help="results JSONL (default: spec.output.path inside the job directory, "
+                                               "else <job dir>/results.jsonl)")
     p.add_argument("--job-dir", type=Path, help="job directory for KV files, progress.json and report.json "
                                                 "(default: kubeflash-out/<job>/)")
     p.add_argument("--store", type=Path, help="local model store root (default: $KUBEFLASH_HOME or ~/.cache/kubeflash)")
