@@ -29,11 +29,13 @@ from .models import ModelCache
 from .pairing import pair
 from .pods import merge
 from .probe import DiskProbe, GpuProbe, ProbeCache, measure
+from .safefs import Unsafe
 from .sides import Side
 from .space import free_bytes
 from .timefmt import rfc3339
 
 log = logging.getLogger(__name__)
+RESULTS = "results.jsonl"
 
 
 class AgentError(RuntimeError):
@@ -165,12 +167,19 @@ class Agent:
         return max(dict.fromkeys(paired), key=lambda n: self.free_of(self.inv.disk(n)))
 
     def _relay(self, alive: dict[str, str]) -> None:
+        """progress.json -> the job's status, results.jsonl -> its output: both read no-follow and size-capped
+        (the pod writes them; a planted link or an oversized file is refused and noted, never followed)."""
         for key, disk in alive.items():
-            f = self.jobs.path(key, disk) / "progress.json"
             try:
-                if not f.is_file() or f.stat().st_size > progress_doc.MAX_BYTES:
-                    continue
-                doc = progress_doc.parse(f.read_text(errors="replace"))
+                doc = progress_doc.parse(self.jobs.read(key, disk, "progress.json", progress_doc.MAX_BYTES)
+                                         .decode(errors="replace"))
+                self.jobs.note(key, "progress.json", "")
+            except FileNotFoundError:
+                self.jobs.note(key, "progress.json", "")
+                continue
+            except Unsafe as e:
+                self.jobs.note(key, "progress.json", str(e))
+                continue
             except OSError:
                 continue
             patch = progress_doc.status_patch(doc) if doc else {}
@@ -178,7 +187,19 @@ class Agent:
                 self.side.relay(key, patch)
                 self.relayed[key] = patch
         for key, disk in alive.items():
-            self.side.export_results(key, self.jobs.path(key, disk))
+            self.side.export_results(key, self.jobs.path(key, disk), self._results_reader(key, disk))
+
+    def _results_reader(self, key: str, disk: str):
+        """read(cap) -> the job's results.jsonl, no-follow and capped; a refusal is noted for the job's status."""
+        def read(cap: int) -> bytes:
+            try:
+                data = self.jobs.read(key, disk, RESULTS, cap)
+            except Unsafe as e:
+                self.jobs.note(key, RESULTS, str(e))
+                raise
+            self.jobs.note(key, RESULTS, "")
+            return data
+        return read
 
     def _publish(self, allocations, *, running: bool = True) -> None:
         now = rfc3339()
@@ -260,7 +281,8 @@ class Agent:
             "staging": {k: {"disk": t.disk.name, "phase": t.phase, "percent": t.percent, "running": t.running}
                         for k, t in (self.cache.stager.tasks().items() if inv else [])},
             "jobs": {k: {"disk": a.disk, "quotaBytes": a.quota, "usedBytes": a.used, "overQuota": a.over,
-                         "path": str(a.path), "progress": self.relayed.get(k, {})}
+                         "path": str(a.path), "progress": self.relayed.get(k, {}),
+                         "problems": dict(self.jobs.problems.get(k, {}))}
                      for k, a in (self.jobs.allocations.items() if inv else [])},
             "labels": local.labels if local else None,
             "lastError": self.last_error,

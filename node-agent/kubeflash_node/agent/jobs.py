@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import safefs
 from .catalog import Catalog
 from .config import JobWant
 from .devices import Disk
@@ -45,6 +46,7 @@ class JobSpaces:
         self.disks = {d.name: d for d in disks}
         self.catalogs = catalogs
         self.allocations: dict[str, Allocation] = {}  # replaced whole by refresh(), read from other threads
+        self.problems: dict[str, dict[str, str]] = {}  # job -> {file: why the agent refused it}, for status
 
     def startup(self) -> None:
         for d in self.disks.values():
@@ -66,20 +68,47 @@ class JobSpaces:
         return out
 
     def ensure(self, job: JobWant, disk: str, quota: int) -> Path:
-        """Create the job's directory (and kv/) owned by the pod's user, and record its quota."""
-        path = job_dir(self.disks[disk].path, job.namespace, job.name)
-        created = not path.exists()
-        (path / "kv").mkdir(mode=0o755, parents=True, exist_ok=True)
-        if job.uid is not None and os.geteuid() == 0:
-            gid = job.gid if job.gid is not None else job.uid
-            for p in (path, path / "kv"):
-                st = p.stat()
-                if (st.st_uid, st.st_gid) != (job.uid, gid):
-                    os.chown(p, job.uid, gid)
+        """Create the job's directory (and kv/) owned by the pod's user, and record its quota.
+
+        The pod writes its directory, so kv/ may be a planted symlink: every component is opened without
+        following links and chowned through its own fd; a link is refused (noted in `problems`), never followed."""
+        base = self.disks[disk].path
+        path = job_dir(base, job.namespace, job.name)
+        created = not os.path.lexists(path)
+        uid = job.uid if job.uid is not None and os.geteuid() == 0 else None
+        gid = (job.gid if job.gid is not None else job.uid) if uid is not None else None
+        try:
+            fd = safefs.make_dirs(base, ("jobs", job.namespace))
+            try:
+                safefs.ensure_dir_owned(fd, job.name, uid, gid, shown=str(path))
+                with safefs.dir_fd(base, ("jobs", job.namespace, job.name)) as jfd:
+                    safefs.ensure_dir_owned(jfd, "kv", uid, gid, shown=str(path / "kv"))
+            finally:
+                os.close(fd)
+            self.note(job.key, "kv", "")
+        except safefs.Unsafe as e:
+            self.note(job.key, "kv", str(e))
         self.catalogs[disk].set_job(job.key, quota)
         if created:
             log.info("job space created", extra={"job": job.key, "disk": disk, "quota": quota, "path": str(path)})
         return path
+
+    def note(self, key: str, what: str, why: str) -> None:
+        """Record (or, with why "", clear) a refusal of one of a job's files; logged once when it appears."""
+        old = self.problems.get(key, {})
+        if why and old.get(what) != why:
+            log.warning("job directory entry refused", extra={"job": key, "file": what, "error": why})
+        new = {k: v for k, v in {**old, what: why}.items() if v}
+        if new:
+            self.problems[key] = new
+        else:
+            self.problems.pop(key, None)
+
+    def read(self, key: str, disk: str, name: str, cap: int) -> bytes:
+        """A file of the job's directory, no-follow and size-capped (safefs.read_under); raises
+        FileNotFoundError or safefs.Unsafe."""
+        ns, job = key.split("/", 1)
+        return safefs.read_under(self.disks[disk].path, ("jobs", ns, job, name), cap)
 
     def remove(self, key: str, disk: str) -> None:
         ns, name = key.split("/", 1)
@@ -90,6 +119,7 @@ class JobSpaces:
         except OSError:
             pass
         self.catalogs[disk].remove_job(key)
+        self.problems.pop(key, None)
         log.info("job space removed", extra={"job": key, "disk": disk})
 
     def refresh(self, alive: dict[str, str]) -> dict[str, Allocation]:

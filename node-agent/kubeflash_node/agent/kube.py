@@ -14,6 +14,7 @@ from .config import AgentConfig, ConfigError, JobWant, ModelWant, parse_model
 from .devices import Disk
 from .models import Problem
 from .pods import JOB_LABEL, job_from_inferencejob, job_from_pod, quota_of
+from .safefs import Unsafe
 from .sides import JobState
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ class KubeSide:
             if e.status != 404:
                 raise
 
-    def export_results(self, key: str, job_dir: Path) -> None:
+    def export_results(self, key: str, job_dir: Path, read) -> None:
         """spec.output.configMap: once the job has ended, copy results.jsonl into that ConfigMap (the pod has
         no API token to do it). Too large for a ConfigMap: an `error` key says so instead."""
         try:
@@ -191,20 +192,23 @@ class KubeSide:
         target = (((job.get("spec") or {}).get("output") or {}).get("configMap") or {}).get("name")
         if not target or (job.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
             return
-        results = job_dir / "results.jsonl"
-        if not results.is_file():
+        try:
+            data = read(CONFIGMAP_LIMIT)
+        except FileNotFoundError:
             return
-        data = results.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
+        except Unsafe as e:  # a link planted by the pod, a FIFO, or too large: its bytes are never read
+            data = None
+            why = (f"results.jsonl is {e.size} bytes, over what a ConfigMap holds ({CONFIGMAP_LIMIT}); use "
+                   f"spec.output.pvc, or read it on the node at {job_dir}") if e.size is not None else \
+                f"results.jsonl refused: {e.why}"
+        digest = hashlib.sha256(data if data is not None else why.encode()).hexdigest()
         if self._exported.get(key) == digest:
             return
         ns = key.split("/", 1)[0]
-        if len(data) <= CONFIGMAP_LIMIT:
+        if data is not None:
             body_data = {"results.jsonl": data.decode(errors="replace"), "error": None}
         else:
-            body_data = {"results.jsonl": None, "error": f"results.jsonl is {len(data)} bytes, over what a "
-                         f"ConfigMap holds ({CONFIGMAP_LIMIT}); use spec.output.pvc, or read it on the node at "
-                         f"{job_dir}"}
+            body_data = {"results.jsonl": None, "error": why}
         meta = {"annotations": {RESULTS_SHA: digest}, "labels": {"app.kubernetes.io/managed-by": "kubeflash-agent",
                                                                    "kubeflash.io/job": key.split("/", 1)[1]}}
         try:

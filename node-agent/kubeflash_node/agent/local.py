@@ -115,7 +115,7 @@ class LocalSide:
     def relay(self, key: str, patch: dict[str, Any]) -> None:
         self.progress[key] = patch
 
-    def export_results(self, key: str, job_dir: Path) -> None:
+    def export_results(self, key: str, job_dir: Path, read) -> None:
         """Nothing to copy to without a cluster: results stay in the job directory."""
 
     def set_labels(self, labels: dict[str, str | None]) -> None:

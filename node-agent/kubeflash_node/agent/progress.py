@@ -11,7 +11,7 @@ import math
 import re
 from typing import Any
 
-MAX_BYTES = 1 << 20
+MAX_BYTES = 64 << 10  # progress.json is a few hundred bytes; anything larger is refused unread
 _KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
 
 

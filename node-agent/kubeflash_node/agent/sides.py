@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from .config import JobWant, ModelWant
 from .models import Problem
@@ -26,5 +26,7 @@ class Side(Protocol):
     def job_state(self, key: str) -> JobState: ...
     def publish(self, status: dict[str, Any]) -> None: ...
     def relay(self, key: str, patch: dict[str, Any]) -> None: ...
-    def export_results(self, key: str, job_dir: Path) -> None: ...
+    def export_results(self, key: str, job_dir: Path, read: Callable[[int], bytes]) -> None:
+        """read(cap): the job's results.jsonl, opened no-follow, at most cap bytes; raises FileNotFoundError or
+        safefs.Unsafe (a link, not a regular file, over cap). job_dir only names the place in messages."""
     def set_labels(self, labels: dict[str, str | None]) -> None: ...
