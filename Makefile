@@ -58,6 +58,17 @@ lint: setup      ## ruff, and import-linter's layer contracts (.importlinter; ..
 control-plane:   ## build etcd, kube-apiserver, controller-manager, scheduler, kwok and helm from Go modules
 	bash kind/build-control-plane.sh
 
+.PHONY: bench-operator
+BENCH_OPERATOR ?= 100:20 500:50
+bench-operator: setup ## operator at scale: N jobs on M KWOK nodes, burst then delete (BENCH_OPERATOR="jobs:nodes ..."); JSON in bench/results/
+	bash kind/build-control-plane.sh >/dev/null
+	mkdir -p bench/results
+	for point in $(BENCH_OPERATOR); do \
+	  jobs=$${point%%:*}; nodes=$${point##*:}; \
+	  $(BIN)/python bench/operator_scale.py --jobs $$jobs --nodes $$nodes \
+	    --out bench/results/operator_scale-$$jobs-$$nodes.json || exit 1; \
+	done
+
 .PHONY: csi-sanity
 csi-sanity: setup ## csi-sanity (csi-test v5.6.0 from Go modules, cached) against a real `kubeflash csi` socket (root)
 	bash kind/build-csi-sanity.sh >/dev/null

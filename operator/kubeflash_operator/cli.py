@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "$KUBEFLASH_OPERATOR_ENGINE_DEVICE or auto; kind uses cpu)")
     parser.add_argument("--peering", action="store_true",
                         help="coordinate with other operator replicas through kopf peering (needs its CRDs)")
+    parser.add_argument("--leader-elect", action="store_true",
+                        help="with several replicas: act only while holding the Lease kubeflash-operator "
+                             "(coordination.k8s.io) in --leader-elect-namespace; the others wait")
+    parser.add_argument("--leader-elect-namespace", default=os.environ.get("POD_NAMESPACE") or "default",
+                        help="namespace of the Lease (default: $POD_NAMESPACE, else default)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -46,12 +51,32 @@ def main(args: argparse.Namespace) -> int:
     import kubeflash_operator.handlers  # noqa: F401  (registers the handlers)
 
     kopf.configure(verbose=args.verbose)
+    elector = _elect(args) if args.leader_elect else None
     liveness = f"http://0.0.0.0:{cfg.liveness_port}/healthz" if cfg.liveness_port else None
-    kopf.run(
-        standalone=not args.peering,
-        clusterwide=not args.namespaces,
-        namespaces=args.namespaces or (),
-        liveness_endpoint=liveness,
-        memo=kopf.Memo(config=cfg),
-    )
-    return 0
+    try:
+        kopf.run(
+            standalone=not args.peering,
+            clusterwide=not args.namespaces,
+            namespaces=args.namespaces or (),
+            liveness_endpoint=liveness,
+            memo=kopf.Memo(config=cfg),
+            stop_flag=elector.lost if elector else None,
+        )
+    finally:
+        if elector is not None and not elector.lost.is_set():
+            elector.release()
+    return 1 if elector is not None and elector.lost.is_set() else 0
+
+
+def _elect(args: argparse.Namespace):
+    """Wait for the Lease, then keep renewing it (kopf stops when a renewal fails for too long)."""
+    import socket
+
+    from kubeflash_operator.kube import Kube
+    from kubeflash_operator.lease import Elector
+
+    identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    elector = Elector(Kube.connect().api, namespace=args.leader_elect_namespace, identity=identity)
+    elector.wait_until_leader()
+    elector.keep_renewing()
+    return elector

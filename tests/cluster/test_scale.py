@@ -5,7 +5,7 @@ Runs bench/operator_scale.py (its own control plane with an audit log of the ope
 FlashNodes, the operator as its own process). Fails on any double-booked pair (by job status or by the FlashNode
 ledgers), any job, pod or ledger entry left after the deletion, a traceback in the operator's log, or a
 deletion slower than 15 s. A second run starts two operators side by side, both acting: the resourceVersion-
-conditional ledger writes alone must keep every pair single-booked.
+conditional ledger writes alone must keep every pair single-booked. With --leader-elect only one acts at a time.
 Sizes: KUBEFLASH_SCALE_JOBS / KUBEFLASH_SCALE_NODES (default 200 on 20 nodes).
 """
 
@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("kubernetes")
+kubernetes = pytest.importorskip("kubernetes")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from operator_scale import run  # noqa: E402
+from operator_scale import OperatorProcess, apply_crds, run, wait  # noqa: E402
+
+from kubeflash_operator.lease import LEASE_NAME  # noqa: E402
 
 JOBS = int(os.environ.get("KUBEFLASH_SCALE_JOBS", "200"))
 NODES = int(os.environ.get("KUBEFLASH_SCALE_NODES", "20"))
@@ -28,6 +31,7 @@ NOTHING_LEFT = {"jobs": 0, "pods": 0, "claims": 0, "kv_allocations": 0}
 
 
 def _check(report: dict) -> None:
+    assert report["pods_running_s"] is not None, "the engine pods never all ran on their KWOK nodes"
     assert report["double_booked"] == 0, report["double_booked_pairs"]
     assert report["left_after_delete"] == NOTHING_LEFT, report
     assert report["tracebacks"] == 0, f"tracebacks in {report['operator_log']}"
@@ -51,3 +55,31 @@ def test_two_acting_operators_never_hand_out_one_pair(k8s_bin_dir, tmp_path):
     report = run(max(JOBS // 2, 20), max(NODES // 2, 4), bin_dir=k8s_bin_dir, work=tmp_path, replicas=2)
     print(report)
     _check(report)
+
+
+@pytest.mark.timeout(300)
+def test_second_replica_with_leader_election_waits_then_takes_over(control_plane, kubeconfig, tmp_path):
+    """--leader-elect: a second operator started beside the first waits for the Lease and runs no handler; when
+    the first exits it hands the Lease back and the second takes over within seconds."""
+    apply_crds(control_plane)
+    coord = kubernetes.client.CoordinationV1Api(kubernetes.config.new_client_from_config(config_file=kubeconfig))
+    args = ("--leader-elect", "--leader-elect-namespace", "default")
+    first = OperatorProcess(Path(kubeconfig), tmp_path / "first.log", *args)
+    second = None
+    try:
+        first.wait_ready()
+        second = OperatorProcess(Path(kubeconfig), tmp_path / "second.log", *args)
+        wait("the second replica waiting", lambda: "waiting" in second.text(), 60)
+        time.sleep(3)
+        assert "kubeflash operator configured" not in second.text(), second.text()[-2000:]
+        holder = coord.read_namespaced_lease(LEASE_NAME, "default").spec.holder_identity
+        assert holder.endswith(f"-{first.proc.pid}")
+        first.stop()
+        wait("the second replica acting", lambda: "kubeflash operator configured" in second.text(), 30)
+        holder = coord.read_namespaced_lease(LEASE_NAME, "default").spec.holder_identity
+        assert holder.endswith(f"-{second.proc.pid}")
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert "Traceback" not in first.text() + second.text()

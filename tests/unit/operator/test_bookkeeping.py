@@ -15,11 +15,14 @@ from operator_factories import NOW, flashnode
 from kubeflash_operator.bookkeeping import (
     CLAIMS_ANNOTATION,
     ClaimBook,
+    Release,
+    apply_changes,
     clashes,
     ledger_annotation,
     node_record,
     parse_ledger,
     record_for,
+    stale_entries,
 )
 from kubeflash_operator.scheduler import Claim, Request, place
 
@@ -94,3 +97,39 @@ def test_record_for_maps_the_kubernetes_node_name():
     records = ClaimBook().current([node_record(b)])
     assert record_for(records, "node-1").name == "fn-1"
     assert record_for(records, "fn-1") is None
+
+
+C = Claim("ns/c", "n1", (0,), "nvme0", 0)
+
+
+@pytest.mark.parametrize("changes, ledger, accepted", [
+    ({"ns/c": C}, {"ns/a": A}, {"ns/c": False}),  # GPU 0 is ns/a's
+    ({"ns/c": C, "ns/d": Claim("ns/d", "n1", (0,), "nvme0")}, {}, {"ns/c": True, "ns/d": False}),  # one batch, one GPU
+    ({"ns/a": Claim("ns/a", "n1", (1,), "nvme1")}, {"ns/a": A}, {"ns/a": False}),  # a second entry for one job
+    ({"ns/a": A}, {"ns/a": A}, {"ns/a": True}),  # the same entry again: accepted, nothing changes
+    ({"ns/a": Release()}, {"ns/a": A}, {"ns/a": True}),
+    ({"ns/a": Release(Claim("ns/a", "n1", (1,), "nvme1"))}, {"ns/a": A}, {"ns/a": True}),  # not that entry: kept
+], ids=["taken", "same-batch", "second-entry", "same-again", "release", "release-other"])
+def test_apply_changes(changes, ledger, accepted):
+    """A claim is refused when another job holds its GPU (also within one batch) or the job already holds a
+    different entry; a release given an entry removes only that entry."""
+    out, got = apply_changes(ledger, changes)
+    assert got == accepted
+    for job, ok in accepted.items():
+        change = changes[job]
+        if isinstance(change, Release):
+            assert (job in out) == (change.claim is not None and change.claim != ledger.get(job))
+        elif ok:
+            assert out[job] == change
+        else:
+            assert out.get(job) == ledger.get(job)
+
+
+def test_stale_entries_are_those_that_do_not_match_the_job_status():
+    """An entry elsewhere than the job's status placement is stale; with no placement every entry is."""
+    other = Claim("ns/a", "n2", (3,), "nvme3")
+    records = ClaimBook().current([node_record(body(ledger={"ns/a": A})),
+                                   node_record(body(name="n2", ledger={"ns/a": other}))])
+    assert stale_entries(records, "ns/a", A) == [("n2", other)]
+    assert sorted(n for n, _ in stale_entries(records, "ns/a", None)) == ["n1", "n2"]
+    assert stale_entries(records, "ns/b", None) == []
