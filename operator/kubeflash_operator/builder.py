@@ -15,6 +15,7 @@ from typing import Any
 from kubeflash_api import JobSpec, to_canonical
 from kubeflash_api import contract as c
 from kubeflash_api.names import MAX_JOB_NAME
+from kubeflash_api.quantity import parse_quantity
 
 API_VERSION = c.API_VERSION
 KIND = c.JOB_KIND
@@ -22,6 +23,25 @@ JOB_LABEL = c.JOB_LABEL
 GPU_RESOURCE = "nvidia.com/gpu"
 ENGINE_UID = 1000
 DEFAULT_IMAGE = "ghcr.io/kubeflash/kubeflash:0.1.0"
+MANAGED_BY = "kubeflash-operator"  # app.kubernetes.io/managed-by on every object the operator creates
+NODE_LABEL = "kubeflash.io/node"  # on an output ConfigMap: the node whose agent may write the results into it
+
+
+@dataclass(frozen=True)
+class PodLimits:
+    """Requests and limits of the engine container besides GPUs (operator config; docs/security.md "Cluster").
+
+    Memory: spec.resources.cpuMemory (what the engine plans its host buffers within) plus `memory_overhead` (the
+    process itself: Python, torch, tokenizer) when the job sets it, else `memory`; request = limit, so a job's
+    pod is never OOM-killed for another's use and never takes more than it asked for. CPU: `cpu_request` guaranteed,
+    `cpu_limit` the ceiling ("" = no CPU limit). Ephemeral storage (the pod's /tmp and logs): request = limit.
+    """
+
+    cpu_request: str = "1"
+    cpu_limit: str = "8"
+    memory: str = "16Gi"
+    memory_overhead: str = "2Gi"
+    ephemeral_storage: str = "2Gi"
 
 
 @dataclass(frozen=True)
@@ -58,7 +78,7 @@ def labels(job: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "kubeflash",
         "app.kubernetes.io/component": "engine",
-        "app.kubernetes.io/managed-by": "kubeflash-operator",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
         "app.kubernetes.io/instance": job,
         JOB_LABEL: job,
     }
@@ -72,10 +92,16 @@ def build_pod(
     attempt: int,
     default_image: str = DEFAULT_IMAGE,
     device: str = "auto",
+    allowed_images: tuple[str, ...] = (),
+    limits: PodLimits = PodLimits(),
 ) -> dict[str, Any]:
-    """The pod manifest for attempt `attempt` of `job` on `target`; `device` is the engine's KUBEFLASH_DEVICE."""
+    """The pod manifest for attempt `attempt` of `job` on `target`; `device` is the engine's KUBEFLASH_DEVICE.
+
+    Raises ValueError naming spec.image when the job names an image outside `allowed_images` (image_refusal)."""
     if len(job.name) > MAX_JOB_NAME:
         raise ValueError(f"metadata.name must be at most {MAX_JOB_NAME} characters, got {len(job.name)}")
+    if (why := image_refusal(spec.image, default_image, allowed_images)) is not None:
+        raise ValueError(why)
     volumes, mounts = _volumes(job, spec, target)
     return {
         "apiVersion": "v1",
@@ -111,7 +137,7 @@ def build_pod(
                     "image": spec.image or default_image,
                     "command": ["kubeflash", "engine"],
                     "env": _env(job, spec, target, device),
-                    "resources": _resources(spec),
+                    "resources": _resources(spec, limits),
                     "volumeMounts": mounts,
                     "securityContext": {
                         "allowPrivilegeEscalation": False,
@@ -127,15 +153,37 @@ def build_pod(
     }
 
 
-def _owner(job: JobRef) -> dict[str, Any]:
+def image_refusal(image: str | None, default_image: str, allowed_images: tuple[str, ...]) -> str | None:
+    """Why a job may not run `image` (its spec.image), or None if it may.
+
+    The operator's own engine image is always allowed; anything else only if the cluster admin listed it
+    (chart value operator.allowedImages): an entry matches exactly, or, ending in `*`, as a prefix (e.g.
+    `registry.example.com/team/*`). A tag is no pin: list `repo@sha256:<digest>` to allow one exact image.
+    """
+    if image is None or image == default_image:
+        return None
+    for entry in allowed_images:
+        if image == entry or (entry.endswith("*") and image.startswith(entry[:-1])):
+            return None
+    allowed = ", ".join((default_image, *allowed_images))
+    return (f"spec.image: {image!r} is not an allowed image; the cluster admin allows {allowed} "
+            f"(chart value operator.allowedImages)")
+
+
+def owner_reference(job: str, uid: str) -> dict[str, Any]:
+    """The controller owner reference of an object the operator creates for InferenceJob `job` (uid `uid`)."""
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "name": job.name,
-        "uid": job.uid,
+        "name": job,
+        "uid": uid,
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def _owner(job: JobRef) -> dict[str, Any]:
+    return owner_reference(job.name, job.uid)
 
 
 def _pin(node: str) -> dict[str, Any]:
@@ -164,11 +212,18 @@ def _env(job: JobRef, spec: JobSpec, target: PodTarget, device: str) -> list[dic
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
-def _resources(spec: JobSpec) -> dict[str, Any]:
-    limits: dict[str, Any] = {GPU_RESOURCE: str(spec.resources.gpus)}
-    requests: dict[str, Any] = dict(limits)
+def _resources(spec: JobSpec, pod: PodLimits) -> dict[str, Any]:
+    """GPUs from spec.resources.gpus; memory from spec.resources.cpuMemory + overhead (else the operator's default), request
+    = limit; CPU and ephemeral storage from the operator's defaults (PodLimits)."""
+    memory = pod.memory
     if spec.resources.cpu_memory:
-        requests["memory"] = str(spec.resources.cpu_memory)
+        memory = str(spec.resources.cpu_memory + parse_quantity(pod.memory_overhead, path="memory_overhead"))
+    gpus = str(spec.resources.gpus)
+    requests = {GPU_RESOURCE: gpus, "cpu": pod.cpu_request, "memory": memory,
+                "ephemeral-storage": pod.ephemeral_storage}
+    limits = {GPU_RESOURCE: gpus, "memory": memory, "ephemeral-storage": pod.ephemeral_storage}
+    if pod.cpu_limit:
+        limits["cpu"] = pod.cpu_limit
     return {"limits": limits, "requests": requests}
 
 

@@ -201,15 +201,19 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
 
 
 @kopf.on.delete(*JOBS, timeout=120)
-async def release_job(namespace: str, name: str, memo: kopf.Memo, flashnode_index: kopf.Index,
+async def release_job(namespace: str, name: str, uid: str, memo: kopf.Memo, flashnode_index: kopf.Index,
                       pod_index: kopf.Index, logger: logging.Logger, **_: Any) -> None:
     """Delete the job's pods, wait (in memory, on the pod index) until they are gone, then free its ledger entry."""
-    left = await asyncio.to_thread(memo.kube.delete_job_pods, namespace, name)  # the API's answer: still there
+    left = await asyncio.to_thread(memo.kube.delete_job_pods, namespace, name, uid)  # the API's answer: still there
+
+    def ours() -> list[Any]:  # a same-labelled pod someone else owns is never waited for (nor deleted)
+        return [view for owners, view in pod_index.get((namespace, name)) or [] if uid in owners]
+
     deadline = time.monotonic() + DELETE_WAIT_S
-    while left and pod_index.get((namespace, name)) and time.monotonic() < deadline:
+    while left and ours() and time.monotonic() < deadline:
         await asyncio.sleep(DELETE_POLL_S)  # the watch drops them from the index once they are gone
-    if left and pod_index.get((namespace, name)):
-        names = ", ".join(view.name for _, view in pod_index[(namespace, name)])
+    if left and ours():
+        names = ", ".join(view.name for view in ours())
         raise kopf.TemporaryError(f"waiting for pods {names} to terminate", delay=1)
     await _release(memo, f"{namespace}/{name}", flashnode_index)
     logger.info("pods deleted; the job's GPU<->SSD pair and KV space are released")
@@ -360,11 +364,15 @@ def _carry_out(plan: reconcile.Plan, job: reconcile.Job, pods: dict[str, PodView
     if plan.create and pod_name(job.name, plan.create.attempt) not in pods:  # an indexed pod of ours: nothing to do
         manifest = build_pod(JobRef(job.namespace, job.name, job.uid), job.parsed, plan.create.target,
                              attempt=plan.create.attempt, default_image=memo.config.engine_image,
-                             device=memo.config.engine_device)
+                             device=memo.config.engine_device, allowed_images=memo.config.allowed_images,
+                             limits=memo.config.pod_limits)
+        if job.parsed.output.config_map:  # created, owned by the job, before the pod: the agent only fills it in
+            memo.kube.ensure_output_configmap(job.namespace, job.parsed.output.config_map, job=job.name,
+                                              owner_uid=job.uid, node=plan.create.target.node)
         memo.kube.create_pod(manifest, owner_uid=job.uid)
         memo.metrics.pods.inc()
     for pod in plan.delete_pods:
-        memo.kube.delete_pod(job.namespace, pod)
+        memo.kube.delete_pod(job.namespace, pod, job=job.name, owner_uid=job.uid)
 
 
 def _report(plan: reconcile.Plan, body: kopf.Body, memo: kopf.Memo) -> None:

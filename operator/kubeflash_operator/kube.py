@@ -1,7 +1,10 @@
-"""The few Kubernetes API calls the operator makes besides kopf's own: pods and FlashNode desired models.
+"""The few Kubernetes API calls the operator makes besides kopf's own: pods, output ConfigMaps and FlashNode
+desired models.
 
 Every call is idempotent: creating a pod that exists adopts it (when it belongs to the same job), deleting a
-missing pod is a no-op, adding a model that is already desired changes nothing.
+missing pod is a no-op, adding a model that is already desired changes nothing. The operator acts only on what
+it made: a pod or ConfigMap is deleted or written only when it carries the operator's labels and the job's
+owner reference (a same-named object of anyone else is left alone and reported).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from kubeflash_operator.bookkeeping import CLAIMS_ANNOTATION
-from kubeflash_operator.builder import JOB_LABEL
+from kubeflash_operator.builder import JOB_LABEL, MANAGED_BY, NODE_LABEL, owner_reference
 
 GROUP, VERSION = "kubeflash.io", "v1alpha1"
 POOL_SIZE = 32  # HTTP connections kept to the API server (the operator's API threads share them)
@@ -56,6 +59,16 @@ class Gone(Exception):
     """The object to write no longer exists."""
 
 
+def owned_by(obj: Mapping[str, Any], job: str, uid: str) -> bool:
+    """True if `obj` (a pod or ConfigMap as a dict) is the operator's for job `job` of uid `uid`: it carries the
+    operator's managed-by and job labels and an owner reference to that job's uid."""
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    owners = [o.get("uid") for o in meta.get("ownerReferences") or []]
+    return (labels.get(JOB_LABEL) == job and labels.get("app.kubernetes.io/managed-by") == MANAGED_BY
+            and uid in owners)
+
+
 class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
@@ -82,10 +95,10 @@ class Kube:
         existing = self.read_pod(ns, name)
         if existing is None:
             raise Conflict(f"pod {ns}/{name} exists and vanished; will retry")
-        owners = [o.get("uid") for o in existing["metadata"].get("ownerReferences") or []]
-        if owner_uid not in owners:
-            self.delete_pod(ns, name)
-            raise Conflict(f"pod {ns}/{name} belongs to an older job of the same name; deleting it first")
+        job = manifest["metadata"]["labels"][JOB_LABEL]
+        if not owned_by(existing, job, owner_uid):  # never ours to delete: another job's, or anyone else's
+            raise Conflict(f"pod {ns}/{name} exists and is not this job's (labels and owner reference); it is left "
+                           f"alone and this attempt waits until it is gone")
         if existing["spec"].get("affinity") != manifest["spec"].get("affinity"):  # another decision's pod
             raise Conflict(f"pod {ns}/{name} exists, pinned elsewhere than this decision; deciding again")
         return existing
@@ -126,21 +139,77 @@ class Kube:
                 return None
             raise
 
-    def delete_pod(self, namespace: str, name: str) -> None:
+    def delete_pod(self, namespace: str, name: str, *, job: str, owner_uid: str) -> bool:
+        """Delete pod `name` only if it is job `job`'s (uid `owner_uid`): its labels and owner reference say so, and
+        the delete carries the pod's uid as a precondition (a pod re-created under that name meanwhile stays).
+        True if it was deleted (or already gone); False, and a log line, if it is not ours."""
+        pod = self.read_pod(namespace, name)
+        if pod is None:
+            return True
+        if not owned_by(pod, job, owner_uid):
+            log.warning("pod %s/%s is not job %s's (labels and owner reference); not deleting it", namespace, name, job)
+            return False
+        if pod["metadata"].get("deletionTimestamp"):
+            return True
+        return self._delete_exact(namespace, name, pod["metadata"]["uid"])
+
+    def _delete_exact(self, namespace: str, name: str, uid: str) -> bool:
+        body = client.V1DeleteOptions(propagation_policy="Background", preconditions=client.V1Preconditions(uid=uid))
         try:
-            self.core.delete_namespaced_pod(name, namespace, propagation_policy="Background")
+            self.core.delete_namespaced_pod(name, namespace, body=body)
         except ApiException as e:
+            if e.status == 409:  # the uid precondition failed: that name is another pod now
+                log.warning("pod %s/%s was replaced before it was deleted; the new one is left alone", namespace, name)
+                return False
             if e.status != 404:
                 raise
+        return True
 
-    def delete_job_pods(self, namespace: str, job: str) -> list[str]:
-        """Delete every pod of the job (one list, one delete per pod not already terminating); returns the names
-        that were there (the caller waits for the watch to show them gone)."""
-        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{JOB_LABEL}={job}").items
-        for pod in pods:
-            if pod.metadata.deletion_timestamp is None:
-                self.delete_pod(namespace, pod.metadata.name)
-        return [p.metadata.name for p in pods]
+    def delete_job_pods(self, namespace: str, job: str, owner_uid: str) -> list[str]:
+        """Delete every pod of the job (labels and owner reference; one list, one delete per pod not already
+        terminating); returns the names of the job's pods that were there (the caller waits for them to go)."""
+        pods = [self._dict(p) for p in self.core.list_namespaced_pod(namespace, label_selector=f"{JOB_LABEL}={job}").items]
+        ours = [p for p in pods if owned_by(p, job, owner_uid)]
+        for pod in ours:
+            if not pod["metadata"].get("deletionTimestamp"):
+                self._delete_exact(namespace, pod["metadata"]["name"], pod["metadata"]["uid"])
+        return [p["metadata"]["name"] for p in ours]
+
+    # ------------------------------------------------------------------------------------ output ConfigMap
+
+    def ensure_output_configmap(self, namespace: str, name: str, *, job: str, owner_uid: str, node: str) -> None:
+        """Create the job's spec.output.configMap, empty, owned by the job and labelled with the node it runs on
+        (the agent of that node, and no other, may then write the results into it: chart policy
+        kubeflash-agent-scope). A ConfigMap of that name the operator did not create for this job is never written:
+        Conflict, naming spec.output.configMap."""
+        labels = {"app.kubernetes.io/name": "kubeflash", "app.kubernetes.io/managed-by": MANAGED_BY,
+                  JOB_LABEL: job, NODE_LABEL: node}
+        body = {"metadata": {"name": name, "namespace": namespace, "labels": labels,
+                             "ownerReferences": [owner_reference(job, owner_uid)]}}
+        try:
+            self.core.create_namespaced_config_map(namespace, body)
+            return
+        except ApiException as e:
+            if e.status != 409:
+                raise
+        try:
+            existing = self._dict(self.core.read_namespaced_config_map(name, namespace))
+        except ApiException as e:
+            if e.status == 404:
+                raise Conflict(f"ConfigMap {namespace}/{name} exists and vanished; will retry") from e
+            raise
+        if not owned_by(existing, job, owner_uid):
+            raise Conflict(f"spec.output.configMap: ConfigMap {namespace}/{name} exists and was not created by "
+                           f"kubeflash for this job; the operator never writes it (delete it or name another)")
+        if (existing["metadata"].get("labels") or {}).get(NODE_LABEL) != node:  # a retry placed on another node
+            patch = {"metadata": {"labels": {NODE_LABEL: node},
+                                  "resourceVersion": existing["metadata"]["resourceVersion"]}}
+            try:
+                self.core.patch_namespaced_config_map(name, namespace, patch)
+            except ApiException as e:
+                if e.status in (404, 409):
+                    raise Conflict(f"ConfigMap {namespace}/{name} changed while relabelling it; will retry") from e
+                raise
 
     # -------------------------------------------------------------------------------------- FlashNodes
 

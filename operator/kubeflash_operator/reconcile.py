@@ -18,7 +18,7 @@ from kubeflash_api import JobSpec, SpecError, parse_job_spec
 from kubeflash_api.flashnode import ModelEntry
 from kubeflash_api.inferencejob import check_cluster
 from kubeflash_operator import status as st
-from kubeflash_operator.builder import PodTarget, pod_name
+from kubeflash_operator.builder import PodTarget, image_refusal, pod_name
 from kubeflash_operator.config import OperatorConfig
 from kubeflash_operator.pods import FATAL_IMAGE_ERRORS, PodView
 from kubeflash_operator.scheduler import Claim, NodeView, NoFit, Request, place, reuse
@@ -127,6 +127,11 @@ def step(job: Job, world: World, cfg: OperatorConfig) -> Plan:
     if isinstance(spec, SpecError):
         plan.invalid = spec
         _to(plan, job, st.FAILED, world, reason="InvalidSpec", message=str(spec))
+        return plan
+    refused = image_refusal(spec.image, cfg.engine_image, cfg.allowed_images)  # checked before any pod exists
+    if refused is not None and phase in (None, st.PENDING):
+        _to(plan, job, st.FAILED, world, reason="ImageNotAllowed", message=refused)
+        plan.events.append(Event("Warning", "ImageNotAllowed", refused))
         return plan
     for _ in range(4):
         view = _view(job, plan)

@@ -1,5 +1,6 @@
 """The node agent under the Helm chart's own RBAC (helm template … agent-rbac.yaml), not as cluster admin:
-everything it does in a pass — FlashNode, node labels, job pods, InferenceJobs, results ConfigMap — is allowed."""
+everything it does in a pass — FlashNode, node labels, job pods, InferenceJobs, results into the ConfigMap the
+operator created — is allowed."""
 
 from __future__ import annotations
 
@@ -64,11 +65,19 @@ def test_agent_works_with_chart_rbac(control_plane, namespace, tmp_path):
         (job_dir / "progress.json").write_text(json.dumps({"promptsDone": 1, "promptsTotal": 1, "tokens": 3}))
         wait_for(lambda: json.loads(cp.kubectl("get", "inferencejob", "j", "-n", namespace, "-o", "json").stdout)
                  .get("status", {}).get("progress", {}).get("tokens") == 3, 30, what="progress", log=agent.log)
+        uid = json.loads(cp.kubectl("get", "inferencejob", "j", "-n", namespace, "-o", "json").stdout)["metadata"]["uid"]
+        cp.apply({"apiVersion": "v1", "kind": "ConfigMap",  # as the operator creates it before the pod
+                  "metadata": {"name": "j-out", "namespace": namespace,
+                               "labels": {"app.kubernetes.io/managed-by": "kubeflash-operator",
+                                          "kubeflash.io/job": "j", "kubeflash.io/node": node},
+                               "ownerReferences": [{"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob",
+                                                    "name": "j", "uid": uid, "controller": True}]}})
         (job_dir / "results.jsonl").write_text('{"custom_id": "0"}\n')
         cp.kubectl("patch", "inferencejob", "j", "-n", namespace, "--subresource=status", "--type=merge", "-p",
                    json.dumps({"status": {"phase": "Succeeded"}}))
-        wait_for(lambda: cp.kubectl("get", "configmap", "j-out", "-n", namespace, check=False).returncode == 0, 30,
-                 what="results ConfigMap", log=agent.log)
+        wait_for(lambda: "results.jsonl" in (json.loads(cp.kubectl("get", "configmap", "j-out", "-n", namespace,
+                                                                   "-o", "json").stdout).get("data") or {}), 30,
+                 what="results in the ConfigMap", log=agent.log)
         cp.kubectl("delete", "inferencejob", "j", "-n", namespace)
         wait_for(lambda: not job_dir.exists(), 30, what="job space removed", log=agent.log)
         assert "reconcile pass failed" not in agent.log() and "RBAC needs" not in agent.log()

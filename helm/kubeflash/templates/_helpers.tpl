@@ -44,9 +44,14 @@ app.kubernetes.io/component: {{ .component }}
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
-{{/* An image reference from {repository, tag}; the tag defaults to the chart's appVersion. */}}
+{{/* An image reference from {repository, tag, digest}: repository@digest when a digest is set, else
+repository:tag (the tag defaults to the chart's appVersion). */}}
 {{- define "kubeflash.image" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
 {{- printf "%s:%s" .image.repository (default .ctx.Chart.AppVersion .image.tag) }}
+{{- end }}
 {{- end }}
 
 {{/* The image of the inference pods: engine.image, else the agent image (it carries the engine). */}}

@@ -1,6 +1,10 @@
 """The cluster side: FlashNode spec/status, node labels, job pods, InferenceJobs (status relay, results
-copied into an output ConfigMap), via the kubernetes client (status subresource, JSON merge patches).
-Thin: every decision is made elsewhere."""
+copied into the output ConfigMap the operator created for the job), via the kubernetes client (status
+subresource, JSON merge patches). Thin: every decision is made elsewhere.
+
+What this agent may write is bounded by the chart (ClusterRole + ValidatingAdmissionPolicy on its token's node
+claim): its own Node's kubeflash.io/* labels, its own FlashNode, the status of jobs placed on its node, and the
+data of an output ConfigMap the operator created for such a job. It creates no ConfigMap."""
 
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ class KubeSide:
         self._got: dict[str, dict | None] = {}  # per-pass GETs where listing is forbidden
         self._warned_list = False
         self._exported: dict[str, str] = {}  # ns/name -> sha256 of the results copied
+        self._refused: dict[str, int] = {}  # ns/name -> HTTP status of the last refused ConfigMap write
 
     # -------------------------------------------------------------------------------------- FlashNode
 
@@ -183,8 +188,9 @@ class KubeSide:
                 raise
 
     def export_results(self, key: str, job_dir: Path, read) -> None:
-        """spec.output.configMap: once the job has ended, copy results.jsonl into that ConfigMap (the pod has
-        no API token to do it). Too large for a ConfigMap: an `error` key says so instead."""
+        """spec.output.configMap: once the job has ended, copy results.jsonl into that ConfigMap, which the operator
+        created (owned by the job) before the pod (the pod has no API token to do it). Too large for a ConfigMap:
+        an `error` key says so instead."""
         try:
             job = self._job(key) or {}
         except self.ApiException:
@@ -209,24 +215,19 @@ class KubeSide:
             body_data = {"results.jsonl": data.decode(errors="replace"), "error": None}
         else:
             body_data = {"results.jsonl": None, "error": why}
-        meta = {"annotations": {RESULTS_SHA: digest}, "labels": {"app.kubernetes.io/managed-by": "kubeflash-agent",
-                                                                   "kubeflash.io/job": key.split("/", 1)[1]}}
+        meta = {"annotations": {RESULTS_SHA: digest}}
         try:
-            self._write_configmap(ns, target, meta, body_data)
+            self.core.patch_namespaced_config_map(target, ns, {"metadata": meta, "data": body_data},
+                                                  _request_timeout=TIMEOUT)
         except self.ApiException as e:
-            if e.status != 403:
+            if e.status not in (403, 404):
                 raise
-            log.warning("cannot write the output ConfigMap (RBAC needs configmaps: create, patch)",
-                        extra={"job": key, "configMap": target})
+            # 404: the operator creates the ConfigMap (owned by the job) before the pod; 403: the chart's policy lets
+            # this agent write only a ConfigMap the operator created for a job on this node
+            if self._refused.get(key) != e.status:  # once per job and answer, not every pass
+                log.warning("cannot write the output ConfigMap (only one the operator created for this job on this "
+                            "node)", extra={"job": key, "configMap": target, "status": e.status})
+            self._refused[key] = e.status
+            return  # tried again next pass
+        log.info("results copied into the output ConfigMap", extra={"configMap": f"{ns}/{target}"})
         self._exported[key] = digest
-
-    def _write_configmap(self, ns: str, name: str, meta: dict, data: dict) -> None:
-        try:
-            self.core.patch_namespaced_config_map(name, ns, {"metadata": meta, "data": data}, _request_timeout=TIMEOUT)
-        except self.ApiException as e:
-            if e.status != 404:
-                raise
-            created = {k: v for k, v in data.items() if v is not None}
-            self.core.create_namespaced_config_map(ns, {"metadata": {"name": name, **meta}, "data": created},
-                                                   _request_timeout=TIMEOUT)
-        log.info("results copied into the output ConfigMap", extra={"configMap": f"{ns}/{name}"})

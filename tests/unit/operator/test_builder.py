@@ -8,17 +8,18 @@ import pytest
 from operator_factories import job_spec
 
 from kubeflash_api import from_canonical, parse_job_spec
-from kubeflash_operator.builder import JobRef, PodTarget, build_pod, pod_name
+from kubeflash_operator.builder import JobRef, PodLimits, PodTarget, build_pod, image_refusal, pod_name
 
 JOB = JobRef(namespace="team-a", name="summarize", uid="uid-123")
 TARGET = PodTarget(node="gpu-node-1", gpus=(1,), disk="nvme1", disk_path="/mnt/nvme1/kubeflash", model_id="m-1",
                    model_disk="nvme1", model_disk_path="/mnt/nvme1/kubeflash/")
 
 
-def pod(attempt=1, target=TARGET, **spec_overrides):
+def pod(attempt=1, target=TARGET, allowed_images=(), limits=PodLimits(), **spec_overrides):
     raw = job_spec(**spec_overrides)
     spec = parse_job_spec(raw, name=JOB.name, namespace=JOB.namespace)
-    return build_pod(JOB, spec, target, attempt=attempt, default_image="img:default")
+    return build_pod(JOB, spec, target, attempt=attempt, default_image="img:default", allowed_images=allowed_images,
+                     limits=limits)
 
 
 def container(manifest):
@@ -59,10 +60,27 @@ def test_gpu_limit_follows_spec(gpus):
     assert res["limits"]["nvidia.com/gpu"] == str(gpus) and res["requests"]["nvidia.com/gpu"] == str(gpus)
 
 
-def test_cpu_memory_becomes_a_memory_request():
-    """resources.cpuMemory (pinned host memory for offload) is requested from the node, in bytes."""
-    res = container(pod(resources={"cpuMemory": "64Gi"}))["resources"]
-    assert res["requests"]["memory"] == str(64 << 30) and "memory" not in res["limits"]
+def test_cpu_memory_sets_the_memory_request_and_limit():
+    """resources.cpuMemory (pinned host memory for offload) plus the process overhead is both the memory request
+    and the limit, in bytes: the pod gets what it plans with and never more."""
+    res = container(pod(resources={"cpuMemory": "64Gi"}, limits=PodLimits(memory_overhead="1Gi")))["resources"]
+    assert res["requests"]["memory"] == res["limits"]["memory"] == str(65 << 30)
+
+
+def test_every_pod_has_cpu_memory_and_ephemeral_storage_requests_and_limits():
+    """Without spec.resources.cpuMemory the operator's defaults apply; CPU, memory and ephemeral storage each have a
+    request and a limit (the issue-17 finding: engine pods had none), GPUs stay request = limit."""
+    res = container(pod(limits=PodLimits(cpu_request="2", cpu_limit="6", memory="8Gi",
+                                         ephemeral_storage="1Gi")))["resources"]
+    assert res["requests"] == {"nvidia.com/gpu": "1", "cpu": "2", "memory": "8Gi", "ephemeral-storage": "1Gi"}
+    assert res["limits"] == {"nvidia.com/gpu": "1", "cpu": "6", "memory": "8Gi", "ephemeral-storage": "1Gi"}
+
+
+def test_no_cpu_limit_when_configured_empty():
+    """engine_cpu_limit "" leaves CPU unlimited (a request is still set); memory and storage stay limited."""
+    res = container(pod(limits=PodLimits(cpu_limit="")))["resources"]
+    assert "cpu" not in res["limits"] and res["requests"]["cpu"] == PodLimits().cpu_request
+    assert {"memory", "ephemeral-storage"} <= set(res["limits"])
 
 
 def test_model_job_and_kv_are_csi_inline_volumes_on_the_pair_disk():
@@ -161,12 +179,29 @@ def test_output_pvc_mounted_writable():
     assert json.loads(env(p)["KUBEFLASH_JOB_SPEC"])["output"]["path"] == "run1/out.jsonl"
 
 
-@pytest.mark.parametrize(("image", "expected"), [(None, "img:default"), ("mine:1", "mine:1")],
-                         ids=["operator-default", "job-override"])
-def test_image(image, expected):
-    """spec.image overrides the operator's engine image."""
+@pytest.mark.parametrize(("image", "allowed", "expected"), [
+    (None, (), "img:default"),
+    ("img:default", (), "img:default"),
+    ("mine:1", ("mine:1",), "mine:1"),
+    ("reg.example/team/eng@sha256:" + "a" * 64, ("reg.example/team/*",), "reg.example/team/eng@sha256:" + "a" * 64),
+], ids=["operator-default", "default-named", "listed", "prefix"])
+def test_image_allowed(image, allowed, expected):
+    """spec.image runs only when it is the operator's engine image or on the admin's allowlist."""
     overrides = {"image": image} if image else {}
-    assert container(pod(**overrides))["image"] == expected
+    assert container(pod(allowed_images=allowed, **overrides))["image"] == expected
+
+
+@pytest.mark.parametrize(("image", "allowed"), [
+    ("mine:1", ()),
+    ("mine:2", ("mine:1",)),
+    ("reg.example/teamx/eng:1", ("reg.example/team/*",)),  # a prefix is a prefix of the whole reference
+    ("evil.example/img:1", ("reg.example/team/*",)),
+], ids=["default-only", "other-tag", "sibling-repo", "other-registry"])
+def test_image_not_allowed_is_refused_naming_spec_image(image, allowed):
+    """Any other image is refused before a pod exists, with an error naming spec.image and the allowed images."""
+    with pytest.raises(ValueError, match=r"^spec\.image: .* is not an allowed image; the cluster admin allows img:default"):
+        pod(allowed_images=allowed, image=image)
+    assert image_refusal(image, "img:default", allowed).startswith("spec.image")
 
 
 def test_multi_gpu_target_lists_all_gpus():
