@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from kubeflash_api.local import load_job_file
 from kubeflash_api.names import job_dir_name, resolve_within
 
 REPO = Path(__file__).resolve().parents[3]
-KUBEFLASH = REPO / ".venv" / "bin" / "kubeflash"
+_VENV_KUBEFLASH = REPO / ".venv" / "bin" / "kubeflash"
+KUBEFLASH = [str(_VENV_KUBEFLASH)] if _VENV_KUBEFLASH.exists() else [sys.executable, "-m", "kubeflash_node.cli"]
 LINE = json.dumps({"custom_id": "a", "body": {"messages": [{"role": "user", "content": "hi"}]}}) + "\n"
 
 
@@ -136,7 +138,7 @@ def test_kubeflash_run_refusal_leaves_the_output_untouched(tmp_path):
     doc = _doc(generation={"topP": 3})
     manifest.write_text(json.dumps(doc))
     t = time.monotonic()
-    proc = subprocess.run([str(KUBEFLASH), "run", str(manifest), "--job-dir", str(job_dir)], capture_output=True,
+    proc = subprocess.run([*KUBEFLASH, "run", str(manifest), "--job-dir", str(job_dir)], capture_output=True,
                           text=True, timeout=60, cwd=tmp_path)
     elapsed = time.monotonic() - t
     assert proc.returncode == 1, proc.stderr
