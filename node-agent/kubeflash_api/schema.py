@@ -233,7 +233,7 @@ def openapi(node: Node) -> dict[str, Any]:
     _bounds(node, out)
     if node.kind == "object":
         if node.preserve_unknown and not node.fields:
-            return {"type": "object", "description": node.doc}
+            return {"type": "object"}  # metadata: the API server allows nothing else there (kubectl explain has it)
         if node.required:
             out["required"] = list(node.required)
         out["properties"] = {k: openapi(v) for k, v in node.fields}
