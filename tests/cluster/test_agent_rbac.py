@@ -1,4 +1,5 @@
-"""The node agent under the Helm chart's own RBAC (helm template … agent-rbac.yaml), not as cluster admin:
+"""The node agent under the Helm chart's own RBAC and admission policies (helm template … agent-rbac.yaml,
+admission-policies.yaml), with the node-bound token its pod would hold, not as cluster admin:
 everything it does in a pass — FlashNode, node labels, job pods, InferenceJobs, results into the ConfigMap the
 operator created — is allowed."""
 
@@ -19,14 +20,20 @@ from kubeflash_node.store.ids import model_id  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 
-def agent_kubeconfig(cp, namespace: str, tmp_path: Path) -> Path:
-    """Install the chart's agent ServiceAccount/ClusterRole/Binding and a kubeconfig with that SA's token."""
+def agent_kubeconfig(cp, namespace: str, node: str, tmp_path: Path) -> Path:
+    """Install the chart's agent ServiceAccount/ClusterRole/Binding and admission policies, and a kubeconfig with
+    the token an agent pod on `node` holds (bound to a pod there, so it names the node the policy scopes to)."""
     release = f"kf-{namespace}"
     rendered = cp.helm("template", release, str(REPO / "helm" / "kubeflash"), "--namespace", namespace,
-                       "--show-only", "templates/agent-rbac.yaml").stdout
+                       "--show-only", "templates/agent-rbac.yaml",
+                       "--show-only", "templates/admission-policies.yaml").stdout
     cp.kubectl("apply", "-f", "-", input=rendered)
     sa = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "ServiceAccount")["metadata"]["name"]
-    token = cp.kubectl("create", "token", sa, "-n", namespace, "--duration=1h").stdout.strip()
+    cp.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "agent", "namespace": namespace},
+              "spec": {"nodeName": node, "serviceAccountName": sa, "automountServiceAccountToken": False,
+                       "containers": [{"name": "agent", "image": "agent:fake"}]}})
+    token = cp.kubectl("create", "token", sa, "-n", namespace, "--duration=1h", "--bound-object-kind=Pod",
+                       "--bound-object-name=agent").stdout.strip()
     config = yaml.safe_load(Path(cp.kubeconfig).read_text())
     for user in config["users"]:
         user["user"] = {"token": token}
@@ -43,7 +50,7 @@ def test_agent_works_with_chart_rbac(control_plane, namespace, tmp_path):
     node = f"{namespace}-rbac"
     cp.create_fake_node(node)
     agent = AgentProc(tmp_path, {
-        "nodeName": node, "kube": True, "kubeconfig": str(agent_kubeconfig(cp, namespace, tmp_path)),
+        "nodeName": node, "kube": True, "kubeconfig": str(agent_kubeconfig(cp, namespace, node, tmp_path)),
         "interval": 0.5, "gpus": [{"index": 0, "name": "fake", "memory": "16Gi", "pciRoot": "0000:00"}],
         "disks": [{"name": "nvme0", "path": str(tmp_path / "nvme0"), "pciRoot": "0000:00"}]})
     try:
@@ -87,3 +94,6 @@ def test_agent_works_with_chart_rbac(control_plane, namespace, tmp_path):
         cp.kubectl("delete", "node", node, "--ignore-not-found", "--wait=false", check=False)
         cp.kubectl("delete", "clusterrolebinding,clusterrole", f"kf-{namespace}-kubeflash-agent",
                    "--ignore-not-found", check=False)
+        for name in (f"kf-{namespace}-kubeflash-agent-node-scope", f"kf-{namespace}-kubeflash-operator-owned-only"):
+            cp.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name,
+                       "--ignore-not-found", check=False)
