@@ -1,7 +1,7 @@
 """kopf handlers: thin glue between watch events and the pure reconcile step.
 
-Indices keep FlashNodes (view + claims ledger), cordoned Nodes and engine pods in memory; a timer per live
-InferenceJob gathers them into a World, asks `reconcile.step` for a Plan and carries it out: the claim first (a
+Indices keep FlashNodes (view + claims ledger), cordoned Nodes and engine pods in memory; a coroutine per live
+InferenceJob (woken by its own and its pods' events) gathers them into a World, asks `reconcile.step` for a Plan and carries it out: the claim first (a
 conditional write of the node's ledger, bookkeeping.py), then the FlashNode model request and pod create/delete,
 then the status patch, events and metrics. Everything runs on kopf's event loop (blocking API calls go to a
 thread), so no handler reads an index while it changes. The `kubeflash.io/release-kv` finalizer deletes a job's
@@ -44,14 +44,16 @@ JOBS = ("kubeflash.io", "v1alpha1", "inferencejobs")
 FLASHNODES = ("kubeflash.io", "v1alpha1", "flashnodes")
 FINALIZER = "kubeflash.io/release-kv"
 PROGRESS_PREFIX = "kopf.kubeflash.io"  # the finalizer's retry state, while a deleted job waits for its pods
-TICK_S = 2.0  # how often a live job is reconciled (pod and FlashNode changes show up within one tick)
+TICK_S = 2.0  # a job not Running yet is looked at this often (a freed pair or a staged model shows up then)
+RUNNING_TICK_S = 30.0  # a job whose pod runs: looked at this often, besides whenever its pod or the job changes
+ERROR_DELAY_S = 5.0  # after an unexpected error in a step
 STALE_S = 10.0  # how long a tick skips a job view older than our own last status patch (then it acts anyway)
 DELETE_POLL_S = 0.2  # a deleted job's finalizer looks at the pod index this often for its terminating pods ...
 DELETE_WAIT_S = 20.0  # ... for this long before it lets kopf retry (a progress write) instead
 API_THREADS = 32  # threads for blocking API calls (and the client's connection pool: kube.POOL_SIZE)
 LEDGER_RETRIES = 5  # conditional ledger writes tried (each after a fresh read) before the tick gives up
 CONFLICT_DELAY_S = 0.5  # a tick whose decision was void (409) looks again this soon
-_ROUTINE = ("Timer 'reconcile_job' succeeded.", "Handler 'count_job_phase' succeeded.")
+_ROUTINE = ("Handler 'count_job_phase' succeeded.",)
 
 
 class _QuietRoutine(logging.Filter):
@@ -110,6 +112,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     memo.kube = Kube.connect()
     memo.book = ClaimBook()
     memo.sent = {}  # job uid -> (resourceVersion our last status patch was based on, when)
+    memo.wakeups = {}  # job uid -> the asyncio.Event that wakes its coroutine
     memo.metrics = Metrics()
     if cfg.metrics_port:
         memo.metrics.serve(cfg.metrics_port)
@@ -150,8 +153,10 @@ async def cordon_index(name: str, spec: kopf.Spec, **_: Any) -> dict[str, bool]:
 
 
 @kopf.index("pods", labels={JOB_LABEL: kopf.PRESENT})
-async def pod_index(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[tuple[str, str], Any]:
+async def pod_index(body: kopf.Body, namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any
+                    ) -> dict[tuple[str, str], Any]:
     owners = [o.get("uid") for o in body.get("metadata", {}).get("ownerReferences") or []]
+    _wake(memo, owners)  # the owning job's coroutine looks at the change now
     return {(namespace, labels[JOB_LABEL]): (tuple(owners), pod_view(body))}
 
 
@@ -162,23 +167,55 @@ def _live(status: kopf.Status, **_: Any) -> bool:
     return status.get("phase") not in TERMINAL
 
 
-@kopf.timer(*JOBS, interval=TICK_S, backoff=TICK_S, when=_live)
-async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.Index,
-                        pod_index: kopf.Index, cordon_index: kopf.Index, **_: Any) -> None:
-    """Admit, place, stage, run and watch one job; the first tick of a new job admits and places it at once."""
+@kopf.daemon(*JOBS, when=_live, cancellation_timeout=0.1, initial_delay=None)
+async def run_job(body: kopf.Body, uid: str, memo: kopf.Memo, logger: logging.Logger, flashnode_index: kopf.Index,
+                  pod_index: kopf.Index, cordon_index: kopf.Index, **_: Any) -> None:
+    """One coroutine per live job: a reconcile step now, then again when woken (a change of the job or of one of
+    its pods) or after TICK_S (not Running yet: waiting for a pair, a model, a backoff) or RUNNING_TICK_S (Running:
+    its pod's events wake it; the tick is a safety net). A sleeping job costs no CPU, so thousands idle cheaply.
+    kopf stops it (cancels: cancellation_timeout) when the job ends or is deleted."""
+    wake = memo.wakeups.setdefault(uid, asyncio.Event())
+    try:
+        while True:
+            wake.clear()
+            delay = TICK_S
+            try:
+                delay = await reconcile_job(body, memo, flashnode_index, pod_index, cordon_index)
+            except kopf.TemporaryError as e:
+                logger.info("will look again in %ss: %s", e.delay, e)
+                delay = e.delay or TICK_S
+            except Exception:  # noqa: BLE001 - logged with its traceback; the job is looked at again later
+                logger.exception("reconcile step failed; retrying in %ss", ERROR_DELAY_S)
+                delay = ERROR_DELAY_S
+            try:
+                await asyncio.wait_for(wake.wait(), delay)
+            except TimeoutError:
+                pass
+    finally:
+        if memo.wakeups.get(uid) is wake:
+            del memo.wakeups[uid]
+
+
+async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.Index, pod_index: kopf.Index,
+                        cordon_index: kopf.Index) -> float:
+    """Admit, place, stage, run and watch one job (a new job is admitted and placed in its first step); returns
+    how long to sleep unless woken."""
     job = _job(body)
     version = body.get("metadata", {}).get("resourceVersion")
     sent = memo.sent.get(job.uid)
     if sent and sent[0] == version and time.monotonic() - sent[1] < STALE_S:
-        return  # our last status patch is not back from the watch yet: this view is older than what we decided
+        return TICK_S  # our last status patch is not back from the watch yet: this view is older than what we decided
     pods = await _pods(memo.kube, job, pod_index)
+    current = pods.get(job.status.get("pod") or "")
+    steady = job.status.get("phase") == "Running" and current is not None and current.phase == "Running"
+    idle = RUNNING_TICK_S if steady else TICK_S  # a pod not running yet has timeouts (unschedulable, image pull)
     records = memo.book.current(_records(flashnode_index))
     nodes = {r.view.name: replace(r.view, cordoned=r.view.name in cordon_index) for r in records.values()}
     claims = memo.book.claims(records)
     plan = reconcile.step(job, reconcile.World(now=now(), nodes=nodes, claims=claims, pods=pods), memo.config)
     # From here on the plan is carried out; no other placement ran since `claims` was read (no await in between).
     if plan.claim and not await _record_claim(memo, plan.claim, flashnode_index):
-        return  # the pair went to someone else (a write we had not seen): the next tick decides again
+        return TICK_S  # the pair went to someone else (a write we had not seen): the next tick decides again
     if plan.release:
         await _release(memo, job.key, flashnode_index)
     elif not plan.claim and (stale := stale_entries(records, job.key, claim_of(body, kv_bytes=0))):
@@ -194,10 +231,11 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
         memo.metrics.conflict("job" if "InferenceJob" in str(e) else "pod")
         raise kopf.TemporaryError(str(e), delay=CONFLICT_DELAY_S) from e
     except Gone:
-        return
+        return TICK_S
     if plan.status:
         memo.sent[job.uid] = (version, time.monotonic())
     _report(plan, body, memo)
+    return idle
 
 
 @kopf.on.delete(*JOBS, timeout=120)
@@ -226,6 +264,15 @@ async def count_job_phase(event: kopf.RawEvent, namespace: str, name: str, uid: 
     memo.metrics.job_phase(f"{namespace}/{name}", None if gone else status.get("phase") or "Pending")
     if gone:
         memo.sent.pop(uid, None)
+    else:
+        _wake(memo, [uid])  # e.g. our own status write is back: the next phase can start at once
+
+
+def _wake(memo: kopf.Memo, uids: Any) -> None:
+    for uid in uids:
+        wake = memo.get("wakeups", {}).get(uid)
+        if wake is not None:
+            wake.set()
 
 
 # ------------------------------------------------------------------------------------------------ claims
