@@ -45,7 +45,8 @@ def model_id(uri: str, *, dtype: str = "float16", quantization: str = "none", re
     """A stable, path-safe id: a readable slug of the source's last part plus a hash of everything."""
     key = "\n".join([uri.strip(), revision, dtype, quantization])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    tail = uri.split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1].lower()
+    # the query may hold a token: never in the readable part
+    tail = uri.split("#", 1)[0].split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1].lower()
     slug = _SLUG.sub("-", tail).strip("-")[:40].strip("-") or "model"
     return f"{slug}-{digest}"
 

@@ -23,6 +23,8 @@ from typing import Any, Callable
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+# http(s) sources are off by default; the tests' file server is on 127.0.0.1, so they allow exactly that host
+LOOPBACK_HTTP = {"allowHttp": True, "httpSources": {"allowHosts": ["127.0.0.1"], "privateHosts": ["127.0.0.1"]}}
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "node-agent"), str(REPO / "operator")]))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_harness import FileServer, make_tar, model_id, staging_leftovers, wait_for, worker_pids
+from agent_harness import LOOPBACK_HTTP, FileServer, make_tar, model_id, staging_leftovers, wait_for, worker_pids
 
 from kubeflash_node.store.format import verify
 
@@ -40,7 +40,7 @@ def test_kill9_agent_during_download_then_restart(tmp_path, slow_tar, agents):
     disk = tmp_path / "ssd0"
     uri = f"{slow_tar.url}/wide.tar"
     mid = model_id(uri)
-    config = {"disks": [{"name": "ssd0", "path": str(disk)}], "models": [uri]}
+    config = {**LOOPBACK_HTTP, "disks": [{"name": "ssd0", "path": str(disk)}], "models": [uri]}
     agent = agents(config).start()
     wait_for(lambda: staging_state(agent, mid).get("phase") == "download"
              and staging_state(agent, mid).get("percent", 0) > 5, 60, what="download under way", log=agent.log)
@@ -63,7 +63,7 @@ def test_kill9_agent_during_convert_then_restart(tmp_path, agents):
     disk = tmp_path / "ssd0"
     uri = "dummy:opt-125m"
     mid = model_id(uri)
-    config = {"disks": [{"name": "ssd0", "path": str(disk)}], "models": [uri]}
+    config = {**LOOPBACK_HTTP, "disks": [{"name": "ssd0", "path": str(disk)}], "models": [uri]}
     agent = agents(config).start()
     wait_for(lambda: staging_state(agent, mid).get("phase") == "convert"
              and staging_state(agent, mid).get("percent", 0) > 10, 120, what="conversion under way", log=agent.log)
@@ -81,7 +81,7 @@ def test_kill9_worker_fails_then_retries(tmp_path, slow_tar, agents):
     disk = tmp_path / "ssd0"
     uri = f"{slow_tar.url}/wide.tar"
     mid = model_id(uri)
-    agent = agents({"disks": [{"name": "ssd0", "path": str(disk)}], "models": [uri], "retryInterval": 2}).start()
+    agent = agents({**LOOPBACK_HTTP, "disks": [{"name": "ssd0", "path": str(disk)}], "models": [uri], "retryInterval": 2}).start()
     wait_for(lambda: staging_state(agent, mid).get("phase") == "download", 60, what="download", log=agent.log)
     for pid in worker_pids(agent.proc.pid):
         os.kill(pid, signal.SIGKILL)
@@ -102,7 +102,7 @@ def test_catalog_and_directories_reconciled_at_start(tmp_path, tiny_models, agen
 
     disk = tmp_path / "ssd0"
     a, b = str(tiny_models / "tiny-a"), str(tiny_models / "tiny-b")
-    config = {"disks": [{"name": "ssd0", "path": str(disk)}], "allowedSourceRoots": [str(tiny_models)],
+    config = {**LOOPBACK_HTTP, "disks": [{"name": "ssd0", "path": str(disk)}], "allowedSourceRoots": [str(tiny_models)],
               "models": [a, b]}
     first = agents(config)
     assert first.run_once() == 0, first.log()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_harness import FileServer, make_tar, model_id, staging_leftovers, write_tiny_llama
+from agent_harness import LOOPBACK_HTTP, FileServer, make_tar, model_id, staging_leftovers, write_tiny_llama
 
 from kubeflash_node.agent.fsutil import tree_bytes
 
@@ -30,7 +30,7 @@ def test_enospc_mid_download(tmp_path, small_disk, big_model, agents):
     make_tar(big_model, www / "wide.tar")
     with FileServer(www, content_length=False) as server:
         uri = f"{server.url}/wide.tar"
-        agent = agents({"disks": [{"name": "small", "path": str(disk)}], "stateDir": str(tmp_path / "state"),
+        agent = agents({**LOOPBACK_HTTP, "disks": [{"name": "small", "path": str(disk)}], "stateDir": str(tmp_path / "state"),
                         "models": [uri], "retryInterval": 3600}).start()
         row = agent.wait_model(model_id(uri), states=("Failed",), timeout=60)
     assert "no space left on the disk during download" in row["message"]
@@ -46,7 +46,7 @@ def test_refused_when_it_cannot_fit(tmp_path, small_disk, big_model, agents):
     disk = small_disk(20)
     (disk / "ballast").write_bytes(os.urandom(8 << 20))
     uri = str(big_model)
-    agent = agents({"disks": [{"name": "small", "path": str(disk)}], "stateDir": str(tmp_path / "state"),
+    agent = agents({**LOOPBACK_HTTP, "disks": [{"name": "small", "path": str(disk)}], "stateDir": str(tmp_path / "state"),
                     "allowedSourceRoots": [str(big_model.parent)], "models": [{"uri": uri, "dtype": "float32"}],
                     "retryInterval": 3600}).start()
     mid = model_id(uri, "float32")
@@ -62,7 +62,7 @@ def test_fake_capacity_caps_free_space(tmp_path, tiny_models, agents):
     """A declared capacity (a kind node's fake disk) limits staging like a real small disk would."""
     disk = tmp_path / "fake"
     uri = str(tiny_models / "tiny-a")
-    agent = agents({"disks": [{"name": "fake", "path": str(disk), "capacity": "100Ki"}],
+    agent = agents({**LOOPBACK_HTTP, "disks": [{"name": "fake", "path": str(disk), "capacity": "100Ki"}],
                     "stateDir": str(tmp_path / "state"), "allowedSourceRoots": [str(tiny_models)],
                     "models": [uri], "retryInterval": 3600}).start()
     row = agent.wait_model(model_id(uri), states=("Failed",), timeout=60)

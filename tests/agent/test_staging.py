@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_harness import FileServer, make_tar, model_id, staging_leftovers
+from agent_harness import LOOPBACK_HTTP, FileServer, make_tar, model_id, staging_leftovers
 
 from kubeflash_node.store.format import load_manifest, verify
 
@@ -30,7 +30,7 @@ def test_stage_from_directory(tmp_path, tiny_models, agents):
     """A local HF directory under an allowed root is converted, verified and published under its id."""
     uri = str(tiny_models / "tiny-a")
     disk = tmp_path / "ssd0"
-    agent = agents({"disks": [{"name": "ssd0", "path": str(disk)}], "allowedSourceRoots": [str(tiny_models)],
+    agent = agents({**LOOPBACK_HTTP, "disks": [{"name": "ssd0", "path": str(disk)}], "allowedSourceRoots": [str(tiny_models)],
                     "models": [uri]}).start()
     mid = model_id(uri)
     row = agent.wait_model(mid)
@@ -50,7 +50,7 @@ def test_stage_from_http_and_reuse_after_restart(tmp_path, tiny_models, agents):
     disk = tmp_path / "ssd0"
     with FileServer(www) as server:
         uri = f"{server.url}/tiny-b.tar.gz"
-        config = {"disks": [{"name": "ssd0", "path": str(disk)}], "models": [uri]}
+        config = {**LOOPBACK_HTTP, "disks": [{"name": "ssd0", "path": str(disk)}], "models": [uri]}
         agent = agents(config).start()
         mid = model_id(uri)
         agent.wait_model(mid)
@@ -78,7 +78,7 @@ def test_http_failures_are_reported(tmp_path, tiny_models, agents, suffix, messa
     disk = tmp_path / "ssd0"
     with FileServer(www) as server:
         uri = f"{server.url}/m.tar{suffix}" if suffix.startswith("#") else f"{server.url}/{suffix}"
-        agent = agents({"disks": [{"name": "ssd0", "path": str(disk)}], "models": [uri],
+        agent = agents({**LOOPBACK_HTTP, "disks": [{"name": "ssd0", "path": str(disk)}], "models": [uri],
                         "retryInterval": 3600}).start()
         row = agent.wait_model(model_id(uri), states=("Failed",))
     assert message in row["message"]
@@ -104,7 +104,7 @@ def test_stage_real_gguf_over_http(tmp_path, agents):
     disk = tmp_path / "ssd0"
     with FileServer(www) as server:
         uri = f"{server.url}/smollm2.gguf"
-        agent = agents({"disks": [{"name": "ssd0", "path": str(disk)}], "models": [uri]}).start()
+        agent = agents({**LOOPBACK_HTTP, "disks": [{"name": "ssd0", "path": str(disk)}], "models": [uri]}).start()
         agent.wait_model(model_id(uri), timeout=300)
     manifest = load_manifest(disk / "models" / model_id(uri))
     assert manifest.num_layers == 30 and manifest.tokenizer == "tokenizer"

@@ -1,6 +1,7 @@
 """The agent's local HTTP API, on loopback TCP or a Unix socket only (never reachable from off the node).
 
-GET  /healthz              200 "ok" while reconcile passes keep completing, else 503 with the reason
+GET  /healthz              200 "ok" while reconcile passes keep completing, else 503 "unhealthy" (the reason is
+                           in the log and /v1/inventory's lastError, never in a probe's answer)
 GET  /v1/inventory         devices, pairs, probes, models, jobs: the FlashNode status and more, as JSON
 GET  /metrics              Prometheus text format
 --no-kube mode only (the desired state comes from FlashNode.spec in a cluster):
@@ -8,6 +9,10 @@ POST   /v1/models                 {"uri", "dtype"?, "quantization"?, "disk"?} ->
 DELETE /v1/models/<id>
 PUT    /v1/jobs/<ns>/<name>       {"disk"?, "quota"?, "model"?, "dtype"?, "uid"?, "gid"?} -> 202
 DELETE /v1/jobs/<ns>/<name>
+
+Bounded: a body over MAX_BODY or a Content-Length that is not a non-negative integer is refused unread (413/400),
+a client idle for CLIENT_TIMEOUT seconds is dropped, and at most MAX_CLIENTS requests are served at once (the
+next gets 503 at once; no thread is started for it).
 """
 
 from __future__ import annotations
@@ -26,6 +31,15 @@ from .config import ConfigError
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 << 10
+CLIENT_TIMEOUT = 10.0  # seconds a client may stay silent (headers, body) before it is dropped
+MAX_CLIENTS = 16  # requests served at once
+_BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nbusy\n"
+
+
+class _BodyError(ConfigError):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 class View(Protocol):
@@ -40,6 +54,7 @@ class View(Protocol):
 class _Handler(BaseHTTPRequestHandler):
     server_version = "kubeflash-agent"
     view: View  # set on the subclass made per server
+    timeout = CLIENT_TIMEOUT  # StreamRequestHandler sets it on the socket: a slow client times out
 
     def log_message(self, fmt: str, *args) -> None:
         log.debug("http", extra={"request": fmt % args})
@@ -56,18 +71,27 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _body(self) -> Any:
-        n = int(self.headers.get("Content-Length") or 0)
+        raw = (self.headers.get("Content-Length") or "0").strip()
+        if not raw.isdigit() or len(raw) > 12:
+            raise _BodyError(400, f"Content-Length must be a non-negative integer, got {raw[:20]!r}")
+        n = int(raw)
         if n > MAX_BODY:
-            raise ConfigError(f"request body over {MAX_BODY} bytes")
+            raise _BodyError(413, f"request body over {MAX_BODY} bytes")
         try:
-            return json.loads(self.rfile.read(n) or b"{}")
+            data = self.rfile.read(n)
+        except TimeoutError:
+            raise _BodyError(408, f"request body not received within {CLIENT_TIMEOUT:g}s") from None
+        if len(data) != n:
+            raise _BodyError(400, f"request body ended after {len(data)} of {n} bytes")
+        try:
+            return json.loads(data or b"{}")
         except ValueError as e:
             raise ConfigError(f"request body is not JSON ({e})") from e
 
     def do_GET(self) -> None:
         if self.path == "/healthz":
-            ok, why = self.view.health()
-            self._send(200 if ok else 503, (why + "\n").encode(), "text/plain")
+            ok, _ = self.view.health()
+            self._send(200 if ok else 503, b"ok\n" if ok else b"unhealthy\n", "text/plain")
         elif self.path == "/v1/inventory":
             self._send(200, self.view.inventory())
         elif self.path == "/metrics":
@@ -103,12 +127,55 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200 if found else 404, {"removed": found})
             else:
                 self._send(404, {"error": f"no such endpoint: {method} {self.path}"})
+        except _BodyError as e:
+            self.close_connection = True  # the unread body must not be taken for the next request
+            self._send(e.code, {"error": str(e)})
         except ConfigError as e:
             self._send(400, {"error": str(e)})
 
 
-class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class _Bounded:
+    """A ThreadingMixIn server that serves at most MAX_CLIENTS requests at once and answers the rest 503 from
+    the accepting thread (a short send, its own timeout) instead of starting a thread for each."""
+
     daemon_threads = True
+    max_clients = MAX_CLIENTS
+
+    def __init__(self, *args, **kwargs):
+        self._slots = threading.BoundedSemaphore(self.max_clients)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _TCPServer(_Bounded, ThreadingHTTPServer):
+    pass
+
+
+class _TCPServer6(_TCPServer):
+    address_family = socket.AF_INET6
+
+
+class _UnixServer(_Bounded, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def get_request(self):
         conn, _ = super().get_request()
@@ -131,8 +198,7 @@ class Server:
         else:
             host, _, port = listen.rpartition(":")
             host = host.strip("[]")
-            cls = type("Server6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6}) if ":" in host \
-                else ThreadingHTTPServer
+            cls = _TCPServer6 if ":" in host else _TCPServer
             self.httpd = cls((host, int(port)), handler)
             self.address = f"{host}:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="api", daemon=True)

@@ -95,7 +95,10 @@ class AgentConfig:
     sysfs_root: Path = Path("/sys")
     state_dir: Path = DEFAULT_STORE  # lock, probe cache, status.json; default: the first disk's path
     allowed_roots: tuple[Path, ...] = ()  # local model sources must resolve under one of these
-    allow_http: bool = True
+    allow_http: bool = False  # http(s) model sources: off unless the admin turns them on
+    http_allow_hosts: tuple[str, ...] = ()  # httpSources.allowHosts; empty: any host (public addresses only)
+    http_private_hosts: tuple[str, ...] = ()  # httpSources.privateHosts: may resolve to private/loopback addresses
+    http_max_bytes: int = 200 << 30  # httpSources.maxBytes: the largest download
     allow_dummy: bool = True
     probe: bool = True
     reprobe: bool = False  # ignore the probe cache
@@ -225,7 +228,8 @@ def parse_job(raw: Any, where: str) -> JobWant:
 
 
 _TOP = {"nodeName", "kube", "kubeconfig", "listen", "interval", "sysfsRoot", "stateDir", "allowedSourceRoots",
-        "allowHttp", "allowDummy", "probe", "defaultJobQuota", "jobOwner", "retryInterval", "gpus", "disks", "models",
+        "allowHttp", "httpSources",
+        "allowDummy", "probe", "defaultJobQuota", "jobOwner", "retryInterval", "gpus", "disks", "models",
         "jobs", "logFormat", "logLevel"}
 
 
@@ -246,6 +250,8 @@ def from_mapping(raw: Mapping[str, Any] | None, **overrides: Any) -> AgentConfig
     _check_keys(probe, {"enabled", "maxBytes", "maxSeconds"}, "probe")
     listen = str(raw.get("listen", DEFAULT_LISTEN))
     owner = _mapping(raw.get("jobOwner") or {}, "jobOwner")
+    hs = _mapping(raw.get("httpSources") or {}, "httpSources")
+    _check_keys(hs, {"allowHosts", "privateHosts", "maxBytes"}, "httpSources")
     _check_keys(owner, {"uid", "gid"}, "jobOwner")
     cfg = AgentConfig(
         node_name=str(raw.get("nodeName") or ""),
@@ -258,7 +264,10 @@ def from_mapping(raw: Mapping[str, Any] | None, **overrides: Any) -> AgentConfig
         sysfs_root=Path(raw.get("sysfsRoot") or "/sys"),
         state_dir=Path(raw["stateDir"]) if raw.get("stateDir") else disks[0].path,
         allowed_roots=tuple(Path(p) for p in _list(raw.get("allowedSourceRoots"), "allowedSourceRoots")),
-        allow_http=bool(raw.get("allowHttp", True)),
+        allow_http=_bool(raw.get("allowHttp", False), "allowHttp"),
+        http_allow_hosts=_hosts(hs.get("allowHosts"), "httpSources.allowHosts"),
+        http_private_hosts=_hosts(hs.get("privateHosts"), "httpSources.privateHosts"),
+        http_max_bytes=parse_bytes(hs.get("maxBytes", 200 << 30), "httpSources.maxBytes"),
         allow_dummy=bool(raw.get("allowDummy", True)),
         probe=bool(probe.get("enabled", True)),
         probe_bytes=parse_bytes(probe.get("maxBytes", 256 << 20), "probe.maxBytes"),
@@ -276,6 +285,28 @@ def from_mapping(raw: Mapping[str, Any] | None, **overrides: Any) -> AgentConfig
     if not cfg.node_name:
         cfg = replace(cfg, node_name=socket.gethostname().split(".")[0].lower())
     return validate(cfg)
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
+def _hosts(value: Any, where: str) -> tuple[str, ...]:
+    """Host names, IP literals or `*.domain` patterns (no scheme, port or path)."""
+    out = []
+    for i, h in enumerate(_list(value, where)):
+        if not isinstance(h, str) or not re.fullmatch(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?", h):
+            raise ConfigError(f"{where}[{i}] must be a host name, an IP address or *.domain, got {h!r}")
+        out.append(h.lower())
+    return tuple(out)
+
+
+def http_policy(cfg: AgentConfig) -> dict[str, Any]:
+    """The download policy as the staging worker receives it (store.fetch.FetchPolicy's fields)."""
+    return {"allowHosts": list(cfg.http_allow_hosts), "privateHosts": list(cfg.http_private_hosts),
+            "maxBytes": cfg.http_max_bytes}
 
 
 def validate(cfg: AgentConfig) -> AgentConfig:

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kubeflash_node.store import pins
+from kubeflash_node.store.fetch import redact
 from kubeflash_node.store.format import StoreError, verify_model
 from kubeflash_node.store.ids import model_id
 from kubeflash_node.store.scratch import clean_stale
 
 from .catalog import Catalog, ModelRecord
-from .config import AgentConfig, ModelWant
+from .config import AgentConfig, ModelWant, http_policy
 from .devices import Disk
 from .fsutil import TRASH, clean_leftovers, trash, tree_bytes
 from .metrics import Metrics
@@ -66,7 +67,8 @@ class ModelCache:
         self.wanted: set[str] = set()
         self.in_use: set[str] = set()
         self.lock = threading.RLock()
-        self.stager = Stager(on_need=self._need, on_done=self._done, on_fail=self._fail, python=cfg.python)
+        self.stager = Stager(on_need=self._need, on_done=self._done, on_fail=self._fail, python=cfg.python,
+                             http=http_policy(cfg))
 
     # --------------------------------------------------------------------------------------- startup
 
@@ -154,10 +156,11 @@ class ModelCache:
             return
         try:
             source = resolve_source(want.uri, allowed_roots=self.cfg.allowed_roots, allow_http=self.cfg.allow_http,
+                                    http_hosts=self.cfg.http_allow_hosts,
                                     allow_dummy=self.cfg.allow_dummy)
         except SourceRejected as err:
             if not e or e.message != str(err):
-                log.warning("model source refused", extra={"model": mid, "uri": want.uri, "error": str(err)})
+                log.warning("model source refused", extra={"model": mid, "uri": redact(want.uri), "error": str(err)})
             self.entries[mid] = Entry(mid, want.uri, "", "Failed", str(err), now)
             return
         disk = self._choose_disk(want)
@@ -237,18 +240,18 @@ class ModelCache:
         with self.lock:
             for name, cat in self.catalogs.items():
                 for mid, r in sorted(cat.models.items()):
-                    out.append({"id": mid, "uri": r.uri, "disk": name, "state": "Ready", "bytes": r.bytes,
+                    out.append({"id": mid, "uri": redact(r.uri), "disk": name, "state": "Ready", "bytes": r.bytes,
                                 "progress": 100.0, "lastUsed": rfc3339(r.last_used or r.staged_at)})
             for mid, e in sorted(self.entries.items()):
                 t = tasks.get(mid)
                 state = "Staging" if e.state == "Pending" and t is not None and t.running else e.state
-                row = {"id": mid, "uri": e.uri, "disk": e.disk, "state": state,
+                row = {"id": mid, "uri": redact(e.uri), "disk": e.disk, "state": state,
                        "progress": round(t.percent, 1) if t is not None and state == "Staging" else 0.0}
                 if e.message:
                     row["message"] = e.message
                 out.append(row)
             for p in self.problems:
-                out.append({"id": p.id, "uri": p.uri, "state": "Failed", "progress": 0.0, "message": p.message})
+                out.append({"id": p.id, "uri": redact(p.uri), "state": "Failed", "progress": 0.0, "message": p.message})
         return out
 
     def counts(self) -> dict[str, int]:

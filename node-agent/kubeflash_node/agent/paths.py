@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
+from kubeflash_node.store.fetch import host_allowed, redact
 from kubeflash_node.store.ids import job_dir_name
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,127}$")
@@ -35,8 +36,8 @@ class Source:
     sha256: str = ""  # http only: expected digest of the download, from a `#sha256=<hex>` URL fragment
 
 
-def resolve_source(uri: str, *, allowed_roots: tuple[Path, ...], allow_http: bool = True,
-                   allow_dummy: bool = True) -> Source:
+def resolve_source(uri: str, *, allowed_roots: tuple[Path, ...], allow_http: bool = False,
+                   allow_dummy: bool = True, http_hosts: tuple[str, ...] = ()) -> Source:
     """Check a model uri and say how to read it; raises SourceRejected."""
     uri = uri.strip()
     if not uri or any(ord(c) < 32 for c in uri):
@@ -50,7 +51,7 @@ def resolve_source(uri: str, *, allowed_roots: tuple[Path, ...], allow_http: boo
                 raise SourceRejected(f"{uri!r}: the name after {prefix!r} must be lowercase letters, digits, '.', '-'")
             return Source(prefix[:-1], f"{prefix}{name}")
     if uri.startswith(("http://", "https://")):
-        return _http(uri, allow_http)
+        return _http(uri, allow_http, http_hosts)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     elif m := _SCHEME.match(uri):
@@ -59,17 +60,25 @@ def resolve_source(uri: str, *, allowed_roots: tuple[Path, ...], allow_http: boo
     return Source("local", str(confine(uri, allowed_roots)))
 
 
-def _http(uri: str, allow_http: bool) -> Source:
+def _http(uri: str, allow_http: bool, hosts: tuple[str, ...]) -> Source:
+    """An http(s) source's form and host; addresses and redirects are checked by store.fetch when it runs."""
+    shown = redact(uri)  # user:pass@ and query tokens never reach a status message or a log
     if not allow_http:
-        raise SourceRejected("http(s) sources are disabled on this node (allowHttp: false)")
-    parts = urlsplit(uri)
-    if not parts.hostname:
-        raise SourceRejected(f"{uri!r}: the URL has no host")
+        raise SourceRejected(f"{shown}: http(s) sources are disabled on this node (allowHttp: false)")
+    try:
+        parts = urlsplit(uri)
+        host = parts.hostname
+    except ValueError:
+        raise SourceRejected(f"{shown}: not a valid URL") from None
+    if not host:
+        raise SourceRejected(f"{shown}: the URL has no host")
+    if not host_allowed(host, hosts):
+        raise SourceRejected(f"{shown}: host {host!r} is not in this node's httpSources.allowHosts")
     sha = ""
     if parts.fragment:
         m = re.fullmatch(r"sha256=([0-9a-fA-F]{64})", parts.fragment)
         if not m:
-            raise SourceRejected(f"{uri!r}: the only URL fragment understood is #sha256=<64 hex digits>")
+            raise SourceRejected(f"{shown}: the only URL fragment understood is #sha256=<64 hex digits>")
         sha = m.group(1).lower()
     path = parts.path.lower()
     url = uri.split("#", 1)[0]
@@ -78,7 +87,7 @@ def _http(uri: str, allow_http: bool) -> Source:
     for suffix, name in ARCHIVES.items():
         if path.endswith(suffix):
             return Source("http", url, name, sha)
-    raise SourceRejected(f"{uri!r}: expected a URL ending in .gguf (a GGUF file) or .tar/.tar.gz/.tgz "
+    raise SourceRejected(f"{shown}: expected a URL ending in .gguf (a GGUF file) or .tar/.tar.gz/.tgz "
                          "(a Hugging Face model directory)")
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from kubeflash_node.store.fetch import redact
 from kubeflash_node.store.format import fsync_dir
 from kubeflash_node.store.scratch import STAGING, Scratch
 
@@ -56,8 +57,10 @@ FailFn = Callable[[Task, str, str], None]  # kind, message
 
 
 class Stager:
-    def __init__(self, *, on_need: NeedFn, on_done: DoneFn, on_fail: FailFn, python: str = ""):
+    def __init__(self, *, on_need: NeedFn, on_done: DoneFn, on_fail: FailFn, python: str = "",
+                 http: dict | None = None):
         self.on_need, self.on_done, self.on_fail = on_need, on_done, on_fail
+        self.http = http or {}  # config.http_policy(): what the worker may download
         self.python = python or sys.executable
         self._queue: queue.Queue[Task | None] = queue.Queue()
         self._tasks: dict[str, Task] = {}
@@ -120,9 +123,9 @@ class Stager:
     def _stage(self, task: Task, staging: Path) -> None:
         req = {"kind": task.source.kind, "ref": task.source.ref, "fetchName": task.source.fetch_name,
                "sha256": task.source.sha256, "staging": str(staging), "id": task.id, "dtype": task.want.dtype,
-               "quantization": task.want.quantization}
+               "quantization": task.want.quantization, "http": self.http}
         task.running, task.phase = True, "start"
-        log.info("staging model", extra={"model": task.id, "uri": task.want.uri, "disk": task.disk.name})
+        log.info("staging model", extra={"model": task.id, "uri": redact(task.want.uri), "disk": task.disk.name})
         proc = subprocess.Popen([self.python, "-m", "kubeflash_node.agent.stageworker", json.dumps(req)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 preexec_fn=_die_with_parent)

@@ -19,7 +19,7 @@ def roots(tmp_path):
 
 
 def check(uri, allowed, **kw):
-    return resolve_source(uri, allowed_roots=(allowed,), **kw)
+    return resolve_source(uri, allowed_roots=(allowed,), **{"allow_http": True, **kw})
 
 
 @pytest.mark.parametrize(
@@ -101,6 +101,8 @@ def test_disabled_kinds(roots):
     allowed, _ = roots
     with pytest.raises(SourceRejected, match="allowHttp"):
         check("https://h/m.gguf", allowed, allow_http=False)
+    with pytest.raises(SourceRejected, match="allowHttp"):  # the default: off
+        resolve_source("https://h/m.gguf", allowed_roots=(allowed,))
     with pytest.raises(SourceRejected, match="allowDummy"):
         check("dummy:opt-125m", allowed, allow_dummy=False)
 
