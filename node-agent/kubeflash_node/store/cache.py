@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -22,20 +21,24 @@ DEFAULT_ROOT = Path(os.environ.get("KUBEFLASH_HOME", Path.home() / ".cache" / "k
 
 def fetch_url(url: str, dest: Path, *, progress=None) -> Path:
     """Download an http(s) source to `dest` (in a locked scratch dir, then rename): a half download is never
-    used, and one left by a killed run is removed by the next ensure_model."""
+    used, and one left by a killed run is removed by the next ensure_model.
+
+    `kubeflash run` fetches with the user's own rights on the user's machine, so private addresses (a LAN
+    mirror) are allowed; redirects are still checked hop by hop (never to link-local metadata addresses), the
+    size is capped (store.fetch) and a `#sha256=<hex>` pin on the URL is verified."""
+    import re
+
+    from .fetch import FetchPolicy, download
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
         return dest
+    base, _, frag = url.partition("#")
+    pin = m.group(1) if (m := re.fullmatch(r"sha256=([0-9a-fA-F]{64})", frag)) else ""
     with Scratch(dest.parent, f"{STAGING}{dest.name}-") as scratch:
         tmp = scratch.path / "part"
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0)
-            done = 0
-            while block := r.read(8 << 20):
-                f.write(block)
-                done += len(block)
-                if progress:
-                    progress(done, total)
+        with open(tmp, "wb") as f:
+            download(base, f, FetchPolicy(private_hosts=("*",)), sha256=pin, progress=progress)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
@@ -74,9 +77,11 @@ def _convert_into(uri: str, model_dir: Path, *, root: Path, dtype: str, quantiza
         raise StoreError(f"{model_dir}: exists but has no {MANIFEST}; remove it and run again")
     src = uri
     if uri.startswith(("http://", "https://")):
-        name = uri.rstrip("/").rsplit("/", 1)[-1] or "model.gguf"
+        name = uri.split("#", 1)[0].split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "model.gguf"
         src = str(fetch_url(uri, root / "downloads" / f"{model_dir.name}-{Path(name).name}"))
-    bar = _bar(f"converting {uri}", progress_bar)
+    from .fetch import redact
+
+    bar = _bar(f"converting {redact(uri)}", progress_bar)
     manifest = convert(src, model_dir, dtype=dtype, quantization=quantization,
                        progress=lambda n, total, stage: bar(n, total, stage))
     bar.close()

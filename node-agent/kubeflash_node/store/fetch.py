@@ -39,7 +39,7 @@ class FetchRefused(Exception):
 @dataclass(frozen=True)
 class FetchPolicy:
     allow_hosts: tuple[str, ...] = ()  # exact host names or IP literals, or "*.example.com"; empty: any host
-    private_hosts: tuple[str, ...] = ()  # hosts allowed to resolve to loopback/private/shared addresses
+    private_hosts: tuple[str, ...] = ()  # hosts allowed to resolve to loopback/private/shared addresses; "*": any
     max_bytes: int = DEFAULT_MAX_BYTES
     timeout: float = 60.0
 
@@ -64,7 +64,7 @@ def host_allowed(host: str, allow: tuple[str, ...]) -> bool:
     host = host.lower().rstrip(".")
     for pat in allow:
         pat = pat.lower().rstrip(".")
-        if host == pat or (pat.startswith("*.") and host.endswith(pat[1:]) and len(host) > len(pat) - 1):
+        if pat == "*" or host == pat or (pat.startswith("*.") and host.endswith(pat[1:]) and len(host) > len(pat) - 1):
             return True
     return not allow
 

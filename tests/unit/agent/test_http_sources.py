@@ -164,3 +164,19 @@ def test_agent_config_keys():
         from_mapping({"nodeName": "n", "httpSources": {"allowHost": []}})
     s = resolve_source("https://cdn.hf.co/m.gguf", allowed_roots=(), allow_http=True, http_hosts=("*.hf.co",))
     assert s.kind == "http"
+
+
+def test_kubeflash_run_download(servers, tmp_path):
+    """store.cache.fetch_url (`kubeflash run`, the user's own machine): a LAN/loopback host is fine, the #sha256
+    pin is checked, a redirect to the metadata address is refused and leaves nothing behind."""
+    from kubeflash_node.store.cache import fetch_url
+
+    a, _ = servers
+    good = hashlib.sha256(BODY).hexdigest()
+    out = fetch_url(f"{a.url}/m.gguf#sha256={good}", tmp_path / "dl" / "m.gguf")
+    assert out.read_bytes() == BODY
+    with pytest.raises(FetchRefused, match="pin says"):
+        fetch_url(f"{a.url}/m.gguf#sha256={'0' * 64}", tmp_path / "dl" / "bad.gguf")
+    with pytest.raises(FetchRefused, match="link-local"):
+        fetch_url(f"{a.url}/go?to=http://169.254.169.254/m.gguf", tmp_path / "dl" / "meta.gguf")
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["m.gguf"]
