@@ -17,11 +17,14 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from kubeflash_operator.bookkeeping import CLAIMS_ANNOTATION
+from kubeflash_api import SpecError, parse_job_spec
+from kubeflash_api.flashnode import MAX_MODELS
+from kubeflash_operator.bookkeeping import CLAIMS_ANNOTATION, parse_ledger
 from kubeflash_operator.builder import JOB_LABEL, MANAGED_BY, NODE_LABEL, owner_reference
 
 GROUP, VERSION = "kubeflash.io", "v1alpha1"
 POOL_SIZE = 32  # HTTP connections kept to the API server (the operator's API threads share them)
+GC_SLACK = 16  # a full spec.models list is trimmed this many entries below the cap, so the next adds write once
 log = logging.getLogger(__name__)
 
 
@@ -213,12 +216,27 @@ class Kube:
 
     # -------------------------------------------------------------------------------------- FlashNodes
 
-    def request_model(self, node: str, entry: Mapping[str, str]) -> bool:
-        """Add `entry` to FlashNode(node).spec.models unless its id is there; True if it was added."""
+    def request_model(self, node: str, entry: Mapping[str, str], *, limit: int = MAX_MODELS) -> bool:
+        """Add `entry` to FlashNode(node).spec.models unless its id is there; True if it was added.
+
+        A full list (`limit` entries, the CRD's maxItems) is first trimmed of entries no live job on the node
+        needs (garbage collection, least recently used first): the jobs holding a claim in the node's ledger, each
+        needing its status.modelId. A dropped model stays on the SSD as cache until the agent needs the space.
+        """
         body = self.custom.get_cluster_custom_object(GROUP, VERSION, "flashnodes", node)
         models = list((body.get("spec") or {}).get("models") or [])
         if any(m.get("id") == entry["id"] for m in models):
             return False
+        if len(models) >= limit:
+            needed = {entry["id"], *self._models_of(parse_ledger(node, body))}
+            drop = models_to_drop(models, (body.get("status") or {}).get("models") or [], needed,
+                                  count=len(models) - limit + 1 + GC_SLACK)
+            if len(models) - len(drop) >= limit:
+                raise Conflict(f"FlashNode {node}: spec.models holds {len(models)} models that live jobs need; "
+                               f"model {entry['id']} waits until one is done")
+            log.info("FlashNode %s: %d desired models no live job needs dropped: %s", node, len(drop),
+                     ", ".join(sorted(drop)))
+            models = [m for m in models if m.get("id") not in drop]
         models.append({k: v for k, v in entry.items() if v})
         patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]}, "spec": {"models": models}}
         try:
@@ -229,6 +247,27 @@ class Kube:
             raise
         log.info("requested model %s on FlashNode %s", entry["id"], node)
         return True
+
+    def _models_of(self, claims: Mapping[str, Any]) -> set[str]:
+        """The model of each claimed job ("ns/name"): status.modelId, else its spec's; a job that cannot be read
+        stops the collection (ApiException: nothing is collected on a guess), one that is gone needs none."""
+        out: set[str] = set()
+        for key in claims:
+            ns, _, name = key.partition("/")
+            try:
+                job = self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, "inferencejobs", name)
+            except ApiException as e:
+                if e.status == 404:
+                    continue
+                raise
+            model = (job.get("status") or {}).get("modelId")
+            if not model:  # placed this moment (the status comes after the claim): the model its spec names
+                try:
+                    model = parse_job_spec(job.get("spec") or {}, name=name, namespace=ns).model.id
+                except SpecError:
+                    continue  # it will fail as InvalidSpec and needs nothing
+            out.add(model)
+        return out
 
     def read_flashnode(self, name: str) -> dict[str, Any] | None:
         try:
@@ -256,3 +295,18 @@ class Kube:
 
     def _dict(self, obj: Any) -> dict[str, Any]:
         return self.api.sanitize_for_serialization(obj)
+
+
+def models_to_drop(desired: list[Mapping[str, Any]], reported: list[Mapping[str, Any]], needed: set[str], *,
+                   count: int) -> set[str]:
+    """Up to `count` ids of `desired` (FlashNode spec.models) outside `needed`, least recently used first
+    (status.models[].lastUsed; never used sorts first), Ready and Failed copies before ones still staging."""
+    state = {m.get("id"): m for m in reported if isinstance(m, Mapping)}
+    busy = {"Pending", "Staging"}
+
+    def order(m: Mapping[str, Any]) -> tuple[bool, str]:
+        r = state.get(m.get("id")) or {}
+        return (r.get("state") in busy, str(r.get("lastUsed") or ""))
+
+    spare = sorted((m for m in desired if m.get("id") not in needed), key=order)
+    return {str(m.get("id")) for m in spare[:max(count, 0)]}

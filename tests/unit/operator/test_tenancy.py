@@ -10,7 +10,7 @@ from operator_factories import NOW, GiB, flashnode, job_spec
 from kubeflash_api import parse_job_spec
 from kubeflash_operator.builder import labels, owner_reference
 from kubeflash_operator.config import OperatorConfig
-from kubeflash_operator.kube import owned_by
+from kubeflash_operator.kube import models_to_drop, owned_by
 from kubeflash_operator.reconcile import Job, World, step
 from kubeflash_operator.scheduler import node_view
 
@@ -81,3 +81,22 @@ def _obj(job_label="j", managed_by="kubeflash-operator", uids=("uid-1",)):
 def test_owned_only_with_labels_and_owner_reference(obj, ours):
     """owned_by (the gate of every pod delete and ConfigMap write) wants the labels AND the job's uid."""
     assert owned_by(obj, "j", "uid-1") is ours
+
+
+def _models(*ids):
+    return [{"id": i, "uri": f"dummy:{i}"} for i in ids]
+
+
+def test_models_no_live_job_needs_are_dropped_least_recently_used_first():
+    """spec.models garbage collection: needed ids stay; of the rest, Ready/Failed before staging ones, and the
+    oldest lastUsed (never used first) go first, no more than asked."""
+    reported = [{"id": "a", "state": "Ready", "lastUsed": "2026-01-03T00:00:00Z"},
+                {"id": "b", "state": "Ready", "lastUsed": "2026-01-01T00:00:00Z"},
+                {"id": "c", "state": "Staging"},
+                {"id": "d", "state": "Failed"},
+                {"id": "e", "state": "Ready", "lastUsed": "2025-01-01T00:00:00Z"}]
+    desired = _models("a", "b", "c", "d", "e")
+    assert models_to_drop(desired, reported, {"e"}, count=2) == {"d", "b"}
+    assert models_to_drop(desired, reported, {"e"}, count=4) == {"d", "b", "a", "c"}
+    assert models_to_drop(desired, reported, {"a", "b", "c", "d", "e"}, count=3) == set()
+    assert models_to_drop(desired, [], set(), count=0) == set()
