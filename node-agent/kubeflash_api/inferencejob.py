@@ -266,7 +266,7 @@ GENERATION = s.obj(
     ("temperature", s.number("Sampling temperature; 0 is greedy.", lo=0, hi=100, default=0)),
     ("topP", s.number("Nucleus sampling: keep the smallest set of tokens whose probability reaches topP.", lo=0,
                       lo_open=True, hi=1, default=1)),
-    ("seed", s.integer("Seed of the sampler, so sampled runs repeat.", lo=0, hi=2**63 - 1, default=0)),
+    ("seed", s.integer("Seed of the sampler, so sampled runs repeat.", lo=0, hi=2**53 - 1, default=0)),
     ("stop", s.array("Strings that end a generation (not included in the answer).",
                      s.string("One stop string.", min_len=1, max_len=256), max_len=16, default=[])),
     default={})

@@ -116,7 +116,7 @@ GENERATION = st.fixed_dictionaries({}, optional={
     "maxNewTokens": st.integers(1, 32768),
     "temperature": st.one_of(st.floats(0, 100), st.integers(0, 100)),
     "topP": st.one_of(st.floats(0, 1, exclude_min=True), st.just(1)),
-    "seed": st.integers(0, 2**63 - 1),
+    "seed": st.integers(0, 2**53 - 1),
     "stop": st.lists(_text(), max_size=16),
 })
 RESOURCES = st.fixed_dictionaries({}, optional={

@@ -113,6 +113,18 @@ def test_every_field_has_a_description(name):
     assert not missing, f"{name}: fields without a description: {missing}"
 
 
+@pytest.mark.parametrize("name", sorted(crds()))
+def test_bounds_survive_the_api_servers_float64(name):
+    """The API server reads minimum/maximum/default as float64: an integer bound past 2**53 would come back as
+    another number (2**63 - 1 became -2**63 and refused the seed default 0)."""
+    _, _, root = load(name)
+    for path, schema in schemas(root, ""):
+        for key in ("minimum", "maximum", "default"):
+            value = schema.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                assert abs(value) <= 2**53, (path, key, value)
+
+
 def test_flashnode_printer_columns():
     """kubectl get fn shows GPUs, pairs, free SSD, models ready and the heartbeat's age."""
     _, version, schema = load("flashnodes.kubeflash.io.yaml")
