@@ -109,9 +109,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def sa_kubeconfig(cp, namespace: str, sa: str, dest: Path) -> str:
-    """A kubeconfig that authenticates as a service account (a token from the TokenRequest API)."""
-    token = cp.kubectl("create", "token", sa, "-n", namespace, "--duration=1h").stdout.strip()
+def sa_kubeconfig(cp, namespace: str, sa: str, dest: Path, node: str | None = None) -> str:
+    """A kubeconfig that authenticates as a service account (a token from the TokenRequest API); with `node`, the
+    token is bound to a pod on that node, as a DaemonSet pod's projected token is (the chart's admission policy
+    scopes the agent to the node its token names)."""
+    bind: list[str] = []
+    if node:
+        pod = f"{sa}-on-{node}"[:63]
+        cp.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": namespace},
+                  "spec": {"nodeName": node, "serviceAccountName": sa, "automountServiceAccountToken": False,
+                           "containers": [{"name": "c", "image": "token-holder:fake"}]}})
+        bind = ["--bound-object-kind=Pod", f"--bound-object-name={pod}"]
+    token = cp.kubectl("create", "token", sa, "-n", namespace, "--duration=1h", *bind).stdout.strip()
     admin = yaml.safe_load(Path(cp.kubeconfig).read_text())
     cluster = admin["clusters"][0]
     config = {
@@ -251,7 +260,10 @@ def test_helm_lint(control_plane, tmp_path, variant):
     ("operator.config.metrics_port=1", "metrics_port"),
     ("agent.storePath=relative", "storePath"),
     ("crds.enabled=maybe", "enabled"),
-], ids=["typo", "disks-come-from-storePath", "port-is-a-flag", "relative-store", "not-a-bool"])
+    ("agent.image.digest=latest", "digest"),
+    ("operator.enginePod.memory=lots", "memory"),
+], ids=["typo", "disks-come-from-storePath", "port-is-a-flag", "relative-store", "not-a-bool", "digest-not-a-digest",
+        "memory-not-a-quantity"])
 def test_values_schema_rejects_mistakes(control_plane, bad, complaint):
     proc = control_plane.helm("template", "kf", str(CHART), "--set", bad, check=False)
     assert proc.returncode != 0, f"--set {bad} was accepted"
@@ -313,6 +325,56 @@ def test_rendered_workloads(control_plane, tmp_path):
     (dashboard,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard["data"]["kubeflash.json"])["uid"] == "kubeflash"
+
+
+def test_rendered_tenancy_boundaries(control_plane, tmp_path):
+    """docs/security.md "Cluster" as rendered: NetworkPolicies that let only metricsFrom reach a /metrics port (no
+    one by default), the admission policies, images by digest, the image allowlist and pod limits handed to the
+    operator, and no cluster-wide serving without saying so."""
+    digest = "sha256:" + "ab" * 32
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    values = {"operator": {"image": {"digest": digest}, "allowedImages": ["reg.example/team/*", "x@" + digest],
+                           "enginePod": {"cpuRequest": "500m", "cpuLimit": "4", "memory": "8Gi",
+                                         "memoryOverhead": "1Gi", "ephemeralStorage": "1Gi"},
+                           "watchNamespaces": ["team-a", "team-b"], "watchAllNamespaces": False},
+              "agent": {"image": {"digest": digest}}, "networkPolicy": {"metricsFrom": peers}}
+    docs = render(control_plane, "-n", "kubeflash-system", "-f", values_file(tmp_path, values))
+    policies = {d["metadata"]["name"]: d for d in by_kind(docs, "NetworkPolicy")}
+    assert set(policies) == {"kf-kubeflash-operator", "kf-kubeflash-agent"}
+    ports = {name: [p["port"] for rule in d["spec"]["ingress"] for p in rule["ports"]] for name, d in policies.items()}
+    assert ports == {"kf-kubeflash-operator": [9090], "kf-kubeflash-agent": [9478]}  # never healthz or the API
+    assert all(d["spec"]["ingress"][0]["from"] == peers and d["spec"]["policyTypes"] == ["Ingress"]
+               for d in policies.values())
+    closed = by_kind(render(control_plane), "NetworkPolicy")
+    assert len(closed) == 2 and all(d["spec"]["ingress"] == [] for d in closed)  # default: nobody connects
+
+    (deploy,) = by_kind(docs, "Deployment")
+    op = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert op["image"] == f"ghcr.io/kubeflash/kubeflash-operator@{digest}"
+    assert f"--engine-image=ghcr.io/kubeflash/kubeflash@{digest}" in op["args"]  # the only image jobs run by default
+    assert {"--namespace=team-a", "--namespace=team-b"} <= set(op["args"]) and "--all-namespaces" not in op["args"]
+    env = {e["name"]: e.get("value") for e in op["env"]}
+    assert env["KUBEFLASH_OPERATOR_ALLOWED_IMAGES"] == f"reg.example/team/*,x@{digest}"
+    assert (env["KUBEFLASH_OPERATOR_ENGINE_CPU_REQUEST"], env["KUBEFLASH_OPERATOR_ENGINE_MEMORY"],
+            env["KUBEFLASH_OPERATOR_ENGINE_EPHEMERAL_STORAGE"]) == ("500m", "8Gi", "1Gi")
+    from kubeflash_operator.config import OperatorConfig
+
+    cfg = OperatorConfig.from_env({k: v for k, v in env.items() if k.startswith("KUBEFLASH_OPERATOR_")})
+    assert cfg.allowed_images == ("reg.example/team/*", "x@" + digest) and cfg.pod_limits.memory_overhead == "1Gi"
+    (ds,) = by_kind(docs, "DaemonSet")
+    assert {c["image"] for c in ds["spec"]["template"]["spec"]["containers"]} == {f"ghcr.io/kubeflash/kubeflash@{digest}"}
+    assert {d["metadata"]["name"] for d in by_kind(docs, "ValidatingAdmissionPolicy")} == {
+        "kf-kubeflash-agent-node-scope", "kf-kubeflash-operator-owned-only"}
+    assert len(by_kind(docs, "ValidatingAdmissionPolicyBinding")) == 2
+    assert not by_kind(render(control_plane, "--set", "admissionPolicies.enabled=false"), "ValidatingAdmissionPolicy")
+
+    refused = control_plane.helm("template", "kf", str(CHART), "--set", "operator.watchAllNamespaces=false", check=False)
+    assert refused.returncode != 0 and "list the namespaces the operator serves" in refused.stderr
+    notes = control_plane.helm("install", "kf", str(CHART), "--dry-run", "-n", "x").stdout
+    assert "WARNING: the operator serves InferenceJobs in EVERY namespace" in notes
+    scoped = control_plane.helm("install", "kf", str(CHART), "--dry-run", "-n", "x", "--set",
+                                "operator.watchNamespaces={a}").stdout
+    assert "EVERY namespace" not in scoped
 
 
 def test_rendered_csi_driver_and_plugin(control_plane, tmp_path):
@@ -471,7 +533,7 @@ def test_rbac_is_enough_for_the_real_operator_and_agent(control_plane, namespace
                      "gpus": [{"index": 0, "name": "Fake GPU", "memory": "16Gi"},
                               {"index": 1, "name": "Fake GPU", "memory": "16Gi"}]}
         (tmp_path / "agent.yaml").write_text(yaml.safe_dump(agent_cfg))
-        agent_kc = sa_kubeconfig(cp, namespace, f"{release}-agent", tmp_path / "agent.kubeconfig")
+        agent_kc = sa_kubeconfig(cp, namespace, f"{release}-agent", tmp_path / "agent.kubeconfig", node=node)
         operator_kc = sa_kubeconfig(cp, namespace, f"{release}-operator", tmp_path / "operator.kubeconfig")
         metrics, liveness = free_port(), free_port()
         procs.append(Proc("agent", ["agent", "-c", str(tmp_path / "agent.yaml"), "--node-name", node,
