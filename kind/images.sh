@@ -82,6 +82,8 @@ stop_dockerd() {
     for _ in $(seq 60); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.5; done
     rm -f "${run_dir}/dockerd.pid"
   fi
+  # what a dockerd killed mid-way leaves mounted (its default network namespace)
+  if mountpoint -q "${run_dir}/docker-exec/netns/default" 2>/dev/null; then umount "${run_dir}/docker-exec/netns/default" || true; fi
 }
 trap 'stop_dockerd; [[ "$ctx" == "$root" ]] || rm -rf "$ctx"' EXIT
 trap 'exit 130' INT TERM
@@ -176,11 +178,12 @@ fi
 build() { # ref dockerfile
   local t0=$SECONDS
   log "building $1 from $2 (FROM $base_ref)"
-  docker build --network host --build-arg "PYTHON_IMAGE=$base_ref" -f "$ctx/$2" -t "$1" "$ctx" >"${run_dir}/build-${2%%/*}.log" 2>&1 \
+  docker build --force-rm --network host --build-arg "PYTHON_IMAGE=$base_ref" -f "$ctx/$2" -t "$1" "$ctx" >"${run_dir}/build-${2%%/*}.log" 2>&1 \
     || { tail -40 "${run_dir}/build-${2%%/*}.log" >&2; log "ERROR: building $1 failed (log ${run_dir}/build-${2%%/*}.log)"; exit 1; }
   log "$1 built in $((SECONDS - t0))s"
   save "$1"
 }
 [[ -s "$(tar_of "$operator_ref")" ]] || build "$operator_ref" operator/Dockerfile
 [[ -s "$(tar_of "$node_ref")" ]] || build "$node_ref" node-agent/Dockerfile
+docker container prune -f >/dev/null  # what failed builds leave (dangling images stay: they are the build stages' cache)
 for ref in "$pause_ref" "$operator_ref" "$node_ref"; do echo "$ref $(tar_of "$ref")"; done

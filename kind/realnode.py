@@ -300,6 +300,24 @@ def unmount_under(*roots: Path) -> None:
 
 
 # ---------------------------------------------------------------- components
+STORE_SIZE = os.environ.get("KUBEFLASH_NODE_STORE_SIZE", "40G")
+
+
+def mount_store() -> None:
+    """The node's "NVMe": a sparse ext4 image loop-mounted at STORE, so the space the agent reports (and the
+    operator places jobs by) is the node's own, not whatever the builds and other tests leave on the host disk.
+    Sparse: it takes only what is written. Unmounted (loop device freed) and deleted by `down`."""
+    if os.path.ismount(STORE):
+        return
+    image = DATA / "store.img"
+    if not image.exists():
+        run("truncate", "-s", STORE_SIZE, str(image))
+        run("mkfs.ext4", "-q", "-F", "-m", "0", str(image))
+    STORE.mkdir(parents=True, exist_ok=True)
+    run("mount", "-o", "loop", str(image), str(STORE))
+    log(f"store: {STORE_SIZE} sparse ext4 image loop-mounted at {STORE}")
+
+
 def start_control_plane(ip: str) -> None:
     tokens = {"kubelet": secrets.token_hex(16), "kube-proxy": secrets.token_hex(16)}
     cp = ControlPlane(workdir=DATA / "cp", bind_address="0.0.0.0", advertise_address=ip,
@@ -410,7 +428,9 @@ resolvConf: /etc/resolv.conf
 serializeImagePulls: false
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
-evictionHard: {{memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}}
+# The images are GBs and the disk is shared with the builds: evict on memory only, never GC the (unpinnable in
+# containerd 1.6) pause image or the never-pulled kubeflash images for disk space.
+evictionHard: {{memory.available: "100Mi", nodefs.available: "100Mi", imagefs.available: "100Mi"}}
 evictionPressureTransitionPeriod: 10s
 podPidsLimit: -1
 maxPods: 50
@@ -568,6 +588,7 @@ def up() -> None:
         log(f"control plane on {ip}:6443")
         if (DATA / "cp").exists():
             shutil.rmtree(DATA / "cp")  # fresh etcd and certificates each time the cluster starts
+        mount_store()
         start_control_plane(ip)
         start_containerd(refs["pause"])
         import_images(refs)
@@ -669,6 +690,7 @@ def down() -> None:
             shutil.rmtree("/var/lib/cni", ignore_errors=True)
     for sub in ("cp", "cni", "kubelet-pki", "helm", "store"):
         shutil.rmtree(DATA / sub, ignore_errors=True)
+    (DATA / "store.img").unlink(missing_ok=True)
     shutil.rmtree(STATE, ignore_errors=True)
     log("cluster down; host restored (containerd's image cache stays in "
         f"{DATA}/containerd; `make cluster-down PURGE=1` removes {DATA})")
