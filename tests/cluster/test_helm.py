@@ -177,7 +177,10 @@ def test_values_schema_knows_every_operator_and_agent_setting():
     schema = json.loads((CHART / "values.schema.json").read_text())
     props = schema["properties"]
     operator_keys = set(props["operator"]["properties"]["config"]["properties"])
-    set_by_chart = {"metrics_port", "liveness_port", "engine_image"}  # flags of the Deployment
+    set_by_chart = {"metrics_port", "liveness_port", "engine_image",  # flags of the Deployment
+                    "allowed_images",  # operator.allowedImages
+                    "engine_cpu_request", "engine_cpu_limit", "engine_memory", "engine_memory_overhead",
+                    "engine_ephemeral_storage"}  # operator.enginePod
     assert operator_keys == {f.name for f in fields(OperatorConfig)} - set_by_chart
     agent_keys = set(props["agent"]["properties"]["config"]["properties"])
     chart_owned = {"nodeName", "kube", "kubeconfig", "listen", "disks"}  # env, in-cluster, apiPort, storePath
