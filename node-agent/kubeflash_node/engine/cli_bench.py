@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpu-batches", type=int_range(1), help="micro-batches per block (zig-zag; default 1)")
     p.add_argument("--weights", type=_weights_arg, help="disk | cpu | gpu, or GPU:CPU percentages like 20:30 (default disk)")
     p.add_argument("--kv", choices=["device", "cpu", "disk"], help="where the KV cache lives (default device)")
-    p.add_argument("--kv-bits", type=int, choices=[16, 8, 4], help="KV compression in the cpu/disk tiers")
+    p.add_argument("--kv-bits", type=int, choices=[16, 8, 4],
+                   help="KV cache bits in any tier (group-wise; 16: none; device: a compressed GPU cache)")
     p.add_argument("--cpu-attention", action="store_true", help="decode attention on the CPU (kv cpu)")
     p.add_argument("--kv-write-back", action="store_true", help="buffer new KV rows, write large chunks (kv disk)")
     p.add_argument("--x-cache", type=percent, help="percent of layers keeping X instead of K and V (INF² X-cache)")
