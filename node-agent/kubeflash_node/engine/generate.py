@@ -101,9 +101,11 @@ class Engine:
     def _warm_kernels(self) -> None:
         """Compile the fused dequantization kernels this job will launch (the store's weights, the KV codec) now,
         at set-up, not in the first step: Triton compiles each variant once (~2 s on the H100)."""
+        from .model import warm_attention
         from .quant import KVCodec, dequantize, quantize
 
         c, spec = self.config, self.streamer.quant
+        warm_attention(c, self.dtype, self.device)
         if spec is not None:
             for k in {c.hidden_size, c.intermediate_size}:  # the matrices' input dims
                 if spec.fits((k,)):
@@ -195,7 +197,7 @@ class Engine:
         tp = mb.ids.shape[1]
         start, new = (0, tp) if step == 0 else (tp + step - 1, 1)
         ids = mb.ids if step == 0 else torch.tensor([o[-1] if o else 0 for o in mb.out]).view(-1, 1)
-        mb.batch = make_batch(mb.mask.to(self.device), start, new, self.dtype)
+        mb.batch = make_batch(mb.mask, start, new, self.device)
         if self.rope is not None:
             mb.rope = self.rope(mb.batch.positions, self.dtype)
             mb.batch.rope_at = lambda pos: self.rope(pos, self.dtype)
@@ -239,7 +241,9 @@ class Engine:
     def _check(self, prompts, params: GenParams) -> None:
         if not prompts:
             raise EngineError("no prompts to run")
-        limit = self.config.max_position_embeddings
+        from .planning import context_limit
+
+        limit = context_limit(self.config)
         for i, p in enumerate(prompts):
             if not len(p):
                 raise EngineError(f"prompt {i} is empty")

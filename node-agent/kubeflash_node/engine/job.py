@@ -9,9 +9,10 @@ from typing import Callable
 
 from kubeflash_api import JobSpec
 
+from ..store.modelconfig import ModelConfig
 from .generate import Engine, GenParams
 from .machine import Machine, within_resources
-from .planning import auto_plan, check_kv_disk, job_shape, policy_for
+from .planning import auto_plan, check_context, check_kv_disk, check_one_sequence, job_shape, policy_for
 from .policy import Policy
 from .progress import Progress
 from .prompts import load_tokenizer, tokenize
@@ -40,13 +41,17 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
     chosen = None
     machine = within_resources(spec, machine, device)
     shape = job_shape([ids[i] for i in todo], max_new)
+    config = ModelConfig.from_dict(manifest.config)  # refused before any work: positions, one sequence's KV
+    check_context(config, [ids[i] for i in todo], max_new,
+                  [f"spec.input.prompts[{i}] (id {spec.input.prompts[i].id})" for i in todo])
+    itemsize = 4 if manifest.dtype == "float32" else 2
+    check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
     if policy is None and spec.offload.policy == "auto" and machine is not None:
         chosen = auto_plan(spec, manifest=manifest, job=shape, machine=machine)
         policy = chosen.best.candidate.policy
     if policy is None:
-        from ..store.modelconfig import ModelConfig
-
-        policy = policy_for(spec, n_prompts=len(todo), device=device, config=ModelConfig.from_dict(manifest.config))
+        policy = policy_for(spec, n_prompts=len(todo), device=device, config=config)
+    check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
     check_kv_disk(spec, policy, manifest=manifest, job=shape)
     engine = Engine(model_dir, policy=policy, device=device, job_dir=job_dir)
     eos = tuple(engine.config.eos_token_id) + ((tokenizer.eos_token_id,) if tokenizer is not None

@@ -34,7 +34,7 @@ class _HostAttention(LayerKV):
         self.new = (k_new, v_new, start)
         if start == 0:  # prefill: the chunk's own K, V are already on the device
             return attention(q, k_new, v_new, mask)
-        o = attention(q.float().cpu(), self.k[:, :, :start + s], self.v[:, :, :start + s], mask.float().cpu())
+        o = attention(q.float().cpu(), self.k[:, :, :start + s], self.v[:, :, :start + s], mask)
         return o.to(q.device, q.dtype)
 
 

@@ -20,27 +20,59 @@ from .rope import apply_rope
 
 
 @dataclass
+class Span:
+    """Which cache slots each new token attends to, in O(B) numbers instead of a dense [B, 1, S, T] mask.
+
+    Sequences are left padded (row r's real tokens sit in consecutive slots first[r]..T-1), so a query at slot q
+    sees slots k with first[r] <= k <= q, and, in a layer whose attention slides over `window` positions, only
+    q - window < k as well (transformers' sliding_window_overlay). `attention` turns this into an `is_causal`
+    flash call per group of equally padded rows (prefill) or a mask of one row per query over a bounded chunk
+    of queries (decode, windows, kernels without flash); see attention()."""
+
+    start: int  # cache slot of the first new token
+    first: tuple[int, ...]  # per row: the slot of its first real token (its left padding)
+    window: int = 0  # 0: the whole context
+    _dense: dict = field(default_factory=dict, repr=False)  # (device, dtype, q0, q1, lo) -> chunk mask, decode only
+
+    def chunk_mask(self, q0: int, q1: int, lo: int, dtype, device) -> torch.Tensor:
+        """Additive mask [B, 1, q1-q0, q1-lo] of the queries at slots q0..q1-1 over the keys at slots lo..q1-1."""
+        key = (str(device), dtype, q0, q1, lo)
+        if key in self._dense:
+            return self._dense[key]
+        qs = torch.arange(q0, q1, device=device)[:, None]
+        ks = torch.arange(lo, q1, device=device)[None, :]
+        first = torch.tensor(self.first, device=device)[:, None, None]
+        allowed = (ks <= qs)[None] & (ks >= first)  # [B, C, K]
+        if self.window:
+            allowed &= (qs - ks < self.window)[None]
+        allowed |= (ks == qs)[None]  # a padding query attends to itself: no all-masked rows
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        if q1 - q0 == 1:  # a decode step: every layer of the micro-batch reuses this [B, 1, 1, K] row
+            self._dense[key] = mask[:, None]
+        return mask[:, None]
+
+
+@dataclass
 class Batch:
     """Per micro-batch tensors that every layer needs for one step."""
 
     positions: torch.Tensor  # [B, S] position ids of the new tokens
-    mask: torch.Tensor  # [B, 1, S, T] additive attention mask (0 or -inf-like)
-    start: int  # slot in the KV cache where the new tokens go
+    span: Span  # causal + padding, as numbers (no dense mask)
     prefix_positions: torch.Tensor | None = None  # [B, start] position ids of the cached tokens (X-cache recompute)
     rope_at: Callable | None = None  # positions [B, T] -> (cos, sin) [B, 1, T, D]; None for learned positions
-    windowed: dict = field(default_factory=dict)  # window -> mask with the keys beyond it masked out too
+    windowed: dict = field(default_factory=dict)  # window -> Span of a sliding-window layer
 
-    def mask_for(self, window: int) -> torch.Tensor:
-        """The additive mask of a layer whose attention slides over `window` positions (0: the whole context).
-        A query at cache slot q sees slots k with q - window < k <= q, as transformers' sliding_window_overlay;
-        a row's real tokens sit in consecutive slots, so slots count positions."""
+    @property
+    def start(self) -> int:  # slot in the KV cache where the new tokens go
+        return self.span.start
+
+    def mask_for(self, window: int) -> Span:
+        """The span of a layer whose attention slides over `window` positions (0: the whole context). A row's real
+        tokens sit in consecutive slots, so slots count positions."""
         if not window:
-            return self.mask
+            return self.span
         if window not in self.windowed:
-            s, t = self.mask.shape[-2:]
-            q = torch.arange(self.start, self.start + s, device=self.mask.device)[:, None]
-            k = torch.arange(t, device=self.mask.device)[None, :]
-            self.windowed[window] = self.mask.masked_fill(q - k >= window, torch.finfo(self.mask.dtype).min)
+            self.windowed[window] = Span(self.span.start, self.span.first, window)
         return self.windowed[window]
 
 
@@ -87,19 +119,122 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 # cuDNN's SDPA re-plans for every new sequence length (~2.4 ms of CPU per call, measured on H100 during
 # decode); the memory-efficient kernel takes the padding mask without that cost.
 _CUDA_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+_CUDA_CAUSAL = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Most mask (GPU) or score (CPU math kernel) elements one masked call may hold: bounds the fallback's memory.
+_CHUNK_ELEMS = 1 << 25
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # q: [B, Nh, S, D]; k, v: [B, Nk, T, D]; mask: [B, 1, S, T] -> [B, Nh, S, D]
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Span) -> torch.Tensor:
+    """Causal attention of the new tokens over the cache with left padding, never an O(S x T) mask in memory.
+
+    Why this shape (issue 18): every row is left padded and its real tokens are consecutive, so a prefill is,
+    per group of rows with the same padding, plain causal attention over the slots after that padding:
+    `is_causal` on those slices runs the flash kernel (O(S) memory, no mask read) and its own grouped-query
+    mode (no repeated K/V). FlexAttention would express the same with a block mask but needs torch.compile (a
+    compile per shape, a C++ toolchain on CPU); per-row lengths cost nothing. Everything else (decode steps,
+    sliding-window layers, dtypes or head sizes the flash kernel lacks) takes a mask built per chunk of
+    queries, bounded by _CHUNK_ELEMS: one [B, 1, 1, T] row per decode step, keys limited to the window. There
+    grouped-query heads are folded into the query axis ([B, Nh, S, D] -> [B, Nk, rep*S, D]), so each K/V head
+    is read once for its `rep` query heads and never copied."""
+    # q: [B, Nh, S, D]; k, v: [B, Nk, T, D] with T = span.start + S -> [B, Nh, S, D]
+    one_group = len(set(span.first)) == 1
+    if not span.window and (q.shape[2] > 1 or one_group) and (span.start == 0 or q.is_cuda) and _flash_ok(q):
+        return _causal_groups(q, k, v, span)
+    return _masked_chunks(q, k, v, span)
+
+
+def _flash_ok(q: torch.Tensor) -> bool:
     if not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:  # [B, Nk, T, D] -> [B, Nh, T, D]: the efficient kernel has no GQA mode
-        b, nk, t, d = k.shape
-        k = k[:, :, None].expand(b, nk, rep, t, d).reshape(b, nk * rep, t, d)
-        v = v[:, :, None].expand(b, nk, rep, t, d).reshape(b, nk * rep, t, d)
-    with sdpa_kernel(_CUDA_SDPA):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return True  # the CPU kernels take is_causal with GQA in any dtype
+    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+
+
+def _sdpa(q, k, v, mask=None, causal=False):
+    gqa = k.shape[1] != q.shape[1]
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    with sdpa_kernel(_CUDA_SDPA if isinstance(mask, torch.Tensor) else _CUDA_CAUSAL):  # flash first, maskless
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
+def _rows(rows: list[int], device):
+    """An index of batch rows: a slice (a view) where they are consecutive, else an index tensor."""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, device=device)
+
+
+def _causal_groups(q, k, v, span: Span) -> torch.Tensor:
+    """Causal attention per group of rows with equal padding, over the slots after it: `is_causal` when the
+    queries start at slot 0, else (a prefix already cached) lower-right causal alignment, which the flash kernel
+    also runs without a mask. Padding queries get zeros (nothing real attends to their keys)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    start, s = span.start, q.shape[2]
+    groups: dict[int, list[int]] = {}
+    for r, f in enumerate(span.first):
+        groups.setdefault(f, []).append(r)
+
+    def causal(qg, kg, vg):
+        sq, sk = qg.shape[2], kg.shape[2]
+        if sq == sk:
+            return _sdpa(qg, kg, vg, causal=True)
+        if sq == 1:  # a decode step sees every key: no mask, and none of CausalBias's Python per call
+            return _sdpa(qg, kg, vg)
+        return _sdpa(qg, kg, vg, causal_lower_right(sq, sk))
+
+    if len(groups) == 1 and span.first[0] <= start:
+        f = span.first[0]
+        return causal(q, k[:, :, f:], v[:, :, f:])
+    out = torch.zeros_like(q)
+    for f, rows in groups.items():
+        ix, q0 = _rows(rows, q.device), max(start, f) - start  # q0: the group's first real query
+        if q0 < s:
+            out[ix, :, q0:] = causal(q[ix, :, q0:], k[ix, :, f:], v[ix, :, f:])
+    return out
+
+
+def _masked_chunks(q, k, v, span: Span) -> torch.Tensor:
+    """Queries in chunks, each with its own small mask over the keys it can see (causal, padding, window)."""
+    b, nh, s, d = q.shape
+    nk, t = k.shape[1], k.shape[2]
+    rep = nh // nk
+    w = span.window
+    seen = t if not w else min(t, 2 * w)  # keys one query chunk of at most `w` queries can see
+    per_query = b * seen * (rep if q.is_cuda else nh)  # mask elements (GPU), score elements (CPU math)
+    chunk = max(1, _CHUNK_ELEMS // per_query)
+    if w:
+        chunk = min(chunk, w)
+    out = None if chunk >= s else torch.empty_like(q)
+    for s0 in range(0, s, chunk):
+        s1 = min(s, s0 + chunk)
+        q0, q1 = span.start + s0, span.start + s1  # query slots; keys past q1-1 are never seen
+        lo = max(0, q0 - w + 1) if w else 0
+        mask = span.chunk_mask(q0, q1, lo, q.dtype, q.device)  # [B, 1, C, q1-lo]
+        c = s1 - s0
+        qc = q[:, :, s0:s1]
+        if rep > 1:  # fold: [B, Nh, C, D] -> [B, Nk, rep*C, D]; the mask rows repeat per head of a group
+            qc = qc.reshape(b, nk, rep * c, d)
+            mask = mask[:, :, None].expand(b, 1, rep, c, q1 - lo).reshape(b, 1, rep * c, q1 - lo)
+        o = _sdpa(qc, k[:, :, lo:q1], v[:, :, lo:q1], mask).reshape(b, nh, c, d)
+        if out is None:
+            return o
+        out[:, :, s0:s1] = o
+    return out
+
+
+def warm_attention(c: ModelConfig, dtype, device) -> None:
+    """Run every attention path once on tiny inputs of the model's heads, head size and dtype: the CUDA kernels
+    load lazily on their first launch (~4 s for the flash kernels, measured on the H200), which belongs to
+    set-up, not to the first prefill."""
+    nk = c.num_kv_heads if c.architecture == "llama" else c.num_heads
+    q = torch.zeros(2, c.num_heads, 64, c.head_dim, dtype=dtype, device=device)
+    k = torch.zeros(2, nk, 64, c.head_dim, dtype=dtype, device=device)
+    for first in ((0, 0), (0, 3)):  # one group (flash, is_causal) / padded rows (groups, masked decode)
+        attention(q, k, k, Span(0, first))
+        attention(q[:, :, 32:], k, k, Span(32, first))  # a cached prefix: lower-right causal
+        attention(q[:, :, :1], k[:, :, :33], k[:, :, :33], Span(32, first))  # a decode step
+        attention(q, k, k, Span(0, first, window=16))  # a sliding window's chunks
 
 
 def split_heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
@@ -158,7 +293,7 @@ def opt_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rop
     h = _layer_norm(c, w, x, "attn_norm") if c.pre_norm else x
     q = split_heads(F.linear(h, w["wq"], w.get("bq")), c.num_heads, c.head_dim)
     k, v = opt_kv(c, w, h)
-    o = cache.attend(q, k, v, batch.start, batch.mask, x=h, project=lambda hp: opt_kv(c, w, hp))
+    o = cache.attend(q, k, v, batch.start, batch.mask_for(0), x=h, project=lambda hp: opt_kv(c, w, hp))
     del q, k, v  # as in llama_layer: the MLP's temporaries are a prefill's peak
     x = x + F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.hidden_size), w["wo"], w.get("bo"))
     del o
@@ -194,18 +329,15 @@ def head(c: ModelConfig, w: dict, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w["lm_head"]).float()
 
 
-def make_batch(attn_mask: torch.Tensor, start: int, new: int, dtype) -> Batch:
-    """Positions and additive mask for `new` tokens written at slot `start` of a left-padded cache.
+def make_batch(attn_mask: torch.Tensor, start: int, new: int, device=None) -> Batch:
+    """Positions and attention span for `new` tokens written at slot `start` of a left-padded cache.
 
-    attn_mask: [B, T] 1 for real tokens (cache slots 0..start+new-1), 0 for padding.
+    attn_mask: [B, T] on the host, 1 for real tokens (cache slots first..start+new-1 of each row), 0 for padding.
     """
     t = start + new
-    am = attn_mask[:, :t].bool()
-    every = (am.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
-    positions = every[:, start:t]  # [B, S]
-    q_idx = torch.arange(start, t, device=am.device)[:, None]
-    k_idx = torch.arange(t, device=am.device)[None, :]
-    allowed = (k_idx <= q_idx)[None] & am[:, None, :]  # [B, S, T]
-    allowed = allowed | (k_idx == q_idx)[None]  # a padding query attends to itself: no all-masked rows
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=am.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return Batch(positions=positions, mask=mask[:, None], start=start, prefix_positions=every[:, :start])
+    am = attn_mask[:, :t].bool().cpu()
+    first = (am.long().cumsum(-1) == 0).sum(-1)  # [B] leading padding slots
+    if not bool((am.sum(-1) == t - first).all()):
+        raise ValueError("make_batch: each row's real tokens must be consecutive and end at the last slot")
+    every = (am.long().cumsum(-1) - 1).clamp(min=0).to(device)  # [B, T]: one copy to the device
+    return Batch(positions=every[:, start:t], span=Span(start, tuple(first.tolist())), prefix_positions=every[:, :start])

@@ -67,10 +67,14 @@ def check_kv_disk(spec: JobSpec, policy: Policy, *, manifest, job) -> None:
                          itemsize=4 if manifest.dtype == "float32" else 2)
     have = spec.resources.kv_disk
     if need > have:
+        one = sequence_kv_bytes(ModelConfig.from_dict(manifest.config), policy, job.prompt_len + job.gen_len,
+                                4 if manifest.dtype == "float32" else 2)
+        alone = (f"; one sequence alone needs {human(one)}: shorten the prompt or compress the cache "
+                 f"(spec.offload.compression)") if one > have else ""
         raise SpecError(f"spec.resources.kvDisk: the KV cache on disk needs {human(need)} for blocks of "
                         f"{min(policy.block_size, job.prompts)} prompts x {job.prompt_len + job.gen_len} tokens, "
                         f"more than the {human(have)} reserved; raise kvDisk, or lower spec.offload.gpuBatchSize"
-                        f" x numGpuBatches, or move the KV cache (spec.offload.kv)")
+                        f" x numGpuBatches, or move the KV cache (spec.offload.kv){alone}")
 
 
 def policy_for(spec: JobSpec, *, n_prompts: int, device: str, config=None) -> Policy:
@@ -105,3 +109,87 @@ def _x_saves(spec: JobSpec, kv_bits: int, config) -> bool:
     if config is None:
         config = preset(uri.split(":", 1)[1]) if uri.startswith(("dummy:", "builtin:")) else open_source(uri).config
     return x_cache_saves(config) and x_cache_fits(config, kv_bits)
+
+
+def context_limit(config) -> int:
+    """Positions the model takes after rope scaling: max_position_embeddings, stretched by `factor` where the
+    config states the original window (linear and dynamic scale max_position_embeddings itself; YaRN its
+    original_max_position_embeddings, e.g. Qwen2.5's 32K x 4). Llama-3's and LongRoPE's configs already state
+    the stretched window as max_position_embeddings."""
+    limit = config.max_position_embeddings
+    rs = config.rope_scaling or {}
+    factor = float(rs.get("factor") or 0)
+    if factor > 1 and rs.get("rope_type") in ("linear", "dynamic"):
+        limit = int(limit * factor)
+    elif factor > 1 and rs.get("rope_type") == "yarn":
+        limit = max(limit, int(rs["original_max_position_embeddings"] * factor))
+    return limit
+
+
+def check_context(config, prompts: list[list[int]], max_new: int, names: list[str] | None = None) -> None:
+    """Refuse, before anything runs, a prompt whose tokens plus the block's max_new_tokens pass the model's
+    positions (every row of a block decodes max_new steps, so its positions reach len + max_new - 1).
+    `names`: how the error names each prompt (default spec.input.prompts[i])."""
+    limit = context_limit(config)
+    scaled = "" if limit == config.max_position_embeddings else \
+        f" (max_position_embeddings {config.max_position_embeddings} after rope scaling)"
+    for i, p in enumerate(prompts):
+        if len(p) + max_new > limit:
+            name = names[i] if names else f"spec.input.prompts[{i}]"
+            raise SpecError(f"{name}: {len(p)} tokens + max_new_tokens {max_new} = {len(p) + max_new} tokens "
+                            f"exceed the model's context window of {limit} tokens{scaled}; shorten the prompt or "
+                            f"lower spec.generation.maxNewTokens / the prompt's max_tokens")
+
+
+def sequence_kv_bytes(config, policy: Policy, tokens: int, itemsize: int) -> int:
+    """Bytes of one sequence's cache of `tokens` tokens over every layer as `policy`'s tier holds it (KV bits,
+    X-cache layers; CPU attention keeps float32, twice the 16-bit bytes)."""
+    from dataclasses import replace
+
+    from .costmodel import Candidate, JobShape, kv_disk_bytes
+
+    as_disk = replace(policy, kv="disk", cpu_attention=False, kv_write_back=False)
+    n = kv_disk_bytes(Candidate(as_disk), config=config, job=JobShape(prompts=1, prompt_len=tokens - 2, gen_len=2),
+                      itemsize=itemsize)
+    return n * (2 if policy.cpu_attention and itemsize == 2 else 1)
+
+
+def check_one_sequence(spec: JobSpec, policy: Policy | None, *, config, job, itemsize: int,
+                       machine: Machine | None = None) -> None:
+    """Refuse, before anything runs, a job where even one sequence's KV cache at the requested length does not
+    fit the budget of the tier that would hold it: the pinned tier's (`policy`), or, under policy auto (policy
+    None), the largest of the three budgets. `job` is the costmodel.JobShape still to run."""
+    from kubeflash_api.quantity import human
+
+    from .costmodel import QUANT_BITS
+
+    if job.gen_len <= 1:
+        return  # prefill only: no cache is kept
+    tokens = job.prompt_len + job.gen_len
+    r = spec.resources
+    gpu = min(x for x in (r.gpu_memory, machine.gpu_bytes if machine else None) if x) \
+        if (r.gpu_memory or machine) else None
+    cpu = min(x for x in (r.cpu_memory, machine.cpu_bytes if machine else None) if x) \
+        if (r.cpu_memory or machine) else None
+    budgets = {"device": (gpu, "spec.resources.gpuMemory"), "cpu": (cpu, "spec.resources.cpuMemory"),
+               "disk": (r.kv_disk, "spec.resources.kvDisk")}
+    if policy is not None:
+        if policy.kv == "disk":
+            return  # check_kv_disk refuses it, naming one sequence's bytes where even one does not fit
+        need = sequence_kv_bytes(config, policy, tokens, itemsize)
+        have, field = budgets[policy.kv]
+        if have is not None and need > have:
+            raise SpecError(f"{field}: one sequence of {job.prompt_len} prompt + {job.gen_len} new tokens needs "
+                            f"{human(need)} of KV cache ({policy.kv} tier), more than the {human(have)} budget; "
+                            f"raise {field}, shorten the prompt, compress the cache (spec.offload.compression) or "
+                            f"move it (spec.offload.kv)")
+        return
+    bits = QUANT_BITS[spec.offload.compression]
+    need = min(sequence_kv_bytes(config, make_policy(kv="disk", kv_bits=bits, x_cache_percent=x), tokens, itemsize)
+               for x in (0.0, 100.0))  # the plan may keep X instead of K, V where that is smaller
+    known = {t: b for t, b in budgets.items() if b[0] is not None}
+    if known and len(known) == 3 and all(need > have for have, _ in known.values()):
+        raise SpecError(f"spec.resources: one sequence of {job.prompt_len} prompt + {job.gen_len} new tokens needs "
+                        f"{human(need)} of KV cache, more than any tier's budget ("
+                        + ", ".join(f"{f} {human(h)}" for h, f in known.values())
+                        + "); shorten the prompt, raise a budget or compress the cache (spec.offload.compression)")

@@ -190,6 +190,9 @@ PRESETS: dict[str, ModelConfig] = {
 # prompt of 8K-32K tokens fits, as FlexGen runs them with its max_seq_len raised (bench/peers/flexgen_opt.py).
 for _name in ("opt-1.3b", "opt-6.7b", "opt-13b"):
     PRESETS[f"{_name}-32k"] = replace(PRESETS[_name], max_position_embeddings=32768)
+# Llama-3-8B (GQA: 32 query heads over 8 K/V heads, Llama-3 RoPE) with its positions capped at 32K: the long-context
+# shape InstInfer reports, 128 KiB of fp16 KV a token (4 GiB for one 32K sequence).
+PRESETS["llama-3-8b-32k"] = replace(PRESETS["llama-3-8b"], max_position_embeddings=32768)
 
 
 def preset(name: str) -> ModelConfig:
