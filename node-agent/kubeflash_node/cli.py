@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # name -> (module, one-line help)
@@ -72,11 +73,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _check_device(args)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    signal.signal(signal.SIGTERM, _terminated)  # `kill` ends a run like Ctrl-C: progress.json says failed, results stay
     try:
         return int(module.main(args) or 0)
+    except Terminated:
+        print("terminated (SIGTERM); finished results are kept, a re-run resumes", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so the same clean-up as Ctrl-C runs."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

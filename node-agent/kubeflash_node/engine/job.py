@@ -101,7 +101,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         progress.write("done", timings=_timings(engine))
         return report
     except BaseException as e:
-        progress.write("failed", timings=_timings(engine), message=str(e)[:500])
+        progress.write("failed", timings=_timings(engine), message=(str(e) or type(e).__name__)[:500])
         raise
     finally:
         results.close()
