@@ -6,6 +6,7 @@ engine and every CLI can share it; a bad manifest is refused here before torch i
 
 from kubeflash_api.errors import SpecError
 from kubeflash_api.inferencejob import (
+    CacheSpec,
     ConfigMapKey,
     GenerationSpec,
     InputSpec,
@@ -25,7 +26,7 @@ from kubeflash_api.inferencejob import (
 from kubeflash_api.quantity import parse_quantity
 
 __all__ = [
-    "ConfigMapKey", "GenerationSpec", "InputSpec", "JobSpec", "ModelSpec", "OffloadSpec", "OutputSpec", "Prompt",
+    "CacheSpec", "ConfigMapKey", "GenerationSpec", "InputSpec", "JobSpec", "ModelSpec", "OffloadSpec", "OutputSpec", "Prompt",
     "ResourcesSpec", "SpecError", "Split", "Synthetic", "from_canonical", "parse_job", "parse_job_spec",
     "parse_quantity", "to_canonical",
 ]

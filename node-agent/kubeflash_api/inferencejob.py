@@ -139,6 +139,11 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class CacheSpec:
+    prefix: bool = False  # use and fill the node's prefix KV cache (on the paired SSD)
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     namespace: str
@@ -149,6 +154,7 @@ class JobSpec:
     output: OutputSpec = OutputSpec()
     resources: ResourcesSpec = ResourcesSpec()
     backoff_limit: int = 3
+    cache: CacheSpec = CacheSpec()
     image: str | None = None
 
     def with_prompts(self, prompts: tuple[Prompt, ...]) -> JobSpec:
@@ -315,10 +321,19 @@ OUTPUT = s.obj(
                         ("name", _name("The ConfigMap's name, in the job's namespace.")), required=("name",))),
     rules=(("!(has(self.pvc) && has(self.configMap))", "takes at most one of pvc or configMap"),))
 
+CACHE = s.obj(
+    "Reuse of computed KV cache. Prompts of one job that start with the same full token blocks compute that "
+    "prefix once whether or not this is set.",
+    ("prefix", s.boolean("Look each prompt's longest prefix (in blocks of 256 tokens) up in the node's prefix KV "
+                         "cache on the paired SSD, load it instead of prefilling it, and add the job's new blocks to "
+                         "the cache. Outputs are unchanged; the run report counts hits and prefill tokens saved.",
+                         default=False)),
+    default={})
+
 SPEC = s.obj(
     "What to run: a model, prompts, sampling, resources and the offload policy.",
     ("model", MODEL), ("input", INPUT), ("generation", GENERATION), ("resources", RESOURCES), ("offload", OFFLOAD),
-    ("output", OUTPUT),
+    ("output", OUTPUT), ("cache", CACHE),
     ("backoffLimit", s.integer("Failed attempts retried before the job is Failed.", lo=0, hi=20, default=3)),
     ("image", s.string("The engine image for this job's pod (the operator's default when unset).", min_len=1,
                        max_len=512)),
@@ -362,7 +377,7 @@ def parse_job_spec(spec: Any, *, name: str, namespace: str, path: str = "spec") 
         output=_output(d.get("output") or {}, f"{path}.output"),
         resources=ResourcesSpec(gpus=d["resources"]["gpus"], gpu_memory=d["resources"].get("gpuMemory"),
                                 cpu_memory=d["resources"].get("cpuMemory"), kv_disk=d["resources"]["kvDisk"]),
-        backoff_limit=d["backoffLimit"], image=d.get("image"))
+        backoff_limit=d["backoffLimit"], image=d.get("image"), cache=CacheSpec(prefix=d["cache"]["prefix"]))
 
 
 def _input(d: dict, path: str) -> InputSpec:
@@ -459,7 +474,8 @@ def to_canonical(spec: JobSpec) -> dict[str, Any]:
         "input": inp,
         "generation": {"maxNewTokens": g.max_new_tokens, "temperature": g.temperature, "topP": g.top_p,
                        "seed": g.seed, "stop": list(g.stop)},
-        "resources": resources, "offload": offload, "backoffLimit": spec.backoff_limit}
+        "resources": resources, "offload": offload, "cache": {"prefix": spec.cache.prefix},
+        "backoffLimit": spec.backoff_limit}
     output = {k: v for k, v in (("path", spec.output.path),
                                 ("pvc", spec.output.pvc and {"claimName": spec.output.pvc}),
                                 ("configMap", spec.output.config_map and {"name": spec.output.config_map})) if v}

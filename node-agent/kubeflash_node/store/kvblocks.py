@@ -161,8 +161,10 @@ class KVBlockStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)  # eviction skips a block while this is held
             size = os.fstat(fd).st_size
+            data = bytearray(size)  # writable: the engine views it as a tensor without a copy
             with os.fdopen(os.dup(fd), "rb", closefd=True) as f:
-                data = f.read(size)
+                got = f.readinto(data)
+            del data[got:]
             try:
                 meta, payload = decode_block(key, data)
             except (ValueError, struct.error):
