@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import urllib3
 import yaml
 from kubernetes import client, config, watch
 
@@ -271,8 +272,11 @@ def wait(what: str, cond, timeout: float, every: float = 0.25) -> float:
     """Poll cond() until true; the monotonic time it became true. Raises TimeoutError naming `what`."""
     deadline = time.monotonic() + timeout
     while True:
-        if cond():
-            return time.monotonic()
+        try:
+            if cond():
+                return time.monotonic()
+        except (client.exceptions.ApiException, OSError, ValueError, urllib3.exceptions.HTTPError) as e:
+            print(f"(polling {what}: {e!r:.200}; again)", file=sys.stderr)  # a loaded API server drops a list
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout} s")
         time.sleep(every)
@@ -394,7 +398,7 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
         try:
             t_deleted = wait("jobs, pods and claims gone", clean, delete_timeout, every=0.25)
         except TimeoutError:
-            t_deleted = float("nan")
+            t_deleted = None
         jw.stop()
         time.sleep(1.5)  # the audit log's batch flush
         w_burst, c_burst, k_burst = audit_counts(audit, stamp0, stamp1)
@@ -408,7 +412,7 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             "to_node_max_s": round(max(to_node), 3),
             "all_running_s": round(t_running - t0, 3),
             "pods_running_s": round(t_pods - t0, 3) if t_pods is not None else None,
-            "delete_s": round(t_deleted - td, 3),
+            "delete_s": round(t_deleted - td, 3) if t_deleted is not None else None,
             "delete_call_s": round(t_call - td, 3),
             "delete_collection_workers": DELETE_COLLECTION_WORKERS,
             "left_after_delete": left,

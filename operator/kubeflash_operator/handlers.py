@@ -1,11 +1,12 @@
 """kopf handlers: thin glue between watch events and the pure reconcile step.
 
 Indices keep FlashNodes (view + claims ledger), cordoned Nodes and engine pods in memory; a coroutine per live
-InferenceJob (woken by its own and its pods' events) gathers them into a World, asks `reconcile.step` for a Plan and carries it out: the claim first (a
-conditional write of the node's ledger, bookkeeping.py), then the FlashNode model request and pod create/delete,
-then the status patch, events and metrics. Everything runs on kopf's event loop (blocking API calls go to a
-thread), so no handler reads an index while it changes. The `kubeflash.io/release-kv` finalizer deletes a job's
-pods and its ledger entry before the job goes away.
+InferenceJob (woken by its own and its pods' events) gathers them into a World, asks `reconcile.step` for a Plan
+and carries it out: the claim first (a conditional write of the node's ledger, bookkeeping.py), then the
+FlashNode model request and pod create/delete, then the status (a conditional write), events and metrics.
+Everything runs on kopf's event loop (blocking API calls go to a thread), so no handler reads an index while it
+changes. The `kubeflash.io/release-kv` finalizer deletes a job's pods and its ledger entry before the job goes
+away (and a job seen gone never keeps a ledger entry).
 """
 
 from __future__ import annotations
@@ -259,11 +260,14 @@ async def release_job(namespace: str, name: str, uid: str, memo: kopf.Memo, flas
 
 @kopf.on.event(*JOBS)
 async def count_job_phase(event: kopf.RawEvent, namespace: str, name: str, uid: str, status: kopf.Status,
-                          memo: kopf.Memo, **_: Any) -> None:
+                          memo: kopf.Memo, flashnode_index: kopf.Index, **_: Any) -> None:
     gone = event.get("type") == "DELETED"
     memo.metrics.job_phase(f"{namespace}/{name}", None if gone else status.get("phase") or "Pending")
     if gone:
         memo.sent.pop(uid, None)
+        # normally the finalizer released it already (then this is a no-op); not if its handler timed out or the
+        # finalizer was removed by hand: a gone job never keeps a pair
+        await _release(memo, f"{namespace}/{name}", flashnode_index)
     else:
         _wake(memo, [uid])  # e.g. our own status write is back: the next phase can start at once
 

@@ -35,7 +35,7 @@ def _check(report: dict) -> None:
     assert report["double_booked"] == 0, report["double_booked_pairs"]
     assert report["left_after_delete"] == NOTHING_LEFT, report
     assert report["tracebacks"] == 0, f"tracebacks in {report['operator_log']}"
-    assert report["delete_s"] <= DELETE_LIMIT_S, report
+    assert report["delete_s"] is not None and report["delete_s"] <= DELETE_LIMIT_S, report
 
 
 @pytest.mark.timeout(900)
