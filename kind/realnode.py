@@ -517,6 +517,10 @@ def import_images(refs: dict[str, str]) -> None:
         if kind == "pause":
             ctr("images", "label", full, "io.cri-containerd.pinned=pinned", check=False)
         log(f"{refs[kind]} imported in {time.monotonic() - t0:.0f}s")
+        repo = full.rsplit(":", 1)[0]
+        old = [r for r in have if r.rsplit(":", 1)[0] == repo and r != full]
+        if old and kind != "pause":  # older keys of this image: their layers go with them (shared ones stay)
+            ctr("images", "rm", *old, check=False)
 
 
 def helm_install(bin_dir: Path, refs: dict[str, str]) -> None:
