@@ -41,6 +41,7 @@ def main(args: argparse.Namespace) -> int:
     from kubeflash_api import SpecError, from_canonical
     from kubeflash_api import contract as c
     from kubeflash_api.batch import read_batch
+
     from ..store.format import StoreError, verify_model
     from .cli_run import resolve_device
     from .generate import EngineError
@@ -63,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
 
             machine = pod_machine(os.environ.get("KUBEFLASH_PROBE"), job_dir / "probe")
         report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device, job_dir=job_dir,
-                         machine=machine)
+                         machine=machine, kv_cache_dir=_kv_cache_dir())
     except (SpecError, StoreError, EngineError, ValueError, OSError, json.JSONDecodeError) as e:
         print(f"kubeflash engine: error: {e}", file=sys.stderr)
         return 1
@@ -71,12 +72,19 @@ def main(args: argparse.Namespace) -> int:
         print(format_report(report))
         write_report(report, job_dir / "report.json")
     if args.output_dir:
-        from ..store.format import atomic_write_bytes
-
         from kubeflash_api.names import resolve_within
+
+        from ..store.format import atomic_write_bytes
 
         root = Path(args.output_dir)  # the output claim's root
         dest = resolve_within(root, spec.output.path or f"{spec.name}.results.jsonl", "spec.output.path")
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(dest, output.read_bytes())
     return 0
+
+
+def _kv_cache_dir() -> Path | None:
+    """The node's prefix KV cache directory, when the runner mounted one (docs/contract.md)."""
+    from ..store.kvblocks import ENV_KV_CACHE_DIR
+
+    return Path(os.environ[ENV_KV_CACHE_DIR]) if os.environ.get(ENV_KV_CACHE_DIR) else None

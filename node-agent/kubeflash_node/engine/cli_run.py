@@ -76,7 +76,8 @@ def main(args: argparse.Namespace) -> int:
         bar = _TokenBar(len(spec.input.prompts), enabled=not args.quiet)
         machine = _machine(args, args.store or DEFAULT_ROOT) if spec.offload.policy == "auto" and device != "cpu" else None
         report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device,
-                         job_dir=job_dir, machine=machine, on_tokens=bar.tokens, on_prompts=bar.prompts)
+                         job_dir=job_dir, machine=machine, on_tokens=bar.tokens, on_prompts=bar.prompts,
+                         kv_cache_dir=Path(args.store or DEFAULT_ROOT) / "kvcache")  # spec.cache.prefix: node cache
         bar.close()
     except (SpecError, StoreError, EngineError, ValueError, OSError) as e:
         print(f"kubeflash run: error: {e}", file=sys.stderr)

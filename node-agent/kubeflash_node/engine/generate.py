@@ -65,17 +65,19 @@ class _MicroBatch:
     x: torch.Tensor | None = None  # activations between stages [B, S, H]
     batch: object = None
     rope: tuple | None = None
+    cached: int = 0  # leading prompt slots whose KV came from the prefix cache (prefixcache.attach)
 
 
 class Engine:
     """A stored model ready to generate under one policy on one device."""
 
     def __init__(self, model_dir: Path, *, policy: Policy = Policy(), device: str = "cpu",
-                 job_dir: Path | None = None):
+                 job_dir: Path | None = None, prefix_cache=None):
         self.dir = Path(model_dir)
         self.manifest: Manifest = load_manifest(self.dir)
         self.config = ModelConfig.from_dict(self.manifest.config)
         self.policy, self.device, self.job_dir = policy, torch.device(device), job_dir
+        self.prefix_cache = prefix_cache  # prefixcache.PrefixCache or None; self.prefix: the same when it can run
         cd = policy.compute_dtype
         if cd == "auto":
             cd = "float32" if self.device.type == "cpu" else self.manifest.dtype
@@ -95,6 +97,7 @@ class Engine:
             task_bytes=policy.io_task_bytes, backend=policy.io_backend, timings=self.timings)
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cache_bytes": 0,
                       "generated_tokens": 0, "block_setup_s": 0.0}
+        self.prefix = prefix_cache.bind(self) if prefix_cache is not None else None
         if cuda:
             self._warm_kernels()
 
@@ -130,6 +133,8 @@ class Engine:
         self._check(prompts, params)
         gen = torch.Generator().manual_seed(params.seed)
         results: list[Completion] = []
+        if self.prefix:
+            self.prefix.share(self, prompts)  # prefixes several prompts start with: prefilled once, kept
         for block in self._blocks(len(prompts)):
             done = self._run_block(prompts, block, params, gen, stop, on_step)
             results.extend(done)
@@ -167,7 +172,10 @@ class Engine:
             dt = time.perf_counter() - t0
             key = "prefill" if step == 0 else "decode"
             self.stats[f"{key}_s"] += dt
-            self.stats[f"{key}_tokens"] += sum(mb.ids.shape[0] * (mb.ids.shape[1] if step == 0 else 1) for mb in mbs)
+            self.stats[f"{key}_tokens"] += sum(mb.ids.shape[0] * (mb.ids.shape[1] - mb.cached if step == 0 else 1)
+                                               for mb in mbs)
+            if step == 0 and self.prefix:
+                self.prefix.save(self, mbs, prompts)  # new full blocks to the node cache, written in the background
             if on_step:
                 on_step(sum(mb.ids.shape[0] for mb in mbs))
             if all(bool(mb.done.all()) for mb in mbs):
@@ -195,8 +203,8 @@ class Engine:
 
     def _embed(self, mb: _MicroBatch, w, step: int) -> None:
         tp = mb.ids.shape[1]
-        start, new = (0, tp) if step == 0 else (tp + step - 1, 1)
-        ids = mb.ids if step == 0 else torch.tensor([o[-1] if o else 0 for o in mb.out]).view(-1, 1)
+        start, new = (mb.cached, tp - mb.cached) if step == 0 else (tp + step - 1, 1)
+        ids = mb.ids[:, mb.cached:] if step == 0 else torch.tensor([o[-1] if o else 0 for o in mb.out]).view(-1, 1)
         mb.batch = make_batch(mb.mask, start, new, self.device)
         if self.rope is not None:
             mb.rope = self.rope(mb.batch.positions, self.dtype)
@@ -295,4 +303,6 @@ class Engine:
         for j in range(c.num_layers):  # in the order the prefill stores them (host buffers are locked meanwhile)
             for k, mb in enumerate(mbs):
                 self.kv.allocate(j, k, mb.ids.shape[0], mb.mask.shape[1])
+        if self.prefix:
+            self.prefix.attach(self, mbs, prompts)  # cached prefixes loaded; those rows prefill only the rest
         return mbs

@@ -4,16 +4,19 @@ keep progress.json current, and return the report. Shared by `kubeflash run` and
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
-from kubeflash_api import JobSpec
+from kubeflash_api import JobSpec, parse_quantity
 
+from ..store.kvblocks import DEFAULT_BUDGET, ENV_KV_CACHE_BUDGET, KVBlockStore
 from ..store.modelconfig import ModelConfig
 from .generate import Engine, GenParams
 from .machine import Machine, within_resources
 from .planning import auto_plan, check_context, check_kv_disk, check_one_sequence, job_shape, policy_for
 from .policy import Policy
+from .prefixcache import PrefixCache
 from .progress import Progress
 from .prompts import load_tokenizer, tokenize
 from .report import build_report
@@ -22,7 +25,8 @@ from .results import ResultsFile, fingerprints, is_chat
 
 def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: str = "cpu",
             job_dir: Path | None = None, policy: Policy | None = None, machine: Machine | None = None,
-            on_tokens: Callable[[int], None] | None = None, on_prompts: Callable[[int], None] | None = None) -> dict:
+            on_tokens: Callable[[int], None] | None = None, on_prompts: Callable[[int], None] | None = None,
+            kv_cache_dir: Path | None = None) -> dict:
     """Generate every prompt of `spec` without a result of the same fingerprint in `output` (results.py); returns
     the report dict. `output` is left untouched until the first new result is written."""
     tokenizer = load_tokenizer(model_dir, manifest)
@@ -53,7 +57,8 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         policy = policy_for(spec, n_prompts=len(todo), device=device, config=config)
     check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
     check_kv_disk(spec, policy, manifest=manifest, job=shape)
-    engine = Engine(model_dir, policy=policy, device=device, job_dir=job_dir)
+    prefix = _prefix_cache(spec, kv_cache_dir)
+    engine = Engine(model_dir, policy=policy, device=device, job_dir=job_dir, prefix_cache=prefix)
     eos = tuple(engine.config.eos_token_id) + ((tokenizer.eos_token_id,) if tokenizer is not None
                                                 and tokenizer.eos_token_id is not None else ())
     params = GenParams(max_new_tokens=max_new, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
@@ -92,6 +97,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
 
     try:
         engine.generate([ids[i] for i in todo], params, stop=stop, on_block=on_block, on_step=on_step)
+        prefix.close()  # the last block writes land before the report counts them
         report = build_report(engine)
         if chosen is not None:
             from .costmodel import describe
@@ -104,8 +110,27 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         progress.write("failed", timings=_timings(engine), message=(str(e) or type(e).__name__)[:500])
         raise
     finally:
+        prefix.close()
         results.close()
         engine.close()
+
+
+def _prefix_cache(spec: JobSpec, kv_cache_dir: Path | None) -> PrefixCache:
+    """Prefix reuse for this job: always within the job; across jobs through the node's block store when
+    spec.cache.prefix is set and the caller gave its directory. A store that cannot be opened means no node cache,
+    never a failed job (the report says why)."""
+    if not (spec.cache.prefix and kv_cache_dir is not None):
+        cache = PrefixCache()
+        if spec.cache.prefix:
+            cache.note = "spec.cache.prefix is set but this runner has no node cache directory"
+        return cache
+    try:
+        budget = parse_quantity(os.environ.get(ENV_KV_CACHE_BUDGET) or str(DEFAULT_BUDGET), path=ENV_KV_CACHE_BUDGET)
+        return PrefixCache(store=KVBlockStore(kv_cache_dir, budget_bytes=budget))
+    except (OSError, ValueError) as e:
+        cache = PrefixCache()
+        cache.note = f"node cache {kv_cache_dir} unavailable: {e}"
+        return cache
 
 
 def _hit_stop(text: str, stops) -> bool:

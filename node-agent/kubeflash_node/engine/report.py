@@ -42,6 +42,8 @@ def build_report(engine) -> dict:
         "weights_in_flight_max_gb": (engine.policy.prefetch + 1) * max(f.size for f in m.files.values()) / GB,
     }
     report["total_throughput_tok_s"] = report["generated_tokens"] / total_s if total_s else 0.0
+    if getattr(engine, "prefix_cache", None) is not None:  # hits, misses, blocks/bytes read/written/evicted, saved
+        report["prefix_cache"] = engine.prefix_cache.report()
     return report
 
 
@@ -69,6 +71,16 @@ def format_report(r: dict) -> str:
         ("total latency / throughput", f"{r['total_latency_s']:.3f} s / {r['total_throughput_tok_s']:.3f} token/s"),
         ("block setup (KV allocation)", f"{r['block_setup_s']:.3f} s"),
     ]
+    pc = r.get("prefix_cache")
+    if pc and pc["active"]:
+        node = pc.get("node") or {}
+        rows.append(("prefix cache (blocks hit / missed)", f"{pc['hits']} / {pc['misses']}  (saved "
+                     f"{pc['prefill_tokens_saved']} prefill tokens; shared prefixes {pc['shared_prefixes']})"))
+        if node:
+            rows.append(("node prefix cache read / written / evicted",
+                         f"{node['blocks_read']} / {node['blocks_written']} / {node['blocks_evicted']} blocks, "
+                         f"{node['bytes_read'] / GB:.3f} / {node['bytes_written'] / GB:.3f} / "
+                         f"{node['bytes_evicted'] / GB:.3f} GB"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 

@@ -46,6 +46,9 @@ MAGIC = b"KFKVB1\0\0"
 LOW_WATER = 0.9  # eviction goes down to this fraction of the budget, so it runs once per ~10% of new bytes
 MAX_HEADER = 1 << 16
 SUFFIX = ".kvb"
+DEFAULT_BUDGET = 20 << 30  # bytes of SSD the cache may take unless $KUBEFLASH_KV_CACHE_BUDGET (a quantity) says
+ENV_KV_CACHE_BUDGET = "KUBEFLASH_KV_CACHE_BUDGET"
+ENV_KV_CACHE_DIR = "KUBEFLASH_KV_CACHE_DIR"  # the pod's node cache directory, when the runner provides one
 
 
 @dataclass(frozen=True)

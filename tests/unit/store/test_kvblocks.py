@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kubeflash_node.store.kvblocks import Scope, KVBlockStore, chain_keys, LOW_WATER
+from kubeflash_node.store.kvblocks import LOW_WATER, KVBlockStore, Scope, chain_keys
 
 SCOPE = Scope(model_id="m1", dtype="float32", block_tokens=4, layout="2x2x1x4")
 
