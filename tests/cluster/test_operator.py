@@ -123,7 +123,8 @@ class Kube:
                  free: int = 500 * GiB, k8s_gpus: int | None = None) -> str:
         name = f"{self.ns}-{name}"
         self.nodes.append(name)
-        control_plane.create_fake_node(name, capacity={"cpu": "32", "memory": "256Gi", "pods": "110",
+        control_plane.create_fake_node(name, capacity={"cpu": "32", "memory": "256Gi", "ephemeral-storage": "1Ti",
+                                                       "pods": "110",
                                                        "nvidia.com/gpu": str(pairs if k8s_gpus is None else k8s_gpus)})
         self.custom.create_cluster_custom_object(GROUP, VERSION, "flashnodes", {
             "apiVersion": f"{GROUP}/{VERSION}", "kind": "FlashNode", "metadata": {"name": name},
@@ -376,7 +377,7 @@ BAD_FOR_OPERATOR = [
     ("ftp-uri", {"model": {"uri": "ftp://host/model"}}, "spec.model.uri"),
     ("relative-uri", {"model": {"uri": "models/llama"}}, "spec.model.uri"),
     ("input-abs", {"input": {"file": "/etc/passwd", "pvc": {"claimName": "p"}}}, "spec.input.file"),
-    ("output-dotdot", {"output": {"pvc": {"claimName": "p", "path": "../up"}}}, "spec.output.pvc.path"),
+    ("output-dotdot", {"output": {"pvc": {"claimName": "p"}, "path": "../up"}}, "spec.output.path"),
     ("cm-name", {"input": {"configMap": {"name": "Bad_Name", "key": "k"}}}, "spec.input.configMap.name"),
 ]
 
