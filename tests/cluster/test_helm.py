@@ -142,7 +142,7 @@ def crds_present(control_plane):
     if made:
         control_plane.kubectl("apply", "-f", str(REPO / "crds"))
     for name in CRD_NAMES:
-        wait_for(f"CRD {name} Established", lambda: crd_established(control_plane, name), bool)
+        wait_for(f"CRD {name} Established", lambda name=name: crd_established(control_plane, name), bool)
     yield
     if made:
         delete_crds(control_plane)
@@ -470,7 +470,7 @@ def test_install_upgrade_uninstall_keeps_crds(control_plane, namespace):
     try:
         cp.helm("install", release, str(CHART), "-n", namespace, "--wait=false", timeout=180)
         for name in CRD_NAMES:
-            wait_for(f"CRD {name} Established", lambda: crd_established(cp, name), bool)
+            wait_for(f"CRD {name} Established", lambda name=name: crd_established(cp, name), bool)
         cp.kubectl("get", "ij", "-n", namespace)  # the short name serves
         cp.kubectl("get", "fn")
         uids = {n: cp.kubectl_json("get", "crd", n)["metadata"]["uid"] for n in CRD_NAMES}

@@ -26,7 +26,7 @@ def tool(name: str) -> str | None:
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(l for l in dockerfile.read_text().splitlines() if not l.lstrip().startswith("#")))
+    text = re.sub(r"\\\n", " ", "\n".join(ln for ln in dockerfile.read_text().splitlines() if not ln.lstrip().startswith("#")))
     return [(m.group(1).upper(), m.group(2)) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M)]
 
 
@@ -95,7 +95,7 @@ def test_build_context_is_only_the_package_sources():
     named in the list, or a directory that the list lets packages of in (node-agent/kubeflash_*/ for
     `COPY node-agent/`), and every package the project installs is let in."""
     import fnmatch
-    rules = [l.strip() for l in (REPO / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    rules = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert rules[0] == "*"
     allowed = [r[1:].rstrip("/") for r in rules if r.startswith("!")]
     for image, path in DOCKERFILES.items():
