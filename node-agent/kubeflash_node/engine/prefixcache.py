@@ -125,6 +125,7 @@ class PrefixCache:
                 inner.update(ks[:n - 1])
         seqs = [s for k, s in wanted.items() if k not in inner]  # a prefix of a longer shared one comes with it
         self.stats["shared_prefixes"] += len(seqs)
+        seqs = [s for s in seqs if not self._remember(chain_keys(self.scope, s))]  # whole on the SSD: just read
         if not seqs:
             return
         t0 = time.perf_counter()
@@ -148,6 +149,23 @@ class PrefixCache:
         self.stats["shared_prefill_tokens"] += tokens
         engine.stats["prefill_s"] += dt
         engine.stats["prefill_tokens"] += tokens
+
+    def _remember(self, keys: list[str]) -> bool:
+        """Keep the blocks `keys` in memory if every one is cached (and fits); True if they now all are."""
+        got = []
+        for key in keys:
+            t = self._get(key)
+            if t is None:
+                return False
+            got.append((key, t))
+        if self.stats["memory_bytes"] + sum(_nbytes(t) for _, t in got) > self.memory_bytes:
+            return False
+        for key, t in got:
+            if key not in self.memory:
+                self.memory[key] = t
+                self.stats["memory_blocks"] += 1
+                self.stats["memory_bytes"] += _nbytes(t)
+        return True
 
     # ------------------------------------------------------------------------------------ per micro-batch
     def attach(self, engine, mbs, prompts) -> None:
