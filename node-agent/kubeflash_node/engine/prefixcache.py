@@ -191,6 +191,7 @@ class PrefixCache:
                 self.stats["misses"] += sum(len(ks) for ks in keys) - sum(avail)
             if start <= 0:
                 continue
+            on_device: dict[tuple[str, ...], torch.Tensor] = {}
             for r, ks in enumerate(keys):
                 used = start - first[r]  # this row's tokens before `start` (the rest of its cached ones are redone)
                 for j in range(self.layout[0]):  # padding slots the prefill now skips: masked, but never NaN garbage
@@ -198,8 +199,10 @@ class PrefixCache:
                         buf[r, :, :min(first[r], start)] = 0
                 if used <= 0:
                     continue
-                kv = torch.cat([blocks[key] for key in ks[:-(-used // bt)]], dim=3)[:, :, :, :used]
-                kv = kv.to(engine.device)  # [L, 2, Nk, used, D]
+                chain = tuple(ks[:-(-used // bt)])
+                if chain not in on_device:  # rows of one prefix share one copy to the device
+                    on_device[chain] = torch.cat([blocks[key] for key in chain], dim=3).to(engine.device)
+                kv = on_device[chain][:, :, :, :used]  # [L, 2, Nk, used, D]
                 for j in range(kv.shape[0]):
                     kb, vb = engine.kv.bufs[j, k]  # [B, Nk, cap, D]
                     kb[r, :, first[r]:start] = kv[j, 0]
