@@ -44,9 +44,9 @@ from kubernetes import client, config, watch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "cluster"))
-from controlplane import ControlPlane, default_bin_dir  # noqa: E402
-
 from kubeflash_api import parse_job_spec  # noqa: E402
+
+from controlplane import ControlPlane, default_bin_dir  # noqa: E402
 
 GROUP, VERSION = "kubeflash.io", "v1alpha1"
 NS = "default"

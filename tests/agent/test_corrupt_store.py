@@ -3,9 +3,9 @@ agent starts again: it is removed, the log names the file, and the model is stag
 
 from __future__ import annotations
 
-from agent_harness import model_id, staging_leftovers
-
 from kubeflash_node.store.format import STAMP, verify
+
+from agent_harness import model_id, staging_leftovers
 
 
 def _flip(path, at: int) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent_harness import LOOPBACK_HTTP, FileServer, make_tar, model_id, staging_leftovers, wait_for, worker_pids
-
 from kubeflash_node.store.format import verify
+
+from agent_harness import LOOPBACK_HTTP, FileServer, make_tar, model_id, staging_leftovers, wait_for, worker_pids
 
 
 def staging_state(agent, mid: str) -> dict:

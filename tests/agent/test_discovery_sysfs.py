@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from agent_harness import fake_sysfs
-
 from kubeflash_node.agent.config import from_mapping
 from kubeflash_node.agent.discovery import discover
 from kubeflash_node.agent.pairing import pair
+
+from agent_harness import fake_sysfs
 
 # Two sockets. Socket 0: root 0000:16, a PCIe switch with GPU 0 and nvme0 behind it. Socket 1: root 0000:b6 with
 # GPU 1 on one root port and nvme1 on another; root 0000:d0 (socket 1 too) holds GPU 2 and no SSD; GPU 3 sits

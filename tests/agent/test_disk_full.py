@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent_harness import LOOPBACK_HTTP, FileServer, make_tar, model_id, staging_leftovers, write_tiny_llama
-
 from kubeflash_node.agent.fsutil import tree_bytes
+
+from agent_harness import LOOPBACK_HTTP, FileServer, make_tar, model_id, staging_leftovers, write_tiny_llama
 
 
 @pytest.fixture

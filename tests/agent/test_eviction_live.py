@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from agent_harness import model_id, wait_for, write_tiny_llama
-
-from kubeflash_node.agent.space import estimate_store_bytes
 from kubeflash_node.agent.fsutil import tree_bytes
+from kubeflash_node.agent.space import estimate_store_bytes
 from kubeflash_node.store.convert import config_from_hf, convert
+
+from agent_harness import model_id, wait_for, write_tiny_llama
 
 
 @pytest.fixture(scope="module")

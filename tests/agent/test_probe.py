@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from agent_harness import ENV, REPO
-
 from kubeflash_node.agent.probe import probe_disk
+
+from agent_harness import ENV, REPO
 
 
 def test_probe_cached_across_restarts(tmp_path, agents):

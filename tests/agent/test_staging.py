@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent_harness import LOOPBACK_HTTP, FileServer, make_tar, model_id, staging_leftovers
-
 from kubeflash_node.store.format import load_manifest, verify
+
+from agent_harness import LOOPBACK_HTTP, FileServer, make_tar, model_id, staging_leftovers
 
 
 def assert_published(disk: Path, mid: str) -> None:

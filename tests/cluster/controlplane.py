@@ -39,7 +39,8 @@ BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler
 
 #: Annotation that makes a Node managed by our kwok controller.
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
-DEFAULT_FAKE_NODE_CAPACITY = {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "4", "pods": "110"}
+DEFAULT_FAKE_NODE_CAPACITY = {"cpu": "32", "memory": "256Gi", "ephemeral-storage": "1Ti", "nvidia.com/gpu": "4",
+                              "pods": "110"}
 SERVICE_CIDR = "10.0.0.0/24"
 
 
@@ -490,7 +491,7 @@ class ControlPlane:
             f"--client-ca-file={self.ca_file}",
             f"--token-auth-file={pki / 'tokens.csv'}",
             "--authorization-mode=Node,RBAC",
-            f"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",

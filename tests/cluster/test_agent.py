@@ -18,9 +18,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
 
-from agent_harness import AgentProc, wait_for, write_tiny_llama  # noqa: E402
-
 from kubeflash_node.store.ids import model_id  # noqa: E402
+
+from agent_harness import AgentProc, wait_for, write_tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -115,7 +115,7 @@ def test_flashnode_status_kept_current(control_plane, node, agent):
 
     wait_for(lambda: models().get(good, {}).get("state") == "Ready", 120, what="model Ready", log=agent.log)
     assert models()[good]["disk"] == "ssd1" and models()[good]["bytes"] > 0
-    assert models()[bad]["state"] == "Failed" and "id must be" in models()[bad]["message"]  # kubeflash_api.flashnode names the right id
+    assert models()[bad]["state"] == "Failed" and "id must be" in models()[bad]["message"]
 
     assert agent.stop() == 0
     assert "kubeflash.io/agent" not in get_json(cp, "node", node)["metadata"]["labels"]

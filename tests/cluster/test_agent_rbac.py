@@ -13,9 +13,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
 
-from agent_harness import AgentProc, wait_for  # noqa: E402
-
 from kubeflash_node.store.ids import model_id  # noqa: E402
+
+from agent_harness import AgentProc, wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

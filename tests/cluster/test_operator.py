@@ -19,6 +19,7 @@ kopf_testing = pytest.importorskip("kopf.testing")
 kubernetes = pytest.importorskip("kubernetes")
 
 from kubeflash_node.store.ids import model_id  # noqa: E402
+
 from polling import wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

@@ -64,8 +64,8 @@ def test_x_cache_halves_mha_cache_same_tokens(opt_store, tmp_path):
 ], ids=["cpu-attention-without-cpu-kv", "write-back-without-disk-kv"])
 def test_technique_needs_its_tier(offload, message):
     """Asking for a technique on the wrong KV tier is refused with the manifest field's name (by the parser)."""
-    from kubeflash_node.engine.planning import policy_for
     from kubeflash_api import SpecError, parse_job
+    from kubeflash_node.engine.planning import policy_for
 
     with pytest.raises(SpecError, match=message):  # refused by the one parser, before any engine work
         job = parse_job({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "j"},
@@ -76,8 +76,8 @@ def test_technique_needs_its_tier(offload, message):
 
 def test_auto_policy_picks_the_tier_a_technique_needs():
     """With policy auto, asking for CPU attention or write-back moves the KV to the tier they work on."""
-    from kubeflash_node.engine.planning import policy_for
     from kubeflash_api import parse_job
+    from kubeflash_node.engine.planning import policy_for
 
     def pol(**off):
         job = parse_job({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "j"},
@@ -138,8 +138,8 @@ def test_run_job_auto_policy_follows_the_cost_model(opt_store, tmp_path):
 def test_run_job_refuses_a_disk_cache_over_the_kv_disk_quota(opt_store, tmp_path):
     """An explicit policy whose KV files would outgrow spec.resources.kvDisk fails before generating, naming the
     field and the size it needs; no result is written."""
-    from kubeflash_node.engine.job import run_job
     from kubeflash_api import SpecError, parse_job
+    from kubeflash_node.engine.job import run_job
     from kubeflash_node.store.format import load_manifest
 
     def spec(kv_disk):
@@ -167,10 +167,10 @@ def test_run_job_plans_within_the_manifests_memory_budgets(opt_store, tmp_path):
     import json
     from pathlib import Path
 
+    from kubeflash_api import SpecError, parse_job
     from kubeflash_node.engine.bench import Ceilings
     from kubeflash_node.engine.job import run_job
     from kubeflash_node.engine.machine import Machine
-    from kubeflash_api import SpecError, parse_job
     from kubeflash_node.store.format import load_manifest
 
     def spec(gpu):

@@ -69,8 +69,8 @@ def test_gpu_memory_of_the_manifest_caps_the_allocator(opt_store, tmp_path):
     as out of memory; the job itself, far smaller, runs."""
     import torch
 
-    from kubeflash_node.engine.job import run_job
     from kubeflash_api import parse_job
+    from kubeflash_node.engine.job import run_job
     from kubeflash_node.store.format import load_manifest
 
     spec = parse_job({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "j"},

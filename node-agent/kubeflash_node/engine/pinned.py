@@ -14,7 +14,6 @@ import weakref
 
 import torch
 
-
 PAGE = 4096
 HUGE = 2 << 20  # a transparent huge page: large buffers are aligned to it and advised to use them
 MADV_HUGEPAGE = 14

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from operator_factories import NOW, flashnode
 
 from kubeflash_operator.bookkeeping import (
     CLAIMS_ANNOTATION,
@@ -25,6 +24,8 @@ from kubeflash_operator.bookkeeping import (
     stale_entries,
 )
 from kubeflash_operator.scheduler import Claim, Request, place
+
+from operator_factories import NOW, flashnode
 
 A = Claim("ns/a", "n1", (0,), "nvme0", 5)
 B = Claim("ns/b", "n1", (1,), "nvme1", 0)

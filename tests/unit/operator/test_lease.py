@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from operator_factories import NOW
 
 from kubeflash_operator.lease import LeaseView, may_take
+
+from operator_factories import NOW
 
 
 @pytest.mark.parametrize("lease, expected", [

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
-
-from operator_factories import GiB, NOW, flashnode, job_spec, rfc
+from kubeflash_api import parse_job_spec
 from kubeflash_operator.config import OperatorConfig
 from kubeflash_operator.pods import PodView
 from kubeflash_operator.reconcile import Job, World, admit, step
 from kubeflash_operator.scheduler import Claim, node_view
-from kubeflash_api import parse_job_spec
+
+from operator_factories import NOW, GiB, flashnode, job_spec, rfc
 
 CFG = OperatorConfig(backoff_base_s=10, backoff_cap_s=60, unschedulable_timeout_s=120, image_pull_timeout_s=60)
 MODEL = parse_job_spec(job_spec(), name="j", namespace="default").model.id

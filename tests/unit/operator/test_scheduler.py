@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from operator_factories import GiB, NOW, flashnode
 from kubeflash_operator.scheduler import Claim, NoFit, Placement, Request, claim_of, node_view, place
+
+from operator_factories import NOW, GiB, flashnode
 
 MODEL = "smollm2-135m-0000"
 

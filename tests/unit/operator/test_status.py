@@ -6,8 +6,9 @@ from datetime import timedelta
 
 import pytest
 
-from operator_factories import NOW
 from kubeflash_operator import status as st
+
+from operator_factories import NOW
 
 ALLOWED = [
     (None, "Pending"), ("Pending", "Scheduled"), ("Scheduled", "Staging"), ("Scheduled", "Running"),

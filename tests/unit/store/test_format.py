@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from kubeflash_node.store.format import (ALIGN, Manifest, ModelWriter, StoreError, load_manifest, tensor_view,
-                                         verify)
+from kubeflash_node.store.format import ALIGN, Manifest, ModelWriter, StoreError, load_manifest, tensor_view, verify
 
 
 def _write_model(out, *, tensors=None):

@@ -9,8 +9,16 @@ import os
 import numpy as np
 import pytest
 
-from kubeflash_node.store.format import (STAMP, Manifest, ModelWriter, StoreError, _read_manifest, _stamp_key,
-                                         load_manifest, verify_model)
+from kubeflash_node.store.format import (
+    STAMP,
+    Manifest,
+    ModelWriter,
+    StoreError,
+    _read_manifest,
+    _stamp_key,
+    load_manifest,
+    verify_model,
+)
 
 
 def _model(out, *, tokenizer: bool = True):
