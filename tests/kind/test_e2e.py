@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import e2e_cases as cases
 import pytest
+
+import e2e_cases as cases
 from e2e_cases import job, job_pods, phase, wait_for, wait_phase
 
 REPO = Path(__file__).resolve().parents[2]

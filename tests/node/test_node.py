@@ -5,8 +5,9 @@ are tests/e2e_cases.py's, shared with tests/kind, so both cluster providers make
 
 from __future__ import annotations
 
-import e2e_cases as cases
 import pytest
+
+import e2e_cases as cases
 
 # The first test pays for bringing the cluster up (binaries and images cached after the first run).
 pytestmark = [pytest.mark.node, pytest.mark.timeout(3600)]
