@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from polling import wait_for as _wait_for
 
 REPO = Path(__file__).resolve().parents[2]

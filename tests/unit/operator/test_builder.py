@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from operator_factories import job_spec
 
 from kubeflash_api import from_canonical, parse_job_spec
 from kubeflash_operator.builder import JobRef, PodLimits, PodTarget, build_pod, image_refusal, pod_name
+
+from operator_factories import job_spec
 
 JOB = JobRef(namespace="team-a", name="summarize", uid="uid-123")
 TARGET = PodTarget(node="gpu-node-1", gpus=(1,), disk="nvme1", disk_path="/mnt/nvme1/kubeflash", model_id="m-1",

@@ -5,7 +5,6 @@ labels and the job's owner reference count as the job's; the pod limits come fro
 from __future__ import annotations
 
 import pytest
-from operator_factories import NOW, GiB, flashnode, job_spec
 
 from kubeflash_api import parse_job_spec
 from kubeflash_operator.builder import labels, owner_reference
@@ -13,6 +12,8 @@ from kubeflash_operator.config import OperatorConfig
 from kubeflash_operator.kube import models_to_drop, owned_by
 from kubeflash_operator.reconcile import Job, World, step
 from kubeflash_operator.scheduler import node_view
+
+from operator_factories import NOW, GiB, flashnode, job_spec
 
 MODEL = parse_job_spec(job_spec(), name="j", namespace="ns").model.id
 
