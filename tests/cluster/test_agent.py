@@ -175,16 +175,18 @@ def test_kv_space_released_for_job_deleted_while_agent_down(control_plane, names
 
 
 def test_results_copied_to_output_configmap(control_plane, namespace, node, agent, tmp_path):
-    """spec.output.configMap: when the job has ended the agent copies results.jsonl into that ConfigMap."""
+    """spec.output.configMap: when the job has ended the agent copies results.jsonl into that ConfigMap, which the
+    operator created before the pod (the agent never creates one; here the test plays the operator)."""
     cp = control_plane
     agent.start()
     create_job(cp, namespace, "batch", node, "ssd0", output={"configMap": {"name": "batch-results"}})
+    cp.kubectl("create", "configmap", "batch-results", "-n", namespace)
     job_dir = tmp_path / "ssd0" / "jobs" / namespace / "batch"
     wait_for(lambda: job_dir.is_dir(), 30, what="job space", log=agent.log)
     lines = '{"custom_id": "0", "response": {"body": {"choices": [{"text": "hi"}]}}}\n'
     (job_dir / "results.jsonl").write_text(lines)
     set_job_status(cp, namespace, "batch", {"phase": "Succeeded"})
-    cm = wait_for(lambda: get_json(cp, "configmap", "batch-results", "-n", namespace), 30,
-                  what="output ConfigMap", log=agent.log)
-    assert cm["data"] == {"results.jsonl": lines}
+    data = wait_for(lambda: (get_json(cp, "configmap", "batch-results", "-n", namespace) or {}).get("data"), 30,
+                    what="results in the output ConfigMap", log=agent.log)
+    assert data == {"results.jsonl": lines}
     assert job_dir.is_dir()  # the space stays until the job is deleted
