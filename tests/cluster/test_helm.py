@@ -374,10 +374,10 @@ def test_rendered_tenancy_boundaries(control_plane, tmp_path):
 
     refused = control_plane.helm("template", "kf", str(CHART), "--set", "operator.watchAllNamespaces=false", check=False)
     assert refused.returncode != 0 and "list the namespaces the operator serves" in refused.stderr
-    notes = control_plane.helm("install", "kf", str(CHART), "--dry-run=client", "-n", "x").stdout
+    no_crds = ("--dry-run=client", "-n", "x", "--set", "crds.enabled=false")  # earlier tests installed the CRDs
+    notes = control_plane.helm("install", "kf", str(CHART), *no_crds).stdout
     assert "WARNING: the operator serves InferenceJobs in EVERY namespace" in notes
-    scoped = control_plane.helm("install", "kf", str(CHART), "--dry-run=client", "-n", "x", "--set",
-                                "operator.watchNamespaces={a}").stdout
+    scoped = control_plane.helm("install", "kf", str(CHART), *no_crds, "--set", "operator.watchNamespaces={a}").stdout
     assert "EVERY namespace" not in scoped
 
 

@@ -398,7 +398,8 @@ def test_malformed_jobs_are_rejected_or_failed_while_a_good_job_runs(ns, kube, c
     for name, _, field in BAD_FOR_OPERATOR:
         s = kube.wait_phase(f"bad-{name}", "Failed")
         assert s["reason"] == "InvalidSpec" and s["message"].startswith(field), (name, s["message"])
-        assert ("InvalidSpec", s["message"]) in kube.events(f"bad-{name}")
+        wanted = ("InvalidSpec", s["message"])  # events are posted in batches, after the status
+        wait_for(f"InvalidSpec event of bad-{name}", lambda n=name: kube.events(f"bad-{n}"), lambda ev, w=wanted: w in ev)
     assert kube.wait_phase("good", "Running")["pod"] == "good-1"
     assert all(kube.pod_names(f"bad-{name}") == [] for name, _, _ in BAD_FOR_OPERATOR)
 
