@@ -6,7 +6,7 @@ FlashNodes, the operator as its own process). Fails on any double-booked pair (b
 ledgers), any job, pod or ledger entry left after the deletion, a traceback in the operator's log, or a
 deletion slower than 15 s. A second run starts two operators side by side, both acting: the resourceVersion-
 conditional ledger writes alone must keep every pair single-booked. With --leader-elect only one acts at a time.
-Sizes: KUBEFLASH_SCALE_JOBS / KUBEFLASH_SCALE_NODES (default 60 on 10 nodes, what a loaded 2-core CI machine
+Sizes: KUBEFLASH_SCALE_JOBS / KUBEFLASH_SCALE_NODES (default 40 on 8 nodes, what a loaded 2-core CI machine
 finishes inside the limits; the issue's 200 on 20: KUBEFLASH_SCALE_JOBS=200 KUBEFLASH_SCALE_NODES=20).
 """
 
@@ -25,8 +25,8 @@ from operator_scale import OperatorProcess, apply_crds, run, wait  # noqa: E402
 
 from kubeflash_operator.lease import LEASE_NAME  # noqa: E402
 
-JOBS = int(os.environ.get("KUBEFLASH_SCALE_JOBS", "60"))
-NODES = int(os.environ.get("KUBEFLASH_SCALE_NODES", "10"))
+JOBS = int(os.environ.get("KUBEFLASH_SCALE_JOBS", "40"))
+NODES = int(os.environ.get("KUBEFLASH_SCALE_NODES", "8"))
 DELETE_LIMIT_S = 15.0
 NOTHING_LEFT = {"jobs": 0, "pods": 0, "claims": 0, "kv_allocations": 0}
 
