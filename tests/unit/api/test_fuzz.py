@@ -173,7 +173,7 @@ def test_valid_manifests_survive_a_yaml_file(doc):
     """Written with yaml.safe_dump, a valid manifest loads back from the file unchanged (load_manifest)."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "job.yaml"
-        path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
         assert load_manifest(path) == doc
         assert parse_job(load_manifest(path)) == parse_job(doc)
 
