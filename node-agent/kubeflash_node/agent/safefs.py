@@ -69,11 +69,22 @@ def open_dir(base: Path | str, rel: str | Sequence[str] = ()) -> int:
     """An O_DIRECTORY fd of base/rel, reached without following any link below `base`; caller closes it.
 
     Raises FileNotFoundError when a component is missing, Unsafe when one is a link or not a directory."""
+    return _walk(base, rel, create_mode=None)
+
+
+def _walk(base: Path | str, rel: str | Sequence[str], *, create_mode: int | None) -> int:
+    """open_dir and make_dirs: one component at a time, each opened O_NOFOLLOW relative to its parent's fd
+    (and made first, with `create_mode`, when that is given)."""
     fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     shown = str(base)
     try:
         for part in _parts(rel):
             shown = f"{shown}/{part}"
+            if create_mode is not None:
+                try:
+                    os.mkdir(part, create_mode, dir_fd=fd)
+                except FileExistsError:
+                    pass
             try:
                 nfd = os.open(part, _DIR, dir_fd=fd)
             except OSError as e:
@@ -175,22 +186,4 @@ def chown_fd(fd: int, uid: int | None, gid: int | None) -> None:
 
 def make_dirs(base: Path | str, rel: str | Sequence[str], *, mode: int = 0o755) -> int:
     """An O_DIRECTORY fd of base/rel, creating missing components, never following a link below `base`."""
-    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    shown = str(base)
-    try:
-        for part in _parts(rel):
-            shown = f"{shown}/{part}"
-            try:
-                os.mkdir(part, mode, dir_fd=fd)
-            except FileExistsError:
-                pass
-            try:
-                nfd = os.open(part, _DIR, dir_fd=fd)
-            except OSError as e:
-                raise _refusal(fd, part, shown, e, "a directory") from None
-            os.close(fd)
-            fd = nfd
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
+    return _walk(base, rel, create_mode=mode)
