@@ -233,7 +233,7 @@ def main(args: argparse.Namespace) -> int:
                      "gpu_batch_size": gbs, "num_gpu_batches": policy.num_gpu_batches, "device": device,
                      "policy_mode": mode, "quantization": quant, "kv_bits": policy.kv_bits,
                      "cpu_attention": policy.cpu_attention, "kv_write_back": policy.kv_write_back,
-                     "x_cache_percent": policy.x_cache_percent,
+                     "x_cache_percent": policy.x_cache_percent, "attention_mask": "per-row lengths",
                      "gpu_memory_bytes": budget.gpu_bytes, "cpu_memory_bytes": budget.cpu_bytes},
         "predicted_s": pred.run_s if pred else None,
         "prediction_error": (pred.run_s / elapsed - 1) if pred else None,

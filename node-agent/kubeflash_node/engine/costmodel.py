@@ -273,9 +273,10 @@ def _memory(e: _Env, p: Policy, stored: list[int], dense: list[int], where: list
     s, cap = j.prompt_len, j.prompt_len + j.gen_len
     nx = len(p.x_layers(c.num_layers))
     kv_dev = blk * cap * _kv_token(e, p) if p.kv == "device" and j.gen_len > 1 else 0  # the whole block's cache
-    # the hidden state of every micro-batch of the block, its mask [B,1,S,T] and rope cos/sin
+    # the hidden state of every micro-batch of the block and its rope cos/sin (no attention mask: model.Span
+    # holds per-row lengths, a decode step's [B, 1, 1, T] row is counted with the step)
     static = sum(dense[i] for i, w in enumerate(where) if w == "gpu") + slots + deq + kv_dev \
-        + blk * s * (h + s + 2 * c.head_dim) * isz
+        + blk * s * (h + 2 * c.head_dim) * isz
     # one micro-batch's prefill layer: attention holds x, h, q, k, v and o; the MLP x, the residual, h, the new
     # K and V (until the cache stores them) and its hidden activations (OPT's ReLU in place; Llama's gate, up)
     mlp = (1 if c.architecture == "opt" else 2) * c.intermediate_size
