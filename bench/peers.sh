@@ -27,7 +27,7 @@ incg() { # run a command inside the cgroup (memory.max=$CG); where none can be m
 ours() { # name prompts [bench args…]: kubeflash bench, auto policy unless args pin one
   local name=$1 n=$2; shift 2
   echo "=== $name: kubeflash bench --prompts $n $*"
-  incg $KF bench --store "$STORE" --ceilings "$STORE/ceilings.json" --prompts "$n" --prompt-len "$PLEN" --gen-len 32 \
+  incg $KF bench --store "$STORE" --ceilings "$STORE/ceilings.json" --prompts "$n" --prompt-len "$PLEN" --gen-len "${GEN:-32}" \
     --gpu-memory "$GPU" --cpu-memory "${CPUMEM:-14GiB}" --cold --json "$RES/$name.json" "$@" 2>&1 \
     | grep -E "^(policy auto|  |workload|measured|cost model|roofline|efficiency|peak|load_|store_|compute_layer|prefill|decode|block)|rror"
 }
@@ -75,10 +75,11 @@ for step in "$@"; do case $step in
   fglc) (PLEN=8192 GPU=16GiB CG=64G FG_OPTS=(--max-seq-len 8224)
          flexgen fg-lc8k-opt1.3b --model facebook/opt-1.3b --percent 100 0 0 100 100 0 --gpu-batch-size 1 \
            --num-gpu-batches 16) ;;
-  # 32K prompts (issue 18): Llama-3-8B with 32K positions (GQA), 4 prompts of 32,736 tokens + 32 generated, the KV
-  # cache (16 GiB fp16) pinned to the SSD (--kv disk, the rest planned), GPU capped at 40 GiB, cgroup 64G. FlexGen
-  # has no GQA: its side by side is fglc's OPT shape.
-  ours32k) PLEN=32736 GPU=40GiB CG=64G CPUMEM=56GiB ours ours-lc32k-llama3-8b-kvdisk 4 \
+  # 32K prompts (issue 18): Llama-3-8B with 32K positions (GQA), 4 prompts of 32,736 tokens + $GEN generated (default
+  # 4: every decode step reads the whole 16 GiB cache back from the SSD), the KV cache pinned to the SSD (--kv disk,
+  # the rest planned), GPU capped at 40 GiB, cgroup 12G (below the cache, so the page cache cannot hold it).
+  # FlexGen has no GQA: its side by side is fglc's OPT shape.
+  ours32k) PLEN=32736 GPU=40GiB CG=12G CPUMEM=10GiB GEN=${GEN:-4} ours ours-lc32k-llama3-8b-kvdisk 4 \
              --model dummy:llama-3-8b-32k --policy auto --kv disk ;;
   # opt-30b with its weights in CPU memory (60 GB fp16, more than the ~45 GB free disk: an all-zero store, sparse
   # files, same shapes and bytes moved), 32 prompts of 512 + 32, GPU capped at 12 GiB, no cgroup limit (host
