@@ -19,6 +19,8 @@ ENV_OUTPUT_DIR = "KUBEFLASH_OUTPUT_DIR"  # the mounted output claim's root
 ENV_PROBE = "KUBEFLASH_PROBE"
 ENV_DEVICE = "KUBEFLASH_DEVICE"
 ENV_GPUS = "KUBEFLASH_GPUS"
+ENV_KV_CACHE_DIR = "KUBEFLASH_KV_CACHE_DIR"  # the mounted node prefix KV cache (spec.cache.prefix)
+ENV_KV_CACHE_BUDGET = "KUBEFLASH_KV_CACHE_BUDGET"  # its byte budget (a quantity), the agent's kvCache.budget
 
 # Files in a job's directory (written by the engine, read by the agent as hostile input).
 RESULTS_FILE = "results.jsonl"
@@ -33,5 +35,6 @@ CSI_MODEL_ID = "kubeflash.io/model-id"  # a staged model, mounted read-only
 CSI_KV_SIZE = "kubeflash.io/kv-size"  # a sized KV space (bytes or a quantity)
 CSI_JOB = "kubeflash.io/job"  # the job's directory in the pod's namespace
 CSI_DISK = "kubeflash.io/disk"  # optional: the store disk's name
+CSI_KV_CACHE = "kubeflash.io/kv-cache"  # the node's prefix KV cache of one model, in the pod's namespace
 CSI_MIN_KV = 16 << 20  # the smallest KV volume (an ext4 image smaller than this is mostly metadata)
 DEFAULT_KV_DISK = "10Gi"

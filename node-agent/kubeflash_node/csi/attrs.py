@@ -4,9 +4,11 @@ Volume attributes (the pod's `volumeAttributes` of a CSI inline volume):
   kubeflash.io/model-id  a staged model's id      -> model volume (read-only bind of models/<id>)
   kubeflash.io/kv-size   a size like 8Gi          -> KV volume (sized ext4 image, loop-mounted)
   kubeflash.io/job       the job's name           -> job volume (the job's directory on the store, read-write)
+  kubeflash.io/kv-cache  a model id               -> cache volume (the node's prefix KV cache of that model in the
+                                                     pod's namespace, kvcache/ns/<namespace>/<model-id>, read-write)
   kubeflash.io/disk      optional: the store disk's name (default: the disk holding the model / the first disk)
-Exactly one of the first three. Keys the kubelet adds (csi.storage.k8s.io/*) are accepted and only the pod's
-namespace is used (it confines a job volume to the pod's own namespace).
+Exactly one of the first four. Keys the kubelet adds (csi.storage.k8s.io/*) are accepted and only the pod's
+namespace is used (it confines a job or cache volume to the pod's own namespace).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from kubeflash_api.quantity import parse_quantity
 
 from .errors import CsiError
 
-MODEL_ID, KV_SIZE, JOB, DISK = c.CSI_MODEL_ID, c.CSI_KV_SIZE, c.CSI_JOB, c.CSI_DISK
-KINDS = {MODEL_ID: "model", KV_SIZE: "kv", JOB: "job"}
+MODEL_ID, KV_SIZE, JOB, DISK, KV_CACHE = c.CSI_MODEL_ID, c.CSI_KV_SIZE, c.CSI_JOB, c.CSI_DISK, c.CSI_KV_CACHE
+KINDS = {MODEL_ID: "model", KV_SIZE: "kv", JOB: "job", KV_CACHE: "cache"}
 KNOWN = set(KINDS) | {DISK}
 KUBELET_PREFIX = "csi.storage.k8s.io/"
 POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
@@ -38,25 +40,28 @@ class Request:
 
     volume_id: str
     target: str
-    kind: str  # model | kv | job
+    kind: str  # model | kv | job | cache
     read_only: bool
-    model_id: str = ""
+    model_id: str = ""  # model, cache
     size: int = 0  # kv: bytes
     job: str = ""  # job: <namespace>/<name>
     disk: str = ""  # requested disk name, "" = driver's choice
+    namespace: str = ""  # cache: the pod's namespace
 
     def same_volume(self, other: "Request") -> bool:
         """Same volume arguments (the target may differ)."""
-        return (self.kind, self.model_id, self.size, self.job, self.disk, self.read_only) == (
-            other.kind, other.model_id, other.size, other.job, other.disk, other.read_only)
+        return (self.kind, self.model_id, self.size, self.job, self.disk, self.read_only, self.namespace) == (
+            other.kind, other.model_id, other.size, other.job, other.disk, other.read_only, other.namespace)
 
     def to_json(self) -> dict:
         return {"volume_id": self.volume_id, "target": self.target, "kind": self.kind, "read_only": self.read_only,
-                "model_id": self.model_id, "size": self.size, "job": self.job, "disk": self.disk}
+                "model_id": self.model_id, "size": self.size, "job": self.job, "disk": self.disk,
+                "namespace": self.namespace}
 
     @classmethod
     def from_json(cls, d: dict) -> "Request":
-        return cls(**{k: d[k] for k in ("volume_id", "target", "kind", "read_only", "model_id", "size", "job", "disk")})
+        keys = ("volume_id", "target", "kind", "read_only", "model_id", "size", "job", "disk")
+        return cls(**{k: d[k] for k in keys}, namespace=d.get("namespace", ""))  # records of older drivers lack it
 
 
 def parse_size(value: str) -> int:
@@ -72,12 +77,12 @@ def parse_request(volume_id: str, target: str, context: dict[str, str], *, read_
     unknown = sorted(k for k in context if k not in KNOWN and not k.startswith(KUBELET_PREFIX))
     if unknown:
         raise CsiError.invalid(f"unknown volume attribute {unknown[0]!r}; kubeflash.io volumes take "
-                               f"{MODEL_ID}, {KV_SIZE} or {JOB}, and optionally {DISK}")
+                               f"{MODEL_ID}, {KV_SIZE}, {JOB} or {KV_CACHE}, and optionally {DISK}")
     kinds = [k for k in KINDS if k in context]
     if not kinds:
         # Not an inline volume of ours: a pre-provisioned volume id, and this driver provisions none.
         raise CsiError.not_found(f"volume {volume_id!r} does not exist: kubeflash.io serves only inline volumes "
-                                 f"with attribute {MODEL_ID}, {KV_SIZE} or {JOB}")
+                                 f"with attribute {MODEL_ID}, {KV_SIZE}, {JOB} or {KV_CACHE}")
     if len(kinds) > 1:
         raise CsiError.invalid(f"volume attributes {kinds[0]} and {kinds[1]} exclude each other: one volume is "
                                "a model, a KV space or a job directory")
@@ -95,6 +100,8 @@ def parse_request(volume_id: str, target: str, context: dict[str, str], *, read_
         if read_only:
             raise CsiError.invalid(f"a {KV_SIZE} volume is the job's writable KV space; it cannot be readOnly")
         return Request(volume_id, target, "kv", False, size=parse_size(value), disk=disk)
+    if key == KV_CACHE:
+        return _cache_request(volume_id, target, value, context, read_only=read_only, disk=disk)
     if not _NAME.match(value) or len(value) > 253:
         raise CsiError.invalid(f"volume attribute {JOB} must be an InferenceJob name, got {value!r}")
     namespace = context.get(POD_NAMESPACE, "")
@@ -102,3 +109,17 @@ def parse_request(volume_id: str, target: str, context: dict[str, str], *, read_
         raise CsiError.invalid(f"volume attribute {JOB} needs the pod's namespace ({POD_NAMESPACE}, sent by the "
                                "kubelet when the CSIDriver has podInfoOnMount: true)")
     return Request(volume_id, target, "job", read_only, job=f"{namespace}/{value}", disk=disk)
+
+
+def _cache_request(volume_id: str, target: str, value: str, context: dict[str, str], *, read_only: bool,
+                   disk: str) -> Request:
+    if not is_model_id(value):
+        raise CsiError.invalid(f"volume attribute {KV_CACHE} must be a model id as FlashNode.status.models[].id "
+                               f"shows it ({MODEL_ID_RULE.pattern}), got {value!r}")
+    if read_only:
+        raise CsiError.invalid(f"a {KV_CACHE} volume is where the engine adds new KV blocks; it cannot be readOnly")
+    namespace = context.get(POD_NAMESPACE, "")
+    if not _NAME.match(namespace) or len(namespace) > 63:
+        raise CsiError.invalid(f"volume attribute {KV_CACHE} needs the pod's namespace ({POD_NAMESPACE}, sent by "
+                               "the kubelet when the CSIDriver has podInfoOnMount: true)")
+    return Request(volume_id, target, "cache", False, model_id=value, disk=disk, namespace=namespace)

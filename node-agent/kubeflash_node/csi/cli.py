@@ -19,7 +19,9 @@ DEFAULT_REGISTRY = "/var/lib/kubelet/plugins_registry"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("CSI node plugin of driver kubeflash.io. Volumes are CSI inline (ephemeral) volumes with "
                      "attribute kubeflash.io/model-id (read-only bind of a staged model), kubeflash.io/kv-size "
-                     "(a sized, loop-mounted ext4 KV space) or kubeflash.io/job (the job's directory). Needs root.")
+                     "(a sized, loop-mounted ext4 KV space), kubeflash.io/job (the job's directory) or "
+                     "kubeflash.io/kv-cache (the node's prefix KV cache of a model, in the pod's namespace). "
+                     "Needs root.")
     p.add_argument("--endpoint", default=DEFAULT_SOCKET, metavar="SOCKET",
                    help="unix socket to serve CSI on: a path or unix:///path (default: %(default)s)")
     p.add_argument("--node-id", default=os.environ.get("NODE_NAME") or socket.gethostname().split(".")[0].lower(),

@@ -3,7 +3,8 @@
 Per disk: `csi/volumes/<h>.json` records what each volume id was published with and at which targets (written
 before anything is mounted, so a crash leaves a record that the next start or unpublish cleans up),
 `csi/kv/<h>.img` + `csi/kv/<h>/` a KV volume's sparse ext4 image and its loop mount, `pins/<model>/<h>` a
-model's pin against eviction. What is really mounted is read from /proc/self/mountinfo, never assumed.
+model's pin against eviction, `kvcache/ns/<namespace>/<model>/` the prefix KV cache a cache volume binds (it
+outlives the pod: the agent keeps it under its budget). What is really mounted is read from /proc/self/mountinfo, never assumed.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 
 from kubeflash_node.store import pins
 from kubeflash_node.store.format import StoreError, atomic_write_json, load_manifest
+from kubeflash_node.store.kvblocks import scoped_root
 
 from . import mounts
-from .attrs import DISK, JOB, KV_SIZE, MODEL_ID, Request
+from .attrs import DISK, JOB, KV_CACHE, KV_SIZE, MODEL_ID, Request
 from .errors import CsiError
 
 log = logging.getLogger(__name__)
@@ -181,6 +183,12 @@ class Volumes:
             ns, name = req.job.split("/", 1)
             held = [n for n, p in self.disks.items() if (p / "jobs" / ns / name).is_dir()]
             return held[0] if held else next(iter(self.disks))
+        if req.kind == "cache":  # where this namespace's blocks of the model are, else beside the model
+            for where in (lambda p: scoped_root(p, req.namespace, req.model_id), lambda p: p / "models" / req.model_id):
+                held = [n for n, p in self.disks.items() if where(p).is_dir()]
+                if held:
+                    return held[0]
+            return next(iter(self.disks))
         return max(self.disks, key=lambda n: self.kv_free(n))
 
     def _prepare(self, rec: Record) -> None:
@@ -196,6 +204,9 @@ class Volumes:
             pins.pin(disk, req.model_id, h)
         elif req.kind == "job":
             self._job_dir(disk, *req.job.split("/", 1))
+        elif req.kind == "cache":
+            parts = scoped_root(disk, req.namespace, req.model_id).relative_to(disk).parts
+            self._owned_dirs(disk, parts, KV_CACHE, req.model_id)
         else:
             free = self.kv_free(rec.disk)
             if req.size > free:
@@ -216,13 +227,19 @@ class Volumes:
     def _job_dir(self, disk: Path, ns: str, name: str) -> None:
         """The job's directory, created owned by the engine's user when the pod starts before the agent made it
         (the agent adopts it: it sets the pod's owner, and removes it with the job)."""
-        path = disk / "jobs" / ns / name
-        for p in (path.parent.parent, path.parent, path):  # never follow a link out of the store
+        self._owned_dirs(disk, ("jobs", ns, name), JOB, name)
+
+    def _owned_dirs(self, disk: Path, parts: tuple[str, ...], attr: str, value: str) -> None:
+        """disk/parts..., each level a real directory (never a link out of the store), the missing ones created
+        owned by the engine's user (a non-root agent of that user removes what lies in them later)."""
+        p = disk
+        for part in parts:
+            p = p / part
             if p.is_symlink() or (p.exists() and not p.is_dir()):
-                raise CsiError.precondition(f"volume attribute {JOB} {name!r}: {p} is not a directory")
+                raise CsiError.precondition(f"volume attribute {attr} {value!r}: {p} is not a directory")
             if not p.exists():
                 p.mkdir(mode=0o755)
-                os.chown(p, *self.cfg.kv_owner)  # every level: a non-root agent of that user removes them later
+                os.chown(p, *self.cfg.kv_owner)
 
     def _source(self, rec: Record) -> Path:
         req, disk = rec.req, self.disks[rec.disk]
@@ -230,6 +247,8 @@ class Volumes:
             return disk / "models" / req.model_id
         if req.kind == "job":
             return disk.joinpath("jobs", *req.job.split("/", 1))
+        if req.kind == "cache":
+            return scoped_root(disk, req.namespace, req.model_id)
         mnt = self._csi(rec.disk, "kv", _h(req.volume_id))
         if mounts.mounted_at(mnt) is not None:
             return mnt
@@ -310,5 +329,7 @@ def _describe(req: Request) -> str:
         return f"{MODEL_ID}={req.model_id}" + (" readOnly" if req.read_only else "")
     if req.kind == "kv":
         return f"{KV_SIZE}={req.size} bytes"
+    if req.kind == "cache":
+        return f"{KV_CACHE}={req.model_id} in namespace {req.namespace}"
     return f"{JOB}={req.job.split('/', 1)[1]}" + (" readOnly" if req.read_only else "")
 

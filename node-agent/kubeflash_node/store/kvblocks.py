@@ -41,14 +41,24 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kubeflash_api import contract as c
+
 BLOCK_TOKENS = 256
 MAGIC = b"KFKVB1\0\0"
 LOW_WATER = 0.9  # eviction goes down to this fraction of the budget, so it runs once per ~10% of new bytes
 MAX_HEADER = 1 << 16
 SUFFIX = ".kvb"
 DEFAULT_BUDGET = 20 << 30  # bytes of SSD the cache may take unless $KUBEFLASH_KV_CACHE_BUDGET (a quantity) says
-ENV_KV_CACHE_BUDGET = "KUBEFLASH_KV_CACHE_BUDGET"
-ENV_KV_CACHE_DIR = "KUBEFLASH_KV_CACHE_DIR"  # the pod's node cache directory, when the runner provides one
+ENV_KV_CACHE_BUDGET = c.ENV_KV_CACHE_BUDGET
+ENV_KV_CACHE_DIR = c.ENV_KV_CACHE_DIR  # the pod's node cache directory, when the runner provides one
+CACHE_DIR = "kvcache"  # under a store disk's root
+USAGE_DIR = "usage"  # under a cache root: one small JSON of counters per engine run, folded in by the agent
+
+
+def scoped_root(disk_root: Path, namespace: str, model_id: str) -> Path:
+    """The cache root a cluster job sees: one per (namespace, model) on a store disk, so a job's pod can read and
+    write only blocks of its own namespace and model (`kubeflash run` uses `<store>/kvcache` itself)."""
+    return Path(disk_root) / CACHE_DIR / "ns" / namespace / model_id
 
 
 @dataclass(frozen=True)

@@ -59,3 +59,14 @@ def test_mountinfo_with_escaped_paths():
     a, b = parse_mountinfo(text)
     assert a.target.endswith("my vol/mount") and a.root == "/models/m" and a.read_only and a.fstype == "ext4"
     assert b.source == "/dev/loop0" and not b.read_only
+
+
+def test_cache_takes_the_model_and_the_pods_namespace():
+    ctx = {"kubeflash.io/kv-cache": MID, "csi.storage.k8s.io/pod.namespace": "team-a"}
+    req = parse_request("v", "/t", ctx, read_only=False)
+    assert (req.kind, req.model_id, req.namespace, req.read_only) == ("cache", MID, "team-a", False)
+    from kubeflash_node.csi.attrs import Request
+
+    assert Request.from_json(req.to_json()) == req
+    old = {k: v for k, v in req.to_json().items() if k != "namespace"}  # a record of a driver before caches
+    assert Request.from_json(old).namespace == ""
