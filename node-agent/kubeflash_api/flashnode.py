@@ -15,6 +15,7 @@ from kubeflash_api.status import conditions
 
 MODEL_STATES = ("Pending", "Staging", "Ready", "Failed", "Evicted")
 MAX_MODELS = 256
+MAX_KV_CACHE_ENTRIES = 64  # status.kvCache.entries: the largest (disk, namespace, model) caches only
 _TIME = {"fmt": "date-time"}
 _NUMA = {"lo": -1}
 
@@ -103,6 +104,29 @@ STATUS = s.obj(
         ("bytes", s.integer("Reserved bytes.", lo=0, fmt="int64")),
         ("path", s.string("The job's directory on that disk.")),
         required=("job", "disk")))),
+    ("kvCache", s.obj(
+        "The node's prefix KV cache on its SSDs (docs/prefix-cache.md): size, budget, and totals over every job.",
+        ("budgetBytes", s.integer("Bytes the cache may take (the agent's kvCache.budget); 0: no cache.", lo=0,
+                                  fmt="int64")),
+        ("bytes", s.integer("Bytes of blocks on disk.", lo=0, fmt="int64")),
+        ("blocks", s.integer("Blocks on disk.", lo=0, fmt="int64")),
+        ("hits", s.integer("Blocks jobs read from the cache (since the agent's state began).", lo=0, fmt="int64")),
+        ("misses", s.integer("Blocks jobs computed because the cache lacked them.", lo=0, fmt="int64")),
+        ("prefillTokensSaved", s.integer("Prompt tokens jobs did not prefill thanks to the cache.", lo=0,
+                                         fmt="int64")),
+        ("blocksEvicted", s.integer("Blocks removed to stay under the budget.", lo=0, fmt="int64")),
+        ("bytesEvicted", s.integer("Bytes removed to stay under the budget.", lo=0, fmt="int64")),
+        ("entries", s.array(f"What it holds per disk, namespace and model, largest first (at most "
+                            f"{MAX_KV_CACHE_ENTRIES}; the operator prefers a node holding a job's model here).",
+                            s.obj("One namespace's cache of one model on one disk.",
+                                  ("disk", s.string("The disk.")),
+                                  ("namespace", s.string("The namespace whose jobs wrote and read it.")),
+                                  ("modelId", s.string("The model's id.")),
+                                  ("blocks", s.integer("Blocks.", lo=0, fmt="int64")),
+                                  ("bytes", s.integer("Bytes.", lo=0, fmt="int64")),
+                                  ("lastUsed", s.string("When a block was last written or read.", **_TIME)),
+                                  required=("disk", "namespace", "modelId", "blocks")),
+                            max_len=MAX_KV_CACHE_ENTRIES)))),
     ("heartbeat", s.string("When the agent last wrote this status.", **_TIME)),
     ("conditions", conditions("Ready (the agent reports), as metav1.Conditions.")),
 )

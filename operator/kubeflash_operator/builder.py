@@ -3,7 +3,8 @@
 Pure: everything it needs comes in as arguments, so the manifest is unit-tested without a cluster. The pod is
 pinned to the placed node by required node affinity (the native scheduler still checks GPUs and memory),
 mounts its model (read-only), its job directory and its sized KV space as CSI inline volumes of the
-kubeflash.io driver on the paired SSD (no hostPath), and runs unprivileged.
+kubeflash.io driver on the paired SSD (no hostPath), with spec.cache.prefix also the node's prefix KV cache of
+its model in its namespace (when the node's agent keeps one), and runs unprivileged.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class PodTarget:
     model_disk: str  # the disk holding the staged model (the pair's disk unless staged elsewhere)
     model_disk_path: str
     probe: tuple[tuple[str, float], ...] = ()  # the agent's measured bandwidths (NodeView.probe) for the engine
+    kv_cache_budget: int = 0  # bytes of the node's prefix KV cache (NodeView.kv_cache_budget); 0: the node has none
 
 
 def pod_name(job: str, attempt: int) -> str:
@@ -209,6 +211,9 @@ def _env(job: JobRef, spec: JobSpec, target: PodTarget, device: str) -> list[dic
         env[c.ENV_INPUT_FILE] = f"/input/{spec.input.file}"
     if spec.output.pvc:
         env[c.ENV_OUTPUT_DIR] = "/output"
+    if _node_cache(spec, target):
+        env[c.ENV_KV_CACHE_DIR] = KV_CACHE_MOUNT
+        env[c.ENV_KV_CACHE_BUDGET] = str(target.kv_cache_budget)
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
@@ -232,6 +237,14 @@ def _csi(attributes: dict[str, str], *, read_only: bool = False) -> dict[str, An
     return {"driver": c.CSI_DRIVER, "readOnly": read_only, "volumeAttributes": attributes}
 
 
+KV_CACHE_MOUNT = "/kvcache"
+
+
+def _node_cache(spec: JobSpec, target: PodTarget) -> bool:
+    """The job asks for the node's prefix KV cache and the placed node's agent keeps one."""
+    return spec.cache.prefix and target.kv_cache_budget > 0
+
+
 def _volumes(job: JobRef, spec: JobSpec, target: PodTarget) -> tuple[list[dict], list[dict]]:
     kv_bytes = max(spec.resources.kv_disk, c.CSI_MIN_KV)  # the driver's smallest KV volume
     volumes: list[dict[str, Any]] = [
@@ -247,6 +260,9 @@ def _volumes(job: JobRef, spec: JobSpec, target: PodTarget) -> tuple[list[dict],
         {"name": "kv", "mountPath": "/job/kv"},  # the engine's disk KV tier (KUBEFLASH_JOB_DIR/kv)
         {"name": "tmp", "mountPath": "/tmp"},
     ]
+    if _node_cache(spec, target):  # this namespace's blocks of this model, on the pair's disk (docs/prefix-cache.md)
+        volumes.append({"name": "kvcache", "csi": _csi({c.CSI_KV_CACHE: target.model_id, c.CSI_DISK: target.disk})})
+        mounts.append({"name": "kvcache", "mountPath": KV_CACHE_MOUNT})
     if spec.input.config_map:
         cm = spec.input.config_map
         volumes.append({"name": "input", "configMap": {"name": cm.name, "items": [{"key": cm.key, "path": cm.key}]}})

@@ -152,7 +152,8 @@ def _pending(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, c
     retry_at = parse_time(view.get("retryAt"))
     if retry_at and world.now < retry_at:
         return
-    request = Request(job.key, spec.model.id, gpus=spec.resources.gpus, kv_bytes=spec.resources.kv_disk)
+    request = Request(job.key, spec.model.id, gpus=spec.resources.gpus, kv_bytes=spec.resources.kv_disk,
+                      prefix_cache=spec.cache.prefix)
     own = next((c for c in world.claims if c.job == job.key), None)  # recorded before a crash, status not written
     found = reuse(own, request, world.nodes, now=world.now, heartbeat_timeout=cfg.heartbeat_timeout) if own else None
     found = found or place(request, world.nodes.values(), world.claims, now=world.now,
@@ -294,6 +295,7 @@ def _create_pod(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World
         node=node.name, gpus=gpus, disk=disk.name, disk_path=disk.path,
         model_id=spec.model.id, model_disk=model_disk, model_disk_path=node.disks[model_disk].path,
         probe=tuple(sorted(node.probe(gpus[0], model_disk).items())) if gpus[0] is not None else (),
+        kv_cache_budget=node.kv_cache_budget,
     )
     name = pod_name(job.name, attempt)
     message = f"pod {name} created on {node.name} (attempt {attempt} of {spec.backoff_limit + 1})"

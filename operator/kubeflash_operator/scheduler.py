@@ -2,8 +2,9 @@
 
 Filter: a Node that is not cordoned (`spec.unschedulable`: kubectl cordon/drain), a fresh heartbeat, enough
 free pairs (a pair is taken while a placed job holds its GPU), and room on the pair's SSD for the model (unless
-already there) plus the job's KV reservation. Score: model Ready on that SSD >> model being staged there >> SSD
-read bandwidth > free space; ties go to the lower node name and GPU index so placement is deterministic.
+already there) plus the job's KV reservation. Score: model Ready on that SSD >> model being staged there >> (for a
+job with spec.cache.prefix) prefix KV blocks of the job's model and namespace in that SSD's node cache >> SSD read
+bandwidth > free space; ties go to the lower node name and GPU index so placement is deterministic.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ class NodeView:
     desired: frozenset[str] = frozenset()  # model ids in spec.models
     cordoned: bool = False  # the Node has spec.unschedulable (kubectl cordon/drain): no new jobs or retries
     gpu_h2d_gbps: Mapping[int, float] = field(default_factory=dict)  # the agent's host->GPU probe, by GPU index
+    kv_cache_budget: int = 0  # bytes of the agent's prefix KV cache (status.kvCache.budgetBytes); 0: none
+    kv_cached: Mapping[tuple[str, str, str], int] = field(default_factory=dict)  # (disk, namespace, model) -> blocks
+
+    def cached_blocks(self, disk: str, job: str, model_id: str) -> int:
+        """Prefix KV blocks the node's cache on `disk` holds for `model_id` in the namespace of `job` ("ns/name")."""
+        return self.kv_cached.get((disk, job.split("/", 1)[0], model_id), 0) if self.kv_cache_budget > 0 else 0
 
     def probe(self, gpu: int, disk: str) -> dict[str, float]:
         """The agent's measured bandwidths for a (GPU, disk) placement, as the engine reads them
@@ -91,6 +98,7 @@ class Request:
     model_id: str
     gpus: int = 1
     kv_bytes: int = 0
+    prefix_cache: bool = False  # spec.cache.prefix: prefer a disk whose node cache holds the model's blocks
 
 
 @dataclass(frozen=True)
@@ -191,7 +199,8 @@ def _node_candidates(
         rank = 2 if copy is not None and copy.state == "Ready" else 1 if present else 0
         others = tuple(g for g, _ in free if g != gpu)[: request.gpus - 1]
         staged = rank == 2
-        score = (-rank, -disk.read_gbps, -room, node.name, gpu)
+        cached = node.cached_blocks(disk_name, request.job, request.model_id) if request.prefix_cache else 0
+        score = (-rank, -cached, -disk.read_gbps, -room, node.name, gpu)
         out.append((score, Placement(node.name, gpu, disk_name, staged, (gpu, *others))))
     return out or NoFit(worst)
 
@@ -214,6 +223,7 @@ def node_view(body: Mapping[str, Any], *, cordoned: bool = False) -> NodeView:
     `cordoned`: the Kubernetes Node of that name has `spec.unschedulable` (read from the Node, not the FlashNode).
     """
     spec, status = body.get("spec") or {}, body.get("status") or {}
+    cache = status.get("kvCache") or {}
     name = spec.get("nodeName") or body.get("metadata", {}).get("name", "")
     disks = {
         d["name"]: Disk(
@@ -249,6 +259,9 @@ def node_view(body: Mapping[str, Any], *, cordoned: bool = False) -> NodeView:
         cordoned=cordoned,
         gpu_h2d_gbps={int(g["index"]): float(g["h2dGBps"]) for g in status.get("gpus") or []
                       if g.get("index") is not None and g.get("h2dGBps")},
+        kv_cache_budget=int(cache.get("budgetBytes") or 0),
+        kv_cached={(e["disk"], e["namespace"], e["modelId"]): int(e.get("blocks") or 0)
+                   for e in cache.get("entries") or [] if e.get("disk") and e.get("namespace") and e.get("modelId")},
     )
 
 

@@ -70,6 +70,12 @@ def test_node_cache_cold_then_warm_same_tokens(smol_store, baseline, tmp_path):
     assert r["node"]["hits"] >= 2 and r["node"]["blocks_written"] == 0 and r["node"]["corrupt"] == 0
     assert r["shared_prefill_tokens"] == 0 and r["memory_blocks"] == 2  # the shared prefix was read from the SSD
     assert e2.stats["prefill_tokens"] < e0.stats["prefill_tokens"]
+    # each run left its counters in usage/ for the node agent: the cold one missed what it wrote, the warm one hit
+    usage = [json.loads(f.read_text()) for f in sorted((tmp_path / "usage").glob("*.json"), key=lambda f: f.stat().st_mtime)]
+    assert len(usage) == 2
+    assert usage[0]["misses"] == node["blocks_written"] and usage[0]["blocks_written"] == node["blocks_written"]
+    assert usage[1]["hits"] == r["node"]["hits"] and usage[1]["misses"] == 0
+    assert usage[1]["prefill_tokens_saved"] == r["prefill_tokens_saved"] > 0
 
     for p in (tmp_path / "blocks").rglob("*.kvb"):  # every block damaged: each is a miss, recomputed
         data = bytearray(p.read_bytes())

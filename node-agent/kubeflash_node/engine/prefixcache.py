@@ -59,6 +59,7 @@ class PrefixCache:
         self.pending: dict[str, object] = {}
         self.lock = threading.Lock()
         self.sharing = False
+        self.node_misses = 0  # full blocks this job computed because the node cache lacked them
 
     # ------------------------------------------------------------------------------------ setup
     def bind(self, engine) -> "PrefixCache | None":
@@ -246,6 +247,7 @@ class PrefixCache:
                         self.stats["memory_blocks"] += 1
                         self.stats["memory_bytes"] += _nbytes(kv)
                     if not in_store:
+                        self.node_misses += 1
                         self._write(key, kv)
 
     def _write(self, key: str, kv: torch.Tensor) -> None:
@@ -267,6 +269,18 @@ class PrefixCache:
         if self.writer is not None:
             self.writer.shutdown(wait=True)
             self.writer = None
+            if self.scope is not None:
+                self.store.record_usage(self.usage())
+
+    def usage(self) -> dict[str, int]:
+        """This job's use of the node cache, as the agent sums it over jobs (FlashNode status.kvCache, Prometheus):
+        hits = blocks read from the SSD, misses = blocks computed because the cache lacked them."""
+        st = self.store.stats
+        return {"hits": st["hits"], "misses": self.node_misses + st["corrupt"], "corrupt": st["corrupt"],
+                "bytes_read": st["bytes_read"], "blocks_written": st["blocks_written"],
+                "bytes_written": st["bytes_written"], "write_failures": st["write_failures"],
+                "blocks_evicted": st["blocks_evicted"], "bytes_evicted": st["bytes_evicted"],
+                "prefill_tokens_saved": self.stats["prefill_tokens_saved"]}
 
     def report(self) -> dict:
         out = {"active": self.scope is not None, "reason": self.reason, "note": self.note,
@@ -274,7 +288,8 @@ class PrefixCache:
                "node_cache": str(self.store.root) if self.store is not None else None} | dict(self.stats)
         if self.store is not None:
             out["node"] = dict(self.store.stats) | {"bytes_on_disk": self.store.usage,
-                                                    "budget_bytes": self.store.budget}
+                                                    "budget_bytes": self.store.budget,
+                                                    "blocks_missing": self.node_misses}
         return out
 
 

@@ -323,6 +323,20 @@ class KVBlockStore:
                 os.close(fd)
         return removed
 
+    def record_usage(self, counters: dict[str, int]) -> bool:
+        """Leave this run's counters in `usage/` (one small JSON, crash-safe) for the node agent to fold into the
+        node's totals; False when it could not be written (never raises)."""
+        from .format import atomic_write_json  # format imports numpy; kvblocks stays light for the agent
+
+        try:
+            folder = self.root / USAGE_DIR
+            folder.mkdir(exist_ok=True)
+            atomic_write_json(folder / f"{os.getpid()}-{secrets.token_hex(6)}.json",
+                              {k: int(v) for k, v in counters.items()})
+            return True
+        except (OSError, ValueError, TypeError):
+            return False
+
     def _count(self, **deltas: int) -> None:
         with self._lock:
             for k, v in deltas.items():

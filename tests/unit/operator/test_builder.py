@@ -114,12 +114,33 @@ def test_model_on_another_disk_than_the_pair():
 def test_csi_volume_attributes_are_what_the_driver_parses():
     """The operator's volumes pass the CSI driver's own attribute check (kubeflash_node.csi.attrs)."""
     attrs = pytest.importorskip("kubeflash_node.csi.attrs")
-    target = TARGET.__class__(**{**TARGET.__dict__, "model_id": "smollm2-135m-0123456789abcdef"})
-    for v in pod(target=target)["spec"]["volumes"]:
+    target = TARGET.__class__(**{**TARGET.__dict__, "model_id": "smollm2-135m-0123456789abcdef",
+                                 "kv_cache_budget": 8 << 30})
+    volumes = pod(target=target, cache={"prefix": True})["spec"]["volumes"]
+    assert "kvcache" in [v["name"] for v in volumes]
+    for v in volumes:
         if "csi" in v:
             ctx = {**v["csi"]["volumeAttributes"], "csi.storage.k8s.io/pod.namespace": JOB.namespace}
             req = attrs.parse_request("vol", "/t", ctx, read_only=v["csi"]["readOnly"])
-            assert req.kind == {"model": "model", "job": "job", "kv": "kv"}[v["name"]]
+            assert req.kind == {"model": "model", "job": "job", "kv": "kv", "kvcache": "cache"}[v["name"]]
+
+
+def test_prefix_cache_mounts_the_nodes_cache_of_the_model_and_tells_the_engine():
+    """spec.cache.prefix on a node whose agent keeps a cache: a read-write kubeflash.io/kv-cache volume of the job's
+    model on the pair's disk, its mount in KUBEFLASH_KV_CACHE_DIR and the agent's budget in KUBEFLASH_KV_CACHE_BUDGET;
+    without the field, or on a node without a cache, neither (the job then reuses prefixes among its own prompts)."""
+    target = PodTarget(**{**TARGET.__dict__, "kv_cache_budget": 8 << 30})
+    p = pod(target=target, cache={"prefix": True})
+    volumes = {v["name"]: v for v in p["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in container(p)["volumeMounts"]}
+    assert volumes["kvcache"]["csi"] == {"driver": "kubeflash.io", "readOnly": False, "volumeAttributes": {
+        "kubeflash.io/kv-cache": "m-1", "kubeflash.io/disk": "nvme1"}}
+    assert env(p)["KUBEFLASH_KV_CACHE_DIR"] == mounts["kvcache"]["mountPath"] == "/kvcache"
+    assert env(p)["KUBEFLASH_KV_CACHE_BUDGET"] == str(8 << 30)
+    assert not mounts["kvcache"].get("readOnly")
+    for p in (pod(target=target), pod(cache={"prefix": True})):
+        assert "kvcache" not in {v["name"] for v in p["spec"]["volumes"]}
+        assert not {"KUBEFLASH_KV_CACHE_DIR", "KUBEFLASH_KV_CACHE_BUDGET"} & set(env(p))
 
 
 def test_runs_unprivileged_without_a_token():
