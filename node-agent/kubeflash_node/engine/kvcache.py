@@ -203,6 +203,10 @@ class DiskKV:
     `prefetch` reads the next (layer, micro-batch)'s prefix on a reader thread while the current one computes;
     its rows were written by that entry's last store, which came before (a step stores every entry once)."""
 
+    WRITES_IN_FLIGHT = 2
+    READ_THREADS = 4
+    READ_CHUNK = 16 << 20
+
     def __init__(self, *, device, dtype, num_kv_heads: int, head_dim: int, directory: Path, bits: int = 16):
         self.device, self.dtype, self.nk, self.d = device, dtype, num_kv_heads, head_dim
         self.dir = Path(directory)
@@ -216,14 +220,22 @@ class DiskKV:
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="kf-kv-read")
         self.ahead: dict[tuple[int, int, int], Future] = {}  # (layer, mb, file rows) -> raw prefix
         self.loads = {"prefetched": 0, "waited": 0}
+        # Writes run on their own thread so a prefill's compute overlaps the disk (at most WRITES_IN_FLIGHT host
+        # copies wait, so host memory stays bounded); a read of a file first waits for that file's writes. One
+        # prefix is read in READ_CHUNK pieces by READ_THREADS threads: a single reader reaches ~2/3 of a cold
+        # virtio/NVMe disk's bandwidth, several reach it (docs/benchmarks.md, "Long context").
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="kf-kv-write")
+        self.writing: list[tuple[int, Future]] = []  # (fd, write) in submission order
+        self.chunks = ThreadPoolExecutor(self.READ_THREADS, thread_name_prefix="kf-kv-chunk")
 
     def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
         path = self.dir / f"kv_l{layer:03d}_m{mb:03d}.bin"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(fd, capacity * self._row(batch))
         old = self.files.pop((layer, mb), None)
         if old:
+            self._writes_of(old[0], wait=True)  # nothing may still write to a descriptor about to close
             os.close(old[0])
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(fd, capacity * self._row(batch))
         self.files[layer, mb] = (fd, batch)
 
     def _row(self, batch: int) -> int:
@@ -246,14 +258,23 @@ class DiskKV:
         if fut is not None:
             return fut.result()
         fd, b = self.files[layer, mb]
-        return self._read(fd, n * self._row(b), layer, mb)
+        return self._read(fd, n * self._row(b), layer, mb, self._writes_of(fd))
 
     def prefetch(self, layer: int, mb: int, start: int) -> None:
         n = self._file_rows(layer, mb, start) if start else 0
         if n == 0 or (layer, mb, n) in self.ahead:
             return
         fd, b = self.files[layer, mb]
-        self.ahead[layer, mb, n] = self.reader.submit(self._read, fd, n * self._row(b), layer, mb)
+        self.ahead[layer, mb, n] = self.reader.submit(self._read, fd, n * self._row(b), layer, mb, self._writes_of(fd))
+
+    def _writes_of(self, fd: int | None, wait: bool = False) -> list[Future]:
+        """The writes still in flight (all of them, or those to `fd`); with `wait`, waited for (errors raised)."""
+        self.writing = [(f, w) for f, w in self.writing if not w.done() or w.exception() is not None]
+        found = [w for f, w in self.writing if fd is None or f == fd]
+        if wait:
+            for w in found:
+                w.result()
+        return found
 
     def store(self, layer: int, mb: int, kv: LayerKV) -> None:
         k_new, v_new, start = kv.new
@@ -276,28 +297,44 @@ class DiskKV:
         kv = rows.permute(1, 2, 3, 0, 4)  # [B, 2, Nk, T, D]
         return LayerKV(kv[:, 0], kv[:, 1], in_place=False)
 
-    def _read(self, fd: int, n: int, layer: int, mb: int) -> torch.Tensor:
+    def _read(self, fd: int, n: int, layer: int, mb: int, after: list[Future] = ()) -> torch.Tensor:
+        for w in after:  # the rows being read were submitted for writing before this read
+            w.result()
         raw = torch.empty(n, dtype=torch.uint8)
         view = memoryview(raw.numpy())
-        done = 0
-        while done < n:
-            got = os.preadv(fd, [view[done:]], done)
-            if got == 0:
-                raise OSError(f"{self.dir}: KV file for layer {layer} micro-batch {mb} is shorter than expected")
-            done += got
+
+        def piece(lo: int, hi: int) -> None:
+            done = lo
+            while done < hi:
+                got = os.preadv(fd, [view[done:hi]], done)
+                if got == 0:
+                    raise OSError(f"{self.dir}: KV file for layer {layer} micro-batch {mb} is shorter than expected")
+                done += got
+
+        step = max(self.READ_CHUNK, -(-n // self.READ_THREADS))
+        for f in [self.chunks.submit(piece, lo, min(lo + step, n)) for lo in range(0, n, step)]:
+            f.result()
         with self.io_lock:
             self.io["reads"] += 1
             self.io["read_bytes"] += n
         return raw
 
     def _write(self, fd: int, rows: torch.Tensor, offset: int) -> None:
-        data = memoryview(rows.contiguous().view(torch.uint8).numpy()).cast("B")
+        """Queue `rows` (host memory, owned by this call from now on) for writing at `offset` of `fd`."""
+        rows = rows.contiguous()
+        while len(self._writes_of(None)) >= self.WRITES_IN_FLIGHT:
+            self.writing[0][1].result()
+        self.writing.append((fd, self.writer.submit(self._write_now, fd, rows, offset)))
+        with self.io_lock:  # counted when queued: every queued write is done before a read of its file or close
+            self.io["writes"] += 1
+            self.io["write_bytes"] += rows.numel() * rows.element_size()
+
+    @staticmethod
+    def _write_now(fd: int, rows: torch.Tensor, offset: int) -> None:
+        data = memoryview(rows.view(torch.uint8).numpy()).cast("B")
         done = 0
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
-        with self.io_lock:
-            self.io["writes"] += 1
-            self.io["write_bytes"] += len(data)
 
     def nbytes(self) -> int:
         return sum(os.fstat(fd).st_size for fd, _ in self.files.values())
@@ -305,11 +342,14 @@ class DiskKV:
     def close(self) -> None:
         for fut in self.ahead.values():
             fut.cancel()
-        self.reader.shutdown(wait=True)  # no read is left on a descriptor about to close
+        self.reader.shutdown(wait=True)  # no read or write is left on a descriptor about to close
+        self.writer.shutdown(wait=True)
+        self.chunks.shutdown(wait=True)
         self.ahead.clear()
         for fd, _ in self.files.values():
             os.close(fd)
         self.files.clear()
+        self._writes_of(None, wait=True)  # a write that failed says so here
 
 
 class NoKV(DeviceKV):
