@@ -24,6 +24,7 @@ from .devices import Disk
 from .discovery import Inventory, discover
 from .fsutil import fs_space, tree_bytes
 from .jobs import JobSpaces
+from .kvcache import NodeKVCache
 from .metrics import Metrics
 from .models import ModelCache
 from .pairing import pair
@@ -73,6 +74,8 @@ class Agent:
         self.jobs = JobSpaces(self.inv.disks, self.cache.catalogs)
         self.jobs.startup()
         self.cache.startup()
+        self.kv_cache = NodeKVCache(self.inv.disks, budget=self.cfg.kv_cache_budget, state_dir=self.cfg.state_dir,
+                                    metrics=self.metrics)
         if self.cfg.probe:
             self.disk_probes, self.gpu_probes = measure(
                 list(self.inv.disks), list(self.inv.gpus), ProbeCache(self.cfg.state_dir / "probe.json"),
@@ -127,8 +130,18 @@ class Agent:
         in_use = {j.model_id for j in pods.values() if j.running and j.model_id}
         self.cache.reconcile(wanted, problems, in_use)
         self._relay(alive)
+        self._refresh_kv_cache()
         self._publish(allocations)
         self.last_ok, self.last_error = time.time(), ""
+
+    def _refresh_kv_cache(self) -> None:
+        """Fold the jobs' cache counters, measure and evict; a failure here never stops the pass's status."""
+        try:
+            self.kv_cache.refresh()
+        except OSError as e:
+            log.warning("prefix KV cache pass failed", extra={"error": str(e)})
+        for p in self.kv_cache.problems:
+            log.warning("prefix KV cache", extra={"problem": p})
 
     def _merge_pods(self, pods: list[JobWant]) -> dict[str, JobWant]:
         """One entry per job (a job has pods for several attempts, and its InferenceJob)."""
@@ -218,7 +231,7 @@ class Agent:
         status = status_mod.flashnode_status(
             gpus=[status_mod.gpu_row(g, self.gpu_probes.get(g.index)) for g in self.inv.gpus], disks=disks,
             pairs=self.pairs, models=models, allocations=list(allocations.values()), conditions=self.conditions,
-            heartbeat=now)
+            heartbeat=now, kv_cache=self.kv_cache.status())
         self.side.publish(status)
         self.last_status = status
         for state in ("Pending", "Staging", "Ready", "Failed", "Evicted"):

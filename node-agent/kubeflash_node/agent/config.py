@@ -105,6 +105,7 @@ class AgentConfig:
     probe_bytes: int = 256 << 20
     probe_seconds: float = 2.0
     default_job_quota: int = 10 << 30  # InferenceJob spec.resources.kvDisk default
+    kv_cache_budget: int = 20 << 30  # kvCache.budget: bytes the node's prefix KV cache may take; 0: no cache
     job_uid: int | None = 1000  # owner of a placed job's directory before its pod shows (the engine's user)
     job_gid: int | None = 1000
     retry_seconds: float = 300.0  # a Failed model is retried after this long
@@ -229,7 +230,7 @@ def parse_job(raw: Any, where: str) -> JobWant:
 
 _TOP = {"nodeName", "kube", "kubeconfig", "listen", "interval", "sysfsRoot", "stateDir", "allowedSourceRoots",
         "allowHttp", "httpSources",
-        "allowDummy", "probe", "defaultJobQuota", "jobOwner", "retryInterval", "gpus", "disks", "models",
+        "allowDummy", "probe", "defaultJobQuota", "kvCache", "jobOwner", "retryInterval", "gpus", "disks", "models",
         "jobs", "logFormat", "logLevel"}
 
 
@@ -253,6 +254,8 @@ def from_mapping(raw: Mapping[str, Any] | None, **overrides: Any) -> AgentConfig
     hs = _mapping(raw.get("httpSources") or {}, "httpSources")
     _check_keys(hs, {"allowHosts", "privateHosts", "maxBytes"}, "httpSources")
     _check_keys(owner, {"uid", "gid"}, "jobOwner")
+    kv_cache = _mapping(raw.get("kvCache") or {}, "kvCache")
+    _check_keys(kv_cache, {"budget"}, "kvCache")
     cfg = AgentConfig(
         node_name=str(raw.get("nodeName") or ""),
         disks=disks,
@@ -273,6 +276,7 @@ def from_mapping(raw: Mapping[str, Any] | None, **overrides: Any) -> AgentConfig
         probe_bytes=parse_bytes(probe.get("maxBytes", 256 << 20), "probe.maxBytes"),
         probe_seconds=parse_seconds(probe.get("maxSeconds", 2), "probe.maxSeconds"),
         default_job_quota=parse_bytes(raw.get("defaultJobQuota", 10 << 30), "defaultJobQuota"),
+        kv_cache_budget=parse_bytes(kv_cache.get("budget", 20 << 30), "kvCache.budget"),
         job_uid=_opt_int(owner.get("uid", 1000), "jobOwner.uid"),
         job_gid=_opt_int(owner.get("gid", 1000), "jobOwner.gid"),
         retry_seconds=parse_seconds(raw.get("retryInterval", 300), "retryInterval"),

@@ -30,6 +30,19 @@ class Metrics:
         self.kv_used = Gauge(P + "kv_used_bytes", "KV space used by jobs", ["disk"], registry=r)
         self.kv_over_quota = Gauge(P + "kv_over_quota_jobs", "Jobs using more than their KV quota", registry=r)
         self.jobs = Gauge(P + "jobs", "Job directories on this node", registry=r)
+        self.kv_cache_budget = Gauge(P + "kv_cache_budget_bytes", "Bytes the prefix KV cache may take", registry=r)
+        self.kv_cache_bytes = Gauge(P + "kv_cache_bytes", "Bytes of prefix KV blocks on the store disks", registry=r)
+        self.kv_cache_blocks = Gauge(P + "kv_cache_blocks", "Prefix KV blocks on the store disks", registry=r)
+        self.kv_cache_hits = Counter(P + "kv_cache_hits", "Prefix KV blocks jobs read from the node cache",
+                                     registry=r)
+        self.kv_cache_misses = Counter(P + "kv_cache_misses", "Prefix KV blocks jobs computed because the node "
+                                       "cache lacked them", registry=r)
+        self.kv_cache_tokens_saved = Counter(P + "kv_cache_prefill_tokens_saved", "Prompt tokens jobs did not "
+                                             "prefill thanks to cached prefixes", registry=r)
+        self.kv_cache_evicted_blocks = Counter(P + "kv_cache_evicted_blocks", "Prefix KV blocks removed to stay "
+                                               "under the budget", registry=r)
+        self.kv_cache_evicted_bytes = Counter(P + "kv_cache_evicted_bytes", "Bytes of prefix KV blocks removed to "
+                                              "stay under the budget", registry=r)
         self.heartbeat = Gauge(P + "heartbeat_timestamp_seconds", "End of the last reconcile pass", registry=r)
         self.reconcile_errors = Counter(P + "reconcile_errors", "Reconcile passes that raised", registry=r)
 

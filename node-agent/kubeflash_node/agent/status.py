@@ -84,8 +84,8 @@ def merge_conditions(old: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str
 
 def flashnode_status(*, gpus: Sequence[dict], disks: Sequence[dict], pairs: Sequence[Pair],
                      models: Sequence[dict], allocations: Sequence[Allocation], conditions: Sequence[dict],
-                     heartbeat: str) -> dict[str, Any]:
-    return {
+                     heartbeat: str, kv_cache: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    out = {
         "gpus": list(gpus),
         "disks": list(disks),
         "pairs": [{"gpu": p.gpu, "disk": p.disk} for p in pairs],
@@ -99,6 +99,9 @@ def flashnode_status(*, gpus: Sequence[dict], disks: Sequence[dict], pairs: Sequ
         "freeSSD": human(sum(int(d.get("freeBytes") or 0) for d in disks)),
         "modelsReady": sum(1 for m in models if m.get("state") == "Ready"),
     }
+    if kv_cache is not None:
+        out["kvCache"] = dict(kv_cache)
+    return out
 
 
 def node_labels(pairs: Sequence[Pair], *, running: bool = True) -> dict[str, str | None]:
