@@ -225,6 +225,27 @@ def test_job_lands_on_the_node_that_holds_the_model(ns, kube, control_plane):
     assert any(r == "PodCreated" and "accepted" in m and "placed on" in m for r, m in kube.events("j"))
 
 
+def test_prefix_cache_job_lands_where_its_blocks_are_and_mounts_the_cache(ns, kube, control_plane):
+    """A job with spec.cache.prefix goes to the slower of two nodes holding the model when that node's FlashNode
+    (status.kvCache, accepted by the CRD) reports blocks of the model for the job's namespace, and its pod mounts
+    the node's cache of the model (kubeflash.io/kv-cache) with the agent's budget in its env."""
+    kube.gpu_node(control_plane, "fast", read=14.0, models=(MODEL,))
+    warm = kube.gpu_node(control_plane, "warm", read=3.0, models=(MODEL,))
+    kube.agent_status(warm, {"kvCache": {"budgetBytes": 8 * GiB, "bytes": 64 << 20, "blocks": 8, "hits": 0,
+                                         "misses": 8, "entries": [{"disk": "nvme0", "namespace": ns, "modelId": MODEL,
+                                                                   "blocks": 8, "bytes": 64 << 20,
+                                                                   "lastUsed": now_rfc()}]}})
+    assert kube.flashnode(warm)["status"]["kvCache"]["entries"][0]["blocks"] == 8
+    kube.submit("cached", cache={"prefix": True})
+    assert kube.wait_phase("cached", "Running")["node"] == warm
+    pod = kube.pods("cached")[0]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["kvcache"]["csi"]["volumeAttributes"] == {"kubeflash.io/kv-cache": MODEL,
+                                                             "kubeflash.io/disk": "nvme0"}
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert (env["KUBEFLASH_KV_CACHE_DIR"], env["KUBEFLASH_KV_CACHE_BUDGET"]) == ("/kvcache", str(8 * GiB))
+
+
 def test_jobs_spread_when_pairs_are_busy(ns, kube, control_plane):
     """With the model's node's only pair taken, the second job goes to the other node (and must stage there)."""
     a = kube.gpu_node(control_plane, "a", models=(MODEL,))
