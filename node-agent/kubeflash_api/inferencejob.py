@@ -121,6 +121,7 @@ class OffloadSpec:
     x_cache: bool = False
     cpu_attention: bool = False
     compression: str = "none"
+    sparsity: float | None = None  # target share of FFN activations skipped (engine/sparse.py); None: off, dense
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,20 @@ def _name(doc: str) -> s.Node:
     return s.string(doc, min_len=1, max_len=253, check=_subdomain)
 
 
+MAX_SPARSITY = 0.95
+
+
+def _sparsity(v: Any, path: str) -> float | None:
+    """`off` -> None (dense); a number in [0, MAX_SPARSITY] -> that target."""
+    if v == "off":
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise SpecError(path, f"must be off or a target sparsity in [0, {MAX_SPARSITY}], got {show(v)}")
+    if not 0 <= v <= MAX_SPARSITY:  # NaN fails this too
+        raise SpecError(path, f"must be off or a target sparsity in [0, {MAX_SPARSITY}], got {v!r}")
+    return float(v)
+
+
 def _split(doc: str) -> s.Node:
     return s.obj(doc,
                  ("gpu", s.integer("Percent on the GPU.", lo=0, hi=100, default=0)),
@@ -304,6 +319,10 @@ OFFLOAD = s.obj(
                                "memory.", default=False)),
     ("compression", s.string("Group-wise compression of the KV cache: none, int8 or int4.", enum=COMPRESSIONS,
                              default="none")),
+    ("sparsity", s.Node("any", "Activation sparsity: off (dense), or a target share of FFN activations to skip, in "
+                               f"[0, {MAX_SPARSITY}]; only the active neurons' FFN rows and columns are used. Llama-"
+                               "family models need `kubeflash calibrate` for that target first; OPT uses its ReLU "
+                               "zeros. A number or the string off.", default="off", check=_sparsity)),
     default={},
     rules=(("!has(self.policy) || self.policy != 'explicit' || (has(self.weights) && has(self.kv))",
             "policy explicit needs weights and kv percentages"),
@@ -428,7 +447,7 @@ def _offload(d: dict, path: str) -> OffloadSpec:
                        activations=splits.get("activations", OffloadSpec.activations),
                        gpu_batch_size=d.get("gpuBatchSize"), num_gpu_batches=d.get("numGpuBatches"),
                        kv_write_back=d["kvWriteBack"], x_cache=d["xCache"], cpu_attention=d["cpuAttention"],
-                       compression=d["compression"])
+                       compression=d["compression"], sparsity=d["sparsity"])
 
 
 def _output(d: dict, path: str) -> OutputSpec:
@@ -457,7 +476,8 @@ def to_canonical(spec: JobSpec) -> dict[str, Any]:
             inp["pvc"] = {"claimName": spec.input.pvc}
     o, r, g = spec.offload, spec.resources, spec.generation
     offload: dict[str, Any] = {"policy": o.policy, "kvWriteBack": o.kv_write_back, "xCache": o.x_cache,
-                               "cpuAttention": o.cpu_attention, "compression": o.compression}
+                               "cpuAttention": o.cpu_attention, "compression": o.compression,
+                               "sparsity": "off" if o.sparsity is None else o.sparsity}
     if o.policy == "explicit":
         for k in ("weights", "kv", "activations"):
             sp = getattr(o, k)

@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("kubeflash_node.engine.cli_run", "run an InferenceJob manifest on this machine, no cluster needed"),
     "convert": ("kubeflash_node.store.cli", "convert a model (HF dir, GGUF file, builtin:, dummy:) into the layer store"),
     "bench": ("kubeflash_node.engine.cli_bench", "measure this machine's ceilings and a workload against its roofline"),
+    "calibrate": ("kubeflash_node.engine.cli_calibrate",
+                  "calibrate a model's activation-sparsity thresholds from text (for spec.offload.sparsity)"),
     "plan": ("kubeflash_node.engine.cli_plan", "pick a job's offload policy with the cost model from measured ceilings"),
     "engine": ("kubeflash_node.engine.cli_pod", "the inference pod's entry point (reads the job the operator mounted)"),
     "agent": ("kubeflash_node.agent.cli", "the node agent DaemonSet: pairing, model staging, KV space, progress relay"),

@@ -97,6 +97,8 @@ def main(args: argparse.Namespace) -> int:
     print(format_report(report))
     if "plan" in report:
         print(f"policy auto: {report['plan']['chosen']}\n             {report['plan']['why']}")
+    if "sparsity" in report:
+        print(f"sparsity: {report['sparsity']}")
     write_report(report, job_dir / "report.json")
     print(f"results: {output}\nreport:  {job_dir / 'report.json'}")
     return 0

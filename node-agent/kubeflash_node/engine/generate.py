@@ -72,7 +72,7 @@ class Engine:
     """A stored model ready to generate under one policy on one device."""
 
     def __init__(self, model_dir: Path, *, policy: Policy = Policy(), device: str = "cpu",
-                 job_dir: Path | None = None, prefix_cache=None):
+                 job_dir: Path | None = None, prefix_cache=None, sparsity=None):
         self.dir = Path(model_dir)
         self.manifest: Manifest = load_manifest(self.dir)
         self.config = ModelConfig.from_dict(self.manifest.config)
@@ -85,6 +85,9 @@ class Engine:
         cuda = self.device.type == "cuda"
         self.timings = Timings(cuda=cuda)
         self.layer_fn = LAYERS[self.config.architecture]
+        self.sparsity = sparsity  # sparse.SparseFFN or None (dense)
+        if sparsity is not None:
+            self.layer_fn = sparsity.wrap(self.layer_fn)
         self.rope = Rope(self.config, self.device) if self.config.architecture == "llama" else None
         n = len(self.manifest.stages)
         placement = policy.placement(n)

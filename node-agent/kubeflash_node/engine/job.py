@@ -48,6 +48,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
     config = ModelConfig.from_dict(manifest.config)  # refused before any work: positions, one sequence's KV
     check_context(config, [ids[i] for i in todo], max_new,
                   [f"spec.input.prompts[{i}] (id {spec.input.prompts[i].id})" for i in todo])
+    sparsity = _sparsity(spec, config, model_dir)  # refused before any work: no or stale calibration
     itemsize = 4 if manifest.dtype == "float32" else 2
     check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
     if policy is None and spec.offload.policy == "auto" and machine is not None:
@@ -58,7 +59,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
     check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
     check_kv_disk(spec, policy, manifest=manifest, job=shape)
     prefix = _prefix_cache(spec, kv_cache_dir)
-    engine = Engine(model_dir, policy=policy, device=device, job_dir=job_dir, prefix_cache=prefix)
+    engine = Engine(model_dir, policy=policy, device=device, job_dir=job_dir, prefix_cache=prefix, sparsity=sparsity)
     eos = tuple(engine.config.eos_token_id) + ((tokenizer.eos_token_id,) if tokenizer is not None
                                                 and tokenizer.eos_token_id is not None else ())
     params = GenParams(max_new_tokens=max_new, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
@@ -99,6 +100,8 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         engine.generate([ids[i] for i in todo], params, stop=stop, on_block=on_block, on_step=on_step)
         prefix.close()  # the last block writes land before the report counts them
         report = build_report(engine)
+        if sparsity is not None:
+            report["sparsity"] = sparsity.describe()
         if chosen is not None:
             from .costmodel import describe
 
@@ -113,6 +116,15 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         prefix.close()
         results.close()
         engine.close()
+
+
+def _sparsity(spec: JobSpec, config: ModelConfig, model_dir: Path):
+    """spec.offload.sparsity as the engine runs it (sparse.SparseFFN), or None for the dense path."""
+    if spec.offload.sparsity is None:
+        return None
+    from .sparse import for_job
+
+    return for_job(config, model_dir, spec.offload.sparsity)
 
 
 def _prefix_cache(spec: JobSpec, kv_cache_dir: Path | None) -> PrefixCache:

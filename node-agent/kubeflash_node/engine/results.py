@@ -37,7 +37,8 @@ def job_settings(spec, *, manifest, device: str) -> dict:
             "compute": "float32" if device.startswith("cpu") else manifest.dtype,
             "generation": {"maxNewTokens": g.max_new_tokens, "temperature": g.temperature, "topP": g.top_p,
                            "seed": g.seed, "stop": list(g.stop)},
-            "compression": spec.offload.compression}
+            "compression": spec.offload.compression,
+            **({"sparsity": spec.offload.sparsity} if spec.offload.sparsity is not None else {})}
 
 
 def prompt_content(p) -> dict:

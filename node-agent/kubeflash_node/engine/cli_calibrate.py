@@ -1,0 +1,144 @@
+"""`kubeflash calibrate MODEL --text FILE`: activation-sparsity thresholds into the model's store entry.
+
+Runs the model densely over the calibration text (windows of --window tokens, teacher forced), records the
+magnitude of every FFN activation per layer, and writes, for each target sparsity, the per-layer threshold below
+which that share of activations fell (`<model dir>/sparsity.json`, crash-safe). A job then runs sparse with
+`spec.offload.sparsity: 0.5` (one of the calibrated targets). The file names the model it was made for; a model
+converted again is refused until it is calibrated again. OPT (ReLU) models need no calibration: their own zeros
+are the sparsity.
+
+MODEL is a model directory (kubeflash convert --out DIR) or a source as spec.model.uri takes it
+(builtin:smollm2-135m, a Hugging Face directory, a .gguf file), converted into the local store first exactly as
+`kubeflash run` does (float32 on CPU, --dtype on a GPU), so the run finds the calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .cliargs import int_range
+
+MIN_TOKENS = 512  # fewer and the per-layer quantiles rest on too few tokens to mean anything
+DEFAULT_TARGETS = tuple(round(0.05 * i, 2) for i in range(20))  # 0, 0.05, ..., 0.95
+
+
+def targets(text: str) -> tuple[float, ...]:
+    """Comma-separated target sparsities, each in [0, 0.95]."""
+    from ..store.sparsity import MAX_TARGET
+
+    out = []
+    for part in text.split(","):
+        try:
+            t = float(part)
+        except ValueError:
+            t = float("nan")
+        if not 0 <= t <= MAX_TARGET:
+            raise argparse.ArgumentTypeError(f"each target sparsity must be a number in [0, {MAX_TARGET}], got "
+                                             f"{part.strip()!r}")
+        out.append(t)
+    return tuple(sorted(set(out)))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a model directory, or a source (builtin:smollm2-135m, HF directory, .gguf) "
+                                 "looked up in / converted into the local store as kubeflash run does")
+    p.add_argument("--text", type=Path, required=True,
+                   help=f"calibration text: a UTF-8 file of ordinary prose, at least {MIN_TOKENS} tokens")
+    p.add_argument("--sparsity", type=targets, default=DEFAULT_TARGETS, metavar="T[,T...]",
+                   help="target sparsities to calibrate, each in [0, 0.95] (default: 0, 0.05, ..., 0.95)")
+    p.add_argument("--window", type=int_range(16, 8192), default=512, help="tokens per forward pass (default 512)")
+    p.add_argument("--max-tokens", type=int_range(MIN_TOKENS), default=16384,
+                   help="use at most this many tokens of the text (default 16384)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="with a source MODEL on a GPU: the store entry's dtype, as spec.model.dtype (default float16; "
+                        "CPU runs use the float32 entry)")
+    p.add_argument("--store", type=Path, help="local model store root (default: $KUBEFLASH_HOME or "
+                                              "~/.cache/kubeflash)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..store.format import StoreError
+    from .generate import EngineError
+
+    try:
+        path = calibrate_cli(args)
+    except (StoreError, EngineError, ValueError, OSError) as e:
+        print(f"kubeflash calibrate: error: {e}", file=sys.stderr)
+        return 1
+    print(f"calibration: {path}")
+    return 0
+
+
+def calibrate_cli(args: argparse.Namespace) -> Path:
+    from ..store.format import StoreError, load_manifest
+    from .cli_run import resolve_device
+
+    device = resolve_device(args.device)
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        from ..store.cache import DEFAULT_ROOT, ensure_model
+
+        model_dir, _ = ensure_model(args.model, dtype="float32" if device == "cpu" else args.dtype,
+                                    root=args.store or DEFAULT_ROOT, progress_bar=not args.quiet)
+    manifest = load_manifest(model_dir)
+    if not manifest.tokenizer:
+        raise StoreError(f"MODEL {args.model}: has no tokenizer (a dummy: model), so it cannot read --text")
+    try:
+        text = args.text.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text {args.text}: not UTF-8 text ({e})") from None
+    from .prompts import load_tokenizer
+
+    ids = load_tokenizer(model_dir, manifest)(text)["input_ids"][:args.max_tokens]
+    if len(ids) < MIN_TOKENS:
+        raise ValueError(f"--text {args.text}: {len(ids)} tokens, calibration needs at least {MIN_TOKENS} "
+                         "(a few pages of ordinary prose)")
+    return calibrate(model_dir, ids, args.sparsity, device=device, window=args.window, progress=not args.quiet,
+                     text_sha256=_sha256(args.text))
+
+
+def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, device: str = "cpu",
+              window: int = 512, progress: bool = False, text_sha256: str = "") -> Path:
+    """Record FFN activations over `ids` and write the thresholds of `targets` into the model's store entry."""
+    from ..store import sparsity as cal
+    from ..store.format import load_manifest
+    from ..store.modelconfig import ModelConfig
+    from .generate import Engine
+    from .policy import Policy
+    from .sparse import SparseFFN, sequence_logits, windows
+
+    model_dir = Path(model_dir)
+    digest = cal.manifest_sha256(model_dir)  # before the run: a model converted again meanwhile is not mixed in
+    config = ModelConfig.from_dict(load_manifest(model_dir).config)
+    if getattr(config, "num_experts", 0):
+        raise ValueError(f"MODEL {model_dir}: a mixture-of-experts model; activation sparsity applies to dense FFNs")
+    rec = SparseFFN.recorder(config.num_layers)
+    engine = Engine(model_dir, policy=Policy(gpu_batch_size=1), device=device, sparsity=rec)
+    parts = windows(ids, window)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(ids), desc="calibrating", unit="tok")
+    try:
+        for part in parts:
+            sequence_logits(engine, part)
+            if bar:
+                bar.update(len(part))
+    finally:
+        engine.close()
+        if bar:
+            bar.close()
+    thresholds = rec.thresholds_at(targets)
+    return cal.save(model_dir, cal.Calibration(model_id=model_dir.name, manifest_sha256=digest, tokens=len(ids),
+                                               text_sha256=text_sha256, thresholds=thresholds))
+
+
+def _sha256(path: Path) -> str:
+    from ..store.format import sha256_file
+
+    return sha256_file(path)

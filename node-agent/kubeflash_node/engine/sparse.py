@@ -1,0 +1,215 @@
+"""Activation-sparse FFN: compute only the neurons whose activation matters, and count the bytes that costs.
+
+A neuron i of layer l is active for a token when |a_i| > tau_l, where a is the FFN's activation: act(gate(h)) in
+the Llama family (SwiGLU: its up row and down column are then needed, its gate row was needed to decide), the
+activation of fc1 in OPT (ReLU: tau 0 is the model's own sparsity, exact, no calibration). tau_l comes from
+`kubeflash calibrate` (store/sparsity.py): the per-layer magnitude below which a target share of activations fell
+on calibration text (TEAL's training-free thresholds, applied to the gate activation as CATS does). Only the
+union of active neurons over a step's tokens is gathered: their up rows ([A, H]) and down columns ([H, A]); each
+token still drops its own inactive ones, so a step of many tokens computes exactly what one token at a time would.
+
+`FFNReads` counts, per step, the FFN bytes a dense layer reads and the bytes this one needs: the whole gate
+(fc1) matrix, plus one up row and one down column per active neuron (LLM in a flash's neuron bundle), and the
+runs of consecutive active neurons (one read each in a bundled layout). The model calls in through one hook:
+`llama_layer`/`opt_layer` call `w["sparse_ffn"](c, w, h)` when the engine put one in the layer's weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..store.modelconfig import ModelConfig
+from .kvcache import LayerKV
+from .model import ACTIVATIONS, embed, head, make_batch
+
+HOOK = "sparse_ffn"  # the weight-dict key the model's MLP looks for
+RECORD_PER_CALL = 1 << 18  # |activation| samples kept per layer and call while calibrating
+RECORD_MAX = 1 << 23  # ... and per layer in all (torch.quantile takes at most 16M values)
+
+
+@dataclass
+class FFNReads:
+    """FFN bytes per step, dense against sparse, split into prefill (many tokens a step) and decode (one)."""
+
+    steps: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})  # layer calls
+    tokens: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    dense_bytes: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    read_bytes: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    runs: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})  # reads of a neuron-bundled layout
+    neurons: int = 0  # neuron-token pairs seen
+    inactive: int = 0  # ... of which dropped
+
+    def add(self, phase: str, *, tokens: int, dense: int, read: int, runs: int, neurons: int, inactive: int) -> None:
+        self.steps[phase] += 1
+        self.tokens[phase] += tokens
+        self.dense_bytes[phase] += dense
+        self.read_bytes[phase] += read
+        self.runs[phase] += runs
+        self.neurons += neurons
+        self.inactive += inactive
+
+    def summary(self) -> dict:
+        """Token sparsity (share of neuron activations dropped) and, per phase, FFN bytes per token dense and
+        sparse and the reads (runs) per layer call."""
+        out: dict = {"token_sparsity": round(self.inactive / self.neurons, 4) if self.neurons else 0.0}
+        for p in ("prefill", "decode"):
+            if self.tokens[p]:
+                out[p] = {"ffn_bytes_per_token_dense": self.dense_bytes[p] / self.tokens[p],
+                          "ffn_bytes_per_token_sparse": self.read_bytes[p] / self.tokens[p],
+                          "ffn_read_fraction": round(self.read_bytes[p] / self.dense_bytes[p], 4),
+                          "runs_per_layer_call": round(self.runs[p] / self.steps[p], 1)}
+        return out
+
+
+class SparseFFN:
+    """The sparse FFN of one model: per-layer thresholds (None: record activations for calibration instead)."""
+
+    def __init__(self, thresholds: Sequence[float] | None, *, num_layers: int, target: float | None = None,
+                 source: str = "calibrated"):
+        self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
+        self.target, self.source = target, source  # source: calibrated | relu (OPT's own zeros) | record
+        self.reads = FFNReads()
+        self.samples: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self._gen = torch.Generator().manual_seed(0)
+        self._layers = [self._for_layer(j) for j in range(num_layers)]
+
+    @classmethod
+    def recorder(cls, num_layers: int) -> SparseFFN:
+        return cls(None, num_layers=num_layers, source="record")
+
+    def wrap(self, layer_fn: Callable) -> Callable:
+        """`layer_fn` with this layer's sparse FFN handed to the model in its weight dict."""
+        def sparse_layer(c, w, x, batch, cache, rope, layer: int = 0):
+            return layer_fn(c, {**w, HOOK: self._layers[layer]}, x, batch, cache, rope, layer=layer)
+        return sparse_layer
+
+    def describe(self) -> dict:
+        return {"target": self.target, "source": self.source, **self.reads.summary()}
+
+    def _for_layer(self, j: int) -> Callable:
+        def ffn(c: ModelConfig, w: dict, h: torch.Tensor) -> torch.Tensor:
+            return self.ffn(c, w, h, j)
+        return ffn
+
+    def ffn(self, c: ModelConfig, w: dict, h: torch.Tensor, layer: int) -> torch.Tensor:
+        # h: [B, S, H] the normalized FFN input -> [B, S, H] the FFN output
+        llama = "w_gate" in w
+        first, first_b = (w["w_gate"], w.get("b_gate")) if llama else (w["fc1_w"], w.get("fc1_b"))
+        a = ACTIVATIONS[c.hidden_act](F.linear(h, first, first_b))  # [B, S, I]
+        if self.thresholds is None:
+            self._record(layer, a)
+            keep = torch.ones_like(a, dtype=torch.bool)
+        else:
+            keep = a.abs() > self.thresholds[layer]  # [B, S, I]
+        active = keep.reshape(-1, keep.shape[-1]).any(0).nonzero().squeeze(1)  # [A] union over the step's tokens
+        a = a.index_select(-1, active).masked_fill_(~keep.index_select(-1, active), 0)  # [B, S, A]
+        if llama:
+            a = a.mul_(F.linear(h, w["w_up"].index_select(0, active), _rows(w.get("b_up"), active)))
+            down, down_b = w["w_down"], w.get("b_down")
+        else:
+            down, down_b = w["fc2_w"], w.get("fc2_b")
+        self._count(w, llama, h, keep, active)
+        return F.linear(a, down.index_select(1, active), down_b)
+
+    def _count(self, w: dict, llama: bool, h: torch.Tensor, keep: torch.Tensor, active: torch.Tensor) -> None:
+        """Matrix bytes of this call: dense reads every matrix; sparse the gate (fc1) matrix, which decides, and an
+        up row and a down column (OPT: an fc2 column) per active neuron, in runs of consecutive neurons."""
+        first, rest = (w["w_gate"], (w["w_up"], w["w_down"])) if llama else (w["fc1_w"], (w["fc2_w"],))
+        size = first.element_size()
+        dense = (first.numel() + sum(m.numel() for m in rest)) * size
+        per_neuron = (rest[0].shape[1] + rest[1].shape[0] if llama else rest[0].shape[0]) * size
+        runs = int((active.diff() != 1).sum()) + 1 if active.numel() else 0
+        tokens = h.shape[0] * h.shape[1]
+        self.reads.add("decode" if h.shape[1] == 1 else "prefill", tokens=tokens, dense=dense,
+                       read=first.numel() * size + active.numel() * per_neuron, runs=runs, neurons=keep.numel(),
+                       inactive=keep.numel() - int(keep.sum()))
+
+    def _record(self, layer: int, a: torch.Tensor) -> None:
+        flat = a.detach().abs().reshape(-1).float().cpu()
+        if flat.numel() > RECORD_PER_CALL:
+            flat = flat[torch.randint(flat.numel(), (RECORD_PER_CALL,), generator=self._gen)]
+        kept = self.samples[layer]
+        kept.append(flat)
+        if sum(t.numel() for t in kept) > RECORD_MAX:
+            allv = torch.cat(kept)
+            kept[:] = [allv[torch.randint(allv.numel(), (RECORD_MAX // 2,), generator=self._gen)]]
+
+    def thresholds_at(self, targets: Sequence[float]) -> dict[float, tuple[float, ...]]:
+        """Per target: each layer's |activation| quantile at that target over what was recorded. A target of 0
+        keeps every neuron whose activation is not exactly zero."""
+        if not all(self.samples):
+            raise ValueError("calibration recorded no activations for some layer (no text was run)")
+        qs = torch.tensor(sorted(targets), dtype=torch.float64)
+        out: dict[float, list[float]] = {float(t): [] for t in qs}
+        for kept in self.samples:
+            vals = torch.cat(kept).double()
+            for t, v in zip(qs.tolist(), torch.quantile(vals, qs).tolist()):
+                out[t].append(0.0 if t == 0 else float(v))
+        return {t: tuple(v) for t, v in out.items()}
+
+
+def _rows(b: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if b is None else b.index_select(0, idx)
+
+
+def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec.offload.sparsity") -> SparseFFN:
+    """The sparse FFN a job asking for `target` runs with: OPT-style ReLU models use their own zeros (exact, no
+    calibration); other activations need the model's calibration for `target` (store/sparsity.py refuses a
+    missing or stale one, naming `field`)."""
+    from ..store.sparsity import thresholds_for
+
+    if getattr(config, "num_experts", 0):
+        raise ValueError(f"{field}: a mixture-of-experts model reads only its routed experts already; activation "
+                         "sparsity applies to dense FFN models (set it to off)")
+    if config.hidden_act == "relu" and config.architecture == "opt":
+        return SparseFFN([0.0] * config.num_layers, num_layers=config.num_layers, target=target, source="relu")
+    th = thresholds_for(model_dir, target, num_layers=config.num_layers, field=field)
+    return SparseFFN(th, num_layers=config.num_layers, target=target)
+
+
+# ----------------------------------------------------------------------------- teacher-forced passes
+
+
+@torch.inference_mode()
+def sequence_logits(engine, ids: Sequence[int]) -> torch.Tensor:
+    """Logits [S, V] (float32) at every position of one sequence, in one prefill pass through the engine's own
+    stages and layer function (sparse when the engine is): for perplexity and for calibration."""
+    c, n = engine.config, len(engine.manifest.stages)
+    batch = make_batch(torch.ones(1, len(ids), dtype=torch.long), 0, len(ids), engine.device)
+    rope = engine.rope(batch.positions, engine.dtype) if engine.rope is not None else None
+    x, logits = None, None
+    for stage in range(n):  # every stage in order: the streamer reads them in that order
+        w = engine.streamer.get(stage)
+        if stage == 0:
+            x = embed(c, w, torch.tensor([list(ids)], device=engine.device), batch.positions)
+        elif stage == n - 1:
+            if c.tie_word_embeddings:
+                w = {**w, "lm_head": engine.streamer.resident[0]["tok_embed"]}
+            logits = head(c, w, x[0])  # [S, V]
+        else:
+            x = engine.layer_fn(c, w, x, batch, LayerKV(None, None, in_place=False), rope, layer=stage - 1)
+    return logits
+
+
+def windows(ids: Sequence[int], size: int) -> list[list[int]]:
+    """`ids` cut into consecutive windows of `size` tokens (the last may be shorter; none empty)."""
+    return [list(ids[i:i + size]) for i in range(0, len(ids), size)]
+
+
+def perplexity(engine, ids: Sequence[int], *, window: int = 512) -> tuple[float, torch.Tensor]:
+    """(perplexity over `ids`, each window scored on its own; the argmax token at every scored position)."""
+    nll, count, top = 0.0, 0, []
+    for win in windows(ids, window):
+        if len(win) < 2:
+            continue
+        logits = sequence_logits(engine, win)[:-1]  # [S-1, V] predicting win[1:]
+        target = torch.tensor(win[1:])
+        nll += float(F.cross_entropy(logits.float().cpu(), target, reduction="sum"))
+        count += len(win) - 1
+        top.append(logits.argmax(-1).cpu())
+    return math.exp(nll / count), torch.cat(top)

@@ -1,0 +1,112 @@
+"""Activation-sparsity calibration in a model's store entry: per-layer FFN thresholds for each target sparsity.
+
+`kubeflash calibrate` writes `<model_dir>/sparsity.json`; a sparse run reads it back. The file records the model
+it was made for (the directory's model id and the sha256 of its manifest.json, which holds every weight file's
+sha256), so a calibration of another model, or of this model before it was converted again, is refused rather
+than silently applied. Written crash-safely (temp + fsync + rename). Knows nothing of torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubeflash_api.inferencejob import MAX_SPARSITY
+
+from .format import MANIFEST, StoreError, atomic_write_json
+
+FILE = "sparsity.json"
+FORMAT = "kubeflash-sparsity/1"
+MAX_TARGET = MAX_SPARSITY  # the most a target may ask (the API's bound, spec.offload.sparsity)
+METHOD = "ffn-magnitude"  # a neuron is active for a token when |its activation| exceeds its layer's threshold
+
+
+class CalibrationError(StoreError):
+    """A sparse run cannot use this model's calibration (none, stale, target not calibrated); says what to run."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-layer thresholds on |FFN activation| for each calibrated target sparsity."""
+
+    model_id: str  # the model directory's name: its id in the store
+    manifest_sha256: str  # sha256 of manifest.json when calibrated (it holds every weight file's sha256)
+    tokens: int  # calibration tokens seen
+    text_sha256: str  # of the calibration text file
+    thresholds: dict[float, tuple[float, ...]]  # target sparsity -> one threshold per decoder layer
+    method: str = METHOD
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "method": self.method, "model_id": self.model_id,
+                "manifest_sha256": self.manifest_sha256, "tokens": self.tokens, "text_sha256": self.text_sha256,
+                "targets": [{"sparsity": t, "thresholds": list(th)} for t, th in sorted(self.thresholds.items())]}
+
+    @classmethod
+    def from_json(cls, data: dict, *, where: str) -> Calibration:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            got = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise StoreError(f"{where}: format is {got!r}, expected {FORMAT!r}")
+        try:
+            th = {float(e["sparsity"]): tuple(float(x) for x in e["thresholds"]) for e in data["targets"]}
+            return cls(model_id=str(data["model_id"]), manifest_sha256=str(data["manifest_sha256"]),
+                       tokens=int(data["tokens"]), text_sha256=str(data["text_sha256"]), thresholds=th,
+                       method=str(data.get("method", METHOD)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{where}: malformed calibration ({type(e).__name__}: {e})") from e
+
+
+def check_target(value: float, *, name: str) -> float:
+    """A target sparsity in [0, MAX_TARGET]; ValueError naming the option or field otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_TARGET:
+        raise ValueError(f"{name}: a target sparsity must be a number in [0, {MAX_TARGET}], got {value!r}")
+    return float(value)
+
+
+def manifest_sha256(model_dir: Path) -> str:
+    return hashlib.sha256((Path(model_dir) / MANIFEST).read_bytes()).hexdigest()
+
+
+def save(model_dir: Path, cal: Calibration) -> Path:
+    path = Path(model_dir) / FILE
+    atomic_write_json(path, cal.to_json())
+    return path
+
+
+def load(model_dir: Path) -> Calibration | None:
+    """The model's calibration as written (None when it has none); StoreError when the file is unreadable."""
+    path = Path(model_dir) / FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path}: not a readable calibration ({e})") from e
+    return Calibration.from_json(data, where=str(path))
+
+
+def thresholds_for(model_dir: Path, target: float, *, num_layers: int, field: str) -> tuple[float, ...]:
+    """The per-layer thresholds of `target` for the model in `model_dir`, refused (CalibrationError naming
+    `field`) when the model has no calibration, it was made for another model or version, or lacks `target`."""
+    model_dir = Path(model_dir)
+    redo = f"run `kubeflash calibrate {model_dir} --text FILE --sparsity {target:g}`"
+    cal = load(model_dir)
+    if cal is None:
+        raise CalibrationError(f"{field} {target:g}: the model in {model_dir} has no calibration data "
+                               f"({FILE} missing); {redo}, or set {field}: off")
+    here = manifest_sha256(model_dir)
+    if cal.model_id != model_dir.name or cal.manifest_sha256 != here:
+        raise CalibrationError(f"{field} {target:g}: {model_dir / FILE} is stale: it was calibrated for model "
+                               f"{cal.model_id} (manifest {cal.manifest_sha256[:12]}…), this is {model_dir.name} "
+                               f"(manifest {here[:12]}…); {redo}")
+    got = next((th for t, th in cal.thresholds.items() if abs(t - target) < 1e-9), None)
+    if got is None:
+        have = ", ".join(f"{t:g}" for t in sorted(cal.thresholds)) or "none"
+        raise CalibrationError(f"{field} {target:g}: not calibrated for this model (calibrated: {have}); {redo}")
+    if len(got) != num_layers:
+        raise CalibrationError(f"{model_dir / FILE}: {len(got)} layer thresholds for a model of {num_layers} layers; "
+                               f"{redo}")
+    return got
