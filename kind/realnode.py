@@ -725,9 +725,15 @@ def stop_leftover_dockerd() -> None:
         pidfile.unlink(missing_ok=True)
 
 
-def logs(lines: int = 60) -> str:
+def component_logs(lines: int = 60) -> str:
+    """The tails of the logs of the processes this harness runs (containerd, kubelet, kube-proxy, control plane)."""
     parts = [tail(p, lines) for p in sorted((DATA / "logs").glob("*.log"))]
     parts += [tail(p, lines) for p in sorted((DATA / "cp" / "logs").glob("*.log"))]
+    return "\n".join(parts)
+
+
+def logs(lines: int = 60) -> str:
+    parts = [component_logs(lines)]
     if (STATE / "kubeconfig").exists():
         for app in ("kubeflash-operator", "kubeflash-agent"):
             p = kubectl("logs", "-n", NAMESPACE, "-l", f"app.kubernetes.io/component={app.split('-')[1]}",

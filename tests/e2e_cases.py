@@ -7,13 +7,19 @@ a handle with the same small interface, so both paths make identical assertions:
     apply(text, namespace)                   kubectl apply -n namespace -f -
     on_node(node, *cmd, check=True)          a command on the node (the node's file system: its SSD store)
     workers() -> list[str]                   the kubeflash.io/ssd=true nodes
+
+Both handles derive from Kubectl (kubectl with a kubeconfig); both conftests take a namespace per test from
+namespace() and attach cluster_logs() to a failing test's report with attach_logs().
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,83 @@ spec:
   offload: {{gpuBatchSize: 2, numGpuBatches: 1}}   # blocks of 2 prompts: progress moves prompt pair by pair
   backoffLimit: 3
 """
+
+
+SYSTEM_NAMESPACE = "kubeflash-system"  # where the chart runs the operator and the agent
+
+
+class Kubectl:
+    """kubectl against one cluster; subclasses add on_node() (how to run a command on a node)."""
+
+    def __init__(self, kubeconfig: Path, kubectl: str = "kubectl"):
+        self.kubeconfig, self.binary = kubeconfig, kubectl
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                timeout: float = 120) -> subprocess.CompletedProcess:
+        proc = subprocess.run([self.binary, f"--kubeconfig={self.kubeconfig}", *args], input=input,
+                              capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return proc
+
+    def json(self, *args: str) -> dict:
+        return json.loads(self.kubectl(*args, "-o", "json").stdout)
+
+    def apply(self, text: str, namespace: str) -> None:
+        self.kubectl("apply", "-n", namespace, "-f", "-", input=text)
+
+    def workers(self) -> list[str]:
+        out = self.kubectl("get", "nodes", "-l", "kubeflash.io/ssd=true", "-o", "jsonpath={.items[*].metadata.name}")
+        return sorted(out.stdout.split())
+
+
+@contextlib.contextmanager
+def namespace(c, prefix: str, labels: dict[str, str] | None = None) -> Iterator[str]:
+    """A fresh namespace `<prefix>-<6 hex>`; its jobs are deleted (finalizers run) and then the namespace."""
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    c.kubectl("create", "namespace", name)
+    if labels:
+        c.kubectl("label", "namespace", name, *(f"{k}={v}" for k, v in labels.items()))
+    try:
+        yield name
+    finally:
+        c.kubectl("delete", "ij", "--all", "-n", name, "--timeout=120s", check=False, timeout=180)
+        c.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def cluster_logs(c, namespaces: Sequence[str] = (), lines: int = 80) -> str:
+    """What a failing test prints, on every provider: the operator's and agents' logs, the pods of the test's
+    namespaces with their logs, the cluster's warning events and every pod."""
+    parts = []
+    for component in ("operator", "agent"):
+        p = c.kubectl("logs", "-n", SYSTEM_NAMESPACE, "-l", f"app.kubernetes.io/component={component}",
+                      "--all-containers", f"--tail={lines}", "--prefix", check=False, timeout=30)
+        parts.append(f"--- kubeflash-{component} pods ---\n{p.stdout}{p.stderr}")
+    for ns in namespaces:
+        p = c.kubectl("get", "pods,ij", "-n", ns, "-o", "wide", check=False, timeout=30)
+        parts.append(f"--- namespace {ns} ---\n{p.stdout}{p.stderr}")
+        p = c.kubectl("logs", "-n", ns, "-l", "kubeflash.io/job", "--all-containers", f"--tail={lines}", "--prefix",
+                      check=False, timeout=30)
+        parts.append(p.stdout + p.stderr)
+    ev = c.kubectl("get", "events", "-A", "--field-selector=type!=Normal", "--sort-by=.lastTimestamp", check=False,
+                   timeout=30)
+    pods = c.kubectl("get", "pods", "-A", "-o", "wide", check=False, timeout=30)
+    parts.append(f"--- warning events ---\n{ev.stdout[-4000:]}\n--- pods ---\n{pods.stdout}")
+    return "\n".join(parts)
+
+
+def attach_logs(rep, item, c, title: str, extra: Callable[[], str] | None = None) -> None:
+    """For a conftest's pytest_runtest_makereport hookwrapper: a test that failed in its call gets a report
+    section with extra() (provider-specific logs, e.g. kubelet and containerd) and cluster_logs() of the cluster
+    handle c (None while no cluster is up) for the namespaces among its fixtures."""
+    if rep.when != "call" or not rep.failed or c is None:
+        return
+    namespaces = [v for k, v in item.funcargs.items() if k.endswith("namespace") and isinstance(v, str)]
+    try:
+        text = (extra() + "\n" if extra else "") + cluster_logs(c, namespaces)
+    except Exception as e:  # the report must not hide the test's own failure
+        text = f"could not collect: {type(e).__name__}: {e}"
+    rep.sections.append((title, text))
 
 
 def wait_for(what: str, get: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 300.0,

@@ -4,18 +4,20 @@ Fixture:
   kind_cluster  session: a Kind handle (kubectl/docker helpers) for a cluster with fake GPUs, both images
                 loaded and the chart installed (`kind/e2e.sh up`); deleted afterwards unless KEEP=1.
 The cluster is named $KUBEFLASH_KIND_CLUSTER (default kubeflash-pytest); a running one of that name is
-reused. Tests that need it skip, with the reason, when `kind` is not on PATH or `docker info` fails.
+reused. Tests that need it skip, with the reason, when `kind` is not on PATH or `docker info` fails. A failing
+test's report carries the operator, agent and pod logs and the cluster's warning events (e2e_cases.attach_logs).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+import e2e_cases as cases
 
 REPO = Path(__file__).resolve().parents[2]
 E2E = REPO / "kind" / "e2e.sh"
@@ -41,25 +43,12 @@ def docker_problem() -> str | None:
     return None
 
 
-class Kind:
+class Kind(cases.Kubectl):
     """kubectl and docker against the kind cluster."""
 
     def __init__(self, name: str, kubeconfig: Path):
-        self.name, self.kubeconfig = name, kubeconfig
-
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                timeout: float = 120) -> subprocess.CompletedProcess:
-        proc = subprocess.run(["kubectl", f"--kubeconfig={self.kubeconfig}", *args], input=input,
-                              capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-        return proc
-
-    def json(self, *args: str) -> dict:
-        return json.loads(self.kubectl(*args, "-o", "json").stdout)
-
-    def apply(self, text: str, namespace: str) -> None:
-        self.kubectl("apply", "-n", namespace, "-f", "-", input=text)
+        super().__init__(kubeconfig)
+        self.name = name
 
     def on_node(self, node: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run a command inside a kind node (its container is named after the node)."""
@@ -68,9 +57,8 @@ class Kind:
             raise AssertionError(f"on {node}: {' '.join(cmd)} failed: {proc.stderr.strip()}")
         return proc
 
-    def workers(self) -> list[str]:
-        out = self.kubectl("get", "nodes", "-l", "kubeflash.io/ssd=true", "-o", "jsonpath={.items[*].metadata.name}")
-        return sorted(out.stdout.split())
+
+_USED: dict = {}
 
 
 @pytest.fixture(scope="session")
@@ -83,21 +71,22 @@ def kind_cluster():
     env = dict(os.environ, CLUSTER=name, KUBECONFIG_FILE=str(kubeconfig))
     subprocess.run(["bash", str(E2E), "up"], env=env, check=True, timeout=3600)
     try:
-        yield Kind(name, kubeconfig)
+        _USED["up"] = Kind(name, kubeconfig)
+        yield _USED["up"]
     finally:
+        _USED.pop("up", None)
         if os.environ.get("KEEP", "0") != "1":
             subprocess.run(["bash", str(E2E), "down"], env=env, check=False, timeout=600)
 
 
 @pytest.fixture
-def kind_namespace(kind_cluster, request):
+def kind_namespace(kind_cluster):
     """A fresh namespace in the kind cluster; its jobs are deleted with it afterwards."""
-    import uuid
-
-    name = f"e2e-{uuid.uuid4().hex[:6]}"
-    kind_cluster.kubectl("create", "namespace", name)
-    try:
+    with cases.namespace(kind_cluster, "e2e") as name:
         yield name
-    finally:
-        kind_cluster.kubectl("delete", "ij", "--all", "-n", name, "--timeout=120s", check=False, timeout=180)
-        kind_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    cases.attach_logs(outcome.get_result(), item, _USED.get("up"), "kind: operator, agent and pod logs")

@@ -14,14 +14,14 @@ operator and agent logs and the cluster's warning events.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
+
+import e2e_cases as cases
 
 REPO = Path(__file__).resolve().parents[2]
 REALNODE = REPO / "kind" / "realnode.py"
@@ -56,25 +56,8 @@ def problem() -> str | None:
     return None
 
 
-class Node:
+class Node(cases.Kubectl):
     """kubectl against the real cluster; the node's file system is this machine's."""
-
-    def __init__(self, kubeconfig: Path):
-        self.kubeconfig = kubeconfig
-
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                timeout: float = 120) -> subprocess.CompletedProcess:
-        proc = subprocess.run([realnode.KUBECTL, f"--kubeconfig={self.kubeconfig}", *args], input=input,
-                              capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-        return proc
-
-    def json(self, *args: str) -> dict:
-        return json.loads(self.kubectl(*args, "-o", "json").stdout)
-
-    def apply(self, text: str, namespace: str) -> None:
-        self.kubectl("apply", "-n", namespace, "-f", "-", input=text)
 
     def on_node(self, node: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         assert node == realnode.NODE_NAME, f"unknown node {node}"
@@ -82,10 +65,6 @@ class Node:
         if check and proc.returncode != 0:
             raise AssertionError(f"on {node}: {' '.join(cmd)} failed: {proc.stderr.strip()}")
         return proc
-
-    def workers(self) -> list[str]:
-        out = self.kubectl("get", "nodes", "-l", "kubeflash.io/ssd=true", "-o", "jsonpath={.items[*].metadata.name}")
-        return sorted(out.stdout.split())
 
 
 _USED: dict = {}
@@ -105,9 +84,9 @@ def node_cluster():
         if not was_running and os.environ.get("KEEP", "0") != "1":
             subprocess.run([sys.executable, str(REALNODE), "down"], timeout=600)
         pytest.fail(f"kind/realnode.py up failed (exit {proc.returncode}); see its output above\n{logs[-20000:]}")
-    _USED["up"] = True
     try:
-        yield Node(realnode.STATE / "kubeconfig")
+        _USED["up"] = Node(realnode.STATE / "kubeconfig", realnode.KUBECTL)
+        yield _USED["up"]
     finally:
         _USED.pop("up", None)
         if not was_running and os.environ.get("KEEP", "0") != "1":
@@ -116,21 +95,12 @@ def node_cluster():
 
 @pytest.fixture
 def node_namespace(node_cluster):
-    name = f"node-{uuid.uuid4().hex[:6]}"
-    node_cluster.kubectl("create", "namespace", name)
-    try:
+    with cases.namespace(node_cluster, "node") as name:
         yield name
-    finally:
-        node_cluster.kubectl("delete", "ij", "--all", "-n", name, "--timeout=120s", check=False, timeout=180)
-        node_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
-    rep = outcome.get_result()
-    if rep.when == "call" and rep.failed and _USED.get("up"):
-        try:
-            rep.sections.append(("real node: component, operator, agent and pod logs", realnode.logs(80)))
-        except Exception as e:  # the report must not hide the test's own failure
-            rep.sections.append(("real node logs", f"could not collect: {e}"))
+    cases.attach_logs(outcome.get_result(), item, _USED.get("up"),
+                      "real node: component, operator, agent and pod logs", lambda: realnode.component_logs(80))
