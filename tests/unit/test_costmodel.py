@@ -190,6 +190,39 @@ def test_plan_cli_without_ceilings_says_how_to_get_them(tmp_path, capsys):
     assert "kubeflash plan: error: no ceilings" in err and "--ceilings FILE" in err and "--measure" in err
 
 
+def _plan_cli(tmp_path, offload: str, *extra):
+    job = tmp_path / "job.yaml"
+    job.write_text("apiVersion: kubeflash.io/v1alpha1\nkind: InferenceJob\nmetadata: {name: p}\nspec:\n"
+                   "  model: {uri: 'dummy:llama-3-8b'}\n  input: {prompts: ['one prompt']}\n"
+                   "  generation: {maxNewTokens: 8}\n" + offload)
+    return subprocess.run([sys.executable, "-m", "kubeflash_node.cli", "plan", str(job), "--ceilings",
+                           str(ROOT / "docs/bench-results/llama-decode-cold.json"), "--cpu-memory", "64GiB",
+                           "--store", str(tmp_path), *extra], capture_output=True, text=True, timeout=120)
+
+
+def test_plan_cli_predicts_an_explicit_policy_as_pinned(tmp_path):
+    """An explicit spec.offload is predicted as written (a 4 x 2 block for one prompt too), said to fit or not with
+    the numbers, and the automatic plan is shown beside it."""
+    offload = ("  offload: {policy: explicit, weights: {gpu: 0, cpu: 0, disk: 100}, kv: {gpu: 0, cpu: 0, disk: 100},"
+               " gpuBatchSize: 4, numGpuBatches: 2, kvWriteBack: true}\n")
+    out = _plan_cli(tmp_path, offload, "--gpu-memory", "24GiB")
+    assert out.returncode == 0, out.stderr
+    assert "explicit (spec.offload, as the manifest pins it): weights gpu 0% cpu 0%" in out.stdout
+    assert "micro-batch 4 x 2" in out.stdout and "fits the budgets" in out.stdout
+    assert "policy auto instead" in out.stdout and "chosen:" in out.stdout
+    tight = _plan_cli(tmp_path, offload.replace("disk: 100}, kv", "disk: 100}, kv").replace(
+        "weights: {gpu: 0, cpu: 0, disk: 100}", "weights: {gpu: 100, cpu: 0, disk: 0}"), "--gpu-memory", "6GiB")
+    assert tight.returncode == 0, tight.stderr
+    assert "does NOT fit: GPU (with the 1 GiB reserve) needs" in tight.stdout and "the budget is 6.00 GiB" in tight.stdout
+
+
+def test_plan_cli_names_a_pinned_batch_no_candidate_has(tmp_path):
+    """Under policy auto, a pinned batch larger than the job names the pin instead of 'no candidate fits'."""
+    out = _plan_cli(tmp_path, "  offload: {gpuBatchSize: 4, numGpuBatches: 2}\n", "--gpu-memory", "24GiB")
+    assert out.returncode == 1
+    assert "no candidate policy has what spec.offload pins" in out.stderr and "1 prompt(s)" in out.stderr
+
+
 OPT13 = preset("opt-13b")
 
 

@@ -53,9 +53,16 @@ def main(args: argparse.Namespace) -> int:
                         r.kv_disk)
         quants = tuple(sizes) if args.allow_compression else (spec.model.quantization,)
         kv_bits = (16, 8, 4) if args.allow_compression else (QUANT_BITS[spec.offload.compression],)
-        plan = make_plan(config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, quantizations=quants,
-                         kv_bits=kv_bits, base=_base_policy(ceil), step=args.step, keep=pinned(spec.offload, config),
-                         itemsize=itemsize)
+        explicit = _explicit(spec, job, config, ceil, budget, sizes, itemsize) \
+            if spec.offload.policy == "explicit" else None
+        try:  # under an explicit policy the automatic plan is shown beside it, for comparison, without its pins
+            plan = make_plan(config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, quantizations=quants,
+                             kv_bits=kv_bits, base=_base_policy(ceil), step=args.step,
+                             keep=None if explicit else pinned(spec.offload, config), itemsize=itemsize)
+        except ValueError as e:
+            if explicit is None:
+                raise
+            plan, explicit = None, explicit + [f"policy auto would not fit either: {e}"]
     except (SpecError, StoreError, ValueError, OSError) as e:
         print(f"kubeflash plan: error: {e}", file=sys.stderr)
         return 1
@@ -66,8 +73,17 @@ def main(args: argparse.Namespace) -> int:
           f"matmul {ceil.matmul_tflops:.0f} TFLOP/s")
     for line in assumed:
         print("assumed: " + line)
-    print(f"budgets: GPU {budget.gpu_bytes / 2**30:.2f} GiB, CPU {budget.cpu_bytes / 2**30:.2f} GiB; "
-          f"{plan.fitting} of {plan.considered} candidate policies fit\n")
+    if explicit is not None:
+        print(f"budgets: GPU {budget.gpu_bytes / 2**30:.2f} GiB, CPU {budget.cpu_bytes / 2**30:.2f} GiB\n")
+        print("\n".join(explicit))
+        if plan is None:
+            if args.json:
+                args.json.write_text(json.dumps({"explicit": explicit}, indent=1))
+            return 0
+        print(f"\npolicy auto instead ({plan.fitting} of {plan.considered} candidate policies fit):")
+    else:
+        print(f"budgets: GPU {budget.gpu_bytes / 2**30:.2f} GiB, CPU {budget.cpu_bytes / 2**30:.2f} GiB; "
+              f"{plan.fitting} of {plan.considered} candidate policies fit\n")
     print(x_cache_note(config))
     print("chosen:    " + describe(plan.best))
     print("           why: " + plan.best.why())
@@ -85,6 +101,29 @@ def main(args: argparse.Namespace) -> int:
 
 
 _HOW = "kubeflash bench --ceilings-only --json FILE on the GPU machine writes them"
+
+
+def _explicit(spec, job, config, ceil, budget, sizes, itemsize) -> list[str]:
+    """Lines on the manifest's explicit policy: the prediction, and whether it fits the budgets (by how much not)."""
+    from dataclasses import replace
+
+    from .costmodel import Calibration, Candidate, describe, kv_disk_bytes, memory, predict
+    from .planning import policy_for
+
+    base = _base_policy(ceil)
+    pol = replace(policy_for(spec, n_prompts=job.prompts, device="cuda", config=config),
+                  io_threads=base.io_threads, io_task_bytes=base.io_task_bytes)
+    cand, cal, q = Candidate(pol, spec.model.quantization), Calibration(), spec.model.quantization
+    gpu, cpu = memory(cand, config=config, job=job, sizes=sizes[q], cal=cal, itemsize=itemsize)
+    disk = kv_disk_bytes(cand, config=config, job=job, itemsize=itemsize)
+    pr = predict(cand, config=config, ceil=ceil, job=job, budget=budget, sizes=sizes[q], cal=cal, itemsize=itemsize)
+    short = [f"{what} needs {need / 2**30:.2f} GiB, the budget is {have / 2**30:.2f} GiB"
+             for what, need, have in (("GPU (with the 1 GiB reserve)", gpu + cal.gpu_reserve_bytes, budget.gpu_bytes),
+                                      ("CPU", cpu, budget.cpu_bytes), ("KV disk", disk, budget.disk_bytes))
+             if need > have]
+    return ["explicit (spec.offload, as the manifest pins it): " + describe(pr),
+            "           why: " + pr.why(),
+            "           fits the budgets" if not short else "           does NOT fit: " + "; ".join(short)]
 
 
 def _ceilings(args):

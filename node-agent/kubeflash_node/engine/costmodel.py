@@ -473,6 +473,10 @@ def plan(*, config: ModelConfig, ceil, job: JobShape, budget: Budget, sizes: dic
                        shapes=shapes)
     if keep is not None:
         cands = [cd for cd in cands if keep(cd.policy)]
+        if not cands:
+            raise ValueError(f"no candidate policy has what spec.offload pins (gpuBatchSize, numGpuBatches, "
+                             f"cpuAttention, kvWriteBack, xCache) for a job of {job.prompts} prompt(s): a micro-batch "
+                             f"holds at most {job.prompts} sequence(s) here; lower the pinned batch or leave it out")
     return choose(cands, config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, cal=cal, itemsize=itemsize)
 
 
