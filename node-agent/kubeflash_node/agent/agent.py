@@ -74,6 +74,7 @@ class Agent:
         self.jobs = JobSpaces(self.inv.disks, self.cache.catalogs)
         self.jobs.startup()
         self.cache.startup()
+        self._kv_cache_seen: set[str] = set()
         self.kv_cache = NodeKVCache(self.inv.disks, budget=self.cfg.kv_cache_budget, state_dir=self.cfg.state_dir,
                                     metrics=self.metrics)
         if self.cfg.probe:
@@ -141,7 +142,9 @@ class Agent:
         except OSError as e:
             log.warning("prefix KV cache pass failed", extra={"error": str(e)})
         for p in self.kv_cache.problems:
-            log.warning("prefix KV cache", extra={"problem": p})
+            if p not in self._kv_cache_seen:  # a planted link stays until its job is gone: say so once
+                log.warning("prefix KV cache", extra={"problem": p})
+        self._kv_cache_seen = set(self.kv_cache.problems)
 
     def _merge_pods(self, pods: list[JobWant]) -> dict[str, JobWant]:
         """One entry per job (a job has pods for several attempts, and its InferenceJob)."""
@@ -183,19 +186,25 @@ class Agent:
         """progress.json -> the job's status, results.jsonl -> its output: both read no-follow and size-capped
         (the pod writes them; a planted link or an oversized file is refused and noted, never followed)."""
         for key, disk in alive.items():
+            doc = None
             try:
                 doc = progress_doc.parse(self.jobs.read(key, disk, "progress.json", progress_doc.MAX_BYTES)
                                          .decode(errors="replace"))
                 self.jobs.note(key, "progress.json", "")
             except FileNotFoundError:
                 self.jobs.note(key, "progress.json", "")
-                continue
             except Unsafe as e:
                 self.jobs.note(key, "progress.json", str(e))
-                continue
             except OSError:
                 continue
+            self.jobs.check(key, disk, RESULTS)
             patch = progress_doc.status_patch(doc) if doc else {}
+            # status.refused: what the agent would not read; the operator fails the job when it names the results.
+            # Sent only while there is a refusal, and once more (null) when it clears: no extra write per job.
+            refused = dict(self.jobs.problems.get(key, {}))
+            before = (self.relayed.get(key) or {}).get("refused") or {}
+            if refused or before:  # a merge patch: a file no longer refused is sent as null
+                patch["refused"] = {f: refused.get(f) for f in sorted({*refused, *before})} if refused else None
             if patch and patch != self.relayed.get(key):
                 self.side.relay(key, patch)
                 self.relayed[key] = patch
