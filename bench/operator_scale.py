@@ -7,10 +7,15 @@ straight to Running), runs `kubeflash operator` as its own process under its own
 client threads, and watches them. Writes one JSON report:
 
   to_node_p50_s / to_node_p99_s  job created (client clock) -> status.node seen in the watch
+  burst_s                        how long the N creates took (8 client threads)
+  all_placed_s                   burst start -> every job has status.node
   all_running_s                  burst start -> every job in phase Running (its pod exists)
+  operator_cpu_s_to_running      the operator's CPU seconds (user + system) from burst start to all Running
   pods_running_s                 burst start -> every pod Running on its KWOK node
   double_booked                  (node, GPU) pairs held by more than one job, from job status and the ledgers
-  api_writes_per_job             the operator's create/update/patch/delete requests (audit log) per job, apply -> Running
+  api_writes_per_job             the operator's create/update/patch/delete requests (audit log) per job, burst start
+                                 -> all jobs Running (includes Ready-condition updates of jobs already Running)
+  api_writes_per_job_to_running  the same counted per job up to that job's own Running (shared ledger writes spread)
   delete_writes_per_job          the same for the deletion
   conflicts_409                  the operator's requests answered 409 (burst and deletion)
   delete_s                       delete-collection -> no job, no engine pod, no ledger entry left
@@ -18,6 +23,7 @@ client threads, and watches them. Writes one JSON report:
   operator_rss_mib, operator_idle_cpu_pct (10 s with every job placed), tracebacks (in the operator's log)
 
   .venv/bin/python bench/operator_scale.py --jobs 100 --nodes 20 [--out report.json]
+  KUBEFLASH_BENCH_PROFILE=/tmp/op.prof ...   also writes a cProfile of the operator's event loop (/tmp/op.prof.operator)
   make bench-operator BENCH_OPERATOR="100:20 500:50"
 """
 
@@ -57,6 +63,9 @@ CLAIMS_ANNOTATION = "kubeflash.io/claims"
 # The API server marks the items of a delete-collection with this many workers (its default, 1, marks 200 jobs
 # one after the other: ~20 s on this machine before the operator sees the last one). delete_call_s reports it.
 DELETE_COLLECTION_WORKERS = int(os.environ.get("KUBEFLASH_BENCH_DELETE_WORKERS", "16"))
+# kwok plays every node's kubelet with this many workers (its default, 4, moves one pod at a time per worker for
+# all M nodes; a real cluster has one kubelet per node). kwok_pod_workers in the report.
+KWOK_POD_WORKERS = int(os.environ.get("KUBEFLASH_BENCH_KWOK_WORKERS", "32"))
 WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
@@ -76,7 +85,8 @@ def start_cluster(bin_dir: Path, work: Path) -> tuple[ControlPlane, Path, Path]:
     cp = ControlPlane(bin_dir, extra_tokens=[(token, OPERATOR_USER, "system:masters")], extra_apiserver_args=[
         f"--audit-policy-file={policy}", f"--audit-log-path={audit}", "--audit-log-format=json",
         "--audit-log-mode=batch", "--audit-log-batch-max-wait=1s", "--max-requests-inflight=800",
-        "--max-mutating-requests-inflight=400", f"--delete-collection-workers={DELETE_COLLECTION_WORKERS}"]).start()
+        "--max-mutating-requests-inflight=400", f"--delete-collection-workers={DELETE_COLLECTION_WORKERS}"],
+        kwok_options={"podPlayStageParallelism": KWOK_POD_WORKERS}).start()
     kc = yaml.safe_load(cp.kubeconfig.read_text())
     kc["users"][0]["user"]["token"] = token
     op_kubeconfig = work / "operator.kubeconfig"
@@ -161,9 +171,13 @@ class OperatorProcess:
         env = {**os.environ, "KUBEFLASH_OPERATOR_HEARTBEAT_TIMEOUT_S": "86400", "PYTHONUNBUFFERED": "1"}
         self.log = log
         self._fh = open(log, "ab")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "kubeflash"), "operator", "-A", "--metrics-port", "0", "--liveness-port", "0",
-             "--kubeconfig", str(kubeconfig), *extra], stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        args = ["operator", "-A", "--metrics-port", "0", "--liveness-port", "0", "--kubeconfig", str(kubeconfig), *extra]
+        cmd = [str(Path(sys.executable).parent / "kubeflash"), *args]
+        if os.environ.get("KUBEFLASH_BENCH_PROFILE"):  # cProfile of the event loop's thread, written when it stops
+            out = f"{os.environ['KUBEFLASH_BENCH_PROFILE']}.{log.stem}"
+            cmd = [sys.executable, "-c", "import cProfile, sys; from kubeflash_node.cli import main; "
+                   f"sys.argv = ['kubeflash', *{args!r}]; cProfile.run('main()', {out!r})"]
+        self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
     def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -210,6 +224,7 @@ class JobWatch:
         self.custom = client.CustomObjectsApi(api)
         self.placed: dict[str, float] = {}
         self.running: dict[str, float] = {}
+        self.running_wall: dict[str, float] = {}  # epoch seconds (to compare with the audit log)
         self._stop = threading.Event()
         rv = self.custom.list_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs")["metadata"]["resourceVersion"]
         self._thread = threading.Thread(target=self._run, args=(rv,), daemon=True)
@@ -219,8 +234,9 @@ class JobWatch:
         name, status = obj["metadata"]["name"], obj.get("status") or {}
         if status.get("node"):
             self.placed.setdefault(name, t)
-        if status.get("phase") == "Running":
-            self.running.setdefault(name, t)
+        if status.get("phase") == "Running" and name not in self.running:
+            self.running[name] = t
+            self.running_wall[name] = time.time()
 
     def _run(self, rv: str) -> None:
         while not self._stop.is_set():
@@ -335,6 +351,41 @@ def audit_counts(audit: Path, since: str, until: str | None = None) -> tuple[int
     return writes, conflicts, kinds
 
 
+def _target_job(ev: dict[str, Any]) -> str | None:
+    """The job a write is for: the job itself, its pod (by label) or its Event (involvedObject); None for shared
+    objects (FlashNodes)."""
+    ref, obj = ev.get("objectRef") or {}, ev.get("requestObject") or {}
+    if ref.get("resource") == "inferencejobs":
+        return ref.get("name")
+    if ref.get("resource") == "pods":
+        return ((obj.get("metadata") or {}).get("labels") or {}).get("kubeflash.io/job") or ref.get("name", "").rsplit("-", 1)[0]
+    if ref.get("resource") == "events":
+        return (obj.get("involvedObject") or {}).get("name")
+    return None
+
+
+def writes_to_running(audit: Path, running_wall: dict[str, float], since: str, until: str) -> float:
+    """The operator's writes per job from its creation to its own phase Running: writes to the job, its pod and its
+    Events made before the watch saw it Running, plus the shared writes (FlashNode ledgers, model requests) of the
+    burst window spread over the jobs. Writes after a job is Running (e.g. its Ready condition once the pod
+    runs) do not count here; api_writes_per_job counts everything in the window."""
+    own = shared = 0
+    for line in audit.read_text().splitlines() if audit.exists() else ():
+        ev = json.loads(line)
+        if (ev.get("stage") != "ResponseComplete" or ev.get("user", {}).get("username") != OPERATOR_USER
+                or ev.get("verb") not in WRITE_VERBS):
+            continue
+        t = ev.get("requestReceivedTimestamp", "")
+        if not since <= t < until:
+            continue
+        job = _target_job(ev)
+        if job is None:
+            shared += 1
+        elif job in running_wall and datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() <= running_wall[job]:
+            own += 1
+    return (own + shared) / max(len(running_wall), 1)
+
+
 def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -370,9 +421,11 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             o.wait_ready()
         jw = JobWatch(api)
         core = client.CoreV1Api(api)
-        t0, stamp0 = time.monotonic(), _stamp()
+        t0, stamp0, cpu_start = time.monotonic(), _stamp(), op.cpu_s()
         created = burst(api, jobs)
+        t_created = time.monotonic()
         t_running = wait(f"all {jobs} jobs Running", lambda: len(jw.running) >= jobs, settle_timeout)
+        burst_cpu = op.cpu_s() - cpu_start
         stamp1 = _stamp()
         try:
             t_pods = wait(f"all {jobs} pods Running", lambda: sum(
@@ -403,6 +456,7 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
         time.sleep(1.5)  # the audit log's batch flush
         w_burst, c_burst, k_burst = audit_counts(audit, stamp0, stamp1)
         w_del, c_del, k_del = audit_counts(audit, stamp2)
+        to_running = writes_to_running(audit, jw.running_wall, stamp0, stamp1)
         to_node = [jw.placed[n] - created[n] for n in created if n in jw.placed]
         log = "".join(o.text() for o in (op, *others))
         return {
@@ -410,14 +464,18 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             "to_node_p50_s": round(statistics.median(to_node), 3),
             "to_node_p99_s": round(pct(to_node, 0.99), 3),
             "to_node_max_s": round(max(to_node), 3),
+            "burst_s": round(t_created - t0, 3),
+            "all_placed_s": round(max(jw.placed.values()) - t0, 3) if jw.placed else None,
             "all_running_s": round(t_running - t0, 3),
+            "operator_cpu_s_to_running": round(burst_cpu, 2),
             "pods_running_s": round(t_pods - t0, 3) if t_pods is not None else None,
             "delete_s": round(t_deleted - td, 3) if t_deleted is not None else None,
             "delete_call_s": round(t_call - td, 3),
-            "delete_collection_workers": DELETE_COLLECTION_WORKERS,
+            "delete_collection_workers": DELETE_COLLECTION_WORKERS, "kwok_pod_workers": KWOK_POD_WORKERS,
             "left_after_delete": left,
             "double_booked": len(booked), "double_booked_pairs": booked[:20],
             "api_writes_per_job": round(w_burst / jobs, 2),
+            "api_writes_per_job_to_running": round(to_running, 2),
             "delete_writes_per_job": round(w_del / jobs, 2),
             "writes_by_kind": {"burst": k_burst, "delete": k_del},
             "conflicts_409": c_burst + c_del,

@@ -50,15 +50,18 @@ RUNNING_TICK_S = 30.0  # a job whose pod runs: looked at this often, besides whe
 ERROR_DELAY_S = 5.0  # after an unexpected error in a step
 STALE_S = 10.0  # how long a tick skips a job view older than our own last status patch (then it acts anyway)
 DELETE_POLL_S = 0.2  # a deleted job's finalizer looks at the pod index this often for its terminating pods ...
-DELETE_WAIT_S = 20.0  # ... for this long before it lets kopf retry (a progress write) instead
+DELETE_WAIT_S = 60.0  # ... for this long before it lets kopf retry (a progress write per retry) instead
 API_THREADS = 32  # threads for blocking API calls (and the client's connection pool: kube.POOL_SIZE)
+LEDGER_GATHER_S = 0.05  # a FlashNode's first ledger change waits this long for others to go in the same write
 LEDGER_RETRIES = 5  # conditional ledger writes tried (each after a fresh read) before the tick gives up
 CONFLICT_DELAY_S = 0.5  # a tick whose decision was void (409) looks again this soon
-_ROUTINE = ("Handler 'count_job_phase' succeeded.",)
+FINALIZER_WAIT_S = 10.0  # a new job's first step waits this long at most for kopf's finalizer patch to come back
+_ROUTINE = ("Handler 'count_job_phase' succeeded.", "Handler 'flashnode_gone' succeeded.")
 
 
 class _QuietRoutine(logging.Filter):
-    """Drop kopf's per-tick success lines (one per job every TICK_S); failures and real news still log."""
+    """Drop kopf's success lines of the per-event handlers (one per job or FlashNode event); failures and real
+    news still log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.getMessage() not in _ROUTINE
@@ -114,6 +117,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     memo.book = ClaimBook()
     memo.sent = {}  # job uid -> (resourceVersion our last status patch was based on, when)
     memo.wakeups = {}  # job uid -> the asyncio.Event that wakes its coroutine
+    memo.node_states = {}  # Node name -> "cordoned" / "NotReady" / None, as node_index last saw it
     memo.metrics = Metrics()
     if cfg.metrics_port:
         memo.metrics.serve(cfg.metrics_port)
@@ -147,18 +151,42 @@ async def flashnode_index(body: kopf.Body, name: str, **_: Any) -> dict[str, Nod
     return {name: node_record(body)}
 
 
+@kopf.on.event(*FLASHNODES)
+async def flashnode_gone(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """A deleted FlashNode: every job looks now (those placed there are placed again)."""
+    if event.get("type") == "DELETED":
+        _wake(memo, list(memo.get("wakeups", {})))
+
+
 @kopf.index("v1", "nodes")
-async def cordon_index(name: str, spec: kopf.Spec, **_: Any) -> dict[str, bool]:
-    """Cordoned Nodes (spec.unschedulable: kubectl cordon/drain) by name; they take no new jobs or retries."""
-    return {name: True} if spec.get("unschedulable") else {}  # {} drops an uncordoned node
+async def node_index(name: str, spec: kopf.Spec, status: kopf.Status, memo: kopf.Memo, **_: Any) -> dict[str, str]:
+    """Nodes that take no new jobs or retries, by name: "cordoned" (spec.unschedulable: kubectl cordon/drain) or
+    "NotReady" (condition Ready not True, or the node lifecycle controller's not-ready/unreachable taint)."""
+    state = "cordoned" if spec.get("unschedulable") else "NotReady" if not_ready(spec, status) else None
+    states = memo.setdefault("node_states", {})
+    if states.get(name) != state:  # rare: every job looks now (those placed there react)
+        states[name] = state
+        _wake(memo, list(memo.get("wakeups", {})))
+    return {name: state} if state else {}  # {} drops a node that is fine again
+
+
+_NOT_READY_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+
+
+def not_ready(spec: Any, status: Any) -> bool:
+    """A Node whose Ready condition is not True, or that carries a not-ready/unreachable taint."""
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+    tainted = any(t.get("key") in _NOT_READY_TAINTS for t in spec.get("taints") or [])
+    return tainted or (ready is not None and ready.get("status") != "True")
 
 
 @kopf.index("pods", labels={JOB_LABEL: kopf.PRESENT})
 async def pod_index(body: kopf.Body, namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any
                     ) -> dict[tuple[str, str], Any]:
-    owners = [o.get("uid") for o in body.get("metadata", {}).get("ownerReferences") or []]
+    meta = body.get("metadata", {})
+    owners = [o.get("uid") for o in meta.get("ownerReferences") or []]
     _wake(memo, owners)  # the owning job's coroutine looks at the change now
-    return {(namespace, labels[JOB_LABEL]): (tuple(owners), pod_view(body))}
+    return {(namespace, labels[JOB_LABEL]): (tuple(owners), pod_view(body), meta.get("uid", ""))}
 
 
 # ------------------------------------------------------------------------------------------ job lifecycle
@@ -170,7 +198,7 @@ def _live(status: kopf.Status, **_: Any) -> bool:
 
 @kopf.daemon(*JOBS, when=_live, cancellation_timeout=0.1, initial_delay=None)
 async def run_job(body: kopf.Body, uid: str, memo: kopf.Memo, logger: logging.Logger, flashnode_index: kopf.Index,
-                  pod_index: kopf.Index, cordon_index: kopf.Index, **_: Any) -> None:
+                  pod_index: kopf.Index, node_index: kopf.Index, **_: Any) -> None:
     """One coroutine per live job: a reconcile step now, then again when woken (a change of the job or of one of
     its pods) or after TICK_S (not Running yet: waiting for a pair, a model, a backoff) or RUNNING_TICK_S (Running:
     its pod's events wake it; the tick is a safety net). A sleeping job costs no CPU, so thousands idle cheaply.
@@ -181,7 +209,7 @@ async def run_job(body: kopf.Body, uid: str, memo: kopf.Memo, logger: logging.Lo
             wake.clear()
             delay = TICK_S
             try:
-                delay = await reconcile_job(body, memo, flashnode_index, pod_index, cordon_index)
+                delay = await reconcile_job(body, memo, flashnode_index, pod_index, node_index)
             except kopf.TemporaryError as e:
                 logger.info("will look again in %ss: %s", e.delay, e)
                 delay = e.delay or TICK_S
@@ -198,11 +226,14 @@ async def run_job(body: kopf.Body, uid: str, memo: kopf.Memo, logger: logging.Lo
 
 
 async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.Index, pod_index: kopf.Index,
-                        cordon_index: kopf.Index) -> float:
+                        node_index: kopf.Index) -> float:
     """Admit, place, stage, run and watch one job (a new job is admitted and placed in its first step); returns
     how long to sleep unless woken."""
     job = _job(body)
-    version = body.get("metadata", {}).get("resourceVersion")
+    meta = body.get("metadata", {})
+    version = meta.get("resourceVersion")
+    if FINALIZER not in (meta.get("finalizers") or []) and (now() - job.created).total_seconds() < FINALIZER_WAIT_S:
+        return TICK_S  # kopf's finalizer patch is on its way (its event wakes us): a decision now would meet a 409
     sent = memo.sent.get(job.uid)
     if sent and sent[0] == version and time.monotonic() - sent[1] < STALE_S:
         return TICK_S  # our last status patch is not back from the watch yet: this view is older than what we decided
@@ -211,9 +242,12 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     steady = job.status.get("phase") == "Running" and current is not None and current.phase == "Running"
     idle = RUNNING_TICK_S if steady else TICK_S  # a pod not running yet has timeouts (unschedulable, image pull)
     records = memo.book.current(_records(flashnode_index))
-    nodes = {r.view.name: replace(r.view, cordoned=r.view.name in cordon_index) for r in records.values()}
+    state = {name: next(iter(store)) for name, store in node_index.items()}
+    nodes = {r.view.name: replace(r.view, cordoned=state.get(r.view.name) == "cordoned") for r in records.values()}
+    unready = frozenset(name for name, s in state.items() if s == "NotReady")
     claims = memo.book.claims(records)
-    plan = reconcile.step(job, reconcile.World(now=now(), nodes=nodes, claims=claims, pods=pods), memo.config)
+    world = reconcile.World(now=now(), nodes=nodes, claims=claims, pods=pods, not_ready=unready)
+    plan = reconcile.step(job, world, memo.config)
     # From here on the plan is carried out; no other placement ran since `claims` was read (no await in between).
     if plan.claim and not await _record_claim(memo, plan.claim, flashnode_index):
         return TICK_S  # the pair went to someone else (a write we had not seen): the next tick decides again
@@ -224,9 +258,6 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     try:
         await asyncio.to_thread(_carry_out, plan, job, pods, memo)
         if plan.status:  # conditional: a decision made on a view older than the job's status now is void
-            if not job.status:  # kopf's finalizer patch moved a new job's version: same status, same decision
-                version = await asyncio.to_thread(memo.kube.unchanged_version, job.namespace, job.name, job.status,
-                                                  job.generation) or version
             await asyncio.to_thread(memo.kube.patch_job_status, job.namespace, job.name, version, plan.status)
     except Conflict as e:
         memo.metrics.conflict("job" if "InferenceJob" in str(e) else "pod")
@@ -240,19 +271,29 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
 
 
 @kopf.on.delete(*JOBS, timeout=120)
-async def release_job(namespace: str, name: str, uid: str, memo: kopf.Memo, flashnode_index: kopf.Index,
-                      pod_index: kopf.Index, logger: logging.Logger, **_: Any) -> None:
-    """Delete the job's pods, wait (in memory, on the pod index) until they are gone, then free its ledger entry."""
-    left = await asyncio.to_thread(memo.kube.delete_job_pods, namespace, name, uid)  # the API's answer: still there
+async def release_job(namespace: str, name: str, uid: str, status: kopf.Status, memo: kopf.Memo,
+                      flashnode_index: kopf.Index, pod_index: kopf.Index, logger: logging.Logger, **_: Any) -> None:
+    """Delete the job's pods, wait (in memory, on the pod index) until they are gone, then free its ledger entry.
+
+    The pods to delete come from the pod index (one delete each, with the pod's uid as precondition); only a job
+    whose status names a pod the index does not show yet (created a moment ago) is listed from the API."""
 
     def ours() -> list[Any]:  # a same-labelled pod someone else owns is never waited for (nor deleted)
-        return [view for owners, view in pod_index.get((namespace, name)) or [] if uid in owners]
+        return [(view, pod_uid) for owners, view, pod_uid in pod_index.get((namespace, name)) or [] if uid in owners]
+
+    indexed = ours()
+    if indexed or not status.get("pod"):
+        left = [view.name for view, _ in indexed]
+        await asyncio.gather(*(asyncio.to_thread(memo.kube.delete_exact, namespace, view.name, pod_uid)
+                               for view, pod_uid in indexed if not view.deleting))
+    else:
+        left = await asyncio.to_thread(memo.kube.delete_job_pods, namespace, name, uid)  # still there, by the API
 
     deadline = time.monotonic() + DELETE_WAIT_S
     while left and ours() and time.monotonic() < deadline:
         await asyncio.sleep(DELETE_POLL_S)  # the watch drops them from the index once they are gone
     if left and ours():
-        names = ", ".join(view.name for view in ours())
+        names = ", ".join(view.name for view, _ in ours())
         raise kopf.TemporaryError(f"waiting for pods {names} to terminate", delay=1)
     await _release(memo, f"{namespace}/{name}", flashnode_index)
     logger.info("pods deleted; the job's GPU<->SSD pair and KV space are released")
@@ -334,6 +375,7 @@ async def _update_ledger(memo: kopf.Memo, node: str, flashnode_index: kopf.Index
 async def _ledger_writer(memo: kopf.Memo, name: str, flashnode_index: kopf.Index) -> None:
     book = memo.book
     try:
+        await asyncio.sleep(LEDGER_GATHER_S)  # the placements of a burst onto this node join the first write
         while book.pending.get(name):
             batch = book.pending.pop(name)
             try:
@@ -397,7 +439,7 @@ def _job(body: kopf.Body) -> reconcile.Job:
 async def _pods(kube: Kube, job: reconcile.Job, pod_index: kopf.Index) -> dict[str, PodView]:
     """This job's pods (this incarnation's: owned by its uid); the current one read directly if not indexed yet."""
     store = pod_index.get((job.namespace, job.name)) or []
-    pods = {view.name: view for owners, view in store if job.uid in owners}
+    pods = {view.name: view for owners, view, _ in store if job.uid in owners}
     current = job.status.get("pod")
     if job.status.get("phase") == "Running" and current and current not in pods:
         raw = await asyncio.to_thread(kube.read_pod, job.namespace, current)

@@ -56,6 +56,11 @@ class World:
     nodes: Mapping[str, NodeView]  # by node name
     claims: tuple[Claim, ...] = ()  # placed jobs (this one's own claim is ignored)
     pods: Mapping[str, PodView] = field(default_factory=dict)  # this job's pods by name
+    not_ready: frozenset[str] = frozenset()  # Nodes NotReady (condition or taint): no new jobs, no retries
+
+    @property
+    def ready_nodes(self) -> dict[str, NodeView]:
+        return {name: n for name, n in self.nodes.items() if name not in self.not_ready}
 
 
 @dataclass(frozen=True)
@@ -155,8 +160,9 @@ def _pending(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, c
     request = Request(job.key, spec.model.id, gpus=spec.resources.gpus, kv_bytes=spec.resources.kv_disk,
                       prefix_cache=spec.cache.prefix)
     own = next((c for c in world.claims if c.job == job.key), None)  # recorded before a crash, status not written
-    found = reuse(own, request, world.nodes, now=world.now, heartbeat_timeout=cfg.heartbeat_timeout) if own else None
-    found = found or place(request, world.nodes.values(), world.claims, now=world.now,
+    nodes = world.ready_nodes
+    found = reuse(own, request, nodes, now=world.now, heartbeat_timeout=cfg.heartbeat_timeout) if own else None
+    found = found or place(request, nodes.values(), world.claims, now=world.now,
                            heartbeat_timeout=cfg.heartbeat_timeout)
     if isinstance(found, NoFit):
         cond = st.condition(view, "Scheduled") or {}
@@ -223,6 +229,7 @@ def _staging(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, c
 def _running(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, cfg: OperatorConfig) -> None:
     name = view.get("pod") or ""
     pod = world.pods.get(name)
+    node = view.get("node") or ""
     if pod is None:
         _attempt_failed(plan, job, spec, view, world, cfg, reason="PodLost", replace=True,
                         message=f"pod {name} disappeared (deleted, or its node is gone)")
@@ -231,6 +238,11 @@ def _running(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, c
     elif pod.phase == "Failed":
         reason, message = pod.failure
         _attempt_failed(plan, job, spec, view, world, cfg, reason=reason, message=message)
+    elif node not in world.nodes:  # no agent serves its volumes any more; the ledger holding its pair is gone too
+        _attempt_failed(plan, job, spec, view, world, cfg, reason="NodeLost", delete_pod=True, replace=True,
+                        message=f"FlashNode {node} is gone (its agent no longer serves the node)")
+    elif node in world.not_ready:  # Kubernetes evicts its pods after their toleration (300 s by default): PodLost
+        _ready(plan, job, view, world, "False", "NodeNotReady", f"pod {name}: node {node} is NotReady")
     elif pod.phase == "Running":
         _ready(plan, job, view, world, "True", "PodRunning", f"pod {name} is running on {pod.node or view.get('node')}")
     elif pod.unschedulable:
@@ -257,10 +269,13 @@ def _placed_node(plan: Plan, job: Job, view: Mapping, world: World, cfg: Operato
     """The job's node if it still reports and is not cordoned; otherwise drop the placement (back to Pending) and
     say why. Only called before the attempt's pod exists: a cordon leaves running pods alone (a drain evicts them,
     which fails the attempt)."""
-    node = world.nodes.get(view.get("node") or "")
+    node = world.ready_nodes.get(view.get("node") or "")
     if node is not None and node.usable(world.now, cfg.heartbeat_timeout) and view.get("disk") in node.disks:
         return node
-    if node is not None and node.cordoned:
+    if view.get("node") in world.not_ready:
+        reason = "NodeNotReady"
+        message = f"node {view.get('node')} is NotReady (Ready condition or taint); placing the job again"
+    elif node is not None and node.cordoned:
         reason = "NodeCordoned"
         message = f"node {view.get('node')} is cordoned (spec.unschedulable); placing the job again"
     else:
@@ -345,7 +360,7 @@ def _attempt_failed(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: W
     delay = cfg.backoff(failures)
     text = f"attempt {attempt} failed ({reason}: {message}); retry {failures}/{spec.backoff_limit} in {delay:g}s"
     fields: dict[str, Any] = {"attempts": attempts, "retryAt": format_time(world.now + timedelta(seconds=delay))}
-    node = world.nodes.get(view.get("node") or "")
+    node = world.ready_nodes.get(view.get("node") or "")
     if replace or node is None or not node.usable(world.now, cfg.heartbeat_timeout):
         fields.update(_unplaced())
         plan.release = True

@@ -141,7 +141,7 @@ class ControlPlane:
                  extra_apiserver_args: Sequence[str] = (), bind_address: str = "127.0.0.1",
                  advertise_address: str = "127.0.0.1", ports: Mapping[str, int] | None = None,
                  persistent: bool = False, extra_tokens: Sequence[tuple[str, str, str]] = (),
-                 with_kwok: bool = True, endpoint_reconciler: str = "none"):
+                 with_kwok: bool = True, endpoint_reconciler: str = "none", kwok_options: Mapping | None = None):
         """The defaults serve tests/cluster (loopback, free ports, children die with the test process).
 
         The real-node harness (kind/realnode.py) sets: bind_address 0.0.0.0 and advertise_address the node's
@@ -149,7 +149,9 @@ class ControlPlane:
         apiserver, controller-manager, scheduler), ``persistent`` (the components outlive this process; the
         workdir stays), ``extra_tokens`` (token, user, comma-separated groups) for the kubelet and kube-proxy,
         no kwok, and the lease endpoint reconciler (the Service's endpoint is the advertised address).
+        ``kwok_options``: KwokConfiguration options (e.g. podPlayStageParallelism; kwok's defaults otherwise).
         """
+        self.kwok_options = dict(kwok_options or {})
         self.bin_dir = Path(bin_dir) if bin_dir else default_bin_dir()
         self._given_workdir = Path(workdir) if workdir else None
         self.keep_workdir = keep_workdir
@@ -567,7 +569,8 @@ class ControlPlane:
         # An empty config file: kwok would otherwise read ~/.kwok/kwok.yaml. With no Stage
         # configured kwok uses its built-in default node and pod stages (nodes go Ready,
         # pods go Running, Job pods complete).
-        config.write_text("")
+        config.write_text(json.dumps({"apiVersion": "config.kwok.x-k8s.io/v1alpha1", "kind": "KwokConfiguration",
+                                      "options": self.kwok_options}) if self.kwok_options else "")
         proc = self._spawn("kwok", [
             str(self.bin_dir / "kwok"),
             f"--kubeconfig={self.kubeconfig}",
