@@ -4,7 +4,9 @@ transformers does, or refuses the config.json naming the key and the value.
 A seeded generator cycles each option through all its values (every hidden_act ACT2FN names and we compute,
 every rope_type, q/k/v/o and MLP biases, head_dim != hidden/heads, sliding windows shorter than the prompts,
 SmolLM3's no-RoPE layers, OPT post-LN / project_in-out / untied head / no biases / no LayerNorm affine, absent
-or negative pad_token_id), the other options drawn at random. Each config becomes a tiny transformers model in
+or negative pad_token_id; Qwen3's q/k norms, Phi-3's fused projections and longrope (also spelled su), Gemma 2/3's
+soft caps, (1 + w) norms, query_pre_attn_scalar and per-layer-type RoPE, Mixtral's and Qwen3-MoE's routers with
+and without top-k renormalization), the other options drawn at random. Each config becomes a tiny transformers model in
 float32 with random weights, saved as config.json + safetensors, converted by our store converter and run by
 our engine: last-position logits of a left-padded batch and greedy tokens must match transformers'.
 """
@@ -150,15 +152,83 @@ def _opt_cases() -> list:
     return cases
 
 
-CASES = _llama_family_cases() + _opt_cases()
+def _new_family_cases() -> list:
+    """Qwen3, Phi-3, Gemma 2, Gemma 3 (text), Mixtral, Qwen3-MoE: each family's own options in every state."""
+    rng = random.Random(21)
+    cases = []
+    # Qwen3: q/k RMSNorms on every head (head_dim 128 unless told), q/k/v/o biases, sliding layers, rope types
+    for i, (bias, use, mwl) in enumerate([(False, False, 0), (True, True, 1), (False, True, 0), (True, False, 0)]):
+        kw = _shape(rng, head_dim_differs=i == 2)
+        kw["num_hidden_layers"] = 3
+        if i == 3:
+            kw.pop("head_dim", None)  # Qwen3Config's default head_dim (128), not hidden / heads
+        kw.update(attention_bias=bias, use_sliding_window=use, sliding_window=rng.choice([5, 9]), max_window_layers=mwl,
+                  tie_word_embeddings=i == 1, rope_parameters=_with_theta(rng, _ropes(rng, 16)[i * 2]))
+        if kw["rope_parameters"] and kw["rope_parameters"]["rope_type"] == "longrope":
+            kw["head_dim"] = 16
+        cases.append(pytest.param("qwen3", kw, i % 2 == 1, id=f"qwen3-{i}-bias{bias}-window{use}-mwl{mwl}"))
+    # Phi-3: fused qkv / gate_up, GQA or MHA, longrope (su in older configs) past original_max_position_embeddings
+    for i, (longrope, window) in enumerate([(False, None), (True, None), (True, 7), (False, 11)]):
+        kw = _shape(rng, head_dim_differs=False)
+        kw.pop("head_dim", None)
+        kw.update(pad_token_id=None, eos_token_id=2, sliding_window=window, original_max_position_embeddings=24,
+                  hidden_act=rng.choice(["silu", "gelu_new"]))
+        hd = kw["hidden_size"] // kw["num_attention_heads"]
+        if longrope:
+            kw["rope_parameters"] = {"rope_type": "longrope", "rope_theta": rng.choice([10000.0, 1234.5]),
+                                     "short_factor": [round(rng.uniform(1.0, 1.5), 3) for _ in range(hd // 2)],
+                                     "long_factor": [round(rng.uniform(1.0, 8.0), 3) for _ in range(hd // 2)]}
+        cases.append(pytest.param("phi3", kw, i % 2 == 1, id=f"phi3-{i}-longrope{longrope}-window{window}"))
+    # Gemma 2: soft caps on and off, query_pre_attn_scalar, alternating sliding layers (or layer_types), activations
+    for i, (attn_cap, final_cap, types) in enumerate([(50.0, 30.0, None), (None, 5.0, None), (2.0, None, "types"),
+                                                      (None, None, None)]):
+        kw = _shape(rng, head_dim_differs=i % 2 == 0)
+        kw["num_hidden_layers"] = 3
+        kw.update(attn_logit_softcapping=attn_cap, final_logit_softcapping=final_cap, sliding_window=rng.choice([5, 9]),
+                  query_pre_attn_scalar=rng.choice([8, 24, 64]), attention_bias=i == 1, tie_word_embeddings=i != 3,
+                  hidden_activation=rng.choice(["gelu_pytorch_tanh", "silu"]), rope_parameters=_with_theta(rng, None))
+        if types:
+            kw["layer_types"] = ["full_attention", "sliding_attention", "sliding_attention"]
+        cases.append(pytest.param("gemma2", kw, i % 2 == 1, id=f"gemma2-{i}-cap{attn_cap}-final{final_cap}"))
+    # Gemma 3 text: q/k norms, sliding layers by pattern with their own RoPE base, a scaled RoPE on full layers
+    for i, (pattern, full) in enumerate([(2, None), (3, {"rope_type": "linear", "factor": 4.0}),
+                                         (2, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})]):
+        kw = _shape(rng, head_dim_differs=i == 1)
+        kw["num_hidden_layers"] = 3
+        kw.update(sliding_window_pattern=pattern, sliding_window=rng.choice([5, 9]), query_pre_attn_scalar=rng.choice([16, 48]),
+                  final_logit_softcapping=[None, None, 15.0][i],
+                  rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 50000.0, **(full or {})},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": rng.choice([10.0, 10000.0])}})
+        cases.append(pytest.param("gemma3_text", kw, i != 1, id=f"gemma3-{i}-pattern{pattern}-{_rope_id(full)}"))
+    # Mixtral and Qwen3-MoE: experts, top-k (renormalized always / by norm_topk_prob), sliding windows, q/k norms
+    for i, (experts, top, window) in enumerate([(4, 2, None), (8, 1, 6), (5, 3, None)]):
+        kw = _shape(rng, head_dim_differs=i == 1)
+        kw.update(num_local_experts=experts, num_experts_per_tok=top, sliding_window=window,
+                  rope_parameters=_with_theta(rng, None))
+        cases.append(pytest.param("mixtral", kw, i == 1, id=f"mixtral-{i}-e{experts}-top{top}-window{window}"))
+    for i, (experts, top, norm, window) in enumerate([(4, 2, False, None), (8, 3, True, 7), (6, 1, False, None),
+                                                      (4, 4, True, None)]):
+        kw = _shape(rng, head_dim_differs=i == 2)
+        kw.update(num_experts=experts, num_experts_per_tok=top, norm_topk_prob=norm, use_sliding_window=window is not None,
+                  sliding_window=window, moe_intermediate_size=rng.choice([16, 40]), attention_bias=i == 1,
+                  rope_parameters=_with_theta(rng, _ropes(rng, 16)[2 + i]))
+        cases.append(pytest.param("qwen3_moe", kw, i % 2 == 0, id=f"qwen3moe-{i}-e{experts}-top{top}-norm{norm}"))
+    return cases
+
+
+CASES = _llama_family_cases() + _opt_cases() + _new_family_cases()
 
 
 def _config(family: str, kw: dict):
     import transformers
 
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
-           "smollm3": transformers.SmolLM3Config, "opt": transformers.OPTConfig}[family]
-    kw = {k: v for k, v in kw.items() if v is not None or k in ("pad_token_id", "sliding_window")}
+           "smollm3": transformers.SmolLM3Config, "opt": transformers.OPTConfig, "qwen3": transformers.Qwen3Config,
+           "phi3": transformers.Phi3Config, "gemma2": transformers.Gemma2Config,
+           "gemma3_text": transformers.Gemma3TextConfig, "mixtral": transformers.MixtralConfig,
+           "qwen3_moe": transformers.Qwen3MoeConfig}[family]
+    keep = ("pad_token_id", "sliding_window", "attn_logit_softcapping", "final_logit_softcapping")
+    kw = {k: v for k, v in kw.items() if v is not None or k in keep}
     return cls(**kw)
 
 
@@ -218,7 +288,15 @@ def test_logits_and_greedy_match_transformers(family, kw, legacy, tmp_path):
 def _legacy_rope(path) -> None:
     cfg = json.loads(path.read_text())
     rope = cfg.pop("rope_parameters", None)
-    if rope:
+    if rope and "full_attention" in rope:  # Gemma 3: rope_theta + rope_scaling (full layers), rope_local_base_freq
+        full, local = rope["full_attention"], rope["sliding_attention"]
+        cfg["rope_theta"], cfg["rope_local_base_freq"] = full.pop("rope_theta"), local["rope_theta"]
+        kind = full.pop("rope_type", "default")
+        if kind != "default":
+            cfg["rope_scaling"] = {"type": kind, **full}
+    elif rope:
+        if cfg.get("model_type") == "phi3" and rope.get("rope_type") == "longrope":
+            rope["rope_type"] = "su"  # Phi-3's first name for it
         if "rope_theta" in rope:
             cfg["rope_theta"] = rope.pop("rope_theta")
         kind = rope.pop("rope_type", "default")
@@ -237,7 +315,7 @@ def test_window_and_nope_layers_are_what_transformers_builds(tmp_path):
             continue
         hf = _config(family, kw)
         ours = config_from_hf(json.loads(hf.to_json_string(use_diff=True)))
-        if family == "mistral":
+        if family in ("mistral", "mixtral", "phi3", "qwen3_moe"):  # no layer_types: the window is every layer's
             slides = list(range(hf.num_hidden_layers)) if hf.sliding_window is not None else []
         else:
             slides = [j for j, t in enumerate(getattr(hf, "layer_types", [])) if t == "sliding_attention"]
@@ -316,6 +394,34 @@ REFUSED = [
     pytest.param({**LLAMA, "model_type": "smollm3", "no_rope_layers": [1]}, "no_rope_layers = [1]", id="smollm3-nope"),
     pytest.param({**LLAMA, "model_type": "smollm3", "no_rope_layer_interval": 0}, "no_rope_layer_interval = 0",
                  id="smollm3-interval"),
+    pytest.param({**LLAMA, "model_type": "phi3", "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+                 "rope_scaling.rope_type = 'dynamic'", id="phi3-rope-dynamic"),
+    pytest.param({**LLAMA, "model_type": "phi3", "partial_rotary_factor": 0.75}, "partial_rotary_factor = 0.75",
+                 id="phi3-partial-rotary"),
+    pytest.param({**LLAMA, "model_type": "gemma2", "use_bidirectional_attention": True},
+                 "use_bidirectional_attention = True", id="gemma2-bidirectional"),
+    pytest.param({**LLAMA, "model_type": "gemma2", "attn_logit_softcapping": -1.0}, "attn_logit_softcapping = -1.0",
+                 id="gemma2-negative-cap"),
+    pytest.param({**LLAMA, "model_type": "gemma2", "query_pre_attn_scalar": 0}, "query_pre_attn_scalar = 0",
+                 id="gemma2-scalar"),
+    pytest.param({**LLAMA, "model_type": "gemma2", "sliding_window": None}, "sliding_window = None",
+                 id="gemma2-sliding-layers-without-window"),
+    pytest.param({**LLAMA, "model_type": "gemma3_text", "attn_logit_softcapping": 50.0},
+                 "attn_logit_softcapping = 50.0", id="gemma3-attn-cap"),
+    pytest.param({**LLAMA, "model_type": "gemma3_text", "rope_parameters": {
+        "full_attention": {"rope_type": "default"}, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+                 "rope_parameters.sliding_attention.rope_type = 'linear'", id="gemma3-local-rope-scaled"),
+    pytest.param({**LLAMA, "model_type": "gemma3_text", "rope_parameters": {
+        "full_attention": {"rope_type": "su", "factor": 2.0}, "sliding_attention": {}}},
+                 "rope_parameters.full_attention.rope_type = 'su'", id="gemma3-full-rope-unknown"),
+    pytest.param({**LLAMA, "model_type": "gemma3", "text_config": {}}, "model_type 'gemma3'", id="gemma3-multimodal"),
+    pytest.param({**LLAMA, "model_type": "qwen3_moe", "mlp_only_layers": [0]}, "mlp_only_layers = [0]",
+                 id="qwen3moe-dense-layers"),
+    pytest.param({**LLAMA, "model_type": "qwen3_moe", "decoder_sparse_step": 2}, "decoder_sparse_step = 2",
+                 id="qwen3moe-sparse-step"),
+    pytest.param({**LLAMA, "model_type": "qwen3_moe", "num_experts": 0}, "num_experts = 0", id="qwen3moe-no-experts"),
+    pytest.param({**LLAMA, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 5},
+                 "num_experts_per_tok = 5", id="mixtral-top-k-past-experts"),
 ]
 
 

@@ -8,7 +8,7 @@ Nh query heads, Nk kv heads, D head dim.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..store.modelconfig import ModelConfig
-from .rope import apply_rope
+from .rope import Rope, apply_rope
 
 
 @dataclass
@@ -32,6 +32,8 @@ class Span:
     start: int  # cache slot of the first new token
     first: tuple[int, ...]  # per row: the slot of its first real token (its left padding)
     window: int = 0  # 0: the whole context
+    softcap: float = 0.0  # Gemma's attn_logit_softcapping: scores -> cap * tanh(scores / cap); 0: none
+    scale: float | None = None  # of q.k (Gemma: query_pre_attn_scalar ** -0.5); None: head_dim ** -0.5
     _dense: dict = field(default_factory=dict, repr=False)  # (device, dtype, q0, q1, lo) -> chunk mask, decode only
 
     def chunk_mask(self, q0: int, q1: int, lo: int, dtype, device) -> torch.Tensor:
@@ -60,20 +62,23 @@ class Batch:
     span: Span  # causal + padding, as numbers (no dense mask)
     prefix_positions: torch.Tensor | None = None  # [B, start] position ids of the cached tokens (X-cache recompute)
     rope_at: Callable | None = None  # positions [B, T] -> (cos, sin) [B, 1, T, D]; None for learned positions
-    windowed: dict = field(default_factory=dict)  # window -> Span of a sliding-window layer
+    windowed: dict = field(default_factory=dict)  # (window, softcap, scale) -> Span of such a layer
+    local_rope: dict = field(default_factory=dict)  # Gemma 3 sliding layers: "new"/"prefix" -> (cos, sin)
 
     @property
     def start(self) -> int:  # slot in the KV cache where the new tokens go
         return self.span.start
 
-    def mask_for(self, window: int) -> Span:
-        """The span of a layer whose attention slides over `window` positions (0: the whole context). A row's real
-        tokens sit in consecutive slots, so slots count positions."""
-        if not window:
+    def mask_for(self, window: int, softcap: float = 0.0, scale: float | None = None) -> Span:
+        """The span of a layer whose attention slides over `window` positions (0: the whole context), its scores
+        scaled by `scale` (None: 1/sqrt(D)) and soft-capped at `softcap` (0: not). A row's real tokens sit in
+        consecutive slots, so slots count positions."""
+        if not window and not softcap and scale is None:
             return self.span
-        if window not in self.windowed:
-            self.windowed[window] = Span(self.span.start, self.span.first, window)
-        return self.windowed[window]
+        key = (window, softcap, scale)
+        if key not in self.windowed:
+            self.windowed[key] = Span(self.span.start, self.span.first, window, softcap, scale)
+        return self.windowed[key]
 
 
 # ----------------------------------------------------------------------------------------------- blocks
@@ -116,6 +121,20 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
+def gemma_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: weights stored as offsets from 1, the product taken in float32 before the cast."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())).to(x.dtype)
+
+
+def norm(c: ModelConfig, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (gemma_rms_norm if c.norm_plus_one else rms_norm)(x, w, c.norm_eps)
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap if cap else x
+
+
 # cuDNN's SDPA re-plans for every new sequence length (~2.4 ms of CPU per call, measured on H100 during
 # decode); the memory-efficient kernel takes the padding mask without that cost.
 _CUDA_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
@@ -138,7 +157,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Span) -> 
     is read once for its `rep` query heads and never copied."""
     # q: [B, Nh, S, D]; k, v: [B, Nk, T, D] with T = span.start + S -> [B, Nh, S, D]
     one_group = len(set(span.first)) == 1
-    if not span.window and (q.shape[2] > 1 or one_group) and (span.start == 0 or q.is_cuda) and _flash_ok(q):
+    if not span.window and not span.softcap and (q.shape[2] > 1 or one_group) and (span.start == 0 or q.is_cuda) and _flash_ok(q):
         return _causal_groups(q, k, v, span)
     return _masked_chunks(q, k, v, span)
 
@@ -149,12 +168,16 @@ def _flash_ok(q: torch.Tensor) -> bool:
     return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
 
 
-def _sdpa(q, k, v, mask=None, causal=False):
+def _sdpa(q, k, v, mask=None, causal=False, span: Span | None = None):
+    scale = span.scale if span else None
+    if span and span.softcap:  # no fused kernel caps scores: this (bounded) chunk's scores, as transformers' eager
+        scores = softcap(q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5), span.softcap) + mask  # [B, Nk, C, K]
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
     gqa = k.shape[1] != q.shape[1]
     if not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa, scale=scale)
     with sdpa_kernel(_CUDA_SDPA if isinstance(mask, torch.Tensor) else _CUDA_CAUSAL):  # flash first, maskless
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa, scale=scale)
 
 
 def _rows(rows: list[int], device):
@@ -178,10 +201,10 @@ def _causal_groups(q, k, v, span: Span) -> torch.Tensor:
     def causal(qg, kg, vg):
         sq, sk = qg.shape[2], kg.shape[2]
         if sq == sk:
-            return _sdpa(qg, kg, vg, causal=True)
+            return _sdpa(qg, kg, vg, causal=True, span=span)
         if sq == 1:  # a decode step sees every key: no mask, and none of CausalBias's Python per call
-            return _sdpa(qg, kg, vg)
-        return _sdpa(qg, kg, vg, causal_lower_right(sq, sk))
+            return _sdpa(qg, kg, vg, span=span)
+        return _sdpa(qg, kg, vg, causal_lower_right(sq, sk), span=span)
 
     if len(groups) == 1 and span.first[0] <= start:
         f = span.first[0]
@@ -216,7 +239,7 @@ def _masked_chunks(q, k, v, span: Span) -> torch.Tensor:
         if rep > 1:  # fold: [B, Nh, C, D] -> [B, Nk, rep*C, D]; the mask rows repeat per head of a group
             qc = qc.reshape(b, nk, rep * c, d)
             mask = mask[:, :, None].expand(b, 1, rep, c, q1 - lo).reshape(b, 1, rep * c, q1 - lo)
-        o = _sdpa(qc, k[:, :, lo:q1], v[:, :, lo:q1], mask).reshape(b, nh, c, d)
+        o = _sdpa(qc, k[:, :, lo:q1], v[:, :, lo:q1], mask, span=span).reshape(b, nh, c, d)
         if out is None:
             return o
         out[:, :, s0:s1] = o
@@ -252,7 +275,46 @@ def llama_kv(c: ModelConfig, w: dict, h: torch.Tensor, rope) -> tuple[torch.Tens
     -> [B, Nk, T, D] each."""
     k = split_heads(F.linear(h, w["wk"], w.get("bk")), c.num_kv_heads, c.head_dim)
     v = split_heads(F.linear(h, w["wv"], w.get("bv")), c.num_kv_heads, c.head_dim)
+    if c.qk_norm:
+        k = norm(c, k, w["k_norm"])
     return _rotate(k, rope), v
+
+
+def _local_rope(c: ModelConfig, batch: Batch, key: str, positions: torch.Tensor, dtype) -> tuple:
+    """(cos, sin) of a Gemma 3 sliding layer: plain RoPE of base local_rope_theta, once per micro-batch step."""
+    if key not in batch.local_rope:
+        batch.local_rope[key] = Rope(replace(c, rope_theta=c.local_rope_theta, rope_scaling=None),
+                                     positions.device)(positions, dtype)
+    return batch.local_rope[key]
+
+
+def mlp(c: ModelConfig, w: dict, h: torch.Tensor) -> torch.Tensor:
+    """The gated MLP of the Llama family, down(act(gate(h)) * up(h)): [B, S, H] -> [B, S, H]."""
+    gate = ACTIVATIONS[c.hidden_act](F.linear(h, w["w_gate"], w.get("b_gate")))
+    return F.linear(gate.mul_(F.linear(h, w["w_up"], w.get("b_up"))), w["w_down"], w.get("b_down"))
+
+
+def moe(c: ModelConfig, w: dict, h: torch.Tensor) -> torch.Tensor:
+    """Mixture of experts (Mixtral, Qwen3-MoE), routed as transformers routes: softmax of the router's logits in
+    float32, the num_experts_per_tok largest, renormalized to sum 1 when norm_topk_prob; each routed expert (a
+    gated MLP, weights e{j}.w_gate / w_up / w_down) runs on its own tokens, in expert order."""
+    # h: [B, S, H] -> [B, S, H]
+    x = h.reshape(-1, h.shape[-1])  # [N, H]
+    probs = torch.softmax(F.linear(x, w["router"]).float(), dim=-1)  # [N, E]
+    top, idx = torch.topk(probs, c.num_experts_per_tok, dim=-1)  # [N, k]
+    if c.norm_topk_prob:
+        top = top / top.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    act = ACTIVATIONS[c.hidden_act]
+    routed = idx.unique().tolist()
+    if hasattr(w, "want"):  # experts streamed on demand (experts.RoutedWeights): read the routed set at once
+        w.want(routed)
+    for e in routed:
+        rows, slot = torch.where(idx == e)
+        xe = x[rows]  # [n, H]
+        y = F.linear(act(F.linear(xe, w[f"e{e}.w_gate"])).mul_(F.linear(xe, w[f"e{e}.w_up"])), w[f"e{e}.w_down"])
+        out.index_add_(0, rows, (y * top[rows, slot, None]).to(out.dtype))
+    return out.view_as(h)
 
 
 def llama_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rope, layer: int = 0) -> torch.Tensor:
@@ -260,21 +322,32 @@ def llama_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, r
     cache (an X-cache layer recomputes the cached tokens' K, V from their stored input with `project`).
     Biases are whichever the store holds (the converter reads exactly the ones the config names)."""
     # x: [B, S, H]
-    uses_rope = c.layer_rope(layer)
+    uses_rope, window = c.layer_rope(layer), c.layer_window(layer)
+    local = bool(uses_rope and window and c.local_rope_theta)  # Gemma 3's sliding layers have a RoPE of their own
+    if local:
+        rope = _local_rope(c, batch, "new", batch.positions, rope[0].dtype)
     rope = rope if uses_rope else None
-    h = rms_norm(x, w["attn_norm"], c.norm_eps)
-    q = _rotate(split_heads(F.linear(h, w["wq"], w.get("bq")), c.num_heads, c.head_dim), rope)
+
+    def prefix_rope():  # (cos, sin) of the cached tokens, for an X-cache layer's recompute
+        if not uses_rope:
+            return None
+        if local:
+            return _local_rope(c, batch, "prefix", batch.prefix_positions, rope[0].dtype)
+        return batch.rope_at(batch.prefix_positions)
+
+    h = norm(c, x, w["attn_norm"])
+    q = split_heads(F.linear(h, w["wq"], w.get("bq")), c.num_heads, c.head_dim)
+    q = _rotate(norm(c, q, w["q_norm"]) if c.qk_norm else q, rope)
     k, v = llama_kv(c, w, h, rope)
-    o = cache.attend(q, k, v, batch.start, batch.mask_for(c.layer_window(layer)), x=h,  # [B, Nh, S, D]
-                     project=lambda hp: llama_kv(c, w, hp, batch.rope_at(batch.prefix_positions) if uses_rope else None))
+    o = cache.attend(q, k, v, batch.start, batch.mask_for(window, c.attn_softcap, c.attn_scale or None), x=h,  # [B, Nh, S, D]
+                     project=lambda hp: llama_kv(c, w, hp, prefix_rope()))
     del q, k, v  # the MLP's temporaries are the peak of a prefill: free what attention no longer needs
-    x = x + F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.q_dim), w["wo"], w.get("bo"))
+    o = F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.q_dim), w["wo"], w.get("bo"))
+    x = x + (norm(c, o, w["post_attn_norm"]) if c.sandwich_norms else o)
     del o
-    h = rms_norm(x, w["mlp_norm"], c.norm_eps)
-    if "sparse_ffn" in w:  # activation sparsity (engine/sparse.py): only the active neurons' rows and columns
-        return x + w["sparse_ffn"](c, w, h)
-    gate = ACTIVATIONS[c.hidden_act](F.linear(h, w["w_gate"], w.get("b_gate")))
-    return x + F.linear(gate.mul_(F.linear(h, w["w_up"], w.get("b_up"))), w["w_down"], w.get("b_down"))
+    h = norm(c, x, w["mlp_norm"])
+    m = moe(c, w, h) if c.num_experts else mlp(c, w, h)
+    return x + (norm(c, m, w["post_mlp_norm"]) if c.sandwich_norms else m)
 
 
 def _layer_norm(c: ModelConfig, w: dict, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -302,10 +375,7 @@ def opt_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rop
     if not c.pre_norm:
         x = _layer_norm(c, w, x, "attn_norm")
     h = _layer_norm(c, w, x, "mlp_norm") if c.pre_norm else x
-    if "sparse_ffn" in w:  # activation sparsity (engine/sparse.py): only the active neurons' fc2 columns
-        x = x + w["sparse_ffn"](c, w, h)
-    else:
-        x = x + F.linear(ACTIVATIONS[c.hidden_act](F.linear(h, w["fc1_w"], w.get("fc1_b"))), w["fc2_w"], w.get("fc2_b"))
+    x = x + F.linear(ACTIVATIONS[c.hidden_act](F.linear(h, w["fc1_w"], w.get("fc1_b"))), w["fc2_w"], w.get("fc2_b"))
     return x if c.pre_norm else _layer_norm(c, w, x, "mlp_norm")
 
 
@@ -315,6 +385,8 @@ LAYERS = {"llama": llama_layer, "opt": opt_layer}
 def embed(c: ModelConfig, w: dict, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     # ids, positions: [B, S] -> [B, S, H]
     x = F.embedding(ids, w["tok_embed"])  # [B, S, E]
+    if c.embed_scale:  # Gemma: sqrt(hidden), rounded to the weights' dtype as transformers rounds it
+        x = x * torch.tensor(c.embed_scale, dtype=torch.float32).to(x.dtype)
     if "project_in" in w:  # OPT's word_embed_proj_dim != hidden_size: [B, S, E] -> [B, S, H]
         x = F.linear(x, w["project_in"])
     if c.architecture == "opt":
@@ -330,8 +402,8 @@ def head(c: ModelConfig, w: dict, x: torch.Tensor) -> torch.Tensor:
         if "project_out" in w:  # [B, H] -> [B, E]
             x = F.linear(x, w["project_out"])
     else:
-        x = rms_norm(x, w["norm"], c.norm_eps)
-    return F.linear(x, w["lm_head"]).float()
+        x = norm(c, x, w["norm"])
+    return softcap(F.linear(x, w["lm_head"]), c.final_softcap).float()
 
 
 def make_batch(attn_mask: torch.Tensor, start: int, new: int, device=None) -> Batch:

@@ -30,6 +30,7 @@ class Policy:
     io_task_bytes: int = 16 << 20  # one read task; a stage file is split into tasks read in parallel
     io_backend: str = "auto"  # auto | posix | odirect | kvikio
     compute_dtype: str = "auto"  # auto: float32 on CPU, the store dtype on GPU
+    all_experts: bool = False  # MoE: read every expert with its layer (dense streaming), not only the routed ones
 
     def __post_init__(self):
         if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:

@@ -6,6 +6,8 @@ goes disk -> pinned host slot (reader threads) -> device slot (copy stream), and
 on a CUDA event, never on the host. Resident stages ('gpu'/'cpu' placement) are read once and kept.
 Quantized matrices (w.q/w.scale/w.zero, see quant.py) travel packed and are dequantized to the compute dtype
 where the views are built, on the compute device: on CUDA the decompression runs on the GPU, after the copy.
+A streamed mixture-of-experts layer is read without its experts, which are read when routed (experts.py), unless
+`routed_experts` is off (every expert read with its layer, as dense streaming does).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Iterator
 import torch
 
 from ..store.format import Manifest
+from .experts import RoutedWeights, expert_of, expert_ranges
 from .io import make_reader
 from .pinned import empty as pinned_empty
 from .quant import QuantSpec, dequantize_named
@@ -43,7 +46,7 @@ class WeightStreamer:
 
     def __init__(self, model_dir: Path, manifest: Manifest, *, device: torch.device, dtype: torch.dtype,
                  placement: list[str], order: Iterator[int], prefetch: int = 2, threads: int = 4,
-                 task_bytes: int = 16 << 20, backend: str = "auto", timings=None):
+                 task_bytes: int = 16 << 20, backend: str = "auto", timings=None, routed_experts: bool = True):
         self.dir, self.m, self.device, self.dtype = Path(model_dir), manifest, device, dtype
         self.placement, self.order, self.prefetch = placement, order, prefetch
         self.task_bytes, self.timings = task_bytes, timings
@@ -59,6 +62,9 @@ class WeightStreamer:
         self.resident: dict[int, dict[str, torch.Tensor]] = {}
         self.host_resident: dict[int, torch.Tensor] = {}  # 'cpu' stages on CUDA: whole stage file, pinned
         self.streamed = {i for i, p in enumerate(placement) if p == "disk" or (p == "cpu" and self.cuda)}
+        # MoE layers read from disk without their experts: stage -> (bytes before the experts, expert byte ranges)
+        self.routed = {i: r for i in sorted(self.streamed) if routed_experts and placement[i] == "disk"
+                       for r in [expert_ranges(self.m.files[self.m.stages[i]])] if r[1]}
         max_bytes = max((self.m.files[self.m.stages[i]].size for i in self.streamed), default=0)
         host_ring = any(placement[i] == "disk" for i in self.streamed) and not self.direct_to_device
         self.slots = [Slot(max_bytes, device, pinned=self.cuda, host=host_ring) for _ in range(prefetch + 1)] \
@@ -118,7 +124,7 @@ class WeightStreamer:
     def _read_stage(self, stage: int, slot: Slot) -> None:
         """Bring one stage into `slot`: disk -> pinned host -> device (CUDA), or disk -> host (CPU)."""
         name = self.m.stages[stage]
-        size = self.m.files[name].size
+        size = self.routed[stage][0] if stage in self.routed else self.m.files[name].size
         t0 = time.perf_counter()
         if self.cuda and slot.free is not None:
             slot.free.synchronize()  # compute has finished with this slot's previous stage
@@ -153,9 +159,16 @@ class WeightStreamer:
     def _views(self, stage: int, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed tensor views into a stage buffer, cast to the compute dtype where the store differs;
         quantized matrices are dequantized here, on `buf`'s device."""
+        routed = stage in self.routed
+        out = self._typed(buf, {n: e for n, e in self.m.files[self.m.stages[stage]].tensors.items()
+                                if not (routed and expert_of(n) is not None)})
+        return RoutedWeights(out, lambda j: self._read_expert(stage, j), self.task_pool) if routed else out
+
+    def _typed(self, buf: torch.Tensor, entries: dict, base: int = 0) -> dict[str, torch.Tensor]:
+        """Views of `entries` in `buf` (which holds the file from byte `base`), dequantized / cast as stored."""
         out = {}
-        for tname, e in self.m.files[self.m.stages[stage]].tensors.items():
-            t = buf[e.offset:e.offset + e.nbytes].view(TORCH_DTYPES[e.dtype]).view(e.shape)
+        for tname, e in entries.items():
+            t = buf[e.offset - base:e.offset - base + e.nbytes].view(TORCH_DTYPES[e.dtype]).view(e.shape)
             packed = tname.endswith((".scale", ".zero"))
             out[tname] = t.to(self.dtype) if t.dtype != self.dtype and t.is_floating_point() and not packed else t
         if self.quant is None or not any(k.endswith(".q") for k in out):
@@ -165,6 +178,18 @@ class WeightStreamer:
         if self.timings is not None:
             self.timings.add("dequant_weight_issue", time.perf_counter() - t0)
         return out
+
+    def _read_expert(self, stage: int, j: int) -> dict[str, torch.Tensor]:
+        """Expert j of a routed MoE stage: one read of its contiguous bytes, then onto the compute device."""
+        name = self.m.stages[stage]
+        start, end = self.routed[stage][1][j]
+        t0 = time.perf_counter()
+        host = torch.empty(end - start, dtype=torch.uint8)  # O_DIRECT reads reach it through their bounce buffer
+        self.reader_host.read_into(self.dir / name, start, host)
+        buf = host.to(self.device) if self.cuda else host  # synchronous: the host buffer is dropped after
+        if self.timings is not None:
+            self.timings.add("load_weight", time.perf_counter() - t0, bytes=end - start)
+        return self._typed(buf, {n: e for n, e in self.m.files[name].tensors.items() if expert_of(n) == j}, start)
 
     def _load_resident(self) -> None:
         """Read resident stages once: 'gpu' ones onto the device, 'cpu' ones into host memory (pinned on CUDA)."""

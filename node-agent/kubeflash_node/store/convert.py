@@ -4,7 +4,10 @@ Every source is read into canonical per-stage tensor names (below), cast to the 
 through ModelWriter, so a model directory appears only when complete.
 
 Canonical names. embed: tok_embed [V, H] (+ pos_embed [P+2, H] for OPT). layer (llama): attn_norm, wq, wk,
-wv, (bq, bk, bv), wo, mlp_norm, w_gate, w_up, w_down. layer (opt): attn_norm_w/_b, wq/bq, wk/bk, wv/bv,
+wv, (bq, bk, bv), wo, mlp_norm, w_gate, w_up, w_down; (q_norm, k_norm [D] for Qwen3 and Gemma 3; post_attn_norm,
+post_mlp_norm for Gemma; Phi-3's fused qkv_proj and gate_up_proj are split into these); a mixture of experts has
+router [E, H] and, per expert j, e{j}.w_gate, e{j}.w_up, e{j}.w_down instead of the MLP's three, written expert
+after expert so each expert is one contiguous run of its layer file. layer (opt): attn_norm_w/_b, wq/bq, wk/bk, wv/bv,
 wo/bo, mlp_norm_w/_b, fc1_w/_b, fc2_w/_b. head: norm (llama) or norm_w/norm_b (opt), lm_head unless tied.
 With `quantization` int8/int4 the layers' big matrices are stored as w.q / w.scale / w.zero (engine/quant.py)
 and the manifest's extra["quant"] records bits, group and scheme. An existing store is itself a source, so a
@@ -62,18 +65,42 @@ class Source:
         return False
 
 
+# Where each family keeps its experts: HF prefix of the router, of expert j, and its gate / up / down names
+_EXPERTS = {"mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{j}.", ("w1", "w3", "w2")),
+            "qwen3_moe": ("mlp.gate.weight", "mlp.experts.{j}.", ("gate_proj", "up_proj", "down_proj"))}
+
+
 def _llama_layer_names(prefix: str, c: ModelConfig) -> dict[str, str]:
-    """Canonical name -> HF tensor name of a Llama-family layer: exactly the biases the config names."""
-    names = {
-        "attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
-        "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
-        "mlp_norm": "post_attention_layernorm.weight", "w_gate": "mlp.gate_proj.weight",
-        "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
-    }
+    """Canonical name -> HF tensor name of a Llama-family layer: exactly the biases and norms the config names.
+    Phi-3's fused tensors appear under the names wqkv and w_gate_up (split by HFSource)."""
+    names = {"attn_norm": "input_layernorm.weight"}
+    if c.family == "phi3":
+        names["wqkv"] = "self_attn.qkv_proj.weight"
+    else:
+        names |= {"wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight"}
+    names["wo"] = "self_attn.o_proj.weight"
     if c.attention_bias:
         names |= {"bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias"}
     if c.o_bias:
         names["bo"] = "self_attn.o_proj.bias"
+    if c.qk_norm:
+        names |= {"q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
+    if c.sandwich_norms:  # Gemma: post_attention_layernorm is on the attention output, the MLP's is pre_feedforward
+        names |= {"post_attn_norm": "post_attention_layernorm.weight", "mlp_norm": "pre_feedforward_layernorm.weight",
+                  "post_mlp_norm": "post_feedforward_layernorm.weight"}
+    else:
+        names["mlp_norm"] = "post_attention_layernorm.weight"
+    if c.num_experts:
+        router, expert, (gate, up, down) = _EXPERTS[c.family]
+        names["router"] = router
+        for j in range(c.num_experts):
+            e = expert.format(j=j)
+            names |= {f"e{j}.w_gate": e + gate + ".weight", f"e{j}.w_up": e + up + ".weight",
+                      f"e{j}.w_down": e + down + ".weight"}
+    elif c.family == "phi3":
+        names |= {"w_gate_up": "mlp.gate_up_proj.weight", "w_down": "mlp.down_proj.weight"}
+    else:
+        names |= {"w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight"}
     if c.mlp_bias:
         names |= {"b_gate": "mlp.gate_proj.bias", "b_up": "mlp.up_proj.bias", "b_down": "mlp.down_proj.bias"}
     return {k: prefix + v for k, v in names.items()}
@@ -124,6 +151,37 @@ class HFSource(Source):
         roots = ("decoder.", "layers.", "embed_tokens")
         self.prefix = next((p for p in ("model.", "") if any(k.startswith(tuple(p + r for r in roots)) for k in self.index)),
                            "model.")
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        """Before anything is written: every tensor a layer needs is present, and a mixture of experts has exactly
+        the experts its config counts (router rows, no expert past the count)."""
+        c = self.config
+        if c.architecture != "llama":
+            return
+        for i in range(c.num_layers):
+            p = f"{self.prefix}layers.{i}."
+            for name in _llama_layer_names(p, c).values():
+                if name not in self.index:
+                    raise SourceError(f"{self.path}: tensor {name!r} missing from the safetensors files")
+        if not c.num_experts:
+            return
+        router, expert, _ = _EXPERTS[c.family]
+        key = "num_local_experts" if c.family == "mixtral" else "num_experts"
+        for i in range(c.num_layers):
+            p = f"{self.prefix}layers.{i}."
+            rows = self._shape(p + router)[0]
+            if rows != c.num_experts:
+                raise SourceError(f"{self.path}: tensor {p + router!r} routes to {rows} experts but config.json "
+                                  f"{key} is {c.num_experts}")
+        pattern = re.compile(re.escape(self.prefix) + r"layers\.(\d+)\." + re.escape(expert).replace(r"\{j\}", r"(\d+)"))
+        for name in self.index:
+            m = pattern.match(name)
+            if m and int(m.group(2)) >= c.num_experts:
+                raise SourceError(f"{self.path}: tensor {name!r} is an expert past config.json {key} = {c.num_experts}")
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open[self.index[name]].get_slice(name).get_shape())
 
     def _get(self, name: str):
         if name not in self.index:
@@ -145,7 +203,15 @@ class HFSource(Source):
     def layer(self, i: int) -> Tensors:
         if self.config.architecture == "opt":
             return self._take(_opt_layer_names(f"{self.prefix}decoder.layers.{i}.", self.config))
-        return self._take(_llama_layer_names(f"{self.prefix}layers.{i}.", self.config))
+        out = self._take(_llama_layer_names(f"{self.prefix}layers.{i}.", self.config))
+        c = self.config
+        if "wqkv" in out:  # Phi-3: rows are q, then k, then v
+            qkv = out.pop("wqkv")
+            out = {"wq": qkv[:c.q_dim], "wk": qkv[c.q_dim:c.q_dim + c.kv_dim], "wv": qkv[c.q_dim + c.kv_dim:], **out}
+        if "w_gate_up" in out:  # Phi-3: gate rows, then up rows
+            gate_up = out.pop("w_gate_up")
+            out |= {"w_gate": gate_up[:c.intermediate_size], "w_up": gate_up[c.intermediate_size:]}
+        return out
 
     def head(self) -> Tensors:
         p, c = self.prefix, self.config
@@ -187,6 +253,9 @@ class GGUFSource(Source):
             raise SourceError(f"{path}: GGUF architecture {arch!r} is not supported; expected llama, qwen2 or mistral")
         a = arch
         rope = self._rope_scaling(a)
+        if self._field(f"{a}.expert_count", 0):
+            raise SourceError(f"{path}: GGUF {a}.expert_count = {self._field(f'{a}.expert_count')}: mixture-of-experts "
+                              "GGUF files are not supported (convert the HF directory)")
         if self._field(f"{a}.attention.sliding_window", None) is not None:
             raise SourceError(f"{path}: GGUF {a}.attention.sliding_window is not supported (convert the HF directory)")
         n_vocab = len(self.reader.fields["tokenizer.ggml.tokens"].data)
@@ -359,17 +428,29 @@ class DummySource(Source):
                     "bo": z(h), "mlp_norm_w": self._ones(h), "mlp_norm_b": z(h),
                     "fc1_w": self._rand(c.intermediate_size, h), "fc1_b": z(c.intermediate_size),
                     "fc2_w": self._rand(h, c.intermediate_size), "fc2_b": z(h)}
-        return {"attn_norm": self._ones(h), "wq": self._rand(c.q_dim, h), "wk": self._rand(c.kv_dim, h),
-                "wv": self._rand(c.kv_dim, h), "wo": self._rand(h, c.q_dim), "mlp_norm": self._ones(h),
-                "w_gate": self._rand(c.intermediate_size, h), "w_up": self._rand(c.intermediate_size, h),
-                "w_down": self._rand(h, c.intermediate_size)}
+        norm = lambda n: torch.zeros(n) if c.norm_plus_one else self._ones(n)  # noqa: E731  (Gemma: 1 + w)
+        out = {"attn_norm": norm(h), "wq": self._rand(c.q_dim, h), "wk": self._rand(c.kv_dim, h),
+               "wv": self._rand(c.kv_dim, h), "wo": self._rand(h, c.q_dim)}
+        if c.qk_norm:
+            out |= {"q_norm": norm(c.head_dim), "k_norm": norm(c.head_dim)}
+        if c.sandwich_norms:
+            out |= {"post_attn_norm": norm(h), "post_mlp_norm": norm(h)}
+        out["mlp_norm"] = norm(h)
+        i = c.intermediate_size
+        if c.num_experts:
+            out["router"] = self._rand(c.num_experts, h)
+            for j in range(c.num_experts):
+                out |= {f"e{j}.w_gate": self._rand(i, h), f"e{j}.w_up": self._rand(i, h), f"e{j}.w_down": self._rand(h, i)}
+            return out
+        return out | {"w_gate": self._rand(i, h), "w_up": self._rand(i, h), "w_down": self._rand(h, i)}
 
     def head(self) -> Tensors:
         import torch
 
         c = self.config
         out = ({"norm_w": self._ones(c.hidden_size), "norm_b": torch.zeros(c.hidden_size)}
-               if c.architecture == "opt" else {"norm": self._ones(c.hidden_size)})
+               if c.architecture == "opt" else
+               {"norm": torch.zeros(c.hidden_size) if c.norm_plus_one else self._ones(c.hidden_size)})
         if not c.tie_word_embeddings:
             out["lm_head"] = self._rand(c.vocab_size, c.hidden_size)
         return out

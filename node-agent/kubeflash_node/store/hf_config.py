@@ -3,9 +3,10 @@
 Every option of the supported families is either mapped onto ModelConfig (and computed by engine/model.py the
 way transformers computes it) or refused with an error that names the config.json key and its value. Absent
 keys take the defaults of the installed transformers' config classes (LlamaConfig, MistralConfig, Qwen2Config,
-SmolLM3Config, OPTConfig), which differ by model_type: Mistral slides over 4096 positions unless told
-otherwise, Qwen2 always has q/k/v biases and never an o_proj bias, SmolLM3 ties its head and skips RoPE on
-every 4th layer.
+Qwen3Config, SmolLM3Config, Phi3Config, Gemma2Config, Gemma3TextConfig, MixtralConfig, Qwen3MoeConfig,
+OPTConfig), which differ by model_type: Mistral slides over 4096 positions unless told otherwise, Qwen2 always
+has q/k/v biases and never an o_proj bias, SmolLM3 ties its head and skips RoPE on every 4th layer, Qwen3's
+head_dim is 128 unless told, Gemma 2 slides on every other layer and Gemma 3 on five of six.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ class ConfigError(SourceError):
     """config.json asks for something the engine does not compute; the message names the key and value."""
 
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm3")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm3", "phi3", "gemma2", "gemma3_text", "mixtral",
+               "qwen3_moe")
+GEMMA = ("gemma2", "gemma3_text")
+MOE = ("mixtral", "qwen3_moe")
 # Defaults of keys the families disagree on (transformers' config classes)
 _DEFAULTS = {
     "llama": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=2048, rope_theta=10000.0),
@@ -32,6 +36,22 @@ _DEFAULTS = {
                   num_key_value_heads=32, sliding_window=4096, max_window_layers=28),
     "smollm3": dict(rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=32768,
                     rope_theta=2000000.0, num_key_value_heads=4, pad_token_id=128004, no_rope_layer_interval=4),
+    "qwen3": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=32768, rope_theta=10000.0,
+                  num_key_value_heads=32, sliding_window=4096, max_window_layers=28, head_dim=128),
+    "qwen3_moe": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=32768, rope_theta=10000.0,
+                      num_key_value_heads=4, sliding_window=4096, num_experts=128, num_experts_per_tok=8,
+                      moe_intermediate_size=768),
+    "mixtral": dict(rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=4096 * 32,
+                    rope_theta=1000000.0, num_key_value_heads=8, num_experts=8, num_experts_per_tok=2),
+    "phi3": dict(rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=4096, rope_theta=10000.0,
+                 original_max_position_embeddings=4096, pad_token_id=32000),
+    "gemma2": dict(rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=10000.0,
+                   num_key_value_heads=4, head_dim=256, sliding_window=4096, pad_token_id=0, query_pre_attn_scalar=256,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    "gemma3_text": dict(rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=131072,
+                        rope_theta=1000000.0, rope_local_base_freq=10000.0, num_key_value_heads=4, head_dim=256,
+                        sliding_window=4096, pad_token_id=0, query_pre_attn_scalar=256, final_logit_softcapping=None,
+                        attn_logit_softcapping=None, sliding_window_pattern=6),
 }
 _DEFAULTS["smollm"] = _DEFAULTS["llama"]
 # What each rope_type cannot do without (other keys it reads have defaults; keys it does not read are ignored,
@@ -51,15 +71,22 @@ def _activation(cfg: dict, key: str, default: str) -> str:
     return act
 
 
-def _rope(cfg: dict, mt: str, head_dim: int, max_pos: int) -> tuple[float, dict | None]:
+def _rope(cfg: dict, mt: str, head_dim: int, max_pos: int, *, key: str = "", params: dict | None = None
+          ) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling or None), with transformers' precedence: rope_scaling over rope_parameters, a
     rope_theta inside the dict over the top-level one, a top-level original_max_position_embeddings over the
-    dict's for llama3/yarn/longrope."""
-    key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
-    rope = dict(cfg.get(key) or {})
+    dict's for llama3/yarn/longrope. `params` under `key`: one layer type's dict (Gemma 3)."""
+    if params is None:
+        key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+        params = cfg.get(key) or {}
+    rope = dict(params)
     theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or _DEFAULTS[mt]["rope_theta"]
     kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
     rope.pop("type", None)
+    if mt == "phi3":  # Phi3Config: su and yarn are its names for longrope; nothing else is accepted
+        kind = "longrope" if kind in ("su", "yarn") else kind
+        if kind not in ("default", "longrope"):
+            raise refuse(f"{key}.rope_type", kind, "default or longrope (Phi-3 accepts no other)")
     partial = rope.pop("partial_rotary_factor", None) or cfg.get("partial_rotary_factor")
     if partial not in (None, 1, 1.0):
         raise refuse("partial_rotary_factor", partial, "1.0 (the Llama family rotates the whole head)")
@@ -83,32 +110,40 @@ def _rope(cfg: dict, mt: str, head_dim: int, max_pos: int) -> tuple[float, dict 
 
 def _layer_types(cfg: dict, mt: str, layers: int, window: int | None, nope: list[int]) -> list[int]:
     """Indices of the layers whose attention slides, as each family's config class decides them."""
-    if mt == "mistral":  # every layer when sliding_window is set (Mistral ignores layer_types)
-        return list(range(layers)) if window is not None else []
-    if mt not in ("qwen2", "smollm3"):
+    if mt in ("mistral", "mixtral", "phi3", "qwen3_moe"):  # every layer when sliding_window is set (layer_types
+        return list(range(layers)) if window is not None else []  # are ignored by these families)
+    if mt not in ("qwen2", "qwen3", "smollm3") + GEMMA:
         return []  # LlamaConfig has no sliding attention
     types = cfg.get("layer_types")
     if types is None:
-        if mt == "qwen2":
-            start = cfg.get("max_window_layers", _DEFAULTS["qwen2"]["max_window_layers"])
+        if mt in ("qwen2", "qwen3"):
+            start = cfg.get("max_window_layers", _DEFAULTS[mt]["max_window_layers"])
             return [j for j in range(layers) if window is not None and j >= start]
-        return [j for j in nope if cfg.get("use_sliding_window", False) and window is not None]
+        if mt in GEMMA:  # Gemma 2: every other layer from the first; Gemma 3: all but every pattern-th
+            every = 2 if mt == "gemma2" else cfg.get("sliding_window_pattern", _DEFAULTS[mt]["sliding_window_pattern"])
+            if not isinstance(every, int) or every <= 0:
+                raise refuse("sliding_window_pattern", every, "a positive integer")
+            types = ["sliding_attention" if (j + 1) % every else "full_attention" for j in range(layers)]
+        else:
+            return [j for j in nope if cfg.get("use_sliding_window", False) and window is not None]
     if len(types) < layers or any(t not in ("full_attention", "sliding_attention") for t in types[:layers]):
         raise refuse("layer_types", types, f"{layers} entries of full_attention or sliding_attention")
     sliding = [j for j in range(layers) if types[j] == "sliding_attention"]
     if sliding and window is None:
         raise refuse("sliding_window", window, "a window size for the sliding_attention layers in layer_types "
-                     + ("(Qwen2 drops it unless use_sliding_window is true)" if mt == "qwen2" else ""))
+                     + ("(Qwen drops it unless use_sliding_window is true)" if mt in ("qwen2", "qwen3") else ""))
     return sliding
 
 
 def _window(cfg: dict, mt: str) -> int | None:
     if mt == "mistral":
         window = cfg.get("sliding_window", _DEFAULTS["mistral"]["sliding_window"])
-    elif mt == "qwen2":
-        window = cfg.get("sliding_window", _DEFAULTS["qwen2"]["sliding_window"]) if cfg.get("use_sliding_window") else None
-    elif mt == "smollm3":
+    elif mt in ("qwen2", "qwen3", "qwen3_moe"):
+        window = cfg.get("sliding_window", _DEFAULTS[mt]["sliding_window"]) if cfg.get("use_sliding_window") else None
+    elif mt in ("smollm3", "mixtral", "phi3"):
         window = cfg.get("sliding_window")
+    elif mt in GEMMA:
+        window = cfg.get("sliding_window", _DEFAULTS[mt]["sliding_window"])
     else:
         return None
     if window is not None and (not isinstance(window, int) or window <= 0):
@@ -146,26 +181,105 @@ def _llama(cfg: dict, mt: str) -> ModelConfig:
     kv = cfg.get("num_key_value_heads", d.get("num_key_value_heads")) or heads
     if heads % kv:
         raise refuse("num_key_value_heads", kv, f"a divisor of num_attention_heads ({heads})")
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    head_dim = cfg.get("head_dim", d.get("head_dim")) or cfg["hidden_size"] // heads
     max_pos = cfg.get("max_position_embeddings", d["max_position_embeddings"])
-    theta, rope = _rope(cfg, mt, head_dim, max_pos)
+    if mt == "phi3":  # Phi3Config always has one (4096), and it wins over the rope dict's
+        cfg = {"original_max_position_embeddings": d["original_max_position_embeddings"], **cfg}
+    extra = {}
+    if mt == "gemma3_text":
+        theta, rope, extra["local_rope_theta"] = _gemma3_rope(cfg, head_dim, max_pos)
+    else:
+        theta, rope = _rope(cfg, mt, head_dim, max_pos)
     window = _window(cfg, mt)
     nope = _nope_layers(cfg, mt, layers)
     sliding = _layer_types(cfg, mt, layers, window, nope)
     if mt == "qwen2":  # Qwen2Attention: q/k/v always biased, o_proj never; Qwen2MLP has no biases
         qkv, o, mlp = True, False, False
-    elif mt == "mistral":  # MistralAttention / MistralMLP: no biases at all
+    elif mt in ("mistral", "mixtral", "phi3"):  # no biases at all
         qkv = o = mlp = False
+    elif mt in ("qwen3", "qwen3_moe") + GEMMA:  # attention_bias: q/k/v/o; the MLPs have none
+        qkv = o = bool(cfg.get("attention_bias", False))
+        mlp = False
     else:
         qkv = o = bool(cfg.get("attention_bias", False))
         mlp = bool(cfg.get("mlp_bias", False))
+    if mt in GEMMA:
+        extra |= _gemma(cfg, mt)
+    if mt in MOE:
+        extra |= _moe(cfg, mt)
+    act = _activation(cfg, "hidden_activation", "gelu_pytorch_tanh") if mt in GEMMA else _activation(cfg, "hidden_act", "silu")
     return ModelConfig(
-        architecture="llama", intermediate_size=cfg["intermediate_size"], num_kv_heads=kv, head_dim=head_dim,
+        architecture="llama", intermediate_size=extra.pop("intermediate_size", None) or cfg["intermediate_size"],
+        num_kv_heads=kv, head_dim=head_dim, family=mt, qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text"),
         max_position_embeddings=max_pos, norm_eps=cfg.get("rms_norm_eps", d["rms_norm_eps"]), rope_theta=theta,
-        rope_scaling=rope, hidden_act=_activation(cfg, "hidden_act", "silu"), attention_bias=qkv, o_bias=o,
+        rope_scaling=rope, hidden_act=act, attention_bias=qkv, o_bias=o,
         mlp_bias=mlp, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", d["tie_word_embeddings"])),
-        sliding_window=window if sliding else 0, window_layers=sliding, nope_layers=nope, **_common(cfg, d),
+        sliding_window=window if sliding else 0, window_layers=sliding, nope_layers=nope, **extra, **_common(cfg, d),
     )
+
+
+def _gemma3_rope(cfg: dict, head_dim: int, max_pos: int) -> tuple[float, dict | None, float]:
+    """(rope_theta, rope_scaling, local_rope_theta) of Gemma3TextConfig: rope_parameters per layer type, or the
+    older rope_theta / rope_scaling (full attention) and rope_local_base_freq (sliding)."""
+    d = _DEFAULTS["gemma3_text"]
+    params = cfg.get("rope_parameters") or {}
+    if params and not set(params) <= {"full_attention", "sliding_attention"}:
+        raise refuse("rope_parameters", params, "a dict of full_attention and sliding_attention parameters (Gemma 3)")
+    full = {**(params.get("full_attention") or {}), **(cfg.get("rope_scaling") or {})}
+    full.setdefault("rope_theta", cfg.get("rope_theta", d["rope_theta"]))
+    local = dict(params.get("sliding_attention") or {})
+    local.setdefault("rope_theta", cfg.get("rope_local_base_freq", d["rope_local_base_freq"]))
+    kind = local.get("rope_type") or local.get("type") or "default"
+    if kind != "default":
+        raise refuse("rope_parameters.sliding_attention.rope_type", kind, "default (plain RoPE on sliding layers)")
+    if local.get("partial_rotary_factor") not in (None, 1, 1.0):
+        raise refuse("rope_parameters.sliding_attention.partial_rotary_factor", local["partial_rotary_factor"], "1.0")
+    theta, rope = _rope(cfg, "gemma3_text", head_dim, max_pos, key="rope_parameters.full_attention", params=full)
+    return theta, rope, float(local["rope_theta"])
+
+
+def _positive_or_none(cfg: dict, key: str, default) -> float:
+    value = cfg.get(key, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        raise refuse(key, value, "a positive number or null")
+    return float(value or 0.0)
+
+
+def _gemma(cfg: dict, mt: str) -> dict:
+    """Gemma 2/3: (1 + w) RMSNorms around attention and MLP, scaled embeddings, query_pre_attn_scalar, soft caps."""
+    d = _DEFAULTS[mt]
+    if cfg.get("use_bidirectional_attention"):
+        raise refuse("use_bidirectional_attention", cfg["use_bidirectional_attention"], "false (causal attention)")
+    scalar = _positive_or_none(cfg, "query_pre_attn_scalar", d["query_pre_attn_scalar"])
+    if not scalar:
+        raise refuse("query_pre_attn_scalar", cfg.get("query_pre_attn_scalar"), "a positive number")
+    if mt == "gemma3_text" and cfg.get("attn_logit_softcapping") is not None:  # Gemma3Attention never applies it
+        raise refuse("attn_logit_softcapping", cfg["attn_logit_softcapping"], "null (transformers' Gemma 3 ignores it)")
+    return dict(norm_plus_one=True, sandwich_norms=True, embed_scale=cfg["hidden_size"] ** 0.5, attn_scale=scalar ** -0.5,
+                attn_softcap=_positive_or_none(cfg, "attn_logit_softcapping", d["attn_logit_softcapping"]),
+                final_softcap=_positive_or_none(cfg, "final_logit_softcapping", d["final_logit_softcapping"]))
+
+
+def _moe(cfg: dict, mt: str) -> dict:
+    """Mixtral / Qwen3-MoE: every layer's MLP is the routed experts (Qwen3-MoE's dense layers are refused)."""
+    d = _DEFAULTS[mt]
+    names = ("num_local_experts", "num_experts") if mt == "mixtral" else ("num_experts", "num_local_experts")
+    key = next((k for k in names if cfg.get(k) is not None), names[0])
+    experts = cfg.get(key, d["num_experts"])
+    if not isinstance(experts, int) or experts <= 0:
+        raise refuse(key, experts, "a positive number of experts")
+    top = cfg.get("num_experts_per_tok", d["num_experts_per_tok"])
+    if not isinstance(top, int) or not 0 < top <= experts:
+        raise refuse("num_experts_per_tok", top, f"1..{key} ({experts})")
+    out = dict(num_experts=experts, num_experts_per_tok=top, norm_topk_prob=True)
+    if mt == "qwen3_moe":
+        if cfg.get("mlp_only_layers"):
+            raise refuse("mlp_only_layers", cfg["mlp_only_layers"], "[] (dense layers in a MoE model are not implemented)")
+        if cfg.get("decoder_sparse_step", 1) != 1:
+            raise refuse("decoder_sparse_step", cfg["decoder_sparse_step"], "1 (every layer routed to experts)")
+        out |= dict(norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                    intermediate_size=cfg.get("moe_intermediate_size", d["moe_intermediate_size"]))
+    return out
 
 
 def _opt(cfg: dict) -> ModelConfig:
@@ -185,10 +299,11 @@ def _opt(cfg: dict) -> ModelConfig:
 
 
 def config_from_hf(cfg: dict) -> ModelConfig:
-    """Map a transformers config.json onto ModelConfig (llama, mistral, qwen2, smollm3, opt)."""
+    """Map a transformers config.json onto ModelConfig (the LLAMA_TYPES and opt)."""
     mt = cfg.get("model_type", "")
     if mt in LLAMA_TYPES:
         return _llama(cfg, mt)
     if mt == "opt":
         return _opt(cfg)
-    raise ConfigError(f"config.json model_type {mt!r} is not supported; expected llama, mistral, qwen2 or opt")
+    raise ConfigError(f"config.json model_type {mt!r} is not supported; expected one of {', '.join(LLAMA_TYPES)}, opt"
+                      + (" (for Gemma 3, the text model: model_type gemma3_text)" if mt == "gemma3" else ""))

@@ -21,7 +21,7 @@ ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
 class ModelConfig:
     """Shape and numerics of a decoder-only transformer (Llama family or OPT)."""
 
-    architecture: str  # llama (Llama 2/3, Mistral, Qwen2, SmolLM2/3) | opt
+    architecture: str  # llama (Llama 2/3, Mistral, Qwen2/3, SmolLM2/3, Phi-3, Gemma 2/3, Mixtral, Qwen3-MoE) | opt
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -43,6 +43,21 @@ class ModelConfig:
     sliding_window: int = 0  # attention window of the layers in window_layers (0: none)
     window_layers: list[int] = field(default_factory=list)  # layers whose attention slides (Mistral, Qwen2, SmolLM3)
     nope_layers: list[int] = field(default_factory=list)  # layers without RoPE (SmolLM3 no_rope_layers)
+    # Qwen3, Gemma 2/3, Phi-3 (Llama family, architecture "llama"); Phi-3's fused projections are split on convert
+    family: str = ""  # the config.json model_type it came from, for reports ("" for presets of the Llama family)
+    qk_norm: bool = False  # RMSNorm of each head's q and k before RoPE (Qwen3, Gemma 3): q_norm, k_norm [D]
+    norm_plus_one: bool = False  # Gemma's RMSNorm: x * (1 + w), computed in float32 before the cast back
+    sandwich_norms: bool = False  # Gemma 2/3: post_attn_norm on the attention output, post_mlp_norm on the MLP's
+    embed_scale: float = 0.0  # token embeddings times this, rounded to the compute dtype (Gemma: sqrt(hidden)); 0: 1
+    attn_scale: float = 0.0  # softmax scale of q.k (Gemma: query_pre_attn_scalar ** -0.5); 0: head_dim ** -0.5
+    attn_softcap: float = 0.0  # scores -> cap * tanh(scores / cap) before the mask (Gemma attn_logit_softcapping)
+    final_softcap: float = 0.0  # the same on the logits (Gemma final_logit_softcapping); 0: none
+    local_rope_theta: float = 0.0  # Gemma 3: sliding layers' own plain RoPE base; 0: every layer uses rope_theta
+    # Mixture of experts (Mixtral, Qwen3-MoE): every layer's MLP is num_experts SwiGLU experts of
+    # intermediate_size, a router picks num_experts_per_tok per token by softmax then top-k
+    num_experts: int = 0  # 0: a dense MLP
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = False  # renormalize the top-k probabilities to sum to 1 (Mixtral always, Qwen3-MoE by key)
     # OPT only
     pre_norm: bool = True  # do_layer_norm_before: False is post-LayerNorm (opt-350m)
     final_norm: bool = True  # the decoder's final LayerNorm (absent when post-LN or _remove_final_layer_norm)
@@ -81,6 +96,8 @@ class ModelConfig:
             object.__setattr__(self, name, layers)
         if self.window_layers and self.sliding_window <= 0:
             raise ValueError(f"window_layers {self.window_layers} need a positive sliding_window")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..{self.num_experts}")
 
     # ---- per layer ----
     def layer_window(self, j: int) -> int:
@@ -104,7 +121,9 @@ class ModelConfig:
         """How many tensors a layer's stage holds (canonical names in store/convert.py)."""
         if self.architecture == "opt":
             return 6 + (6 if self.attention_bias else 0) + (4 if self.norm_affine else 0)
-        return 9 + (3 if self.attention_bias else 0) + (1 if self.o_bias else 0) + (3 if self.mlp_bias else 0)
+        mlp = 1 + 3 * self.num_experts if self.num_experts else 3 + (3 if self.mlp_bias else 0)
+        extra = (2 if self.qk_norm else 0) + (2 if self.sandwich_norms else 0)
+        return 6 + mlp + extra + (3 if self.attention_bias else 0) + (1 if self.o_bias else 0)
 
     def layer_params(self) -> int:
         h, i = self.hidden_size, self.intermediate_size
@@ -113,7 +132,10 @@ class ModelConfig:
         if self.architecture == "opt":
             norms = 2 * 2 * h if self.norm_affine else 0
             return attn + bias + 2 * h * i + (i + h if self.mlp_bias else 0) + norms
-        return attn + bias + 3 * h * i + (2 * i + h if self.mlp_bias else 0) + 2 * h
+        extra = (2 * self.head_dim if self.qk_norm else 0) + (2 * h if self.sandwich_norms else 0)
+        if self.num_experts:  # router [E, H] + E experts
+            return attn + bias + self.num_experts * (h + 3 * h * i) + 2 * h + extra
+        return attn + bias + 3 * h * i + (2 * i + h if self.mlp_bias else 0) + 2 * h + extra
 
     def embed_params(self) -> int:
         pos = (self.max_position_embeddings + 2) * self.hidden_size if self.architecture == "opt" else 0
@@ -136,6 +158,8 @@ class ModelConfig:
         h, i = self.hidden_size, self.intermediate_size
         proj = 2 * (h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h)
         mlp = 2 * (2 if self.architecture == "opt" else 3) * h * i
+        if self.num_experts:  # the routed experts and the router
+            mlp = mlp * self.num_experts_per_tok + 2 * h * self.num_experts
         attn = 2 * 2 * self.q_dim * context
         return proj + mlp + attn
 
@@ -193,6 +217,33 @@ for _name in ("opt-1.3b", "opt-6.7b", "opt-13b"):
 # Llama-3-8B (GQA: 32 query heads over 8 K/V heads, Llama-3 RoPE) with its positions capped at 32K: the long-context
 # shape InstInfer reports, 128 KiB of fp16 KV a token (4 GiB for one 32K sequence).
 PRESETS["llama-3-8b-32k"] = replace(PRESETS["llama-3-8b"], max_position_embeddings=32768)
+# The newer families at the sizes of their released config.json files (Qwen/Qwen3-8B, Qwen/Qwen3-30B-A3B,
+# mistralai/Mixtral-8x7B-v0.1, microsoft/Phi-3-mini-4k-instruct, google/gemma-2-9b, google/gemma-3-4b text).
+_QWEN3 = dict(vocab_size=151936, num_heads=32, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0,
+              norm_eps=1e-6, qk_norm=True, bos_token_id=151643, eos_token_id=[151645])
+PRESETS["qwen3-8b"] = _llama(family="qwen3", hidden_size=4096, intermediate_size=12288, num_layers=36, num_kv_heads=8,
+                             **_QWEN3)
+PRESETS["qwen3-30b-a3b"] = _llama(family="qwen3_moe", hidden_size=2048, intermediate_size=768, num_layers=48,
+                                  num_kv_heads=4, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, **_QWEN3)
+PRESETS["mixtral-8x7b"] = _llama(family="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                 num_layers=32, num_heads=32, num_kv_heads=8, max_position_embeddings=32768,
+                                 rope_theta=1000000.0, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                                 bos_token_id=1, eos_token_id=[2])
+PRESETS["phi-3-mini-4k"] = _llama(family="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                                  num_layers=32, num_heads=32, max_position_embeddings=4096, sliding_window=2047,
+                                  window_layers=list(range(32)), bos_token_id=1, eos_token_id=[32000], pad_token_id=32000)
+_GEMMA = dict(num_kv_heads=8, head_dim=256, norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
+              norm_plus_one=True, sandwich_norms=True, attn_scale=256 ** -0.5, bos_token_id=2, eos_token_id=[1],
+              pad_token_id=0)
+PRESETS["gemma-2-9b"] = _llama(family="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336,
+                               num_layers=42, num_heads=16, max_position_embeddings=8192, embed_scale=3584 ** 0.5,
+                               attn_softcap=50.0, final_softcap=30.0, sliding_window=4096,
+                               window_layers=list(range(0, 42, 2)), **_GEMMA)
+PRESETS["gemma-3-4b"] = _llama(family="gemma3_text", vocab_size=262208, hidden_size=2560, intermediate_size=10240,
+                               num_layers=34, num_heads=8, max_position_embeddings=131072, embed_scale=2560 ** 0.5,
+                               qk_norm=True, rope_theta=1000000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                               local_rope_theta=10000.0, sliding_window=1024,
+                               window_layers=[j for j in range(34) if (j + 1) % 6], **{**_GEMMA, "num_kv_heads": 4})
 
 
 def preset(name: str) -> ModelConfig:

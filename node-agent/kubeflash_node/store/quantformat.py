@@ -95,7 +95,7 @@ def quantize_named(tensors: dict[str, torch.Tensor], spec: QuantSpec | None,
         return tensors
     out = {}
     for name, t in tensors.items():
-        if name in names and t.dim() == 2 and spec.fits(tuple(t.shape)):
+        if name.rpartition(".")[2] in names and t.dim() == 2 and spec.fits(tuple(t.shape)):  # e{j}.w_up: an expert's
             out |= {f"{name}.{k}": v for k, v in quantize(t, spec).items()}
         else:
             out[name] = t

@@ -1,0 +1,79 @@
+"""Routed-expert reading: a mixture-of-experts layer's stage is read without its experts, and each expert the
+router picks is read on first use (one contiguous read, since the store writes expert after expert).
+
+The converter writes a MoE layer as its attention, norms and router first, then e0.w_gate, e0.w_up, e0.w_down,
+e1.…: the part before the first expert is read like any stage (ahead of compute, into the streamer's ring);
+`RoutedWeights` holds it and reads expert j the first time model.moe asks for `e{j}.…`, so a layer moves the
+bytes of the experts its micro-batch routes to instead of all of them.
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import Executor
+from typing import Callable, Iterable
+
+import torch
+
+from ..store.format import FileEntry
+
+_EXPERT = re.compile(r"^e(\d+)\.")
+
+
+def expert_of(name: str) -> int | None:
+    m = _EXPERT.match(name)
+    return int(m.group(1)) if m else None
+
+
+def expert_ranges(entry: FileEntry) -> tuple[int, dict[int, tuple[int, int]]]:
+    """(bytes before the first expert, expert -> [start, end) byte range in the stage file); (size, {}) for a
+    stage without experts. Raises if an expert's tensors are not one contiguous run (a store written otherwise)."""
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for name, e in entry.tensors.items():
+        j = expert_of(name)
+        if j is not None:
+            spans.setdefault(j, []).append((e.offset, e.offset + e.nbytes))
+    if not spans:
+        return entry.size, {}
+    ranges = {j: (min(s for s, _ in v), max(t for _, t in v)) for j, v in spans.items()}
+    prefix = min(s for s, _ in ranges.values())
+    others = [e for n, e in entry.tensors.items() if expert_of(n) is None]
+    if any(e.offset >= prefix for e in others):
+        raise ValueError("store: a MoE layer's non-expert tensors must precede its experts (re-convert the model)")
+    for j, (s, t) in ranges.items():
+        inside = [n for n, e in entry.tensors.items() if s <= e.offset < t]
+        if any(expert_of(n) != j for n in inside):
+            raise ValueError(f"store: expert {j}'s tensors are not contiguous (re-convert the model)")
+    return prefix, ranges
+
+
+class RoutedWeights(dict):
+    """A layer's weights whose experts are read on first use: `load(j)` returns expert j's tensors by name
+    (already on the compute device, dequantized); they stay for the rest of this stage's use. `want` reads a
+    set of experts at once, in parallel on `pool` (model.moe announces the routed set before using it)."""
+
+    def __init__(self, base: dict[str, torch.Tensor], load: Callable[[int], dict[str, torch.Tensor]],
+                 pool: Executor | None = None):
+        super().__init__(base)
+        self._load, self._pool = load, pool
+        self._have: set[int] = set()
+
+    def want(self, experts: Iterable[int]) -> None:
+        missing = [j for j in experts if j not in self._have]
+        self._have.update(missing)
+        loaded = self._pool.map(self._load, missing) if self._pool and len(missing) > 1 else map(self._load, missing)
+        for tensors in loaded:
+            self.update(tensors)
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        j = expert_of(name)
+        if j is None or j in self._have:
+            raise KeyError(name)
+        self.want([j])
+        return dict.__getitem__(self, name)
+
+    def get(self, name, default=None):
+        try:
+            return self[name]
+        except KeyError:
+            return default

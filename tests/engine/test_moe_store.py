@@ -1,0 +1,210 @@
+"""Mixture-of-experts checkpoints and the new families' dummy presets in the layer store.
+
+Bad expert weights (a missing expert tensor, a router or expert tensors that disagree with the config's expert
+count, a GGUF with an expert layout) are refused at convert time, naming the tensor or key, before anything is
+written. A good MoE checkpoint is stored expert by expert (each expert one contiguous run of its layer file),
+int8 quantization reaches the experts, and the real-size dummy presets have transformers' own parameter counts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kubeflash_node.engine.generate import Engine, GenParams
+from kubeflash_node.store import modelconfig
+from kubeflash_node.store.convert import SourceError, convert
+
+VOCAB = 97
+
+
+def _qwen3_moe(tmp_path, experts: int = 4):
+    """A tiny random Qwen3-MoE saved as config.json + safetensors."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_experts=experts, num_experts_per_tok=2,
+                         moe_intermediate_size=16, norm_topk_prob=True)
+    model = Qwen3MoeForCausalLM(cfg).eval()
+    hf = tmp_path / "hf"
+    model.save_pretrained(hf, safe_serialization=True)
+    return model, hf
+
+
+def _edit(hf, *, drop: str | None = None, add: dict | None = None, config: dict | None = None) -> None:
+    path = hf / "model.safetensors"
+    tensors = load_file(path)
+    if drop:
+        del tensors[drop]
+    tensors |= add or {}
+    save_file(tensors, path, metadata={"format": "pt"})
+    if config:
+        cfg = json.loads((hf / "config.json").read_text())
+        (hf / "config.json").write_text(json.dumps(cfg | config))
+
+
+def _refused(hf, tmp_path, message: str) -> None:
+    with pytest.raises(SourceError) as e:
+        convert(str(hf), tmp_path / "store", dtype="float32")
+    assert message in str(e.value), str(e.value)
+    assert not (tmp_path / "store").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("hf",)]  # no staging directory left either
+
+
+def test_missing_expert_tensor_is_named(tmp_path):
+    _, hf = _qwen3_moe(tmp_path)
+    _edit(hf, drop="model.layers.1.mlp.experts.2.up_proj.weight")
+    _refused(hf, tmp_path, "tensor 'model.layers.1.mlp.experts.2.up_proj.weight' missing")
+
+
+@pytest.mark.parametrize("count", [3, 5])
+def test_expert_count_not_matching_the_router_is_refused(count, tmp_path):
+    _, hf = _qwen3_moe(tmp_path)
+    _edit(hf, config={"num_experts": count, "num_local_experts": count})
+    if count > 4:
+        _refused(hf, tmp_path, "tensor 'model.layers.0.mlp.experts.4.gate_proj.weight' missing")
+    else:
+        _refused(hf, tmp_path, "tensor 'model.layers.0.mlp.gate.weight' routes to 4 experts but config.json "
+                               "num_experts is 3")
+
+
+def test_expert_past_the_count_is_refused(tmp_path):
+    _, hf = _qwen3_moe(tmp_path)
+    extra = torch.zeros(16, 32)
+    _edit(hf, add={"model.layers.1.mlp.experts.4.gate_proj.weight": extra})
+    _refused(hf, tmp_path, "tensor 'model.layers.1.mlp.experts.4.gate_proj.weight' is an expert past config.json "
+                           "num_experts = 4")
+
+
+def test_gguf_with_experts_is_refused(tmp_path):
+    from gguf import GGUFWriter
+
+    path = tmp_path / "moe.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_uint32("llama.expert_count", 8)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(SourceError, match="GGUF llama.expert_count = 8: mixture-of-experts GGUF files are not supported"):
+        convert(str(path), tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
+def test_experts_are_stored_one_after_another(tmp_path):
+    """Each expert's three matrices are adjacent in its layer file, experts in order: one read per expert."""
+    _, hf = _qwen3_moe(tmp_path)
+    m = convert(str(hf), tmp_path / "store", dtype="float32")
+    entries = m.files["layer_000.bin"].tensors
+    order = sorted(entries, key=lambda n: entries[n].offset)
+    experts = [n for n in order if n.startswith("e")]
+    assert experts == [f"e{j}.{w}" for j in range(4) for w in ("w_gate", "w_up", "w_down")]
+    first = order.index("e0.w_gate")
+    assert order[first:first + 12] == experts  # nothing else between them
+
+
+def test_int8_reaches_the_experts_and_decodes(tmp_path):
+    """int8 quantizes each expert's matrices (not the router); the quantized store generates."""
+    _, hf = _qwen3_moe(tmp_path)
+    m = convert(str(hf), tmp_path / "store", dtype="float32", quantization="int8", group=16)
+    names = set(m.files["layer_001.bin"].tensors)
+    assert {"e3.w_down.q", "e3.w_down.scale", "router"} <= names and "e3.w_down" not in names
+    engine = Engine(tmp_path / "store")
+    try:
+        [c] = engine.generate([[5, 6, 7, 8]], GenParams(max_new_tokens=4))
+    finally:
+        engine.close()
+    assert len(c.tokens) == 4
+
+
+NEW_PRESETS = {
+    "qwen3-8b": "Qwen3Config", "qwen3-30b-a3b": "Qwen3MoeConfig", "mixtral-8x7b": "MixtralConfig",
+    "phi-3-mini-4k": "Phi3Config", "gemma-2-9b": "Gemma2Config", "gemma-3-4b": "Gemma3TextConfig",
+}
+
+
+def _hf_config_of(c: modelconfig.ModelConfig, cls: str):
+    """The transformers config of a preset's shape (the keys each family's released config.json sets)."""
+    import transformers
+
+    kw = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+              num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+              tie_word_embeddings=c.tie_word_embeddings, pad_token_id=None)
+    if cls != "Phi3Config":
+        kw["head_dim"] = c.head_dim
+    if c.num_experts:
+        kw |= dict(num_experts_per_tok=c.num_experts_per_tok)
+        kw |= (dict(num_local_experts=c.num_experts) if cls == "MixtralConfig"
+               else dict(num_experts=c.num_experts, moe_intermediate_size=c.intermediate_size))
+    return getattr(transformers, cls)(**kw)
+
+
+@pytest.mark.parametrize("name", list(NEW_PRESETS))
+def test_presets_have_the_released_parameter_counts(name):
+    """dummy:<preset> has transformers' parameter count for the same shape (built on the meta device), and the
+    config read back from that transformers config.json describes the same shape as the preset."""
+    from transformers import AutoModelForCausalLM
+
+    from kubeflash_node.store.hf_config import config_from_hf
+
+    c = modelconfig.preset(name)
+    hf = _hf_config_of(c, NEW_PRESETS[name])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    assert c.total_params() == sum(p.numel() for p in model.parameters())
+    ours = config_from_hf(json.loads(hf.to_json_string()))
+    for key in ("qk_norm", "norm_plus_one", "sandwich_norms", "num_experts", "num_experts_per_tok", "head_dim",
+                "intermediate_size", "family"):
+        assert getattr(ours, key) == getattr(c, key), key
+
+
+@pytest.mark.parametrize("name", list(NEW_PRESETS))
+def test_dummy_presets_convert_and_generate(name, tmp_path, monkeypatch):
+    """The dummy source writes every tensor the engine reads for each new family (the preset shrunk to a few
+    MB: same family flags, small dimensions)."""
+    c = modelconfig.PRESETS[name]
+    small = replace(c, vocab_size=64, hidden_size=32, intermediate_size=24, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8, num_experts=min(c.num_experts, 4),
+                    num_experts_per_tok=min(c.num_experts_per_tok, 2), sliding_window=min(c.sliding_window, 3),
+                    window_layers=[j for j in c.window_layers if j < 2], eos_token_id=[], bos_token_id=None,
+                    pad_token_id=None, embed_scale=32 ** 0.5 if c.embed_scale else 0.0)
+    monkeypatch.setitem(modelconfig.PRESETS, "tiny", small)
+    m = convert("dummy:tiny", tmp_path / "store", dtype="float32")
+    assert len(m.files["layer_000.bin"].tensors) == small.layer_tensors()
+    assert sum(e.nbytes for e in m.files["layer_000.bin"].tensors.values()) == 4 * small.layer_params()
+    engine = Engine(tmp_path / "store")
+    try:
+        [out] = engine.generate([[1, 2, 3, 4, 5, 6]], GenParams(max_new_tokens=3))
+    finally:
+        engine.close()
+    assert len(out.tokens) == 3
+
+
+def test_only_routed_experts_are_read_and_tokens_stay_transformers(tmp_path):
+    """Streamed from disk, a MoE layer reads its attention and router, then only the experts its tokens route to:
+    the greedy tokens equal transformers' with routed reads and with every expert read (Policy.all_experts), and
+    the routed run reads fewer weight bytes."""
+    from kubeflash_node.engine.policy import Policy
+
+    model, hf = _qwen3_moe(tmp_path, experts=16)
+    convert(str(hf), tmp_path / "store", dtype="float32")
+    prompt = [3, 14, 15, 92, 65, 35]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(prompt):].tolist()
+    read = {}
+    for every in (False, True):
+        engine = Engine(tmp_path / "store", policy=Policy(gpu_batch_size=1, all_experts=every))
+        try:
+            [c] = engine.generate([prompt], GenParams(max_new_tokens=5))
+            read[every] = engine.timings.bytes["load_weight"]
+        finally:
+            engine.close()
+        assert c.tokens == ref, every
+    # one token routes to 2 of 16 experts per layer: at most 2 * 6 (prefill) of 16, and 2 per decode step
+    assert read[False] < 0.6 * read[True], read
