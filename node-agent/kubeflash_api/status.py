@@ -68,5 +68,8 @@ JOB_STATUS = s.obj(
         ("decodeTokensPerSecond", s.number("Generated tokens per second in the decode.")))),
     ("timings", s.mapping("FlexGen-style breakdown in seconds (load_weight, load_cache, store_cache, "
                           "compute_layer_prefill, …).", s.number("Seconds."))),
+    ("refused", s.mapping("Files of the job's directory the node agent refused to read, file -> why (a link "
+                          "planted by the pod, a FIFO, an oversized file); written by the agent. The operator fails "
+                          "the job when its results.jsonl is refused.", s.string("Why the agent refused it."))),
     ("conditions", conditions("Ready, Scheduled, Staged and Complete, as metav1.Conditions.")),
 )

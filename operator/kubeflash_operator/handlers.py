@@ -193,7 +193,10 @@ async def pod_index(body: kopf.Body, namespace: str, labels: kopf.Labels, memo: 
 
 
 def _live(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") not in TERMINAL
+    """A job that still needs steps: not ended, or Succeeded while the agent reports its results refused
+    (status.refused, relayed after the pod ended): one more step fails it (reconcile.step)."""
+    phase = status.get("phase")
+    return phase not in TERMINAL or (phase == "Succeeded" and bool((status.get("refused") or {}).get("results.jsonl")))
 
 
 @kopf.daemon(*JOBS, when=_live, cancellation_timeout=0.1, initial_delay=None)
@@ -233,7 +236,7 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     meta = body.get("metadata", {})
     version = meta.get("resourceVersion")
     if FINALIZER not in (meta.get("finalizers") or []) and (now() - job.created).total_seconds() < FINALIZER_WAIT_S:
-        return TICK_S  # kopf's finalizer patch is on its way (its event wakes us): a decision now would meet a 409
+        return TICK_S  # kopf's finalizer patch is on its way (it wakes us): a decision before it lands meets a 409
     sent = memo.sent.get(job.uid)
     if sent and sent[0] == version and time.monotonic() - sent[1] < STALE_S:
         return TICK_S  # our last status patch is not back from the watch yet: this view is older than what we decided
@@ -243,9 +246,12 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     idle = RUNNING_TICK_S if steady else TICK_S  # a pod not running yet has timeouts (unschedulable, image pull)
     records = memo.book.current(_records(flashnode_index))
     state = {name: next(iter(store)) for name, store in node_index.items()}
-    nodes = {r.view.name: replace(r.view, cordoned=state.get(r.view.name) == "cordoned") for r in records.values()}
+    nodes = {r.view.name: replace(r.view, cordoned=True) if state.get(r.view.name) == "cordoned" else r.view
+             for r in records.values()}
     unready = frozenset(name for name, s in state.items() if s == "NotReady")
-    claims = memo.book.claims(records)
+    # every claim (all ledgers merged) only where a step may place: a job whose pod runs needs none, unless a
+    # failure there could send it to placement in this same step (no retry delay configured)
+    claims = () if steady and memo.config.backoff(1) > 0 else memo.book.claims(records)
     world = reconcile.World(now=now(), nodes=nodes, claims=claims, pods=pods, not_ready=unready)
     plan = reconcile.step(job, world, memo.config)
     # From here on the plan is carried out; no other placement ran since `claims` was read (no await in between).
@@ -258,6 +264,10 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     try:
         await asyncio.to_thread(_carry_out, plan, job, pods, memo)
         if plan.status:  # conditional: a decision made on a view older than the job's status now is void
+            if not job.status:  # kopf's finalizer patch (landed: the body shows it) moved a new job's version, and
+                # kopf's own view keeps the old one: same status and generation means the decision stands
+                version = await asyncio.to_thread(memo.kube.unchanged_version, job.namespace, job.name, job.status,
+                                                  job.generation) or version
             await asyncio.to_thread(memo.kube.patch_job_status, job.namespace, job.name, version, plan.status)
     except Conflict as e:
         memo.metrics.conflict("job" if "InferenceJob" in str(e) else "pod")

@@ -121,7 +121,7 @@ def step(job: Job, world: World, cfg: OperatorConfig) -> Plan:
     """Advance the job as far as the world allows (a few phases at most); an empty Plan means nothing to do."""
     phase = job.status.get("phase")
     if phase in st.TERMINAL:
-        return Plan()
+        return _results_refused(job, world) if phase == st.SUCCEEDED else Plan()
     if phase is None:  # a new job: admitted and, in the same step (one status write), placed as far as it goes
         plan = admit(job, now=world.now)
         if plan.invalid:
@@ -322,7 +322,33 @@ def _create_pod(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World
     plan.events.append(Event("Normal", "PodCreated", message))
 
 
+RESULTS = "results.jsonl"
+
+
+def _refused_message(view: Mapping) -> str | None:
+    why = (view.get("refused") or {}).get(RESULTS)
+    return f"the node agent refused the job's {RESULTS}, so no result is exported: {why}" if why else None
+
+
+def _results_refused(job: Job, world: World) -> Plan:
+    """A Succeeded job whose results the agent refused after the pod ended (a link or FIFO planted in place of
+    results.jsonl, status.refused): Failed, so nobody takes the missing output for a result."""
+    plan = Plan()
+    message = _refused_message(job.status)
+    if message:
+        _to(plan, job, st.FAILED, world, reason="ResultsRefused", message=message)
+        plan.events.append(Event("Warning", "ResultsRefused", message))
+    return plan
+
+
 def _finish(plan: Plan, job: Job, view: Mapping, world: World, pod: PodView) -> None:
+    refused = _refused_message(view)
+    if refused:
+        attempts = _record(view, world, result="Failed", reason="ResultsRefused", message=refused)
+        _to(plan, job, st.FAILED, world, reason="ResultsRefused", message=refused, fields={"attempts": attempts})
+        plan.events.append(Event("Warning", "ResultsRefused", refused))
+        plan.release = True
+        return
     attempts = _record(view, world, result="Succeeded", reason="Completed", message=f"pod {pod.name} succeeded")
     message = f"pod {pod.name} succeeded"
     _to(plan, job, st.SUCCEEDED, world, reason="Succeeded", message=message, fields={"attempts": attempts})

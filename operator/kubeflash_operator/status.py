@@ -28,7 +28,7 @@ _ALLOWED: dict[str | None, frozenset[str]] = {
     SCHEDULED: frozenset({STAGING, RUNNING, PENDING, FAILED}),
     STAGING: frozenset({RUNNING, PENDING, FAILED}),
     RUNNING: frozenset({SUCCEEDED, FAILED, SCHEDULED, PENDING}),
-    SUCCEEDED: frozenset(),
+    SUCCEEDED: frozenset({FAILED}),  # only when the node agent refuses the job's results (reconcile.step)
     FAILED: frozenset(),
 }
 

@@ -190,3 +190,29 @@ def test_results_copied_to_output_configmap(control_plane, namespace, node, agen
                     what="results in the output ConfigMap", log=agent.log)
     assert data == {"results.jsonl": lines}
     assert job_dir.is_dir()  # the space stays until the job is deleted
+
+
+def test_planted_results_link_is_reported_in_status_and_never_exported(control_plane, namespace, node, agent,
+                                                                       tmp_path):
+    """A pod that replaces results.jsonl with a link to a secret: the agent never reads through it; it reports the
+    refusal in status.refused (so the operator fails the job) and the output ConfigMap holds only an error."""
+    cp = control_plane
+    agent.start()
+    create_job(cp, namespace, "planted", node, "ssd0", output={"configMap": {"name": "planted-results"}})
+    cp.kubectl("create", "configmap", "planted-results", "-n", namespace)
+    job_dir = tmp_path / "ssd0" / "jobs" / namespace / "planted"
+    wait_for(lambda: job_dir.is_dir(), 30, what="job space", log=agent.log)
+    secret = tmp_path / "agent-token"
+    secret.write_text("SECRET-TOKEN-BYTES")
+    (job_dir / "results.jsonl").symlink_to(secret)
+    status = wait_for(lambda: (get_json(cp, "inferencejob", "planted", "-n", namespace) or {}).get("status", {})
+                      .get("refused"), 30, what="status.refused", log=agent.log)
+    assert "results.jsonl" in status and "is a symlink" in status["results.jsonl"]
+    set_job_status(cp, namespace, "planted", {"phase": "Succeeded"})
+    data = wait_for(lambda: (get_json(cp, "configmap", "planted-results", "-n", namespace) or {}).get("data"), 30,
+                    what="the output ConfigMap's error", log=agent.log)
+    assert "results.jsonl refused" in data["error"] and "results.jsonl" not in data
+    assert "SECRET-TOKEN-BYTES" not in json.dumps(data)
+    (job_dir / "results.jsonl").unlink()  # the link gone: the refusal is withdrawn (sent as null)
+    wait_for(lambda: not (get_json(cp, "inferencejob", "planted", "-n", namespace) or {}).get("status", {})
+             .get("refused"), 30, what="status.refused cleared", log=agent.log)

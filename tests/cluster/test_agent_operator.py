@@ -59,8 +59,8 @@ def get_json(cp, *args) -> dict:
 
 def test_job_lifecycle_with_operator(control_plane, namespace, operator, kubeconfig, tmp_path):
     """Submit -> the operator places the job on the agent's pair and asks for the model -> the agent stages
-    it -> the pod runs with its job space ready -> progress shows in the job -> the job succeeds -> deleting
-    it releases the KV space."""
+    it -> the pod runs with its job space ready -> progress shows in the job -> the job succeeds -> a link planted
+    as its results fails it (ResultsRefused) -> deleting it releases the KV space."""
     cp = control_plane
     node = f"{namespace}-gpu"
     cp.create_fake_node(node)
@@ -105,6 +105,12 @@ def test_job_lifecycle_with_operator(control_plane, namespace, operator, kubecon
                  "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}}))
         wait_for(lambda: job().get("status", {}).get("phase") == "Succeeded", 60, what="job Succeeded",
                  log=agent.log)
+        # a results.jsonl replaced by a link after the pod ended: the agent refuses it, the operator fails the job
+        (tmp_path / "token").write_text("SECRET")
+        (job_dir / "results.jsonl").symlink_to(tmp_path / "token")
+        failed = wait_for(lambda: (j := job()).get("status", {}).get("phase") == "Failed" and j, 60,
+                          what="job Failed on refused results", log=agent.log)
+        assert failed["status"]["reason"] == "ResultsRefused" and "is a symlink" in failed["status"]["message"]
 
         cp.kubectl("delete", "inferencejob", "e2e", "-n", namespace, "--timeout=60s")
         wait_for(lambda: not job_dir.exists(), 30, what="KV space released", log=agent.log)

@@ -239,7 +239,7 @@ def test_agent_token_writes_only_its_own_node(setup):
     for forged in ({"phase": "Succeeded"}, {"node": b}, {"disk": "../../etc"}, {"message": "all fine"}):
         msg = refused(custom.patch_namespaced_custom_object_status, GROUP, VERSION, s.ns, "inferencejobs", "on-a",
                       {"status": forged})
-        assert "only status.progress, status.throughput and status.timings" in msg, (forged, msg)
+        assert "only status.progress, status.throughput, status.timings and status.refused" in msg, (forged, msg)
 
     # ConfigMaps: the agent fills in only one the operator created for a job on its node
     uid = s.custom.get_namespaced_custom_object(GROUP, VERSION, s.ns, "inferencejobs", "on-a")["metadata"]["uid"]

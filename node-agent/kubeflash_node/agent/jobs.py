@@ -110,6 +110,18 @@ class JobSpaces:
         ns, job = key.split("/", 1)
         return safefs.read_under(self.disks[disk].path, ("jobs", ns, job, name), cap)
 
+    def check(self, key: str, disk: str, name: str) -> None:
+        """Note (or clear) a refusal of the job's file `name` without reading it: a link, a FIFO, a directory."""
+        ns, job = key.split("/", 1)
+        try:
+            safefs.check_under(self.disks[disk].path, ("jobs", ns, job, name))
+        except FileNotFoundError:
+            self.note(key, name, "")
+        except safefs.Unsafe as e:
+            self.note(key, name, str(e))
+        else:
+            self.note(key, name, "")
+
     def remove(self, key: str, disk: str) -> None:
         ns, name = key.split("/", 1)
         path = job_dir(self.disks[disk].path, ns, name)

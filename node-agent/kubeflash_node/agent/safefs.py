@@ -154,6 +154,16 @@ def read_under(base: Path | str, rel: str | Sequence[str], cap: int) -> bytes:
         return read_capped(dfd, parts[-1], cap, shown="/".join([str(base), *parts]))
 
 
+def check_under(base: Path | str, rel: str | Sequence[str]) -> None:
+    """That base/rel is a regular file reached without following links (nothing is read); raises Unsafe, or
+    FileNotFoundError when it is missing."""
+    parts = _parts(rel)
+    if not parts:
+        raise ValueError("check_under needs a file name")
+    with dir_fd(base, parts[:-1]) as dfd:
+        os.close(open_file(dfd, parts[-1], shown="/".join([str(base), *parts])))
+
+
 def ensure_dir_owned(parent_fd: int, name: str, uid: int | None, gid: int | None, *, mode: int = 0o755,
                      shown: str = "") -> None:
     """Make directory `name` in `parent_fd` (if missing) and give it to uid:gid, through an fd opened with

@@ -134,6 +134,24 @@ def test_pod_running_then_succeeded():
     assert plan.status["attempts"][0]["result"] == "Succeeded"
 
 
+def test_refused_results_fail_the_job_at_completion_or_after():
+    """status.refused naming results.jsonl (the agent found a link or FIFO there): the job ends Failed with
+    reason ResultsRefused and the agent's words, whether the agent said so before the pod ended or after."""
+    why = "/var/lib/kubeflash/jobs/ns/j/results.jsonl: is a symlink; expected a regular file"
+    job = apply(running(), {"refused": {"results.jsonl": why}})
+    plan = step(job, world(holder(), pods=[PodView("j-1", phase="Succeeded")]), CFG)
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "ResultsRefused" and plan.release
+    assert why in plan.status["message"] and plan.status["attempts"][0]["result"] == "Failed"
+    assert any(e.reason == "ResultsRefused" for e in plan.events)
+    done = apply(running(), step(running(), world(holder(), pods=[PodView("j-1", phase="Succeeded")]), CFG).status)
+    assert done.status["phase"] == "Succeeded"
+    assert step(done, world(holder()), CFG).status == {}  # nothing refused: stays Succeeded
+    late = step(apply(done, {"refused": {"results.jsonl": why}}), world(holder()), CFG)
+    assert late.status["phase"] == "Failed" and late.status["reason"] == "ResultsRefused"
+    other = apply(done, {"refused": {"progress.json": "is a FIFO; expected a regular file"}})
+    assert step(other, world(holder()), CFG).status == {}  # only the results decide the outcome
+
+
 def failed_pod(name, exit_code=1):
     return PodView(name, phase="Failed", exit_code=exit_code, terminated_reason="Error")
 

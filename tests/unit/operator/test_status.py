@@ -14,9 +14,10 @@ ALLOWED = [
     (None, "Pending"), ("Pending", "Scheduled"), ("Scheduled", "Staging"), ("Scheduled", "Running"),
     ("Staging", "Running"), ("Running", "Succeeded"), ("Running", "Failed"), ("Running", "Scheduled"),
     ("Running", "Pending"), ("Staging", "Pending"), ("Pending", "Failed"),
+    ("Succeeded", "Failed"),  # the one way out of a terminal phase: the agent refused the job's results
 ]
 FORBIDDEN = [
-    (None, "Running"), ("Pending", "Running"), ("Pending", "Succeeded"), ("Succeeded", "Failed"),
+    (None, "Running"), ("Pending", "Running"), ("Pending", "Succeeded"), ("Failed", "Succeeded"),
     ("Failed", "Pending"), ("Staging", "Succeeded"), ("Succeeded", "Running"),
 ]
 
