@@ -122,6 +122,21 @@ class Kube:
                 raise Gone(f"InferenceJob {namespace}/{name} is gone") from e
             raise
 
+    def unchanged_version(self, namespace: str, name: str, status: Mapping[str, Any], generation: int | None
+                          ) -> str | None:
+        """The job's current resourceVersion if its status and generation are still `status`/`generation` (only
+        metadata such as finalizers changed since), else None."""
+        try:
+            body = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "inferencejobs", name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        meta = body.get("metadata") or {}
+        if (body.get("status") or {}) != dict(status) or meta.get("generation") != generation:
+            return None
+        return meta.get("resourceVersion")
+
     def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return json.loads(self.core.read_namespaced_pod(name, namespace, _preload_content=False).data)
