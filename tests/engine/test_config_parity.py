@@ -456,7 +456,9 @@ def test_sizes_count_what_the_store_holds(family, kw, legacy, tmp_path):
 
 
 RICH = [c for c in CASES if c.id in ("mistral-window-7", "qwen2-useTrue-mwl0-types", "smollm3-nope[0, 1, 0]-window8",
-                                     "opt-6-gelu-postLN-proj-noaffine-nofinal")]
+                                     "opt-6-gelu-postLN-proj-noaffine-nofinal", "gemma2-2-cap2.0-finalNone",
+                                     "gemma3-1-pattern3-rope-linear", "qwen3moe-1-e8-top3-normTrue",
+                                     "phi3-2-longropeTrue-window7")]
 KV_POLICIES = {
     "cpu-attention": dict(kv="cpu", cpu_attention=True),
     "x-cache": dict(kv="disk", x_cache_percent=100),
@@ -466,15 +468,16 @@ KV_POLICIES = {
 
 @pytest.mark.parametrize("family,kw,legacy", RICH)
 def test_kv_techniques_keep_the_options(family, kw, legacy, tmp_path):
-    """Sliding windows, no-RoPE layers, biases and post-LN hold through every KV path (CPU attention, X-cache
-    recompute, delayed write-back) and micro-batches: each prompt's greedy tokens are transformers' own."""
+    """Sliding windows, no-RoPE layers, biases, post-LN, soft caps, Gemma 3's local RoPE (recomputed by the X-cache),
+    routed experts and longrope hold through every KV path (CPU attention, X-cache recompute, delayed write-back)
+    and micro-batches: each prompt's greedy tokens are transformers' own."""
     model, hf_dir = _random_model(family, kw, tmp_path)
     convert(str(hf_dir), tmp_path / "store", dtype="float32")
     prompts = _prompts()
     with torch.no_grad():
         ref = [model.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, eos_token_id=None,
                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    assert len(RICH) == 4
+    assert len(RICH) == 8
     for name, kv in KV_POLICIES.items():
         engine = Engine(tmp_path / "store", policy=Policy(gpu_batch_size=2, num_gpu_batches=2, **kv),
                         job_dir=tmp_path / name)

@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-write-back", action="store_true", help="buffer new KV rows, write large chunks (kv disk)")
     p.add_argument("--x-cache", type=percent, help="percent of layers keeping X instead of K and V (INF² X-cache)")
     p.add_argument("--prefetch", type=int_range(1), default=2, help="stages read ahead of compute")
+    p.add_argument("--all-experts", action="store_true",
+                   help="MoE models: read every expert of a streamed layer (dense streaming), not only the routed ones")
     p.add_argument("--io-backend", default="auto", choices=["auto", "posix", "odirect", "kvikio"])
     p.add_argument("--io-threads", type=int_range(0), default=0, help="reader threads (default: the best the disk probe found)")
     p.add_argument("--task-mb", type=int_range(0), default=0, help="one read task in MiB (default: the best the probe found)")
@@ -170,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
         budget = Budget(args.gpu_memory or (gpu_total() if device.startswith("cuda") else 1 << 50),
                         args.cpu_memory or mem_available())
         base = make_policy(ceil, io_threads=args.io_threads, io_task_bytes=args.task_mb << 20, default_io_threads=8,
-                           prefetch=args.prefetch, io_backend=args.io_backend)
+                           prefetch=args.prefetch, io_backend=args.io_backend, all_experts=args.all_experts)
         itemsize = 4 if args.dtype == "float32" else 2
         if mode == "auto":
             if args.no_ceilings:

@@ -188,7 +188,7 @@ class WeightStreamer:
         self.reader_host.read_into(self.dir / name, start, host)
         buf = host.to(self.device) if self.cuda else host  # synchronous: the host buffer is dropped after
         if self.timings is not None:
-            self.timings.add("load_weight", time.perf_counter() - t0, bytes=end - start)
+            self.timings.add("load_expert", time.perf_counter() - t0, bytes=end - start)  # not a layer's read
         return self._typed(buf, {n: e for n, e in self.m.files[name].tensors.items() if expert_of(n) == j}, start)
 
     def _load_resident(self) -> None:
