@@ -174,6 +174,11 @@ def _sdpa(q, k, v, mask=None, causal=False, span: Span | None = None):
         scores = softcap(q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5), span.softcap) + mask  # [B, Nk, C, K]
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
     gqa = k.shape[1] != q.shape[1]
+    if not q.is_cuda and not gqa and isinstance(mask, torch.Tensor) and q.shape[-2] <= 64 and k.shape[-2] >= 4096:
+        # a decode step over a long host cache (CPU attention): scores as K @ q^T, so BLAS streams each K row once
+        # (q @ K^T with a few query rows ran at a third of the read bandwidth for GQA: bench/cpu_attention.py)
+        scores = (k @ q.transpose(-1, -2)).transpose(-1, -2) * (scale or q.shape[-1] ** -0.5) + mask
+        return torch.softmax(scores, dim=-1) @ v
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa, scale=scale)
     with sdpa_kernel(_CUDA_SDPA if isinstance(mask, torch.Tensor) else _CUDA_CAUSAL):  # flash first, maskless
