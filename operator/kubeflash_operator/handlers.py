@@ -254,6 +254,12 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     claims = () if steady and memo.config.backoff(1) > 0 else memo.book.claims(records)
     world = reconcile.World(now=now(), nodes=nodes, claims=claims, pods=pods, not_ready=unready)
     plan = reconcile.step(job, world, memo.config)
+    fresh = None
+    if plan.status and not job.status:  # kopf's finalizer patch (landed: the body shows it) moved a new job's
+        # version, and kopf's own view keeps the old one: read it (alongside the claim and the pod) for the patch
+        fresh = asyncio.ensure_future(asyncio.to_thread(memo.kube.unchanged_version, job.namespace, job.name,
+                                                        job.status, job.generation))
+        fresh.add_done_callback(lambda f: f.cancelled() or f.exception())  # an abandoned read never warns
     # From here on the plan is carried out; no other placement ran since `claims` was read (no await in between).
     if plan.claim and not await _record_claim(memo, plan.claim, flashnode_index):
         return TICK_S  # the pair went to someone else (a write we had not seen): the next tick decides again
@@ -264,10 +270,8 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     try:
         await asyncio.to_thread(_carry_out, plan, job, pods, memo)
         if plan.status:  # conditional: a decision made on a view older than the job's status now is void
-            if not job.status:  # kopf's finalizer patch (landed: the body shows it) moved a new job's version, and
-                # kopf's own view keeps the old one: same status and generation means the decision stands
-                version = await asyncio.to_thread(memo.kube.unchanged_version, job.namespace, job.name, job.status,
-                                                  job.generation) or version
+            if fresh is not None:  # same status and generation since this view: the decision stands
+                version = await fresh or version
             await asyncio.to_thread(memo.kube.patch_job_status, job.namespace, job.name, version, plan.status)
     except Conflict as e:
         memo.metrics.conflict("job" if "InferenceJob" in str(e) else "pod")
