@@ -196,7 +196,7 @@ def _live(status: kopf.Status, **_: Any) -> bool:
     """A job that still needs steps: not ended, or Succeeded while the agent reports its results refused
     (status.refused, relayed after the pod ended): one more step fails it (reconcile.step)."""
     phase = status.get("phase")
-    return phase not in TERMINAL or (phase == "Succeeded" and bool((status.get("refused") or {}).get("results.jsonl")))
+    return phase not in TERMINAL or (phase == "Succeeded" and any((status.get("refused") or {}).values()))
 
 
 @kopf.daemon(*JOBS, when=_live, cancellation_timeout=0.1, initial_delay=None)

@@ -322,16 +322,18 @@ def _create_pod(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World
     plan.events.append(Event("Normal", "PodCreated", message))
 
 
-RESULTS = "results.jsonl"
-
-
 def _refused_message(view: Mapping) -> str | None:
-    why = (view.get("refused") or {}).get(RESULTS)
-    return f"the node agent refused the job's {RESULTS}, so no result is exported: {why}" if why else None
+    """What the agent refused to read of the job's directory (status.refused: results.jsonl, progress.json, kv
+    replaced by a link, a FIFO, …), for a Failed job's message; None when nothing is refused."""
+    refused = {f: why for f, why in (view.get("refused") or {}).items() if why}
+    if not refused:
+        return None
+    return ("the node agent refused the job's " + ", ".join(sorted(refused)) + " (nothing is read through what the "
+            "pod planted, so its output is not trusted): " + "; ".join(refused[f] for f in sorted(refused)))
 
 
 def _results_refused(job: Job, world: World) -> Plan:
-    """A Succeeded job whose results the agent refused after the pod ended (a link or FIFO planted in place of
+    """A Succeeded job whose files the agent refused after the pod ended (a link or FIFO planted in place of
     results.jsonl, status.refused): Failed, so nobody takes the missing output for a result."""
     plan = Plan()
     message = _refused_message(job.status)

@@ -135,7 +135,7 @@ def test_pod_running_then_succeeded():
 
 
 def test_refused_results_fail_the_job_at_completion_or_after():
-    """status.refused naming results.jsonl (the agent found a link or FIFO there): the job ends Failed with
+    """status.refused naming a file of the job (the agent found a link or FIFO there): the job ends Failed with
     reason ResultsRefused and the agent's words, whether the agent said so before the pod ended or after."""
     why = "/var/lib/kubeflash/jobs/ns/j/results.jsonl: is a symlink; expected a regular file"
     job = apply(running(), {"refused": {"results.jsonl": why}})
@@ -148,8 +148,10 @@ def test_refused_results_fail_the_job_at_completion_or_after():
     assert step(done, world(holder()), CFG).status == {}  # nothing refused: stays Succeeded
     late = step(apply(done, {"refused": {"results.jsonl": why}}), world(holder()), CFG)
     assert late.status["phase"] == "Failed" and late.status["reason"] == "ResultsRefused"
-    other = apply(done, {"refused": {"progress.json": "is a FIFO; expected a regular file"}})
-    assert step(other, world(holder()), CFG).status == {}  # only the results decide the outcome
+    progress = step(apply(done, {"refused": {"progress.json": "is a FIFO; expected a regular file"}}), world(holder()), CFG)
+    assert progress.status["phase"] == "Failed" and "progress.json" in progress.status["message"]
+    cleared = apply(done, {"refused": {"progress.json": None}})
+    assert step(cleared, world(holder()), CFG).status == {}  # a refusal withdrawn (null) is no refusal
 
 
 def failed_pod(name, exit_code=1):
