@@ -210,3 +210,32 @@ def test_stale_calibration_is_refused(tmp_path, store_root, smol_store):
     assert ffn.target == 0.5 and len(ffn.thresholds) == 30
     out = Engine(_model(store_root), sparsity=ffn).generate([[1, 504, 3458]], GenParams(max_new_tokens=3))
     assert len(out[0].tokens) == 3
+
+
+def test_neuron_bundles_read_only_the_active_neurons(tmp_path, smol_store):
+    """Bundled up rows and down columns give the same FFN output as the stage file's matrices, and the reader
+    reads exactly one bundle (2H floats) per active neuron, in one read per run of consecutive neurons."""
+    from kubeflash_node.store.bundles import BundleReader, runs, write_bundles
+
+    model = _farm(smol_store, tmp_path / "m")
+    write_bundles(model)
+    e = Engine(model, policy=Policy(weights_gpu_percent=100))
+    c, w = e.config, e.streamer.get(3)
+    h = torch.randn(1, 1, c.hidden_size, generator=torch.Generator().manual_seed(2))
+    tau = [0.1] * c.num_layers
+    plain = sparse.SparseFFN(tau, num_layers=c.num_layers)
+    reader = BundleReader(model)
+    bundled = sparse.SparseFFN(tau, num_layers=c.num_layers, bundles=reader)
+    torch.testing.assert_close(bundled.ffn(c, w, h, 2), plain.ffn(c, w, h, 2), rtol=1e-4, atol=1e-4)
+    a = ACTIVATIONS[c.hidden_act](F.linear(h, w["w_gate"]))[0, 0]
+    active = (a.abs() > 0.1).nonzero().squeeze(1).tolist()
+    rows = torch.from_numpy(BundleReader(model).read(2, active))  # the same numbers as the stage file's, exactly
+    ix = torch.tensor(active)
+    assert torch.equal(rows[:, :c.hidden_size], w["w_up"][ix]) and torch.equal(rows[:, c.hidden_size:].T, w["w_down"][:, ix])
+    assert 0 < len(active) < c.intermediate_size
+    assert reader.bytes_read == len(active) * 2 * c.hidden_size * 4 and reader.reads == len(runs(active))
+    assert bundled.reads.summary()["decode"]["runs_per_layer_call"] == reader.reads
+    m = json.loads((model / "manifest.json").read_text())
+    (model / "manifest.json").write_text(json.dumps(m | {"source": "changed"}))
+    with pytest.raises(Exception, match="stale"):
+        BundleReader(model)

@@ -57,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "CPU runs use the float32 entry)")
     p.add_argument("--store", type=Path, help="local model store root (default: $KUBEFLASH_HOME or "
                                               "~/.cache/kubeflash)")
+    p.add_argument("--bundle", action="store_true",
+                   help="also write neuron-bundled FFN files (ffn_bundles/: each neuron's up row and down column "
+                        "side by side, 2/3 of the FFN bytes again), which bench/sparsity_accuracy.py reads; "
+                        "kubeflash run does not read them yet")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -97,8 +101,13 @@ def calibrate_cli(args: argparse.Namespace) -> Path:
     if len(ids) < MIN_TOKENS:
         raise ValueError(f"--text {args.text}: {len(ids)} tokens, calibration needs at least {MIN_TOKENS} "
                          "(a few pages of ordinary prose)")
-    return calibrate(model_dir, ids, args.sparsity, device=device, window=args.window, progress=not args.quiet,
+    path = calibrate(model_dir, ids, args.sparsity, device=device, window=args.window, progress=not args.quiet,
                      text_sha256=_sha256(args.text))
+    if args.bundle:
+        from ..store.bundles import write_bundles
+
+        print(f"neuron bundles: {write_bundles(model_dir)}")
+    return path
 
 
 def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, device: str = "cpu",

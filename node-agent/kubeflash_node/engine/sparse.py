@@ -41,6 +41,7 @@ class FFNReads:
     dense_bytes: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     read_bytes: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     runs: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})  # reads of a neuron-bundled layout
+    bundle_bytes: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})  # read from bundle files
     neurons: int = 0  # neuron-token pairs seen
     inactive: int = 0  # ... of which dropped
 
@@ -63,6 +64,8 @@ class FFNReads:
                           "ffn_bytes_per_token_sparse": self.read_bytes[p] / self.tokens[p],
                           "ffn_read_fraction": round(self.read_bytes[p] / self.dense_bytes[p], 4),
                           "runs_per_layer_call": round(self.runs[p] / self.steps[p], 1)}
+                if self.bundle_bytes[p]:  # measured: what the bundle reader's preadv calls returned
+                    out[p]["bundle_bytes_per_token"] = self.bundle_bytes[p] / self.tokens[p]
         return out
 
 
@@ -70,8 +73,9 @@ class SparseFFN:
     """The sparse FFN of one model: per-layer thresholds (None: record activations for calibration instead)."""
 
     def __init__(self, thresholds: Sequence[float] | None, *, num_layers: int, target: float | None = None,
-                 source: str = "calibrated"):
+                 source: str = "calibrated", bundles=None):
         self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
+        self.bundles = bundles  # store.bundles.BundleReader: up rows / down columns read from the bundle files
         self.target, self.source = target, source  # source: calibrated | relu (OPT's own zeros) | record
         self.reads = FFNReads()
         self.samples: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
@@ -89,7 +93,10 @@ class SparseFFN:
         return sparse_layer
 
     def describe(self) -> dict:
-        return {"target": self.target, "source": self.source, **self.reads.summary()}
+        out = {"target": self.target, "source": self.source, **self.reads.summary()}
+        if self.bundles is not None:
+            out["bundle_bytes_read"], out["bundle_reads"] = self.bundles.bytes_read, self.bundles.reads
+        return out
 
     def _for_layer(self, j: int) -> Callable:
         def ffn(c: ModelConfig, w: dict, h: torch.Tensor) -> torch.Tensor:
@@ -108,13 +115,23 @@ class SparseFFN:
             keep = a.abs() > self.thresholds[layer]  # [B, S, I]
         active = keep.reshape(-1, keep.shape[-1]).any(0).nonzero().squeeze(1)  # [A] union over the step's tokens
         a = a.index_select(-1, active).masked_fill_(~keep.index_select(-1, active), 0)  # [B, S, A]
+        up, down = self._gather(w, llama, layer, active, h)
         if llama:
-            a = a.mul_(F.linear(h, w["w_up"].index_select(0, active), _rows(w.get("b_up"), active)))
-            down, down_b = w["w_down"], w.get("b_down")
-        else:
-            down, down_b = w["fc2_w"], w.get("fc2_b")
+            a = a.mul_(F.linear(h, up, _rows(w.get("b_up"), active)))
         self._count(w, llama, h, keep, active)
-        return F.linear(a, down.index_select(1, active), down_b)
+        return F.linear(a, down, w.get("b_down" if llama else "fc2_b"))
+
+    def _gather(self, w: dict, llama: bool, layer: int, active: torch.Tensor, h: torch.Tensor):
+        """(up rows [A, H] or None for OPT, down columns [H, A]) of the active neurons: from the layer's weights,
+        or read from the neuron bundles."""
+        if self.bundles is None:
+            down = (w["w_down"] if llama else w["fc2_w"]).index_select(1, active)
+            return (w["w_up"].index_select(0, active) if llama else None), down
+        before = self.bundles.bytes_read
+        rows = torch.from_numpy(self.bundles.read(layer, active.tolist())).to(h.device, h.dtype)  # [A, 2H] | [A, H]
+        self.reads.bundle_bytes["decode" if h.shape[1] == 1 else "prefill"] += self.bundles.bytes_read - before
+        hidden = h.shape[-1]
+        return (rows[:, :hidden], rows[:, hidden:].T) if llama else (None, rows.T)
 
     def _count(self, w: dict, llama: bool, h: torch.Tensor, keep: torch.Tensor, active: torch.Tensor) -> None:
         """Matrix bytes of this call: dense reads every matrix; sparse the gate (fc1) matrix, which decides, and an

@@ -1,0 +1,146 @@
+"""Accuracy and FFN bytes of activation sparsity on SmolLM2-135M-Instruct (real weights, float32, CPU).
+
+    .venv/bin/python bench/sparsity_accuracy.py [--work /tmp/kubeflash-sparsity] [--json FILE]
+
+Calibrates (as `kubeflash calibrate` does) on the first --cal-tokens tokens of tests/data/GPL-3.txt, then per
+target sparsity measures on held-out tokens of the same text (from --eval-start on, windows of 512 tokens):
+perplexity, top-1 agreement with dense (teacher forced), the share of neuron activations actually dropped, and
+greedy continuations of chat prompts against dense (mean matching prefix, and all tokens equal). Bytes: the FFN
+matrix bytes a decode step at batch 1 needs (gate whole + an up row and a down column per active neuron) over
+what dense reads, counted by engine/sparse.py's FFNReads during the greedy runs; the same measured: the gate
+plus the bytes the neuron-bundle reader's preadv calls returned (store/bundles.py, one read per run of
+consecutive active neurons, "reads / layer"); and the whole model's layer bytes (attention and norms in full).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from kubeflash_node.engine import sparse
+from kubeflash_node.engine.cli_calibrate import calibrate
+from kubeflash_node.engine.generate import Engine, GenParams
+from kubeflash_node.engine.policy import Policy
+from kubeflash_node.store import sparsity as cal
+from kubeflash_node.store.bundles import BundleReader, write_bundles
+from kubeflash_node.store.convert import convert
+from kubeflash_node.store.format import load_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT / "tests" / "data" / "GPL-3.txt"
+TARGETS = (0.0, 0.25, 0.4, 0.5, 0.6)
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea and the moon in autumn, please.",
+    "Name three primary colors.",
+    "Explain in one sentence why the sky is blue.",
+    "Give me a short tip for learning to cook.",
+    "What does a compiler do?",
+]
+
+
+def greedy(store: Path, prompts, new: int, ffn) -> list[list[int]]:
+    e = Engine(store, policy=Policy(weights_gpu_percent=100, gpu_batch_size=1), sparsity=ffn)
+    try:
+        return [c.tokens for c in e.generate(prompts, GenParams(max_new_tokens=new))]
+    finally:
+        e.close()
+
+
+def prefix_match(a: list[int], b: list[int]) -> float:
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return n / max(len(a), 1)
+
+
+def layer_bytes(store: Path) -> tuple[int, int]:
+    """(bytes of one decoder layer's stage file, of which the three FFN matrices)."""
+    m = load_manifest(store)
+    f = m.files[[s for s in m.stages if s.startswith("layer_")][0]]
+    ffn = sum(e.nbytes for n, e in f.tensors.items() if n in ("w_gate", "w_up", "w_down"))
+    return f.size, ffn
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/kubeflash-sparsity"))
+    ap.add_argument("--cal-tokens", type=int, default=2048)
+    ap.add_argument("--eval-start", type=int, default=4096)
+    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--new", type=int, default=32, help="greedy tokens per chat prompt")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    store = args.work / "smollm2-float32"
+    if not store.exists():
+        convert("builtin:smollm2-135m", store, dtype="float32")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(store / "tokenizer"))
+    ids = tok(TEXT.read_text())["input_ids"]
+    cal_ids, eval_ids = ids[:args.cal_tokens], ids[args.eval_start:args.eval_start + args.eval_tokens]
+    chats = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True, add_generation_prompt=True,
+                                     return_dict=True)["input_ids"] for q in PROMPTS]
+    t0 = time.perf_counter()
+    calibrate(store, cal_ids, TARGETS, window=512)
+    write_bundles(store)
+    print(f"calibrated on {len(cal_ids)} tokens in {time.perf_counter() - t0:.0f} s; evaluating on "
+          f"{len(eval_ids)} tokens (tokens {args.eval_start}..), {len(PROMPTS)} prompts x {args.new} greedy tokens",
+          file=sys.stderr)
+    n_layers = load_manifest(store).num_layers
+    resident = Policy(weights_gpu_percent=100)
+    e = Engine(store, policy=resident)
+    dense_ppl, dense_top = sparse.perplexity(e, eval_ids)
+    e.close()
+    dense_out = greedy(store, chats, args.new, None)
+    layer, ffn_bytes = layer_bytes(store)
+    rows = [{"sparsity": "off (dense)", "ppl": dense_ppl, "ppl_increase_pct": 0.0, "top1_agreement": 1.0,
+             "token_sparsity": 0.0, "greedy_prefix": 1.0, "greedy_identical": len(chats), "ffn_read_fraction": 1.0,
+             "ffn_read_fraction_measured": 1.0, "layer_read_fraction": 1.0, "runs_per_layer_call": 1}]
+    for target in TARGETS:
+        th = cal.thresholds_for(store, target, num_layers=n_layers, field="target")
+        ffn = sparse.SparseFFN(th, num_layers=n_layers, target=target)
+        e = Engine(store, policy=resident, sparsity=ffn)
+        ppl, top = sparse.perplexity(e, eval_ids)
+        e.close()
+        tf_sparsity = ffn.reads.summary()["token_sparsity"]
+        reader = BundleReader(store)
+        dec = sparse.SparseFFN(th, num_layers=n_layers, target=target, bundles=reader)
+        out = greedy(store, chats, args.new, dec)
+        reader.close()
+        d = dec.reads.summary()["decode"]
+        frac = d["ffn_read_fraction"]
+        gate = d["ffn_bytes_per_token_dense"] / 3  # SwiGLU: gate [I, H], up [I, H], down [H, I], the same size
+        measured = (gate + d["bundle_bytes_per_token"]) / d["ffn_bytes_per_token_dense"]
+        rows.append({"sparsity": target, "ppl": ppl, "ppl_increase_pct": 100 * (ppl / dense_ppl - 1),
+                     "top1_agreement": float((top == dense_top).float().mean()), "token_sparsity": tf_sparsity,
+                     "greedy_prefix": sum(prefix_match(d, s) for d, s in zip(dense_out, out)) / len(chats),
+                     "greedy_identical": sum(d == s for d, s in zip(dense_out, out)), "ffn_read_fraction": frac,
+                     "layer_read_fraction": (layer - ffn_bytes * (1 - frac)) / layer,
+                     "runs_per_layer_call": d["runs_per_layer_call"], "ffn_read_fraction_measured": measured,
+                     "bundle_bytes_per_token": d["bundle_bytes_per_token"]})
+        print(f"  target {target}: done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print(table(rows, len(chats), args.new))
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "eval_tokens": len(eval_ids), "cal_tokens": len(cal_ids),
+                                         "layer_bytes": layer, "ffn_bytes": ffn_bytes}, indent=1))
+    return 0
+
+
+def table(rows, n_prompts: int, new: int) -> str:
+    head = ("| target | perplexity | vs dense | top-1 = dense | dropped activations | greedy prefix = dense | "
+            f"greedy identical (of {n_prompts} x {new}) | FFN bytes / token (counted) | FFN bytes / token (read "
+            "from bundles) | reads / layer | layer bytes / token |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        t = r["sparsity"] if isinstance(r["sparsity"], str) else f"{r['sparsity']:.2f}"
+        lines.append(f"| {t} | {r['ppl']:.3f} | {r['ppl_increase_pct']:+.2f}% | {100 * r['top1_agreement']:.1f}% | "
+                     f"{100 * r['token_sparsity']:.1f}% | {100 * r['greedy_prefix']:.1f}% | {r['greedy_identical']} | "
+                     f"{100 * r['ffn_read_fraction']:.1f}% | {100 * r['ffn_read_fraction_measured']:.1f}% | "
+                     f"{r['runs_per_layer_call']} | {100 * r['layer_read_fraction']:.1f}% |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Neuron-bundled FFN files (LLM in a flash's row-column bundling): the bytes one active neuron needs, together.
+
+A sparse FFN decides which neurons are active from the gate (fc1) matrix, read whole, and then needs, per active
+neuron i, row i of the up matrix and column i of the down matrix (OPT: column i of fc2). In the stage file those
+are H scattered runs each; here they sit side by side, one neuron after the other
+(`ffn_bundles/layer_NNN.bin`: [I, 2H] for the Llama family, [I, H] for OPT, the store's dtype), so the active
+set of a step is one read per run of consecutive active neurons. `BundleReader` does exactly those reads
+(os.preadv) and counts their bytes. Written crash-safely next to the model's stage files; the index names the
+manifest it was cut from, so bundles of an older model are refused. Knows nothing of torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .format import StoreError, atomic_write_json, fsync_dir, load_manifest, tensor_view
+from .sparsity import manifest_sha256
+
+DIR = "ffn_bundles"
+INDEX = "index.json"
+FORMAT = "kubeflash-ffn-bundles/1"
+
+
+def _parts(tensors) -> tuple[str, ...]:
+    return ("w_up", "w_down") if "w_up" in tensors else ("fc2_w",)
+
+
+def write_bundles(model_dir: Path) -> Path:
+    """Cut every decoder layer's up rows and down columns into neuron bundles under `<model_dir>/ffn_bundles`."""
+    model_dir = Path(model_dir)
+    m = load_manifest(model_dir)
+    if m.extra.get("quant"):
+        raise StoreError(f"{model_dir}: quantized matrices are not bundled (bundle a float16/bfloat16/float32 store)")
+    out = model_dir / DIR
+    out.mkdir(exist_ok=True)
+    layers = [s for s in m.stages if s.startswith("layer_")]
+    for j, stage in enumerate(layers):
+        f = m.files[stage]
+        buf = np.memmap(model_dir / stage, dtype=np.uint8, mode="r")
+        mats = [tensor_view(buf, f.tensors[n]) for n in _parts(f.tensors)]
+        cols = [mats[0], mats[1].T] if len(mats) == 2 else [mats[0].T]  # [I, H] each: up rows, down columns
+        bundle = np.ascontiguousarray(np.concatenate(cols, axis=1))  # [I, 2H] (OPT: [I, H])
+        tmp = out / f".layer_{j:03d}.bin.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(bundle.tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out / f"layer_{j:03d}.bin")
+    atomic_write_json(out / INDEX, {"format": FORMAT, "manifest_sha256": manifest_sha256(model_dir),
+                                    "layers": len(layers), "neurons": int(bundle.shape[0]),
+                                    "row_elems": int(bundle.shape[1]), "dtype": str(bundle.dtype)})
+    fsync_dir(out)
+    return out
+
+
+class BundleReader:
+    """Reads the bundles of a set of active neurons, one preadv per run of consecutive ones, and counts them."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir) / DIR
+        try:
+            idx = json.loads((self.dir / INDEX).read_text())
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{self.dir / INDEX}: no readable neuron bundles ({e}); write them with "
+                             f"`kubeflash calibrate {model_dir} --text FILE --bundle`") from e
+        if idx.get("format") != FORMAT or idx.get("manifest_sha256") != manifest_sha256(model_dir):
+            raise StoreError(f"{self.dir}: bundles of another version of this model (stale); write them again")
+        self.neurons, self.row_elems, self.dtype = idx["neurons"], idx["row_elems"], np.dtype(idx["dtype"])
+        self.row_bytes = self.row_elems * self.dtype.itemsize
+        self.fds = [os.open(self.dir / f"layer_{j:03d}.bin", os.O_RDONLY | os.O_CLOEXEC) for j in range(idx["layers"])]
+        self.bytes_read, self.reads = 0, 0
+
+    def read(self, layer: int, active: list[int]) -> np.ndarray:
+        """[len(active), row_elems] bundles of the sorted neuron ids `active`."""
+        out = np.empty((len(active), self.row_elems), dtype=self.dtype)
+        raw = out.view(np.uint8).reshape(len(active), self.row_bytes)
+        k = 0
+        for start, n in runs(active):
+            got = os.preadv(self.fds[layer], [raw[k:k + n]], start * self.row_bytes)
+            if got != n * self.row_bytes:
+                raise StoreError(f"{self.dir}/layer_{layer:03d}.bin: short read ({got} of {n * self.row_bytes} bytes)")
+            k += n
+            self.bytes_read += got
+            self.reads += 1
+        return out
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def runs(ids: list[int]) -> list[tuple[int, int]]:
+    """(first id, length) of each run of consecutive ids in the sorted list `ids`."""
+    out: list[tuple[int, int]] = []
+    for i in ids:
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out
