@@ -39,7 +39,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if name == only:  # its --help shows the module's own account of what it does (env, files, defaults)
             mod = importlib.import_module(module)
             mod.add_arguments(p)
-            p.formatter_class, p.description = argparse.RawDescriptionHelpFormatter, mod.__doc__ or help_text
+            if p.description == help_text:  # unless add_arguments wrote its own
+                p.formatter_class, p.description = argparse.RawDescriptionHelpFormatter, mod.__doc__ or help_text
             parser.set_defaults(_subparser=p)
     return parser
 

@@ -1,11 +1,20 @@
-"""`kubeflash operator`: run the kopf operator in-process (standalone by default; kopf imported lazily)."""
+"""`kubeflash operator`: the kopf operator that places InferenceJobs on GPU<->SSD pairs and runs their pods.
+
+Standalone by default (one replica); --leader-elect lets several replicas run, only the holder of the Lease acting.
+In a pod it uses its service account, elsewhere --kubeconfig, $KUBECONFIG or ~/.kube/config. Tuning knobs are
+environment variables KUBEFLASH_OPERATOR_<FIELD> (ENGINE_IMAGE, ENGINE_DEVICE, HEARTBEAT_TIMEOUT_S,
+BACKOFF_BASE_S, BACKOFF_CAP_S, UNSCHEDULABLE_TIMEOUT_S, IMAGE_PULL_TIMEOUT_S, ...; docs/operator.md).
+"""
+# kopf and the kubernetes client are imported only in main(), so --help and a bad flag need neither.
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import replace
 
+from kubeflash_operator.builder import DEFAULT_IMAGE
 from kubeflash_operator.config import OperatorConfig
 
 
@@ -14,13 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scope.add_argument("-n", "--namespace", action="append", dest="namespaces", metavar="NS",
                        help="serve InferenceJobs in this namespace (repeatable; globs allowed)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="serve every namespace (default)")
-    parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port; 0 turns it off")
-    parser.add_argument("--liveness-port", type=int, default=8080, help="/healthz port; 0 turns it off")
-    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG)")
+    parser.add_argument("--metrics-port", type=_port, default=9090,
+                        help="Prometheus /metrics port; 0 turns it off (default: %(default)s)")
+    parser.add_argument("--liveness-port", type=_port, default=8080,
+                        help="/healthz port; 0 turns it off (default: %(default)s)")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, else $KUBECONFIG or "
+                                             "~/.kube/config)")
     parser.add_argument("--engine-image", help="image of the inference pods (default: $KUBEFLASH_OPERATOR_ENGINE_IMAGE "
-                                               "or the release image)")
+                                               f"or {DEFAULT_IMAGE})")
     parser.add_argument("--engine-device",
-                        help="KUBEFLASH_DEVICE of the inference pods: auto, cpu or cuda (default: "
+                        help="KUBEFLASH_DEVICE of the inference pods: auto, cpu, cuda or cuda:N (default: "
                              "$KUBEFLASH_OPERATOR_ENGINE_DEVICE or auto; kind uses cpu)")
     parser.add_argument("--peering", action="store_true",
                         help="coordinate with other operator replicas through kopf peering (needs its CRDs)")
@@ -32,19 +44,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _port(text: str) -> int:
+    """A TCP port, 0..65535 (0: off)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in 0..65535 (0: off), got {text!r}")
+    return n
+
+
 def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     cfg = replace(OperatorConfig.from_env(), metrics_port=args.metrics_port, liveness_port=args.liveness_port)
     if args.engine_image:
         cfg = replace(cfg, engine_image=args.engine_image)
     if args.engine_device:
-        cfg = replace(cfg, engine_device=args.engine_device)
+        try:
+            cfg = replace(cfg, engine_device=args.engine_device)
+        except ValueError as e:
+            raise ValueError(f"--engine-device: {e}") from None
     return cfg
 
 
 def main(args: argparse.Namespace) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # read by kopf's login and by the kubernetes client
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:  # a bad --engine-device or KUBEFLASH_OPERATOR_* value, named by the config
+        print(f"kubeflash operator: error: {e}", file=sys.stderr)
+        return 2
 
     import kopf
 

@@ -156,6 +156,10 @@ BAD_FLAGS = [
     ("plan", [EXAMPLE, "--step", "0"], "argument --step: must be an integer in 1..100, got '0'"),
     ("plan", [EXAMPLE, "--prompt-len", "-3"], "argument --prompt-len: must be an integer >= 0, got '-3'"),
     ("plan", [EXAMPLE, "--cpu-memory", "0"], "argument --cpu-memory: must be a size above 0, got '0'"),
+    ("run", [EXAMPLE, "--gpu-memory", "12XB"], "argument --gpu-memory: '12XB' is not a size; expected something"),
+    ("run", [EXAMPLE, "--cpu-memory", "0"], "argument --cpu-memory: must be a size above 0, got '0'"),
+    ("operator", ["--metrics-port", "70000"], "argument --metrics-port: must be a port in 0..65535 (0: off), got"),
+    ("operator", ["--liveness-port", "http"], "argument --liveness-port: must be a port in 0..65535 (0: off), got"),
 ]
 
 
@@ -171,7 +175,83 @@ def test_bad_numbers_are_refused_by_argparse_in_under_a_second(tmp_path, command
     assert elapsed < 1.0, f"{elapsed:.2f} s"
 
 
+# ------------------------------------------------------------------------------------------- run: paths, model
+
+
+def _paths_case(tmp_path: Path, case: str) -> tuple[list, str]:
+    """(extra run arguments, the start of the one-line error) for a path a newcomer might get wrong."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory\n")
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    return {
+        "job-dir-is-a-file": (["--job-dir", afile], f"--job-dir {afile}: {afile} is a file; expected a directory"),
+        "job-dir-under-a-file": (["--job-dir", afile / "job"], f"--job-dir {afile / 'job'}: cannot create"),
+        "output-is-a-directory": (["--output", outdir], f"--output {outdir}: is a directory; expected the path of a"),
+        "output-under-a-file": (["--output", afile / "r.jsonl"], f"--output {afile / 'r.jsonl'}: {afile} is a file"),
+        "store-under-a-file": (["--store", afile / "s"], f"--store {afile / 's'}: cannot create"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["job-dir-is-a-file", "job-dir-under-a-file", "output-is-a-directory",
+                                  "output-under-a-file", "store-under-a-file"])
+def test_run_names_a_path_it_cannot_write_before_converting(tmp_path, case):
+    """A job directory, results file or store that cannot be written is one line naming the flag and what was
+    expected, exit 1, and nothing converted (these used to be bare '[Errno 2] ...' lines naming no flag)."""
+    extra, message = _paths_case(tmp_path, case)
+    proc = kubeflash("run", EXAMPLE, "--device", "cpu", "--quiet", *extra, tmp_path=tmp_path)
+    assert_clean_error(proc)
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"kubeflash run: error: {message}"), line
+    assert not (tmp_path / "home" / "models").exists()  # refused before the model was converted
+
+
+BAD_URIS = [("dummy:llama-9", "unknown dummy preset 'llama-9'; expected one of: smollm2-135m"),
+            ("/nonexistent/model", "/nonexistent/model: no such file or directory (expected builtin:"),
+            ("builtin:smollm2-1b", "builtin model 'smollm2-1b' is unknown; expected builtin:smollm2-135m")]
+
+
+def _job_with_uri(tmp_path: Path, uri: str) -> Path:
+    job = tmp_path / "job.yaml"
+    job.write_text(EXAMPLE.read_text().replace("builtin:smollm2-135m", uri))
+    assert uri in job.read_text()
+    return job
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+@pytest.mark.parametrize("uri, message", BAD_URIS, ids=["preset", "path", "builtin"])
+def test_a_model_that_does_not_exist_names_spec_model_uri(tmp_path, command, uri, message):
+    """A model URI that names nothing is one line starting with the field, exit 1, nothing left in the store."""
+    extra = ["--device", "cpu", "--quiet"] if command == "run" else ["--ceilings", CEILINGS]
+    proc = kubeflash(command, _job_with_uri(tmp_path, uri), *extra, tmp_path=tmp_path)
+    assert_clean_error(proc)
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"kubeflash {command}: error: spec.model.uri: {message}"), line
+    assert not list((tmp_path / "home").glob("models/*/manifest.json"))
+
+
 # ------------------------------------------------------------------------------------------- plan
+
+
+@pytest.mark.parametrize("case", ["ceilings-missing", "ceilings-directory", "json-directory", "json-no-folder"])
+def test_plan_names_a_file_it_cannot_read_or_write(tmp_path, case):
+    """--ceilings that is not a file and --json that cannot be written: one line naming the flag, exit 1 (a --json
+    in a missing folder used to end in a traceback after the plan was printed)."""
+    args, message = {
+        "ceilings-missing": (["--ceilings", tmp_path / "nope.json"],
+                             f"--ceilings {tmp_path / 'nope.json'}: no such file; expected a ceilings JSON file"),
+        "ceilings-directory": (["--ceilings", tmp_path], f"--ceilings {tmp_path}: is a directory; expected"),
+        "json-directory": (["--ceilings", CEILINGS, "--json", tmp_path],
+                           f"--json {tmp_path}: is a directory; expected the path of a JSON file"),
+        "json-no-folder": (["--ceilings", CEILINGS, "--json", tmp_path / "no" / "plan.json"],
+                           f"--json {tmp_path / 'no' / 'plan.json'}: {tmp_path / 'no'} is not a writable directory"),
+    }[case]
+    proc = kubeflash("plan", EXAMPLE, *args, tmp_path=tmp_path)
+    assert_clean_error(proc)
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"kubeflash plan: error: {message}"), line
+    assert proc.stdout == ""  # refused before anything was planned or printed
+
 
 no_gpu = pytest.mark.skipif("_cuda()", reason="checks what happens on a machine without a GPU")
 

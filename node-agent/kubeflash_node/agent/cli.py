@@ -1,7 +1,14 @@
-"""`kubeflash agent`: flags, the config built once, and the process around the Agent (signals, API, exit).
+"""`kubeflash agent`: the node agent, one per GPU/SSD node (the chart's DaemonSet).
 
-Nothing heavy is imported at module level; the kubernetes client is imported only in cluster mode.
+It pairs every GPU with its closest store SSD, probes their bandwidths, stages the models FlashNode.spec.models
+asks for, prepares each placed job's space, relays the engine's progress into InferenceJob.status and publishes
+it all in the node's FlashNode. Flags override the config file (docs/agent.md lists its keys). Without a cluster
+(--no-kube) wanted models and jobs come from the config file and the local API. Exit codes: 0 ok, 1 cannot start
+(another agent holds the lock), 2 config error (the message names the field), 3 --once ended with a model not
+Ready.
 """
+# Flags, the config built once, and the process around the Agent (signals, API, exit). Nothing heavy is
+# imported at module level; the kubernetes client is imported only in cluster mode.
 
 from __future__ import annotations
 
@@ -24,14 +31,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kubeconfig", help="kubeconfig path (default: in-cluster, else $KUBECONFIG / ~/.kube/config)")
     p.add_argument("--listen", help="local API address: 127.0.0.1:PORT, unix:/path or none (default 127.0.0.1:9477)")
     p.add_argument("--interval", type=float, help="seconds between reconcile passes (default 10)")
-    p.add_argument("--state-dir", help="where the lock, probe cache and status.json live (default: first disk)")
+    p.add_argument("--state-dir", help="where the lock, probe cache and status.json live (default: the first "
+                                        "disk's path)")
     p.add_argument("--sysfs-root", help="sysfs mount (default /sys; tests use fake trees)")
     p.add_argument("--no-probe", dest="probe", action="store_false", default=None, help="skip bandwidth probes")
     p.add_argument("--reprobe", action="store_true", default=None, help="ignore cached probe results")
     p.add_argument("--once", action="store_true", default=None,
                    help="one reconcile pass, wait for staging to finish, then exit (3 if a model is not Ready)")
-    p.add_argument("--log-format", choices=["json", "text"])
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", choices=["json", "text"],
+                   help="logs on stderr: one JSON object a line, or text (default: json)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(default: INFO)")
 
 
 def build_config(args: argparse.Namespace):

@@ -17,7 +17,9 @@ DEFAULT_REGISTRY = "/var/lib/kubelet/plugins_registry"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("CSI node plugin of driver kubeflash.io. Volumes are CSI inline (ephemeral) volumes with "
+    p.description = ("CSI node plugin of driver kubeflash.io: serves Identity and Node on a unix socket and "
+                     "registers itself with the kubelet (a privileged container of the agent DaemonSet). "
+                     "Volumes are CSI inline (ephemeral) volumes with "
                      "attribute kubeflash.io/model-id (read-only bind of a staged model), kubeflash.io/kv-size "
                      "(a sized, loop-mounted ext4 KV space), kubeflash.io/job (the job's directory) or "
                      "kubeflash.io/kv-cache (the node's prefix KV cache of a model, in the pod's namespace). "
@@ -41,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="owner of a new KV volume's root directory, the engine's user (default: %(default)s)")
     p.add_argument("--kv-reserve", default="0", metavar="SIZE",
                    help="space on each disk that KV volumes never take, e.g. 10Gi (default: %(default)s)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="(default: %(default)s)")
 
 
 def _socket_path(endpoint: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         spec = load_job(args.manifest)
+        _check_json_path(args.json)
         ceil, assumed = _ceilings(args)
         config, sizes, itemsize, size_note, tokenizer = _model(spec, args.store)
         job = _job(spec, tokenizer, args.prompt_len)
@@ -78,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
         print("\n".join(explicit))
         if plan is None:
             if args.json:
-                args.json.write_text(json.dumps({"explicit": explicit}, indent=1))
+                _write_json(args.json, {"explicit": explicit})
             return 0
         print(f"\npolicy auto instead ({plan.fitting} of {plan.considered} candidate policies fit):")
     else:
@@ -93,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
         print("           why: " + r.why())
     print("\nto pin it, in the job's spec:\n" + _offload_yaml(plan.best))
     if args.json:
-        args.json.write_text(json.dumps(_to_json(plan, job, budget), indent=1))
+        _write_json(args.json, _to_json(plan, job, budget))
     return 0
 
 
@@ -101,6 +103,28 @@ def main(args: argparse.Namespace) -> int:
 
 
 _HOW = "kubeflash bench --ceilings-only --json FILE on the GPU machine writes them"
+
+
+def _check_json_path(path: Path | None) -> None:
+    """--json FILE is refused before any work when it could not be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"--json {path}: is a directory; expected the path of a JSON file to write")
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--json {path}: {folder} is not a writable directory; expected the path of a JSON "
+                         "file in one")
+
+
+def _write_json(path: Path, obj) -> None:
+    """Crash-safe: a temporary file beside it, fsynced, renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _explicit(spec, job, config, ceil, budget, sizes, itemsize) -> list[str]:
@@ -135,6 +159,9 @@ def _ceilings(args):
 
     saved = (args.store or DEFAULT_ROOT) / "ceilings.json"
     if args.ceilings:
+        if not args.ceilings.is_file():
+            raise ValueError(f"--ceilings {args.ceilings}: " + ("is a directory" if args.ceilings.is_dir() else
+                             "no such file") + f"; expected a ceilings JSON file ({_HOW})")
         ceil, source = Ceilings.load(args.ceilings), f"--ceilings {args.ceilings}"
     elif args.measure:
         import torch
@@ -168,12 +195,32 @@ def _gpu_or_assumed(assumed: list[str]) -> int:
         return 80 << 30
 
 
+def _source_config(uri: str):
+    """The model config of spec.model.uri read from its source; a source that cannot be read names the field."""
+    from ..store.format import StoreError
+    from ..store.modelconfig import preset
+
+    try:
+        if uri.startswith("dummy:"):
+            return preset(uri.split(":", 1)[1])
+        if uri == "builtin:smollm2-135m":
+            return preset("smollm2-135m")
+        from ..store.convert import open_source
+        from ..store.uris import check_scheme
+
+        return open_source(check_scheme(uri)).config
+    except (StoreError, ValueError) as e:
+        if str(e).startswith("spec.model"):
+            raise
+        raise ValueError(f"spec.model.uri: {e}") from None
+
+
 def _model(spec, store: Path | None):
     """(config, {quantization: (stored, dense)}, compute itemsize, where the sizes come from, tokenizer dir)."""
     from ..store.cache import DEFAULT_ROOT
     from ..store.format import StoreError, load_manifest
     from ..store.ids import model_id
-    from ..store.modelconfig import ModelConfig, preset
+    from ..store.modelconfig import ModelConfig
     from .costmodel import stage_sizes
 
     m = spec.model
@@ -186,15 +233,8 @@ def _model(spec, store: Path | None):
     if manifest:
         config = ModelConfig.from_dict(manifest.config)
         have = manifest.stage_bytes
-    elif m.uri.startswith("dummy:"):
-        config, have = preset(m.uri.split(":", 1)[1]), None
-    elif m.uri == "builtin:smollm2-135m":
-        config, have = preset("smollm2-135m"), None
     else:
-        from ..store.convert import open_source
-        from ..store.uris import check_scheme
-
-        config, have = open_source(check_scheme(m.uri)).config, None
+        config, have = _source_config(m.uri), None
     sizes = {q: stage_sizes(config, itemsize, q) for q in ("none", "int8", "int4")}
     if have:  # measured sizes for the stored quantization, scaled by the estimates for the others
         base = sizes[m.quantization][0]

@@ -20,8 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=os.environ.get("KUBEFLASH_DEVICE", "auto"),
                    help="auto, cpu, cuda or cuda:N (default: $KUBEFLASH_DEVICE or auto)")
     p.add_argument("--output-dir", type=Path, default=os.environ.get("KUBEFLASH_OUTPUT_DIR"),
-                   help="the output claim's root: results are copied to spec.output.path in it (default "
-                        "<job>.results.jsonl) when done (default: $KUBEFLASH_OUTPUT_DIR)")
+                   help="the output claim's root: when the job is done its results are copied there, to "
+                        "spec.output.path (default <job>.results.jsonl). Default: $KUBEFLASH_OUTPUT_DIR; "
+                        "unset: no copy, results stay in $KUBEFLASH_JOB_DIR")
 
 
 def _env(name: str) -> str:

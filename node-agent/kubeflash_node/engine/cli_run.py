@@ -8,8 +8,11 @@ FlexGen's timing breakdown are printed at the end.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+from .cliargs import positive_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,9 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ceilings", type=Path, help="measured ceilings for spec.offload.policy auto (kubeflash bench "
                                                  "--ceilings-only --json FILE; default: <store>/ceilings.json, "
                                                  "measured and saved there on first use with a GPU)")
-    p.add_argument("--gpu-memory", help="GPU memory the automatic policy may plan with, e.g. 12GiB (default: the GPU's)")
-    p.add_argument("--cpu-memory", help="host memory the automatic policy may plan with, e.g. 16GiB "
-                                        "(default: MemAvailable)")
+    p.add_argument("--gpu-memory", type=positive_size,
+                   help="GPU memory the automatic policy may plan with, e.g. 12GiB (default: the GPU's)")
+    p.add_argument("--cpu-memory", type=positive_size,
+                   help="host memory the automatic policy may plan with, e.g. 16GiB (default: MemAvailable)")
 
 
 def resolve_device(name: str) -> str:
@@ -59,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"kubeflash run: error: {e}", file=sys.stderr)
         return 1
 
-    from ..store.cache import DEFAULT_ROOT, ensure_model
+    from ..store.cache import DEFAULT_ROOT
     from ..store.format import StoreError
     from .generate import EngineError
     from .job import run_job
@@ -68,11 +72,9 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         device = resolve_device(args.device)
-        job_dir.mkdir(parents=True, exist_ok=True)
+        _check_paths(args, job_dir=job_dir, output=output, store=Path(args.store or DEFAULT_ROOT))
         dtype = "float32" if device == "cpu" else spec.model.dtype
-        model_dir, manifest = ensure_model(spec.model.uri, dtype=dtype, quantization=spec.model.quantization,
-                                           root=args.store or DEFAULT_ROOT,
-                                           progress_bar=not args.quiet)
+        model_dir, manifest = _model(spec, dtype=dtype, root=args.store or DEFAULT_ROOT, quiet=args.quiet)
         bar = _TokenBar(len(spec.input.prompts), enabled=not args.quiet)
         machine = _machine(args, args.store or DEFAULT_ROOT) if spec.offload.policy == "auto" and device != "cpu" else None
         report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device,
@@ -104,12 +106,48 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model(spec, *, dtype: str, root: Path, quiet: bool):
+    """The converted model; a source that cannot be read is reported as spec.model.uri's problem."""
+    from ..store.cache import ensure_model
+    from ..store.hf_config import SourceError
+    from ..store.modelconfig import preset
+
+    uri = spec.model.uri
+    try:
+        if uri.startswith("dummy:"):
+            preset(uri.removeprefix("dummy:"))  # an unknown preset, before anything is written
+        return ensure_model(uri, dtype=dtype, quantization=spec.model.quantization, root=root, progress_bar=not quiet)
+    except (SourceError, ValueError) as e:
+        if str(e).startswith("spec.model") or not (isinstance(e, SourceError) or "dummy preset" in str(e)):
+            raise
+        raise SourceError(f"spec.model.uri: {e}") from None
+
+
+def _check_paths(args, *, job_dir: Path, output: Path, store: Path) -> None:
+    """Refuse, before the model is converted, a job directory, output file or store that cannot be written."""
+    where = [("--job-dir" if args.job_dir else "the job directory", job_dir, job_dir),
+             ("--output" if args.output else "spec.output.path", output, output.parent),
+             ("--store" if args.store else "the model store ($KUBEFLASH_HOME)", store, store)]
+    for label, path, folder in where:
+        if path is output and output.is_dir():
+            raise ValueError(f"{label} {output}: is a directory; expected the path of a results JSONL file")
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{label} {path}: {folder} is a file; expected a directory")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"{label} {path}: cannot create {folder} ({e.strerror or e}); "
+                             "expected a writable directory") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"{label} {path}: {folder} is not writable; expected a writable directory")
+
+
 def _machine(args, store: Path):
     """Ceilings and budgets for the automatic policy (spec.offload.policy auto) on a GPU."""
     import json
 
     from .bench import Ceilings, measure_ceilings
-    from .cli_plan import _gpu_total, _mem_available, parse_size
+    from .cli_plan import _gpu_total, _mem_available
     from .machine import Machine
 
     path = args.ceilings or store / "ceilings.json"
@@ -122,8 +160,8 @@ def _machine(args, store: Path):
         ceil = measure_ceilings(store / "probe")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(ceil.to_dict(), indent=1))
-    gpu = parse_size(args.gpu_memory) if args.gpu_memory else _gpu_total()
-    cpu = parse_size(args.cpu_memory) if args.cpu_memory else _mem_available()
+    gpu = args.gpu_memory or _gpu_total()
+    cpu = args.cpu_memory or _mem_available()
     return Machine(ceil, gpu, cpu)
 
 

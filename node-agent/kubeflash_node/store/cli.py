@@ -10,14 +10,16 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?", help="builtin:smollm2-135m, dummy:<preset> (e.g. dummy:llama-3-8b; dummy:<preset>@zeros: "
                                   "all-zero weights in sparse files), a .gguf file, "
-                                  "a Hugging Face directory with config.json and *.safetensors, or a float store")
+                                  "a Hugging Face directory with config.json and *.safetensors, or a converted "
+                                  "float store directory (to quantize it)")
     p.add_argument("--out", type=Path, help="model directory to create (published atomically); required with SOURCE")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the stored weights (default: float16)")
     p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
-                   help="group-wise (64 inputs) quantization of the layers' big matrices (default: none)")
+                   help="group-wise quantization (--quant-group inputs a scale) of the layers' big matrices "
+                        "(default: none)")
     p.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero points)")
-    p.add_argument("--quant-group", type=int, default=64, help="inputs per quantization scale (default 64)")
+    p.add_argument("--quant-group", type=int, default=64, help="inputs per quantization scale, an even number >= 2 (default 64)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.add_argument("--verify", action="store_true", help="re-read every file and check its sha256 afterwards")
     p.add_argument("--list-presets", action="store_true", help="print the dummy presets and exit")
@@ -52,6 +54,11 @@ def main(args: argparse.Namespace) -> int:
     except (StoreError, ValueError) as e:
         bar.close()
         print(f"kubeflash convert: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # --out in a folder that cannot be created or written
+        bar.close()
+        print(f"kubeflash convert: error: --out {args.out}: {e.strerror or e} ({e.filename or args.out}); "
+              "expected a new directory in a writable folder", file=sys.stderr)
         return 1
     q = manifest.extra.get("quant")
     qs = f" + int{q['bits']} matrices (group {q['group']}{', symmetric' if q['symmetric'] else ''})" if q else ""
