@@ -22,14 +22,14 @@ from kubeflash_node.store.convert import SourceError, convert
 VOCAB = 97
 
 
-def _qwen3_moe(tmp_path, experts: int = 4):
+def _qwen3_moe(tmp_path, experts: int = 4, **shape):
     """A tiny random Qwen3-MoE saved as config.json + safetensors."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_experts=experts, num_experts_per_tok=2,
-                         moe_intermediate_size=16, norm_topk_prob=True)
+    cfg = Qwen3MoeConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, num_experts=experts,
+                                   num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True), **shape})
     model = Qwen3MoeForCausalLM(cfg).eval()
     hf = tmp_path / "hf"
     model.save_pretrained(hf, safe_serialization=True)
@@ -208,3 +208,64 @@ def test_only_routed_experts_are_read_and_tokens_stay_transformers(tmp_path):
         assert c.tokens == ref, every
     # one token routes to 2 of 16 experts per layer: at most 2 * 6 (prefill) of 16, and 2 per decode step
     assert read[False] < 0.6 * read[True], read
+
+
+def test_hot_expert_cache_reads_each_kept_expert_once(tmp_path):
+    """With room for every expert, each routed expert is read from disk once over a whole generation and then
+    served from the cache (tokens unchanged); with room for a few, the most often routed ones stay and later
+    steps hit them."""
+    from kubeflash_node.engine.policy import Policy
+
+    model, hf = _qwen3_moe(tmp_path, experts=16)
+    convert(str(hf), tmp_path / "store", dtype="float32")
+    prompt = [3, 14, 15, 92, 65, 35]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(prompt):].tolist()
+    runs = {}
+    for budget in (0, 1 << 20, 6 * 3 * 16 * 32 * 4):  # none, all 32 experts (1 MiB > 32 * 6 KiB), 6 experts
+        engine = Engine(tmp_path / "store", policy=Policy(gpu_batch_size=1, expert_cache_bytes=budget))
+        try:
+            [c] = engine.generate([prompt], GenParams(max_new_tokens=8))
+            t = engine.timings
+            runs[budget] = (t.count["load_expert"], t.count["expert_cache_hit"], t.bytes["load_expert"])
+        finally:
+            engine.close()
+        assert c.tokens == ref, budget
+    (reads0, hits0, _), (reads_all, hits_all, _), (reads6, hits6, _) = runs.values()
+    assert hits0 == 0 and reads_all + hits_all == reads0  # the same requests, served from disk or the cache
+    assert reads_all <= 2 * 16 and hits_all > 0  # each of 2 layers' 16 experts read at most once
+    assert reads_all < reads6 < reads0 and hits6 > 0
+
+
+def test_expert_cache_keeps_the_most_requested():
+    """The cache admits an expert over a kept one only if it has been requested more often."""
+    from kubeflash_node.engine.experts import ExpertCache
+
+    one = {"w": torch.zeros(4)}  # 16 bytes
+    cache = ExpertCache(32)
+    for key in [(1, 0), (1, 0), (1, 0), (1, 1)]:
+        if cache.get(key) is None:
+            cache.offer(key, one)
+    assert set(cache.kept) == {(1, 0), (1, 1)}
+    for _ in range(2):  # (1, 2) requested twice: replaces (1, 1) (once), not (1, 0) (three times)
+        if cache.get((1, 2)) is None:
+            cache.offer((1, 2), one)
+    assert set(cache.kept) == {(1, 0), (1, 2)} and cache.used == 32
+
+
+def test_int8_size_estimate_counts_every_expert(tmp_path):
+    """The planner's stored-size estimate of an int8 MoE store packs every expert (Qwen3-30B-A3B: about half of
+    float16, as the int8 codes are), and on a real conversion it is what the layer files hold, padding aside."""
+    from kubeflash_node.engine.costmodel import stage_sizes
+    from kubeflash_node.store.hf_config import config_from_hf
+
+    c = modelconfig.preset("qwen3-30b-a3b")
+    int8, fp16 = sum(stage_sizes(c, 2, "int8")[0]), sum(stage_sizes(c, 2, "none")[0])
+    assert 0.5 < int8 / fp16 < 0.56
+    _, hf = _qwen3_moe(tmp_path, hidden_size=128, head_dim=32, moe_intermediate_size=64)  # every matrix fits groups of 64
+    m = convert(str(hf), tmp_path / "store", dtype="float16", quantization="int8")
+    small = config_from_hf(json.loads((hf / "config.json").read_text()))
+    stored = stage_sizes(small, 2, "int8")[0][1]
+    held = sum(e.nbytes for e in m.files["layer_000.bin"].tensors.values())
+    assert abs(held - stored) <= 0.02 * held, (held, stored)

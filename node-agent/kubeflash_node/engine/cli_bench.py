@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", type=int_range(1), default=2, help="stages read ahead of compute")
     p.add_argument("--all-experts", action="store_true",
                    help="MoE models: read every expert of a streamed layer (dense streaming), not only the routed ones")
+    p.add_argument("--expert-cache", type=positive_size, default=0,
+                   help="MoE models: device memory for the most often routed experts, kept across steps (e.g. 4GiB)")
     p.add_argument("--io-backend", default="auto", choices=["auto", "posix", "odirect", "kvikio"])
     p.add_argument("--io-threads", type=int_range(0), default=0, help="reader threads (default: the best the disk probe found)")
     p.add_argument("--task-mb", type=int_range(0), default=0, help="one read task in MiB (default: the best the probe found)")
@@ -172,7 +174,8 @@ def main(args: argparse.Namespace) -> int:
         budget = Budget(args.gpu_memory or (gpu_total() if device.startswith("cuda") else 1 << 50),
                         args.cpu_memory or mem_available())
         base = make_policy(ceil, io_threads=args.io_threads, io_task_bytes=args.task_mb << 20, default_io_threads=8,
-                           prefetch=args.prefetch, io_backend=args.io_backend, all_experts=args.all_experts)
+                           prefetch=args.prefetch, io_backend=args.io_backend, all_experts=args.all_experts,
+                           expert_cache_bytes=args.expert_cache)
         itemsize = 4 if args.dtype == "float32" else 2
         if mode == "auto":
             if args.no_ceilings:

@@ -103,7 +103,8 @@ class Prediction:
 def layer_matrix_params(c: ModelConfig) -> int:
     """Parameters of a layer's big matrices (the ones quantization packs)."""
     h, i = c.hidden_size, c.intermediate_size
-    return h * c.q_dim + 2 * h * c.kv_dim + c.q_dim * h + (2 if c.architecture == "opt" else 3) * h * i
+    mlp = (2 if c.architecture == "opt" else 3) * h * i * max(1, c.num_experts)  # MoE: every expert's three
+    return h * c.q_dim + 2 * h * c.kv_dim + c.q_dim * h + mlp
 
 
 def packed_bytes(bits: int, group: int = 64) -> float:

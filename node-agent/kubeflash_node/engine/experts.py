@@ -4,12 +4,15 @@ router picks is read on first use (one contiguous read, since the store writes e
 The converter writes a MoE layer as its attention, norms and router first, then e0.w_gate, e0.w_up, e0.w_down,
 e1.…: the part before the first expert is read like any stage (ahead of compute, into the streamer's ring);
 `RoutedWeights` holds it and reads expert j the first time model.moe asks for `e{j}.…`, so a layer moves the
-bytes of the experts its micro-batch routes to instead of all of them.
+bytes of the experts its micro-batch routes to instead of all of them. `ExpertCache` keeps the most often
+routed experts on the compute device across steps, within a byte budget, so a hot expert is read once.
 """
 
 from __future__ import annotations
 
+import heapq
 import re
+from collections import Counter
 from concurrent.futures import Executor
 from typing import Callable, Iterable
 
@@ -77,3 +80,46 @@ class RoutedWeights(dict):
             return self[name]
         except KeyError:
             return default
+
+
+class ExpertCache:
+    """Hot experts kept on the compute device, chosen from observed routing counts: every request counts; an expert
+    read from disk is kept while the budget allows, or in place of kept experts requested fewer times (a lazy
+    min-heap of (count when pushed, key) finds them; stale entries are re-pushed with their current count)."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.used = budget_bytes, 0
+        self.kept: dict[tuple[int, int], tuple[dict[str, torch.Tensor], int]] = {}
+        self.counts: Counter = Counter()
+        self.heap: list[tuple[int, tuple[int, int]]] = []
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[int, int]) -> dict[str, torch.Tensor] | None:
+        """Expert `key` = (stage, j) if kept; counts the request either way."""
+        self.counts[key] += 1
+        if key in self.kept:
+            self.hits += 1
+            return self.kept[key][0]
+        self.misses += 1
+        return None
+
+    def offer(self, key: tuple[int, int], tensors: dict[str, torch.Tensor]) -> None:
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if nbytes > self.budget or key in self.kept:
+            return
+        while self.used + nbytes > self.budget:
+            if not self.heap:
+                return
+            count, victim = self.heap[0]
+            if victim not in self.kept:
+                heapq.heappop(self.heap)
+            elif count != self.counts[victim]:  # requested since it was pushed: re-push with its count
+                heapq.heapreplace(self.heap, (self.counts[victim], victim))
+            elif count >= self.counts[key]:
+                return  # every kept expert is routed at least as often as this one
+            else:
+                heapq.heappop(self.heap)
+                self.used -= self.kept.pop(victim)[1]
+        self.kept[key] = (tensors, nbytes)
+        self.used += nbytes
+        heapq.heappush(self.heap, (self.counts[key], key))

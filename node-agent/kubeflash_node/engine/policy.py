@@ -31,6 +31,7 @@ class Policy:
     io_backend: str = "auto"  # auto | posix | odirect | kvikio
     compute_dtype: str = "auto"  # auto: float32 on CPU, the store dtype on GPU
     all_experts: bool = False  # MoE: read every expert with its layer (dense streaming), not only the routed ones
+    expert_cache_bytes: int = 0  # MoE: device memory kept for the most often routed experts across steps (0: none)
 
     def __post_init__(self):
         if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:

@@ -30,6 +30,7 @@ def build_report(engine) -> dict:
         "store_cache_decoding_per_batch_s": t.mean("store_cache_decode"),
         "compute_layer_decoding_per_batch_s": t.mean("compute_layer_decode"),
         "weight_bytes_read": t.bytes["load_weight"] + t.bytes["load_weight_resident"] + t.bytes["load_expert"],
+        "expert_reads": t.count["load_expert"], "expert_cache_hits": t.count["expert_cache_hit"],  # MoE only
         "prefill_latency_s": s["prefill_s"], "prefill_tokens": s["prefill_tokens"],
         "prefill_throughput_tok_s": s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0.0,
         "decode_latency_s": s["decode_s"], "decode_tokens": s["decode_tokens"],

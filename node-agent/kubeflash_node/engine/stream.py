@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from ..store.format import Manifest
-from .experts import RoutedWeights, expert_of, expert_ranges
+from .experts import ExpertCache, RoutedWeights, expert_of, expert_ranges
 from .io import make_reader
 from .pinned import empty as pinned_empty
 from .quant import QuantSpec, dequantize_named
@@ -46,7 +46,8 @@ class WeightStreamer:
 
     def __init__(self, model_dir: Path, manifest: Manifest, *, device: torch.device, dtype: torch.dtype,
                  placement: list[str], order: Iterator[int], prefetch: int = 2, threads: int = 4,
-                 task_bytes: int = 16 << 20, backend: str = "auto", timings=None, routed_experts: bool = True):
+                 task_bytes: int = 16 << 20, backend: str = "auto", timings=None, routed_experts: bool = True,
+                 expert_cache_bytes: int = 0):
         self.dir, self.m, self.device, self.dtype = Path(model_dir), manifest, device, dtype
         self.placement, self.order, self.prefetch = placement, order, prefetch
         self.task_bytes, self.timings = task_bytes, timings
@@ -65,6 +66,7 @@ class WeightStreamer:
         # MoE layers read from disk without their experts: stage -> (bytes before the experts, expert byte ranges)
         self.routed = {i: r for i in sorted(self.streamed) if routed_experts and placement[i] == "disk"
                        for r in [expert_ranges(self.m.files[self.m.stages[i]])] if r[1]}
+        self.expert_cache = ExpertCache(expert_cache_bytes) if expert_cache_bytes and self.routed else None
         max_bytes = max((self.m.files[self.m.stages[i]].size for i in self.streamed), default=0)
         host_ring = any(placement[i] == "disk" for i in self.streamed) and not self.direct_to_device
         self.slots = [Slot(max_bytes, device, pinned=self.cuda, host=host_ring) for _ in range(prefetch + 1)] \
@@ -181,6 +183,13 @@ class WeightStreamer:
 
     def _read_expert(self, stage: int, j: int) -> dict[str, torch.Tensor]:
         """Expert j of a routed MoE stage: one read of its contiguous bytes, then onto the compute device."""
+        cache = self.expert_cache
+        with self.lock:
+            kept = cache.get((stage, j)) if cache else None
+        if kept is not None:
+            if self.timings is not None:
+                self.timings.add("expert_cache_hit", 0.0)
+            return kept
         name = self.m.stages[stage]
         start, end = self.routed[stage][1][j]
         t0 = time.perf_counter()
@@ -189,7 +198,11 @@ class WeightStreamer:
         buf = host.to(self.device) if self.cuda else host  # synchronous: the host buffer is dropped after
         if self.timings is not None:
             self.timings.add("load_expert", time.perf_counter() - t0, bytes=end - start)  # not a layer's read
-        return self._typed(buf, {n: e for n, e in self.m.files[name].tensors.items() if expert_of(n) == j}, start)
+        out = self._typed(buf, {n: e for n, e in self.m.files[name].tensors.items() if expert_of(n) == j}, start)
+        if cache:
+            with self.lock:
+                cache.offer((stage, j), out)
+        return out
 
     def _load_resident(self) -> None:
         """Read resident stages once: 'gpu' ones onto the device, 'cpu' ones into host memory (pinned on CUDA)."""
