@@ -79,7 +79,15 @@ def test_config_is_frozen():
         cfg.interval = 1  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("name", ["agent-config.yaml", "agent-config-kind.yaml", "agent-config-local.yaml"])
+EXAMPLE_CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parents[3] / "examples").glob("agent-config*.yaml"))
+
+
+def test_example_configs_are_found():
+    """The glob below finds the configs the docs point at (a glob finding nothing would pass)."""
+    assert {"agent-config.yaml", "agent-config-kind.yaml", "agent-config-local.yaml"} <= set(EXAMPLE_CONFIGS)
+
+
+@pytest.mark.parametrize("name", EXAMPLE_CONFIGS)
 def test_examples_parse(name):
     """The example config files users copy are valid."""
     from kubeflash_node.agent.config import load

@@ -57,6 +57,24 @@ def test_the_examples_are_found():
             "cluster-offload-pvc.yaml", "kind-long-job.yaml", "README.md"} <= names
 
 
+def test_every_example_file_is_read_by_a_test():
+    """Nothing in examples/ goes untested: each file is an InferenceJob manifest (read above by both entry points),
+    an agent config (agent-config*.yaml, parsed by tests/unit/agent/test_agent_config.py), or a prompts file in the
+    OpenAI batch format (read here). A new kind of example has to be added to a test before this passes."""
+    from kubeflash_api.batch import read_batch
+
+    jobs = {n for n, _ in SOURCES}
+    unread = []
+    for path in sorted((REPO / "examples").iterdir()):
+        if path.name in jobs or (path.name.startswith("agent-config") and path.suffix == ".yaml"):
+            continue
+        if path.suffix == ".jsonl":
+            assert read_batch(path), path.name
+            continue
+        unread.append(path.name)
+    assert unread == []
+
+
 def _operator(doc: dict) -> reconcile.Job:
     meta = doc["metadata"]
     return reconcile.Job(namespace=meta.get("namespace", "default"), name=meta["name"], uid="uid-1",
