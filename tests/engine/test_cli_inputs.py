@@ -363,6 +363,23 @@ def test_every_help_works(tmp_path, command):
     assert len(usage.split("\n\n", 1)[-1].split()) >= 5  # a description of what it does, not only the usage line
 
 
+def test_every_option_of_every_subcommand_says_what_it_does():
+    """No option in any subcommand's --help is a bare flag name: each has a help text (the agent's --log-format,
+    csi's --log-level and bench's --dtype and --io-backend had none)."""
+    import argparse
+    import importlib
+
+    from kubeflash_node.cli import SUBCOMMANDS
+
+    bare = []
+    for name, (module, _) in SUBCOMMANDS.items():
+        parser = argparse.ArgumentParser()
+        importlib.import_module(module).add_arguments(parser)
+        bare += [f"{name} {a.option_strings[-1] if a.option_strings else a.dest}" for a in parser._actions
+                 if not a.help]
+    assert bare == []
+
+
 # ------------------------------------------------------------------------------------------- structure
 
 

@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a model source (dummy:<preset>, builtin:…, .gguf, HF dir) or a converted store directory")
     p.add_argument("--store", type=Path, default=Path("/tmp/kubeflash-bench"),
                    help="where models are converted and probe files written (put it on the SSD under test)")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the converted weights and the compute (default: float16)")
     p.add_argument("--prompts", type=int_range(1), default=8, help="number of sequences")
     p.add_argument("--prompt-len", type=int_range(1), default=512, help="tokens per prompt")
     p.add_argument("--gen-len", type=int_range(1), default=32, help="tokens generated per prompt")
@@ -48,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MoE models: read every expert of a streamed layer (dense streaming), not only the routed ones")
     p.add_argument("--expert-cache", type=positive_size, default=0,
                    help="MoE models: device memory for the most often routed experts, kept across steps (e.g. 4GiB)")
-    p.add_argument("--io-backend", default="auto", choices=["auto", "posix", "odirect", "kvikio"])
+    p.add_argument("--io-backend", default="auto", choices=["auto", "posix", "odirect", "kvikio"],
+                   help="how layers are read from disk; auto: kvikio with real GPUDirect Storage, else O_DIRECT on "
+                        "a GPU where the file system allows it, else buffered posix (default: auto)")
     p.add_argument("--io-threads", type=int_range(0), default=0, help="reader threads (default: the best the disk probe found)")
     p.add_argument("--task-mb", type=int_range(0), default=0, help="one read task in MiB (default: the best the probe found)")
     p.add_argument("--cold", action="store_true", help="drop the page cache before the run")
