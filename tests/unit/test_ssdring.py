@@ -23,6 +23,7 @@ SIZES = (1, 7, 4099)  # fewer elements than ranks, not divisible by 2, 3 or 4
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)  # forked: the parent's OpenMP pool hangs a child that enters it (seen with 2 threads)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
     try:
         dirs = tuple(Path(tmp) / f"ssd{i}" for i in range(world))
