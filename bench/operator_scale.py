@@ -21,6 +21,9 @@ client threads, and watches them. Writes one JSON report:
   delete_s                       delete-collection -> no job, no engine pod, no ledger entry left
   delete_call_s                  how long the delete-collection request itself took (the API server marking jobs)
   operator_rss_mib, operator_idle_cpu_pct (10 s with every job placed), tracebacks (in the operator's log)
+  timeline                       p50/p99 of each step from the audit log: created -> finalizer (kopf's patch) ->
+                                 pod (create) -> status (patch); pod_delete (operator) -> pod_gone (kwok's final
+                                 delete) -> released (the finalizer's removal)
 
   .venv/bin/python bench/operator_scale.py --jobs 100 --nodes 20 [--out report.json]
   KUBEFLASH_BENCH_PROFILE=/tmp/op.prof ...   also writes a cProfile of the operator's event loop (/tmp/op.prof.operator)
@@ -69,7 +72,11 @@ KWOK_POD_WORKERS = int(os.environ.get("KUBEFLASH_BENCH_KWOK_WORKERS", "32"))
 WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
-    "rules": [{"level": "Request", "users": [OPERATOR_USER], "verbs": sorted(WRITE_VERBS)}, {"level": "None"}],
+    "rules": [{"level": "Request", "users": [OPERATOR_USER], "verbs": sorted(WRITE_VERBS)},
+              # everyone's job creates and pod deletes (the benchmark's, kwok's): the timeline's ends
+              {"level": "Metadata", "verbs": ["create"], "resources": [{"group": GROUP, "resources": ["inferencejobs"]}]},
+              {"level": "Metadata", "verbs": ["delete"], "resources": [{"group": "", "resources": ["pods"]}]},
+              {"level": "None"}],
 }
 
 
@@ -386,6 +393,42 @@ def writes_to_running(audit: Path, running_wall: dict[str, float], since: str, u
     return (own + shared) / max(len(running_wall), 1)
 
 
+def timeline(audit: Path) -> dict[str, float]:
+    """p50 / p99 seconds of each step of a job's way, from the API server's receive times (audit log):
+    created -> kopf's finalizer patch -> pod create -> status patch (placement), and on deletion the operator's
+    pod delete -> the kubelet's (kwok's) final pod delete -> the finalizer's removal."""
+    marks: dict[str, dict[str, float]] = {}
+    for line in audit.read_text().splitlines() if audit.exists() else ():
+        ev = json.loads(line)
+        if ev.get("stage") != "ResponseComplete" or (ev.get("responseStatus") or {}).get("code", 200) >= 300:
+            continue
+        ref, verb, user = ev.get("objectRef") or {}, ev.get("verb"), ev.get("user", {}).get("username")
+        t = datetime.fromisoformat(ev["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
+        res, sub, name = ref.get("resource"), ref.get("subresource"), ref.get("name") or ""
+        step = None
+        if res == "inferencejobs" and verb == "create":
+            step = "created"
+        elif res == "inferencejobs" and verb == "patch" and not sub and user == OPERATOR_USER:
+            body = json.dumps(ev.get("requestObject"))  # kopf's JSON patch: add, or remove, the finalizers
+            step = None if "finalizers" not in body else "released" if '"remove"' in body else "finalizer"
+        elif res == "inferencejobs" and sub == "status" and user == OPERATOR_USER:
+            step = "status"
+        elif res == "pods" and verb == "create":
+            step, name = "pod", name.rsplit("-", 1)[0]
+        elif res == "pods" and verb == "delete":
+            step, name = ("pod_delete" if user == OPERATOR_USER else "pod_gone"), name.rsplit("-", 1)[0]
+        if step:
+            marks.setdefault(name, {}).setdefault(step, t)
+    out = {}
+    for a, b in (("created", "finalizer"), ("finalizer", "pod"), ("pod", "status"), ("created", "status"),
+                 ("pod_delete", "pod_gone"), ("pod_gone", "released")):
+        gaps = [m[b] - m[a] for m in marks.values() if a in m and b in m]
+        if gaps:
+            out[f"{a}_to_{b}_p50_s"] = round(statistics.median(gaps), 3)
+            out[f"{a}_to_{b}_p99_s"] = round(pct(gaps, 0.99), 3)
+    return out
+
+
 def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -479,6 +522,7 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             "delete_writes_per_job": round(w_del / jobs, 2),
             "writes_by_kind": {"burst": k_burst, "delete": k_del},
             "conflicts_409": c_burst + c_del,
+            "timeline": timeline(audit),
             "operator_rss_mib": round(rss, 1),
             "operator_idle_cpu_pct": round(idle_cpu, 2),
             "tracebacks": log.count("Traceback"),

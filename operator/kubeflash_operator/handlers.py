@@ -270,16 +270,19 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     try:
         await asyncio.to_thread(_carry_out, plan, job, pods, memo)
         if plan.status:  # conditional: a decision made on a view older than the job's status now is void
+            target = version
             if fresh is not None:  # same status and generation since this view: the decision stands
-                version = await fresh or version
-            await asyncio.to_thread(memo.kube.patch_job_status, job.namespace, job.name, version, plan.status)
+                target = await fresh
+                if target is None:  # the status moved on (our earlier write, not back in this view yet): void
+                    return TICK_S
+            await asyncio.to_thread(memo.kube.patch_job_status, job.namespace, job.name, target, plan.status)
     except Conflict as e:
         memo.metrics.conflict("job" if "InferenceJob" in str(e) else "pod")
         raise kopf.TemporaryError(str(e), delay=CONFLICT_DELAY_S) from e
     except Gone:
         return TICK_S
     if plan.status:
-        memo.sent[job.uid] = (version, time.monotonic())
+        memo.sent[job.uid] = (version, time.monotonic())  # the view decided on: until a newer one, no step
     _report(plan, body, memo)
     return idle
 
