@@ -1,0 +1,92 @@
+"""One all-reduce of a layer's activations over N local processes: gloo vs the SSD ring (issue 22), side by side.
+
+Each rank sums a [tokens, hidden] bfloat16 tensor (the partial output of a row-parallel matrix) with
+torch.distributed gloo and with engine/ssdring.py over one directory per rank, and the median of --repeat calls
+is printed per size; the ring's result is checked against gloo's. On this machine the directories are wherever
+--dirs puts them (default: one temporary directory per rank on the same disk), so this measures the ring's
+file-system and synchronisation cost, not N separate SSDs; the run on separate drives needs a host with several
+GPU<->SSD pairs.
+
+    .venv/bin/python bench/tp_allreduce.py [--world 2] [--hidden 5120] [--tokens 1 32 2048] [--dirs D0 D1 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "node-agent"))
+from kubeflash_node.engine.ssdring import RingConfig, SSDRing  # noqa: E402
+from kubeflash_node.engine.tensorparallel import init_gloo  # noqa: E402
+
+
+def _median(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _worker(rank: int, a, pg: str, out: str) -> None:
+    torch.set_num_threads(1)
+    init_gloo(rank, a.world, f"file://{pg}", timeout_s=120)
+    ring = SSDRing(rank, RingConfig(dirs=tuple(Path(d) for d in a.dirs), session="bench", timeout_s=120))
+    rows = []
+    for tokens in a.tokens:
+        x = torch.randn(tokens, a.hidden).to(torch.bfloat16)
+        g, r = x.clone(), x.clone()
+        dist.all_reduce(g)
+        ring.all_reduce(r)
+        torch.testing.assert_close(r, g, atol=0.05, rtol=0.02)
+        t_gloo = _median(lambda x=x: dist.all_reduce(x.clone()), a.repeat)
+        t_ring = _median(lambda x=x: ring.all_reduce(x.clone()), a.repeat)
+        rows.append({"tokens": tokens, "bytes": x.numel() * 2, "gloo_ms": t_gloo * 1e3, "ring_ms": t_ring * 1e3})
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--world", type=int, default=2, help="processes (ranks)")
+    ap.add_argument("--hidden", type=int, default=5120, help="hidden size (opt-13b: 5120)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 32, 2048], help="rows of the activation tensor")
+    ap.add_argument("--repeat", type=int, default=5, help="timed calls per size (median printed)")
+    ap.add_argument("--dirs", nargs="*", help="one ring directory per rank (default: temporary directories)")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kf-allreduce-") as tmp:
+        if not a.dirs:
+            a.dirs = [str(Path(tmp) / f"ssd{r}") for r in range(a.world)]
+            for d in a.dirs:
+                Path(d).mkdir()
+        if len(a.dirs) != a.world:
+            ap.error(f"--dirs names {len(a.dirs)} directories for --world {a.world}")
+        out = Path(tmp) / "rows.json"
+        mp.start_processes(_worker, args=(a, str(Path(tmp) / "pg"), str(out)), nprocs=a.world, start_method="fork")
+        rows = json.loads(out.read_text())
+    print(f"world {a.world}, hidden {a.hidden}, bfloat16, median of {a.repeat}; ring dirs: {' '.join(a.dirs)}")
+    print(f"{'tokens':>7} {'bytes':>11} {'gloo ms':>9} {'ring ms':>9} {'ring/gloo':>9}")
+    for r in rows:
+        print(f"{r['tokens']:>7} {r['bytes']:>11} {r['gloo_ms']:>9.3f} {r['ring_ms']:>9.3f} "
+              f"{r['ring_ms'] / r['gloo_ms']:>9.2f}")
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
