@@ -215,3 +215,31 @@ def test_bad_splits_are_refused(tmp_path):
     shard_store(store, [tmp_path / "s0", tmp_path / "s1"])
     with pytest.raises(TensorParallelError, match=r"s1: manifest extra.tensor_parallel is .*expected the shard of rank 0"):
         TPEngine(tmp_path / "s1", rank=0, world=2, reduce=gloo_reduce)
+
+
+def _smol_worker(rank: int, world: int, tmp: str, prompts: list) -> None:
+    torch.set_num_threads(1)  # forked: see _layer_worker
+    tmp = Path(tmp)
+    init_gloo(rank, world, f"file://{tmp}/pg", timeout_s=120)
+    eng = TPEngine(tmp / f"shard{rank}", rank=rank, world=world, reduce=gloo_reduce, policy=Policy(gpu_batch_size=2))
+    try:
+        torch.save(eng.prefill_logits(prompts), tmp / f"out{rank}.pt")
+    finally:
+        eng.close()
+    torch.distributed.destroy_process_group()
+
+
+def test_smollm2_three_ranks_match_single_process(smol_store, tmp_path):
+    """Real weights: SmolLM2-135M (9 query heads over 3 K/V heads) split over 3 ranks, one K/V head each; rank 0's
+    last-position logits of two real prompts are within float32 rounding of the single-process engine's."""
+    prompts = [[1, 504, 3458, 314, 4114, 282], [1, 4521, 28, 940, 359, 346, 47, 2227, 314, 253, 1345, 30]]
+    shard_store(smol_store, [tmp_path / f"shard{r}" for r in range(3)])
+    mp.start_processes(_smol_worker, args=(3, str(tmp_path), prompts), nprocs=3, start_method="fork")
+    eng = Engine(smol_store, policy=Policy(gpu_batch_size=2))
+    try:
+        want = eng.prefill_logits(prompts)
+    finally:
+        eng.close()
+    got = torch.load(tmp_path / "out0.pt")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
