@@ -230,6 +230,20 @@ def test_a_model_that_does_not_exist_names_spec_model_uri(tmp_path, command, uri
     assert not list((tmp_path / "home").glob("models/*/manifest.json"))
 
 
+@pytest.mark.parametrize("missing", [True, False], ids=["missing", "directory"])
+def test_calibrate_names_a_text_it_cannot_read_before_converting(tmp_path, missing):
+    """`kubeflash calibrate MODEL --text FILE` with no such file (or a folder) is one line naming --text, before the
+    model is converted into the store (it used to convert first, then print a bare '[Errno 2] ...')."""
+    text = tmp_path / "prose.txt" if missing else tmp_path
+    proc = kubeflash("calibrate", "builtin:smollm2-135m", "--text", text, "--device", "cpu", "--quiet",
+                     tmp_path=tmp_path)
+    assert_clean_error(proc)
+    what = "no such file" if missing else "is a directory"
+    assert proc.stderr.strip() == f"kubeflash calibrate: error: --text {text}: {what}; expected a UTF-8 text file " \
+                                  "of ordinary prose"
+    assert not (tmp_path / "home" / "models").exists()
+
+
 # ------------------------------------------------------------------------------------------- plan
 
 

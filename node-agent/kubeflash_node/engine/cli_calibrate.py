@@ -81,6 +81,9 @@ def calibrate_cli(args: argparse.Namespace) -> Path:
     from ..store.format import StoreError, load_manifest
     from .cli_run import resolve_device
 
+    if not args.text.is_file():  # before the model is converted (minutes)
+        raise ValueError(f"--text {args.text}: {'is a directory' if args.text.is_dir() else 'no such file'}; "
+                         "expected a UTF-8 text file of ordinary prose")
     device = resolve_device(args.device)
     model_dir = Path(args.model)
     if not model_dir.is_dir():
