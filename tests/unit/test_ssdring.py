@@ -4,7 +4,7 @@ Real processes (torch.multiprocessing, forked: a spawned child re-imports torch,
 one directory per rank standing for its paired SSD; each rank runs
 gloo's all_reduce and the ring on the same random tensors (float32 and bfloat16, sizes not divisible by the
 number of ranks, including fewer elements than ranks) and compares. Bad input: a missing directory, one that
-cannot take files, a peer that never writes (the error names the rank and the file).
+cannot take files, a full disk, a peer that never writes (the error names the rank and the file).
 """
 
 from __future__ import annotations
@@ -103,3 +103,23 @@ def test_truncated_message_is_an_error(tmp_path):
     (dirs[0] / "kfring-s-00000000-rs000-from1.bin").write_bytes(b"\0" * 3)
     with pytest.raises(SSDRingError, match=r"from rank 1 holds 3 bytes, expected 20"):
         SSDRing(0, RingConfig(dirs=dirs, session="s", timeout_s=5)).all_reduce(torch.ones(10))
+
+
+def test_full_disk_names_the_file_and_rank(tmp_path):
+    """A neighbour's directory on a full file system (an 8 KiB tmpfs) fails the write with the file, the rank whose
+    directory it is and the OS's reason, and leaves no temporary file there. Needs mount rights (root)."""
+    import subprocess
+
+    full = tmp_path / "full"
+    full.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(full)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (tmp_path / "a").mkdir()
+        ring = SSDRing(0, RingConfig(dirs=(tmp_path / "a", full), session="s", timeout_s=5))
+        with pytest.raises(SSDRingError, match=r"rank 0: cannot write .*/full/kfring-s-00000000-rs000-from0\.bin into "
+                                               r"rank 1's ring directory \(No space left on device\)"):
+            ring.all_reduce(torch.ones(1 << 16))  # 128 KiB per chunk
+        assert not list(full.iterdir())
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
