@@ -154,7 +154,14 @@ def _model_worker(rank: int, world: int, tmp: str, kind: str) -> None:
         done = eng.generate(PROMPTS, GenParams(max_new_tokens=4, temperature=0.0))
     finally:
         eng.close()
-    torch.save({"logits": logits, "tokens": [c.tokens for c in done]}, tmp / f"out{rank}.pt")
+    host = TPEngine(tmp / f"shard{rank}", rank=rank, world=world, reduce=_reducer(kind, rank, tmp, world, "h"),
+                    policy=Policy(gpu_batch_size=1, num_gpu_batches=2, kv="cpu"))  # per-rank heads in host KV
+    try:
+        on_host = host.generate(PROMPTS, GenParams(max_new_tokens=4, temperature=0.0))
+    finally:
+        host.close()
+    torch.save({"logits": logits, "tokens": [c.tokens for c in done], "host": [c.tokens for c in on_host]},
+               tmp / f"out{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -162,7 +169,7 @@ def _model_worker(rank: int, world: int, tmp: str, kind: str) -> None:
 @pytest.mark.parametrize("name", ["llama-gqa", "opt"])
 def test_model_matches_single_process(name, kind, tmp_path):
     """A 2-layer random model, each rank streaming its own shard store: logits and greedy tokens of both ranks
-    equal the single-process Engine on the unsplit store."""
+    (KV on the device, and in host memory with two micro-batches) equal the single-process Engine's."""
     store = _random_store(name, tmp_path)
     shard_store(store, [tmp_path / "shard0", tmp_path / "shard1"])
     for r in range(2):
@@ -177,7 +184,7 @@ def test_model_matches_single_process(name, kind, tmp_path):
     for r in range(2):
         got = torch.load(tmp_path / f"out{r}.pt")
         torch.testing.assert_close(got["logits"], want, **TOL)
-        assert got["tokens"] == tokens
+        assert got["tokens"] == tokens and got["host"] == tokens
 
 
 @pytest.mark.parametrize("name,world", [("llama-gqa", 2), ("llama-gqa", 4), ("opt", 2)])
