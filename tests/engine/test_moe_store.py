@@ -269,3 +269,29 @@ def test_int8_size_estimate_counts_every_expert(tmp_path):
     stored = stage_sizes(small, 2, "int8")[0][1]
     held = sum(e.nbytes for e in m.files["layer_000.bin"].tensors.values())
     assert abs(held - stored) <= 0.02 * held, (held, stored)
+
+
+def test_cost_model_predicts_the_bytes_a_routed_decode_step_reads(tmp_path):
+    """At batch 1 a decode step routes one token to exactly k experts per layer, what the cost model's expected
+    distinct experts gives: the bytes it predicts for a streamed MoE layer are the bytes the engine reads."""
+    from kubeflash_node.engine.costmodel import routed_layer_bytes
+    from kubeflash_node.engine.policy import Policy
+    from kubeflash_node.store.modelconfig import ModelConfig
+
+    _, hf = _qwen3_moe(tmp_path, experts=16, hidden_size=256, head_dim=64, moe_intermediate_size=64)
+    m = convert(str(hf), tmp_path / "store", dtype="float32")
+    c = ModelConfig.from_dict(m.config)
+    assert c.expected_experts(1) == pytest.approx(2) and 2 < c.expected_experts(4) < 8
+    read = {}
+    for new in (1, 9):
+        engine = Engine(tmp_path / "store", policy=Policy(gpu_batch_size=1))
+        try:
+            engine.generate([[3, 14, 15, 92, 65, 35]], GenParams(max_new_tokens=new))
+            read[new] = engine.timings.bytes["load_weight"] + engine.timings.bytes["load_expert"]
+        finally:
+            engine.close()
+    embed_head = m.files["embed.bin"].size + m.files["head.bin"].size
+    per_layer = (read[9] - read[1] - 8 * embed_head) / 8 / c.num_layers  # 8 decode steps
+    predicted = routed_layer_bytes(c, m.files["layer_000.bin"].size, Policy(), 1)
+    assert per_layer == pytest.approx(predicted, rel=0.05)
+    assert predicted < 0.35 * m.files["layer_000.bin"].size  # 2 of 16 experts, plus attention and router

@@ -237,6 +237,15 @@ def _kv_time(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bo
     return t
 
 
+def routed_layer_bytes(c: ModelConfig, stored: int, p: Policy, tokens: int) -> float:
+    """Bytes a streamed MoE layer reads for `tokens` tokens of one pass: its non-expert part, plus the experts
+    routed to (expected under uniform routing, ModelConfig.expected_experts) that the hot-expert cache does not
+    hold (its share of all layers' experts: a uniform router's hit rate)."""
+    experts = stored * c.expert_share()
+    hit = min(1.0, p.expert_cache_bytes / (experts * c.num_layers)) if experts else 0.0
+    return stored - experts + experts * c.expected_experts(tokens) / c.num_experts * (1 - hit)
+
+
 def _placement(c: ModelConfig, p: Policy, n: int) -> list[str]:
     where = p.placement(n)
     if c.tie_word_embeddings:
@@ -373,8 +382,11 @@ def _stage_all_steps(e: _Env, p: Policy, kind: str, where: str, stored: int, den
 def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, mbs: Counter,
            s_new: int, ctx: int, kv_fits_cache: bool) -> dict[str, float]:
     """Per-resource seconds of one stage in one pass over the micro-batches `mbs` ({size: how many})."""
-    disk = _rate(stored, e.ceil.disk_read_cold) if where == "disk" else 0.0
-    pcie = _rate(stored, e.ceil.h2d_pinned) if where != "gpu" else 0.0
+    moved = stored
+    if where == "disk" and kind != "embed" and kind != "head" and e.c.num_experts and not p.all_experts:
+        moved = routed_layer_bytes(e.c, stored, p, sum(b * m for b, m in mbs.items()) * s_new)
+    disk = _rate(moved, e.ceil.disk_read_cold) if where == "disk" else 0.0
+    pcie = _rate(moved, e.ceil.h2d_pinned) if where != "gpu" else 0.0
     comp = _rate(dense, e.cal.dequant_gbps) if where != "gpu" and stored != dense else 0.0
     peak = e.ceil.matmul_tflops * 1e3 * e.cal.compute_efficiency  # GFLOP/s
     for b, m in mbs.items():

@@ -67,7 +67,8 @@ class WeightStreamer:
         self.routed = {i: r for i in sorted(self.streamed) if routed_experts and placement[i] == "disk"
                        for r in [expert_ranges(self.m.files[self.m.stages[i]])] if r[1]}
         self.expert_cache = ExpertCache(expert_cache_bytes) if expert_cache_bytes and self.routed else None
-        max_bytes = max((self.m.files[self.m.stages[i]].size for i in self.streamed), default=0)
+        max_bytes = max((self.routed[i][0] if i in self.routed else self.m.files[self.m.stages[i]].size
+                         for i in self.streamed), default=0)  # a routed MoE layer's ring slot holds no experts
         host_ring = any(placement[i] == "disk" for i in self.streamed) and not self.direct_to_device
         self.slots = [Slot(max_bytes, device, pinned=self.cuda, host=host_ring) for _ in range(prefetch + 1)] \
             if max_bytes else []

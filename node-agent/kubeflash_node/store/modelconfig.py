@@ -163,6 +163,19 @@ class ModelConfig:
         attn = 2 * 2 * self.q_dim * context
         return proj + mlp + attn
 
+    def expert_share(self) -> float:
+        """Share of a layer's parameters in its experts (0: dense)."""
+        if not self.num_experts:
+            return 0.0
+        return self.num_experts * 3 * self.hidden_size * self.intermediate_size / self.layer_params()
+
+    def expected_experts(self, tokens: int) -> float:
+        """Distinct experts a layer routes `tokens` tokens to, expected under uniform routing (each token picks
+        num_experts_per_tok of num_experts): E * (1 - (1 - k/E) ** tokens). Random weights route about so;
+        trained routers are skewed, which only lowers it."""
+        e, k = self.num_experts, self.num_experts_per_tok
+        return e * (1 - (1 - k / e) ** tokens) if e else 0.0
+
     def kv_bytes_per_token(self, itemsize: int) -> int:
         return 2 * self.num_layers * self.kv_dim * itemsize
 
