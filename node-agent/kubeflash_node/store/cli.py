@@ -34,7 +34,9 @@ def main(args: argparse.Namespace) -> int:
 
     if args.list_presets:
         for name, c in PRESETS.items():
-            print(f"{name:14s} {c.architecture:6s} {c.total_params() / 1e9:7.2f} B params  {c.num_layers} layers")
+            moe = f", {c.num_experts} experts (top {c.num_experts_per_tok})" if c.num_experts else ""
+            print(f"{name:14s} {c.family or c.architecture:11s} {c.total_params() / 1e9:7.2f} B params  "
+                  f"{c.num_layers} layers{moe}")
         return 0
     if not args.source or not args.out:
         print("kubeflash convert: error: SOURCE and --out DIR are required (or --list-presets)", file=sys.stderr)
