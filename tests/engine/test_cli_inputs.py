@@ -244,6 +244,20 @@ def test_calibrate_names_a_text_it_cannot_read_before_converting(tmp_path, missi
     assert not (tmp_path / "home" / "models").exists()
 
 
+@pytest.mark.parametrize("model, message", [
+    ("dummy:opt-9", "--model dummy:opt-9: unknown dummy preset 'opt-9'; expected one of: smollm2-135m"),
+    ("builtin:smollm2-135m", "--model builtin:smollm2-135m: expected dummy:<preset> or a model directory kubeflash "
+                             "convert --out DIR wrote"),
+], ids=["unknown-preset", "source-not-converted"])
+def test_bench_names_a_model_it_cannot_take(tmp_path, model, message):
+    """bench takes a dummy preset or a converted directory (as its --help now says, not any source); anything else
+    is one line naming --model."""
+    proc = kubeflash("bench", "--no-ceilings", "--model", model, "--device", "cpu", "--store", tmp_path / "s",
+                     tmp_path=tmp_path)
+    assert_clean_error(proc)
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"kubeflash bench: error: {message}"), proc.stderr
+
+
 # ------------------------------------------------------------------------------------------- plan
 
 

@@ -14,9 +14,11 @@ from .cliargs import int_range, percent, positive_size
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="dummy:llama-3-8b",
-                   help="a model source (dummy:<preset>, builtin:…, .gguf, HF dir) or a converted store directory")
+                   help="dummy:<preset> (kubeflash convert --list-presets; default: %(default)s), or a model "
+                        "directory kubeflash convert --out DIR wrote (for builtin:, .gguf or HF sources)")
     p.add_argument("--store", type=Path, default=Path("/tmp/kubeflash-bench"),
-                   help="where models are converted and probe files written (put it on the SSD under test)")
+                   help="where models are converted and probe files written (put it on the SSD under test; "
+                        "default: %(default)s)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the converted weights and the compute (default: float16)")
     p.add_argument("--prompts", type=int_range(1), default=8, help="number of sequences")
@@ -130,8 +132,12 @@ def _model_shape(args):
         q = {8: "int8", 4: "int4"}.get((m.extra.get("quant") or {}).get("bits"), "none")
         return config, {q: (m.stage_bytes, stage_sizes(config, itemsize, q)[1])}, (q,)
     if not args.model.startswith("dummy:"):
-        raise ValueError(f"--model {args.model}: expected dummy:<preset> or a converted model directory")
-    config = preset(args.model.split(":", 1)[1])
+        raise ValueError(f"--model {args.model}: expected dummy:<preset> or a model directory kubeflash convert "
+                         "--out DIR wrote")
+    try:
+        config = preset(args.model.split(":", 1)[1])
+    except ValueError as e:
+        raise ValueError(f"--model {args.model}: {e}") from None
     return config, {q: stage_sizes(config, itemsize, q) for q in ("none", "int8", "int4")}, ("none", "int8", "int4")
 
 
