@@ -111,15 +111,15 @@ def main() -> int:
         reader.close()
         d = dec.reads.summary()["decode"]
         frac = d["ffn_read_fraction"]
-        gate = d["ffn_bytes_per_token_dense"] / 3  # SwiGLU: gate [I, H], up [I, H], down [H, I], the same size
-        measured = (gate + d["bundle_bytes_per_token"]) / d["ffn_bytes_per_token_dense"]
+        gate = d["ffn_bytes_per_layer_token_dense"] / 3  # SwiGLU: gate [I, H], up [I, H], down [H, I], one size
+        measured = (gate + d["bundle_bytes_per_layer_token"]) / d["ffn_bytes_per_layer_token_dense"]
         rows.append({"sparsity": target, "ppl": ppl, "ppl_increase_pct": 100 * (ppl / dense_ppl - 1),
                      "top1_agreement": float((top == dense_top).float().mean()), "token_sparsity": tf_sparsity,
                      "greedy_prefix": sum(prefix_match(d, s) for d, s in zip(dense_out, out)) / len(chats),
                      "greedy_identical": sum(d == s for d, s in zip(dense_out, out)), "ffn_read_fraction": frac,
                      "layer_read_fraction": (layer - ffn_bytes * (1 - frac)) / layer,
                      "runs_per_layer_call": d["runs_per_layer_call"], "ffn_read_fraction_measured": measured,
-                     "bundle_bytes_per_token": d["bundle_bytes_per_token"]})
+                     "bundle_bytes_per_layer_token": d["bundle_bytes_per_layer_token"]})
         print(f"  target {target}: done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(table(rows, len(chats), args.new))
     if args.json:

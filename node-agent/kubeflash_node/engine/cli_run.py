@@ -100,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
     if "plan" in report:
         print(f"policy auto: {report['plan']['chosen']}\n             {report['plan']['why']}")
     if "sparsity" in report:
-        print(f"sparsity: {report['sparsity']}")
+        print(report["sparsity"]["line"])
     write_report(report, job_dir / "report.json")
     print(f"results: {output}\nreport:  {job_dir / 'report.json'}")
     return 0

@@ -101,7 +101,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         prefix.close()  # the last block writes land before the report counts them
         report = build_report(engine)
         if sparsity is not None:
-            report["sparsity"] = sparsity.describe()
+            report["sparsity"] = sparsity.describe() | {"line": sparsity.line()}
         if chosen is not None:
             from .costmodel import describe
 

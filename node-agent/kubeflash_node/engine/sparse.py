@@ -55,17 +55,17 @@ class FFNReads:
         self.inactive += inactive
 
     def summary(self) -> dict:
-        """Token sparsity (share of neuron activations dropped) and, per phase, FFN bytes per token dense and
-        sparse and the reads (runs) per layer call."""
+        """Token sparsity (share of neuron activations dropped) and, per phase, FFN matrix bytes per layer and
+        token, dense and sparse, and the reads (runs) per layer call. A step's bytes are shared by its tokens."""
         out: dict = {"token_sparsity": round(self.inactive / self.neurons, 4) if self.neurons else 0.0}
         for p in ("prefill", "decode"):
             if self.tokens[p]:
-                out[p] = {"ffn_bytes_per_token_dense": self.dense_bytes[p] / self.tokens[p],
-                          "ffn_bytes_per_token_sparse": self.read_bytes[p] / self.tokens[p],
+                out[p] = {"ffn_bytes_per_layer_token_dense": self.dense_bytes[p] / self.tokens[p],
+                          "ffn_bytes_per_layer_token_sparse": self.read_bytes[p] / self.tokens[p],
                           "ffn_read_fraction": round(self.read_bytes[p] / self.dense_bytes[p], 4),
                           "runs_per_layer_call": round(self.runs[p] / self.steps[p], 1)}
                 if self.bundle_bytes[p]:  # measured: what the bundle reader's preadv calls returned
-                    out[p]["bundle_bytes_per_token"] = self.bundle_bytes[p] / self.tokens[p]
+                    out[p]["bundle_bytes_per_layer_token"] = self.bundle_bytes[p] / self.tokens[p]
         return out
 
 
@@ -91,6 +91,16 @@ class SparseFFN:
         def sparse_layer(c, w, x, batch, cache, rope, layer: int = 0):
             return layer_fn(c, {**w, HOOK: self._layers[layer]}, x, batch, cache, rope, layer=layer)
         return sparse_layer
+
+    def line(self) -> str:
+        """One line for `kubeflash run`'s output."""
+        s = self.reads.summary()
+        out = f"sparsity {self.target:g} ({self.source}): {100 * s['token_sparsity']:.1f}% of FFN activations dropped"
+        if "decode" in s:
+            d = s["decode"]
+            out += (f"; decode needs {100 * d['ffn_read_fraction']:.1f}% of the FFN matrix bytes (gate whole, up/down "
+                    f"of active neurons), {d['runs_per_layer_call']:g} runs a layer in a neuron-bundled layout")
+        return out
 
     def describe(self) -> dict:
         out = {"target": self.target, "source": self.source, **self.reads.summary()}
