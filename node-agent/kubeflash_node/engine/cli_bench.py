@@ -21,9 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: %(default)s)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the converted weights and the compute (default: float16)")
-    p.add_argument("--prompts", type=int_range(1), default=8, help="number of sequences")
-    p.add_argument("--prompt-len", type=int_range(1), default=512, help="tokens per prompt")
-    p.add_argument("--gen-len", type=int_range(1), default=32, help="tokens generated per prompt")
+    p.add_argument("--prompts", type=int_range(1), default=8, help="number of sequences (default: %(default)s)")
+    p.add_argument("--prompt-len", type=int_range(1), default=512, help="tokens per prompt (default: %(default)s)")
+    p.add_argument("--gen-len", type=int_range(1), default=32, help="tokens generated per prompt (default: %(default)s)")
     p.add_argument("--policy", choices=["auto", "explicit"],
                    help="auto: the cost model picks placement, batch shape and techniques from the ceilings and the "
                         "budgets, keeping any placement flag below that is given with it (a pin); explicit: the "
@@ -42,15 +42,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", type=_weights_arg, help="disk | cpu | gpu, or GPU:CPU percentages like 20:30 (default disk)")
     p.add_argument("--kv", choices=["device", "cpu", "disk"], help="where the KV cache lives (default device)")
     p.add_argument("--kv-bits", type=int, choices=[16, 8, 4],
-                   help="KV cache bits in any tier (group-wise; 16: none; device: a compressed GPU cache)")
+                   help="KV cache bits in any tier (group-wise; 16: none; device: a compressed GPU cache; explicit: "
+                        "default 16)")
     p.add_argument("--cpu-attention", action="store_true", help="decode attention on the CPU (kv cpu)")
     p.add_argument("--kv-write-back", action="store_true", help="buffer new KV rows, write large chunks (kv disk)")
     p.add_argument("--x-cache", type=percent, help="percent of layers keeping X instead of K and V (INF² X-cache)")
-    p.add_argument("--prefetch", type=int_range(1), default=2, help="stages read ahead of compute")
+    p.add_argument("--prefetch", type=int_range(1), default=2, help="stages read ahead of compute (default: %(default)s)")
     p.add_argument("--all-experts", action="store_true",
                    help="MoE models: read every expert of a streamed layer (dense streaming), not only the routed ones")
     p.add_argument("--expert-cache", type=positive_size, default=0,
-                   help="MoE models: device memory for the most often routed experts, kept across steps (e.g. 4GiB)")
+                   help="MoE models: device memory for the most often routed experts, kept across steps (e.g. 4GiB; "
+                        "default: 0, none)")
     p.add_argument("--io-backend", default="auto", choices=["auto", "posix", "odirect", "kvikio"],
                    help="how layers are read from disk; auto: kvikio with real GPUDirect Storage, else O_DIRECT on "
                         "a GPU where the file system allows it, else buffered posix (default: auto)")

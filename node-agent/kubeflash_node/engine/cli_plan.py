@@ -19,7 +19,8 @@ from .memory import mem_available as _mem_available
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", type=Path, help="an InferenceJob YAML file")
     p.add_argument("--ceilings", type=Path, help="ceilings JSON (kubeflash bench --ceilings-only --json FILE, or a "
-                                                 "bench result holding a 'ceilings' key)")
+                                                 "bench result holding a 'ceilings' key; default: the ones kubeflash "
+                                                 "run saved in <store>/ceilings.json)")
     p.add_argument("--measure", action="store_true", help="measure the ceilings now (disk probe under --store, GPU)")
     p.add_argument("--gpu-memory", type=positive_size, help="GPU memory the job may use, e.g. 5GiB (default: the manifest's "
                                         "spec.resources.gpuMemory, else the GPU's total)")
