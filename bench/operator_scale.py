@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "cluster"))
 from kubeflash_api import parse_job_spec  # noqa: E402
 
-from controlplane import ControlPlane, default_bin_dir  # noqa: E402
+from controlplane import ControlPlane, ControlPlaneError, default_bin_dir  # noqa: E402
 
 GROUP, VERSION = "kubeflash.io", "v1alpha1"
 NS = "default"
@@ -124,8 +124,15 @@ def apply_crds(cp: ControlPlane) -> None:
             v["schema"]["openAPIV3Schema"].get("properties", {}).pop("metadata", None)
             _loosen(v["schema"])
         cp.apply(crd)
-    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-               "crd/inferencejobs.kubeflash.io", "crd/flashnodes.kubeflash.io")
+    for attempt in range(5):  # kubectl wait fails at once on a CRD whose status has no conditions yet
+        try:
+            cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                       "crd/inferencejobs.kubeflash.io", "crd/flashnodes.kubeflash.io")
+            return
+        except ControlPlaneError:
+            if attempt == 4:
+                raise
+            time.sleep(1)
 
 
 def now_rfc() -> str:

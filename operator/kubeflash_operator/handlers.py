@@ -201,18 +201,22 @@ def _live(status: kopf.Status, **_: Any) -> bool:
 
 @kopf.daemon(*JOBS, when=_live, cancellation_timeout=0.1, initial_delay=None)
 async def run_job(body: kopf.Body, uid: str, memo: kopf.Memo, logger: logging.Logger, flashnode_index: kopf.Index,
-                  pod_index: kopf.Index, node_index: kopf.Index, **_: Any) -> None:
+                  pod_index: kopf.Index, node_index: kopf.Index, stopped: kopf.DaemonStopped, **_: Any) -> None:
     """One coroutine per live job: a reconcile step now, then again when woken (a change of the job or of one of
     its pods) or after TICK_S (not Running yet: waiting for a pair, a model, a backoff) or RUNNING_TICK_S (Running:
     its pod's events wake it; the tick is a safety net). A sleeping job costs no CPU, so thousands idle cheaply.
-    kopf stops it (cancels: cancellation_timeout) when the job ends or is deleted."""
+    kopf stops it (sets `stopped`, then cancels: cancellation_timeout) when the job ends or is deleted; a job
+    marked for deletion or gone is never acted on again, even by a coroutine whose cancellation came late (a
+    loaded event loop: kopf then leaves it orphaned, and `stopped` ends it)."""
     wake = memo.wakeups.setdefault(uid, asyncio.Event())
     try:
-        while True:
+        while not stopped and not _deleting(body):
             wake.clear()
             delay = TICK_S
             try:
                 delay = await reconcile_job(body, memo, flashnode_index, pod_index, node_index)
+                if delay is None:
+                    return  # the job is gone
             except kopf.TemporaryError as e:
                 logger.info("will look again in %ss: %s", e.delay, e)
                 delay = e.delay or TICK_S
@@ -228,10 +232,15 @@ async def run_job(body: kopf.Body, uid: str, memo: kopf.Memo, logger: logging.Lo
             del memo.wakeups[uid]
 
 
+def _deleting(body: kopf.Body) -> bool:
+    """The job is marked for deletion (kopf's live view): its finalizer owns it now."""
+    return bool(body.get("metadata", {}).get("deletionTimestamp"))
+
+
 async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.Index, pod_index: kopf.Index,
-                        node_index: kopf.Index) -> float:
+                        node_index: kopf.Index) -> float | None:
     """Admit, place, stage, run and watch one job (a new job is admitted and placed in its first step); returns
-    how long to sleep unless woken."""
+    how long to sleep unless woken, None once the job is gone."""
     job = _job(body)
     meta = body.get("metadata", {})
     version = meta.get("resourceVersion")
@@ -241,6 +250,8 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     if sent and sent[0] == version and time.monotonic() - sent[1] < STALE_S:
         return TICK_S  # our last status patch is not back from the watch yet: this view is older than what we decided
     pods = await _pods(memo.kube, job, pod_index)
+    if _deleting(body):
+        return TICK_S
     current = pods.get(job.status.get("pod") or "")
     steady = job.status.get("phase") == "Running" and current is not None and current.phase == "Running"
     idle = RUNNING_TICK_S if steady else TICK_S  # a pod not running yet has timeouts (unschedulable, image pull)
@@ -263,6 +274,8 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     # From here on the plan is carried out; no other placement ran since `claims` was read (no await in between).
     if plan.claim and not await _record_claim(memo, plan.claim, flashnode_index):
         return TICK_S  # the pair went to someone else (a write we had not seen): the next tick decides again
+    if _deleting(body):  # marked while the claim was written: nothing more (the finalizer releases the claim)
+        return TICK_S
     if plan.release:
         await _release(memo, job.key, flashnode_index)
     elif not plan.claim and (stale := stale_entries(records, job.key, claim_of(body, kv_bytes=0))):
@@ -280,7 +293,7 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
         memo.metrics.conflict("job" if "InferenceJob" in str(e) else "pod")
         raise kopf.TemporaryError(str(e), delay=CONFLICT_DELAY_S) from e
     except Gone:
-        return TICK_S
+        return None
     if plan.status:
         memo.sent[job.uid] = (version, time.monotonic())  # the view decided on: until a newer one, no step
     _report(plan, body, memo)
