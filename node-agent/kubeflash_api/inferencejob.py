@@ -122,6 +122,7 @@ class OffloadSpec:
     cpu_attention: bool = False
     compression: str = "none"
     sparsity: float | None = None  # target share of FFN activations skipped (engine/sparse.py); None: off, dense
+    tensor_parallel: int = 1  # ranks every layer is split over (engine/tensorparallel.py); 1: one process
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,10 @@ OFFLOAD = s.obj(
                                f"[0, {MAX_SPARSITY}]; only the active neurons' FFN rows and columns are used. Llama-"
                                "family models need `kubeflash calibrate` for that target first; OPT uses its ReLU "
                                "zeros. A number or the string off.", default="off", check=_sparsity)),
+    ("tensorParallel", s.integer("Ranks every layer is split over (Megatron-style tensor parallelism), each "
+                                 "streaming its own shard of the weights: 1 runs one process; N must divide the "
+                                 "attention heads and the K/V heads (or be a multiple of them).", lo=1, hi=8,
+                                 default=1)),
     default={},
     rules=(("!has(self.policy) || self.policy != 'explicit' || (has(self.weights) && has(self.kv))",
             "policy explicit needs weights and kv percentages"),
@@ -447,7 +452,7 @@ def _offload(d: dict, path: str) -> OffloadSpec:
                        activations=splits.get("activations", OffloadSpec.activations),
                        gpu_batch_size=d.get("gpuBatchSize"), num_gpu_batches=d.get("numGpuBatches"),
                        kv_write_back=d["kvWriteBack"], x_cache=d["xCache"], cpu_attention=d["cpuAttention"],
-                       compression=d["compression"], sparsity=d["sparsity"])
+                       compression=d["compression"], sparsity=d["sparsity"], tensor_parallel=d["tensorParallel"])
 
 
 def _output(d: dict, path: str) -> OutputSpec:
@@ -477,7 +482,8 @@ def to_canonical(spec: JobSpec) -> dict[str, Any]:
     o, r, g = spec.offload, spec.resources, spec.generation
     offload: dict[str, Any] = {"policy": o.policy, "kvWriteBack": o.kv_write_back, "xCache": o.x_cache,
                                "cpuAttention": o.cpu_attention, "compression": o.compression,
-                               "sparsity": "off" if o.sparsity is None else o.sparsity}
+                               "sparsity": "off" if o.sparsity is None else o.sparsity,
+                               "tensorParallel": o.tensor_parallel}
     if o.policy == "explicit":
         for k in ("weights", "kv", "activations"):
             sp = getattr(o, k)

@@ -31,6 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU memory the automatic policy may plan with, e.g. 12GiB (default: the GPU's)")
     p.add_argument("--cpu-memory", type=positive_size,
                    help="host memory the automatic policy may plan with, e.g. 16GiB (default: MemAvailable)")
+    p.add_argument("--tensor-parallel", type=int, metavar="N",
+                   help="split every layer over N rank processes, each streaming its own shard of the store "
+                        "(overrides spec.offload.tensorParallel; docs/multi-gpu.md)")
+    p.add_argument("--reduce", default="auto", choices=("auto", "gloo", "ring", "nccl"),
+                   help="how the ranks sum their partial results: gloo (CPU), nccl (GPUs), ring (files in one "
+                        "directory per rank, the SSD ring); auto: gloo on CPU, nccl on GPUs")
+    p.add_argument("--ring-dir", type=Path, action="append", metavar="DIR",
+                   help="rank R's ring directory, given once per rank in rank order (--reduce ring; default: "
+                        "<job dir>/tp/ring<R>)")
 
 
 def resolve_device(name: str) -> str:
@@ -65,16 +74,23 @@ def main(args: argparse.Namespace) -> int:
 
     from ..store.cache import DEFAULT_ROOT
     from ..store.format import StoreError
+    from ..store.modelconfig import ModelConfig
     from .generate import EngineError
     from .job import run_job
-    from .report import format_report, write_report
-    from .results import read_results, result_text
+    from .tplaunch import check_job, check_request, run_tp
 
     try:
         device = resolve_device(args.device)
         _check_paths(args, job_dir=job_dir, output=output, store=Path(args.store or DEFAULT_ROOT))
         dtype = "float32" if device == "cpu" else spec.model.dtype
+        tp, tp_field = _tensor_parallel(args, spec)
+        reduce = check_request(tp, reduce=args.reduce, ring_dirs=args.ring_dir, device=device, field=tp_field)
         model_dir, manifest = _model(spec, dtype=dtype, root=args.store or DEFAULT_ROOT, quiet=args.quiet)
+        if tp > 1:  # refused before any process starts; the ranks are processes of their own (engine/tplaunch.py)
+            check_job(spec, ModelConfig.from_dict(manifest.config), tp, field=tp_field)
+            report = run_tp(spec, world=tp, reduce=reduce, ring_dirs=args.ring_dir, model_dir=model_dir,
+                            manifest=manifest, output=output, device=device, job_dir=job_dir, quiet=args.quiet)
+            return _finish(args, spec, report, output=output, job_dir=job_dir)
         bar = _TokenBar(len(spec.input.prompts), enabled=not args.quiet)
         machine = _machine(args, args.store or DEFAULT_ROOT) if spec.offload.policy == "auto" and device != "cpu" else None
         report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device,
@@ -84,6 +100,23 @@ def main(args: argparse.Namespace) -> int:
     except (SpecError, StoreError, EngineError, ValueError, OSError) as e:
         print(f"kubeflash run: error: {e}", file=sys.stderr)
         return 1
+    return _finish(args, spec, report, output=output, job_dir=job_dir)
+
+
+def _tensor_parallel(args, spec) -> tuple[int, str]:
+    """N ranks and where it came from (--tensor-parallel overrides spec.offload.tensorParallel)."""
+    if args.tensor_parallel is None:
+        return spec.offload.tensor_parallel, "spec.offload.tensorParallel"
+    if args.tensor_parallel < 1:
+        raise ValueError(f"--tensor-parallel {args.tensor_parallel}: expected an integer >= 1")
+    return args.tensor_parallel, "--tensor-parallel"
+
+
+def _finish(args, spec, report: dict, *, output: Path, job_dir: Path) -> int:
+    """Print the outputs and the report, write report.json."""
+    from .report import format_report, write_report
+    from .results import read_results, result_text
+
     results = read_results(output)
     if not args.quiet:
         print("Outputs:")
@@ -101,6 +134,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"policy auto: {report['plan']['chosen']}\n             {report['plan']['why']}")
     if "sparsity" in report:
         print(report["sparsity"]["line"])
+    if "tensor_parallel" in report:
+        tp = report["tensor_parallel"]
+        print(f"tensor parallel: {tp['ranks']} ranks, reduce {tp['reduce']}, shards beside the store entry "
+              f"({Path(tp['shards'][0]).parent})")
     write_report(report, job_dir / "report.json")
     print(f"results: {output}\nreport:  {job_dir / 'report.json'}")
     return 0

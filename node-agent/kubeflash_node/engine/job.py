@@ -26,9 +26,10 @@ from .results import ResultsFile, fingerprints, is_chat
 def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: str = "cpu",
             job_dir: Path | None = None, policy: Policy | None = None, machine: Machine | None = None,
             on_tokens: Callable[[int], None] | None = None, on_prompts: Callable[[int], None] | None = None,
-            kv_cache_dir: Path | None = None) -> dict:
+            kv_cache_dir: Path | None = None, engine_factory: Callable[..., Engine] = Engine) -> dict:
     """Generate every prompt of `spec` without a result of the same fingerprint in `output` (results.py); returns
-    the report dict. `output` is left untouched until the first new result is written."""
+    the report dict. `output` is left untouched until the first new result is written. `engine_factory` builds
+    the engine from (model_dir, **options): one rank's TPEngine under tensor parallelism (engine/tplaunch.py)."""
     tokenizer = load_tokenizer(model_dir, manifest)
     ids = tokenize(spec, tokenizer)
     results = ResultsFile(output, fingerprints(spec, manifest=manifest, device=device), model=spec.model.uri)
@@ -59,7 +60,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
     check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
     check_kv_disk(spec, policy, manifest=manifest, job=shape)
     prefix = _prefix_cache(spec, kv_cache_dir)
-    engine = Engine(model_dir, policy=policy, device=device, job_dir=job_dir, prefix_cache=prefix, sparsity=sparsity)
+    engine = engine_factory(model_dir, policy=policy, device=device, job_dir=job_dir, prefix_cache=prefix, sparsity=sparsity)
     eos = tuple(engine.config.eos_token_id) + ((tokenizer.eos_token_id,) if tokenizer is not None
                                                 and tokenizer.eos_token_id is not None else ())
     params = GenParams(max_new_tokens=max_new, temperature=g.temperature, top_p=g.top_p, seed=g.seed,

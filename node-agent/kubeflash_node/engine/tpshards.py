@@ -7,11 +7,18 @@ The manifest keeps the whole model's config and records the slice in extra.tenso
 mistaken for a model (TPEngine checks the rank; merge_shards reassembles the original tensors).
 
     python -m kubeflash_node.engine.tpshards MODEL_DIR OUT_0 OUT_1 [...]
+
+`ensure_shards` is what `kubeflash run` with spec.offload.tensorParallel N uses: the shards are kept beside the
+store entry (`<root>/models/<model-id>.tp<N>/<rank>`), written once under a lock, reused while they were cut from
+the same manifest (its sha256 is recorded in each shard) and refused, naming the directory, when they were not.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
+import os
 import shutil
 import sys
 from dataclasses import asdict
@@ -22,8 +29,9 @@ import numpy as np
 import torch
 
 from ..store.convert import SourceError, StoreSource
-from ..store.format import Manifest, ModelWriter, StoreError, load_manifest
+from ..store.format import MANIFEST, Manifest, ModelWriter, StoreError, load_manifest, verify_model
 from ..store.modelconfig import ModelConfig
+from ..store.scratch import clean_stale
 from .tensorparallel import merge_layer, plan, shard_layer
 
 
@@ -67,7 +75,8 @@ def shard_store(model_dir: Path, out_dirs: Sequence[Path], *, overwrite: bool = 
             if m.tokenizer:
                 shutil.copytree(model_dir / m.tokenizer, wr.tmp / m.tokenizer)
             extra = {k: v for k, v in m.extra.items() if k != "other_files"}
-            extra["tensor_parallel"] = {**asdict(s), "model": m.source or str(model_dir)}
+            extra["tensor_parallel"] = {**asdict(s), "model": m.source or str(model_dir),
+                                        "source_manifest_sha256": manifest_sha256(model_dir)}
             man = Manifest(architecture=m.architecture, config=m.config, dtype=m.dtype, files=dict(wr.files),
                            stages=list(m.stages), tokenizer=m.tokenizer, source=m.source, extra=extra)
             wr.publish(man)
@@ -77,6 +86,53 @@ def shard_store(model_dir: Path, out_dirs: Sequence[Path], *, overwrite: bool = 
         for wr in writers:
             wr.abort()
         raise
+
+
+def manifest_sha256(model_dir: Path) -> str:
+    """sha256 of a store's manifest.json: it names every file's checksum, so it names the whole store."""
+    return hashlib.sha256((Path(model_dir) / MANIFEST).read_bytes()).hexdigest()
+
+
+def shard_dirs(model_dir: Path, world: int) -> list[Path]:
+    """Where `ensure_shards` keeps the `world` shards of the store at `model_dir`: beside it."""
+    model_dir = Path(model_dir)
+    return [model_dir.parent / f"{model_dir.name}.tp{world}" / str(r) for r in range(world)]
+
+
+def check_shard(shard_dir: Path, *, model_dir: Path, rank: int, world: int) -> Manifest:
+    """The verified manifest of rank `rank`'s shard, cut from the store at `model_dir` as it is now; StoreError
+    naming the directory otherwise."""
+    m = verify_model(shard_dir)
+    tp = m.extra.get("tensor_parallel") or {}
+    if (tp.get("rank"), tp.get("world")) != (rank, world):
+        raise StoreError(f"{shard_dir}: extra.tensor_parallel is {tp or 'absent'}, expected the shard of rank {rank} "
+                         f"of {world}; remove {shard_dir.parent} and run again")
+    if tp.get("source_manifest_sha256") != manifest_sha256(model_dir):
+        raise StoreError(f"{shard_dir}: stale tensor-parallel shard: it was cut from another version of {model_dir} "
+                         f"(manifest sha256 differs); remove {shard_dir.parent} and run again")
+    return m
+
+
+def ensure_shards(model_dir: Path, world: int, *, progress: Callable[[int, int, str], None] | None = None
+                  ) -> list[Path]:
+    """The `world` shard stores of `model_dir`, written beside it on first use and reused afterwards. Shards of a
+    killed run are never published half-written (each is one atomic rename); a set with some shards missing is
+    completed; a shard cut from another version of the store is refused, naming it."""
+    model_dir = Path(model_dir)
+    dirs = shard_dirs(model_dir, world)
+    dirs[0].parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(dirs[0].parent / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # concurrent runs of one model cut it once
+        clean_stale(dirs[0].parent)  # scratch dirs of a killed sharding
+        present = [d for d in dirs if (d / MANIFEST).exists()]
+        for d in present:
+            check_shard(d, model_dir=model_dir, rank=dirs.index(d), world=world)
+        if len(present) < world:  # first use, or a run killed between two ranks' renames
+            shard_store(model_dir, dirs, overwrite=True, progress=progress)
+        return dirs
+    finally:
+        os.close(fd)
 
 
 def merge_shards(shard_dirs: Sequence[Path]) -> list[dict[str, torch.Tensor]]:
