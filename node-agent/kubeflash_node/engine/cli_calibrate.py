@@ -120,7 +120,7 @@ def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, de
     from ..store.format import load_manifest
     from ..store.modelconfig import ModelConfig
     from .generate import Engine
-    from .policy import Policy
+    from .policy import make_policy
     from .sparse import SparseFFN, sequence_logits, windows
 
     model_dir = Path(model_dir)
@@ -129,7 +129,7 @@ def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, de
     if getattr(config, "num_experts", 0):
         raise ValueError(f"MODEL {model_dir}: a mixture-of-experts model; activation sparsity applies to dense FFNs")
     rec = SparseFFN.recorder(config.num_layers)
-    engine = Engine(model_dir, policy=Policy(gpu_batch_size=1), device=device, sparsity=rec)
+    engine = Engine(model_dir, policy=make_policy(gpu_batch_size=1), device=device, sparsity=rec)
     parts = windows(ids, window)
     bar = None
     if progress:
