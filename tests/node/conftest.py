@@ -4,8 +4,9 @@ installed with pullPolicy Never).
 
 Fixtures:
   node_cluster    session: a Node handle (the interface tests/e2e_cases.py documents); a cluster already
-                  running (`make cluster`) is used and left running, otherwise one is brought up and taken
-                  down afterwards (unless KEEP=1).
+                  running (`make cluster`) is brought up to date (images, chart) and left running, or with
+                  KUBEFLASH_NODE_REUSE=1 used as it is; otherwise one is brought up and taken down afterwards
+                  (unless KEEP=1).
   node_namespace  function: a fresh namespace; its jobs are deleted with it afterwards.
 Skipped, with the reason, without root or Linux; under KUBEFLASH_REQUIRE_CLUSTER (CI, which runs as root) a
 harness that cannot start is a failure. A failing test's report carries the kubelet, containerd, control plane,
@@ -78,7 +79,8 @@ def node_cluster():
             pytest.fail(f"KUBEFLASH_REQUIRE_CLUSTER is set but {why}")
         pytest.skip(why)
     was_running = realnode.cluster_running()
-    proc = subprocess.run([sys.executable, str(REALNODE), "up"], text=True, timeout=3600)
+    reuse = was_running and os.environ.get("KUBEFLASH_NODE_REUSE", "0") == "1"  # as it is: no image rebuild
+    proc = subprocess.run([sys.executable, str(REALNODE), "status" if reuse else "up"], text=True, timeout=3600)
     if proc.returncode != 0:
         logs = subprocess.run([sys.executable, str(REALNODE), "logs"], capture_output=True, text=True).stdout
         if not was_running and os.environ.get("KEEP", "0") != "1":
