@@ -115,7 +115,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
         objects.addFilter(_QuietRoutine())
     memo.kube = Kube.connect()
     memo.book = ClaimBook()
-    memo.sent = {}  # job uid -> (resourceVersion our last status patch was based on, when)
+    memo.sent = {}  # job uid -> (resourceVersion our last status patch was based on, the one it made, when)
     memo.wakeups = {}  # job uid -> the asyncio.Event that wakes its coroutine
     memo.node_states = {}  # Node name -> "cordoned" / "NotReady" / None, as node_index last saw it
     memo.metrics = Metrics()
@@ -232,6 +232,18 @@ async def run_job(body: kopf.Body, uid: str, memo: kopf.Memo, logger: logging.Lo
             del memo.wakeups[uid]
 
 
+def _before(version: str | None, sent: tuple[str, str, float]) -> bool:
+    """The view at `version` is the one our last status patch was decided on, or older than what that patch wrote
+    (e.g. kopf's finalizer patch coming back after our status write)."""
+    base, written, _ = sent
+    if version == base:
+        return True
+    try:
+        return bool(written) and int(version or 0) < int(written)
+    except ValueError:
+        return False
+
+
 def _deleting(body: kopf.Body) -> bool:
     """The job is marked for deletion (kopf's live view): its finalizer owns it now."""
     return bool(body.get("metadata", {}).get("deletionTimestamp"))
@@ -247,8 +259,8 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     if FINALIZER not in (meta.get("finalizers") or []) and (now() - job.created).total_seconds() < FINALIZER_WAIT_S:
         return TICK_S  # kopf's finalizer patch is on its way (it wakes us): a decision before it lands meets a 409
     sent = memo.sent.get(job.uid)
-    if sent and sent[0] == version and time.monotonic() - sent[1] < STALE_S:
-        return TICK_S  # our last status patch is not back from the watch yet: this view is older than what we decided
+    if sent and _before(version, sent) and time.monotonic() - sent[2] < STALE_S:
+        return TICK_S  # our last status patch is not back from the watch yet: this view is older than what we wrote
     pods = await _pods(memo.kube, job, pod_index)
     if _deleting(body):
         return TICK_S
@@ -288,14 +300,15 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
                 target = await fresh
                 if target is None:  # the status moved on (our earlier write, not back in this view yet): void
                     return TICK_S
-            await asyncio.to_thread(memo.kube.patch_job_status, job.namespace, job.name, target, plan.status)
+            written = await asyncio.to_thread(memo.kube.patch_job_status, job.namespace, job.name, target,
+                                              plan.status)
     except Conflict as e:
         memo.metrics.conflict("job" if "InferenceJob" in str(e) else "pod")
         raise kopf.TemporaryError(str(e), delay=CONFLICT_DELAY_S) from e
     except Gone:
         return None
     if plan.status:
-        memo.sent[job.uid] = (version, time.monotonic())  # the view decided on: until a newer one, no step
+        memo.sent[job.uid] = (version, written, time.monotonic())  # views before `written` lack this write
     _report(plan, body, memo)
     return idle
 

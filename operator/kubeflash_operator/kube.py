@@ -109,12 +109,15 @@ class Kube:
             raise Conflict(f"pod {ns}/{name} exists, pinned elsewhere than this decision; deciding again")
         return existing
 
-    def patch_job_status(self, namespace: str, name: str, resource_version: str, status: Mapping[str, Any]) -> None:
+    def patch_job_status(self, namespace: str, name: str, resource_version: str, status: Mapping[str, Any]) -> str:
         """Merge `status` into the job's status only if the job is still at `resource_version` (Conflict if not:
-        something newer happened, e.g. another replica's decision, and this one is void)."""
+        something newer happened, e.g. another replica's decision, and this one is void); returns the job's new
+        resourceVersion."""
         patch = {"metadata": {"resourceVersion": resource_version}, "status": dict(status)}
         try:
-            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "inferencejobs", name, patch)
+            body = self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "inferencejobs", name,
+                                                                     patch)
+            return str(((body or {}).get("metadata") or {}).get("resourceVersion") or "")
         except ApiException as e:
             if e.status == 409:
                 raise Conflict(f"InferenceJob {namespace}/{name} changed since resourceVersion {resource_version}") from e
