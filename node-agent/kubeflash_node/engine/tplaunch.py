@@ -192,8 +192,12 @@ def _wait(procs, q, output: Path) -> dict:
             pass
         codes = [p.exitcode for p in procs]
         if all(c == 0 for c in codes):
-            if report is None:
-                raise TPLaunchError("rank 0 exited without a report")
+            while report is None:  # rank 0 flushed its report before exiting; it may still be in the pipe
+                try:
+                    msg = q.get(timeout=5)
+                except queue.Empty:
+                    raise TPLaunchError("rank 0 exited without a report") from None
+                report = msg[1] if msg[0] == "report" else None
             return report
         failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
         if failed:
