@@ -295,6 +295,8 @@ def _local_rope(c: ModelConfig, batch: Batch, key: str, positions: torch.Tensor,
 
 def mlp(c: ModelConfig, w: dict, h: torch.Tensor) -> torch.Tensor:
     """The gated MLP of the Llama family, down(act(gate(h)) * up(h)): [B, S, H] -> [B, S, H]."""
+    if "sparse_ffn" in w:  # activation sparsity (engine/sparse.py): only the active neurons' rows and columns
+        return w["sparse_ffn"](c, w, h)
     gate = ACTIVATIONS[c.hidden_act](F.linear(h, w["w_gate"], w.get("b_gate")))
     return F.linear(gate.mul_(F.linear(h, w["w_up"], w.get("b_up"))), w["w_down"], w.get("b_down"))
 
@@ -380,7 +382,10 @@ def opt_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rop
     if not c.pre_norm:
         x = _layer_norm(c, w, x, "attn_norm")
     h = _layer_norm(c, w, x, "mlp_norm") if c.pre_norm else x
-    x = x + F.linear(ACTIVATIONS[c.hidden_act](F.linear(h, w["fc1_w"], w.get("fc1_b"))), w["fc2_w"], w.get("fc2_b"))
+    if "sparse_ffn" in w:  # activation sparsity (engine/sparse.py): only the active neurons' fc2 columns
+        x = x + w["sparse_ffn"](c, w, h)
+    else:
+        x = x + F.linear(ACTIVATIONS[c.hidden_act](F.linear(h, w["fc1_w"], w.get("fc1_b"))), w["fc2_w"], w.get("fc2_b"))
     return x if c.pre_norm else _layer_norm(c, w, x, "mlp_norm")
 
 
