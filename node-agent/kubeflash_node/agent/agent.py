@@ -303,7 +303,7 @@ class Agent:
             "staging": {k: {"disk": t.disk.name, "phase": t.phase, "percent": t.percent, "running": t.running}
                         for k, t in (self.cache.stager.tasks().items() if inv else [])},
             "jobs": {k: {"disk": a.disk, "quotaBytes": a.quota, "usedBytes": a.used, "overQuota": a.over,
-                         "path": str(a.path), "progress": self.relayed.get(k, {}),
+                         "path": str(a.path), "progress": {f: v for f, v in self.relayed.get(k, {}).items() if f != "refused"},
                          "problems": dict(self.jobs.problems.get(k, {}))}
                      for k, a in (self.jobs.allocations.items() if inv else [])},
             "labels": local.labels if local else None,
