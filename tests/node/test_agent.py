@@ -154,6 +154,8 @@ def _agent_token(c) -> bytes:
 
 
 def test_planted_symlinks_are_not_followed_by_the_agent(node_cluster, node_namespace):
+    """A pod that replaces results.jsonl and progress.json with links to another tenant's results and the agent's
+    token: neither reaches the ConfigMap, the job or the FlashNode; the job ends Failed (ResultsRefused)."""
     c, ns = node_cluster, node_namespace
     disk = kit.store(c)
     with cases.namespace(c, "victim") as other:
@@ -183,6 +185,11 @@ def test_planted_symlinks_are_not_followed_by_the_agent(node_cluster, node_names
         data = wait_for("the agent to refuse results.jsonl in the ConfigMap", configmap,
                         lambda d: "refused" in (d.get("error") or ""), timeout=90, every=1)
         assert "results.jsonl" in data["error"] and not data.get("results.jsonl"), data
+        # the agent reports what it refused (status.refused) and the operator fails the job, naming the files
+        failed = wait_for("the leaky job to be Failed (ResultsRefused)", lambda: job(c, ns, "leaky"),
+                          lambda j: phase(j) == "Failed" and j["status"].get("reason") == "ResultsRefused",
+                          timeout=90, every=1)
+        assert "results.jsonl" in failed["status"]["message"] and "progress.json" in failed["status"]["message"]
         time.sleep(5)  # a few more agent passes (every 2 s)
         configmap()
         seen += [c.json("get", "ij", "leaky", "-n", ns), c.json("get", "flashnode", kit.realnode.NODE_NAME)]
