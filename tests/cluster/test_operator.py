@@ -121,7 +121,7 @@ class Kube:
 
     # the agent's part
     def gpu_node(self, control_plane, name: str, *, pairs: int = 1, models: tuple[str, ...] = (), read: float = 7.0,
-                 free: int = 500 * GiB, k8s_gpus: int | None = None) -> str:
+                 free: int = 500 * GiB, k8s_gpus: int | None = None, status: dict | None = None) -> str:
         name = f"{self.ns}-{name}"
         self.nodes.append(name)
         control_plane.create_fake_node(name, capacity={"cpu": "32", "memory": "256Gi", "ephemeral-storage": "1Ti",
@@ -137,6 +137,7 @@ class Kube:
                        "capacityBytes": 2 * free} for i in range(pairs)],
             "pairs": [{"gpu": i, "disk": f"nvme{i}"} for i in range(pairs)],
             "models": [{"id": m, "uri": MODEL_URI, "disk": "nvme0", "state": "Ready", "bytes": GiB} for m in models],
+            **(status or {}),  # in the same write: the operator never sees the node without it
         })
         return name
 
@@ -229,12 +230,13 @@ def test_prefix_cache_job_lands_where_its_blocks_are_and_mounts_the_cache(ns, ku
     """A job with spec.cache.prefix goes to the slower of two nodes holding the model when that node's FlashNode
     (status.kvCache, accepted by the CRD) reports blocks of the model for the job's namespace, and its pod mounts
     the node's cache of the model (kubeflash.io/kv-cache) with the agent's budget in its env."""
+    # warm first, its cache in the same status write as its model: the operator's FlashNode watch delivers events
+    # in order, so whenever it knows the fast node it already knows the warm node's cache (no placement race)
+    warm = kube.gpu_node(control_plane, "warm", read=3.0, models=(MODEL,), status={"kvCache": {
+        "budgetBytes": 8 * GiB, "bytes": 64 << 20, "blocks": 8, "hits": 0, "misses": 8,
+        "entries": [{"disk": "nvme0", "namespace": ns, "modelId": MODEL, "blocks": 8, "bytes": 64 << 20,
+                     "lastUsed": now_rfc()}]}})
     kube.gpu_node(control_plane, "fast", read=14.0, models=(MODEL,))
-    warm = kube.gpu_node(control_plane, "warm", read=3.0, models=(MODEL,))
-    kube.agent_status(warm, {"kvCache": {"budgetBytes": 8 * GiB, "bytes": 64 << 20, "blocks": 8, "hits": 0,
-                                         "misses": 8, "entries": [{"disk": "nvme0", "namespace": ns, "modelId": MODEL,
-                                                                   "blocks": 8, "bytes": 64 << 20,
-                                                                   "lastUsed": now_rfc()}]}})
     assert kube.flashnode(warm)["status"]["kvCache"]["entries"][0]["blocks"] == 8
     kube.submit("cached", cache={"prefix": True})
     assert kube.wait_phase("cached", "Running")["node"] == warm
