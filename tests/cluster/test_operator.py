@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,12 @@ class Kube:
         })
         return name
 
+    @staticmethod
+    def settle(seconds: float = 3.0) -> None:
+        """Let the operator's Node watch catch up with new Nodes turning Ready: it is apart from its FlashNode and
+        job watches, and a Node it still holds NotReady takes no job (the job would go to another node)."""
+        time.sleep(seconds)
+
     def agent_status(self, node: str, status: dict) -> None:
         self.custom.patch_cluster_custom_object_status(GROUP, VERSION, "flashnodes", node, {"status": status})
 
@@ -211,6 +218,7 @@ def test_job_lands_on_the_node_that_holds_the_model(ns, kube, control_plane):
     """A slower node whose SSD already holds the model wins; the pod is pinned there, owned, labelled, unprivileged."""
     kube.gpu_node(control_plane, "fast", read=14.0)
     holder = kube.gpu_node(control_plane, "holder", read=3.0, models=(MODEL,))
+    kube.settle()
     kube.submit("j")
     s = kube.wait_phase("j", "Running")
     assert (s["node"], s["gpu"], s["disk"], s["staged"], s["pod"]) == (holder, 0, "nvme0", True, "j-1")
@@ -238,6 +246,7 @@ def test_prefix_cache_job_lands_where_its_blocks_are_and_mounts_the_cache(ns, ku
                      "lastUsed": now_rfc()}]}})
     kube.gpu_node(control_plane, "fast", read=14.0, models=(MODEL,))
     assert kube.flashnode(warm)["status"]["kvCache"]["entries"][0]["blocks"] == 8
+    kube.settle()
     kube.submit("cached", cache={"prefix": True})
     assert kube.wait_phase("cached", "Running")["node"] == warm
     pod = kube.pods("cached")[0]
@@ -250,10 +259,12 @@ def test_prefix_cache_job_lands_where_its_blocks_are_and_mounts_the_cache(ns, ku
 
 def test_jobs_spread_when_pairs_are_busy(ns, kube, control_plane):
     """With the model's node's only pair taken, the second job goes to the other node (and must stage there)."""
+    # b only once first runs on a: the operator watches Nodes (a new Node is NotReady until kwok and the lifecycle
+    # controller clear it) apart from FlashNodes, so a node created at once could look ready to it before a does
     a = kube.gpu_node(control_plane, "a", models=(MODEL,))
-    b = kube.gpu_node(control_plane, "b")
     kube.submit("first")
     assert kube.wait_phase("first", "Running")["node"] == a
+    b = kube.gpu_node(control_plane, "b")
     kube.submit("second")
     s = kube.wait_phase("second", "Staging")
     assert s["node"] == b
