@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_random import save_random_model
 
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.policy import Policy
@@ -30,18 +31,8 @@ def _configs():
 
 def _random_model(name, tmp_path):
     """A transformers model with random weights (norms and biases perturbed too), saved as safetensors."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = _configs()[name]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
     hf_dir = tmp_path / "hf"
-    model.save_pretrained(hf_dir, safe_serialization=True)
-    return model, hf_dir
+    return save_random_model(_configs()[name], hf_dir), hf_dir
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-llama3-rope", "llama-mha-tied", "qwen2-qkv-bias", "mistral", "opt"])

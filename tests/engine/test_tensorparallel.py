@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from hf_random import save_random_model
 
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.kvcache import LayerKV
@@ -123,19 +124,13 @@ def test_one_layer_matches_single_process(kind, tmp_path):
 
 
 def _random_store(name: str, tmp: Path) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+    from transformers import LlamaConfig, OPTConfig
 
     small = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=128)
     cfg = (LlamaConfig(**small, intermediate_size=128, num_key_value_heads=2) if name == "llama-gqa" else
            OPTConfig(**small, ffn_dim=128, word_embed_proj_dim=64))
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(tmp / "hf", safe_serialization=True)
+    save_random_model(cfg, tmp / "hf")
     convert(str(tmp / "hf"), tmp / "store", dtype="float32")
     return tmp / "store"
 

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from hf_random import save_random_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,18 +28,12 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     """A random 2-layer Llama with GQA (4 query heads over 2 K/V heads), saved as safetensors."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
     out = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    model.save_pretrained(out, safe_serialization=True)
+    save_random_model(cfg, out)
     _word_tokenizer(128).save_pretrained(out)  # a store needs a loadable tokenizer; prompts here are token ids
     return out
 
