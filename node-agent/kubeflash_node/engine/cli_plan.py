@@ -5,11 +5,11 @@ its predicted time and throughput, the resource that bounds it, and the runner-u
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
+from ..store.format import atomic_write_json
 from .cliargs import int_range, positive_size
 from .memory import cap_gpu_allocator, parse_size  # noqa: F401  (kubeflash run and bench/peers import them here)
 from .memory import gpu_total as _gpu_total
@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
         print("\n".join(explicit))
         if plan is None:
             if args.json:
-                _write_json(args.json, {"explicit": explicit})
+                atomic_write_json(args.json, {"explicit": explicit})
             return 0
         print(f"\npolicy auto instead ({plan.fitting} of {plan.considered} candidate policies fit):")
     else:
@@ -96,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
         print("           why: " + r.why())
     print("\nto pin it, in the job's spec:\n" + _offload_yaml(plan.best))
     if args.json:
-        _write_json(args.json, _to_json(plan, job, budget))
+        atomic_write_json(args.json, _to_json(plan, job, budget))
     return 0
 
 
@@ -116,16 +116,6 @@ def _check_json_path(path: Path | None) -> None:
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"--json {path}: {folder} is not a writable directory; expected the path of a JSON "
                          "file in one")
-
-
-def _write_json(path: Path, obj) -> None:
-    """Crash-safe: a temporary file beside it, fsynced, renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _explicit(spec, job, config, ceil, budget, sizes, itemsize) -> list[str]:

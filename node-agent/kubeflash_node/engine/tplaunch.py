@@ -16,7 +16,6 @@ Rank 0's results lines are whole (each is written, flushed and fsynced before th
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -24,6 +23,8 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from ..store.format import atomic_write_json
 
 REDUCES = ("auto", "gloo", "ring", "nccl")
 COLLECTIVE_TIMEOUT_S = 120.0  # longest wait of one reduction for a peer (gloo's group timeout, the ring's)
@@ -169,9 +170,7 @@ def _shard_progress(done: int, total: int, stage: str) -> None:
 
 def _write_ranks(path: Path, procs, session: str) -> None:
     """<job dir>/tp/ranks.json: each rank's pid, for an operator who wants to see (or stop) one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"session": session, "pids": [p.pid for p in procs]}))
-    os.replace(tmp, path)
+    atomic_write_json(path, {"session": session, "pids": [p.pid for p in procs]})
 
 
 def _wait(procs, q, output: Path) -> dict:
