@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from accuracy import PROMPTS as ACCURACY_PROMPTS  # bench/accuracy.py, beside this script
+
 from kubeflash_node.engine import sparse
 from kubeflash_node.engine.cli_calibrate import calibrate
 from kubeflash_node.engine.generate import Engine, GenParams
@@ -32,14 +34,7 @@ from kubeflash_node.store.format import load_manifest
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "tests" / "data" / "GPL-3.txt"
 TARGETS = (0.0, 0.25, 0.4, 0.5, 0.6)
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea and the moon in autumn, please.",
-    "Name three primary colors.",
-    "Explain in one sentence why the sky is blue.",
-    "Give me a short tip for learning to cook.",
-    "What does a compiler do?",
-]
+PROMPTS = [*ACCURACY_PROMPTS, "What does a compiler do?"]  # bench/accuracy.py's prompts, and one more
 
 
 def greedy(store: Path, prompts, new: int, ffn) -> list[list[int]]:
