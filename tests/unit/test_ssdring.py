@@ -42,6 +42,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         x = torch.arange(12, dtype=torch.float32).view(3, 4) + rank  # any shape: reduced in place
         ring.all_reduce(x)
         assert torch.equal(x, world * torch.arange(12.0).view(3, 4) + sum(range(world)))
+        ring.close()  # removes its heartbeat file
         assert not list(dirs[rank].iterdir()), f"rank {rank} left messages behind"
     finally:
         dist.destroy_process_group()
@@ -87,12 +88,14 @@ def test_silent_peer_times_out_naming_rank_and_file(tmp_path):
         d.mkdir()
     ring = SSDRing(0, RingConfig(dirs=dirs, session="job7", timeout_s=0.2))
     with pytest.raises(SSDRingError, match=r"rank 0: timed out after 0.2 s waiting for .*/a/kfring-job7-00000000-rs000"
-                                           r"-from1\.bin \(to be written by rank 1\)"):
+                                           r"-00000-from1\.bin \(to be written by rank 1\)"):
         ring.all_reduce(torch.ones(10))
-    sent = list(dirs[1].iterdir())
-    assert [p.name for p in sent] == ["kfring-job7-00000000-rs000-from0.bin"]
+    ring.close()
+    sent = sorted(dirs[1].iterdir())  # the chunk, and the abort note that stops the peer at once
+    assert [p.name for p in sent] == ["kfring-job7-00000000-rs000-00000-from0.bin", "kfring-job7-abort"]
     assert sent[0].stat().st_size == 5 * 4  # chunk 0 of two: 5 float32
-    assert clear(dirs[1], "job7") == 1 and not list(dirs[1].iterdir())
+    assert "timed out" in sent[1].read_text()
+    assert clear(dirs[1], "job7") == 2 and not list(dirs[1].iterdir())
 
 
 def test_truncated_message_is_an_error(tmp_path):
@@ -100,7 +103,7 @@ def test_truncated_message_is_an_error(tmp_path):
     dirs = (tmp_path / "a", tmp_path / "b")
     for d in dirs:
         d.mkdir()
-    (dirs[0] / "kfring-s-00000000-rs000-from1.bin").write_bytes(b"\0" * 3)
+    (dirs[0] / "kfring-s-00000000-rs000-00000-from1.bin").write_bytes(b"\0" * 3)
     with pytest.raises(SSDRingError, match=r"from rank 1 holds 3 bytes, expected 20"):
         SSDRing(0, RingConfig(dirs=dirs, session="s", timeout_s=5)).all_reduce(torch.ones(10))
 
@@ -117,9 +120,10 @@ def test_full_disk_names_the_file_and_rank(tmp_path):
     try:
         (tmp_path / "a").mkdir()
         ring = SSDRing(0, RingConfig(dirs=(tmp_path / "a", full), session="s", timeout_s=5))
-        with pytest.raises(SSDRingError, match=r"rank 0: cannot write .*/full/kfring-s-00000000-rs000-from0\.bin into "
+        with pytest.raises(SSDRingError, match=r"rank 0: cannot write .*/full/kfring-s-00000000-rs000-00000-from0\.bin into "
                                                r"rank 1's ring directory \(No space left on device\)"):
             ring.all_reduce(torch.ones(1 << 16))  # 128 KiB per chunk
-        assert not list(full.iterdir())
+        ring.close()
+        assert [p.name for p in full.iterdir()] in ([], ["kfring-s-abort"])  # no temporary file left
     finally:
         subprocess.run(["umount", str(full)], check=True)
