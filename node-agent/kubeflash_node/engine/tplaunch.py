@@ -1,7 +1,7 @@
 """`kubeflash run` with spec.offload.tensorParallel N (or --tensor-parallel N): N rank processes on this machine.
 
 The parent checks the split (engine/tensorparallel.plan) and the options before anything starts, cuts the store
-into N shard stores once (engine/tpshards.ensure_shards, kept beside the store entry), then starts N processes
+into N shard stores once (store/tpshards.ensure_shards, kept beside the store entry), then starts N processes
 (spawned, so no torch state is forked). Rank r streams only its own shard and sums its partial outputs with the
 others through torch.distributed (gloo on CPU; NCCL is the GPU backend) or the SSD ring (engine/ssdring.py, one
 directory per rank). Every rank runs the same prompts, so the reductions pair up and every rank samples the same
@@ -114,8 +114,8 @@ def run_tp(spec, *, world: int, reduce: str, ring_dirs: list[Path] | None, model
     entry. Raises TPLaunchError naming the rank when one fails or dies."""
     import torch.multiprocessing as mp
 
+    from ..store.tpshards import ensure_shards
     from .results import ResultsFile, fingerprints
-    from .tpshards import ensure_shards
 
     shards = ensure_shards(model_dir, world, progress=None if quiet else _shard_progress)
     tp_dir = Path(job_dir) / "tp"
