@@ -38,7 +38,8 @@ PROMPTS = [*ACCURACY_PROMPTS, "What does a compiler do?"]  # bench/accuracy.py's
 
 
 def greedy(store: Path, prompts, new: int, ffn) -> list[list[int]]:
-    e = Engine(store, policy=Policy(weights_gpu_percent=100, gpu_batch_size=1), sparsity=ffn)
+    bundled = ffn is not None and ffn.bundles is not None  # streamed: layers come without up/down, bundles read
+    e = Engine(store, policy=Policy(weights_gpu_percent=0 if bundled else 100, gpu_batch_size=1), sparsity=ffn)
     try:
         return [c.tokens for c in e.generate(prompts, GenParams(max_new_tokens=new))]
     finally:

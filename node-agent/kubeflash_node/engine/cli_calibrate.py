@@ -57,10 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "CPU runs use the float32 entry)")
     p.add_argument("--store", type=Path, help="local model store root (default: $KUBEFLASH_HOME or "
                                               "~/.cache/kubeflash)")
-    p.add_argument("--bundle", action="store_true",
-                   help="also write neuron-bundled FFN files (ffn_bundles/: each neuron's up row and down column "
-                        "side by side, 2/3 of the FFN bytes again), which bench/sparsity_accuracy.py reads; "
-                        "kubeflash run does not read them yet")
+    p.add_argument("--bundle", action=argparse.BooleanOptionalAction, default=True,
+                   help="write neuron-bundled FFN files (ffn_bundles/: each neuron's up row and down column side by "
+                        "side, 2/3 of the FFN bytes again, plus each neuron's activation frequency per target): a "
+                        "sparse `kubeflash run` then reads only the active neurons' bundles of streamed layers "
+                        "(default on; --no-bundle: thresholds only, streamed layers are read whole)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -104,18 +105,19 @@ def calibrate_cli(args: argparse.Namespace) -> Path:
     if len(ids) < MIN_TOKENS:
         raise ValueError(f"--text {args.text}: {len(ids)} tokens, calibration needs at least {MIN_TOKENS} "
                          "(a few pages of ordinary prose)")
-    path = calibrate(model_dir, ids, args.sparsity, device=device, window=args.window, progress=not args.quiet,
-                     text_sha256=_sha256(args.text))
+    path, freq = calibrate(model_dir, ids, args.sparsity, device=device, window=args.window,
+                           progress=not args.quiet, text_sha256=_sha256(args.text))
     if args.bundle:
         from ..store.bundles import write_bundles
 
-        print(f"neuron bundles: {write_bundles(model_dir)}")
+        print(f"neuron bundles: {write_bundles(model_dir, freq)}")
     return path
 
 
 def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, device: str = "cpu",
-              window: int = 512, progress: bool = False, text_sha256: str = "") -> Path:
-    """Record FFN activations over `ids` and write the thresholds of `targets` into the model's store entry."""
+              window: int = 512, progress: bool = False, text_sha256: str = "") -> tuple[Path, dict]:
+    """Record FFN activations over `ids` and write the thresholds of `targets` into the model's store entry;
+    returns (the file, target -> [L, I] per-neuron activation frequency at that target's thresholds)."""
     from ..store import sparsity as cal
     from ..store.format import load_manifest
     from ..store.modelconfig import ModelConfig
@@ -146,8 +148,9 @@ def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, de
         if bar:
             bar.close()
     thresholds = rec.thresholds_at(targets)
-    return cal.save(model_dir, cal.Calibration(model_id=model_dir.name, manifest_sha256=digest, tokens=len(ids),
+    path = cal.save(model_dir, cal.Calibration(model_id=model_dir.name, manifest_sha256=digest, tokens=len(ids),
                                                text_sha256=text_sha256, thresholds=thresholds))
+    return path, {t: rec.frequency_at(th) for t, th in thresholds.items()}
 
 
 def _sha256(path: Path) -> str:

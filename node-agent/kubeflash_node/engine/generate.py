@@ -88,6 +88,7 @@ class Engine:
         self.sparsity = sparsity  # sparse.SparseFFN or None (dense)
         if sparsity is not None:
             self.layer_fn = sparsity.wrap(self.layer_fn)
+            sparsity.timings = self.timings  # neuron-bundle reads are counted with the weights' (load_neurons)
         self.rope = Rope(self.config, self.device) if self.config.architecture == "llama" else None
         n = len(self.manifest.stages)
         placement = policy.placement(n)
@@ -98,7 +99,8 @@ class Engine:
             self.dir, self.manifest, device=self.device, dtype=self.dtype, placement=placement,
             order=itertools.cycle(range(n)), prefetch=policy.prefetch, threads=policy.io_threads,
             task_bytes=policy.io_task_bytes, backend=policy.io_backend, timings=self.timings,
-            routed_experts=not policy.all_experts, expert_cache_bytes=policy.expert_cache_bytes)
+            routed_experts=not policy.all_experts, expert_cache_bytes=policy.expert_cache_bytes,
+            skip_tensors=sparsity.skip_tensors() if sparsity is not None else frozenset())
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cache_bytes": 0,
                       "generated_tokens": 0, "block_setup_s": 0.0}
         self.prefix = prefix_cache.bind(self) if prefix_cache is not None else None

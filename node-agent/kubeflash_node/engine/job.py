@@ -49,7 +49,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
     config = ModelConfig.from_dict(manifest.config)  # refused before any work: positions, one sequence's KV
     check_context(config, [ids[i] for i in todo], max_new,
                   [f"spec.input.prompts[{i}] (id {spec.input.prompts[i].id})" for i in todo])
-    sparsity = _sparsity(spec, config, model_dir)  # refused before any work: no or stale calibration
+    sparsity = _sparsity(spec, config, model_dir, device)  # refused before any work: no or stale calibration
     itemsize = 4 if manifest.dtype == "float32" else 2
     check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
     if policy is None and spec.offload.policy == "auto" and machine is not None:
@@ -119,13 +119,13 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         engine.close()
 
 
-def _sparsity(spec: JobSpec, config: ModelConfig, model_dir: Path):
+def _sparsity(spec: JobSpec, config: ModelConfig, model_dir: Path, device: str):
     """spec.offload.sparsity as the engine runs it (sparse.SparseFFN), or None for the dense path."""
     if spec.offload.sparsity is None:
         return None
-    from .sparse import for_job
+    from .sparse import for_job, hot_budget
 
-    return for_job(config, model_dir, spec.offload.sparsity)
+    return for_job(config, model_dir, spec.offload.sparsity, hot_bytes=hot_budget(spec.resources, device))
 
 
 def _prefix_cache(spec: JobSpec, kv_cache_dir: Path | None) -> PrefixCache:

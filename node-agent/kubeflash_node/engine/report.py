@@ -29,7 +29,8 @@ def build_report(engine) -> dict:
         "load_cache_decoding_per_batch_s": t.mean("load_cache_decode"),
         "store_cache_decoding_per_batch_s": t.mean("store_cache_decode"),
         "compute_layer_decoding_per_batch_s": t.mean("compute_layer_decode"),
-        "weight_bytes_read": t.bytes["load_weight"] + t.bytes["load_weight_resident"] + t.bytes["load_expert"],
+        "weight_bytes_read": t.bytes["load_weight"] + t.bytes["load_weight_resident"] + t.bytes["load_expert"]
+        + t.bytes["load_neurons"] + t.bytes["load_neurons_resident"],  # activation sparsity's neuron bundles
         "expert_reads": t.count["load_expert"], "expert_cache_hits": t.count["expert_cache_hit"],  # MoE only
         "prefill_latency_s": s["prefill_s"], "prefill_tokens": s["prefill_tokens"],
         "prefill_throughput_tok_s": s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0.0,

@@ -12,12 +12,17 @@ token still drops its own inactive ones, so a step of many tokens computes exact
 (fc1) matrix, plus one up row and one down column per active neuron (LLM in a flash's neuron bundle), and the
 runs of consecutive active neurons (one read each in a bundled layout). The model calls in through one hook:
 `llama_layer`/`opt_layer` call `w["sparse_ffn"](c, w, h)` when the engine put one in the layer's weights.
+
+With neuron bundles (store/bundles.py) a layer streamed from disk arrives without its up/down matrices (the
+streamer skips them, `skip_tensors`): the active neurons' bundles come from a `NeuronCache` (neurons.py: a hot
+set chosen from calibration frequency, a window of recently active neurons, the rest read from the SSD).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -30,6 +35,10 @@ from .model import ACTIVATIONS, embed, head, make_batch
 HOOK = "sparse_ffn"  # the weight-dict key the model's MLP looks for
 RECORD_PER_CALL = 1 << 18  # |activation| samples kept per layer and call while calibrating
 RECORD_MAX = 1 << 23  # ... and per layer in all (torch.quantile takes at most 16M values)
+FREQ_TOKENS = 512  # whole activation vectors kept per layer while calibrating, for per-neuron frequencies
+WINDOW = 5  # decode calls a neuron's bundle stays after it was last active (LLM in a flash's k)
+HOT_SHARE = 0.25  # of the job's memory budget on the compute device, for the resident hot neurons
+BUNDLED = frozenset({"w_up", "w_down", "fc2_w"})  # matrices a bundled layer's stage is read without
 
 
 @dataclass
@@ -73,12 +82,17 @@ class SparseFFN:
     """The sparse FFN of one model: per-layer thresholds (None: record activations for calibration instead)."""
 
     def __init__(self, thresholds: Sequence[float] | None, *, num_layers: int, target: float | None = None,
-                 source: str = "calibrated", bundles=None):
+                 source: str = "calibrated", bundles=None, hot: list[list[int]] | None = None,
+                 window: int = 0):
         self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
         self.bundles = bundles  # store.bundles.BundleReader: up rows / down columns read from the bundle files
+        self.hot, self.window = hot, window  # hot neuron ids per layer, kept; decode calls a read bundle stays
+        self.neurons = None  # neurons.NeuronCache, built on first use (on the compute device)
+        self.timings = None  # the engine's Timings: bundle reads are counted there (load_neurons)
         self.target, self.source = target, source  # source: calibrated | relu (OPT's own zeros) | record
         self.reads = FFNReads()
         self.samples: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.vectors: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # [n, I] float16, recording
         self._gen = torch.Generator().manual_seed(0)
         self._layers = [self._for_layer(j) for j in range(num_layers)]
 
@@ -92,6 +106,10 @@ class SparseFFN:
             return layer_fn(c, {**w, HOOK: self._layers[layer]}, x, batch, cache, rope, layer=layer)
         return sparse_layer
 
+    def skip_tensors(self) -> frozenset[str]:
+        """Tensors a streamed layer may be read without (the bundles hold them), for the WeightStreamer."""
+        return BUNDLED if self.bundles is not None else frozenset()
+
     def line(self) -> str:
         """One line for `kubeflash run`'s output."""
         s = self.reads.summary()
@@ -100,13 +118,43 @@ class SparseFFN:
             d = s["decode"]
             out += (f"; decode needs {100 * d['ffn_read_fraction']:.1f}% of the FFN matrix bytes (gate whole, up/down "
                     f"of active neurons), {d['runs_per_layer_call']:g} runs a layer in a neuron-bundled layout")
+        w = self.weights()
+        if w is None:
+            out += "; no neuron bundles (kubeflash calibrate --bundle), so streamed layers are read whole"
+        elif w["dense"]:
+            out += (f"; weights read {w['read'] / 2**20:.1f} MiB of {w['dense'] / 2**20:.1f} MiB dense "
+                    f"({100 * w['read'] / w['dense']:.1f}%)")
+            if self.neurons is not None and self.neurons.hits + self.neurons.misses:
+                n = self.neurons
+                out += (f", neuron cache hit {100 * n.hits / (n.hits + n.misses):.1f}% (hot set "
+                        f"{n.hot_bytes / 2**20:.1f} MiB, window {self.window})")
         return out
+
+    def weights(self) -> dict | None:
+        """Weight bytes the engine read and would have read dense (None without bundles or an engine)."""
+        t = self.timings
+        if self.bundles is None or t is None:
+            return None
+        base = t.bytes["load_weight"] + t.bytes["load_weight_resident"]
+        return {"read": base + t.bytes["load_neurons"] + t.bytes["load_neurons_resident"],
+                "dense": base + t.bytes["load_weight_skipped"], "neurons": t.bytes["load_neurons"]}
 
     def describe(self) -> dict:
         out = {"target": self.target, "source": self.source, **self.reads.summary()}
         if self.bundles is not None:
             out["bundle_bytes_read"], out["bundle_reads"] = self.bundles.bytes_read, self.bundles.reads
+            w = self.weights()
+            if w is not None:
+                out["weights_bytes_read"], out["weights_bytes_dense"] = w["read"], w["dense"]
+            if self.neurons is not None:
+                n = self.neurons
+                out["neuron_cache"] = {"hits": n.hits, "misses": n.misses, "hot_bytes": n.hot_bytes,
+                                       "window": self.window, "held_bytes": n.held_bytes()}
         return out
+
+    def close(self) -> None:
+        if self.bundles is not None:
+            self.bundles.close()
 
     def _for_layer(self, j: int) -> Callable:
         def ffn(c: ModelConfig, w: dict, h: torch.Tensor) -> torch.Tensor:
@@ -128,28 +176,34 @@ class SparseFFN:
         up, down = self._gather(w, llama, layer, active, h)
         if llama:
             a = a.mul_(F.linear(h, up, _rows(w.get("b_up"), active)))
-        self._count(w, llama, h, keep, active)
+        self._count(c, w, llama, h, keep, active)
         return F.linear(a, down, w.get("b_down" if llama else "fc2_b"))
 
     def _gather(self, w: dict, llama: bool, layer: int, active: torch.Tensor, h: torch.Tensor):
         """(up rows [A, H] or None for OPT, down columns [H, A]) of the active neurons: from the layer's weights,
         or read from the neuron bundles."""
-        if self.bundles is None:
+        if ("w_down" if llama else "fc2_w") in w:
             down = (w["w_down"] if llama else w["fc2_w"]).index_select(1, active)
             return (w["w_up"].index_select(0, active) if llama else None), down
+        if self.neurons is None:
+            from .neurons import NeuronCache
+
+            self.neurons = NeuronCache(self.bundles, num_layers=len(self.thresholds), device=h.device, dtype=h.dtype,
+                                       hot=self.hot, window=self.window, timings=self.timings)
         before = self.bundles.bytes_read
-        rows = torch.from_numpy(self.bundles.read(layer, active.tolist())).to(h.device, h.dtype)  # [A, 2H] | [A, H]
+        rows = self.neurons.rows(layer, active.cpu(), decode=h.shape[1] == 1)  # [A, 2H] | [A, H]
         self.reads.bundle_bytes["decode" if h.shape[1] == 1 else "prefill"] += self.bundles.bytes_read - before
         hidden = h.shape[-1]
         return (rows[:, :hidden], rows[:, hidden:].T) if llama else (None, rows.T)
 
-    def _count(self, w: dict, llama: bool, h: torch.Tensor, keep: torch.Tensor, active: torch.Tensor) -> None:
+    def _count(self, c: ModelConfig, w: dict, llama: bool, h: torch.Tensor, keep: torch.Tensor,
+               active: torch.Tensor) -> None:
         """Matrix bytes of this call: dense reads every matrix; sparse the gate (fc1) matrix, which decides, and an
         up row and a down column (OPT: an fc2 column) per active neuron, in runs of consecutive neurons."""
-        first, rest = (w["w_gate"], (w["w_up"], w["w_down"])) if llama else (w["fc1_w"], (w["fc2_w"],))
-        size = first.element_size()
-        dense = (first.numel() + sum(m.numel() for m in rest)) * size
-        per_neuron = (rest[0].shape[1] + rest[1].shape[0] if llama else rest[0].shape[0]) * size
+        first = w["w_gate"] if llama else w["fc1_w"]  # [I, H]; up [I, H] and down [H, I] may be in the bundles
+        size, rest = first.element_size(), 2 if llama else 1
+        dense = (1 + rest) * first.numel() * size
+        per_neuron = rest * c.hidden_size * size
         runs = int((active.diff() != 1).sum()) + 1 if active.numel() else 0
         tokens = h.shape[0] * h.shape[1]
         self.reads.add("decode" if h.shape[1] == 1 else "prefill", tokens=tokens, dense=dense,
@@ -157,6 +211,12 @@ class SparseFFN:
                        inactive=keep.numel() - int(keep.sum()))
 
     def _record(self, layer: int, a: torch.Tensor) -> None:
+        vecs = a.detach().abs().reshape(-1, a.shape[-1]).to("cpu", torch.float16)  # [T, I]
+        kept_v = self.vectors[layer]
+        kept_v.append(vecs[torch.randperm(vecs.shape[0], generator=self._gen)[:FREQ_TOKENS]])
+        if sum(v.shape[0] for v in kept_v) > FREQ_TOKENS:
+            allv = torch.cat(kept_v)
+            kept_v[:] = [allv[torch.randperm(allv.shape[0], generator=self._gen)[:FREQ_TOKENS]]]
         flat = a.detach().abs().reshape(-1).float().cpu()
         if flat.numel() > RECORD_PER_CALL:
             flat = flat[torch.randint(flat.numel(), (RECORD_PER_CALL,), generator=self._gen)]
@@ -180,23 +240,58 @@ class SparseFFN:
         return {t: tuple(v) for t, v in out.items()}
 
 
+    def frequency_at(self, thresholds: Sequence[float]):
+        """[L, I] float32 numpy: per layer and neuron, the share of recorded tokens on which it was active
+        (|a| above the layer's threshold), over the sampled activation vectors."""
+        import numpy as np
+
+        return np.stack([(torch.cat(v).float() > t).float().mean(0).numpy() for v, t in zip(self.vectors, thresholds)])
+
+
 def _rows(b: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
     return None if b is None else b.index_select(0, idx)
 
 
-def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec.offload.sparsity") -> SparseFFN:
+def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec.offload.sparsity",
+            hot_bytes: int = 0, window: int = WINDOW) -> SparseFFN:
     """The sparse FFN a job asking for `target` runs with: OPT-style ReLU models use their own zeros (exact, no
     calibration); other activations need the model's calibration for `target` (store/sparsity.py refuses a
-    missing or stale one, naming `field`)."""
-    from ..store.sparsity import thresholds_for
+    missing or stale one, naming `field`). With the model's neuron bundles (kubeflash calibrate writes them) the
+    up/down matrices of streamed layers are read per active neuron: a hot set of `hot_bytes` (the neurons most
+    often active on the calibration text) stays resident, and a neuron stays `window` decode steps once read."""
+    from ..store.bundles import DIR, BundleReader, frequency
 
     if getattr(config, "num_experts", 0):
         raise ValueError(f"{field}: a mixture-of-experts model reads only its routed experts already; activation "
                          "sparsity applies to dense FFN models (set it to off)")
     if config.hidden_act == "relu" and config.architecture == "opt":
-        return SparseFFN([0.0] * config.num_layers, num_layers=config.num_layers, target=target, source="relu")
-    th = thresholds_for(model_dir, target, num_layers=config.num_layers, field=field)
-    return SparseFFN(th, num_layers=config.num_layers, target=target)
+        th, source = [0.0] * config.num_layers, "relu"
+    else:
+        th = thresholds_for_job(model_dir, target, config.num_layers, field)
+        source = "calibrated"
+    reader, hot = None, None
+    if (Path(model_dir) / DIR).is_dir():
+        reader = BundleReader(model_dir)  # refuses bundles of another version of the model
+        freq = frequency(model_dir, target) if hot_bytes else None
+        if freq is not None:
+            from .neurons import hot_sets
+
+            hot = hot_sets(freq, row_bytes=reader.row_bytes, budget_bytes=hot_bytes)
+    return SparseFFN(th, num_layers=config.num_layers, target=target, source=source, bundles=reader, hot=hot,
+                     window=window)
+
+
+def hot_budget(resources, device: str) -> int:
+    """Bytes of hot neuron bundles a job keeps resident: HOT_SHARE of its memory budget on the compute device
+    (spec.resources.gpuMemory on a GPU, cpuMemory on the CPU); 0, no hot set, when the job sets none."""
+    budget = resources.gpu_memory if str(device).startswith("cuda") else resources.cpu_memory
+    return int(HOT_SHARE * budget) if budget else 0
+
+
+def thresholds_for_job(model_dir, target: float, num_layers: int, field: str) -> tuple[float, ...]:
+    from ..store.sparsity import thresholds_for
+
+    return thresholds_for(model_dir, target, num_layers=num_layers, field=field)
 
 
 # ----------------------------------------------------------------------------- teacher-forced passes

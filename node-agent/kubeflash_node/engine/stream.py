@@ -7,7 +7,9 @@ on a CUDA event, never on the host. Resident stages ('gpu'/'cpu' placement) are 
 Quantized matrices (w.q/w.scale/w.zero, see quant.py) travel packed and are dequantized to the compute dtype
 where the views are built, on the compute device: on CUDA the decompression runs on the GPU, after the copy.
 A streamed mixture-of-experts layer is read without its experts, which are read when routed (experts.py), unless
-`routed_experts` is off (every expert read with its layer, as dense streaming does).
+`routed_experts` is off (every expert read with its layer, as dense streaming does). With activation sparsity
+(sparse.py) a streamed layer is read without the tensors named in `skip_tensors` (the FFN's up/down matrices,
+which the sparse FFN reads per active neuron from the neuron bundles): the rest of the file in a few runs.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class WeightStreamer:
     def __init__(self, model_dir: Path, manifest: Manifest, *, device: torch.device, dtype: torch.dtype,
                  placement: list[str], order: Iterator[int], prefetch: int = 2, threads: int = 4,
                  task_bytes: int = 16 << 20, backend: str = "auto", timings=None, routed_experts: bool = True,
-                 expert_cache_bytes: int = 0):
+                 expert_cache_bytes: int = 0, skip_tensors: frozenset[str] = frozenset()):
         self.dir, self.m, self.device, self.dtype = Path(model_dir), manifest, device, dtype
         self.placement, self.order, self.prefetch = placement, order, prefetch
         self.task_bytes, self.timings = task_bytes, timings
@@ -67,6 +69,10 @@ class WeightStreamer:
         self.routed = {i: r for i in sorted(self.streamed) if routed_experts and placement[i] == "disk"
                        for r in [expert_ranges(self.m.files[self.m.stages[i]])] if r[1]}
         self.expert_cache = ExpertCache(expert_cache_bytes) if expert_cache_bytes and self.routed else None
+        # streamed layers read without `skip_tensors`: stage -> (byte runs to read, bytes skipped)
+        self.partial = {i: r for i in sorted(self.streamed) if skip_tensors and placement[i] == "disk"
+                        for r in [kept_runs(self.m.files[self.m.stages[i]], skip_tensors)] if r[1]}
+        self.skip_tensors = skip_tensors
         max_bytes = max((self.routed[i][0] if i in self.routed else self.m.files[self.m.stages[i]].size
                          for i in self.streamed), default=0)  # a routed MoE layer's ring slot holds no experts
         host_ring = any(placement[i] == "disk" for i in self.streamed) and not self.direct_to_device
@@ -134,7 +140,11 @@ class WeightStreamer:
         src = self.host_resident.get(stage)
         if src is None:
             dest = slot.dev if self.direct_to_device else slot.host
-            self._read_parallel(self.dir / name, dest[:size])
+            if stage in self.partial:
+                for start, end in self.partial[stage][0]:
+                    self._read_parallel(self.dir / name, dest[start:end], start)
+            else:
+                self._read_parallel(self.dir / name, dest[:size])
             src = slot.host
         if self.cuda and not (self.direct_to_device and stage not in self.host_resident):
             with torch.cuda.stream(self.copy_stream):
@@ -146,25 +156,30 @@ class WeightStreamer:
             slot.ready = torch.cuda.Event()
             slot.ready.record(self.copy_stream)
         if self.timings is not None:
-            self.timings.add("load_weight", time.perf_counter() - t0, bytes=size)
+            read = sum(b - a for a, b in self.partial[stage][0]) if stage in self.partial else size
+            skipped = size - read  # a dense read's bytes = read + skipped
+            self.timings.add("load_weight", time.perf_counter() - t0, bytes=read)
+            if skipped:
+                self.timings.add("load_weight_skipped", 0.0, bytes=skipped)
 
-    def _read_parallel(self, path: Path, dest: torch.Tensor) -> None:
-        """Split one stage read into `task_bytes` tasks run on the reader pool's spare threads."""
+    def _read_parallel(self, path: Path, dest: torch.Tensor, base: int = 0) -> None:
+        """Split one read (file bytes from `base`) into `task_bytes` tasks run on the reader pool's spare threads."""
         size = dest.numel()
         tasks = [(off, min(self.task_bytes, size - off)) for off in range(0, size, self.task_bytes)]
         if not tasks:  # an empty stage: OPT's head without final LayerNorm, projection or own lm_head
             return
-        subs = [self.task_pool.submit(self.reader.read_into, path, off, dest[off:off + n]) for off, n in tasks[1:]]
-        self.reader.read_into(path, 0, dest[:tasks[0][1]])
+        subs = [self.task_pool.submit(self.reader.read_into, path, base + off, dest[off:off + n])
+                for off, n in tasks[1:]]
+        self.reader.read_into(path, base, dest[:tasks[0][1]])
         for sub in subs:
             sub.result()
 
     def _views(self, stage: int, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed tensor views into a stage buffer, cast to the compute dtype where the store differs;
         quantized matrices are dequantized here, on `buf`'s device."""
-        routed = stage in self.routed
+        routed, skip = stage in self.routed, self.skip_tensors if stage in self.partial else ()
         out = self._typed(buf, {n: e for n, e in self.m.files[self.m.stages[stage]].tensors.items()
-                                if not (routed and expert_of(n) is not None)})
+                                if not (routed and expert_of(n) is not None) and n not in skip})
         return RoutedWeights(out, lambda j: self._read_expert(stage, j), self.task_pool) if routed else out
 
     def _typed(self, buf: torch.Tensor, entries: dict, base: int = 0) -> dict[str, torch.Tensor]:
@@ -226,3 +241,23 @@ class WeightStreamer:
                                         for k, v in self._views(stage, dev).items()}
             else:
                 self.resident[stage] = self._views(stage, host)
+
+
+def kept_runs(entry, skip: frozenset[str]) -> tuple[list[tuple[int, int]], int]:
+    """([start, end) byte runs of a stage file holding every tensor not in `skip`, bytes skipped); ([], 0) when
+    the stage has none of `skip`. Neighbouring kept tensors share a run (the alignment padding between them too)."""
+    tensors = sorted(entry.tensors.items(), key=lambda kv: kv[1].offset)
+    skipped = sum(e.nbytes for n, e in tensors if n in skip)
+    if not skipped:
+        return [], 0
+    out: list[list[int]] = []
+    gap = True  # a skipped tensor since the last kept one
+    for name, e in tensors:
+        if name in skip:
+            gap = True
+        elif gap or not out:
+            out.append([e.offset, e.offset + e.nbytes])
+            gap = False
+        else:
+            out[-1][1] = e.offset + e.nbytes
+    return [(a, b) for a, b in out], skipped

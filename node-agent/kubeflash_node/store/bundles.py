@@ -6,7 +6,9 @@ are H scattered runs each; here they sit side by side, one neuron after the othe
 (`ffn_bundles/layer_NNN.bin`: [I, 2H] for the Llama family, [I, H] for OPT, the store's dtype), so the active
 set of a step is one read per run of consecutive active neurons. `BundleReader` does exactly those reads
 (os.preadv) and counts their bytes. Written crash-safely next to the model's stage files; the index names the
-manifest it was cut from, so bundles of an older model are refused. Knows nothing of torch.
+manifest it was cut from, so bundles of an older model are refused. Beside them, per calibrated target,
+`freq_<target>.npy` ([L, I] float32): the share of calibration tokens on which each neuron was active, from which
+a run picks its resident hot set. Knows nothing of torch.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ def _parts(tensors) -> tuple[str, ...]:
     return ("w_up", "w_down") if "w_up" in tensors else ("fc2_w",)
 
 
-def write_bundles(model_dir: Path) -> Path:
-    """Cut every decoder layer's up rows and down columns into neuron bundles under `<model_dir>/ffn_bundles`."""
+def write_bundles(model_dir: Path, freq: dict[float, np.ndarray] | None = None) -> Path:
+    """Cut every decoder layer's up rows and down columns into neuron bundles under `<model_dir>/ffn_bundles`,
+    with the calibration's per-neuron activation frequencies (`freq`: target -> [L, I]) beside them."""
     model_dir = Path(model_dir)
     m = load_manifest(model_dir)
     if m.extra.get("quant"):
@@ -50,9 +53,20 @@ def write_bundles(model_dir: Path) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, out / f"layer_{j:03d}.bin")
+    freqs = {}
+    for target, f in sorted((freq or {}).items()):
+        name = f"freq_{target:g}.npy"
+        tmp = out / f".{name}.tmp"
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(f, dtype=np.float32))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out / name)
+        freqs[f"{target:g}"] = name
     atomic_write_json(out / INDEX, {"format": FORMAT, "manifest_sha256": manifest_sha256(model_dir),
                                     "layers": len(layers), "neurons": int(bundle.shape[0]),
-                                    "row_elems": int(bundle.shape[1]), "dtype": str(bundle.dtype)})
+                                    "row_elems": int(bundle.shape[1]), "dtype": str(bundle.dtype),
+                                    "frequency": freqs})
     fsync_dir(out)
     return out
 
@@ -92,6 +106,21 @@ class BundleReader:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+def frequency(model_dir: Path, target: float) -> np.ndarray | None:
+    """[L, I] activation frequencies of `target` written with the bundles, or None when there are none."""
+    d = Path(model_dir) / DIR
+    try:
+        name = json.loads((d / INDEX).read_text()).get("frequency", {}).get(f"{target:g}")
+        if name is None:
+            return None
+        if name != f"freq_{target:g}.npy":
+            raise ValueError(f"{INDEX} names {name!r}, expected freq_{target:g}.npy")
+        return np.load(d / name, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{d}: unreadable activation frequencies for {target:g} ({e}); run kubeflash calibrate "
+                         "again") from e
 
 
 def runs(ids: list[int]) -> list[tuple[int, int]]:

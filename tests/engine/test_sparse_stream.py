@@ -1,0 +1,194 @@
+"""Sparse decode from the SSD on tiny random Llama models (CPU, float32): with neuron bundles, a streamed layer is
+read without its up/down matrices and the FFN reads only its active neurons' bundles. Sparsity off is token for
+token transformers' dense output; sparsity on gives the logits of transformers with the same neurons masked;
+the bytes a decode step reads are the layer minus its up/down plus one bundle per active neuron; a hot set and a
+window of recently active neurons are never read again and change no output; the cost model predicts the
+bytes the engine reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hf_random import save_random_model
+from transformers import LlamaConfig
+
+from kubeflash_node.engine import sparse
+from kubeflash_node.engine.cli_calibrate import calibrate
+from kubeflash_node.engine.generate import Engine, GenParams
+from kubeflash_node.engine.policy import Policy
+from kubeflash_node.store.bundles import BundleReader, frequency, write_bundles
+from kubeflash_node.store.convert import convert
+from kubeflash_node.store.format import load_manifest
+from kubeflash_node.store.modelconfig import ModelConfig
+
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
+TARGET = 0.5
+STREAM = Policy(gpu_batch_size=1)  # every stage read from disk each step
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(transformers model, store dir calibrated at 0 and TARGET with bundles and frequencies)."""
+    root = tmp_path_factory.mktemp("sparse")
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = save_random_model(cfg, root / "hf")
+    store = root / "store"
+    convert(str(root / "hf"), store, dtype="float32")
+    ids = torch.randint(0, 97, (768,), generator=torch.Generator().manual_seed(1)).tolist()
+    _, freq = calibrate(store, ids, (0.0, TARGET), window=256)
+    write_bundles(store, freq)
+    return model, store
+
+
+def _ffn(store: Path, target: float, **kw) -> sparse.SparseFFN:
+    c = ModelConfig.from_dict(load_manifest(store).config)
+    return sparse.for_job(c, store, target, **kw)
+
+
+def _generate(store: Path, ffn, new: int = 6, policy: Policy = STREAM):
+    e = Engine(store, policy=policy, sparsity=ffn)
+    try:
+        [c] = e.generate([PROMPT], GenParams(max_new_tokens=new))
+    finally:
+        e.close()  # joins the streamer's read-ahead: the counters below are final
+    return c.tokens, e
+
+
+def _masked(model, thresholds):
+    """transformers' model whose MLPs drop the neurons with |act(gate(x))| <= their layer's threshold."""
+    def forward_of(mlp, tau):
+        def forward(x):
+            a = mlp.act_fn(mlp.gate_proj(x))
+            return mlp.down_proj((a * (a.abs() > tau)) * mlp.up_proj(x))
+        return forward
+    for layer, tau in zip(model.model.layers, thresholds):
+        layer.mlp.forward = forward_of(layer.mlp, tau)
+    return model
+
+
+def _reference(model, new: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([PROMPT]), max_new_tokens=new, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    return out[0, len(PROMPT):].tolist()
+
+
+def test_sparsity_off_and_zero_are_the_dense_tokens(tiny):
+    """Without sparsity the streamed engine gives transformers' greedy tokens; at target 0 (every non-zero
+    activation kept) the bundles replace the skipped up/down matrices and the tokens are the same."""
+    model, store = tiny
+    ref = _reference(model, 6)
+    dense, e_dense = _generate(store, None)
+    zero, e_zero = _generate(store, _ffn(store, 0.0))
+    assert dense == ref and zero == ref
+    assert e_dense.timings.bytes["load_neurons"] == 0 and e_zero.timings.bytes["load_neurons"] > 0
+    assert e_zero.timings.bytes["load_weight"] < e_dense.timings.bytes["load_weight"]
+
+
+def test_sparse_logits_equal_transformers_with_the_same_neurons_masked(tiny):
+    """At TARGET the engine (layers streamed without up/down, bundles of the active neurons read) gives the
+    prefill logits and the greedy tokens of transformers whose MLPs mask the neurons below the thresholds."""
+    import copy
+
+    model, store = tiny
+    ffn = _ffn(store, TARGET)
+    ref = _masked(copy.deepcopy(model), ffn.thresholds)
+    e = Engine(store, policy=STREAM, sparsity=ffn)
+    try:
+        logits = e.prefill_logits([PROMPT])
+    finally:
+        e.close()
+    with torch.no_grad():
+        want = ref(torch.tensor([PROMPT])).logits[:, -1]
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+    tokens, _ = _generate(store, _ffn(store, TARGET), new=6)
+    assert tokens == _reference(ref, 6)
+
+
+def test_a_decode_step_reads_the_layer_without_up_down_plus_the_active_bundles(tiny):
+    """The bytes one decode step adds are, per layer, the stage file minus its up/down matrices plus one bundle
+    (2H floats) per active neuron: about half the FFN's up/down bytes at TARGET 0.5, far fewer than dense."""
+    _, store = tiny
+    m = load_manifest(store)
+    c = ModelConfig.from_dict(m.config)
+    read = {}
+    for new in (1, 2):
+        _, e = _generate(store, _ffn(store, TARGET), new=new)
+        read[new] = (e.timings.bytes["load_weight"], e.timings.bytes["load_neurons"], e.sparsity)
+    (_, n1, f1), (_, n2, f2) = read[1], read[2]
+    layer = m.files["layer_000.bin"]
+    updown = sum(layer.tensors[k].nbytes for k in ("w_up", "w_down"))
+    runs, _ = e.streamer.partial[1]  # layer 0: everything but up/down, in one run here (they come last)
+    assert runs == [(0, layer.size - updown)]
+    t = e.timings  # every layer read skipped exactly its up/down bytes
+    assert t.count["load_weight_skipped"] >= 2 * c.num_layers
+    assert t.bytes["load_weight_skipped"] == t.count["load_weight_skipped"] * updown
+    decode = f2.reads.bundle_bytes["decode"]
+    active = f2.reads.read_bytes["decode"] - c.num_layers * c.intermediate_size * c.hidden_size * 4  # minus gates
+    assert decode == active  # counted (one up row + down column per active neuron) = read from the bundles
+    assert 0.3 * c.num_layers * updown < decode < 0.7 * c.num_layers * updown
+    assert n2 - n1 == decode and f1.reads.bundle_bytes["decode"] == 0
+
+
+class _Logged(BundleReader):
+    """The real reader, remembering which neurons each read asked for."""
+
+    def __init__(self, model_dir):
+        super().__init__(model_dir)
+        self.log: list[tuple[int, list[int]]] = []
+
+    def read(self, layer, active):
+        self.log.append((layer, list(active)))
+        return super().read(layer, active)
+
+
+def _logged(store: Path, **kw) -> sparse.SparseFFN:
+    ffn = _ffn(store, TARGET, **kw)
+    ffn.bundles = _Logged(store)
+    return ffn
+
+
+def test_window_keeps_recent_neurons_and_changes_nothing(tiny):
+    """With a window longer than the run, no neuron's bundle is read twice in decode; the tokens are those of a
+    run without a window, which reads more bytes."""
+    _, store = tiny
+    plain, e0 = _generate(store, _logged(store, window=0), new=8)
+    ffn = _logged(store, window=16)
+    kept, e1 = _generate(store, ffn, new=8)
+    assert kept == plain
+    seen: dict[int, set[int]] = {}
+    decode = ffn.bundles.log[3:]  # the prefill's three layer calls first
+    for layer, ids in decode:
+        again = seen.setdefault(layer, set()) & set(ids)
+        assert not again, (layer, sorted(again))
+        seen[layer] |= set(ids)
+    assert e1.timings.bytes["load_neurons"] < e0.timings.bytes["load_neurons"]
+    assert ffn.neurons.hits > 0
+
+
+def test_hot_neurons_are_read_once_and_change_nothing(tiny):
+    """A hot set (the calibration's most frequently active neurons, sized by the byte budget) is read at start
+    and never again; tokens are unchanged and later reads fall."""
+    _, store = tiny
+    reader = BundleReader(store)
+    budget = 3 * 100 * reader.row_bytes  # 100 neurons a layer on average
+    plain, e0 = _generate(store, _logged(store, window=0), new=6)
+    ffn = _logged(store, window=0, hot_bytes=budget)
+    hot_tokens, e1 = _generate(store, ffn, new=6)
+    assert hot_tokens == plain
+    hot = ffn.hot
+    assert sum(len(h) for h in hot) == 300
+    freq = frequency(store, TARGET)  # the most frequent over all layers: none left out beats one kept
+    flat = torch.from_numpy(freq).reshape(-1)
+    kept = torch.zeros_like(flat, dtype=torch.bool)
+    for j, ids in enumerate(hot):
+        kept[torch.tensor(ids, dtype=torch.long) + j * freq.shape[1]] = True
+    assert flat[~kept].max() <= flat[kept].min()
+    first = 3  # the hot set's reads at start, one per layer
+    for layer, ids in ffn.bundles.log[first:]:
+        assert not set(ids) & set(hot[layer]), layer
+    assert e1.timings.bytes["load_neurons"] < e0.timings.bytes["load_neurons"]
+    assert e1.timings.bytes["load_neurons_resident"] == 300 * reader.row_bytes
