@@ -28,14 +28,16 @@ class ModelEntry:
     dtype: str = "float16"
     quantization: str = "none"
     disk: str = ""
+    tensor_parallel: int = 1  # > 1: also stage shard k of N on pair k's disk
 
     @property
     def id(self) -> str:
         return model_id(self.uri, dtype=self.dtype, quantization=self.quantization)
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict:
         out = {"id": self.id, "uri": self.uri, "dtype": self.dtype, "quantization": self.quantization}
-        return {**out, "disk": self.disk} if self.disk else out
+        out = {**out, "disk": self.disk} if self.disk else out
+        return {**out, "tensorParallel": self.tensor_parallel} if self.tensor_parallel > 1 else out
 
 
 MODEL_ENTRY = s.obj(
@@ -46,6 +48,9 @@ MODEL_ENTRY = s.obj(
     ("dtype", s.string("The staged dtype.", enum=DTYPES, default="float16")),
     ("quantization", s.string("The staged weight quantization.", enum=QUANTIZATIONS, default="none")),
     ("disk", s.string("The disk the operator would like it on (the placed job's pair); a hint.")),
+    ("tensorParallel", s.integer("Also stage the model cut into this many tensor-parallel shards, shard k on the "
+                                 "disk of GPU<->SSD pair k (docs/multi-gpu.md); 1: no shards.", lo=1, hi=8,
+                                 default=1)),
     required=("id", "uri"))
 
 SPEC = s.obj(
@@ -92,6 +97,18 @@ STATUS = s.obj(
         ("progress", s.number("Percent staged.", lo=0, hi=100)),
         ("lastUsed", s.string("When a job last used it (eviction is least recently used first).", **_TIME)),
         ("message", s.string("Why it failed, for people.")),
+        ("tensorParallel", s.integer("How many tensor-parallel shards were asked for (spec.models).", lo=1)),
+        ("shards", s.array("Its tensor-parallel shards, one per GPU<->SSD pair.", s.obj(
+            "Shard `rank` of the model, on the disk of the pair of GPU `gpu`.",
+            ("rank", s.integer("The shard's rank.", lo=0)),
+            ("gpu", s.integer("The GPU of the pair whose disk holds it.", lo=0)),
+            ("disk", s.string("The disk holding it.")),
+            ("path", s.string("The shard store's directory on that disk.")),
+            ("state", s.string("Pending, Staging, Ready or Failed.", enum=MODEL_STATES)),
+            ("bytes", s.integer("Bytes on disk.", lo=0, fmt="int64")),
+            ("progress", s.number("Percent cut.", lo=0, hi=100)),
+            ("message", s.string("Why it failed, for people.")),
+            required=("rank", "disk", "state")))),
         required=("id", "state")))),
     ("gpuCount", s.integer("How many GPUs the agent found (for kubectl get fn).", lo=0)),
     ("pairCount", s.integer("How many GPU<->SSD pairs (for kubectl get fn).", lo=0)),
@@ -148,7 +165,8 @@ def parse_model_entry(raw: Any, path: str, *, require_id: bool = True) -> ModelE
         require_id = True
     d = s.parse(MODEL_ENTRY, raw, path)
     check_uri(d["uri"], f"{path}.uri")
-    entry = ModelEntry(uri=d["uri"], dtype=d["dtype"], quantization=d["quantization"], disk=d.get("disk", ""))
+    entry = ModelEntry(uri=d["uri"], dtype=d["dtype"], quantization=d["quantization"], disk=d.get("disk", ""),
+                       tensor_parallel=d["tensorParallel"])
     if require_id and (not is_model_id(d["id"]) or d["id"] != entry.id):
         raise SpecError(f"{path}.id", f"must be {entry.id} (model_id of uri, dtype and quantization), got {d['id']!r}")
     return entry

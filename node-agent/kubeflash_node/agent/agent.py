@@ -70,7 +70,7 @@ class Agent:
             "pairs": [f"{p.gpu}->{p.disk} ({p.reason})" for p in self.pairs]})
         paired = tuple(dict.fromkeys(p.disk for p in self.pairs))
         self.cache = ModelCache(self.cfg, self.inv.disks, metrics=self.metrics, paired_disks=paired,
-                                free_of=self.free_of)
+                                free_of=self.free_of, pairs=tuple((p.gpu, p.disk) for p in self.pairs))
         self.jobs = JobSpaces(self.inv.disks, self.cache.catalogs)
         self.jobs.startup()
         self.cache.startup()

@@ -61,6 +61,7 @@ class ModelWant:
     quantization: str = "none"
     disk: str = ""  # preferred disk name; a hint
     id: str = ""  # the id the operator computed; checked against ours, never used as a path
+    tensor_parallel: int = 1  # > 1: shard k of N also staged on pair k's disk (agent/tpstaging.py)
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ def parse_model(raw: Any, where: str) -> ModelWant:
     except SpecError as e:
         raise ConfigError(str(e)) from None
     return ModelWant(uri=entry.uri, dtype=entry.dtype, quantization=entry.quantization, disk=entry.disk,
-                     id=entry.id)
+                     id=entry.id, tensor_parallel=entry.tensor_parallel)
 
 
 def parse_job(raw: Any, where: str) -> JobWant:

@@ -29,6 +29,7 @@ from .paths import SourceRejected, catalog_path, model_dir, models_dir, resolve_
 from .space import Candidate, evictable_bytes, human, plan_eviction
 from .staging import Stager, Task
 from .timefmt import rfc3339
+from .tpstaging import ShardPlanError, ShardStager, plan_targets
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class Problem:
 
 class ModelCache:
     def __init__(self, cfg: AgentConfig, disks: tuple[Disk, ...], *, metrics: Metrics,
-                 paired_disks: tuple[str, ...], free_of: Callable[[Disk], int]):
+                 paired_disks: tuple[str, ...], free_of: Callable[[Disk], int],
+                 pairs: tuple[tuple[int, str], ...] = ()):
         self.cfg, self.disks, self.metrics = cfg, {d.name: d for d in disks}, metrics
         self.paired = paired_disks or tuple(self.disks)
         self.free_of = free_of
@@ -69,6 +71,9 @@ class ModelCache:
         self.lock = threading.RLock()
         self.stager = Stager(on_need=self._need, on_done=self._done, on_fail=self._fail, python=cfg.python,
                              http=http_policy(cfg))
+        self.pairs = tuple((g, self.disks[d]) for g, d in pairs if d in self.disks)  # (gpu, disk), GPU order
+        self.shards = ShardStager(python=cfg.python)  # tensorParallel N: shard k on pair k's disk
+        self.tp: dict[str, tuple[int, str]] = {}  # model id -> (N, why not staged) for wanted N > 1
 
     # --------------------------------------------------------------------------------------- startup
 
@@ -83,6 +88,7 @@ class ModelCache:
                 log.info("removed leftovers of an interrupted run", extra={"disk": d.name, "entries": left})
             self._adopt(d, self.catalogs[d.name])
         self.stager.start()
+        self.shards.start()
 
     def _adopt(self, d: Disk, cat: Catalog) -> None:
         found = {}
@@ -108,6 +114,7 @@ class ModelCache:
 
     def stop(self) -> None:
         self.stager.stop()
+        self.shards.stop()
 
     # ------------------------------------------------------------------------------------- reconcile
 
@@ -136,12 +143,18 @@ class ModelCache:
                                                  f"the id of this uri/dtype/quantization ({mid!r})"))
                     continue
                 self.wanted.add(mid)
+                if want.tensor_parallel > 1:
+                    self.tp[mid] = (want.tensor_parallel, "")
                 if mid in ready:
                     if mid not in previous:
                         self.metrics.cache_hits.inc()
                     self.entries.pop(mid, None)
+                    if want.tensor_parallel > 1:
+                        self._ensure_shards(mid, want.tensor_parallel, ready[mid])
                     continue
                 self._ensure_staging(mid, want, now, newly=mid not in previous)
+            self.tp = {m: v for m, v in self.tp.items() if m in self.wanted}
+            self.shards.forget({(m, n) for m, (n, _) in self.tp.items()})
             for mid in list(self.entries):
                 if mid not in self.wanted:
                     self.stager.cancel(mid)
@@ -172,6 +185,14 @@ class ModelCache:
         # an evicted model comes back by pushing out wanted ones only when a job on this node needs it
         self.stager.submit(Task(id=mid, want=want, source=source, disk=disk,
                                 evict_only_unwanted=evicted and mid not in self.in_use))
+
+    def _ensure_shards(self, mid: str, world: int, disk: str) -> None:
+        try:
+            targets = plan_targets(mid, world, self.pairs)
+        except ShardPlanError as e:
+            self.tp[mid] = (world, str(e))
+            return
+        self.shards.ensure(mid, model_dir(self.disks[disk].path, mid), targets)
 
     def _choose_disk(self, want: ModelWant) -> Disk:
         if want.disk in self.disks:
@@ -238,10 +259,13 @@ class ModelCache:
         tasks = self.stager.tasks()
         out = []
         with self.lock:
+            ready = self.ready()
             for name, cat in self.catalogs.items():
                 for mid, r in sorted(cat.models.items()):
                     out.append({"id": mid, "uri": redact(r.uri), "disk": name, "state": "Ready", "bytes": r.bytes,
                                 "progress": 100.0, "lastUsed": rfc3339(r.last_used or r.staged_at)})
+                    if mid in self.tp and ready.get(mid) == name:  # the copy the shards are cut from
+                        out[-1].update(self._shard_status(mid))
             for mid, e in sorted(self.entries.items()):
                 t = tasks.get(mid)
                 state = "Staging" if e.state == "Pending" and t is not None and t.running else e.state
@@ -254,6 +278,12 @@ class ModelCache:
                 out.append({"id": p.id, "uri": redact(p.uri), "state": "Failed", "progress": 0.0, "message": p.message})
         return out
 
+    def _shard_status(self, mid: str) -> dict:
+        world, why = self.tp[mid]
+        rows, message = self.shards.status(mid, world)
+        out = {"tensorParallel": world, "shards": rows}
+        return {**out, "message": why or message} if why or message else out
+
     def counts(self) -> dict[str, int]:
         states: dict[str, int] = {}
         for row in self.status():
@@ -263,4 +293,5 @@ class ModelCache:
     def idle(self) -> bool:
         """Nothing queued or staging (for --once)."""
         with self.lock:
-            return self.stager.idle() and not any(e.state in ("Pending", "Staging") for e in self.entries.values())
+            return (self.stager.idle() and self.shards.idle()
+                    and not any(e.state in ("Pending", "Staging") for e in self.entries.values()))
