@@ -192,3 +192,55 @@ def test_hot_neurons_are_read_once_and_change_nothing(tiny):
         assert not set(ids) & set(hot[layer]), layer
     assert e1.timings.bytes["load_neurons"] < e0.timings.bytes["load_neurons"]
     assert e1.timings.bytes["load_neurons_resident"] == 300 * reader.row_bytes
+
+
+def test_cost_model_predicts_the_bytes_a_sparse_decode_step_reads(tiny):
+    """At batch 1 a decode step reads, per streamed layer, the layer without up/down ahead of compute and a
+    bundle per active neuron (about 1 - target of them): what costmodel.sparse_layer_bytes predicts; with the
+    hot set's hit rate the predicted bundle bytes fall as the engine's do."""
+    from kubeflash_node.engine.costmodel import SparseCost, sparse_layer_bytes
+
+    _, store = tiny
+    m = load_manifest(store)
+    c = ModelConfig.from_dict(m.config)
+    layer = m.files["layer_000.bin"].size
+    new = 9
+    _, e = _generate(store, _ffn(store, TARGET, window=0), new=new)
+    ahead = sum(b - a for a, b in e.streamer.partial[1][0])  # what each layer read streams
+    per_layer = ahead + e.sparsity.reads.bundle_bytes["decode"] / ((new - 1) * c.num_layers)
+    pa, pd, _ = sparse_layer_bytes(c, layer, SparseCost(TARGET), 1, 4)
+    assert pa == ahead
+    assert per_layer == pytest.approx(pa + pd, rel=0.05)
+    assert pa + pd < 0.8 * layer  # and far below a dense read of the layer
+    budget = 3 * 64 * BundleReader(store).row_bytes  # a quarter of the neurons hot
+    _, eh = _generate(store, _ffn(store, TARGET, window=0, hot_bytes=budget), new=new)
+    hot = eh.sparsity.reads.bundle_bytes["decode"] / ((new - 1) * c.num_layers)
+    freq = frequency(store, TARGET)
+    kept = sum(float(freq[j][ids].sum()) for j, ids in enumerate(eh.sparsity.hot))
+    _, pdh, _ = sparse_layer_bytes(c, layer, SparseCost(TARGET, budget, kept / float(freq.sum())), 1, 4)
+    assert hot == pytest.approx(pdh, rel=0.15) and pdh < pd
+
+
+def test_plan_weighs_sparse_against_dense_reads():
+    """The plan prices both reads of a llama-3-8b-shaped model from a 6 GB/s disk: at batch 1 and target 0.9 the
+    sparse reads win and the dense alternative is shown; at target 0.5 the many small bundle reads (one per run of
+    active neurons, on the compute thread) cost more than they save; at batch 256 the union of active neurons is
+    nearly all of them and dense reads win whatever the cost of a read."""
+    from kubeflash_node.engine.bench import Ceilings
+    from kubeflash_node.engine.costmodel import Budget, Calibration, JobShape, SparseCost, plan, stage_sizes
+    from kubeflash_node.store.modelconfig import preset
+
+    c = preset("llama-3-8b")
+    ceil = Ceilings(disk_read_cold=6.0, disk_read_warm=6.0, disk_write=3.0, h2d_pinned=25.0, matmul_tflops=700.0)
+    kw = dict(config=c, ceil=ceil, sizes={"none": stage_sizes(c, 2)}, budget=Budget(6 << 30, 8 << 30))
+
+    def picked(target, prompts, **cal):
+        p = plan(job=JobShape(prompts, 64, 32), sparsity=SparseCost(target), cal=Calibration(**cal), **kw)
+        assert p.other_reads is not None and (p.other_reads.candidate.sparse is None) != (p.best.candidate.sparse is None)
+        assert p.best.total_s <= p.other_reads.total_s
+        return "sparse" if p.best.candidate.sparse else "dense"
+
+    assert picked(0.9, 1) == "sparse"
+    assert picked(0.5, 1) == "dense"
+    assert picked(0.5, 1, neuron_read_op_s=0.0) == "sparse"
+    assert picked(0.5, 256, neuron_read_op_s=0.0) == "dense"

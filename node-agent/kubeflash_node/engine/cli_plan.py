@@ -61,7 +61,8 @@ def main(args: argparse.Namespace) -> int:
         try:  # under an explicit policy the automatic plan is shown beside it, for comparison, without its pins
             plan = make_plan(config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, quantizations=quants,
                              kv_bits=kv_bits, base=_base_policy(ceil), step=args.step,
-                             keep=None if explicit else pinned(spec.offload, config), itemsize=itemsize)
+                             keep=None if explicit else pinned(spec.offload, config), itemsize=itemsize,
+                             sparsity=_sparse_cost(spec, config, itemsize))
         except ValueError as e:
             if explicit is None:
                 raise
@@ -90,6 +91,8 @@ def main(args: argparse.Namespace) -> int:
     print(x_cache_note(config))
     print("chosen:    " + describe(plan.best))
     print("           why: " + plan.best.why())
+    if spec.offload.sparsity is not None:
+        print(_sparse_line(spec.offload.sparsity, plan))
     if plan.runner_up:
         r = plan.runner_up
         print(f"runner-up: {describe(r)}  (+{max(0.0, r.total_s / plan.best.total_s - 1):.1%})")
@@ -279,13 +282,35 @@ def _offload_yaml(pr) -> str:
                else ""))
 
 
+def _sparse_cost(spec, config, itemsize: int):
+    """spec.offload.sparsity as the cost model prices it (costmodel.SparseCost), or None (off, or a MoE model).
+    The hot set's hit rate is its share of the bundles (a uniform assumption; calibration frequencies do better)."""
+    from .costmodel import SparseCost, updown_bytes
+    from .sparse import hot_budget
+
+    if spec.offload.sparsity is None or config.num_experts:
+        return None
+    hot = hot_budget(spec.resources, "cuda")
+    return SparseCost(spec.offload.sparsity, hot, min(1.0, hot / (config.num_layers * updown_bytes(config, itemsize))))
+
+
+def _sparse_line(target: float, plan) -> str:
+    best, other = plan.best, plan.other_reads
+    picked, rest = ("sparse", "dense") if best.candidate.sparse else ("dense", "sparse")
+    if other is None:
+        return f"sparsity {target:g}: {picked} FFN reads (no {rest} candidate fits)"
+    more = max(0.0, other.total_s / best.total_s - 1)
+    return (f"sparsity {target:g}: picked {picked} FFN reads; the fastest with {rest} reads is predicted "
+            f"{other.total_s:.3g} s (+{more:.1%})")
+
+
 def _to_json(plan, job, budget) -> dict:
     def one(pr):
         return None if pr is None else {
             "policy": pr.candidate.policy.__dict__, "quantization": pr.candidate.quantization,
             "placement": pr.placement, "total_s": pr.total_s, "run_s": pr.run_s, "setup_s": pr.setup_s,
             "tokens_per_s": pr.tokens_per_s, "bound": pr.bound, "resource_s": pr.resource_s,
-            "gpu_bytes": pr.gpu_bytes, "cpu_bytes": pr.cpu_bytes}
+            "gpu_bytes": pr.gpu_bytes, "cpu_bytes": pr.cpu_bytes, "sparse_reads": pr.candidate.sparse is not None}
 
     return {"job": job.__dict__, "budget": budget.__dict__, "considered": plan.considered, "fitting": plan.fitting,
-            "best": one(plan.best), "runner_up": one(plan.runner_up)}
+            "best": one(plan.best), "runner_up": one(plan.runner_up), "other_reads": one(plan.other_reads)}

@@ -51,16 +51,35 @@ class Calibration:
     recompute_efficiency: float = 0.85  # X-cache: K, V rebuilt by one [B*T, H] x [H, 2 kv] GEMM (opt-30b, 64 x 528: 0.9)
     cpu_attention_gbps: float = 20.0  # float32 KV bytes CPU attention scans per second (assumed, not yet measured)
     host_lock_gbps: float = 6.0  # page-locking a block's host KV cache, behind its prefill (H100, huge pages: 7.0)
+    neuron_read_op_s: float = 20e-6  # per neuron-bundle read (a run of active neurons), on the compute thread; assumed
     gpu_reserve_bytes: int = 1 << 30  # CUDA context and allocator slack beyond the tensors counted
     host_base_bytes: int = 2 << 30  # the process itself (Python, torch, CUDA runtime)
 
 
 @dataclass(frozen=True)
+class SparseCost:
+    """How a sparse run (spec.offload.sparsity with neuron bundles, sparse.py) reads a streamed layer: everything but
+    its up/down matrices ahead of compute, then on the compute thread one bundle per active neuron not held."""
+
+    target: float  # share of a token's FFN activations dropped (the calibrated target)
+    hot_bytes: int = 0  # resident hot neuron bundles over all layers (device memory)
+    hot_hit: float = 0.0  # share of active-neuron requests the hot set serves (calibration frequency; else its size share)
+    window_hit: float = 0.0  # share of a decode step's active neurons the window still holds (0 unless measured)
+
+    def read_share(self, tokens: int, decode: bool) -> float:
+        """Expected share of a layer's neurons whose bundles one call of `tokens` tokens reads: the union of the
+        tokens' active sets (each neuron active with probability 1 - target, independently), less what is held."""
+        held = self.hot_hit + (1 - self.hot_hit) * (self.window_hit if decode else 0.0)
+        return (1 - self.target ** max(tokens, 1)) * (1 - held)
+
+
+@dataclass(frozen=True)
 class Candidate:
-    """A policy plus the weight quantization of the store it would read."""
+    """A policy plus the weight quantization of the store it would read, and whether its FFN reads are sparse."""
 
     policy: Policy
     quantization: str = "none"  # none | int8 | int4
+    sparse: SparseCost | None = None  # None: dense reads (every streamed layer read whole)
 
 
 @dataclass
@@ -246,6 +265,21 @@ def routed_layer_bytes(c: ModelConfig, stored: int, p: Policy, tokens: int) -> f
     return stored - experts + experts * c.expected_experts(tokens) / c.num_experts * (1 - hit)
 
 
+def updown_bytes(c: ModelConfig, itemsize: int) -> int:
+    """Bytes of a layer's matrices the neuron bundles hold: up and down (OPT: fc2), one row + column a neuron."""
+    return (1 if c.architecture == "opt" else 2) * c.hidden_size * c.intermediate_size * itemsize
+
+
+def sparse_layer_bytes(c: ModelConfig, stored: int, s: SparseCost, tokens: int, itemsize: int,
+                       decode: bool = True) -> tuple[float, float, float]:
+    """(bytes read ahead: the layer without up/down; bundle bytes one call of `tokens` tokens reads; its reads,
+    one per run of consecutive missing neurons) for a streamed layer of a sparse run."""
+    updown = updown_bytes(c, itemsize)
+    share = s.read_share(tokens, decode)
+    runs = c.intermediate_size * share * (1 - share) + share  # run starts among independent neurons
+    return stored - updown, updown * share, runs
+
+
 def _placement(c: ModelConfig, p: Policy, n: int) -> list[str]:
     where = p.placement(n)
     if c.tie_word_embeddings:
@@ -258,7 +292,8 @@ def memory(cand: Candidate, *, config: ModelConfig, job: JobShape, sizes: tuple[
     """(GPU bytes, CPU bytes) the candidate needs at its peak (the GPU figure excludes cal.gpu_reserve_bytes)."""
     e = _Env(config, None, job, Budget(0, 0), cal, itemsize)
     stored, dense = sizes
-    return _memory(e, cand.policy, stored, dense, _placement(config, cand.policy, len(stored)))
+    gpu, cpu = _memory(e, cand.policy, stored, dense, _placement(config, cand.policy, len(stored)))
+    return gpu + (cand.sparse.hot_bytes if cand.sparse else 0), cpu
 
 
 def kv_disk_bytes(cand: Candidate, *, config: ModelConfig, job: JobShape, itemsize: int = 2) -> int:
@@ -318,6 +353,7 @@ def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget
     p, (stored, dense) = cand.policy, sizes
     where = _placement(config, p, len(stored))
     gpu, cpu = _memory(e, p, stored, dense, where)
+    gpu += cand.sparse.hot_bytes if cand.sparse else 0
     xl = p.x_layers(config.num_layers)
     kv_total = job.prompts * (job.prompt_len + job.gen_len) * _kv_token(e, p)
     kv_fits_cache = kv_total <= budget.cpu_bytes - cpu
@@ -330,10 +366,10 @@ def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget
     for count, mbs in _blocks(job, p):
         prefill = 0.0
         for (kind, w, st, de), n in kinds.items():
-            key = (kind, w, st, de, tuple(mbs), p.kv, p.kv_bits, p.cpu_attention, kv_fits_cache)
+            key = (kind, w, st, de, tuple(mbs), p.kv, p.kv_bits, p.cpu_attention, kv_fits_cache, cand.sparse)
             got = memo.get(key) if memo is not None else None
             if got is None:
-                got = _stage_all_steps(e, p, kind, w, st, de, Counter(mbs), kv_fits_cache)
+                got = _stage_all_steps(e, p, kind, w, st, de, Counter(mbs), kv_fits_cache, cand.sparse)
                 if memo is not None:
                     memo[key] = got
             for k in res:
@@ -360,7 +396,7 @@ def _steps(gen_len: int, exact: int = 33) -> list[tuple[int, float]]:
 
 
 def _stage_all_steps(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, mbs: Counter,
-                     kv_fits_cache: bool) -> tuple[dict, dict, float]:
+                     kv_fits_cache: bool, sparse: SparseCost | None = None) -> tuple[dict, dict, float]:
     """One stage over every step of one block: (seconds per resource, seconds each resource was the slowest,
     seconds of the prefill step)."""
     res = {"disk": 0.0, "pcie": 0.0, "compute": 0.0}
@@ -369,7 +405,7 @@ def _stage_all_steps(e: _Env, p: Policy, kind: str, where: str, stored: int, den
     j = e.job
     for step, weight in _steps(j.gen_len):
         s_new, ctx = (j.prompt_len, j.prompt_len) if step == 0 else (1, j.prompt_len + step)
-        t = _stage(e, p, kind, where, stored, dense, mbs, s_new, ctx, kv_fits_cache)
+        t = _stage(e, p, kind, where, stored, dense, mbs, s_new, ctx, kv_fits_cache, sparse)
         top = max(t, key=t.get)
         for k, v in t.items():
             res[k] += v * weight
@@ -380,14 +416,20 @@ def _stage_all_steps(e: _Env, p: Policy, kind: str, where: str, stored: int, den
 
 
 def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, mbs: Counter,
-           s_new: int, ctx: int, kv_fits_cache: bool) -> dict[str, float]:
+           s_new: int, ctx: int, kv_fits_cache: bool, sparse: SparseCost | None = None) -> dict[str, float]:
     """Per-resource seconds of one stage in one pass over the micro-batches `mbs` ({size: how many})."""
-    moved = stored
-    if where == "disk" and kind != "embed" and kind != "head" and e.c.num_experts and not p.all_experts:
+    moved, layer = stored, kind not in ("embed", "head")
+    if where == "disk" and layer and e.c.num_experts and not p.all_experts:
         moved = routed_layer_bytes(e.c, stored, p, sum(b * m for b, m in mbs.items()) * s_new)
+    comp = _rate(dense, e.cal.dequant_gbps) if where != "gpu" and stored != dense else 0.0
+    if where == "disk" and layer and sparse is not None:  # each micro-batch reads its active bundles on demand
+        moved = stored - updown_bytes(e.c, e.itemsize)
+        for b, m in mbs.items():
+            _, demand, runs = sparse_layer_bytes(e.c, stored, sparse, b * s_new, e.itemsize, decode=s_new == 1)
+            moved += m * demand
+            comp += m * (_rate(demand, e.ceil.disk_read_cold) + runs * e.cal.neuron_read_op_s)
     disk = _rate(moved, e.ceil.disk_read_cold) if where == "disk" else 0.0
     pcie = _rate(moved, e.ceil.h2d_pinned) if where != "gpu" else 0.0
-    comp = _rate(dense, e.cal.dequant_gbps) if where != "gpu" and stored != dense else 0.0
     peak = e.ceil.matmul_tflops * 1e3 * e.cal.compute_efficiency  # GFLOP/s
     for b, m in mbs.items():
         if kind == "embed":
@@ -448,6 +490,7 @@ class Plan:
     runner_up: Prediction | None
     considered: int
     fitting: int
+    other_reads: Prediction | None = None  # with sparsity: the fastest with the other FFN reads (dense | sparse)
 
 
 def _shape(pr: Prediction) -> tuple:
@@ -474,16 +517,20 @@ def choose(cands: list[Candidate], *, config: ModelConfig, ceil, job: JobShape, 
     fits.sort(key=lambda pr: (round(pr.total_s, 9), round(sum(pr.resource_s.values()), 9), pr.gpu_bytes, pr.cpu_bytes))
     best = fits[0]
     runner = next((pr for pr in fits[1:] if _shape(pr) != _shape(best)), None)
-    return Plan(best, runner, len(cands), len(fits))
+    other = next((pr for pr in fits[1:] if (pr.candidate.sparse is None) != (best.candidate.sparse is None)), None)
+    return Plan(best, runner, len(cands), len(fits), other)
 
 
 def plan(*, config: ModelConfig, ceil, job: JobShape, budget: Budget, sizes: dict[str, tuple[list[int], list[int]]],
          quantizations=("none",), kv_bits=(16,), base: Policy | None = None, step: int = 10,
          shapes: list[tuple[int, int]] | None = None, keep=None, cal: Calibration = Calibration(),
-         itemsize: int = 2) -> Plan:
-    """The automatic policy: every candidate (techniques included) that `keep` accepts, the fastest that fits."""
+         itemsize: int = 2, sparsity: SparseCost | None = None) -> Plan:
+    """The automatic policy: every candidate (techniques included) that `keep` accepts, the fastest that fits;
+    with `sparsity`, each unquantized one also with sparse FFN reads (neuron bundles are cut from float stores)."""
     cands = candidates(job, quantizations=quantizations, kv_bits=kv_bits, step=step, base=base, config=config,
                        shapes=shapes)
+    if sparsity is not None:
+        cands += [replace(cd, sparse=sparsity) for cd in cands if cd.quantization == "none"]
     if keep is not None:
         cands = [cd for cd in cands if keep(cd.policy)]
         if not cands:
@@ -500,7 +547,15 @@ def describe(pr: Prediction) -> str:
     tech = [t for t, on in (("CPU attention", p.cpu_attention), ("write-back", p.kv_write_back),
                             (f"X-cache {p.x_cache_percent:g}% of layers", p.x_cache_percent > 0)) if on]
     return (f"weights gpu {p.weights_gpu_percent:.0f}% cpu {p.weights_cpu_percent:.0f}% (stages gpu={pl['gpu']} "
-            f"cpu={pl['cpu']} disk={pl['disk']}){'' if q == 'none' else ', ' + q + ' weights'}, kv {kv}"
+            f"cpu={pl['cpu']} disk={pl['disk']}){'' if q == 'none' else ', ' + q + ' weights'}"
+            f"{_reads(pr.candidate.sparse)}, kv {kv}"
             f"{' + ' + ', '.join(tech) if tech else ''}, micro-batch {p.gpu_batch_size} x {p.num_gpu_batches}: "
             f"{pr.total_s:.3g} s (setup {pr.setup_s:.3g} s + run {pr.run_s:.3g} s), {pr.tokens_per_s:.3g} generated "
             f"tokens/s, GPU {pr.gpu_bytes / 2**30:.2f} GiB, CPU {pr.cpu_bytes / 2**30:.2f} GiB")
+
+
+def _reads(s: SparseCost | None) -> str:
+    if s is None:
+        return ""
+    hot = f", hot neurons {s.hot_bytes / 2**30:.2f} GiB" if s.hot_bytes else ""
+    return f", sparse FFN reads (target {s.target:g}: {100 * s.read_share(1, True):.0f}% of up/down a decode token{hot})"
