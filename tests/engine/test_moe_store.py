@@ -1,7 +1,7 @@
 """Mixture-of-experts checkpoints and the new families' dummy presets in the layer store.
 
 Bad expert weights (a missing expert tensor, a router or expert tensors that disagree with the config's expert
-count, a GGUF with an expert layout) are refused at convert time, naming the tensor or key, before anything is
+count; GGUF expert layouts: test_gguf_families.py) are refused at convert time, naming the tensor or key, before anything is
 written. A good MoE checkpoint is stored expert by expert (each expert one contiguous run of its layer file),
 int8 quantization reaches the experts, and the real-size dummy presets have transformers' own parameter counts.
 """
@@ -79,21 +79,6 @@ def test_expert_past_the_count_is_refused(tmp_path):
     _edit(hf, add={"model.layers.1.mlp.experts.4.gate_proj.weight": extra})
     _refused(hf, tmp_path, "tensor 'model.layers.1.mlp.experts.4.gate_proj.weight' is an expert past config.json "
                            "num_experts = 4")
-
-
-def test_gguf_with_experts_is_refused(tmp_path):
-    from gguf import GGUFWriter
-
-    path = tmp_path / "moe.gguf"
-    w = GGUFWriter(str(path), "llama")
-    w.add_uint32("llama.expert_count", 8)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(SourceError, match="GGUF llama.expert_count = 8: mixture-of-experts GGUF files are not supported"):
-        convert(str(path), tmp_path / "store")
-    assert not (tmp_path / "store").exists()
 
 
 def test_experts_are_stored_one_after_another(tmp_path):

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .format import Manifest, ModelWriter, load_manifest, tensor_view
+from .ggufsource import GGUFSource
 from .hf_config import ConfigError, SourceError, config_from_hf  # noqa: F401 (re-exported)
 from .modelconfig import ModelConfig, preset
 
@@ -233,110 +234,6 @@ class HFSource(Source):
         out.mkdir(parents=True, exist_ok=True)
         for f in found:
             shutil.copy2(f, out / f.name)
-        return True
-
-
-class GGUFSource(Source):
-    """A GGUF file (llama / qwen2 architectures), dequantized to float32 with the gguf package."""
-
-    def __init__(self, path: Path):
-        from gguf import GGUFReader
-
-        self.path = path
-        try:
-            self.reader = GGUFReader(str(path))
-        except Exception as e:  # gguf raises plain ValueError/struct errors on a bad file
-            raise SourceError(f"{path}: not a readable GGUF file ({e})") from e
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        arch = self._field("general.architecture")
-        if arch not in ("llama", "qwen2", "mistral"):
-            raise SourceError(f"{path}: GGUF architecture {arch!r} is not supported; expected llama, qwen2 or mistral")
-        a = arch
-        rope = self._rope_scaling(a)
-        if self._field(f"{a}.expert_count", 0):
-            raise SourceError(f"{path}: GGUF {a}.expert_count = {self._field(f'{a}.expert_count')}: mixture-of-experts "
-                              "GGUF files are not supported (convert the HF directory)")
-        if self._field(f"{a}.attention.sliding_window", None) is not None:
-            raise SourceError(f"{path}: GGUF {a}.attention.sliding_window is not supported (convert the HF directory)")
-        n_vocab = len(self.reader.fields["tokenizer.ggml.tokens"].data)
-        eos = self._field("tokenizer.ggml.eos_token_id", None)
-        self.config = ModelConfig(
-            architecture="llama", vocab_size=n_vocab, hidden_size=self._field(f"{a}.embedding_length"),
-            intermediate_size=self._field(f"{a}.feed_forward_length"), num_layers=self._field(f"{a}.block_count"),
-            num_heads=self._field(f"{a}.attention.head_count"),
-            num_kv_heads=self._field(f"{a}.attention.head_count_kv", 0),
-            max_position_embeddings=self._field(f"{a}.context_length", 2048),
-            norm_eps=float(self._field(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(self._field(f"{a}.rope.freq_base", 10000.0)), rope_scaling=rope,
-            attention_bias=arch == "qwen2", tie_word_embeddings="output.weight" not in self.tensors,
-            bos_token_id=self._field("tokenizer.ggml.bos_token_id", None),
-            eos_token_id=[eos] if eos is not None else [],
-            pad_token_id=self._field("tokenizer.ggml.padding_token_id", None),
-        )
-        self.description = f"gguf:{path}"
-
-    def _rope_scaling(self, a: str) -> dict | None:
-        kind = self._field(f"{a}.rope.scaling.type", "none")
-        if kind == "none":
-            return None
-        if kind == "linear":
-            return {"rope_type": "linear", "factor": float(self._field(f"{a}.rope.scaling.factor"))}
-        raise SourceError(f"{self.path}: GGUF {a}.rope.scaling.type {kind!r} is not supported; expected none or linear "
-                          "(convert the HF directory for other RoPE scalings)")
-
-    def _field(self, key: str, default=KeyError):
-        f = self.reader.fields.get(key)
-        if f is None:
-            if default is KeyError:
-                raise SourceError(f"{self.path}: GGUF metadata key {key!r} missing")
-            return default
-        value = f.contents()
-        return value
-
-    def _get(self, name: str):
-        import torch
-        from gguf.quants import dequantize
-
-        t = self.tensors.get(name)
-        if t is None:
-            raise SourceError(f"{self.path}: GGUF tensor {name!r} missing")
-        arr = dequantize(t.data, t.tensor_type)
-        shape = tuple(int(s) for s in reversed(t.shape))  # ggml stores dims fastest-first
-        return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
-
-    def _unpermute(self, w, heads: int):
-        """Undo llama.cpp's q/k row permutation (interleaved rotary pairs back to HF's half split)."""
-        rows = w.shape[0]
-        return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-    def embed(self) -> Tensors:
-        return {"tok_embed": self._get("token_embd.weight")}
-
-    def layer(self, i: int) -> Tensors:
-        c, p = self.config, f"blk.{i}."
-        out = {
-            "attn_norm": self._get(p + "attn_norm.weight"),
-            "wq": self._unpermute(self._get(p + "attn_q.weight"), c.num_heads),
-            "wk": self._unpermute(self._get(p + "attn_k.weight"), c.num_kv_heads),
-            "wv": self._get(p + "attn_v.weight"), "wo": self._get(p + "attn_output.weight"),
-            "mlp_norm": self._get(p + "ffn_norm.weight"), "w_gate": self._get(p + "ffn_gate.weight"),
-            "w_up": self._get(p + "ffn_up.weight"), "w_down": self._get(p + "ffn_down.weight"),
-        }
-        if c.attention_bias:  # qwen2 in GGUF: biases are not permuted by llama.cpp's converter
-            out |= {"bq": self._get(p + "attn_q.bias"), "bk": self._get(p + "attn_k.bias"), "bv": self._get(p + "attn_v.bias")}
-        return out
-
-    def head(self) -> Tensors:
-        out = {"norm": self._get("output_norm.weight")}
-        if not self.config.tie_word_embeddings:
-            out["lm_head"] = self._get("output.weight")
-        return out
-
-    def save_tokenizer(self, out: Path) -> bool:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        tok.save_pretrained(str(out))
         return True
 
 
