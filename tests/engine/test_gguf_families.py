@@ -1,4 +1,4 @@
-"""GGUF files of the newer families (qwen3, qwen3moe, phi3, gemma2, gemma3, llama-arch Mixtral) convert to the layer
+"""GGUF files of the newer families (qwen2, qwen3moe, phi3, gemma2, gemma3, llama-arch Mixtral) convert to the layer
 store and compute what transformers computes in float32.
 
 Each test builds a tiny random transformers model, writes it as GGUF with the tensor names and metadata keys that
@@ -30,6 +30,7 @@ def _configs() -> dict:
     longrope = {"rope_type": "longrope", "short_factor": [1.0 + 0.05 * j for j in range(8)],
                 "long_factor": [1.5 + 0.2 * j for j in range(8)]}
     return {
+        "qwen2": t.Qwen2Config(**SMALL, use_sliding_window=False),
         "qwen3": t.Qwen3Config(**SMALL, head_dim=24),
         "qwen3moe": t.Qwen3MoeConfig(**SMALL, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
                                      norm_topk_prob=True),
@@ -101,8 +102,8 @@ def write_gguf(cfg, hf_dir, arch: str, path) -> None:
             name = TENSOR_NAMES[getattr(MODEL_TENSOR, f"ROPE_FACTORS_{k.upper()}")] + ".weight"
             w.add_tensor(name, np.array(cfg.rope_scaling[f"{k}_factor"], dtype=np.float32))
 
-    def put(kind, hf_name, bid=None, shift=0.0, permute=0, stack=None):
-        name = TENSOR_NAMES[kind].format(bid=bid) + ".weight"
+    def put(kind, hf_name, bid=None, shift=0.0, permute=0, stack=None, suffix=".weight"):
+        name = TENSOR_NAMES[kind].format(bid=bid) + suffix
         t = torch.stack([sd[stack.format(j=j)] for j in range(experts)]) if stack else sd[hf_name]
         if permute:
             t = _permute(t, permute)
@@ -123,6 +124,9 @@ def write_gguf(cfg, hf_dir, arch: str, path) -> None:
             put(T.ATTN_Q, p + "self_attn.q_proj.weight", i, permute=heads if llama else 0)
             put(T.ATTN_K, p + "self_attn.k_proj.weight", i, permute=kv if llama else 0)
             put(T.ATTN_V, p + "self_attn.v_proj.weight", i)
+            if p + "self_attn.q_proj.bias" in sd:  # Qwen2's q/k/v biases
+                for kind, n, perm in ((T.ATTN_Q, "q", heads), (T.ATTN_K, "k", kv), (T.ATTN_V, "v", 0)):
+                    put(kind, p + f"self_attn.{n}_proj.bias", i, permute=perm if llama else 0, suffix=".bias")
         put(T.ATTN_OUT, p + "self_attn.o_proj.weight", i)
         if p + "self_attn.q_norm.weight" in sd:
             put(T.ATTN_Q_NORM, p + "self_attn.q_norm.weight", i, shift)
@@ -152,7 +156,7 @@ def write_gguf(cfg, hf_dir, arch: str, path) -> None:
     w.close()
 
 
-ARCH = {"qwen3": "qwen3", "qwen3moe": "qwen3moe", "mixtral": "llama", "phi3": "phi3", "gemma2": "gemma2",
+ARCH = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3moe", "mixtral": "llama", "phi3": "phi3", "gemma2": "gemma2",
         "gemma3": "gemma3"}
 
 
