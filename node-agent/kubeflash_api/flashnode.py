@@ -11,6 +11,7 @@ from kubeflash_api.errors import SpecError
 from kubeflash_api.inferencejob import DTYPES, QUANTIZATIONS, check_uri
 from kubeflash_api.metadata import METADATA
 from kubeflash_api.names import is_model_id, model_id
+from kubeflash_api.prefixes import MAX_PER_ENTRY, PATTERN
 from kubeflash_api.status import conditions
 
 MODEL_STATES = ("Pending", "Staging", "Ready", "Failed", "Evicted")
@@ -142,6 +143,13 @@ STATUS = s.obj(
                                   ("blocks", s.integer("Blocks.", lo=0, fmt="int64")),
                                   ("bytes", s.integer("Bytes.", lo=0, fmt="int64")),
                                   ("lastUsed", s.string("When a block was last written or read.", **_TIME)),
+                                  ("prefixes", s.array(
+                                      f"Prefix fingerprints (kubeflash_api.prefixes) of the latest jobs whose "
+                                      f"prompts' blocks it holds, newest first (at most {MAX_PER_ENTRY}); the "
+                                      f"operator prefers the disk sharing the longest one with a job's prompts.",
+                                      s.string("<bytes of text>-<16 hex digits of its sha256>",
+                                               pattern=PATTERN.pattern),
+                                      max_len=MAX_PER_ENTRY)),
                                   required=("disk", "namespace", "modelId", "blocks")),
                             max_len=MAX_KV_CACHE_ENTRIES)))),
     ("heartbeat", s.string("When the agent last wrote this status.", **_TIME)),

@@ -63,3 +63,38 @@ def test_status_metrics_totals_and_budget(tmp_path, agents):
     assert all(b.contains(_key(i)) for i in (10, 20, 21, 22))  # the recently used blocks stay
     assert not a.contains(_key(0))
     assert "kubeflash_agent_kv_cache_evicted_blocks_total" in agent.get("/metrics")[1]
+
+
+def test_prefix_fingerprints_published_newest_first_and_dropped_with_their_blocks(tmp_path, agents):
+    """The fingerprints engines leave in their usage records reach status.kvCache.entries[].prefixes: newest job
+    first, at most MAX_PER_ENTRY, malformed ones (a pod wrote them) dropped; they survive a SIGKILLed agent and go
+    when every block of that cache is gone."""
+    from kubeflash_api.prefixes import MAX_PER_ENTRY
+
+    disk = tmp_path / "ssd0"
+    agent = agents({"disks": [{"name": "ssd0", "path": str(disk)}], "kvCache": {"budget": "64Mi"}}).start()
+    a = KVBlockStore(scoped_root(disk, "team-a", MODEL), budget_bytes=1 << 30)
+    assert a.put(_key(1), os.urandom(BLOCK), {"i": 1})
+    old = [f"1024-{i:016x}" for i in range(MAX_PER_ENTRY)]
+    assert a.record_usage({"hits": 0, "misses": 1}, prefixes=old)
+
+    def prefixes() -> list[str] | None:
+        return next((e.get("prefixes") for e in _cache(agent).get("entries", []) if e["namespace"] == "team-a"), None)
+
+    wait_for(lambda: prefixes() == old, 10, what="prefixes in status", log=agent.log)
+    new = ["4096-" + "ab" * 8, "1024-" + "0" * 16, "../../etc", 7, "1024-XYZ", "999-" + "a" * 16]
+    assert a.record_usage({"hits": 1, "misses": 0}, prefixes=new)
+    want = ["4096-" + "ab" * 8, "1024-" + "0" * 16] + old[1:MAX_PER_ENTRY - 1]  # old[0] moved up, the last dropped
+    wait_for(lambda: prefixes() == want, 10, what="newest prefixes first", log=agent.log)
+
+    agent.kill9()
+    agent.start()
+    wait_for(lambda: prefixes() == want, 10, what="prefixes after restart", log=agent.log)
+    for p in a.blocks.rglob("*.kvb"):
+        p.unlink()
+    wait_for(lambda: not _cache(agent).get("entries"), 10, what="entry gone", log=agent.log)
+    agent.kill9()
+    agent.start()  # not brought back from the state file either
+    assert a.put(_key(2), os.urandom(BLOCK), {"i": 2})
+    wait_for(lambda: _cache(agent).get("blocks") == 1, 10, what="a new block", log=agent.log)
+    assert prefixes() is None

@@ -135,3 +135,10 @@ def test_run_job_spec_cache_prefix(smol_store, tmp_path):
     assert first["node"]["blocks_written"] >= 1 and first["shared_prefixes"] == 1
     assert second["node"]["hits"] >= 1 and second["node"]["blocks_written"] == 0
     assert second["prefill_tokens_saved"] >= 3 * 256
+    # each run leaves the prompts' shared prefix fingerprint for the agent (placement by prefix): the 1 KiB one
+    from kubeflash_api.prefixes import fingerprints, job_fingerprints
+
+    left = [json.loads(p.read_text()).get("prefixes") for p in sorted((tmp_path / "kvcache" / "usage").iterdir())]
+    shared = set.intersection(*(set(fingerprints(p)) for p in spec.input.prompts))
+    assert len(left) == 2 and all(f == list(job_fingerprints(spec.input.prompts)) for f in left), left
+    assert shared and shared <= set(left[0])

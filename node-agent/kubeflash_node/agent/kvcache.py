@@ -4,7 +4,9 @@ Job pods read and add blocks through their cache volumes (the CSI driver binds `
 of a store disk, store/kvblocks.scoped_root); each engine evicts within its own directory and, when it ends,
 leaves its counters in `usage/`. The agent, once per pass:
 - folds those usage files into the node's totals (kept in `<stateDir>/kvcache.json`, so they survive restarts)
-  and removes them (a crash between the two loses at most one pass's counts, never counts twice);
+  and removes them (a crash between the two loses at most one pass's counts, never counts twice), and keeps the
+  prefix fingerprints each job left (kubeflash_api.prefixes), the newest few per cache, for the operator to
+  place a job where its prefix already is;
 - measures every directory (blocks and bytes per disk, namespace and model, and when a block was last used);
 - keeps the whole cache under the budget of its config (`kvCache.budget`): past it, the least recently used
   blocks of every namespace and model go, down to LOW_WATER of the budget, skipping a block being read.
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kubeflash_api.flashnode import MAX_KV_CACHE_ENTRIES
+from kubeflash_api.prefixes import MAX_PER_ENTRY, PATTERN
 from kubeflash_node.store.format import atomic_write_json
 from kubeflash_node.store.kvblocks import CACHE_DIR, LOW_WATER, SUFFIX, USAGE_DIR
 
@@ -75,6 +78,8 @@ class NodeKVCache:
         self.disks, self.budget, self.metrics = list(disks), int(budget), metrics
         self.totals_path = Path(state_dir) / "kvcache.json"
         self.totals = self._load_totals()
+        self.prefixes = self._load_prefixes()  # "disk/namespace/model" -> fingerprints, newest first
+        self.fresh = False
         self.entries: list[Entry] = []
         self.problems: list[str] = []
 
@@ -88,11 +93,15 @@ class NodeKVCache:
             folded["blocks_evicted"] = folded.get("blocks_evicted", 0) + evicted[0]
             folded["bytes_evicted"] = folded.get("bytes_evicted", 0) + evicted[1]
             blocks = self._scan()
-        if any(folded.values()):
+        held = {_entry_key(b.disk, b.rel[0], b.rel[1]) for b in blocks}
+        gone = [k for k in self.prefixes if k not in held]  # every block of that cache evicted or removed
+        for k in gone:
+            del self.prefixes[k]
+        if any(folded.values()) or self.fresh or gone:
             for k, v in folded.items():
                 self.totals[k] = self.totals.get(k, 0) + v
             try:
-                atomic_write_json(self.totals_path, self.totals)
+                atomic_write_json(self.totals_path, self.totals | {"prefixes": self.prefixes})
             except OSError as e:
                 self.problems.append(f"{self.totals_path}: {e}")
         self._measure(blocks)
@@ -112,6 +121,8 @@ class NodeKVCache:
             "bytesEvicted": self.totals.get("bytes_evicted", 0),
             "entries": [{"disk": e.disk, "namespace": e.namespace, "modelId": e.model_id, "blocks": e.blocks,
                          "bytes": e.bytes, "lastUsed": rfc3339(e.last_used)}
+                        | ({"prefixes": list(p)} if (p := self.prefixes.get(_entry_key(e.disk, e.namespace,
+                                                                                         e.model_id))) else {})
                         for e in entries[:MAX_KV_CACHE_ENTRIES]],
         }
 
@@ -135,6 +146,7 @@ class NodeKVCache:
 
     def _fold_usage(self) -> dict[str, int]:
         out = dict.fromkeys(COUNTERS, 0)
+        self.fresh = False  # a usage file brought fingerprints (the totals file is rewritten then)
         for disk, ns, model, fd in self._caches():
             try:
                 ufd = os.open(USAGE_DIR, _DIR, dir_fd=fd)
@@ -158,6 +170,8 @@ class NodeKVCache:
                         v = doc.get(k) if isinstance(doc, dict) else None
                         if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 53:
                             out[k] += v
+                    self._remember(_entry_key(disk, ns, model), doc.get("prefixes") if isinstance(doc, dict)
+                                   else None)
             finally:
                 os.close(ufd)
                 os.close(fd)
@@ -209,12 +223,34 @@ class NodeKVCache:
         return n, freed
 
     # ------------------------------------------------------------------------------------ state
-    def _load_totals(self) -> dict[str, int]:
+    def _remember(self, key: str, fingerprints: Any) -> None:
+        """Put one usage file's fingerprints (a pod wrote them: only well-formed strings count) first in its
+        cache's list, which keeps the newest MAX_PER_ENTRY."""
+        if not isinstance(fingerprints, list):
+            return
+        new = [f for f in fingerprints[:MAX_PER_ENTRY] if isinstance(f, str) and PATTERN.match(f)]
+        if new:
+            kept = self.prefixes.get(key, [])
+            self.prefixes[key] = list(dict.fromkeys(new + kept))[:MAX_PER_ENTRY]
+            self.fresh = True
+
+    def _read_state(self) -> dict:
         try:
             raw = json.loads(self.totals_path.read_text())
         except (OSError, ValueError):
             return {}
-        return {k: int(raw[k]) for k in COUNTERS if isinstance(raw, dict) and isinstance(raw.get(k), int)}
+        return raw if isinstance(raw, dict) else {}
+
+    def _load_totals(self) -> dict[str, int]:
+        raw = self._read_state()
+        return {k: int(raw[k]) for k in COUNTERS if isinstance(raw.get(k), int)}
+
+    def _load_prefixes(self) -> dict[str, list[str]]:
+        raw = self._read_state().get("prefixes")
+        if not isinstance(raw, dict):
+            return {}
+        return {k: [f for f in v if isinstance(f, str) and PATTERN.match(f)][:MAX_PER_ENTRY]
+                for k, v in raw.items() if isinstance(k, str) and isinstance(v, list)}
 
     def _metrics(self, folded: dict[str, int]) -> None:
         m = self.metrics
@@ -228,6 +264,10 @@ class NodeKVCache:
                            ("blocks_evicted", m.kv_cache_evicted_blocks), ("bytes_evicted", m.kv_cache_evicted_bytes)):
             if folded.get(k):
                 counter.inc(folded[k])
+
+
+def _entry_key(disk: str, namespace: str, model_id: str) -> str:
+    return f"{disk}/{namespace}/{model_id}"
 
 
 def _subdirs(parent: int, name: str, problems: list[str], shown: str):

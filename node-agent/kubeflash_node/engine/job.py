@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from kubeflash_api import JobSpec, parse_quantity
+from kubeflash_api.prefixes import job_fingerprints
 
 from ..store.kvblocks import DEFAULT_BUDGET, ENV_KV_CACHE_BUDGET, KVBlockStore
 from ..store.modelconfig import ModelConfig
@@ -139,7 +140,9 @@ def _prefix_cache(spec: JobSpec, kv_cache_dir: Path | None) -> PrefixCache:
         return cache
     try:
         budget = parse_quantity(os.environ.get(ENV_KV_CACHE_BUDGET) or str(DEFAULT_BUDGET), path=ENV_KV_CACHE_BUDGET)
-        return PrefixCache(store=KVBlockStore(kv_cache_dir, budget_bytes=budget))
+        cache = PrefixCache(store=KVBlockStore(kv_cache_dir, budget_bytes=budget))
+        cache.fingerprints = job_fingerprints(spec.input.prompts)  # left for the agent: placement by prefix
+        return cache
     except (OSError, ValueError) as e:
         cache = PrefixCache()
         cache.note = f"node cache {kv_cache_dir} unavailable: {e}"

@@ -60,6 +60,7 @@ class PrefixCache:
         self.lock = threading.Lock()
         self.sharing = False
         self.node_misses = 0  # full blocks this job computed because the node cache lacked them
+        self.fingerprints: tuple[str, ...] = ()  # the job's prompts' (kubeflash_api.prefixes), for the agent
 
     # ------------------------------------------------------------------------------------ setup
     def bind(self, engine) -> "PrefixCache | None":
@@ -270,7 +271,9 @@ class PrefixCache:
             self.writer.shutdown(wait=True)
             self.writer = None
             if self.scope is not None:
-                self.store.record_usage(self.usage())
+                st = self.store.stats  # the fingerprints say the cache holds this job's prefix: it wrote or read it
+                held = st["hits"] or st["blocks_written"]
+                self.store.record_usage(self.usage(), prefixes=list(self.fingerprints) if held else [])
 
     def usage(self) -> dict[str, int]:
         """This job's use of the node cache, as the agent sums it over jobs (FlashNode status.kvCache, Prometheus):

@@ -323,16 +323,18 @@ class KVBlockStore:
                 os.close(fd)
         return removed
 
-    def record_usage(self, counters: dict[str, int]) -> bool:
+    def record_usage(self, counters: dict[str, int], *, prefixes: list[str] = ()) -> bool:
         """Leave this run's counters in `usage/` (one small JSON, crash-safe) for the node agent to fold into the
-        node's totals; False when it could not be written (never raises)."""
+        node's totals, with the prefix fingerprints of the prompts whose blocks it wrote or read (for placement);
+        False when it could not be written (never raises)."""
         from .format import atomic_write_json  # format imports numpy; kvblocks stays light for the agent
 
         try:
             folder = self.root / USAGE_DIR
             folder.mkdir(exist_ok=True)
             atomic_write_json(folder / f"{os.getpid()}-{secrets.token_hex(6)}.json",
-                              {k: int(v) for k, v in counters.items()})
+                              {k: int(v) for k, v in counters.items()} | ({"prefixes": list(prefixes)}
+                                                                           if prefixes else {}))
             return True
         except (OSError, ValueError, TypeError):
             return False
