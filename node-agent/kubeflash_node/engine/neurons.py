@@ -102,8 +102,8 @@ class NeuronCache:
         grow = k - len(take)
         if grow:
             base = st.buf.shape[0]
-            st.buf = torch.cat([st.buf, torch.empty(max(grow, base // 2), st.buf.shape[1], dtype=self.dtype,
-                                                    device=self.device)])
+            more = min(max(grow, base // 2), self.reader.neurons - base)  # a neuron holds one row at most
+            st.buf = torch.cat([st.buf, torch.empty(more, st.buf.shape[1], dtype=self.dtype, device=self.device)])
             take += list(range(base, base + grow))
             st.free.extend(range(base + grow, st.buf.shape[0]))
         idx = torch.tensor(take, dtype=torch.long)
