@@ -21,6 +21,10 @@ ENV_DEVICE = "KUBEFLASH_DEVICE"
 ENV_GPUS = "KUBEFLASH_GPUS"
 ENV_KV_CACHE_DIR = "KUBEFLASH_KV_CACHE_DIR"  # the mounted node prefix KV cache (spec.cache.prefix)
 ENV_KV_CACHE_BUDGET = "KUBEFLASH_KV_CACHE_BUDGET"  # its byte budget (a quantity), the agent's kvCache.budget
+# spec.offload.tensorParallel N > 1 (docs/multi-gpu.md): os.pathsep-separated lists, one entry per rank, in order
+ENV_SHARD_DIRS = "KUBEFLASH_SHARD_DIRS"  # rank k's shard store, on pair k's disk (required when N > 1)
+ENV_RANK_DIRS = "KUBEFLASH_RANK_DIRS"  # optional: rank k's KV/progress dir (pair k's KV volume); default <job>/tp
+ENV_RING_DIRS = "KUBEFLASH_RING_DIRS"  # optional: the SSD ring's directory per rank; set: reduce through the ring
 
 # Files in a job's directory (written by the engine, read by the agent as hostile input).
 RESULTS_FILE = "results.jsonl"

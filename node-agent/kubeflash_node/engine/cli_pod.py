@@ -5,6 +5,13 @@ KUBEFLASH_JOB_NAME, KUBEFLASH_JOB_NAMESPACE, KUBEFLASH_MODEL_DIR (the staged mod
 results.jsonl, progress.json, report.json), KUBEFLASH_PROBE (the node agent's measured bandwidths of the placed
 pair, JSON; spec.offload.policy auto plans with it on a GPU). A restarted pod skips the prompts already in
 results.jsonl.
+
+spec.offload.tensorParallel N > 1: the pod starts N rank processes (engine/tplaunch.py), rank k on the pod's GPU
+k (cuda:k) streaming shard k from KUBEFLASH_SHARD_DIRS (one directory per rank, os.pathsep-separated, each on
+its pair's disk, staged by the node agent; checked before any rank starts, a missing one named). Optional:
+KUBEFLASH_RING_DIRS (one per rank: reduce through the SSD ring instead of NCCL/gloo), KUBEFLASH_RANK_DIRS (where
+ranks 1..N-1 keep progress and KV files, e.g. their pairs' KV volumes). Rank 0 writes the job's files as one
+process does.
 """
 
 from __future__ import annotations
@@ -64,8 +71,12 @@ def main(args: argparse.Namespace) -> int:
             from .machine import pod_machine
 
             machine = pod_machine(os.environ.get("KUBEFLASH_PROBE"), job_dir / "probe")
-        report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device, job_dir=job_dir,
-                         machine=machine, kv_cache_dir=_kv_cache_dir())
+        if spec.offload.tensor_parallel > 1:
+            report = _run_ranks(spec, model_dir=model_dir, manifest=manifest, output=output, device=device,
+                                job_dir=job_dir)
+        else:
+            report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device,
+                             job_dir=job_dir, machine=machine, kv_cache_dir=_kv_cache_dir())
     except (SpecError, StoreError, EngineError, ValueError, OSError, json.JSONDecodeError) as e:
         print(f"kubeflash engine: error: {e}", file=sys.stderr)
         return 1
@@ -82,6 +93,37 @@ def main(args: argparse.Namespace) -> int:
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(dest, output.read_bytes())
     return 0
+
+
+def _run_ranks(spec, *, model_dir: Path, manifest, output: Path, device: str, job_dir: Path) -> dict:
+    """spec.offload.tensorParallel N: N rank processes over the shards the agent staged on each pair's disk."""
+    from kubeflash_api import contract as c
+
+    from ..store.modelconfig import ModelConfig
+    from .tplaunch import check_job, check_request, run_tp
+
+    world, field = spec.offload.tensor_parallel, "spec.offload.tensorParallel"
+    shards = _dirs(c.ENV_SHARD_DIRS, world, required=True)
+    rings, ranks = _dirs(c.ENV_RING_DIRS, world), _dirs(c.ENV_RANK_DIRS, world)
+    reduce = check_request(world, reduce="ring" if rings else "auto", ring_dirs=rings, device=device, field=field)
+    check_job(spec, ModelConfig.from_dict(manifest.config), world, field=field)
+    return run_tp(spec, world=world, reduce=reduce, ring_dirs=rings, model_dir=model_dir, manifest=manifest,
+                  output=output, device=device, job_dir=job_dir, quiet=True, shard_dirs=shards, rank_dirs=ranks)
+
+
+def _dirs(name: str, world: int, *, required: bool = False) -> list[Path] | None:
+    """One directory per rank from an os.pathsep-separated environment variable; None when unset and optional."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        if required:
+            raise ValueError(f"environment variable {name} is required with spec.offload.tensorParallel {world} "
+                             f"(one shard directory per rank, separated by {os.pathsep!r})")
+        return None
+    dirs = [Path(p) for p in raw.split(os.pathsep)]
+    if len(dirs) != world or not all(str(p) for p in dirs):
+        raise ValueError(f"environment variable {name}: {len(dirs)} entries, expected one directory per rank "
+                         f"({world}, separated by {os.pathsep!r})")
+    return dirs
 
 
 def _kv_cache_dir() -> Path | None:

@@ -109,15 +109,22 @@ class RankArgs:
 
 
 def run_tp(spec, *, world: int, reduce: str, ring_dirs: list[Path] | None, model_dir: Path, manifest,
-           output: Path, device: str, job_dir: Path, quiet: bool, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> dict:
+           output: Path, device: str, job_dir: Path, quiet: bool, timeout_s: float = COLLECTIVE_TIMEOUT_S,
+           shard_dirs: list[Path] | None = None, rank_dirs: list[Path] | None = None) -> dict:
     """Run the job over `world` rank processes; returns rank 0's report (as run_job's) with a tensor_parallel
-    entry. Raises TPLaunchError naming the rank when one fails or dies."""
+    entry. Raises TPLaunchError naming the rank when one fails or dies. `shard_dirs`: shards already staged (the
+    pod: each on its pair's disk, staged by the node agent), checked, never written; default: cut beside the
+    store entry. `rank_dirs`: where ranks 1..N-1 keep progress and KV files (default <job dir>/tp/rank<R>)."""
     import torch.multiprocessing as mp
 
     from ..store.tpshards import ensure_shards
     from .results import ResultsFile, fingerprints
 
-    shards = ensure_shards(model_dir, world, progress=None if quiet else _shard_progress)
+    if shard_dirs is not None:
+        shards = [Path(d) for d in shard_dirs]
+        check_shard_dirs(model_dir, shards, world)
+    else:
+        shards = ensure_shards(model_dir, world, progress=None if quiet else _shard_progress)
     tp_dir = Path(job_dir) / "tp"
     tp_dir.mkdir(parents=True, exist_ok=True)
     rings = tuple(Path(d) for d in ring_dirs) if ring_dirs else tuple(tp_dir / f"ring{r}" for r in range(world))
@@ -134,7 +141,7 @@ def run_tp(spec, *, world: int, reduce: str, ring_dirs: list[Path] | None, model
     q = ctx.Queue()
     procs = []
     for r in range(world):
-        rank_dir = Path(job_dir) if r == 0 else tp_dir / f"rank{r}"
+        rank_dir = Path(job_dir) if r == 0 else Path(rank_dirs[r]) if rank_dirs else tp_dir / f"rank{r}"
         rank_out = output if r == 0 else rank_dir / "results.jsonl"
         if r:
             rank_dir.mkdir(parents=True, exist_ok=True)
@@ -161,6 +168,24 @@ def run_tp(spec, *, world: int, reduce: str, ring_dirs: list[Path] | None, model
     report["tensor_parallel"] = {"ranks": world, "reduce": reduce, "shards": [str(s) for s in shards],
                                  **({"ring_dirs": [str(d) for d in rings]} if reduce == "ring" else {})}
     return report
+
+
+def check_shard_dirs(model_dir: Path, shards: list[Path], world: int) -> None:
+    """Staged shards, one per rank: each a verified store holding that rank's slice, cut from `model_dir` as it
+    is now; TPLaunchError naming the rank and the directory otherwise."""
+    from ..store.format import StoreError
+    from ..store.tpshards import check_shard
+
+    if len(shards) != world:
+        raise TPLaunchError(f"{len(shards)} shard directories for {world} ranks; expected one per rank")
+    for r, d in enumerate(shards):
+        if not (Path(d) / "manifest.json").is_file():
+            raise TPLaunchError(f"rank {r}: shard {d} is missing (no manifest.json): the node agent stages shard {r} "
+                                f"on pair {r}'s disk (FlashNode spec.models[].tensorParallel)")
+        try:
+            check_shard(Path(d), model_dir=Path(model_dir), rank=r, world=world)
+        except StoreError as e:
+            raise TPLaunchError(f"rank {r}: {e}") from None
 
 
 def _shard_progress(done: int, total: int, stage: str) -> None:
