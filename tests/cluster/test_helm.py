@@ -381,34 +381,6 @@ def test_rendered_tenancy_boundaries(control_plane, tmp_path):
     assert "EVERY namespace" not in scoped
 
 
-def test_non_root_agent_and_its_store_owner_init_container(control_plane, tmp_path):
-    """agent.runAsNonRootUser: the agent container runs as that user with every capability dropped; the init
-    container's script, run here on a real directory tree, hands the store to that user without following a
-    link or touching csi/ (the plugin's KV images)."""
-    docs = render(control_plane, "--set", "agent.runAsNonRootUser=1000")
-    (ds,) = by_kind(docs, "DaemonSet")
-    spec = ds["spec"]["template"]["spec"]
-    agent = next(c for c in spec["containers"] if c["name"] == "agent")
-    assert agent["securityContext"]["runAsUser"] == 1000 and agent["securityContext"]["runAsNonRoot"] is True
-    assert agent["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-    (init,) = spec["initContainers"]
-    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER", "DAC_READ_SEARCH"]}
-    assert init["command"][3:] == ["1000", "/var/lib/kubeflash"]
-    if os.geteuid() != 0:
-        pytest.skip("running the chown script needs root")
-    store, outside = tmp_path / "store", tmp_path / "outside"
-    for d in (store / "models" / "m", store / "jobs" / "ns" / "j", store / "csi" / "kv", outside):
-        d.mkdir(parents=True)
-    (store / "models" / "m" / "layer.bin").write_bytes(b"x")
-    (outside / "secret").write_text("s")
-    (store / "jobs" / "ns" / "j" / "link").symlink_to(outside / "secret")
-    subprocess.run([sys.executable, "-c", init["command"][2], "1000", str(store)], check=True)
-    owned = {p.relative_to(store).as_posix(): p.lstat().st_uid for p in [store, *store.rglob("*")]}
-    assert owned.pop("csi") == 0 and owned.pop("csi/kv") == 0
-    assert set(owned.values()) == {1000}, owned  # the link itself too (lchown), not its target
-    assert (outside / "secret").stat().st_uid == 0
-
-
 def test_rendered_csi_driver_and_plugin(control_plane, tmp_path):
     """The CSIDriver kubeflash.io (no attach, pod info, ephemeral only) and the privileged `csi` container whose
     mounts under the kubelet's pods directory propagate to the host; csi.enabled=false renders neither."""
