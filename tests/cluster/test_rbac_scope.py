@@ -165,6 +165,38 @@ def test_operator_can_in_its_namespace(setup):
     assert [can_i(setup, setup.operator_sa, v, r, setup.ns) for v, r in needs] == [True] * len(needs)
 
 
+# Escalation paths neither token may have (issue 17, items 3 and 4): widening its own RBAC, acting as someone
+# else, turning off the admission policies that scope it, rewriting the CRDs' validation, minting a node
+# identity, reaching kubelets, registering a Node that would draw workloads, evicting or reading other pods.
+ESCALATIONS = [
+    ("create", "clusterroles.rbac.authorization.k8s.io"), ("bind", "clusterroles.rbac.authorization.k8s.io"),
+    ("escalate", "clusterroles.rbac.authorization.k8s.io"), ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
+    ("create", "roles.rbac.authorization.k8s.io"), ("create", "rolebindings.rbac.authorization.k8s.io"),
+    ("impersonate", "users"), ("impersonate", "serviceaccounts"), ("impersonate", "groups"),
+    ("delete", "validatingadmissionpolicies.admissionregistration.k8s.io"),
+    ("patch", "validatingadmissionpolicies.admissionregistration.k8s.io"),
+    ("delete", "validatingadmissionpolicybindings.admissionregistration.k8s.io"),
+    ("create", "validatingwebhookconfigurations.admissionregistration.k8s.io"),
+    ("create", "mutatingwebhookconfigurations.admissionregistration.k8s.io"),
+    ("patch", "customresourcedefinitions.apiextensions.k8s.io"),
+    ("delete", "customresourcedefinitions.apiextensions.k8s.io"),
+    ("create", "certificatesigningrequests.certificates.k8s.io"), ("get", "nodes/proxy"), ("create", "nodes"),
+    ("create", "pods/eviction"), ("get", "pods/log"), ("create", "pods/attach"), ("create", "pods/portforward"),
+    ("patch", "csidrivers.storage.k8s.io"), ("create", "persistentvolumes"), ("list", "configmaps"),
+    ("watch", "configmaps"), ("create", "daemonsets.apps"), ("create", "deployments.apps"), ("create", "jobs.batch"),
+    ("patch", "namespaces"), ("delete", "leases.coordination.k8s.io"),
+]
+
+
+@pytest.mark.parametrize("who", ["agent", "operator"])
+@pytest.mark.parametrize(("verb", "resource"), ESCALATIONS, ids=[f"{v}-{r.split('.')[0]}" for v, r in ESCALATIONS])
+def test_neither_token_can_escalate(setup, who, verb, resource):
+    """kubectl auth can-i: no, cluster-wide, in the release's namespace and in the namespace the operator serves."""
+    sa = setup.agent_sa if who == "agent" else setup.operator_sa
+    for ns in (None, setup.ns, "kube-system"):
+        assert not can_i(setup, sa, verb, resource, ns), (who, verb, resource, ns)
+
+
 def refused(call, *args, **kw) -> str:
     """Run an API call that must be refused by admission; returns the refusal's message."""
     with pytest.raises(ApiException) as e:
