@@ -6,19 +6,31 @@ e1.…: the part before the first expert is read like any stage (ahead of comput
 `RoutedWeights` holds it and reads expert j the first time model.moe asks for `e{j}.…`, so a layer moves the
 bytes of the experts its micro-batch routes to instead of all of them. `ExpertCache` keeps the most often
 routed experts on the compute device across steps, within a byte budget, so a hot expert is read once.
+
+The routing counts persist per model: `save_routing` writes them (per layer file, per expert) to
+`<model dir>/.routing.json` when the engine closes (temp file, fsync, rename; best effort, as a pod's read-only model
+volume cannot take it), `load_routing` reads them back, and `ExpertCache.warm_start` seeds the next run's counts and
+reads the most routed experts into the budget before the first step, so the hot set starts warm.
 """
 
 from __future__ import annotations
 
 import heapq
+import json
 import re
+import sys
 from collections import Counter
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from ..store.format import FileEntry
+from ..store.format import FileEntry, Manifest, atomic_write_json
+
+ROUTING_FILE = ".routing.json"
+ROUTING_FORMAT = "kubeflash-routing/1"
+_ROUTING_MAX_BYTES = 16 << 20
 
 _EXPERT = re.compile(r"^e(\d+)\.")
 
@@ -93,9 +105,28 @@ class ExpertCache:
         self.counts: Counter = Counter()
         self.heap: list[tuple[int, tuple[int, int]]] = []
         self.hits = self.misses = 0
+        self.warming = False
+
+    def warm_start(self, counts: Counter, fetch: Callable[[tuple[int, int]], object]) -> int:
+        """Seed the request counts with an earlier run's and read the most requested experts until the budget is
+        full (`fetch(key)` reads expert `key` from disk and offers it here); returns how many are kept."""
+        self.counts.update(counts)
+        self.warming = True
+        try:
+            for key, _ in counts.most_common():
+                if self.budget <= self.used:
+                    break
+                fetch(key)
+                if key not in self.kept:
+                    break  # the budget is full of experts routed at least as often
+        finally:
+            self.warming = False
+        return len(self.kept)
 
     def get(self, key: tuple[int, int]) -> dict[str, torch.Tensor] | None:
-        """Expert `key` = (stage, j) if kept; counts the request either way."""
+        """Expert `key` = (stage, j) if kept; counts the request either way (not the reads of warm_start)."""
+        if self.warming:
+            return None
         self.counts[key] += 1
         if key in self.kept:
             self.hits += 1
@@ -123,3 +154,42 @@ class ExpertCache:
         self.kept[key] = (tensors, nbytes)
         self.used += nbytes
         heapq.heappush(self.heap, (self.counts[key], key))
+
+
+def load_routing(model_dir: Path, manifest: Manifest, routed: dict[int, tuple[int, dict]]) -> Counter:
+    """Routing counts an earlier run saved for this model, keyed (stage, expert), only for the routed stages and
+    experts this store has; an absent, unreadable or foreign file gives no counts (a warning names a bad one)."""
+    path = Path(model_dir) / ROUTING_FILE
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_ROUTING_MAX_BYTES + 1)
+    except OSError:
+        return Counter()
+    stages = {name: i for i, name in enumerate(manifest.stages)}
+    out: Counter = Counter()
+    try:
+        data = json.loads(raw) if len(raw) <= _ROUTING_MAX_BYTES else None
+        if not isinstance(data, dict) or data.get("format") != ROUTING_FORMAT:
+            raise ValueError(f"expected a JSON object with format {ROUTING_FORMAT!r}")
+        for name, experts in data["layers"].items():
+            stage = stages.get(name)
+            for j, n in experts.items():
+                if stage in routed and int(j) in routed[stage][1] and isinstance(n, int) and n > 0:
+                    out[(stage, int(j))] = n
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        print(f"kubeflash: {path}: ignored ({e})", file=sys.stderr)
+        return Counter()
+    return out
+
+
+def save_routing(model_dir: Path, manifest: Manifest, counts: Counter) -> bool:
+    """Write `counts` ((stage, expert) -> requests) as `<model_dir>/.routing.json`, crash-safely; False where the
+    directory cannot be written (a read-only model volume)."""
+    layers: dict[str, dict[str, int]] = {}
+    for (stage, j), n in sorted(counts.items()):
+        layers.setdefault(manifest.stages[stage], {})[str(j)] = int(n)
+    try:
+        atomic_write_json(Path(model_dir) / ROUTING_FILE, {"format": ROUTING_FORMAT, "layers": layers})
+    except OSError:
+        return False
+    return True

@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from ..store.format import Manifest
-from .experts import ExpertCache, RoutedWeights, expert_of, expert_ranges
+from .experts import ExpertCache, RoutedWeights, expert_of, expert_ranges, load_routing, save_routing
 from .io import make_reader
 from .pinned import empty as pinned_empty
 from .quant import QuantSpec, dequantize_named
@@ -68,7 +68,9 @@ class WeightStreamer:
         # MoE layers read from disk without their experts: stage -> (bytes before the experts, expert byte ranges)
         self.routed = {i: r for i in sorted(self.streamed) if routed_experts and placement[i] == "disk"
                        for r in [expert_ranges(self.m.files[self.m.stages[i]])] if r[1]}
-        self.expert_cache = ExpertCache(expert_cache_bytes) if expert_cache_bytes and self.routed else None
+        self.expert_cache = ExpertCache(expert_cache_bytes) if self.routed else None  # budget 0: counts only
+        if self.expert_cache:  # an earlier run's routing counts: the hot experts are read before the first step
+            self.expert_cache.warm_start(load_routing(self.dir, self.m, self.routed), lambda k: self._read_expert(*k))
         # streamed layers read without `skip_tensors`: stage -> (byte runs to read, bytes skipped)
         self.partial = {i: r for i in sorted(self.streamed) if skip_tensors and placement[i] == "disk"
                         for r in [kept_runs(self.m.files[self.m.stages[i]], skip_tensors)] if r[1]}
@@ -108,6 +110,8 @@ class WeightStreamer:
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.task_pool.shutdown(wait=True, cancel_futures=True)
+        if self.expert_cache and self.expert_cache.hits + self.expert_cache.misses:
+            save_routing(self.dir, self.m, self.expert_cache.counts)  # the next run's cache starts warm
 
     # ---------------------------------------------------------------- internals
     def _release_current(self) -> None:
