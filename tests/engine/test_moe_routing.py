@@ -3,8 +3,8 @@
 The engine counts how often each expert of each layer is routed and, when it closes, keeps the counts in the model's
 store directory (.routing.json, written crash-safely); the next engine on that store seeds its hot-expert cache from
 them, so a second run of the same work reads fewer expert bytes from disk and gives the same tokens (transformers').
-A MoE layer issues the reads of all its routed experts at once, before any expert computes, and computes exactly what
-it computes with every expert in memory.
+A MoE layer issues the reads of all its routed experts at once, before any expert computes, computes each expert as
+soon as its own read is done, and computes exactly what it computes with every expert in memory.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def test_bad_routing_file_is_ignored(tmp_path, capsys):
 
 def test_routed_experts_are_read_together_before_any_expert_computes(tmp_path):
     """model.moe over RoutedWeights: every routed expert's read is issued (all in flight at once on the pool)
-    before the first expert's weights are used, and the output equals model.moe over plain in-memory weights."""
+    before the first expert's weights are used, the first routed expert computes while the last one's read is still
+    in flight (that read waits for a use), and the output equals model.moe over plain in-memory weights."""
     from kubeflash_node.engine import model as engine_model
     from kubeflash_node.store.modelconfig import ModelConfig
 
@@ -102,21 +103,28 @@ def test_routed_experts_are_read_together_before_any_expert_computes(tmp_path):
     events: list[tuple[str, int]] = []
     lock = threading.Lock()
     probs = torch.softmax(torch.nn.functional.linear(h.reshape(-1, 16), weights["router"]), -1)
-    n_routed = len(torch.topk(probs, 2, dim=-1).indices.unique())
+    routed_set = set(torch.topk(probs, 2, dim=-1).indices.unique().tolist())
+    n_routed = len(routed_set)
     in_flight = threading.Barrier(n_routed, timeout=60)  # every routed read in flight at once, or it breaks
+
+    first_used = threading.Event()
 
     def load(j: int) -> dict:
         with lock:
             events.append(("read", j))
         in_flight.wait()
+        if j == max(routed_set) and not first_used.wait(timeout=60):  # the last read ends only after a use
+            raise TimeoutError("no expert computed while this read was in flight")
         return {k: v for k, v in weights.items() if k.startswith(f"e{j}.")}
 
     class Traced(RoutedWeights):
         def __getitem__(self, name):
+            t = super().__getitem__(name)
             if name.startswith("e"):
                 with lock:
                     events.append(("use", int(name[1:name.index(".")])))
-            return super().__getitem__(name)
+                first_used.set()
+            return t
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         routed = Traced({"router": weights["router"]}, load, pool)

@@ -20,7 +20,7 @@ import json
 import re
 import sys
 from collections import Counter
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -64,27 +64,38 @@ def expert_ranges(entry: FileEntry) -> tuple[int, dict[int, tuple[int, int]]]:
 
 class RoutedWeights(dict):
     """A layer's weights whose experts are read on first use: `load(j)` returns expert j's tensors by name
-    (already on the compute device, dequantized); they stay for the rest of this stage's use. `want` reads a
-    set of experts at once, in parallel on `pool` (model.moe announces the routed set before using it)."""
+    (already on the compute device, dequantized); they stay for the rest of this stage's use. `want` issues the
+    reads of a set of experts at once on `pool` (model.moe announces the routed set right after the router) and
+    returns: each expert's first use waits for its own read only, so the first routed expert computes while the
+    others' reads are still in flight."""
 
     def __init__(self, base: dict[str, torch.Tensor], load: Callable[[int], dict[str, torch.Tensor]],
                  pool: Executor | None = None):
         super().__init__(base)
         self._load, self._pool = load, pool
         self._have: set[int] = set()
+        self._pending: dict[int, Future] = {}
 
     def want(self, experts: Iterable[int]) -> None:
-        missing = [j for j in experts if j not in self._have]
-        self._have.update(missing)
-        loaded = self._pool.map(self._load, missing) if self._pool and len(missing) > 1 else map(self._load, missing)
-        for tensors in loaded:
-            self.update(tensors)
+        missing = [j for j in experts if j not in self._have and j not in self._pending]
+        if self._pool and len(missing) > 1:
+            for j in missing:
+                self._pending[j] = self._pool.submit(self._load, j)
+            return
+        for j in missing:
+            self._have.add(j)
+            self.update(self._load(j))
 
     def __missing__(self, name: str) -> torch.Tensor:
         j = expert_of(name)
-        if j is None or j in self._have:
+        if j is not None and j in self._pending:
+            tensors = self._pending.pop(j).result()
+            self._have.add(j)
+            self.update(tensors)
+        elif j is not None and j not in self._have:
+            self.want([j])
+        else:
             raise KeyError(name)
-        self.want([j])
         return dict.__getitem__(self, name)
 
     def get(self, name, default=None):
