@@ -42,6 +42,7 @@ def main(args: argparse.Namespace) -> int:
     from ..store.format import StoreError
     from .costmodel import QUANT_BITS, Budget, describe, x_cache_note
     from .costmodel import plan as make_plan
+    from .moeplan import moe_assumptions
     from .planning import pinned
 
     try:
@@ -91,6 +92,9 @@ def main(args: argparse.Namespace) -> int:
     print(x_cache_note(config))
     print("chosen:    " + describe(plan.best))
     print("           why: " + plan.best.why())
+    moe_lines, moe = moe_assumptions(config, plan.best.candidate.policy, job, sizes[plan.best.candidate.quantization][0])
+    for line in moe_lines:
+        print(line)
     if spec.offload.sparsity is not None:
         print(_sparse_line(spec.offload.sparsity, plan))
     if plan.runner_up:
@@ -99,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
         print("           why: " + r.why())
     print("\nto pin it, in the job's spec:\n" + _offload_yaml(plan.best))
     if args.json:
-        atomic_write_json(args.json, _to_json(plan, job, budget))
+        atomic_write_json(args.json, _to_json(plan, job, budget) | ({"moe": moe} if moe else {}))
     return 0
 
 
