@@ -2,10 +2,11 @@
 
 Each rank sums a [tokens, hidden] bfloat16 tensor (the partial output of a row-parallel matrix) with
 torch.distributed gloo and with engine/ssdring.py over one directory per rank, and the median of --repeat calls
-is printed per size; the ring's result is checked against gloo's. On this machine the directories are wherever
---dirs puts them (default: one temporary directory per rank on the same disk), so this measures the ring's
-file-system and synchronisation cost, not N separate SSDs; the run on separate drives needs a host with several
-GPU<->SSD pairs.
+is printed per size; the ring's result is checked against gloo's. Two ring columns: pipelined in segments of
+--segment-bytes (the default, 1 MiB), and one segment per chunk (no pipelining, each step waits for a whole chunk).
+On this machine the directories are wherever --dirs puts them (default: one temporary directory per rank on the
+same disk), so this measures the ring's file-system and synchronisation cost, not N separate SSDs; the run on
+separate drives needs a host with several GPU<->SSD pairs.
 
     .venv/bin/python bench/tp_allreduce.py [--world 2] [--hidden 5120] [--tokens 1 32 2048] [--dirs D0 D1 ...]
 """
@@ -43,7 +44,9 @@ def _median(fn, repeat: int) -> float:
 def _worker(rank: int, a, pg: str, out: str) -> None:
     torch.set_num_threads(1)
     init_gloo(rank, a.world, f"file://{pg}", timeout_s=120)
-    ring = SSDRing(rank, RingConfig(dirs=tuple(Path(d) for d in a.dirs), session="bench", timeout_s=120))
+    dirs = tuple(Path(d) for d in a.dirs)
+    ring = SSDRing(rank, RingConfig(dirs=dirs, session="bench", timeout_s=120, segment_bytes=a.segment_bytes))
+    whole = SSDRing(rank, RingConfig(dirs=dirs, session="bench1", timeout_s=120, segment_bytes=1 << 40))
     rows = []
     for tokens in a.tokens:
         x = torch.randn(tokens, a.hidden).to(torch.bfloat16)
@@ -53,7 +56,11 @@ def _worker(rank: int, a, pg: str, out: str) -> None:
         torch.testing.assert_close(r, g, atol=0.05, rtol=0.02)
         t_gloo = _median(lambda x=x: dist.all_reduce(x.clone()), a.repeat)
         t_ring = _median(lambda x=x: ring.all_reduce(x.clone()), a.repeat)
-        rows.append({"tokens": tokens, "bytes": x.numel() * 2, "gloo_ms": t_gloo * 1e3, "ring_ms": t_ring * 1e3})
+        t_whole = _median(lambda x=x: whole.all_reduce(x.clone()), a.repeat)
+        rows.append({"tokens": tokens, "bytes": x.numel() * 2, "gloo_ms": t_gloo * 1e3, "ring_ms": t_ring * 1e3,
+                     "ring_1seg_ms": t_whole * 1e3})
+    ring.close()
+    whole.close()
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
     dist.destroy_process_group()
@@ -65,6 +72,7 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=5120, help="hidden size (opt-13b: 5120)")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 32, 2048], help="rows of the activation tensor")
     ap.add_argument("--repeat", type=int, default=5, help="timed calls per size (median printed)")
+    ap.add_argument("--segment-bytes", type=int, default=1 << 20, help="the ring's pipeline segment (default 1 MiB)")
     ap.add_argument("--dirs", nargs="*", help="one ring directory per rank (default: temporary directories)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     a = ap.parse_args()
@@ -78,11 +86,12 @@ def main() -> int:
         out = Path(tmp) / "rows.json"
         mp.start_processes(_worker, args=(a, str(Path(tmp) / "pg"), str(out)), nprocs=a.world, start_method="fork")
         rows = json.loads(out.read_text())
-    print(f"world {a.world}, hidden {a.hidden}, bfloat16, median of {a.repeat}; ring dirs: {' '.join(a.dirs)}")
-    print(f"{'tokens':>7} {'bytes':>11} {'gloo ms':>9} {'ring ms':>9} {'ring/gloo':>9}")
+    print(f"world {a.world}, hidden {a.hidden}, bfloat16, median of {a.repeat}, segments of {a.segment_bytes} "
+          f"bytes; ring dirs: {' '.join(a.dirs)}")
+    print(f"{'tokens':>7} {'bytes':>11} {'gloo ms':>9} {'ring ms':>9} {'1-seg ms':>9} {'ring/gloo':>9}")
     for r in rows:
         print(f"{r['tokens']:>7} {r['bytes']:>11} {r['gloo_ms']:>9.3f} {r['ring_ms']:>9.3f} "
-              f"{r['ring_ms'] / r['gloo_ms']:>9.2f}")
+              f"{r['ring_1seg_ms']:>9.3f} {r['ring_ms'] / r['gloo_ms']:>9.2f}")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
