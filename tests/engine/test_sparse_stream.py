@@ -244,3 +244,61 @@ def test_plan_weighs_sparse_against_dense_reads():
     assert picked(0.5, 1) == "dense"
     assert picked(0.5, 1, neuron_read_op_s=0.0) == "sparse"
     assert picked(0.5, 256, neuron_read_op_s=0.0) == "dense"
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory, tiny):
+    """The tiny model in a store of its own, calibrated at TARGET with a full-rank predictor (exact: it names
+    every neuron the gate would, plus those its cut lets through)."""
+    from kubeflash_node.engine.cli_calibrate import fit_predictor
+
+    model, _ = tiny
+    root = tmp_path_factory.mktemp("pred")
+    model.save_pretrained(root / "hf", safe_serialization=True)
+    store = root / "store"
+    convert(str(root / "hf"), store, dtype="float32")
+    ids = torch.randint(0, 97, (768,), generator=torch.Generator().manual_seed(1)).tolist()
+    path, rec = calibrate(store, ids, (TARGET,), window=256, recorder=True)
+    write_bundles(store, {TARGET: rec.frequency_at(rec.thresholds_at((TARGET,))[TARGET])})
+    p = fit_predictor(store, rec, rec.thresholds_at((TARGET,))[TARGET], rank=64, target=TARGET)
+    return model, store, p
+
+
+def test_predictor_reads_only_predicted_gate_rows_and_matches_its_mask(predicted):
+    """Where the predictor is used the streamed layer comes without its gate too: only the predicted neurons' gate
+    rows are read (fewer bytes than the gate), and the logits are transformers' with the neurons masked that are
+    below the threshold or not predicted."""
+    import copy
+
+    from kubeflash_node.engine.model import ACTIVATIONS
+
+    model, store, p = predicted
+    assert p.use.all() and (p.recall >= 0.95).all() and (p.share < 0.85).all()
+    ffn = _ffn(store, TARGET)
+    assert ffn.predictor is not None
+    ref = copy.deepcopy(model)
+    act = ACTIVATIONS["silu"]
+
+    def forward_of(mlp, tau, j):
+        def forward(x):
+            a = mlp.act_fn(mlp.gate_proj(x))
+            keep = (a.abs() > tau) & p.predict(j, x, act)
+            return mlp.down_proj((a * keep) * mlp.up_proj(x))
+        return forward
+    for j, (layer, tau) in enumerate(zip(ref.model.layers, ffn.thresholds)):
+        layer.mlp.forward = forward_of(layer.mlp, tau, j)
+    e = Engine(store, policy=STREAM, sparsity=ffn)
+    try:
+        logits = e.prefill_logits([PROMPT])
+    finally:
+        e.close()
+    with torch.no_grad():
+        want = ref(torch.tensor([PROMPT])).logits[:, -1]
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+    tokens, e2 = _generate(store, _ffn(store, TARGET, window=0), new=6)
+    assert tokens == _reference(ref, 6)
+    c = ModelConfig.from_dict(load_manifest(store).config)
+    gate = c.intermediate_size * c.hidden_size * 4
+    steps = e2.sparsity.reads.steps["decode"] + c.num_layers  # layer calls: decode steps and the prefill
+    assert 0 < e2.sparsity.gates.bytes_read < 0.9 * steps * gate  # the predicted rows, not the whole gate
+    assert e2.timings.bytes["load_weight_skipped"] >= e2.timings.count["load_weight_skipped"] * 3 * gate  # + padding

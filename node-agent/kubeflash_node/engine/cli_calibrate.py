@@ -62,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "side, 2/3 of the FFN bytes again, plus each neuron's activation frequency per target): a "
                         "sparse `kubeflash run` then reads only the active neurons' bundles of streamed layers "
                         "(default on; --no-bundle: thresholds only, streamed layers are read whole)")
+    p.add_argument("--predictor-rank", type=int_range(0, 4096), default=64,
+                   help="with --bundle: rank of each layer's low-rank activation predictor (Deja Vu-style), used by "
+                        "the layers where it kept enough of the active neurons on held-out calibration tokens; 0: "
+                        "none (default 64)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -105,19 +109,60 @@ def calibrate_cli(args: argparse.Namespace) -> Path:
     if len(ids) < MIN_TOKENS:
         raise ValueError(f"--text {args.text}: {len(ids)} tokens, calibration needs at least {MIN_TOKENS} "
                          "(a few pages of ordinary prose)")
-    path, freq = calibrate(model_dir, ids, args.sparsity, device=device, window=args.window,
-                           progress=not args.quiet, text_sha256=_sha256(args.text))
+    path, rec = calibrate(model_dir, ids, args.sparsity, device=device, window=args.window,
+                          progress=not args.quiet, text_sha256=_sha256(args.text), recorder=True)
     if args.bundle:
         from ..store.bundles import write_bundles
 
-        print(f"neuron bundles: {write_bundles(model_dir, freq)}")
+        th = _thresholds(path)
+        out = write_bundles(model_dir, {t: rec.frequency_at(v) for t, v in th.items()})
+        print(f"neuron bundles: {out}")
+        if args.predictor_rank:
+            for t, v in th.items():
+                p = fit_predictor(model_dir, rec, v, rank=args.predictor_rank, target=t)
+                print(f"predictor {t:g}: used in {int(p.use.sum())} of {len(p.use)} layers (held-out recall "
+                      f"{100 * float(p.recall.mean()):.1f}%, predicted {100 * float(p.share.mean()):.1f}% of neurons "
+                      "a token, layer means)")
     return path
 
 
+def _thresholds(path: Path) -> dict:
+    from ..store import sparsity as cal
+
+    return cal.load(path.parent).thresholds
+
+
+def fit_predictor(model_dir: Path, rec, thresholds, *, rank: int, target: float):
+    """Fit and save the target's low-rank predictors from the recorded FFN inputs and the gate matrices."""
+    import numpy as np
+
+    from ..store.bundles import DIR
+    from ..store.format import load_manifest, tensor_view
+    from ..store.modelconfig import ModelConfig
+    from . import predictor
+    from .model import ACTIVATIONS
+
+    m = load_manifest(model_dir)
+    config = ModelConfig.from_dict(m.config)
+    gates = []
+    for stage in (s for s in m.stages if s.startswith("layer_")):
+        buf = np.memmap(Path(model_dir) / stage, dtype=np.uint8, mode="r")
+        g = tensor_view(buf, m.files[stage].tensors["w_gate"])
+        gates.append((g.astype(np.uint32) << 16).view(np.float32) if g.dtype == np.uint16  # bfloat16 bits
+                     else np.asarray(g, dtype=np.float32))
+    import torch
+
+    inputs = [torch.cat(v) for v in rec.inputs]
+    p = predictor.fit(inputs, gates, thresholds, ACTIVATIONS[config.hidden_act], rank=rank)
+    predictor.save(Path(model_dir) / DIR, target, p)
+    return p
+
+
 def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, device: str = "cpu",
-              window: int = 512, progress: bool = False, text_sha256: str = "") -> tuple[Path, dict]:
+              window: int = 512, progress: bool = False, text_sha256: str = "", recorder: bool = False):
     """Record FFN activations over `ids` and write the thresholds of `targets` into the model's store entry;
-    returns (the file, target -> [L, I] per-neuron activation frequency at that target's thresholds)."""
+    returns (the file, target -> [L, I] per-neuron activation frequency at that target's thresholds), or with
+    `recorder` (the file, the sparse.SparseFFN recorder holding the samples)."""
     from ..store import sparsity as cal
     from ..store.format import load_manifest
     from ..store.modelconfig import ModelConfig
@@ -150,7 +195,7 @@ def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, de
     thresholds = rec.thresholds_at(targets)
     path = cal.save(model_dir, cal.Calibration(model_id=model_dir.name, manifest_sha256=digest, tokens=len(ids),
                                                text_sha256=text_sha256, thresholds=thresholds))
-    return path, {t: rec.frequency_at(th) for t, th in thresholds.items()}
+    return (path, rec) if recorder else (path, {t: rec.frequency_at(th) for t, th in thresholds.items()})
 
 
 def _sha256(path: Path) -> str:

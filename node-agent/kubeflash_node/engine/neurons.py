@@ -112,7 +112,7 @@ class NeuronCache:
 
     def _read(self, layer: int, ids: torch.Tensor, what: str) -> torch.Tensor:
         t0, before = time.perf_counter(), self.reader.bytes_read
-        rows = torch.from_numpy(self.reader.read(layer, ids.tolist())).to(self.device, self.dtype)
+        rows = as_torch(self.reader.read(layer, ids.tolist())).to(self.device, self.dtype)
         got = self.reader.bytes_read - before
         if what == "load_neurons":
             self.read_bytes += got
@@ -123,3 +123,10 @@ class NeuronCache:
     def held_bytes(self) -> int:
         """Bytes of the row buffers (hot set + window, with their free rows)."""
         return sum(st.buf.numel() * st.buf.element_size() for st in self.layers)
+
+
+def as_torch(a: np.ndarray) -> torch.Tensor:
+    """A store array as torch: bfloat16 arrives as its uint16 bits (store.format.tensor_view) and is viewed back."""
+    if a.dtype == np.uint16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)

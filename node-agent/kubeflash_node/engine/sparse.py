@@ -21,6 +21,7 @@ set chosen from calibration frequency, a window of recently active neurons, the 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -88,11 +89,13 @@ class SparseFFN:
         self.bundles = bundles  # store.bundles.BundleReader: up rows / down columns read from the bundle files
         self.hot, self.window = hot, window  # hot neuron ids per layer, kept; decode calls a read bundle stays
         self.neurons = None  # neurons.NeuronCache, built on first use (on the compute device)
+        self.predictor, self.gates = None, None  # predictor.Predictor and store.bundles.GateRows (with_predictor)
         self.timings = None  # the engine's Timings: bundle reads are counted there (load_neurons)
         self.target, self.source = target, source  # source: calibrated | relu (OPT's own zeros) | record
         self.reads = FFNReads()
         self.samples: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.vectors: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # [n, I] float16, recording
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # [n, H] the same tokens' inputs
         self._gen = torch.Generator().manual_seed(0)
         self._layers = [self._for_layer(j) for j in range(num_layers)]
 
@@ -106,9 +109,20 @@ class SparseFFN:
             return layer_fn(c, {**w, HOOK: self._layers[layer]}, x, batch, cache, rope, layer=layer)
         return sparse_layer
 
-    def skip_tensors(self) -> frozenset[str]:
-        """Tensors a streamed layer may be read without (the bundles hold them), for the WeightStreamer."""
-        return BUNDLED if self.bundles is not None else frozenset()
+    def with_predictor(self, predictor, gates) -> SparseFFN:
+        """Layers whose predictor is in use (predictor.use) read only the predicted neurons' gate rows (`gates`,
+        a store.bundles.GateRows) when streamed."""
+        self.predictor, self.gates = predictor, gates
+        return self
+
+    def skip_tensors(self, stage: int) -> frozenset[str]:
+        """Tensors streamed stage `stage` may be read without (the bundles hold up/down; a layer whose predictor
+        decides needs only the predicted gate rows), for the WeightStreamer."""
+        if self.bundles is None or not 1 <= stage <= len(self.thresholds):
+            return frozenset()
+        if self.predictor is not None and self.predictor.use[stage - 1]:
+            return BUNDLED | {"w_gate"}
+        return BUNDLED
 
     def line(self) -> str:
         """One line for `kubeflash run`'s output."""
@@ -153,8 +167,9 @@ class SparseFFN:
         return out
 
     def close(self) -> None:
-        if self.bundles is not None:
-            self.bundles.close()
+        for r in (self.bundles, self.gates):
+            if r is not None:
+                r.close()
 
     def _for_layer(self, j: int) -> Callable:
         def ffn(c: ModelConfig, w: dict, h: torch.Tensor) -> torch.Tensor:
@@ -163,21 +178,50 @@ class SparseFFN:
 
     def ffn(self, c: ModelConfig, w: dict, h: torch.Tensor, layer: int) -> torch.Tensor:
         # h: [B, S, H] the normalized FFN input -> [B, S, H] the FFN output
-        llama = "w_gate" in w
-        first, first_b = (w["w_gate"], w.get("b_gate")) if llama else (w["fc1_w"], w.get("fc1_b"))
-        a = ACTIVATIONS[c.hidden_act](F.linear(h, first, first_b))  # [B, S, I]
-        if self.thresholds is None:
-            self._record(layer, a)
-            keep = torch.ones_like(a, dtype=torch.bool)
+        llama = c.architecture != "opt"
+        if llama and "w_gate" not in w:  # the layer's predictor decides which gate rows to read
+            a, keep, active, gate_rows = self._predicted(c, w, h, layer)
         else:
-            keep = a.abs() > self.thresholds[layer]  # [B, S, I]
-        active = keep.reshape(-1, keep.shape[-1]).any(0).nonzero().squeeze(1)  # [A] union over the step's tokens
-        a = a.index_select(-1, active).masked_fill_(~keep.index_select(-1, active), 0)  # [B, S, A]
+            first, first_b = (w["w_gate"], w.get("b_gate")) if llama else (w["fc1_w"], w.get("fc1_b"))
+            a = ACTIVATIONS[c.hidden_act](F.linear(h, first, first_b))  # [B, S, I]
+            if self.thresholds is None:
+                self._record(layer, a, h)
+                keep = torch.ones_like(a, dtype=torch.bool)
+            else:
+                keep = a.abs() > self.thresholds[layer]  # [B, S, I]
+            active = keep.reshape(-1, keep.shape[-1]).any(0).nonzero().squeeze(1)  # [A] union over the step's tokens
+            a = a.index_select(-1, active).masked_fill_(~keep.index_select(-1, active), 0)  # [B, S, A]
+            gate_rows = None
         up, down = self._gather(w, llama, layer, active, h)
         if llama:
             a = a.mul_(F.linear(h, up, _rows(w.get("b_up"), active)))
-        self._count(c, w, llama, h, keep, active)
+        self._count(c, h, keep, active, gate_rows)
         return F.linear(a, down, w.get("b_down" if llama else "fc2_b"))
+
+    def _predicted(self, c: ModelConfig, w: dict, h: torch.Tensor, layer: int):
+        """(activations [B, S, A] of the active neurons, keep mask [B, S, P] over the predicted ones, active ids [A],
+        gate rows read P): the predictor names P candidate neurons, only their gate rows are read, and the
+        threshold rule runs on them; a neuron not predicted is dropped."""
+        act = ACTIVATIONS[c.hidden_act]
+        cand = self.predictor.predict(layer, h, act)  # [B, S, I]
+        ids = cand.reshape(-1, cand.shape[-1]).any(0).nonzero().squeeze(1)  # [P]
+        gate = self._gate_rows(layer, ids, h)  # [P, H]
+        a = act(F.linear(h, gate, _rows(w.get("b_gate"), ids)))  # [B, S, P]
+        keep = (a.abs() > self.thresholds[layer]) & cand.index_select(-1, ids)  # [B, S, P]
+        sel = keep.reshape(-1, keep.shape[-1]).any(0).nonzero().squeeze(1)  # [A] positions among the predicted
+        a = a.index_select(-1, sel).masked_fill_(~keep.index_select(-1, sel), 0)
+        self.reads.neurons += cand.numel() - keep.numel()  # the unpredicted neuron-token pairs: all dropped
+        self.reads.inactive += cand.numel() - keep.numel()
+        return a, keep, ids[sel], ids.numel()
+
+    def _gate_rows(self, layer: int, ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        from .neurons import as_torch
+
+        t0, before = time.perf_counter(), self.gates.bytes_read
+        rows = as_torch(self.gates.read(layer, ids.tolist())).to(h.device, h.dtype)
+        if self.timings is not None:
+            self.timings.add("load_neurons", time.perf_counter() - t0, bytes=self.gates.bytes_read - before)
+        return rows
 
     def _gather(self, w: dict, llama: bool, layer: int, active: torch.Tensor, h: torch.Tensor):
         """(up rows [A, H] or None for OPT, down columns [H, A]) of the active neurons: from the layer's weights,
@@ -196,27 +240,31 @@ class SparseFFN:
         hidden = h.shape[-1]
         return (rows[:, :hidden], rows[:, hidden:].T) if llama else (None, rows.T)
 
-    def _count(self, c: ModelConfig, w: dict, llama: bool, h: torch.Tensor, keep: torch.Tensor,
-               active: torch.Tensor) -> None:
+    def _count(self, c: ModelConfig, h: torch.Tensor, keep: torch.Tensor, active: torch.Tensor,
+               gate_rows: int | None = None) -> None:
         """Matrix bytes of this call: dense reads every matrix; sparse the gate (fc1) matrix, which decides, and an
         up row and a down column (OPT: an fc2 column) per active neuron, in runs of consecutive neurons."""
-        first = w["w_gate"] if llama else w["fc1_w"]  # [I, H]; up [I, H] and down [H, I] may be in the bundles
-        size, rest = first.element_size(), 2 if llama else 1
-        dense = (1 + rest) * first.numel() * size
+        size, rest = h.element_size(), 1 if c.architecture == "opt" else 2  # gate/fc1 [I, H]; up [I, H], down [H, I]
+        first = (c.intermediate_size if gate_rows is None else gate_rows) * c.hidden_size * size
+        dense = (1 + rest) * c.intermediate_size * c.hidden_size * size
         per_neuron = rest * c.hidden_size * size
         runs = int((active.diff() != 1).sum()) + 1 if active.numel() else 0
         tokens = h.shape[0] * h.shape[1]
         self.reads.add("decode" if h.shape[1] == 1 else "prefill", tokens=tokens, dense=dense,
-                       read=first.numel() * size + active.numel() * per_neuron, runs=runs, neurons=keep.numel(),
+                       read=first + active.numel() * per_neuron, runs=runs, neurons=keep.numel(),
                        inactive=keep.numel() - int(keep.sum()))
 
-    def _record(self, layer: int, a: torch.Tensor) -> None:
+    def _record(self, layer: int, a: torch.Tensor, h: torch.Tensor) -> None:
         vecs = a.detach().abs().reshape(-1, a.shape[-1]).to("cpu", torch.float16)  # [T, I]
-        kept_v = self.vectors[layer]
-        kept_v.append(vecs[torch.randperm(vecs.shape[0], generator=self._gen)[:FREQ_TOKENS]])
+        ins = h.detach().reshape(-1, h.shape[-1]).to("cpu", torch.float32)  # [T, H] the FFN inputs, for predictors
+        pick = torch.randperm(vecs.shape[0], generator=self._gen)[:FREQ_TOKENS]
+        kept_v, kept_h = self.vectors[layer], self.inputs[layer]
+        kept_v.append(vecs[pick])
+        kept_h.append(ins[pick])
         if sum(v.shape[0] for v in kept_v) > FREQ_TOKENS:
-            allv = torch.cat(kept_v)
-            kept_v[:] = [allv[torch.randperm(allv.shape[0], generator=self._gen)[:FREQ_TOKENS]]]
+            allv, allh = torch.cat(kept_v), torch.cat(kept_h)
+            pick = torch.randperm(allv.shape[0], generator=self._gen)[:FREQ_TOKENS]
+            kept_v[:], kept_h[:] = [allv[pick]], [allh[pick]]
         flat = a.detach().abs().reshape(-1).float().cpu()
         if flat.numel() > RECORD_PER_CALL:
             flat = flat[torch.randint(flat.numel(), (RECORD_PER_CALL,), generator=self._gen)]
@@ -277,8 +325,16 @@ def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec
             from .neurons import hot_sets
 
             hot = hot_sets(freq, row_bytes=reader.row_bytes, budget_bytes=hot_bytes)
-    return SparseFFN(th, num_layers=config.num_layers, target=target, source=source, bundles=reader, hot=hot,
-                     window=window)
+    ffn = SparseFFN(th, num_layers=config.num_layers, target=target, source=source, bundles=reader, hot=hot,
+                    window=window)
+    if reader is not None and source == "calibrated":
+        from ..store.bundles import GateRows
+        from .predictor import load
+
+        pred = load(Path(model_dir) / DIR, target)
+        if pred is not None and pred.use.any():
+            ffn.with_predictor(pred, GateRows(model_dir))
+    return ffn
 
 
 def hot_budget(resources, device: str) -> int:

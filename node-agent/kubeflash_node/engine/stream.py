@@ -49,7 +49,7 @@ class WeightStreamer:
     def __init__(self, model_dir: Path, manifest: Manifest, *, device: torch.device, dtype: torch.dtype,
                  placement: list[str], order: Iterator[int], prefetch: int = 2, threads: int = 4,
                  task_bytes: int = 16 << 20, backend: str = "auto", timings=None, routed_experts: bool = True,
-                 expert_cache_bytes: int = 0, skip_tensors: frozenset[str] = frozenset()):
+                 expert_cache_bytes: int = 0, skip_tensors=None):
         self.dir, self.m, self.device, self.dtype = Path(model_dir), manifest, device, dtype
         self.placement, self.order, self.prefetch = placement, order, prefetch
         self.task_bytes, self.timings = task_bytes, timings
@@ -72,9 +72,10 @@ class WeightStreamer:
         if self.expert_cache:  # an earlier run's routing counts: the hot experts are read before the first step
             self.expert_cache.warm_start(load_routing(self.dir, self.m, self.routed), lambda k: self._read_expert(*k))
         # streamed layers read without `skip_tensors`: stage -> (byte runs to read, bytes skipped)
-        self.partial = {i: r for i in sorted(self.streamed) if skip_tensors and placement[i] == "disk"
-                        for r in [kept_runs(self.m.files[self.m.stages[i]], skip_tensors)] if r[1]}
-        self.skip_tensors = skip_tensors
+        # (skip_tensors: stage -> tensor names, or None)
+        self.skip_tensors = {i: frozenset(skip_tensors(i)) if skip_tensors else frozenset() for i in self.streamed}
+        self.partial = {i: r for i in sorted(self.streamed) if self.skip_tensors[i] and placement[i] == "disk"
+                        for r in [kept_runs(self.m.files[self.m.stages[i]], self.skip_tensors[i])] if r[1]}
         max_bytes = max((self.routed[i][0] if i in self.routed else self.m.files[self.m.stages[i]].size
                          for i in self.streamed), default=0)  # a routed MoE layer's ring slot holds no experts
         host_ring = any(placement[i] == "disk" for i in self.streamed) and not self.direct_to_device
@@ -181,7 +182,7 @@ class WeightStreamer:
     def _views(self, stage: int, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed tensor views into a stage buffer, cast to the compute dtype where the store differs;
         quantized matrices are dequantized here, on `buf`'s device."""
-        routed, skip = stage in self.routed, self.skip_tensors if stage in self.partial else ()
+        routed, skip = stage in self.routed, self.skip_tensors[stage] if stage in self.partial else ()
         out = self._typed(buf, {n: e for n, e in self.m.files[self.m.stages[stage]].tensors.items()
                                 if not (routed and expert_of(n) is not None) and n not in skip})
         return RoutedWeights(out, lambda j: self._read_expert(stage, j), self.task_pool) if routed else out

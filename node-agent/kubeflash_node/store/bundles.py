@@ -108,6 +108,42 @@ class BundleReader:
         self.fds = []
 
 
+class GateRows:
+    """Reads rows of each layer's gate matrix (w_gate [I, H]) from the stage files, one preadv per run of
+    consecutive rows: what a layer whose activation predictor decides needs of the gate."""
+
+    def __init__(self, model_dir: Path):
+        m = load_manifest(model_dir)
+        layers = [m.files[s] for s in m.stages if s.startswith("layer_")]
+        names = [s for s in m.stages if s.startswith("layer_")]
+        self.entries = [f.tensors["w_gate"] for f in layers]
+        e = self.entries[0]
+        self.dtype = np.dtype({"bfloat16": "uint16"}.get(e.dtype, e.dtype))
+        self.row_elems = e.shape[1]
+        self.row_bytes = self.row_elems * self.dtype.itemsize
+        self.fds = [os.open(Path(model_dir) / n, os.O_RDONLY | os.O_CLOEXEC) for n in names]
+        self.bytes_read, self.reads = 0, 0
+
+    def read(self, layer: int, ids: list[int]) -> np.ndarray:
+        """[len(ids), H] gate rows of the sorted neuron ids `ids`."""
+        out = np.empty((len(ids), self.row_elems), dtype=self.dtype)
+        raw = out.view(np.uint8).reshape(len(ids), self.row_bytes)
+        base, k = self.entries[layer].offset, 0
+        for start, n in runs(ids):
+            got = os.preadv(self.fds[layer], [raw[k:k + n]], base + start * self.row_bytes)
+            if got != n * self.row_bytes:
+                raise StoreError(f"layer {layer}: short read of gate rows ({got} of {n * self.row_bytes} bytes)")
+            k += n
+            self.bytes_read += got
+            self.reads += 1
+        return out
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
 def frequency(model_dir: Path, target: float) -> np.ndarray | None:
     """[L, I] activation frequencies of `target` written with the bundles, or None when there are none."""
     d = Path(model_dir) / DIR
