@@ -54,11 +54,12 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(cfg, hf_dir, arch: str, path) -> None:
+def write_gguf(cfg, hf_dir, arch: str, path, q8_layers: bool = False) -> None:
     """The checkpoint in `hf_dir` (config `cfg`) as a float32 GGUF file of architecture `arch`, laid out as
     llama.cpp's converter lays it out (it too reads the checkpoint's tensor names, one tensor per expert); no
-    tokenizer (the engine takes token ids)."""
-    from gguf import MODEL_TENSOR, TENSOR_NAMES, GGUFWriter
+    tokenizer (the engine takes token ids). `q8_layers`: the layers' matrices (experts too) as Q8_0."""
+    from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
     from safetensors.torch import load_file
 
     sd = {k: v.float() for f in sorted(hf_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
@@ -107,6 +108,9 @@ def write_gguf(cfg, hf_dir, arch: str, path) -> None:
         t = torch.stack([sd[stack.format(j=j)] for j in range(experts)]) if stack else sd[hf_name]
         if permute:
             t = _permute(t, permute)
+        if q8_layers and bid is not None and t.dim() >= 2:
+            w.add_tensor(name, quantize(t.numpy(), GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+            return
         w.add_tensor(name, (t + shift).numpy())
 
     T, shift = MODEL_TENSOR, _norm_shift(arch)
@@ -252,3 +256,31 @@ def test_bad_expert_layouts_are_refused_by_tensor_or_key(tmp_path):
     _, mixtral = _gguf_model("mixtral", tmp_path / "m")
     _rewrite(mixtral, bad, extra_kv={"llama.expert_count": (5, GGUFValueType.UINT32)})
     _refused(bad, tmp_path, "GGUF tensor 'blk.0.ffn_gate_inp.weight' holds 4 experts but llama.expert_count is 5")
+
+
+def test_q8_0_experts_dequantize_in_place(tmp_path):
+    """A qwen3moe GGUF whose layer matrices (the stacked experts too) are Q8_0: each stored expert matrix is the
+    gguf package's own dequantization of its slice of the stacked tensor, and the store generates."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+    from safetensors.torch import load_file
+
+    from kubeflash_node.store.convert import StoreSource
+
+    model = save_random_model(_configs()["qwen3moe"], tmp_path / "hf")
+    write_gguf(model.config, tmp_path / "hf", "qwen3moe", tmp_path / "q8.gguf", q8_layers=True)
+    convert(str(tmp_path / "q8.gguf"), tmp_path / "store", dtype="float32")
+    layer = StoreSource(tmp_path / "store").layer(1)
+    sd = load_file(tmp_path / "hf" / "model.safetensors")
+    for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+        stack = torch.stack([sd[f"model.layers.1.mlp.experts.{j}.{theirs}.weight"] for j in range(6)]).numpy()
+        want = dequantize(quantize(stack, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
+        assert not np.array_equal(want, stack)  # Q8_0 did round: the comparison below is of the dequantized values
+        for j in range(6):
+            assert np.array_equal(layer[f"e{j}.{ours}"].numpy(), want[j]), (ours, j)
+    engine = Engine(tmp_path / "store")
+    try:
+        [c] = engine.generate([[5, 6, 7, 8]], GenParams(max_new_tokens=3))
+    finally:
+        engine.close()
+    assert len(c.tokens) == 3
