@@ -299,6 +299,8 @@ def test_predictor_reads_only_predicted_gate_rows_and_matches_its_mask(predicted
     assert tokens == _reference(ref, 6)
     c = ModelConfig.from_dict(load_manifest(store).config)
     gate = c.intermediate_size * c.hidden_size * 4
+    assert "low-rank predictor decides in 3 of 3 layers" in e2.sparsity.line()
+    assert e2.sparsity.describe()["predictor_layers"] == [0, 1, 2]
     steps = e2.sparsity.reads.steps["decode"] + c.num_layers  # layer calls: decode steps and the prefill
     assert 0 < e2.sparsity.gates.bytes_read < 0.9 * steps * gate  # the predicted rows, not the whole gate
     assert e2.timings.bytes["load_weight_skipped"] >= e2.timings.count["load_weight_skipped"] * 3 * gate  # + padding

@@ -132,6 +132,8 @@ class SparseFFN:
             d = s["decode"]
             out += (f"; decode needs {100 * d['ffn_read_fraction']:.1f}% of the FFN matrix bytes (gate whole, up/down "
                     f"of active neurons), {d['runs_per_layer_call']:g} runs a layer in a neuron-bundled layout")
+        if self.predictor is not None:
+            out += f"; low-rank predictor decides in {int(self.predictor.use.sum())} of {len(self.thresholds)} layers"
         w = self.weights()
         if w is None:
             out += "; no neuron bundles (kubeflash calibrate --bundle), so streamed layers are read whole"
@@ -164,6 +166,9 @@ class SparseFFN:
                 n = self.neurons
                 out["neuron_cache"] = {"hits": n.hits, "misses": n.misses, "hot_bytes": n.hot_bytes,
                                        "window": self.window, "held_bytes": n.held_bytes()}
+            if self.predictor is not None:
+                out["predictor_layers"] = [int(j) for j in self.predictor.use.nonzero()[0]]
+                out["gate_row_bytes_read"] = self.gates.bytes_read
         return out
 
     def close(self) -> None:
