@@ -138,6 +138,24 @@ class ClaimBook:
     pending: dict[str, dict[str, tuple[Claim | Release, asyncio.Future[bool]]]] = field(default_factory=dict)
     writers: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # the one ledger writer per FlashNode
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    watched: dict[str, NodeRecord] = field(default_factory=dict)  # the watch's FlashNode records (watch/unwatch)
+    generation: int = 0  # bumped by changed(): what a placement reads from the records may differ now
+    view: tuple[Any, Any] | None = None  # (key, value) the handlers built from the records at some generation
+
+    def changed(self) -> None:
+        """Something a placement reads from the records changed (a FlashNode or Node event, our write's answer)."""
+        self.generation += 1
+        self.view = None
+
+    def watch(self, rec: NodeRecord) -> None:
+        """A FlashNode as the watch shows it (added or changed)."""
+        self.watched[rec.name] = rec
+        self.changed()
+
+    def unwatch(self, name: str) -> None:
+        """A FlashNode the watch shows deleted."""
+        self.watched.pop(name, None)
+        self.changed()
 
     def current(self, watched: Iterable[NodeRecord]) -> dict[str, NodeRecord]:
         """The newest record of every FlashNode the watch shows (one it no longer shows is gone)."""
@@ -150,12 +168,15 @@ class ClaimBook:
         """A FlashNode as our write (or read) answered it."""
         rec = node_record(body)
         self.written[rec.name] = _newer(rec, self.written.get(rec.name))
+        self.changed()
         return self.written[rec.name]
 
-    def claims(self, records: Mapping[str, NodeRecord]) -> tuple[Claim, ...]:
-        """Every recorded claim, overridden by the held ones (a job's newest decision wins)."""
+    def claims(self, records: Mapping[str, NodeRecord], *, held: bool = True) -> tuple[Claim, ...]:
+        """Every recorded claim, overridden by the held ones (a job's newest decision wins; held=False: only the
+        recorded ones)."""
         merged = {job: c for r in records.values() for job, c in r.ledger.items()}
-        merged.update(self.held)
+        if held:
+            merged.update(self.held)
         return tuple(merged.values())
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
 import kopf
 
-from kubeflash_operator import reconcile
+from kubeflash_operator import kopfpatch, reconcile
 from kubeflash_operator.bookkeeping import (
     ClaimBook,
     NodeRecord,
@@ -88,6 +87,7 @@ class _NoDiffBase(kopf.DiffBaseStorage):
 def tune(settings: kopf.OperatorSettings) -> None:
     """kopf's settings, each on purpose (docs/operator.md, "kopf settings", says why)."""
     settings.persistence.finalizer = FINALIZER
+    kopfpatch.install()  # kopf's finalizer add/remove diffed over the finalizer list, not the whole job
     # a "kopf." prefix: kopf adds no kopf-managed marker annotation (one write per deleted job) next to it
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PROGRESS_PREFIX)
     settings.persistence.diffbase_storage = _NoDiffBase()
@@ -148,14 +148,19 @@ def probe_jobs(memo: kopf.Memo, **_: Any) -> dict[str, int]:
 
 
 @kopf.index(*FLASHNODES)
-async def flashnode_index(body: kopf.Body, name: str, **_: Any) -> dict[str, NodeRecord]:
-    return {name: node_record(body)}
+async def flashnode_index(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> dict[str, NodeRecord]:
+    rec = node_record(body)
+    if "book" in memo:  # the book's copy changes now (kopf's index a few awaits later): steps read the book's
+        memo.book.watch(rec)
+    return {name: rec}
 
 
 @kopf.on.event(*FLASHNODES)
 async def flashnode_gone(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     """A deleted FlashNode: every job looks now (those placed there are placed again)."""
     if event.get("type") == "DELETED":
+        if "book" in memo:
+            memo.book.unwatch(event.get("object", {}).get("metadata", {}).get("name", ""))
         _wake(memo, list(memo.get("wakeups", {})))
 
 
@@ -167,6 +172,8 @@ async def node_index(name: str, spec: kopf.Spec, status: kopf.Status, memo: kopf
     states = memo.setdefault("node_states", {})
     if states.get(name) != state:  # rare: every job looks now (those placed there react)
         states[name] = state
+        if "book" in memo:
+            memo.book.changed()
         _wake(memo, list(memo.get("wakeups", {})))
     return {name: state} if state else {}  # {} drops a node that is fine again
 
@@ -185,9 +192,13 @@ def not_ready(spec: Any, status: Any) -> bool:
 async def pod_index(body: kopf.Body, namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any
                     ) -> dict[tuple[str, str], Any]:
     meta = body.get("metadata", {})
-    owners = [o.get("uid") for o in meta.get("ownerReferences") or []]
-    _wake(memo, owners)  # the owning job's coroutine looks at the change now
-    return {(namespace, labels[JOB_LABEL]): (tuple(owners), pod_view(body), meta.get("uid", ""))}
+    owners = tuple(o.get("uid") for o in meta.get("ownerReferences") or [])
+    key, view, pod_uid = (namespace, labels[JOB_LABEL]), pod_view(body), meta.get("uid", "")
+    seen = memo.setdefault("pod_seen", {}).setdefault(key, {})
+    if seen.get(pod_uid) != (owners, view):  # the owning job's coroutine looks at the change now (a pod event
+        seen[pod_uid] = (owners, view)  # that changes nothing it reads, e.g. the scheduler's binding, wakes none)
+        _wake(memo, owners)
+    return {key: (owners, view, pod_uid)}
 
 
 # ------------------------------------------------------------------------------------------ job lifecycle
@@ -210,7 +221,8 @@ async def run_job(body: kopf.Body, uid: str, memo: kopf.Memo, logger: logging.Lo
     marked for deletion or gone is never acted on again, even by a coroutine whose cancellation came late (a
     loaded event loop: kopf then leaves it orphaned, and `stopped` ends it)."""
     wake = memo.wakeups.setdefault(uid, asyncio.Event())
-    try:
+    on_stop = asyncio.create_task(_wake_when(stopped, wake))  # stopped (job deleted or ended): exit now, so kopf
+    try:  # need not wait for its cancellation (deletion goes on as soon as the finalizer handler is done)
         while not stopped and not _deleting(body):
             wake.clear()
             delay = TICK_S
@@ -229,8 +241,14 @@ async def run_job(body: kopf.Body, uid: str, memo: kopf.Memo, logger: logging.Lo
             except TimeoutError:
                 pass
     finally:
+        on_stop.cancel()
         if memo.wakeups.get(uid) is wake:
             del memo.wakeups[uid]
+
+
+async def _wake_when(stopped: kopf.DaemonStopped, wake: asyncio.Event) -> None:
+    await stopped.wait()
+    wake.set()
 
 
 def _before(version: str | None, sent: tuple[str, str, float]) -> bool:
@@ -268,14 +286,11 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     current = pods.get(job.status.get("pod") or "")
     steady = job.status.get("phase") == "Running" and current is not None and current.phase == "Running"
     idle = RUNNING_TICK_S if steady else TICK_S  # a pod not running yet has timeouts (unschedulable, image pull)
-    records = memo.book.current(_records(flashnode_index))
-    state = {name: next(iter(store)) for name, store in node_index.items()}
-    nodes = {r.view.name: replace(r.view, cordoned=True) if state.get(r.view.name) == "cordoned" else r.view
-             for r in records.values()}
-    unready = frozenset(name for name, s in state.items() if s == "NotReady")
+    records, nodes, unready, claims = _placement_view(memo.book, memo.node_states)
     # every claim (all ledgers merged) only where a step may place: a job whose pod runs needs none, unless a
     # failure there could send it to placement in this same step (no retry delay configured)
-    claims = () if steady and memo.config.backoff(1) > 0 else memo.book.claims(records)
+    if steady and memo.config.backoff(1) > 0:
+        claims = ()
     world = reconcile.World(now=now(), nodes=nodes, claims=claims, pods=pods, not_ready=unready)
     plan = reconcile.step(job, world, memo.config)
     fresh = None
@@ -367,8 +382,22 @@ def _wake(memo: kopf.Memo, uids: Any) -> None:
 # ------------------------------------------------------------------------------------------------ claims
 
 
-def _records(flashnode_index: kopf.Index) -> Iterator[NodeRecord]:
-    return (next(iter(store)) for store in flashnode_index.values())
+def _placement_view(book: ClaimBook, state: dict[str, str | None]
+                    ) -> tuple[dict[str, NodeRecord], dict[str, Any], frozenset[str], tuple[Claim, ...]]:
+    """(FlashNode records, node views by name, NotReady nodes, every claim) as the book and the Node states
+    (node_index's handler) show them now. The first three and the recorded claims are built once per change
+    (book.changed(): a FlashNode event, a ledger write's answer, a Node's state), not once per job step (a wake of
+    any of 5,000 jobs would rebuild them from 500 FlashNodes); the held claims go on top at every call. Both are
+    updated synchronously in the handlers that see the events, so the view is never older than its generation;
+    no await here: a step sees one instant's view."""
+    if book.view is None or book.view[0] != book.generation:
+        records = book.current(book.watched.values())
+        nodes = {r.view.name: replace(r.view, cordoned=True) if state.get(r.view.name) == "cordoned" else r.view
+                 for r in records.values()}
+        unready = frozenset(name for name, s in state.items() if s == "NotReady")
+        book.view = (book.generation, (records, nodes, unready, book.claims(records, held=False)))
+    records, nodes, unready, recorded = book.view[1]
+    return records, nodes, unready, (book.claims(records) if book.held else recorded)
 
 
 async def _record_claim(memo: kopf.Memo, claim: Claim, flashnode_index: kopf.Index) -> bool:
@@ -387,7 +416,7 @@ async def _release(memo: kopf.Memo, job: str, flashnode_index: kopf.Index,
                    entries: list[tuple[str, Claim]] | None = None) -> None:
     """Remove `job` from every ledger that records it (or only the given entries, each if it is still there)."""
     if entries is None:
-        records = memo.book.current(_records(flashnode_index))
+        records = memo.book.current(memo.book.watched.values())
         changes = [(r.view.name, Release()) for r in records.values() if job in r.ledger]
     else:
         changes = [(entry.node, Release(entry)) for _, entry in entries]
@@ -403,7 +432,7 @@ async def _update_ledger(memo: kopf.Memo, node: str, flashnode_index: kopf.Index
     Changes to one FlashNode queue up while its write is in flight and go out together in the next write, so a
     burst onto one node costs a few writes, not one per job, and this operator never races itself for a node."""
     book = memo.book
-    rec = record_for(book.current(_records(flashnode_index)), node)
+    rec = record_for(book.current(book.watched.values()), node)
     if rec is None:
         return isinstance(claim, Release)
     done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -442,7 +471,7 @@ async def _write_batch(memo: kopf.Memo, name: str, flashnode_index: kopf.Index,
     retried on a fresh read (each claim checked again against the ledger as it now is)."""
     book = memo.book
     for _ in range(LEDGER_RETRIES):
-        rec = book.current(_records(flashnode_index)).get(name)
+        rec = book.current(book.watched.values()).get(name)
         if rec is None:
             return {job: isinstance(change, Release) for job, (change, _) in batch.items()}
         ledger, results = apply_changes(rec.ledger, {job: claim for job, (claim, _) in batch.items()})

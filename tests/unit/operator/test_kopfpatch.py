@@ -1,0 +1,87 @@
+"""kopfpatch's finalizer shortcut gives exactly the JSON-patch ops kopf's own whole-object diff gives (adding the
+finalizer to a job with none or with others, removing it with and without others left), and leaves any other
+patch to kopf."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import jsonpatch
+import pytest
+from kopf._cogs.structs import bodies, finalizers, patches
+
+from kubeflash_operator import kopfpatch
+
+FIN = "kubeflash.io/release-kv"
+_KOPF_AS_JSON_PATCH = patches.Patch.as_json_patch  # kopf's own, unless install() ran before this module loaded
+
+
+def _job(finalizer_list: list[str] | None) -> dict:
+    meta = {"name": "j", "namespace": "default", "uid": "u1", "resourceVersion": "42",
+            "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {"f:model": {}}}}]}
+    if finalizer_list is not None:
+        meta["finalizers"] = finalizer_list
+    return {"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": meta,
+            "spec": {"model": {"uri": "builtin:smollm2-135m"}, "input": {"prompts": ["Hello"] * 20}},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+def _patch(body: dict, fn) -> patches.Patch:
+    p = patches.Patch(body=bodies.Body(body))
+    p.fns.append(functools.partial(fn, finalizer=FIN))
+    return p
+
+
+@pytest.mark.parametrize(("existing", "fn"), [
+    (None, finalizers.block_deletion),
+    ([], finalizers.block_deletion),
+    (["other.io/x"], finalizers.block_deletion),
+    ([FIN], finalizers.block_deletion),  # already there: no ops
+    ([FIN], finalizers.allow_deletion),
+    (["other.io/x", FIN], finalizers.allow_deletion),
+    ([FIN, "other.io/x", FIN], finalizers.allow_deletion),
+    (None, finalizers.allow_deletion),  # nothing to remove: no ops
+])
+def test_lean_ops_equal_kopfs_own(existing, fn):
+    body = _job(copy.deepcopy(existing))
+    patch = _patch(body, fn)
+    own = _KOPF_AS_JSON_PATCH(patch) if not kopfpatch._installed else _kopf_ops(patch, body)
+    lean = kopfpatch.lean_ops(patch, patch._original, finalizers, jsonpatch)
+    assert lean == own
+    # applying them gives the same object kopf intends
+    want = copy.deepcopy(body)
+    fn(want, finalizer=FIN)
+    assert jsonpatch.apply_patch(body, lean) == want
+
+
+def _kopf_ops(patch: patches.Patch, body: dict) -> list:
+    """kopf's own algorithm: deep copy, apply the functions, diff the whole object."""
+    after = copy.deepcopy(body)
+    for f in patch.fns:
+        f(after)
+    return jsonpatch.JsonPatch.from_diff(body, after).patch
+
+
+def test_other_patches_are_left_to_kopf():
+    body = _job([FIN])
+    merge = patches.Patch(body=bodies.Body(body))
+    merge["status"] = {"phase": "Failed"}
+    assert kopfpatch.lean_ops(merge, body, finalizers, jsonpatch) is None
+    mixed = _patch(body, finalizers.allow_deletion)
+    mixed["metadata"] = {"annotations": {"a": "b"}}
+    assert kopfpatch.lean_ops(mixed, body, finalizers, jsonpatch) is None
+    foreign = patches.Patch(body=bodies.Body(body))
+    foreign.fns.append(lambda b: b["metadata"].setdefault("labels", {}).update(x="y"))
+    assert kopfpatch.lean_ops(foreign, body, finalizers, jsonpatch) is None
+
+
+def test_installed_patch_answers_like_kopf():
+    assert kopfpatch.install()
+    for existing, fn in ((None, finalizers.block_deletion), ([FIN], finalizers.allow_deletion)):
+        body = _job(existing)
+        patch = _patch(body, fn)
+        assert patch.as_json_patch() == _kopf_ops(patch, body)
+    merge = patches.Patch(body=bodies.Body(_job([FIN])))
+    merge["status"] = {"phase": "Failed"}
+    assert merge.as_json_patch() == [{"op": "replace", "path": "/status/phase", "value": "Failed"}]
