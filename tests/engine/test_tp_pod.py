@@ -4,10 +4,11 @@ streaming its own shard from its own disk, and writes the same results as the on
 Real subprocesses on CPU: a random 2-layer Llama with GQA (4 query / 2 K/V heads) converted to a store on "ssd0"
 (a tmp directory standing for pair 0's SSD), its two shards cut onto ssd0 and ssd1 as the node agent stages them
 (`<disk>/shards/<id>.tp2/<k>`), the pod's environment as the operator would set it (KUBEFLASH_SHARD_DIRS, one
-directory per rank; KUBEFLASH_RANK_DIRS for rank 1's files; KUBEFLASH_RING_DIRS for the SSD ring). Greedy
-float32 results (token ids, texts, fingerprints) equal the one-process pod's with gloo and with the ring; no
-shard is cut beside the store entry (the pod only reads what was staged). A missing shard or a missing
-KUBEFLASH_SHARD_DIRS is refused before any rank starts, naming the rank and directory or the variable.
+directory per rank; KUBEFLASH_RANK_DIRS for rank 1's files). Greedy float32 results (token ids, texts,
+fingerprints) equal the one-process pod's; no shard is cut beside the store entry (the pod only reads what was
+staged). With 3 ranks (one shard and one ring directory, KUBEFLASH_RING_DIRS, per disk) the SSD ring's results
+equal gloo's. A missing shard or a missing KUBEFLASH_SHARD_DIRS is refused before any rank starts, naming the
+rank and directory or the variable.
 """
 
 from __future__ import annotations
@@ -85,12 +86,30 @@ def test_pod_runs_two_ranks_on_their_own_shards(staged, tmp_path):
     assert json.loads((rank1 / "progress.json").read_text())["phase"] == "done"  # rank 1 ran, on its own dir
     assert not (model.parent / "m.tp2").exists()  # nothing cut beside the store: the staged shards were read
 
-    rings = [s.parents[2] / "ring" for s in shards]  # one ring directory on each pair's disk
+
+def test_three_ranks_ring_matches_gloo(tmp_path):
+    """3 ranks (6 query / 3 K/V heads, one K/V head each), each shard on its own disk: the SSD ring's results equal
+    gloo's token for token (float32 sums may differ in the last bits: the addition order differs with 3 addends)."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=256)
+    save_random_model(cfg, tmp_path / "hf")
+    _word_tokenizer(128).save_pretrained(tmp_path / "hf")
+    model = tmp_path / "ssd0" / "models" / "m"
+    convert(str(tmp_path / "hf"), model, dtype="float32")
+    shards = [tmp_path / f"ssd{k}" / "shards" / "m.tp3" / str(k) for k in range(3)]
+    shard_store(model, shards)
+    rings = [tmp_path / f"ssd{k}" / "ring" for k in range(3)]
     for d in rings:
-        d.mkdir(exist_ok=True)
-    ring = _engine(model, tmp_path / "ring", 2, KUBEFLASH_SHARD_DIRS=sep.join(map(str, shards)),
-                   KUBEFLASH_RING_DIRS=sep.join(map(str, rings)))
+        d.mkdir()
+    env = {"KUBEFLASH_SHARD_DIRS": os.pathsep.join(map(str, shards))}
+    gloo = _engine(model, tmp_path / "gloo", 3, **env)
+    assert gloo.returncode == 0, gloo.stderr
+    ring = _engine(model, tmp_path / "ring", 3, KUBEFLASH_RING_DIRS=os.pathsep.join(map(str, rings)), **env)
     assert ring.returncode == 0, ring.stderr
+    base = _results(tmp_path / "gloo")
+    assert len(base) == 4 and all(len(r[2]) == 6 for r in base)
     assert _results(tmp_path / "ring") == base
     assert json.loads((tmp_path / "ring" / "report.json").read_text())["tensor_parallel"]["reduce"] == "ring"
     assert not any(list(d.iterdir()) for d in rings)  # the ring's messages and heartbeats removed

@@ -293,5 +293,8 @@ class ModelCache:
     def idle(self) -> bool:
         """Nothing queued or staging (for --once)."""
         with self.lock:
-            return (self.stager.idle() and self.shards.idle()
+            ready = self.ready()
+            shards_due = any(m in ready and not why and not self.shards.status(m, n)[0]  # Ready, cut not yet asked
+                             for m, (n, why) in self.tp.items())
+            return (self.stager.idle() and self.shards.idle() and not shards_due
                     and not any(e.state in ("Pending", "Staging") for e in self.entries.values()))
