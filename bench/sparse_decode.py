@@ -1,0 +1,87 @@
+"""Dense against sparse decode of a model streamed from disk: weight bytes read and seconds per decode step.
+
+    .venv/bin/python bench/sparse_decode.py --model dummy:llama-3-8b --work /tmp/sd --device cuda --targets 0.5,0.9
+
+Converts the model (float16 on a GPU, float32 on the CPU) under --work, calibrates the targets on random token ids
+(dummy weights have no tokenizer; the bytes and times, not the accuracy, are what this measures) with neuron
+bundles, then for dense and each target runs one prompt of --prompt random tokens with every stage streamed from
+disk, twice (1 and 1 + --new tokens): the difference is --new decode steps, so prefill and set-up drop out. The
+page cache is not dropped: the reads are warm unless the model is larger than the free memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from kubeflash_node.engine.cli_calibrate import calibrate
+from kubeflash_node.engine.generate import Engine, GenParams
+from kubeflash_node.engine.policy import Policy
+from kubeflash_node.engine.sparse import for_job
+from kubeflash_node.store.bundles import write_bundles
+from kubeflash_node.store.convert import convert
+from kubeflash_node.store.format import load_manifest
+from kubeflash_node.store.modelconfig import ModelConfig
+
+
+def run(store: Path, target, *, device: str, prompt: list[int], new: int, batch: int, hot: int) -> dict:
+    c = ModelConfig.from_dict(load_manifest(store).config)
+    out = {}
+    for n in (1, 1 + new):
+        ffn = None if target is None else for_job(c, store, target, hot_bytes=hot)
+        e = Engine(store, policy=Policy(gpu_batch_size=batch), device=device, sparsity=ffn)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            e.generate([prompt] * batch, GenParams(max_new_tokens=n))
+        finally:
+            e.close()
+        t = e.timings
+        out[n] = (t.bytes["load_weight"] + t.bytes["load_neurons"], e.stats["decode_s"],
+                  torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0)
+    (b1, _, _), (b2, s2, peak) = out[1], out[1 + new]
+    return {"target": "dense" if target is None else target, "bytes_per_step": (b2 - b1) / new,
+            "s_per_step": s2 / new, "peak_gpu_gib": peak / 2**30}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="dummy:llama-3-8b")
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--targets", default="0.5")
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--new", type=int, default=8)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--hot", default="0", help="hot-set bytes (e.g. 1073741824)")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+    targets = [float(t) for t in a.targets.split(",")]
+    store = a.work / "store"
+    dtype = "float32" if a.device == "cpu" else "float16"
+    if not (store / "manifest.json").exists():
+        convert(a.model, store, dtype=dtype)
+        print("converted", file=sys.stderr)
+    c = ModelConfig.from_dict(load_manifest(store).config)
+    g = torch.Generator().manual_seed(0)
+    if not (store / "ffn_bundles").exists():
+        ids = torch.randint(0, c.vocab_size, (1024,), generator=g).tolist()
+        _, freq = calibrate(store, ids, tuple(targets), device=a.device, window=512)
+        write_bundles(store, freq)
+        print("calibrated and bundled", file=sys.stderr)
+    prompt = torch.randint(0, c.vocab_size, (a.prompt,), generator=g).tolist()
+    rows = []
+    for t in [None, *targets]:
+        rows.append(run(store, t, device=a.device, prompt=prompt, new=a.new, batch=a.batch, hot=int(a.hot)))
+        print(json.dumps(rows[-1]), flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
