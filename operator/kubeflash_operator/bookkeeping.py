@@ -164,6 +164,14 @@ class ClaimBook:
             del self.written[name]
         return out
 
+    def record(self, name: str) -> NodeRecord | None:
+        """current()[name] without building the whole map: FlashNode `name`'s newest record, None if not watched."""
+        rec = self.watched.get(name)
+        if rec is None:
+            self.written.pop(name, None)
+            return None
+        return _newer(rec, self.written.get(name))
+
     def note(self, body: Mapping[str, Any]) -> NodeRecord:
         """A FlashNode as our write (or read) answered it."""
         rec = node_record(body)

@@ -273,6 +273,12 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     """Admit, place, stage, run and watch one job (a new job is admitted and placed in its first step); returns
     how long to sleep unless woken, None once the job is gone."""
     job = _job(body)
+    parsed = memo.setdefault("parsed", {})
+    cached = parsed.get(job.uid)
+    if cached is not None and cached[0] == job.generation and job.generation is not None:
+        job.__dict__["parsed"] = cached[1]  # Job.parsed is a cached_property: the spec is parsed once per generation
+    else:
+        parsed[job.uid] = (job.generation, job.parsed)
     meta = body.get("metadata", {})
     version = meta.get("resourceVersion")
     if FINALIZER not in (meta.get("finalizers") or []) and (now() - job.created).total_seconds() < FINALIZER_WAIT_S:
@@ -365,6 +371,8 @@ async def count_job_phase(event: kopf.RawEvent, namespace: str, name: str, uid: 
     memo.metrics.job_phase(f"{namespace}/{name}", None if gone else status.get("phase") or "Pending")
     if gone:
         memo.sent.pop(uid, None)
+        memo.get("parsed", {}).pop(uid, None)
+        memo.get("pod_seen", {}).pop((namespace, name), None)
         # normally the finalizer released it already (then this is a no-op); not if its handler timed out or the
         # finalizer was removed by hand: a gone job never keeps a pair
         await _release(memo, f"{namespace}/{name}", flashnode_index)
@@ -416,7 +424,7 @@ async def _release(memo: kopf.Memo, job: str, flashnode_index: kopf.Index,
                    entries: list[tuple[str, Claim]] | None = None) -> None:
     """Remove `job` from every ledger that records it (or only the given entries, each if it is still there)."""
     if entries is None:
-        records = memo.book.current(memo.book.watched.values())
+        records = _placement_view(memo.book, memo.node_states)[0]
         changes = [(r.view.name, Release()) for r in records.values() if job in r.ledger]
     else:
         changes = [(entry.node, Release(entry)) for _, entry in entries]
@@ -432,7 +440,9 @@ async def _update_ledger(memo: kopf.Memo, node: str, flashnode_index: kopf.Index
     Changes to one FlashNode queue up while its write is in flight and go out together in the next write, so a
     burst onto one node costs a few writes, not one per job, and this operator never races itself for a node."""
     book = memo.book
-    rec = record_for(book.current(book.watched.values()), node)
+    rec = book.record(node)
+    if rec is None or rec.view.name != node:  # a FlashNode not named after its node: look among all
+        rec = record_for(book.current(book.watched.values()), node)
     if rec is None:
         return isinstance(claim, Release)
     done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -471,7 +481,7 @@ async def _write_batch(memo: kopf.Memo, name: str, flashnode_index: kopf.Index,
     retried on a fresh read (each claim checked again against the ledger as it now is)."""
     book = memo.book
     for _ in range(LEDGER_RETRIES):
-        rec = book.current(book.watched.values()).get(name)
+        rec = book.record(name)
         if rec is None:
             return {job: isinstance(change, Release) for job, (change, _) in batch.items()}
         ledger, results = apply_changes(rec.ledger, {job: claim for job, (claim, _) in batch.items()})

@@ -39,6 +39,7 @@ def test_view_follows_every_change_and_held_claims_count_at_once():
     book.note(fn("n1", "3", {"ns/a": A}))  # the answer to our own ledger write
     assert handlers._placement_view(book, states)[3] == (A,)
     assert handlers._placement_view(book, states)[0]["n1"].rv == "3"
+    assert book.record("n1") == book.current(book.watched.values())["n1"]  # the one-node lookup agrees
 
     book.held["ns/b"] = B  # decided, write in flight: counts without a rebuild
     generation = book.generation
@@ -56,7 +57,7 @@ def test_view_follows_every_change_and_held_claims_count_at_once():
 
     book.unwatch("n1")  # the FlashNode is deleted: its node and its ledger leave the view
     _, nodes, _, claims = handlers._placement_view(book, states)
-    assert set(nodes) == {"n2"} and claims == ()
+    assert set(nodes) == {"n2"} and claims == () and book.record("n1") is None
 
 
 def _pod(phase: str, node: str = "") -> dict:
