@@ -1,8 +1,9 @@
 """The agent as the chart runs it by default: uid/gid 1000 (the inference pods' user), no capabilities, no
 new privileges, over a store handed to that user. A real `kubeflash agent` process started that way (setpriv)
 stages a model, probes the disk, relays progress from a pod's 0600 file, refuses a planted `kv` link without
-changing any owner, measures and removes a job directory whose pod locked its own subdirectories (mode 000 /
-0500), and never touches a root-owned file outside the store. Needs root (to start the agent as another user).
+changing any owner, keeps its passes going and names the directory when the pod makes its whole job directory
+mode 000, measures and removes a job directory whose pod locked its own subdirectories (mode 000 / 0500), and
+never touches a root-owned file outside the store. Needs root (to start the agent as another user).
 """
 
 from __future__ import annotations
@@ -54,6 +55,22 @@ class NonRootAgent(AgentProc):
         if wait:
             self.wait_ready()
         return self
+
+
+def heartbeats(agent: AgentProc, count: int) -> list[float]:
+    """The next `count` distinct end-of-pass heartbeats from /metrics (raises after 30 s without them)."""
+    seen: list[float] = []
+
+    def more():
+        for line in agent.get("/metrics")[1].splitlines():
+            if line.startswith("kubeflash_agent_heartbeat_timestamp_seconds "):
+                v = float(line.split()[1])
+                if not seen or v != seen[-1]:
+                    seen.append(v)
+        return len(seen) > count
+
+    wait_for(more, 30, what=f"{count} more agent passes", log=agent.log, every=0.05)
+    return seen[1:count + 1]
 
 
 def status_of(pid: int) -> dict[str, str]:
@@ -122,6 +139,16 @@ def test_non_root_agent_stages_measures_refuses_and_removes(open_dir, tiny_model
 
     # over its 1 MiB quota: the 3 MiB its pod locked away (mode 000) are counted
     wait_for(seen, 15, what="progress relayed and the locked 3 MiB counted", log=agent.log)
+
+    # the pod takes all access to its whole directory away: the agent's passes go on (no pass dies on EACCES)
+    as_pod(job, 0o000)
+    beats = heartbeats(agent, 3)
+    assert len(beats) == 3, agent.log()
+    why = wait_for(lambda: agent.inventory()["jobs"].get("team/run-1", {}).get("problems", {}).get("kv"), 10,
+                   what="the locked directory named", log=agent.log)
+    assert why.endswith("run-1: is a directory with mode 0 the agent may not open; expected a directory its owner "
+                        "can read"), why
+    as_pod(job, 0o755)
 
     # kv replaced by a link to root's directory: refused, nothing chowned (the agent could not, and did not try)
     os.rename(job / "kv", job / "kv-old")

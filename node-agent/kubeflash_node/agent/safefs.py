@@ -62,6 +62,9 @@ def _refusal(dir_fd: int, name: str, shown: str, e: OSError, expected: str) -> O
         return e
     if stat.S_ISLNK(st.st_mode):
         return Unsafe(shown, f"is a symlink; expected {expected} (links are never followed)")
+    if e.errno == errno.EACCES:  # a non-root agent: the pod (same uid) took its owner's permissions away
+        return Unsafe(shown, f"is {_kind(st.st_mode)} with mode {stat.S_IMODE(st.st_mode):o} the agent may not "
+                             f"open; expected {expected} its owner can read")
     return Unsafe(shown, f"is {_kind(st.st_mode)}; expected {expected}")
 
 
