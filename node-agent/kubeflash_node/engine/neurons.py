@@ -102,7 +102,7 @@ class NeuronCache:
         grow = k - len(take)
         if grow:
             base = st.buf.shape[0]
-            more = min(max(grow, base // 2), self.reader.neurons - base)  # a neuron holds one row at most
+            more = min(max(grow, base), self.reader.neurons - base)  # doubling; a neuron holds one row at most
             st.buf = torch.cat([st.buf, torch.empty(more, st.buf.shape[1], dtype=self.dtype, device=self.device)])
             take += list(range(base, base + grow))
             st.free.extend(range(base + grow, st.buf.shape[0]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -90,16 +91,10 @@ class BundleReader:
 
     def read(self, layer: int, active: list[int]) -> np.ndarray:
         """[len(active), row_elems] bundles of the sorted neuron ids `active`."""
-        out = np.empty((len(active), self.row_elems), dtype=self.dtype)
-        raw = out.view(np.uint8).reshape(len(active), self.row_bytes)
-        k = 0
-        for start, n in runs(active):
-            got = os.preadv(self.fds[layer], [raw[k:k + n]], start * self.row_bytes)
-            if got != n * self.row_bytes:
-                raise StoreError(f"{self.dir}/layer_{layer:03d}.bin: short read ({got} of {n * self.row_bytes} bytes)")
-            k += n
-            self.bytes_read += got
-            self.reads += 1
+        out, got, n = read_rows(self.fds[layer], active, self.row_elems, self.dtype, 0,
+                                where=f"{self.dir}/layer_{layer:03d}.bin")
+        self.bytes_read += got
+        self.reads += n
         return out
 
     def close(self) -> None:
@@ -126,16 +121,10 @@ class GateRows:
 
     def read(self, layer: int, ids: list[int]) -> np.ndarray:
         """[len(ids), H] gate rows of the sorted neuron ids `ids`."""
-        out = np.empty((len(ids), self.row_elems), dtype=self.dtype)
-        raw = out.view(np.uint8).reshape(len(ids), self.row_bytes)
-        base, k = self.entries[layer].offset, 0
-        for start, n in runs(ids):
-            got = os.preadv(self.fds[layer], [raw[k:k + n]], base + start * self.row_bytes)
-            if got != n * self.row_bytes:
-                raise StoreError(f"layer {layer}: short read of gate rows ({got} of {n * self.row_bytes} bytes)")
-            k += n
-            self.bytes_read += got
-            self.reads += 1
+        out, got, n = read_rows(self.fds[layer], ids, self.row_elems, self.dtype, self.entries[layer].offset,
+                                where=f"layer {layer} gate rows")
+        self.bytes_read += got
+        self.reads += n
         return out
 
     def close(self) -> None:
@@ -157,6 +146,41 @@ def frequency(model_dir: Path, target: float) -> np.ndarray | None:
     except (OSError, ValueError) as e:
         raise StoreError(f"{d}: unreadable activation frequencies for {target:g} ({e}); run kubeflash calibrate "
                          "again") from e
+
+
+PARALLEL_RUNS = 64  # a read of more runs than this is split over READ_THREADS threads (preadv releases the GIL)
+READ_THREADS = 4
+_POOL: ThreadPoolExecutor | None = None
+
+
+def read_rows(fd: int, ids: list[int], row_elems: int, dtype: np.dtype, base: int, *,
+              where: str) -> tuple[np.ndarray, int, int]:
+    """(rows [len(ids), row_elems] of a row-major file region starting at byte `base`, bytes read, reads): one
+    preadv per run of consecutive ids, the runs of a large set read on a few threads at once."""
+    global _POOL
+    row_bytes = row_elems * dtype.itemsize
+    out = np.empty((len(ids), row_elems), dtype=dtype)
+    raw = out.view(np.uint8).reshape(len(ids), row_bytes)
+    todo, k = [], 0
+    for start, n in runs(ids):
+        todo.append((raw[k:k + n], base + start * row_bytes, n * row_bytes))
+        k += n
+
+    def some(part) -> int:
+        total = 0
+        for dest, offset, want in part:
+            got = os.preadv(fd, [dest], offset)
+            if got != want:
+                raise StoreError(f"{where}: short read ({got} of {want} bytes at {offset})")
+            total += got
+        return total
+
+    if len(todo) <= PARALLEL_RUNS:
+        return out, some(todo), len(todo)
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="kf-neurons")
+    step = -(-len(todo) // READ_THREADS)
+    return out, sum(_POOL.map(some, [todo[i:i + step] for i in range(0, len(todo), step)])), len(todo)
 
 
 def runs(ids: list[int]) -> list[tuple[int, int]]:
