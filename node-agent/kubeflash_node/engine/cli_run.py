@@ -8,11 +8,10 @@ FlexGen's timing breakdown are printed at the end.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from .cliargs import positive_size
+from .cliargs import int_range, positive_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU memory the automatic policy may plan with, e.g. 12GiB (default: the GPU's)")
     p.add_argument("--cpu-memory", type=positive_size,
                    help="host memory the automatic policy may plan with, e.g. 16GiB (default: MemAvailable)")
-    p.add_argument("--tensor-parallel", type=int, metavar="N",
+    p.add_argument("--tensor-parallel", type=int_range(1), metavar="N",
                    help="split every layer over N rank processes, each streaming its own shard of the store "
                         "(overrides spec.offload.tensorParallel; docs/multi-gpu.md)")
     p.add_argument("--reduce", default="auto", choices=("auto", "gloo", "ring", "nccl"),
@@ -64,15 +63,20 @@ def main(args: argparse.Namespace) -> int:
     from kubeflash_api.local import load_job_file
     from kubeflash_api.names import resolve_within
 
-    try:  # a bad manifest is refused here, before the engine's modules import torch (seconds)
+    created: list[Path] = []
+    try:  # a bad manifest, model source or output path is refused here, before the engine imports torch (seconds)
         spec = load_job_file(args.manifest)
         job_dir = args.job_dir or Path("kubeflash-out") / spec.name
         output = args.output or resolve_within(job_dir, spec.output.path or "results.jsonl", "spec.output.path")
-    except SpecError as e:
+        from ..store.cache import DEFAULT_ROOT  # numpy: after the manifest is read
+
+        _check_source(spec.model.uri)
+        created = _check_paths(args, job_dir=job_dir, output=output, store=Path(args.store or DEFAULT_ROOT))
+    except (SpecError, ValueError) as e:
+        _remove_empty(created)
         print(f"kubeflash run: error: {e}", file=sys.stderr)
         return 1
 
-    from ..store.cache import DEFAULT_ROOT
     from ..store.format import StoreError
     from ..store.modelconfig import ModelConfig
     from .generate import EngineError
@@ -81,7 +85,6 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         device = resolve_device(args.device)
-        _check_paths(args, job_dir=job_dir, output=output, store=Path(args.store or DEFAULT_ROOT))
         dtype = "float32" if device == "cpu" else spec.model.dtype
         tp, tp_field = _tensor_parallel(args, spec)
         reduce = check_request(tp, reduce=args.reduce, ring_dirs=args.ring_dir, device=device, field=tp_field)
@@ -98,6 +101,7 @@ def main(args: argparse.Namespace) -> int:
                          kv_cache_dir=Path(args.store or DEFAULT_ROOT) / "kvcache")  # spec.cache.prefix: node cache
         bar.close()
     except (SpecError, StoreError, EngineError, ValueError, OSError) as e:
+        _remove_empty(created)
         print(f"kubeflash run: error: {e}", file=sys.stderr)
         return 1
     return _finish(args, spec, report, output=output, job_dir=job_dir)
@@ -160,23 +164,67 @@ def _model(spec, *, dtype: str, root: Path, quiet: bool):
         raise SourceError(f"spec.model.uri: {e}") from None
 
 
-def _check_paths(args, *, job_dir: Path, output: Path, store: Path) -> None:
-    """Refuse, before the model is converted, a job directory, output file or store that cannot be written."""
+def _check_source(uri: str) -> None:
+    """Refuse, before torch is imported, a local model path that does not exist or an unknown dummy preset."""
+    import re
+
+    from kubeflash_api import SpecError
+
+    from ..store.modelconfig import preset
+
+    if uri.startswith("dummy:"):
+        try:
+            preset(uri.removeprefix("dummy:"))
+        except ValueError as e:
+            raise SpecError(f"spec.model.uri: {e}") from None
+    elif not uri.startswith("builtin:") and not re.match(r"^[a-z][a-z0-9+.-]*://", uri):
+        if not Path(uri).expanduser().exists():
+            raise SpecError(f"spec.model.uri: {uri}: no such file or directory (expected builtin:…, dummy:…, "
+                            "a .gguf file or a Hugging Face directory with config.json)")
+
+
+def _check_paths(args, *, job_dir: Path, output: Path, store: Path) -> list[Path]:
+    """Refuse, before the model is converted, a job directory, output file or store that cannot be written.
+
+    Returns the directories it created (outermost first), so a run refused later can remove them again."""
+    import tempfile
+
     where = [("--job-dir" if args.job_dir else "the job directory", job_dir, job_dir),
              ("--output" if args.output else "spec.output.path", output, output.parent),
              ("--store" if args.store else "the model store ($KUBEFLASH_HOME)", store, store)]
-    for label, path, folder in where:
-        if path is output and output.is_dir():
-            raise ValueError(f"{label} {output}: is a directory; expected the path of a results JSONL file")
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"{label} {path}: {folder} is a file; expected a directory")
+    created: list[Path] = []
+    try:
+        for label, path, folder in where:
+            if path is output and output.is_dir():
+                raise ValueError(f"{label} {output}: is a directory; expected the path of a results JSONL file")
+            if folder.exists() and not folder.is_dir():
+                raise ValueError(f"{label} {path}: {folder} is a file; expected a directory")
+            missing = [d for d in (folder, *folder.parents) if not d.exists()]
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"{label} {path}: cannot create {folder} ({e.strerror or e}); "
+                                 "expected a writable directory") from None
+            created += [d for d in reversed(missing) if d not in created]
+            try:  # a real write: os.access says yes to root on read-only mounts and /sys
+                with tempfile.TemporaryFile(dir=folder, prefix=".kubeflash-probe-"):
+                    pass
+            except OSError as e:
+                raise ValueError(f"{label} {path}: {folder} is not writable ({e.strerror or e}); "
+                                 "expected a writable directory") from None
+    except ValueError:
+        _remove_empty(created)
+        raise
+    return created
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the directories this run created that are still empty (innermost first): a refused run leaves none."""
+    for d in reversed(created):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"{label} {path}: cannot create {folder} ({e.strerror or e}); "
-                             "expected a writable directory") from None
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ValueError(f"{label} {path}: {folder} is not writable; expected a writable directory")
+            d.rmdir()
+        except OSError:
+            pass
 
 
 def _machine(args, store: Path):

@@ -1,0 +1,78 @@
+"""`kubeflash run` refuses a missing model, an unknown dummy preset, an output it cannot write and a bad
+--tensor-parallel before torch is imported, naming what is wrong, and leaves no directory behind.
+
+Found by trying the product as a newcomer: these used to import torch first (seconds), leave an empty
+kubeflash-out/<job>/, and an output under /sys (os.access says yes to root) failed only after the model was
+converted, with a bare "[Errno 13]" and a progress.json left in the job directory. Each case runs the real
+dispatcher in a fresh interpreter in an empty working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = REPO / ".venv" / "bin" / "python"
+PY = str(PYTHON) if PYTHON.exists() else sys.executable
+
+PROBE = """
+import json, sys
+from kubeflash_node import cli
+try:
+    code = cli.main(["run", *sys.argv[1:]])
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
+"""
+
+
+def _manifest(tmp_path: Path, uri: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text("apiVersion: kubeflash.io/v1alpha1\nkind: InferenceJob\nmetadata: {name: j}\nspec:\n"
+                    f"  model: {{uri: '{uri}'}}\n  input: {{prompts: [hi]}}\n")
+    return path
+
+
+def _run(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run([PY, "-c", PROBE, *args, "--store", str(tmp_path / "store")], capture_output=True,
+                          text=True, timeout=120, cwd=work)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return result, proc.stderr
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("/nonexistent/kubeflash/model.gguf", "spec.model.uri: /nonexistent/kubeflash/model.gguf: no such file"),
+    ("dummy:no-such-preset", "spec.model.uri: unknown dummy preset 'no-such-preset'"),
+])
+def test_missing_model_refused_before_torch_and_leaves_nothing(tmp_path, uri, expected):
+    result, err = _run(tmp_path, str(_manifest(tmp_path, uri)))
+    assert result == {"code": 1, "torch": False}, err
+    assert expected in err
+    assert list((tmp_path / "work").iterdir()) == []  # no kubeflash-out/j/
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs sysfs mounted at /sys")
+def test_unwritable_output_refused_before_torch_and_created_dirs_removed(tmp_path):
+    job_dir = tmp_path / "work" / "a" / "b"
+    result, err = _run(tmp_path, str(_manifest(tmp_path, "builtin:smollm2-135m")),
+                       "--job-dir", str(job_dir), "--output", "/sys/kubeflash-newcomer.jsonl")
+    assert result == {"code": 1, "torch": False}, err
+    assert "--output /sys/kubeflash-newcomer.jsonl: /sys is not writable" in err
+    assert list((tmp_path / "work").iterdir()) == []  # a/b was created for the check and removed again
+    assert not Path("/sys/kubeflash-newcomer.jsonl").exists()
+
+
+def test_tensor_parallel_zero_is_a_usage_error(tmp_path):
+    result, err = _run(tmp_path, str(_manifest(tmp_path, "builtin:smollm2-135m")), "--tensor-parallel", "0")
+    assert result == {"code": 2, "torch": False}, err
+    assert "argument --tensor-parallel: must be an integer >= 1, got '0'" in err
+    assert list((tmp_path / "work").iterdir()) == []
