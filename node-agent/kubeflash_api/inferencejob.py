@@ -229,8 +229,9 @@ MAX_SPARSITY = 0.95
 
 
 def _sparsity(v: Any, path: str) -> float | None:
-    """`off` -> None (dense); a number in [0, MAX_SPARSITY] -> that target."""
-    if v == "off":
+    """`off` -> None (dense); a number in [0, MAX_SPARSITY] -> that target. An unquoted `off` in YAML 1.1 (PyYAML,
+    go-yaml, so kubectl too) arrives as false, which means off as well; true names no target and is refused."""
+    if v == "off" or v is False:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise SpecError(path, f"must be off or a target sparsity in [0, {MAX_SPARSITY}], got {show(v)}")

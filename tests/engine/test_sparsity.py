@@ -169,6 +169,16 @@ def test_calibrate_refuses_short_text_and_bad_targets(tmp_path, store_root, caps
     assert exit_.value.code == 2 and "--sparsity" in capsys.readouterr().err
 
 
+def test_spec_unquoted_off_in_yaml_is_off():
+    """`sparsity: off` unquoted is false in YAML 1.1 (what PyYAML and kubectl's go-yaml read): dense, like "off"."""
+    doc = yaml.safe_load(f"""apiVersion: kubeflash.io/v1alpha1
+kind: InferenceJob
+metadata: {{name: j}}
+spec: {{model: {{uri: "{URI}"}}, input: {{prompts: [a]}}, offload: {{sparsity: off}}}}""")
+    assert doc["spec"]["offload"]["sparsity"] is False
+    assert parse_job(doc).offload.sparsity is None
+
+
 @pytest.mark.parametrize("value", [1.2, -0.1, "on", True, "0.5"], ids=["above", "below", "word", "bool", "string"])
 def test_spec_refuses_a_target_outside_the_range(value):
     """spec.offload.sparsity takes off or a number in [0, 0.95]; anything else is a SpecError naming the field."""
