@@ -143,7 +143,28 @@ def _model_shape(args):
     return config, {q: stage_sizes(config, itemsize, q) for q in ("none", "int8", "int4")}, ("none", "int8", "int4")
 
 
+def _refuse_early(args) -> None:
+    """A --model that names nothing, or a --store or --json that cannot be written, refused before torch is
+    imported (seconds) and before ceilings are measured (a minute)."""
+    from ..store.format import StoreError
+    from .cli_run import check_writable
+
+    try:
+        _model_shape(args)
+    except StoreError as e:
+        raise ValueError(f"--model {args.model}: {e}") from None
+    check_writable("--store", args.store, args.store)
+    if args.json:
+        check_writable("--json", args.json, args.json.parent)
+
+
 def main(args: argparse.Namespace) -> int:
+    try:
+        _refuse_early(args)
+    except ValueError as e:
+        print(f"kubeflash bench: error: {e}", file=sys.stderr)
+        return 1
+
     import torch
 
     from ..store.cache import ensure_model
@@ -309,6 +330,9 @@ def _roofline_line(roof: dict, missing: dict) -> str:
 
 
 def _dump(path: Path | None, obj: dict) -> None:
+    """Write the result JSON crash-safely (temp, fsync, rename): never a half-written file."""
+    from ..store.format import atomic_write_bytes
+
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, indent=1, default=str))
+        atomic_write_bytes(path, (json.dumps(obj, indent=1, default=str) + "\n").encode(), mode=0o644)

@@ -187,34 +187,43 @@ def _check_paths(args, *, job_dir: Path, output: Path, store: Path) -> list[Path
     """Refuse, before the model is converted, a job directory, output file or store that cannot be written.
 
     Returns the directories it created (outermost first), so a run refused later can remove them again."""
-    import tempfile
-
+    if output.is_dir():
+        raise ValueError(f"{'--output' if args.output else 'spec.output.path'} {output}: is a directory; "
+                         "expected the path of a results JSONL file")
     where = [("--job-dir" if args.job_dir else "the job directory", job_dir, job_dir),
              ("--output" if args.output else "spec.output.path", output, output.parent),
              ("--store" if args.store else "the model store ($KUBEFLASH_HOME)", store, store)]
     created: list[Path] = []
     try:
         for label, path, folder in where:
-            if path is output and output.is_dir():
-                raise ValueError(f"{label} {output}: is a directory; expected the path of a results JSONL file")
-            if folder.exists() and not folder.is_dir():
-                raise ValueError(f"{label} {path}: {folder} is a file; expected a directory")
-            missing = [d for d in (folder, *folder.parents) if not d.exists()]
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ValueError(f"{label} {path}: cannot create {folder} ({e.strerror or e}); "
-                                 "expected a writable directory") from None
-            created += [d for d in reversed(missing) if d not in created]
-            try:  # a real write: os.access says yes to root on read-only mounts and /sys
-                with tempfile.TemporaryFile(dir=folder, prefix=".kubeflash-probe-"):
-                    pass
-            except OSError as e:
-                raise ValueError(f"{label} {path}: {folder} is not writable ({e.strerror or e}); "
-                                 "expected a writable directory") from None
+            created += [d for d in check_writable(label, path, folder) if d not in created]
     except ValueError:
         _remove_empty(created)
         raise
+    return created
+
+
+def check_writable(label: str, path: Path, folder: Path) -> list[Path]:
+    """Create `folder` (the directory `path` lives in or is) and write a probe file in it; ValueError naming
+    `label` and `path` if that fails. Returns the directories it created, outermost first."""
+    import tempfile
+
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{label} {path}: {folder} is a file; expected a directory")
+    missing = [d for d in (folder, *folder.parents) if not d.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{label} {path}: cannot create {folder} ({e.strerror or e}); "
+                         "expected a writable directory") from None
+    created = list(reversed(missing))
+    try:  # a real write: os.access says yes to root on read-only mounts and /sys
+        with tempfile.TemporaryFile(dir=folder, prefix=".kubeflash-probe-"):
+            pass
+    except OSError as e:
+        _remove_empty(created)
+        raise ValueError(f"{label} {path}: {folder} is not writable ({e.strerror or e}); "
+                         "expected a writable directory") from None
     return created
 
 
