@@ -70,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        _refuse_early(args)  # before torch is imported (seconds) and the model converted (minutes)
+    except ValueError as e:
+        print(f"kubeflash calibrate: error: {e}", file=sys.stderr)
+        return 1
     from ..store.format import StoreError
     from .generate import EngineError
 
@@ -82,13 +87,25 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_early(args: argparse.Namespace) -> None:
+    """A --text that is no file, or a MODEL path that does not exist: ValueError naming it."""
+    import re
+
+    if not args.text.is_file():
+        raise ValueError(f"--text {args.text}: {'is a directory' if args.text.is_dir() else 'no such file'}; "
+                         "expected a UTF-8 text file of ordinary prose")
+    model = str(args.model)
+    if not model.startswith(("builtin:", "dummy:")) and not re.match(r"^[a-z][a-z0-9+.-]*://", model) \
+            and not Path(model).expanduser().exists():
+        raise ValueError(f"MODEL {model}: no such file or directory; expected a model directory (kubeflash convert "
+                         "--out DIR), builtin:smollm2-135m, a Hugging Face directory or a .gguf file")
+
+
 def calibrate_cli(args: argparse.Namespace) -> Path:
     from ..store.format import StoreError, load_manifest
     from .cli_run import resolve_device
 
-    if not args.text.is_file():  # before the model is converted (minutes)
-        raise ValueError(f"--text {args.text}: {'is a directory' if args.text.is_dir() else 'no such file'}; "
-                         "expected a UTF-8 text file of ordinary prose")
+    _refuse_early(args)  # before the model is converted (minutes)
     device = resolve_device(args.device)
     model_dir = Path(args.model)
     if not model_dir.is_dir():

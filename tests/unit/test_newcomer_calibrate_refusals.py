@@ -1,0 +1,47 @@
+"""`kubeflash calibrate` refuses a --text that is no file and a MODEL path that does not exist before torch is
+imported, in one line naming the argument and what was expected.
+
+Found by trying the product as a newcomer: both checks ran only after the engine's modules (and torch) were
+imported, several seconds on a loaded machine for a typo. Each case runs the real dispatcher in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = REPO / ".venv" / "bin" / "python"
+PY = str(PYTHON) if PYTHON.exists() else sys.executable
+
+PROBE = """
+import json, sys
+from kubeflash_node import cli
+code = cli.main(["calibrate", *sys.argv[1:]])
+print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
+"""
+
+
+def _calibrate(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    proc = subprocess.run([PY, "-c", PROBE, *args, "--store", str(tmp_path / "store")], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def test_missing_text_refused_before_torch(tmp_path):
+    result, err = _calibrate(tmp_path, "builtin:smollm2-135m", "--text", str(tmp_path / "prose.txt"))
+    assert result == {"code": 1, "torch": False}, err
+    assert f"kubeflash calibrate: error: --text {tmp_path / 'prose.txt'}: no such file" in err
+    assert not (tmp_path / "store").exists()
+
+
+def test_missing_model_path_refused_before_torch(tmp_path):
+    text = tmp_path / "prose.txt"
+    text.write_text("Some prose.\n")
+    result, err = _calibrate(tmp_path, str(tmp_path / "nowhere"), "--text", str(text))
+    assert result == {"code": 1, "torch": False}, err
+    assert f"kubeflash calibrate: error: MODEL {tmp_path / 'nowhere'}: no such file or directory; expected" in err
+    assert not (tmp_path / "store").exists()
