@@ -291,7 +291,8 @@ def test_staging_flow(ns, kube, control_plane):
     s = kube.wait_phase("j", "Staging")
     assert condition(s, "Staged")["status"] == "False" and not kube.pods("j")
     entry = wait_for("model requested", lambda: kube.flashnode(node)["spec"].get("models") or [], bool)
-    assert entry == [{"id": MODEL, "uri": MODEL_URI, "dtype": "float16", "quantization": "none", "disk": "nvme0"}]
+    assert entry == [{"id": MODEL, "uri": MODEL_URI, "dtype": "float16", "quantization": "none", "disk": "nvme0",
+                     "tensorParallel": 1}]  # the CRD defaults
     kube.agent_status(node, {"heartbeat": now_rfc(), "models": [
         {"id": MODEL, "uri": MODEL_URI, "disk": "nvme0", "state": "Staging", "progress": 40, "bytes": GiB}]})
     wait_for("progress shown", lambda: kube.status("j"), lambda s: "40%" in condition(s, "Staged").get("message", ""))
