@@ -44,8 +44,9 @@ def tiny(tmp_path_factory):
 
 
 def _ffn(store: Path, target: float, **kw) -> sparse.SparseFFN:
+    """The job's sparse FFN; one read per run of missing neurons unless `gap` is given (merging: its own test)."""
     c = ModelConfig.from_dict(load_manifest(store).config)
-    return sparse.for_job(c, store, target, **kw)
+    return sparse.for_job(c, store, target, **{"gap": 0, **kw})
 
 
 def _generate(store: Path, ffn, new: int = 6, policy: Policy = STREAM):
@@ -224,7 +225,8 @@ def test_cost_model_predicts_the_bytes_a_sparse_decode_step_reads(tiny):
 def test_plan_weighs_sparse_against_dense_reads():
     """The plan prices both reads of a llama-3-8b-shaped model from a 6 GB/s disk: at batch 1 and target 0.9 the
     sparse reads win and the dense alternative is shown; at target 0.5 the many small bundle reads (one per run of
-    active neurons, on the compute thread) cost more than they save; at batch 256 the union of active neurons is
+    active neurons, on the compute thread) cost more than they save unless nearby runs are merged into one read;
+    at batch 256 the union of active neurons is
     nearly all of them and dense reads win whatever the cost of a read."""
     from kubeflash_node.engine.bench import Ceilings
     from kubeflash_node.engine.costmodel import Budget, Calibration, JobShape, SparseCost, plan, stage_sizes
@@ -234,8 +236,8 @@ def test_plan_weighs_sparse_against_dense_reads():
     ceil = Ceilings(disk_read_cold=6.0, disk_read_warm=6.0, disk_write=3.0, h2d_pinned=25.0, matmul_tflops=700.0)
     kw = dict(config=c, ceil=ceil, sizes={"none": stage_sizes(c, 2)}, budget=Budget(6 << 30, 8 << 30))
 
-    def picked(target, prompts, **cal):
-        p = plan(job=JobShape(prompts, 64, 32), sparsity=SparseCost(target), cal=Calibration(**cal), **kw)
+    def picked(target, prompts, gap=0, **cal):
+        p = plan(job=JobShape(prompts, 64, 32), sparsity=SparseCost(target, gap=gap), cal=Calibration(**cal), **kw)
         assert p.other_reads is not None and (p.other_reads.candidate.sparse is None) != (p.best.candidate.sparse is None)
         assert p.best.total_s <= p.other_reads.total_s
         return "sparse" if p.best.candidate.sparse else "dense"
@@ -244,6 +246,8 @@ def test_plan_weighs_sparse_against_dense_reads():
     assert picked(0.5, 1) == "dense"
     assert picked(0.5, 1, neuron_read_op_s=0.0) == "sparse"
     assert picked(0.5, 256, neuron_read_op_s=0.0) == "dense"
+    # runs up to merge_gap apart read as one (7 bundles at 6 GB/s): fewer reads, and sparse wins at 0.5 too
+    assert picked(0.5, 1, gap=None) == "sparse" and picked(0.5, 256, gap=None) == "dense"
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,7 @@ class Calibration:
     cpu_attention_gbps: float = 20.0  # float32 KV bytes CPU attention scans per second (assumed, not yet measured)
     host_lock_gbps: float = 6.0  # page-locking a block's host KV cache, behind its prefill (H100, huge pages: 7.0)
     neuron_read_op_s: float = 20e-6  # per neuron-bundle read (a run of active neurons), on the compute thread; assumed
+    merge_gbps: float = 3.0  # read rate that prices a merged read's extra rows when no disk ceiling is known (assumed)
     gpu_reserve_bytes: int = 1 << 30  # CUDA context and allocator slack beyond the tensors counted
     host_base_bytes: int = 2 << 30  # the process itself (Python, torch, CUDA runtime)
 
@@ -65,6 +66,7 @@ class SparseCost:
     hot_bytes: int = 0  # resident hot neuron bundles over all layers (device memory)
     hot_hit: float = 0.0  # share of active-neuron requests the hot set serves (calibration frequency; else its size share)
     window_hit: float = 0.0  # share of a decode step's active neurons the window still holds (0 unless measured)
+    gap: int | None = None  # runs this many inactive neurons apart are read as one (None: merge_gap from the disk)
 
     def read_share(self, tokens: int, decode: bool) -> float:
         """Expected share of a layer's neurons whose bundles one call of `tokens` tokens reads: the union of the
@@ -270,14 +272,25 @@ def updown_bytes(c: ModelConfig, itemsize: int) -> int:
     return (1 if c.architecture == "opt" else 2) * c.hidden_size * c.intermediate_size * itemsize
 
 
+def merge_gap(row_bytes: int, op_s: float = Calibration.neuron_read_op_s, gbps: float = Calibration.merge_gbps) -> int:
+    """Inactive neurons worth reading to join two runs of missing ones into one read: a read costs `op_s` on top
+    of its bytes, so a gap of g bundles is read through while g * row_bytes at `gbps` costs less than `op_s`
+    (20 us at 3 GB/s: 60 kB, 13 bundles of SmolLM2-135M in float32, 3 of llama-3-8b in float16)."""
+    return max(0, int(op_s * gbps * 1e9 // row_bytes)) if row_bytes else 0
+
+
 def sparse_layer_bytes(c: ModelConfig, stored: int, s: SparseCost, tokens: int, itemsize: int,
-                       decode: bool = True) -> tuple[float, float, float]:
-    """(bytes read ahead: the layer without up/down; bundle bytes one call of `tokens` tokens reads; its reads,
-    one per run of consecutive missing neurons) for a streamed layer of a sparse run."""
+                       decode: bool = True, gap: int = 0) -> tuple[float, float, float]:
+    """(bytes read ahead: the layer without up/down; bundle bytes one call of `tokens` tokens reads; its reads)
+    for a streamed layer of a sparse run. The missing neurons are taken as independent (each with probability
+    `share`): the gaps between consecutive ones are geometric, a gap of at most `gap` inactive neurons is read
+    through (their bytes are read too) and a longer one starts a new read."""
     updown = updown_bytes(c, itemsize)
     share = s.read_share(tokens, decode)
-    runs = c.intermediate_size * share * (1 - share) + share  # run starts among independent neurons
-    return stored - updown, updown * share, runs
+    q = 1 - share
+    through = sum(k * share * q ** k for k in range(1, gap + 1))  # inactive neurons read per missing one
+    runs = c.intermediate_size * share * q ** (gap + 1) + share  # run starts: a gap longer than `gap`
+    return stored - updown, updown * min(1.0, share * (1 + through)), runs
 
 
 def _placement(c: ModelConfig, p: Policy, n: int) -> list[str]:
@@ -424,8 +437,11 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
     comp = _rate(dense, e.cal.dequant_gbps) if where != "gpu" and stored != dense else 0.0
     if where == "disk" and layer and sparse is not None:  # each micro-batch reads its active bundles on demand
         moved = stored - updown_bytes(e.c, e.itemsize)
+        gap = sparse.gap if sparse.gap is not None else merge_gap(
+            updown_bytes(e.c, e.itemsize) // e.c.intermediate_size, e.cal.neuron_read_op_s, e.ceil.disk_read_cold)
         for b, m in mbs.items():
-            _, demand, runs = sparse_layer_bytes(e.c, stored, sparse, b * s_new, e.itemsize, decode=s_new == 1)
+            _, demand, runs = sparse_layer_bytes(e.c, stored, sparse, b * s_new, e.itemsize, decode=s_new == 1,
+                                                 gap=gap)
             moved += m * demand
             comp += m * (_rate(demand, e.ceil.disk_read_cold) + runs * e.cal.neuron_read_op_s)
     disk = _rate(moved, e.ceil.disk_read_cold) if where == "disk" else 0.0
@@ -559,3 +575,24 @@ def _reads(s: SparseCost | None) -> str:
         return ""
     hot = f", hot neurons {s.hot_bytes / 2**30:.2f} GiB" if s.hot_bytes else ""
     return f", sparse FFN reads (target {s.target:g}: {100 * s.read_share(1, True):.0f}% of up/down a decode token{hot})"
+
+
+SPARSE_MARGIN = 0.01  # sparse reads must be predicted this much faster; within it dense (fewer, larger reads) wins
+
+
+def reads_choice(policy: Policy, sparse: SparseCost, *, config: ModelConfig, ceil, job: JobShape, budget: Budget,
+                 sizes: tuple[list[int], list[int]], cal: Calibration = Calibration(),
+                 itemsize: int = 2) -> tuple[bool, str]:
+    """(sparse reads predicted faster, why) for a run of `policy` whose store has neuron bundles: the same policy
+    predicted with dense and with sparse FFN reads (what `kubeflash run` follows when the policy is given)."""
+    kw = dict(config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, cal=cal, itemsize=itemsize)
+    dense = predict(Candidate(policy), **kw).total_s
+    sp = predict(Candidate(policy, sparse=sparse), **kw).total_s
+    won = sp < dense * (1 - SPARSE_MARGIN)
+    return won, reads_why(won, sp, dense, policy.gpu_batch_size)
+
+
+def reads_why(sparse: bool, sparse_s: float, dense_s: float, batch: int) -> str:
+    won, lost = (sparse_s, dense_s) if sparse else (dense_s, sparse_s)
+    return (f"{'sparse' if sparse else 'dense'} FFN reads: predicted {won:.3g} s against {lost:.3g} s with "
+            f"{'dense' if sparse else 'sparse'} reads at micro-batch {batch}")

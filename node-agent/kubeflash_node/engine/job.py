@@ -51,15 +51,23 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
     check_context(config, [ids[i] for i in todo], max_new,
                   [f"spec.input.prompts[{i}] (id {spec.input.prompts[i].id})" for i in todo])
     sparsity = _sparsity(spec, config, model_dir, device)  # refused before any work: no or stale calibration
+    if sparsity is not None and sparsity.bundles is not None and machine is not None:  # merged reads: this disk's
+        from .costmodel import merge_gap
+
+        sparsity.gap = merge_gap(sparsity.bundles.row_bytes, gbps=machine.ceilings.disk_read_cold)
     itemsize = 4 if manifest.dtype == "float32" else 2
     check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
     if policy is None and spec.offload.policy == "auto" and machine is not None:
-        chosen = auto_plan(spec, manifest=manifest, job=shape, machine=machine)
+        chosen = auto_plan(spec, manifest=manifest, job=shape, machine=machine,
+                           sparsity=_sparse_cost(sparsity, config, itemsize))
         policy = chosen.best.candidate.policy
     if policy is None:
         policy = policy_for(spec, n_prompts=len(todo), device=device, config=config)
     check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
     check_kv_disk(spec, policy, manifest=manifest, job=shape)
+    if sparsity is not None and sparsity.bundles is not None:
+        _follow_reads(sparsity, spec, chosen, policy, config=config, manifest=manifest, job=shape, machine=machine,
+                      itemsize=itemsize)
     prefix = _prefix_cache(spec, kv_cache_dir)
     engine = engine_factory(model_dir, policy=policy, device=device, job_dir=job_dir, prefix_cache=prefix, sparsity=sparsity)
     eos = tuple(engine.config.eos_token_id) + ((tokenizer.eos_token_id,) if tokenizer is not None
@@ -127,6 +135,38 @@ def _sparsity(spec: JobSpec, config: ModelConfig, model_dir: Path, device: str):
     from .sparse import for_job, hot_budget
 
     return for_job(config, model_dir, spec.offload.sparsity, hot_bytes=hot_budget(spec.resources, device))
+
+
+def _sparse_cost(sparsity, config: ModelConfig, itemsize: int):
+    """The job's sparse FFN reads as the cost model prices them (None: no bundles to read sparsely)."""
+    if sparsity is None or sparsity.bundles is None:
+        return None
+    from .costmodel import SparseCost, updown_bytes
+
+    hot = sum(len(ids) for ids in sparsity.hot or []) * sparsity.bundles.row_bytes
+    return SparseCost(sparsity.target, hot, min(1.0, hot / (config.num_layers * updown_bytes(config, itemsize))),
+                      gap=sparsity.gap)
+
+
+def _follow_reads(sparsity, spec: JobSpec, chosen, policy: Policy, *, config, manifest, job, machine,
+                  itemsize: int) -> None:
+    """Sparse or dense FFN reads, as the cost model predicts faster for this policy and batch: the automatic
+    plan's pick, else the given policy priced both ways on the machine's ceilings; without ceilings, sparse."""
+    from .costmodel import Budget, reads_choice, reads_why, stage_sizes
+
+    if chosen is not None:
+        sparse, best, other = chosen.best.candidate.sparse is not None, chosen.best, chosen.other_reads
+        why = (reads_why(sparse, *((best.total_s, other.total_s) if sparse else (other.total_s, best.total_s)),
+                         policy.gpu_batch_size) if other is not None
+               else f"{'sparse' if sparse else 'dense'} FFN reads: the plan's only fitting kind")
+    elif machine is not None:
+        sizes = (manifest.stage_bytes, stage_sizes(config, itemsize, spec.model.quantization)[1])
+        sparse, why = reads_choice(policy, _sparse_cost(sparsity, config, itemsize), config=config,
+                                   ceil=machine.ceilings, job=job, itemsize=itemsize, sizes=sizes,
+                                   budget=Budget(machine.gpu_bytes, machine.cpu_bytes, spec.resources.kv_disk))
+    else:
+        sparse, why = True, "sparse FFN reads: no measured ceilings to price them against dense"
+    sparsity.follow(sparse, why)
 
 
 def _prefix_cache(spec: JobSpec, kv_cache_dir: Path | None) -> PrefixCache:

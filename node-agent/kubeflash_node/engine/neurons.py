@@ -7,8 +7,11 @@ read per run of consecutive missing neurons):
   (sized by a byte budget across all layers: the globally most frequent neurons win);
 - the window: every neuron active in one of the last `window` decode calls of the layer stays (the paper's
   windowing: consecutive tokens share most of their active neurons, so a step reads only the newly active ones).
-A prefill call reads what it misses without keeping it (its union is close to every neuron). Vectorized per
-layer: a slot index per neuron ([I], -1 when not held), the step it was last active, and a growing row buffer.
+A prefill call reads what it misses without keeping it (its union is close to every neuron). Runs of missing
+neurons at most `gap` inactive ones apart are read as one (costmodel.merge_gap: a read's fixed cost buys that
+many extra bundles); the extra rows are dropped. Vectorized per layer (tensor ops, no Python loop per neuron): a
+slot index per neuron ([I], -1 when not held), the step it was last active, which buffer rows are in use, and a
+row buffer that grows by doubling.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class _Layer:
     last: torch.Tensor  # [I] long: decode call the neuron was last active in
     hot: torch.Tensor  # [I] bool
     buf: torch.Tensor  # [cap, R]
-    free: list[int]
+    used: torch.Tensor  # [cap] bool: the row holds a neuron
     step: int = 0
 
 
@@ -48,8 +51,9 @@ class NeuronCache:
     """Bundles of a model's FFN neurons held on `device` (hot set + window), the rest read on demand."""
 
     def __init__(self, reader, *, num_layers: int, device: torch.device, dtype: torch.dtype,
-                 hot: list[list[int]] | None = None, window: int = 0, timings=None):
+                 hot: list[list[int]] | None = None, window: int = 0, timings=None, gap: int = 0):
         self.reader, self.device, self.dtype, self.window, self.timings = reader, device, dtype, window, timings
+        self.gap = gap  # inactive neurons read through to merge two runs into one read
         self.hits = self.misses = 0  # neuron requests served from the cache / read from the SSD
         self.read_bytes = 0
         n, r = reader.neurons, reader.row_elems
@@ -57,12 +61,14 @@ class NeuronCache:
         for j in range(num_layers):
             ids = (hot or [[]] * num_layers)[j]
             st = _Layer(torch.full((n,), -1, dtype=torch.long), torch.full((n,), -1 << 40, dtype=torch.long),
-                        torch.zeros(n, dtype=torch.bool), torch.empty(0, r, dtype=dtype, device=device), [])
+                        torch.zeros(n, dtype=torch.bool), torch.empty(0, r, dtype=dtype, device=device),
+                        torch.zeros(0, dtype=torch.bool))
             if ids:
                 idx = torch.tensor(ids, dtype=torch.long)
                 st.buf = self._read(j, idx, "load_neurons_resident")
                 st.slot[idx] = torch.arange(len(ids))
                 st.hot[idx] = True
+                st.used = torch.ones(len(ids), dtype=torch.bool)
             self.layers.append(st)
         self.hot_bytes = sum(len(ids) for ids in (hot or [])) * reader.row_bytes
 
@@ -92,27 +98,32 @@ class NeuronCache:
         """Free the rows of windowed neurons not active in the last `window` calls (this one included)."""
         old = (st.slot >= 0) & ~st.hot & (st.last <= st.step - self.window)
         if old.any():
-            st.free.extend(st.slot[old].tolist())
+            st.used[st.slot[old]] = False
             st.slot[old] = -1
 
     def _place(self, st: _Layer, rows: torch.Tensor) -> torch.Tensor:
         """Rows of `buf` for new bundles: free ones first, then the buffer grows."""
         k = rows.shape[0]
-        take, st.free = st.free[:k], st.free[k:]
-        grow = k - len(take)
-        if grow:
-            base = st.buf.shape[0]
+        free = (~st.used).nonzero().squeeze(1)
+        if free.numel() < k:
+            base, grow = st.buf.shape[0], k - free.numel()
             more = min(max(grow, base), self.reader.neurons - base)  # doubling; a neuron holds one row at most
             st.buf = torch.cat([st.buf, torch.empty(more, st.buf.shape[1], dtype=self.dtype, device=self.device)])
-            take += list(range(base, base + grow))
-            st.free.extend(range(base + grow, st.buf.shape[0]))
-        idx = torch.tensor(take, dtype=torch.long)
+            st.used = torch.cat([st.used, torch.zeros(more, dtype=torch.bool)])
+            free = torch.cat([free, torch.arange(base, base + more)])
+        idx = free[:k]
+        st.used[idx] = True
         st.buf[idx.to(self.device)] = rows
         return idx
 
     def _read(self, layer: int, ids: torch.Tensor, what: str) -> torch.Tensor:
         t0, before = time.perf_counter(), self.reader.bytes_read
-        rows = as_torch(self.reader.read(layer, ids.tolist())).to(self.device, self.dtype)
+        want = ids.numpy()
+        span = merged(want, self.gap)
+        got_rows = as_torch(self.reader.read(layer, span.tolist()))
+        if span.shape[0] != want.shape[0]:  # drop the inactive neurons read through
+            got_rows = got_rows[torch.from_numpy(np.searchsorted(span, want))]
+        rows = got_rows.to(self.device, self.dtype)
         got = self.reader.bytes_read - before
         if what == "load_neurons":
             self.read_bytes += got
@@ -123,6 +134,22 @@ class NeuronCache:
     def held_bytes(self) -> int:
         """Bytes of the row buffers (hot set + window, with their free rows)."""
         return sum(st.buf.numel() * st.buf.element_size() for st in self.layers)
+
+
+def merged(ids: np.ndarray, gap: int) -> np.ndarray:
+    """The sorted ids `ids` with every gap of at most `gap` missing ids between two of them filled in: what a
+    reader issuing one read per run of consecutive ids reads to serve `ids` in fewer, larger reads."""
+    if gap <= 0 or ids.shape[0] < 2:
+        return ids
+    d = np.diff(ids)
+    fill = (d > 1) & (d <= gap + 1)
+    if not fill.any():
+        return ids
+    # each id i is followed by d[i] - 1 filled ids where fill[i]: repeat the id, add 0, 1, ... within its group
+    n = np.where(fill, d, 1)
+    rep = np.repeat(ids[:-1], n)
+    start = np.repeat(np.cumsum(n) - n, n)
+    return np.concatenate([rep + (np.arange(rep.shape[0]) - start), ids[-1:]])
 
 
 def as_torch(a: np.ndarray) -> torch.Tensor:

@@ -32,7 +32,7 @@ def job_shape(prompts: list[list[int]], gen_len: int):
     return JobShape(prompts=len(prompts), prompt_len=max(len(p) for p in prompts), gen_len=gen_len)
 
 
-def auto_plan(spec: JobSpec, *, manifest, job, machine: Machine):
+def auto_plan(spec: JobSpec, *, manifest, job, machine: Machine, sparsity=None):
     """The cost model's plan for `job` (costmodel.JobShape) on this machine (costmodel.Plan): placement, batch
     shape and the exact techniques; the store's quantization and the KV compression stay as the manifest says."""
     from ..store.modelconfig import ModelConfig
@@ -49,7 +49,7 @@ def auto_plan(spec: JobSpec, *, manifest, job, machine: Machine):
         return plan(config=config, ceil=ceil, job=job,
                     budget=Budget(machine.gpu_bytes, machine.cpu_bytes, spec.resources.kv_disk),
                     sizes={q: (manifest.stage_bytes, dense)}, quantizations=(q,), kv_bits=(kv_bits,), base=base,
-                    keep=pinned(spec.offload, config), itemsize=itemsize)
+                    keep=pinned(spec.offload, config), itemsize=itemsize, sparsity=sparsity)
     except ValueError as e:  # nothing fits: say which manifest fields set the budgets
         raise SpecError(f"{e} (the budgets: spec.resources.gpuMemory, cpuMemory and kvDisk, within what this "
                         f"machine has; and what spec.offload pins)") from None

@@ -84,10 +84,12 @@ class SparseFFN:
 
     def __init__(self, thresholds: Sequence[float] | None, *, num_layers: int, target: float | None = None,
                  source: str = "calibrated", bundles=None, hot: list[list[int]] | None = None,
-                 window: int = 0):
+                 window: int = 0, gap: int = 0):
         self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
         self.bundles = bundles  # store.bundles.BundleReader: up rows / down columns read from the bundle files
         self.hot, self.window = hot, window  # hot neuron ids per layer, kept; decode calls a read bundle stays
+        self.gap = gap  # runs of missing neurons this many inactive ones apart are read as one (neurons.merged)
+        self.choice: tuple[str, str] | None = None  # (sparse | dense, why): the reads the cost model picked
         self.neurons = None  # neurons.NeuronCache, built on first use (on the compute device)
         self.predictor, self.gates = None, None  # predictor.Predictor and store.bundles.GateRows (with_predictor)
         self.timings = None  # the engine's Timings: bundle reads are counted there (load_neurons)
@@ -115,6 +117,18 @@ class SparseFFN:
         self.predictor, self.gates = predictor, gates
         return self
 
+    def follow(self, sparse_reads: bool, why: str) -> SparseFFN:
+        """Read as the cost model picked: sparse keeps the bundles; dense reads every streamed layer whole and
+        gathers the active neurons from its matrices (the same neurons, the same outputs)."""
+        self.choice = ("sparse" if sparse_reads else "dense", why)
+        if not sparse_reads and self.bundles is not None:
+            self.bundles.close()
+            self.bundles = None
+            if self.gates is not None:  # a deciding predictor takes its rows from the whole gate now
+                self.gates.close()
+                self.gates = None
+        return self
+
     def skip_tensors(self, stage: int) -> frozenset[str]:
         """Tensors streamed stage `stage` may be read without (the bundles hold up/down; a layer whose predictor
         decides needs only the predicted gate rows), for the WeightStreamer."""
@@ -134,9 +148,12 @@ class SparseFFN:
                     f"of active neurons), {d['runs_per_layer_call']:g} runs a layer in a neuron-bundled layout")
         if self.predictor is not None:
             out += f"; low-rank predictor decides in {int(self.predictor.use.sum())} of {len(self.thresholds)} layers"
+        if self.choice is not None:
+            out += f"; {self.choice[1]}"
         w = self.weights()
         if w is None:
-            out += "; no neuron bundles (kubeflash calibrate --bundle), so streamed layers are read whole"
+            if self.choice is None:
+                out += "; no neuron bundles (kubeflash calibrate --bundle), so streamed layers are read whole"
         elif w["dense"]:
             out += (f"; weights read {w['read'] / 2**20:.1f} MiB of {w['dense'] / 2**20:.1f} MiB dense "
                     f"({100 * w['read'] / w['dense']:.1f}%)")
@@ -157,6 +174,8 @@ class SparseFFN:
 
     def describe(self) -> dict:
         out = {"target": self.target, "source": self.source, **self.reads.summary()}
+        if self.choice is not None:
+            out["reads"], out["reads_why"] = self.choice
         if self.bundles is not None:
             out["bundle_bytes_read"], out["bundle_reads"] = self.bundles.bytes_read, self.bundles.reads
             w = self.weights()
@@ -166,8 +185,9 @@ class SparseFFN:
                 n = self.neurons
                 out["neuron_cache"] = {"hits": n.hits, "misses": n.misses, "hot_bytes": n.hot_bytes,
                                        "window": self.window, "held_bytes": n.held_bytes()}
-            if self.predictor is not None:
-                out["predictor_layers"] = [int(j) for j in self.predictor.use.nonzero()[0]]
+        if self.predictor is not None:
+            out["predictor_layers"] = [int(j) for j in self.predictor.use.nonzero()[0]]
+            if self.gates is not None:
                 out["gate_row_bytes_read"] = self.gates.bytes_read
         return out
 
@@ -184,7 +204,7 @@ class SparseFFN:
     def ffn(self, c: ModelConfig, w: dict, h: torch.Tensor, layer: int) -> torch.Tensor:
         # h: [B, S, H] the normalized FFN input -> [B, S, H] the FFN output
         llama = c.architecture != "opt"
-        if llama and "w_gate" not in w:  # the layer's predictor decides which gate rows to read
+        if llama and self.predictor is not None and self.predictor.use[layer]:  # the predictor decides
             a, keep, active, gate_rows = self._predicted(c, w, h, layer)
         else:
             first, first_b = (w["w_gate"], w.get("b_gate")) if llama else (w["fc1_w"], w.get("fc1_b"))
@@ -210,7 +230,7 @@ class SparseFFN:
         act = ACTIVATIONS[c.hidden_act]
         cand = self.predictor.predict(layer, h, act)  # [B, S, I]
         ids = cand.reshape(-1, cand.shape[-1]).any(0).nonzero().squeeze(1)  # [P]
-        gate = self._gate_rows(layer, ids, h)  # [P, H]
+        gate = w["w_gate"].index_select(0, ids) if "w_gate" in w else self._gate_rows(layer, ids, h)  # [P, H]
         a = act(F.linear(h, gate, _rows(w.get("b_gate"), ids)))  # [B, S, P]
         keep = (a.abs() > self.thresholds[layer]) & cand.index_select(-1, ids)  # [B, S, P]
         sel = keep.reshape(-1, keep.shape[-1]).any(0).nonzero().squeeze(1)  # [A] positions among the predicted
@@ -238,7 +258,7 @@ class SparseFFN:
             from .neurons import NeuronCache
 
             self.neurons = NeuronCache(self.bundles, num_layers=len(self.thresholds), device=h.device, dtype=h.dtype,
-                                       hot=self.hot, window=self.window, timings=self.timings)
+                                       hot=self.hot, window=self.window, timings=self.timings, gap=self.gap)
         before = self.bundles.bytes_read
         rows = self.neurons.rows(layer, active.cpu(), decode=h.shape[1] == 1)  # [A, 2H] | [A, H]
         self.reads.bundle_bytes["decode" if h.shape[1] == 1 else "prefill"] += self.bundles.bytes_read - before
@@ -306,12 +326,13 @@ def _rows(b: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
 
 
 def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec.offload.sparsity",
-            hot_bytes: int = 0, window: int = WINDOW) -> SparseFFN:
+            hot_bytes: int = 0, window: int = WINDOW, gap: int | None = None) -> SparseFFN:
     """The sparse FFN a job asking for `target` runs with: OPT-style ReLU models use their own zeros (exact, no
     calibration); other activations need the model's calibration for `target` (store/sparsity.py refuses a
     missing or stale one, naming `field`). With the model's neuron bundles (kubeflash calibrate writes them) the
     up/down matrices of streamed layers are read per active neuron: a hot set of `hot_bytes` (the neurons most
-    often active on the calibration text) stays resident, and a neuron stays `window` decode steps once read."""
+    often active on the calibration text) stays resident, and a neuron stays `window` decode steps once read; runs
+    of missing neurons at most `gap` inactive ones apart are read as one (None: costmodel.merge_gap's default)."""
     from ..store.bundles import DIR, BundleReader, frequency
 
     if getattr(config, "num_experts", 0):
@@ -330,8 +351,12 @@ def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec
             from .neurons import hot_sets
 
             hot = hot_sets(freq, row_bytes=reader.row_bytes, budget_bytes=hot_bytes)
+    if gap is None:
+        from .costmodel import merge_gap
+
+        gap = merge_gap(reader.row_bytes) if reader is not None else 0
     ffn = SparseFFN(th, num_layers=config.num_layers, target=target, source=source, bundles=reader, hot=hot,
-                    window=window)
+                    window=window, gap=gap)
     if reader is not None and source == "calibrated":
         from ..store.bundles import GateRows
         from .predictor import load

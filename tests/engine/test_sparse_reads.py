@@ -1,0 +1,101 @@
+"""Cheaper bundle reads and the run following the cost model, on the tiny calibrated Llama of
+test_sparse_stream.py: runs of missing neurons a few inactive ones apart are read as one (fewer reads, the extra
+rows dropped, the same tokens), and the cost model predicts the merged bytes; `run_job` reads sparse where the
+cost model predicts sparse faster for the job's batch and dense (even with bundles) where it predicts dense, says
+which and why in the report, and both give the same tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from test_sparse_stream import TARGET, _ffn, _generate, _Logged, tiny  # noqa: F401  (the fixture)
+
+from kubeflash_node.engine.costmodel import SparseCost, sparse_layer_bytes
+from kubeflash_node.engine.neurons import merged
+from kubeflash_node.store.bundles import runs
+from kubeflash_node.store.format import load_manifest
+from kubeflash_node.store.modelconfig import ModelConfig
+
+
+def test_merged_fills_only_short_gaps():
+    ids = np.array([1, 2, 5, 9, 30, 31, 33])
+    assert merged(ids, 0).tolist() == ids.tolist()
+    assert merged(ids, 3).tolist() == [*range(1, 10), 30, 31, 32, 33]
+    assert merged(ids, 1).tolist() == [1, 2, 5, 9, 30, 31, 32, 33]
+    assert merged(ids[:1], 5).tolist() == [1]
+
+
+def test_merged_reads_are_fewer_give_the_same_tokens_and_match_the_cost_model(tiny):  # noqa: F811
+    """With gap 4 the decode steps make fewer reads than one per run, read the active bundles plus the inactive
+    ones between runs at most 4 apart (never a run closer than that left apart), and the tokens do not change."""
+    _, store = tiny
+    c = ModelConfig.from_dict(load_manifest(store).config)
+    plain = _ffn(store, TARGET, window=0)
+    plain.bundles = _Logged(store)
+    t0, e0 = _generate(store, plain, new=9)
+    ffn = _ffn(store, TARGET, window=0, gap=4)
+    ffn.bundles = _Logged(store)
+    t1, e1 = _generate(store, ffn, new=9)
+    assert t1 == t0
+    for (_, want), (_, got) in zip(plain.bundles.log, ffn.bundles.log):
+        assert set(want) <= set(got)
+        r = runs(got)
+        assert all(b[0] - (a[0] + a[1]) > 4 for a, b in zip(r, r[1:]))  # the runs left apart are far apart
+        assert len(r) <= len(runs(want))
+    assert ffn.bundles.reads < 0.7 * plain.bundles.reads
+    assert e1.timings.bytes["load_neurons"] > e0.timings.bytes["load_neurons"]
+    layer = load_manifest(store).files["layer_000.bin"].size
+    steps = 8 * c.num_layers  # decode layer calls after the first token
+    for f, gap in ((plain, 0), (ffn, 4)):
+        _, bundle, _ = sparse_layer_bytes(c, layer, SparseCost(TARGET), 1, 4, gap=gap)
+        assert f.reads.bundle_bytes["decode"] / steps == pytest.approx(bundle, rel=0.1)
+
+
+def _job(count: int, batch: int):
+    from kubeflash_api import parse_job
+
+    spec = parse_job({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "j"},
+                      "spec": {"model": {"uri": "dummy:tiny", "dtype": "float32"},
+                               "input": {"synthetic": {"count": count, "promptLength": 8}},
+                               "generation": {"maxNewTokens": 4},
+                               "offload": {"policy": "explicit", "gpuBatchSize": batch, "sparsity": TARGET,
+                                           "weights": {"gpu": 0, "cpu": 0, "disk": 100},
+                                           "kv": {"gpu": 100, "cpu": 0, "disk": 0}}}})
+    r = dataclasses.replace  # synthetic ids within the tiny model's 97-token vocabulary
+    prompts = tuple(r(p, token_ids=tuple(t % 97 for t in p.token_ids)) for p in spec.input.prompts)
+    return r(spec, input=r(spec.input, prompts=prompts))
+
+
+def test_run_reads_as_the_cost_model_predicts_faster(tiny, tmp_path):  # noqa: F811
+    """On a slow disk (50 MB/s) one prompt at a time reads sparsely; sixteen prompts in one micro-batch (the union of
+    their active neurons is nearly all of them) read dense although the bundles are there, and so does one prompt
+    on a fast disk; the report names the reads and the predictions; the tokens of a prompt do not depend on it."""
+    from kubeflash_node.engine.bench import Ceilings
+    from kubeflash_node.engine.job import run_job
+    from kubeflash_node.engine.machine import Machine
+
+    _, store = tiny
+    manifest = dataclasses.replace(load_manifest(store), tokenizer=None)  # synthetic token ids: no tokenizer
+
+    def run(name, disk, count, batch):
+        ceil = Ceilings(disk_read_cold=disk, disk_read_warm=disk, disk_write=disk, h2d_pinned=10.0,
+                        matmul_tflops=0.1)
+        (tmp_path / name).mkdir()
+        rep = run_job(_job(count, batch), model_dir=store, manifest=manifest, output=tmp_path / f"{name}.jsonl",
+                      device="cpu", job_dir=tmp_path / name, machine=Machine(ceil, 1 << 30, 4 << 30))
+        rows = [json.loads(x)["response"]["body"]["token_ids"] for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        return rep["sparsity"], rows
+
+    slow, one = run("slow1", 0.05, 1, 1)
+    assert slow["reads"] == "sparse" and slow["reads_why"].startswith("sparse FFN reads: predicted")
+    assert slow["bundle_bytes_read"] > 0 and slow["weights_bytes_read"] < slow["weights_bytes_dense"]
+    assert "micro-batch 1" in slow["reads_why"]
+    wide, many = run("slow16", 0.05, 16, 16)
+    assert wide["reads"] == "dense" and "micro-batch 16" in wide["reads_why"]
+    assert "bundle_bytes_read" not in wide
+    fast, same = run("fast1", 50.0, 1, 1)
+    assert fast["reads"] == "dense" and "bundle_bytes_read" not in fast
+    assert same == one and many[0] == one[0]
