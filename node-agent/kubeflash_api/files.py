@@ -119,7 +119,7 @@ def load_manifest(path: Path) -> dict:
         raise SpecError(str(path), "holds no YAML document; expected one InferenceJob")
     if len(docs) > 1:
         kinds = ", ".join(_kind(d) for d in docs[:8]) + (", …" if len(docs) > 8 else "")
-        raise SpecError(str(path), f"holds {len(docs)} YAML documents ({kinds}); kubeflash run takes exactly one "
+        raise SpecError(str(path), f"holds {len(docs)} YAML documents ({kinds}); kubeflash run and plan take exactly one "
                                    f"InferenceJob per file")
     if not isinstance(docs[0], dict):
         raise SpecError(str(path), f"must hold a mapping (an InferenceJob), got {type(docs[0]).__name__}")
