@@ -20,6 +20,7 @@ from typing import Any
 
 import kopf
 
+from kubeflash_api import SpecError
 from kubeflash_operator import kopfpatch, reconcile
 from kubeflash_operator.bookkeeping import (
     ClaimBook,
@@ -273,6 +274,8 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     """Admit, place, stage, run and watch one job (a new job is admitted and placed in its first step); returns
     how long to sleep unless woken, None once the job is gone."""
     job = _job(body)
+    if (prefixes := await _input_prefixes(memo, job)) is not None:
+        job = replace(job, prefixes=prefixes)
     parsed = memo.setdefault("parsed", {})
     cached = parsed.get(job.uid)
     if cached is not None and cached[0] == job.generation and job.generation is not None:
@@ -372,6 +375,7 @@ async def count_job_phase(event: kopf.RawEvent, namespace: str, name: str, uid: 
     if gone:
         memo.sent.pop(uid, None)
         memo.get("parsed", {}).pop(uid, None)
+        memo.get("input_prefixes", {}).pop(uid, None)
         memo.get("pod_seen", {}).pop((namespace, name), None)
         # normally the finalizer released it already (then this is a no-op); not if its handler timed out or the
         # finalizer was removed by hand: a gone job never keeps a pair
@@ -517,6 +521,23 @@ def _job(body: kopf.Body) -> reconcile.Job:
         created=parse_time(meta.get("creationTimestamp")) or now(),
         generation=meta.get("generation"),
     )
+
+
+async def _input_prefixes(memo: kopf.Memo, job: reconcile.Job) -> tuple[str, ...] | None:
+    """The prefix fingerprints of a waiting job's input ConfigMap (spec.cache.prefix placement), read once per
+    generation; None where placement needs none (no cache.prefix, inline prompts, placed already)."""
+    if job.status.get("phase") not in (None, "Pending") or not job.spec.get("cache", {}).get("prefix"):
+        return None
+    spec = job.parsed
+    if isinstance(spec, SpecError) or spec.input.config_map is None:
+        return None
+    seen = memo.setdefault("input_prefixes", {})
+    hit = seen.get(job.uid)
+    if hit is None or hit[0] != job.generation:
+        cm = spec.input.config_map
+        hit = seen[job.uid] = (job.generation, await asyncio.to_thread(memo.kube.input_prefixes, job.namespace,
+                                                                       cm.name, cm.key))
+    return hit[1]
 
 
 async def _pods(kube: Kube, job: reconcile.Job, pod_index: kopf.Index) -> dict[str, PodView]:

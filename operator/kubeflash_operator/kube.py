@@ -19,7 +19,9 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from kubeflash_api import SpecError, parse_job_spec
+from kubeflash_api.batch import parse_batch
 from kubeflash_api.flashnode import MAX_MODELS
+from kubeflash_api.prefixes import SAMPLE, job_fingerprints
 from kubeflash_operator.bookkeeping import CLAIMS_ANNOTATION, parse_ledger
 from kubeflash_operator.builder import JOB_LABEL, MANAGED_BY, NODE_LABEL, owner_reference
 
@@ -187,6 +189,23 @@ class Kube:
             if not pod["metadata"].get("deletionTimestamp"):
                 self._delete_exact(namespace, pod["metadata"]["name"], pod["metadata"]["uid"])
         return [p["metadata"]["name"] for p in ours]
+
+    # ------------------------------------------------------------------------------------ input ConfigMap
+
+    def input_prefixes(self, namespace: str, name: str, key: str) -> tuple[str, ...]:
+        """Prefix fingerprints (kubeflash_api.prefixes) of the first prompts in a job's input ConfigMap, for
+        cache-aware placement; () when it cannot be read or parsed (the engine reports that, not placement)."""
+        try:
+            cm = self._dict(self.core.read_namespaced_config_map(name, namespace))
+        except ApiException as e:
+            log.info("input ConfigMap %s/%s not read for placement: %s", namespace, name, e.reason)
+            return ()
+        text = (cm.get("data") or {}).get(key) or ""
+        head = "\n".join(text.split("\n")[:SAMPLE])  # JSONL lines end at "\n" only (kubeflash_api.batch)
+        try:
+            return job_fingerprints(parse_batch(head, f"ConfigMap {namespace}/{name} key {key}"))
+        except SpecError:
+            return ()
 
     # ------------------------------------------------------------------------------------ output ConfigMap
 

@@ -17,6 +17,7 @@ from typing import Any
 from kubeflash_api import JobSpec, SpecError, parse_job_spec
 from kubeflash_api.flashnode import ModelEntry
 from kubeflash_api.inferencejob import check_cluster
+from kubeflash_api.prefixes import job_fingerprints
 from kubeflash_operator import status as st
 from kubeflash_operator.builder import PodTarget, image_refusal, pod_name
 from kubeflash_operator.config import OperatorConfig
@@ -36,6 +37,7 @@ class Job:
     status: Mapping[str, Any]
     created: datetime
     generation: int | None = None
+    prefixes: tuple[str, ...] | None = None  # fingerprints of prompts not in the spec (its input ConfigMap's)
 
     @property
     def key(self) -> str:
@@ -158,7 +160,9 @@ def _pending(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, c
     if retry_at and world.now < retry_at:
         return
     request = Request(job.key, spec.model.id, gpus=spec.resources.gpus, kv_bytes=spec.resources.kv_disk,
-                      prefix_cache=spec.cache.prefix)
+                      prefix_cache=spec.cache.prefix,
+                      prefixes=(job.prefixes if job.prefixes is not None else job_fingerprints(spec.input.prompts))
+                      if spec.cache.prefix else ())
     own = next((c for c in world.claims if c.job == job.key), None)  # recorded before a crash, status not written
     nodes = world.ready_nodes
     found = reuse(own, request, nodes, now=world.now, heartbeat_timeout=cfg.heartbeat_timeout) if own else None

@@ -3,8 +3,10 @@
 Filter: a Node that is not cordoned (`spec.unschedulable`: kubectl cordon/drain), a fresh heartbeat, enough
 free pairs (a pair is taken while a placed job holds its GPU), and room on the pair's SSD for the model (unless
 already there) plus the job's KV reservation. Score: model Ready on that SSD >> model being staged there >> (for a
-job with spec.cache.prefix) prefix KV blocks of the job's model and namespace in that SSD's node cache >> SSD read
-bandwidth > free space; ties go to the lower node name and GPU index so placement is deterministic.
+job with spec.cache.prefix) the job's own prefix in that SSD's node cache (the longest prefix fingerprint,
+kubeflash_api.prefixes, its prompts share with the cache of its model and namespace there) >> prefix KV blocks of
+the job's model and namespace there >> SSD read bandwidth > free space; ties go to the lower node name and GPU
+index so placement is deterministic.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from kubeflash_api.prefixes import shared_bytes
 from kubeflash_operator.timefmt import parse_time
 
 DEFAULT_HEARTBEAT_TIMEOUT = timedelta(seconds=120)
@@ -54,10 +57,18 @@ class NodeView:
     gpu_h2d_gbps: Mapping[int, float] = field(default_factory=dict)  # the agent's host->GPU probe, by GPU index
     kv_cache_budget: int = 0  # bytes of the agent's prefix KV cache (status.kvCache.budgetBytes); 0: none
     kv_cached: Mapping[tuple[str, str, str], int] = field(default_factory=dict)  # (disk, namespace, model) -> blocks
+    kv_prefixes: Mapping[tuple[str, str, str], frozenset[str]] = field(default_factory=dict)  # -> fingerprints
 
     def cached_blocks(self, disk: str, job: str, model_id: str) -> int:
         """Prefix KV blocks the node's cache on `disk` holds for `model_id` in the namespace of `job` ("ns/name")."""
         return self.kv_cached.get((disk, job.split("/", 1)[0], model_id), 0) if self.kv_cache_budget > 0 else 0
+
+    def cached_prefix(self, disk: str, job: str, model_id: str, fingerprints: Iterable[str]) -> int:
+        """Bytes of prompt text (a fingerprint level) the longest prefix of `fingerprints` that the node's cache on
+        `disk` holds for `model_id` in the namespace of `job` covers; 0: none of the job's prefixes is there."""
+        if self.kv_cache_budget <= 0:
+            return 0
+        return shared_bytes(fingerprints, self.kv_prefixes.get((disk, job.split("/", 1)[0], model_id), ()))
 
     def probe(self, gpu: int, disk: str) -> dict[str, float]:
         """The agent's measured bandwidths for a (GPU, disk) placement, as the engine reads them
@@ -99,6 +110,7 @@ class Request:
     gpus: int = 1
     kv_bytes: int = 0
     prefix_cache: bool = False  # spec.cache.prefix: prefer a disk whose node cache holds the model's blocks
+    prefixes: tuple[str, ...] = ()  # the job's prompts' fingerprints (kubeflash_api.prefixes.job_fingerprints)
 
 
 @dataclass(frozen=True)
@@ -207,8 +219,11 @@ def _node_best(
             worst = f"disk {disk_name} has {_gib(room)} free, needs {_gib(need)}"
             continue
         rank = 2 if copy is not None and copy.state == "Ready" else 1 if present else 0
-        cached = node.cached_blocks(disk_name, request.job, request.model_id) if request.prefix_cache else 0
-        score = (-rank, -cached, -disk.read_gbps, -room, node.name, gpu)
+        cached = prefix = 0
+        if request.prefix_cache:
+            cached = node.cached_blocks(disk_name, request.job, request.model_id)
+            prefix = node.cached_prefix(disk_name, request.job, request.model_id, request.prefixes)
+        score = (-rank, -prefix, -cached, -disk.read_gbps, -room, node.name, gpu)
         if best is None or score < best[0]:
             best = (score, gpu, disk_name, rank)
     if best is None:
@@ -279,6 +294,9 @@ def node_view(body: Mapping[str, Any], *, cordoned: bool = False) -> NodeView:
         kv_cache_budget=int(cache.get("budgetBytes") or 0),
         kv_cached={(e["disk"], e["namespace"], e["modelId"]): int(e.get("blocks") or 0)
                    for e in cache.get("entries") or [] if e.get("disk") and e.get("namespace") and e.get("modelId")},
+        kv_prefixes={(e["disk"], e["namespace"], e["modelId"]): frozenset(p for p in e["prefixes"] if isinstance(p, str))
+                     for e in cache.get("entries") or []
+                     if e.get("disk") and e.get("namespace") and e.get("modelId") and isinstance(e.get("prefixes"), list)},
     )
 
 

@@ -257,6 +257,31 @@ def test_prefix_cache_job_lands_where_its_blocks_are_and_mounts_the_cache(ns, ku
     assert (env["KUBEFLASH_KV_CACHE_DIR"], env["KUBEFLASH_KV_CACHE_BUDGET"]) == ("/kvcache", str(8 * GiB))
 
 
+def test_prefix_cache_job_lands_where_its_input_configmaps_prefix_is_cached(ns, kube, control_plane):
+    """Two nodes cache the same number of blocks of the model for the namespace; the slower one's cache lists the
+    prefix fingerprints of this job's input ConfigMap (status.kvCache.entries[].prefixes, as the agent publishes
+    what engines left): the operator reads the ConfigMap's first lines and places the job there."""
+    from kubeflash_api.batch import parse_batch
+    from kubeflash_api.prefixes import job_fingerprints
+
+    doc = "Clause 4. The supplier shall deliver the goods in good order. " * 40
+    lines = "\n".join(json.dumps({"custom_id": f"q{i}", "body": {"messages": [
+        {"role": "user", "content": doc + f"Question {i}?"}]}}) for i in range(3))
+    fps = job_fingerprints(parse_batch(lines, "batch.jsonl"))
+    assert fps
+    kube.core.create_namespaced_config_map(ns, {"metadata": {"name": "batch"}, "data": {"batch.jsonl": lines}})
+
+    def cache(prefixes: list[str]) -> dict:
+        return {"kvCache": {"budgetBytes": 8 * GiB, "entries": [
+            {"disk": "nvme0", "namespace": ns, "modelId": MODEL, "blocks": 8, "prefixes": prefixes}]}}
+
+    holder = kube.gpu_node(control_plane, "holder", read=3.0, models=(MODEL,), status=cache(list(fps)))
+    kube.gpu_node(control_plane, "fast", read=14.0, models=(MODEL,), status=cache([]))
+    kube.settle()
+    kube.submit("doc", cache={"prefix": True}, input={"configMap": {"name": "batch", "key": "batch.jsonl"}})
+    assert kube.wait_phase("doc", "Running")["node"] == holder
+
+
 def test_jobs_spread_when_pairs_are_busy(ns, kube, control_plane):
     """With the model's node's only pair taken, the second job goes to the other node (and must stage there)."""
     # b only once first runs on a: the operator watches Nodes (a new Node is NotReady until kwok and the lifecycle

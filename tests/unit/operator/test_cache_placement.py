@@ -72,3 +72,40 @@ def test_node_view_reads_the_kv_cache_summary():
     assert view.cached_blocks("nvme0", "team-a/j", MODEL) == 7 and view.cached_blocks("nvme0", "x/j", MODEL) == 0
     bare = node_view(flashnode("m"))
     assert bare.kv_cache_budget == 0 and bare.kv_cached == {}
+
+
+def _prefixed(body: dict, prefixes: list[str], blocks: int = 3, ns: str = "team-a") -> dict:
+    body = with_cache(body, ("nvme0", ns, MODEL, blocks))
+    body["status"]["kvCache"]["entries"][0]["prefixes"] = prefixes
+    return body
+
+
+def test_the_node_holding_the_jobs_own_prefix_wins_over_more_blocks_and_bandwidth():
+    """Two nodes cache blocks of the model for the namespace; the one whose cache holds this job's document (its
+    fingerprints, kubeflash_api.prefixes) wins over one with more blocks of other documents and faster SSDs; the
+    longer shared prefix wins between two that hold part of it; without spec.cache.prefix nothing changes."""
+    from kubeflash_api.inferencejob import Prompt
+    from kubeflash_api.prefixes import fingerprints, job_fingerprints
+
+    doc = "A long shared document. " * 800  # 19,200 bytes: the 1, 4 and 16 KiB levels
+    prompts = [Prompt(id=str(i), text=doc + f"Q{i}?") for i in range(4)]
+    mine = job_fingerprints(prompts)
+    other = fingerprints(Prompt(id="x", text="Another document entirely. " * 800))
+    holder = _prefixed(flashnode("holder", read=(3.0,), models=[ready()]), list(mine[:2]), blocks=2)
+    busy = _prefixed(flashnode("busy", read=(14.0,), models=[ready()]), list(other), blocks=40)
+
+    def winner(*bodies, prefix=True, job="team-a/j", request=mine):
+        found = place(Request(job=job, model_id=MODEL, kv_bytes=GiB, prefix_cache=prefix, prefixes=request),
+                      [node_view(b) for b in bodies], [], now=NOW)
+        return found.node
+
+    assert winner(holder, busy) == "holder"
+    assert winner(holder, busy, prefix=False) == "busy"  # bandwidth, as before
+    assert winner(holder, busy, job="team-b/j") == "busy"  # another namespace's cache is not this job's
+    assert winner(holder, busy, request=()) == "busy"  # no fingerprints (e.g. prompts read from a file): blocks
+    short = [f for f in mine if f.startswith("1024-")]
+    longer = _prefixed(flashnode("longer", read=(1.0,), models=[ready()]), [f for f in mine if f.startswith("16384-")])
+    assert winner(_prefixed(flashnode("aaa", read=(14.0,), models=[ready()]), short), longer) == "longer"
+    view = node_view(holder)
+    assert view.kv_prefixes == {("nvme0", "team-a", MODEL): frozenset(mine[:2])}
+    assert view.cached_prefix("nvme0", "team-a/j", MODEL, mine) == max(int(f.split("-")[0]) for f in mine[:2])

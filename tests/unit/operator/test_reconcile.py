@@ -340,3 +340,27 @@ def test_pod_target_carries_the_agents_probe():
     assert dict(plan.create.target.probe) == {"diskReadGBps": 7.0, "diskWriteGBps": 2.5, "h2dGBps": 51.0}
     plan = step(admitted(), world(holder(read=(0.0,))), CFG)  # the agent's probe skipped: nothing measured
     assert plan.create.target.probe == ()
+
+
+def test_prefix_cache_job_is_placed_where_its_inline_prompts_prefix_is_cached():
+    """A job with spec.cache.prefix and inline prompts carries their fingerprints into placement: of two nodes
+    holding the model, it runs on the one whose node cache lists its prompts' prefix (FlashNode
+    status.kvCache.entries[].prefixes), not on the faster one."""
+    from kubeflash_api.prefixes import job_fingerprints
+
+    doc = "Section 1. The parties agree as follows. " * 120
+    spec = {"input": {"prompts": [doc + "Who agrees?", doc + "On what?"]}, "cache": {"prefix": True}}
+    job = admitted(**spec)
+    fps = job_fingerprints(parse_job_spec(job.spec, name="j", namespace="ns").input.prompts)
+    assert fps  # 4,920 bytes: the 1 and 4 KiB levels
+
+    def node(name, read, prefixes):
+        body = flashnode(name, read=(read,), models=[{"id": MODEL, "disk": "nvme0", "state": "Ready", "bytes": GiB}])
+        body["status"]["kvCache"] = {"budgetBytes": 8 * GiB, "entries": [
+            {"disk": "nvme0", "namespace": "ns", "modelId": MODEL, "blocks": 3, "prefixes": prefixes}]}
+        return body
+
+    plan = step(job, world(node("fast", 14.0, []), node("cached", 2.0, list(fps))), CFG)
+    assert plan.status["node"] == "cached"
+    plain = admitted(input=spec["input"])  # no spec.cache.prefix: bandwidth decides
+    assert step(plain, world(node("fast", 14.0, []), node("cached", 2.0, list(fps))), CFG).status["node"] == "fast"
