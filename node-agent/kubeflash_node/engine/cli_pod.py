@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        spec = from_canonical(json.loads(_env(c.ENV_JOB_SPEC)), name=_env(c.ENV_JOB_NAME),
+        spec = from_canonical(_job_spec_json(c.ENV_JOB_SPEC), name=_env(c.ENV_JOB_NAME),
                               namespace=os.environ.get(c.ENV_JOB_NAMESPACE, "default"))
         if os.environ.get(c.ENV_INPUT_FILE):  # configMap or PVC input, mounted by the operator
             spec = spec.with_prompts(read_batch(Path(os.environ[c.ENV_INPUT_FILE]), field="spec.input"))
@@ -93,6 +93,16 @@ def main(args: argparse.Namespace) -> int:
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(dest, output.read_bytes())
     return 0
+
+
+def _job_spec_json(name: str):
+    """The job's canonical spec from environment variable `name`; ValueError naming the variable if not JSON."""
+    raw = _env(name)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"environment variable {name}: not JSON ({e}); expected the job's canonical spec "
+                         "(kubeflash_api.to_canonical) as JSON, as the operator sets it") from None
 
 
 def _run_ranks(spec, *, model_dir: Path, manifest, output: Path, device: str, job_dir: Path) -> dict:
