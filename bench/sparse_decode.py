@@ -28,11 +28,12 @@ from kubeflash_node.store.format import load_manifest
 from kubeflash_node.store.modelconfig import ModelConfig
 
 
-def run(store: Path, target, *, device: str, prompt: list[int], new: int, batch: int, hot: int) -> dict:
+def run(store: Path, target, *, device: str, prompt: list[int], new: int, batch: int, hot: int,
+        gap: int | None) -> dict:
     c = ModelConfig.from_dict(load_manifest(store).config)
     out = {}
     for n in (1, 1 + new):
-        ffn = None if target is None else for_job(c, store, target, hot_bytes=hot)
+        ffn = None if target is None else for_job(c, store, target, hot_bytes=hot, gap=gap)
         e = Engine(store, policy=Policy(gpu_batch_size=batch), device=device, sparsity=ffn)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -44,7 +45,8 @@ def run(store: Path, target, *, device: str, prompt: list[int], new: int, batch:
         out[n] = (t.bytes["load_weight"] + t.bytes["load_neurons"], e.stats["decode_s"],
                   torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0)
     (b1, _, _), (b2, s2, peak) = out[1], out[1 + new]
-    return {"target": "dense" if target is None else target, "bytes_per_step": (b2 - b1) / new,
+    return {"target": "dense" if target is None else target, "gap": None if ffn is None else ffn.gap,
+            "bytes_per_step": (b2 - b1) / new,
             "s_per_step": s2 / new, "peak_gpu_gib": peak / 2**30}
 
 
@@ -58,6 +60,8 @@ def main() -> int:
     p.add_argument("--new", type=int, default=8)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--hot", default="0", help="hot-set bytes (e.g. 1073741824)")
+    p.add_argument("--gap", type=int, help="merge runs of missing neurons this many apart (default: "
+                   "costmodel.merge_gap's, from the per-read cost; 0: one read per run)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     targets = [float(t) for t in a.targets.split(",")]
@@ -76,7 +80,8 @@ def main() -> int:
     prompt = torch.randint(0, c.vocab_size, (a.prompt,), generator=g).tolist()
     rows = []
     for t in [None, *targets]:
-        rows.append(run(store, t, device=a.device, prompt=prompt, new=a.new, batch=a.batch, hot=int(a.hot)))
+        rows.append(run(store, t, device=a.device, prompt=prompt, new=a.new, batch=a.batch, hot=int(a.hot),
+                        gap=a.gap))
         print(json.dumps(rows[-1]), flush=True)
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
