@@ -83,16 +83,16 @@ class NeuronCache:
         if not (decode and self.window > 0):  # not kept: assemble from what is held and what was read
             out = torch.empty(active.numel(), st.buf.shape[1], dtype=self.dtype, device=self.device)
             held = (have >= 0).nonzero().squeeze(1)
-            out[held.to(self.device)] = st.buf[have[held].to(self.device)]
+            out.index_copy_(0, held.to(self.device), st.buf.index_select(0, have[held].to(self.device)))
             if new is not None:
-                out[(have < 0).nonzero().squeeze(1).to(self.device)] = new
+                out.index_copy_(0, (have < 0).nonzero().squeeze(1).to(self.device), new)
             return out
         st.last[active] = st.step
         self._evict(st)
         if new is not None:
             st.slot[miss] = self._place(st, new)
         st.step += 1
-        return st.buf[st.slot[active].to(self.device)]
+        return st.buf.index_select(0, st.slot[active].to(self.device))  # index_select: far cheaper than buf[idx]
 
     def _evict(self, st: _Layer) -> None:
         """Free the rows of windowed neurons not active in the last `window` calls (this one included)."""
@@ -113,7 +113,7 @@ class NeuronCache:
             free = torch.cat([free, torch.arange(base, base + more)])
         idx = free[:k]
         st.used[idx] = True
-        st.buf[idx.to(self.device)] = rows
+        st.buf.index_copy_(0, idx.to(self.device), rows)
         return idx
 
     def _read(self, layer: int, ids: torch.Tensor, what: str) -> torch.Tensor:
@@ -122,7 +122,7 @@ class NeuronCache:
         span = merged(want, self.gap)
         got_rows = as_torch(self.reader.read(layer, span.tolist()))
         if span.shape[0] != want.shape[0]:  # drop the inactive neurons read through
-            got_rows = got_rows[torch.from_numpy(np.searchsorted(span, want))]
+            got_rows = got_rows.index_select(0, torch.from_numpy(np.searchsorted(span, want)))
         rows = got_rows.to(self.device, self.dtype)
         got = self.reader.bytes_read - before
         if what == "load_neurons":
