@@ -261,7 +261,8 @@ def test_bench_names_a_model_it_cannot_take(tmp_path, model, message):
 # ------------------------------------------------------------------------------------------- plan
 
 
-@pytest.mark.parametrize("case", ["ceilings-missing", "ceilings-directory", "json-directory", "json-no-folder"])
+@pytest.mark.parametrize("case", ["ceilings-missing", "ceilings-directory", "json-directory", "json-no-folder",
+                                  "json-unwritable"])
 def test_plan_names_a_file_it_cannot_read_or_write(tmp_path, case):
     """--ceilings that is not a file and --json that cannot be written: one line naming the flag, exit 1 (a --json
     in a missing folder used to end in a traceback after the plan was printed)."""
@@ -272,7 +273,10 @@ def test_plan_names_a_file_it_cannot_read_or_write(tmp_path, case):
         "json-directory": (["--ceilings", CEILINGS, "--json", tmp_path],
                            f"--json {tmp_path}: is a directory; expected the path of a JSON file"),
         "json-no-folder": (["--ceilings", CEILINGS, "--json", tmp_path / "no" / "plan.json"],
-                           f"--json {tmp_path / 'no' / 'plan.json'}: {tmp_path / 'no'} is not a writable directory"),
+                           f"--json {tmp_path / 'no' / 'plan.json'}: {tmp_path / 'no'} is not a directory"),
+        # root may write where os.access says so, but not into /sys: the check writes for real
+        "json-unwritable": (["--ceilings", CEILINGS, "--json", "/sys/plan.json"],
+                            "--json /sys/plan.json: /sys is not writable"),
     }[case]
     proc = kubeflash("plan", EXAMPLE, *args, tmp_path=tmp_path)
     assert_clean_error(proc)

@@ -5,7 +5,6 @@ its predicted time and throughput, the resource that bounds it, and the runner-u
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -114,15 +113,17 @@ _HOW = "kubeflash bench --ceilings-only --json FILE on the GPU machine writes th
 
 
 def _check_json_path(path: Path | None) -> None:
-    """--json FILE is refused before any work when it could not be written."""
+    """--json FILE is refused before any work when it could not be written (a real write in its folder:
+    os.access says yes to root on read-only mounts and /sys); a folder created for the check is removed."""
+    from .cli_run import _remove_empty, check_writable
+
     if path is None:
         return
     if path.is_dir():
         raise ValueError(f"--json {path}: is a directory; expected the path of a JSON file to write")
-    folder = path.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"--json {path}: {folder} is not a writable directory; expected the path of a JSON "
-                         "file in one")
+    if not path.parent.is_dir():
+        raise ValueError(f"--json {path}: {path.parent} is not a directory; expected the path of a JSON file in one")
+    _remove_empty(check_writable("--json", path, path.parent))
 
 
 def _explicit(spec, job, config, ceil, budget, sizes, itemsize) -> list[str]:
