@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="group-wise quantization (--quant-group inputs a scale) of the layers' big matrices "
                         "(default: none)")
     p.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero points)")
-    p.add_argument("--quant-group", type=int, default=64, help="inputs per quantization scale, an even number >= 2 (default 64)")
+    p.add_argument("--quant-group", type=int, default=None,
+                   help="inputs per quantization scale, an even number >= 2 (default 64); with --quantization only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.add_argument("--verify", action="store_true", help="re-read every file and check its sha256 afterwards")
     p.add_argument("--list-presets", action="store_true", help="print the dummy presets and exit")
@@ -43,13 +44,15 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         check_scheme(args.source, field="SOURCE")
+        _check_options(args)
     except ValueError as e:
         print(f"kubeflash convert: error: {e}", file=sys.stderr)
         return 1
     bar = _bar(f"converting {args.source}", sys.stderr.isatty() or True)
     try:
         manifest = convert(args.source, args.out, dtype=args.dtype, quantization=args.quantization,
-                           symmetric=args.symmetric, group=args.quant_group, overwrite=args.overwrite, progress=bar)
+                           symmetric=args.symmetric, group=args.quant_group or 64, overwrite=args.overwrite,
+                           progress=bar)
         bar.close()
         if args.verify:
             verify(args.out, manifest)
@@ -67,3 +70,20 @@ def main(args: argparse.Namespace) -> int:
     print(f"{args.out}: {manifest.architecture}, {manifest.num_layers} layers, {manifest.dtype}{qs}, "
           f"{manifest.total_bytes / 2**30:.3f} GiB, tokenizer: {manifest.tokenizer or 'none'}")
     return 0
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Flags that would be ignored or fail late are refused before any work, naming the flag."""
+    if args.quant_group is not None:
+        if args.quantization == "none":
+            raise ValueError(f"--quant-group {args.quant_group}: applies only with --quantization int8 or int4 "
+                             "(this conversion stores unquantized weights)")
+        if args.quant_group < 2 or args.quant_group % 2:
+            raise ValueError(f"--quant-group {args.quant_group}: expected an even number >= 2")
+    if args.symmetric and args.quantization == "none":
+        raise ValueError("--symmetric: applies only with --quantization int8 or int4")
+    for folder in Path(args.out).parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--out {args.out}: {folder} is a file; expected a new directory in a folder")
+            break
