@@ -67,7 +67,8 @@ def main(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         output = job_dir / "results.jsonl"
         machine = None
-        if spec.offload.policy == "auto" and device.startswith("cuda"):  # plan with the agent's probe
+        priced = spec.offload.policy == "auto" or spec.offload.sparsity is not None  # sparse vs dense reads too
+        if priced and device.startswith("cuda"):  # plan with the agent's probe
             from .machine import pod_machine
 
             machine = pod_machine(os.environ.get("KUBEFLASH_PROBE"), job_dir / "probe")

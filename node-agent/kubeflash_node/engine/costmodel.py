@@ -594,5 +594,6 @@ def reads_choice(policy: Policy, sparse: SparseCost, *, config: ModelConfig, cei
 
 def reads_why(sparse: bool, sparse_s: float, dense_s: float, batch: int) -> str:
     won, lost = (sparse_s, dense_s) if sparse else (dense_s, sparse_s)
-    return (f"{'sparse' if sparse else 'dense'} FFN reads: predicted {won:.3g} s against {lost:.3g} s with "
+    more = f"{lost / won - 1:+.1%}" if won > 0 else "n/a"
+    return (f"{'sparse' if sparse else 'dense'} FFN reads: predicted {won:.4g} s against {lost:.4g} s ({more}) with "
             f"{'dense' if sparse else 'sparse'} reads at micro-batch {batch}")
