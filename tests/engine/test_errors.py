@@ -70,3 +70,22 @@ def test_dummy_model_generates(tmp_path):
     finally:
         engine.close()
     assert [len(c.tokens) for c in out] == [4, 4]
+
+
+def test_run_job_refused_before_any_work_leaves_progress_failed_with_the_reason(opt_store, tmp_path):
+    """A job refused by run_job's checks (here: prompt + maxNewTokens past the context window) leaves
+    progress.json in the failed phase with the same reason, never "running", and no results file."""
+    from kubeflash_api import parse_job
+    from kubeflash_node.engine.job import run_job
+    from kubeflash_node.store.format import load_manifest
+
+    spec = parse_job({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "long"},
+                      "spec": {"model": {"uri": "dummy:opt-125m"}, "input": {"synthetic": {"count": 1,
+                                                                                          "promptLength": 2040}},
+                               "generation": {"maxNewTokens": 16}}})
+    out, job_dir = tmp_path / "out" / "results.jsonl", tmp_path / "job"
+    with pytest.raises(ValueError) as e:
+        run_job(spec, model_dir=opt_store, manifest=load_manifest(opt_store), output=out, job_dir=job_dir)
+    progress = json.loads((job_dir / "progress.json").read_text())
+    assert progress["phase"] == "failed" and progress["message"] == str(e.value)[:500]
+    assert "2048" in progress["message"] and not out.exists()

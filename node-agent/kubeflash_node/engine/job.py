@@ -5,6 +5,7 @@ keep progress.json current, and return the report. Shared by `kubeflash run` and
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -42,34 +43,35 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         results.close()
         progress.write("done", message="every prompt already has a result")
         return {"skipped": len(ids), "generated_tokens": 0}
-    g = spec.generation
-    max_new = max([g.max_new_tokens] + [spec.input.prompts[i].max_tokens or 0 for i in todo])
-    chosen = None
-    machine = within_resources(spec, machine, device)
-    shape = job_shape([ids[i] for i in todo], max_new)
-    config = ModelConfig.from_dict(manifest.config)  # refused before any work: positions, one sequence's KV
-    check_context(config, [ids[i] for i in todo], max_new,
-                  [f"spec.input.prompts[{i}] (id {spec.input.prompts[i].id})" for i in todo])
-    sparsity = _sparsity(spec, config, model_dir, device)  # refused before any work: no or stale calibration
-    if sparsity is not None and sparsity.bundles is not None and machine is not None:  # merged reads: this disk's
-        from .costmodel import merge_gap
+    with _failed_on_refusal(progress):  # refused before any work: progress.json says why, never "running"
+        g = spec.generation
+        max_new = max([g.max_new_tokens] + [spec.input.prompts[i].max_tokens or 0 for i in todo])
+        chosen = None
+        machine = within_resources(spec, machine, device)
+        shape = job_shape([ids[i] for i in todo], max_new)
+        config = ModelConfig.from_dict(manifest.config)  # refused before any work: positions, one sequence's KV
+        check_context(config, [ids[i] for i in todo], max_new,
+                      [f"spec.input.prompts[{i}] (id {spec.input.prompts[i].id})" for i in todo])
+        sparsity = _sparsity(spec, config, model_dir, device)  # refused before any work: no or stale calibration
+        if sparsity is not None and sparsity.bundles is not None and machine is not None:  # merged reads: this disk's
+            from .costmodel import merge_gap
 
-        sparsity.gap = merge_gap(sparsity.bundles.row_bytes, gbps=machine.ceilings.disk_read_cold)
-    itemsize = 4 if manifest.dtype == "float32" else 2
-    check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
-    if policy is None and spec.offload.policy == "auto" and machine is not None:
-        chosen = auto_plan(spec, manifest=manifest, job=shape, machine=machine,
-                           sparsity=_sparse_cost(sparsity, config, itemsize))
-        policy = chosen.best.candidate.policy
-    if policy is None:
-        policy = policy_for(spec, n_prompts=len(todo), device=device, config=config)
-    check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
-    check_kv_disk(spec, policy, manifest=manifest, job=shape)
-    if sparsity is not None and sparsity.bundles is not None:
-        _follow_reads(sparsity, spec, chosen, policy, config=config, manifest=manifest, job=shape, machine=machine,
-                      itemsize=itemsize)
-    prefix = _prefix_cache(spec, kv_cache_dir)
-    engine = engine_factory(model_dir, policy=policy, device=device, job_dir=job_dir, prefix_cache=prefix, sparsity=sparsity)
+            sparsity.gap = merge_gap(sparsity.bundles.row_bytes, gbps=machine.ceilings.disk_read_cold)
+        itemsize = 4 if manifest.dtype == "float32" else 2
+        check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
+        if policy is None and spec.offload.policy == "auto" and machine is not None:
+            chosen = auto_plan(spec, manifest=manifest, job=shape, machine=machine,
+                               sparsity=_sparse_cost(sparsity, config, itemsize))
+            policy = chosen.best.candidate.policy
+        if policy is None:
+            policy = policy_for(spec, n_prompts=len(todo), device=device, config=config)
+        check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
+        check_kv_disk(spec, policy, manifest=manifest, job=shape)
+        if sparsity is not None and sparsity.bundles is not None:
+            _follow_reads(sparsity, spec, chosen, policy, config=config, manifest=manifest, job=shape, machine=machine,
+                          itemsize=itemsize)
+        prefix = _prefix_cache(spec, kv_cache_dir)
+        engine = engine_factory(model_dir, policy=policy, device=device, job_dir=job_dir, prefix_cache=prefix, sparsity=sparsity)
     eos = tuple(engine.config.eos_token_id) + ((tokenizer.eos_token_id,) if tokenizer is not None
                                                 and tokenizer.eos_token_id is not None else ())
     params = GenParams(max_new_tokens=max_new, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
@@ -126,6 +128,16 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         prefix.close()
         results.close()
         engine.close()
+
+
+@contextmanager
+def _failed_on_refusal(progress: Progress):
+    """Write progress.json's failed phase with the reason when the checks before any work refuse the job."""
+    try:
+        yield
+    except Exception as e:
+        progress.write("failed", message=(str(e) or type(e).__name__)[:500])
+        raise
 
 
 def _sparsity(spec: JobSpec, config: ModelConfig, model_dir: Path, device: str):
