@@ -33,6 +33,7 @@ POLICIES = ("auto", "explicit")
 TIERS = ("gpu", "cpu", "disk")
 MAX_TOKENS = 32768
 MAX_PROMPTS = 100_000
+MAX_PARALLELISM = 1000
 
 # ------------------------------------------------------------------------------------------------ types
 
@@ -146,6 +147,14 @@ class CacheSpec:
 
 
 @dataclass(frozen=True)
+class ShardSpec:
+    """This job is shard `index` of `count` of a spec.parallelism job: it runs only the prompts sharding.py gives it."""
+
+    index: int
+    count: int
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     namespace: str
@@ -158,6 +167,8 @@ class JobSpec:
     backoff_limit: int = 3
     cache: CacheSpec = CacheSpec()
     image: str | None = None
+    parallelism: int = 1  # shards the operator splits the prompts into (child InferenceJobs)
+    shard: ShardSpec | None = None  # set by the operator on a shard job
 
     def with_prompts(self, prompts: tuple[Prompt, ...]) -> JobSpec:
         """The same job with its input file's prompts read in (by the edge that can reach the file)."""
@@ -238,6 +249,12 @@ def _sparsity(v: Any, path: str) -> float | None:
     if not 0 <= v <= MAX_SPARSITY:  # NaN fails this too
         raise SpecError(path, f"must be off or a target sparsity in [0, {MAX_SPARSITY}], got {v!r}")
     return float(v)
+
+
+def _shard(v: dict, path: str) -> dict:
+    if v["index"] >= v["count"]:
+        raise SpecError(f"{path}.index", f"must be less than {path}.count ({v['count']}), got {v['index']}")
+    return v
 
 
 def _split(doc: str) -> s.Node:
@@ -362,8 +379,20 @@ SPEC = s.obj(
     ("backoffLimit", s.integer("Failed attempts retried before the job is Failed.", lo=0, hi=20, default=3)),
     ("image", s.string("The engine image for this job's pod (the operator's default when unset).", min_len=1,
                        max_len=512)),
+    ("parallelism", s.integer("Shards the prompts are split into (stable by custom_id): the operator runs each as "
+                              "a child InferenceJob <name>-s<k>, placed, retried and rescheduled like any job; this "
+                              "job's status sums them up. 1: the job runs itself.", lo=1, hi=MAX_PARALLELISM,
+                              default=1)),
+    ("shard", s.obj("Set by the operator on the child jobs of a spec.parallelism job: run only the prompts of shard "
+                    "index of count (sha256 of custom_id mod count).",
+                    ("index", s.integer("This shard's number, 0-based.", lo=0, hi=MAX_PARALLELISM - 1)),
+                    ("count", s.integer("How many shards the prompts are split into.", lo=1, hi=MAX_PARALLELISM)),
+                    required=("index", "count"),
+                    rules=(("self.index < self.count", "index must be less than count"),), check=_shard)),
     required=("model", "input"),
-    rules=(("self == oldSelf", "spec is immutable; delete the job and create a new one"),))
+    rules=(("self == oldSelf", "spec is immutable; delete the job and create a new one"),
+           ("!has(self.shard) || !has(self.parallelism) || self.parallelism == 1",
+            "shard is set by the operator on shard jobs and cannot be combined with parallelism > 1")))
 
 
 # ------------------------------------------------------------------------------------------------ parse
@@ -402,7 +431,17 @@ def parse_job_spec(spec: Any, *, name: str, namespace: str, path: str = "spec") 
         output=_output(d.get("output") or {}, f"{path}.output"),
         resources=ResourcesSpec(gpus=d["resources"]["gpus"], gpu_memory=d["resources"].get("gpuMemory"),
                                 cpu_memory=d["resources"].get("cpuMemory"), kv_disk=d["resources"]["kvDisk"]),
-        backoff_limit=d["backoffLimit"], image=d.get("image"), cache=CacheSpec(prefix=d["cache"]["prefix"]))
+        backoff_limit=d["backoffLimit"], image=d.get("image"), cache=CacheSpec(prefix=d["cache"]["prefix"]),
+        parallelism=d["parallelism"], shard=_shard_spec(d, path))
+
+
+def _shard_spec(d: dict, path: str) -> ShardSpec | None:
+    if "shard" not in d:
+        return None
+    if d["parallelism"] > 1:
+        raise SpecError(f"{path}.shard", f"is set by the operator on shard jobs and cannot be combined with "
+                                         f"{path}.parallelism > 1 (got {d['parallelism']})")
+    return ShardSpec(index=d["shard"]["index"], count=d["shard"]["count"])
 
 
 def _input(d: dict, path: str) -> InputSpec:
@@ -510,6 +549,10 @@ def to_canonical(spec: JobSpec) -> dict[str, Any]:
         out["output"] = output
     if spec.image:
         out["image"] = spec.image
+    if spec.parallelism != 1:
+        out["parallelism"] = spec.parallelism
+    if spec.shard is not None:
+        out["shard"] = {"index": spec.shard.index, "count": spec.shard.count}
     return out
 
 
@@ -541,4 +584,14 @@ def check_cluster(spec: JobSpec) -> JobSpec:
         raise SpecError("spec.input.pvc", "is required in a cluster with spec.input.file (the claim that holds the "
                                           "file; without one the file is read next to the manifest, which only "
                                           "kubeflash run can do); or use spec.input.configMap")
+    if spec.parallelism > 1:
+        if spec.output.pvc or spec.output.path:
+            field = "spec.output.pvc" if spec.output.pvc else "spec.output.path"
+            raise SpecError(field, "cannot be used with spec.parallelism > 1 (merging the shards' result files on a "
+                                   "claim is not built); use spec.output.configMap, or parallelism 1")
+        longest = f"{spec.name}-s{spec.parallelism - 1}"
+        if len(longest) > MAX_JOB_NAME:
+            raise SpecError("metadata.name", f"is too long for spec.parallelism {spec.parallelism}: its shard jobs "
+                                             f"are named <name>-s<k> ({longest!r} has {len(longest)} characters, "
+                                             f"at most {MAX_JOB_NAME})")
     return spec

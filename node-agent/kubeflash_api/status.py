@@ -71,5 +71,12 @@ JOB_STATUS = s.obj(
     ("refused", s.mapping("Files of the job's directory the node agent refused to read, file -> why (a link "
                           "planted by the pod, a FIFO, an oversized file); written by the agent. The operator fails "
                           "the job when its results.jsonl is refused.", s.string("Why the agent refused it."))),
+    ("shards", s.obj(
+        "A spec.parallelism job's shard jobs (<name>-s<k>) by phase; a summary that stays this size for any count.",
+        ("total", s.integer("Shards of the job (spec.parallelism).", lo=0)),
+        ("pending", s.integer("Shards not created yet or not running yet (Pending, Scheduled, Staging).", lo=0)),
+        ("running", s.integer("Shards Running.", lo=0)),
+        ("succeeded", s.integer("Shards Succeeded.", lo=0)),
+        ("failed", s.integer("Shards Failed.", lo=0)))),
     ("conditions", conditions("Ready, Scheduled, Staged and Complete, as metav1.Conditions.")),
 )

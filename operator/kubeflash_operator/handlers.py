@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 
 from kubeflash_api import SpecError
-from kubeflash_operator import kopfpatch, reconcile
+from kubeflash_operator import kopfpatch, reconcile, shards
 from kubeflash_operator.bookkeeping import (
     ClaimBook,
     NodeRecord,
@@ -289,6 +289,8 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     sent = memo.sent.get(job.uid)
     if sent and _before(version, sent):
         return TICK_S  # our last status patch is not back from the watch yet: this view is older than what we wrote
+    if not isinstance(job.parsed, SpecError) and job.parsed.parallelism > 1:  # never placed: its shard jobs are
+        return await _shard_parent(job, version, memo)
     pods = await _pods(memo.kube, job, pod_index)
     if _deleting(body):
         return TICK_S
@@ -338,6 +340,21 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     return idle
 
 
+async def _shard_parent(job: reconcile.Job, version: str, memo: kopf.Memo) -> float | None:
+    """A spec.parallelism job's tick (shards.py): its missing shard jobs created, their sum written to its status."""
+    try:
+        written, merging = await asyncio.to_thread(shards.sync, memo.kube, namespace=job.namespace, name=job.name,
+                                                   uid=job.uid, spec=job.spec, status=job.status, version=version,
+                                                   generation=job.generation, now=now())
+    except Conflict as e:
+        raise kopf.TemporaryError(str(e), delay=CONFLICT_DELAY_S) from e
+    except Gone:
+        return None
+    if written:
+        memo.sent[job.uid] = (version, written, time.monotonic())
+    return TICK_S if merging else RUNNING_TICK_S  # a shard's change wakes it (count_job_phase)
+
+
 @kopf.on.delete(*JOBS, timeout=120)
 async def release_job(namespace: str, name: str, uid: str, status: kopf.Status, memo: kopf.Memo,
                       flashnode_index: kopf.Index, pod_index: kopf.Index, logger: logging.Logger, **_: Any) -> None:
@@ -369,7 +386,7 @@ async def release_job(namespace: str, name: str, uid: str, status: kopf.Status, 
 
 @kopf.on.event(*JOBS)
 async def count_job_phase(event: kopf.RawEvent, namespace: str, name: str, uid: str, status: kopf.Status,
-                          memo: kopf.Memo, flashnode_index: kopf.Index, **_: Any) -> None:
+                          body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.Index, **_: Any) -> None:
     gone = event.get("type") == "DELETED"
     memo.metrics.job_phase(f"{namespace}/{name}", None if gone else status.get("phase") or "Pending")
     if gone:
@@ -380,8 +397,8 @@ async def count_job_phase(event: kopf.RawEvent, namespace: str, name: str, uid: 
         # normally the finalizer released it already (then this is a no-op); not if its handler timed out or the
         # finalizer was removed by hand: a gone job never keeps a pair
         await _release(memo, f"{namespace}/{name}", flashnode_index)
-    else:
-        _wake(memo, [uid])  # e.g. our own status write is back: the next phase can start at once
+    else:  # e.g. our own status write is back: the next phase can start at once; a shard's parent sums it up
+        _wake(memo, [uid, *shards.owner_uids(body)])
 
 
 def _wake(memo: kopf.Memo, uids: Any) -> None:

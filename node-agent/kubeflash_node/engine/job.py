@@ -11,6 +11,7 @@ from typing import Callable
 
 from kubeflash_api import JobSpec, parse_quantity
 from kubeflash_api.prefixes import job_fingerprints
+from kubeflash_api.sharding import shard_prompts
 
 from ..store.kvblocks import DEFAULT_BUDGET, ENV_KV_CACHE_BUDGET, KVBlockStore
 from ..store.modelconfig import ModelConfig
@@ -32,6 +33,8 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
     """Generate every prompt of `spec` without a result of the same fingerprint in `output` (results.py); returns
     the report dict. `output` is left untouched until the first new result is written. `engine_factory` builds
     the engine from (model_dir, **options): one rank's TPEngine under tensor parallelism (engine/tplaunch.py)."""
+    if spec.shard is not None:  # one shard job of a spec.parallelism job: only its share of the prompts
+        spec = spec.with_prompts(shard_prompts(spec.input.prompts, spec.shard))
     tokenizer = load_tokenizer(model_dir, manifest)
     ids = tokenize(spec, tokenizer)
     results = ResultsFile(output, fingerprints(spec, manifest=manifest, device=device), model=spec.model.uri)

@@ -1,0 +1,225 @@
+"""spec.parallelism: a job split into shard jobs, InferenceJobs `<job>-s<k>` owned by it, each placed, retried,
+rescheduled and deleted by the same machinery as any job; the parent is never placed itself and only sums its
+shards up in its status.
+
+Pure functions first (names, child bodies, the aggregate status), unit-tested without a cluster; `sync` at the
+end is the one blocking edge a parent's reconcile tick calls (in a thread): list the children by label, create the
+missing ones, write the aggregate status if it changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from kubeflash_api import SpecError, parse_job_spec
+from kubeflash_api.batch import parse_batch
+from kubeflash_operator import status as st
+from kubeflash_operator.builder import MANAGED_BY, owner_reference
+from kubeflash_operator.timefmt import format_time
+
+PARENT_LABEL = "kubeflash.io/parent"  # on every shard job: the parent job's name
+GROUP, VERSION, PLURAL = "kubeflash.io", "v1alpha1", "inferencejobs"
+RESULTS_KEY = "results.jsonl"  # the key the node agent fills in a job's output ConfigMap
+CONFIGMAP_LIMIT = 1000 << 10  # a ConfigMap holds at most 1 MiB in all
+
+
+def child_name(parent: str, index: int) -> str:
+    """Shard `index`'s job: <parent>-s<index> (kubeflash_api.inferencejob.check_cluster keeps it short enough)."""
+    return f"{parent}-s{index}"
+
+
+def parallelism(spec: Mapping[str, Any]) -> int:
+    """spec.parallelism of a stored job (1 when absent or not an integer: the parser then says what is wrong)."""
+    n = spec.get("parallelism", 1)
+    return n if isinstance(n, int) and not isinstance(n, bool) else 1
+
+
+def child_body(*, namespace: str, parent: str, uid: str, spec: Mapping[str, Any], index: int,
+               count: int) -> dict[str, Any]:
+    """Shard `index` of `count`: the parent's spec without parallelism, with spec.shard, its output ConfigMap
+    renamed <cm>-s<index>; owned by the parent (controller, blockOwnerDeletion), so deleting the parent deletes it."""
+    child = copy.deepcopy(dict(spec))
+    child.pop("parallelism", None)
+    child["shard"] = {"index": index, "count": count}
+    cm = (child.get("output") or {}).get("configMap")
+    if cm and cm.get("name"):
+        cm["name"] = child_name(cm["name"], index)
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceJob",
+            "metadata": {"name": child_name(parent, index), "namespace": namespace,
+                         "labels": {PARENT_LABEL: parent, "app.kubernetes.io/managed-by": MANAGED_BY},
+                         "ownerReferences": [owner_reference(parent, uid)]},
+            "spec": child}
+
+
+def owned(child: Mapping[str, Any], uid: str) -> bool:
+    """The child is this parent incarnation's (not a same-named earlier parent's, nor someone else's)."""
+    refs = (child.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == uid and r.get("controller") for r in refs)
+
+
+def owner_uids(body: Mapping[str, Any]) -> list[str]:
+    """The parent uid of a shard job (its controller), to wake the parent when a shard changes; [] for others."""
+    meta = body.get("metadata") or {}
+    if PARENT_LABEL not in (meta.get("labels") or {}):
+        return []
+    return [r["uid"] for r in meta.get("ownerReferences") or [] if r.get("controller") and r.get("uid")]
+
+
+def missing(parent: str, count: int, names: Iterable[str]) -> list[int]:
+    """Shard indices whose job does not exist yet."""
+    have = set(names)
+    return [k for k in range(count) if child_name(parent, k) not in have]
+
+
+def aggregate(children: Iterable[Mapping[str, Any]], *, count: int, status: Mapping[str, Any],
+              now: datetime, generation: int | None = None) -> dict[str, Any]:
+    """The parent's status from its children: phase, a summary of shards by phase (bounded: five numbers for any
+    count) and summed progress; {} when the status already says so. Failed as soon as one shard has Failed
+    (retries exhausted); Succeeded when all `count` have; Running once one runs or has finished; else Pending."""
+    counts = {"total": count, "pending": 0, "running": 0, "succeeded": 0, "failed": 0}
+    done = total = 0
+    failed: Mapping[str, Any] | None = None
+    seen = 0
+    for c in children:
+        s = c.get("status") or {}
+        phase = s.get("phase")
+        seen += 1
+        counts[phase.lower() if phase in (st.RUNNING, st.SUCCEEDED, st.FAILED) else "pending"] += 1
+        if phase == st.FAILED and failed is None:
+            failed = c
+        progress = s.get("progress") or {}
+        done += int(progress.get("promptsDone") or 0)
+        total += int(progress.get("promptsTotal") or 0)
+    counts["pending"] += max(0, count - seen)  # not created yet
+    summary = (f"{count} shards: {counts['pending']} pending, {counts['running']} running, "
+               f"{counts['succeeded']} succeeded, {counts['failed']} failed")
+    if failed is not None:
+        name = (failed.get("metadata") or {}).get("name", "")
+        why = (failed.get("status") or {}).get("message") or "failed"
+        phase, reason, message = st.FAILED, "ShardFailed", f"shard {name} failed: {why}; {summary}"
+    elif counts["succeeded"] == count:
+        phase, reason, message = st.SUCCEEDED, "ShardsSucceeded", summary
+    elif counts["running"] or counts["succeeded"]:
+        phase, reason, message = st.RUNNING, "ShardsRunning", summary
+    else:
+        phase, reason, message = st.PENDING, "ShardsPending", summary
+    patch: dict[str, Any] = {"phase": phase, "reason": reason, "message": message, "shards": counts,
+                             "progress": {"promptsDone": done, "promptsTotal": total, "summary": f"{done}/{total}"}}
+    if generation is not None:
+        patch["observedGeneration"] = generation
+    if phase in st.TERMINAL and not status.get("completionTime"):
+        patch["completionTime"] = format_time(now)
+    if all(status.get(k) == v for k, v in patch.items()):
+        return {}
+    return patch
+
+
+def merge_results(parts: Sequence[str], order: Sequence[str]) -> str:
+    """The shards' results.jsonl texts as one, lines in input order (`order`: custom_ids as the input lists them);
+    a line whose custom_id the input does not list goes last, in shard order."""
+    rank = {cid: i for i, cid in enumerate(order)}
+    lines = [line for part in parts for line in part.split("\n") if line.strip()]
+    keyed = [(rank.get(json.loads(line).get("custom_id"), len(rank)), n, line) for n, line in enumerate(lines)]
+    return "".join(line + "\n" for _, _, line in sorted(keyed))
+
+
+def with_merge(patch: dict[str, Any], status: Mapping[str, Any], waiting: str | None) -> dict[str, Any]:
+    """`patch` held back at Running while the merged results are not written yet (`waiting` says why), or Failed
+    when they cannot be; unchanged otherwise."""
+    if waiting is None or patch.get("phase") != st.SUCCEEDED:
+        return patch
+    failed = waiting.startswith("!")
+    held = {**patch, "phase": st.FAILED if failed else st.RUNNING, "reason": "ResultsNotMerged" if failed
+            else "MergingResults", "message": waiting.lstrip("!")}
+    if not failed:
+        held.pop("completionTime", None)
+    return {} if all(status.get(k) == v for k, v in held.items()) else held
+
+
+# --------------------------------------------------------------------------------------------------- edge
+
+
+def sync(kube: Any, *, namespace: str, name: str, uid: str, spec: Mapping[str, Any], status: Mapping[str, Any],
+         version: str, generation: int | None, now: datetime) -> tuple[str | None, bool]:
+    """One parent tick (blocking: run in a thread): create the missing shard jobs (a 409 means it exists), then
+    write the aggregate status, conditional on `version` (kube.Conflict if the parent changed since). Returns the
+    parent's new resourceVersion (None when the status already said it) and whether it waits for shard results to
+    merge (nothing wakes it for that: look again soon)."""
+    from kubernetes.client.exceptions import ApiException
+
+    count = parallelism(spec)
+    listed = kube.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                       label_selector=f"{PARENT_LABEL}={name}")
+    children = [c for c in listed.get("items") or [] if owned(c, uid)]
+    for k in missing(name, count, (c["metadata"]["name"] for c in children)):
+        body = child_body(namespace=namespace, parent=name, uid=uid, spec=spec, index=k, count=count)
+        try:
+            kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+    patch = aggregate(children, count=count, status=status, now=now, generation=generation)
+    out, waiting = (spec.get("output") or {}).get("configMap"), None
+    if patch.get("phase") == st.SUCCEEDED and out:
+        waiting = _merge_output(kube, namespace, name, uid, spec, count, out["name"])
+        patch = with_merge(patch, status, waiting)
+    written = kube.patch_job_status(namespace, name, version, patch) if patch else None
+    return written, waiting is not None and not waiting.startswith("!")
+
+
+def _merge_output(kube: Any, namespace: str, name: str, uid: str, spec: Mapping[str, Any], count: int,
+                  cm: str) -> str | None:
+    """Write the shards' output ConfigMaps (<cm>-s<k>), merged in input order, into the parent's <cm>; None when
+    written, else why not ("!" first: it never will be)."""
+    from kubernetes.client.exceptions import ApiException
+
+    parts = []
+    for k in range(count):
+        try:
+            data = kube.core.read_namespaced_config_map(child_name(cm, k), namespace).data or {}
+        except ApiException as e:
+            if e.status == 404:
+                return f"waiting for shard results in ConfigMap {child_name(cm, k)}"
+            raise
+        if data.get("error"):
+            return f"!shard {child_name(name, k)}'s results were not copied: {data['error']}"
+        if data.get(RESULTS_KEY) is None:
+            return f"waiting for the node agent to copy shard {child_name(name, k)}'s results"
+        parts.append(data[RESULTS_KEY])
+    merged = merge_results(parts, _input_order(kube, namespace, spec))
+    if len(merged.encode()) > CONFIGMAP_LIMIT:
+        return f"!the merged results are {len(merged.encode())} bytes, over what ConfigMap {cm} holds"
+    body = {"metadata": {"name": cm, "namespace": namespace, "labels": {PARENT_LABEL: name,
+                                                                       "app.kubernetes.io/managed-by": MANAGED_BY},
+                         "ownerReferences": [owner_reference(name, uid)]},
+            "data": {RESULTS_KEY: merged}}
+    try:
+        kube.core.create_namespaced_config_map(namespace, body)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+        existing = kube.core.read_namespaced_config_map(cm, namespace)
+        if not any(r.uid == uid for r in existing.metadata.owner_references or []):
+            return f"!spec.output.configMap: ConfigMap {cm} exists and was not created by kubeflash for this job"
+        kube.core.patch_namespaced_config_map(cm, namespace, {"data": {RESULTS_KEY: merged}})
+    return None
+
+
+def _input_order(kube: Any, namespace: str, spec: Mapping[str, Any]) -> list[str]:
+    """The job's custom_ids in input order: from the spec, or read from its input ConfigMap."""
+    try:
+        parsed = parse_job_spec(spec, name="parent", namespace=namespace)
+    except SpecError:
+        return []
+    key = parsed.input.config_map
+    if key is None:
+        return [p.id for p in parsed.input.prompts]
+    text = (kube.core.read_namespaced_config_map(key.name, namespace).data or {}).get(key.key) or ""
+    try:
+        return [p.id for p in parse_batch(text, f"ConfigMap {namespace}/{key.name} key {key.key}")]
+    except SpecError:
+        return []

@@ -1,0 +1,66 @@
+"""spec.parallelism against a real control plane (the operator under KopfRunner, KWOK nodes, the test playing the
+node agent and the kubelet, as in test_operator.py): a parallelism-3 job becomes 3 shard InferenceJobs placed on
+distinct GPU<->SSD pairs, its status sums them up (a bounded summary and summed progress), it Succeeds when every
+shard's pod has, and deleting it deletes the shards (owner references, garbage collector). With
+spec.output.configMap the shards' ConfigMaps (filled by the test as the agent would) are merged into the parent's in
+input order. An output claim with parallelism is refused naming the field."""
+
+from __future__ import annotations
+
+import json
+
+from test_operator import MODEL, crds, kube, ns, operator, wait_for  # noqa: F401  (fixtures)
+
+from kubeflash_api.sharding import shard_of
+
+
+def test_parallel_job_runs_as_shard_jobs_on_distinct_pairs(ns, kube, control_plane):  # noqa: F811
+    for k in range(3):
+        kube.gpu_node(control_plane, f"n{k}", models=(MODEL,))
+    kube.settle()
+    kube.submit("big", parallelism=3, input={"prompts": [f"question {i}" for i in range(9)]})
+    shards = [f"big-s{k}" for k in range(3)]
+    placed = [kube.wait_phase(name, "Running") for name in shards]
+    assert len({(s["node"], s["gpu"], s["disk"]) for s in placed}) == 3
+    assert not kube.status("big").get("node") and not kube.pods("big")  # the parent itself is never placed
+    for k, name in enumerate(shards):
+        spec, meta = kube.job(name)["spec"], kube.job(name)["metadata"]
+        assert spec["shard"] == {"index": k, "count": 3} and spec.get("parallelism", 1) == 1  # the CRD default
+        assert meta["ownerReferences"][0]["uid"] == kube.job("big")["metadata"]["uid"]
+    s = wait_for("parent summary", lambda: kube.status("big"), lambda s: (s.get("shards") or {}).get("running") == 3)
+    assert s["phase"] == "Running" and s["shards"]["total"] == 3
+    for name in shards:
+        kube.end_pod(f"{name}-1", "Succeeded")
+    s = kube.wait_phase("big", "Succeeded")
+    assert s["shards"] == {"total": 3, "pending": 0, "running": 0, "succeeded": 3, "failed": 0}
+    assert s["completionTime"]
+    kube.delete_job("big")
+    wait_for("shard jobs deleted with the parent", lambda: [n for n in shards if kube.job(n) is not None],
+             lambda left: not left, timeout=60)
+
+
+def test_output_claim_with_parallelism_is_refused(ns, kube, control_plane):  # noqa: F811
+    kube.submit("bad", parallelism=2, output={"pvc": {"claimName": "results"}})
+    s = kube.wait_phase("bad", "Failed")
+    assert s["reason"] == "InvalidSpec" and "spec.output.pvc" in s["message"] and "parallelism" in s["message"]
+    assert kube.job("bad-s0") is None
+
+
+def test_shard_results_merge_into_the_parents_configmap_in_input_order(ns, kube, control_plane):  # noqa: F811
+    for k in range(2):
+        kube.gpu_node(control_plane, f"m{k}", models=(MODEL,))
+    kube.settle()
+    ids = [f"prompt-{i}" for i in range(6)]
+    kube.submit("cm", parallelism=2, input={"prompts": [f"q{i}" for i in range(6)]},
+                output={"configMap": {"name": "res"}})
+    for k in range(2):
+        kube.wait_phase(f"cm-s{k}", "Running")
+        mine = [cid for cid in ids if shard_of(cid, 2) == k]
+        text = "".join(json.dumps({"custom_id": cid, "response": {"shard": k}}) + "\n" for cid in reversed(mine))
+        kube.core.patch_namespaced_config_map(f"res-s{k}", ns, {"data": {"results.jsonl": text}})  # as the agent
+        kube.end_pod(f"cm-s{k}-1", "Succeeded")
+    s = kube.wait_phase("cm", "Succeeded")
+    assert s["shards"]["succeeded"] == 2
+    merged = kube.core.read_namespaced_config_map("res", ns)
+    assert [json.loads(x)["custom_id"] for x in merged.data["results.jsonl"].splitlines()] == ids
+    assert merged.metadata.owner_references[0].uid == kube.job("cm")["metadata"]["uid"]

@@ -1,0 +1,109 @@
+"""shards.py without a cluster: shard job names and bodies (spec without parallelism, spec.shard, the output
+ConfigMap renamed, a controller owner reference to the parent) parse as valid shard specs; the aggregate status
+is a bounded summary with summed progress and the right phase; unchanged status gives no patch."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from kubeflash_api import parse_job_spec
+from kubeflash_api.inferencejob import ShardSpec
+from kubeflash_operator.shards import (
+    PARENT_LABEL,
+    aggregate,
+    child_body,
+    child_name,
+    merge_results,
+    missing,
+    owned,
+    owner_uids,
+    with_merge,
+)
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+SPEC = {"model": {"uri": "builtin:smollm2-135m"}, "input": {"prompts": ["a", "b"]}, "parallelism": 3,
+        "output": {"configMap": {"name": "res"}}}
+
+
+def test_child_body_is_a_valid_shard_owned_by_the_parent():
+    body = child_body(namespace="ns", parent="big", uid="u1", spec=SPEC, index=2, count=3)
+    meta = body["metadata"]
+    assert (meta["name"], meta["namespace"], meta["labels"][PARENT_LABEL]) == ("big-s2", "ns", "big")
+    ref = meta["ownerReferences"][0]
+    assert (ref["uid"], ref["name"], ref["kind"], ref["controller"], ref["blockOwnerDeletion"]) == \
+        ("u1", "big", "InferenceJob", True, True)
+    spec = parse_job_spec(body["spec"], name=meta["name"], namespace="ns")
+    assert (spec.parallelism, spec.shard, spec.output.config_map) == (1, ShardSpec(2, 3), "res-s2")
+    assert SPEC["output"]["configMap"]["name"] == "res" and SPEC["parallelism"] == 3  # the parent's untouched
+    assert owned(body, "u1") and not owned(body, "u2") and owner_uids(body) == ["u1"]
+    assert owner_uids({"metadata": {"ownerReferences": meta["ownerReferences"]}}) == []  # no parent label
+
+
+def test_missing_is_what_is_not_there():
+    assert missing("j", 4, [child_name("j", 1), child_name("j", 3), "other"]) == [0, 2]
+    assert missing("j", 2, ["j-s0", "j-s1"]) == []
+
+
+def child(phase: str | None, done: int = 0, total: int = 0, name: str = "j-s0", message: str = "") -> dict:
+    status = {"progress": {"promptsDone": done, "promptsTotal": total}, "message": message}
+    if phase:
+        status["phase"] = phase
+    return {"metadata": {"name": name}, "status": status}
+
+
+@pytest.mark.parametrize("phases,want", [
+    ([], "Pending"),
+    ([None, "Scheduled", "Staging"], "Pending"),
+    (["Running", "Pending"], "Running"),
+    (["Succeeded", "Pending", "Pending"], "Running"),
+    (["Succeeded"] * 3, "Succeeded"),
+    (["Succeeded", "Failed", "Running"], "Failed"),
+], ids=["none-created", "all-waiting", "one-running", "one-done", "all-done", "one-failed"])
+def test_aggregate_phase(phases, want):
+    patch = aggregate([child(p) for p in phases], count=3, status={}, now=NOW)
+    assert patch["phase"] == want
+    assert sum(patch["shards"][k] for k in ("pending", "running", "succeeded", "failed")) == 3
+    assert ("completionTime" in patch) == (want in ("Succeeded", "Failed"))
+
+
+def test_aggregate_sums_progress_and_stays_bounded():
+    kids = [child("Running", 2, 5), child("Succeeded", 5, 5), child("Failed", 1, 4, name="j-s2", message="OOM")]
+    patch = aggregate(kids, count=1000, status={}, now=NOW, generation=1)
+    assert patch["shards"] == {"total": 1000, "pending": 997, "running": 1, "succeeded": 1, "failed": 1}
+    assert patch["progress"] == {"promptsDone": 8, "promptsTotal": 14, "summary": "8/14"}
+    assert patch["phase"] == "Failed" and "j-s2" in patch["message"] and "OOM" in patch["message"]
+    assert len(str(patch)) < 1000  # five numbers for any count, not a list of shards
+
+
+def test_unchanged_status_gives_no_patch():
+    kids = [child("Running", 1, 2)]
+    patch = aggregate(kids, count=2, status={}, now=NOW)
+    assert aggregate(kids, count=2, status=patch, now=NOW) == {}
+    assert aggregate([child("Succeeded", 2, 2)], count=2, status=patch, now=NOW)["shards"]["succeeded"] == 1
+
+
+def line(cid: str) -> str:
+    return '{"custom_id": "%s", "response": {}}' % cid
+
+
+def test_merge_results_in_input_order():
+    order = [f"prompt-{i}" for i in range(5)]
+    parts = [line("prompt-3") + "\n" + line("prompt-0") + "\n", line("extra") + "\n" + line("prompt-4") + "\n",
+             line("prompt-1") + "\n" + line("prompt-2") + "\n"]
+    merged = merge_results(parts, order)
+    assert [json.loads(x)["custom_id"] for x in merged.splitlines()] == [*order, "extra"]
+    assert merged.endswith("\n") and merge_results(["", "\n"], order) == ""
+
+
+def test_succeeded_is_held_until_the_results_are_merged():
+    done = aggregate([child("Succeeded", 1, 1)], count=1, status={}, now=NOW)
+    assert with_merge(done, {}, None) == done
+    held = with_merge(done, {}, "waiting for shard results in ConfigMap res-s0")
+    assert (held["phase"], held["reason"], "completionTime" in held) == ("Running", "MergingResults", False)
+    assert with_merge(done, held, "waiting for shard results in ConfigMap res-s0") == {}
+    failed = with_merge(done, {}, "!the merged results are 2000000 bytes")
+    assert (failed["phase"], failed["reason"], failed["message"]) == ("Failed", "ResultsNotMerged",
+                                                                       "the merged results are 2000000 bytes")
