@@ -3,7 +3,9 @@
   ever sits under the model's name, and the model becomes Ready with every file matching its manifest's sha256;
 - a pod in the job's namespace that replaces the job's results.jsonl with a symlink to another tenant's results
   and progress.json with one to the agent's service-account token (issue 17): the agent follows neither, so the
-  output ConfigMap, the job's status and the FlashNode never hold those bytes, and the ConfigMap says why.
+  output ConfigMap, the job's status and the FlashNode never hold those bytes, and the ConfigMap says why;
+- the chart's default agent process is uid 1000 with no capabilities, and a pod that replaces a finished job's
+  kv/ with a link to the store's root-owned csi/ changes nothing there; the job ends Failed naming kv.
 """
 
 from __future__ import annotations
@@ -213,3 +215,65 @@ def _strings(obj):
     elif isinstance(obj, list):
         for v in obj:
             yield from _strings(v)
+
+
+KV_JOB = """
+apiVersion: kubeflash.io/v1alpha1
+kind: InferenceJob
+metadata: {name: kvlink}
+spec:
+  model: {uri: builtin:smollm2-135m}
+  input: {prompts: ["Name a colour."]}
+  generation: {maxNewTokens: 4, temperature: 0}
+"""
+
+# Mounts the finished job's directory and replaces its kv/ with a symlink to `target` (kept planted).
+KV_PLANTER = """
+import os, time
+os.rename('/job/kv', '/job/kv-moved')
+os.symlink({target!r}, '/job/kv')
+print('PLANTED kv', flush=True)
+time.sleep(3600)
+"""
+
+
+def _agent_process() -> dict[str, str]:
+    """/proc/<pid>/status of the agent's `kubeflash agent` process, seen from the node."""
+    for p in Path("/proc").iterdir():
+        try:
+            cmd = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"agent" in cmd and any(a.endswith(b"kubeflash") for a in cmd[:2]) and \
+                b"--config=/etc/kubeflash/agent.yaml" in cmd:
+            rows = (p / "status").read_text().splitlines()
+            return {k: v.strip() for k, _, v in (r.partition(":") for r in rows)}
+    raise AssertionError("no `kubeflash agent` process on the node")
+
+
+def test_agent_is_non_root_and_a_planted_kv_link_is_refused(node_cluster, node_namespace):
+    """The chart's default agent runs as uid 1000 with no capabilities (seen in /proc on the node). A pod that
+    replaces a finished job's kv/ with a link to the store's root-owned csi/ directory (the plugin's KV images):
+    nothing is chowned or changed there, and the job ends Failed (ResultsRefused) naming kv."""
+    c, ns = node_cluster, node_namespace
+    st = _agent_process()
+    assert st["Uid"].split() == ["1000"] * 4 and st["Gid"].split() == ["1000"] * 4, st["Uid"]
+    assert {st[k] for k in ("CapPrm", "CapEff", "CapAmb")} == {"0000000000000000"}, st
+    disk = kit.store(c)
+    target = disk / "csi"
+    before = target.stat()
+    c.apply(KV_JOB, ns)
+    wait_phase(c, ns, "kvlink", {"Succeeded"})
+    kit.create(c, ns, kit.pod("kv-planter", kit.node_image(c), KV_PLANTER.format(target=str(target)),
+                              {"job": kit.csi(job="kvlink")}, {"job": "/job"}))
+    wait_for("the planter to plant kv", lambda: kit.log(c, ns, "kv-planter"), lambda t: "PLANTED kv" in t,
+             timeout=180, every=1)
+    failed = wait_for("the job to be Failed (ResultsRefused)", lambda: job(c, ns, "kvlink"),
+                      lambda j: phase(j) == "Failed" and j["status"].get("reason") == "ResultsRefused",
+                      timeout=90, every=1)
+    message = failed["status"]["message"]
+    assert "kv" in message and "symlink" in message, message
+    after = target.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
+    assert after.st_uid == 0, "csi/ stays root's"
+    assert (disk / "jobs" / ns / "kvlink" / "kv").is_symlink(), "the link itself is left alone"
