@@ -18,7 +18,7 @@ from typing import Any
 from kubeflash_api import SpecError, parse_job_spec
 from kubeflash_api.batch import parse_batch
 from kubeflash_operator import status as st
-from kubeflash_operator.builder import MANAGED_BY, owner_reference
+from kubeflash_operator.builder import JOB_LABEL, MANAGED_BY, owner_reference
 from kubeflash_operator.timefmt import format_time
 
 PARENT_LABEL = "kubeflash.io/parent"  # on every shard job: the parent job's name
@@ -193,8 +193,8 @@ def _merge_output(kube: Any, namespace: str, name: str, uid: str, spec: Mapping[
     merged = merge_results(parts, _input_order(kube, namespace, spec))
     if len(merged.encode()) > CONFIGMAP_LIMIT:
         return f"!the merged results are {len(merged.encode())} bytes, over what ConfigMap {cm} holds"
-    body = {"metadata": {"name": cm, "namespace": namespace, "labels": {PARENT_LABEL: name,
-                                                                       "app.kubernetes.io/managed-by": MANAGED_BY},
+    labels = {JOB_LABEL: name, "app.kubernetes.io/managed-by": MANAGED_BY}  # what the chart's admission policy
+    body = {"metadata": {"name": cm, "namespace": namespace, "labels": labels,  # lets the operator write
                          "ownerReferences": [owner_reference(name, uid)]},
             "data": {RESULTS_KEY: merged}}
     try:

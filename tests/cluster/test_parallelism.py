@@ -64,3 +64,4 @@ def test_shard_results_merge_into_the_parents_configmap_in_input_order(ns, kube,
     merged = kube.core.read_namespaced_config_map("res", ns)
     assert [json.loads(x)["custom_id"] for x in merged.data["results.jsonl"].splitlines()] == ids
     assert merged.metadata.owner_references[0].uid == kube.job("cm")["metadata"]["uid"]
+    assert merged.metadata.labels["kubeflash.io/job"] == "cm"  # the chart's policy: the operator's own objects only
