@@ -87,12 +87,26 @@ def open_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture
+def non_root_agents():
+    """Factory of NonRootAgent; every agent it made is stopped at the end of the test, passed or not."""
+    made: list[NonRootAgent] = []
+
+    def make(workdir: Path, config: dict) -> NonRootAgent:
+        made.append(NonRootAgent(workdir, config))
+        return made[-1]
+
+    yield make
+    for a in made:
+        a.stop()
+
+
 def as_pod(path: Path, mode: int) -> None:
     os.chown(path, UID, UID, follow_symlinks=False)
     path.chmod(mode)
 
 
-def test_non_root_agent_stages_measures_refuses_and_removes(open_dir, tiny_models):
+def test_non_root_agent_stages_measures_refuses_and_removes(open_dir, tiny_models, non_root_agents):
     src = shutil.copytree(tiny_models / "tiny-a", open_dir / "src" / "tiny-a")
     for p in (src.parent, src, *src.iterdir()):  # copied with pytest's 0700 modes
         p.chmod(0o755 if p.is_dir() else 0o644)
@@ -103,9 +117,9 @@ def test_non_root_agent_stages_measures_refuses_and_removes(open_dir, tiny_model
     secret.mkdir(mode=0o700)
     (secret / "token").write_text("TOKEN")
     uri = str(src)
-    agent = NonRootAgent(open_dir, {"disks": [{"name": "ssd0", "path": str(disk)}], "models": [uri],
-                                    "allowedSourceRoots": [str(open_dir / "src")],
-                                    "probe": {"enabled": True, "maxBytes": 4 << 20, "maxSeconds": 1}}).start()
+    agent = non_root_agents(open_dir, {"disks": [{"name": "ssd0", "path": str(disk)}], "models": [uri],
+                                       "allowedSourceRoots": [str(open_dir / "src")],
+                                       "probe": {"enabled": True, "maxBytes": 4 << 20, "maxSeconds": 1}}).start()
 
     st = status_of(agent.proc.pid)
     assert st["Uid"].split() == [str(UID)] * 4 and st["Gid"].split() == [str(UID)] * 4
