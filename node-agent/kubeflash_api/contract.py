@@ -40,5 +40,7 @@ CSI_KV_SIZE = "kubeflash.io/kv-size"  # a sized KV space (bytes or a quantity)
 CSI_JOB = "kubeflash.io/job"  # the job's directory in the pod's namespace
 CSI_DISK = "kubeflash.io/disk"  # optional: the store disk's name
 CSI_KV_CACHE = "kubeflash.io/kv-cache"  # the node's prefix KV cache of one model, in the pod's namespace
+CSI_SHARD = "kubeflash.io/shard"  # with CSI_MODEL_ID and CSI_TENSOR_PARALLEL: that rank's shard, read-only
+CSI_TENSOR_PARALLEL = "kubeflash.io/tensor-parallel"  # how many shards the model was cut into (docs/multi-gpu.md)
 CSI_MIN_KV = 16 << 20  # the smallest KV volume (an ext4 image smaller than this is mostly metadata)
 DEFAULT_KV_DISK = "10Gi"

@@ -4,7 +4,10 @@ Pure: everything it needs comes in as arguments, so the manifest is unit-tested 
 pinned to the placed node by required node affinity (the native scheduler still checks GPUs and memory),
 mounts its model (read-only), its job directory and its sized KV space as CSI inline volumes of the
 kubeflash.io driver on the paired SSD (no hostPath), with spec.cache.prefix also the node's prefix KV cache of
-its model in its namespace (when the node's agent keeps one), and runs unprivileged.
+its model in its namespace (when the node's agent keeps one), and runs unprivileged. With
+spec.offload.tensorParallel N > 1 it holds N GPUs, mounts shard k of the model read-only at /shards/k (from the disk
+the agent cut it on) and one KV volume per rank on that rank's pair disk (rank 0 at /job/kv, rank k at /ranks/k),
+and names them in KUBEFLASH_SHARD_DIRS / KUBEFLASH_RANK_DIRS (docs/multi-gpu.md).
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class PodTarget:
     model_disk_path: str
     probe: tuple[tuple[str, float], ...] = ()  # the agent's measured bandwidths (NodeView.probe) for the engine
     kv_cache_budget: int = 0  # bytes of the node's prefix KV cache (NodeView.kv_cache_budget); 0: the node has none
+    shard_disks: tuple[str, ...] = ()  # spec.offload.tensorParallel N > 1: the disk holding shard k, k = 0..N-1
+    kv_disks: tuple[str, ...] = ()  # N > 1: rank k's KV volume on the disk of its pair (default: all on `disk`)
 
 
 def pod_name(job: str, attempt: int) -> str:
@@ -211,6 +216,10 @@ def _env(job: JobRef, spec: JobSpec, target: PodTarget, device: str) -> list[dic
         env[c.ENV_INPUT_FILE] = f"/input/{spec.input.file}"
     if spec.output.pvc:
         env[c.ENV_OUTPUT_DIR] = "/output"
+    world = _world(spec)
+    if world > 1:  # os.pathsep-separated, one entry per rank (engine/cli_pod.py); rank 0's own dir is the job's
+        env[c.ENV_SHARD_DIRS] = ":".join(f"{SHARD_MOUNT}/{k}" for k in range(world))
+        env[c.ENV_RANK_DIRS] = ":".join(["/job", *(f"{RANK_MOUNT}/{k}" for k in range(1, world))])
     if _node_cache(spec, target):
         env[c.ENV_KV_CACHE_DIR] = KV_CACHE_MOUNT
         env[c.ENV_KV_CACHE_BUDGET] = str(target.kv_cache_budget)
@@ -223,7 +232,7 @@ def _resources(spec: JobSpec, pod: PodLimits) -> dict[str, Any]:
     memory = pod.memory
     if spec.resources.cpu_memory:
         memory = str(spec.resources.cpu_memory + parse_quantity(pod.memory_overhead, path="memory_overhead"))
-    gpus = str(spec.resources.gpus)
+    gpus = str(max(spec.resources.gpus, _world(spec)))
     requests = {GPU_RESOURCE: gpus, "cpu": pod.cpu_request, "memory": memory,
                 "ephemeral-storage": pod.ephemeral_storage}
     limits = {GPU_RESOURCE: gpus, "memory": memory, "ephemeral-storage": pod.ephemeral_storage}
@@ -238,6 +247,12 @@ def _csi(attributes: dict[str, str], *, read_only: bool = False) -> dict[str, An
 
 
 KV_CACHE_MOUNT = "/kvcache"
+SHARD_MOUNT = "/shards"  # /shards/<rank>: a tensor-parallel rank's shard store, read-only
+RANK_MOUNT = "/ranks"  # /ranks/<rank>, rank >= 1: that rank's KV volume (its progress and KV files)
+
+
+def _world(spec: JobSpec) -> int:
+    return spec.offload.tensor_parallel
 
 
 def _node_cache(spec: JobSpec, target: PodTarget) -> bool:
@@ -260,6 +275,21 @@ def _volumes(job: JobRef, spec: JobSpec, target: PodTarget) -> tuple[list[dict],
         {"name": "kv", "mountPath": "/job/kv"},  # the engine's disk KV tier (KUBEFLASH_JOB_DIR/kv)
         {"name": "tmp", "mountPath": "/tmp"},
     ]
+    world = _world(spec)
+    if world > 1:
+        if len(target.shard_disks) != world:
+            raise ValueError(f"spec.offload.tensorParallel {world}: the target names {len(target.shard_disks)} shard "
+                             "disks, one per rank is needed")
+        kv_disks = target.kv_disks or (target.disk,) * world
+        volumes[2]["csi"]["volumeAttributes"][c.CSI_DISK] = kv_disks[0]  # rank 0's KV on its own pair's disk
+        for k in range(world):
+            volumes.append({"name": f"shard-{k}", "csi": _csi({
+                c.CSI_MODEL_ID: target.model_id, c.CSI_SHARD: str(k), c.CSI_TENSOR_PARALLEL: str(world),
+                c.CSI_DISK: target.shard_disks[k]}, read_only=True)})
+            mounts.append({"name": f"shard-{k}", "mountPath": f"{SHARD_MOUNT}/{k}", "readOnly": True})
+        for k in range(1, world):
+            volumes.append({"name": f"kv-{k}", "csi": _csi({c.CSI_KV_SIZE: str(kv_bytes), c.CSI_DISK: kv_disks[k]})})
+            mounts.append({"name": f"kv-{k}", "mountPath": f"{RANK_MOUNT}/{k}"})
     if _node_cache(spec, target):  # this namespace's blocks of this model, on the pair's disk (docs/prefix-cache.md)
         volumes.append({"name": "kvcache", "csi": _csi({c.CSI_KV_CACHE: target.model_id, c.CSI_DISK: target.disk})})
         mounts.append({"name": "kvcache", "mountPath": KV_CACHE_MOUNT})

@@ -254,8 +254,13 @@ class Kube:
         """
         body = self.custom.get_cluster_custom_object(GROUP, VERSION, "flashnodes", node)
         models = list((body.get("spec") or {}).get("models") or [])
-        if any(m.get("id") == entry["id"] for m in models):
-            return False
+        same = next((i for i, m in enumerate(models) if m.get("id") == entry["id"]), None)
+        if same is not None:  # already wanted; only a tensorParallel the entry lacks is added (docs/multi-gpu.md)
+            tp = int(entry.get("tensorParallel") or 1)
+            if tp <= 1 or int(models[same].get("tensorParallel") or 1) == tp:
+                return False
+            models[same] = {**models[same], "tensorParallel": tp}
+            limit = len(models) + 1  # replacing an entry never needs room
         if len(models) >= limit:
             needed = {entry["id"], *self._models_of(parse_ledger(node, body))}
             drop = models_to_drop(models, (body.get("status") or {}).get("models") or [], needed,

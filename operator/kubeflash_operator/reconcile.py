@@ -9,7 +9,7 @@ writes the same thing again instead of counting twice.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
@@ -22,7 +22,7 @@ from kubeflash_operator import status as st
 from kubeflash_operator.builder import PodTarget, image_refusal, pod_name
 from kubeflash_operator.config import OperatorConfig
 from kubeflash_operator.pods import FATAL_IMAGE_ERRORS, PodView
-from kubeflash_operator.scheduler import Claim, NodeView, NoFit, Request, place, reuse
+from kubeflash_operator.scheduler import Claim, ModelCopy, NodeView, NoFit, Request, ShardCopy, place, reuse
 from kubeflash_operator.timefmt import format_time, parse_time
 
 _PLACEMENT_FIELDS = ("node", "gpu", "gpus", "disk", "modelDisk", "staged")
@@ -47,9 +47,21 @@ class Job:
     def parsed(self) -> JobSpec | SpecError:
         """The spec parsed once for this view of the job (kubeflash_api), or why it cannot run in a cluster."""
         try:
-            return check_cluster(parse_job_spec(self.spec, name=self.name, namespace=self.namespace))
+            return _tp_gpus(check_cluster(parse_job_spec(self.spec, name=self.name, namespace=self.namespace)))
         except SpecError as e:
             return e
+
+
+def _tp_gpus(spec: JobSpec) -> JobSpec:
+    """spec.offload.tensorParallel N needs N GPU<->SSD pairs: resources.gpus left at 1 becomes N, another value is
+    refused naming the field."""
+    tp = spec.offload.tensor_parallel
+    if tp <= 1 or spec.resources.gpus == tp:
+        return spec
+    if spec.resources.gpus != 1:
+        raise SpecError("spec.resources.gpus", f"must be {tp} (or left out) with spec.offload.tensorParallel {tp}: "
+                                               f"one GPU<->SSD pair per rank, got {spec.resources.gpus}")
+    return replace(spec, resources=replace(spec.resources, gpus=tp))
 
 
 @dataclass(frozen=True)
@@ -160,7 +172,7 @@ def _pending(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, c
     if retry_at and world.now < retry_at:
         return
     request = Request(job.key, spec.model.id, gpus=spec.resources.gpus, kv_bytes=spec.resources.kv_disk,
-                      prefix_cache=spec.cache.prefix,
+                      prefix_cache=spec.cache.prefix, tensor_parallel=spec.offload.tensor_parallel,
                       prefixes=(job.prefixes if job.prefixes is not None else job_fingerprints(spec.input.prompts))
                       if spec.cache.prefix else ())
     own = next((c for c in world.claims if c.job == job.key), None)  # recorded before a crash, status not written
@@ -194,8 +206,8 @@ def _scheduled(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World,
     if retry_at and world.now < retry_at:
         return
     copy = _ready_copy(node, spec.model.id, view.get("disk"))
-    if copy is not None:
-        _create_pod(plan, job, spec, view, world, node, copy.disk)
+    if copy is not None and _shards(copy, spec) is not None:
+        _create_pod(plan, job, spec, view, world, node, copy.disk, _shards(copy, spec))
         return
     message = f"staging {spec.model.uri} on {node.name} (disk {view.get('disk')})"
     _to(plan, job, st.STAGING, world, reason="Staging", message=message, fields={"staged": False})
@@ -208,23 +220,38 @@ def _staging(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, c
     if node is None:
         return
     copy = _ready_copy(node, spec.model.id, view.get("disk"))
-    if copy is not None:
+    if copy is not None and _shards(copy, spec) is not None:
         placed = parse_time(view.get("scheduledTime")) or world.now
         plan.observe.append(("staging", (world.now - placed).total_seconds()))
         plan.status["stagedTime"] = format_time(world.now)
         plan.events.append(Event("Normal", "Staged", f"model {spec.model.id} is Ready on {node.name}/{copy.disk}"))
-        _create_pod(plan, job, spec, _view(job, plan), world, node, copy.disk)
+        _create_pod(plan, job, spec, _view(job, plan), world, node, copy.disk, _shards(copy, spec))
         return
-    copy = node.model(spec.model.id, view.get("disk")) or node.model(spec.model.id)
+    tp = spec.offload.tensor_parallel
+    ready = copy
+    copy = copy or node.model(spec.model.id, view.get("disk")) or node.model(spec.model.id)
+    why = _shard_failure(ready, tp) if ready is not None and tp > 1 else None
+    if why:
+        message = f"model {spec.model.uri} failed to stage on {node.name} ({why})"
+        _to(plan, job, st.FAILED, world, reason="StagingFailed", message=message)
+        plan.events.append(Event("Warning", "StagingFailed", message))
+        plan.release = True
+        return
     if copy is not None and copy.state == "Failed":
         message = f"model {spec.model.uri} failed to stage on {node.name}: {copy.message or 'no reason given'}"
         _to(plan, job, st.FAILED, world, reason="StagingFailed", message=message)
         plan.events.append(Event("Warning", "StagingFailed", message))
         plan.release = True
         return
-    if spec.model.id not in node.desired or (copy is not None and copy.state == "Evicted"):
+    if (spec.model.id not in node.desired or (copy is not None and copy.state == "Evicted")
+            or (tp > 1 and node.desired_tp.get(spec.model.id, 1) != tp)):
         _request_model(plan, spec, node, view)
     progress = f"{copy.state.lower()} {copy.progress:.0f}%" if copy is not None else "requested"
+    if ready is not None and tp > 1:
+        shards = ready.shard_set(tp) or ()
+        done = sum(sh.state == "Ready" for sh in shards)
+        progress = f"model ready; shards {done}/{tp} Ready" + "".join(
+            f", shard {sh.rank} {sh.state.lower()} {sh.progress:.0f}%" for sh in shards if sh.state != "Ready")
     message = f"staging {spec.model.uri} on {node.name} (disk {view.get('disk')}): {progress}"
     if (st.condition(view, "Staged") or {}).get("message") != message:
         _set(plan, job, view, world, "Staged", "False", "Staging", message, top=True)
@@ -302,11 +329,33 @@ def _ready_copy(node: NodeView, model_id: str, disk: str | None):
 
 def _request_model(plan: Plan, spec: JobSpec, node: NodeView, view: Mapping) -> None:
     entry = ModelEntry(uri=spec.model.uri, dtype=spec.model.dtype, quantization=spec.model.quantization,
-                       disk=view.get("disk") or "").to_dict()
+                       disk=view.get("disk") or "", tensor_parallel=spec.offload.tensor_parallel).to_dict()
     plan.stage = StageModel(node=node.name, entry=entry)
 
 
-def _create_pod(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, node: NodeView, model_disk: str) -> None:
+def _shard_failure(copy: ModelCopy, tp: int) -> str | None:
+    """Why the agent cannot cut the Ready copy into `tp` shards: a Failed shard's message, or the row's message when
+    it refused the cut itself (e.g. fewer pairs than ranks, so no shard is reported); None while it may still come."""
+    shards = copy.shard_set(tp)
+    bad = next((sh for sh in shards or () if sh.state == "Failed"), None)
+    if bad is not None:
+        return f"shard {bad.rank} on disk {bad.disk}: {bad.message or 'no reason given'}"
+    if shards is None and copy.tensor_parallel == tp and copy.message:
+        return f"tensorParallel {tp}: {copy.message}"
+    return None
+
+
+def _shards(copy: ModelCopy, spec: JobSpec) -> tuple[ShardCopy, ...] | None:
+    """The Ready copy's shards when the job is tensor-parallel and all N are Ready (() for one rank); None: wait."""
+    tp = spec.offload.tensor_parallel
+    if tp <= 1:
+        return ()
+    shards = copy.shard_set(tp)
+    return shards if shards is not None and all(sh.state == "Ready" for sh in shards) else None
+
+
+def _create_pod(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, node: NodeView, model_disk: str,
+                shards: tuple[ShardCopy, ...] = ()) -> None:
     attempt = int(view.get("attempt") or 0) + 1
     disk = node.disks[view["disk"]]
     gpus = tuple(view.get("gpus") or [view.get("gpu")])
@@ -315,6 +364,8 @@ def _create_pod(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World
         model_id=spec.model.id, model_disk=model_disk, model_disk_path=node.disks[model_disk].path,
         probe=tuple(sorted(node.probe(gpus[0], model_disk).items())) if gpus[0] is not None else (),
         kv_cache_budget=node.kv_cache_budget,
+        shard_disks=tuple(sh.disk for sh in shards),
+        kv_disks=tuple(dict(node.pairs).get(g, disk.name) for g in gpus) if shards else (),  # one per rank's pair
     )
     name = pod_name(job.name, attempt)
     message = f"pod {name} created on {node.name} (attempt {attempt} of {spec.backoff_limit + 1})"

@@ -33,6 +33,18 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class ShardCopy:
+    """One tensor-parallel shard of a model copy (FlashNode status.models[].shards[])."""
+
+    rank: int
+    disk: str
+    state: str
+    gpu: int | None = None
+    progress: float = 0.0
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class ModelCopy:
     id: str
     disk: str
@@ -40,6 +52,20 @@ class ModelCopy:
     bytes: int = 0
     progress: float = 0.0
     message: str = ""
+    tensor_parallel: int = 1  # status.models[].tensorParallel: how many shards the agent was asked for
+    shards: tuple[ShardCopy, ...] = ()
+
+    def shard_set(self, world: int) -> tuple[ShardCopy, ...] | None:
+        """The shards 0..world-1 of a cut into `world` ranks, in rank order; None unless all are reported."""
+        if self.tensor_parallel != world:
+            return None
+        by_rank = {sh.rank: sh for sh in self.shards}
+        return tuple(by_rank[k] for k in range(world)) if all(k in by_rank for k in range(world)) else None
+
+    def shards_ready(self, world: int) -> int:
+        """How many of the `world` shards are Ready (0 when the copy holds a cut into another number)."""
+        got = self.shard_set(world)
+        return sum(sh.state == "Ready" for sh in got) if got else 0
 
 
 @dataclass(frozen=True)
@@ -53,6 +79,7 @@ class NodeView:
     models: tuple[ModelCopy, ...] = ()
     kv_jobs: frozenset[str] = frozenset()  # "ns/name" the agent already reserved KV space for
     desired: frozenset[str] = frozenset()  # model ids in spec.models
+    desired_tp: Mapping[str, int] = field(default_factory=dict)  # model id -> spec.models[].tensorParallel (> 1 only)
     cordoned: bool = False  # the Node has spec.unschedulable (kubectl cordon/drain): no new jobs or retries
     gpu_h2d_gbps: Mapping[int, float] = field(default_factory=dict)  # the agent's host->GPU probe, by GPU index
     kv_cache_budget: int = 0  # bytes of the agent's prefix KV cache (status.kvCache.budgetBytes); 0: none
@@ -111,6 +138,7 @@ class Request:
     kv_bytes: int = 0
     prefix_cache: bool = False  # spec.cache.prefix: prefer a disk whose node cache holds the model's blocks
     prefixes: tuple[str, ...] = ()  # the job's prompts' fingerprints (kubeflash_api.prefixes.job_fingerprints)
+    tensor_parallel: int = 1  # spec.offload.tensorParallel: prefer a node whose N shards are Ready
 
 
 @dataclass(frozen=True)
@@ -224,6 +252,9 @@ def _node_best(
             cached = node.cached_blocks(disk_name, request.job, request.model_id)
             prefix = node.cached_prefix(disk_name, request.job, request.model_id, request.prefixes)
         score = (-rank, -prefix, -cached, -disk.read_gbps, -room, node.name, gpu)
+        if request.tensor_parallel > 1:  # a node holding the job's shards first, then the pair score
+            score = (-max((m.shards_ready(request.tensor_parallel) for m in node.models if m.id == request.model_id),
+                          default=0), *score)
         if best is None or score < best[0]:
             best = (score, gpu, disk_name, rank)
     if best is None:
@@ -276,6 +307,11 @@ def node_view(body: Mapping[str, Any], *, cordoned: bool = False) -> NodeView:
             bytes=int(m.get("bytes") or 0),
             progress=float(m.get("progress") or 0.0),
             message=m.get("message", ""),
+            tensor_parallel=int(m.get("tensorParallel") or 1),
+            shards=tuple(ShardCopy(rank=int(sh["rank"]), disk=sh.get("disk", ""), state=sh.get("state", "Pending"),
+                                   gpu=int(sh["gpu"]) if sh.get("gpu") is not None else None,
+                                   progress=float(sh.get("progress") or 0.0), message=sh.get("message", ""))
+                         for sh in m.get("shards") or [] if sh.get("rank") is not None),
         )
         for m in status.get("models") or []
         if m.get("id")
@@ -288,6 +324,8 @@ def node_view(body: Mapping[str, Any], *, cordoned: bool = False) -> NodeView:
         models=models,
         kv_jobs=frozenset(a["job"] for a in status.get("kvAllocations") or [] if a.get("job")),
         desired=frozenset(m["id"] for m in spec.get("models") or [] if m.get("id")),
+        desired_tp={m["id"]: int(m["tensorParallel"]) for m in spec.get("models") or []
+                    if m.get("id") and int(m.get("tensorParallel") or 1) > 1},
         cordoned=cordoned,
         gpu_h2d_gbps={int(g["index"]): float(g["h2dGBps"]) for g in status.get("gpus") or []
                       if g.get("index") is not None and g.get("h2dGBps")},

@@ -1,0 +1,135 @@
+"""Tensor-parallel jobs in the operator (docs/multi-gpu.md): spec.offload.tensorParallel N holds N GPU<->SSD pairs
+of one node, asks the agent for the model with tensorParallel N, waits in Staging until every shard the FlashNode
+reports is Ready, prefers a node whose shards are Ready, and builds a pod with N GPUs, one read-only shard volume
+per rank, one KV volume per pair and KUBEFLASH_SHARD_DIRS / KUBEFLASH_RANK_DIRS naming those mounts."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from test_reconcile import CFG, MODEL, apply
+
+from kubeflash_api import contract as c
+from kubeflash_operator.builder import JobRef, build_pod
+from kubeflash_operator.reconcile import Job, World, admit, step
+from kubeflash_operator.scheduler import Claim, node_view
+
+from operator_factories import NOW, GiB, flashnode, job_spec
+
+TWO = ((0, "nvme0"), (1, "nvme1"))
+
+
+def tp_job(tp=2, status=None, **spec) -> Job:
+    spec = {"offload": {"tensorParallel": tp}, **spec}
+    job = Job("ns", "j", "uid-1", job_spec(**spec), dict(status or {}), created=NOW - timedelta(seconds=3),
+              generation=1)
+    return apply(job, admit(job, now=NOW).status) if status is None else job
+
+
+def world(*bodies, claims=(), now=NOW):
+    return World(now=now, nodes={b["metadata"]["name"]: node_view(b) for b in bodies}, claims=tuple(claims))
+
+
+def shard(k, state="Ready", progress=100.0, message=""):
+    return {"rank": k, "gpu": k, "disk": f"nvme{k}", "path": f"/mnt/nvme{k}/kubeflash/shards/{MODEL}.tp2/{k}",
+            "state": state, "bytes": GiB, "progress": progress, **({"message": message} if message else {})}
+
+
+def node(name="n1", shards=None, pairs=TWO, tp=2, desired=True, **kw):
+    model = {"id": MODEL, "disk": "nvme0", "state": "Ready", "bytes": GiB}
+    if shards is not None:
+        model.update(tensorParallel=tp, shards=shards)
+    body = flashnode(name, pairs=pairs, models=[model], **kw)
+    if desired:
+        body["spec"]["models"] = [{"id": MODEL, "uri": "builtin:smollm2-135m", "tensorParallel": tp}]
+    return body
+
+
+def test_tensor_parallel_implies_gpus_and_a_mismatch_is_refused_naming_the_field():
+    """tensorParallel 2 with resources.gpus left out holds 2 GPUs; gpus 3 is refused naming spec.resources.gpus."""
+    job = tp_job()
+    assert job.parsed.resources.gpus == 2 and job.status["phase"] == "Pending"
+    bad = Job("ns", "j", "uid-1", job_spec(offload={"tensorParallel": 2}, resources={"gpus": 3}), {}, created=NOW)
+    plan = admit(bad, now=NOW)
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "InvalidSpec"
+    assert plan.status["message"].startswith("spec.resources.gpus must be 2 (or left out) with "
+                                             "spec.offload.tensorParallel 2")
+
+
+def test_needs_two_free_pairs_on_one_node():
+    """A node with one pair, or two pairs one of which another job holds, does not fit; the reason says so."""
+    plan = step(tp_job(), world(node(pairs=((0, "nvme0"),), desired=False)), CFG)
+    assert "n1: 1 free GPU<->SSD pairs, needs 2" in plan.status["message"]
+    plan = step(tp_job(), world(node(), claims=[Claim("ns/other", "n1", (1,), "nvme1")]), CFG)
+    assert "n1: 1 free GPU<->SSD pairs, needs 2" in plan.status["message"] and plan.create is None
+
+
+def test_waits_in_staging_with_shard_progress_then_runs_on_both_pairs():
+    """Model Ready without shards: Staging, the FlashNode entry asked with tensorParallel 2; shard progress in the
+    message; once both shards are Ready a pod is created holding GPUs 0 and 1, shard k read from disk nvme<k>."""
+    job = tp_job()
+    plan = step(job, world(node(desired=False)), CFG)
+    assert plan.status["phase"] == "Staging" and plan.create is None
+    assert plan.status["gpus"] == [0, 1]
+    assert plan.stage.entry == {"id": MODEL, "uri": "builtin:smollm2-135m", "dtype": "float16",
+                                "quantization": "none", "disk": "nvme0", "tensorParallel": 2}
+    job = apply(job, plan.status)
+    plan = step(job, world(node(shards=[shard(0), shard(1, "Staging", 40.0)])), CFG)
+    assert plan.stage is None and plan.create is None and "phase" not in plan.status
+    assert plan.status["message"].endswith(": model ready; shards 1/2 Ready, shard 1 staging 40%")
+    plan = step(job, world(node(shards=[shard(0), shard(1)])), CFG)
+    assert plan.status["phase"] == "Running" and plan.create is not None
+    t = plan.create.target
+    assert (t.gpus, t.shard_disks, t.kv_disks) == ((0, 1), ("nvme0", "nvme1"), ("nvme0", "nvme1"))
+
+
+def test_a_desired_entry_without_tensor_parallel_is_asked_again():
+    """The model already wanted (and Ready) without tensorParallel: the operator asks for the entry with 2."""
+    job = apply(tp_job(), step(tp_job(), world(node(desired=False)), CFG).status)
+    body = node()
+    body["spec"]["models"] = [{"id": MODEL, "uri": "builtin:smollm2-135m"}]
+    plan = step(job, world(body), CFG)
+    assert plan.stage is not None and plan.stage.entry["tensorParallel"] == 2
+
+
+def test_a_failed_shard_fails_the_job_naming_shard_and_disk():
+    """The agent reporting shard 1 Failed ends the job with StagingFailed naming the shard, its disk and why."""
+    job = apply(tp_job(), step(tp_job(), world(node(desired=False)), CFG).status)
+    plan = step(job, world(node(shards=[shard(0), shard(1, "Failed", message="needs ~9 bytes, 1 free")])), CFG)
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "StagingFailed" and plan.release
+    assert "(shard 1 on disk nvme1: needs ~9 bytes, 1 free)" in plan.status["message"]
+
+
+def test_prefers_the_node_whose_shards_are_ready():
+    """Two nodes with the model Ready: the one whose two shards are Ready wins over a better-named one without."""
+    plan = step(tp_job(), world(node("a", shards=[shard(0), shard(1, "Staging")]), node("b", shards=[shard(0), shard(1)])),
+                CFG)
+    assert plan.status["node"] == "b" and plan.status["phase"] == "Running"
+
+
+def test_one_rank_jobs_are_unchanged():
+    """Without tensorParallel the Ready model alone starts the pod; no shard fields in the target."""
+    plan = step(tp_job(tp=1), world(flashnode("n1", models=[{"id": MODEL, "disk": "nvme0", "state": "Ready"}])), CFG)
+    assert plan.create is not None and plan.create.target.shard_disks == () and plan.create.target.kv_disks == ()
+
+
+def test_the_pod_holds_two_gpus_two_shard_volumes_and_a_kv_volume_per_pair():
+    """The built pod: nvidia.com/gpu 2; shard-0/1 CSI volumes (model id, shard k, tensor-parallel 2, disk nvme<k>)
+    read-only at /shards/<k>; KV volumes on nvme0 (/job/kv) and nvme1 (/ranks/1); the engine's env names them."""
+    job = tp_job()
+    plan = step(job, world(node(shards=[shard(0), shard(1)])), CFG)
+    pod = build_pod(JobRef("ns", "j", "uid-1"), job.parsed, plan.create.target, attempt=1, default_image="img")
+    ctr = pod["spec"]["containers"][0]
+    assert ctr["resources"]["limits"]["nvidia.com/gpu"] == "2" == ctr["resources"]["requests"]["nvidia.com/gpu"]
+    vols = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in ctr["volumeMounts"]}
+    for k in (0, 1):
+        assert vols[f"shard-{k}"]["csi"] == {"driver": "kubeflash.io", "readOnly": True, "volumeAttributes": {
+            c.CSI_MODEL_ID: MODEL, c.CSI_SHARD: str(k), c.CSI_TENSOR_PARALLEL: "2", c.CSI_DISK: f"nvme{k}"}}
+        assert mounts[f"shard-{k}"] == {"name": f"shard-{k}", "mountPath": f"/shards/{k}", "readOnly": True}
+    assert vols["kv"]["csi"]["volumeAttributes"][c.CSI_DISK] == "nvme0" and mounts["kv"]["mountPath"] == "/job/kv"
+    assert vols["kv-1"]["csi"]["volumeAttributes"][c.CSI_DISK] == "nvme1" and mounts["kv-1"]["mountPath"] == "/ranks/1"
+    assert "kv-2" not in vols and "shard-2" not in vols
+    env = {e["name"]: e["value"] for e in ctr["env"]}
+    assert env[c.ENV_SHARD_DIRS] == "/shards/0:/shards/1" and env[c.ENV_RANK_DIRS] == "/job:/ranks/1"
+    assert c.ENV_RING_DIRS not in env  # NCCL between the pod's GPUs
