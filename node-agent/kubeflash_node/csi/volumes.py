@@ -3,7 +3,8 @@
 Per disk: `csi/volumes/<h>.json` records what each volume id was published with and at which targets (written
 before anything is mounted, so a crash leaves a record that the next start or unpublish cleans up),
 `csi/kv/<h>.img` + `csi/kv/<h>/` a KV volume's sparse ext4 image and its loop mount, `pins/<model>/<h>` a
-model's pin against eviction, `kvcache/ns/<namespace>/<model>/` the prefix KV cache a cache volume binds (it
+model's pin against eviction (a shard volume pins its model on the shard's disk),
+`kvcache/ns/<namespace>/<model>/` the prefix KV cache a cache volume binds (it
 outlives the pod: the agent keeps it under its budget). What is really mounted is read from /proc/self/mountinfo, never assumed.
 """
 
@@ -22,7 +23,7 @@ from kubeflash_node.store.format import StoreError, atomic_write_json, load_mani
 from kubeflash_node.store.kvblocks import scoped_root
 
 from . import mounts
-from .attrs import DISK, JOB, KV_CACHE, KV_SIZE, MODEL_ID, Request
+from .attrs import DISK, JOB, KV_CACHE, KV_SIZE, MODEL_ID, SHARD, Request
 from .errors import CsiError
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,14 @@ class Volumes:
                 raise CsiError.precondition(f"volume attribute {MODEL_ID} {req.model_id!r}: the model is not staged "
                                             "on this node (add it to FlashNode.spec.models; the agent stages it)")
             return held[0]
+        if req.kind == "shard":
+            held = [n for n, p in self.disks.items() if _shard_dir(p, req).is_dir()]
+            if not held:
+                raise CsiError.precondition(f"volume attribute {SHARD} {req.rank}: shard {req.rank} of "
+                                            f"{req.world} of model {req.model_id!r} is not staged on this node (add "
+                                            "the model with tensorParallel to FlashNode.spec.models; the agent cuts "
+                                            "shard k on pair k's disk)")
+            return held[0]
         if req.kind == "job":
             ns, name = req.job.split("/", 1)
             held = [n for n, p in self.disks.items() if (p / "jobs" / ns / name).is_dir()]
@@ -201,6 +210,17 @@ class Volumes:
             except StoreError as e:
                 raise CsiError.precondition(f"volume attribute {MODEL_ID} {req.model_id!r}: the model is not "
                                             f"staged and verified on disk {rec.disk}: {e}") from None
+            pins.pin(disk, req.model_id, h)
+        elif req.kind == "shard":
+            folder = _shard_dir(disk, req)
+            try:
+                tp = load_manifest(folder).extra.get("tensor_parallel") or {}
+            except StoreError as e:
+                raise CsiError.precondition(f"volume attribute {SHARD} {req.rank}: shard {req.rank} of {req.world} "
+                                            f"of model {req.model_id!r} is not staged on disk {rec.disk}: {e}") from None
+            if (tp.get("rank"), tp.get("world")) != (req.rank, req.world):
+                raise CsiError.precondition(f"volume attribute {SHARD} {req.rank}: {folder} holds "
+                                            f"{tp or 'no shard'}, not shard {req.rank} of {req.world}")
             pins.pin(disk, req.model_id, h)
         elif req.kind == "job":
             self._job_dir(disk, *req.job.split("/", 1))
@@ -245,6 +265,8 @@ class Volumes:
         req, disk = rec.req, self.disks[rec.disk]
         if req.kind == "model":
             return disk / "models" / req.model_id
+        if req.kind == "shard":
+            return _shard_dir(disk, req)
         if req.kind == "job":
             return disk.joinpath("jobs", *req.job.split("/", 1))
         if req.kind == "cache":
@@ -292,7 +314,7 @@ class Volumes:
             self._csi(rec.disk, "kv", h + ".img").unlink(missing_ok=True)
             if mnt.is_dir():
                 mnt.rmdir()
-        elif req.kind == "model":
+        elif req.kind in ("model", "shard"):
             pins.unpin(disk, req.model_id, h)
         self._drop(rec)
 
@@ -324,7 +346,14 @@ class Volumes:
         return max(0, free)
 
 
+def _shard_dir(disk: Path, req: Request) -> Path:
+    """Where the node agent cuts a shard (agent/tpstaging.py shard_path): shards/<id>.tp<N>/<rank>."""
+    return disk / "shards" / f"{req.model_id}.tp{req.world}" / str(req.rank)
+
+
 def _describe(req: Request) -> str:
+    if req.kind == "shard":
+        return f"{MODEL_ID}={req.model_id} {SHARD}={req.rank} of {req.world}"
     if req.kind == "model":
         return f"{MODEL_ID}={req.model_id}" + (" readOnly" if req.read_only else "")
     if req.kind == "kv":
