@@ -124,6 +124,7 @@ class OffloadSpec:
     compression: str = "none"
     sparsity: float | None = None  # target share of FFN activations skipped (engine/sparse.py); None: off, dense
     tensor_parallel: int = 1  # ranks every layer is split over (engine/tensorparallel.py); 1: one process
+    expert_cache: int | str = 0  # MoE hot-expert cache: bytes, or "auto" (engine/moeplan.py sizes it); 0: none
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,15 @@ def _sparsity(v: Any, path: str) -> float | None:
     return float(v)
 
 
+def _expert_cache(v: Any, path: str) -> int | str:
+    """`auto` stays `auto` (the engine sizes it from the job's budgets); anything else is a quantity of bytes."""
+    if v == "auto":
+        return v
+    if isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)):
+        return parse_quantity(v, path=path)
+    raise SpecError(path, f"must be auto or a quantity of bytes such as 2Gi, got {show(v)}")
+
+
 def _shard(v: dict, path: str) -> dict:
     if v["index"] >= v["count"]:
         raise SpecError(f"{path}.index", f"must be less than {path}.count ({v['count']}), got {v['index']}")
@@ -346,6 +356,11 @@ OFFLOAD = s.obj(
                                  "streaming its own shard of the weights: 1 runs one process; N must divide the "
                                  "attention heads and the K/V heads (or be a multiple of them).", lo=1, hi=8,
                                  default=1)),
+    ("expertCache", s.Node("any", "Mixture-of-experts models: memory for a hot-expert cache that keeps the most often "
+                                  "routed experts on the compute device across steps, so a hot expert is read from "
+                                  "disk once. A quantity of bytes (e.g. 2Gi; 0: no cache) or auto: an eighth of the "
+                                  "GPU budget (spec.resources.gpuMemory, else the GPU's), or of the host budget on a "
+                                  "CPU run. Dense models ignore it.", default=0, check=_expert_cache)),
     default={},
     rules=(("!has(self.policy) || self.policy != 'explicit' || (has(self.weights) && has(self.kv))",
             "policy explicit needs weights and kv percentages"),
@@ -492,7 +507,8 @@ def _offload(d: dict, path: str) -> OffloadSpec:
                        activations=splits.get("activations", OffloadSpec.activations),
                        gpu_batch_size=d.get("gpuBatchSize"), num_gpu_batches=d.get("numGpuBatches"),
                        kv_write_back=d["kvWriteBack"], x_cache=d["xCache"], cpu_attention=d["cpuAttention"],
-                       compression=d["compression"], sparsity=d["sparsity"], tensor_parallel=d["tensorParallel"])
+                       compression=d["compression"], sparsity=d["sparsity"], tensor_parallel=d["tensorParallel"],
+                       expert_cache=d["expertCache"])
 
 
 def _output(d: dict, path: str) -> OutputSpec:
@@ -523,7 +539,7 @@ def to_canonical(spec: JobSpec) -> dict[str, Any]:
     offload: dict[str, Any] = {"policy": o.policy, "kvWriteBack": o.kv_write_back, "xCache": o.x_cache,
                                "cpuAttention": o.cpu_attention, "compression": o.compression,
                                "sparsity": "off" if o.sparsity is None else o.sparsity,
-                               "tensorParallel": o.tensor_parallel}
+                               "tensorParallel": o.tensor_parallel, "expertCache": o.expert_cache}
     if o.policy == "explicit":
         for k in ("weights", "kv", "activations"):
             sp = getattr(o, k)

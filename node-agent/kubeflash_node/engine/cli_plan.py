@@ -35,13 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from kubeflash_api import SpecError
     from kubeflash_api.local import load_job_file as load_job
 
     from ..store.format import StoreError
     from .costmodel import QUANT_BITS, Budget, describe, x_cache_note
     from .costmodel import plan as make_plan
-    from .moeplan import moe_assumptions
+    from .moeplan import expert_cache_bytes, moe_assumptions
     from .planning import pinned
 
     try:
@@ -52,7 +54,8 @@ def main(args: argparse.Namespace) -> int:
         job = _job(spec, tokenizer, args.prompt_len)
         r = spec.resources
         gpu_bytes = args.gpu_memory or r.gpu_memory or _gpu_or_assumed(assumed)
-        budget = Budget(gpu_bytes, args.cpu_memory or r.cpu_memory or _mem_available(),
+        cache = expert_cache_bytes(config, spec.offload.expert_cache, budget=gpu_bytes)  # spec.offload.expertCache
+        budget = Budget(gpu_bytes - cache, args.cpu_memory or r.cpu_memory or _mem_available(),
                         r.kv_disk)
         quants = tuple(sizes) if args.allow_compression else (spec.model.quantization,)
         kv_bits = (16, 8, 4) if args.allow_compression else (QUANT_BITS[spec.offload.compression],)
@@ -60,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
             if spec.offload.policy == "explicit" else None
         try:  # under an explicit policy the automatic plan is shown beside it, for comparison, without its pins
             plan = make_plan(config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, quantizations=quants,
-                             kv_bits=kv_bits, base=_base_policy(ceil), step=args.step,
+                             kv_bits=kv_bits, base=replace(_base_policy(ceil), expert_cache_bytes=cache), step=args.step,
                              keep=None if explicit else pinned(spec.offload, config), itemsize=itemsize,
                              sparsity=_sparse_cost(spec, config, itemsize))
         except ValueError as e:

@@ -30,6 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU memory the automatic policy may plan with, e.g. 12GiB (default: the GPU's)")
     p.add_argument("--cpu-memory", type=positive_size,
                    help="host memory the automatic policy may plan with, e.g. 16GiB (default: MemAvailable)")
+    p.add_argument("--expert-cache", type=positive_size, metavar="SIZE",
+                   help="MoE models: memory for the hot-expert cache, e.g. 4GiB (overrides spec.offload.expertCache)")
+    p.add_argument("--routing-from", type=Path, metavar="FILE",
+                   help="MoE models: start the hot-expert cache from this routing.json (an earlier job's, written to "
+                        "its job directory where the model directory was read-only)")
     p.add_argument("--tensor-parallel", type=int_range(1), metavar="N",
                    help="split every layer over N rank processes, each streaming its own shard of the store "
                         "(overrides spec.offload.tensorParallel; docs/multi-gpu.md)")
@@ -99,7 +104,8 @@ def main(args: argparse.Namespace) -> int:
         machine = _machine(args, args.store or DEFAULT_ROOT) if priced and device != "cpu" else None
         report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device,
                          job_dir=job_dir, machine=machine, on_tokens=bar.tokens, on_prompts=bar.prompts,
-                         kv_cache_dir=Path(args.store or DEFAULT_ROOT) / "kvcache")  # spec.cache.prefix: node cache
+                         kv_cache_dir=Path(args.store or DEFAULT_ROOT) / "kvcache",  # spec.cache.prefix: node cache
+                         expert_cache=args.expert_cache, routing_seed=args.routing_from)
         bar.close()
     except (SpecError, StoreError, EngineError, ValueError, OSError) as e:
         _remove_empty(created)
@@ -139,6 +145,9 @@ def _finish(args, spec, report: dict, *, output: Path, job_dir: Path) -> int:
         print(f"policy auto: {report['plan']['chosen']}\n             {report['plan']['why']}")
     if "sparsity" in report:
         print(report["sparsity"]["line"])
+    if "routing" in report:  # MoE: the routing counts' files (saved_to: the job dir where the model's is read-only)
+        r = report["routing"]
+        print(f"routing counts: seeded from {r['seeded_from'] or 'nothing'}; saved to {r['saved_to'] or 'nowhere'}")
     if "tensor_parallel" in report:
         tp = report["tensor_parallel"]
         print(f"tensor parallel: {tp['ranks']} ranks, reduce {tp['reduce']}, shards beside the store entry "

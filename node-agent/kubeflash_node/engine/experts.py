@@ -10,7 +10,10 @@ routed experts on the compute device across steps, within a byte budget, so a ho
 The routing counts persist per model: `save_routing` writes them (per layer file, per expert) to
 `<model dir>/.routing.json` when the engine closes (temp file, fsync, rename; best effort, as a pod's read-only model
 volume cannot take it), `load_routing` reads them back, and `ExpertCache.warm_start` seeds the next run's counts and
-reads the most routed experts into the budget before the first step, so the hot set starts warm.
+reads the most routed experts into the budget before the first step, so the hot set starts warm. Where the model
+directory cannot be written (a pod's read-only CSI model volume), `RoutingFiles` writes the counts to
+`<job dir>/routing.json` instead (same format, same crash-safe write), and a later run can be seeded from that file
+explicitly (`kubeflash run --routing-from FILE`, `Engine(routing_seed=...)`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import re
 import sys
 from collections import Counter
 from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -29,6 +33,7 @@ import torch
 from ..store.format import FileEntry, Manifest, atomic_write_json
 
 ROUTING_FILE = ".routing.json"
+JOB_ROUTING_FILE = "routing.json"  # in the job directory, where the model directory is read-only
 ROUTING_FORMAT = "kubeflash-routing/1"
 _ROUTING_MAX_BYTES = 16 << 20
 
@@ -167,10 +172,12 @@ class ExpertCache:
         heapq.heappush(self.heap, (self.counts[key], key))
 
 
-def load_routing(model_dir: Path, manifest: Manifest, routed: dict[int, tuple[int, dict]]) -> Counter:
-    """Routing counts an earlier run saved for this model, keyed (stage, expert), only for the routed stages and
-    experts this store has; an absent, unreadable or foreign file gives no counts (a warning names a bad one)."""
-    path = Path(model_dir) / ROUTING_FILE
+def load_routing(model_dir: Path, manifest: Manifest, routed: dict[int, tuple[int, dict]],
+                 path: Path | None = None) -> Counter:
+    """Routing counts an earlier run saved for this model (`path`, default `<model_dir>/.routing.json`), keyed
+    (stage, expert), only for the routed stages and experts this store has; an absent, unreadable or foreign file
+    gives no counts (a warning names a bad one)."""
+    path = Path(path) if path is not None else Path(model_dir) / ROUTING_FILE
     try:
         with open(path, "rb") as f:
             raw = f.read(_ROUTING_MAX_BYTES + 1)
@@ -193,14 +200,49 @@ def load_routing(model_dir: Path, manifest: Manifest, routed: dict[int, tuple[in
     return out
 
 
-def save_routing(model_dir: Path, manifest: Manifest, counts: Counter) -> bool:
-    """Write `counts` ((stage, expert) -> requests) as `<model_dir>/.routing.json`, crash-safely; False where the
-    directory cannot be written (a read-only model volume)."""
+def save_routing(model_dir: Path, manifest: Manifest, counts: Counter, path: Path | None = None) -> bool:
+    """Write `counts` ((stage, expert) -> requests) to `path` (default `<model_dir>/.routing.json`), crash-safely;
+    False where the directory cannot be written (a read-only model volume)."""
     layers: dict[str, dict[str, int]] = {}
     for (stage, j), n in sorted(counts.items()):
         layers.setdefault(manifest.stages[stage], {})[str(j)] = int(n)
     try:
-        atomic_write_json(Path(model_dir) / ROUTING_FILE, {"format": ROUTING_FORMAT, "layers": layers})
+        atomic_write_json(Path(path) if path is not None else Path(model_dir) / ROUTING_FILE,
+                          {"format": ROUTING_FORMAT, "layers": layers})
     except OSError:
         return False
     return True
+
+
+@dataclass
+class RoutingFiles:
+    """Where one engine reads its starting routing counts and writes its final ones.
+
+    Read: `seed` when given (an earlier job's `<job dir>/routing.json`, passed explicitly), else the model's
+    `.routing.json`. Write: the model's `.routing.json`; where the model directory is read-only, `<job_dir>/
+    routing.json`. `loaded` and `saved` record the files actually used (None: none), for the run report."""
+
+    model_dir: Path
+    job_dir: Path | None = None
+    seed: Path | None = None
+    loaded: Path | None = None
+    saved: Path | None = None
+
+    def load(self, manifest: Manifest, routed: dict[int, tuple[int, dict]]) -> Counter:
+        path = Path(self.seed) if self.seed is not None else Path(self.model_dir) / ROUTING_FILE
+        counts = load_routing(self.model_dir, manifest, routed, path)
+        self.loaded = path if counts else None
+        return counts
+
+    def save(self, manifest: Manifest, counts: Counter) -> Path | None:
+        for path in [Path(self.model_dir) / ROUTING_FILE] + \
+                ([Path(self.job_dir) / JOB_ROUTING_FILE] if self.job_dir is not None else []):
+            if save_routing(self.model_dir, manifest, counts, path):
+                self.saved = path
+                return path
+        return None
+
+    def describe(self) -> dict:
+        """The report's `routing` entry: where the counts came from and where they went."""
+        return {"seeded_from": str(self.loaded) if self.loaded else None,
+                "saved_to": str(self.saved) if self.saved else None}

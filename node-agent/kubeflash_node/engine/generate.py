@@ -20,6 +20,7 @@ import torch
 
 from ..store.format import Manifest, load_manifest
 from ..store.modelconfig import ModelConfig
+from .experts import RoutingFiles
 from .kvcache import make_kv
 from .kvnear import CpuAttentionKV, WriteBackDiskKV, XCacheKV
 from .model import LAYERS, embed, head, make_batch
@@ -72,7 +73,7 @@ class Engine:
     """A stored model ready to generate under one policy on one device."""
 
     def __init__(self, model_dir: Path, *, policy: Policy = Policy(), device: str = "cpu",
-                 job_dir: Path | None = None, prefix_cache=None, sparsity=None):
+                 job_dir: Path | None = None, prefix_cache=None, sparsity=None, routing_seed: Path | None = None):
         self.dir = Path(model_dir)
         self.manifest: Manifest = load_manifest(self.dir)
         self.config = ModelConfig.from_dict(self.manifest.config)
@@ -100,7 +101,8 @@ class Engine:
             order=itertools.cycle(range(n)), prefetch=policy.prefetch, threads=policy.io_threads,
             task_bytes=policy.io_task_bytes, backend=policy.io_backend, timings=self.timings,
             routed_experts=not policy.all_experts, expert_cache_bytes=policy.expert_cache_bytes,
-            skip_tensors=sparsity.skip_tensors if sparsity is not None else None)
+            skip_tensors=sparsity.skip_tensors if sparsity is not None else None,
+            routing=RoutingFiles(self.dir, job_dir, routing_seed))  # MoE counts: model dir, else the job dir
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cache_bytes": 0,
                       "generated_tokens": 0, "block_setup_s": 0.0}
         self.prefix = prefix_cache.bind(self) if prefix_cache is not None else None

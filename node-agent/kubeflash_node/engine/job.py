@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,10 +30,13 @@ from .results import ResultsFile, fingerprints, is_chat
 def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: str = "cpu",
             job_dir: Path | None = None, policy: Policy | None = None, machine: Machine | None = None,
             on_tokens: Callable[[int], None] | None = None, on_prompts: Callable[[int], None] | None = None,
-            kv_cache_dir: Path | None = None, engine_factory: Callable[..., Engine] = Engine) -> dict:
+            kv_cache_dir: Path | None = None, engine_factory: Callable[..., Engine] = Engine,
+            expert_cache: int | None = None, routing_seed: Path | None = None) -> dict:
     """Generate every prompt of `spec` without a result of the same fingerprint in `output` (results.py); returns
     the report dict. `output` is left untouched until the first new result is written. `engine_factory` builds
-    the engine from (model_dir, **options): one rank's TPEngine under tensor parallelism (engine/tplaunch.py)."""
+    the engine from (model_dir, **options): one rank's TPEngine under tensor parallelism (engine/tplaunch.py).
+    MoE: `expert_cache` (bytes; `kubeflash run --expert-cache`) overrides spec.offload.expertCache; `routing_seed`
+    is an earlier job's routing.json to start the hot-expert cache from."""
     if spec.shard is not None:  # one shard job of a spec.parallelism job: only its share of the prompts
         spec = spec.with_prompts(shard_prompts(spec.input.prompts, spec.shard))
     tokenizer = load_tokenizer(model_dir, manifest)
@@ -62,19 +66,23 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
             sparsity.gap = merge_gap(sparsity.bundles.row_bytes, gbps=machine.ceilings.disk_read_cold)
         itemsize = 4 if manifest.dtype == "float32" else 2
         check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
+        cache = _expert_cache(spec, config, device, machine, expert_cache)
         if policy is None and spec.offload.policy == "auto" and machine is not None:
             chosen = auto_plan(spec, manifest=manifest, job=shape, machine=machine,
-                               sparsity=_sparse_cost(sparsity, config, itemsize))
+                               sparsity=_sparse_cost(sparsity, config, itemsize), expert_cache=cache)
             policy = chosen.best.candidate.policy
         if policy is None:
-            policy = policy_for(spec, n_prompts=len(todo), device=device, config=config)
+            policy = replace(policy_for(spec, n_prompts=len(todo), device=device, config=config),
+                             expert_cache_bytes=cache)
         check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
         check_kv_disk(spec, policy, manifest=manifest, job=shape)
         if sparsity is not None and sparsity.bundles is not None:
             _follow_reads(sparsity, spec, chosen, policy, config=config, manifest=manifest, job=shape, machine=machine,
                           itemsize=itemsize)
         prefix = _prefix_cache(spec, kv_cache_dir)
-        engine = engine_factory(model_dir, policy=policy, device=device, job_dir=job_dir, prefix_cache=prefix, sparsity=sparsity)
+        seed = {"routing_seed": routing_seed} if routing_seed is not None else {}
+        engine = engine_factory(model_dir, policy=policy, device=device, job_dir=job_dir, prefix_cache=prefix,
+                                sparsity=sparsity, **seed)
     eos = tuple(engine.config.eos_token_id) + ((tokenizer.eos_token_id,) if tokenizer is not None
                                                 and tokenizer.eos_token_id is not None else ())
     params = GenParams(max_new_tokens=max_new, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
@@ -111,6 +119,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         if on_tokens:
             on_tokens(n)
 
+    report = None
     try:
         engine.generate([ids[i] for i in todo], params, stop=stop, on_block=on_block, on_step=on_step)
         prefix.close()  # the last block writes land before the report counts them
@@ -131,6 +140,43 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         prefix.close()
         results.close()
         engine.close()
+        routing = getattr(getattr(engine, "streamer", None), "routing", None)  # MoE: set at close
+        if report is not None and routing is not None and engine.streamer.expert_cache is not None:
+            report["routing"] = routing.describe()
+
+
+def _expert_cache(spec: JobSpec, config: ModelConfig, device: str, machine: Machine | None,
+                  override: int | None) -> int:
+    """The MoE hot-expert cache's bytes: --expert-cache, else spec.offload.expertCache (auto: a share of the compute
+    device's budget, engine/moeplan.py)."""
+    from .moeplan import expert_cache_bytes
+
+    value = spec.offload.expert_cache if override is None else override
+    budget = None
+    if value == "auto":
+        r = spec.resources
+        if device.startswith("cuda"):
+            budget = machine.gpu_bytes if machine is not None else r.gpu_memory or _gpu_total(device)
+        else:
+            budget = machine.cpu_bytes if machine is not None else r.cpu_memory or _mem_available()
+    return expert_cache_bytes(config, value, budget=budget)
+
+
+def _gpu_total(device: str) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 @contextmanager

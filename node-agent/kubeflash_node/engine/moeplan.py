@@ -4,6 +4,10 @@ The cost model prices a streamed MoE layer by routed_layer_bytes: its non-expert
 layer read is expected to route to under uniform routing (ModelConfig.expected_experts of the tokens sharing that
 read: a block's sequences in decode, times the prompt in prefill), less the hot-expert cache's hits, taken as the
 cache's share of all layers' experts (what a uniform router gives). These lines say so, with the numbers used.
+
+`expert_cache_bytes` turns spec.offload.expertCache into the cache's budget: a quantity as given; `auto` an eighth
+(EXPERT_CACHE_AUTO_SHARE) of the GPU budget (the memory the experts' cache lives in on a GPU run) or, on a CPU run,
+of the host budget; always 0 for a dense model.
 """
 
 from __future__ import annotations
@@ -11,6 +15,18 @@ from __future__ import annotations
 from ..store.modelconfig import ModelConfig
 from .costmodel import JobShape, routed_layer_bytes
 from .policy import Policy
+
+EXPERT_CACHE_AUTO_SHARE = 1 / 8  # of the compute device's budget, under spec.offload.expertCache: auto
+
+
+def expert_cache_bytes(c: ModelConfig, value: int | str, *, budget: int | None) -> int:
+    """The hot-expert cache's bytes for spec.offload.expertCache `value` (bytes or "auto"); `budget`: the compute
+    device's memory budget (GPU bytes on a GPU, host bytes on a CPU run; None: unknown, so auto gives 0)."""
+    if not c.num_experts:
+        return 0
+    if value == "auto":
+        return int(budget * EXPERT_CACHE_AUTO_SHARE) if budget else 0
+    return int(value)
 
 
 def _mib(n: float) -> str:

@@ -32,9 +32,12 @@ def job_shape(prompts: list[list[int]], gen_len: int):
     return JobShape(prompts=len(prompts), prompt_len=max(len(p) for p in prompts), gen_len=gen_len)
 
 
-def auto_plan(spec: JobSpec, *, manifest, job, machine: Machine, sparsity=None):
+def auto_plan(spec: JobSpec, *, manifest, job, machine: Machine, sparsity=None, expert_cache: int = 0):
     """The cost model's plan for `job` (costmodel.JobShape) on this machine (costmodel.Plan): placement, batch
-    shape and the exact techniques; the store's quantization and the KV compression stay as the manifest says."""
+    shape and the exact techniques; the store's quantization and the KV compression stay as the manifest says.
+    `expert_cache`: bytes of the MoE hot-expert cache, priced in the reads and held back from the GPU budget."""
+    from dataclasses import replace
+
     from ..store.modelconfig import ModelConfig
     from .costmodel import QUANT_BITS, Budget, plan, stage_sizes
 
@@ -43,11 +46,11 @@ def auto_plan(spec: JobSpec, *, manifest, job, machine: Machine, sparsity=None):
     q = spec.model.quantization
     dense = stage_sizes(config, itemsize, q)[1]
     ceil = machine.ceilings
-    base = make_policy(ceil)
+    base = replace(make_policy(ceil), expert_cache_bytes=expert_cache)
     kv_bits = QUANT_BITS[spec.offload.compression]
     try:
         return plan(config=config, ceil=ceil, job=job,
-                    budget=Budget(machine.gpu_bytes, machine.cpu_bytes, spec.resources.kv_disk),
+                    budget=Budget(max(0, machine.gpu_bytes - expert_cache), machine.cpu_bytes, spec.resources.kv_disk),
                     sizes={q: (manifest.stage_bytes, dense)}, quantizations=(q,), kv_bits=(kv_bits,), base=base,
                     keep=pinned(spec.offload, config), itemsize=itemsize, sparsity=sparsity)
     except ValueError as e:  # nothing fits: say which manifest fields set the budgets

@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from ..store.format import Manifest
-from .experts import ExpertCache, RoutedWeights, expert_of, expert_ranges, load_routing, save_routing
+from .experts import ExpertCache, RoutedWeights, RoutingFiles, expert_of, expert_ranges
 from .io import make_reader
 from .pinned import empty as pinned_empty
 from .quant import QuantSpec, dequantize_named
@@ -49,7 +49,7 @@ class WeightStreamer:
     def __init__(self, model_dir: Path, manifest: Manifest, *, device: torch.device, dtype: torch.dtype,
                  placement: list[str], order: Iterator[int], prefetch: int = 2, threads: int = 4,
                  task_bytes: int = 16 << 20, backend: str = "auto", timings=None, routed_experts: bool = True,
-                 expert_cache_bytes: int = 0, skip_tensors=None):
+                 expert_cache_bytes: int = 0, skip_tensors=None, routing: RoutingFiles | None = None):
         self.dir, self.m, self.device, self.dtype = Path(model_dir), manifest, device, dtype
         self.placement, self.order, self.prefetch = placement, order, prefetch
         self.task_bytes, self.timings = task_bytes, timings
@@ -69,8 +69,9 @@ class WeightStreamer:
         self.routed = {i: r for i in sorted(self.streamed) if routed_experts and placement[i] == "disk"
                        for r in [expert_ranges(self.m.files[self.m.stages[i]])] if r[1]}
         self.expert_cache = ExpertCache(expert_cache_bytes) if self.routed else None  # budget 0: counts only
+        self.routing = routing or RoutingFiles(self.dir)  # where the counts come from and go (experts.py)
         if self.expert_cache:  # an earlier run's routing counts: the hot experts are read before the first step
-            self.expert_cache.warm_start(load_routing(self.dir, self.m, self.routed), lambda k: self._read_expert(*k))
+            self.expert_cache.warm_start(self.routing.load(self.m, self.routed), lambda k: self._read_expert(*k))
         # streamed layers read without `skip_tensors`: stage -> (byte runs to read, bytes skipped)
         # (skip_tensors: stage -> tensor names, or None)
         self.skip_tensors = {i: frozenset(skip_tensors(i)) if skip_tensors else frozenset() for i in self.streamed}
@@ -112,7 +113,7 @@ class WeightStreamer:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.task_pool.shutdown(wait=True, cancel_futures=True)
         if self.expert_cache and self.expert_cache.hits + self.expert_cache.misses:
-            save_routing(self.dir, self.m, self.expert_cache.counts)  # the next run's cache starts warm
+            self.routing.save(self.m, self.expert_cache.counts)  # the next run's cache starts warm
 
     # ---------------------------------------------------------------- internals
     def _release_current(self) -> None:
