@@ -246,7 +246,8 @@ class Kube:
     # -------------------------------------------------------------------------------------- FlashNodes
 
     def request_model(self, node: str, entry: Mapping[str, str], *, limit: int = MAX_MODELS) -> bool:
-        """Add `entry` to FlashNode(node).spec.models unless its id is there; True if it was added.
+        """Add `entry` to FlashNode(node).spec.models unless its id is there (then only a tensorParallel > 1 the
+        entry asks for and that one lacks is set on it); True if spec.models was changed.
 
         A full list (`limit` entries, the CRD's maxItems) is first trimmed of entries no live job on the node
         needs (garbage collection, least recently used first): the jobs holding a claim in the node's ledger, each
@@ -260,8 +261,7 @@ class Kube:
             if tp <= 1 or int(models[same].get("tensorParallel") or 1) == tp:
                 return False
             models[same] = {**models[same], "tensorParallel": tp}
-            limit = len(models) + 1  # replacing an entry never needs room
-        if len(models) >= limit:
+        if same is None and len(models) >= limit:
             needed = {entry["id"], *self._models_of(parse_ledger(node, body))}
             drop = models_to_drop(models, (body.get("status") or {}).get("models") or [], needed,
                                   count=len(models) - limit + 1 + GC_SLACK)
@@ -271,7 +271,8 @@ class Kube:
             log.info("FlashNode %s: %d desired models no live job needs dropped: %s", node, len(drop),
                      ", ".join(sorted(drop)))
             models = [m for m in models if m.get("id") not in drop]
-        models.append({k: v for k, v in entry.items() if v})
+        if same is None:
+            models.append({k: v for k, v in entry.items() if v})
         patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]}, "spec": {"models": models}}
         try:
             self.custom.patch_cluster_custom_object(GROUP, VERSION, "flashnodes", node, patch)
