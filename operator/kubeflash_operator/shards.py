@@ -75,33 +75,53 @@ def missing(parent: str, count: int, names: Iterable[str]) -> list[int]:
     return [k for k in range(count) if child_name(parent, k) not in have]
 
 
+FAILED_NAMED = 10  # a parent's status names at most this many failed shards (then how many more)
+
+
+def _index(child: Mapping[str, Any]) -> int:
+    """A shard job's index from its name (<parent>-s<k>); -1 for a name not of that form."""
+    tail = str((child.get("metadata") or {}).get("name", "")).rpartition("-s")[2]
+    return int(tail) if tail.isdigit() else -1
+
+
+def failed_list(failed: Sequence[Mapping[str, Any]]) -> str:
+    """The failed shards by index, at most FAILED_NAMED named, then how many more: "j-s2, j-s7 and 3 more"."""
+    names = [(c.get("metadata") or {}).get("name", "") for c in sorted(failed, key=_index)]
+    shown = ", ".join(names[:FAILED_NAMED])
+    return shown + (f" and {len(names) - FAILED_NAMED} more" if len(names) > FAILED_NAMED else "")
+
+
 def aggregate(children: Iterable[Mapping[str, Any]], *, count: int, status: Mapping[str, Any],
               now: datetime, generation: int | None = None) -> dict[str, Any]:
     """The parent's status from its children: phase, a summary of shards by phase (bounded: five numbers for any
-    count) and summed progress; {} when the status already says so. Failed as soon as one shard has Failed
-    (retries exhausted); Succeeded when all `count` have; Running once one runs or has finished; else Pending."""
+    count) and summed progress; {} when the status already says so. While any shard is not terminal the parent
+    keeps summing: Running (reason ShardsFailing when k have failed, retries exhausted), Pending while none has
+    started. Once all `count` are terminal: Succeeded, or Failed naming the failed shards (FAILED_NAMED at most)."""
     counts = {"total": count, "pending": 0, "running": 0, "succeeded": 0, "failed": 0}
     done = total = 0
-    failed: Mapping[str, Any] | None = None
+    failed: list[Mapping[str, Any]] = []
     seen = 0
     for c in children:
         s = c.get("status") or {}
         phase = s.get("phase")
         seen += 1
         counts[phase.lower() if phase in (st.RUNNING, st.SUCCEEDED, st.FAILED) else "pending"] += 1
-        if phase == st.FAILED and failed is None:
-            failed = c
+        if phase == st.FAILED:
+            failed.append(c)
         progress = s.get("progress") or {}
         done += int(progress.get("promptsDone") or 0)
         total += int(progress.get("promptsTotal") or 0)
     counts["pending"] += max(0, count - seen)  # not created yet
     summary = (f"{count} shards: {counts['pending']} pending, {counts['running']} running, "
                f"{counts['succeeded']} succeeded, {counts['failed']} failed")
-    if failed is not None:
-        name = (failed.get("metadata") or {}).get("name", "")
-        why = (failed.get("status") or {}).get("message") or "failed"
-        phase, reason, message = st.FAILED, "ShardFailed", f"shard {name} failed: {why}; {summary}"
-    elif counts["succeeded"] == count:
+    terminal = counts["succeeded"] + counts["failed"] >= count
+    if failed:
+        first = sorted(failed, key=_index)[0]
+        why = (first.get("status") or {}).get("message") or "failed"
+        said = f"{len(failed)} of {count} shards failed ({failed_list(failed)}; first: {why})"
+        phase, reason = (st.FAILED, "ShardsFailed") if terminal else (st.RUNNING, "ShardsFailing")
+        message = f"{said}; {summary}"
+    elif terminal:
         phase, reason, message = st.SUCCEEDED, "ShardsSucceeded", summary
     elif counts["running"] or counts["succeeded"]:
         phase, reason, message = st.RUNNING, "ShardsRunning", summary

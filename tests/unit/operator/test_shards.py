@@ -60,8 +60,11 @@ def child(phase: str | None, done: int = 0, total: int = 0, name: str = "j-s0", 
     (["Running", "Pending"], "Running"),
     (["Succeeded", "Pending", "Pending"], "Running"),
     (["Succeeded"] * 3, "Succeeded"),
-    (["Succeeded", "Failed", "Running"], "Failed"),
-], ids=["none-created", "all-waiting", "one-running", "one-done", "all-done", "one-failed"])
+    (["Succeeded", "Failed", "Running"], "Running"),
+    (["Failed", "Pending"], "Running"),
+    (["Succeeded", "Failed", "Succeeded"], "Failed"),
+], ids=["none-created", "all-waiting", "one-running", "one-done", "all-done", "one-failed-others-running",
+        "one-failed-one-not-created", "all-terminal-one-failed"])
 def test_aggregate_phase(phases, want):
     patch = aggregate([child(p) for p in phases], count=3, status={}, now=NOW)
     assert patch["phase"] == want
@@ -74,8 +77,26 @@ def test_aggregate_sums_progress_and_stays_bounded():
     patch = aggregate(kids, count=1000, status={}, now=NOW, generation=1)
     assert patch["shards"] == {"total": 1000, "pending": 997, "running": 1, "succeeded": 1, "failed": 1}
     assert patch["progress"] == {"promptsDone": 8, "promptsTotal": 14, "summary": "8/14"}
-    assert patch["phase"] == "Failed" and "j-s2" in patch["message"] and "OOM" in patch["message"]
+    assert (patch["phase"], patch["reason"]) == ("Running", "ShardsFailing")  # 998 shards not terminal yet
+    assert "1 of 1000 shards failed" in patch["message"] and "j-s2" in patch["message"] and "OOM" in patch["message"]
+    assert "completionTime" not in patch
     assert len(str(patch)) < 1000  # five numbers for any count, not a list of shards
+
+
+def test_parent_keeps_summing_after_a_failure_then_fails_naming_the_failed_shards():
+    kids = [child("Failed", name=f"j-s{k}", message=f"OOM {k}") if k % 3 == 0 else child("Running", name=f"j-s{k}")
+            for k in range(40)]
+    failing = aggregate(kids, count=40, status={}, now=NOW)
+    assert (failing["phase"], failing["reason"], failing["shards"]["failed"]) == ("Running", "ShardsFailing", 14)
+    later = [child("Succeeded", 3, 3, name=k["metadata"]["name"]) if k["status"].get("phase") == "Running" else k
+             for k in kids]
+    assert aggregate(later[:-1], count=40, status=failing, now=NOW)["phase"] == "Running"  # j-s39 not there
+    final = aggregate(sorted(later, key=lambda c: c["metadata"]["name"]), count=40, status=failing, now=NOW)
+    assert (final["phase"], final["reason"]) == ("Failed", "ShardsFailed") and "completionTime" in final
+    assert final["shards"] == {"total": 40, "pending": 0, "running": 0, "succeeded": 26, "failed": 14}
+    named = ", ".join(f"j-s{k}" for k in range(0, 30, 3))  # the first ten by index, not by name order
+    assert f"14 of 40 shards failed ({named} and 4 more; first: OOM 0)" in final["message"]
+    assert "j-s30" not in final["message"] and final["progress"]["promptsDone"] == 78
 
 
 def test_unchanged_status_gives_no_patch():
