@@ -3,7 +3,8 @@ node agent and the kubelet, as in test_operator.py): a parallelism-3 job becomes
 distinct GPU<->SSD pairs, its status sums them up (a bounded summary and summed progress), it Succeeds when every
 shard's pod has, and deleting it deletes the shards (owner references, garbage collector). With
 spec.output.configMap the shards' ConfigMaps (filled by the test as the agent would) are merged into the parent's in
-input order. An output claim with parallelism is refused naming the field."""
+input order. An output claim with parallelism is refused naming the field. A shard whose node is lost (its FlashNode
+gone: the agent no longer serves it) is placed again on another node and the parent still Succeeds."""
 
 from __future__ import annotations
 
@@ -37,6 +38,26 @@ def test_parallel_job_runs_as_shard_jobs_on_distinct_pairs(ns, kube, control_pla
     kube.delete_job("big")
     wait_for("shard jobs deleted with the parent", lambda: [n for n in shards if kube.job(n) is not None],
              lambda left: not left, timeout=60)
+
+
+def test_a_lost_nodes_shard_is_placed_again_elsewhere_and_the_parent_completes(ns, kube, control_plane):  # noqa: F811
+    nodes = [kube.gpu_node(control_plane, f"l{k}", models=(MODEL,)) for k in range(3)]
+    kube.settle()
+    kube.submit("lost", parallelism=2, input={"prompts": [f"question {i}" for i in range(6)]})
+    shards = ["lost-s0", "lost-s1"]
+    placed = {name: kube.wait_phase(name, "Running") for name in shards}
+    gone = placed["lost-s0"]["node"]
+    assert gone in nodes and placed["lost-s1"]["node"] != gone
+    kube.custom.delete_cluster_custom_object("kubeflash.io", "v1alpha1", "flashnodes", gone)  # the agent is gone
+    moved = wait_for("shard lost-s0 running on another node", lambda: kube.status("lost-s0"),
+                     lambda s: s.get("phase") == "Running" and s.get("node") not in (None, gone), timeout=60)
+    assert moved["node"] in nodes and moved["pod"] != placed["lost-s0"]["pod"]
+    assert [a["reason"] for a in moved.get("attempts") or []] == ["NodeLost"], moved
+    assert kube.status("lost")["phase"] == "Running"
+    for name in shards:
+        kube.end_pod(kube.status(name)["pod"], "Succeeded")
+    s = kube.wait_phase("lost", "Succeeded")
+    assert s["shards"] == {"total": 2, "pending": 0, "running": 0, "succeeded": 2, "failed": 0}
 
 
 def test_output_claim_with_parallelism_is_refused(ns, kube, control_plane):  # noqa: F811
