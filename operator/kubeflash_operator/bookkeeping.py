@@ -1,7 +1,8 @@
 """Who holds which GPU<->SSD pair: one book, owned by the operator's event loop, fed by FlashNode events.
 
 The record of a claim is the FlashNode's `kubeflash.io/claims` annotation (the node's ledger: job -> GPUs, disk,
-KV bytes). It is written only with the FlashNode's resourceVersion as a precondition, so a decision made on a
+KV bytes; a tensor-parallel job's entry adds each rank's disk, its shard bytes and the model). It is written only
+with the FlashNode's resourceVersion as a precondition, so a decision made on a
 stale view, or by a second operator replica, fails with 409 instead of handing out a pair twice. The book keeps
 every FlashNode's view and ledger at the newest resourceVersion seen (watch event or the answer to our own
 write) plus the claims decided but not yet written ("held"), so every placement sees every claim this operator
@@ -36,7 +37,8 @@ def parse_ledger(node: str, body: Mapping[str, Any]) -> dict[str, Claim]:
     for job, e in entries.items() if isinstance(entries, dict) else ():
         try:
             out[job] = Claim(job=job, node=node, gpus=tuple(int(g) for g in e["gpus"]), disk=str(e["disk"]),
-                             kv_bytes=int(e.get("kv") or 0))
+                             kv_bytes=int(e.get("kv") or 0), disks=tuple(str(d) for d in e.get("disks") or ()),
+                             shard_bytes=int(e.get("shard") or 0), model_id=str(e.get("model") or ""))
         except (KeyError, TypeError, ValueError):
             continue
     return out
@@ -44,7 +46,9 @@ def parse_ledger(node: str, body: Mapping[str, Any]) -> dict[str, Claim]:
 
 def ledger_annotation(ledger: Mapping[str, Claim]) -> str:
     """The annotation value for a ledger (sorted, compact: the same ledger always writes the same bytes)."""
-    entries = {job: {"gpus": list(c.gpus), "disk": c.disk, "kv": c.kv_bytes} for job, c in sorted(ledger.items())}
+    entries = {job: {"gpus": list(c.gpus), "disk": c.disk, "kv": c.kv_bytes,
+                     **({"disks": list(c.disks), "shard": c.shard_bytes, "model": c.model_id} if c.disks else {})}
+               for job, c in sorted(ledger.items())}
     return json.dumps(entries, separators=(",", ":"), sort_keys=True)
 
 

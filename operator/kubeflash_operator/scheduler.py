@@ -121,13 +121,34 @@ class NodeView:
 
 @dataclass(frozen=True)
 class Claim:
-    """A placed job's hold on a node: its GPUs and the KV space on its pair's disk."""
+    """A placed job's hold on a node: its GPUs and the KV space on its pair's disk; a tensor-parallel job's claim
+    also names every rank's disk (`disks`, rank order: the disk paired with gpus[k]), the KV bytes it holds on each
+    of them and the bytes of the shard each rank's disk will hold (`shard_bytes`, counted while shard k of
+    `model_id`.tp<len(gpus)> is not yet reported on that disk)."""
 
     job: str  # "ns/name"
     node: str
     gpus: tuple[int, ...]
     disk: str
     kv_bytes: int = 0
+    disks: tuple[str, ...] = ()  # per rank; () means (disk,)
+    shard_bytes: int = 0
+    model_id: str = ""
+
+    def held(self, node: NodeView) -> dict[str, int]:
+        """Bytes this claim takes on each of `node`'s disks beyond what the disks' free space already shows: KV
+        until the agent reports the job's reservation, a shard until the agent reports it on that disk."""
+        out: dict[str, int] = {}
+        disks = self.disks or (self.disk,)
+        tp = len(disks)
+        staged = {(sh.rank, sh.disk) for m in node.models if m.id == self.model_id and m.tensor_parallel == tp
+                  for sh in m.shards if sh.state in _PRESENT}
+        for k, d in enumerate(disks):
+            got = 0 if self.job in node.kv_jobs else self.kv_bytes
+            if tp > 1 and (k, d) not in staged:
+                got += self.shard_bytes
+            out[d] = out.get(d, 0) + got
+        return out
 
 
 @dataclass(frozen=True)
@@ -148,9 +169,13 @@ class Placement:
     disk: str
     staged: bool  # model already Ready on `disk`
     gpus: tuple[int, ...] = ()  # all GPUs held, `gpu` first
+    disks: tuple[str, ...] = ()  # tensor-parallel: the disk paired with each of `gpus` (rank order)
+    shard_bytes: int = 0  # tensor-parallel: bytes of one shard, reserved on each rank's disk until it is staged
+    model_id: str = ""
 
     def claim(self, job: str, kv_bytes: int) -> Claim:
-        return Claim(job=job, node=self.node, gpus=self.gpus or (self.gpu,), disk=self.disk, kv_bytes=kv_bytes)
+        return Claim(job=job, node=self.node, gpus=self.gpus or (self.gpu,), disk=self.disk, kv_bytes=kv_bytes,
+                     disks=self.disks, shard_bytes=self.shard_bytes, model_id=self.model_id)
 
 
 @dataclass(frozen=True)
@@ -202,7 +227,8 @@ def reuse(claim: Claim, request: Request, nodes: Mapping[str, NodeView], *, now:
     if any((g, claim.disk) not in node.pairs for g in claim.gpus[:1]) or claim.disk not in node.disks:
         return None
     copy = node.model(request.model_id, claim.disk)
-    return Placement(node.name, claim.gpus[0], claim.disk, copy is not None and copy.state == "Ready", claim.gpus)
+    return Placement(node.name, claim.gpus[0], claim.disk, copy is not None and copy.state == "Ready", claim.gpus,
+                     disks=claim.disks, shard_bytes=claim.shard_bytes, model_id=claim.model_id)
 
 
 def known_model_bytes(model_id: str, nodes: Iterable[NodeView]) -> int:
@@ -230,21 +256,25 @@ def _node_best(
     free = [(g, d) for g, d in sorted(node.pairs) if g not in busy and d in node.disks]
     if len(free) < request.gpus:
         return NoFit(f"{len(free)} free GPU<->SSD pairs, needs {request.gpus}")
-    best: tuple[tuple, int, str, int] | None = None
+    best: tuple[tuple, int, str, int, tuple[tuple[int, str], ...]] | None = None
     worst = ""
     copies = _copies_by_disk(node, request.model_id)
-    reserved: dict[str, int] = {}  # KV space promised per disk, once per node (not once per pair)
+    reserved: dict[str, int] = {}  # KV (and shard) space promised per disk, once per node (not once per pair)
     for c in mine:
-        if c.job not in node.kv_jobs:
-            reserved[c.disk] = reserved.get(c.disk, 0) + c.kv_bytes
+        for d, n in c.held(node).items():
+            reserved[d] = reserved.get(d, 0) + n
+    tp = request.tensor_parallel
+    shard = -(-model_bytes // tp) if tp > 1 else 0  # a shard is about the model's bytes / N
+    staged = _staged_shards(node, request.model_id, tp)
     for gpu, disk_name in free:
         disk = node.disks[disk_name]
         copy = copies.get(disk_name)
         present = copy is not None and copy.state in _PRESENT
-        need = request.kv_bytes + (0 if present else model_bytes)
+        need = request.kv_bytes + (0 if present else model_bytes) + (0 if (0, disk_name) in staged else shard)
         room = disk.free_bytes - reserved.get(disk_name, 0)
         if room < need:
-            worst = f"disk {disk_name} has {_gib(room)} free, needs {_gib(need)}"
+            if tp <= 1 or not worst:  # a tensor-parallel job keeps the first reason, usually a rank's disk
+                worst = f"disk {disk_name} has {_gib(room)} free, needs {_gib(need)}"
             continue
         rank = 2 if copy is not None and copy.state == "Ready" else 1 if present else 0
         cached = prefix = 0
@@ -255,13 +285,57 @@ def _node_best(
         if request.tensor_parallel > 1:  # a node holding the job's shards first, then the pair score
             score = (-max((m.shards_ready(request.tensor_parallel) for m in node.models if m.id == request.model_id),
                           default=0), *score)
-        if best is None or score < best[0]:
-            best = (score, gpu, disk_name, rank)
+        if tp <= 1:
+            if best is None or score < best[0]:
+                best = (score, gpu, disk_name, rank, ())
+            continue
+        taken = dict(reserved)
+        taken[disk_name] = taken.get(disk_name, 0) + need
+        ranks, why = _other_ranks(request, node, free, gpu, taken, shard, staged)
+        if ranks is None:
+            worst = why
+        elif best is None or score < best[0]:
+            best = (score, gpu, disk_name, rank, ranks)
     if best is None:
         return NoFit(worst)
-    score, gpu, disk_name, rank = best
-    others = tuple(g for g, _ in free if g != gpu)[: request.gpus - 1]
-    return score, Placement(node.name, gpu, disk_name, rank == 2, (gpu, *others))
+    score, gpu, disk_name, rank, ranks = best
+    if tp <= 1:
+        others = tuple(g for g, _ in free if g != gpu)[: request.gpus - 1]
+        return score, Placement(node.name, gpu, disk_name, rank == 2, (gpu, *others))
+    return score, Placement(node.name, gpu, disk_name, rank == 2, (gpu, *(g for g, _ in ranks)),
+                            disks=(disk_name, *(d for _, d in ranks)), shard_bytes=shard, model_id=request.model_id)
+
+
+def _staged_shards(node: NodeView, model_id: str, tp: int) -> set[tuple[int, str]]:
+    """(rank, disk) of the shards of `model_id` cut into `tp` that the node reports on a disk (or being staged)."""
+    if tp <= 1:
+        return set()
+    return {(sh.rank, sh.disk) for m in node.models if m.id == model_id and m.tensor_parallel == tp
+            for sh in m.shards if sh.state in _PRESENT}
+
+
+def _other_ranks(request: Request, node: NodeView, free: Sequence[tuple[int, str]], first: int,
+                 taken: dict[str, int], shard: int, staged: set[tuple[int, str]]
+                 ) -> tuple[tuple[tuple[int, str], ...] | None, str]:
+    """Pairs for ranks 1..N-1 (lowest GPU first) whose disk has room for the rank's KV and its shard, counting what
+    the node's claims and the ranks already chosen take on that disk; (None, why) when fewer than N-1 fit."""
+    out: list[tuple[int, str]] = []
+    why = ""
+    for gpu, disk_name in free:
+        if gpu == first or len(out) == request.tensor_parallel - 1:
+            continue
+        k = len(out) + 1
+        need = request.kv_bytes + (0 if (k, disk_name) in staged else shard)
+        room = node.disks[disk_name].free_bytes - taken.get(disk_name, 0)
+        if room < need:
+            why = (f"disk {disk_name} (GPU {gpu}) has {_gib(room)} free, needs {_gib(need)} for rank {k}'s KV "
+                   f"({_gib(request.kv_bytes)}) and shard ({_gib(need - request.kv_bytes)})")
+            continue
+        taken[disk_name] = taken.get(disk_name, 0) + need
+        out.append((gpu, disk_name))
+    if len(out) < request.tensor_parallel - 1:
+        return None, why or f"{len(out) + 1} GPU<->SSD pairs with room, needs {request.tensor_parallel}"
+    return tuple(out), ""
 
 
 def _copies_by_disk(node: NodeView, model_id: str) -> dict[str, ModelCopy]:

@@ -10,6 +10,7 @@ from datetime import timedelta
 from test_reconcile import CFG, MODEL, apply
 
 from kubeflash_api import contract as c
+from kubeflash_operator.bookkeeping import ledger_annotation, parse_ledger
 from kubeflash_operator.builder import JobRef, build_pod
 from kubeflash_operator.reconcile import Job, World, admit, step
 from kubeflash_operator.scheduler import Claim, node_view
@@ -133,3 +134,57 @@ def test_the_pod_holds_two_gpus_two_shard_volumes_and_a_kv_volume_per_pair():
     env = {e["name"]: e["value"] for e in ctr["env"]}
     assert env[c.ENV_SHARD_DIRS] == "/shards/0:/shards/1" and env[c.ENV_RANK_DIRS] == "/job:/ranks/1"
     assert c.ENV_RING_DIRS not in env  # NCCL between the pod's GPUs
+
+
+# ------------------------------------------------------------------------- disk space on every rank's disk
+
+FOUR = ((0, "nvme0"), (1, "nvme1"), (2, "nvme0"), (3, "nvme1"))  # two pairs per disk
+
+
+def disk_node(pairs=FOUR, free=(30 * GiB,), shards=None):
+    """The model (8 GiB, so a 2-way shard is 4 GiB) Ready on nvme0; `free` bytes per disk."""
+    model = {"id": MODEL, "disk": "nvme0", "state": "Ready", "bytes": 8 * GiB}
+    if shards is not None:
+        model.update(tensorParallel=2, shards=shards)
+    return flashnode("n1", pairs=pairs, free=free, models=[model])
+
+
+def placed(name, kv, w):
+    job = Job("ns", name, f"uid-{name}", job_spec(offload={"tensorParallel": 2}, resources={"kvDisk": kv}), {},
+              created=NOW - timedelta(seconds=3), generation=1)
+    job = apply(job, admit(job, now=NOW).status)
+    return step(job, w, CFG)
+
+
+def test_kv_and_shard_space_is_reserved_on_every_ranks_disk_and_a_second_job_sees_it():
+    """Job a (kvDisk 12Gi, tensorParallel 2) on 4 pairs over 2 disks of 30 GiB: its claim holds 12 GiB KV + a 4 GiB
+    shard on nvme0 and on nvme1, and the ledger keeps that; job b then finds 14 GiB left on each disk and is refused
+    naming the disk; with kvDisk 10Gi both fit (b on GPUs 2 and 3). Staged shards stop counting."""
+    plan = placed("a", "12Gi", world(disk_node()))
+    claim = plan.claim
+    assert (claim.gpus, claim.disks, claim.shard_bytes) == ((0, 1), ("nvme0", "nvme1"), 4 * GiB)
+    view = node_view(disk_node())
+    assert claim.held(view) == {"nvme0": 16 * GiB, "nvme1": 16 * GiB}
+    body = disk_node()
+    body["metadata"]["annotations"] = {"kubeflash.io/claims": ledger_annotation({claim.job: claim})}
+    assert parse_ledger("n1", body) == {claim.job: claim}
+    plan = placed("b", "12Gi", world(disk_node(), claims=[claim]))
+    assert plan.claim is None
+    assert "n1: disk nvme0 has 14.0Gi free, needs 16.0Gi" in plan.status["message"]
+    a = placed("a", "10Gi", world(disk_node())).claim
+    b = placed("b", "10Gi", world(disk_node(), claims=[a])).claim
+    assert (b.gpus, b.disks) == ((2, 3), ("nvme0", "nvme1"))
+    staged = node_view(disk_node(shards=[shard(0), shard(1)]))
+    assert a.held(staged) == {"nvme0": 10 * GiB, "nvme1": 10 * GiB}
+
+
+def test_a_disk_too_small_for_rank_1_refuses_that_pair_naming_the_disk():
+    """Two pairs, nvme1 with 5 GiB free and 10 GiB of KV asked per rank: no fit, the reason names nvme1, rank 1 and
+    what it needs (KV + shard); with a third pair on a roomy disk the job takes GPUs 0 and 2 instead."""
+    plan = placed("a", "10Gi", world(disk_node(pairs=TWO, free=(30 * GiB, 5 * GiB))))
+    assert plan.claim is None
+    assert ("n1: disk nvme1 (GPU 1) has 5.0Gi free, needs 14.0Gi for rank 1's KV (10.0Gi) and shard (4.0Gi)"
+            in plan.status["message"])
+    three = (*TWO, (2, "nvme2"))
+    claim = placed("a", "10Gi", world(disk_node(pairs=three, free=(30 * GiB, 5 * GiB, 30 * GiB)))).claim
+    assert (claim.gpus, claim.disks) == ((0, 2), ("nvme0", "nvme2"))
