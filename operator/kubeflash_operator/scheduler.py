@@ -252,6 +252,13 @@ def _node_best(
         age = "never" if node.heartbeat is None else f"{int((now - node.heartbeat).total_seconds())}s ago"
         return NoFit(f"heartbeat stale (last {age})")
     mine = claims  # the claims on this node
+    tp = request.tensor_parallel
+    other = next((c for c in mine if tp > 1 and c.model_id == request.model_id and len(c.disks) > 1
+                  and len(c.disks) != tp), None)
+    if other is not None:  # the agent keeps one cut per model per node (FlashNode spec.models[].tensorParallel)
+        return NoFit(f"model {request.model_id} is cut into {len(other.disks)} shards here for job {other.job} "
+                     f"(spec.offload.tensorParallel {len(other.disks)}), this job asks spec.offload.tensorParallel "
+                     f"{tp}: one cut per model per node until that job ends")
     busy = {g for c in mine for g in c.gpus}
     free = [(g, d) for g, d in sorted(node.pairs) if g not in busy and d in node.disks]
     if len(free) < request.gpus:
@@ -263,7 +270,6 @@ def _node_best(
     for c in mine:
         for d, n in c.held(node).items():
             reserved[d] = reserved.get(d, 0) + n
-    tp = request.tensor_parallel
     shard = -(-model_bytes // tp) if tp > 1 else 0  # a shard is about the model's bytes / N
     staged = _staged_shards(node, request.model_id, tp)
     for gpu, disk_name in free:

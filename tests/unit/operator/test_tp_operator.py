@@ -188,3 +188,24 @@ def test_a_disk_too_small_for_rank_1_refuses_that_pair_naming_the_disk():
     three = (*TWO, (2, "nvme2"))
     claim = placed("a", "10Gi", world(disk_node(pairs=three, free=(30 * GiB, 5 * GiB, 30 * GiB)))).claim
     assert (claim.gpus, claim.disks) == ((0, 2), ("nvme0", "nvme2"))
+
+
+def test_a_second_cut_of_the_same_model_waits_naming_the_field():
+    """The agent keeps one tensorParallel per model on a node (spec.models[].tensorParallel). While job a holds
+    the model cut in 2 on n1, job b with tensorParallel 3 is not placed there (the reason names the field and job
+    a) and goes to another node; job c with tensorParallel 2 shares n1."""
+    six = tuple((g, f"nvme{g % 2}") for g in range(6))
+    big = (100 * GiB,)
+    a = placed("a", "1Gi", world(disk_node(pairs=six, free=big))).claim
+    job = Job("ns", "b", "uid-b", job_spec(offload={"tensorParallel": 3}), {}, created=NOW, generation=1)
+    job = apply(job, admit(job, now=NOW).status)
+    plan = step(job, world(disk_node(pairs=six, free=big), claims=[a]), CFG)
+    assert plan.claim is None and (f"n1: model {MODEL} is cut into 2 shards here for job ns/a "
+                                   "(spec.offload.tensorParallel 2), this job asks spec.offload.tensorParallel 3"
+                                   in plan.status["message"])
+    other = flashnode("n2", pairs=six, free=big, models=[{"id": MODEL, "disk": "nvme0", "state": "Ready",
+                                                          "bytes": 8 * GiB}])
+    plan = step(job, world(disk_node(pairs=six, free=big), other, claims=[a]), CFG)
+    assert plan.claim.node == "n2" and len(plan.claim.gpus) == 3
+    c = placed("c", "1Gi", world(disk_node(pairs=six, free=big), claims=[a])).claim
+    assert (c.node, c.gpus) == ("n1", (2, 3))
