@@ -29,6 +29,7 @@ from kubeflash_api.quantity import parse_quantity
 DTYPES = ("float16", "bfloat16", "float32")
 QUANTIZATIONS = ("none", "int8", "int4")
 COMPRESSIONS = ("none", "int8", "int4")
+REDUCES = ("auto", "ring")  # spec.offload.reduce: how tensor-parallel ranks sum their partial results
 POLICIES = ("auto", "explicit")
 TIERS = ("gpu", "cpu", "disk")
 MAX_TOKENS = 32768
@@ -124,6 +125,7 @@ class OffloadSpec:
     compression: str = "none"
     sparsity: float | None = None  # target share of FFN activations skipped (engine/sparse.py); None: off, dense
     tensor_parallel: int = 1  # ranks every layer is split over (engine/tensorparallel.py); 1: one process
+    reduce: str = "auto"  # tensor-parallel reduction: auto (NCCL on GPUs, gloo on CPU) | ring (the SSD ring)
     expert_cache: int | str = 0  # MoE hot-expert cache: bytes, or "auto" (engine/moeplan.py sizes it); 0: none
 
 
@@ -356,6 +358,10 @@ OFFLOAD = s.obj(
                                  "streaming its own shard of the weights: 1 runs one process; N must divide the "
                                  "attention heads and the K/V heads (or be a multiple of them).", lo=1, hi=8,
                                  default=1)),
+    ("reduce", s.string("How the tensor-parallel ranks sum their partial results: auto (NCCL between GPUs, gloo "
+                        "on CPU) or ring (the SSD ring: each rank writes to its neighbour's disk; in a cluster pod "
+                        "rank k's ring directory is on its own pair's KV volume). ring needs tensorParallel > 1.",
+                        enum=REDUCES, default="auto")),
     ("expertCache", s.Node("any", "Mixture-of-experts models: memory for a hot-expert cache that keeps the most often "
                                   "routed experts on the compute device across steps, so a hot expert is read from "
                                   "disk once. A quantity of bytes (e.g. 2Gi; 0: no cache) or auto: an eighth of the "
@@ -494,6 +500,8 @@ def _offload(d: dict, path: str) -> OffloadSpec:
             if k not in d:
                 raise SpecError(f"{path}.{k}", "is required when spec.offload.policy is explicit")
     splits = {k: Split(**d[k]) for k in given}
+    if d["reduce"] == "ring" and d["tensorParallel"] <= 1:
+        raise SpecError(f"{path}.reduce", "ring needs spec.offload.tensorParallel > 1 (one ring directory per rank)")
     kv = splits.get("kv", OffloadSpec.kv)
     if explicit:
         if max(kv.gpu, kv.cpu, kv.disk) != 100:
@@ -508,7 +516,7 @@ def _offload(d: dict, path: str) -> OffloadSpec:
                        gpu_batch_size=d.get("gpuBatchSize"), num_gpu_batches=d.get("numGpuBatches"),
                        kv_write_back=d["kvWriteBack"], x_cache=d["xCache"], cpu_attention=d["cpuAttention"],
                        compression=d["compression"], sparsity=d["sparsity"], tensor_parallel=d["tensorParallel"],
-                       expert_cache=d["expertCache"])
+                       reduce=d["reduce"], expert_cache=d["expertCache"])
 
 
 def _output(d: dict, path: str) -> OutputSpec:
@@ -539,7 +547,8 @@ def to_canonical(spec: JobSpec) -> dict[str, Any]:
     offload: dict[str, Any] = {"policy": o.policy, "kvWriteBack": o.kv_write_back, "xCache": o.x_cache,
                                "cpuAttention": o.cpu_attention, "compression": o.compression,
                                "sparsity": "off" if o.sparsity is None else o.sparsity,
-                               "tensorParallel": o.tensor_parallel, "expertCache": o.expert_cache}
+                               "tensorParallel": o.tensor_parallel, "expertCache": o.expert_cache,
+                               **({"reduce": o.reduce} if o.reduce != "auto" else {})}
     if o.policy == "explicit":
         for k in ("weights", "kv", "activations"):
             sp = getattr(o, k)

@@ -7,7 +7,8 @@ kubeflash.io driver on the paired SSD (no hostPath), with spec.cache.prefix also
 its model in its namespace (when the node's agent keeps one), and runs unprivileged. With
 spec.offload.tensorParallel N > 1 it holds N GPUs, mounts shard k of the model read-only at /shards/k (from the disk
 the agent cut it on) and one KV volume per rank on that rank's pair disk (rank 0 at /job/kv, rank k at /ranks/k),
-and names them in KUBEFLASH_SHARD_DIRS / KUBEFLASH_RANK_DIRS (docs/multi-gpu.md).
+and names them in KUBEFLASH_SHARD_DIRS / KUBEFLASH_RANK_DIRS; with spec.offload.reduce ring, KUBEFLASH_RING_DIRS
+names a ring directory inside each rank's KV volume (docs/multi-gpu.md).
 """
 
 from __future__ import annotations
@@ -220,6 +221,8 @@ def _env(job: JobRef, spec: JobSpec, target: PodTarget, device: str) -> list[dic
     if world > 1:  # os.pathsep-separated, one entry per rank (engine/cli_pod.py); rank 0's own dir is the job's
         env[c.ENV_SHARD_DIRS] = ":".join(f"{SHARD_MOUNT}/{k}" for k in range(world))
         env[c.ENV_RANK_DIRS] = ":".join(["/job", *(f"{RANK_MOUNT}/{k}" for k in range(1, world))])
+        if spec.offload.reduce == "ring":  # each rank's ring directory inside its own pair's KV volume
+            env[c.ENV_RING_DIRS] = ":".join(ring_dirs(world))
     if _node_cache(spec, target):
         env[c.ENV_KV_CACHE_DIR] = KV_CACHE_MOUNT
         env[c.ENV_KV_CACHE_BUDGET] = str(target.kv_cache_budget)
@@ -249,6 +252,13 @@ def _csi(attributes: dict[str, str], *, read_only: bool = False) -> dict[str, An
 KV_CACHE_MOUNT = "/kvcache"
 SHARD_MOUNT = "/shards"  # /shards/<rank>: a tensor-parallel rank's shard store, read-only
 RANK_MOUNT = "/ranks"  # /ranks/<rank>, rank >= 1: that rank's KV volume (its progress and KV files)
+
+
+def ring_dirs(world: int) -> list[str]:
+    """spec.offload.reduce ring: rank k's SSD-ring directory, in rank order, inside that rank's KV volume (rank 0's
+    at /job/kv, rank k's at /ranks/k), so each rank's incoming messages land on its own pair's disk; the launcher
+    creates them."""
+    return ["/job/kv/ring", *(f"{RANK_MOUNT}/{k}/ring" for k in range(1, world))]
 
 
 def _world(spec: JobSpec) -> int:

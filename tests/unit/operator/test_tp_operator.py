@@ -209,3 +209,25 @@ def test_a_second_cut_of_the_same_model_waits_naming_the_field():
     assert plan.claim.node == "n2" and len(plan.claim.gpus) == 3
     c = placed("c", "1Gi", world(disk_node(pairs=six, free=big), claims=[a])).claim
     assert (c.node, c.gpus) == ("n1", (2, 3))
+
+
+def test_reduce_ring_gives_each_rank_a_ring_directory_in_its_own_kv_volume():
+    """spec.offload.reduce ring: KUBEFLASH_RING_DIRS names /job/kv/ring (rank 0's KV volume, disk nvme0) and
+    /ranks/1/ring (rank 1's, disk nvme1), in rank order; reduce ring with tensorParallel 1 is refused naming the
+    field."""
+    job = tp_job(offload={"tensorParallel": 2, "reduce": "ring"})
+    assert job.parsed.offload.reduce == "ring"
+    plan = step(job, world(node(shards=[shard(0), shard(1)])), CFG)
+    pod = build_pod(JobRef("ns", "j", "uid-1"), job.parsed, plan.create.target, attempt=1, default_image="img")
+    ctr = pod["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in ctr["env"]}
+    assert env[c.ENV_RING_DIRS] == "/job/kv/ring:/ranks/1/ring"
+    mounts = {m["mountPath"]: m["name"] for m in ctr["volumeMounts"]}
+    vols = {v["name"]: v for v in pod["spec"]["volumes"]}
+    for k, ring in enumerate(env[c.ENV_RING_DIRS].split(":")):
+        mount = ring.rsplit("/", 1)[0]
+        assert vols[mounts[mount]]["csi"]["volumeAttributes"][c.CSI_DISK] == f"nvme{k}"
+    bad = Job("ns", "j", "uid-1", job_spec(offload={"reduce": "ring"}), {}, created=NOW)
+    plan = admit(bad, now=NOW)
+    assert plan.status["phase"] == "Failed"
+    assert plan.status["message"].startswith("spec.offload.reduce ring needs spec.offload.tensorParallel > 1")
