@@ -3,8 +3,9 @@ rescheduled and deleted by the same machinery as any job; the parent is never pl
 shards up in its status.
 
 Pure functions first (names, child bodies, the aggregate status), unit-tested without a cluster; `sync` at the
-end is the one blocking edge a parent's reconcile tick calls (in a thread): list the children by label, create the
-missing ones, write the aggregate status if it changed.
+end is the one blocking edge a parent's reconcile tick calls (in a thread): take the children from the operator's
+shard index (or list them by label), create a bounded batch of the missing ones in parallel, write the aggregate
+status if it changed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -163,32 +165,63 @@ def with_merge(patch: dict[str, Any], status: Mapping[str, Any], waiting: str | 
 # --------------------------------------------------------------------------------------------------- edge
 
 
+CREATE_BATCH = 100  # shard jobs created per parent tick at most (their events wake the next tick)
+CREATE_WORKERS = 8  # in parallel: one create is a round trip, and 1,000 of them in a row hold the parent's status
+
+
+def shard_view(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What `aggregate` reads of a shard job (its name and owners, phase, message, progress counts): the operator's
+    shard index holds this instead of whole bodies (each carries the parent's full spec, its prompts included)."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    progress = status.get("progress") or {}
+    return {"metadata": {"name": meta.get("name", ""), "ownerReferences": [
+                {"uid": r.get("uid"), "controller": r.get("controller")} for r in meta.get("ownerReferences") or []]},
+            "status": {"phase": status.get("phase"), "message": status.get("message"),
+                       "progress": {"promptsDone": progress.get("promptsDone"),
+                                    "promptsTotal": progress.get("promptsTotal")}}}
+
+
 def sync(kube: Any, *, namespace: str, name: str, uid: str, spec: Mapping[str, Any], status: Mapping[str, Any],
-         version: str, generation: int | None, now: datetime) -> tuple[str | None, bool]:
-    """One parent tick (blocking: run in a thread): create the missing shard jobs (a 409 means it exists), then
-    write the aggregate status, conditional on `version` (kube.Conflict if the parent changed since). Returns the
-    parent's new resourceVersion (None when the status already said it) and whether it waits for shard results to
-    merge (nothing wakes it for that: look again soon)."""
+         version: str, generation: int | None, now: datetime,
+         children: Sequence[Mapping[str, Any]] | None = None, created: set[str] | None = None
+         ) -> tuple[str | None, bool]:
+    """One parent tick (blocking: run in a thread): create missing shard jobs (CREATE_BATCH at most, in parallel;
+    a 409 means it exists), then write the aggregate status, conditional on `version` (kube.Conflict if the parent
+    changed since). `children`: the shards as the operator's index shows them (None: listed from the API);
+    `created`: names this operator created already (the index may not show them yet), added to. Returns the
+    parent's new resourceVersion (None when the status already said it) and whether to look again soon (shards
+    left to create, or results to merge: nothing wakes it for those)."""
     from kubernetes.client.exceptions import ApiException
 
     count = parallelism(spec)
-    listed = kube.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
-                                                       label_selector=f"{PARENT_LABEL}={name}")
-    children = [c for c in listed.get("items") or [] if owned(c, uid)]
-    for k in missing(name, count, (c["metadata"]["name"] for c in children)):
+    if children is None:
+        listed = kube.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                           label_selector=f"{PARENT_LABEL}={name}")
+        children = listed.get("items") or []
+    children = [c for c in children if owned(c, uid)]
+    created = set() if created is None else created
+    todo = missing(name, count, [*(c["metadata"]["name"] for c in children), *created])
+
+    def create(k: int) -> None:
         body = child_body(namespace=namespace, parent=name, uid=uid, spec=spec, index=k, count=count)
         try:
             kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
         except ApiException as e:
             if e.status != 409:
                 raise
+        created.add(child_name(name, k))
+
+    created.difference_update(c["metadata"]["name"] for c in children)  # the index shows them: it says from now on
+    if todo:
+        with ThreadPoolExecutor(min(CREATE_WORKERS, len(todo))) as pool:
+            list(pool.map(create, todo[:CREATE_BATCH]))
     patch = aggregate(children, count=count, status=status, now=now, generation=generation)
     out, waiting = (spec.get("output") or {}).get("configMap"), None
     if patch.get("phase") == st.SUCCEEDED and out:
         waiting = _merge_output(kube, namespace, name, uid, spec, count, out["name"])
         patch = with_merge(patch, status, waiting)
     written = kube.patch_job_status(namespace, name, version, patch) if patch else None
-    return written, waiting is not None and not waiting.startswith("!")
+    return written, len(todo) > CREATE_BATCH or (waiting is not None and not waiting.startswith("!"))
 
 
 def _merge_output(kube: Any, namespace: str, name: str, uid: str, spec: Mapping[str, Any], count: int,

@@ -1,6 +1,7 @@
 """shards.py without a cluster: shard job names and bodies (spec without parallelism, spec.shard, the output
 ConfigMap renamed, a controller owner reference to the parent) parse as valid shard specs; the aggregate status
-is a bounded summary with summed progress and the right phase; unchanged status gives no patch."""
+is a bounded summary with summed progress and the right phase (a failed shard fails the parent only once every
+shard is terminal); unchanged status gives no patch; a tick creates a bounded batch of shards and never twice."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from kubeflash_operator.shards import (
     missing,
     owned,
     owner_uids,
+    shard_view,
+    sync,
     with_merge,
 )
 
@@ -99,6 +102,18 @@ def test_parent_keeps_summing_after_a_failure_then_fails_naming_the_failed_shard
     assert "j-s30" not in final["message"] and final["progress"]["promptsDone"] == 78
 
 
+def test_the_shard_index_view_sums_as_the_whole_bodies_do():
+    bodies = []
+    for k, phase in enumerate(["Running", "Failed", "Succeeded"]):
+        body = child_body(namespace="ns", parent="j", uid="u1", spec=SPEC, index=k, count=3)
+        body["status"] = {"phase": phase, "message": f"m{k}", "progress": {"promptsDone": k, "promptsTotal": 3}}
+        bodies.append(body)
+    views = [shard_view(b) for b in bodies]
+    assert aggregate(views, count=3, status={}, now=NOW) == aggregate(bodies, count=3, status={}, now=NOW)
+    assert all(owned(v, "u1") for v in views) and "spec" not in views[0]  # not the parent's prompts again
+    assert len(json.dumps(views[0])) < 300
+
+
 def test_unchanged_status_gives_no_patch():
     kids = [child("Running", 1, 2)]
     patch = aggregate(kids, count=2, status={}, now=NOW)
@@ -128,3 +143,47 @@ def test_succeeded_is_held_until_the_results_are_merged():
     failed = with_merge(done, {}, "!the merged results are 2000000 bytes")
     assert (failed["phase"], failed["reason"], failed["message"]) == ("Failed", "ResultsNotMerged",
                                                                        "the merged results are 2000000 bytes")
+
+
+class RecordingApi:
+    """Stands in for the API server's InferenceJob endpoints (create: 409 for a name it holds) and the status
+    patch; what sync sends is recorded."""
+
+    def __init__(self) -> None:
+        self.custom, self.names, self.patches = self, set(), []
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        from kubernetes.client.exceptions import ApiException
+
+        if body["metadata"]["name"] in self.names:
+            raise ApiException(status=409)
+        self.names.add(body["metadata"]["name"])
+
+    def patch_job_status(self, namespace, name, version, patch):
+        self.patches.append(patch)
+        return str(len(self.patches))
+
+
+def test_sync_creates_a_bounded_batch_per_tick_and_asks_to_come_back():
+    from kubeflash_operator import shards
+
+    api, created = RecordingApi(), set()
+    spec = {**SPEC, "parallelism": 250, "output": None}
+    ticks = []
+    while True:  # the index shows nothing yet: the names it created are remembered, never created twice
+        written, soon = sync(api, namespace="ns", name="j", uid="u1", spec=spec, status={}, version="1",
+                             generation=1, now=NOW, children=[], created=created)
+        ticks.append(len(api.names))
+        if not soon:
+            break
+    assert ticks == [shards.CREATE_BATCH, 2 * shards.CREATE_BATCH, 250] and written == str(len(api.patches))
+    assert api.names == {child_name("j", k) for k in range(250)} == created
+    indexed = [shard_view(child_body(namespace="ns", parent="j", uid="u1", spec=spec, index=k, count=250))
+               for k in range(250)]
+    sync(api, namespace="ns", name="j", uid="u1", spec=spec, status={}, version="1", generation=1, now=NOW,
+         children=indexed, created=created)
+    assert created == set()  # the index says from now on: a shard deleted by hand is created again
+    api.names.discard("j-s7")
+    sync(api, namespace="ns", name="j", uid="u1", spec=spec, status={}, version="1", generation=1, now=NOW,
+         children=[v for v in indexed if v["metadata"]["name"] != "j-s7"], created=created)
+    assert "j-s7" in api.names
