@@ -72,7 +72,27 @@ def write_bundles(model_dir: Path, freq: dict[float, np.ndarray] | None = None) 
     return out
 
 
-class BundleReader:
+class _RowFiles:
+    """Open files (one per layer) of fixed-size rows, read a sorted set of rows with one preadv per run of
+    consecutive ones (read_rows), and count the bytes and reads."""
+
+    fds: list[int]
+    row_elems: int
+    dtype: np.dtype
+
+    def _read(self, layer: int, ids: list[int], base: int, where: str) -> np.ndarray:
+        out, got, n = read_rows(self.fds[layer], ids, self.row_elems, self.dtype, base, where=where)
+        self.bytes_read += got
+        self.reads += n
+        return out
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+class BundleReader(_RowFiles):
     """Reads the bundles of a set of active neurons, one preadv per run of consecutive ones, and counts them."""
 
     def __init__(self, model_dir: Path):
@@ -91,19 +111,10 @@ class BundleReader:
 
     def read(self, layer: int, active: list[int]) -> np.ndarray:
         """[len(active), row_elems] bundles of the sorted neuron ids `active`."""
-        out, got, n = read_rows(self.fds[layer], active, self.row_elems, self.dtype, 0,
-                                where=f"{self.dir}/layer_{layer:03d}.bin")
-        self.bytes_read += got
-        self.reads += n
-        return out
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
+        return self._read(layer, active, 0, f"{self.dir}/layer_{layer:03d}.bin")
 
 
-class GateRows:
+class GateRows(_RowFiles):
     """Reads rows of each layer's gate matrix (w_gate [I, H]) from the stage files, one preadv per run of
     consecutive rows: what a layer whose activation predictor decides needs of the gate."""
 
@@ -121,16 +132,7 @@ class GateRows:
 
     def read(self, layer: int, ids: list[int]) -> np.ndarray:
         """[len(ids), H] gate rows of the sorted neuron ids `ids`."""
-        out, got, n = read_rows(self.fds[layer], ids, self.row_elems, self.dtype, self.entries[layer].offset,
-                                where=f"layer {layer} gate rows")
-        self.bytes_read += got
-        self.reads += n
-        return out
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
+        return self._read(layer, ids, self.entries[layer].offset, f"layer {layer} gate rows")
 
 
 def frequency(model_dir: Path, target: float) -> np.ndarray | None:
