@@ -11,28 +11,14 @@ from __future__ import annotations
 
 import json
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-PYTHON = REPO / ".venv" / "bin" / "python"
-PY = str(PYTHON) if PYTHON.exists() else sys.executable
-
-PROBE = """
-import json, sys
-from kubeflash_node import cli
-code = cli.main(["bench", *sys.argv[1:]])
-print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
-"""
+from cli_probe import dispatch
 
 
 def _bench(tmp_path: Path, *args: str) -> tuple[dict, str]:
-    proc = subprocess.run([PY, "-c", PROBE, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+    return dispatch(tmp_path, "bench", *args)
 
 
 def test_unknown_preset_refused_before_torch(tmp_path):

@@ -7,28 +7,13 @@ imported, several seconds on a loaded machine for a typo. Each case runs the rea
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-PYTHON = REPO / ".venv" / "bin" / "python"
-PY = str(PYTHON) if PYTHON.exists() else sys.executable
-
-PROBE = """
-import json, sys
-from kubeflash_node import cli
-code = cli.main(["calibrate", *sys.argv[1:]])
-print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
-"""
+from cli_probe import dispatch
 
 
 def _calibrate(tmp_path: Path, *args: str) -> tuple[dict, str]:
-    proc = subprocess.run([PY, "-c", PROBE, *args, "--store", str(tmp_path / "store")], capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+    return dispatch(tmp_path, "calibrate", *args, "--store", str(tmp_path / "store"))
 
 
 def test_missing_text_refused_before_torch(tmp_path):

@@ -9,26 +9,10 @@ dispatcher in a fresh interpreter in an empty working directory.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-PYTHON = REPO / ".venv" / "bin" / "python"
-PY = str(PYTHON) if PYTHON.exists() else sys.executable
-
-PROBE = """
-import json, sys
-from kubeflash_node import cli
-try:
-    code = cli.main(["run", *sys.argv[1:]])
-except SystemExit as e:
-    code = e.code
-print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
-"""
+from cli_probe import dispatch
 
 
 def _manifest(tmp_path: Path, uri: str) -> Path:
@@ -41,11 +25,7 @@ def _manifest(tmp_path: Path, uri: str) -> Path:
 def _run(tmp_path: Path, *args: str) -> tuple[dict, str]:
     work = tmp_path / "work"
     work.mkdir()
-    proc = subprocess.run([PY, "-c", PROBE, *args, "--store", str(tmp_path / "store")], capture_output=True,
-                          text=True, timeout=120, cwd=work)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return result, proc.stderr
+    return dispatch(work, "run", *args, "--store", str(tmp_path / "store"))
 
 
 @pytest.mark.parametrize(("uri", "expected"), [
