@@ -77,6 +77,18 @@ def _reference(model, new: int) -> list[int]:
     return out[0, len(PROMPT):].tolist()
 
 
+def _assert_prefill_matches(store, ffn, ref) -> None:
+    """The streamed sparse engine's last-position prefill logits equal the masked transformers reference's."""
+    e = Engine(store, policy=STREAM, sparsity=ffn)
+    try:
+        logits = e.prefill_logits([PROMPT])
+    finally:
+        e.close()
+    with torch.no_grad():
+        want = ref(torch.tensor([PROMPT])).logits[:, -1]
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+
+
 def test_sparsity_off_and_zero_are_the_dense_tokens(tiny):
     """Without sparsity the streamed engine gives transformers' greedy tokens; at target 0 (every non-zero
     activation kept) the bundles replace the skipped up/down matrices and the tokens are the same."""
@@ -97,14 +109,7 @@ def test_sparse_logits_equal_transformers_with_the_same_neurons_masked(tiny):
     model, store = tiny
     ffn = _ffn(store, TARGET)
     ref = _masked(copy.deepcopy(model), ffn.thresholds)
-    e = Engine(store, policy=STREAM, sparsity=ffn)
-    try:
-        logits = e.prefill_logits([PROMPT])
-    finally:
-        e.close()
-    with torch.no_grad():
-        want = ref(torch.tensor([PROMPT])).logits[:, -1]
-    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+    _assert_prefill_matches(store, ffn, ref)
     tokens, _ = _generate(store, _ffn(store, TARGET), new=6)
     assert tokens == _reference(ref, 6)
 
@@ -291,14 +296,7 @@ def test_predictor_reads_only_predicted_gate_rows_and_matches_its_mask(predicted
         return forward
     for j, (layer, tau) in enumerate(zip(ref.model.layers, ffn.thresholds)):
         layer.mlp.forward = forward_of(layer.mlp, tau, j)
-    e = Engine(store, policy=STREAM, sparsity=ffn)
-    try:
-        logits = e.prefill_logits([PROMPT])
-    finally:
-        e.close()
-    with torch.no_grad():
-        want = ref(torch.tensor([PROMPT])).logits[:, -1]
-    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+    _assert_prefill_matches(store, ffn, ref)
     tokens, e2 = _generate(store, _ffn(store, TARGET, window=0), new=6)
     assert tokens == _reference(ref, 6)
     c = ModelConfig.from_dict(load_manifest(store).config)
