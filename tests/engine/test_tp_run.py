@@ -112,6 +112,13 @@ def test_tiny_llama_gqa_tp2_matches_one_process(tmp_path, tiny_llama, store_root
     assert (shards[0] / "manifest.json").stat().st_mtime_ns == mtime  # reused, not cut again
     assert all(d.is_dir() and not list(d.iterdir()) for d in rings)  # no ring message left behind
 
+    # spec.offload.reduce: ring in the manifest is what `kubeflash run` uses when --reduce is not given
+    by_spec = _run([str(_job(tmp_path / "ring.yaml", str(tiny_llama), synthetic=syn, tp=2, reduce="ring")),
+                    "--job-dir", str(tmp_path / "j5")], tmp_path, store_root)
+    assert by_spec.returncode == 0, by_spec.stderr
+    assert "tensor parallel: 2 ranks, reduce ring" in by_spec.stdout
+    assert _lines(tmp_path / "j5" / "results.jsonl") == base
+
     # a shard from another version of the store: refused, naming the shard directory
     m = json.loads((shards[1] / "manifest.json").read_text())
     m["extra"]["tensor_parallel"]["source_manifest_sha256"] = "0" * 64

@@ -38,9 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel", type=int_range(1), metavar="N",
                    help="split every layer over N rank processes, each streaming its own shard of the store "
                         "(overrides spec.offload.tensorParallel; docs/multi-gpu.md)")
-    p.add_argument("--reduce", default="auto", choices=("auto", "gloo", "ring", "nccl"),
+    p.add_argument("--reduce", choices=("auto", "gloo", "ring", "nccl"),
                    help="how the ranks sum their partial results: gloo (CPU), nccl (GPUs), ring (files in one "
-                        "directory per rank, the SSD ring); auto: gloo on CPU, nccl on GPUs")
+                        "directory per rank, the SSD ring); auto: gloo on CPU, nccl on GPUs (default: the "
+                        "manifest's spec.offload.reduce)")
     p.add_argument("--ring-dir", type=Path, action="append", metavar="DIR",
                    help="rank R's ring directory, given once per rank in rank order (--reduce ring; default: "
                         "<job dir>/tp/ring<R>)")
@@ -92,7 +93,8 @@ def main(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         dtype = "float32" if device == "cpu" else spec.model.dtype
         tp, tp_field = _tensor_parallel(args, spec)
-        reduce = check_request(tp, reduce=args.reduce, ring_dirs=args.ring_dir, device=device, field=tp_field)
+        reduce = check_request(tp, reduce=args.reduce or spec.offload.reduce, ring_dirs=args.ring_dir, device=device,
+                               field=tp_field)
         model_dir, manifest = _model(spec, dtype=dtype, root=args.store or DEFAULT_ROOT, quiet=args.quiet)
         if tp > 1:  # refused before any process starts; the ranks are processes of their own (engine/tplaunch.py)
             check_job(spec, ModelConfig.from_dict(manifest.config), tp, field=tp_field)
