@@ -14,6 +14,15 @@ reads the most routed experts into the budget before the first step, so the hot 
 directory cannot be written (a pod's read-only CSI model volume), `RoutingFiles` writes the counts to
 `<job dir>/routing.json` instead (same format, same crash-safe write), and a later run can be seeded from that file
 explicitly (`kubeflash run --routing-from FILE`, `Engine(routing_seed=...)`).
+
+Expert prefetch (on unless `Policy.expert_prefetch` is off): before a MoE layer's attention runs, model.llama_layer
+applies that layer's router to the hidden state entering the layer (attention changes the residual stream little)
+and hands the predicted experts to `RoutedWeights.prefetch`, which starts their reads on the reader pool while
+attention computes (`EarlyReads`: a plain disk read, no hot-cache bookkeeping yet). When the true router has run,
+`want` takes the predicted reads it needs over (the hot cache then counts and keeps them exactly as it does an
+on-demand read) and reads only the mispredicted experts on demand; a predicted expert never routed is counted as
+bytes read for nothing when the stage is released (`finish`). The expert tensors are the same bytes either way, so
+outputs do not change. `PrefetchStats` holds the hit rate and the unused bytes for the run report.
 """
 
 from __future__ import annotations
@@ -67,6 +76,39 @@ def expert_ranges(entry: FileEntry) -> tuple[int, dict[int, tuple[int, int]]]:
     return prefix, ranges
 
 
+@dataclass
+class PrefetchStats:
+    """Expert prefetch over a run: `routed` experts picked by the routers (once per streamed layer use), `hits` of
+    them predicted before attention, `issued` prefetch reads started (`bytes`), `unused` of those never routed
+    (`unused_bytes`: read for nothing)."""
+
+    routed: int = 0
+    hits: int = 0
+    issued: int = 0
+    bytes: int = 0
+    unused: int = 0
+    unused_bytes: int = 0
+
+    def describe(self) -> dict:
+        """The run report's `expert_prefetch` entry."""
+        return {"routed": self.routed, "predicted_hits": self.hits,
+                "hit_rate": self.hits / self.routed if self.routed else 0.0, "reads_issued": self.issued,
+                "bytes_prefetched": self.bytes, "unused_reads": self.unused, "bytes_unused": self.unused_bytes}
+
+
+@dataclass
+class EarlyReads:
+    """The streamer's side of one stage's expert prefetch: `fetch(j)` reads expert j from disk (no hot-cache
+    bookkeeping), `kept(j)` says it is in the hot cache (nothing to read), `confirm(j, tensors)` counts a routed
+    prefetched expert in the hot cache as an on-demand read is counted (returns the tensors to use), `nbytes(j)`."""
+
+    fetch: Callable[[int], dict[str, torch.Tensor]]
+    kept: Callable[[int], bool]
+    confirm: Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    nbytes: Callable[[int], int]
+    stats: PrefetchStats
+
+
 class RoutedWeights(dict):
     """A layer's weights whose experts are read on first use: `load(j)` returns expert j's tensors by name
     (already on the compute device, dequantized); they stay for the rest of this stage's use. `want` issues the
@@ -75,13 +117,54 @@ class RoutedWeights(dict):
     others' reads are still in flight."""
 
     def __init__(self, base: dict[str, torch.Tensor], load: Callable[[int], dict[str, torch.Tensor]],
-                 pool: Executor | None = None):
+                 pool: Executor | None = None, early: EarlyReads | None = None):
         super().__init__(base)
-        self._load, self._pool = load, pool
+        self._load, self._pool, self._io = load, pool, early
         self._have: set[int] = set()
         self._pending: dict[int, Future] = {}
+        self._early: dict[int, Future] = {}  # prefetched, not (yet) routed
+        self._confirm: set[int] = set()  # pending reads that started early: the hot cache counts them on arrival
+        self._predicted: set[int] = set()
+        self._routed: set[int] = set()
+
+    @property
+    def prefetching(self) -> bool:
+        """Whether `prefetch` reads ahead (model.llama_layer then predicts this layer's experts before attention)."""
+        return self._io is not None and self._pool is not None
+
+    def prefetch(self, experts: Iterable[int]) -> None:
+        """Start reading the predicted `experts` (those neither held, in flight nor in the hot cache); returns."""
+        for j in experts:
+            self._predicted.add(j)
+            if j in self._have or j in self._pending or j in self._early or self._io.kept(j):
+                continue
+            self._early[j] = self._pool.submit(self._io.fetch, j)
+            self._io.stats.issued += 1
+            self._io.stats.bytes += self._io.nbytes(j)
+
+    def finish(self) -> None:
+        """The stage is done: prefetched experts never routed are read for nothing (cancelled if not started)."""
+        stats = self._io.stats if self._io is not None else None
+        for j, fut in self._early.items():
+            if fut.cancel():
+                stats.issued -= 1
+                stats.bytes -= self._io.nbytes(j)
+            else:
+                stats.unused += 1
+                stats.unused_bytes += self._io.nbytes(j)
+        self._early.clear()
 
     def want(self, experts: Iterable[int]) -> None:
+        experts = list(experts)
+        if self._io is not None:
+            new = [j for j in experts if j not in self._routed]
+            self._routed.update(new)
+            self._io.stats.routed += len(new)
+            self._io.stats.hits += sum(j in self._predicted for j in new)
+            for j in experts:
+                if j in self._early:
+                    self._pending[j] = self._early.pop(j)
+                    self._confirm.add(j)
         missing = [j for j in experts if j not in self._have and j not in self._pending]
         if self._pool and len(missing) > 1:
             for j in missing:
@@ -95,6 +178,9 @@ class RoutedWeights(dict):
         j = expert_of(name)
         if j is not None and j in self._pending:
             tensors = self._pending.pop(j).result()
+            if j in self._confirm:
+                self._confirm.discard(j)
+                tensors = self._io.confirm(j, tensors)
             self._have.add(j)
             self.update(tensors)
         elif j is not None and j not in self._have:

@@ -102,7 +102,8 @@ class Engine:
             task_bytes=policy.io_task_bytes, backend=policy.io_backend, timings=self.timings,
             routed_experts=not policy.all_experts, expert_cache_bytes=policy.expert_cache_bytes,
             skip_tensors=sparsity.skip_tensors if sparsity is not None else None,
-            routing=RoutingFiles(self.dir, job_dir, routing_seed))  # MoE counts: model dir, else the job dir
+            routing=RoutingFiles(self.dir, job_dir, routing_seed),  # MoE counts: model dir, else the job dir
+            expert_prefetch=policy.expert_prefetch)
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cache_bytes": 0,
                       "generated_tokens": 0, "block_setup_s": 0.0}
         self.prefix = prefix_cache.bind(self) if prefix_cache is not None else None

@@ -301,6 +301,13 @@ def mlp(c: ModelConfig, w: dict, h: torch.Tensor) -> torch.Tensor:
     return F.linear(gate.mul_(F.linear(h, w["w_up"], w.get("b_up"))), w["w_down"], w.get("b_down"))
 
 
+def predict_experts(c: ModelConfig, w: dict, h: torch.Tensor) -> list[int]:
+    """The experts a layer's router picks for `h` ([B, S, H]): given the layer's input (normalized as the MLP's input
+    is) instead of its post-attention state, a guess of the experts `moe` will route to, made before attention."""
+    return torch.topk(F.linear(h.reshape(-1, h.shape[-1]), w["router"]), c.num_experts_per_tok, dim=-1) \
+        .indices.unique().tolist()
+
+
 def moe(c: ModelConfig, w: dict, h: torch.Tensor) -> torch.Tensor:
     """Mixture of experts (Mixtral, Qwen3-MoE), routed as transformers routes: softmax of the router's logits in
     float32, the num_experts_per_tok largest, renormalized to sum 1 when norm_topk_prob; each routed expert (a
@@ -342,6 +349,8 @@ def llama_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, r
             return _local_rope(c, batch, "prefix", batch.prefix_positions, rope[0].dtype)
         return batch.rope_at(batch.prefix_positions)
 
+    if getattr(w, "prefetching", False):  # streamed experts (experts.RoutedWeights): read the likely ones during attention
+        w.prefetch(predict_experts(c, w, norm(c, x, w["mlp_norm"])))
     h = norm(c, x, w["attn_norm"])
     q = split_heads(F.linear(h, w["wq"], w.get("bq")), c.num_heads, c.head_dim)
     q = _rotate(norm(c, q, w["q_norm"]) if c.qk_norm else q, rope)

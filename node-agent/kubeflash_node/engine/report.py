@@ -44,6 +44,9 @@ def build_report(engine) -> dict:
         "weights_in_flight_max_gb": (engine.policy.prefetch + 1) * max(f.size for f in m.files.values()) / GB,
     }
     report["total_throughput_tok_s"] = report["generated_tokens"] / total_s if total_s else 0.0
+    prefetch = getattr(engine.streamer, "expert_prefetch", None)  # MoE: experts predicted and read during attention
+    if prefetch is not None:
+        report["expert_prefetch"] = prefetch.describe()
     if getattr(engine, "prefix_cache", None) is not None:  # hits, misses, blocks/bytes read/written/evicted, saved
         report["prefix_cache"] = engine.prefix_cache.report()
     return report
@@ -73,6 +76,11 @@ def format_report(r: dict) -> str:
         ("total latency / throughput", f"{r['total_latency_s']:.3f} s / {r['total_throughput_tok_s']:.3f} token/s"),
         ("block setup (KV allocation)", f"{r['block_setup_s']:.3f} s"),
     ]
+    ep = r.get("expert_prefetch")
+    if ep:
+        rows.append(("expert prefetch (hit rate / unused)", f"{ep['hit_rate']:.1%} of {ep['routed']} routed experts "
+                     f"predicted / {ep['unused_reads']} reads, {ep['bytes_unused'] / GB:.3f} of "
+                     f"{ep['bytes_prefetched'] / GB:.3f} GB prefetched unused"))
     pc = r.get("prefix_cache")
     if pc and pc["active"]:
         node = pc.get("node") or {}

@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from ..store.format import Manifest
-from .experts import ExpertCache, RoutedWeights, RoutingFiles, expert_of, expert_ranges
+from .experts import EarlyReads, ExpertCache, PrefetchStats, RoutedWeights, RoutingFiles, expert_of, expert_ranges
 from .io import make_reader
 from .pinned import empty as pinned_empty
 from .quant import QuantSpec, dequantize_named
@@ -49,7 +49,8 @@ class WeightStreamer:
     def __init__(self, model_dir: Path, manifest: Manifest, *, device: torch.device, dtype: torch.dtype,
                  placement: list[str], order: Iterator[int], prefetch: int = 2, threads: int = 4,
                  task_bytes: int = 16 << 20, backend: str = "auto", timings=None, routed_experts: bool = True,
-                 expert_cache_bytes: int = 0, skip_tensors=None, routing: RoutingFiles | None = None):
+                 expert_cache_bytes: int = 0, skip_tensors=None, routing: RoutingFiles | None = None,
+                 expert_prefetch: bool = False):
         self.dir, self.m, self.device, self.dtype = Path(model_dir), manifest, device, dtype
         self.placement, self.order, self.prefetch = placement, order, prefetch
         self.task_bytes, self.timings = task_bytes, timings
@@ -69,6 +70,8 @@ class WeightStreamer:
         self.routed = {i: r for i in sorted(self.streamed) if routed_experts and placement[i] == "disk"
                        for r in [expert_ranges(self.m.files[self.m.stages[i]])] if r[1]}
         self.expert_cache = ExpertCache(expert_cache_bytes) if self.routed else None  # budget 0: counts only
+        self.expert_prefetch = PrefetchStats() if expert_prefetch and self.routed else None  # experts.py
+        self.live: RoutedWeights | None = None  # the routed stage computing now (its unused prefetches counted later)
         self.routing = routing or RoutingFiles(self.dir)  # where the counts come from and go (experts.py)
         if self.expert_cache:  # an earlier run's routing counts: the hot experts are read before the first step
             self.expert_cache.warm_start(self.routing.load(self.m, self.routed), lambda k: self._read_expert(*k))
@@ -92,6 +95,9 @@ class WeightStreamer:
     def get(self, stage: int) -> dict[str, torch.Tensor]:
         """Weights of `stage` on the compute device; frees the previous streamed stage's slot."""
         self._release_current()
+        if self.live is not None:
+            self.live, live = None, self.live
+            live.finish()
         if stage not in self.streamed:
             self._fill()
             return self.resident[stage]
@@ -110,6 +116,9 @@ class WeightStreamer:
         return self._views(stage, slot.dev if self.cuda else slot.host)
 
     def close(self) -> None:
+        if self.live is not None:
+            self.live, live = None, self.live
+            live.finish()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.task_pool.shutdown(wait=True, cancel_futures=True)
         if self.expert_cache and self.expert_cache.hits + self.expert_cache.misses:
@@ -186,7 +195,14 @@ class WeightStreamer:
         routed, skip = stage in self.routed, self.skip_tensors[stage] if stage in self.partial else ()
         out = self._typed(buf, {n: e for n, e in self.m.files[self.m.stages[stage]].tensors.items()
                                 if not (routed and expert_of(n) is not None) and n not in skip})
-        return RoutedWeights(out, lambda j: self._read_expert(stage, j), self.task_pool) if routed else out
+        if not routed:
+            return out
+        early = EarlyReads(lambda j: self._fetch_expert(stage, j), lambda j: self._kept(stage, j),
+                           lambda j, t: self._confirm_expert(stage, j, t),
+                           lambda j: self.routed[stage][1][j][1] - self.routed[stage][1][j][0],
+                           self.expert_prefetch) if self.expert_prefetch else None
+        self.live = RoutedWeights(out, lambda j: self._read_expert(stage, j), self.task_pool, early)
+        return self.live
 
     def _typed(self, buf: torch.Tensor, entries: dict, base: int = 0) -> dict[str, torch.Tensor]:
         """Views of `entries` in `buf` (which holds the file from byte `base`), dequantized / cast as stored."""
@@ -212,6 +228,28 @@ class WeightStreamer:
             if self.timings is not None:
                 self.timings.add("expert_cache_hit", 0.0)
             return kept
+        return self._keep(stage, j, self._fetch_expert(stage, j))
+
+    def _kept(self, stage: int, j: int) -> bool:
+        with self.lock:
+            return bool(self.expert_cache) and (stage, j) in self.expert_cache.kept
+
+    def _confirm_expert(self, stage: int, j: int, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A prefetched expert the router picked: counted and kept by the hot cache as an on-demand read is."""
+        with self.lock:
+            kept = self.expert_cache.get((stage, j)) if self.expert_cache else None
+        if kept is not None and self.timings is not None:
+            self.timings.add("expert_cache_hit", 0.0)
+        return kept if kept is not None else self._keep(stage, j, out)
+
+    def _keep(self, stage: int, j: int, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.expert_cache:
+            with self.lock:
+                self.expert_cache.offer((stage, j), out)
+        return out
+
+    def _fetch_expert(self, stage: int, j: int) -> dict[str, torch.Tensor]:
+        """Expert j's contiguous bytes read from disk, typed on the compute device (no hot-cache bookkeeping)."""
         name = self.m.stages[stage]
         start, end = self.routed[stage][1][j]
         t0 = time.perf_counter()
@@ -220,11 +258,7 @@ class WeightStreamer:
         buf = host.to(self.device) if self.cuda else host  # synchronous: the host buffer is dropped after
         if self.timings is not None:
             self.timings.add("load_expert", time.perf_counter() - t0, bytes=end - start)  # not a layer's read
-        out = self._typed(buf, {n: e for n, e in self.m.files[name].tensors.items() if expert_of(n) == j}, start)
-        if cache:
-            with self.lock:
-                cache.offer((stage, j), out)
-        return out
+        return self._typed(buf, {n: e for n, e in self.m.files[name].tensors.items() if expert_of(n) == j}, start)
 
     def _load_resident(self) -> None:
         """Read resident stages once: 'gpu' ones onto the device, 'cpu' ones into host memory (pinned on CUDA)."""
