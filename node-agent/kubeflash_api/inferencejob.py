@@ -35,6 +35,7 @@ TIERS = ("gpu", "cpu", "disk")
 MAX_TOKENS = 32768
 MAX_PROMPTS = 100_000
 MAX_PARALLELISM = 1000
+MAX_INLINE_PROMPTS = 1024  # spec.input.prompts
 
 # ------------------------------------------------------------------------------------------------ types
 
@@ -155,6 +156,7 @@ class ShardSpec:
 
     index: int
     count: int
+    prompt_index: tuple[int, ...] | None = None  # inline prompts: each one's index in the parent's (ids prompt-<i>)
 
 
 @dataclass(frozen=True)
@@ -294,7 +296,8 @@ INPUT = s.obj(
     "The prompts: inline, synthetic, or a JSONL file in the OpenAI batch input format (one request a line). "
     "Exactly one of prompts, file, configMap or synthetic.",
     ("prompts", s.array("Chat prompts, one user message each; their custom_ids are prompt-0, prompt-1, …",
-                        s.string("One user message.", min_len=1, max_len=65536), min_len=1, max_len=1024)),
+                        s.string("One user message.", min_len=1, max_len=65536), min_len=1,
+                        max_len=MAX_INLINE_PROMPTS)),
     ("file", s.string("A JSONL file in the OpenAI batch input format, relative to the root of input.pvc in a "
                       "cluster, or to the manifest's folder with kubeflash run; '..' and absolute paths are refused.",
                       min_len=1, max_len=1024, check=_relative)),
@@ -408,6 +411,12 @@ SPEC = s.obj(
                     "index of count (sha256 of custom_id mod count).",
                     ("index", s.integer("This shard's number, 0-based.", lo=0, hi=MAX_PARALLELISM - 1)),
                     ("count", s.integer("How many shards the prompts are split into.", lo=1, hi=MAX_PARALLELISM)),
+                    ("promptIndex", s.array("With inline prompts: the index in the parent job's spec.input.prompts "
+                                            "of each of this job's spec.input.prompts (the operator copies only the "
+                                            "shard's own prompts), so they keep their custom_ids prompt-<index>.",
+                                            s.integer("An index in the parent's spec.input.prompts.", lo=0,
+                                                      hi=MAX_INLINE_PROMPTS - 1),
+                                            min_len=1, max_len=MAX_INLINE_PROMPTS)),
                     required=("index", "count"),
                     rules=(("self.index < self.count", "index must be less than count"),), check=_shard)),
     required=("model", "input"),
@@ -440,11 +449,12 @@ def parse_job_spec(spec: Any, *, name: str, namespace: str, path: str = "spec") 
     """An InferenceJob's spec -> JobSpec, or a SpecError naming the first bad field."""
     d = s.parse(SPEC, spec, path)
     off = _offload(d["offload"], f"{path}.offload")
+    shard = _shard_spec(d, path)
     return JobSpec(
         name=name, namespace=namespace,
         model=ModelSpec(**{"uri": d["model"]["uri"], "dtype": d["model"]["dtype"],
                            "quantization": d["model"]["quantization"]}),
-        input=_input(d["input"], f"{path}.input"),
+        input=_input(d["input"], f"{path}.input", shard.prompt_index if shard else None),
         generation=GenerationSpec(max_new_tokens=d["generation"]["maxNewTokens"],
                                   temperature=d["generation"]["temperature"], top_p=d["generation"]["topP"],
                                   seed=d["generation"]["seed"], stop=tuple(d["generation"]["stop"])),
@@ -453,7 +463,7 @@ def parse_job_spec(spec: Any, *, name: str, namespace: str, path: str = "spec") 
         resources=ResourcesSpec(gpus=d["resources"]["gpus"], gpu_memory=d["resources"].get("gpuMemory"),
                                 cpu_memory=d["resources"].get("cpuMemory"), kv_disk=d["resources"]["kvDisk"]),
         backoff_limit=d["backoffLimit"], image=d.get("image"), cache=CacheSpec(prefix=d["cache"]["prefix"]),
-        parallelism=d["parallelism"], shard=_shard_spec(d, path))
+        parallelism=d["parallelism"], shard=shard)
 
 
 def _shard_spec(d: dict, path: str) -> ShardSpec | None:
@@ -462,18 +472,30 @@ def _shard_spec(d: dict, path: str) -> ShardSpec | None:
     if d["parallelism"] > 1:
         raise SpecError(f"{path}.shard", f"is set by the operator on shard jobs and cannot be combined with "
                                          f"{path}.parallelism > 1 (got {d['parallelism']})")
-    return ShardSpec(index=d["shard"]["index"], count=d["shard"]["count"])
+    where = d["shard"].get("promptIndex")
+    if where is not None:
+        inline = d["input"].get("prompts")
+        if inline is None:
+            raise SpecError(f"{path}.shard.promptIndex", "is only used with inline prompts (spec.input.prompts)")
+        if len(where) != len(inline):
+            raise SpecError(f"{path}.shard.promptIndex", f"must have one entry per spec.input.prompts entry "
+                                                         f"({len(inline)}), got {len(where)}")
+        if len(set(where)) != len(where):
+            raise SpecError(f"{path}.shard.promptIndex", "must not repeat an index")
+    return ShardSpec(index=d["shard"]["index"], count=d["shard"]["count"],
+                     prompt_index=None if where is None else tuple(where))
 
 
-def _input(d: dict, path: str) -> InputSpec:
+def _input(d: dict, path: str, where: tuple[int, ...] | None = None) -> InputSpec:
     given = [k for k in ("prompts", "file", "configMap", "synthetic") if k in d]
     if len(given) != 1:
         raise SpecError(path, f"needs exactly one of prompts, file, configMap or synthetic, got {given or 'none'}")
     if "pvc" in d and "file" not in d:
         raise SpecError(f"{path}.pvc", "is only used together with file")
     if "prompts" in d:
+        at = range(len(d["prompts"])) if where is None else where
         prompts = tuple(Prompt(id=f"prompt-{i}", messages=({"role": "user", "content": p},))
-                        for i, p in enumerate(d["prompts"]))
+                        for i, p in zip(at, d["prompts"]))
         return InputSpec(prompts=prompts)
     if "synthetic" in d:
         syn = Synthetic(d["synthetic"]["count"], d["synthetic"]["promptLength"])
@@ -578,6 +600,8 @@ def to_canonical(spec: JobSpec) -> dict[str, Any]:
         out["parallelism"] = spec.parallelism
     if spec.shard is not None:
         out["shard"] = {"index": spec.shard.index, "count": spec.shard.count}
+        if spec.shard.prompt_index is not None:
+            out["shard"]["promptIndex"] = list(spec.shard.prompt_index)
     return out
 
 

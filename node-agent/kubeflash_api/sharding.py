@@ -23,3 +23,17 @@ def shard_of(custom_id: str, count: int) -> int:
 def shard_prompts(prompts: Iterable[Prompt], shard: ShardSpec) -> tuple[Prompt, ...]:
     """The prompts of `shard`, in input order."""
     return tuple(p for p in prompts if shard_of(p.id, shard.count) == shard.index)
+
+
+def inline_split(n: int, count: int) -> list[list[int]]:
+    """Which of `n` inline prompts (custom_ids prompt-0 .. prompt-<n-1>) each of `count` shards runs: their indices,
+    in input order. The operator copies only these into a shard job (spec.shard.promptIndex keeps their ids)."""
+    out: list[list[int]] = [[] for _ in range(count)]
+    for i in range(n):
+        out[shard_of(f"prompt-{i}", count)].append(i)
+    return out
+
+
+def part_path(path: str, index: int, count: int) -> str:
+    """Shard `index` of `count`'s results file beside the job's spec.output.path: <path>.part-<index>-of-<count>."""
+    return f"{path}.part-{index}-of-{count}"

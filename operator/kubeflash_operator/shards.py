@@ -19,6 +19,7 @@ from typing import Any
 
 from kubeflash_api import SpecError, parse_job_spec
 from kubeflash_api.batch import parse_batch
+from kubeflash_api.sharding import inline_split
 from kubeflash_operator import status as st
 from kubeflash_operator.builder import JOB_LABEL, MANAGED_BY, owner_reference
 from kubeflash_operator.timefmt import format_time
@@ -26,7 +27,7 @@ from kubeflash_operator.timefmt import format_time
 PARENT_LABEL = "kubeflash.io/parent"  # on every shard job: the parent job's name
 GROUP, VERSION, PLURAL = "kubeflash.io", "v1alpha1", "inferencejobs"
 RESULTS_KEY = "results.jsonl"  # the key the node agent fills in a job's output ConfigMap
-CONFIGMAP_LIMIT = 1000 << 10  # a ConfigMap holds at most 1 MiB in all
+CONFIGMAP_LIMIT = 1 << 20  # the merged ConfigMap, whole object as sent (the API refuses data over 1 MiB)
 
 
 def child_name(parent: str, index: int) -> str:
@@ -41,12 +42,23 @@ def parallelism(spec: Mapping[str, Any]) -> int:
 
 
 def child_body(*, namespace: str, parent: str, uid: str, spec: Mapping[str, Any], index: int,
-               count: int) -> dict[str, Any]:
+               count: int, split: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
     """Shard `index` of `count`: the parent's spec without parallelism, with spec.shard, its output ConfigMap
-    renamed <cm>-s<index>; owned by the parent (controller, blockOwnerDeletion), so deleting the parent deletes it."""
-    child = copy.deepcopy(dict(spec))
-    child.pop("parallelism", None)
+    renamed <cm>-s<index>; owned by the parent (controller, blockOwnerDeletion), so deleting the parent deletes it.
+    Inline prompts: only the shard's own (`split`: sharding.inline_split of the parent's, computed once per tick),
+    their parent indices in spec.shard.promptIndex so their custom_ids stay prompt-<i>. A shard that owns none
+    carries the parent's first prompt (the CRD wants at least one), which the engine's shard filter drops. A file
+    or ConfigMap input stays as it is: the shard's pod reads it and keeps its own lines."""
+    child = {k: v for k, v in spec.items() if k not in ("parallelism", "input")}
+    child = copy.deepcopy(child)
     child["shard"] = {"index": index, "count": count}
+    inp = dict(spec.get("input") or {})
+    inline = inp.get("prompts")
+    if isinstance(inline, list) and inline:
+        own = list((split or inline_split(len(inline), count))[index]) or [0]
+        inp["prompts"] = [inline[i] for i in own]
+        child["shard"]["promptIndex"] = own
+    child["input"] = copy.deepcopy(inp)
     cm = (child.get("output") or {}).get("configMap")
     if cm and cm.get("name"):
         cm["name"] = child_name(cm["name"], index)
@@ -149,13 +161,30 @@ def merge_results(parts: Sequence[str], order: Sequence[str]) -> str:
     return "".join(line + "\n" for _, _, line in sorted(keyed))
 
 
-def with_merge(patch: dict[str, Any], status: Mapping[str, Any], waiting: str | None) -> dict[str, Any]:
+TOO_LARGE = "!spec.output.configMap is too large: ConfigMap "  # how too_large's message starts ("!": final)
+
+
+def too_large(body: Mapping[str, Any], *, count: int, limit: int = CONFIGMAP_LIMIT) -> str | None:
+    """Why the merged output ConfigMap `body` cannot be written (its whole object as JSON over `limit` bytes), naming
+    the field and the sizes; None when it fits. Checked before anything is written: never a half-written one."""
+    size = len(json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode())
+    if size <= limit:
+        return None
+    results = len(str((body.get("data") or {}).get(RESULTS_KEY, "")).encode())
+    return (f"{TOO_LARGE[1:]}{body['metadata']['name']} would be {size} bytes with the merged "
+            f"results of {count} shards ({results} bytes of {RESULTS_KEY}), over the {limit} bytes (1 MiB) a "
+            f"ConfigMap may hold; nothing was written (the shards' own ConfigMaps <name>-s<k> keep their parts); "
+            f"ask for fewer tokens (spec.generation.maxNewTokens) or split the prompts over several jobs")
+
+
+def with_merge(patch: dict[str, Any], status: Mapping[str, Any], waiting: str | None,
+               reason: str = "ResultsNotMerged") -> dict[str, Any]:
     """`patch` held back at Running while the merged results are not written yet (`waiting` says why), or Failed
-    when they cannot be; unchanged otherwise."""
+    with `reason` when they cannot be ("!" first); unchanged otherwise."""
     if waiting is None or patch.get("phase") != st.SUCCEEDED:
         return patch
     failed = waiting.startswith("!")
-    held = {**patch, "phase": st.FAILED if failed else st.RUNNING, "reason": "ResultsNotMerged" if failed
+    held = {**patch, "phase": st.FAILED if failed else st.RUNNING, "reason": reason if failed
             else "MergingResults", "message": waiting.lstrip("!")}
     if not failed:
         held.pop("completionTime", None)
@@ -202,8 +231,11 @@ def sync(kube: Any, *, namespace: str, name: str, uid: str, spec: Mapping[str, A
     created = set() if created is None else created
     todo = missing(name, count, [*(c["metadata"]["name"] for c in children), *created])
 
+    inline = (spec.get("input") or {}).get("prompts")
+    split = inline_split(len(inline), count) if todo and isinstance(inline, list) else None
+
     def create(k: int) -> None:
-        body = child_body(namespace=namespace, parent=name, uid=uid, spec=spec, index=k, count=count)
+        body = child_body(namespace=namespace, parent=name, uid=uid, spec=spec, index=k, count=count, split=split)
         try:
             kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
         except ApiException as e:
@@ -219,7 +251,8 @@ def sync(kube: Any, *, namespace: str, name: str, uid: str, spec: Mapping[str, A
     out, waiting = (spec.get("output") or {}).get("configMap"), None
     if patch.get("phase") == st.SUCCEEDED and out:
         waiting = _merge_output(kube, namespace, name, uid, spec, count, out["name"])
-        patch = with_merge(patch, status, waiting)
+        reason = "OutputTooLarge" if waiting and waiting.startswith(TOO_LARGE) else "ResultsNotMerged"
+        patch = with_merge(patch, status, waiting, reason)
     written = kube.patch_job_status(namespace, name, version, patch) if patch else None
     return written, len(todo) > CREATE_BATCH or (waiting is not None and not waiting.startswith("!"))
 
@@ -244,12 +277,13 @@ def _merge_output(kube: Any, namespace: str, name: str, uid: str, spec: Mapping[
             return f"waiting for the node agent to copy shard {child_name(name, k)}'s results"
         parts.append(data[RESULTS_KEY])
     merged = merge_results(parts, _input_order(kube, namespace, spec))
-    if len(merged.encode()) > CONFIGMAP_LIMIT:
-        return f"!the merged results are {len(merged.encode())} bytes, over what ConfigMap {cm} holds"
     labels = {JOB_LABEL: name, "app.kubernetes.io/managed-by": MANAGED_BY}  # what the chart's admission policy
     body = {"metadata": {"name": cm, "namespace": namespace, "labels": labels,  # lets the operator write
                          "ownerReferences": [owner_reference(name, uid)]},
             "data": {RESULTS_KEY: merged}}
+    over = too_large(body, count=count)
+    if over is not None:
+        return "!" + over
     try:
         kube.core.create_namespaced_config_map(namespace, body)
     except ApiException as e:

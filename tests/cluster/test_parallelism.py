@@ -1,10 +1,12 @@
 """spec.parallelism against a real control plane (the operator under KopfRunner, KWOK nodes, the test playing the
 node agent and the kubelet, as in test_operator.py): a parallelism-3 job becomes 3 shard InferenceJobs placed on
-distinct GPU<->SSD pairs, its status sums them up (a bounded summary and summed progress), it Succeeds when every
-shard's pod has, and deleting it deletes the shards (owner references, garbage collector). With
-spec.output.configMap the shards' ConfigMaps (filled by the test as the agent would) are merged into the parent's in
-input order. An output claim with parallelism is refused naming the field. A shard whose node is lost (its FlashNode
-gone: the agent no longer serves it) is placed again on another node and the parent still Succeeds."""
+distinct GPU<->SSD pairs, each carrying only its own inline prompts; its status sums them up (a bounded summary
+and summed progress), it Succeeds when every shard's pod has, and deleting it deletes the shards (owner
+references, garbage collector). With spec.output.configMap the shards' ConfigMaps (filled by the test as the agent
+would) are merged into the parent's in input order; merged results over 1 MiB fail the job (OutputTooLarge,
+naming the field and the size) and write no merged ConfigMap. An output claim with parallelism is refused naming
+the field. A shard whose node is lost (its FlashNode gone: the agent no longer serves it) is placed again on
+another node and the parent still Succeeds."""
 
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ def test_parallel_job_runs_as_shard_jobs_on_distinct_pairs(ns, kube, control_pla
     assert not kube.status("big").get("node") and not kube.pods("big")  # the parent itself is never placed
     for k, name in enumerate(shards):
         spec, meta = kube.job(name)["spec"], kube.job(name)["metadata"]
-        assert spec["shard"] == {"index": k, "count": 3} and spec.get("parallelism", 1) == 1  # the CRD default
+        own = [i for i in range(9) if shard_of(f"prompt-{i}", 3) == k]  # only its own prompts travel
+        assert spec["shard"] == {"index": k, "count": 3, "promptIndex": own} and spec.get("parallelism", 1) == 1
+        assert spec["input"]["prompts"] == [f"question {i}" for i in own]
         assert meta["ownerReferences"][0]["uid"] == kube.job("big")["metadata"]["uid"]
     s = wait_for("parent summary", lambda: kube.status("big"), lambda s: (s.get("shards") or {}).get("running") == 3)
     assert s["phase"] == "Running" and s["shards"]["total"] == 3
@@ -86,3 +90,24 @@ def test_shard_results_merge_into_the_parents_configmap_in_input_order(ns, kube,
     assert [json.loads(x)["custom_id"] for x in merged.data["results.jsonl"].splitlines()] == ids
     assert merged.metadata.owner_references[0].uid == kube.job("cm")["metadata"]["uid"]
     assert merged.metadata.labels["kubeflash.io/job"] == "cm"  # the chart's policy: the operator's own objects only
+
+
+def test_merged_results_over_1_mib_fail_the_job_naming_the_field_and_write_nothing(ns, kube, control_plane):  # noqa: F811
+    for k in range(2):
+        kube.gpu_node(control_plane, f"c{k}", models=(MODEL,))
+    kube.settle()
+    ids = [f"prompt-{i}" for i in range(6)]
+    kube.submit("huge", parallelism=2, input={"prompts": [f"q{i}" for i in range(6)]},
+                output={"configMap": {"name": "big-res"}})
+    for k in range(2):  # each shard's part fits in its own ConfigMap (about 600 KB); the two together do not
+        kube.wait_phase(f"huge-s{k}", "Running")
+        mine = [cid for cid in ids if shard_of(cid, 2) == k]
+        pad = "y" * (600_000 // len(mine))
+        text = "".join(json.dumps({"custom_id": cid, "response": {"text": pad}}) + "\n" for cid in mine)
+        kube.core.patch_namespaced_config_map(f"big-res-s{k}", ns, {"data": {"results.jsonl": text}})
+        kube.end_pod(f"huge-s{k}-1", "Succeeded")
+    s = kube.wait_phase("huge", "Failed")
+    assert s["reason"] == "OutputTooLarge", s
+    assert s["message"].startswith("spec.output.configMap") and "ConfigMap big-res would be 12" in s["message"]
+    names = [c.metadata.name for c in kube.core.list_namespaced_config_map(ns).items]
+    assert "big-res" not in names and {"big-res-s0", "big-res-s1"} <= set(names)  # never a half-written one

@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 import pytest
 
 from kubeflash_api import parse_job_spec
-from kubeflash_api.inferencejob import ShardSpec
 from kubeflash_operator.shards import (
     PARENT_LABEL,
     aggregate,
@@ -39,7 +38,7 @@ def test_child_body_is_a_valid_shard_owned_by_the_parent():
     assert (ref["uid"], ref["name"], ref["kind"], ref["controller"], ref["blockOwnerDeletion"]) == \
         ("u1", "big", "InferenceJob", True, True)
     spec = parse_job_spec(body["spec"], name=meta["name"], namespace="ns")
-    assert (spec.parallelism, spec.shard, spec.output.config_map) == (1, ShardSpec(2, 3), "res-s2")
+    assert (spec.parallelism, spec.shard.index, spec.shard.count, spec.output.config_map) == (1, 2, 3, "res-s2")
     assert SPEC["output"]["configMap"]["name"] == "res" and SPEC["parallelism"] == 3  # the parent's untouched
     assert owned(body, "u1") and not owned(body, "u2") and owner_uids(body) == ["u1"]
     assert owner_uids({"metadata": {"ownerReferences": meta["ownerReferences"]}}) == []  # no parent label
