@@ -1,7 +1,10 @@
 """Who holds which GPU<->SSD pair: one book, owned by the operator's event loop, fed by FlashNode events.
 
 The record of a claim is the FlashNode's `kubeflash.io/claims` annotation (the node's ledger: job -> GPUs, disk,
-KV bytes; a tensor-parallel job's entry adds each rank's disk, its shard bytes and the model). It is written only
+KV bytes, model, job uid, output ConfigMap; a tensor-parallel job's entry adds each rank's disk and its shard bytes).
+A released claim becomes an entry of `kubeflash.io/ended` (with the phase its attempt ended in) until the job is
+deleted or placed there again: the node's agent reads only its own FlashNode, so these two annotations, written
+together in the one ledger write, are all it knows of the jobs on its node (kubeflash_api/ledger.py). It is written only
 with the FlashNode's resourceVersion as a precondition, so a decision made on a
 stale view, or by a second operator replica, fails with 409 instead of handing out a pair twice. The book keeps
 every FlashNode's view and ledger at the newest resourceVersion seen (watch event or the answer to our own
@@ -18,10 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubeflash_api.ledger import CLAIMS_ANNOTATION, ENDED_ANNOTATION
 from kubeflash_operator.scheduler import Claim, NodeView, node_view
-
-CLAIMS_ANNOTATION = "kubeflash.io/claims"
-
 
 # ------------------------------------------------------------------------------------------- the ledger (pure)
 
@@ -38,17 +39,49 @@ def parse_ledger(node: str, body: Mapping[str, Any]) -> dict[str, Claim]:
         try:
             out[job] = Claim(job=job, node=node, gpus=tuple(int(g) for g in e["gpus"]), disk=str(e["disk"]),
                              kv_bytes=int(e.get("kv") or 0), disks=tuple(str(d) for d in e.get("disks") or ()),
-                             shard_bytes=int(e.get("shard") or 0), model_id=str(e.get("model") or ""))
+                             shard_bytes=int(e.get("shard") or 0), model_id=str(e.get("model") or ""),
+                             uid=str(e.get("uid") or ""), output=str(e.get("cm") or ""))
         except (KeyError, TypeError, ValueError):
             continue
     return out
 
 
+def parse_ended(body: Mapping[str, Any]) -> dict[str, Ended]:
+    """The ended records on a FlashNode object (malformed ones skipped)."""
+    raw = ((body.get("metadata") or {}).get("annotations") or {}).get(ENDED_ANNOTATION) or "{}"
+    try:
+        entries = json.loads(raw)
+    except ValueError:
+        return {}
+    out: dict[str, Ended] = {}
+    for job, e in entries.items() if isinstance(entries, dict) else ():
+        try:
+            out[job] = Ended(end=str(e["end"]), disk=str(e.get("disk") or ""), kv_bytes=int(e.get("kv") or 0),
+                             model_id=str(e.get("model") or ""), uid=str(e.get("uid") or ""),
+                             output=str(e.get("cm") or ""))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+    return out
+
+
+def _facts(c: Claim | Ended) -> dict[str, Any]:
+    """The facts the agent reads of an entry (kubeflash_api/ledger.py), empty ones left out."""
+    return {k: v for k, v in (("model", c.model_id), ("uid", c.uid), ("cm", c.output)) if v}
+
+
 def ledger_annotation(ledger: Mapping[str, Claim]) -> str:
     """The annotation value for a ledger (sorted, compact: the same ledger always writes the same bytes)."""
-    entries = {job: {"gpus": list(c.gpus), "disk": c.disk, "kv": c.kv_bytes,
+    entries = {job: {"gpus": list(c.gpus), "disk": c.disk, "kv": c.kv_bytes, **_facts(c),
                      **({"disks": list(c.disks), "shard": c.shard_bytes, "model": c.model_id} if c.disks else {})}
                for job, c in sorted(ledger.items())}
+    return json.dumps(entries, separators=(",", ":"), sort_keys=True)
+
+
+def ended_annotation(ended: Mapping[str, Ended]) -> str | None:
+    """The annotation value for the ended records (None: none, the annotation is removed)."""
+    if not ended:
+        return None
+    entries = {job: {"end": e.end, "disk": e.disk, "kv": e.kv_bytes, **_facts(e)} for job, e in sorted(ended.items())}
     return json.dumps(entries, separators=(",", ":"), sort_keys=True)
 
 
@@ -62,15 +95,16 @@ def apply_changes(ledger: Mapping[str, Claim], changes: Mapping[str, Claim | Rel
     """The ledger after each change, in order; returns (new ledger, accepted per job).
 
     A Claim is recorded unless another job holds one of its GPUs, or the job already holds a different entry here
-    (someone else's decision for this job: ours came from an older view). A Release removes the job's entry only
-    if it is still the one given (else another decision replaced it, and that one stays)."""
+    (someone else's decision for this job: ours came from an older view; the same hold with other facts for the
+    agent replaces it). A Release removes the job's entry only if it is still the one given (else another decision
+    replaced it, and that one stays)."""
     out, accepted = dict(ledger), {}
     for job, change in changes.items():
         if isinstance(change, Release):
             if change.claim is None or out.get(job) == change.claim:
                 out.pop(job, None)
             accepted[job] = True
-        elif clashes(change, out) or (job in out and out[job] != change):
+        elif clashes(change, out) or (job in out and out[job].hold != change.hold):
             accepted[job] = False
         else:
             out[job] = change
@@ -78,11 +112,45 @@ def apply_changes(ledger: Mapping[str, Claim], changes: Mapping[str, Claim | Rel
     return out, accepted
 
 
+def apply_ended(ended: Mapping[str, Ended], ledger: Mapping[str, Claim], changes: Mapping[str, Claim | Release],
+                accepted: Mapping[str, bool]) -> dict[str, Ended]:
+    """The ended records after `changes` (applied to `ledger`, the claims before them; `accepted` from
+    apply_changes): an accepted Claim drops the job's record (placed here again); a Release with `end` turns the
+    job's claim into a record; a plain Release (the job is deleted) drops it; a stale entry's Release leaves it."""
+    out = dict(ended)
+    for job, change in changes.items():
+        if isinstance(change, Claim):
+            if accepted.get(job):
+                out.pop(job, None)
+        elif change.end and job in ledger:
+            c = ledger[job]
+            out[job] = Ended(end=change.end, disk=c.disk, kv_bytes=c.kv_bytes, model_id=c.model_id, uid=c.uid,
+                             output=c.output)
+        elif not change.end and change.claim is None:
+            out.pop(job, None)
+    return out
+
+
 @dataclass(frozen=True)
 class Release:
-    """Remove a job's entry (only if it is `claim`, when given)."""
+    """Remove a job's entry (only if it is `claim`, when given). With `end` (the phase the job's attempt ended in)
+    the entry becomes an ended record for the node's agent; without `end` or `claim` (the job is deleted) the
+    job's ended record goes too."""
 
     claim: Claim | None = None
+    end: str = ""
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A job that held a claim on the node and whose attempt there ended (kubeflash_api/ledger.py)."""
+
+    end: str  # the job's phase when it was released
+    disk: str = ""
+    kv_bytes: int = 0
+    model_id: str = ""
+    uid: str = ""
+    output: str = ""
 
 
 def stale_entries(records: Mapping[str, NodeRecord], job: str, placed: Claim | None) -> list[tuple[str, Claim]]:
@@ -114,13 +182,14 @@ class NodeRecord:
     view: NodeView
     rv: str  # resourceVersion, sent back as the precondition of the next ledger write
     ledger: Mapping[str, Claim]
+    ended: Mapping[str, Ended] = field(default_factory=dict)  # written with the ledger, for the node's agent
 
 
 def node_record(body: Mapping[str, Any]) -> NodeRecord:
     view = node_view(body)
     meta = body.get("metadata") or {}
     return NodeRecord(name=meta.get("name", ""), view=view, rv=str(meta.get("resourceVersion") or ""),
-                      ledger=parse_ledger(view.name, body))
+                      ledger=parse_ledger(view.name, body), ended=parse_ended(body))
 
 
 def _newer(a: NodeRecord, b: NodeRecord | None) -> NodeRecord:

@@ -27,6 +27,8 @@ from kubeflash_operator.bookkeeping import (
     NodeRecord,
     Release,
     apply_changes,
+    apply_ended,
+    ended_annotation,
     ledger_annotation,
     node_record,
     record_for,
@@ -323,8 +325,8 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
         return TICK_S  # the pair went to someone else (a write we had not seen): the next tick decides again
     if _deleting(body):  # marked while the claim was written: nothing more (the finalizer releases the claim)
         return TICK_S
-    if plan.release:
-        await _release(memo, job.key, flashnode_index)
+    if plan.release:  # the claim becomes an ended record (same write): the agent keeps the job's directory
+        await _release(memo, job.key, flashnode_index, end=_view_phase(job, plan))
     elif not plan.claim and (stale := stale_entries(records, job.key, claim_of(body, kv_bytes=0))):
         await _release(memo, job.key, flashnode_index, stale)  # a lost decision's entry (crash, other replica)
     try:
@@ -458,11 +460,13 @@ async def _record_claim(memo: kopf.Memo, claim: Claim, flashnode_index: kopf.Ind
 
 
 async def _release(memo: kopf.Memo, job: str, flashnode_index: kopf.Index,
-                   entries: list[tuple[str, Claim]] | None = None) -> None:
-    """Remove `job` from every ledger that records it (or only the given entries, each if it is still there)."""
+                   entries: list[tuple[str, Claim]] | None = None, *, end: str = "") -> None:
+    """Remove `job` from every ledger that records it (or only the given entries, each if it is still there).
+    With `end` (its phase now) each claim becomes an ended record; without, its ended records go too (deleted)."""
     if entries is None:
         records = _placement_view(memo.book, memo.node_states)[0]
-        changes = [(r.view.name, Release()) for r in records.values() if job in r.ledger]
+        changes = [(r.view.name, Release(end=end)) for r in records.values()
+                   if job in r.ledger or (not end and job in r.ended)]
     else:
         changes = [(entry.node, Release(entry)) for _, entry in entries]
     for node, change in changes:
@@ -521,11 +525,14 @@ async def _write_batch(memo: kopf.Memo, name: str, flashnode_index: kopf.Index,
         rec = book.record(name)
         if rec is None:
             return {job: isinstance(change, Release) for job, (change, _) in batch.items()}
-        ledger, results = apply_changes(rec.ledger, {job: claim for job, (claim, _) in batch.items()})
-        if ledger == rec.ledger:
+        changes = {job: claim for job, (claim, _) in batch.items()}
+        ledger, results = apply_changes(rec.ledger, changes)
+        ended = apply_ended(rec.ended, rec.ledger, changes, results)
+        if ledger == rec.ledger and ended == rec.ended:
             return results
-        try:
-            body = await asyncio.to_thread(memo.kube.write_ledger, name, rec.rv, ledger_annotation(ledger))
+        try:  # one write carries both: the agent's view of the node's jobs costs no write of its own
+            body = await asyncio.to_thread(memo.kube.write_ledger, name, rec.rv, ledger_annotation(ledger),
+                                           ended_annotation(ended))
         except Conflict:
             memo.metrics.conflict("flashnode")
             fresh = await asyncio.to_thread(memo.kube.read_flashnode, name)
@@ -541,6 +548,11 @@ async def _write_batch(memo: kopf.Memo, name: str, flashnode_index: kopf.Index,
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _view_phase(job: reconcile.Job, plan: reconcile.Plan) -> str:
+    """The job's phase once the plan's status is written."""
+    return str(plan.status.get("phase") or job.status.get("phase") or "Pending")
 
 
 def _job(body: kopf.Body) -> reconcile.Job:

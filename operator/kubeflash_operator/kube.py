@@ -22,7 +22,7 @@ from kubeflash_api import SpecError, parse_job_spec
 from kubeflash_api.batch import parse_batch
 from kubeflash_api.flashnode import MAX_MODELS
 from kubeflash_api.prefixes import SAMPLE, job_fingerprints
-from kubeflash_operator.bookkeeping import CLAIMS_ANNOTATION, parse_ledger
+from kubeflash_operator.bookkeeping import CLAIMS_ANNOTATION, ENDED_ANNOTATION, parse_ledger
 from kubeflash_operator.builder import JOB_LABEL, MANAGED_BY, NODE_LABEL, owner_reference
 
 GROUP, VERSION = "kubeflash.io", "v1alpha1"
@@ -312,13 +312,16 @@ class Kube:
                 return None
             raise
 
-    def write_ledger(self, name: str, resource_version: str, annotation: str) -> dict[str, Any]:
-        """Set FlashNode(name)'s claims ledger only if the object is still at `resource_version`.
+    def write_ledger(self, name: str, resource_version: str, annotation: str, ended: str | None = None
+                     ) -> dict[str, Any]:
+        """Set FlashNode(name)'s claims ledger and ended records (None: none) only if the object is still at
+        `resource_version`.
 
         Raises Conflict (409: someone wrote the FlashNode since; read it again and re-decide) or Gone (404).
         Returns the FlashNode as written (its new resourceVersion is the next write's precondition).
         """
-        patch = {"metadata": {"resourceVersion": resource_version, "annotations": {CLAIMS_ANNOTATION: annotation}}}
+        patch = {"metadata": {"resourceVersion": resource_version,
+                              "annotations": {CLAIMS_ANNOTATION: annotation, ENDED_ANNOTATION: ended}}}
         try:
             return self.custom.patch_cluster_custom_object(GROUP, VERSION, "flashnodes", name, patch)
         except ApiException as e:

@@ -192,7 +192,8 @@ def _pending(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, c
         "node": found.node, "gpu": found.gpu, "gpus": list(found.gpus), "disk": found.disk,
         "staged": found.staged, "modelId": spec.model.id, "scheduledTime": format_time(world.now), "retryAt": None,
     })
-    plan.claim = found.claim(job.key, spec.resources.kv_disk)
+    plan.claim = found.claim(job.key, spec.resources.kv_disk, model_id=spec.model.id, uid=job.uid,
+                             output=spec.output.config_map or "")  # the agent learns the job from the ledger alone
     plan.events.append(Event("Normal", "Scheduled", message))
     if first:
         plan.observe.append(("scheduling", (world.now - job.created).total_seconds()))

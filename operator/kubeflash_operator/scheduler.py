@@ -134,6 +134,14 @@ class Claim:
     disks: tuple[str, ...] = ()  # per rank; () means (disk,)
     shard_bytes: int = 0
     model_id: str = ""
+    # for the node's agent, which reads nothing but its own FlashNode (kubeflash_api/ledger.py): no effect on placement
+    uid: str = ""  # the InferenceJob's metadata.uid
+    output: str = ""  # spec.output.configMap's name ("" if none)
+
+    @property
+    def hold(self) -> tuple[Any, ...]:
+        """What the claim takes on its node (everything but the facts carried for the agent)."""
+        return self.node, self.gpus, self.disk, self.kv_bytes, self.disks, self.shard_bytes
 
     def held(self, node: NodeView) -> dict[str, int]:
         """Bytes this claim takes on each of `node`'s disks beyond what the disks' free space already shows: KV
@@ -173,9 +181,10 @@ class Placement:
     shard_bytes: int = 0  # tensor-parallel: bytes of one shard, reserved on each rank's disk until it is staged
     model_id: str = ""
 
-    def claim(self, job: str, kv_bytes: int) -> Claim:
+    def claim(self, job: str, kv_bytes: int, *, model_id: str = "", uid: str = "", output: str = "") -> Claim:
         return Claim(job=job, node=self.node, gpus=self.gpus or (self.gpu,), disk=self.disk, kv_bytes=kv_bytes,
-                     disks=self.disks, shard_bytes=self.shard_bytes, model_id=self.model_id)
+                     disks=self.disks, shard_bytes=self.shard_bytes, model_id=self.model_id or model_id, uid=uid,
+                     output=output)
 
 
 @dataclass(frozen=True)

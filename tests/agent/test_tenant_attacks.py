@@ -166,12 +166,11 @@ class ConfigMapRecorder:
 
 
 def kube_side(key: str):
+    from kubeflash_api.ledger import PlacedJob
     from kubeflash_node.agent.kube import KubeSide
 
     side = KubeSide.__new__(KubeSide)  # no cluster: only the export path is exercised
-    ns, name = key.split("/", 1)
-    side._jobs = {key: {"metadata": {"namespace": ns, "name": name}, "spec": {"output": {"configMap": {"name": "out"}}},
-                        "status": {"phase": "Succeeded"}}}
+    side._placed = {key: PlacedJob(key=key, output="out", end="Succeeded")}  # the job ledger on its FlashNode
     side._exported, side._refused = {}, {}
     side.core = ConfigMapRecorder()
     side.ApiException = type("ApiException", (Exception,), {"status": 0})

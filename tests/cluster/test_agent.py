@@ -2,8 +2,10 @@
 FlashNode.spec.models, KV space created for placed jobs and released when they are deleted (also while the
 agent was down), engine progress relayed into InferenceJob status, results copied into an output ConfigMap.
 
-The test plays the operator's part (it places jobs by writing InferenceJob status and creates the pods);
-the agent is a real `kubeflash agent` process for a KWOK fake node, with its disks in temporary directories.
+The test plays the operator's part: it places jobs by writing InferenceJob status and the job ledger on the
+FlashNode, with the operator's own ledger code (the agent reads no pod and no InferenceJob: the ledger is all it
+knows of the jobs on its node); the agent is a real `kubeflash agent` process for a KWOK fake node, with its
+disks in temporary directories.
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
 
 from kubeflash_node.store.ids import model_id  # noqa: E402
+from kubeflash_operator.bookkeeping import (  # noqa: E402
+    CLAIMS_ANNOTATION,
+    ENDED_ANNOTATION,
+    Release,
+    apply_changes,
+    apply_ended,
+    ended_annotation,
+    ledger_annotation,
+    parse_ended,
+    parse_ledger,
+)
+from kubeflash_operator.scheduler import Claim  # noqa: E402
 
 from agent_harness import AgentProc, wait_for, write_tiny_llama  # noqa: E402
 
@@ -69,14 +83,43 @@ def get_json(cp, *args) -> dict:
     return json.loads(r.stdout) if r.returncode == 0 else {}
 
 
+def ledger_write(cp, node: str, changes: dict) -> None:
+    """Change the job ledger on FlashNode `node` the way the operator does: both annotations in one write."""
+    fn = wait_for(lambda: flashnode(cp, node), 30, what=f"FlashNode {node}")
+    ledger, ended = parse_ledger(node, fn), parse_ended(fn)
+    after, accepted = apply_changes(ledger, changes)
+    assert all(accepted.values()), accepted
+    annotations = {CLAIMS_ANNOTATION: ledger_annotation(after),
+                   ENDED_ANNOTATION: ended_annotation(apply_ended(ended, ledger, changes, accepted))}
+    cp.kubectl("patch", "flashnode", node, "--type=merge", "-p", json.dumps({"metadata": {"annotations": annotations}}))
+
+
 def create_job(cp, ns: str, name: str, node: str, disk: str, **spec) -> None:
-    """An InferenceJob placed on `node` the way the operator does it: status.phase/node/disk/modelId."""
+    """An InferenceJob placed on `node` the way the operator does it: a claim in the node's ledger (with the
+    job's uid, model, KV bytes and output ConfigMap), then status.phase/node/disk/modelId."""
     cp.apply({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob",
               "metadata": {"name": name, "namespace": ns},
               "spec": {"model": {"uri": "builtin:smollm2-135m"}, "input": {"prompts": ["hello"]},
                        "resources": {"kvDisk": "2Gi"}, **spec}})
+    uid = get_json(cp, "inferencejob", name, "-n", ns)["metadata"]["uid"]
+    gpu = len(parse_ledger(node, wait_for(lambda: flashnode(cp, node), 30, what=f"FlashNode {node}")))
+    ledger_write(cp, node, {f"{ns}/{name}": Claim(
+        f"{ns}/{name}", node, (gpu,), disk, 2 << 30, model_id=model_id("builtin:smollm2-135m"), uid=uid,
+        output=(spec.get("output") or {}).get("configMap", {}).get("name", ""))})
     set_job_status(cp, ns, name, {"phase": "Running", "node": node, "disk": disk,
                                   "modelId": model_id("builtin:smollm2-135m")})
+
+
+def end_job(cp, ns: str, name: str, node: str, phase: str) -> None:
+    """The job's attempt ended: the operator releases its claim into an ended record, then writes the phase."""
+    ledger_write(cp, node, {f"{ns}/{name}": Release(end=phase)})
+    set_job_status(cp, ns, name, {"phase": phase})
+
+
+def delete_job(cp, ns: str, name: str, node: str) -> None:
+    """The job is deleted: the operator's finalizer drops it from the node's ledger."""
+    cp.kubectl("delete", "inferencejob", name, "-n", ns)
+    ledger_write(cp, node, {f"{ns}/{name}": Release()})
 
 
 def set_job_status(cp, ns: str, name: str, status: dict) -> None:
@@ -124,16 +167,12 @@ def test_flashnode_status_kept_current(control_plane, node, agent):
 
 
 def test_kv_space_released_on_job_deletion(control_plane, namespace, node, agent, tmp_path):
-    """A job placed on the node gets <disk>/jobs/<ns>/<name>/ (sized by kvDisk, owned by the pod's user),
-    its progress.json shows up in InferenceJob status, and deleting the job removes the space."""
+    """A job placed on the node (its ledger entry) gets <disk>/jobs/<ns>/<name>/ (sized by kvDisk, owned by the
+    engine pod's user), its progress.json shows up in InferenceJob status, and deleting the job removes the
+    space."""
     cp = control_plane
     agent.start()
     create_job(cp, namespace, "run", node, "ssd1")
-    cp.apply({"apiVersion": "v1", "kind": "Pod",
-              "metadata": {"name": "run-1", "namespace": namespace, "labels": {"kubeflash.io/job": "run"},
-                           "annotations": {"kubeflash.io/disk": "ssd1"}},
-              "spec": {"nodeName": node, "securityContext": {"runAsUser": 1000, "runAsGroup": 1000},
-                       "containers": [{"name": "engine", "image": "registry.k8s.io/pause:3.10"}]}})
     job_dir = tmp_path / "ssd1" / "jobs" / namespace / "run"
     wait_for(lambda: (job_dir / "kv").is_dir(), 30, what="job space", log=agent.log)
     if os.geteuid() == 0:
@@ -151,7 +190,7 @@ def test_kv_space_released_on_job_deletion(control_plane, namespace, node, agent
     assert job["status"]["timings"] == {"load_weight": 0.75}
     assert job["status"]["phase"] == "Running"  # the operator's fields are left alone
 
-    cp.kubectl("delete", "inferencejob", "run", "-n", namespace)
+    delete_job(cp, namespace, "run", node)
     wait_for(lambda: not job_dir.exists(), 30, what="job space removed", log=agent.log)
     wait_for(lambda: not flashnode(cp, node)["status"].get("kvAllocations"), 10, what="allocation gone")
 
@@ -166,7 +205,7 @@ def test_kv_space_released_for_job_deleted_while_agent_down(control_plane, names
     gone, stays = (tmp_path / "ssd0" / "jobs" / namespace / n for n in ("gone", "stays"))
     wait_for(lambda: gone.is_dir() and stays.is_dir(), 30, what="job spaces", log=agent.log)
     assert agent.stop() == 0
-    cp.kubectl("delete", "inferencejob", "gone", "-n", namespace)
+    delete_job(cp, namespace, "gone", node)
     time.sleep(0.5)
     assert gone.is_dir()  # nobody removed it while the agent was down
     agent.start()
@@ -185,7 +224,7 @@ def test_results_copied_to_output_configmap(control_plane, namespace, node, agen
     wait_for(lambda: job_dir.is_dir(), 30, what="job space", log=agent.log)
     lines = '{"custom_id": "0", "response": {"body": {"choices": [{"text": "hi"}]}}}\n'
     (job_dir / "results.jsonl").write_text(lines)
-    set_job_status(cp, namespace, "batch", {"phase": "Succeeded"})
+    end_job(cp, namespace, "batch", node, "Succeeded")
     data = wait_for(lambda: (get_json(cp, "configmap", "batch-results", "-n", namespace) or {}).get("data"), 30,
                     what="results in the output ConfigMap", log=agent.log)
     assert data == {"results.jsonl": lines}
@@ -208,7 +247,7 @@ def test_planted_results_link_is_reported_in_status_and_never_exported(control_p
     status = wait_for(lambda: (get_json(cp, "inferencejob", "planted", "-n", namespace) or {}).get("status", {})
                       .get("refused"), 30, what="status.refused", log=agent.log)
     assert "results.jsonl" in status and "is a symlink" in status["results.jsonl"]
-    set_job_status(cp, namespace, "planted", {"phase": "Succeeded"})
+    end_job(cp, namespace, "planted", node, "Succeeded")
     data = wait_for(lambda: (get_json(cp, "configmap", "planted-results", "-n", namespace) or {}).get("data"), 30,
                     what="the output ConfigMap's error", log=agent.log)
     assert "results.jsonl refused" in data["error"] and "results.jsonl" not in data

@@ -89,6 +89,11 @@ def test_job_lifecycle_with_operator(control_plane, namespace, operator, kubecon
         assert models[model_id(uri)]["state"] == "Ready"
         assert (tmp_path / "nvme0" / "models" / model_id(uri) / "manifest.json").is_file()
 
+        # all the agent knows of the job (it reads no pod and no InferenceJob): the operator's ledger entry
+        annotations = get_json(cp, "flashnode", node)["metadata"]["annotations"]
+        entry = json.loads(annotations["kubeflash.io/claims"])[f"{namespace}/e2e"]
+        assert (entry["uid"], entry["model"], entry["disk"], entry["kv"]) == (
+            running["metadata"]["uid"], model_id(uri), "nvme0", 1 << 30)
         job_dir = tmp_path / "nvme0" / "jobs" / namespace / "e2e"
         wait_for(lambda: (job_dir / "kv").is_dir(), 30, what="job space", log=agent.log)
         if os.geteuid() == 0:
@@ -105,6 +110,9 @@ def test_job_lifecycle_with_operator(control_plane, namespace, operator, kubecon
                  "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}}))
         wait_for(lambda: job().get("status", {}).get("phase") == "Succeeded", 60, what="job Succeeded",
                  log=agent.log)
+        annotations = get_json(cp, "flashnode", node)["metadata"]["annotations"]  # the claim released, same write:
+        assert f"{namespace}/e2e" not in json.loads(annotations["kubeflash.io/claims"])  # the pair is free
+        assert json.loads(annotations["kubeflash.io/ended"])[f"{namespace}/e2e"]["end"] == "Succeeded"
         # a results.jsonl replaced by a link after the pod ended: the agent refuses it, the operator fails the job
         (tmp_path / "token").write_text("SECRET")
         (job_dir / "results.jsonl").symlink_to(tmp_path / "token")
@@ -114,6 +122,7 @@ def test_job_lifecycle_with_operator(control_plane, namespace, operator, kubecon
 
         cp.kubectl("delete", "inferencejob", "e2e", "-n", namespace, "--timeout=60s")
         wait_for(lambda: not job_dir.exists(), 30, what="KV space released", log=agent.log)
+        assert "kubeflash.io/ended" not in get_json(cp, "flashnode", node)["metadata"]["annotations"]
         wait_for(lambda: not get_json(cp, "flashnode", node)["status"].get("kvAllocations"), 10,
                  what="allocation gone")
     finally:

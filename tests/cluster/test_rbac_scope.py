@@ -2,7 +2,8 @@
 
 Attacks, as someone holding the agent's token (stolen from a node) or the operator's would try them:
   * `kubectl auth can-i --as=system:serviceaccount:...` for every verb the agent and the operator must NOT have
-    (and the few they need, so a role that grants nothing cannot pass);
+    (and the few they need, so a role that grants nothing cannot pass); the agent reads no pod and no
+    InferenceJob at all (get/list: RBAC cannot narrow them to its node), only its FlashNode and Node;
   * the agent's pod-bound token of node A writing node B's Node labels, FlashNode and job status, a non-kubeflash
     label of its own Node, job fields only the operator writes, a user's ConfigMap, and writing at all with a
     token that names no node: every one refused by the admission policy, while its own node's writes pass;
@@ -73,9 +74,13 @@ class Setup:
         """What the agent pod on `node` holds: a service-account token bound to a pod scheduled there (the API
         server puts the node's name in the token's extra authentication.kubernetes.io/node-name)."""
         name = f"agent-{node}"
-        self.core.create_namespaced_pod(self.ns, {"metadata": {"name": name}, "spec": {
-            "nodeName": node, "serviceAccountName": sa, "automountServiceAccountToken": False,
-            "containers": [{"name": "c", "image": "agent:fake"}]}})
+        try:
+            self.core.create_namespaced_pod(self.ns, {"metadata": {"name": name}, "spec": {
+                "nodeName": node, "serviceAccountName": sa, "automountServiceAccountToken": False,
+                "containers": [{"name": "c", "image": "agent:fake"}]}})
+        except ApiException as e:
+            if e.status != 409:  # made for an earlier token of this node
+                raise
         uid = self.core.read_namespaced_pod(name, self.ns).metadata.uid
         req = {"spec": {"audiences": [], "expirationSeconds": 3600,
                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}}}
@@ -124,9 +129,14 @@ AGENT_MUST_NOT = [
     ("update", "flashnodes.kubeflash.io/status"), ("create", "inferencejobs.kubeflash.io"),
     ("patch", "inferencejobs.kubeflash.io"), ("delete", "inferencejobs.kubeflash.io"),
     ("watch", "inferencejobs.kubeflash.io"), ("create", "serviceaccounts/token"), ("create", "events"),
+    # reads RBAC cannot narrow to one node: every tenant's pod specs and prompts (the agent learns its jobs from
+    # the ledger on its own FlashNode instead)
+    ("list", "pods"), ("get", "inferencejobs.kubeflash.io"), ("list", "inferencejobs.kubeflash.io"),
+    ("get", "inferencejobs.kubeflash.io/status"), ("list", "flashnodes.kubeflash.io"),
+    ("watch", "flashnodes.kubeflash.io"), ("list", "nodes"),
 ]
-AGENT_NEEDS = [("create", "flashnodes.kubeflash.io"), ("patch", "flashnodes.kubeflash.io/status"),
-               ("patch", "nodes"), ("list", "pods"), ("list", "inferencejobs.kubeflash.io"),
+AGENT_NEEDS = [("get", "flashnodes.kubeflash.io"), ("create", "flashnodes.kubeflash.io"),
+               ("patch", "flashnodes.kubeflash.io/status"), ("get", "nodes"), ("patch", "nodes"),
                ("patch", "inferencejobs.kubeflash.io/status"), ("patch", "configmaps")]
 
 
@@ -304,6 +314,34 @@ def test_agent_token_without_a_node_writes_nothing(setup):
         msg = refused(core.patch_node, s.node_a, {"metadata": {"labels": {"kubeflash.io/agent": "ready"}}})
         assert "carries no node" in msg, msg
     eventually_enforced(refused_for_no_node)
+    agent.close()
+
+
+def test_agent_token_reads_no_pod_and_no_job(setup):
+    """With the token of the agent pod on node A: listing pods (even with spec.nodeName=A), listing or getting
+    InferenceJobs (even one placed on A) is refused by RBAC; reading its own FlashNode and Node works."""
+    s = setup
+    agent = s.client_with(s.pod_bound_token(s.agent_sa, s.node_a))
+    core, custom = kubernetes.client.CoreV1Api(agent), kubernetes.client.CustomObjectsApi(agent)
+    job_on(s, "placed-a", s.node_a)
+    for call, args, kw in [
+        (core.list_pod_for_all_namespaces, (), {"field_selector": f"spec.nodeName={s.node_a}"}),
+        (core.list_namespaced_pod, (s.ns,), {}),
+        (custom.list_cluster_custom_object, (GROUP, VERSION, "inferencejobs"), {}),
+        (custom.list_namespaced_custom_object, (GROUP, VERSION, s.ns, "inferencejobs"), {}),
+        (custom.get_namespaced_custom_object, (GROUP, VERSION, s.ns, "inferencejobs", "placed-a"), {}),
+    ]:
+        with pytest.raises(ApiException) as e:
+            call(*args, **kw)
+        assert e.value.status == 403, (call.__name__, e.value.body)
+    try:
+        s.custom.create_cluster_custom_object(GROUP, VERSION, "flashnodes", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "FlashNode", "metadata": {"name": s.node_a},
+            "spec": {"nodeName": s.node_a}})
+    except ApiException as e:
+        assert e.status == 409, e.body  # made by the test above
+    assert custom.get_cluster_custom_object(GROUP, VERSION, "flashnodes", s.node_a)["metadata"]["name"] == s.node_a
+    assert core.read_node(s.node_a).metadata.name == s.node_a
     agent.close()
 
 

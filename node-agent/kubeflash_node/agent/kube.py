@@ -1,10 +1,12 @@
-"""The cluster side: FlashNode spec/status, node labels, job pods, InferenceJobs (status relay, results
-copied into the output ConfigMap the operator created for the job), via the kubernetes client (status
+"""The cluster side: FlashNode spec/status and its job ledger, node labels, InferenceJob status relay, results
+copied into the output ConfigMap the operator created for the job, via the kubernetes client (status
 subresource, JSON merge patches). Thin: every decision is made elsewhere.
 
-What this agent may write is bounded by the chart (ClusterRole + ValidatingAdmissionPolicy on its token's node
-claim): its own Node's kubeflash.io/* labels, its own FlashNode, the status of jobs placed on its node, and the
-data of an output ConfigMap the operator created for such a job. It creates no ConfigMap."""
+What this agent may read is its own FlashNode and its Node: it learns the jobs on its node from the ledger the
+operator keeps on the FlashNode (kubeflash_api/ledger.py), never by reading pods or InferenceJobs (the chart's
+ClusterRole grants neither). What it may write is bounded by the chart (ClusterRole + ValidatingAdmissionPolicy
+on its token's node claim): its own Node's kubeflash.io/* labels, its own FlashNode, the status of jobs placed
+on its node, and the data of an output ConfigMap the operator created for such a job. It creates no ConfigMap."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kubeflash_api.ledger import PlacedJob, placed_jobs
+
 from .config import AgentConfig, ConfigError, JobWant, ModelWant, parse_model
 from .devices import Disk
 from .models import Problem
-from .pods import JOB_LABEL, job_from_inferencejob, job_from_pod, quota_of
+from .pods import job_from_ledger
 from .safefs import Unsafe
 from .sides import JobState
 
@@ -45,9 +49,8 @@ class KubeSide:
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.ApiException = client.exceptions.ApiException
-        self._jobs: dict[str, dict] | None = {}  # ns/name -> InferenceJob, from the last job_pods()
-        self._got: dict[str, dict | None] = {}  # per-pass GETs where listing is forbidden
-        self._warned_list = False
+        self._fn: dict | None = None  # the FlashNode desired_models() read this pass, for job_pods()
+        self._placed: dict[str, PlacedJob] | None = None  # the job ledger as the last job_pods() read it
         self._exported: dict[str, str] = {}  # ns/name -> sha256 of the results copied
         self._refused: dict[str, int] = {}  # ns/name -> HTTP status of the last refused ConfigMap write
 
@@ -92,7 +95,7 @@ class KubeSide:
         return {"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": node.metadata.uid}
 
     def desired_models(self) -> tuple[list[ModelWant], list[Problem]]:
-        fn = self.ensure_flashnode()
+        fn = self._fn = self.ensure_flashnode()
         wanted, problems = [], []
         for i, raw in enumerate((fn.get("spec") or {}).get("models") or []):
             try:
@@ -125,57 +128,25 @@ class KubeSide:
     # ------------------------------------------------------------------------------------------- jobs
 
     def job_pods(self) -> list[JobWant]:
-        """Jobs on this node: pods labelled kubeflash.io/job bound here, and InferenceJobs placed here.
+        """Jobs placed on this node now: the live claims of the job ledger the operator keeps on this FlashNode.
 
-        Lists every InferenceJob once per pass (job_state() and export_results() answer from that list); where
-        RBAC forbids the list, falls back to pods only and one GET per job.
-        """
-        self._jobs, self._got = self._list_jobs(), {}
-        pods = self.core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={self.node}",
-                                                     label_selector=JOB_LABEL, _request_timeout=TIMEOUT)
-        out = [j for pod in pods.items if (j := job_from_pod(self.api.sanitize_for_serialization(pod), self.disks))]
-        out += [j for ij in (self._jobs or {}).values()
-                if (j := job_from_inferencejob(ij, self.node, self.disks, default_quota=self.cfg.default_job_quota,
-                                               uid=self.cfg.job_uid, gid=self.cfg.job_gid))]
-        return out
-
-    def _list_jobs(self) -> dict[str, dict] | None:
-        try:
-            ijs = self.custom.list_cluster_custom_object(GROUP, VERSION, "inferencejobs", _request_timeout=TIMEOUT)
-        except self.ApiException as e:
-            if e.status != 403:
-                raise
-            if not self._warned_list:
-                log.warning("cannot list InferenceJobs (RBAC needs inferencejobs: list); jobs are found from "
-                            "their pods only")
-                self._warned_list = True
-            return None
-        return {f"{j['metadata']['namespace']}/{j['metadata']['name']}": j for j in ijs.get("items", [])}
-
-    def _job(self, key: str) -> dict | None:
-        """The InferenceJob, None when it does not exist; raises ApiException when the API cannot tell."""
-        if self._jobs is not None:
-            return self._jobs.get(key)
-        if key not in self._got:
-            ns, name = key.split("/", 1)
-            try:
-                self._got[key] = self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, "inferencejobs", name,
-                                                                          _request_timeout=TIMEOUT)
-            except self.ApiException as e:
-                if e.status != 404:
-                    raise
-                self._got[key] = None
-        return self._got[key]
+        The agent reads no pod and no InferenceJob (its RBAC has no such read): the ledger carries all it needs
+        (kubeflash_api/ledger.py). Read once per pass, with the FlashNode desired_models() just read when it did."""
+        fn, self._fn = self._fn or self.ensure_flashnode(), None
+        self._placed = placed_jobs((fn.get("metadata") or {}).get("annotations"))
+        return [j for p in self._placed.values()
+                if (j := job_from_ledger(p, self.disks, default_quota=self.cfg.default_job_quota,
+                                         uid=self.cfg.job_uid, gid=self.cfg.job_gid))]
 
     def job_state(self, key: str) -> JobState:
-        try:
-            job = self._job(key)
-        except self.ApiException as e:
-            log.warning("cannot read InferenceJob", extra={"job": key, "status": e.status})
+        """A job exists here while the ledger lists it (placed now, or its attempt here ended and it is not
+        deleted); None before the first job_pods() of this agent (nothing is removed on a guess)."""
+        if self._placed is None:
             return JobState(None)
-        if job is None or (job.get("metadata") or {}).get("deletionTimestamp"):
+        job = self._placed.get(key)
+        if job is None:
             return JobState(False)
-        return JobState(True, quota_of(job, self.cfg.default_job_quota))
+        return JobState(True, job.kv or self.cfg.default_job_quota)
 
     def relay(self, key: str, patch: dict[str, Any]) -> None:
         ns, name = key.split("/", 1)
@@ -191,12 +162,9 @@ class KubeSide:
         """spec.output.configMap: once the job has ended, copy results.jsonl into that ConfigMap, which the operator
         created (owned by the job) before the pod (the pod has no API token to do it). Too large for a ConfigMap:
         an `error` key says so instead."""
-        try:
-            job = self._job(key) or {}
-        except self.ApiException:
-            return  # the API cannot tell now; next pass
-        target = (((job.get("spec") or {}).get("output") or {}).get("configMap") or {}).get("name")
-        if not target or (job.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+        job = (self._placed or {}).get(key)
+        target = job.output if job is not None and job.terminal else ""
+        if not target:
             return
         try:
             data = read(CONFIGMAP_LIMIT)

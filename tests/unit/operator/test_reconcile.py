@@ -76,7 +76,7 @@ def test_staged_model_goes_straight_to_running_with_a_pod():
     s = plan.status
     assert (s["phase"], s["node"], s["gpu"], s["disk"], s["pod"], s["attempt"]) == ("Running", "n1", 0, "nvme0", "j-1", 1)
     assert plan.create.attempt == 1 and plan.create.target.disk_path == "/mnt/nvme0/kubeflash"
-    assert plan.claim == Claim("ns/j", "n1", (0,), "nvme0", 10 * GiB)
+    assert plan.claim == Claim("ns/j", "n1", (0,), "nvme0", 10 * GiB, model_id=MODEL, uid="uid-1")
     assert [e.reason for e in plan.events] == ["Scheduled", "PodCreated"]
     assert plan.observe == [("scheduling", 3.0)]
 
@@ -309,7 +309,7 @@ def test_new_job_is_admitted_and_placed_in_one_step():
     """A job without a phase is admitted, placed and given its pod in one step: one status write, one claim."""
     plan = step(make_job(), world(holder()), CFG)
     assert plan.status["phase"] == "Running" and plan.create is not None
-    assert plan.claim == Claim("ns/j", "n1", (0,), "nvme0", 10 * GiB)
+    assert plan.claim == Claim("ns/j", "n1", (0,), "nvme0", 10 * GiB, model_id=MODEL, uid="uid-1")
     assert [e.reason for e in plan.events] == ["Accepted", "Scheduled", "PodCreated"]
 
 
@@ -327,7 +327,7 @@ def test_own_recorded_claim_is_reused_after_a_restart():
                      models=[{"id": MODEL, "disk": "nvme0", "state": "Ready", "bytes": GiB}])
     own = Claim("ns/j", "n1", (1,), "nvme1", 10 * GiB)
     plan = step(admitted(), world(body, claims=[own]), CFG)
-    assert plan.claim == own and plan.status["gpu"] == 1
+    assert plan.claim.hold == own.hold and plan.status["gpu"] == 1
 
 
 def test_pod_target_carries_the_agents_probe():
