@@ -11,6 +11,8 @@ client threads, and watches them. Writes one JSON report:
   all_placed_s                   burst start -> every job has status.node
   all_running_s                  burst start -> every job in phase Running (its pod exists)
   operator_cpu_s_to_running      the operator's CPU seconds (user + system) from burst start to all Running
+  operator_cpu_ms_per_job        the same per job (milliseconds)
+  operator_cpu_s_delete          the operator's CPU seconds from the delete-collection to everything gone
   pods_running_s                 burst start -> every pod Running on its KWOK node
   double_booked                  (node, GPU) pairs held by more than one job, from job status and the ledgers
   api_writes_per_job             the operator's create/update/patch/delete requests (audit log) per job, burst start
@@ -27,6 +29,9 @@ client threads, and watches them. Writes one JSON report:
 
   .venv/bin/python bench/operator_scale.py --jobs 100 --nodes 20 [--out report.json]
   KUBEFLASH_BENCH_PROFILE=/tmp/op.prof ...   also writes a cProfile of the operator's event loop (/tmp/op.prof.operator)
+  KUBEFLASH_BENCH_PYSPY=/tmp/op ...           samples the operator with py-spy (not in set-up: pip install py-spy) from
+                                              outside the process: collapsed stacks of the burst (/tmp/op.burst.txt)
+                                              and of the deletion (/tmp/op.delete.txt); every thread, idle ones left out
   make bench-operator BENCH_OPERATOR="100:20 500:50"
 """
 
@@ -226,6 +231,25 @@ class OperatorProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._fh.close()
+
+
+class Sampler:
+    """py-spy sampling the operator process from outside (KUBEFLASH_BENCH_PYSPY=<prefix>): collapsed stacks in
+    <prefix>.<phase>.txt; a no-op when the variable is unset."""
+
+    def __init__(self, pid: int, phase: str) -> None:
+        self.proc = None
+        prefix = os.environ.get("KUBEFLASH_BENCH_PYSPY")
+        if prefix:
+            spy = Path(sys.executable).parent / "py-spy"
+            self.proc = subprocess.Popen([str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "100",
+                                          "--nonblocking", "--output", f"{prefix}.{phase}.txt"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(2)  # SIGINT: py-spy writes its file and exits
+            self.proc.wait(timeout=60)
 
 
 # ------------------------------------------------------------------------------------------------ the jobs
@@ -471,11 +495,13 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             o.wait_ready()
         jw = JobWatch(api)
         core = client.CoreV1Api(api)
+        spy = Sampler(op.proc.pid, "burst")
         t0, stamp0, cpu_start = time.monotonic(), _stamp(), op.cpu_s()
         created = burst(api, jobs)
         t_created = time.monotonic()
         t_running = wait(f"all {jobs} jobs Running", lambda: len(jw.running) >= jobs, settle_timeout)
         burst_cpu = op.cpu_s() - cpu_start
+        spy.stop()
         stamp1 = _stamp()
         try:
             t_pods = wait(f"all {jobs} pods Running", lambda: sum(
@@ -489,7 +515,8 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
         time.sleep(10)
         idle_cpu = (op.cpu_s() - cpu0) / 10 * 100
         rss = op.rss_mib()
-        stamp2, td = _stamp(), time.monotonic()
+        spy = Sampler(op.proc.pid, "delete")
+        stamp2, td, cpu_del = _stamp(), time.monotonic(), op.cpu_s()
         client.CustomObjectsApi(api).delete_collection_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs")
         t_call = time.monotonic()
         left: dict[str, int] = {}
@@ -502,6 +529,8 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             t_deleted = wait("jobs, pods and claims gone", clean, delete_timeout, every=0.25)
         except TimeoutError:
             t_deleted = None
+        delete_cpu = op.cpu_s() - cpu_del
+        spy.stop()
         jw.stop()
         time.sleep(1.5)  # the audit log's batch flush
         w_burst, c_burst, k_burst = audit_counts(audit, stamp0, stamp1)
@@ -518,6 +547,8 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             "all_placed_s": round(max(jw.placed.values()) - t0, 3) if jw.placed else None,
             "all_running_s": round(t_running - t0, 3),
             "operator_cpu_s_to_running": round(burst_cpu, 2),
+            "operator_cpu_ms_per_job": round(burst_cpu / jobs * 1000, 2),
+            "operator_cpu_s_delete": round(delete_cpu, 2),
             "pods_running_s": round(t_pods - t0, 3) if t_pods is not None else None,
             "delete_s": round(t_deleted - td, 3) if t_deleted is not None else None,
             "delete_call_s": round(t_call - td, 3),

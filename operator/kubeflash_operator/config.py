@@ -14,6 +14,7 @@ from kubeflash_operator.builder import DEFAULT_IMAGE, PodLimits
 
 ENV_PREFIX = "KUBEFLASH_OPERATOR_"
 ENGINE_DEVICES = ("auto", "cpu", "cuda")  # the engine's --device / $KUBEFLASH_DEVICE (cuda:<n> also accepted)
+NORMAL_EVENTS = ("detours", "all")  # which steps' Normal news becomes an Event (warnings always do)
 _CPU = re.compile(r"[0-9]+(\.[0-9]+)?m?")  # Kubernetes CPU quantities: 2, 0.5, 500m
 
 
@@ -32,6 +33,10 @@ class OperatorConfig:
     backoff_cap_s: float = 300.0  # longest retry delay
     unschedulable_timeout_s: float = 300.0  # a pod the scheduler cannot place this long fails its attempt
     image_pull_timeout_s: float = 300.0  # a pod that cannot pull its image this long fails its attempt
+    # "detours": a job that goes from new to Running in its first step (the direct path) posts no Normal Event, its
+    # status conditions say the same (one API write per job less: issue 24's 4 writes from apply to Running);
+    # every other step's Normal news does. "all": that first step's news too, as one Event.
+    normal_events: str = "detours"
     metrics_port: int = 0  # Prometheus /metrics; 0 = off
     liveness_port: int = 0  # kopf's /healthz; 0 = off
 
@@ -39,6 +44,9 @@ class OperatorConfig:
         dev = self.engine_device
         if dev not in ENGINE_DEVICES and not (dev.startswith("cuda:") and dev[5:].isdigit()):
             raise ValueError(f"engine device must be one of {', '.join(ENGINE_DEVICES)} (or cuda:<n>), got {dev!r}")
+        if self.normal_events not in NORMAL_EVENTS:
+            raise ValueError(f"{ENV_PREFIX}NORMAL_EVENTS must be one of {', '.join(NORMAL_EVENTS)}, "
+                             f"got {self.normal_events!r}")
         for name in ("engine_cpu_request", "engine_cpu_limit"):
             value = getattr(self, name)
             if not _CPU.fullmatch(value) and not (name == "engine_cpu_limit" and value == ""):

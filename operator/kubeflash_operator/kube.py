@@ -75,11 +75,31 @@ def owned_by(obj: Mapping[str, Any], job: str, uid: str) -> bool:
             and uid in owners)
 
 
+JOBS_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/inferencejobs/{{name}}"
+FLASHNODE_PATH = f"/apis/{GROUP}/{VERSION}/flashnodes/{{name}}"
+PODS_PATH = "/api/v1/namespaces/{ns}/pods"
+MERGE_PATCH = "application/merge-patch+json"
+
+
 class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+
+    def _call(self, method: str, path: str, body: Any = None, *, content_type: str = "application/json") -> Any:
+        """One request with a plain-JSON body and answer, for the calls made once or more per job (pod create,
+        read and delete, job status, FlashNode ledger): the generated client validates a dict body into its
+        pydantic model (V1Pod: more CPU than the rest of a placement) and builds models from the answer.
+        Same connection pool, credentials and errors (ApiException with the status) as the generated calls."""
+        method, url, headers, _, _ = self.api.param_serialize(
+            method=method, resource_path=path, header_params={"Accept": "application/json", "Content-Type": content_type},
+            auth_settings=["BearerToken"])
+        r = self.api.call_api(method, url, headers, body)
+        r.read()
+        if not 200 <= r.status <= 299:
+            raise ApiException.from_response(http_resp=r, body=r.data.decode("utf-8", "replace"), data=None)
+        return json.loads(r.data) if r.data else None
 
     @classmethod
     def connect(cls, pool_size: int = POOL_SIZE) -> Kube:
@@ -96,7 +116,7 @@ class Kube:
         try:
             # the answer as plain JSON: the client's V1Pod model (built, then turned back into a dict) costs more
             # CPU than the rest of a placement
-            return json.loads(self.core.create_namespaced_pod(ns, manifest, _preload_content=False).data)
+            return self._call("POST", PODS_PATH.format(ns=ns), manifest)
         except ApiException as e:
             if e.status != 409:
                 raise
@@ -117,8 +137,8 @@ class Kube:
         resourceVersion."""
         patch = {"metadata": {"resourceVersion": resource_version}, "status": dict(status)}
         try:
-            body = self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "inferencejobs", name,
-                                                                     patch)
+            body = self._call("PATCH", JOBS_PATH.format(ns=namespace, name=name) + "/status", patch,
+                              content_type=MERGE_PATCH)
             return str(((body or {}).get("metadata") or {}).get("resourceVersion") or "")
         except ApiException as e:
             if e.status == 409:
@@ -132,7 +152,7 @@ class Kube:
         """The job's current resourceVersion if its status and generation are still `status`/`generation` (only
         metadata such as finalizers changed since), else None."""
         try:
-            body = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "inferencejobs", name)
+            body = self._call("GET", JOBS_PATH.format(ns=namespace, name=name))
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -144,7 +164,7 @@ class Kube:
 
     def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self.core.read_namespaced_pod(name, namespace, _preload_content=False).data)
+            return self._call("GET", f"{PODS_PATH.format(ns=namespace)}/{name}")
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -169,9 +189,9 @@ class Kube:
         return self._delete_exact(namespace, name, uid)
 
     def _delete_exact(self, namespace: str, name: str, uid: str) -> bool:
-        body = client.V1DeleteOptions(propagation_policy="Background", preconditions=client.V1Preconditions(uid=uid))
+        body = {"propagationPolicy": "Background", "preconditions": {"uid": uid}}
         try:
-            self.core.delete_namespaced_pod(name, namespace, body=body)
+            self._call("DELETE", f"{PODS_PATH.format(ns=namespace)}/{name}", body)
         except ApiException as e:
             if e.status == 409:  # the uid precondition failed: that name is another pod now
                 log.warning("pod %s/%s was replaced before it was deleted; the new one is left alone", namespace, name)
@@ -306,7 +326,7 @@ class Kube:
 
     def read_flashnode(self, name: str) -> dict[str, Any] | None:
         try:
-            return self.custom.get_cluster_custom_object(GROUP, VERSION, "flashnodes", name)
+            return self._call("GET", FLASHNODE_PATH.format(name=name))
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -323,7 +343,7 @@ class Kube:
         patch = {"metadata": {"resourceVersion": resource_version,
                               "annotations": {CLAIMS_ANNOTATION: annotation, ENDED_ANNOTATION: ended}}}
         try:
-            return self.custom.patch_cluster_custom_object(GROUP, VERSION, "flashnodes", name, patch)
+            return self._call("PATCH", FLASHNODE_PATH.format(name=name), patch, content_type=MERGE_PATCH)
         except ApiException as e:
             if e.status == 409:
                 raise Conflict(f"FlashNode {name} changed since resourceVersion {resource_version}") from e

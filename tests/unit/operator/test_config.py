@@ -39,3 +39,11 @@ def test_bad_engine_device_rejected(device):
     """Anything else is refused when the configuration is built."""
     with pytest.raises(ValueError, match="engine device"):
         OperatorConfig(engine_device=device)
+
+
+def test_normal_events_default_and_choices():
+    """Direct-path Normal Events are off by default; "all" turns them on; anything else is refused by name."""
+    assert OperatorConfig().normal_events == "detours"
+    assert OperatorConfig.from_env({"KUBEFLASH_OPERATOR_NORMAL_EVENTS": "all"}).normal_events == "all"
+    with pytest.raises(ValueError, match="KUBEFLASH_OPERATOR_NORMAL_EVENTS must be one of detours, all, got 'some'"):
+        OperatorConfig.from_env({"KUBEFLASH_OPERATOR_NORMAL_EVENTS": "some"})

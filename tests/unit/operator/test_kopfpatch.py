@@ -85,3 +85,21 @@ def test_installed_patch_answers_like_kopf():
     merge = patches.Patch(body=bodies.Body(_job([FIN])))
     merge["status"] = {"phase": "Failed"}
     assert merge.as_json_patch() == [{"op": "replace", "path": "/status/phase", "value": "Failed"}]
+
+
+def test_body_repr_is_short_unless_debug_is_logged():
+    """After install(), a Body's repr (kopf formats one into a debug line per event) names the object; with kopf's
+    object logger at debug it is the whole body again."""
+    import logging
+
+    assert kopfpatch.install()
+    body = bodies.Body(_job([FIN]))
+    objects = logging.getLogger("kopf.objects")
+    level = objects.level
+    try:
+        objects.setLevel(logging.INFO)
+        assert repr(body) == "<InferenceJob default/j>"
+        objects.setLevel(logging.DEBUG)
+        assert repr(body) == repr(_job([FIN]))
+    finally:
+        objects.setLevel(level)
