@@ -8,6 +8,7 @@ thread (staging.py), so heartbeats continue while a model is copied.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import threading
@@ -15,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubeflash_node.store.format import atomic_write_json
+from kubeflash_node.store.format import StoreError, atomic_write_json
+from kubeflash_node.store.routing import JOB_ROUTING_FILE, publish_routing
+from kubeflash_node.store.routing import MAX_BYTES as ROUTING_MAX_BYTES
 
 from . import progress as progress_doc
 from . import status as status_mod
@@ -28,6 +31,7 @@ from .kvcache import NodeKVCache
 from .metrics import Metrics
 from .models import ModelCache
 from .pairing import pair
+from .paths import model_dir
 from .pods import merge
 from .probe import DiskProbe, GpuProbe, ProbeCache, measure
 from .safefs import Unsafe
@@ -54,6 +58,7 @@ class Agent:
         self.gpu_probes: dict[int, GpuProbe] = {}
         self.conditions: list[dict] = []
         self.relayed: dict[str, dict] = {}
+        self._routing_seen: dict[str, bytes] = {}  # job -> sha256 of the routing.json last published
         self.last_status: dict[str, Any] = {}
         self.last_ok: float | None = None
         self.last_error = ""
@@ -131,6 +136,7 @@ class Agent:
         in_use = {j.model_id for j in pods.values() if j.running and j.model_id}
         self.cache.reconcile(wanted, problems, in_use)
         self._relay(alive)
+        self._publish_routing(alive, pods)
         self._refresh_kv_cache()
         self._publish(allocations)
         self.last_ok, self.last_error = time.time(), ""
@@ -210,6 +216,29 @@ class Agent:
                 self.relayed[key] = patch
         for key, disk in alive.items():
             self.side.export_results(key, self.jobs.path(key, disk), self._results_reader(key, disk))
+
+    def _publish_routing(self, alive: dict[str, str], pods: dict[str, JobWant]) -> None:
+        """A MoE job's routing counts (<job dir>/routing.json: its model volume is read-only) folded into its model's
+        .routing.json on this node (store/routing.py), which the next pod of the model reads to start its hot-expert
+        cache warm. Read no-follow and capped, each new version once; a bad file is logged and left."""
+        self._routing_seen = {k: v for k, v in self._routing_seen.items() if k in alive}
+        ready = self.cache.ready()
+        for key, disk in alive.items():
+            mid = pods[key].model_id if key in pods else ""
+            if mid not in ready:
+                continue
+            try:
+                raw = self.jobs.read(key, disk, JOB_ROUTING_FILE, ROUTING_MAX_BYTES)
+            except (OSError, Unsafe):  # none yet (the engine writes it as it closes), or not a regular file
+                continue
+            if self._routing_seen.get(key) == (digest := hashlib.sha256(raw).digest()):
+                continue
+            self._routing_seen[key] = digest
+            try:
+                if publish_routing(model_dir(self.inv.disk(ready[mid]).path, mid), raw, where=f"{key}/{JOB_ROUTING_FILE}"):
+                    log.info("routing counts published", extra={"job": key, "model": mid})
+            except (ValueError, StoreError, OSError) as e:
+                log.warning("routing counts refused", extra={"job": key, "model": mid, "error": str(e)})
 
     def _results_reader(self, key: str, disk: str):
         """read(cap) -> the job's results.jsonl, no-follow and capped; a refusal is noted for the job's status."""

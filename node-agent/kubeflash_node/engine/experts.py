@@ -20,8 +20,9 @@ applies that layer's router to the hidden state entering the layer (attention ch
 and hands the predicted experts to `RoutedWeights.prefetch`, which starts their reads on the reader pool while
 attention computes (`EarlyReads`: a plain disk read, no hot-cache bookkeeping yet). When the true router has run,
 `want` takes the predicted reads it needs over (the hot cache then counts and keeps them exactly as it does an
-on-demand read) and reads only the mispredicted experts on demand; a predicted expert never routed is counted as
-bytes read for nothing when the stage is released (`finish`). The expert tensors are the same bytes either way, so
+on-demand read) and reads only the mispredicted experts on demand, cancelling the predicted reads not started yet
+(queued ahead, they would delay the on-demand ones); a predicted expert read but never routed is counted as bytes
+read for nothing when the stage is released (`finish`). The expert tensors are the same bytes either way, so
 outputs do not change. `PrefetchStats` holds the hit rate and the unused bytes for the run report.
 """
 
@@ -40,11 +41,8 @@ from typing import Callable, Iterable
 import torch
 
 from ..store.format import FileEntry, Manifest, atomic_write_json
-
-ROUTING_FILE = ".routing.json"
-JOB_ROUTING_FILE = "routing.json"  # in the job directory, where the model directory is read-only
-ROUTING_FORMAT = "kubeflash-routing/1"
-_ROUTING_MAX_BYTES = 16 << 20
+from ..store.routing import JOB_ROUTING_FILE, ROUTING_FILE, ROUTING_FORMAT  # noqa: F401  (names used here and by tests)
+from ..store.routing import MAX_BYTES as ROUTING_MAX_BYTES
 
 _EXPERT = re.compile(r"^e(\d+)\.")
 
@@ -142,16 +140,21 @@ class RoutedWeights(dict):
             self._io.stats.issued += 1
             self._io.stats.bytes += self._io.nbytes(j)
 
+    def _drop_queued(self) -> None:
+        """Cancel the prefetch reads not started yet (they are then not counted as issued)."""
+        for j in [j for j, fut in self._early.items() if fut.cancel()]:
+            del self._early[j]
+            self._io.stats.issued -= 1
+            self._io.stats.bytes -= self._io.nbytes(j)
+
     def finish(self) -> None:
-        """The stage is done: prefetched experts never routed are read for nothing (cancelled if not started)."""
-        stats = self._io.stats if self._io is not None else None
-        for j, fut in self._early.items():
-            if fut.cancel():
-                stats.issued -= 1
-                stats.bytes -= self._io.nbytes(j)
-            else:
-                stats.unused += 1
-                stats.unused_bytes += self._io.nbytes(j)
+        """The stage is done: prefetched experts never routed were read for nothing (cancelled if not started)."""
+        if self._io is None:
+            return
+        self._drop_queued()
+        for j in self._early:
+            self._io.stats.unused += 1
+            self._io.stats.unused_bytes += self._io.nbytes(j)
         self._early.clear()
 
     def want(self, experts: Iterable[int]) -> None:
@@ -165,6 +168,7 @@ class RoutedWeights(dict):
                 if j in self._early:
                     self._pending[j] = self._early.pop(j)
                     self._confirm.add(j)
+            self._drop_queued()  # mispredicted reads not started yet would only delay the on-demand ones
         missing = [j for j in experts if j not in self._have and j not in self._pending]
         if self._pool and len(missing) > 1:
             for j in missing:
@@ -266,13 +270,13 @@ def load_routing(model_dir: Path, manifest: Manifest, routed: dict[int, tuple[in
     path = Path(path) if path is not None else Path(model_dir) / ROUTING_FILE
     try:
         with open(path, "rb") as f:
-            raw = f.read(_ROUTING_MAX_BYTES + 1)
+            raw = f.read(ROUTING_MAX_BYTES + 1)
     except OSError:
         return Counter()
     stages = {name: i for i, name in enumerate(manifest.stages)}
     out: Counter = Counter()
     try:
-        data = json.loads(raw) if len(raw) <= _ROUTING_MAX_BYTES else None
+        data = json.loads(raw) if len(raw) <= ROUTING_MAX_BYTES else None
         if not isinstance(data, dict) or data.get("format") != ROUTING_FORMAT:
             raise ValueError(f"expected a JSON object with format {ROUTING_FORMAT!r}")
         for name, experts in data["layers"].items():
