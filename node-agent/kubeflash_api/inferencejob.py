@@ -634,10 +634,10 @@ def check_cluster(spec: JobSpec) -> JobSpec:
                                           "file; without one the file is read next to the manifest, which only "
                                           "kubeflash run can do); or use spec.input.configMap")
     if spec.parallelism > 1:
-        if spec.output.pvc or spec.output.path:
-            field = "spec.output.pvc" if spec.output.pvc else "spec.output.path"
-            raise SpecError(field, "cannot be used with spec.parallelism > 1 (merging the shards' result files on a "
-                                   "claim is not built); use spec.output.configMap, or parallelism 1")
+        if spec.output.path and not spec.output.pvc:
+            raise SpecError("spec.output.path", "needs spec.output.pvc with spec.parallelism > 1 (the shards run on "
+                                                "different nodes: their part files meet on a claim every one of "
+                                                "them can mount, ReadWriteMany), or use spec.output.configMap")
         longest = f"{spec.name}-s{spec.parallelism - 1}"
         if len(longest) > MAX_JOB_NAME:
             raise SpecError("metadata.name", f"is too long for spec.parallelism {spec.parallelism}: its shard jobs "

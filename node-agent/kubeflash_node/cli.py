@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                   "calibrate a model's activation-sparsity thresholds from text (for spec.offload.sparsity)"),
     "plan": ("kubeflash_node.engine.cli_plan", "pick a job's offload policy with the cost model from measured ceilings"),
     "engine": ("kubeflash_node.engine.cli_pod", "the inference pod's entry point (reads the job the operator mounted)"),
+    "merge": ("kubeflash_node.engine.cli_merge",
+              "the merge pod of a spec.parallelism job: join its shards' part files on the claim in input order"),
     "agent": ("kubeflash_node.agent.cli", "the node agent DaemonSet: pairing, model staging, KV space, progress relay"),
     "csi": ("kubeflash_node.csi.cli", "the CSI node plugin (driver kubeflash.io): model, KV and job volumes for pods"),
     "operator": ("kubeflash_operator.cli", "the kopf operator that places InferenceJobs on GPU<->SSD pairs"),

@@ -5,7 +5,8 @@ shards up in its status.
 Pure functions first (names, child bodies, the aggregate status), unit-tested without a cluster; `sync` at the
 end is the one blocking edge a parent's reconcile tick calls (in a thread): take the children from the operator's
 shard index (or list them by label), create a bounded batch of the missing ones in parallel, write the aggregate
-status if it changed.
+status if it changed. Results: spec.output.configMap parts merged here (capped at 1 MiB); spec.output.pvc parts
+(<path>.part-<k>-of-<N>) merged by a merge pod this creates once every shard Succeeded (docs/parallelism.md).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
-from kubeflash_api import SpecError, parse_job_spec
+from kubeflash_api import JobSpec, SpecError, contract, parse_job_spec, to_canonical
 from kubeflash_api.batch import parse_batch
-from kubeflash_api.sharding import inline_split
+from kubeflash_api.sharding import inline_split, part_path
 from kubeflash_operator import status as st
 from kubeflash_operator.builder import JOB_LABEL, MANAGED_BY, owner_reference
 from kubeflash_operator.timefmt import format_time
@@ -62,6 +63,8 @@ def child_body(*, namespace: str, parent: str, uid: str, spec: Mapping[str, Any]
     cm = (child.get("output") or {}).get("configMap")
     if cm and cm.get("name"):
         cm["name"] = child_name(cm["name"], index)
+    if (child.get("output") or {}).get("pvc"):  # its own part file on the claim, merged by the merge pod
+        child["output"]["path"] = part_path(child["output"].get("path") or f"{parent}.results.jsonl", index, count)
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceJob",
             "metadata": {"name": child_name(parent, index), "namespace": namespace,
                          "labels": {PARENT_LABEL: parent, "app.kubernetes.io/managed-by": MANAGED_BY},
@@ -191,6 +194,74 @@ def with_merge(patch: dict[str, Any], status: Mapping[str, Any], waiting: str | 
     return {} if all(status.get(k) == v for k, v in held.items()) else held
 
 
+def merge_pod_name(parent: str) -> str:
+    """The pod that merges a spec.output.pvc parallel job's part files: <parent>-merge."""
+    return f"{parent}-merge"
+
+
+MERGE_UID = 1000  # the engine image's user, as the inference pods run
+
+
+def merge_pod(*, namespace: str, parent: str, uid: str, spec: JobSpec, image: str) -> dict[str, Any]:
+    """The merge pod of a parallel job with spec.output.pvc: `kubeflash merge` in the engine image, the claim at
+    /output (and the input ConfigMap or claim at /input, for the input order), no GPU, no API token, Pod Security
+    restricted; labelled and owned like the job's own pods (deleting the job deletes it). Not pinned: the
+    scheduler puts it where the claim can be mounted."""
+    env = {contract.ENV_JOB_SPEC: json.dumps(to_canonical(spec), sort_keys=True, separators=(",", ":")),
+           contract.ENV_JOB_NAME: parent, contract.ENV_JOB_NAMESPACE: namespace, contract.ENV_OUTPUT_DIR: "/output"}
+    volumes: list[dict[str, Any]] = [
+        {"name": "output", "persistentVolumeClaim": {"claimName": spec.output.pvc}}, {"name": "tmp", "emptyDir": {}}]
+    mounts: list[dict[str, Any]] = [{"name": "output", "mountPath": "/output"}, {"name": "tmp", "mountPath": "/tmp"}]
+    if spec.input.config_map:
+        key = spec.input.config_map
+        volumes.append({"name": "input", "configMap": {"name": key.name, "items": [{"key": key.key, "path": key.key}]}})
+        env[contract.ENV_INPUT_FILE] = f"/input/{key.key}"
+    elif spec.input.pvc:
+        volumes.append({"name": "input", "persistentVolumeClaim": {"claimName": spec.input.pvc, "readOnly": True}})
+        env[contract.ENV_INPUT_FILE] = f"/input/{spec.input.file}"
+    if len(volumes) > 2:
+        mounts.append({"name": "input", "mountPath": "/input", "readOnly": True})
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": merge_pod_name(parent), "namespace": namespace,
+                     "labels": {JOB_LABEL: parent, "app.kubernetes.io/managed-by": MANAGED_BY,
+                                "app.kubernetes.io/component": "merge"},
+                     "ownerReferences": [owner_reference(parent, uid)]},
+        "spec": {
+            "restartPolicy": "Never", "automountServiceAccountToken": False, "enableServiceLinks": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": MERGE_UID, "runAsGroup": MERGE_UID,
+                                "fsGroup": MERGE_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "merge", "image": image, "command": ["kubeflash", "merge"],
+                "env": [{"name": k, "value": v} for k, v in env.items()],
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "resources": {"requests": {"cpu": "100m", "memory": "256Mi"},
+                              "limits": {"memory": "2Gi", "ephemeral-storage": "1Gi"}},
+                "volumeMounts": mounts,
+                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "runAsNonRoot": True, "runAsUser": MERGE_UID, "capabilities": {"drop": ["ALL"]}},
+            }],
+            "volumes": volumes,
+        },
+    }
+
+
+def merge_pod_state(pod: Any, parent: str, path: str) -> str | None:
+    """What the merge pod (a V1Pod) says: None once it Succeeded, "!why" when it Failed (its termination message),
+    else that it is still merging."""
+    name, phase = merge_pod_name(parent), pod.status.phase if pod.status else None
+    if phase == "Succeeded":
+        return None
+    if phase == "Failed":
+        said = ""
+        for cs in pod.status.container_statuses or []:
+            term = cs.state.terminated if cs.state else None
+            if term is not None:
+                said = (term.message or term.reason or f"exit code {term.exit_code}").strip()
+        return f"!merging the shards' part files into spec.output.path {path} failed (pod {name}): {said or 'failed'}"
+    return f"merging the shards' part files into spec.output.path {path} (pod {name}, {phase or 'Pending'})"
+
+
 # --------------------------------------------------------------------------------------------------- edge
 
 
@@ -200,7 +271,7 @@ CREATE_WORKERS = 8  # in parallel: one create is a round trip, and 1,000 of them
 
 def shard_view(body: Mapping[str, Any]) -> dict[str, Any]:
     """What `aggregate` reads of a shard job (its name and owners, phase, message, progress counts): the operator's
-    shard index holds this instead of whole bodies (each carries the parent's full spec, its prompts included)."""
+    shard index holds this instead of whole bodies (each with its spec and its own prompts)."""
     meta, status = body.get("metadata") or {}, body.get("status") or {}
     progress = status.get("progress") or {}
     return {"metadata": {"name": meta.get("name", ""), "ownerReferences": [
@@ -248,11 +319,14 @@ def sync(kube: Any, *, namespace: str, name: str, uid: str, spec: Mapping[str, A
         with ThreadPoolExecutor(min(CREATE_WORKERS, len(todo))) as pool:
             list(pool.map(create, todo[:CREATE_BATCH]))
     patch = aggregate(children, count=count, status=status, now=now, generation=generation)
-    out, waiting = (spec.get("output") or {}).get("configMap"), None
-    if patch.get("phase") == st.SUCCEEDED and out:
-        waiting = _merge_output(kube, namespace, name, uid, spec, count, out["name"])
+    out, waiting = spec.get("output") or {}, None
+    if patch.get("phase") == st.SUCCEEDED and out.get("configMap"):
+        waiting = _merge_output(kube, namespace, name, uid, spec, count, out["configMap"]["name"])
         reason = "OutputTooLarge" if waiting and waiting.startswith(TOO_LARGE) else "ResultsNotMerged"
         patch = with_merge(patch, status, waiting, reason)
+    elif patch.get("phase") == st.SUCCEEDED and out.get("pvc"):
+        waiting = _merge_claim(kube, namespace, name, uid, spec)
+        patch = with_merge(patch, status, waiting)
     written = kube.patch_job_status(namespace, name, version, patch) if patch else None
     return written, len(todo) > CREATE_BATCH or (waiting is not None and not waiting.startswith("!"))
 
@@ -294,6 +368,33 @@ def _merge_output(kube: Any, namespace: str, name: str, uid: str, spec: Mapping[
             return f"!spec.output.configMap: ConfigMap {cm} exists and was not created by kubeflash for this job"
         kube.core.patch_namespaced_config_map(cm, namespace, {"data": {RESULTS_KEY: merged}})
     return None
+
+
+def _merge_claim(kube: Any, namespace: str, name: str, uid: str, spec: Mapping[str, Any]) -> str | None:
+    """Create the merge pod once (409: it exists) and read what it says (merge_pod_state); "!" first when it is
+    someone else's or failed."""
+    from kubernetes.client.exceptions import ApiException
+
+    from kubeflash_operator.config import OperatorConfig
+
+    parsed = parse_job_spec(spec, name=name, namespace=namespace)
+    path = parsed.output.path or f"{name}.results.jsonl"
+    try:
+        pod = kube.core.read_namespaced_pod(merge_pod_name(name), namespace)
+    except ApiException as e:
+        if e.status != 404:
+            raise
+        image = parsed.image or OperatorConfig.from_env().engine_image  # the shards ran it (allowed)
+        body = merge_pod(namespace=namespace, parent=name, uid=uid, spec=parsed, image=image)
+        try:
+            kube.core.create_namespaced_pod(namespace, body)
+        except ApiException as e2:
+            if e2.status != 409:
+                raise
+        return f"merging the shards' part files into spec.output.path {path} (pod {merge_pod_name(name)} created)"
+    if not any(r.uid == uid for r in pod.metadata.owner_references or []):
+        return f"!pod {merge_pod_name(name)} exists and was not created by kubeflash for this job"
+    return merge_pod_state(pod, name, path)
 
 
 def _input_order(kube: Any, namespace: str, spec: Mapping[str, Any]) -> list[str]:

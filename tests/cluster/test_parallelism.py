@@ -4,9 +4,11 @@ distinct GPU<->SSD pairs, each carrying only its own inline prompts; its status 
 and summed progress), it Succeeds when every shard's pod has, and deleting it deletes the shards (owner
 references, garbage collector). With spec.output.configMap the shards' ConfigMaps (filled by the test as the agent
 would) are merged into the parent's in input order; merged results over 1 MiB fail the job (OutputTooLarge,
-naming the field and the size) and write no merged ConfigMap. An output claim with parallelism is refused naming
-the field. A shard whose node is lost (its FlashNode gone: the agent no longer serves it) is placed again on
-another node and the parent still Succeeds."""
+naming the field and the size) and write no merged ConfigMap. With spec.output.pvc each shard writes its own part
+file (spec.output.path <path>.part-<k>-of-<N>) and, once all have Succeeded, the operator creates one merge pod
+(`kubeflash merge` on the claim): the parent is Succeeded when it is, Failed with its message when it fails; an
+output path without a claim is refused naming the field. A shard whose node is lost (its FlashNode gone: the
+agent no longer serves it) is placed again on another node and the parent still Succeeds."""
 
 from __future__ import annotations
 
@@ -64,11 +66,66 @@ def test_a_lost_nodes_shard_is_placed_again_elsewhere_and_the_parent_completes(n
     assert s["shards"] == {"total": 2, "pending": 0, "running": 0, "succeeded": 2, "failed": 0}
 
 
-def test_output_claim_with_parallelism_is_refused(ns, kube, control_plane):  # noqa: F811
-    kube.submit("bad", parallelism=2, output={"pvc": {"claimName": "results"}})
-    s = kube.wait_phase("bad", "Failed")
-    assert s["reason"] == "InvalidSpec" and "spec.output.pvc" in s["message"] and "parallelism" in s["message"]
-    assert kube.job("bad-s0") is None
+def _claim(api, space: str, name: str) -> str:
+    """A bound ReadWriteMany claim (a static PersistentVolume, no provisioner needed); returns the PV's name."""
+    pv = f"{space}-{name}"
+    api.core.create_persistent_volume({"metadata": {"name": pv}, "spec": {
+        "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "hostPath": {"path": f"/tmp/{pv}"},
+        "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+        "claimRef": {"namespace": space, "name": name}}})
+    api.core.create_namespaced_persistent_volume_claim(space, {"metadata": {"name": name}, "spec": {
+        "accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
+        "resources": {"requests": {"storage": "1Gi"}}}})
+    return pv
+
+
+def test_an_output_claim_gets_part_files_then_a_merge_pod(ns, kube, control_plane):  # noqa: F811
+    for k in range(2):
+        kube.gpu_node(control_plane, f"p{k}", models=(MODEL,))
+    kube.settle()
+    pv = _claim(kube, ns, "results")
+    try:
+        kube.submit("bad", parallelism=2, output={"path": "r.jsonl"})  # no claim: the shards' nodes differ
+        s = kube.wait_phase("bad", "Failed")
+        assert s["reason"] == "InvalidSpec" and "spec.output.path" in s["message"] and "spec.output.pvc" in s["message"]
+        assert kube.job("bad-s0") is None
+        for job in ("claim", "broken"):
+            kube.submit(job, parallelism=2, input={"prompts": [f"q{i}" for i in range(4)]},
+                        output={"pvc": {"claimName": "results"}, "path": f"{job}.jsonl"})
+            for k in range(2):
+                spec = kube.wait_phase(f"{job}-s{k}", "Running") and kube.job(f"{job}-s{k}")["spec"]
+                assert spec["output"] == {"pvc": {"claimName": "results"}, "path": f"{job}.jsonl.part-{k}-of-2"}
+            assert kube.status(job)["phase"] == "Running" and not _pod(kube, ns, f"{job}-merge")
+            for k in range(2):
+                kube.end_pod(f"{job}-s{k}-1", "Succeeded")
+            merging = wait_for("merge pod", lambda j=job: kube.status(j), lambda s: s.get("reason") == "MergingResults")
+            assert merging["phase"] == "Running" and f"pod {job}-merge" in merging["message"]
+            pod = _pod(kube, ns, f"{job}-merge")
+            assert pod.spec.containers[0].command == ["kubeflash", "merge"]
+            assert [v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim] \
+                == ["results"]
+            assert pod.metadata.owner_references[0].uid == kube.job(job)["metadata"]["uid"]
+        kube.end_pod("claim-merge", "Succeeded")
+        s = kube.wait_phase("claim", "Succeeded")
+        assert s["shards"]["succeeded"] == 2 and s["completionTime"]
+        kube.core.patch_namespaced_pod_status("broken-merge", ns, {"status": {"phase": "Failed", "containerStatuses": [
+            {"name": "merge", "image": "x", "imageID": "", "ready": False, "restartCount": 0, "state": {"terminated": {
+                "exitCode": 1, "reason": "Error", "message": "kubeflash merge: error: broken.jsonl.part-1-of-2: "
+                                                            "does not exist"}}}]}})
+        s = kube.wait_phase("broken", "Failed")
+        assert s["reason"] == "ResultsNotMerged" and "part-1-of-2: does not exist" in s["message"], s
+        assert "spec.output.path broken.jsonl" in s["message"]
+    finally:
+        for job in ("claim", "broken"):
+            kube.delete_job(job)
+        kube.core.delete_persistent_volume(pv)
+
+
+def _pod(api, space: str, name: str):
+    try:
+        return api.core.read_namespaced_pod(name, space)
+    except Exception:  # noqa: BLE001  (absent)
+        return None
 
 
 def test_shard_results_merge_into_the_parents_configmap_in_input_order(ns, kube, control_plane):  # noqa: F811

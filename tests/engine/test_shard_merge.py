@@ -131,3 +131,23 @@ def test_a_merger_killed_at_any_moment_leaves_the_old_file_or_the_whole_new_one(
         assert (root / "r.jsonl").read_bytes() in (old, whole), delay
     for tmp in root.glob(".*merging"):  # a killed merger may leave its temp file; it is never the target
         tmp.unlink()
+
+
+def test_kubeflash_merge_as_the_merge_pod_runs_it(tmp_path):
+    """The merge pod's command with the env the operator gives it: the parent's canonical spec, the claim's root."""
+    from kubeflash_api import parse_job_spec, to_canonical
+
+    parent = parse_job_spec({"model": {"uri": "builtin:smollm2-135m"}, "input": {"prompts": ["q"] * 30},
+                             "parallelism": 3, "output": {"pvc": {"claimName": "c"}, "path": "r.jsonl"}},
+                            name="big", namespace="ns")
+    ids = [p.id for p in parent.input.prompts]
+    _write_parts(tmp_path, 3, ids)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "KUBEFLASH_JOB_NAME": "big",
+           "KUBEFLASH_JOB_SPEC": json.dumps(to_canonical(parent)), "KUBEFLASH_OUTPUT_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-c", "import sys; from kubeflash_node.cli import main; sys.exit(main())", "merge"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(x)["custom_id"] for x in (tmp_path / "r.jsonl").read_text().splitlines()] == ids
+    (tmp_path / "r.jsonl.part-2-of-3").unlink()
+    failed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and "r.jsonl.part-2-of-3: does not exist" in failed.stderr

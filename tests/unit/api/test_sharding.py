@@ -1,4 +1,4 @@
-"""spec.parallelism and spec.shard: parsed with their bounds, refused together and with an output claim naming the
+"""spec.parallelism and spec.shard: parsed with their bounds, refused together, an output path without a claim refused naming the
 field, carried through the canonical spec to the pod; the shard function is stable (sha256, not Python's hash)
 and its shards partition any set of custom_ids."""
 
@@ -43,9 +43,10 @@ def test_canonical_round_trip_keeps_parallelism_and_shard():
     assert "parallelism" not in to_canonical(parse()) and "shard" not in to_canonical(parse())
 
 
-def test_cluster_refuses_an_output_claim_and_too_long_names():
-    with pytest.raises(SpecError, match=r"spec\.output\.pvc.*parallelism"):
-        check_cluster(parse(parallelism=2, output={"pvc": {"claimName": "c"}}))
+def test_cluster_refuses_an_output_path_without_a_claim_and_too_long_names():
+    with pytest.raises(SpecError, match=r"spec\.output\.path.*spec\.output\.pvc"):
+        check_cluster(parse(parallelism=2, output={"path": "r.jsonl"}))
+    check_cluster(parse(parallelism=2, output={"pvc": {"claimName": "c"}}))  # part files, merged by a merge pod
     check_cluster(parse(parallelism=2, output={"configMap": {"name": "c"}}))
     long = parse_job_spec({**BASE, "parallelism": 100}, name="x" * 60, namespace="ns")
     with pytest.raises(SpecError, match=r"metadata\.name.*-s99"):
