@@ -395,14 +395,39 @@ async def release_job(namespace: str, name: str, uid: str, status: kopf.Status, 
     else:
         left = await asyncio.to_thread(memo.kube.delete_job_pods, namespace, name, uid)  # still there, by the API
 
-    deadline = time.monotonic() + DELETE_WAIT_S
-    while left and ours() and time.monotonic() < deadline:
-        await asyncio.sleep(DELETE_POLL_S)  # the watch drops them from the index once they are gone
+    if left and ours():  # the watch drops them from the index once they are gone
+        await _pods_gone(memo, ours, DELETE_WAIT_S)
     if left and ours():
         names = ", ".join(view.name for view, _ in ours())
         raise kopf.TemporaryError(f"waiting for pods {names} to terminate", delay=1)
     await _release(memo, f"{namespace}/{name}", flashnode_index)
     logger.info("pods deleted; the job's GPU<->SSD pair and KV space are released")
+
+
+async def _pods_gone(memo: kopf.Memo, ours: Any, timeout: float) -> None:
+    """Wait until ours() (a deleted job's pods in the pod index) is empty, or `timeout`. One sweeper task looks at
+    every waiting job each DELETE_POLL_S and wakes those whose pods are gone (a delete-collection of 500 jobs: one
+    task waking, not 500 coroutines polling 5 times a second each)."""
+    waiting = memo.setdefault("pods_gone", {})
+    gone = asyncio.Event()
+    waiting[gone] = ours
+    if memo.get("pods_sweeper") is None or memo.pods_sweeper.done():
+        memo.pods_sweeper = asyncio.create_task(_sweep_pods_gone(waiting))
+    try:
+        await asyncio.wait_for(gone.wait(), timeout)
+    except TimeoutError:
+        pass
+    finally:
+        waiting.pop(gone, None)
+
+
+async def _sweep_pods_gone(waiting: dict[asyncio.Event, Any]) -> None:
+    while waiting:
+        await asyncio.sleep(DELETE_POLL_S)
+        for gone, ours in list(waiting.items()):
+            if not ours():
+                gone.set()
+                waiting.pop(gone, None)
 
 
 @kopf.on.event(*JOBS)

@@ -82,3 +82,33 @@ def test_pod_events_wake_the_owner_only_on_a_change():
         return woken
 
     assert asyncio.run(run()) == [True, False, True, False, True]
+
+
+def test_deleted_jobs_wait_for_their_pods_on_one_sweeper():
+    """Deleted jobs waiting for their pods to go are woken by one sweeper task as each job's pods leave the index
+    (not before), a job whose pods stay is let go at its timeout, and the sweeper ends when no one waits."""
+    async def until(cond) -> None:
+        while not cond():
+            await asyncio.sleep(0.01)
+
+    async def run() -> tuple[list[str], bool]:
+        memo = kopf.Memo()
+        index = {"a": ["pod-a"], "b": ["pod-b"], "c": ["pod-c"]}
+        done: list[str] = []
+
+        async def wait(job: str, timeout: float) -> None:
+            await handlers._pods_gone(memo, lambda: index[job], timeout)
+            done.append(job)
+
+        tasks = [asyncio.create_task(wait(j, t)) for j, t in (("a", 60), ("b", 60), ("c", 0.5))]
+        await until(lambda: "c" in done)  # its timeout; a and b keep waiting while their pods are there
+        assert done == ["c"] and len(memo.pods_gone) == 2
+        index["b"] = []
+        await until(lambda: "b" in done)
+        assert done == ["c", "b"]
+        index["a"] = []
+        await asyncio.gather(*tasks)
+        await asyncio.wait_for(memo.pods_sweeper, 10)
+        return done, memo.pods_gone == {}
+
+    assert asyncio.run(run()) == (["c", "b", "a"], True)
