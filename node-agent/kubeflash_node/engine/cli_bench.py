@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-cache", type=positive_size, default=0,
                    help="MoE models: device memory for the most often routed experts, kept across steps (e.g. 4GiB; "
                         "default: 0, none)")
+    p.add_argument("--expert-prefetch", action="store_true",
+                   help="MoE models: predict each streamed layer's experts before its attention and read them meanwhile "
+                        "(default: off, experts are read after the router; docs/moe.md)")
     p.add_argument("--io-backend", default="auto", choices=["auto", "posix", "odirect", "kvikio"],
                    help="how layers are read from disk; auto: kvikio with real GPUDirect Storage, else O_DIRECT on "
                         "a GPU where the file system allows it, else buffered posix (default: auto)")
@@ -207,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
                         args.cpu_memory or mem_available())
         base = make_policy(ceil, io_threads=args.io_threads, io_task_bytes=args.task_mb << 20, default_io_threads=8,
                            prefetch=args.prefetch, io_backend=args.io_backend, all_experts=args.all_experts,
-                           expert_cache_bytes=args.expert_cache)
+                           expert_cache_bytes=args.expert_cache, expert_prefetch=args.expert_prefetch)
         itemsize = 4 if args.dtype == "float32" else 2
         if mode == "auto":
             if args.no_ceilings:

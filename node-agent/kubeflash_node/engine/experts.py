@@ -15,15 +15,16 @@ directory cannot be written (a pod's read-only CSI model volume), `RoutingFiles`
 `<job dir>/routing.json` instead (same format, same crash-safe write), and a later run can be seeded from that file
 explicitly (`kubeflash run --routing-from FILE`, `Engine(routing_seed=...)`).
 
-Expert prefetch (on unless `Policy.expert_prefetch` is off): before a MoE layer's attention runs, model.llama_layer
-applies that layer's router to the hidden state entering the layer (attention changes the residual stream little)
-and hands the predicted experts to `RoutedWeights.prefetch`, which starts their reads on the reader pool while
-attention computes (`EarlyReads`: a plain disk read, no hot-cache bookkeeping yet). When the true router has run,
-`want` takes the predicted reads it needs over (the hot cache then counts and keeps them exactly as it does an
-on-demand read) and reads only the mispredicted experts on demand, cancelling the predicted reads not started yet
-(queued ahead, they would delay the on-demand ones); a predicted expert read but never routed is counted as bytes
-read for nothing when the stage is released (`finish`). The expert tensors are the same bytes either way, so
-outputs do not change. `PrefetchStats` holds the hit rate and the unused bytes for the run report.
+Expert prefetch (`Policy.expert_prefetch`, off by default; `kubeflash bench --expert-prefetch`): before a MoE
+layer's attention runs, model.llama_layer applies that layer's router to the hidden state entering the layer
+(attention changes the residual stream little) and hands the predicted experts to `RoutedWeights.prefetch`, which
+starts their reads on the reader pool while attention computes (`EarlyReads`: a plain disk read, no hot-cache
+bookkeeping yet). When the true router has run, `want` takes the predicted reads it needs over (the hot cache then
+counts and keeps them exactly as it does an on-demand read) and reads only the mispredicted experts on demand,
+cancelling the predicted reads not started yet (queued ahead, they would delay the on-demand ones); a predicted
+expert read but never routed is counted as bytes read for nothing when the stage is released (`finish`). The expert
+tensors are the same bytes either way, so outputs do not change. `PrefetchStats` holds the hit rate and the unused
+bytes for the run report.
 """
 
 from __future__ import annotations

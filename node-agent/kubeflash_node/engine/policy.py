@@ -32,7 +32,7 @@ class Policy:
     compute_dtype: str = "auto"  # auto: float32 on CPU, the store dtype on GPU
     all_experts: bool = False  # MoE: read every expert with its layer (dense streaming), not only the routed ones
     expert_cache_bytes: int = 0  # MoE: device memory kept for the most often routed experts across steps (0: none)
-    expert_prefetch: bool = True  # MoE: predict a layer's experts before its attention and read them meanwhile
+    expert_prefetch: bool = False  # MoE: predict a layer's experts before its attention and read them meanwhile
 
     def __post_init__(self):
         if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
