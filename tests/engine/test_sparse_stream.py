@@ -150,6 +150,10 @@ class _Logged(BundleReader):
         self.log.append((layer, list(active)))
         return super().read(layer, active)
 
+    def read_into(self, layer, active, out):  # the CPU neuron cache's reads, straight into its buffer
+        self.log.append((layer, list(active)))
+        return super().read_into(layer, active, out)
+
 
 def _logged(store: Path, **kw) -> sparse.SparseFFN:
     ffn = _ffn(store, TARGET, **kw)
@@ -166,7 +170,8 @@ def test_window_keeps_recent_neurons_and_changes_nothing(tiny):
     kept, e1 = _generate(store, ffn, new=8)
     assert kept == plain
     seen: dict[int, set[int]] = {}
-    decode = ffn.bundles.log[3:]  # the prefill's three layer calls first
+    _, e_prefill = _generate(store, _logged(store, window=16), new=1)
+    decode = ffn.bundles.log[len(e_prefill.sparsity.bundles.log):]  # the prefill's reads (as many) come first
     for layer, ids in decode:
         again = seen.setdefault(layer, set()) & set(ids)
         assert not again, (layer, sorted(again))

@@ -12,6 +12,13 @@ neurons at most `gap` inactive ones apart are read as one (costmodel.merge_gap: 
 many extra bundles); the extra rows are dropped. Vectorized per layer (tensor ops, no Python loop per neuron): a
 slot index per neuron ([I], -1 when not held), the step it was last active, which buffer rows are in use, and a
 row buffer that grows by doubling.
+
+On the CPU (store dtype = compute dtype) a layer's buffer is instead its bundle file's image in anonymous memory
+(row i: neuron i; zeros until read; pages committed only where written): the missing neurons' runs are read
+straight into their rows on a reader thread (no copy after the read, no gather), the active set cut into up to
+PIECES spans of neuron ids whose reads are issued in order, and the sparse FFN multiplies each span in place
+(inactive neurons' activations 0: exactly the masked product) while the next span is still being read
+(`pieces`). Copying rows into and out of a slot buffer cost more on the CPU than the products themselves.
 """
 
 from __future__ import annotations
@@ -37,6 +44,12 @@ def hot_sets(freq: np.ndarray, *, row_bytes: int, budget_bytes: int) -> list[lis
     return [sorted(ids) for ids in out]
 
 
+DIRECT = True  # False: the slot buffer on the CPU too (bench/sparse_decode.py --slots compares the two)
+PIECE_BYTES = 1 << 20  # a call's missing bundles are read in pieces of at least this many bytes ...
+PIECES = 4  # ... and at most this many, each multiplied while the next one is read (each piece costs a few
+# more tensor ops: below a MiB of reads the overlap does not pay for them)
+
+
 @dataclass
 class _Layer:
     slot: torch.Tensor  # [I] long: row of `buf` holding the neuron, -1 none
@@ -45,6 +58,10 @@ class _Layer:
     buf: torch.Tensor  # [cap, R]
     used: torch.Tensor  # [cap] bool: the row holds a neuron
     step: int = 0
+    image: np.ndarray | None = None  # on the CPU: buf's numpy view, the bundle file's image reads land in, ...
+    image_held: np.ndarray | None = None  # ... [I] bool: held (hot or in the window)
+    image_hot: np.ndarray | None = None  # ... [I] bool
+    image_last: np.ndarray | None = None  # ... [I] int64: decode call last active in
 
 
 class NeuronCache:
@@ -57,6 +74,14 @@ class NeuronCache:
         self.hits = self.misses = 0  # neuron requests served from the cache / read from the SSD
         self.read_bytes = 0
         n, r = reader.neurons, reader.row_elems
+        # on the CPU, with the store's dtype the compute dtype, a layer's buffer is its bundle file's image (row i:
+        # neuron i; untouched rows commit no memory) that reads land in directly, on a thread, while the compute
+        # multiplies what it has (pieces)
+        self.direct = DIRECT and device.type == "cpu" and hasattr(reader, "read_into") and \
+            as_torch(np.empty(0, reader.dtype)).dtype == dtype
+        if self.direct:
+            self._init_direct(num_layers, hot)
+            return
         self.layers = []
         for j in range(num_layers):
             ids = (hot or [[]] * num_layers)[j]
@@ -71,6 +96,75 @@ class NeuronCache:
                 st.used = torch.ones(len(ids), dtype=torch.bool)
             self.layers.append(st)
         self.hot_bytes = sum(len(ids) for ids in (hot or [])) * reader.row_bytes
+
+    def _init_direct(self, num_layers: int, hot: list[list[int]] | None) -> None:
+        import mmap
+
+        n, r = self.reader.neurons, self.reader.row_elems
+        self.layers = []
+        for j in range(num_layers):
+            ids = (hot or [[]] * num_layers)[j]
+            # anonymous memory: zeros until read (finite, so a row multiplied by a zero activation adds exactly 0),
+            # and committed only where written
+            image = np.frombuffer(mmap.mmap(-1, max(1, n * self.reader.row_bytes)), dtype=self.reader.dtype)
+            st = _Layer(torch.empty(0), torch.empty(0), torch.empty(0), as_torch(image[:n * r].reshape(n, r)),
+                        torch.zeros(n, dtype=torch.bool))  # used: rows ever written; the rest in numpy (image_*)
+            st.image = image[:n * r].reshape(n, r)
+            st.image_held, st.image_hot = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+            st.image_last = np.full(n, -1 << 40, dtype=np.int64)
+            if ids:
+                idx = np.asarray(ids, dtype=np.int64)
+                self._read_direct(j, st, idx, "load_neurons_resident")
+                st.image_held[idx] = True
+                st.image_hot[idx] = True
+            self.layers.append(st)
+        self.hot_bytes = sum(len(ids) for ids in (hot or [])) * self.reader.row_bytes
+
+    def pieces(self, layer: int, active: torch.Tensor, *, decode: bool):
+        """The bundles of the sorted neuron ids `active` ([A] long, CPU) in pieces: yields (sel, rows). On the CPU sel
+        is a slice of neuron ids [lo, hi) and rows the bundle image's rows lo..hi-1 ([hi - lo, R], a view, no copy;
+        rows of inactive neurons in it hold zeros or a bundle, the caller gives them activation 0): the active set is
+        cut into up to PIECES consecutive pieces whose missing neurons are read on a thread, in order, while the
+        caller multiplies the pieces already there. Elsewhere one piece: sel the positions in `active` [A], rows
+        their gathered bundles [A, R]. Consume it to the end."""
+        if not self.direct:
+            yield torch.arange(active.numel()), self.rows(layer, active, decode=decode)
+            return
+        st = self.layers[layer]
+        ids = active.numpy()
+        held = st.image_held[ids]  # [A] bool (numpy: this bookkeeping is a few microseconds, torch indexing tens)
+        miss = ids[~held]
+        self.hits += ids.shape[0] - miss.shape[0]
+        self.misses += miss.shape[0]
+        todo, k = [], max(1, min(PIECES, miss.shape[0] * self.reader.row_bytes // PIECE_BYTES))
+        for part, gone in zip(_split(ids, k), _split(held, k)):
+            need = part[~gone]  # the piece's missing neurons
+            fut = _pool().submit(self._read_direct, layer, st, need, "load_neurons") if need.shape[0] else None
+            todo.append((slice(int(part[0]), int(part[-1]) + 1), fut))
+        if decode and self.window > 0:  # the window keeps what this call reads; what fell out of it is dropped
+            last = st.image_last
+            last[ids] = st.step
+            st.image_held[miss] = True
+            st.image_held &= st.image_hot | (last > st.step - self.window)
+            st.step += 1
+        for sel, fut in todo:
+            if fut is not None:
+                t0 = time.perf_counter()
+                fut.result()
+                if self.timings is not None:
+                    self.timings.add("load_neurons_stall", time.perf_counter() - t0)
+            yield sel, st.buf[sel]
+
+    def _read_direct(self, layer: int, st: _Layer, ids: np.ndarray, what: str) -> None:
+        t0, before = time.perf_counter(), self.reader.bytes_read
+        span = merged(ids, self.gap)
+        self.reader.read_into(layer, span.tolist(), st.image)
+        st.used.numpy()[span] = True
+        got = self.reader.bytes_read - before
+        if what == "load_neurons":
+            self.read_bytes += got
+        if self.timings is not None:
+            self.timings.add(what, time.perf_counter() - t0, bytes=got)
 
     def rows(self, layer: int, active: torch.Tensor, *, decode: bool) -> torch.Tensor:
         """[A, R] bundles of the sorted neuron ids `active` ([A] long, CPU) on the device."""
@@ -132,8 +226,28 @@ class NeuronCache:
         return rows
 
     def held_bytes(self) -> int:
-        """Bytes of the row buffers (hot set + window, with their free rows)."""
+        """Bytes of the row buffers (hot set + window, with their free rows; on the CPU the rows ever written)."""
+        if self.direct:
+            return sum(int(st.used.sum()) for st in self.layers) * self.reader.row_bytes
         return sum(st.buf.numel() * st.buf.element_size() for st in self.layers)
+
+
+_POOL = None
+
+
+def _pool():
+    """The one thread the CPU neuron caches read on (preadv releases the GIL: the compute goes on meanwhile)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kf-bundles")
+    return _POOL
+
+
+def _split(ids: np.ndarray, k: int) -> list[np.ndarray]:
+    """`ids` in `k` consecutive pieces (none when empty)."""
+    return np.array_split(ids, min(k, ids.shape[0])) if ids.shape[0] else []
 
 
 def merged(ids: np.ndarray, gap: int) -> np.ndarray:

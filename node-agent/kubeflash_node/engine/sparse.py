@@ -217,11 +217,53 @@ class SparseFFN:
             active = keep.reshape(-1, keep.shape[-1]).any(0).nonzero().squeeze(1)  # [A] union over the step's tokens
             a = a.index_select(-1, active).masked_fill_(~keep.index_select(-1, active), 0)  # [B, S, A]
             gate_rows = None
+        self._count(c, h, keep, active, gate_rows)
+        if ("w_down" if llama else "fc2_w") not in w:  # streamed without up/down: from the neuron bundles
+            return self._bundled(w, llama, layer, a, active, h)
         up, down = self._gather(w, llama, layer, active, h)
         if llama:
             a = a.mul_(F.linear(h, up, _rows(w.get("b_up"), active)))
-        self._count(c, h, keep, active, gate_rows)
         return F.linear(a, down, w.get("b_down" if llama else "fc2_b"))
+
+    def _bundled(self, w: dict, llama: bool, layer: int, a: torch.Tensor, active: torch.Tensor,
+                 h: torch.Tensor) -> torch.Tensor:
+        """The FFN output [B, S, H] from the active neurons' bundles, piece by piece as the neuron cache hands them
+        out (neurons.NeuronCache.pieces: on the CPU spans of the layer's bundle image, multiplied in place with the
+        inactive neurons' activations 0 while the next span's missing bundles are still read; elsewhere the gathered
+        bundles). a: [B, S, A] activations of `active` [A]."""
+        if self.neurons is None:
+            from .neurons import NeuronCache
+
+            self.neurons = NeuronCache(self.bundles, num_layers=len(self.thresholds), device=h.device, dtype=h.dtype,
+                                       hot=self.hot, window=self.window, timings=self.timings, gap=self.gap)
+        phase, before = "decode" if h.shape[1] == 1 else "prefill", self.bundles.bytes_read
+        hidden, out, full, one = h.shape[-1], None, None, h.shape[0] * h.shape[1] == 1
+        b_up = w.get("b_up")
+        for sel, rows in self.neurons.pieces(layer, active.cpu(), decode=phase == "decode"):  # rows [k, 2H] | [k, H]
+            if isinstance(sel, slice):  # neuron ids lo..hi-1 of the bundle image: inactive ones get activation 0
+                if full is None:
+                    full = a.new_zeros(*a.shape[:-1], self.bundles.neurons).index_copy_(-1, active, a)  # [B, S, I]
+                ak, bias_up = full[..., sel], None if b_up is None else b_up[sel]
+            else:  # positions in `active`
+                sel = sel.to(a.device)
+                ak, bias_up = a.index_select(-1, sel), None if b_up is None else b_up.index_select(0, active[sel])
+            down = rows[:, hidden:] if llama else rows  # [k, H] down columns as rows (views, no copy)
+            if one:  # one token: matrix-vector products, the cheapest on the CPU
+                if llama:
+                    up = torch.mv(rows[:, :hidden], h.reshape(-1))  # [k]
+                    ak = ak * (up if bias_up is None else up.add_(bias_up))
+                y = torch.mv(down.T, ak.reshape(-1)).view(h.shape)  # [1, 1, H]
+            else:
+                if llama:
+                    up = F.linear(h, rows[:, :hidden], bias_up)  # [B, S, k]
+                    ak = ak * up
+                y = F.linear(ak, down.T)  # [B, S, H]
+            out = y if out is None else out.add_(y)
+        self.reads.bundle_bytes[phase] += self.bundles.bytes_read - before
+        if out is None:  # no active neuron
+            out = h.new_zeros(h.shape)
+        bias = w.get("b_down" if llama else "fc2_b")
+        return out if bias is None else out.add_(bias)
 
     def _predicted(self, c: ModelConfig, w: dict, h: torch.Tensor, layer: int):
         """(activations [B, S, A] of the active neurons, keep mask [B, S, P] over the predicted ones, active ids [A],

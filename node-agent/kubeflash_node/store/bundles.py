@@ -86,6 +86,11 @@ class _RowFiles:
         self.reads += n
         return out
 
+    def _read_into(self, layer: int, ids: list[int], base: int, out: np.ndarray, where: str) -> None:
+        got, n = read_rows_into(self.fds[layer], ids, out, base, where=where)
+        self.bytes_read += got
+        self.reads += n
+
     def close(self) -> None:
         for fd in self.fds:
             os.close(fd)
@@ -112,6 +117,11 @@ class BundleReader(_RowFiles):
     def read(self, layer: int, active: list[int]) -> np.ndarray:
         """[len(active), row_elems] bundles of the sorted neuron ids `active`."""
         return self._read(layer, active, 0, f"{self.dir}/layer_{layer:03d}.bin")
+
+    def read_into(self, layer: int, active: list[int], out: np.ndarray) -> None:
+        """Bundle i of the sorted neuron ids `active` into row i of `out` ([neurons, row_elems], this dtype): one
+        preadv per run straight into its rows, no copy after (the CPU neuron cache's buffer)."""
+        self._read_into(layer, active, 0, out, f"{self.dir}/layer_{layer:03d}.bin")
 
 
 class GateRows(_RowFiles):
@@ -159,7 +169,6 @@ def read_rows(fd: int, ids: list[int], row_elems: int, dtype: np.dtype, base: in
               where: str) -> tuple[np.ndarray, int, int]:
     """(rows [len(ids), row_elems] of a row-major file region starting at byte `base`, bytes read, reads): one
     preadv per run of consecutive ids, the runs of a large set read on a few threads at once."""
-    global _POOL
     row_bytes = row_elems * dtype.itemsize
     out = np.empty((len(ids), row_elems), dtype=dtype)
     raw = out.view(np.uint8).reshape(len(ids), row_bytes)
@@ -167,6 +176,21 @@ def read_rows(fd: int, ids: list[int], row_elems: int, dtype: np.dtype, base: in
     for start, n in runs(ids):
         todo.append((raw[k:k + n], base + start * row_bytes, n * row_bytes))
         k += n
+    return out, _preadv_all(fd, todo, where), len(todo)
+
+
+def read_rows_into(fd: int, ids: list[int], out: np.ndarray, base: int, *, where: str) -> tuple[int, int]:
+    """(bytes read, reads): rows `ids` (sorted) of a row-major file region starting at byte `base` into the same
+    rows of `out` ([rows, row_elems], the file's dtype), one preadv per run of consecutive ids."""
+    raw = out.view(np.uint8).reshape(out.shape[0], -1)
+    row_bytes = raw.shape[1]
+    todo = [(raw[start:start + n], base + start * row_bytes, n * row_bytes) for start, n in runs(ids)]
+    return _preadv_all(fd, todo, where), len(todo)
+
+
+def _preadv_all(fd: int, todo: list, where: str) -> int:
+    """Bytes read by the (destination, file offset, length) reads `todo`, those of a large set on a few threads."""
+    global _POOL
 
     def some(part) -> int:
         total = 0
@@ -178,11 +202,11 @@ def read_rows(fd: int, ids: list[int], row_elems: int, dtype: np.dtype, base: in
         return total
 
     if len(todo) <= PARALLEL_RUNS:
-        return out, some(todo), len(todo)
+        return some(todo)
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="kf-neurons")
     step = -(-len(todo) // READ_THREADS)
-    return out, sum(_POOL.map(some, [todo[i:i + step] for i in range(0, len(todo), step)])), len(todo)
+    return sum(_POOL.map(some, [todo[i:i + step] for i in range(0, len(todo), step)]))
 
 
 def runs(ids: list[int]) -> list[tuple[int, int]]:
