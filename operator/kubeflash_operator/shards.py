@@ -384,7 +384,7 @@ def _merge_claim(kube: Any, namespace: str, name: str, uid: str, spec: Mapping[s
     except ApiException as e:
         if e.status != 404:
             raise
-        image = parsed.image or OperatorConfig.from_env().engine_image  # the shards ran it (allowed)
+        image = parsed.image or _shard_image(kube, namespace, name) or OperatorConfig.from_env().engine_image
         body = merge_pod(namespace=namespace, parent=name, uid=uid, spec=parsed, image=image)
         try:
             kube.core.create_namespaced_pod(namespace, body)
@@ -395,6 +395,21 @@ def _merge_claim(kube: Any, namespace: str, name: str, uid: str, spec: Mapping[s
     if not any(r.uid == uid for r in pod.metadata.owner_references or []):
         return f"!pod {merge_pod_name(name)} exists and was not created by kubeflash for this job"
     return merge_pod_state(pod, name, path)
+
+
+def _shard_image(kube: Any, namespace: str, name: str) -> str | None:
+    """The image shard 0's pod ran (the operator's --engine-image unless the job named its own): the merge pod runs
+    the same; None when that pod is gone."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        shard = kube.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, child_name(name, 0))
+        pod = (shard.get("status") or {}).get("pod")
+        return kube.core.read_namespaced_pod(pod, namespace).spec.containers[0].image if pod else None
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
 
 
 def _input_order(kube: Any, namespace: str, spec: Mapping[str, Any]) -> list[str]:

@@ -96,12 +96,15 @@ def test_an_output_claim_gets_part_files_then_a_merge_pod(ns, kube, control_plan
                 spec = kube.wait_phase(f"{job}-s{k}", "Running") and kube.job(f"{job}-s{k}")["spec"]
                 assert spec["output"] == {"pvc": {"claimName": "results"}, "path": f"{job}.jsonl.part-{k}-of-2"}
             assert kube.status(job)["phase"] == "Running" and not _pod(kube, ns, f"{job}-merge")
+            kube.core.patch_namespaced_pod(f"{job}-s0-1", ns, {"spec": {"containers": [  # as --engine-image sets it
+                {"name": "engine", "image": "registry.example/kubeflash:shards"}]}})
             for k in range(2):
                 kube.end_pod(f"{job}-s{k}-1", "Succeeded")
             merging = wait_for("merge pod", lambda j=job: kube.status(j), lambda s: s.get("reason") == "MergingResults")
             assert merging["phase"] == "Running" and f"pod {job}-merge" in merging["message"]
             pod = _pod(kube, ns, f"{job}-merge")
             assert pod.spec.containers[0].command == ["kubeflash", "merge"]
+            assert pod.spec.containers[0].image == "registry.example/kubeflash:shards"  # the image the shards ran
             assert [v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim] \
                 == ["results"]
             assert pod.metadata.owner_references[0].uid == kube.job(job)["metadata"]["uid"]
