@@ -99,3 +99,55 @@ def test_run_reads_as_the_cost_model_predicts_faster(tiny, tmp_path):  # noqa: F
     fast, same = run("fast1", 50.0, 1, 1)
     assert fast["reads"] == "dense" and "bundle_bytes_read" not in fast
     assert same == one and many[0] == one[0]
+
+
+def test_the_plan_follows_the_measured_per_read_cost(tiny, tmp_path):  # noqa: F811
+    """The per-read cost is measured (bench.measure_read_op: buffered reads of two sizes from a real file, its pages
+    dropped first; kubeflash bench records it as the ceilings' disk_read_op_s) and is what the plan prices a bundle
+    read at: a llama-3-8b-shaped job at 0.5, one prompt, one read per run, on a 6 GB/s disk reads sparsely where a
+    read costs 1 us and dense where it costs 200 us (the calibration's assumed 20 us untouched); the merge gap grows
+    with the cost; `run_job` on the tiny model from a 50 MB/s disk merges by the machine's measured cost at 50 us a
+    read and reads dense at 5 ms a read."""
+    from kubeflash_node.engine.bench import Ceilings, measure_read_op
+    from kubeflash_node.engine.costmodel import Budget, JobShape, merge_gap, plan, read_op_s, stage_sizes
+    from kubeflash_node.engine.job import run_job
+    from kubeflash_node.engine.machine import Machine
+    from kubeflash_node.store.modelconfig import preset
+
+    probe = tmp_path / "probe.bin"
+    probe.write_bytes(np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes())
+    op = measure_read_op(probe, reads=64)
+    assert 0 < op < 1
+    ceil = Ceilings(disk_read_cold=6.0, disk_read_warm=6.0, disk_write=3.0, h2d_pinned=25.0, matmul_tflops=700.0,
+                    disk_read_op_s=op)
+    (tmp_path / "ceil.json").write_text(json.dumps(ceil.to_dict()))
+    assert Ceilings.load(tmp_path / "ceil.json").disk_read_op_s == op
+
+    c = preset("llama-3-8b")
+
+    def picked(op_s: float) -> str:
+        p = plan(job=JobShape(1, 64, 32), sparsity=SparseCost(TARGET, gap=0), config=c,
+                 ceil=dataclasses.replace(ceil, disk_read_op_s=op_s), sizes={"none": stage_sizes(c, 2)},
+                 budget=Budget(6 << 30, 8 << 30))
+        return "sparse" if p.best.candidate.sparse else "dense"
+
+    assert picked(1e-6) == "sparse" and picked(200e-6) == "dense"
+    row = 2 * c.hidden_size * 2
+    assert merge_gap(row, read_op_s(ceil), 6.0) < merge_gap(row, 200e-6, 6.0)
+    assert read_op_s(Ceilings(disk_read_cold=6.0)) == 20e-6  # not measured: the assumed cost
+
+    _, store = tiny
+    manifest = dataclasses.replace(load_manifest(store), tokenizer=None)
+    row = 2 * ModelConfig.from_dict(manifest.config).hidden_size * 4  # a bundle: 2H float32
+
+    def run(op_s: float) -> dict:
+        slow = Ceilings(disk_read_cold=0.05, disk_read_warm=0.05, disk_write=0.05, h2d_pinned=10.0,
+                        matmul_tflops=0.1, disk_read_op_s=op_s)
+        name = f"j{op_s:g}"
+        (tmp_path / name).mkdir()
+        return run_job(_job(1, 1), model_dir=store, manifest=manifest, output=tmp_path / f"{name}.jsonl",
+                       device="cpu", job_dir=tmp_path / name, machine=Machine(slow, 1 << 30, 4 << 30))["sparsity"]
+
+    cheap, dear = run(50e-6), run(5e-3)
+    assert cheap["reads"] == "sparse" and cheap["merge_gap"] == merge_gap(row, 50e-6, 0.05) > merge_gap(row, 20e-6, 0.05)
+    assert dear["reads"] == "dense"

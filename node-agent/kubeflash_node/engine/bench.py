@@ -34,6 +34,7 @@ class Ceilings:
     disk_read_threads: int = 0
     disk_read_task_bytes: int = 0
     disk_probe_bytes: int = 0
+    disk_read_op_s: float = 0.0  # seconds a small read adds on top of its bytes, cold (measure_read_op; 0: not measured)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,10 +126,36 @@ def measure_disk(directory: Path, size: int = 2 << 30, thread_options=(1, 4, 8, 
         if bw > best:
             best, best_t = bw, t
     out |= {"disk_read_cold": best, "disk_read_threads": best_t}
+    out["disk_read_op_s"] = measure_read_op(probe)
     _read_probe(probe, size, 4, "posix")  # bring it into the page cache
     out["disk_read_warm"] = _read_probe(probe, size, 4, "posix")
     probe.unlink(missing_ok=True)
     return out
+
+
+def measure_read_op(path: Path, *, sizes: tuple[int, int] = (4096, 65536), reads: int = 256) -> float:
+    """Seconds one read adds on top of its bytes, as the neuron bundle reader reads (buffered preadv, ascending
+    offsets spread over the file, its pages dropped from the page cache first): the intercept of the time a read takes against its
+    size, from `reads` reads of each of two sizes. What costmodel prices a read of a run of neurons at."""
+    import random
+
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    per = []
+    try:
+        for n in sizes:
+            slots = max(1, (size - n) // 4096)
+            offs = sorted(random.Random(n).sample(range(slots), min(reads, slots)))
+            buf = bytearray(n)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # this file's pages only
+            t0 = time.perf_counter()
+            for o in offs:
+                os.preadv(fd, [buf], o * 4096)
+            per.append((time.perf_counter() - t0) / len(offs))
+    finally:
+        os.close(fd)
+    (s0, s1), (t0, t1) = sizes, per
+    return max(1e-7, (t0 * s1 - t1 * s0) / (s1 - s0))  # t = op + bytes / rate, solved at the two sizes
 
 
 def measure_disk_files(files: list[Path], *, max_bytes: int = 16 << 30, thread_options=(8, 16),

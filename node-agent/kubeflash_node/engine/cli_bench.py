@@ -313,7 +313,9 @@ def _print_ceilings(c, why: str = "not measured") -> None:
     """One line per resource; a ceiling that is 0 is printed as not measured, with why, never as 0 GB/s."""
     tasks = f", tasks {c.disk_read_task_bytes >> 20} MiB" if c.disk_read_task_bytes else ""
     disk = (f"read cold {c.disk_read_cold:.2f} GB/s ({c.disk_read_threads} threads){tasks}, warm "
-            f"{c.disk_read_warm:.2f} GB/s, write {c.disk_write:.2f} GB/s" if c.disk_read_cold else f"not measured ({why})")
+            f"{c.disk_read_warm:.2f} GB/s, write {c.disk_write:.2f} GB/s"
+            + (f", {c.disk_read_op_s * 1e6:.1f} us a small read" if c.disk_read_op_s else "")
+            if c.disk_read_cold else f"not measured ({why})")
     pcie = (f"H2D pinned {c.h2d_pinned:.1f} GB/s, pageable {c.h2d_pageable:.1f} GB/s; D2H pinned {c.d2h_pinned:.1f} "
             f"GB/s" if c.h2d_pinned else f"not measured ({why})")
     mm = f"{c.matmul_tflops:.0f} TFLOP/s" if c.matmul_tflops else f"not measured ({why})"

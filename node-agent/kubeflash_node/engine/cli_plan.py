@@ -76,7 +76,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"model: {spec.model.uri} ({config.architecture}, {config.num_layers} layers, {spec.model.dtype}; "
           f"{sum(sizes[spec.model.quantization][0]) / 2**30:.2f} GiB stored, {size_note})")
     print(f"job: {job.prompts} prompts x ({job.prompt_len} prompt + {job.gen_len} generated tokens)")
-    print(f"ceilings: disk read {ceil.disk_read_cold:.2f} GB/s cold, H2D {ceil.h2d_pinned:.1f} GB/s, "
+    op = f", {ceil.disk_read_op_s * 1e6:.1f} us a small read" if getattr(ceil, "disk_read_op_s", 0) else ""
+    print(f"ceilings: disk read {ceil.disk_read_cold:.2f} GB/s cold{op}, H2D {ceil.h2d_pinned:.1f} GB/s, "
           f"matmul {ceil.matmul_tflops:.0f} TFLOP/s")
     for line in assumed:
         print("assumed: " + line)
@@ -98,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
     for line in moe_lines:
         print(line)
     if spec.offload.sparsity is not None:
-        print(_sparse_line(spec.offload.sparsity, plan))
+        print(_sparse_line(spec.offload.sparsity, plan, ceil))
     if plan.runner_up:
         r = plan.runner_up
         print(f"runner-up: {describe(r)}  (+{max(0.0, r.total_s / plan.best.total_s - 1):.1%})")
@@ -302,14 +303,18 @@ def _sparse_cost(spec, config, itemsize: int):
     return SparseCost(spec.offload.sparsity, hot, min(1.0, hot / (config.num_layers * updown_bytes(config, itemsize))))
 
 
-def _sparse_line(target: float, plan) -> str:
+def _sparse_line(target: float, plan, ceil=None) -> str:
+    from .costmodel import read_op_s
+
     best, other = plan.best, plan.other_reads
     picked, rest = ("sparse", "dense") if best.candidate.sparse else ("dense", "sparse")
+    measured = "measured" if getattr(ceil, "disk_read_op_s", 0) else "assumed"
+    op = f"; a bundle read costs {read_op_s(ceil) * 1e6:.1f} us on top of its bytes ({measured})"
     if other is None:
-        return f"sparsity {target:g}: {picked} FFN reads (no {rest} candidate fits)"
+        return f"sparsity {target:g}: {picked} FFN reads (no {rest} candidate fits){op}"
     more = max(0.0, other.total_s / best.total_s - 1)
     return (f"sparsity {target:g}: picked {picked} FFN reads; the fastest with {rest} reads is predicted "
-            f"{other.total_s:.3g} s (+{more:.1%})")
+            f"{other.total_s:.3g} s (+{more:.1%}){op}")
 
 
 def _to_json(plan, job, budget) -> dict:

@@ -51,7 +51,8 @@ class Calibration:
     recompute_efficiency: float = 0.85  # X-cache: K, V rebuilt by one [B*T, H] x [H, 2 kv] GEMM (opt-30b, 64 x 528: 0.9)
     cpu_attention_gbps: float = 20.0  # float32 KV bytes CPU attention scans per second (assumed, not yet measured)
     host_lock_gbps: float = 6.0  # page-locking a block's host KV cache, behind its prefill (H100, huge pages: 7.0)
-    neuron_read_op_s: float = 20e-6  # per neuron-bundle read (a run of active neurons), on the compute thread; assumed
+    neuron_read_op_s: float = 20e-6  # per neuron-bundle read (a run of active neurons) where the ceilings have no
+    # measured one (Ceilings.disk_read_op_s, bench.measure_read_op); assumed
     merge_gbps: float = 3.0  # read rate that prices a merged read's extra rows when no disk ceiling is known (assumed)
     gpu_reserve_bytes: int = 1 << 30  # CUDA context and allocator slack beyond the tensors counted
     host_base_bytes: int = 2 << 30  # the process itself (Python, torch, CUDA runtime)
@@ -272,6 +273,12 @@ def updown_bytes(c: ModelConfig, itemsize: int) -> int:
     return (1 if c.architecture == "opt" else 2) * c.hidden_size * c.intermediate_size * itemsize
 
 
+def read_op_s(ceil, cal: Calibration | None = None) -> float:
+    """Seconds a bundle read costs on top of its bytes: the ceilings' measured one (disk_read_op_s), else the
+    calibration's assumed neuron_read_op_s."""
+    return getattr(ceil, "disk_read_op_s", 0.0) or (cal or Calibration()).neuron_read_op_s
+
+
 def merge_gap(row_bytes: int, op_s: float = Calibration.neuron_read_op_s, gbps: float = Calibration.merge_gbps) -> int:
     """Inactive neurons worth reading to join two runs of missing ones into one read: a read costs `op_s` on top
     of its bytes, so a gap of g bundles is read through while g * row_bytes at `gbps` costs less than `op_s`
@@ -437,13 +444,14 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
     comp = _rate(dense, e.cal.dequant_gbps) if where != "gpu" and stored != dense else 0.0
     if where == "disk" and layer and sparse is not None:  # each micro-batch reads its active bundles on demand
         moved = stored - updown_bytes(e.c, e.itemsize)
+        op_s = read_op_s(e.ceil, e.cal)
         gap = sparse.gap if sparse.gap is not None else merge_gap(
-            updown_bytes(e.c, e.itemsize) // e.c.intermediate_size, e.cal.neuron_read_op_s, e.ceil.disk_read_cold)
+            updown_bytes(e.c, e.itemsize) // e.c.intermediate_size, op_s, e.ceil.disk_read_cold)
         for b, m in mbs.items():
             _, demand, runs = sparse_layer_bytes(e.c, stored, sparse, b * s_new, e.itemsize, decode=s_new == 1,
                                                  gap=gap)
             moved += m * demand
-            comp += m * (_rate(demand, e.ceil.disk_read_cold) + runs * e.cal.neuron_read_op_s)
+            comp += m * (_rate(demand, e.ceil.disk_read_cold) + runs * op_s)
     disk = _rate(moved, e.ceil.disk_read_cold) if where == "disk" else 0.0
     pcie = _rate(moved, e.ceil.h2d_pinned) if where != "gpu" else 0.0
     peak = e.ceil.matmul_tflops * 1e3 * e.cal.compute_efficiency  # GFLOP/s

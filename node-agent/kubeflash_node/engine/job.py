@@ -61,9 +61,10 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
                       [f"spec.input.prompts[{i}] (id {spec.input.prompts[i].id})" for i in todo])
         sparsity = _sparsity(spec, config, model_dir, device)  # refused before any work: no or stale calibration
         if sparsity is not None and sparsity.bundles is not None and machine is not None:  # merged reads: this disk's
-            from .costmodel import merge_gap
+            from .costmodel import merge_gap, read_op_s
 
-            sparsity.gap = merge_gap(sparsity.bundles.row_bytes, gbps=machine.ceilings.disk_read_cold)
+            sparsity.gap = merge_gap(sparsity.bundles.row_bytes, read_op_s(machine.ceilings),
+                                     gbps=machine.ceilings.disk_read_cold)
         itemsize = 4 if manifest.dtype == "float32" else 2
         check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
         cache = _expert_cache(spec, config, device, machine, expert_cache)

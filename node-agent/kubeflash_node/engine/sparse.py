@@ -178,6 +178,7 @@ class SparseFFN:
             out["reads"], out["reads_why"] = self.choice
         if self.bundles is not None:
             out["bundle_bytes_read"], out["bundle_reads"] = self.bundles.bytes_read, self.bundles.reads
+            out["merge_gap"] = self.gap
             w = self.weights()
             if w is not None:
                 out["weights_bytes_read"], out["weights_bytes_dense"] = w["read"], w["dense"]
