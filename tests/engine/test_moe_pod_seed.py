@@ -86,7 +86,7 @@ def test_second_pod_of_a_moe_model_starts_from_the_first_jobs_routing_counts(tmp
     disk = tmp_path / "ssd0"
     disk.mkdir()
     uri = str(src)
-    jobs = [{"namespace": "team", "name": n, "model": uri, "dtype": "float32"} for n in ("moe-1", "moe-2")]
+    jobs = [{"namespace": "team", "name": n, "model": uri, "dtype": "float32", "quota": "64Mi"} for n in ("moe-1", "moe-2")]
     agent = AgentProc(tmp_path, {"disks": [{"name": "ssd0", "path": str(disk)}], "allowedSourceRoots": [str(src.parent)],
                                  "models": [{"uri": uri, "dtype": "float32"}], "jobs": jobs})
     assert agent.run_once() == 0, agent.log()  # stages the model, makes both job directories
