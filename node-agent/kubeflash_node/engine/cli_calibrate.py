@@ -176,10 +176,12 @@ def fit_predictor(model_dir: Path, rec, thresholds, *, rank: int, target: float)
 
 
 def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, device: str = "cpu",
-              window: int = 512, progress: bool = False, text_sha256: str = "", recorder: bool = False):
+              window: int = 512, progress: bool = False, text_sha256: str = "", recorder: bool = False,
+              write: bool = True):
     """Record FFN activations over `ids` and write the thresholds of `targets` into the model's store entry;
     returns (the file, target -> [L, I] per-neuron activation frequency at that target's thresholds), or with
-    `recorder` (the file, the sparse.SparseFFN recorder holding the samples)."""
+    `recorder` (the file, the sparse.SparseFFN recorder holding the samples). `write` False: nothing written, the
+    store.sparsity.Calibration in place of the file (the caller saves it last: autocalib.py)."""
     from ..store import sparsity as cal
     from ..store.format import load_manifest
     from ..store.modelconfig import ModelConfig
@@ -210,8 +212,9 @@ def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, de
         if bar:
             bar.close()
     thresholds = rec.thresholds_at(targets)
-    path = cal.save(model_dir, cal.Calibration(model_id=model_dir.name, manifest_sha256=digest, tokens=len(ids),
-                                               text_sha256=text_sha256, thresholds=thresholds))
+    made = cal.Calibration(model_id=model_dir.name, manifest_sha256=digest, tokens=len(ids), text_sha256=text_sha256,
+                           thresholds=thresholds)
+    path = cal.save(model_dir, made) if write else made
     return (path, rec) if recorder else (path, {t: rec.frequency_at(th) for t, th in thresholds.items()})
 
 

@@ -35,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing-from", type=Path, metavar="FILE",
                    help="MoE models: start the hot-expert cache from this routing.json (an earlier job's, written to "
                         "its job directory where the model directory was read-only)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with spec.offload.sparsity: a model whose store entry has no calibration for the target is "
+                        "calibrated first, once, on the built-in text (thresholds, neuron bundles, predictors; "
+                        "docs/sparsity.md) instead of refused")
     p.add_argument("--tensor-parallel", type=int_range(1), metavar="N",
                    help="split every layer over N rank processes, each streaming its own shard of the store "
                         "(overrides spec.offload.tensorParallel; docs/multi-gpu.md)")
@@ -107,7 +111,8 @@ def main(args: argparse.Namespace) -> int:
         report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device,
                          job_dir=job_dir, machine=machine, on_tokens=bar.tokens, on_prompts=bar.prompts,
                          kv_cache_dir=Path(args.store or DEFAULT_ROOT) / "kvcache",  # spec.cache.prefix: node cache
-                         expert_cache=args.expert_cache, routing_seed=args.routing_from)
+                         expert_cache=args.expert_cache, routing_seed=args.routing_from,
+                         calibrate=args.calibrate)
         bar.close()
     except (SpecError, StoreError, EngineError, ValueError, OSError) as e:
         _remove_empty(created)

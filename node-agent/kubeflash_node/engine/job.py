@@ -31,12 +31,13 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
             job_dir: Path | None = None, policy: Policy | None = None, machine: Machine | None = None,
             on_tokens: Callable[[int], None] | None = None, on_prompts: Callable[[int], None] | None = None,
             kv_cache_dir: Path | None = None, engine_factory: Callable[..., Engine] = Engine,
-            expert_cache: int | None = None, routing_seed: Path | None = None) -> dict:
+            expert_cache: int | None = None, routing_seed: Path | None = None, calibrate: bool = False) -> dict:
     """Generate every prompt of `spec` without a result of the same fingerprint in `output` (results.py); returns
     the report dict. `output` is left untouched until the first new result is written. `engine_factory` builds
     the engine from (model_dir, **options): one rank's TPEngine under tensor parallelism (engine/tplaunch.py).
     MoE: `expert_cache` (bytes; `kubeflash run --expert-cache`) overrides spec.offload.expertCache; `routing_seed`
-    is an earlier job's routing.json to start the hot-expert cache from."""
+    is an earlier job's routing.json to start the hot-expert cache from. `calibrate`: a sparsity target the model's
+    store entry has no calibration for is calibrated on the built-in text first (autocalib.py), once."""
     if spec.shard is not None:  # one shard job of a spec.parallelism job: only its share of the prompts
         spec = spec.with_prompts(shard_prompts(spec.input.prompts, spec.shard))
     tokenizer = load_tokenizer(model_dir, manifest)
@@ -59,7 +60,8 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         config = ModelConfig.from_dict(manifest.config)  # refused before any work: positions, one sequence's KV
         check_context(config, [ids[i] for i in todo], max_new,
                       [f"spec.input.prompts[{i}] (id {spec.input.prompts[i].id})" for i in todo])
-        sparsity = _sparsity(spec, config, model_dir, device)  # refused before any work: no or stale calibration
+        # refused before any work: no or stale calibration (unless `calibrate`: then calibrated once, first)
+        sparsity = _sparsity(spec, config, model_dir, device, calibrate)
         if sparsity is not None and sparsity.bundles is not None and machine is not None:  # merged reads: this disk's
             from .costmodel import merge_gap, read_op_s
 
@@ -190,13 +192,18 @@ def _failed_on_refusal(progress: Progress):
         raise
 
 
-def _sparsity(spec: JobSpec, config: ModelConfig, model_dir: Path, device: str):
-    """spec.offload.sparsity as the engine runs it (sparse.SparseFFN), or None for the dense path."""
+def _sparsity(spec: JobSpec, config: ModelConfig, model_dir: Path, device: str, calibrate: bool = False):
+    """spec.offload.sparsity as the engine runs it (sparse.SparseFFN), or None for the dense path. `calibrate`: an
+    entry without a calibration for the target is calibrated first (autocalib.py) instead of refused."""
     if spec.offload.sparsity is None:
         return None
+    from .autocalib import ensure_calibrated, missing_targets, needs_calibration
     from .sparse import for_job, hot_budget
 
-    return for_job(config, model_dir, spec.offload.sparsity, hot_bytes=hot_budget(spec.resources, device))
+    target = spec.offload.sparsity
+    if calibrate and needs_calibration(config) and missing_targets(model_dir, (target,)):
+        ensure_calibrated(model_dir, (target,), device=device)  # first use: once, under the entry's lock
+    return for_job(config, model_dir, target, hot_bytes=hot_budget(spec.resources, device))
 
 
 def _sparse_cost(sparsity, config: ModelConfig, itemsize: int):
