@@ -8,7 +8,7 @@ from typing import Any
 
 from kubeflash_api import schema as s
 from kubeflash_api.errors import SpecError
-from kubeflash_api.inferencejob import DTYPES, QUANTIZATIONS, check_uri
+from kubeflash_api.inferencejob import DTYPES, MAX_SPARSITY, QUANTIZATIONS, check_uri
 from kubeflash_api.metadata import METADATA
 from kubeflash_api.names import is_model_id, model_id
 from kubeflash_api.prefixes import MAX_PER_ENTRY, PATTERN
@@ -30,6 +30,7 @@ class ModelEntry:
     quantization: str = "none"
     disk: str = ""
     tensor_parallel: int = 1  # > 1: also stage shard k of N on pair k's disk
+    sparsity: tuple[float, ...] = ()  # targets calibrated at staging (engine/autocalib.py)
 
     @property
     def id(self) -> str:
@@ -38,6 +39,7 @@ class ModelEntry:
     def to_dict(self) -> dict:
         out = {"id": self.id, "uri": self.uri, "dtype": self.dtype, "quantization": self.quantization}
         out = {**out, "disk": self.disk} if self.disk else out
+        out = {**out, "sparsity": list(self.sparsity)} if self.sparsity else out
         return {**out, "tensorParallel": self.tensor_parallel} if self.tensor_parallel > 1 else out
 
 
@@ -52,6 +54,10 @@ MODEL_ENTRY = s.obj(
     ("tensorParallel", s.integer("Also stage the model cut into this many tensor-parallel shards, shard k on the "
                                  "disk of GPU<->SSD pair k (docs/multi-gpu.md); 1: no shards.", lo=1, hi=8,
                                  default=1)),
+    ("sparsity", s.array("Target sparsities (as spec.offload.sparsity) the agent calibrates the model for when it "
+                         "stages it, on the built-in calibration text (docs/sparsity.md), so a sparse job never "
+                         "meets it uncalibrated.", s.number("A target sparsity.", lo=0, hi=MAX_SPARSITY),
+                         max_len=20)),
     required=("id", "uri"))
 
 SPEC = s.obj(
@@ -174,7 +180,8 @@ def parse_model_entry(raw: Any, path: str, *, require_id: bool = True) -> ModelE
     d = s.parse(MODEL_ENTRY, raw, path)
     check_uri(d["uri"], f"{path}.uri")
     entry = ModelEntry(uri=d["uri"], dtype=d["dtype"], quantization=d["quantization"], disk=d.get("disk", ""),
-                       tensor_parallel=d["tensorParallel"])
+                       tensor_parallel=d["tensorParallel"],
+                       sparsity=tuple(sorted({float(t) for t in d.get("sparsity") or ()})))
     if require_id and (not is_model_id(d["id"]) or d["id"] != entry.id):
         raise SpecError(f"{path}.id", f"must be {entry.id} (model_id of uri, dtype and quantization), got {d['id']!r}")
     return entry

@@ -62,6 +62,7 @@ class ModelWant:
     disk: str = ""  # preferred disk name; a hint
     id: str = ""  # the id the operator computed; checked against ours, never used as a path
     tensor_parallel: int = 1  # > 1: shard k of N also staged on pair k's disk (agent/tpstaging.py)
+    sparsity: tuple[float, ...] = ()  # targets the staging worker calibrates the model for (engine/autocalib.py)
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ def parse_model(raw: Any, where: str) -> ModelWant:
     except SpecError as e:
         raise ConfigError(str(e)) from None
     return ModelWant(uri=entry.uri, dtype=entry.dtype, quantization=entry.quantization, disk=entry.disk,
-                     id=entry.id, tensor_parallel=entry.tensor_parallel)
+                     id=entry.id, tensor_parallel=entry.tensor_parallel, sparsity=entry.sparsity)
 
 
 def parse_job(raw: Any, where: str) -> JobWant:

@@ -61,6 +61,8 @@ class Worker:
         src = self.fetch() if self.http else self.req["ref"]
         base = 45.0 if self.http else 0.0
         out = self.convert(src, base)
+        if self.req.get("sparsity"):
+            self.calibrate(out)
         self.phase = "verify"
         self.progress(0, 100, 0.95 if self.http else 0.9)
         from kubeflash_node.store.format import verify_model
@@ -131,6 +133,28 @@ class Worker:
         convert_model(src, out, dtype=dtype, quantization=self.req.get("quantization", "none"),
                       progress=lambda n, total, stage: self.progress(base, top, n / total))
         return out
+
+
+    def calibrate(self, out: Path) -> None:
+        """Calibrate the staged model for the entry's target sparsities (thresholds, neuron bundles, predictors) on
+        the built-in text, inside the staging directory: it is renamed into models/ only whole. In a process of
+        its own (`python -m kubeflash_node.engine.autocalib`): the agent's side never imports the engine."""
+        import subprocess
+
+        from kubeflash_node.store.format import load_manifest
+
+        self.phase = "calibrate"
+        self.progress(0, 100, 0.9)
+        m = load_manifest(out)
+        bundles = sum(e.nbytes for f in m.files.values() for n, e in f.tensors.items()
+                      if n in ("w_up", "w_down", "fc2_w"))
+        self.need(bundles, "calibrate")  # the neuron bundles: the up/down matrices again
+        targets = ",".join(f"{float(t):g}" for t in self.req["sparsity"])
+        done = subprocess.run([sys.executable, "-m", "kubeflash_node.engine.autocalib", str(out), "--sparsity",
+                               targets], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+            raise RuntimeError(f"calibrating for sparsity {targets} failed: {tail}")
 
 
 def make_readable(root: Path) -> None:

@@ -123,7 +123,7 @@ class Stager:
     def _stage(self, task: Task, staging: Path) -> None:
         req = {"kind": task.source.kind, "ref": task.source.ref, "fetchName": task.source.fetch_name,
                "sha256": task.source.sha256, "staging": str(staging), "id": task.id, "dtype": task.want.dtype,
-               "quantization": task.want.quantization, "http": self.http}
+               "quantization": task.want.quantization, "http": self.http, "sparsity": list(task.want.sparsity)}
         task.running, task.phase = True, "start"
         log.info("staging model", extra={"model": task.id, "uri": redact(task.want.uri), "disk": task.disk.name})
         proc = subprocess.Popen([self.python, "-m", "kubeflash_node.agent.stageworker", json.dumps(req)],

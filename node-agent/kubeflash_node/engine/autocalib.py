@@ -104,3 +104,30 @@ def _remove_temp_files(model_dir: Path) -> None:
             for p in d.iterdir():
                 if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
                     p.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kubeflash_node.engine.autocalib MODEL_DIR --sparsity T[,T...]`: what the agent's staging worker
+    runs in the staging directory of a model entry that asks for sparsity."""
+    import argparse
+    import sys
+
+    from ..store.format import StoreError
+    from .cli_calibrate import targets
+    from .cli_run import resolve_device
+
+    p = argparse.ArgumentParser(prog="python -m kubeflash_node.engine.autocalib", description=main.__doc__)
+    p.add_argument("model_dir", type=Path, help="a converted model (its store entry)")
+    p.add_argument("--sparsity", type=targets, required=True, metavar="T[,T...]", help="targets, each in [0, 0.95]")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    a = p.parse_args(argv)
+    try:
+        ensure_calibrated(a.model_dir, a.sparsity, device=resolve_device(a.device))
+    except (OSError, ValueError, StoreError) as e:
+        print(f"calibration: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
