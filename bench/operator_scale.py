@@ -23,6 +23,7 @@ client threads, and watches them. Writes one JSON report:
   delete_s                       delete-collection -> no job, no engine pod, no ledger entry left
   delete_call_s                  how long the delete-collection request itself took (the API server marking jobs)
   operator_rss_mib, operator_idle_cpu_pct (10 s with every job placed), tracebacks (in the operator's log)
+  operator_peak_rss_mib          the operator's peak resident memory (VmHWM) up to the end of the deletion
   timeline                       p50/p99 of each step from the audit log: created -> finalizer (kopf's patch) ->
                                  pod (create) -> status (patch); pod_delete (operator) -> pod_gone (kwok's final
                                  delete) -> released (the finalizer's removal)
@@ -212,9 +213,10 @@ class OperatorProcess:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def rss_mib(self) -> float:
+    def rss_mib(self, field: str = "VmRSS") -> float:
+        """Resident memory now (VmRSS), or its peak so far (field="VmHWM")."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
         return 0.0
 
@@ -530,6 +532,7 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
         except TimeoutError:
             t_deleted = None
         delete_cpu = op.cpu_s() - cpu_del
+        peak_rss = op.rss_mib("VmHWM")
         spy.stop()
         jw.stop()
         time.sleep(1.5)  # the audit log's batch flush
@@ -562,6 +565,7 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             "conflicts_409": c_burst + c_del,
             "timeline": timeline(audit),
             "operator_rss_mib": round(rss, 1),
+            "operator_peak_rss_mib": round(peak_rss, 1),
             "operator_idle_cpu_pct": round(idle_cpu, 2),
             "tracebacks": log.count("Traceback"),
             "operator_log": str(op.log),
@@ -578,10 +582,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=100)
     p.add_argument("--nodes", type=int, default=20)
     p.add_argument("--replicas", type=int, default=1, help="operators side by side, all acting (default 1)")
+    p.add_argument("--settle-timeout", type=float, default=600,
+                   help="seconds the burst may take until every job is Running (default 600; 5,000 jobs on a small "
+                        "machine need more)")
+    p.add_argument("--delete-timeout", type=float, default=120,
+                   help="seconds the deletion may take before what is left is reported (default 120)")
     p.add_argument("--out", type=Path, help="write the JSON report here too")
     p.add_argument("--bin-dir", type=Path, help="control plane binaries (default: kind/build-control-plane.sh's)")
     args = p.parse_args(argv)
-    report = run(args.jobs, args.nodes, replicas=args.replicas, bin_dir=args.bin_dir or (Path(os.environ["KUBEFLASH_K8S_BIN"])
+    report = run(args.jobs, args.nodes, replicas=args.replicas, settle_timeout=args.settle_timeout,
+                 delete_timeout=args.delete_timeout, bin_dir=args.bin_dir or (Path(os.environ["KUBEFLASH_K8S_BIN"])
                                                                    if os.environ.get("KUBEFLASH_K8S_BIN") else None))
     text = json.dumps(report, indent=2)
     print(text)
