@@ -330,7 +330,8 @@ def _ready_copy(node: NodeView, model_id: str, disk: str | None):
 
 def _request_model(plan: Plan, spec: JobSpec, node: NodeView, view: Mapping) -> None:
     entry = ModelEntry(uri=spec.model.uri, dtype=spec.model.dtype, quantization=spec.model.quantization,
-                       disk=view.get("disk") or "", tensor_parallel=spec.offload.tensor_parallel).to_dict()
+                       disk=view.get("disk") or "", tensor_parallel=spec.offload.tensor_parallel,
+                       sparsity=() if spec.offload.sparsity is None else (spec.offload.sparsity,)).to_dict()  # at staging
     plan.stage = StageModel(node=node.name, entry=entry)
 
 

@@ -81,6 +81,14 @@ def test_staged_model_goes_straight_to_running_with_a_pod():
     assert plan.observe == [("scheduling", 3.0)]
 
 
+def test_a_sparse_job_asks_the_model_calibrated_for_its_target():
+    """A job with spec.offload.sparsity asks the agent for the model with that target in the entry (calibrated while
+    it is staged, docs/sparsity.md); a dense job's entry names none."""
+    plan = step(admitted(offload={"sparsity": 0.5}), world(flashnode("n1")), CFG)
+    assert plan.stage.entry["sparsity"] == [0.5]
+    assert "sparsity" not in step(admitted(), world(flashnode("n1")), CFG).stage.entry
+
+
 def test_unstaged_model_is_requested_and_job_waits_in_staging():
     """No copy anywhere: the job is placed, asks the agent for the model, and waits in Staging."""
     job = admitted()
