@@ -297,9 +297,9 @@ def _node_best(
             cached = node.cached_blocks(disk_name, request.job, request.model_id)
             prefix = node.cached_prefix(disk_name, request.job, request.model_id, request.prefixes)
         score = (-rank, -prefix, -cached, -disk.read_gbps, -room, node.name, gpu)
-        if request.tensor_parallel > 1:  # a node holding the job's shards first, then the pair score
+        if request.tensor_parallel > 1:  # a node holding the job's shards first, rank 0 where shard 0 is, then
             score = (-max((m.shards_ready(request.tensor_parallel) for m in node.models if m.id == request.model_id),
-                          default=0), *score)
+                          default=0), -((0, disk_name) in staged), *score)
         if tp <= 1:
             if best is None or score < best[0]:
                 best = (score, gpu, disk_name, rank, ())
@@ -332,24 +332,26 @@ def _staged_shards(node: NodeView, model_id: str, tp: int) -> set[tuple[int, str
 def _other_ranks(request: Request, node: NodeView, free: Sequence[tuple[int, str]], first: int,
                  taken: dict[str, int], shard: int, staged: set[tuple[int, str]]
                  ) -> tuple[tuple[tuple[int, str], ...] | None, str]:
-    """Pairs for ranks 1..N-1 (lowest GPU first) whose disk has room for the rank's KV and its shard, counting what
-    the node's claims and the ranks already chosen take on that disk; (None, why) when fewer than N-1 fit."""
+    """Pairs for ranks 1..N-1 whose disk has room for the rank's KV and its shard, counting what the node's claims
+    and the ranks already chosen take on that disk: rank k goes to a pair whose disk already holds shard k (no
+    second copy staged), else to the lowest free GPU; (None, why) when fewer than N-1 fit."""
     out: list[tuple[int, str]] = []
     why = ""
-    for gpu, disk_name in free:
-        if gpu == first or len(out) == request.tensor_parallel - 1:
-            continue
-        k = len(out) + 1
-        need = request.kv_bytes + (0 if (k, disk_name) in staged else shard)
-        room = node.disks[disk_name].free_bytes - taken.get(disk_name, 0)
-        if room < need:
-            why = (f"disk {disk_name} (GPU {gpu}) has {_gib(room)} free, needs {_gib(need)} for rank {k}'s KV "
-                   f"({_gib(request.kv_bytes)}) and shard ({_gib(need - request.kv_bytes)})")
-            continue
-        taken[disk_name] = taken.get(disk_name, 0) + need
-        out.append((gpu, disk_name))
-    if len(out) < request.tensor_parallel - 1:
-        return None, why or f"{len(out) + 1} GPU<->SSD pairs with room, needs {request.tensor_parallel}"
+    left = [(g, d) for g, d in free if g != first]
+    for k in range(1, request.tensor_parallel):
+        for gpu, disk_name in sorted(left, key=lambda p: ((k, p[1]) not in staged, p[0])):
+            need = request.kv_bytes + (0 if (k, disk_name) in staged else shard)
+            room = node.disks[disk_name].free_bytes - taken.get(disk_name, 0)
+            if room < need:
+                why = (f"disk {disk_name} (GPU {gpu}) has {_gib(room)} free, needs {_gib(need)} for rank {k}'s KV "
+                       f"({_gib(request.kv_bytes)}) and shard ({_gib(need - request.kv_bytes)})")
+                continue
+            taken[disk_name] = taken.get(disk_name, 0) + need
+            out.append((gpu, disk_name))
+            left.remove((gpu, disk_name))
+            break
+        else:
+            return None, why or f"{len(out) + 1} GPU<->SSD pairs with room, needs {request.tensor_parallel}"
     return tuple(out), ""
 
 

@@ -231,3 +231,21 @@ def test_reduce_ring_gives_each_rank_a_ring_directory_in_its_own_kv_volume():
     plan = admit(bad, now=NOW)
     assert plan.status["phase"] == "Failed"
     assert plan.status["message"].startswith("spec.offload.reduce ring needs spec.offload.tensorParallel > 1")
+
+
+def test_ranks_go_to_the_pairs_whose_disks_already_hold_their_shards():
+    """Four pairs on four disks, shard 0 staged on nvme2 and shard 1 on nvme3 (an earlier job's cut): rank 0 takes
+    GPU 2 and rank 1 GPU 3, so no shard is staged a second time and none of their space is reserved again; with
+    the shards the other way round (shard 0 on nvme3) the ranks follow them."""
+    four = ((0, "nvme0"), (1, "nvme1"), (2, "nvme2"), (3, "nvme3"))
+
+    def on(k, disk):
+        return {**shard(k), "gpu": int(disk[-1]), "disk": disk, "path": f"/mnt/{disk}/kubeflash/shards/{MODEL}.tp2/{k}"}
+
+    body = disk_node(pairs=four, free=(30 * GiB,) * 4, shards=[on(0, "nvme2"), on(1, "nvme3")])
+    claim = placed("a", "10Gi", world(body)).claim
+    assert (claim.gpus, claim.disks) == ((2, 3), ("nvme2", "nvme3"))
+    assert claim.held(node_view(body)) == {"nvme2": 10 * GiB, "nvme3": 10 * GiB}
+    body = disk_node(pairs=four, free=(30 * GiB,) * 4, shards=[on(0, "nvme3"), on(1, "nvme2")])
+    claim = placed("a", "10Gi", world(body)).claim
+    assert (claim.gpus, claim.disks) == ((3, 2), ("nvme3", "nvme2"))
