@@ -148,6 +148,10 @@ class RoutedWeights(dict):
             self._io.stats.issued -= 1
             self._io.stats.bytes -= self._io.nbytes(j)
 
+    def ready_first(self, experts: list[int]) -> list[int]:
+        """`experts` with those already held or read since before the router first (stable otherwise)."""
+        return sorted(experts, key=lambda j: not (j in self._have or j in self._confirm))
+
     def finish(self) -> None:
         """The stage is done: prefetched experts never routed were read for nothing (cancelled if not started)."""
         if self._io is None:

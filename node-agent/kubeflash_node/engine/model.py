@@ -323,11 +323,20 @@ def moe(c: ModelConfig, w: dict, h: torch.Tensor) -> torch.Tensor:
     routed = idx.unique().tolist()
     if hasattr(w, "want"):  # experts streamed on demand (experts.RoutedWeights): read the routed set at once
         w.want(routed)
-    for e in routed:
+
+    def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:  # expert e's tokens and weighted outputs [n, H]
         rows, slot = torch.where(idx == e)
         xe = x[rows]  # [n, H]
         y = F.linear(act(F.linear(xe, w[f"e{e}.w_gate"])).mul_(F.linear(xe, w[f"e{e}.w_up"])), w[f"e{e}.w_down"])
-        out.index_add_(0, rows, (y * top[rows, slot, None]).to(out.dtype))
+        return rows, (y * top[rows, slot, None]).to(out.dtype)
+
+    if getattr(w, "prefetching", False):  # the prefetched experts compute first, while the others are read; the sum
+        parts = {e: expert(e) for e in w.ready_first(routed)}  # still runs in expert order: the same float sums
+        for e in routed:
+            out.index_add_(0, *parts.pop(e))
+        return out.view_as(h)
+    for e in routed:
+        out.index_add_(0, *expert(e))
     return out.view_as(h)
 
 
