@@ -6,13 +6,14 @@ Converts the model (float16 on a GPU, float32 on the CPU) under --work, calibrat
 (dummy weights have no tokenizer; the bytes and times, not the accuracy, are what this measures) with neuron
 bundles, then for dense and each target runs one prompt of --prompt random tokens with every stage streamed from
 disk, twice (1 and 1 + --new tokens): the difference is --new decode steps, so prefill and set-up drop out. The
-page cache is not dropped: the reads are warm unless the model is larger than the free memory.
+page cache is not dropped (the reads are warm unless the model is larger than the free memory) unless --cold.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,8 +31,19 @@ from kubeflash_node.store.modelconfig import ModelConfig
 PARTS = ("compute_layer_decode", "load_weight", "load_weight_stall", "load_neurons", "load_neurons_stall")
 
 
+def drop_cached(store: Path) -> None:
+    """Drop the store's files from the page cache (fadvise DONTNEED): the next reads come from the disk."""
+    for f in store.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def run(store: Path, target, *, device: str, prompt: list[int], new: int, batch: int, hot: int,
-        gap: int | None, repeat: int = 1) -> dict:
+        gap: int | None, repeat: int = 1, cold: bool = False) -> dict:
     c = ModelConfig.from_dict(load_manifest(store).config)
     out = {}
     for n in (1, 1 + new):
@@ -41,7 +53,10 @@ def run(store: Path, target, *, device: str, prompt: list[int], new: int, batch:
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             try:
-                e.generate([prompt] * batch, GenParams(max_new_tokens=n))
+                if cold:
+                    drop_cached(store)
+                e.generate([prompt] * batch, GenParams(max_new_tokens=n),
+                           on_step=(lambda _: drop_cached(store)) if cold else None)
             finally:
                 e.close()
             t = e.timings
@@ -76,6 +91,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=1, help="run each setting this many times, report the fastest")
     p.add_argument("--slots", action="store_true", help="on the CPU, the neuron cache's slot buffer (gather, then "
                    "multiply once the reads are done) instead of reading into the bundle image while multiplying")
+    p.add_argument("--cold", action="store_true", help="drop the store's files from the page cache before the run "
+                   "and after every step, so every step reads from the disk (a disk-bound run on any machine)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     targets = [float(t) for t in a.targets.split(",")]
@@ -99,7 +116,7 @@ def main() -> int:
     rows = []
     for t in [None, *targets]:
         rows.append(run(store, t, device=a.device, prompt=prompt, new=a.new, batch=a.batch, hot=int(a.hot),
-                        gap=a.gap, repeat=a.repeat))
+                        gap=a.gap, repeat=a.repeat, cold=a.cold))
         print(json.dumps(rows[-1]), flush=True)
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
