@@ -2,14 +2,16 @@
 layer (its own router over the input), starts reading them before attention computes, and after the true router
 reads only the mispredicted experts.
 
-What must hold: the outputs equal the non-prefetch path exactly (float32 logits bit for bit, greedy tokens equal to
-transformers') for Qwen3-MoE and Mixtral; every predicted expert that the router picks is read once, not again
-(expert reads with prefetch = prefetch reads issued + routed experts not predicted, and its expert bytes minus the
-unused prefetched bytes equal the bytes read without prefetch); the hot-expert cache counts the same routing; the
-run report carries the hit rate and the bytes prefetched but unused.
+What must hold: the predicted experts' reads run while attention computes; the outputs equal the non-prefetch path
+exactly (float32 logits bit for bit, greedy tokens equal to transformers') for Qwen3-MoE and Mixtral; every predicted
+expert that the router picks is read once, not again (expert reads with prefetch = prefetch reads issued + routed
+experts not predicted, and its expert bytes minus the unused prefetched bytes equal the bytes read without prefetch);
+the hot-expert cache counts the same routing; the run report carries the hit rate and the bytes prefetched but unused.
 """
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -123,3 +125,39 @@ def test_hot_cache_counts_the_same_routing_with_prefetch(moe_store):
     s = e1.streamer.expert_prefetch
     # every expert read from disk is a prefetch read or an on-demand miss; hits of the cache are never read
     assert e1.timings.count["load_expert"] <= s.issued + c1.misses
+
+
+def test_predicted_reads_run_while_attention_computes(moe_store, monkeypatch):
+    """In every streamed MoE layer pass, attention (its first head split) waits until an expert read has started
+    after the layer's prediction: with reads only after the router, that wait would time out."""
+    from kubeflash_node.engine import model as engine_model
+
+    _, store = moe_store
+    engine = _engine(store, prefetch=True)
+    started, waited = threading.Event(), []
+    fetch, predict, split = engine.streamer._fetch_expert, engine_model.predict_experts, engine_model.split_heads
+
+    def traced_fetch(stage, j):
+        started.set()
+        return fetch(stage, j)
+
+    def traced_predict(*a):
+        started.clear()  # from here on, a read that starts before attention is a predicted one
+        waited.append(False)
+        return predict(*a)
+
+    def traced_split(*a):
+        if not waited[-1]:
+            waited[-1] = started.wait(timeout=30)
+            assert waited[-1], "no expert read started before attention"
+        return split(*a)
+
+    engine.streamer._fetch_expert = traced_fetch
+    monkeypatch.setattr(engine_model, "predict_experts", traced_predict)
+    monkeypatch.setattr(engine_model, "split_heads", traced_split)
+    try:
+        engine.generate(PROMPTS, GenParams(max_new_tokens=3))
+    finally:
+        engine.close()
+    layers = engine.config.num_layers
+    assert len(waited) == 3 * layers and all(waited)  # prefill + 2 decode steps, every layer
