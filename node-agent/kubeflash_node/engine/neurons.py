@@ -137,7 +137,8 @@ class NeuronCache:
         self.hits += ids.shape[0] - miss.shape[0]
         self.misses += miss.shape[0]
         todo, k = [], max(1, min(PIECES, miss.shape[0] * self.reader.row_bytes // PIECE_BYTES))
-        for part, gone in zip(_split(ids, k), _split(held, k)):
+        cuts = _cuts(ids, k)
+        for part, gone in zip(np.split(ids, cuts), np.split(held, cuts)):
             need = part[~gone]  # the piece's missing neurons
             fut = _pool().submit(self._read_direct, layer, st, need, "load_neurons") if need.shape[0] else None
             todo.append((slice(int(part[0]), int(part[-1]) + 1), fut))
@@ -245,9 +246,15 @@ def _pool():
     return _POOL
 
 
-def _split(ids: np.ndarray, k: int) -> list[np.ndarray]:
-    """`ids` in `k` consecutive pieces (none when empty)."""
-    return np.array_split(ids, min(k, ids.shape[0])) if ids.shape[0] else []
+def _cuts(ids: np.ndarray, k: int) -> list[int]:
+    """Positions cutting the sorted ids `ids` into about `k` equal pieces, each where a run of consecutive ids
+    starts (a run is never read in two)."""
+    starts = np.flatnonzero(np.diff(ids) != 1) + 1  # positions where a run starts (the first one excluded)
+    if k <= 1 or not starts.shape[0]:
+        return []
+    want = [ids.shape[0] * i // k for i in range(1, k)]
+    at = np.clip(np.searchsorted(starts, want), 0, starts.shape[0] - 1)
+    return sorted(set(starts[at].tolist()))
 
 
 def merged(ids: np.ndarray, gap: int) -> np.ndarray:
