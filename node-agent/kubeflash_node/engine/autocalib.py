@@ -3,8 +3,8 @@
 `ensure_calibrated(model_dir, targets)` is what the agent's staging worker (a model entry asking for sparsity) and
 `kubeflash run` (a job asking for a target the entry has no calibration for) call: when the entry's sparsity.json
 lacks a target or is stale, it runs `kubeflash calibrate`'s steps with the built-in calibration text
-(engine/data/calibration.txt: the GNU GPL v3 text, as Debian's common-licenses ships it; the first
-`max_tokens` tokens), keeping every target already calibrated. Exactly once:
+(engine/data/calibration.txt: prose paragraphs of kubeflash's own README and docs, frozen on 2026-12-05 so
+thresholds do not move when the docs do; the first `max_tokens` tokens), keeping every target already calibrated. Exactly once:
 
 - an exclusive lock (`<model_dir>/.calibrate.lock`, flock): a second job arriving meanwhile waits, then finds the
   calibration written and does nothing;
