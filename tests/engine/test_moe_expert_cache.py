@@ -15,10 +15,10 @@ import os
 import re
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from readonly_mount import read_only
 from test_moe_routing import VOCAB, _qwen3_moe
 
 from kubeflash_api import SpecError, from_canonical, parse_job, to_canonical
@@ -93,25 +93,6 @@ def _run(store: Path, tmp: Path, name: str, offload: dict, **kw):
     return report, engines[0], rows
 
 
-@contextmanager
-def _read_only(path: Path):
-    """`path` read-only as a pod's model volume is: a read-only bind mount as root, chmod otherwise."""
-    if os.geteuid() == 0:
-        subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
-        try:
-            subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
-            yield
-        finally:
-            subprocess.run(["umount", str(path)], check=True)
-    else:
-        mode = path.stat().st_mode
-        path.chmod(0o555)
-        try:
-            yield
-        finally:
-            path.chmod(mode)
-
-
 def _clear_routing(store: Path) -> None:
     (store / ROUTING_FILE).unlink(missing_ok=True)
 
@@ -144,7 +125,7 @@ def test_read_only_model_dir_counts_land_in_job_dir_and_seed_a_warm_run(store, t
     later job seeded from that file (explicitly) reads its hot experts first and reads fewer expert bytes than the
     cold job, with the same tokens."""
     _clear_routing(store)
-    with _read_only(store):
+    with read_only(store):
         with pytest.raises(OSError):
             (store / "probe").write_text("x")
         cold, ec, rows_cold = _run(store, tmp_path, "cold", {"expertCache": BUDGET})

@@ -15,12 +15,13 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
+
+from readonly_mount import read_only  # noqa: E402
 
 from kubeflash_node.store.routing import JOB_ROUTING_FILE, ROUTING_FILE, publish_routing  # noqa: E402
 
@@ -43,25 +44,6 @@ def _qwen3_moe(out: Path) -> Path:
     return out
 
 
-@contextmanager
-def _read_only(path: Path):
-    """`path` read-only, as the pod's CSI model volume is (a read-only bind mount as root, chmod otherwise)."""
-    if os.geteuid() == 0:
-        subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
-        try:
-            subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
-            yield
-        finally:
-            subprocess.run(["umount", str(path)], check=True)
-    else:
-        mode = path.stat().st_mode
-        path.chmod(0o555)
-        try:
-            yield
-        finally:
-            path.chmod(mode)
-
-
 def _pod(model_dir: Path, job_dir: Path, name: str, cwd: Path) -> tuple[dict, list]:
     """`kubeflash engine` with the operator's env (builder._env): the job's canonical spec, its name, the model and
     job directories. Returns (report.json, the result rows' token ids)."""
@@ -72,7 +54,7 @@ def _pod(model_dir: Path, job_dir: Path, name: str, cwd: Path) -> tuple[dict, li
     env = {**os.environ, "KUBEFLASH_JOB_SPEC": json.dumps(spec), "KUBEFLASH_JOB_NAME": name,
            "KUBEFLASH_JOB_NAMESPACE": "team", "KUBEFLASH_MODEL_DIR": str(model_dir), "KUBEFLASH_JOB_DIR": str(job_dir),
            "KUBEFLASH_DEVICE": "cpu"}
-    with _read_only(model_dir):
+    with read_only(model_dir):
         r = subprocess.run([sys.executable, "-m", "kubeflash_node.cli", "engine"], env=env, cwd=cwd,
                            capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
