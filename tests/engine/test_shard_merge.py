@@ -51,7 +51,7 @@ def test_three_engine_shards_merge_into_the_unsharded_results_in_input_order(opt
     first = (tmp_path / "out" / "results.jsonl").read_bytes()
     merge_parts(tmp_path / "out", "results.jsonl", 3, order)
     assert (tmp_path / "out" / "results.jsonl").read_bytes() == first  # deterministic: a retried merge, same bytes
-    assert len(first) == merged.bytes and not list((tmp_path / "out").glob(".*merging"))
+    assert len(first) == merged.bytes and not list((tmp_path / "out").glob(".*.tmp"))
 
 
 def _write_parts(root, count: int, ids: list[str], pad: int = 10) -> None:
@@ -99,7 +99,7 @@ def test_bad_parts_are_refused_naming_the_file_and_the_target_is_untouched(tmp_p
         part[0].write_text("".join(zero[1:]))
     with pytest.raises(MergeError, match=expect):
         merge_parts(root, "r.jsonl", 3, IDS)
-    assert (root / "r.jsonl").read_text() == "the old results\n" and not list(root.glob(".*merging"))
+    assert (root / "r.jsonl").read_text() == "the old results\n" and not list(root.glob(".*.tmp"))
 
 
 MERGER = """
@@ -129,7 +129,7 @@ def test_a_merger_killed_at_any_moment_leaves_the_old_file_or_the_whole_new_one(
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert (root / "r.jsonl").read_bytes() in (old, whole), delay
-    for tmp in root.glob(".*merging"):  # a killed merger may leave its temp file; it is never the target
+    for tmp in root.glob(".*.tmp"):  # a killed merger may leave its temp file; it is never the target
         tmp.unlink()
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from kubeflash_api.sharding import part_path, shard_of
+
+from ..store.format import atomic_write_bytes
 
 SHOWN = 5  # custom_ids named in an error at most
 
@@ -87,23 +88,8 @@ def merge_parts(root: Path, path: str, count: int, order: Sequence[str]) -> Merg
 
 
 def _write_atomic(target: Path, lines: Sequence[bytes]) -> Merged:
+    """The merged file, crash-safely (the store's temp + fsync + rename + directory fsync)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".merging")
-    size = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for line in lines:
-                f.write(line)
-                size += len(line)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return Merged(path=target, lines=len(lines), bytes=size)
+    data = b"".join(lines)
+    atomic_write_bytes(target, data)
+    return Merged(path=target, lines=len(lines), bytes=len(data))
