@@ -40,9 +40,9 @@ from kubeflash_api import parse_job_spec  # noqa: E402
 
 @pytest.mark.timeout(300)
 def test_operator_killed_mid_deletion_leaves_nothing_after_restart(k8s_bin_dir, tmp_path):
-    """24 Running jobs on 6 nodes x 4 pairs, one delete-collection; the operator is killed once the first job is
-    gone (pod deletes, ledger releases and finalizer removals of the others in flight); a new operator removes
-    every job, pod and ledger entry."""
+    """24 Running jobs on 6 nodes x 4 pairs, one delete-collection; the operator is killed as soon as the jobs are
+    being marked (its pod deletes, ledger releases and finalizer removals in flight); a new operator removes every
+    job, pod and ledger entry."""
     jobs, nodes, pairs = 24, 6, 4
     cp, op_kubeconfig, _ = start_cluster(Path(k8s_bin_dir), tmp_path)
     first = second = None
@@ -64,7 +64,11 @@ def test_operator_killed_mid_deletion_leaves_nothing_after_restart(k8s_bin_dir, 
         deleter = threading.Thread(target=custom.delete_collection_namespaced_custom_object,
                                    args=(GROUP, VERSION, NS, "inferencejobs"))
         deleter.start()
-        wait("the first job gone", lambda: leftovers(api)["jobs"] < jobs, 60, every=0.05)
+        def marked() -> bool:  # the API server is marking the jobs; the operator's finalizer has work in flight
+            items = custom.list_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs")["items"]
+            return len(items) < jobs or any(j["metadata"].get("deletionTimestamp") for j in items)
+
+        wait("the deletion under way", marked, 60, every=0.02)
         first.proc.kill()
         first.proc.wait()
         deleter.join()
