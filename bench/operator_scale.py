@@ -577,6 +577,17 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
         cp.stop()
 
 
+def emit(report: dict[str, Any], out: Path | None) -> None:
+    """Print the JSON report and, with --out, write it there too (temp file, then rename)."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=100)
@@ -593,12 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args.jobs, args.nodes, replicas=args.replicas, settle_timeout=args.settle_timeout,
                  delete_timeout=args.delete_timeout, bin_dir=args.bin_dir or (Path(os.environ["KUBEFLASH_K8S_BIN"])
                                                                    if os.environ.get("KUBEFLASH_K8S_BIN") else None))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, args.out)
+    emit(report, args.out)
     return 0
 
 

@@ -42,6 +42,7 @@ from operator_scale import (  # noqa: E402
     apply_crds,
     default_bin_dir,
     double_booked,
+    emit,
     job_body,
     make_nodes,
     pct,
@@ -134,13 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     print(f"one parallelism-{args.shards} job on {args.nodes} KWOK nodes: starting (minutes)", file=sys.stderr)
     report = run(args.shards, args.nodes, bin_dir=args.bin_dir)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, args.out)
+    emit(report, args.out)
     return 0
 
 
