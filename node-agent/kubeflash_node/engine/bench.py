@@ -267,10 +267,21 @@ def roofline(*, stage_bytes: list[int], placement: list[str], w: Workload, c: Mo
              policy, itemsize: int) -> dict:
     """Bytes and FLOPs the run must move and do under `policy`'s placement and KV techniques, and the time floor
     each implies."""
-    from .costmodel import kv_link_bytes
+    from .costmodel import kv_link_bytes, routed_layer_bytes
 
-    disk_w = sum(b for b, p in zip(stage_bytes, placement) if p == "disk") * w.passes
-    pcie_w = sum(b for b, p in zip(stage_bytes, placement) if p in ("disk", "cpu")) * w.passes
+    def moved(i: int, b: int) -> float:
+        """Bytes stage i moves over the run: every pass reads it whole, except a streamed MoE layer, which reads
+        its non-expert part and the experts a uniform router sends the pass's tokens to (the hot cache's share
+        not read again)."""
+        layer = len(stage_bytes) == c.num_layers + 2 and 0 < i <= c.num_layers  # embed, layers, head
+        if not (layer and c.num_experts and not policy.all_experts):
+            return b * w.passes
+        sizes = [min(w.block_size, w.prompts - k) for k in range(0, w.prompts, w.block_size)]
+        return sum(routed_layer_bytes(c, b, policy, n * w.prompt_len)
+                   + (w.gen_len - 1) * routed_layer_bytes(c, b, policy, n) for n in sizes)
+
+    disk_w = round(sum(moved(i, b) for i, (b, p) in enumerate(zip(stage_bytes, placement)) if p == "disk"))
+    pcie_w = round(sum(moved(i, b) for i, (b, p) in enumerate(zip(stage_bytes, placement)) if p in ("disk", "cpu")))
     read_token, write_token = kv_link_bytes(c, policy, itemsize)
     # decode step s reads the prefix back (prompt_len + s tokens) and writes one token, per sequence
     kv_read = sum((w.prompt_len + s) for s in range(1, w.gen_len)) * read_token * w.prompts

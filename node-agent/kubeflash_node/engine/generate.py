@@ -105,7 +105,8 @@ class Engine:
             routing=RoutingFiles(self.dir, job_dir, routing_seed),  # MoE counts: model dir, else the job dir
             expert_prefetch=policy.expert_prefetch)
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cache_bytes": 0,
-                      "generated_tokens": 0, "block_setup_s": 0.0}
+                      "generated_tokens": 0, "block_setup_s": 0.0, "prefill_weight_bytes": 0,
+                      "decode_weight_bytes": 0, "decode_passes": 0}
         self.prefix = prefix_cache.bind(self) if prefix_cache is not None else None
         if cuda:
             self._warm_kernels()
@@ -174,13 +175,17 @@ class Engine:
         mbs = self._make_block(prompts, block, params)  # queues the block's KV cache (host memory locks meanwhile)
         self.stats["block_setup_s"] += time.perf_counter() - t0
         for step in range(params.max_new_tokens):
-            t0 = time.perf_counter()
+            t0, b0 = time.perf_counter(), self.timings.weight_bytes()
             self._pass(mbs, step=step, params=params, gen=gen, stop=stop)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
             key = "prefill" if step == 0 else "decode"
             self.stats[f"{key}_s"] += dt
+            # bytes whose reads finished during the pass (the streamer reads a few stages ahead, so a pass also
+            # counts the next pass's first stages and not its own: even over a run, exact for routed experts)
+            self.stats[f"{key}_weight_bytes"] += self.timings.weight_bytes() - b0
+            self.stats["decode_passes"] += step > 0
             self.stats[f"{key}_tokens"] += sum(mb.ids.shape[0] * (mb.ids.shape[1] - mb.cached if step == 0 else 1)
                                                for mb in mbs)
             if step == 0 and self.prefix:

@@ -29,8 +29,11 @@ def build_report(engine) -> dict:
         "load_cache_decoding_per_batch_s": t.mean("load_cache_decode"),
         "store_cache_decoding_per_batch_s": t.mean("store_cache_decode"),
         "compute_layer_decoding_per_batch_s": t.mean("compute_layer_decode"),
-        "weight_bytes_read": t.bytes["load_weight"] + t.bytes["load_weight_resident"] + t.bytes["load_expert"]
-        + t.bytes["load_neurons"] + t.bytes["load_neurons_resident"],  # activation sparsity's neuron bundles
+        "weight_bytes_read": t.weight_bytes(),
+        "prefill_weight_bytes": s["prefill_weight_bytes"], "decode_weight_bytes": s["decode_weight_bytes"],
+        # a decode pass generates one token for every sequence of the block
+        "decode_weight_bytes_per_pass": s["decode_weight_bytes"] / s["decode_passes"] if s["decode_passes"] else 0.0,
+        "decode_weight_bytes_per_token": s["decode_weight_bytes"] / s["decode_tokens"] if s["decode_tokens"] else 0.0,
         "expert_reads": t.count["load_expert"], "expert_cache_hits": t.count["expert_cache_hit"],  # MoE only
         "prefill_latency_s": s["prefill_s"], "prefill_tokens": s["prefill_tokens"],
         "prefill_throughput_tok_s": s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0.0,
@@ -75,6 +78,9 @@ def format_report(r: dict) -> str:
         ("decode latency / throughput", f"{r['decode_latency_s']:.3f} s / {r['decode_throughput_tok_s']:.3f} token/s"),
         ("total latency / throughput", f"{r['total_latency_s']:.3f} s / {r['total_throughput_tok_s']:.3f} token/s"),
         ("block setup (KV allocation)", f"{r['block_setup_s']:.3f} s"),
+        ("weights read prefill / decode", f"{r['prefill_weight_bytes'] / GB:.3f} GB / {r['decode_weight_bytes'] / GB:.3f} GB"),
+        ("decode weights read per pass / per token",
+         f"{r['decode_weight_bytes_per_pass'] / GB:.3f} GB / {r['decode_weight_bytes_per_token'] / GB:.4f} GB"),
     ]
     ep = r.get("expert_prefetch")
     if ep:

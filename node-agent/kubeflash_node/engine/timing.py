@@ -55,6 +55,14 @@ class Timings:
             self.add(name, start.elapsed_time(end) / 1e3)
         self.pending.clear()
 
+    # the read categories that move weights: layers, resident copies, routed experts, activation sparsity's bundles
+    WEIGHT_READS = ("load_weight", "load_weight_resident", "load_expert", "load_neurons", "load_neurons_resident")
+
+    def weight_bytes(self) -> int:
+        """Weight bytes read so far, every read category together."""
+        with self.lock:
+            return sum(self.bytes[k] for k in self.WEIGHT_READS)
+
     def mean(self, name: str) -> float:
         self.resolve()
         return self.sec[name] / self.count[name] if self.count[name] else 0.0

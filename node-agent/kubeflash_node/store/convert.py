@@ -277,9 +277,13 @@ class StoreSource(Source):
 class DummySource(Source):
     """Tokenizer-free random weights of a preset's shape, for benchmarks (values cycle through one random pool).
     `dummy:PRESET@zeros` makes every weight zero instead: the store's files are then sparse (write_stage leaves
-    all-zero tensors as holes), so a model larger than the free disk can be staged for a throughput benchmark."""
+    all-zero tensors as holes), so a model larger than the free disk can be staged for a throughput benchmark.
+    `dummy:PRESET@skewed` (mixture-of-experts presets) is random too, but scales expert j's router row by
+    2^(-j/32): a synthetic skewed router (on random tokens the top 32 of 128 experts take ~78% of the routes, as a
+    trained router concentrates on some experts), for measuring what a hot-expert cache buys; uniform random
+    weights are its worst case."""
 
-    FILLS = ("random", "zeros")
+    FILLS = ("random", "zeros", "skewed")
 
     def __init__(self, name: str, seed: int = 0):
         import torch
@@ -288,8 +292,10 @@ class DummySource(Source):
         if fill and fill not in self.FILLS:
             raise SourceError(f"dummy:{name}@{fill}: the fill after @ must be one of {', '.join(self.FILLS)}")
         self.config = preset(name)
-        self.zeros = fill == "zeros"
-        self.description = f"dummy:{name}" + ("@zeros" if self.zeros else "")
+        self.zeros, self.skewed = fill == "zeros", fill == "skewed"
+        if self.skewed and not self.config.num_experts:
+            raise SourceError(f"dummy:{name}@skewed: only a mixture-of-experts preset has a router to skew")
+        self.description = f"dummy:{name}" + (f"@{fill}" if fill in ("zeros", "skewed") else "")
         g = torch.Generator().manual_seed(seed)
         self.pool = torch.randn(1 << 22, generator=g) * 0.02  # 4M values, tiled: writing is disk-bound, not RNG-bound
 
@@ -336,6 +342,8 @@ class DummySource(Source):
         i = c.intermediate_size
         if c.num_experts:
             out["router"] = self._rand(c.num_experts, h)
+            if self.skewed:
+                out["router"] *= (2.0 ** (-torch.arange(c.num_experts, dtype=torch.float32) / 32)).unsqueeze(1)
             for j in range(c.num_experts):
                 out |= {f"e{j}.w_gate": self._rand(i, h), f"e{j}.w_up": self._rand(i, h), f"e{j}.w_down": self._rand(h, i)}
             return out

@@ -115,5 +115,28 @@ def test_zero_filled_dummy_source(tmp_path):
     apparent = sum((tmp_path / "z" / f).stat().st_size for f in m.files)
     used = sum((tmp_path / "z" / f).stat().st_blocks * 512 for f in m.files)
     assert apparent > 230 << 20 and used < apparent / 50
-    with pytest.raises(SourceError, match="must be one of random, zeros"):
+    with pytest.raises(SourceError, match="must be one of random, zeros, skewed"):
         convert("dummy:opt-125m@ones", tmp_path / "o", dtype="float16")
+
+
+def test_skewed_dummy_router_concentrates_routes_and_needs_experts():
+    """dummy:PRESET@skewed: the synthetic router of the hot-expert-cache benchmark sends most routes to a few
+    experts, the plain random fill spreads them; a dense preset has no router to skew and is refused."""
+    from dataclasses import replace
+
+    import torch
+
+    from kubeflash_node.store.convert import DummySource, SourceError
+
+    def top32_share(fill: str) -> float:
+        src = DummySource(f"qwen3-30b-a3b{fill}")
+        src.config = replace(src.config, hidden_size=256, intermediate_size=8)  # the router's shape, small
+        router = src.layer(0)["router"]
+        x = torch.randn(4096, 256, generator=torch.Generator().manual_seed(1))
+        top = (x @ router.T).topk(src.config.num_experts_per_tok, dim=1).indices
+        counts = torch.bincount(top.flatten(), minlength=src.config.num_experts).sort(descending=True).values
+        return float(counts[:32].sum() / counts.sum())
+
+    assert top32_share("@skewed") > 0.6 > 0.4 > top32_share("")
+    with pytest.raises(SourceError, match="only a mixture-of-experts preset"):
+        DummySource("llama-3-8b@skewed")
