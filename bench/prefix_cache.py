@@ -3,13 +3,15 @@ no prefix reuse, with the in-job shared tier and a cold node cache (first job), 
 (a second job, new engine, same SSD cache). Prints one JSON line per run: prefill seconds and tokens, total
 seconds, the prefix-cache counters, and whether the tokens equal the no-cache run's.
 
-Usage: python3 bench/prefix_cache.py --model dummy:llama-3-8b --store /tmp/pc/store --cache /tmp/pc/kv
+Usage: python3 bench/prefix_cache.py --model dummy:llama-3-8b --store /tmp/pc/store --cache /tmp/pc/kv [--batch 64]
+       [--drop-cache]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +27,8 @@ def main() -> None:
     ap.add_argument("--question", type=int, default=64)
     ap.add_argument("--new", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16, help="gpu_batch_size (num_gpu_batches covers all prompts)")
+    ap.add_argument("--drop-cache", action="store_true",
+                    help="drop the node cache's files from the page cache before the warm run (reads from the disk)")
     a = ap.parse_args()
 
     import torch
@@ -47,6 +51,14 @@ def main() -> None:
     shutil.rmtree(a.cache, ignore_errors=True)
     base = None
     for label, store in (("no-cache", None), ("in-job+cold-node", True), ("warm-node", True)):
+        if label == "warm-node" and a.drop_cache:
+            os.sync()  # the blocks written are clean pages now, so DONTNEED drops them
+            for f in (p for p in a.cache.rglob("*") if p.is_file()):
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
         cache = None if store is None else PrefixCache(store=KVBlockStore(a.cache, budget_bytes=64 << 30))
         engine = Engine(model_dir, policy=policy, device="cuda", prefix_cache=cache)
         engine.generate([[7] * 64] * 2, GenParams(max_new_tokens=2))  # warm-up (no full block: nothing cached)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 21 on one GPU: a Qwen3-30B-A3B-shaped model (random weights at real size, int8, ~31 GB) streamed from the
+# SSD, routed experts against every expert, and the hot-expert cache on a synthetic skewed router.
+# Usage: OUT=/some/dir bench/moe-gpu.sh STEP [STEP…]   (JSON per run and log.txt in $OUT)
+# Every timed run sits in a cgroup v2 with memory.max=$CG (default 12G, below the model) after the page cache is
+# dropped (--cold); conversions run outside it, untimed.
+set -u
+OUT=${OUT:-/tmp/moe}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+source "$(dirname "$0")/device-setup.sh"
+STORE=${STORE:-/root/kfb}
+CG=${CG:-12G}
+KF="python3 -m kubeflash_node.cli"
+mkdir -p "$STORE"
+incg() {
+  echo +memory > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
+  if mkdir -p /sys/fs/cgroup/kf 2>/dev/null && echo "$CG" > /sys/fs/cgroup/kf/memory.max 2>/dev/null; then
+    (echo $BASHPID > /sys/fs/cgroup/kf/cgroup.procs && exec "$@")
+  else
+    echo "WARNING: no cgroup v2 memory controller here: running WITHOUT memory.max=$CG"; "$@"
+  fi
+}
+run() { # name model batch gen [bench args…]
+  local name=$1 model=$2 b=$3 gen=$4; shift 4
+  echo "=== $name: kubeflash bench --model $STORE/$model --prompts $b --prompt-len ${PLEN:-8} --gen-len $gen $* (cgroup $CG)"
+  incg timeout "${STEP_LIMIT:-200}" $KF bench --model "$STORE/$model" --store "$STORE" --ceilings "$STORE/ceilings.json" \
+    --policy explicit --weights disk --prompts "$b" --prompt-len "${PLEN:-8}" --gen-len "$gen" --cold \
+    --json "$OUT/$name.json" "$@" 2>&1 | grep -E "^(workload|measured|cost model|roofline|efficiency|peak|weights read|decode weights|decode latency|prefill latency)|rror"
+}
+date
+for step in "$@"; do case $step in
+  ceil) [ -f "$STORE/ceilings.json" ] || { $KF bench --store "$STORE" --ceilings-only --json "$STORE/c.json" | tail -6 &&
+        python3 -c "import json;json.dump(json.load(open('$STORE/c.json'))['ceilings'],open('$STORE/ceilings.json','w'))"; }
+        cp "$STORE/ceilings.json" "$OUT/" ;;
+  convert) time $KF convert dummy:qwen3-30b-a3b --out "$STORE/q3" --quantization int8 2>&1 | tr '\r' '\n' | tail -2; du -sh "$STORE/q3" ;;
+  skewed) rm -rf "$STORE/q3"; time $KF convert dummy:qwen3-30b-a3b@skewed --out "$STORE/q3s" --quantization int8 2>&1 | tr '\r' '\n' | tail -2 ;;
+  b1|b4|b16|b64) run "moe-routed-${step}" q3 "${step#b}" 3 ;;
+  all1|all4|all16|all64) run "moe-all-b${step#all}" q3 "${step#all}" 2 --all-experts ;;
+  skew0) run moe-skewed-b4-nocache q3s 4 3 ;;          # also writes the routing counts that seed the cache below
+  skewcache) run moe-skewed-b4-cache6g q3s 4 3 --expert-cache 6GiB ;;
+  *) echo "unknown step $step"; exit 2 ;;
+esac; date; done
