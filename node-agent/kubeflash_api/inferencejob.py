@@ -128,6 +128,7 @@ class OffloadSpec:
     tensor_parallel: int = 1  # ranks every layer is split over (engine/tensorparallel.py); 1: one process
     reduce: str = "auto"  # tensor-parallel reduction: auto (NCCL on GPUs, gloo on CPU) | ring (the SSD ring)
     expert_cache: int | str = 0  # MoE hot-expert cache: bytes, or "auto" (engine/moeplan.py sizes it); 0: none
+    expert_prefetch: str = "auto"  # MoE: read predicted experts during attention: auto (the cost model) | on | off
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,19 @@ def _expert_cache(v: Any, path: str) -> int | str:
     raise SpecError(path, f"must be auto or a quantity of bytes such as 2Gi, got {show(v)}")
 
 
+EXPERT_PREFETCH = ("auto", "on", "off")
+
+
+def _expert_prefetch(v: Any, path: str) -> str:
+    """auto | on | off. Unquoted `on` / `off` arrive as true / false from YAML 1.1 parsers (PyYAML, go-yaml, so
+    kubectl too), and mean on / off."""
+    if v is True or v is False:
+        return "on" if v else "off"
+    if v not in EXPERT_PREFETCH:
+        raise SpecError(path, f"must be one of auto, on or off, got {show(v)}")
+    return v
+
+
 def _shard(v: dict, path: str) -> dict:
     if v["index"] >= v["count"]:
         raise SpecError(f"{path}.index", f"must be less than {path}.count ({v['count']}), got {v['index']}")
@@ -370,6 +384,13 @@ OFFLOAD = s.obj(
                                   "disk once. A quantity of bytes (e.g. 2Gi; 0: no cache) or auto: an eighth of the "
                                   "GPU budget (spec.resources.gpuMemory, else the GPU's), or of the host budget on a "
                                   "CPU run. Dense models ignore it.", default=0, check=_expert_cache)),
+    ("expertPrefetch", s.Node("any", "Mixture-of-experts models: predict each streamed layer's experts from the "
+                                     "hidden state entering it and read them while its attention computes, instead "
+                                     "of only after the router. auto (default): the cost model decides from the "
+                                     "measured ceilings (what the reads overlap with attention against the bytes of "
+                                     "mispredicted experts; off where no ceilings are measured); on; off. Outputs are "
+                                     "the same either way. Dense models ignore it.", default="auto",
+                              check=_expert_prefetch)),
     default={},
     rules=(("!has(self.policy) || self.policy != 'explicit' || (has(self.weights) && has(self.kv))",
             "policy explicit needs weights and kv percentages"),
@@ -538,7 +559,7 @@ def _offload(d: dict, path: str) -> OffloadSpec:
                        gpu_batch_size=d.get("gpuBatchSize"), num_gpu_batches=d.get("numGpuBatches"),
                        kv_write_back=d["kvWriteBack"], x_cache=d["xCache"], cpu_attention=d["cpuAttention"],
                        compression=d["compression"], sparsity=d["sparsity"], tensor_parallel=d["tensorParallel"],
-                       reduce=d["reduce"], expert_cache=d["expertCache"])
+                       reduce=d["reduce"], expert_cache=d["expertCache"], expert_prefetch=d["expertPrefetch"])
 
 
 def _output(d: dict, path: str) -> OutputSpec:
@@ -570,6 +591,7 @@ def to_canonical(spec: JobSpec) -> dict[str, Any]:
                                "cpuAttention": o.cpu_attention, "compression": o.compression,
                                "sparsity": "off" if o.sparsity is None else o.sparsity,
                                "tensorParallel": o.tensor_parallel, "expertCache": o.expert_cache,
+                               "expertPrefetch": o.expert_prefetch,
                                **({"reduce": o.reduce} if o.reduce != "auto" else {})}
     if o.policy == "explicit":
         for k in ("weights", "kv", "activations"):

@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
     from ..store.format import StoreError
     from .costmodel import QUANT_BITS, Budget, describe, x_cache_note
     from .costmodel import plan as make_plan
-    from .moeplan import expert_cache_bytes, moe_assumptions
+    from .moeplan import expert_cache_bytes, expert_prefetch_choice, moe_assumptions
     from .planning import pinned
 
     try:
@@ -95,16 +95,21 @@ def main(args: argparse.Namespace) -> int:
     print(x_cache_note(config))
     print("chosen:    " + describe(plan.best))
     print("           why: " + plan.best.why())
-    moe_lines, moe = moe_assumptions(config, plan.best.candidate.policy, job, sizes[plan.best.candidate.quantization][0])
-    for line in moe_lines:
+    stored = sizes[plan.best.candidate.quantization][0]
+    moe_lines, moe = moe_assumptions(config, plan.best.candidate.policy, job, stored)
+    prefetch, pf_lines, pf = expert_prefetch_choice(spec.offload.expert_prefetch, config, plan.best.candidate.policy,
+                                                    job, stored, ceil, itemsize=itemsize)
+    for line in moe_lines + pf_lines:
         print(line)
+    if moe is not None:
+        moe["expert_prefetch"] = pf
     if spec.offload.sparsity is not None:
         print(_sparse_line(spec.offload.sparsity, plan, ceil))
     if plan.runner_up:
         r = plan.runner_up
         print(f"runner-up: {describe(r)}  (+{max(0.0, r.total_s / plan.best.total_s - 1):.1%})")
         print("           why: " + r.why())
-    print("\nto pin it, in the job's spec:\n" + _offload_yaml(plan.best))
+    print("\nto pin it, in the job's spec:\n" + _offload_yaml(plan.best, prefetch if moe is not None else None))
     if args.json:
         atomic_write_json(args.json, _to_json(plan, job, budget) | ({"moe": moe} if moe else {}))
     return 0
@@ -276,7 +281,8 @@ def _base_policy(ceil):
 # ------------------------------------------------------------------------------------------- output
 
 
-def _offload_yaml(pr) -> str:
+def _offload_yaml(pr, prefetch: bool | None = None) -> str:
+    """The chosen policy as spec.offload YAML; `prefetch`: the MoE expert prefetch chosen (None: a dense model)."""
     p = pr.candidate.policy
     kv = {t: 100 if t == {"device": "gpu"}.get(p.kv, p.kv) else 0 for t in ("gpu", "cpu", "disk")}
     disk = 100 - p.weights_gpu_percent - p.weights_cpu_percent
@@ -287,6 +293,7 @@ def _offload_yaml(pr) -> str:
             + (f"\n    compression: int{p.kv_bits}  # the KV cache's bits" if p.kv_bits != 16 else "")
             + ("\n    cpuAttention: true" if p.cpu_attention else "") + ("\n    kvWriteBack: true" if p.kv_write_back else "")
             + ("\n    xCache: true" if p.x_cache_percent else "")
+            + ("" if prefetch is None else f"\n    expertPrefetch: {'on' if prefetch else 'off'}")
             + (f"\n  model: {{quantization: {q}}}  # merge into spec.model" if (q := pr.candidate.quantization) != "none"
                else ""))
 

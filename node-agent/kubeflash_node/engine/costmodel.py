@@ -268,6 +268,106 @@ def routed_layer_bytes(c: ModelConfig, stored: int, p: Policy, tokens: int) -> f
     return stored - experts + experts * c.expected_experts(tokens) / c.num_experts * (1 - hit)
 
 
+# ------------------------------------------------------------------------------------------- MoE expert prefetch
+
+EXPERT_GUESS_HIT = 0.5  # per token: share of its routed experts that the router applied to the layer's input guesses
+# (assumed: no run records it per model; 50.5% was measured over a batch-1 run of random weights, docs/moe.md, and
+# trained routers are reported to guess more)
+PREFETCH_MARGIN = 0.01  # prefetch must be predicted this much faster; within it, reads only after the router
+
+
+def guess_hit_rate(c: ModelConfig, tokens: float, per_token: float = EXPERT_GUESS_HIT) -> float:
+    """Share of the distinct experts `tokens` tokens route to that the prefetch guessed, under uniform routing, each
+    token's guess holding `per_token` (q) of its own k experts and, in place of the others, experts it does not route
+    to: a token routes to a given expert with probability k/E, and its guess picks it without routing to it with
+    (1 - q) k/E, so that expert is routed but missed with (1 - k/E)^T - (1 - (2 - q) k/E)^T and routed with
+    1 - (1 - k/E)^T. At 50% a token, top-8 of 128 experts: 57% at 4 tokens (measured 59.3% over a batch-4 run,
+    prefill included: docs/moe.md), 77% at 16, about all of a long prefill's."""
+    k_e, t = c.num_experts_per_tok / c.num_experts, max(1.0, tokens)
+    routed = 1 - (1 - k_e) ** t
+    missed = (1 - k_e) ** t - max(0.0, 1 - (2 - per_token) * k_e) ** t
+    return 1 - missed / routed if routed else 0.0
+
+
+@dataclass(frozen=True)
+class PrefetchCost:
+    """The streamed MoE layers' time around their expert reads over the job, with reads only after the router
+    (`off_s`) and with expert prefetch (`on_s`); bytes over the job: `routed` (experts the routers pick and the hot
+    cache does not hold), `overlapped` (of those, read while attention computed), `wasted` (mispredicted, read for
+    nothing); `guess` the per-token hit rate assumed and `layers` the MoE layers streamed from disk."""
+
+    off_s: float
+    on_s: float
+    routed: float
+    overlapped: float
+    wasted: float
+    attention_s: float  # the streamed layers' attention time over the job (the window prefetch reads in)
+    nonexpert_s: float  # reading their non-expert parts over the job (the disk's other work)
+    guess: float
+    layers: int
+
+    @property
+    def on(self) -> bool:
+        return self.layers > 0 and self.on_s < self.off_s * (1 - PREFETCH_MARGIN)
+
+
+def _attention_s(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bool) -> float:
+    """Seconds from a MoE layer's start to its router for one micro-batch: the attention projections and scores
+    (layer_flops_per_token without the experts), its KV work, and half the layer's fixed overhead (assumed)."""
+    c = e.c
+    proj = 2 * (c.hidden_size * c.q_dim + 2 * c.hidden_size * c.kv_dim + c.q_dim * c.hidden_size)
+    prev = ctx - s_new
+    flops = b * (s_new * proj + 4 * c.q_dim * (s_new * prev + s_new * (s_new + 1) / 2))
+    return _rate(flops, e.ceil.matmul_tflops * 1e3 * e.cal.compute_efficiency) + e.cal.layer_overhead_s / 2 \
+        + _kv_time(e, p, b, s_new, ctx, kv_fits_cache)
+
+
+def expert_prefetch_cost(p: Policy, *, config: ModelConfig, ceil, job: JobShape, stored: list[int],
+                         cal: Calibration = Calibration(), itemsize: int = 2, guess: float = EXPERT_GUESS_HIT,
+                         kv_fits_cache: bool = True) -> PrefetchCost:
+    """Price expert prefetch for policy `p` (`stored`: bytes per stage as stored). Per streamed MoE layer, block and
+    step (the tokens T sharing one read, R = the routed expert bytes, N = the non-expert bytes, A = attention up to
+    the router, read rate = the slower of the cold disk and H2D):
+      after the router only:  max((N + R) / rate, A + R / rate)
+      prefetch:               max((N + R + wasted) / rate, A + (R - h * done + (1 - h) * flying) / rate)
+    where the predicted set is as large as the routed one, `done` = min(R, A * rate) is read during attention,
+    `flying` = min(R - done, io_threads experts) is in flight at the router (started, so not cancelled), h is
+    guess_hit_rate(T) and wasted = (1 - h) * (done + flying). The disk's total (the first term) is why prefetch
+    never wins where reading the layer's non-expert part already outlasts attention. Expert compute is the same
+    either way and left out."""
+    e = _Env(config, ceil, job, Budget(0, 0), cal, itemsize)
+    where = _placement(config, p, len(stored))
+    layers = [i for i in range(1, len(stored) - 1) if where[i] == "disk"]
+    if not config.num_experts or p.all_experts or not layers:
+        return PrefetchCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, guess, 0)
+    layer = stored[layers[0]]
+    experts = layer * config.expert_share()
+    hit = min(1.0, p.expert_cache_bytes / (experts * config.num_layers)) if experts else 0.0
+    one = experts / config.num_experts  # one expert's bytes
+    h2d = getattr(ceil, "h2d_pinned", 0.0)  # 0 where measured without a GPU: the disk alone
+    rate = (min(ceil.disk_read_cold, h2d) if h2d else ceil.disk_read_cold) * GB
+    t = {"off_s": 0.0, "on_s": 0.0, "routed": 0.0, "overlapped": 0.0, "wasted": 0.0, "attention_s": 0.0,
+         "nonexpert_s": 0.0}
+    for count, mbs in _blocks(job, p):
+        for step, weight in _steps(job.gen_len):
+            s_new, ctx = (job.prompt_len, job.prompt_len) if step == 0 else (1, job.prompt_len + step)
+            tokens = sum(mbs) * s_new
+            r = experts * config.expected_experts(tokens) / config.num_experts * (1 - hit)
+            a = sum(_attention_s(e, p, b, s_new, ctx, kv_fits_cache) for b in mbs)
+            n = (layer - experts) / rate
+            h = guess_hit_rate(config, tokens, guess)
+            done = min(r, a * rate)
+            flying = min(r - done, p.io_threads * one)
+            wasted = (1 - h) * (done + flying)
+            off = max(n + r / rate, a + r / rate)
+            on = max(n + (r + wasted) / rate, a + (r - h * done + (1 - h) * flying) / rate)
+            w = weight * count * len(layers)
+            for key, v in (("off_s", off), ("on_s", on), ("routed", r), ("overlapped", h * done),
+                           ("wasted", wasted), ("attention_s", a), ("nonexpert_s", n)):
+                t[key] += v * w
+    return PrefetchCost(**t, guess=guess, layers=len(layers))
+
+
 def updown_bytes(c: ModelConfig, itemsize: int) -> int:
     """Bytes of a layer's matrices the neuron bundles hold: up and down (OPT: fc2), one row + column a neuron."""
     return (1 if c.architecture == "opt" else 2) * c.hidden_size * c.intermediate_size * itemsize

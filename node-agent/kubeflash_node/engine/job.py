@@ -79,6 +79,8 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
                              expert_cache_bytes=cache)
         check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
         check_kv_disk(spec, policy, manifest=manifest, job=shape)
+        policy, prefetch = _expert_prefetch(spec, policy, config=config, manifest=manifest, job=shape, machine=machine,
+                                            itemsize=itemsize)
         if sparsity is not None and sparsity.bundles is not None:
             _follow_reads(sparsity, spec, chosen, policy, config=config, manifest=manifest, job=shape, machine=machine,
                           itemsize=itemsize)
@@ -134,6 +136,8 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
 
             report["plan"] = {"chosen": describe(chosen.best), "why": chosen.best.why(),
                               "predicted_s": chosen.best.run_s, "considered": chosen.considered}
+        if prefetch is not None:  # MoE: spec.offload.expertPrefetch as run, and why
+            report["expert_prefetch_choice"] = prefetch
         progress.write("done", timings=_timings(engine))
         return report
     except BaseException as e:
@@ -163,6 +167,19 @@ def _expert_cache(spec: JobSpec, config: ModelConfig, device: str, machine: Mach
         else:
             budget = machine.cpu_bytes if machine is not None else r.cpu_memory or _mem_available()
     return expert_cache_bytes(config, value, budget=budget)
+
+
+def _expert_prefetch(spec: JobSpec, policy: Policy, *, config: ModelConfig, manifest, job, machine: Machine | None,
+                     itemsize: int) -> tuple[Policy, dict | None]:
+    """The policy with spec.offload.expertPrefetch applied (auto: as the cost model prices it for this policy on the
+    machine's ceilings; off without them), and the choice with its reasons for the report (None: a dense model)."""
+    from .moeplan import expert_prefetch_choice
+
+    on, lines, choice = expert_prefetch_choice(spec.offload.expert_prefetch, config, policy, job, manifest.stage_bytes,
+                                               machine.ceilings if machine is not None else None, itemsize=itemsize)
+    if choice is None:
+        return policy, None
+    return replace(policy, expert_prefetch=on), choice | {"lines": [line.strip() for line in lines]}
 
 
 def _gpu_total(device: str) -> int:

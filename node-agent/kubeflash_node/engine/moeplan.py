@@ -8,12 +8,16 @@ cache's share of all layers' experts (what a uniform router gives). These lines 
 `expert_cache_bytes` turns spec.offload.expertCache into the cache's budget: a quantity as given; `auto` an eighth
 (EXPERT_CACHE_AUTO_SHARE) of the GPU budget (the memory the experts' cache lives in on a GPU run) or, on a CPU run,
 of the host budget; always 0 for a dense model.
+
+`expert_prefetch_choice` turns spec.offload.expertPrefetch into the policy's switch: on and off as given; auto as
+costmodel.expert_prefetch_cost predicts faster for the policy (off where no ceilings are measured, or no MoE layer is
+streamed from disk), with the lines that say why (the plan prints them; the run report keeps them).
 """
 
 from __future__ import annotations
 
 from ..store.modelconfig import ModelConfig
-from .costmodel import JobShape, routed_layer_bytes
+from .costmodel import JobShape, PrefetchCost, expert_prefetch_cost, guess_hit_rate, routed_layer_bytes
 from .policy import Policy
 
 EXPERT_CACHE_AUTO_SHARE = 1 / 8  # of the compute device's budget, under spec.offload.expertCache: auto
@@ -65,3 +69,50 @@ def moe_assumptions(c: ModelConfig, p: Policy, job: JobShape, stored: list[int])
                    "tokens_per_decode_read": block, "expected_experts_decode": decode,
                    "expected_experts_prefill": prefill, "expert_cache_bytes": p.expert_cache_bytes,
                    "assumed_hit_rate": hit, "layer_read_bytes_decode": per_read, "layer_bytes": layer}
+
+
+def expert_prefetch_choice(setting: str, c: ModelConfig, p: Policy, job: JobShape, stored: list[int], ceil, *,
+                           itemsize: int = 2) -> tuple[bool, list[str], dict | None]:
+    """(prefetch on, lines saying what was chosen and why, the same for --json and the run report) for
+    spec.offload.expertPrefetch `setting` (auto | on | off) under policy `p`; `ceil`: measured ceilings (None: none
+    here, so auto is off). A dense model: (False, [], None)."""
+    if not c.num_experts:
+        return False, [], None
+    cost = expert_prefetch_cost(p, config=c, ceil=ceil, job=job, stored=stored, itemsize=itemsize) \
+        if ceil is not None else None
+    priced = cost is not None and cost.layers > 0
+    if priced:
+        more = cost.on_s / cost.off_s - 1 if cost.off_s else 0.0
+        verdict = (f"the cost model predicts the {cost.layers} streamed MoE layers {cost.on_s:.3g} s with prefetch vs "
+                   f"{cost.off_s:.3g} s reading experts only after the router ({more:+.1%})")
+    if setting != "auto":
+        on, why = setting == "on", "as the job sets it" + (f"; {verdict}" if priced else "")
+    elif p.all_experts:
+        on, why = False, "every expert is read with its layer"
+    elif cost is None:
+        on, why = False, "no measured ceilings to price it against reads after the router"
+    elif not priced:
+        on, why = False, "no MoE layer is streamed from disk"
+    else:
+        on, why = cost.on, verdict
+    lines = [f"  expert prefetch: {'on' if on else 'off'} (spec.offload.expertPrefetch: {setting}): {why}"]
+    d = {"setting": setting, "on": on, "why": why}
+    if priced:
+        lines += _prefetch_lines(c, p, cost)
+        d |= {"off_s": cost.off_s, "on_s": cost.on_s, "routed_bytes": cost.routed, "overlapped_bytes": cost.overlapped,
+              "wasted_bytes": cost.wasted, "attention_s": cost.attention_s, "nonexpert_read_s": cost.nonexpert_s,
+              "assumed_guess_per_token": cost.guess, "streamed_layers": cost.layers}
+    return on, lines, d
+
+
+def _prefetch_lines(c: ModelConfig, p: Policy, cost: PrefetchCost) -> list[str]:
+    block = p.gpu_batch_size * p.num_gpu_batches
+    window = ("reading their non-expert parts outlasts attention, so the disk has no idle window for expert reads"
+              if cost.nonexpert_s >= cost.attention_s else "attention outlasts reading their non-expert parts, so "
+              "the disk has room for expert reads while it computes")
+    return [f"    attention {cost.attention_s:.3g} s, non-expert reads {cost.nonexpert_s:.3g} s: {window}; prefetch "
+            f"reads {_mib(cost.overlapped)} of the {_mib(cost.routed)} routed expert bytes during attention and "
+            f"{_mib(cost.wasted)} of mispredicted experts for nothing",
+            f"    assumed: the router applied to a layer's input guesses {cost.guess:.0%} of a token's experts (measured "
+            f"on random weights, docs/moe.md; no run records it per model) -> {guess_hit_rate(c, block, cost.guess):.0%} "
+            f"of a decode read's experts at {block} tokens, about all of a long prefill's"]
