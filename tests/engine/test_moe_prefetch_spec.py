@@ -24,6 +24,7 @@ from kubeflash_node.engine.experts import ROUTING_FILE
 from kubeflash_node.engine.generate import Engine
 from kubeflash_node.engine.job import run_job
 from kubeflash_node.engine.machine import Machine
+from kubeflash_node.engine.planning import needs_ceilings
 from kubeflash_node.store.convert import convert
 from kubeflash_node.store.format import load_manifest
 
@@ -99,6 +100,16 @@ def test_every_setting_writes_transformers_tokens_and_runs_as_chosen(moe, tmp_pa
     assert priced["on"] and priced["on_s"] < priced["off_s"] and priced["attention_s"] > priced["nonexpert_read_s"]
     unpriced = runs["auto-unpriced"][0]["expert_prefetch_choice"]
     assert not unpriced["on"] and unpriced["why"] == "no measured ceilings to price it against reads after the router"
+
+
+def test_an_explicit_moe_job_with_auto_prefetch_is_priced(moe):
+    """`kubeflash run` and the pod measure (or load) the ceilings for an explicit policy too when a MoE model's
+    expertPrefetch is auto, so that auto can be priced on a GPU; not when it is on or off."""
+    _, store = moe
+    manifest = load_manifest(store)
+    assert needs_ceilings(parse_job(_doc({})), manifest)
+    assert not needs_ceilings(parse_job(_doc({"expertPrefetch": "off"})), manifest)
+    assert not needs_ceilings(parse_job(_doc({"expertPrefetch": "on"})), manifest)
 
 
 def test_plan_states_its_choice_and_pins_it(tmp_path):

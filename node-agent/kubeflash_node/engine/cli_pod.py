@@ -67,7 +67,9 @@ def main(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         output = job_dir / "results.jsonl"
         machine = None
-        priced = spec.offload.policy == "auto" or spec.offload.sparsity is not None  # sparse vs dense reads too
+        from .planning import needs_ceilings
+
+        priced = needs_ceilings(spec, manifest)  # policy auto, sparse vs dense reads, MoE expertPrefetch auto
         if priced and device.startswith("cuda"):  # plan with the agent's probe
             from .machine import pod_machine
 

@@ -106,7 +106,9 @@ def main(args: argparse.Namespace) -> int:
                             manifest=manifest, output=output, device=device, job_dir=job_dir, quiet=args.quiet)
             return _finish(args, spec, report, output=output, job_dir=job_dir)
         bar = _TokenBar(len(spec.input.prompts), enabled=not args.quiet)
-        priced = spec.offload.policy == "auto" or spec.offload.sparsity is not None  # sparse vs dense reads too
+        from .planning import needs_ceilings
+
+        priced = needs_ceilings(spec, manifest)  # policy auto, sparse vs dense reads, MoE expertPrefetch auto
         machine = _machine(args, args.store or DEFAULT_ROOT) if priced and device != "cpu" else None
         report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device,
                          job_dir=job_dir, machine=machine, on_tokens=bar.tokens, on_prompts=bar.prompts,

@@ -25,6 +25,16 @@ def pinned(offload, config):
     return keep
 
 
+def needs_ceilings(spec: JobSpec, manifest) -> bool:
+    """Whether the run prices something on the machine's measured ceilings: the policy (auto), sparse against dense
+    FFN reads (spec.offload.sparsity), or a MoE model's expert prefetch (spec.offload.expertPrefetch: auto)."""
+    from ..store.modelconfig import ModelConfig
+
+    o = spec.offload
+    return o.policy == "auto" or o.sparsity is not None or (
+        o.expert_prefetch == "auto" and bool(ModelConfig.from_dict(manifest.config).num_experts))
+
+
 def job_shape(prompts: list[list[int]], gen_len: int):
     """The cost model's view of the prompts still to run (costmodel.JobShape)."""
     from .costmodel import JobShape
