@@ -9,7 +9,7 @@ non-expert part already outlasts attention (the disk has no idle window). on / o
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -133,3 +133,26 @@ def test_the_hot_cache_shrinks_what_prefetch_reads():
                                 job=job, stored=STORED_F32, itemsize=4)
     assert half.routed == pytest.approx(full.routed / 2, rel=1e-6)
     assert half.off_s < full.off_s
+
+
+@pytest.mark.parametrize("batch, prompt, new, routed_mib, unused_mib", [(1, 4, 17, 10764.0, 3420.0),
+                                                                       (4, 2, 9, 19350.0, 1386.0)],
+                         ids=["batch-1", "batch-4"])
+def test_priced_bytes_agree_with_the_cpu_runs_measured(batch, prompt, new, routed_mib, unused_mib):
+    """The two CPU runs of bench/moe_prefetch.py in docs/moe.md (Qwen3-30B-A3B's layer shape in float32, its first 4
+    layers, a 32000-token vocabulary, every stage streamed cold), priced on this machine's ceilings (`kubeflash bench
+    --ceilings-only --device cpu`: 1.14 GB/s cold with 4 reader threads; float32 matmul of 2048 x 2048: 0.084
+    TFLOP/s): the routed expert bytes match the measured ones within 10% and the mispredicted bytes read for nothing
+    within 35% (how many wrong guesses had started before the router depends on thread timing). At batch 1 the run
+    with prefetch was slower in every pair, and auto is off."""
+    c = replace(QWEN, num_layers=4, vocab_size=32000)
+    cpu = Ceil(disk_read_cold=1.14, disk_read_warm=3.2, disk_write=1.42, matmul_tflops=0.084)
+    cost = expert_prefetch_cost(Policy(gpu_batch_size=batch, io_threads=4), config=c, ceil=cpu,
+                                job=JobShape(batch, prompt, new), stored=stage_sizes(c, 4, "none")[0], itemsize=4)
+    print(f"\nbatch {batch}: routed {cost.routed / 2**20:.0f} MiB (measured {routed_mib:.0f}), wasted "
+          f"{cost.wasted / 2**20:.0f} MiB (measured unused {unused_mib:.0f}); predicted {cost.on_s:.2f} s with prefetch "
+          f"vs {cost.off_s:.2f} s ({cost.on_s / cost.off_s - 1:+.1%}): {'on' if cost.on else 'off'}")
+    assert cost.routed / 2**20 == pytest.approx(routed_mib, rel=0.10)
+    assert cost.wasted / 2**20 == pytest.approx(unused_mib, rel=0.35)
+    if batch == 1:
+        assert not cost.on and cost.on_s > cost.off_s
