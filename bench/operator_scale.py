@@ -30,6 +30,8 @@ client threads, and watches them. Writes one JSON report:
 
   .venv/bin/python bench/operator_scale.py --jobs 100 --nodes 20 [--out report.json]
   KUBEFLASH_BENCH_PROFILE=/tmp/op.prof ...   also writes a cProfile of the operator's event loop (/tmp/op.prof.operator)
+  KUBEFLASH_BENCH_TRACEMALLOC=/tmp/op.mem ...  the operator under tracemalloc: its 60 largest allocating lines with every
+                                              job placed (/tmp/op.mem.operator.txt; slows the operator)
   KUBEFLASH_BENCH_PYSPY=/tmp/op ...           samples the operator with py-spy (not in set-up: pip install py-spy) from
                                               outside the process: collapsed stacks of the burst (/tmp/op.burst.txt)
                                               and of the deletion (/tmp/op.delete.txt); every thread, idle ones left out
@@ -42,6 +44,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -197,6 +200,13 @@ class OperatorProcess:
             out = f"{os.environ['KUBEFLASH_BENCH_PROFILE']}.{log.stem}"
             cmd = [sys.executable, "-c", "import cProfile, sys; from kubeflash_node.cli import main; "
                    f"sys.argv = ['kubeflash', *{args!r}]; cProfile.run('main()', {out!r})"]
+        elif os.environ.get("KUBEFLASH_BENCH_TRACEMALLOC"):  # memory by allocating line, written on SIGUSR1
+            out = f"{os.environ['KUBEFLASH_BENCH_TRACEMALLOC']}.{log.stem}.txt"
+            dump = (f"lambda *_: open({out!r}, 'w').write(''.join(f'{{s.size / 2**20:9.2f}} MiB {{s.count:8d}} '"
+                    "f'{s.traceback}\\n' for s in tracemalloc.take_snapshot().statistics('lineno')[:60]))")
+            cmd = [sys.executable, "-c", "import signal, sys, tracemalloc; from kubeflash_node.cli import main; "
+                   f"tracemalloc.start(); signal.signal(signal.SIGUSR1, {dump}); "
+                   f"sys.argv = ['kubeflash', *{args!r}]; main()"]
         self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
     def wait_ready(self, timeout: float = 90) -> None:
@@ -517,6 +527,8 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
         time.sleep(10)
         idle_cpu = (op.cpu_s() - cpu0) / 10 * 100
         rss = op.rss_mib()
+        if os.environ.get("KUBEFLASH_BENCH_TRACEMALLOC"):  # where that memory is (the operator writes it)
+            os.kill(op.proc.pid, signal.SIGUSR1)
         spy = Sampler(op.proc.pid, "delete")
         stamp2, td, cpu_del = _stamp(), time.monotonic(), op.cpu_s()
         client.CustomObjectsApi(api).delete_collection_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs")

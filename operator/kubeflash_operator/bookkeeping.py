@@ -19,10 +19,11 @@ import asyncio
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from kubeflash_api.ledger import CLAIMS_ANNOTATION, ENDED_ANNOTATION
-from kubeflash_operator.scheduler import Claim, NodeView, node_view
+from kubeflash_operator.scheduler import Claim, Claims, NodeView, node_view
 
 # ------------------------------------------------------------------------------------------- the ledger (pure)
 
@@ -184,6 +185,11 @@ class NodeRecord:
     ledger: Mapping[str, Claim]
     ended: Mapping[str, Ended] = field(default_factory=dict)  # written with the ledger, for the node's agent
 
+    @cached_property
+    def claims(self) -> tuple[Claim, ...]:
+        """The ledger's claims, one tuple per record (the same object while the record is: placement memoizes by it)."""
+        return tuple(self.ledger.values())
+
 
 def node_record(body: Mapping[str, Any]) -> NodeRecord:
     view = node_view(body)
@@ -213,7 +219,8 @@ class ClaimBook:
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     watched: dict[str, NodeRecord] = field(default_factory=dict)  # the watch's FlashNode records (watch/unwatch)
     generation: int = 0  # bumped by changed(): what a placement reads from the records may differ now
-    view: tuple[Any, Any] | None = None  # (key, value) the handlers built from the records at some generation
+    view: tuple[Any, Any, Any] | None = None  # (generation, what the handlers built from the records then, held overlay)
+    place_memo: dict[Any, Any] = field(default_factory=dict)  # scheduler.place(memo=): each node's best pair
 
     def changed(self) -> None:
         """Something a placement reads from the records changed (a FlashNode or Node event, our write's answer)."""
@@ -252,13 +259,12 @@ class ClaimBook:
         self.changed()
         return self.written[rec.name]
 
-    def claims(self, records: Mapping[str, NodeRecord], *, held: bool = True) -> tuple[Claim, ...]:
+    def claims(self, records: Mapping[str, NodeRecord], *, held: bool = True) -> Claims:
         """Every recorded claim, overridden by the held ones (a job's newest decision wins; held=False: only the
-        recorded ones)."""
-        merged = {job: c for r in records.values() for job, c in r.ledger.items()}
-        if held:
-            merged.update(self.held)
-        return tuple(merged.values())
+        recorded ones). Each record's claims stay one shared tuple (the one placement memoizes by) unless a job
+        is recorded in two ledgers (a lost decision's entry), where the last record's entry wins."""
+        recorded = Claims.grouped(r.claims for r in records.values())
+        return recorded.with_held(self.held) if held else recorded
 
 
 def record_for(records: Mapping[str, NodeRecord], node: str) -> NodeRecord | None:

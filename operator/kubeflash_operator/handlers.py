@@ -39,7 +39,7 @@ from kubeflash_operator.config import OperatorConfig
 from kubeflash_operator.kube import Conflict, Gone, Kube, connection_info
 from kubeflash_operator.metrics import Metrics
 from kubeflash_operator.pods import PodView, pod_view
-from kubeflash_operator.scheduler import Claim, claim_of
+from kubeflash_operator.scheduler import Claim, Claims, claim_of
 from kubeflash_operator.status import RUNNING, TERMINAL
 from kubeflash_operator.timefmt import now, parse_time
 
@@ -48,7 +48,9 @@ FLASHNODES = ("kubeflash.io", "v1alpha1", "flashnodes")
 FINALIZER = "kubeflash.io/release-kv"
 PROGRESS_PREFIX = "kopf.kubeflash.io"  # the finalizer's retry state, while a deleted job waits for its pods
 TICK_S = 2.0  # a job not Running yet is looked at this often (a freed pair or a staged model shows up then)
-RUNNING_TICK_S = 30.0  # a job whose pod runs: looked at this often, besides whenever its pod or the job changes
+RUNNING_TICK_S = 600.0  # a job whose pod runs: looked at this often, besides whenever its pod, the job, a FlashNode's
+# presence or a Node's state changes (each wakes it: nothing in a running job's step waits on the clock); a safety
+# net only: 5,000 running jobs at 30 s were 167 steps a second, 5 % of a core with nothing happening
 ERROR_DELAY_S = 5.0  # after an unexpected error in a step
 STALE_S = 10.0  # how long a tick skips the job view our last status patch was decided on, when the patch's answer
 # gave no resourceVersion to compare with (views older than that version are skipped until the watch catches up)
@@ -107,7 +109,8 @@ def tune(settings: kopf.OperatorSettings) -> None:
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 30  # kopf's own calls (patches, events) never hang a worker for 5 min
     settings.networking.connect_timeout = 10
-    settings.queueing.idle_timeout = 30  # an object's worker outlives a few ticks (no task churn per event)
+    settings.queueing.idle_timeout = 10  # an object's worker outlives a burst of its events (no task churn per
+    # event), but not much longer: an idle worker keeps its last event (a pod's body) in memory
     settings.posting.idle_timeout = 10
 
 
@@ -313,9 +316,10 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     idle = RUNNING_TICK_S if steady else TICK_S  # a pod not running yet has timeouts (unschedulable, image pull)
     # every claim (all ledgers merged) only where a step may place: a job whose pod runs needs none, unless a
     # failure there could send it to placement in this same step (no retry delay configured)
-    records, nodes, unready, claims = _placement_view(memo.book, memo.node_states,
-                                                      claims=not (steady and memo.config.backoff(1) > 0))
-    world = reconcile.World(now=now(), nodes=nodes, claims=claims, pods=pods, not_ready=unready)
+    _, nodes, unready, claims = _placement_view(memo.book, memo.node_states,
+                                                claims=not (steady and memo.config.backoff(1) > 0))
+    world = reconcile.World(now=now(), nodes=nodes, claims=claims, pods=pods, not_ready=unready,
+                            place_memo=memo.book.place_memo)
     plan = reconcile.step(job, world, memo.config)
     fresh = None
     if plan.status and not job.status:  # kopf's finalizer patch (landed: the body shows it) moved a new job's
@@ -332,7 +336,7 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
         return TICK_S
     if plan.release:  # the claim becomes an ended record (same write): the agent keeps the job's directory
         await _release(memo, job.key, flashnode_index, end=_view_phase(job, plan))
-    elif not plan.claim and (stale := stale_entries(records, job.key, claim_of(body, kv_bytes=0))):
+    elif not plan.claim and (stale := _stray_entries(memo, job.key, claim_of(body, kv_bytes=0))):
         await _release(memo, job.key, flashnode_index, stale)  # a lost decision's entry (crash, other replica)
     try:
         await asyncio.to_thread(_carry_out, plan, job, pods, memo)
@@ -460,27 +464,44 @@ def _wake(memo: kopf.Memo, uids: Any) -> None:
 
 
 def _placement_view(book: ClaimBook, state: dict[str, str | None], *, claims: bool = True
-                    ) -> tuple[dict[str, NodeRecord], dict[str, Any], frozenset[str], tuple[Claim, ...]]:
+                    ) -> tuple[dict[str, NodeRecord], dict[str, Any], frozenset[str], Claims]:
     """(FlashNode records, node views by name, NotReady nodes, every claim) as the book and the Node states
-    (node_index's handler) show them now. The first three and the recorded claims are built once per change
-    (book.changed(): a FlashNode event, a ledger write's answer, a Node's state), not once per job step (a wake of
-    any of 5,000 jobs would rebuild them from 500 FlashNodes); the held claims go on top at every call. Both are
-    updated synchronously in the handlers that see the events, so the view is never older than its generation;
-    no await here: a step sees one instant's view. claims=False: () instead of the claims (a step that places
-    nothing; overlaying the held claims on 5,000 recorded ones was a fifth of a 5,000-job burst's CPU)."""
+    (node_index's handler) show them now. The first three and the recorded claims (grouped by node, each ledger's
+    tuple shared: placement memoizes by it) are built once per change (book.changed(): a FlashNode event, a
+    ledger write's answer, a Node's state), not once per job step; the held claims go on top (once per change of
+    them). Both are updated synchronously in the handlers that see the events, so the view is never older than
+    its generation; no await here: a step sees one instant's view. claims=False: the recorded claims only (a step
+    that places nothing)."""
     if book.view is None or book.view[0] != book.generation:
         records = book.current(book.watched.values())
         nodes = {r.view.name: replace(r.view, cordoned=True) if state.get(r.view.name) == "cordoned" else r.view
                  for r in records.values()}
         unready = frozenset(name for name, s in state.items() if s == "NotReady")
-        book.view = (book.generation, (records, nodes, unready, book.claims(records, held=False)))
-    records, nodes, unready, recorded = book.view[1]
-    if not claims:
-        return records, nodes, unready, ()
-    if not book.held:
+        ledgers: dict[str, list[NodeRecord]] = {}  # node -> the records whose ledger holds claims on it
+        for r in records.values():
+            if r.claims:
+                ledgers.setdefault(r.claims[0].node, []).append(r)
+        book.view = (book.generation, (records, nodes, unready, book.claims(records, held=False), ledgers), None)
+    records, nodes, unready, recorded, _ = book.view[1]
+    if not claims or not book.held:
         return records, nodes, unready, recorded
-    held = book.held  # a job's held decision replaces its recorded claim (as book.claims does)
-    return records, nodes, unready, (*(c for c in recorded if c.job not in held), *held.values())
+    overlay = book.view[2]  # (the held claims it was built from, the claims with them on top)
+    if overlay is None or len(overlay[0]) != len(book.held) or any(book.held.get(c.job) is not c for c in overlay[0]):
+        overlay = (tuple(book.held.values()), recorded.with_held(book.held))
+        book.view = (*book.view[:2], overlay)
+    return records, nodes, unready, overlay[1]
+
+
+def _stray_entries(memo: kopf.Memo, job: str, placed: Claim | None) -> list[tuple[str, Claim]]:
+    """bookkeeping.stale_entries over the ledgers that may hold `job`: the one its recorded claim is in when no job
+    is in two ledgers (every ledger otherwise)."""
+    records, _, _, recorded = _placement_view(memo.book, memo.node_states, claims=False)
+    if recorded.single:
+        entry = recorded.of(job)
+        if entry is None:
+            return []
+        records = {r.name: r for r in memo.book.view[1][4].get(entry.node, ())}
+    return stale_entries(records, job, placed)
 
 
 async def _record_claim(memo: kopf.Memo, claim: Claim, flashnode_index: kopf.Index) -> bool:

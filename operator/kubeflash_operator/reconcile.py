@@ -8,7 +8,7 @@ writes the same thing again instead of counting twice.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -22,7 +22,7 @@ from kubeflash_operator import status as st
 from kubeflash_operator.builder import PodTarget, image_refusal, pod_name
 from kubeflash_operator.config import OperatorConfig
 from kubeflash_operator.pods import FATAL_IMAGE_ERRORS, PodView
-from kubeflash_operator.scheduler import Claim, ModelCopy, NodeView, NoFit, Request, ShardCopy, place, reuse
+from kubeflash_operator.scheduler import Claim, ModelCopy, NodeView, NoFit, Request, ShardCopy, as_claims, place, reuse
 from kubeflash_operator.timefmt import format_time, parse_time
 
 _PLACEMENT_FIELDS = ("node", "gpu", "gpus", "disk", "modelDisk", "staged")
@@ -68,9 +68,13 @@ def _tp_gpus(spec: JobSpec) -> JobSpec:
 class World:
     now: datetime
     nodes: Mapping[str, NodeView]  # by node name
-    claims: tuple[Claim, ...] = ()  # placed jobs (this one's own claim is ignored)
+    claims: Iterable[Claim] = ()  # placed jobs (this one's own claim is ignored); a scheduler.Claims once built
     pods: Mapping[str, PodView] = field(default_factory=dict)  # this job's pods by name
     not_ready: frozenset[str] = frozenset()  # Nodes NotReady (condition or taint): no new jobs, no retries
+    place_memo: dict[Any, Any] | None = field(default=None, compare=False)  # scheduler.place(memo=), kept across steps
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "claims", as_claims(self.claims))
 
     @property
     def ready_nodes(self) -> dict[str, NodeView]:
@@ -175,11 +179,11 @@ def _pending(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, c
                       prefix_cache=spec.cache.prefix, tensor_parallel=spec.offload.tensor_parallel,
                       prefixes=(job.prefixes if job.prefixes is not None else job_fingerprints(spec.input.prompts))
                       if spec.cache.prefix else ())
-    own = next((c for c in world.claims if c.job == job.key), None)  # recorded before a crash, status not written
+    own = world.claims.of(job.key)  # recorded before a crash, status not written
     nodes = world.ready_nodes
     found = reuse(own, request, nodes, now=world.now, heartbeat_timeout=cfg.heartbeat_timeout) if own else None
     found = found or place(request, nodes.values(), world.claims, now=world.now,
-                           heartbeat_timeout=cfg.heartbeat_timeout)
+                           heartbeat_timeout=cfg.heartbeat_timeout, memo=world.place_memo)
     if isinstance(found, NoFit):
         cond = st.condition(view, "Scheduled") or {}
         if cond.get("reason") != "Unschedulable" or cond.get("message") != found.reason:

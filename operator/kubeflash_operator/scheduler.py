@@ -11,7 +11,8 @@ index so placement is deterministic.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import operator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -195,6 +196,75 @@ class NoFit:
 # --------------------------------------------------------------------------------------------- placement
 
 
+class Claims:
+    """Every placed job's claim, by job and by node (a job's newest claim wins: the last one given). Built once per
+    view and shared by every placement made on it (a placement then reads one node's claims, not all 5,000 of a
+    burst); `with_held` lays the claims decided since on top without regrouping the rest."""
+
+    __slots__ = ("by_job", "by_node", "single")
+
+    def __init__(self, claims: Iterable[Claim] = ()) -> None:
+        self.single = False  # known: no job is in two ledgers (grouped()), so a job's one entry is by_job's
+        self.by_job: dict[str, Claim] = {c.job: c for c in claims}
+        grouped: dict[str, list[Claim]] = {}
+        for c in self.by_job.values():
+            grouped.setdefault(c.node, []).append(c)
+        self.by_node: dict[str, tuple[Claim, ...]] = {n: tuple(cs) for n, cs in grouped.items()}
+
+    @classmethod
+    def grouped(cls, groups: Iterable[tuple[Claim, ...]]) -> Claims:
+        """From tuples of one node's claims each (a FlashNode ledger's), kept as they are; if a job is in two of
+        them or two tuples name one node, as Claims(all of them in order)."""
+        groups = [g for g in groups if g]
+        out = cls()
+        for g in groups:
+            if g[0].node in out.by_node:
+                return cls(c for g in groups for c in g)
+            out.by_node[g[0].node] = g
+            out.by_job.update((c.job, c) for c in g)
+        if len(out.by_job) != sum(map(len, groups)):
+            return cls(c for g in groups for c in g)
+        out.single = True
+        return out
+
+    def __iter__(self) -> Iterator[Claim]:
+        return iter(self.by_job.values())
+
+    def __len__(self) -> int:
+        return len(self.by_job)
+
+    def of(self, job: str) -> Claim | None:
+        return self.by_job.get(job)
+
+    def on(self, node: str) -> tuple[Claim, ...]:
+        return self.by_node.get(node, ())
+
+    def with_held(self, held: Mapping[str, Claim]) -> Claims:
+        """These claims with `held` (job -> its newest decision) replacing each job's recorded one."""
+        if not held:
+            return self
+        out = Claims()
+        out.by_job = {**self.by_job, **held}
+        out.by_node = dict(self.by_node)
+        touched = {c.node for c in held.values()} | {self.by_job[j].node for j in held if j in self.by_job}
+        for node in touched:
+            kept = tuple(c for c in self.on(node) if c.job not in held) + tuple(c for c in held.values()
+                                                                             if c.node == node)
+            if kept:
+                out.by_node[node] = kept
+            else:
+                out.by_node.pop(node, None)
+        return out
+
+
+def as_claims(claims: Iterable[Claim]) -> Claims:
+    return claims if isinstance(claims, Claims) else Claims(claims)
+
+
+PlaceMemo = dict  # node name -> (view, its claims, request shape, model bytes, _node_best's answer): place(memo=)
+# (and "model sizes" -> {node name: (view, {model id: bytes})})
+
+
 def place(
     request: Request,
     nodes: Iterable[NodeView],
@@ -202,28 +272,54 @@ def place(
     *,
     now: datetime,
     heartbeat_timeout: timedelta = DEFAULT_HEARTBEAT_TIMEOUT,
+    memo: PlaceMemo | None = None,
 ) -> Placement | NoFit:
-    """Pick the best GPU<->SSD pair for `request`, or say why none fits."""
+    """Pick the best GPU<->SSD pair for `request`, or say why none fits.
+
+    `memo` (a dict kept by the caller across placements): each node's best pair is reused while that node's view
+    and claims are the same objects and the request has the same shape, so a burst re-scores only the nodes that
+    changed since the last placement (the one just claimed, a FlashNode just written), not all of them per job."""
     nodes = list(nodes)  # any order: the score ends with (node name, GPU), so the best is the same
     if not nodes:
         return NoFit("no FlashNode reports GPU<->SSD pairs yet")
-    by_node: dict[str, list[Claim]] = {}  # one pass over the claims, not one per node (5,000 jobs on 500 nodes)
-    for c in claims:
-        if c.job != request.job:
-            by_node.setdefault(c.node, []).append(c)
-    model_bytes = known_model_bytes(request.model_id, nodes)
-    candidates: list[tuple[tuple, Placement]] = []
+    claims = as_claims(claims)
+    model_bytes = known_model_bytes(request.model_id, nodes, memo)
+    shape = None if request.prefix_cache or memo is None else (request.model_id, request.gpus, request.kv_bytes,
+                                                                request.tensor_parallel)
+    own = claims.of(request.job)  # a job's claim is in its node's claims only: that node is scored without it
+    best: tuple[tuple, Placement] | None = None
     rejects: list[tuple[str, NoFit]] = []  # spelled out only if nothing fits
     for node in nodes:
-        found = _node_best(request, node, by_node.get(node.name, ()), model_bytes, now=now, timeout=heartbeat_timeout)
+        found = _usable(node, now, heartbeat_timeout)
+        if found is None:
+            mine = claims.on(node.name)
+            if own is not None and own.node == node.name:
+                found = _node_best(request, node, tuple(c for c in mine if c.job != request.job), model_bytes)
+            elif shape is None:
+                found = _node_best(request, node, mine, model_bytes)
+            else:
+                found = _node_best_memo(request, node, mine, model_bytes, shape, memo)
         if isinstance(found, NoFit):
             rejects.append((node.name, found))
-        else:
-            candidates.append(found)
-    if not candidates:
+        elif best is None or found[0] < best[0]:
+            best = found
+    if best is None:
         reasons = [f"{name}: {found.reason}" for name, found in sorted(rejects, key=lambda r: r[0])]
         return NoFit(f"0/{len(nodes)} nodes fit: " + "; ".join(reasons))
-    return min(candidates, key=lambda c: c[0])[1]
+    return best[1]
+
+
+def _node_best_memo(request: Request, node: NodeView, mine: tuple[Claim, ...], model_bytes: int, shape: tuple,
+                    memo: PlaceMemo) -> tuple[tuple, Placement] | NoFit:
+    """_node_best for `node` with its claims `mine` (the request's own not among them), from `memo` while the
+    node's view and claims are the same objects and the request has the same shape."""
+    hit = memo.get(node.name)
+    if (hit is not None and hit[0] is node and hit[2] == shape and hit[3] == model_bytes
+            and (hit[1] is mine or (len(hit[1]) == len(mine) and all(map(operator.is_, hit[1], mine))))):
+        return hit[4]
+    found = _node_best(request, node, mine, model_bytes)
+    memo[node.name] = (node, mine, shape, model_bytes, found)
+    return found
 
 
 def reuse(claim: Claim, request: Request, nodes: Mapping[str, NodeView], *, now: datetime,
@@ -240,26 +336,40 @@ def reuse(claim: Claim, request: Request, nodes: Mapping[str, NodeView], *, now:
                      disks=claim.disks, shard_bytes=claim.shard_bytes, model_id=claim.model_id)
 
 
-def known_model_bytes(model_id: str, nodes: Iterable[NodeView]) -> int:
-    """Size of a model as any node reports it (0 while no node has staged it)."""
-    return max((m.bytes for n in nodes for m in n.models if m.id == model_id), default=0)
+def known_model_bytes(model_id: str, nodes: Iterable[NodeView], memo: PlaceMemo | None = None) -> int:
+    """Size of a model as any node reports it (0 while no node has staged it); `memo`: each node's sizes are read
+    once per view of it."""
+    if memo is None:
+        return max((m.bytes for n in nodes for m in n.models if m.id == model_id), default=0)
+    seen = memo.setdefault("model sizes", {})  # node name -> (view, {model id: bytes})
+    best = 0
+    for n in nodes:
+        hit = seen.get(n.name)
+        if hit is None or hit[0] is not n:
+            sizes: dict[str, int] = {}
+            for m in n.models:
+                sizes[m.id] = max(sizes.get(m.id, 0), m.bytes)
+            hit = seen[n.name] = (n, sizes)
+        got = hit[1].get(model_id, 0)
+        if got > best:
+            best = got
+    return best
 
 
-def _node_best(
-    request: Request,
-    node: NodeView,
-    claims: Sequence[Claim],
-    model_bytes: int,
-    *,
-    now: datetime,
-    timeout: timedelta,
-) -> tuple[tuple, Placement] | NoFit:
-    """The best-scored pair on `node` (score, placement) for `request`, or why none fits; `claims`: this node's."""
+def _usable(node: NodeView, now: datetime, timeout: timedelta) -> NoFit | None:
+    """Why `node` takes no new job now (cordoned, or its agent's heartbeat is stale); None if it does."""
     if node.cordoned:
         return NoFit("node cordoned (spec.unschedulable)")
     if not node.fresh(now, timeout):
         age = "never" if node.heartbeat is None else f"{int((now - node.heartbeat).total_seconds())}s ago"
         return NoFit(f"heartbeat stale (last {age})")
+    return None
+
+
+def _node_best(request: Request, node: NodeView, claims: Sequence[Claim], model_bytes: int
+               ) -> tuple[tuple, Placement] | NoFit:
+    """The best-scored pair on usable `node` (score, placement) for `request`, or why none fits; `claims`: this
+    node's (the request's own left out). Depends on nothing else (not the time): place() memoizes it."""
     mine = claims  # the claims on this node
     tp = request.tensor_parallel
     other = next((c for c in mine if tp > 1 and c.model_id == request.model_id and len(c.disks) > 1

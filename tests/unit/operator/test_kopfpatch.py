@@ -4,8 +4,10 @@ patch to kopf."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
+import types
 
 import jsonpatch
 import pytest
@@ -141,3 +143,28 @@ def test_readiness_gate_wakes_its_waiters_only_when_it_flips():
     before, after = asyncio.run(run())
     assert before == [] and after == list(range(n))
     assert calls[0] < 10 * n, calls[0]
+
+
+def test_watch_events_reach_kopf_without_managed_fields():
+    """lean_events wraps a watch stream (here a stand-in module with kopf's infinite_watch signature): objects lose
+    metadata.managedFields and nothing else; bookmarks and odd events pass unchanged; wrapping twice wraps once."""
+    events = [{"type": "ADDED", "object": _job(["x"])}, "LISTED", {"type": "ERROR", "object": "gone"},
+              {"type": "MODIFIED", "object": {"metadata": None}}]
+    want = copy.deepcopy(events[0])
+    del want["object"]["metadata"]["managedFields"]
+
+    async def infinite_watch(*, settings, resource, namespace):
+        for e in events:
+            yield e
+
+    module = types.SimpleNamespace(infinite_watch=infinite_watch)
+    kopfpatch.lean_events(module)
+    wrapped = module.infinite_watch
+    kopfpatch.lean_events(module)
+    assert module.infinite_watch is wrapped and wrapped is not infinite_watch
+
+    async def collect():
+        return [e async for e in module.infinite_watch(settings=None, resource="r", namespace=None)]
+
+    got = asyncio.run(collect())
+    assert got[0] == want and got[1:] == events[1:]

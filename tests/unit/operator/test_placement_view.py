@@ -31,13 +31,13 @@ def test_view_follows_every_change_and_held_claims_count_at_once():
     book, states = ClaimBook(), {}
     book.watch(node_record(fn("n1", "1")))
     records, nodes, unready, claims = handlers._placement_view(book, states)
-    assert set(nodes) == {"n1"} and claims == () and unready == frozenset()
+    assert set(nodes) == {"n1"} and tuple(claims) == () and unready == frozenset()
     assert handlers._placement_view(book, states)[1] is nodes  # no change: the same view, not rebuilt
 
     book.watch(node_record(fn("n2", "2")))  # a new FlashNode (watch)
     assert set(handlers._placement_view(book, states)[1]) == {"n1", "n2"}
     book.note(fn("n1", "3", {"ns/a": A}))  # the answer to our own ledger write
-    assert handlers._placement_view(book, states)[3] == (A,)
+    assert tuple(handlers._placement_view(book, states)[3]) == (A,)
     assert handlers._placement_view(book, states)[0]["n1"].rv == "3"
     assert book.record("n1") == book.current(book.watched.values())["n1"]  # the one-node lookup agrees
 
@@ -46,7 +46,7 @@ def test_view_follows_every_change_and_held_claims_count_at_once():
     assert set(handlers._placement_view(book, states)[3]) == {A, B}
     assert book.generation == generation
     del book.held["ns/b"]
-    assert handlers._placement_view(book, states)[3] == (A,)
+    assert tuple(handlers._placement_view(book, states)[3]) == (A,)
 
     states["n2"] = "cordoned"  # node_index's handler sets the state and says so
     book.changed()
@@ -57,7 +57,7 @@ def test_view_follows_every_change_and_held_claims_count_at_once():
 
     book.unwatch("n1")  # the FlashNode is deleted: its node and its ledger leave the view
     _, nodes, _, claims = handlers._placement_view(book, states)
-    assert set(nodes) == {"n2"} and claims == () and book.record("n1") is None
+    assert set(nodes) == {"n2"} and tuple(claims) == () and book.record("n1") is None
 
 
 def _pod(phase: str, node: str = "") -> dict:
