@@ -41,7 +41,7 @@ def needs_calibration(config) -> bool:
 
 
 def ensure_calibrated(model_dir: Path, targets, *, device: str = "cpu", text: Path = TEXT,
-                      max_tokens: int = MAX_TOKENS, predictor_rank: int = 64, log=print) -> bool:
+                      max_tokens: int = MAX_TOKENS, predictor_rank: int = 256, log=print) -> bool:
     """Calibrate `targets` into the entry unless it has them (True: it calibrated now). OSError when the entry
     cannot be written (a read-only model volume)."""
     from ..store import sparsity as cal

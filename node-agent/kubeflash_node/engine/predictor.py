@@ -1,17 +1,20 @@
 """A low-rank activation predictor per FFN layer (Deja Vu-style): which neurons may be active, before the gate is read.
 
 The magnitude rule needs the whole gate matrix to decide (a third of the FFN bytes every token). The predictor
-approximates the gate's pre-activation from the FFN input through rank r: g_hat = (h A) B^T, with A [H, r] the
-top-r principal directions of the layer's calibration inputs and B = W_gate A [I, r] (the best rank-r linear
-predictor of W_gate h on that input distribution: no training loop, one eigendecomposition). A neuron is
-predicted active when |act(g_hat)| exceeds a per-layer cut chosen on calibration tokens so that RECALL of the
-truly active ones (|act(W_gate h)| > tau) are kept. A run then reads only the predicted neurons' gate rows, applies
+approximates the gate's pre-activation from the FFN input (the post-norm hidden state) through rank r:
+g_hat = (h A) B^T, A [H, r], B [I, r], the best rank-r linear map to W_gate h on the calibration inputs (reduced-rank
+regression: with S the inputs' second moment, the top-r right singular vectors V of W_gate S^1/2 give
+A = S^-1/2 V, B = W_gate S^1/2 V; no training loop, two eigendecompositions of [H, H]). A neuron is predicted
+active when |act(g_hat)| exceeds a per-layer cut. A run then reads only the predicted neurons' gate rows, applies
 the exact rule to them, and reads up/down for those that pass: a neuron active but not predicted is dropped.
 
-A layer uses its predictor only where it predicts better: on held-out calibration tokens it kept at least
-MIN_RECALL of the active neurons while predicting at most MAX_SHARE of all neurons (else reading the gate whole
-costs about the same). `<model>/ffn_bundles/predictor_<target>.npz` holds A, B, the cuts, the held-out recall and
-predicted share, and which layers use it; written crash-safely.
+The calibration tokens of a layer are split three ways: the first half fits A and B, the next quarter sets the
+cut (the score kept by RECALL of that quarter's truly active neurons, |act(W_gate h)| > tau: a cut set on tokens
+the fit never saw, so it holds on new tokens of the same kind), and the last quarter measures recall and the share
+of neurons predicted. A layer uses its predictor only where that measured recall is at least MIN_RECALL and the
+share at most MAX_SHARE (else reading the gate whole costs about the same). `<model>/ffn_bundles/
+predictor_<target>.npz` holds A, B, the cuts, the measured recall and predicted share, and which layers use it;
+written crash-safely.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RECALL = 0.99  # share of calibration tokens' active neurons the cut keeps
-MIN_RECALL = 0.95  # held-out recall a layer's predictor needs to be used
+RECALL = 0.99  # share of the cut quarter's active neurons the cut keeps
+MIN_RECALL = 0.97  # recall on the last quarter a layer's predictor needs to be used
 MAX_SHARE = 0.85  # ... and at most this share of the neurons predicted active per token
-DEFAULT_RANK = 64
+DEFAULT_RANK = 256
 
 
 @dataclass
@@ -54,29 +57,59 @@ class Predictor:
         return cache[key]
 
 
-def fit(inputs: list[torch.Tensor], gates: list[np.ndarray], thresholds, act, *, rank: int = DEFAULT_RANK) -> Predictor:
-    """A predictor per layer from its calibration FFN inputs ([N, H] each), gate matrix ([I, H]) and threshold;
-    the last quarter of each layer's tokens is held out to measure recall and predicted share."""
+def fit(inputs: list[torch.Tensor], gates: list[np.ndarray], thresholds, act, *, rank: int = DEFAULT_RANK,
+        recall: float = RECALL) -> Predictor:
+    """A predictor per layer from its calibration FFN inputs ([N, H] each), gate matrix ([I, H]) and threshold:
+    A and B fitted on the first half of the tokens, the cut set on the next quarter to keep `recall` of its
+    active neurons, recall and predicted share measured on the last quarter."""
     out: dict[str, list] = {k: [] for k in ("a", "b", "cut", "use", "recall", "share")}
     for x, w, tau in zip(inputs, gates, thresholds):
         x, w = x.float(), torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the store is read-only
         n = x.shape[0]
-        train, held = x[: max(1, 3 * n // 4)], x[3 * n // 4:]
-        r = min(rank, x.shape[1])
-        _, vecs = torch.linalg.eigh(train.T @ train)  # ascending eigenvalues
-        a = vecs[:, -r:]  # [H, r]
-        b = w @ a  # [I, r]
-        true_tr = act(train @ w.T).abs() > tau
-        pred_tr = act((train @ a) @ b.T).abs()
-        cut = float(torch.quantile(pred_tr[true_tr].float(), 1 - RECALL)) if true_tr.any() else 0.0
-        true_h = act(held @ w.T).abs() > tau
-        pred_h = act((held @ a) @ b.T).abs() > cut
-        recall = float((pred_h & true_h).sum() / max(1, int(true_h.sum())))
-        share = float(pred_h.float().mean()) if held.numel() else 1.0
-        for k, v in (("a", a.numpy()), ("b", b.numpy()), ("cut", cut), ("recall", recall), ("share", share),
-                     ("use", recall >= MIN_RECALL and share <= MAX_SHARE)):
+        fit_x, cut_x, held = x[: max(1, n // 2)], x[n // 2: max(n // 2 + 1, 3 * n // 4)], x[3 * n // 4:]
+        a, b = reduced_rank(fit_x, w, min(rank, x.shape[1]))
+        cut = recall_cut(cut_x, w, a, b, tau, act, recall)
+        got, share = measure(held, w, a, b, tau, cut, act)
+        for k, v in (("a", a.numpy()), ("b", b.numpy()), ("cut", cut), ("recall", got), ("share", share),
+                     ("use", got >= MIN_RECALL and share <= MAX_SHARE)):
             out[k].append(v)
     return Predictor(*(np.asarray(out[k]) for k in ("a", "b", "cut", "use", "recall", "share")))
+
+
+def reduced_rank(x: torch.Tensor, w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [H, r], B [I, r]): A B^T^T is the rank-r map closest to w [I, H] in mean squared error over the inputs
+    x [N, H] (float64 inside: the inputs' second moment spans orders of magnitude)."""
+    x, w = x.double(), w.double()
+    s = x.T @ x / max(1, x.shape[0])  # [H, H]
+    s += torch.eye(s.shape[0], dtype=s.dtype) * (1e-6 * float(s.diagonal().mean()) + 1e-12)
+    ev, u = torch.linalg.eigh(s)
+    half, inv_half = (u * ev.sqrt()) @ u.T, (u * ev.rsqrt()) @ u.T  # S^1/2, S^-1/2
+    wh = w @ half  # [I, H]
+    _, v = torch.linalg.eigh(wh.T @ wh)  # ascending: the right singular vectors of W S^1/2
+    v = v[:, -r:]  # [H, r]
+    return (inv_half @ v).float(), (wh @ v).float()
+
+
+def recall_cut(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tau: float, act,
+               recall: float) -> float:
+    """The largest score cut that keeps `recall` of the truly active neuron-token pairs of x [N, H]."""
+    true = act(x @ w.T).abs() > tau  # [N, I]
+    if not true.any():
+        return 0.0
+    scores = act((x @ a) @ b.T).abs()[true].float()
+    if scores.numel() > 1 << 24:  # torch.quantile's limit: an even sample
+        scores = scores[:: scores.numel() // (1 << 23) + 1]
+    return float(torch.quantile(scores, 1 - recall))
+
+
+def measure(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tau: float, cut: float,
+            act) -> tuple[float, float]:
+    """(recall: the share of x's truly active neuron-token pairs predicted, share: of all pairs predicted)."""
+    if not x.numel():
+        return 0.0, 1.0
+    true = act(x @ w.T).abs() > tau
+    pred = act((x @ a) @ b.T).abs() > cut
+    return float((pred & true).sum() / max(1, int(true.sum()))), float(pred.float().mean())
 
 
 def save(directory: Path, target: float, p: Predictor) -> Path:

@@ -37,6 +37,7 @@ HOOK = "sparse_ffn"  # the weight-dict key the model's MLP looks for
 RECORD_PER_CALL = 1 << 18  # |activation| samples kept per layer and call while calibrating
 RECORD_MAX = 1 << 23  # ... and per layer in all (torch.quantile takes at most 16M values)
 FREQ_TOKENS = 512  # whole activation vectors kept per layer while calibrating, for per-neuron frequencies
+PRED_TOKENS = 4096  # FFN inputs kept per layer while calibrating (float16), to fit and check the predictors
 WINDOW = 5  # decode calls a neuron's bundle stays after it was last active (LLM in a flash's k)
 HOT_SHARE = 0.25  # of the job's memory budget on the compute device, for the resident hot neurons
 BUNDLED = frozenset({"w_up", "w_down", "fc2_w"})  # matrices a bundled layer's stage is read without
@@ -97,7 +98,7 @@ class SparseFFN:
         self.reads = FFNReads()
         self.samples: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.vectors: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # [n, I] float16, recording
-        self.inputs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # [n, H] the same tokens' inputs
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # [n, H] float16 FFN inputs
         self._gen = torch.Generator().manual_seed(0)
         self._layers = [self._for_layer(j) for j in range(num_layers)]
 
@@ -324,15 +325,9 @@ class SparseFFN:
 
     def _record(self, layer: int, a: torch.Tensor, h: torch.Tensor) -> None:
         vecs = a.detach().abs().reshape(-1, a.shape[-1]).to("cpu", torch.float16)  # [T, I]
-        ins = h.detach().reshape(-1, h.shape[-1]).to("cpu", torch.float32)  # [T, H] the FFN inputs, for predictors
-        pick = torch.randperm(vecs.shape[0], generator=self._gen)[:FREQ_TOKENS]
-        kept_v, kept_h = self.vectors[layer], self.inputs[layer]
-        kept_v.append(vecs[pick])
-        kept_h.append(ins[pick])
-        if sum(v.shape[0] for v in kept_v) > FREQ_TOKENS:
-            allv, allh = torch.cat(kept_v), torch.cat(kept_h)
-            pick = torch.randperm(allv.shape[0], generator=self._gen)[:FREQ_TOKENS]
-            kept_v[:], kept_h[:] = [allv[pick]], [allh[pick]]
+        ins = h.detach().reshape(-1, h.shape[-1]).to("cpu", torch.float16)  # [T, H] the FFN inputs, for predictors
+        self._sample(self.vectors[layer], vecs, FREQ_TOKENS)
+        self._sample(self.inputs[layer], ins, PRED_TOKENS)
         flat = a.detach().abs().reshape(-1).float().cpu()
         if flat.numel() > RECORD_PER_CALL:
             flat = flat[torch.randint(flat.numel(), (RECORD_PER_CALL,), generator=self._gen)]
@@ -341,6 +336,13 @@ class SparseFFN:
         if sum(t.numel() for t in kept) > RECORD_MAX:
             allv = torch.cat(kept)
             kept[:] = [allv[torch.randint(allv.numel(), (RECORD_MAX // 2,), generator=self._gen)]]
+
+    def _sample(self, kept: list[torch.Tensor], rows: torch.Tensor, most: int) -> None:
+        """Keep up to `most` of the rows seen so far in `kept`, a uniform sample of the calls' rows."""
+        kept.append(rows[torch.randperm(rows.shape[0], generator=self._gen)[:most]])
+        if sum(v.shape[0] for v in kept) > most:
+            allv = torch.cat(kept)
+            kept[:] = [allv[torch.randperm(allv.shape[0], generator=self._gen)[:most]]]
 
     def thresholds_at(self, targets: Sequence[float]) -> dict[float, tuple[float, ...]]:
         """Per target: each layer's |activation| quantile at that target over what was recorded. A target of 0
