@@ -25,7 +25,7 @@ run() { # name model batch gen [bench args…]
   local name=$1 model=$2 b=$3 gen=$4; shift 4
   echo "=== $name: kubeflash bench --model $STORE/$model --prompts $b --prompt-len ${PLEN:-8} --gen-len $gen $* (cgroup $CG)"
   incg timeout "${STEP_LIMIT:-200}" $KF bench --model "$STORE/$model" --store "$STORE" --ceilings "$STORE/ceilings.json" \
-    --policy explicit --weights disk --prompts "$b" --prompt-len "${PLEN:-8}" --gen-len "$gen" --cold \
+    --policy explicit --weights disk --quantization int8 --prompts "$b" --prompt-len "${PLEN:-8}" --gen-len "$gen" --cold \
     --json "$OUT/$name.json" "$@" 2>&1 | grep -E "^(workload|measured|cost model|roofline|efficiency|peak|weights read|decode weights|decode latency|prefill latency)|rror"
 }
 date

@@ -7,6 +7,7 @@ Converts the model (float16 on a GPU, float32 on the CPU) under --work, calibrat
 bundles, then for dense and each target runs one prompt of --prompt random tokens with every stage streamed from
 disk, twice (1 and 1 + --new tokens): the difference is --new decode steps, so prefill and set-up drop out. The
 page cache is not dropped (the reads are warm unless the model is larger than the free memory) unless --cold.
+SPARSE_NO_DENSE=1 in the environment skips the dense run (when it was measured already).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def main() -> int:
         print("calibrated and bundled", file=sys.stderr)
     prompt = torch.randint(0, c.vocab_size, (a.prompt,), generator=g).tolist()
     rows = []
-    for t in [None, *targets]:
+    for t in ([] if os.environ.get("SPARSE_NO_DENSE") else [None]) + targets:
         rows.append(run(store, t, device=a.device, prompt=prompt, new=a.new, batch=a.batch, hot=int(a.hot),
                         gap=a.gap, repeat=a.repeat, cold=a.cold))
         print(json.dumps(rows[-1]), flush=True)
