@@ -53,6 +53,8 @@ class Calibration:
     host_lock_gbps: float = 6.0  # page-locking a block's host KV cache, behind its prefill (H100, huge pages: 7.0)
     neuron_read_op_s: float = 20e-6  # per neuron-bundle read (a run of active neurons) where the ceilings have no
     # measured one (Ceilings.disk_read_op_s, bench.measure_read_op); assumed
+    expert_read_share: float = 0.82  # routed experts' read rate / disk_read_cold: one read per expert (H200, session
+    # 9, Qwen3-30B-A3B int8: 0.99-1.01 GB/s at batch 4-64 against the probe's 1.22; whole layers 1.55 GB/s)
     merge_gbps: float = 3.0  # read rate that prices a merged read's extra rows when no disk ceiling is known (assumed)
     gpu_reserve_bytes: int = 1 << 30  # CUDA context and allocator slack beyond the tensors counted
     host_base_bytes: int = 2 << 30  # the process itself (Python, torch, CUDA runtime)
@@ -486,7 +488,8 @@ def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget
     for count, mbs in _blocks(job, p):
         prefill = 0.0
         for (kind, w, st, de), n in kinds.items():
-            key = (kind, w, st, de, tuple(mbs), p.kv, p.kv_bits, p.cpu_attention, kv_fits_cache, cand.sparse)
+            key = (kind, w, st, de, tuple(mbs), p.kv, p.kv_bits, p.cpu_attention, kv_fits_cache, cand.sparse,
+                   p.all_experts, p.expert_cache_bytes)
             got = memo.get(key) if memo is not None else None
             if got is None:
                 got = _stage_all_steps(e, p, kind, w, st, de, Counter(mbs), kv_fits_cache, cand.sparse)
@@ -538,9 +541,11 @@ def _stage_all_steps(e: _Env, p: Policy, kind: str, where: str, stored: int, den
 def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, mbs: Counter,
            s_new: int, ctx: int, kv_fits_cache: bool, sparse: SparseCost | None = None) -> dict[str, float]:
     """Per-resource seconds of one stage in one pass over the micro-batches `mbs` ({size: how many})."""
-    moved, layer = stored, kind not in ("embed", "head")
+    moved, layer, slow = stored, kind not in ("embed", "head"), 0.0
     if where == "disk" and layer and e.c.num_experts and not p.all_experts:
         moved = routed_layer_bytes(e.c, stored, p, sum(b * m for b, m in mbs.items()) * s_new)
+        # the routed experts come in one read each, slower per byte than a whole layer's read: their extra time
+        slow = (moved - stored * (1 - e.c.expert_share())) * (1 / e.cal.expert_read_share - 1)
     comp = _rate(dense, e.cal.dequant_gbps) if where != "gpu" and stored != dense else 0.0
     if where == "disk" and layer and sparse is not None:  # each micro-batch reads its active bundles on demand
         moved = stored - updown_bytes(e.c, e.itemsize)
@@ -552,7 +557,7 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
                                                  gap=gap)
             moved += m * demand
             comp += m * (_rate(demand, e.ceil.disk_read_cold) + runs * op_s)
-    disk = _rate(moved, e.ceil.disk_read_cold) if where == "disk" else 0.0
+    disk = _rate(moved + slow, e.ceil.disk_read_cold) if where == "disk" else 0.0
     pcie = _rate(moved, e.ceil.h2d_pinned) if where != "gpu" else 0.0
     peak = e.ceil.matmul_tflops * 1e3 * e.cal.compute_efficiency  # GFLOP/s
     for b, m in mbs.items():
@@ -655,6 +660,9 @@ def plan(*, config: ModelConfig, ceil, job: JobShape, budget: Budget, sizes: dic
                        shapes=shapes)
     if sparsity is not None:
         cands += [replace(cd, sparse=sparsity) for cd in cands if cd.quantization == "none"]
+    if config.num_experts:  # MoE: a layer read whole (one sequential read) against its routed experts only
+        cands += [replace(cd, policy=replace(cd.policy, all_experts=True)) for cd in cands
+                  if cd.policy.weights_gpu_percent < 100]
     if keep is not None:
         cands = [cd for cd in cands if keep(cd.policy)]
         if not cands:
@@ -672,7 +680,7 @@ def describe(pr: Prediction) -> str:
                             (f"X-cache {p.x_cache_percent:g}% of layers", p.x_cache_percent > 0)) if on]
     return (f"weights gpu {p.weights_gpu_percent:.0f}% cpu {p.weights_cpu_percent:.0f}% (stages gpu={pl['gpu']} "
             f"cpu={pl['cpu']} disk={pl['disk']}){'' if q == 'none' else ', ' + q + ' weights'}"
-            f"{_reads(pr.candidate.sparse)}, kv {kv}"
+            f"{_reads(pr.candidate.sparse)}{', every expert read with its layer' if p.all_experts else ''}, kv {kv}"
             f"{' + ' + ', '.join(tech) if tech else ''}, micro-batch {p.gpu_batch_size} x {p.num_gpu_batches}: "
             f"{pr.total_s:.3g} s (setup {pr.setup_s:.3g} s + run {pr.run_s:.3g} s), {pr.tokens_per_s:.3g} generated "
             f"tokens/s, GPU {pr.gpu_bytes / 2**30:.2f} GiB, CPU {pr.cpu_bytes / 2**30:.2f} GiB")
