@@ -63,6 +63,12 @@ for step in "$@"; do case $step in
            --json "$RES/acc-opt13-disk.json" --prompts 16 --prompt-len 512 --gen-len 4 --gpu-layers 4 \
            --gpu-memory "$GPU" --cold 2>&1 | tail -3
          rm -rf /root/acc13 ;;
+  # AirLLM 4.0.0 (its wheel carried in .whl): fp16 opt-13b streamed layer by layer from its own split files, the
+  # workload of acc13 (16 prompts x 512 tokens, 4 generated: every token re-reads every layer). Disk: the dummy HF
+  # checkpoint (26 GB) plus AirLLM's split copy (26 GB); run it with no other model on the disk.
+  air13) incg python3 bench/peers/airllm_peer.py --model opt-13b --hf-dir /root/air13 --json "$RES/air-opt13.json" \
+           --prompts 16 --prompt-len 512 --gen-len 4 --gpu-memory "$GPU" --cold 2>&1 | tail -3
+         rm -rf /root/air13 ;;
   # long-context decode: opt-1.3b with 32K learned positions (a shape; FlexGen's max_seq_len raised to match),
   # 16 prompts of 8192 tokens + 32 generated; the KV cache (26 GB) is offloaded to CPU memory: GPU capped at 16 GiB,
   # cgroup at 64G (the cache lives in host memory for both systems).
