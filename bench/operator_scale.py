@@ -36,6 +36,7 @@ client threads, and watches them. Writes one JSON report:
                                               outside the process: collapsed stacks of the burst (/tmp/op.burst.txt)
                                               and of the deletion (/tmp/op.delete.txt); every thread, idle ones left out
   make bench-operator BENCH_OPERATOR="100:20 500:50"
+  .venv/bin/python bench/operator_scale.py --audit-of <work dir>/audit.log   the burst of a run that broke later
 """
 
 from __future__ import annotations
@@ -319,6 +320,23 @@ def job_body(name: str) -> dict[str, Any]:
             "spec": {"model": {"uri": MODEL_URI}, "input": {"prompts": ["Hello"]}}}
 
 
+def delete_all(api: client.ApiClient, tries: int = 3) -> None:
+    """One delete-collection of every job. Its answer lists every deleted job (5,000 of them: tens of MB, streamed
+    while the API server marks them); a connection broken while reading it is sent again (the jobs already marked
+    come back marked), at most `tries` times."""
+    custom = client.CustomObjectsApi(api)
+    for attempt in range(1, tries + 1):
+        try:
+            answer = custom.delete_collection_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs",
+                                                                       _preload_content=False)
+            answer.read()
+            return
+        except (urllib3.exceptions.HTTPError, client.exceptions.ApiException) as e:
+            if attempt == tries:
+                raise
+            print(f"(delete-collection: {e!r:.200}; again)", file=sys.stderr)
+
+
 def burst(api: client.ApiClient, n: int) -> dict[str, float]:
     """Create n jobs from 8 threads; the client-side time each create returned."""
     custom = client.CustomObjectsApi(api)
@@ -472,6 +490,35 @@ def timeline(audit: Path) -> dict[str, float]:
     return out
 
 
+def audit_report(audit: Path) -> dict[str, Any]:
+    """The burst as the API server received it: the jobs' creates (first to last), each job's first status write by
+    the operator (its placement: phase Running in one write here), the operator's 409s by minute, and timeline()."""
+    created: dict[str, float] = {}
+    placed: dict[str, float] = {}
+    conflicts: dict[str, int] = {}
+    for line in audit.read_text().splitlines():
+        ev = json.loads(line)
+        if ev.get("stage") != "ResponseComplete":
+            continue
+        ref, code = ev.get("objectRef") or {}, (ev.get("responseStatus") or {}).get("code", 200)
+        t = datetime.fromisoformat(ev["requestReceivedTimestamp"].replace("Z", "+00:00"))
+        if code == 409:
+            minute = t.strftime("%H:%M")
+            conflicts[minute] = conflicts.get(minute, 0) + 1
+        elif code < 300 and ref.get("resource") == "inferencejobs" and ev.get("verb") == "create":
+            created[ref.get("name", "")] = t.timestamp()
+        elif code < 300 and ref.get("resource") == "inferencejobs" and ref.get("subresource") == "status":
+            placed.setdefault(ref.get("name", ""), t.timestamp())
+    t0 = min(created.values(), default=0.0)
+    gaps = [placed[n] - created[n] for n in placed if n in created]
+    return {"audit": str(audit), "jobs_created": len(created), "jobs_placed": len(gaps),
+            "creates_s": round(max(created.values(), default=t0) - t0, 3),
+            "all_placed_after_first_create_s": round(max(placed.values(), default=t0) - t0, 3),
+            "created_to_placed_p50_s": round(statistics.median(gaps), 3) if gaps else None,
+            "created_to_placed_p99_s": round(pct(gaps, 0.99), 3) if gaps else None,
+            "conflicts_409_by_minute": conflicts, "timeline": timeline(audit)}
+
+
 def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -531,7 +578,10 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             os.kill(op.proc.pid, signal.SIGUSR1)
         spy = Sampler(op.proc.pid, "delete")
         stamp2, td, cpu_del = _stamp(), time.monotonic(), op.cpu_s()
-        client.CustomObjectsApi(api).delete_collection_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs")
+        print(f"(burst: {jobs} jobs Running {t_running - t0:.1f} s after the burst began, placed "
+              f"{max(jw.placed.values()) - t0 if jw.placed else float('nan'):.1f} s; operator CPU {burst_cpu:.1f} s, "
+              f"RSS {rss:.0f} MiB, idle {idle_cpu:.1f} %; load {os.getloadavg()[0]:.1f}; deleting)", file=sys.stderr)
+        delete_all(api)
         t_call = time.monotonic()
         left: dict[str, int] = {}
 
@@ -612,7 +662,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds the deletion may take before what is left is reported (default 120)")
     p.add_argument("--out", type=Path, help="write the JSON report here too")
     p.add_argument("--bin-dir", type=Path, help="control plane binaries (default: kind/build-control-plane.sh's)")
+    p.add_argument("--audit-of", type=Path, metavar="AUDIT_LOG",
+                   help="no run: what the audit log of an earlier run (its work dir's audit.log) shows of the burst "
+                        "(a run that broke before its report, e.g. in the deletion)")
     args = p.parse_args(argv)
+    if args.audit_of:
+        emit(audit_report(args.audit_of), args.out)
+        return 0
     report = run(args.jobs, args.nodes, replicas=args.replicas, settle_timeout=args.settle_timeout,
                  delete_timeout=args.delete_timeout, bin_dir=args.bin_dir or (Path(os.environ["KUBEFLASH_K8S_BIN"])
                                                                    if os.environ.get("KUBEFLASH_K8S_BIN") else None))
