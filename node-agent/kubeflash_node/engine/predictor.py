@@ -77,8 +77,8 @@ def fit(inputs: list[torch.Tensor], gates: list[np.ndarray], thresholds, act, *,
 
 
 def reduced_rank(x: torch.Tensor, w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [H, r], B [I, r]): A B^T^T is the rank-r map closest to w [I, H] in mean squared error over the inputs
-    x [N, H] (float64 inside: the inputs' second moment spans orders of magnitude)."""
+    """(A [H, r], B [I, r]): h -> (h A) B^T is the rank-r map closest to h -> w h (w [I, H]) in mean squared
+    error over the inputs x [N, H] (float64 inside: the inputs' second moment spans orders of magnitude)."""
     x, w = x.double(), w.double()
     s = x.T @ x / max(1, x.shape[0])  # [H, H]
     s += torch.eye(s.shape[0], dtype=s.dtype) * (1e-6 * float(s.diagonal().mean()) + 1e-12)
