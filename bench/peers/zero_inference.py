@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Peer benchmark: DeepSpeed ZeRO-Inference (ZeRO stage 3 with parameters offloaded to NVMe through DeepSpeed's async
+I/O) of an OPT or Llama shape with dummy weights, one JSON result.
+
+    python bench/peers/zero_inference.py --model opt-13b --nvme-dir /root/zero-opt13 --json OUT.json \\
+        --prompts 16 --prompt-len 512 --gen-len 4 --gpu-memory 12GiB [--cold]
+
+DeepSpeed is not a dependency of kubeflash. On a machine without network, carry its sdist (deepspeed-0.19.8.tar.gz)
+and the wheels of einops, hjson, msgpack, ninja and py-cpuinfo, install them with `pip install --no-deps
+--no-build-isolation` (DS_BUILD_OPS=0: ops are built at first use), and libaio's headers and library (the async_io
+op compiles against them when the run starts).
+
+What is measured: one greedy `generate` of the ZeRO-3 engine's module (B random prompts of P tokens, exactly G new
+tokens each), wall time from the call to its return with the GPU synchronized; prefill_s is up to the first token's
+logits, decode_s the rest; a 1-token warm-up on a short prompt runs first (untimed), which also builds the async_io
+op. ZeRO-3 gathers each layer's parameters from their NVMe swap files before the layer runs and releases them after
+(DeepSpeed's parameter prefetch reads ahead), so every generated token re-reads every weight from the disk: the
+regime of `kubeflash bench --weights disk`.
+
+How the weights are served: the model is built inside `deepspeed.zero.Init` with the NVMe offload config, so each
+parameter is initialised (the model's own random init, the dummy weights), partitioned and swapped out to
+--nvme-dir as it is created; nothing is read from a checkpoint. The offload settings are DeepSpeed's documented
+ZeRO-Inference ones: `offload_param: {device: nvme, pin_memory: true}`, buffers large enough for the largest tensor,
+`stage3_param_persistence_threshold: 0` (every tensor streamed), and the `aio` section below.
+
+Result JSON: system, versions, model, device, prompts, prompt_len, gen_len, prefill_s, decode_s, total_s,
+generated_tokens, tokens_per_s, gpu_peak_bytes, gpu_memory_cap_bytes, nvme_bytes, page_cache, ds_config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate_opt import PRESETS as OPT_PRESETS
+from accelerate_opt import timed_generate
+from airllm_peer import LLAMA_PRESETS, hf_config
+from peer_common import cap_gpu_memory, drop_page_cache, parse_size, write_result
+from transformers import AutoModelForCausalLM
+
+
+def ds_config(nvme: Path, *, dtype: torch.dtype, largest: int, buffers: int = 5) -> dict:
+    """ZeRO-3 with every parameter on NVMe: pinned swap buffers of `largest` elements each."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {
+            "stage": 3,
+            "offload_param": {"device": "nvme", "nvme_path": str(nvme), "pin_memory": True,
+                              "buffer_count": buffers, "buffer_size": largest, "max_in_cpu": 0},
+            "stage3_param_persistence_threshold": 0,
+            "stage3_prefetch_bucket_size": largest,
+            "stage3_max_live_parameters": largest * 2,
+            "stage3_max_reuse_distance": 0,
+        },
+        "aio": {"block_size": 1 << 20, "queue_depth": 16, "thread_count": 4, "single_submit": False,
+                "overlap_events": True},
+    }
+    if dtype == torch.float16:
+        cfg["fp16"] = {"enabled": True}
+    elif dtype == torch.bfloat16:
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def zero_model(config, nvme: Path, device: str, dtype: torch.dtype):
+    """The ZeRO-3 engine's module, its parameters swapped out to `nvme` as they are created."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    with torch.device("meta"):
+        shapes = AutoModelForCausalLM.from_config(config).state_dict()
+    largest = max(t.numel() for t in shapes.values())
+    cfg = ds_config(nvme, dtype=dtype, largest=largest)
+    keep = HfDeepSpeedConfig(cfg)  # noqa: F841  (transformers builds under zero.Init while this object lives)
+    with deepspeed.zero.Init(config_dict_or_path=cfg, remote_device="nvme", pin_memory=True, dtype=dtype):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    engine = deepspeed.initialize(model=model, config=cfg)[0]
+    engine.module.eval()
+    return engine.module, cfg
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    presets = [*OPT_PRESETS, *LLAMA_PRESETS]
+    p = argparse.ArgumentParser(description="Time DeepSpeed ZeRO-Inference (ZeRO-3, parameters on NVMe) on an OPT or "
+                                            "Llama shape with dummy weights.")
+    p.add_argument("--model", required=True, choices=presets, metavar="PRESET", help=", ".join(presets))
+    p.add_argument("--nvme-dir", type=Path, required=True, metavar="DIR",
+                   help="where ZeRO swaps the parameters out (emptied first)")
+    p.add_argument("--json", type=Path, required=True, metavar="FILE", help="write the result to this JSON file")
+    p.add_argument("--prompts", type=int, default=8, metavar="B", help="prompts generated together (default 8)")
+    p.add_argument("--prompt-len", type=int, default=512, metavar="P", help="tokens per prompt (default 512)")
+    p.add_argument("--gen-len", type=int, default=4, metavar="G", help="tokens generated per prompt (default 4)")
+    p.add_argument("--gpu-memory", type=parse_size, metavar="SIZE",
+                   help="GPU memory the run may allocate, e.g. 12GiB (default: the whole GPU)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="execution device (default cuda; cpu for a local smoke test: DeepSpeed's CPU accelerator runs bfloat16)")
+    p.add_argument("--cold", action="store_true", help="drop the page cache after the warm-up, before the timed run")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the weights and prompt ids (default 0)")
+    args = p.parse_args(argv)
+    if min(args.prompts, args.prompt_len, args.gen_len) < 1:
+        p.error("--prompts, --prompt-len and --gen-len must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device: use --device cpu")
+    if args.device == "cpu" and args.gpu_memory is not None:
+        p.error("--gpu-memory needs --device cuda")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    warnings.filterwarnings("ignore", message=r"You are calling \.generate\(\) with the `input_ids` being on a device")
+    cuda = args.device == "cuda"
+    device = "cuda:0" if cuda else "cpu"
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                 ("MASTER_PORT", "29512")):
+        os.environ.setdefault(k, v)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cap = cap_gpu_memory(args.gpu_memory) if cuda else None
+    torch.manual_seed(args.seed)
+    dtype = torch.float16 if cuda else torch.float32
+    config = hf_config(args.model)
+    shutil.rmtree(args.nvme_dir, ignore_errors=True)
+    args.nvme_dir.mkdir(parents=True)
+    model, cfg = zero_model(config, args.nvme_dir, device, dtype)
+
+    generator = torch.Generator().manual_seed(args.seed)
+    input_ids = torch.randint(4, config.vocab_size, (args.prompts, args.prompt_len), generator=generator).to(device)
+    timed_generate(model, input_ids[:1, :8], 1, sync)  # warm-up, untimed
+    page_cache = drop_page_cache(args.nvme_dir) if args.cold else "warm"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out, prefill_s, total_s = timed_generate(model, input_ids, args.gen_len, sync)
+    generated = out[:, args.prompt_len:].numel()
+    if generated != args.prompts * args.gen_len:
+        raise SystemExit(f"generate returned {generated} new tokens, expected {args.prompts} x {args.gen_len}")
+    result = {
+        "system": "deepspeed-zero-inference",
+        "versions": {"deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+                     "torch": torch.__version__},
+        "model": args.model, "device": device, "prompts": args.prompts, "prompt_len": args.prompt_len,
+        "gen_len": args.gen_len, "prefill_s": prefill_s, "decode_s": total_s - prefill_s, "total_s": total_s,
+        "generated_tokens": generated, "tokens_per_s": generated / total_s,
+        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None, "gpu_memory_cap_bytes": cap,
+        "nvme_bytes": sum(f.stat().st_size for f in args.nvme_dir.rglob("*") if f.is_file()),
+        "page_cache": page_cache, "ds_config": cfg,
+    }
+    write_result(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
