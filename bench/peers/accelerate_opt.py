@@ -40,7 +40,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -49,9 +48,9 @@ import torch
 import transformers
 from accelerate import dispatch_model, init_empty_weights
 from accelerate.utils import OffloadedWeightsLoader, offload_weight, save_offload_index, set_module_tensor_to_device
-from peer_common import cap_gpu_memory, drop_page_cache, parse_size, write_result
+from peer_common import add_workload_args, cap_gpu_memory, check_workload, timed_run, write_result
 from tqdm import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, OPTConfig, OPTForCausalLM
+from transformers import OPTConfig, OPTForCausalLM
 
 # name: (hidden, decoder layers, heads, ffn, vocab). opt-tiny is for tests.
 PRESETS = {
@@ -130,30 +129,6 @@ def dispatched_model(config: OPTConfig, folder: Path, device: str, gpu_layers: i
     return dispatch_model(model, device_map, main_device=device, offload_dir=str(folder))
 
 
-class _FirstTokenClock(LogitsProcessor):
-    """Records when the first token's logits are ready (the end of the prefill)."""
-
-    def __init__(self, sync):
-        self.sync, self.at = sync, None
-
-    def __call__(self, input_ids, scores):
-        if self.at is None:
-            self.sync()
-            self.at = time.perf_counter()
-        return scores
-
-
-def timed_generate(model, input_ids: torch.Tensor, gen_len: int, sync) -> tuple[torch.Tensor, float, float]:
-    """Greedy generate of exactly `gen_len` tokens; returns (output ids, prefill seconds, total seconds)."""
-    clock = _FirstTokenClock(sync)
-    sync()
-    start = time.perf_counter()
-    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=gen_len,
-                         min_new_tokens=gen_len, do_sample=False, logits_processor=LogitsProcessorList([clock]))
-    sync()
-    return out, clock.at - start, time.perf_counter() - start
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Time transformers generate on an OPT model that accelerate streams "
                                             "from a disk offload folder (dummy weights, no hub access).")
@@ -162,36 +137,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--offload-folder", type=Path, required=True, metavar="DIR",
                    help="accelerate offload folder holding the weights (written there first if it has no index.json)")
     p.add_argument("--json", type=Path, required=True, metavar="FILE", help="write the result to this JSON file")
-    p.add_argument("--prompts", type=int, default=8, metavar="B",
-                   help="batch size: prompts generated together (default 8)")
-    p.add_argument("--prompt-len", type=int, default=512, metavar="P", help="tokens per prompt (default 512)")
-    p.add_argument("--gen-len", type=int, default=32, metavar="G", help="tokens generated per prompt (default 32)")
+    add_workload_args(p, gen_default=32)
     p.add_argument("--gpu-layers", type=int, default=0, metavar="N",
                    help="first N decoder layers kept loaded on the execution device; the rest stream from the "
                         "folder (default 0: all weights stream)")
-    p.add_argument("--gpu-memory", type=parse_size, metavar="SIZE",
-                   help="GPU memory the run may allocate, e.g. 12GiB (default: the whole GPU)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="execution device (default cuda; cpu for a local smoke test)")
-    p.add_argument("--cold", action="store_true",
-                   help="drop the page cache after the warm-up, before the timed run (root: drop_caches; "
-                        "otherwise fadvise on the folder's files)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip the untimed 1-token warm-up on a short prompt")
-    p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="seed of the dummy weights and of the prompt ids (default 0)")
     args = p.parse_args(argv)
+    check_workload(p, args)
     layers = PRESETS[args.model][1]
-    if min(args.prompts, args.prompt_len, args.gen_len) < 1:
-        p.error("--prompts, --prompt-len and --gen-len must be at least 1")
     if args.prompt_len + args.gen_len > 2048:
         p.error(f"--prompt-len + --gen-len = {args.prompt_len + args.gen_len} exceeds OPT's 2048 positions")
     if not 0 <= args.gpu_layers <= layers:
         p.error(f"--gpu-layers {args.gpu_layers}: {args.model} has {layers} decoder layers")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("no CUDA device: use --device cpu")
-    if args.device == "cpu" and args.gpu_memory is not None:
-        p.error("--gpu-memory needs --device cuda")
     return args
 
 
@@ -201,7 +159,6 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", message=r"You are calling \.generate\(\) with the `input_ids` being on a device")
     cuda = args.device == "cuda"
     device = "cuda:0" if cuda else "cpu"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     cap = cap_gpu_memory(args.gpu_memory) if cuda else None
     config = opt_config(args.model)
     ensure_weights(config, args.offload_folder, args.seed)
@@ -209,27 +166,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     generator = torch.Generator().manual_seed(args.seed)
     input_ids = torch.randint(4, config.vocab_size, (args.prompts, args.prompt_len), generator=generator).to(device)
-    if args.warmup:
-        timed_generate(model, input_ids[:1, :8], 1, sync)
-    page_cache = drop_page_cache(args.offload_folder) if args.cold else "warm"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    out, prefill_s, total_s = timed_generate(model, input_ids, args.gen_len, sync)
-
-    generated = out[:, args.prompt_len:].numel()
-    if generated != args.prompts * args.gen_len:
-        raise SystemExit(f"generate returned {generated} new tokens, expected {args.prompts} x {args.gen_len}")
+    measured, _ = timed_run(model, input_ids, args, args.offload_folder, warmup=args.warmup)
     result = {
         "system": "accelerate-disk-offload",
         "versions": {"transformers": transformers.__version__, "accelerate": accelerate.__version__,
                      "torch": torch.__version__},
-        "model": args.model, "device": device, "prompts": args.prompts, "prompt_len": args.prompt_len,
-        "gen_len": args.gen_len, "gpu_layers": args.gpu_layers,
-        "prefill_s": prefill_s, "decode_s": total_s - prefill_s, "total_s": total_s,
-        "generated_tokens": generated, "tokens_per_s": generated / total_s,
-        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None, "gpu_memory_cap_bytes": cap,
+        **measured, "gpu_layers": args.gpu_layers, "gpu_memory_cap_bytes": cap,
         "offload_folder_bytes": sum(f.stat().st_size for f in args.offload_folder.glob("*.dat")),
-        "page_cache": page_cache,
     }
     write_result(args.json, result)
     return result

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate_opt import timed_generate
 from airllm_peer import airllm_model, ensure_checkpoint, hf_config
+from peer_common import timed_generate
 from transformers import AutoModelForCausalLM
 
 

@@ -40,8 +40,8 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 from accelerate_opt import PRESETS as OPT_PRESETS
-from accelerate_opt import opt_config, timed_generate
-from peer_common import cap_gpu_memory, drop_page_cache, parse_size, write_result
+from accelerate_opt import opt_config
+from peer_common import add_workload_args, cap_gpu_memory, check_workload, timed_run, write_result
 from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -145,23 +145,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="HF checkpoint folder (written there first unless its index describes this model); AirLLM's "
                         "split files go to DIR/splitted_model")
     p.add_argument("--json", type=Path, required=True, metavar="FILE", help="write the result to this JSON file")
-    p.add_argument("--prompts", type=int, default=8, metavar="B", help="prompts generated together (default 8)")
-    p.add_argument("--prompt-len", type=int, default=512, metavar="P", help="tokens per prompt (default 512)")
-    p.add_argument("--gen-len", type=int, default=4, metavar="G", help="tokens generated per prompt (default 4)")
-    p.add_argument("--gpu-memory", type=parse_size, metavar="SIZE",
-                   help="GPU memory the run may allocate, e.g. 12GiB (default: the whole GPU)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="execution device (default cuda; cpu for a local smoke test)")
-    p.add_argument("--cold", action="store_true",
-                   help="drop the page cache after the warm-up, before the timed run")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the weights and prompt ids (default 0)")
+    add_workload_args(p, gen_default=4)
     args = p.parse_args(argv)
-    if min(args.prompts, args.prompt_len, args.gen_len) < 1:
-        p.error("--prompts, --prompt-len and --gen-len must be at least 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("no CUDA device: use --device cpu")
-    if args.device == "cpu" and args.gpu_memory is not None:
-        p.error("--gpu-memory needs --device cuda")
+    check_workload(p, args)
     return args
 
 
@@ -170,7 +156,6 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", message=r"You are calling \.generate\(\) with the `input_ids` being on a device")
     cuda = args.device == "cuda"
     device = "cuda:0" if cuda else "cpu"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     cap = cap_gpu_memory(args.gpu_memory) if cuda else None
     config = hf_config(args.model)
     ensure_checkpoint(config, args.hf_dir, args.seed)
@@ -178,26 +163,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     generator = torch.Generator().manual_seed(args.seed)
     input_ids = torch.randint(4, config.vocab_size, (args.prompts, args.prompt_len), generator=generator).to(device)
-    timed_generate(model, input_ids[:1, :8], 1, sync)  # warm-up, untimed
-    page_cache = drop_page_cache(args.hf_dir) if args.cold else "warm"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    out, prefill_s, total_s = timed_generate(model, input_ids, args.gen_len, sync)
-    generated = out[:, args.prompt_len:].numel()
-    if generated != args.prompts * args.gen_len:
-        raise SystemExit(f"generate returned {generated} new tokens, expected {args.prompts} x {args.gen_len}")
+    measured, _ = timed_run(model, input_ids, args, args.hf_dir)
     import airllm
 
     result = {
         "system": "airllm",
         "versions": {"airllm": getattr(airllm, "__version__", "4.0.0"), "transformers": transformers.__version__,
                      "torch": torch.__version__},
-        "model": args.model, "device": device, "prompts": args.prompts, "prompt_len": args.prompt_len,
-        "gen_len": args.gen_len, "prefill_s": prefill_s, "decode_s": total_s - prefill_s, "total_s": total_s,
-        "generated_tokens": generated, "tokens_per_s": generated / total_s,
-        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None, "gpu_memory_cap_bytes": cap,
+        **measured, "gpu_memory_cap_bytes": cap,
         "checkpoint_bytes": sum(f.stat().st_size for f in args.hf_dir.glob("*.safetensors")),
-        "page_cache": page_cache,
     }
     write_result(args.json, result)
     return result

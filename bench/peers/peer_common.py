@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from kubeflash_node.engine.bench import drop_page_cache as _drop_page_cache
@@ -49,3 +50,81 @@ def write_result(path: Path, result: dict) -> None:
           f"{result['gen_len']} generated each: {result['total_s']:.2f} s{projected}, "
           f"{result['tokens_per_s']:.3f} generated tokens/s, GPU peak "
           f"{'n/a' if peak is None else f'{peak / 2**30:.2f} GiB'} -> {path}")
+
+
+def add_workload_args(p: argparse.ArgumentParser, *, gen_default: int) -> None:
+    """The arguments every transformers-based peer runner shares: batch, lengths, GPU cap, device, cold, seed."""
+    p.add_argument("--prompts", type=int, default=8, metavar="B", help="prompts generated together (default 8)")
+    p.add_argument("--prompt-len", type=int, default=512, metavar="P", help="tokens per prompt (default 512)")
+    p.add_argument("--gen-len", type=int, default=gen_default, metavar="G",
+                   help=f"tokens generated per prompt (default {gen_default})")
+    p.add_argument("--gpu-memory", type=parse_size, metavar="SIZE",
+                   help="GPU memory the run may allocate, e.g. 12GiB (default: the whole GPU)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="execution device (default cuda; cpu for a local smoke test)")
+    p.add_argument("--cold", action="store_true",
+                   help="drop the page cache after the warm-up, before the timed run (root: drop_caches; "
+                        "otherwise fadvise on the weights' files)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the weights and prompt ids (default 0)")
+
+
+def check_workload(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what add_workload_args' values cannot run (exits with the parser's usage error)."""
+    import torch
+
+    if min(args.prompts, args.prompt_len, args.gen_len) < 1:
+        p.error("--prompts, --prompt-len and --gen-len must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device: use --device cpu")
+    if args.device == "cpu" and args.gpu_memory is not None:
+        p.error("--gpu-memory needs --device cuda")
+
+
+class _FirstTokenClock:
+    """A logits processor that records when the first token's logits are ready (the end of the prefill)."""
+
+    def __init__(self, sync):
+        self.sync, self.at = sync, None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            self.sync()
+            self.at = time.perf_counter()
+        return scores
+
+
+def timed_generate(model, input_ids, gen_len: int, sync):
+    """Greedy generate of exactly `gen_len` tokens; returns (output ids, prefill seconds, total seconds)."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    clock = _FirstTokenClock(sync)
+    sync()
+    start = time.perf_counter()
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=gen_len,
+                         min_new_tokens=gen_len, do_sample=False, logits_processor=LogitsProcessorList([clock]))
+    sync()
+    return out, clock.at - start, time.perf_counter() - start
+
+
+def timed_run(model, input_ids, args: argparse.Namespace, folder: Path, *, warmup: bool = True) -> tuple[dict, object]:
+    """The measured part every runner shares: a 1-token warm-up on a short prompt (untimed), the page cache dropped
+    with --cold, then one timed generate of --gen-len tokens. Returns (the result fields it measured, output ids)."""
+    import torch
+
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if warmup:
+        timed_generate(model, input_ids[:1, :8], 1, sync)
+    page_cache = drop_page_cache(folder) if args.cold else "warm"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out, prefill_s, total_s = timed_generate(model, input_ids, args.gen_len, sync)
+    generated = out[:, args.prompt_len:].numel()
+    if generated != args.prompts * args.gen_len:
+        raise SystemExit(f"generate returned {generated} new tokens, expected {args.prompts} x {args.gen_len}")
+    return {"model": args.model, "device": "cuda:0" if cuda else "cpu", "prompts": args.prompts,
+            "prompt_len": args.prompt_len, "gen_len": args.gen_len, "prefill_s": prefill_s,
+            "decode_s": total_s - prefill_s, "total_s": total_s, "generated_tokens": generated,
+            "tokens_per_s": generated / total_s, "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "page_cache": page_cache}, out

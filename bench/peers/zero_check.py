@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate_opt import timed_generate
 from airllm_peer import hf_config
+from peer_common import timed_generate
 from transformers import AutoModelForCausalLM
 from zero_inference import zero_model
 

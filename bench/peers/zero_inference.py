@@ -39,9 +39,8 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate_opt import PRESETS as OPT_PRESETS
-from accelerate_opt import timed_generate
 from airllm_peer import LLAMA_PRESETS, hf_config
-from peer_common import cap_gpu_memory, drop_page_cache, parse_size, write_result
+from peer_common import add_workload_args, cap_gpu_memory, check_workload, timed_run, write_result
 from transformers import AutoModelForCausalLM
 
 
@@ -93,22 +92,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--nvme-dir", type=Path, required=True, metavar="DIR",
                    help="where ZeRO swaps the parameters out (emptied first)")
     p.add_argument("--json", type=Path, required=True, metavar="FILE", help="write the result to this JSON file")
-    p.add_argument("--prompts", type=int, default=8, metavar="B", help="prompts generated together (default 8)")
-    p.add_argument("--prompt-len", type=int, default=512, metavar="P", help="tokens per prompt (default 512)")
-    p.add_argument("--gen-len", type=int, default=4, metavar="G", help="tokens generated per prompt (default 4)")
-    p.add_argument("--gpu-memory", type=parse_size, metavar="SIZE",
-                   help="GPU memory the run may allocate, e.g. 12GiB (default: the whole GPU)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="execution device (default cuda; cpu for a local smoke test: DeepSpeed's CPU accelerator runs bfloat16)")
-    p.add_argument("--cold", action="store_true", help="drop the page cache after the warm-up, before the timed run")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the weights and prompt ids (default 0)")
+    add_workload_args(p, gen_default=4)
     args = p.parse_args(argv)
-    if min(args.prompts, args.prompt_len, args.gen_len) < 1:
-        p.error("--prompts, --prompt-len and --gen-len must be at least 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("no CUDA device: use --device cpu")
-    if args.device == "cpu" and args.gpu_memory is not None:
-        p.error("--gpu-memory needs --device cuda")
+    check_workload(p, args)
     return args
 
 
@@ -124,7 +110,6 @@ def main(argv: list[str] | None = None) -> dict:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     cap = cap_gpu_memory(args.gpu_memory) if cuda else None
     torch.manual_seed(args.seed)
     dtype = torch.float16 if cuda else torch.float32
@@ -135,24 +120,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     generator = torch.Generator().manual_seed(args.seed)
     input_ids = torch.randint(4, config.vocab_size, (args.prompts, args.prompt_len), generator=generator).to(device)
-    timed_generate(model, input_ids[:1, :8], 1, sync)  # warm-up, untimed
-    page_cache = drop_page_cache(args.nvme_dir) if args.cold else "warm"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    out, prefill_s, total_s = timed_generate(model, input_ids, args.gen_len, sync)
-    generated = out[:, args.prompt_len:].numel()
-    if generated != args.prompts * args.gen_len:
-        raise SystemExit(f"generate returned {generated} new tokens, expected {args.prompts} x {args.gen_len}")
+    measured, _ = timed_run(model, input_ids, args, args.nvme_dir)
     result = {
         "system": "deepspeed-zero-inference",
         "versions": {"deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
                      "torch": torch.__version__},
-        "model": args.model, "device": device, "prompts": args.prompts, "prompt_len": args.prompt_len,
-        "gen_len": args.gen_len, "prefill_s": prefill_s, "decode_s": total_s - prefill_s, "total_s": total_s,
-        "generated_tokens": generated, "tokens_per_s": generated / total_s,
-        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None, "gpu_memory_cap_bytes": cap,
+        **measured, "gpu_memory_cap_bytes": cap,
         "nvme_bytes": sum(f.stat().st_size for f in args.nvme_dir.rglob("*") if f.is_file()),
-        "page_cache": page_cache, "ds_config": cfg,
+        "ds_config": cfg,
     }
     write_result(args.json, result)
     return result
