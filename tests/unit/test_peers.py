@@ -331,7 +331,7 @@ def test_dispatched_model_computes_from_the_folder(acc, tiny_folder, tmp_path):
         assert resident == (layer0 if gpu_layers else set())  # the rest is read from the folder at each forward
         with torch.no_grad():
             assert torch.equal(model(ids).logits, want_logits)
-        out, prefill_s, total_s = acc.timed_generate(model, ids, 6, lambda: None)
+        out, prefill_s, total_s = peer_common.timed_generate(model, ids, 6, lambda: None)
         assert torch.equal(out, want_tokens) and 0 < prefill_s < total_s
 
     other = tmp_path / "seed1"
@@ -357,7 +357,7 @@ def test_main_end_to_end_on_cpu(acc, tmp_path, monkeypatch, capsys):
     assert "opt-tiny: 3 prompts x 10 tokens, 5 generated each" in capsys.readouterr().out
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    monkeypatch.setattr(acc, "drop_page_cache", lambda f: "fadvise" if f == folder else "wrong folder")
+    monkeypatch.setattr(peer_common, "drop_page_cache", lambda f: "fadvise" if f == folder else "wrong folder")
     again = acc.main(argv + ["--cold", "--gpu-layers", "2", "--no-warmup"])
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes  # the folder is reused as is
     assert again["page_cache"] == "fadvise" and again["gpu_layers"] == 2 and again["generated_tokens"] == 15
