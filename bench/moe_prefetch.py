@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from kubeflash_node.engine.bench import drop_file_pages
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.policy import Policy
 from kubeflash_node.store import convert as convert_mod
@@ -47,14 +48,6 @@ def build(preset: str, layers: int, vocab: int, dtype: str, store: Path) -> None
     os.sync()  # written pages are clean, so DONTNEED can drop them
 
 
-def drop(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def run(store: Path, *, prefetch: bool, cold: bool, prompts: list[list[int]], new: int, threads: int) -> dict:
     e = Engine(store, policy=Policy(gpu_batch_size=len(prompts), expert_prefetch=prefetch, io_threads=threads,
                                     io_backend="posix"))
@@ -64,7 +57,7 @@ def run(store: Path, *, prefetch: bool, cold: bool, prompts: list[list[int]], ne
         def cold_get(stage: int):
             w = get(stage)
             if stage in e.streamer.routed:  # this layer's experts are read from here on: from the disk
-                drop(store / e.manifest.stages[stage])
+                drop_file_pages([store / e.manifest.stages[stage]])
             return w
 
         e.streamer.get = cold_get

@@ -33,6 +33,7 @@ def main() -> None:
 
     import torch
 
+    from kubeflash_node.engine.bench import drop_file_pages
     from kubeflash_node.engine.generate import Engine, GenParams
     from kubeflash_node.engine.policy import Policy
     from kubeflash_node.engine.prefixcache import PrefixCache
@@ -53,12 +54,7 @@ def main() -> None:
     for label, store in (("no-cache", None), ("in-job+cold-node", True), ("warm-node", True)):
         if label == "warm-node" and a.drop_cache:
             os.sync()  # the blocks written are clean pages now, so DONTNEED drops them
-            for f in (p for p in a.cache.rglob("*") if p.is_file()):
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
+            drop_file_pages(p for p in a.cache.rglob("*") if p.is_file())
         cache = None if store is None else PrefixCache(store=KVBlockStore(a.cache, budget_bytes=64 << 30))
         engine = Engine(model_dir, policy=policy, device="cuda", prefix_cache=cache)
         engine.generate([[7] * 64] * 2, GenParams(max_new_tokens=2))  # warm-up (no full block: nothing cached)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from kubeflash_node.engine.bench import drop_file_pages
 from kubeflash_node.engine.cli_calibrate import calibrate
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.policy import Policy
@@ -34,13 +35,7 @@ PARTS = ("compute_layer_decode", "load_weight", "load_weight_stall", "load_neuro
 
 def drop_cached(store: Path) -> None:
     """Drop the store's files from the page cache (fadvise DONTNEED): the next reads come from the disk."""
-    for f in store.rglob("*"):
-        if f.is_file():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    drop_file_pages(f for f in store.rglob("*") if f.is_file())
 
 
 def run(store: Path, target, *, device: str, prompt: list[int], new: int, batch: int, hot: int,

@@ -59,6 +59,17 @@ class Ceilings:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
+def drop_file_pages(paths) -> None:
+    """fadvise DONTNEED on each file of `paths`: its clean pages leave the page cache, the next reads come from
+    the disk (dirty pages stay: sync first where the files were just written)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def drop_page_cache(paths: list[Path] = ()) -> str:
     """Drop the page cache (root: all of it; otherwise fadvise DONTNEED on `paths`). Returns what was done."""
     os.sync()
@@ -66,12 +77,7 @@ def drop_page_cache(paths: list[Path] = ()) -> str:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
         return "drop_caches"
     except OSError:
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+        drop_file_pages(paths)
         return "fadvise"
 
 
@@ -280,8 +286,9 @@ def roofline(*, stage_bytes: list[int], placement: list[str], w: Workload, c: Mo
         return sum(routed_layer_bytes(c, b, policy, n * w.prompt_len)
                    + (w.gen_len - 1) * routed_layer_bytes(c, b, policy, n) for n in sizes)
 
-    disk_w = round(sum(moved(i, b) for i, (b, p) in enumerate(zip(stage_bytes, placement)) if p == "disk"))
-    pcie_w = round(sum(moved(i, b) for i, (b, p) in enumerate(zip(stage_bytes, placement)) if p in ("disk", "cpu")))
+    streamed = [(moved(i, b), p) for i, (b, p) in enumerate(zip(stage_bytes, placement)) if p in ("disk", "cpu")]
+    disk_w = round(sum(b for b, p in streamed if p == "disk"))
+    pcie_w = round(sum(b for b, _ in streamed))
     read_token, write_token = kv_link_bytes(c, policy, itemsize)
     # decode step s reads the prefix back (prompt_len + s tokens) and writes one token, per sequence
     kv_read = sum((w.prompt_len + s) for s in range(1, w.gen_len)) * read_token * w.prompts
