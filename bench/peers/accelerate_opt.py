@@ -40,7 +40,6 @@ import argparse
 import json
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import accelerate
@@ -144,10 +143,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip the untimed 1-token warm-up on a short prompt")
     args = p.parse_args(argv)
-    check_workload(p, args)
+    check_workload(p, args, positions=2048, family="OPT")
     layers = PRESETS[args.model][1]
-    if args.prompt_len + args.gen_len > 2048:
-        p.error(f"--prompt-len + --gen-len = {args.prompt_len + args.gen_len} exceeds OPT's 2048 positions")
     if not 0 <= args.gpu_layers <= layers:
         p.error(f"--gpu-layers {args.gpu_layers}: {args.model} has {layers} decoder layers")
     return args
@@ -155,8 +152,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    # The dispatched model's first parameter is on the meta device, so generate warns that the inputs are elsewhere.
-    warnings.filterwarnings("ignore", message=r"You are calling \.generate\(\) with the `input_ids` being on a device")
     cuda = args.device == "cuda"
     device = "cuda:0" if cuda else "cpu"
     cap = cap_gpu_memory(args.gpu_memory) if cuda else None
@@ -164,9 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     ensure_weights(config, args.offload_folder, args.seed)
     model = dispatched_model(config, args.offload_folder, device, args.gpu_layers)
 
-    generator = torch.Generator().manual_seed(args.seed)
-    input_ids = torch.randint(4, config.vocab_size, (args.prompts, args.prompt_len), generator=generator).to(device)
-    measured, _ = timed_run(model, input_ids, args, args.offload_folder, warmup=args.warmup)
+    measured = timed_run(model, config.vocab_size, args, args.offload_folder, warmup=args.warmup)
     result = {
         "system": "accelerate-disk-offload",
         "versions": {"transformers": transformers.__version__, "accelerate": accelerate.__version__,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -46,6 +45,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+AIRLLM_MAX_SEQ = 4096  # the sequence length AirLLM's model is built for (prompt + generated tokens)
 # name: (hidden, layers, heads, kv heads, ffn, vocab, positions); llama-tiny is for tests
 LLAMA_PRESETS = {
     "llama-3-8b": (4096, 32, 32, 8, 14336, 128256, 8192),
@@ -133,7 +133,7 @@ def airllm_model(preset: str, folder: Path, device: str):
         def get_tokenizer(self, hf_token=None):
             return None  # the prompts are token ids
 
-    return Streamed(str(folder), device=device, dtype=torch.float16, max_seq_len=4096)
+    return Streamed(str(folder), device=device, dtype=torch.float16, max_seq_len=AIRLLM_MAX_SEQ)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -147,13 +147,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", type=Path, required=True, metavar="FILE", help="write the result to this JSON file")
     add_workload_args(p, gen_default=4)
     args = p.parse_args(argv)
-    check_workload(p, args)
+    config = hf_config(args.model)
+    check_workload(p, args, positions=min(config.max_position_embeddings, AIRLLM_MAX_SEQ),
+                   family=f"{args.model} under AirLLM")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    warnings.filterwarnings("ignore", message=r"You are calling \.generate\(\) with the `input_ids` being on a device")
     cuda = args.device == "cuda"
     device = "cuda:0" if cuda else "cpu"
     cap = cap_gpu_memory(args.gpu_memory) if cuda else None
@@ -161,9 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     ensure_checkpoint(config, args.hf_dir, args.seed)
     model = airllm_model(args.model, args.hf_dir, device)
 
-    generator = torch.Generator().manual_seed(args.seed)
-    input_ids = torch.randint(4, config.vocab_size, (args.prompts, args.prompt_len), generator=generator).to(device)
-    measured, _ = timed_run(model, input_ids, args, args.hf_dir)
+    measured = timed_run(model, config.vocab_size, args, args.hf_dir)
     import airllm
 
     result = {

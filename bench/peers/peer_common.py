@@ -68,12 +68,15 @@ def add_workload_args(p: argparse.ArgumentParser, *, gen_default: int) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the weights and prompt ids (default 0)")
 
 
-def check_workload(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse what add_workload_args' values cannot run (exits with the parser's usage error)."""
+def check_workload(p: argparse.ArgumentParser, args: argparse.Namespace, *, positions: int, family: str) -> None:
+    """Refuse what add_workload_args' values cannot run (exits with the parser's usage error): `positions` is what
+    the model (`family`, for the message) can attend over."""
     import torch
 
     if min(args.prompts, args.prompt_len, args.gen_len) < 1:
         p.error("--prompts, --prompt-len and --gen-len must be at least 1")
+    if args.prompt_len + args.gen_len > positions:
+        p.error(f"--prompt-len + --gen-len = {args.prompt_len + args.gen_len} exceeds {family}'s {positions} positions")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device: use --device cpu")
     if args.device == "cpu" and args.gpu_memory is not None:
@@ -95,9 +98,14 @@ class _FirstTokenClock:
 
 def timed_generate(model, input_ids, gen_len: int, sync):
     """Greedy generate of exactly `gen_len` tokens; returns (output ids, prefill seconds, total seconds)."""
+    import warnings
+
     import torch
     from transformers import LogitsProcessorList
 
+    # a streamed or dispatched model's first parameter is on the meta device (or swapped out), so generate warns
+    # that the inputs are elsewhere
+    warnings.filterwarnings("ignore", message=r"You are calling \.generate\(\) with the `input_ids` being on a device")
     clock = _FirstTokenClock(sync)
     sync()
     start = time.perf_counter()
@@ -107,13 +115,17 @@ def timed_generate(model, input_ids, gen_len: int, sync):
     return out, clock.at - start, time.perf_counter() - start
 
 
-def timed_run(model, input_ids, args: argparse.Namespace, folder: Path, *, warmup: bool = True) -> tuple[dict, object]:
-    """The measured part every runner shares: a 1-token warm-up on a short prompt (untimed), the page cache dropped
-    with --cold, then one timed generate of --gen-len tokens. Returns (the result fields it measured, output ids)."""
+def timed_run(model, vocab_size: int, args: argparse.Namespace, folder: Path, *, warmup: bool = True) -> dict:
+    """The measured part every runner shares: --prompts random prompts of --prompt-len token ids (seeded by --seed),
+    a 1-token warm-up on a short prompt (untimed), the page cache dropped with --cold, then one timed generate of
+    --gen-len tokens. Returns the result fields it measured."""
     import torch
 
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    generator = torch.Generator().manual_seed(args.seed)
+    input_ids = torch.randint(4, vocab_size, (args.prompts, args.prompt_len), generator=generator)
+    input_ids = input_ids.to("cuda:0" if cuda else "cpu")
     if warmup:
         timed_generate(model, input_ids[:1, :8], 1, sync)
     page_cache = drop_page_cache(folder) if args.cold else "warm"
@@ -127,4 +139,4 @@ def timed_run(model, input_ids, args: argparse.Namespace, folder: Path, *, warmu
             "prompt_len": args.prompt_len, "gen_len": args.gen_len, "prefill_s": prefill_s,
             "decode_s": total_s - prefill_s, "total_s": total_s, "generated_tokens": generated,
             "tokens_per_s": generated / total_s, "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-            "page_cache": page_cache}, out
+            "page_cache": page_cache}

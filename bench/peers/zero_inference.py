@@ -33,7 +33,6 @@ import argparse
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -94,13 +93,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", type=Path, required=True, metavar="FILE", help="write the result to this JSON file")
     add_workload_args(p, gen_default=4)
     args = p.parse_args(argv)
-    check_workload(p, args)
+    check_workload(p, args, positions=hf_config(args.model).max_position_embeddings, family=args.model)
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    warnings.filterwarnings("ignore", message=r"You are calling \.generate\(\) with the `input_ids` being on a device")
     cuda = args.device == "cuda"
     device = "cuda:0" if cuda else "cpu"
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
@@ -118,9 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.nvme_dir.mkdir(parents=True)
     model, cfg = zero_model(config, args.nvme_dir, device, dtype)
 
-    generator = torch.Generator().manual_seed(args.seed)
-    input_ids = torch.randint(4, config.vocab_size, (args.prompts, args.prompt_len), generator=generator).to(device)
-    measured, _ = timed_run(model, input_ids, args, args.nvme_dir)
+    measured = timed_run(model, config.vocab_size, args, args.nvme_dir)
     result = {
         "system": "deepspeed-zero-inference",
         "versions": {"deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
