@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sparsity_accuracy import smollm2_float32
 
 from kubeflash_node.engine import predictor, sparse
 from kubeflash_node.engine.autocalib import TEXT as CAL_TEXT
@@ -36,7 +37,6 @@ from kubeflash_node.engine.cli_calibrate import calibrate, gate_matrices
 from kubeflash_node.engine.generate import Engine
 from kubeflash_node.engine.model import ACTIVATIONS
 from kubeflash_node.engine.policy import Policy
-from kubeflash_node.store.convert import convert
 from kubeflash_node.store.format import load_manifest
 from kubeflash_node.store.modelconfig import ModelConfig
 
@@ -79,12 +79,7 @@ def main() -> int:
     ap.add_argument("--recalls", type=floats, default=[0.99, 0.95])
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    store = args.work / "smollm2-float32"
-    if not store.exists():
-        convert("builtin:smollm2-135m", store, dtype="float32")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(store / "tokenizer"))
+    store, tok = smollm2_float32(args.work)
     cal_ids = tok(CAL_TEXT.read_text())["input_ids"][:args.cal_tokens]
     eval_ids = tok(EVAL_TEXT.read_text())["input_ids"][:args.eval_tokens]
     c = ModelConfig.from_dict(load_manifest(store).config)

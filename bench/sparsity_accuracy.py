@@ -37,6 +37,16 @@ TARGETS = (0.0, 0.25, 0.4, 0.5, 0.6)
 PROMPTS = [*ACCURACY_PROMPTS, "What does a compiler do?"]  # bench/accuracy.py's prompts, and one more
 
 
+def smollm2_float32(work: Path):
+    """(SmolLM2-135M converted to a float32 store under `work`, once; its tokenizer)."""
+    store = work / "smollm2-float32"
+    if not store.exists():
+        convert("builtin:smollm2-135m", store, dtype="float32")
+    from transformers import AutoTokenizer
+
+    return store, AutoTokenizer.from_pretrained(str(store / "tokenizer"))
+
+
 def greedy(store: Path, prompts, new: int, ffn) -> list[list[int]]:
     bundled = ffn is not None and ffn.bundles is not None  # streamed: layers come without up/down, bundles read
     e = Engine(store, policy=Policy(weights_gpu_percent=0 if bundled else 100, gpu_batch_size=1), sparsity=ffn)
@@ -68,12 +78,7 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=32, help="greedy tokens per chat prompt")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    store = args.work / "smollm2-float32"
-    if not store.exists():
-        convert("builtin:smollm2-135m", store, dtype="float32")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(store / "tokenizer"))
+    store, tok = smollm2_float32(args.work)
     ids = tok(TEXT.read_text())["input_ids"]
     cal_ids, eval_ids = ids[:args.cal_tokens], ids[args.eval_start:args.eval_start + args.eval_tokens]
     chats = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True, add_generation_prompt=True,
