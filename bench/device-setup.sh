@@ -22,3 +22,14 @@ fi
 # KF_TREE: the tree whose kubeflash runs (default this checkout; bench/issue18-gpu.sh points it at the tree before)
 export PYTHONPATH=/tmp/site:${KF_TREE:-$PWD}/node-agent:${KF_TREE:-$PWD}/operator
 export PYTHONUNBUFFERED=1
+# incg CMD…: run CMD inside a cgroup v2 with memory.max=$CG (host memory and page cache together); where none can be
+# made, without it, said loudly (bench/peers.sh, bench/moe-gpu.sh)
+incg() {
+  echo +memory > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
+  if mkdir -p /sys/fs/cgroup/kf 2>/dev/null && echo "$CG" > /sys/fs/cgroup/kf/memory.max 2>/dev/null; then
+    (echo $BASHPID > /sys/fs/cgroup/kf/cgroup.procs && exec "$@")
+  else
+    echo "WARNING: no cgroup v2 memory controller here: running WITHOUT memory.max=$CG" >&2
+    "$@"
+  fi
+}

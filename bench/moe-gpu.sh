@@ -13,14 +13,6 @@ STORE=${STORE:-/root/kfb}
 CG=${CG:-12G}
 KF="python3 -m kubeflash_node.cli"
 mkdir -p "$STORE"
-incg() {
-  echo +memory > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
-  if mkdir -p /sys/fs/cgroup/kf 2>/dev/null && echo "$CG" > /sys/fs/cgroup/kf/memory.max 2>/dev/null; then
-    (echo $BASHPID > /sys/fs/cgroup/kf/cgroup.procs && exec "$@")
-  else
-    echo "WARNING: no cgroup v2 memory controller here: running WITHOUT memory.max=$CG"; "$@"
-  fi
-}
 run() { # name model batch gen [bench args…]
   local name=$1 model=$2 b=$3 gen=$4; shift 4
   echo "=== $name: kubeflash bench --model $STORE/$model --prompts $b --prompt-len ${PLEN:-8} --gen-len $gen $* (cgroup $CG)"

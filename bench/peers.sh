@@ -15,15 +15,6 @@ GPU=${GPU:-12GiB}
 PLEN=${PLEN:-512}
 mkdir -p "$STORE" "$RES"
 KF="python3 -m kubeflash_node.cli"
-incg() { # run a command inside the cgroup (memory.max=$CG); where none can be made, without it, said loudly
-  echo +memory > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
-  if mkdir -p /sys/fs/cgroup/kf 2>/dev/null && echo "$CG" > /sys/fs/cgroup/kf/memory.max 2>/dev/null; then
-    (echo $BASHPID > /sys/fs/cgroup/kf/cgroup.procs && exec "$@")
-  else
-    echo "WARNING: no cgroup v2 memory controller here: running WITHOUT memory.max=$CG" >&2
-    "$@"
-  fi
-}
 ours() { # name prompts [bench args…]: kubeflash bench, auto policy unless args pin one
   local name=$1 n=$2; shift 2
   echo "=== $name: kubeflash bench --prompts $n $*"
