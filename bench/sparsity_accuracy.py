@@ -10,6 +10,10 @@ matrix bytes a decode step at batch 1 needs (gate whole + an up row and a down c
 what dense reads, counted by engine/sparse.py's FFNReads during the greedy runs; the same measured: the gate
 plus the bytes the neuron-bundle reader's preadv calls returned (store/bundles.py, one read per run of
 consecutive active neurons, "reads / layer"); and the whole model's layer bytes (attention and norms in full).
+
+Each target is measured twice: method "gate" (CATS: threshold on act(gate(h)), gate read whole, neuron bundles)
+and method "input" (TEAL: thresholds on the FFN input before gate/up and on the intermediate before down, the
+kept columns read from the input-channel files, store/channels.py), from the same calibration run.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.policy import Policy
 from kubeflash_node.store import sparsity as cal
 from kubeflash_node.store.bundles import BundleReader, write_bundles
+from kubeflash_node.store.channels import ChannelReader, write_channels
 from kubeflash_node.store.convert import convert
 from kubeflash_node.store.format import load_manifest
 
@@ -48,7 +53,8 @@ def smollm2_float32(work: Path):
 
 
 def greedy(store: Path, prompts, new: int, ffn) -> list[list[int]]:
-    bundled = ffn is not None and ffn.bundles is not None  # streamed: layers come without up/down, bundles read
+    # streamed: layers come without their bundled / channel-cut matrices, those read per active neuron or channel
+    bundled = ffn is not None and (ffn.bundles is not None or ffn.channels is not None)
     e = Engine(store, policy=Policy(weights_gpu_percent=0 if bundled else 100, gpu_batch_size=1), sparsity=ffn)
     try:
         return [c.tokens for c in e.generate(prompts, GenParams(max_new_tokens=new))]
@@ -86,6 +92,7 @@ def main() -> int:
     t0 = time.perf_counter()
     calibrate(store, cal_ids, TARGETS, window=512)
     write_bundles(store)
+    write_channels(store)
     print(f"calibrated on {len(cal_ids)} tokens in {time.perf_counter() - t0:.0f} s; evaluating on "
           f"{len(eval_ids)} tokens (tokens {args.eval_start}..), {len(PROMPTS)} prompts x {args.new} greedy tokens",
           file=sys.stderr)
@@ -98,30 +105,34 @@ def main() -> int:
     layer, ffn_bytes = layer_bytes(store)
     rows = [{"sparsity": "off (dense)", "ppl": dense_ppl, "ppl_increase_pct": 0.0, "top1_agreement": 1.0,
              "token_sparsity": 0.0, "greedy_prefix": 1.0, "greedy_identical": len(chats), "ffn_read_fraction": 1.0,
-             "ffn_read_fraction_measured": 1.0, "layer_read_fraction": 1.0, "runs_per_layer_call": 1}]
-    for target in TARGETS:
+             "ffn_read_fraction_measured": 1.0, "layer_read_fraction": 1.0, "runs_per_layer_call": 1,
+             "method": "-"}]
+    for target, method in [(t, m) for t in TARGETS for m in ("gate", "input")]:
         th = cal.thresholds_for(store, target, num_layers=n_layers, field="target")
-        ffn = sparse.SparseFFN(th, num_layers=n_layers, target=target)
+        ins = cal.input_thresholds_for(store, target, num_layers=n_layers, field="target") if method == "input" \
+            else None
+        ffn = sparse.SparseFFN(th, num_layers=n_layers, target=target, inputs=ins)
         e = Engine(store, policy=resident, sparsity=ffn)
         ppl, top = sparse.perplexity(e, eval_ids)
         e.close()
         tf_sparsity = ffn.reads.summary()["token_sparsity"]
-        reader = BundleReader(store)
-        dec = sparse.SparseFFN(th, num_layers=n_layers, target=target, bundles=reader)
+        reader = BundleReader(store) if method == "gate" else ChannelReader(store)
+        dec = sparse.SparseFFN(th, num_layers=n_layers, target=target, inputs=ins,
+                               **({"bundles": reader} if method == "gate" else {"channels": reader}))
         out = greedy(store, chats, args.new, dec)
         reader.close()
         d = dec.reads.summary()["decode"]
         frac = d["ffn_read_fraction"]
-        gate = d["ffn_bytes_per_layer_token_dense"] / 3  # SwiGLU: gate [I, H], up [I, H], down [H, I], one size
+        gate = d["ffn_bytes_per_layer_token_dense"] / 3 if method == "gate" else 0  # CATS reads the gate whole
         measured = (gate + d["bundle_bytes_per_layer_token"]) / d["ffn_bytes_per_layer_token_dense"]
-        rows.append({"sparsity": target, "ppl": ppl, "ppl_increase_pct": 100 * (ppl / dense_ppl - 1),
+        rows.append({"sparsity": target, "method": method, "ppl": ppl, "ppl_increase_pct": 100 * (ppl / dense_ppl - 1),
                      "top1_agreement": float((top == dense_top).float().mean()), "token_sparsity": tf_sparsity,
                      "greedy_prefix": sum(prefix_match(d, s) for d, s in zip(dense_out, out)) / len(chats),
                      "greedy_identical": sum(d == s for d, s in zip(dense_out, out)), "ffn_read_fraction": frac,
                      "layer_read_fraction": (layer - ffn_bytes * (1 - frac)) / layer,
                      "runs_per_layer_call": d["runs_per_layer_call"], "ffn_read_fraction_measured": measured,
                      "bundle_bytes_per_layer_token": d["bundle_bytes_per_layer_token"]})
-        print(f"  target {target}: done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        print(f"  target {target} {method}: done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(table(rows, len(chats), args.new))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "eval_tokens": len(eval_ids), "cal_tokens": len(cal_ids),
@@ -130,13 +141,14 @@ def main() -> int:
 
 
 def table(rows, n_prompts: int, new: int) -> str:
-    head = ("| target | perplexity | vs dense | top-1 = dense | dropped activations | greedy prefix = dense | "
+    head = ("| target | method | perplexity | vs dense | top-1 = dense | dropped activations | greedy prefix = dense | "
             f"greedy identical (of {n_prompts} x {new}) | FFN bytes / token (counted) | FFN bytes / token (read "
             "from bundles) | reads / layer | layer bytes / token |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         t = r["sparsity"] if isinstance(r["sparsity"], str) else f"{r['sparsity']:.2f}"
-        lines.append(f"| {t} | {r['ppl']:.3f} | {r['ppl_increase_pct']:+.2f}% | {100 * r['top1_agreement']:.1f}% | "
+        lines.append(f"| {t} | {r['method']} | {r['ppl']:.3f} | {r['ppl_increase_pct']:+.2f}% | "
+                     f"{100 * r['top1_agreement']:.1f}% | "
                      f"{100 * r['token_sparsity']:.1f}% | {100 * r['greedy_prefix']:.1f}% | {r['greedy_identical']} | "
                      f"{100 * r['ffn_read_fraction']:.1f}% | {100 * r['ffn_read_fraction_measured']:.1f}% | "
                      f"{r['runs_per_layer_call']} | {100 * r['layer_read_fraction']:.1f}% |")

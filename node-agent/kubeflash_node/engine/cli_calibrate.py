@@ -2,10 +2,11 @@
 
 Runs the model densely over the calibration text (windows of --window tokens, teacher forced), records the
 magnitude of every FFN activation per layer, and writes, for each target sparsity, the per-layer threshold below
-which that share of activations fell (`<model dir>/sparsity.json`, crash-safe). A job then runs sparse with
-`spec.offload.sparsity: 0.5` (one of the calibrated targets). The file names the model it was made for; a model
-converted again is refused until it is calibrated again. OPT (ReLU) models need no calibration: their own zeros
-are the sparsity.
+which that share of activations fell (`<model dir>/sparsity.json`, crash-safe), and the same for the FFN input and
+the intermediate activation (input sparsity, TEAL: what a run uses where the input-channel files exist). A job
+then runs sparse with `spec.offload.sparsity: 0.5` (one of the calibrated targets). The file names the model it
+was made for; a model converted again is refused until it is calibrated again. OPT (ReLU) models need no
+calibration: their own zeros are the sparsity.
 
 MODEL is a model directory (kubeflash convert --out DIR) or a source as spec.model.uri takes it
 (builtin:smollm2-135m, a Hugging Face directory, a .gguf file), converted into the local store first exactly as
@@ -62,6 +63,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "side, 2/3 of the FFN bytes again, plus each neuron's activation frequency per target): a "
                         "sparse `kubeflash run` then reads only the active neurons' bundles of streamed layers "
                         "(default on; --no-bundle: thresholds only, streamed layers are read whole)")
+    p.add_argument("--channels", action=argparse.BooleanOptionalAction, default=True,
+                   help="write input-channel FFN files (ffn_channels/: each input channel's gate and up column side "
+                        "by side, then each neuron's down column; as many bytes as the FFN again): a sparse `kubeflash "
+                        "run` of a Llama-family model then thresholds the FFN's inputs (TEAL) and reads only the kept "
+                        "channels' columns, fewer bytes than the neuron bundles (docs/sparsity.md); default on; "
+                        "--no-channels: the gate-activation method with neuron bundles")
     p.add_argument("--predictor-rank", type=int_range(0, 4096), default=256,
                    help="with --bundle: rank of each layer's low-rank activation predictor (Deja Vu-style, fitted on "
                         "the FFN inputs of up to 4,096 calibration tokens a layer), used by the layers where, on "
@@ -129,6 +136,10 @@ def calibrate_cli(args: argparse.Namespace) -> Path:
                          "(a few pages of ordinary prose)")
     path, rec = calibrate(model_dir, ids, args.sparsity, device=device, window=args.window,
                           progress=not args.quiet, text_sha256=_sha256(args.text), recorder=True)
+    if args.channels and manifest.config.get("architecture", "llama") != "opt":
+        from ..store.channels import write_channels
+
+        print(f"input-channel files: {write_channels(model_dir)}")
     if args.bundle:
         from ..store.bundles import write_bundles
 
@@ -222,7 +233,7 @@ def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, de
             bar.close()
     thresholds = rec.thresholds_at(targets)
     made = cal.Calibration(model_id=model_dir.name, manifest_sha256=digest, tokens=len(ids), text_sha256=text_sha256,
-                           thresholds=thresholds)
+                           thresholds=thresholds, inputs=rec.input_thresholds_at(targets))
     path = cal.save(model_dir, made) if write else made
     return (path, rec) if recorder else (path, {t: rec.frequency_at(th) for t, th in thresholds.items()})
 

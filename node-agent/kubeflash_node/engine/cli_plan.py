@@ -299,13 +299,16 @@ def _offload_yaml(pr, prefetch: bool | None = None) -> str:
 
 
 def _sparse_cost(spec, config, itemsize: int):
-    """spec.offload.sparsity as the cost model prices it (costmodel.SparseCost), or None (off, or a MoE model).
-    The hot set's hit rate is its share of the bundles (a uniform assumption; calibration frequencies do better)."""
+    """spec.offload.sparsity as the cost model prices it (costmodel.SparseCost), or None (off, or a MoE model):
+    input sparsity (TEAL) for the Llama family, gate-activation reads of neuron bundles for OPT. The hot set's
+    hit rate is its share of the bundles (a uniform assumption; calibration frequencies do better)."""
     from .costmodel import SparseCost, updown_bytes
     from .sparse import hot_budget
 
     if spec.offload.sparsity is None or config.num_experts:
         return None
+    if config.architecture != "opt":  # kubeflash calibrate writes input-channel files: a run reads input-sparse
+        return SparseCost(spec.offload.sparsity, method="input")
     hot = hot_budget(spec.resources, "cuda")
     return SparseCost(spec.offload.sparsity, hot, min(1.0, hot / (config.num_layers * updown_bytes(config, itemsize))))
 

@@ -70,6 +70,10 @@ class SparseCost:
     hot_hit: float = 0.0  # share of active-neuron requests the hot set serves (calibration frequency; else its size share)
     window_hit: float = 0.0  # share of a decode step's active neurons the window still holds (0 unless measured)
     gap: int | None = None  # runs this many inactive neurons apart are read as one (None: merge_gap from the disk)
+    # "gate": CATS, the gate read ahead with the layer, up/down per active neuron from the bundles; "input": TEAL,
+    # gate/up columns per kept input channel and down columns per kept neuron from the input-channel files, nothing
+    # of the FFN read ahead (no hot set or window: hot_hit and window_hit unused)
+    method: str = "gate"
 
     def read_share(self, tokens: int, decode: bool) -> float:
         """Expected share of a layer's neurons whose bundles one call of `tokens` tokens reads: the union of the
@@ -402,6 +406,23 @@ def sparse_layer_bytes(c: ModelConfig, stored: int, s: SparseCost, tokens: int, 
     return stored - updown, updown * min(1.0, share * (1 + through)), runs
 
 
+def input_layer_bytes(c: ModelConfig, stored: int, s: SparseCost, tokens: int, itemsize: int, *, op_s: float,
+                      gbps: float) -> tuple[float, float, float]:
+    """(bytes read ahead: the layer without its three FFN matrices; column bytes one call of `tokens` tokens reads;
+    its reads) for a streamed layer of an input-sparse (TEAL) run: each input channel and each intermediate neuron
+    kept with probability 1 - target per token, independently; a kept input channel costs a gate and an up column
+    (2I elements), a kept neuron a down column (H). Runs closer than merge_gap apart are read as one."""
+    share = 1 - s.target ** max(tokens, 1)
+    q = 1 - share
+    ahead, demand, runs = stored - 3 * c.hidden_size * c.intermediate_size * itemsize, 0.0, 0.0
+    for n, row in ((c.hidden_size, 2 * c.intermediate_size * itemsize), (c.intermediate_size, c.hidden_size * itemsize)):
+        gap = merge_gap(row, op_s, gbps) if s.gap is None else s.gap
+        through = sum(k * share * q ** k for k in range(1, gap + 1))
+        demand += n * row * min(1.0, share * (1 + through))
+        runs += n * share * q ** (gap + 1) + share
+    return ahead, demand, runs
+
+
 def _placement(c: ModelConfig, p: Policy, n: int) -> list[str]:
     where = p.placement(n)
     if c.tie_word_embeddings:
@@ -547,7 +568,15 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
         # the routed experts come in one read each, slower per byte than a whole layer's read: their extra time
         slow = (moved - stored * (1 - e.c.expert_share())) * (1 / e.cal.expert_read_share - 1)
     comp = _rate(dense, e.cal.dequant_gbps) if where != "gpu" and stored != dense else 0.0
-    if where == "disk" and layer and sparse is not None:  # each micro-batch reads its active bundles on demand
+    if where == "disk" and layer and sparse is not None and sparse.method == "input":  # kept columns on demand
+        moved = stored - 3 * e.c.hidden_size * e.c.intermediate_size * e.itemsize
+        op_s = read_op_s(e.ceil, e.cal)
+        for b, m in mbs.items():
+            _, demand, runs = input_layer_bytes(e.c, stored, sparse, b * s_new, e.itemsize, op_s=op_s,
+                                                gbps=e.ceil.disk_read_cold)
+            moved += m * demand
+            comp += m * (_rate(demand, e.ceil.disk_read_cold) + runs * op_s)
+    elif where == "disk" and layer and sparse is not None:  # each micro-batch reads its active bundles on demand
         moved = stored - updown_bytes(e.c, e.itemsize)
         op_s = read_op_s(e.ceil, e.cal)
         gap = sparse.gap if sparse.gap is not None else merge_gap(
@@ -690,6 +719,9 @@ def _reads(s: SparseCost | None) -> str:
     if s is None:
         return ""
     hot = f", hot neurons {s.hot_bytes / 2**30:.2f} GiB" if s.hot_bytes else ""
+    if s.method == "input":
+        return (f", input-sparse FFN reads (target {s.target:g}: {100 * (1 - s.target):.0f}% of gate/up/down columns a "
+                "decode token)")
     return f", sparse FFN reads (target {s.target:g}: {100 * s.read_share(1, True):.0f}% of up/down a decode token{hot})"
 
 

@@ -81,7 +81,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         check_kv_disk(spec, policy, manifest=manifest, job=shape)
         policy, prefetch = _expert_prefetch(spec, policy, config=config, manifest=manifest, job=shape, machine=machine,
                                             itemsize=itemsize)
-        if sparsity is not None and sparsity.bundles is not None:
+        if sparsity is not None and (sparsity.bundles is not None or sparsity.channels is not None):
             _follow_reads(sparsity, spec, chosen, policy, config=config, manifest=manifest, job=shape, machine=machine,
                           itemsize=itemsize)
         prefix = _prefix_cache(spec, kv_cache_dir)
@@ -225,10 +225,12 @@ def _sparsity(spec: JobSpec, config: ModelConfig, model_dir: Path, device: str, 
 
 def _sparse_cost(sparsity, config: ModelConfig, itemsize: int):
     """The job's sparse FFN reads as the cost model prices them (None: no bundles to read sparsely)."""
-    if sparsity is None or sparsity.bundles is None:
+    if sparsity is None or (sparsity.bundles is None and sparsity.channels is None):
         return None
     from .costmodel import SparseCost, updown_bytes
 
+    if sparsity.channels is not None:  # input sparsity (TEAL): kept columns from the input-channel files
+        return SparseCost(sparsity.target, method="input")
     hot = sum(len(ids) for ids in sparsity.hot or []) * sparsity.bundles.row_bytes
     return SparseCost(sparsity.target, hot, min(1.0, hot / (config.num_layers * updown_bytes(config, itemsize))),
                       gap=sparsity.gap)

@@ -13,6 +13,14 @@ token still drops its own inactive ones, so a step of many tokens computes exact
 runs of consecutive active neurons (one read each in a bundled layout). The model calls in through one hook:
 `llama_layer`/`opt_layer` call `w["sparse_ffn"](c, w, h)` when the engine put one in the layer's weights.
 
+Method "input" (TEAL, Llama family) thresholds the FFN's inputs instead: an entry of the normalized FFN input h
+with |h_c| <= tin_l is dropped before gate and up, so only the gate and up columns of the kept input channels are
+needed; an entry of the intermediate activation m = act(gate(h)) * up(h) with |m_i| <= tmid_l is dropped before
+down, so only the kept neurons' down columns are needed. Nothing is read whole: at a target t a decode token needs
+about (1 - t) of all three matrices, against 1/3 + 2/3 (1 - t) above. Both thresholds come from the same
+calibration (quantiles of |h| and |m|). Streamed from disk, the columns come from the input-channel files
+(store/channels.py: one gate|up bundle per input channel, then the down columns), one read per run.
+
 With neuron bundles (store/bundles.py) a layer streamed from disk arrives without its up/down matrices (the
 streamer skips them, `skip_tensors`): the active neurons' bundles come from a `NeuronCache` (neurons.py: a hot
 set chosen from calibration frequency, a window of recently active neurons, the rest read from the SSD).
@@ -85,8 +93,14 @@ class SparseFFN:
 
     def __init__(self, thresholds: Sequence[float] | None, *, num_layers: int, target: float | None = None,
                  source: str = "calibrated", bundles=None, hot: list[list[int]] | None = None,
-                 window: int = 0, gap: int = 0):
+                 window: int = 0, gap: int = 0, inputs: Sequence[tuple[float, float]] | None = None,
+                 channels=None):
         self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
+        # method "input" (TEAL): per layer (threshold on |FFN input|, on |intermediate|); "gate" (CATS) otherwise
+        self.input_th = None if inputs is None else [(float(a), float(b)) for a, b in inputs]
+        self.method = "gate" if self.input_th is None else "input"
+        self.channels = channels  # store.channels.ChannelReader: gate/up columns and down columns, per run
+        self.channel_gaps = (0, 0)  # runs of kept input channels / down columns this many apart are read as one
         self.bundles = bundles  # store.bundles.BundleReader: up rows / down columns read from the bundle files
         self.hot, self.window = hot, window  # hot neuron ids per layer, kept; decode calls a read bundle stays
         self.gap = gap  # runs of missing neurons this many inactive ones apart are read as one (neurons.merged)
@@ -99,6 +113,8 @@ class SparseFFN:
         self.samples: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.vectors: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # [n, I] float16, recording
         self.inputs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # [n, H] float16 FFN inputs
+        self.in_samples: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # |FFN input| samples
+        self.mid_samples: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # |act(gate) * up| samples
         self._gen = torch.Generator().manual_seed(0)
         self._layers = [self._for_layer(j) for j in range(num_layers)]
 
@@ -122,6 +138,9 @@ class SparseFFN:
         """Read as the cost model picked: sparse keeps the bundles; dense reads every streamed layer whole and
         gathers the active neurons from its matrices (the same neurons, the same outputs)."""
         self.choice = ("sparse" if sparse_reads else "dense", why)
+        if not sparse_reads and self.channels is not None:  # the same kept columns, gathered from whole layers
+            self.channels.close()
+            self.channels = None
         if not sparse_reads and self.bundles is not None:
             self.bundles.close()
             self.bundles = None
@@ -133,6 +152,8 @@ class SparseFFN:
     def skip_tensors(self, stage: int) -> frozenset[str]:
         """Tensors streamed stage `stage` may be read without (the bundles hold up/down; a layer whose predictor
         decides needs only the predicted gate rows), for the WeightStreamer."""
+        if self.channels is not None and 1 <= stage <= len(self.thresholds):
+            return frozenset({"w_gate", "w_up", "w_down"})  # every column needed comes from the channel files
         if self.bundles is None or not 1 <= stage <= len(self.thresholds):
             return frozenset()
         if self.predictor is not None and self.predictor.use[stage - 1]:
@@ -143,6 +164,8 @@ class SparseFFN:
         """One line for `kubeflash run`'s output."""
         s = self.reads.summary()
         out = f"sparsity {self.target:g} ({self.source}): {100 * s['token_sparsity']:.1f}% of FFN activations dropped"
+        if self.method == "input":
+            return out + self._input_line(s)
         if "decode" in s:
             d = s["decode"]
             out += (f"; decode needs {100 * d['ffn_read_fraction']:.1f}% of the FFN matrix bytes (gate whole, up/down "
@@ -164,6 +187,20 @@ class SparseFFN:
                         f"{n.hot_bytes / 2**20:.1f} MiB, window {self.window})")
         return out
 
+    def _input_line(self, s: dict) -> str:
+        out = " (input sparsity: FFN inputs before gate/up, intermediate before down)"
+        if "decode" in s:
+            d = s["decode"]
+            out += (f"; decode needs {100 * d['ffn_read_fraction']:.1f}% of the FFN matrix bytes (gate/up columns of "
+                    f"kept input channels, down columns of kept neurons), {d['runs_per_layer_call']:g} runs a layer")
+        if self.choice is not None:
+            out += f"; {self.choice[1]}"
+        if self.channels is None and self.choice is None:
+            out += "; no input-channel files (kubeflash calibrate writes them), so streamed layers are read whole"
+        elif self.channels is not None:
+            out += f"; {self.channels.bytes_read / 2**20:.1f} MiB read from the input-channel files"
+        return out
+
     def weights(self) -> dict | None:
         """Weight bytes the engine read and would have read dense (None without bundles or an engine)."""
         t = self.timings
@@ -174,7 +211,9 @@ class SparseFFN:
                 "dense": base + t.bytes["load_weight_skipped"], "neurons": t.bytes["load_neurons"]}
 
     def describe(self) -> dict:
-        out = {"target": self.target, "source": self.source, **self.reads.summary()}
+        out = {"target": self.target, "source": self.source, "method": self.method, **self.reads.summary()}
+        if self.channels is not None:
+            out["channel_bytes_read"], out["channel_reads"] = self.channels.bytes_read, self.channels.reads
         if self.choice is not None:
             out["reads"], out["reads_why"] = self.choice
         if self.bundles is not None:
@@ -194,7 +233,7 @@ class SparseFFN:
         return out
 
     def close(self) -> None:
-        for r in (self.bundles, self.gates):
+        for r in (self.bundles, self.gates, self.channels):
             if r is not None:
                 r.close()
 
@@ -206,6 +245,8 @@ class SparseFFN:
     def ffn(self, c: ModelConfig, w: dict, h: torch.Tensor, layer: int) -> torch.Tensor:
         # h: [B, S, H] the normalized FFN input -> [B, S, H] the FFN output
         llama = c.architecture != "opt"
+        if llama and self.input_th is not None:
+            return self._input_sparse(c, w, h, layer)
         if llama and self.predictor is not None and self.predictor.use[layer]:  # the predictor decides
             a, keep, active, gate_rows = self._predicted(c, w, h, layer)
         else:
@@ -225,7 +266,62 @@ class SparseFFN:
         up, down = self._gather(w, llama, layer, active, h)
         if llama:
             a = a.mul_(F.linear(h, up, _rows(w.get("b_up"), active)))
+            if self.thresholds is None:  # calibrating: the input and intermediate magnitudes, for method "input"
+                self._record_inputs(layer, h, a)
         return F.linear(a, down, w.get("b_down" if llama else "fc2_b"))
+
+    def _input_sparse(self, c: ModelConfig, w: dict, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The FFN output [B, S, H] with input sparsity (TEAL): h's entries at most tin in magnitude dropped before
+        gate/up, the intermediate's at most tmid before down; only the kept channels' columns are used (union over
+        the step's tokens, each token's own drops zeroed), so it equals the dense FFN on the masked tensors."""
+        t_in, t_mid = self.input_th[layer]
+        hidden, inter = h.shape[-1], c.intermediate_size
+        keep_in = h.abs() > t_in  # [B, S, H]
+        ch = keep_in.reshape(-1, hidden).any(0).nonzero().squeeze(1)  # [K] kept input channels, union
+        hk = h.index_select(-1, ch) * keep_in.index_select(-1, ch)  # [B, S, K]
+        if "w_gate" in w:
+            gate, up = w["w_gate"].index_select(1, ch), w["w_up"].index_select(1, ch)  # [I, K] each
+        else:  # streamed without the FFN matrices: the kept channels' gate|up bundles
+            rows = self._channel_rows(layer, ch, h, down=False)  # [K, 2I]
+            gate, up = rows[:, :inter].T, rows[:, inter:].T
+        m = ACTIVATIONS[c.hidden_act](F.linear(hk, gate, w.get("b_gate"))) * F.linear(hk, up, w.get("b_up"))
+        keep = m.abs() > t_mid  # [B, S, I]
+        active = keep.reshape(-1, inter).any(0).nonzero().squeeze(1)  # [A]
+        mk = m.index_select(-1, active).masked_fill_(~keep.index_select(-1, active), 0)  # [B, S, A]
+        down = w["w_down"].index_select(1, active) if "w_down" in w else \
+            self._channel_rows(layer, active, h, down=True).T  # [H, A]
+        self._count_inputs(c, h, keep_in, ch, keep, active)
+        return F.linear(mk, down, w.get("b_down"))
+
+    def _channel_rows(self, layer: int, ids: torch.Tensor, h: torch.Tensor, *, down: bool) -> torch.Tensor:
+        """Rows of the input-channel files for the sorted ids: gate|up bundles [K, 2I] or down columns [A, H], read
+        one run at a time (runs at most channel_gaps apart read as one, the extra rows dropped)."""
+        import numpy as np
+
+        from .neurons import as_torch, merged
+
+        t0, before = time.perf_counter(), self.channels.bytes_read
+        want = ids.cpu().numpy()
+        span = merged(want, self.channel_gaps[1 if down else 0])
+        got = as_torch((self.channels.down if down else self.channels.inputs)(layer, span.tolist()))
+        if span.shape[0] != want.shape[0]:
+            got = got.index_select(0, torch.from_numpy(np.searchsorted(span, want)))
+        n = self.channels.bytes_read - before
+        self.reads.bundle_bytes["decode" if h.shape[1] == 1 else "prefill"] += n
+        if self.timings is not None:
+            self.timings.add("load_neurons", time.perf_counter() - t0, bytes=n)
+        return got.to(h.device, h.dtype)
+
+    def _count_inputs(self, c: ModelConfig, h: torch.Tensor, keep_in: torch.Tensor, ch: torch.Tensor,
+                      keep: torch.Tensor, active: torch.Tensor) -> None:
+        """Matrix bytes of an input-sparse call: a gate and an up column per kept input channel, a down column per
+        kept neuron, in runs of consecutive ones (one read each in the input-channel files)."""
+        size, hidden, inter = h.element_size(), c.hidden_size, c.intermediate_size
+        runs = sum(int((ids.diff() != 1).sum()) + 1 for ids in (ch, active) if ids.numel())
+        self.reads.add("decode" if h.shape[1] == 1 else "prefill", tokens=h.shape[0] * h.shape[1],
+                       dense=3 * inter * hidden * size, read=(2 * inter * ch.numel() + hidden * active.numel()) * size,
+                       runs=runs, neurons=keep_in.numel() + keep.numel(),
+                       inactive=keep_in.numel() + keep.numel() - int(keep_in.sum()) - int(keep.sum()))
 
     def _bundled(self, w: dict, llama: bool, layer: int, a: torch.Tensor, active: torch.Tensor,
                  h: torch.Tensor) -> torch.Tensor:
@@ -328,10 +424,17 @@ class SparseFFN:
         ins = h.detach().reshape(-1, h.shape[-1]).to("cpu", torch.float16)  # [T, H] the FFN inputs, for predictors
         self._sample(self.vectors[layer], vecs, FREQ_TOKENS)
         self._sample(self.inputs[layer], ins, PRED_TOKENS)
+        self._keep_flat(self.samples[layer], a)
+
+    def _record_inputs(self, layer: int, h: torch.Tensor, m: torch.Tensor) -> None:
+        self._keep_flat(self.in_samples[layer], h)
+        self._keep_flat(self.mid_samples[layer], m)
+
+    def _keep_flat(self, kept: list[torch.Tensor], a: torch.Tensor) -> None:
+        """Keep a uniform sample of |a|'s entries (at most RECORD_PER_CALL a call, RECORD_MAX in all) in `kept`."""
         flat = a.detach().abs().reshape(-1).float().cpu()
         if flat.numel() > RECORD_PER_CALL:
             flat = flat[torch.randint(flat.numel(), (RECORD_PER_CALL,), generator=self._gen)]
-        kept = self.samples[layer]
         kept.append(flat)
         if sum(t.numel() for t in kept) > RECORD_MAX:
             allv = torch.cat(kept)
@@ -358,6 +461,20 @@ class SparseFFN:
         return {t: tuple(v) for t, v in out.items()}
 
 
+    def input_thresholds_at(self, targets: Sequence[float]) -> dict[float, tuple[tuple[float, float], ...]]:
+        """Per target: each layer's (|FFN input| quantile, |intermediate| quantile) at that target (method "input";
+        0: keep every entry that is not exactly zero). Empty when no gated FFN was recorded (OPT)."""
+        if not all(self.in_samples) or not all(self.mid_samples):
+            return {}
+        qs = torch.tensor(sorted(targets), dtype=torch.float64)
+        out: dict[float, list[tuple[float, float]]] = {float(t): [] for t in qs}
+        for ins, mids in zip(self.in_samples, self.mid_samples):
+            a = torch.quantile(torch.cat(ins).double(), qs).tolist()
+            b = torch.quantile(torch.cat(mids).double(), qs).tolist()
+            for t, x, y in zip(qs.tolist(), a, b):
+                out[t].append((0.0, 0.0) if t == 0 else (float(x), float(y)))
+        return {t: tuple(v) for t, v in out.items()}
+
     def frequency_at(self, thresholds: Sequence[float]):
         """[L, I] float32 numpy: per layer and neuron, the share of recorded tokens on which it was active
         (|a| above the layer's threshold), over the sampled activation vectors."""
@@ -371,13 +488,18 @@ def _rows(b: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
 
 
 def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec.offload.sparsity",
-            hot_bytes: int = 0, window: int = WINDOW, gap: int | None = None) -> SparseFFN:
+            hot_bytes: int = 0, window: int = WINDOW, gap: int | None = None, method: str = "auto") -> SparseFFN:
     """The sparse FFN a job asking for `target` runs with: OPT-style ReLU models use their own zeros (exact, no
     calibration); other activations need the model's calibration for `target` (store/sparsity.py refuses a
     missing or stale one, naming `field`). With the model's neuron bundles (kubeflash calibrate writes them) the
     up/down matrices of streamed layers are read per active neuron: a hot set of `hot_bytes` (the neurons most
     often active on the calibration text) stays resident, and a neuron stays `window` decode steps once read; runs
-    of missing neurons at most `gap` inactive ones apart are read as one (None: costmodel.merge_gap's default)."""
+    of missing neurons at most `gap` inactive ones apart are read as one (None: costmodel.merge_gap's default).
+
+    `method`: "input" thresholds the FFN's inputs (TEAL; needs a calibration with input thresholds; streamed
+    layers read the kept columns from the input-channel files when the model has them), "gate" the gate
+    activation (CATS, above), "auto" input where the model has input-channel files and input thresholds for
+    `target` (kubeflash calibrate writes both), gate otherwise (docs/sparsity.md says why)."""
     from ..store.bundles import DIR, BundleReader, frequency
 
     if getattr(config, "num_experts", 0):
@@ -388,6 +510,10 @@ def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec
     else:
         th = thresholds_for_job(model_dir, target, config.num_layers, field)
         source = "calibrated"
+        if method != "gate":
+            ffn = _input_for_job(config, model_dir, target, th, field, method, gap)
+            if ffn is not None:
+                return ffn
     reader, hot = None, None
     if (Path(model_dir) / DIR).is_dir():
         reader = BundleReader(model_dir)  # refuses bundles of another version of the model
@@ -409,6 +535,30 @@ def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec
         pred = load(Path(model_dir) / DIR, target)
         if pred is not None and pred.use.any():
             ffn.with_predictor(pred, GateRows(model_dir))
+    return ffn
+
+
+def _input_for_job(config: ModelConfig, model_dir, target: float, th, field: str, method: str,
+                   gap: int | None) -> SparseFFN | None:
+    """The input-sparse (TEAL) FFN of a job, or None where `method` is auto and the model lacks what it needs."""
+    from ..store import channels
+    from ..store.sparsity import CalibrationError, input_thresholds_for
+
+    ins = input_thresholds_for(model_dir, target, num_layers=config.num_layers, field=field)
+    have = channels.present(model_dir)
+    if method == "auto" and (ins is None or not have):
+        return None
+    if ins is None:
+        raise CalibrationError(f"{field} {target:g}: the calibration in {model_dir} has no input thresholds (made "
+                               f"before input sparsity); run `kubeflash calibrate {model_dir} --text FILE` again")
+    reader = channels.ChannelReader(model_dir) if have else None
+    ffn = SparseFFN(th, num_layers=config.num_layers, target=target, source="calibrated", inputs=ins,
+                    channels=reader)
+    if reader is not None:
+        from .costmodel import merge_gap
+
+        ffn.channel_gaps = (gap, gap) if gap is not None else (merge_gap(reader.in_row_bytes),
+                                                               merge_gap(reader.down_row_bytes))
     return ffn
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kubeflash_api.inferencejob import MAX_SPARSITY
@@ -38,11 +38,16 @@ class Calibration:
     text_sha256: str  # of the calibration text file
     thresholds: dict[float, tuple[float, ...]]  # target sparsity -> one threshold per decoder layer
     method: str = METHOD
+    # target sparsity -> per decoder layer (threshold on |FFN input|, on |intermediate activation|): input
+    # sparsity (TEAL), engine/sparse.py's method "input"; empty in calibrations made before it
+    inputs: dict[float, tuple[tuple[float, float], ...]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "method": self.method, "model_id": self.model_id,
                 "manifest_sha256": self.manifest_sha256, "tokens": self.tokens, "text_sha256": self.text_sha256,
-                "targets": [{"sparsity": t, "thresholds": list(th)} for t, th in sorted(self.thresholds.items())]}
+                "targets": [{"sparsity": t, "thresholds": list(th),
+                             **({"inputs": [list(p) for p in self.inputs[t]]} if t in self.inputs else {})}
+                            for t, th in sorted(self.thresholds.items())]}
 
     @classmethod
     def from_json(cls, data: dict, *, where: str) -> Calibration:
@@ -51,9 +56,11 @@ class Calibration:
             raise StoreError(f"{where}: format is {got!r}, expected {FORMAT!r}")
         try:
             th = {float(e["sparsity"]): tuple(float(x) for x in e["thresholds"]) for e in data["targets"]}
+            ins = {float(e["sparsity"]): tuple((float(a), float(b)) for a, b in e["inputs"])
+                   for e in data["targets"] if "inputs" in e}
             return cls(model_id=str(data["model_id"]), manifest_sha256=str(data["manifest_sha256"]),
                        tokens=int(data["tokens"]), text_sha256=str(data["text_sha256"]), thresholds=th,
-                       method=str(data.get("method", METHOD)))
+                       method=str(data.get("method", METHOD)), inputs=ins)
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{where}: malformed calibration ({type(e).__name__}: {e})") from e
 
@@ -109,4 +116,17 @@ def thresholds_for(model_dir: Path, target: float, *, num_layers: int, field: st
     if len(got) != num_layers:
         raise CalibrationError(f"{model_dir / FILE}: {len(got)} layer thresholds for a model of {num_layers} layers; "
                                f"{redo}")
+    return got
+
+
+def input_thresholds_for(model_dir: Path, target: float, *, num_layers: int,
+                         field: str) -> tuple[tuple[float, float], ...] | None:
+    """Per layer (threshold on |FFN input|, on |intermediate activation|) of `target` (input sparsity, TEAL), or
+    None when the calibration predates them; refused like thresholds_for when there is none or it is stale."""
+    thresholds_for(model_dir, target, num_layers=num_layers, field=field)  # the same refusals
+    cal = load(Path(model_dir))
+    got = next((v for t, v in cal.inputs.items() if abs(t - target) < 1e-9), None)
+    if got is not None and len(got) != num_layers:
+        raise CalibrationError(f"{Path(model_dir) / FILE}: {len(got)} layer input thresholds for a model of "
+                               f"{num_layers} layers; run `kubeflash calibrate {model_dir} --text FILE` again")
     return got

@@ -1,0 +1,107 @@
+"""Input-channel-major FFN files for input sparsity (TEAL): the bytes one kept input channel needs, together.
+
+A TEAL-style sparse FFN (engine/sparse.py, method "input") drops the FFN input's small entries before gate and up,
+so it needs, per kept input channel c, column c of the gate matrix and column c of the up matrix; then it drops
+the small entries of the intermediate activation before down and needs, per kept intermediate neuron i, column i
+of the down matrix. In the stage file a column is I (or H) scattered elements; here each sits as one row:
+`ffn_channels/layer_NNN.bin` holds H rows of [gate column | up column] (2I elements each: one bundle per input
+channel) and then I rows of down columns (H elements each), the store's dtype. A step's kept channels are one
+read per run of consecutive channels, each read at least 2I elements (57 KiB in llama-3-8b at float16).
+`ChannelReader` does exactly those reads (os.preadv, store/bundles.read_rows) and counts bytes and reads. Written
+crash-safely; the index names the manifest it was cut from, so files of an older model are refused. Knows nothing
+of torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .bundles import read_rows
+from .format import StoreError, atomic_write_json, fsync_dir, load_manifest, tensor_view
+from .sparsity import manifest_sha256
+
+DIR = "ffn_channels"
+INDEX = "index.json"
+FORMAT = "kubeflash-ffn-channels/1"
+
+
+def write_channels(model_dir: Path) -> Path:
+    """Cut every decoder layer's gate/up columns (one bundle per input channel) and down columns into
+    `<model_dir>/ffn_channels` (Llama family: gate, up and down matrices)."""
+    model_dir = Path(model_dir)
+    m = load_manifest(model_dir)
+    if m.extra.get("quant"):
+        raise StoreError(f"{model_dir}: quantized matrices are not cut into channels (use a float store)")
+    out = model_dir / DIR
+    out.mkdir(exist_ok=True)
+    layers = [s for s in m.stages if s.startswith("layer_")]
+    shape = None
+    for j, stage in enumerate(layers):
+        t = m.files[stage].tensors
+        if "w_gate" not in t:
+            raise StoreError(f"{model_dir}: {stage} has no gate matrix; input-channel files are for gated (Llama "
+                             "family) FFNs")
+        buf = np.memmap(model_dir / stage, dtype=np.uint8, mode="r")
+        gate, up, down = (tensor_view(buf, t[n]) for n in ("w_gate", "w_up", "w_down"))  # [I, H], [I, H], [H, I]
+        shape = gate.shape
+        tmp = out / f".layer_{j:03d}.bin.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(np.ascontiguousarray(np.concatenate([gate.T, up.T], axis=1)).tobytes())  # [H, 2I]
+            fh.write(np.ascontiguousarray(down.T).tobytes())  # [I, H]
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out / f"layer_{j:03d}.bin")
+    atomic_write_json(out / INDEX, {"format": FORMAT, "manifest_sha256": manifest_sha256(model_dir),
+                                    "layers": len(layers), "intermediate": int(shape[0]), "hidden": int(shape[1]),
+                                    "dtype": str(gate.dtype)})
+    fsync_dir(out)
+    return out
+
+
+def present(model_dir: Path) -> bool:
+    return (Path(model_dir) / DIR / INDEX).is_file()
+
+
+class ChannelReader:
+    """Reads kept input channels' gate/up columns and kept neurons' down columns, one preadv per run."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir) / DIR
+        try:
+            idx = json.loads((self.dir / INDEX).read_text())
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{self.dir / INDEX}: no readable input-channel files ({e}); write them with "
+                             f"`kubeflash calibrate {model_dir} --text FILE`") from e
+        if idx.get("format") != FORMAT or idx.get("manifest_sha256") != manifest_sha256(model_dir):
+            raise StoreError(f"{self.dir}: input-channel files of another version of this model (stale); write "
+                             "them again (kubeflash calibrate)")
+        self.hidden, self.intermediate = idx["hidden"], idx["intermediate"]
+        self.dtype = np.dtype(idx["dtype"])
+        self.in_row_bytes = 2 * self.intermediate * self.dtype.itemsize  # one input channel: gate + up column
+        self.down_row_bytes = self.hidden * self.dtype.itemsize  # one neuron: down column
+        self.fds = [os.open(self.dir / f"layer_{j:03d}.bin", os.O_RDONLY | os.O_CLOEXEC) for j in range(idx["layers"])]
+        self.bytes_read, self.reads = 0, 0
+
+    def inputs(self, layer: int, ids: list[int]) -> np.ndarray:
+        """[len(ids), 2I] gate column | up column of the sorted input channels `ids`."""
+        return self._read(layer, ids, 2 * self.intermediate, 0, "input channels")
+
+    def down(self, layer: int, ids: list[int]) -> np.ndarray:
+        """[len(ids), H] down columns of the sorted intermediate neurons `ids`."""
+        return self._read(layer, ids, self.hidden, self.hidden * self.in_row_bytes, "down columns")
+
+    def _read(self, layer: int, ids: list[int], elems: int, base: int, what: str) -> np.ndarray:
+        out, got, n = read_rows(self.fds[layer], ids, elems, self.dtype, base,
+                                where=f"{self.dir}/layer_{layer:03d}.bin {what}")
+        self.bytes_read += got
+        self.reads += n
+        return out
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
