@@ -1,5 +1,7 @@
-"""Routed-expert reading: a mixture-of-experts layer's stage is read without its experts, and each expert the
-router picks is read on first use (one contiguous read, since the store writes expert after expert).
+"""Routed-expert reading: a mixture-of-experts layer's stage is read without its experts, and the experts the
+router picks are read when it has picked them: the streamer coalesces the routed set into runs (the store writes
+expert after expert, so neighbouring experts are one contiguous range) and reads them in large tasks all in flight at
+once, as it reads a whole layer (`expert_runs`, `StagedExpert`, `WeightStreamer._read_experts`).
 
 The converter writes a MoE layer as its attention, norms and router first, then e0.w_gate, e0.w_up, e0.w_down,
 e1.…: the part before the first expert is read like any stage (ahead of compute, into the streamer's ring);
@@ -108,17 +110,56 @@ class EarlyReads:
     stats: PrefetchStats
 
 
+def expert_runs(ranges: dict[int, tuple[int, int]], experts: Iterable[int], gap: int) -> list[tuple[int, int, list[int]]]:
+    """The byte runs that read `experts` (their [start, end) `ranges` in the layer file): experts whose ranges are
+    adjacent, or apart by at most `gap` bytes (alignment padding), share one run. [(start, end, experts in it)]."""
+    out: list[tuple[int, int, list[int]]] = []
+    for j in sorted(set(experts), key=lambda j: ranges[j][0]):
+        start, end = ranges[j]
+        if out and start - out[-1][1] <= gap:
+            out[-1] = (out[-1][0], max(out[-1][1], end), out[-1][2] + [j])
+        else:
+            out.append((start, end, [j]))
+    return out
+
+
+class StagedExpert:
+    """One routed expert of a batch read (`WeightStreamer._read_experts`): `result()` waits for the read tasks
+    covering its bytes, then makes its tensors once (`make()`: onto the compute device, typed, dequantized)."""
+
+    def __init__(self, tasks: list[Future], make: Callable[[], dict[str, torch.Tensor]]):
+        self._tasks, self._make, self._value = tasks, make, None
+
+    def cancel(self) -> bool:
+        return False  # its reads are shared with other experts of the same run
+
+    def wait(self) -> None:
+        """Wait for its reads only (the buffer they fill is about to be reused)."""
+        for t in self._tasks:
+            t.exception()
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self._value is None:
+            for t in self._tasks:
+                t.result()
+            self._value = self._make()
+            self._tasks = []
+        return self._value
+
+
 class RoutedWeights(dict):
     """A layer's weights whose experts are read on first use: `load(j)` returns expert j's tensors by name
     (already on the compute device, dequantized); they stay for the rest of this stage's use. `want` issues the
-    reads of a set of experts at once on `pool` (model.moe announces the routed set right after the router) and
-    returns: each expert's first use waits for its own read only, so the first routed expert computes while the
-    others' reads are still in flight."""
+    reads of a set of experts at once (model.moe announces the routed set right after the router) and returns:
+    through `load_many` (the streamer coalesces the set into large reads, all in flight at once; one StagedExpert
+    per expert), else one `load` per expert on `pool`. Each expert's first use waits for its own bytes only, so the
+    first routed expert computes while the others' reads are still in flight."""
 
     def __init__(self, base: dict[str, torch.Tensor], load: Callable[[int], dict[str, torch.Tensor]],
-                 pool: Executor | None = None, early: EarlyReads | None = None):
+                 pool: Executor | None = None, early: EarlyReads | None = None,
+                 load_many: Callable[[list[int]], dict[int, object]] | None = None):
         super().__init__(base)
-        self._load, self._pool, self._io = load, pool, early
+        self._load, self._pool, self._io, self._many = load, pool, early, load_many
         self._have: set[int] = set()
         self._pending: dict[int, Future] = {}
         self._early: dict[int, Future] = {}  # prefetched, not (yet) routed
@@ -175,6 +216,9 @@ class RoutedWeights(dict):
                     self._confirm.add(j)
             self._drop_queued()  # mispredicted reads not started yet would only delay the on-demand ones
         missing = [j for j in experts if j not in self._have and j not in self._pending]
+        if self._many is not None and missing:  # the streamer reads the whole set at once (StagedExpert each)
+            self._pending.update(self._many(missing))
+            return
         if self._pool and len(missing) > 1:
             for j in missing:
                 self._pending[j] = self._pool.submit(self._load, j)
@@ -185,17 +229,17 @@ class RoutedWeights(dict):
 
     def __missing__(self, name: str) -> torch.Tensor:
         j = expert_of(name)
-        if j is not None and j in self._pending:
+        if j is None or j in self._have:
+            raise KeyError(name)
+        if j not in self._pending:
+            self.want([j])
+        if j in self._pending:
             tensors = self._pending.pop(j).result()
             if j in self._confirm:
                 self._confirm.discard(j)
                 tensors = self._io.confirm(j, tensors)
             self._have.add(j)
             self.update(tensors)
-        elif j is not None and j not in self._have:
-            self.want([j])
-        else:
-            raise KeyError(name)
         return dict.__getitem__(self, name)
 
     def get(self, name, default=None):

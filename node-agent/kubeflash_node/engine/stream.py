@@ -24,11 +24,24 @@ from typing import Iterator
 import torch
 
 from ..store.format import Manifest
-from .experts import EarlyReads, ExpertCache, PrefetchStats, RoutedWeights, RoutingFiles, expert_of, expert_ranges
-from .io import make_reader
+from .experts import (
+    EarlyReads,
+    ExpertCache,
+    PrefetchStats,
+    RoutedWeights,
+    RoutingFiles,
+    StagedExpert,
+    expert_of,
+    expert_ranges,
+    expert_runs,
+)
+from .io import ALIGN, make_reader
 from .pinned import empty as pinned_empty
 from .quant import QuantSpec, dequantize_named
 
+# routed experts apart by less than this in a layer file share one read: only the alignment padding between tensors
+# (4 KiB-aligned), never another expert's bytes
+EXPERT_GAP = ALIGN - 1
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                 "int8": torch.int8, "uint8": torch.uint8}
 
@@ -53,7 +66,7 @@ class WeightStreamer:
                  expert_prefetch: bool = False):
         self.dir, self.m, self.device, self.dtype = Path(model_dir), manifest, device, dtype
         self.placement, self.order, self.prefetch = placement, order, prefetch
-        self.task_bytes, self.timings = task_bytes, timings
+        self.task_bytes, self.timings, self.threads = task_bytes, timings, max(1, threads)
         self.cuda = device.type == "cuda"
         self.quant = QuantSpec.from_dict(self.m.extra.get("quant"))
         self.reader = make_reader(backend, cuda=self.cuda, probe=self.dir / self.m.stages[0])
@@ -72,6 +85,11 @@ class WeightStreamer:
         self.expert_cache = ExpertCache(expert_cache_bytes) if self.routed else None  # budget 0: counts only
         self.expert_prefetch = PrefetchStats() if expert_prefetch and self.routed else None  # experts.py
         self.live: RoutedWeights | None = None  # the routed stage computing now (its unused prefetches counted later)
+        self.expert_staging: torch.Tensor | None = None  # host buffer of routed expert reads, reused (pinned on CUDA)
+        self.expert_staged = 0  # CPU: bytes of it the live stage's experts use
+        self.expert_entries: dict[int, dict[int, dict]] = {}  # stage -> expert -> tensor entries (_expert_entries)
+        self.expert_copied: torch.cuda.Event | None = None  # CUDA: the last copy out of it queued
+        self.expert_unmade: list[StagedExpert] = []  # the experts read into it (see _expert_staging)
         self.routing = routing or RoutingFiles(self.dir)  # where the counts come from and go (experts.py)
         if self.expert_cache:  # an earlier run's routing counts: the hot experts are read before the first step
             self.expert_cache.warm_start(self.routing.load(self.m, self.routed), lambda k: self._read_expert(*k))
@@ -201,7 +219,12 @@ class WeightStreamer:
                            lambda j, t: self._confirm_expert(stage, j, t),
                            lambda j: self.routed[stage][1][j][1] - self.routed[stage][1][j][0],
                            self.expert_prefetch) if self.expert_prefetch else None
-        self.live = RoutedWeights(out, lambda j: self._read_expert(stage, j), self.task_pool, early)
+        if not self.cuda:  # the previous stage's experts are done with: the staging buffer is reused once the
+            for staged in self.expert_unmade:  # reads of any it never used have landed
+                staged.wait()
+            self.expert_unmade, self.expert_staged = [], 0
+        self.live = RoutedWeights(out, lambda j: self._read_expert(stage, j), self.task_pool, early,
+                                  lambda js: self._read_experts(stage, js))
         return self.live
 
     def _typed(self, buf: torch.Tensor, entries: dict, base: int = 0) -> dict[str, torch.Tensor]:
@@ -229,6 +252,95 @@ class WeightStreamer:
                 self.timings.add("expert_cache_hit", 0.0)
             return kept
         return self._keep(stage, j, self._fetch_expert(stage, j))
+
+    def _read_experts(self, stage: int, experts: list[int]) -> dict[int, StagedExpert]:
+        """Experts `experts` of a routed MoE stage, read together: hot-cache hits come back as they are; the rest
+        are coalesced into runs (experts adjacent in the file, apart only by alignment padding, share one run), the
+        runs land back to back in one reused page-aligned host buffer (pinned on CUDA), cut into reads of up to
+        `task_bytes` (smaller where that keeps every reader thread busy), and every read is submitted at once on the
+        reader pool, as a whole layer's are. Each expert's tensors are made on the computing thread at its first use
+        (`StagedExpert`), once the reads covering its bytes are done."""
+        out: dict[int, StagedExpert] = {}
+        todo = []
+        for j in experts:
+            with self.lock:
+                kept = self.expert_cache.get((stage, j)) if self.expert_cache else None
+            if kept is None:
+                todo.append(j)
+                continue
+            if self.timings is not None:
+                self.timings.add("expert_cache_hit", 0.0)
+            out[j] = StagedExpert([], lambda kept=kept: kept)
+        if not todo:
+            return out
+        name = self.m.stages[stage]
+        path, size, ranges = self.dir / name, self.m.files[name].size, self.routed[stage][1]
+        runs = [(start, min(_up(end), size) - start, js)  # whole 4 KiB blocks where the file has them
+                for start, end, js in expert_runs(ranges, todo, EXPERT_GAP)]
+        total = sum(_up(n) for _, n, _ in runs)
+        task = max(ALIGN, min(self.task_bytes, max(1 << 20, -(-total // self.threads))) // ALIGN * ALIGN)
+        staging = self._expert_staging(total)
+        t0 = time.perf_counter()
+        nbytes = sum(ranges[j][1] - ranges[j][0] for j in todo)
+        left = [sum(-(-n // task) for _, n, _ in runs)]
+        done_lock = threading.Lock()
+
+        def read(off: int, dest: torch.Tensor) -> None:
+            self.reader_host.read_into(path, off, dest)
+            with done_lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last and self.timings is not None:  # the set's read time, shared out over its experts by bytes
+                wall = time.perf_counter() - t0
+                for j in todo:
+                    self.timings.add("load_expert", wall * (ranges[j][1] - ranges[j][0]) / nbytes,
+                                     bytes=ranges[j][1] - ranges[j][0])  # not a layer's read
+
+        at = 0  # where the run lands in the staging buffer
+        for start, n, js in runs:
+            reads = [(off, self.task_pool.submit(read, start + off, staging[at + off:at + min(n, off + task)]))
+                     for off in range(0, n, task)]
+            for j in js:
+                a, b = ranges[j][0] - start, ranges[j][1] - start
+                out[j] = StagedExpert([f for off, f in reads if off < b and off + task > a],
+                                      lambda j=j, host=staging[at + a:at + b]: self._make_expert(stage, j, host))
+            at += _up(n)
+        self.expert_unmade += [out[j] for j in todo]
+        return out
+
+    def _expert_staging(self, nbytes: int) -> torch.Tensor:
+        """`nbytes` of the page-aligned host buffer routed expert reads land in (O_DIRECT reads without a bounce),
+        kept and reused, grown as needed. On CUDA (pinned) it is reused by every batch once the experts read into it
+        before have been copied to the device. On a CPU the experts' tensors are views of it: a stage's batches take
+        successive parts, and it is reused from the start when the next stage is handed out (its experts are done
+        with; the hot cache keeps copies)."""
+        if self.cuda:
+            for staged in self.expert_unmade:
+                staged.result()  # an expert of the previous batch never used yet: made (copied out) before reuse
+            self.expert_unmade = []
+            if self.expert_copied is not None:
+                self.expert_copied.synchronize()  # the previous batch's copies to the device have drained it
+            if self.expert_staging is None or self.expert_staging.numel() < nbytes:
+                self.expert_staging = None
+                self.expert_staging = pinned_empty(nbytes, torch.uint8, pinned=True)
+            return self.expert_staging[:nbytes]
+        if self.expert_staging is None or self.expert_staging.numel() < self.expert_staged + nbytes:
+            # the stage's earlier batches keep the old buffer alive through their views; the next stage reuses this
+            self.expert_staging, self.expert_staged = _aligned(self.expert_staged + nbytes), 0
+        at, self.expert_staged = self.expert_staged, self.expert_staged + nbytes
+        return self.expert_staging[at:at + nbytes]
+
+    def _make_expert(self, stage: int, j: int, host: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Expert j's tensors from its bytes in the staging buffer: onto the compute device (on CUDA a copy queued on
+        the compute stream; on a CPU views, copied where the hot cache keeps them), typed, offered to the hot cache."""
+        start = self.routed[stage][1][j][0]
+        if self.cuda:
+            buf = host.to(self.device, non_blocking=True)
+            self.expert_copied = torch.cuda.Event()
+            self.expert_copied.record()
+        else:
+            buf = host.clone() if self.expert_cache and self.expert_cache.budget else host
+        return self._keep(stage, j, self._typed(buf, self._expert_entries(stage)[j], start))
 
     def _kept(self, stage: int, j: int) -> bool:
         with self.lock:
@@ -258,7 +370,19 @@ class WeightStreamer:
         buf = host.to(self.device) if self.cuda else host  # synchronous: the host buffer is dropped after
         if self.timings is not None:
             self.timings.add("load_expert", time.perf_counter() - t0, bytes=end - start)  # not a layer's read
-        return self._typed(buf, {n: e for n, e in self.m.files[name].tensors.items() if expert_of(n) == j}, start)
+        return self._typed(buf, self._expert_entries(stage)[j], start)
+
+    def _expert_entries(self, stage: int) -> dict[int, dict]:
+        """Expert -> its tensors' manifest entries by name, for a routed stage (grouped once per stage)."""
+        got = self.expert_entries.get(stage)
+        if got is None:
+            got = {}
+            for n, e in self.m.files[self.m.stages[stage]].tensors.items():
+                j = expert_of(n)
+                if j is not None:
+                    got.setdefault(j, {})[n] = e
+            self.expert_entries[stage] = got
+        return got
 
     def _load_resident(self) -> None:
         """Read resident stages once: 'gpu' ones onto the device, 'cpu' ones into host memory (pinned on CUDA)."""
@@ -281,6 +405,18 @@ class WeightStreamer:
                                         for k, v in self._views(stage, dev).items()}
             else:
                 self.resident[stage] = self._views(stage, host)
+
+
+def _up(n: int) -> int:
+    """n rounded up to whole 4 KiB blocks."""
+    return -(-n // ALIGN) * ALIGN
+
+
+def _aligned(nbytes: int) -> torch.Tensor:
+    """Uninitialized host bytes starting on a 4 KiB boundary (O_DIRECT reads land in them without a bounce)."""
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    at = -raw.data_ptr() % ALIGN
+    return raw[at:at + nbytes]
 
 
 def kept_runs(entry, skip: frozenset[str]) -> tuple[list[tuple[int, int]], int]:
