@@ -53,8 +53,10 @@ class Calibration:
     host_lock_gbps: float = 6.0  # page-locking a block's host KV cache, behind its prefill (H100, huge pages: 7.0)
     neuron_read_op_s: float = 20e-6  # per neuron-bundle read (a run of active neurons) where the ceilings have no
     # measured one (Ceilings.disk_read_op_s, bench.measure_read_op); assumed
-    expert_read_share: float = 0.82  # routed experts' read rate / disk_read_cold: one read per expert (H200, session
-    # 9, Qwen3-30B-A3B int8: 0.99-1.01 GB/s at batch 4-64 against the probe's 1.22; whole layers 1.55 GB/s)
+    expert_read_share: float = 1.0  # routed experts' read rate / disk_read_cold. One read per expert ran at 0.82 (H200,
+    # session 9, Qwen3-30B-A3B int8: 0.99-1.01 GB/s at batch 4-64 against the probe's 1.22; whole layers 1.55 GB/s);
+    # read as one batch (coalesced runs in task-size reads, all in flight) they run at the whole layer's rate
+    # (CPU, bench/moe_reads.py: 0.92-1.14x at batch 1-64, docs/moe.md; not yet re-measured on the GPU)
     merge_gbps: float = 3.0  # read rate that prices a merged read's extra rows when no disk ceiling is known (assumed)
     gpu_reserve_bytes: int = 1 << 30  # CUDA context and allocator slack beyond the tensors counted
     host_base_bytes: int = 2 << 30  # the process itself (Python, torch, CUDA runtime)
@@ -565,7 +567,7 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
     moved, layer, slow = stored, kind not in ("embed", "head"), 0.0
     if where == "disk" and layer and e.c.num_experts and not p.all_experts:
         moved = routed_layer_bytes(e.c, stored, p, sum(b * m for b, m in mbs.items()) * s_new)
-        # the routed experts come in one read each, slower per byte than a whole layer's read: their extra time
+        # the routed experts' reads, priced at expert_read_share of a whole layer's rate: their extra time
         slow = (moved - stored * (1 - e.c.expert_share())) * (1 / e.cal.expert_read_share - 1)
     comp = _rate(dense, e.cal.dequant_gbps) if where != "gpu" and stored != dense else 0.0
     if where == "disk" and layer and sparse is not None and sparse.method == "input":  # kept columns on demand
