@@ -90,7 +90,8 @@ def test_a_job_calibrates_its_entry_once_then_runs_sparse(hf, tmp_path):
     rep = run("first", TARGET)
     c = cal.load(store)
     assert set(c.thresholds) == {TARGET} and c.text_sha256 == _sha(TEXT)
-    assert rep["sparsity"]["bundle_bytes_read"] > 0 and (store / DIR / f"freq_{TARGET:g}.npy").is_file()
+    assert rep["sparsity"]["method"] == "input" and rep["sparsity"]["channel_bytes_read"] > 0  # input-channel files
+    assert (store / DIR / f"freq_{TARGET:g}.npy").is_file()
     stamp = (store / cal.FILE).stat().st_mtime_ns
     run("again", TARGET)
     assert (store / cal.FILE).stat().st_mtime_ns == stamp  # not calibrated twice

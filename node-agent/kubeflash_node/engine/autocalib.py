@@ -89,6 +89,10 @@ def _calibrate(model_dir: Path, targets, *, device: str, text: Path, max_tokens:
                                  recorder=True, write=False)
     th = calibration.thresholds
     write_bundles(model_dir, {t: rec.frequency_at(v) for t, v in th.items()})
+    if manifest.config.get("architecture") != "opt":  # input sparsity's column files (store/channels.py)
+        from ..store.channels import write_channels
+
+        write_channels(model_dir)
     if predictor_rank:
         for t, v in th.items():
             fit_predictor(model_dir, rec, v, rank=predictor_rank, target=t)
@@ -96,10 +100,11 @@ def _calibrate(model_dir: Path, targets, *, device: str, text: Path, max_tokens:
 
 
 def _remove_temp_files(model_dir: Path) -> None:
-    """Temp files a killed calibration left (bundles, frequencies, predictors, the thresholds file)."""
+    """Temp files a killed calibration left (bundles, frequencies, predictors, channel files, the thresholds file)."""
+    from ..store import channels
     from ..store.bundles import DIR
 
-    for d in (model_dir, model_dir / DIR):
+    for d in (model_dir, model_dir / DIR, model_dir / channels.DIR):
         if d.is_dir():
             for p in d.iterdir():
                 if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
