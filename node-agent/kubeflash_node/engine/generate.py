@@ -23,7 +23,7 @@ from ..store.modelconfig import ModelConfig
 from .experts import RoutingFiles
 from .kvcache import make_kv
 from .kvnear import CpuAttentionKV, WriteBackDiskKV, XCacheKV
-from .model import LAYERS, embed, head, make_batch
+from .model import LAYERS, embed, fuse_projections, head, make_batch
 from .policy import Policy
 from .rope import Rope
 from .sampling import sample
@@ -104,6 +104,9 @@ class Engine:
             skip_tensors=sparsity.skip_tensors if sparsity is not None else None,
             routing=RoutingFiles(self.dir, job_dir, routing_seed),  # MoE counts: model dir, else the job dir
             expert_prefetch=policy.expert_prefetch)
+        for stage in range(1, n - 1):  # resident layers: Q/K/V and gate/up concatenated once, one matmul each a step
+            if stage in self.streamer.resident:
+                self.streamer.resident[stage] = fuse_projections(self.streamer.resident[stage])
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cache_bytes": 0,
                       "generated_tokens": 0, "block_setup_s": 0.0, "prefill_weight_bytes": 0,
                       "decode_weight_bytes": 0, "decode_passes": 0}

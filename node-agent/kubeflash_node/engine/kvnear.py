@@ -119,17 +119,18 @@ class _XLayer(LayerKV):
         if x is None or project is None:
             raise RuntimeError("X-cache: the layer did not pass its input and K/V projection to attend()")
         half = x.shape[-1] // 2
-        xk, xv = x[..., :half].unsqueeze(1).contiguous(), x[..., half:].unsqueeze(1).contiguous()  # [B, 1, S, H/2]
-        prefix = None
-        if start:  # [B, start, H]: read before the in-place tier writes the new rows
-            prefix = torch.cat([self.inner.k[:, 0, :start], self.inner.v[:, 0, :start]], dim=-1)
+        xk, xv = x[..., :half].unsqueeze(1), x[..., half:].unsqueeze(1)  # views [B, 1, S, H/2]; every tier copies them
         if self.inner.in_place:
             self.inner.update(xk, xv, start)
         else:
             self.inner.new = (xk, xv, start)
-        if prefix is None:
+        if not start:
             return attention(q, k_new, v_new, mask)
-        k_old, v_old = project(prefix)
+        if self.inner.in_place:  # the new rows are in the buffer: K, V of every slot in one projection, no K/V cat
+            s = x.shape[1]
+            k, v = project(torch.cat([self.inner.k[:, 0, :start + s], self.inner.v[:, 0, :start + s]], dim=-1))
+            return attention(q, k, v, mask)
+        k_old, v_old = project(torch.cat([self.inner.k[:, 0, :start], self.inner.v[:, 0, :start]], dim=-1))  # [B, start, H]
         return attention(q, torch.cat([k_old, k_new], dim=2), torch.cat([v_old, v_new], dim=2), mask)
 
 

@@ -63,7 +63,9 @@ class Batch:
     prefix_positions: torch.Tensor | None = None  # [B, start] position ids of the cached tokens (X-cache recompute)
     rope_at: Callable | None = None  # positions [B, T] -> (cos, sin) [B, 1, T, D]; None for learned positions
     windowed: dict = field(default_factory=dict)  # (window, softcap, scale) -> Span of such a layer
-    local_rope: dict = field(default_factory=dict)  # Gemma 3 sliding layers: "new"/"prefix" -> (cos, sin)
+    local_rope: dict = field(default_factory=dict)  # Gemma 3 sliding layers: "new"/"prefix"/n -> (cos, sin)
+    all_positions: torch.Tensor | None = None  # [B, start + S] position ids of every slot (X-cache recompute)
+    _rot: dict = field(default_factory=dict, repr=False)  # once per step: token-major RoPE, cached prefix RoPE
 
     @property
     def start(self) -> int:  # slot in the KV cache where the new tokens go
@@ -79,6 +81,41 @@ class Batch:
         if key not in self.windowed:
             self.windowed[key] = Span(self.span.start, self.span.first, window, softcap, scale)
         return self.windowed[key]
+
+    def rope_until(self, n: int) -> Rotary | None:
+        """The rotary embedding of the first n cache slots (an X-cache layer's recompute), once per step."""
+        if self.rope_at is None:
+            return None
+        if n not in self._rot:
+            pos = self.prefix_positions if n == self.start or self.all_positions is None else self.all_positions[:, :n]
+            self._rot[n] = Rotary.of(*self.rope_at(pos))
+        return self._rot[n]
+
+    def rotary(self, rope: tuple | None) -> Rotary | None:
+        """`rope` ((cos, sin) [B, 1, S, D], computed once per step by the engine) as a Rotary, built once per step."""
+        if rope is None or isinstance(rope, Rotary):
+            return rope
+        key = id(rope[0])
+        if key not in self._rot:
+            self._rot[key] = (rope, Rotary.of(*rope))  # the key's tensors stay alive with the entry
+        return self._rot[key][1]
+
+
+class Rotary(tuple):
+    """(cos, sin with its first half negated) [B, 1, S, D]: rope.apply_rope in four operators instead of five, as
+    x * cos + roll(x, D/2) * sin_signed, which equals x * cos + rotate_half(x) * sin element for element (negation
+    is exact). `token_major()` gives the same for x laid out [B, S, N, D] (Q and K rotated in one go)."""
+
+    @classmethod
+    def of(cls, cos: torch.Tensor, sin: torch.Tensor) -> Rotary:
+        half = sin.shape[-1] // 2
+        return cls((cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)))
+
+    def token_major(self) -> Rotary:
+        return Rotary((self[0].transpose(1, 2), self[1].transpose(1, 2)))  # [B, S, 1, D]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self[0] + torch.roll(x, x.shape[-1] // 2, dims=-1) * self[1]
 
 
 # ----------------------------------------------------------------------------------------------- blocks
@@ -117,8 +154,9 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+    # transformers' LlamaRMSNorm: normalized in float32, rounded to x's dtype, then scaled; F.rms_norm is one fused
+    # kernel on CUDA and the same five operators (bit for bit) on the CPU
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * w
 
 
 def gemma_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -157,7 +195,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Span) -> 
     is read once for its `rep` query heads and never copied."""
     # q: [B, Nh, S, D]; k, v: [B, Nk, T, D] with T = span.start + S -> [B, Nh, S, D]
     one_group = len(set(span.first)) == 1
-    if not span.window and not span.softcap and (q.shape[2] > 1 or one_group) and (span.start == 0 or q.is_cuda) and _flash_ok(q):
+    # (on the CPU a cached prefix takes the masked path, but for a decode step, which needs no mask at all)
+    cpu_ok = span.start == 0 or q.shape[2] == 1
+    if not span.window and not span.softcap and (q.shape[2] > 1 or one_group) and (cpu_ok or q.is_cuda) and _flash_ok(q):
         return _causal_groups(q, k, v, span)
     return _masked_chunks(q, k, v, span)
 
@@ -174,11 +214,12 @@ def _sdpa(q, k, v, mask=None, causal=False, span: Span | None = None):
         scores = softcap(q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5), span.softcap) + mask  # [B, Nk, C, K]
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
     gqa = k.shape[1] != q.shape[1]
-    if not q.is_cuda and not gqa and isinstance(mask, torch.Tensor) and q.shape[-2] <= 64 and k.shape[-2] >= 4096:
+    if not q.is_cuda and not gqa and not causal and (mask is None or isinstance(mask, torch.Tensor)) \
+            and q.shape[-2] <= 64 and k.shape[-2] >= 4096:
         # a decode step over a long host cache (CPU attention): scores as K @ q^T, so BLAS streams each K row once
         # (q @ K^T with a few query rows ran at a third of the read bandwidth for GQA: bench/cpu_attention.py)
-        scores = (k @ q.transpose(-1, -2)).transpose(-1, -2) * (scale or q.shape[-1] ** -0.5) + mask
-        return torch.softmax(scores, dim=-1) @ v
+        scores = (k @ q.transpose(-1, -2)).transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+        return torch.softmax(scores if mask is None else scores + mask, dim=-1) @ v
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa, scale=scale)
     with sdpa_kernel(_CUDA_SDPA if isinstance(mask, torch.Tensor) else _CUDA_CAUSAL):  # flash first, maskless
@@ -208,6 +249,10 @@ def _causal_groups(q, k, v, span: Span) -> torch.Tensor:
         if sq == sk:
             return _sdpa(qg, kg, vg, causal=True, span=span)
         if sq == 1:  # a decode step sees every key: no mask, and none of CausalBias's Python per call
+            b, nh, _, d = qg.shape
+            nk = kg.shape[1]
+            if not qg.is_cuda and nk != nh:  # CPU: grouped-query heads folded into the query axis, as _masked_chunks
+                return _sdpa(qg.reshape(b, nk, nh // nk, d), kg, vg, span=span).reshape(b, nh, 1, d)
             return _sdpa(qg, kg, vg, span=span)
         return _sdpa(qg, kg, vg, causal_lower_right(sq, sk), span=span)
 
@@ -265,6 +310,49 @@ def warm_attention(c: ModelConfig, dtype, device) -> None:
         attention(q, k, k, Span(0, first, window=16))  # a sliding window's chunks
 
 
+# Weights of one layer that a decode step multiplies by the same input: concatenated once (fuse_projections) they
+# take one matmul instead of three (Q, K, V) or two (gate, up). name -> (parts, their biases)
+FUSED = {"fused_qkv": (("wq", "wk", "wv"), ("bq", "bk", "bv")),
+         "fused_gate_up": (("w_gate", "w_up"), ("b_gate", "b_up"))}
+
+
+def fuse_projections(w: dict) -> dict:
+    """A resident layer's weights with each FUSED group concatenated once into one matrix (and one bias), the parts
+    becoming row views of it, so the X-cache recompute, the sparse FFN and tensor parallelism read the same tensors.
+    Every tensor that was a view into a shared buffer (a CPU stage file) is copied out, so the buffer is freed and
+    the layer takes no more memory than before. Streamed layers are not fused: that would copy them every step."""
+    out = dict(w)
+    for name, (parts, biases) in FUSED.items():
+        ts = [w.get(p) for p in parts]
+        bs = [w.get(b) for b in biases]
+        if any(not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point() for t in ts) \
+                or len({(t.dtype, t.device, t.shape[1]) for t in ts}) != 1 \
+                or (any(b is not None for b in bs) and any(b is None for b in bs)):
+            continue
+        out[name] = torch.cat(ts)
+        for p, view in zip(parts, out[name].split([t.shape[0] for t in ts])):
+            out[p] = view
+        if bs[0] is not None:
+            out[name + "_b"] = torch.cat(bs)
+            for b, view in zip(biases, out[name + "_b"].split([t.shape[0] for t in ts])):
+                out[b] = view
+    fused = {p for name, (parts, biases) in FUSED.items() if name in out for p in parts + biases}
+    for k, t in out.items():  # the rest out of a shared stage buffer, which is then freed
+        if k not in fused and isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > t.nbytes:
+            out[k] = t.clone()
+    return out
+
+
+def _qkv(c: ModelConfig, w: dict, h: torch.Tensor, nk: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Q and K together [B, S, Nh + nk, D] and V [B, S, nk, D] (token-major views of one output) of the attention
+    input h [B, S, H], from the fused matrix in one matmul; None when the layer has no fused matrix."""
+    if "fused_qkv" not in w:
+        return None
+    b, s, _ = h.shape
+    y = F.linear(h, w["fused_qkv"], w.get("fused_qkv_b")).view(b, s, c.num_heads + 2 * nk, c.head_dim)
+    return y[:, :, :c.num_heads + nk], y[:, :, c.num_heads + nk:]
+
+
 def split_heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
     # x: [B, S, n*d] -> [B, n, S, d]
     b, s, _ = x.shape
@@ -272,17 +360,29 @@ def split_heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, rope) -> torch.Tensor:
-    return x if rope is None else apply_rope(x, *rope)
+    if rope is None:
+        return x
+    return rope(x) if isinstance(rope, Rotary) else apply_rope(x, *rope)
 
 
 def llama_kv(c: ModelConfig, w: dict, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
     """K (rotated unless rope is None) and V of a Llama layer from its normalized input h [B, T, H]
     -> [B, Nk, T, D] each."""
-    k = split_heads(F.linear(h, w["wk"], w.get("bk")), c.num_kv_heads, c.head_dim)
-    v = split_heads(F.linear(h, w["wv"], w.get("bv")), c.num_kv_heads, c.head_dim)
+    k, v = _kv_proj(c, w, h, c.num_kv_heads)
     if c.qk_norm:
         k = norm(c, k, w["k_norm"])
     return _rotate(k, rope), v
+
+
+def _kv_proj(c: ModelConfig, w: dict, h: torch.Tensor, nk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V [B, nk, T, D] of h [B, T, H]: one matmul over the K and V rows of the fused matrix when there is one."""
+    if "fused_qkv" not in w:
+        return (split_heads(F.linear(h, w["wk"], w.get("bk")), nk, c.head_dim),
+                split_heads(F.linear(h, w["wv"], w.get("bv")), nk, c.head_dim))
+    q_rows = w["wq"].shape[0]
+    b = w.get("fused_qkv_b")
+    kv = split_heads(F.linear(h, w["fused_qkv"][q_rows:], None if b is None else b[q_rows:]), 2 * nk, c.head_dim)
+    return kv[:, :nk], kv[:, nk:]
 
 
 def _local_rope(c: ModelConfig, batch: Batch, key: str, positions: torch.Tensor, dtype) -> tuple:
@@ -297,6 +397,9 @@ def mlp(c: ModelConfig, w: dict, h: torch.Tensor) -> torch.Tensor:
     """The gated MLP of the Llama family, down(act(gate(h)) * up(h)): [B, S, H] -> [B, S, H]."""
     if "sparse_ffn" in w:  # activation sparsity (engine/sparse.py): only the active neurons' rows and columns
         return w["sparse_ffn"](c, w, h)
+    if "fused_gate_up" in w:  # one matmul; gate and up are views of its output, the activation runs in place
+        gate, up = F.linear(h, w["fused_gate_up"], w.get("fused_gate_up_b")).split(w["w_gate"].shape[0], dim=-1)
+        return F.linear(ACTIVATIONS[c.hidden_act](gate).mul_(up), w["w_down"], w.get("b_down"))
     gate = ACTIVATIONS[c.hidden_act](F.linear(h, w["w_gate"], w.get("b_gate")))
     return F.linear(gate.mul_(F.linear(h, w["w_up"], w.get("b_up"))), w["w_down"], w.get("b_down"))
 
@@ -349,23 +452,32 @@ def llama_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, r
     local = bool(uses_rope and window and c.local_rope_theta)  # Gemma 3's sliding layers have a RoPE of their own
     if local:
         rope = _local_rope(c, batch, "new", batch.positions, rope[0].dtype)
-    rope = rope if uses_rope else None
+    rope = batch.rotary(rope) if uses_rope else None  # sign-folded sin, built once per step
 
-    def prefix_rope():  # (cos, sin) of the cached tokens, for an X-cache layer's recompute
+    def prefix_rope(n: int):  # the rotary embedding of the first n cache slots, for an X-cache layer's recompute
         if not uses_rope:
             return None
         if local:
-            return _local_rope(c, batch, "prefix", batch.prefix_positions, rope[0].dtype)
-        return batch.rope_at(batch.prefix_positions)
+            pos = batch.prefix_positions if n == batch.start else batch.all_positions[:, :n]
+            return batch.rotary(_local_rope(c, batch, n, pos, rope[0].dtype))
+        return batch.rope_until(n)
 
     if getattr(w, "prefetching", False):  # streamed experts (experts.RoutedWeights): read the likely ones during attention
         w.prefetch(predict_experts(c, w, norm(c, x, w["mlp_norm"])))
     h = norm(c, x, w["attn_norm"])
-    q = split_heads(F.linear(h, w["wq"], w.get("bq")), c.num_heads, c.head_dim)
-    q = _rotate(norm(c, q, w["q_norm"]) if c.qk_norm else q, rope)
-    k, v = llama_kv(c, w, h, rope)
+    qkv = None if c.qk_norm else _qkv(c, w, h, c.num_kv_heads)
+    if qkv is not None:  # one matmul, and Q and K rotated together: token-major [B, S, heads, D]
+        qk, v = qkv
+        if rope is not None:
+            qk = rope.token_major()(qk)
+        q, k = qk.split([c.num_heads, c.num_kv_heads], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, N, S, D]
+    else:
+        q = split_heads(F.linear(h, w["wq"], w.get("bq")), c.num_heads, c.head_dim)
+        q = _rotate(norm(c, q, w["q_norm"]) if c.qk_norm else q, rope)
+        k, v = llama_kv(c, w, h, rope)
     o = cache.attend(q, k, v, batch.start, batch.mask_for(window, c.attn_softcap, c.attn_scale or None), x=h,  # [B, Nh, S, D]
-                     project=lambda hp: llama_kv(c, w, hp, prefix_rope()))
+                     project=lambda hp: llama_kv(c, w, hp, prefix_rope(hp.shape[1])))
     del q, k, v  # the MLP's temporaries are the peak of a prefill: free what attention no longer needs
     o = F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.q_dim), w["wo"], w.get("bo"))
     x = x + (norm(c, o, w["post_attn_norm"]) if c.sandwich_norms else o)
@@ -382,8 +494,7 @@ def _layer_norm(c: ModelConfig, w: dict, x: torch.Tensor, name: str) -> torch.Te
 
 def opt_kv(c: ModelConfig, w: dict, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of an OPT layer from its attention input h [B, T, H] -> [B, Nh, T, D] each."""
-    return (split_heads(F.linear(h, w["wk"], w.get("bk")), c.num_heads, c.head_dim),
-            split_heads(F.linear(h, w["wv"], w.get("bv")), c.num_heads, c.head_dim))
+    return _kv_proj(c, w, h, c.num_heads)
 
 
 def opt_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rope=None, layer: int = 0) -> torch.Tensor:
@@ -391,8 +502,13 @@ def opt_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, rop
     after each residual sum (post-LN, opt-350m)."""
     # x: [B, S, H]
     h = _layer_norm(c, w, x, "attn_norm") if c.pre_norm else x
-    q = split_heads(F.linear(h, w["wq"], w.get("bq")), c.num_heads, c.head_dim)
-    k, v = opt_kv(c, w, h)
+    qkv = _qkv(c, w, h, c.num_heads)
+    if qkv is not None:  # one matmul: token-major views [B, S, heads, D] -> [B, N, S, D]
+        q, k = qkv[0].transpose(1, 2).split(c.num_heads, dim=1)
+        v = qkv[1].transpose(1, 2)
+    else:
+        q = split_heads(F.linear(h, w["wq"], w.get("bq")), c.num_heads, c.head_dim)
+        k, v = opt_kv(c, w, h)
     o = cache.attend(q, k, v, batch.start, batch.mask_for(0), x=h, project=lambda hp: opt_kv(c, w, hp))
     del q, k, v  # as in llama_layer: the MLP's temporaries are a prefill's peak
     x = x + F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.hidden_size), w["wo"], w.get("bo"))
@@ -445,4 +561,5 @@ def make_batch(attn_mask: torch.Tensor, start: int, new: int, device=None) -> Ba
     if not bool((am.sum(-1) == t - first).all()):
         raise ValueError("make_batch: each row's real tokens must be consecutive and end at the last slot")
     every = (am.long().cumsum(-1) - 1).clamp(min=0).to(device)  # [B, T]: one copy to the device
-    return Batch(positions=every[:, start:t], span=Span(start, tuple(first.tolist())), prefix_positions=every[:, :start])
+    return Batch(positions=every[:, start:t], span=Span(start, tuple(first.tolist())), prefix_positions=every[:, :start],
+                 all_positions=every)
