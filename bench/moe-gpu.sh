@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 21 on one GPU: a Qwen3-30B-A3B-shaped model (random weights at real size, int8, ~31 GB) streamed from the
-# SSD, routed experts against every expert, and the hot-expert cache on a synthetic skewed router.
+# SSD, routed experts against every expert, the hot-expert cache on a synthetic skewed router, and DeepSpeed
+# ZeRO-Inference on the same shape (step zeromoe).
 # Usage: OUT=/some/dir bench/moe-gpu.sh STEP [STEP…]   (JSON per run and log.txt in $OUT)
 # Every timed run sits in a cgroup v2 with memory.max=$CG (default 12G, below the model) after the page cache is
 # dropped (--cold); conversions run outside it, untimed.
@@ -31,5 +32,16 @@ for step in "$@"; do case $step in
   all1|all4|all16|all64) run "moe-all-b${step#all}" q3 "${step#all}" 2 --all-experts ;;
   skew0) run moe-skewed-b4-nocache q3s 4 3 ;;          # also writes the routing counts that seed the cache below
   skewcache) run moe-skewed-b4-cache6g q3s 4 3 --expert-cache 6GiB ;;
+  # DeepSpeed ZeRO-Inference 0.19.8 on the same Qwen3-30B-A3B shape (transformers' Qwen3MoeForCausalLM, random fp16
+  # weights; ZeRO-3 with every parameter on NVMe through its async I/O; wheels and libaio from .whl, device-setup.sh),
+  # in the cgroup of the runs above, as bench/peers.sh's zero13. Its first ZLAYERS (default 16) of the 48 layers only:
+  # fp16 swap files of all 48 would take ~61 GB beside the 31 GB int8 store; compare seconds per token per layer.
+  # ZeRO gathers whole parameters, and transformers keeps a layer's 128 experts in two 3-D parameters, so every
+  # forward reads every expert (docs/moe.md, "ZeRO-Inference on Qwen3-MoE").
+  zeromoe) echo "=== zeromoe: zero_inference.py --model qwen3-30b-a3b --layers ${ZLAYERS:-16} --prompts ${ZB:-4} (cgroup $CG)"
+           incg timeout "${ZERO_LIMIT:-540}" python3 bench/peers/zero_inference.py --model qwen3-30b-a3b \
+             --layers "${ZLAYERS:-16}" --nvme-dir "$STORE/zeromoe" --json "$OUT/zero-moe-b${ZB:-4}.json" --prompts "${ZB:-4}" \
+             --prompt-len "${PLEN:-8}" --gen-len 3 ${GPU:+--gpu-memory "$GPU"} --cold 2>&1 | grep -v "^\[20" | tail -5
+           rm -rf "$STORE/zeromoe" ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac; date; done

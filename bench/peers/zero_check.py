@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Check that ZeRO-Inference, as bench/peers/zero_inference.py drives it, runs the model it is given: its
-logits on a tiny OPT and Llama shape (CPU, parameters swapped to NVMe files through the async_io op) must match
+logits on a tiny OPT, Llama and Qwen3-MoE shape (CPU, parameters swapped to NVMe files through the async_io op) must match
 transformers' on the same weights, gathered back from ZeRO, in the dtype ZeRO computes in (DeepSpeed's CPU accelerator
 runs bfloat16), within 1% of the largest logit. Needs deepspeed (0.19.8) and libaio; CPU only.
 
@@ -15,15 +15,16 @@ import sys
 from pathlib import Path
 
 import torch
-from airllm_peer import hf_config
 from peer_common import timed_generate
 from transformers import AutoModelForCausalLM
-from zero_inference import zero_model
+from zero_inference import peer_config, zero_model
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True, help="folder for the NVMe swap files")
+    p.add_argument("--presets", nargs="+", default=["opt-tiny", "llama-tiny", "qwen3-moe-tiny"],
+                   help="tiny shapes to check (default: %(default)s)")
     a = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
@@ -33,11 +34,12 @@ def main() -> int:
 
     deepspeed.init_distributed(dist_backend="gloo")
     failed = 0
-    for preset in ("opt-tiny", "llama-tiny"):
+    for preset in a.presets:
         torch.manual_seed(0)
-        config = hf_config(preset)
+        config = peer_config(preset)
         (a.work / preset).mkdir(parents=True, exist_ok=True)
         model, _ = zero_model(config, a.work / preset, "cpu", torch.float32)
+        swapped = sum(f.stat().st_size for f in (a.work / preset).rglob("*.swp"))  # ZeRO keeps tensors < 1 MiB in RAM
         ids = torch.randint(4, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
         ours, _, _ = timed_generate(model, ids, 5, lambda: None)
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
@@ -54,7 +56,8 @@ def main() -> int:
         failed += not same
         print(f"{preset}: ZeRO-Inference logits over the prompts {'match' if same else 'DIFFER from'} transformers' in "
               f"{got.dtype} (max |diff| / max |logit| = {rel:.1e}, bound 1e-2); greedy tokens "
-              f"{'equal' if torch.equal(ours, want) else 'differ (random tiny weights give near-tied logits)'}",
+              f"{'equal' if torch.equal(ours, want) else 'differ (random tiny weights give near-tied logits)'}; "
+              f"{swapped} bytes of parameters in NVMe swap files",
               flush=True)
     return 1 if failed else 0
 

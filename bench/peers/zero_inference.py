@@ -1,9 +1,18 @@
 #!/usr/bin/env python3
 """Peer benchmark: DeepSpeed ZeRO-Inference (ZeRO stage 3 with parameters offloaded to NVMe through DeepSpeed's async
-I/O) of an OPT or Llama shape with dummy weights, one JSON result.
+I/O) of an OPT, Llama or Qwen3-MoE shape with dummy weights, one JSON result.
 
     python bench/peers/zero_inference.py --model opt-13b --nvme-dir /root/zero-opt13 --json OUT.json \\
         --prompts 16 --prompt-len 512 --gen-len 4 --gpu-memory 12GiB [--cold]
+    python bench/peers/zero_inference.py --model qwen3-30b-a3b --layers 16 --nvme-dir /root/zeromoe --json OUT.json \\
+        --prompts 4 --prompt-len 8 --gen-len 3 --gpu-memory 12GiB --cold
+
+Qwen3-MoE runs through transformers' Qwen3MoeForCausalLM (`qwen3-30b-a3b`: the shape of Qwen/Qwen3-30B-A3B's
+config.json; `qwen3-moe-tiny` for CPU checks), random weights; --layers keeps its first N decoder layers (fp16 swap
+files of all 48 layers would take ~61 GB of disk). In transformers 5 a Qwen3-MoE layer holds its experts in two 3-D
+parameters (`experts.gate_up_proj` [experts, 2 x moe_intermediate, hidden] and `experts.down_proj`); ZeRO-3 gathers
+whole parameters before a module runs, so every forward reads all of a layer's experts from NVMe, whatever the router
+picks (ZeRO-Inference's regime is every-expert streaming).
 
 DeepSpeed is not a dependency of kubeflash. On a machine without network, carry its sdist (deepspeed-0.19.8.tar.gz)
 and the wheels of einops, hjson, msgpack, ninja and py-cpuinfo, install them with `pip install --no-deps
@@ -41,6 +50,36 @@ from accelerate_opt import PRESETS as OPT_PRESETS
 from airllm_peer import LLAMA_PRESETS, hf_config
 from peer_common import add_workload_args, cap_gpu_memory, check_workload, timed_run, write_result
 from transformers import AutoModelForCausalLM
+
+# Qwen/Qwen3-30B-A3B's config.json (every layer a MoE layer), and a tiny one of the same family for CPU checks
+MOE_PRESETS = {
+    "qwen3-30b-a3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, max_position_embeddings=40960, bos_token_id=151643,
+                          eos_token_id=151645),
+    # experts big enough (4 and 2 MiB in float32) for ZeRO to swap them to NVMe: it keeps tensors under its aio block
+    # size (1 MiB) in CPU memory
+    "qwen3-moe-tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                           num_experts=8, num_experts_per_tok=2, max_position_embeddings=512, bos_token_id=1,
+                           eos_token_id=2),
+}
+
+
+def peer_config(preset: str, layers: int = 0):
+    """The transformers config of `preset` (OPT, Llama or Qwen3-MoE), with its first `layers` decoder layers only
+    when given."""
+    if preset in MOE_PRESETS:
+        c = transformers.Qwen3MoeConfig(**MOE_PRESETS[preset], norm_topk_prob=True, rope_theta=1000000.0,
+                                        rms_norm_eps=1e-6, tie_word_embeddings=False, decoder_sparse_step=1,
+                                        mlp_only_layers=[])
+        c.torch_dtype = "float16"
+        c.architectures = ["Qwen3MoeForCausalLM"]
+    else:
+        c = hf_config(preset)
+    if layers:
+        c.num_hidden_layers = layers
+    return c
 
 
 def ds_config(nvme: Path, *, dtype: torch.dtype, largest: int, buffers: int = 5) -> dict:
@@ -84,16 +123,21 @@ def zero_model(config, nvme: Path, device: str, dtype: torch.dtype):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    presets = [*OPT_PRESETS, *LLAMA_PRESETS]
-    p = argparse.ArgumentParser(description="Time DeepSpeed ZeRO-Inference (ZeRO-3, parameters on NVMe) on an OPT or "
-                                            "Llama shape with dummy weights.")
+    presets = [*OPT_PRESETS, *LLAMA_PRESETS, *MOE_PRESETS]
+    p = argparse.ArgumentParser(description="Time DeepSpeed ZeRO-Inference (ZeRO-3, parameters on NVMe) on an OPT, "
+                                            "Llama or Qwen3-MoE shape with dummy weights.")
     p.add_argument("--model", required=True, choices=presets, metavar="PRESET", help=", ".join(presets))
+    p.add_argument("--layers", type=int, default=0, metavar="N",
+                   help="keep the model's first N decoder layers only (default: all)")
     p.add_argument("--nvme-dir", type=Path, required=True, metavar="DIR",
                    help="where ZeRO swaps the parameters out (emptied first)")
     p.add_argument("--json", type=Path, required=True, metavar="FILE", help="write the result to this JSON file")
     add_workload_args(p, gen_default=4)
     args = p.parse_args(argv)
-    check_workload(p, args, positions=hf_config(args.model).max_position_embeddings, family=args.model)
+    config = peer_config(args.model)
+    if not 0 <= args.layers <= config.num_hidden_layers:
+        p.error(f"--layers must be between 1 and {args.model}'s {config.num_hidden_layers} layers (0: all)")
+    check_workload(p, args, positions=config.max_position_embeddings, family=args.model)
     return args
 
 
@@ -111,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     cap = cap_gpu_memory(args.gpu_memory) if cuda else None
     torch.manual_seed(args.seed)
     dtype = torch.float16 if cuda else torch.float32
-    config = hf_config(args.model)
+    config = peer_config(args.model, args.layers)
     shutil.rmtree(args.nvme_dir, ignore_errors=True)
     args.nvme_dir.mkdir(parents=True)
     model, cfg = zero_model(config, args.nvme_dir, device, dtype)
@@ -121,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         "system": "deepspeed-zero-inference",
         "versions": {"deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
                      "torch": torch.__version__},
-        **measured, "gpu_memory_cap_bytes": cap,
+        "layers": config.num_hidden_layers, **measured, "gpu_memory_cap_bytes": cap,
         "nvme_bytes": sum(f.stat().st_size for f in args.nvme_dir.rglob("*") if f.is_file()),
         "ds_config": cfg,
     }
