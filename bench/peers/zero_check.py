@@ -20,6 +20,25 @@ from transformers import AutoModelForCausalLM
 from zero_inference import peer_config, zero_model
 
 
+def swap_in_bytes(model, ids: torch.Tensor) -> int:
+    """Bytes ZeRO's NVMe parameter swapper reads back while `model` runs one forward over `ids`."""
+    from deepspeed.runtime.swap_tensor.partitioned_param_swapper import AsyncPartitionedParameterSwapper as Swapper
+
+    real, seen = Swapper.swap_in, [0]
+
+    def counted(self, params, *args, **kwargs):
+        seen[0] += sum(p.ds_tensor.ds_numel for p in params) * self.swap_element_size
+        return real(self, params, *args, **kwargs)
+
+    Swapper.swap_in = counted
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        Swapper.swap_in = real
+    return seen[0]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True, help="folder for the NVMe swap files")
@@ -42,6 +61,10 @@ def main() -> int:
         swapped = sum(f.stat().st_size for f in (a.work / preset).rglob("*.swp"))  # ZeRO keeps tensors < 1 MiB in RAM
         ids = torch.randint(4, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
         ours, _, _ = timed_generate(model, ids, 5, lambda: None)
+        if config.model_type == "qwen3_moe":  # what one decode forward (one token) reads back from the swap files
+            read = swap_in_bytes(model, ids[:1, :1])
+            print(f"{preset}: one forward of one token (top-{config.num_experts_per_tok} of {config.num_experts} "
+                  f"experts routed) swapped in {read} of the {swapped} bytes in NVMe swap files", flush=True)
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
             weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         ref = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
