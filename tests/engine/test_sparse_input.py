@@ -15,6 +15,7 @@ from test_sparse_stream import PROMPT, STREAM, TARGET, _generate, _reference, ti
 
 from kubeflash_node.engine import sparse
 from kubeflash_node.engine.generate import Engine
+from kubeflash_node.engine.policy import Policy
 from kubeflash_node.store import sparsity as cal
 from kubeflash_node.store.channels import ChannelReader, write_channels
 from kubeflash_node.store.format import StoreError, load_manifest
@@ -69,15 +70,16 @@ def test_logits_and_tokens_equal_transformers_with_the_same_masks(chan, target):
         ffn = _ffn(store, TARGET)
         ffn.input_th = [(2 * a, 2 * b) for a, b in ffn.input_th]
     ref = _masked(copy.deepcopy(model), ffn.input_th)
-    e = Engine(store, policy=STREAM, sparsity=ffn)
-    try:
-        logits = e.prefill_logits([PROMPT])
-    finally:
-        e.close()
     with torch.no_grad():
         want = ref(torch.tensor([PROMPT])).logits[:, -1]
-    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
-    assert e.timings.bytes["load_neurons"] > 0  # the columns came from the channel files
+    for policy in (STREAM, Policy(weights_gpu_percent=100)):  # columns read from the files / gathered in memory
+        e = Engine(store, policy=policy, sparsity=ffn)
+        try:
+            logits = e.prefill_logits([PROMPT])
+        finally:
+            e.close()
+        torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+        assert (e.timings.bytes["load_neurons"] > 0) == (policy is STREAM)
     again = _ffn(store, TARGET)
     again.input_th = ffn.input_th
     tokens, _ = _generate(store, again, new=6)
