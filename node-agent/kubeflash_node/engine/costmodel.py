@@ -55,8 +55,9 @@ class Calibration:
     # measured one (Ceilings.disk_read_op_s, bench.measure_read_op); assumed
     expert_read_share: float = 1.0  # routed experts' read rate / disk_read_cold. One read per expert ran at 0.82 (H200,
     # session 9, Qwen3-30B-A3B int8: 0.99-1.01 GB/s at batch 4-64 against the probe's 1.22; whole layers 1.55 GB/s);
-    # read as one batch (coalesced runs in task-size reads, all in flight) they run at the whole layer's rate
-    # (CPU, bench/moe_reads.py: 0.92-1.14x at batch 1-64, docs/moe.md; not yet re-measured on the GPU)
+    # read as one batch (coalesced runs in task-size reads, all in flight) they ran at 0.82-1.09x of a whole layer's
+    # rate with 16 reader threads (CPU, bench/moe_reads.py, docs/moe.md; 4 threads: 0.44-1.14x, small sets bound by
+    # latency); not yet re-measured on the GPU
     merge_gbps: float = 3.0  # read rate that prices a merged read's extra rows when no disk ceiling is known (assumed)
     gpu_reserve_bytes: int = 1 << 30  # CUDA context and allocator slack beyond the tensors counted
     host_base_bytes: int = 2 << 30  # the process itself (Python, torch, CUDA runtime)

@@ -321,14 +321,22 @@ class WeightStreamer:
             if self.expert_copied is not None:
                 self.expert_copied.synchronize()  # the previous batch's copies to the device have drained it
             if self.expert_staging is None or self.expert_staging.numel() < nbytes:
-                self.expert_staging = None
-                self.expert_staging = pinned_empty(nbytes, torch.uint8, pinned=True)
+                size = self._staging_size(nbytes)
+                self.expert_staging = None  # the old registration goes before the new one is made
+                self.expert_staging = pinned_empty(size, torch.uint8, pinned=True)
             return self.expert_staging[:nbytes]
         if self.expert_staging is None or self.expert_staging.numel() < self.expert_staged + nbytes:
             # the stage's earlier batches keep the old buffer alive through their views; the next stage reuses this
-            self.expert_staging, self.expert_staged = _aligned(self.expert_staged + nbytes), 0
+            self.expert_staging, self.expert_staged = _aligned(self._staging_size(self.expert_staged + nbytes)), 0
         at, self.expert_staged = self.expert_staged, self.expert_staged + nbytes
         return self.expert_staging[at:at + nbytes]
+
+    def _staging_size(self, nbytes: int) -> int:
+        """The staging buffer's new size for `nbytes`: at least twice the old one (few regrowths, each a new page
+        registration on CUDA), at most the largest routed layer file (what any stage's experts can take)."""
+        old = self.expert_staging.numel() if self.expert_staging is not None else 0
+        cap = max(self.m.files[self.m.stages[i]].size for i in self.routed)
+        return max(nbytes, min(2 * old, _up(cap)))
 
     def _make_expert(self, stage: int, j: int, host: torch.Tensor) -> dict[str, torch.Tensor]:
         """Expert j's tensors from its bytes in the staging buffer: onto the compute device (on CUDA a copy queued on
