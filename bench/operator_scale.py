@@ -7,7 +7,9 @@ straight to Running), runs `kubeflash operator` as its own process under its own
 client threads, and watches them. Writes one JSON report:
 
   to_node_p50_s / to_node_p99_s  job created (client clock) -> status.node seen in the watch
-  burst_s                        how long the N creates took (8 client threads)
+  burst_s                        how long the N creates took (8 client threads, --create-threads)
+  burst_cpu_s                    CPU seconds during the creates: each control-plane process, the operator, this
+                                 script ("bench": its client threads and job watch), the machine (everyone's)
   all_placed_s                   burst start -> every job has status.node
   all_running_s                  burst start -> every job in phase Running (its pod exists)
   operator_cpu_s_to_running      the operator's CPU seconds (user + system) from burst start to all Running
@@ -22,8 +24,10 @@ client threads, and watches them. Writes one JSON report:
   conflicts_409                  the operator's requests answered 409 (burst and deletion)
   delete_s                       delete-collection -> no job, no engine pod, no ledger entry left
   delete_call_s                  how long the delete-collection request itself took (the API server marking jobs)
-  operator_rss_mib, operator_idle_cpu_pct (10 s with every job placed), tracebacks (in the operator's log)
+  operator_rss_mib, operator_idle_cpu_pct (10 s with every job placed, --idle-s), tracebacks (in the operator's log)
   operator_peak_rss_mib          the operator's peak resident memory (VmHWM) up to the end of the deletion
+  operator_rss_mib_before_burst  its resident memory before the first create (every node indexed, no job)
+  operator_rss_by_map_mib        operator_rss_mib by kind of mapping (malloc's main heap, anonymous, files)
   timeline                       p50/p99 of each step from the audit log: created -> finalizer (kopf's patch) ->
                                  pod (create) -> status (patch); pod_delete (operator) -> pod_gone (kwok's final
                                  delete) -> released (the finalizer's removal)
@@ -32,9 +36,12 @@ client threads, and watches them. Writes one JSON report:
   KUBEFLASH_BENCH_PROFILE=/tmp/op.prof ...   also writes a cProfile of the operator's event loop (/tmp/op.prof.operator)
   KUBEFLASH_BENCH_TRACEMALLOC=/tmp/op.mem ...  the operator under tracemalloc: its 60 largest allocating lines with every
                                               job placed (/tmp/op.mem.operator.txt; slows the operator)
+  KUBEFLASH_BENCH_GCSTATS=/tmp/op.gc ...      the collector's passes and their seconds, before and in the idle window
+                                              (/tmp/op.gc.operator.txt; bench/opmem.py)
   KUBEFLASH_BENCH_PYSPY=/tmp/op ...           samples the operator with py-spy (not in set-up: pip install py-spy) from
                                               outside the process: collapsed stacks of the burst (/tmp/op.burst.txt)
-                                              and of the deletion (/tmp/op.delete.txt); every thread, idle ones left out
+                                              of the idle window (/tmp/op.idle.txt) and of the deletion
+                                              (/tmp/op.delete.txt); every thread, idle ones left out
   make bench-operator BENCH_OPERATOR="100:20 500:50"
   .venv/bin/python bench/operator_scale.py --audit-of <work dir>/audit.log   the burst of a run that broke later
 """
@@ -201,16 +208,16 @@ class OperatorProcess:
             out = f"{os.environ['KUBEFLASH_BENCH_PROFILE']}.{log.stem}"
             cmd = [sys.executable, "-c", "import cProfile, sys; from kubeflash_node.cli import main; "
                    f"sys.argv = ['kubeflash', *{args!r}]; cProfile.run('main()', {out!r})"]
-        elif os.environ.get("KUBEFLASH_BENCH_TRACEMALLOC"):  # memory by allocating line, written on SIGUSR1
-            out = f"{os.environ['KUBEFLASH_BENCH_TRACEMALLOC']}.{log.stem}.txt"
-            dump = (f"lambda *_: open({out!r}, 'w').write(''.join(f'{{s.size / 2**20:9.2f}} MiB {{s.count:8d}} '"
-                    "f'{s.traceback}\\n' for s in tracemalloc.take_snapshot().statistics('lineno')[:60]))")
-            cmd = [sys.executable, "-c", "import signal, sys, tracemalloc; from kubeflash_node.cli import main; "
-                   f"tracemalloc.start(); signal.signal(signal.SIGUSR1, {dump}); "
-                   f"sys.argv = ['kubeflash', *{args!r}]; main()"]
+        elif os.environ.get("KUBEFLASH_BENCH_TRACEMALLOC") or os.environ.get("KUBEFLASH_BENCH_GCSTATS"):
+            # memory by allocating line, or the collector's passes (bench/opmem.py), written on SIGUSR1
+            prefix = os.environ.get("KUBEFLASH_BENCH_TRACEMALLOC") or os.environ["KUBEFLASH_BENCH_GCSTATS"]
+            out = f"{prefix}.{log.stem}.txt"
+            cmd = [sys.executable, str(REPO / "bench" / "opmem.py"), out, *args]
         self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
     def wait_ready(self, timeout: float = 90) -> None:
+        if os.environ.get("KUBEFLASH_BENCH_TRACEMALLOC"):  # its imports alone take 5x longer traced
+            timeout *= 4
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -230,6 +237,20 @@ class OperatorProcess:
             if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
         return 0.0
+
+    def memory_map(self) -> dict[str, float]:
+        """Resident MiB by kind of mapping (/proc/<pid>/smaps): "heap" (malloc's main heap), "anon" (anonymous
+        maps: Python's object arenas, other threads' malloc arenas, big buffers), "file" (code and data of files)."""
+        out = {"heap": 0.0, "anon": 0.0, "file": 0.0}
+        kind = "anon"
+        for line in Path(f"/proc/{self.proc.pid}/smaps").read_text().splitlines():
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line
+                path = head[5] if len(head) > 5 else ""
+                kind = "heap" if path == "[heap]" else "file" if path.startswith("/") else "anon"
+            elif head[0] == "Rss:":
+                out[kind] += int(head[1]) / 1024
+        return {k: round(v, 1) for k, v in out.items()}
 
     def cpu_s(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -337,19 +358,46 @@ def delete_all(api: client.ApiClient, tries: int = 3) -> None:
             print(f"(delete-collection: {e!r:.200}; again)", file=sys.stderr)
 
 
-def burst(api: client.ApiClient, n: int) -> dict[str, float]:
-    """Create n jobs from 8 threads; the client-side time each create returned."""
+def burst(api: client.ApiClient, n: int, *, threads: int = 8, raw: bool = False) -> dict[str, float]:
+    """Create n jobs from `threads` client threads; the client-side time each create returned. raw: each create
+    sends the job's JSON and reads the answer as bytes (the operator's `Kube._call` way), skipping the generated
+    client's (de)serialization of body and answer."""
     custom = client.CustomObjectsApi(api)
     created: dict[str, float] = {}
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/inferencejobs"
 
     def one(i: int) -> None:
         name = f"job-{i:05d}"
-        custom.create_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs", job_body(name))
+        if raw:
+            method, url, headers, _, _ = api.param_serialize(
+                method="POST", resource_path=path, auth_settings=["BearerToken"],
+                header_params={"Accept": "application/json", "Content-Type": "application/json"})
+            r = api.call_api(method, url, headers, json.dumps(job_body(name)))
+            r.read()
+            if r.status != 201:
+                raise client.exceptions.ApiException(status=r.status, reason=r.data[:300])
+        else:
+            custom.create_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs", job_body(name))
         created[name] = time.monotonic()
 
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         list(pool.map(one, range(n)))
     return created
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each named process, this process ("bench": its client threads
+    and its job watch) and the whole machine ("machine": every process, other people's included)."""
+    out = {"bench": time.process_time()}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    out["machine"] = (sum(int(x) for x in cpu) - int(cpu[3]) - int(cpu[4])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def wait(what: str, cond, timeout: float, every: float = 0.25) -> float:
@@ -532,7 +580,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None = None, replicas: int = 1,
-        settle_timeout: float = 600, delete_timeout: float = 120) -> dict[str, Any]:
+        settle_timeout: float = 600, delete_timeout: float = 120, create_threads: int = 8,
+        raw_creates: bool = False, idle_s: float = 10) -> dict[str, Any]:
     """One run; returns the report (it also holds the operator log's path and any tracebacks).
 
     `replicas` > 1 runs that many operators side by side, all acting (no leader election): the conditional
@@ -555,9 +604,13 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
         jw = JobWatch(api)
         core = client.CoreV1Api(api)
         spy = Sampler(op.proc.pid, "burst")
+        rss_before, rss_map_before = op.rss_mib(), op.memory_map()
+        pids = {**dict(cp.processes()), "operator": op.proc.pid}
+        cpu_burst = cpu_seconds(pids)
         t0, stamp0, cpu_start = time.monotonic(), _stamp(), op.cpu_s()
-        created = burst(api, jobs)
+        created = burst(api, jobs, threads=create_threads, raw=raw_creates)
         t_created = time.monotonic()
+        cpu_burst = {k: round(v - cpu_burst.get(k, 0.0), 2) for k, v in cpu_seconds(pids).items()}
         t_running = wait(f"all {jobs} jobs Running", lambda: len(jw.running) >= jobs, settle_timeout)
         burst_cpu = op.cpu_s() - cpu_start
         spy.stop()
@@ -570,11 +623,16 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             t_pods = None
         booked = double_booked(api)
         time.sleep(2)
+        if os.environ.get("KUBEFLASH_BENCH_GCSTATS"):  # the collector's passes so far (bench/opmem.py)
+            os.kill(op.proc.pid, signal.SIGUSR1)
+        spy = Sampler(op.proc.pid, "idle")
         cpu0 = op.cpu_s()
-        time.sleep(10)
-        idle_cpu = (op.cpu_s() - cpu0) / 10 * 100
-        rss = op.rss_mib()
-        if os.environ.get("KUBEFLASH_BENCH_TRACEMALLOC"):  # where that memory is (the operator writes it)
+        time.sleep(idle_s)
+        idle_cpu = (op.cpu_s() - cpu0) / idle_s * 100
+        spy.stop()
+        rss, rss_map = op.rss_mib(), op.memory_map()
+        if os.environ.get("KUBEFLASH_BENCH_TRACEMALLOC") or os.environ.get("KUBEFLASH_BENCH_GCSTATS"):
+            # where that memory is, or the collector's passes in the idle window (the operator writes it)
             os.kill(op.proc.pid, signal.SIGUSR1)
         spy = Sampler(op.proc.pid, "delete")
         stamp2, td, cpu_del = _stamp(), time.monotonic(), op.cpu_s()
@@ -609,6 +667,8 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             "to_node_p99_s": round(pct(to_node, 0.99), 3),
             "to_node_max_s": round(max(to_node), 3),
             "burst_s": round(t_created - t0, 3),
+            "create_threads": create_threads, "raw_creates": raw_creates,
+            "burst_cpu_s": cpu_burst,
             "all_placed_s": round(max(jw.placed.values()) - t0, 3) if jw.placed else None,
             "all_running_s": round(t_running - t0, 3),
             "operator_cpu_s_to_running": round(burst_cpu, 2),
@@ -627,8 +687,10 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             "conflicts_409": c_burst + c_del,
             "timeline": timeline(audit),
             "operator_rss_mib": round(rss, 1),
+            "operator_rss_mib_before_burst": round(rss_before, 1),
+            "operator_rss_by_map_mib": rss_map, "operator_rss_by_map_mib_before_burst": rss_map_before,
             "operator_peak_rss_mib": round(peak_rss, 1),
-            "operator_idle_cpu_pct": round(idle_cpu, 2),
+            "operator_idle_cpu_pct": round(idle_cpu, 2), "idle_window_s": idle_s,
             "tracebacks": log.count("Traceback"),
             "operator_log": str(op.log),
             "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
@@ -660,6 +722,12 @@ def main(argv: list[str] | None = None) -> int:
                         "machine need more)")
     p.add_argument("--delete-timeout", type=float, default=120,
                    help="seconds the deletion may take before what is left is reported (default 120)")
+    p.add_argument("--create-threads", type=int, default=8, help="client threads sending the creates (default 8)")
+    p.add_argument("--raw-creates", action="store_true",
+                   help="send each create as plain JSON and read its answer as bytes, not through the generated "
+                        "client's (de)serialization (the benchmark's own CPU; the operator is the same)")
+    p.add_argument("--idle-s", type=float, default=10,
+                   help="seconds the operator's idle CPU is measured over, every job placed (default 10)")
     p.add_argument("--out", type=Path, help="write the JSON report here too")
     p.add_argument("--bin-dir", type=Path, help="control plane binaries (default: kind/build-control-plane.sh's)")
     p.add_argument("--audit-of", type=Path, metavar="AUDIT_LOG",
@@ -670,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         emit(audit_report(args.audit_of), args.out)
         return 0
     report = run(args.jobs, args.nodes, replicas=args.replicas, settle_timeout=args.settle_timeout,
-                 delete_timeout=args.delete_timeout, bin_dir=args.bin_dir or (Path(os.environ["KUBEFLASH_K8S_BIN"])
+                 delete_timeout=args.delete_timeout, create_threads=args.create_threads,
+                 raw_creates=args.raw_creates, idle_s=args.idle_s, bin_dir=args.bin_dir or (Path(os.environ["KUBEFLASH_K8S_BIN"])
                                                                    if os.environ.get("KUBEFLASH_K8S_BIN") else None))
     emit(report, args.out)
     return 0

@@ -79,6 +79,9 @@ def main(args: argparse.Namespace) -> int:
     import kopf
 
     import kubeflash_operator.handlers  # noqa: F401  (registers the handlers)
+    from kubeflash_operator import heap
+
+    heap.limit_arenas()  # before kopf and the API calls start their threads
 
     kopf.configure(verbose=args.verbose)
     elector = _elect(args) if args.leader_elect else None

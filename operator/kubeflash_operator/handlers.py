@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 
 from kubeflash_api import SpecError
-from kubeflash_operator import kopfpatch, reconcile, shards
+from kubeflash_operator import heap, kopfpatch, reconcile, shards
 from kubeflash_operator.bookkeeping import (
     ClaimBook,
     NodeRecord,
@@ -133,6 +133,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     memo.wakeups = {}  # job uid -> the asyncio.Event that wakes its coroutine
     memo.node_states = {}  # Node name -> "cordoned" / "NotReady" / None, as node_index last saw it
     memo.metrics = Metrics()
+    memo.trimmer = asyncio.create_task(_trim_heap())
     if cfg.metrics_port:
         memo.metrics.serve(cfg.metrics_port)
     logger.info("kubeflash operator configured: %s", cfg)
@@ -144,8 +145,17 @@ def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
     return kopf.ConnectionInfo(**connection_info(), trust_env=settings.networking.trust_env)
 
 
+async def _trim_heap() -> None:
+    """Freed heap pages go back to the system every heap.TRIM_EVERY_S (a burst's memory, once it is freed)."""
+    while True:
+        await asyncio.sleep(heap.TRIM_EVERY_S)
+        await asyncio.to_thread(heap.trim)
+
+
 @kopf.on.cleanup()
 def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("trimmer"):
+        memo.trimmer.cancel()
     if memo.get("metrics"):
         memo.metrics.close()
 
@@ -257,10 +267,11 @@ async def run_job(body: kopf.Body, uid: str, memo: kopf.Memo, logger: logging.Lo
             except Exception:  # noqa: BLE001 - logged with its traceback; the job is looked at again later
                 logger.exception("reconcile step failed; retrying in %ss", ERROR_DELAY_S)
                 delay = ERROR_DELAY_S
-            try:
-                await asyncio.wait_for(wake.wait(), delay)
-            except TimeoutError:
-                pass
+            timer = asyncio.get_running_loop().call_later(delay, wake.set)  # no task per wait (wait_for's):
+            try:  # a sleeping job is its coroutine and this handle
+                await wake.wait()
+            finally:
+                timer.cancel()
     finally:
         on_stop.cancel()
         if memo.wakeups.get(uid) is wake:
