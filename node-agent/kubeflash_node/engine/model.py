@@ -117,6 +117,11 @@ class Rotary(tuple):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x * self[0] + torch.roll(x, x.shape[-1] // 2, dims=-1) * self[1]
 
+    def in_place(self, x: torch.Tensor) -> torch.Tensor:
+        """The same values written over x (the same operators, so the same rounding)."""
+        r = torch.roll(x, x.shape[-1] // 2, dims=-1).mul_(self[1])
+        return x.mul_(self[0]).add_(r)
+
 
 # ----------------------------------------------------------------------------------------------- blocks
 
@@ -466,10 +471,10 @@ def llama_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, r
         w.prefetch(predict_experts(c, w, norm(c, x, w["mlp_norm"])))
     h = norm(c, x, w["attn_norm"])
     qkv = None if c.qk_norm else _qkv(c, w, h, c.num_kv_heads)
-    if qkv is not None:  # one matmul, and Q and K rotated together: token-major [B, S, heads, D]
+    if qkv is not None:  # one matmul, and Q and K rotated together in place: token-major [B, S, heads, D]
         qk, v = qkv
-        if rope is not None:
-            qk = rope.token_major()(qk)
+        if rope is not None:  # (in place: K stays next to V, so the cache writes both in one copy)
+            rope.token_major().in_place(qk)
         q, k = qk.split([c.num_heads, c.num_kv_heads], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, N, S, D]
     else:
