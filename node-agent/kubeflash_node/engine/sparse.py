@@ -214,6 +214,8 @@ class SparseFFN:
         out = {"target": self.target, "source": self.source, "method": self.method, **self.reads.summary()}
         if self.channels is not None:
             out["channel_bytes_read"], out["channel_reads"] = self.channels.bytes_read, self.channels.reads
+        if self.method == "input":
+            out["channel_merge_gaps"] = list(self.channel_gaps)
         if self.choice is not None:
             out["reads"], out["reads_why"] = self.choice
         if self.bundles is not None:
@@ -427,18 +429,18 @@ class SparseFFN:
         self._keep_flat(self.samples[layer], a)
 
     def _record_inputs(self, layer: int, h: torch.Tensor, m: torch.Tensor) -> None:
-        self._keep_flat(self.in_samples[layer], h)
-        self._keep_flat(self.mid_samples[layer], m)
+        self._keep_flat(self.in_samples[layer], h, RECORD_MAX // 4)  # 2M samples a quantile: plenty, and bounded
+        self._keep_flat(self.mid_samples[layer], m, RECORD_MAX // 4)
 
-    def _keep_flat(self, kept: list[torch.Tensor], a: torch.Tensor) -> None:
-        """Keep a uniform sample of |a|'s entries (at most RECORD_PER_CALL a call, RECORD_MAX in all) in `kept`."""
+    def _keep_flat(self, kept: list[torch.Tensor], a: torch.Tensor, most: int = RECORD_MAX) -> None:
+        """Keep a uniform sample of |a|'s entries (at most RECORD_PER_CALL a call, `most` in all) in `kept`."""
         flat = a.detach().abs().reshape(-1).float().cpu()
         if flat.numel() > RECORD_PER_CALL:
             flat = flat[torch.randint(flat.numel(), (RECORD_PER_CALL,), generator=self._gen)]
         kept.append(flat)
-        if sum(t.numel() for t in kept) > RECORD_MAX:
+        if sum(t.numel() for t in kept) > most:
             allv = torch.cat(kept)
-            kept[:] = [allv[torch.randint(allv.numel(), (RECORD_MAX // 2,), generator=self._gen)]]
+            kept[:] = [allv[torch.randint(allv.numel(), (most // 2,), generator=self._gen)]]
 
     def _sample(self, kept: list[torch.Tensor], rows: torch.Tensor, most: int) -> None:
         """Keep up to `most` of the rows seen so far in `kept`, a uniform sample of the calls' rows."""
