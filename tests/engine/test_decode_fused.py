@@ -1,5 +1,5 @@
 """The decode path with fewer operators (issue 18): resident layers run Q/K/V and gate/up as one matmul each, Q and
-K are rotated together in place, the device cache writes K and V in one copy, and an X-cache layer projects every
+K are rotated together in place, and an X-cache layer projects every
 slot once. Checked against transformers on every KV tier with the weights resident (the fused path), against the
 streamed (unfused) path token for token, and by counting the operators one decode layer dispatches."""
 
@@ -109,7 +109,7 @@ def test_rotary_equals_apply_rope_bit_for_bit(layout):
     want = apply_rope(x, cos, sin)
     rot = M.Rotary.of(cos, sin)
     if layout == "token-major":
-        got = rot.token_major().in_place(x.transpose(1, 2).contiguous()).transpose(1, 2)
+        got = rot.token_major.in_place(x.transpose(1, 2).contiguous()).transpose(1, 2)
     else:
         got = rot(x)
     assert torch.equal(got, want)
@@ -129,10 +129,10 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("arch, bound", [("llama", 26), ("opt", 11)])
+@pytest.mark.parametrize("arch, bound", [("llama", 27), ("opt", 12)])
 def test_decode_layer_operator_count(arch, bound):
     """One decode step of one resident layer over the device cache: four matmuls (Q/K/V, output, the MLP's two),
-    one copy into the cache, no cat, and at most `bound` kernels in all on the CPU (it was 36 and 15)."""
+    two copies into the cache (K, V), no cat, and at most `bound` kernels in all on the CPU (it was 36 and 15)."""
     h, nh, nk = 64, 4, 2 if arch == "llama" else 4
     c = ModelConfig(architecture=arch, hidden_size=h, num_heads=nh, num_kv_heads=nk, num_layers=1,
                     intermediate_size=128, vocab_size=10, **({"attention_bias": True, "o_bias": True, "mlp_bias": True}
@@ -166,5 +166,5 @@ def test_decode_layer_operator_count(arch, bound):
             layer(c, w, x, b, kv.load(0, 0, start), cos_sin)
     k = count.kernels
     assert k.get("mm", 0) + k.get("addmm", 0) == 4
-    assert k.get("copy_") == 1 and "cat" not in k
+    assert k.get("copy_") == 2 and "cat" not in k
     assert sum(k.values()) <= bound, k

@@ -25,17 +25,6 @@ from .model import attention
 from .quant import KVCodec
 
 
-def _pair(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """k and v as one [2, *k.shape] view when v lies a fixed number of elements after k in the same storage with the
-    same strides (a device tier's buffer; K and V of the fused projection; an X-cache input's two halves), else None:
-    one copy then writes both."""
-    if k.shape != v.shape or k.stride() != v.stride() or k.dtype != v.dtype or k.device != v.device \
-            or k.untyped_storage().data_ptr() != v.untyped_storage().data_ptr():
-        return None
-    gap = v.storage_offset() - k.storage_offset()
-    return k.as_strided((2, *k.shape), (gap, *k.stride()), k.storage_offset()) if gap > 0 else None
-
-
 class LayerKV:
     """The cache of one layer for one micro-batch during one step; the model calls `update` once."""
 
@@ -49,12 +38,8 @@ class LayerKV:
         s = k_new.shape[2]
         self.new = (k_new, v_new, start)
         if self.in_place:
-            dst, src = _pair(self.k, self.v), _pair(k_new, v_new)
-            if dst is not None and src is not None:  # one copy for both
-                dst[:, :, :, start:start + s] = src
-            else:
-                self.k[:, :, start:start + s] = k_new
-                self.v[:, :, start:start + s] = v_new
+            self.k[:, :, start:start + s] = k_new
+            self.v[:, :, start:start + s] = v_new
             return self.k[:, :, :start + s], self.v[:, :, :start + s]
         if self.k is None or start == 0:
             return k_new, v_new
@@ -81,9 +66,9 @@ class DeviceKV:
         self.codec = _codec(bits, head_dim) if self.compressible else None
 
     def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
-        # K and V of one entry in one allocation ([2, B, Nk, T_cap, D]), so a step writes both new rows in one copy
-        both = torch.empty((2, batch, self.nk, capacity, self.d), dtype=self.dtype, device=self.device)
-        self.bufs[layer, mb] = (both[0], both[1])
+        shape = (batch, self.nk, capacity, self.d)
+        self.bufs[layer, mb] = (torch.empty(shape, dtype=self.dtype, device=self.device),
+                                torch.empty(shape, dtype=self.dtype, device=self.device))
 
     def load(self, layer: int, mb: int, start: int) -> LayerKV:
         k, v = self.bufs[layer, mb]

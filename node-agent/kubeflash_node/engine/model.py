@@ -7,6 +7,7 @@ Nh query heads, Nk kv heads, D head dim.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -104,13 +105,14 @@ class Batch:
 class Rotary(tuple):
     """(cos, sin with its first half negated) [B, 1, S, D]: rope.apply_rope in four operators instead of five, as
     x * cos + roll(x, D/2) * sin_signed, which equals x * cos + rotate_half(x) * sin element for element (negation
-    is exact). `token_major()` gives the same for x laid out [B, S, N, D] (Q and K rotated in one go)."""
+    is exact). `token_major` gives the same for x laid out [B, S, N, D] (Q and K rotated in one go)."""
 
     @classmethod
     def of(cls, cos: torch.Tensor, sin: torch.Tensor) -> Rotary:
         half = sin.shape[-1] // 2
         return cls((cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)))
 
+    @functools.cached_property
     def token_major(self) -> Rotary:
         return Rotary((self[0].transpose(1, 2), self[1].transpose(1, 2)))  # [B, S, 1, D]
 
@@ -242,12 +244,7 @@ def _causal_groups(q, k, v, span: Span) -> torch.Tensor:
     """Causal attention per group of rows with equal padding, over the slots after it: `is_causal` when the
     queries start at slot 0, else (a prefix already cached) lower-right causal alignment, which the flash kernel
     also runs without a mask. Padding queries get zeros (nothing real attends to their keys)."""
-    from torch.nn.attention.bias import causal_lower_right
-
     start, s = span.start, q.shape[2]
-    groups: dict[int, list[int]] = {}
-    for r, f in enumerate(span.first):
-        groups.setdefault(f, []).append(r)
 
     def causal(qg, kg, vg):
         sq, sk = qg.shape[2], kg.shape[2]
@@ -259,11 +256,16 @@ def _causal_groups(q, k, v, span: Span) -> torch.Tensor:
             if not qg.is_cuda and nk != nh:  # CPU: grouped-query heads folded into the query axis, as _masked_chunks
                 return _sdpa(qg.reshape(b, nk, nh // nk, d), kg, vg, span=span).reshape(b, nh, 1, d)
             return _sdpa(qg, kg, vg, span=span)
+        from torch.nn.attention.bias import causal_lower_right
+
         return _sdpa(qg, kg, vg, causal_lower_right(sq, sk), span=span)
 
-    if len(groups) == 1 and span.first[0] <= start:
-        f = span.first[0]
+    f = span.first[0]
+    if f <= start and span.first.count(f) == len(span.first):  # one group (every decode step that gets here)
         return causal(q, k[:, :, f:], v[:, :, f:])
+    groups: dict[int, list[int]] = {}
+    for r, f in enumerate(span.first):
+        groups.setdefault(f, []).append(r)
     out = torch.zeros_like(q)
     for f, rows in groups.items():
         ix, q0 = _rows(rows, q.device), max(start, f) - start  # q0: the group's first real query
@@ -355,7 +357,7 @@ def _qkv(c: ModelConfig, w: dict, h: torch.Tensor, nk: int) -> tuple[torch.Tenso
         return None
     b, s, _ = h.shape
     y = F.linear(h, w["fused_qkv"], w.get("fused_qkv_b")).view(b, s, c.num_heads + 2 * nk, c.head_dim)
-    return y[:, :, :c.num_heads + nk], y[:, :, c.num_heads + nk:]
+    return y.split([c.num_heads + nk, nk], dim=2)
 
 
 def split_heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
@@ -474,7 +476,7 @@ def llama_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, r
     if qkv is not None:  # one matmul, and Q and K rotated together in place: token-major [B, S, heads, D]
         qk, v = qkv
         if rope is not None:  # (in place: K stays next to V, so the cache writes both in one copy)
-            rope.token_major().in_place(qk)
+            rope.token_major.in_place(qk)
         q, k = qk.split([c.num_heads, c.num_kv_heads], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, N, S, D]
     else:
