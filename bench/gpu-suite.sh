@@ -21,6 +21,7 @@ run() { # name model args…
   $KF bench --model "$STORE/$model" --store "$STORE" --ceilings "$STORE/ceilings.json" --json "$OUT/$name.json" "$@" 2>&1 \
     | grep -E "^(workload|measured|roofline|efficiency|peak|device|load_weight|compute_layer)" ; }
 for step in "$@"; do case $step in
+  parity) python3 bench/gpu_parity.py --device cuda || { echo "parity: FAIL (lines above); fix before benchmarking"; exit 1; } ;;
   ceilings) ceil ;;
   llama) convert llama-3-8b ;;
   opt13) convert opt-13b ;;
