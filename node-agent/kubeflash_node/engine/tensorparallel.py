@@ -55,9 +55,11 @@ def tp_llama_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch, cache, rope,
     q = norm(c, q, w["q_norm"]) if c.qk_norm else q
     q = q if rope is None else apply_rope(q, *rope)
     k, v = llama_kv(c, w, h, rope)  # [B, Nk/N (or 1), S, D]
-    prefix_rope = (lambda: batch.rope_at(batch.prefix_positions)) if uses_rope else (lambda: None)
+    # an X-cache layer's recompute: RoPE of the first n slots (the prefix, or every slot where the tier wrote the new
+    # rows in place and projects them too), once per step
+    prefix_rope = batch.rope_until if uses_rope else (lambda n: None)
     o = cache.attend(q, k, v, batch.start, batch.mask_for(window, c.attn_softcap, c.attn_scale or None), x=h,
-                     project=lambda hp: llama_kv(c, w, hp, prefix_rope()))
+                     project=lambda hp: llama_kv(c, w, hp, prefix_rope(hp.shape[1])))
     del q, k, v
     o = F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.q_dim), w["wo"])  # partial [B, S, H]
     o = _reduced(reduce, o, w.get("bo"))
