@@ -625,6 +625,7 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
         time.sleep(2)
         if os.environ.get("KUBEFLASH_BENCH_GCSTATS"):  # the collector's passes so far (bench/opmem.py)
             os.kill(op.proc.pid, signal.SIGUSR1)
+            time.sleep(3)  # its report (a count of every object) is not part of the idle window
         spy = Sampler(op.proc.pid, "idle")
         cpu0 = op.cpu_s()
         time.sleep(idle_s)

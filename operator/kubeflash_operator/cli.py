@@ -82,6 +82,7 @@ def main(args: argparse.Namespace) -> int:
     from kubeflash_operator import heap
 
     heap.limit_arenas()  # before kopf and the API calls start their threads
+    heap.tune_gc()  # every module imported: they leave the collector's scans
 
     kopf.configure(verbose=args.verbose)
     elector = _elect(args) if args.leader_elect else None

@@ -69,3 +69,22 @@ def test_trim_returns_freed_memory():
     got = _run(TRIM)
     assert got["trimmed"] is True
     assert got["freed_mib"] > 40, got
+
+
+YOUNG = """
+import gc, json, sys
+from kubeflash_operator import heap
+if sys.argv[1] == "tuned":
+    heap.tune_gc()
+marker = []  # lives through 5,000 allocations of gc-tracked objects, as a job step's objects live through an API call
+churn = [[i] for i in range(5000)]
+print(json.dumps({"young": any(o is marker for o in gc.get_objects(0)), "frozen": gc.get_freeze_count() > 0,
+                  "threshold": gc.get_threshold()[0]}))
+"""
+
+
+def test_tune_gc_lets_short_lived_objects_die_young():
+    default = _run(YOUNG, "default")
+    tuned = _run(YOUNG, "tuned")
+    assert default["young"] is False  # CPython's 700: moved on to an older generation already
+    assert tuned == {"young": True, "frozen": True, "threshold": heap.GC_YOUNG}
