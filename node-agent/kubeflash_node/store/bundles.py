@@ -72,6 +72,20 @@ def write_bundles(model_dir: Path, freq: dict[float, np.ndarray] | None = None) 
     return out
 
 
+def open_layer_files(model_dir: Path, sub: str, fmt: str, what: str, hint: str) -> tuple[dict, list[int]]:
+    """(index, open fds of layer_NNN.bin) of the per-layer row files under `<model_dir>/<sub>` (neuron bundles,
+    input channels); StoreError naming the file when the index is missing or unreadable, or written for another
+    version of the model (its manifest's sha256), with `hint`, the command that writes them."""
+    d = Path(model_dir) / sub
+    try:
+        idx = json.loads((d / INDEX).read_text())
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{d / INDEX}: no readable {what} ({e}); write them with `{hint}`") from e
+    if idx.get("format") != fmt or idx.get("manifest_sha256") != manifest_sha256(model_dir):
+        raise StoreError(f"{d}: {what} of another version of this model (stale); write them again (`{hint}`)")
+    return idx, [os.open(d / f"layer_{j:03d}.bin", os.O_RDONLY | os.O_CLOEXEC) for j in range(idx["layers"])]
+
+
 class _RowFiles:
     """Open files (one per layer) of fixed-size rows, read a sorted set of rows with one preadv per run of
     consecutive ones (read_rows), and count the bytes and reads."""
@@ -102,16 +116,10 @@ class BundleReader(_RowFiles):
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir) / DIR
-        try:
-            idx = json.loads((self.dir / INDEX).read_text())
-        except (OSError, ValueError) as e:
-            raise StoreError(f"{self.dir / INDEX}: no readable neuron bundles ({e}); write them with "
-                             f"`kubeflash calibrate {model_dir} --text FILE --bundle`") from e
-        if idx.get("format") != FORMAT or idx.get("manifest_sha256") != manifest_sha256(model_dir):
-            raise StoreError(f"{self.dir}: bundles of another version of this model (stale); write them again")
+        idx, self.fds = open_layer_files(model_dir, DIR, FORMAT, "neuron bundles",
+                                         f"kubeflash calibrate {model_dir} --text FILE --bundle")
         self.neurons, self.row_elems, self.dtype = idx["neurons"], idx["row_elems"], np.dtype(idx["dtype"])
         self.row_bytes = self.row_elems * self.dtype.itemsize
-        self.fds = [os.open(self.dir / f"layer_{j:03d}.bin", os.O_RDONLY | os.O_CLOEXEC) for j in range(idx["layers"])]
         self.bytes_read, self.reads = 0, 0
 
     def read(self, layer: int, active: list[int]) -> np.ndarray:

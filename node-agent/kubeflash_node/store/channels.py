@@ -14,13 +14,12 @@ of torch.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .bundles import read_rows
+from .bundles import open_layer_files, read_rows
 from .format import StoreError, atomic_write_json, fsync_dir, load_manifest, tensor_view
 from .sparsity import manifest_sha256
 
@@ -71,19 +70,12 @@ class ChannelReader:
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir) / DIR
-        try:
-            idx = json.loads((self.dir / INDEX).read_text())
-        except (OSError, ValueError) as e:
-            raise StoreError(f"{self.dir / INDEX}: no readable input-channel files ({e}); write them with "
-                             f"`kubeflash calibrate {model_dir} --text FILE`") from e
-        if idx.get("format") != FORMAT or idx.get("manifest_sha256") != manifest_sha256(model_dir):
-            raise StoreError(f"{self.dir}: input-channel files of another version of this model (stale); write "
-                             "them again (kubeflash calibrate)")
+        idx, self.fds = open_layer_files(model_dir, DIR, FORMAT, "input-channel files",
+                                         f"kubeflash calibrate {model_dir} --text FILE")
         self.hidden, self.intermediate = idx["hidden"], idx["intermediate"]
         self.dtype = np.dtype(idx["dtype"])
         self.in_row_bytes = 2 * self.intermediate * self.dtype.itemsize  # one input channel: gate + up column
         self.down_row_bytes = self.hidden * self.dtype.itemsize  # one neuron: down column
-        self.fds = [os.open(self.dir / f"layer_{j:03d}.bin", os.O_RDONLY | os.O_CLOEXEC) for j in range(idx["layers"])]
         self.bytes_read, self.reads = 0, 0
 
     def inputs(self, layer: int, ids: list[int]) -> np.ndarray:
