@@ -63,7 +63,8 @@ for step in "$@"; do case $step in
   # DeepSpeed ZeRO-Inference 0.19.8 (wheels and libaio carried in .whl, bench/device-setup.sh): ZeRO-3 with every
   # parameter on NVMe through its async I/O, fp16 opt-13b, the workload of acc13 and air13
   zero13) incg python3 bench/peers/zero_inference.py --model opt-13b --nvme-dir /root/zero13 --json "$RES/zero-opt13.json" \
-            --prompts 16 --prompt-len 512 --gen-len 4 --gpu-memory "$GPU" --cold 2>&1 | grep -v "^\[20" | tail -5
+            --prompts 16 --prompt-len 512 --gen-len 4 --gpu-memory "$GPU" --cold 2>&1 | tee "$RES/zero-opt13.log" \
+            | grep -v "^\[20" | tail -5
           rm -rf /root/zero13 ;;
   # long-context decode: opt-1.3b with 32K learned positions (a shape; FlexGen's max_seq_len raised to match),
   # 16 prompts of 8192 tokens + 32 generated; the KV cache (26 GB) is offloaded to CPU memory: GPU capped at 16 GiB,

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -149,6 +150,13 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                  ("MASTER_PORT", "29512")):
         os.environ.setdefault(k, v)
+    # DeepSpeed 0.19.8's op builder reads TORCH_CUDA_ARCH_LIST as plain numbers and fails on an arch suffix
+    # ("ValueError: invalid literal for int() with base 10: '0a'" for the GPU image's "9.0a", seen on the H100):
+    # its async_io op has no CUDA code, so the suffix is dropped for the build
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(
+            dict.fromkeys(re.sub(r"(?<=\d)[a-z]+(?=(\+PTX)?$)", "", a) for a in re.split(r"[;\s]+", arch.strip()) if a))
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
