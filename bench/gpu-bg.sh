@@ -5,6 +5,10 @@
 #                                           session; output appended to $RES/queue.log (RES default /root/res)
 #   bench/gpu-bg.sh poll SECONDS            wait until the queue ends or SECONDS pass, then copy $RES (JSON, logs) to $OUT
 # Every CMD runs with `timeout` from its own env var LIMIT (seconds, default 600) if it sets one: LIMIT=300 CMD…
+# The queue file is read line by line as the steps run: appending a line (echo 'CMD' >> $RES/queue.txt) adds a step;
+# rewriting lines already read shifts the reader and runs the wrong lines (seen in session 11). To change course,
+# end the queue (pkill -f 'IFS= rea[d]', a pattern that does not match the pkill command itself) and start another
+# with a new RES.
 set -u
 RES=${RES:-/root/res}
 mkdir -p "$RES"
