@@ -1,5 +1,6 @@
-"""Random transformers models for parity tests: every weight random, the 1-D ones (norms, biases) perturbed too so
-none stays at its default, float32, saved as safetensors."""
+"""Random transformers models for parity tests (every weight random, the 1-D ones (norms, biases) perturbed too so
+none stays at its default, float32, saved as safetensors), and transformers' side of a comparison: a batch left
+padded as the engine pads it, and greedy tokens."""
 
 from __future__ import annotations
 
@@ -20,3 +21,20 @@ def save_random_model(cfg, out: Path):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(out, safe_serialization=True)
     return model
+
+
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both [B, S]: `prompts` left padded with 0 to the longest, as the engine pads a batch."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def greedy(model, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """transformers' `new` greedy tokens per prompt (no end-of-sequence stop) for the left-padded batch `prompts`."""
+    ids, mask = left_padded(prompts)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    return out[:, ids.shape[1]:].tolist()

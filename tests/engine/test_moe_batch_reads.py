@@ -14,7 +14,8 @@ import itertools
 
 import pytest
 import torch
-from test_moe_routing import _qwen3_moe
+from hf_random import greedy
+from tiny_moe import qwen3_moe_store
 
 from kubeflash_node.engine import stream as stream_mod
 from kubeflash_node.engine.experts import expert_runs
@@ -22,7 +23,6 @@ from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.io import odirect_supported
 from kubeflash_node.engine.policy import Policy
 from kubeflash_node.engine.stream import WeightStreamer
-from kubeflash_node.store.convert import convert
 from kubeflash_node.store.format import load_manifest
 
 PROMPT = [3, 14, 15, 92, 65, 35]
@@ -38,10 +38,7 @@ def test_expert_runs_join_only_experts_within_the_gap():
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("moe")
-    model = _qwen3_moe(tmp)
-    convert(str(tmp / "hf"), tmp / "store", dtype="float32")
-    return model, tmp / "store"
+    return qwen3_moe_store(tmp_path_factory.mktemp("moe"))
 
 
 def _backends(path):
@@ -102,9 +99,7 @@ def test_engine_tokens_equal_transformers_through_batch_reads(moe, cache):
     """Every backend, task size cutting runs inside experts, hot-expert cache off and on: transformers' tokens."""
     model, store = moe
     new = 10
-    with torch.no_grad():
-        ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=new, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)[0, len(PROMPT):].tolist()
+    [ref] = greedy(model, [PROMPT], new)
     for backend in _backends(store / "manifest.json"):
         engine = Engine(store, policy=Policy(gpu_batch_size=1, expert_cache_bytes=cache, io_backend=backend,
                                              io_task_bytes=8192, io_threads=3))

@@ -9,7 +9,6 @@ directory, the report says so, and a later job seeded from that file starts warm
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -19,29 +18,21 @@ from pathlib import Path
 
 import pytest
 from readonly_mount import read_only
-from test_moe_routing import VOCAB, _qwen3_moe
+from tiny_jobs import job_doc, run_tiny_job, tiny_job
+from tiny_moe import VOCAB, qwen3_moe_store
 
 from kubeflash_api import SpecError, from_canonical, parse_job, to_canonical
 from kubeflash_node.engine.experts import JOB_ROUTING_FILE, ROUTING_FILE
-from kubeflash_node.engine.generate import Engine
-from kubeflash_node.engine.job import run_job
-from kubeflash_node.store.convert import convert
-from kubeflash_node.store.format import load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 CEILINGS = ROOT / "docs" / "bench-results" / "ceilings.json"
 KUBEFLASH = [str(Path(sys.executable).parent / "kubeflash")]
 BUDGET = 6 * 3 * 16 * 32 * 4  # room for 6 of the 2 x 16 float32 experts of the tiny model
+JOB = dict(name="moe", count=2, prompt_length=6, new=10)  # two prompts, one at a time
 
 
-def _doc(offload: dict, count: int = 2) -> dict:
-    return {"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "moe"},
-            "spec": {"model": {"uri": "dummy:tiny", "dtype": "float32"},
-                     "input": {"synthetic": {"count": count, "promptLength": 6}},
-                     "generation": {"maxNewTokens": 10},
-                     "offload": {"policy": "explicit", "gpuBatchSize": 1,
-                                 "weights": {"gpu": 0, "cpu": 0, "disk": 100},
-                                 "kv": {"gpu": 100, "cpu": 0, "disk": 0}} | offload}}
+def _doc(offload: dict) -> dict:
+    return job_doc(offload, **JOB)
 
 
 @pytest.mark.parametrize("value, want", [("2Gi", 2 << 30), (1000, 1000), ("auto", "auto"), (0, 0)])
@@ -62,35 +53,12 @@ def test_bad_expert_cache_is_refused_naming_the_field(value):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("moe")
-    _qwen3_moe(tmp)
-    out = tmp / "store"
-    convert(str(tmp / "hf"), out, dtype="float32")
-    return out
-
-
-def _job(offload: dict):
-    spec = parse_job(_doc(offload))
-    r = dataclasses.replace  # synthetic ids within the tiny model's vocabulary
-    prompts = tuple(r(p, token_ids=tuple(t % VOCAB for t in p.token_ids)) for p in spec.input.prompts)
-    return r(spec, input=r(spec.input, prompts=prompts))
+    return qwen3_moe_store(tmp_path_factory.mktemp("moe"))[1]
 
 
 def _run(store: Path, tmp: Path, name: str, offload: dict, **kw):
-    """One job through run_job (the pod's and `kubeflash run`'s path); (report, the engine after close, tokens)."""
-    engines = []
-
-    def factory(*a, **k):
-        engines.append(Engine(*a, **k))
-        return engines[-1]
-
-    job_dir = tmp / name
-    job_dir.mkdir()
-    manifest = dataclasses.replace(load_manifest(store), tokenizer=None)  # synthetic ids: no tokenizer
-    report = run_job(_job(offload), model_dir=store, manifest=manifest, output=job_dir / "out.jsonl", device="cpu",
-                     job_dir=job_dir, engine_factory=factory, **kw)
-    rows = [json.loads(x)["response"]["body"]["token_ids"] for x in (job_dir / "out.jsonl").read_text().splitlines()]
-    return report, engines[0], rows
+    """(report, the engine after close, tokens) of one job through run_job (the pod's and `kubeflash run`'s path)."""
+    return run_tiny_job(tiny_job(offload, vocab=VOCAB, **JOB), store, tmp / name, **kw)
 
 
 def _clear_routing(store: Path) -> None:

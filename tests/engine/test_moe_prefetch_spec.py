@@ -7,7 +7,6 @@ prefetch reads. `kubeflash plan` states its choice and puts it in the offload YA
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -15,17 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from test_moe_routing import VOCAB, _qwen3_moe
+from hf_random import greedy
+from tiny_jobs import run_tiny_job, tiny_job
+from tiny_moe import VOCAB, qwen3_moe_store
 
-from kubeflash_api import parse_job
 from kubeflash_node.engine.bench import Ceilings
 from kubeflash_node.engine.experts import ROUTING_FILE
-from kubeflash_node.engine.generate import Engine
-from kubeflash_node.engine.job import run_job
 from kubeflash_node.engine.machine import Machine
 from kubeflash_node.engine.planning import needs_ceilings
-from kubeflash_node.store.convert import convert
 from kubeflash_node.store.format import load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,45 +30,22 @@ KUBEFLASH = [str(Path(sys.executable).parent / "kubeflash")]
 NEW = 10
 
 
-def _doc(offload: dict) -> dict:
-    return {"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "moe"},
-            "spec": {"model": {"uri": "dummy:tiny", "dtype": "float32"},
-                     "input": {"synthetic": {"count": 2, "promptLength": 6}},
-                     "generation": {"maxNewTokens": NEW},
-                     "offload": {"policy": "explicit", "gpuBatchSize": 2,
-                                 "weights": {"gpu": 0, "cpu": 0, "disk": 100},
-                                 "kv": {"gpu": 100, "cpu": 0, "disk": 0}} | offload}}
+def _job(offload: dict):
+    return tiny_job(offload, vocab=VOCAB, name="moe", count=2, prompt_length=6, new=NEW, batch=2)
 
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("moe")
-    model = _qwen3_moe(tmp)
-    convert(str(tmp / "hf"), tmp / "store", dtype="float32")
-    return model, tmp / "store"
+    return qwen3_moe_store(tmp_path_factory.mktemp("moe"))
 
 
 def _run(store: Path, tmp: Path, name: str, offload: dict, machine: Machine | None = None):
     """(report, engine after close, token rows, prompts) of one job through run_job, from no saved routing counts."""
-    spec = parse_job(_doc(offload))
-    r = dataclasses.replace  # synthetic ids within the tiny model's vocabulary
-    prompts = tuple(r(p, token_ids=tuple(t % VOCAB for t in p.token_ids)) for p in spec.input.prompts)
-    spec = r(spec, input=r(spec.input, prompts=prompts))
-    engines = []
-
-    def factory(*a, **k):
-        engines.append(Engine(*a, **k))
-        return engines[-1]
-
-    job_dir = tmp / name
-    job_dir.mkdir()
+    spec = _job(offload)
     (store / ROUTING_FILE).unlink(missing_ok=True)
-    manifest = dataclasses.replace(load_manifest(store), tokenizer=None)  # synthetic ids: no tokenizer
-    report = run_job(spec, model_dir=store, manifest=manifest, output=job_dir / "out.jsonl", device="cpu",
-                     job_dir=job_dir, engine_factory=factory, machine=machine)
+    report, engine, rows = run_tiny_job(spec, store, tmp / name, machine=machine)
     (store / ROUTING_FILE).unlink(missing_ok=True)
-    rows = [json.loads(x)["response"]["body"]["token_ids"] for x in (job_dir / "out.jsonl").read_text().splitlines()]
-    return report, engines[0], rows, [list(p.token_ids) for p in prompts]
+    return report, engine, rows, [list(p.token_ids) for p in spec.input.prompts]
 
 
 def test_every_setting_writes_transformers_tokens_and_runs_as_chosen(moe, tmp_path):
@@ -83,9 +56,7 @@ def test_every_setting_writes_transformers_tokens_and_runs_as_chosen(moe, tmp_pa
             "auto-priced": _run(store, tmp_path, "auto-priced", {}, machine=gpu),
             "auto-unpriced": _run(store, tmp_path, "auto-unpriced", {"expertPrefetch": "auto"})}
     prompts = runs["off"][3]
-    with torch.no_grad():
-        ref = [model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    ref = [greedy(model, [p], NEW)[0] for p in prompts]
     for name, (report, engine, rows, _) in runs.items():
         assert rows == ref, name
         choice = report["expert_prefetch_choice"]
@@ -107,9 +78,9 @@ def test_an_explicit_moe_job_with_auto_prefetch_is_priced(moe):
     expertPrefetch is auto, so that auto can be priced on a GPU; not when it is on or off."""
     _, store = moe
     manifest = load_manifest(store)
-    assert needs_ceilings(parse_job(_doc({})), manifest)
-    assert not needs_ceilings(parse_job(_doc({"expertPrefetch": "off"})), manifest)
-    assert not needs_ceilings(parse_job(_doc({"expertPrefetch": "on"})), manifest)
+    assert needs_ceilings(_job({}), manifest)
+    assert not needs_ceilings(_job({"expertPrefetch": "off"}), manifest)
+    assert not needs_ceilings(_job({"expertPrefetch": "on"}), manifest)
 
 
 def test_plan_states_its_choice_and_pins_it(tmp_path):

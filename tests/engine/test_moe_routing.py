@@ -14,25 +14,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from hf_random import greedy
+from tiny_moe import qwen3_moe, qwen3_moe_store
 
 from kubeflash_node.engine.experts import ROUTING_FILE, RoutedWeights
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.policy import Policy
 from kubeflash_node.store.convert import convert
-
-VOCAB = 97
-
-
-def _qwen3_moe(tmp_path, experts: int = 16):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_experts=experts, num_experts_per_tok=2,
-                         moe_intermediate_size=16, norm_topk_prob=True)
-    model = Qwen3MoeForCausalLM(cfg).eval()
-    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    return model
 
 
 def _run(store, budget: int, prompt, new: int):
@@ -48,13 +36,11 @@ def _run(store, budget: int, prompt, new: int):
 def test_second_run_starts_warm_reads_fewer_expert_bytes_same_tokens(tmp_path):
     """Run 1 (no counts yet) saves per-layer routing counts; run 2 reads the most routed experts into its cache
     first and then misses less: fewer expert bytes in all, tokens equal to run 1's and to transformers'."""
-    model = _qwen3_moe(tmp_path)
+    model, hf = qwen3_moe(tmp_path)
     store = tmp_path / "store"
-    m = convert(str(tmp_path / "hf"), store, dtype="float32")
+    m = convert(str(hf), store, dtype="float32")
     prompt, new = [3, 14, 15, 92, 65, 35], 12
-    with torch.no_grad():
-        ref = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)[0, len(prompt):].tolist()
+    [ref] = greedy(model, [prompt], new)
     budget = 6 * 3 * 16 * 32 * 4  # room for 6 of the 2 x 16 experts (float32)
     assert not (store / ROUTING_FILE).exists()
     tokens1, bytes1, hits1 = _run(store, budget, prompt, new)
@@ -75,9 +61,7 @@ def test_second_run_starts_warm_reads_fewer_expert_bytes_same_tokens(tmp_path):
 
 def test_bad_routing_file_is_ignored(tmp_path, capsys):
     """A corrupt .routing.json does not stop a run: it is named in a warning and the run starts cold."""
-    _qwen3_moe(tmp_path, experts=4)
-    store = tmp_path / "store"
-    convert(str(tmp_path / "hf"), store, dtype="float32")
+    _, store = qwen3_moe_store(tmp_path, experts=4)
     (store / ROUTING_FILE).write_text("{not json")
     tokens, _, hits = _run(store, 1 << 20, [5, 6, 7], 2)
     assert len(tokens) == 2

@@ -13,27 +13,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from hf_random import greedy
 from safetensors.torch import load_file, save_file
+from tiny_moe import qwen3_moe
 
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.store import modelconfig
 from kubeflash_node.store.convert import SourceError, convert
-
-VOCAB = 97
-
-
-def _qwen3_moe(tmp_path, experts: int = 4, **shape):
-    """A tiny random Qwen3-MoE saved as config.json + safetensors."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, num_experts=experts,
-                                   num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True), **shape})
-    model = Qwen3MoeForCausalLM(cfg).eval()
-    hf = tmp_path / "hf"
-    model.save_pretrained(hf, safe_serialization=True)
-    return model, hf
 
 
 def _edit(hf, *, drop: str | None = None, add: dict | None = None, config: dict | None = None) -> None:
@@ -57,14 +43,14 @@ def _refused(hf, tmp_path, message: str) -> None:
 
 
 def test_missing_expert_tensor_is_named(tmp_path):
-    _, hf = _qwen3_moe(tmp_path)
+    _, hf = qwen3_moe(tmp_path, experts=4)
     _edit(hf, drop="model.layers.1.mlp.experts.2.up_proj.weight")
     _refused(hf, tmp_path, "tensor 'model.layers.1.mlp.experts.2.up_proj.weight' missing")
 
 
 @pytest.mark.parametrize("count", [3, 5])
 def test_expert_count_not_matching_the_router_is_refused(count, tmp_path):
-    _, hf = _qwen3_moe(tmp_path)
+    _, hf = qwen3_moe(tmp_path, experts=4)
     _edit(hf, config={"num_experts": count, "num_local_experts": count})
     if count > 4:
         _refused(hf, tmp_path, "tensor 'model.layers.0.mlp.experts.4.gate_proj.weight' missing")
@@ -74,7 +60,7 @@ def test_expert_count_not_matching_the_router_is_refused(count, tmp_path):
 
 
 def test_expert_past_the_count_is_refused(tmp_path):
-    _, hf = _qwen3_moe(tmp_path)
+    _, hf = qwen3_moe(tmp_path, experts=4)
     extra = torch.zeros(16, 32)
     _edit(hf, add={"model.layers.1.mlp.experts.4.gate_proj.weight": extra})
     _refused(hf, tmp_path, "tensor 'model.layers.1.mlp.experts.4.gate_proj.weight' is an expert past config.json "
@@ -83,7 +69,7 @@ def test_expert_past_the_count_is_refused(tmp_path):
 
 def test_experts_are_stored_one_after_another(tmp_path):
     """Each expert's three matrices are adjacent in its layer file, experts in order: one read per expert."""
-    _, hf = _qwen3_moe(tmp_path)
+    _, hf = qwen3_moe(tmp_path, experts=4)
     m = convert(str(hf), tmp_path / "store", dtype="float32")
     entries = m.files["layer_000.bin"].tensors
     order = sorted(entries, key=lambda n: entries[n].offset)
@@ -95,7 +81,7 @@ def test_experts_are_stored_one_after_another(tmp_path):
 
 def test_int8_reaches_the_experts_and_decodes(tmp_path):
     """int8 quantizes each expert's matrices (not the router); the quantized store generates."""
-    _, hf = _qwen3_moe(tmp_path)
+    _, hf = qwen3_moe(tmp_path, experts=4)
     m = convert(str(hf), tmp_path / "store", dtype="float32", quantization="int8", group=16)
     names = set(m.files["layer_001.bin"].tensors)
     assert {"e3.w_down.q", "e3.w_down.scale", "router"} <= names and "e3.w_down" not in names
@@ -176,12 +162,10 @@ def test_only_routed_experts_are_read_and_tokens_stay_transformers(tmp_path):
     the routed run reads fewer weight bytes."""
     from kubeflash_node.engine.policy import Policy
 
-    model, hf = _qwen3_moe(tmp_path, experts=16)
+    model, hf = qwen3_moe(tmp_path)
     convert(str(hf), tmp_path / "store", dtype="float32")
     prompt = [3, 14, 15, 92, 65, 35]
-    with torch.no_grad():
-        ref = model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)[0, len(prompt):].tolist()
+    [ref] = greedy(model, [prompt], 5)
     read = {}
     for every in (False, True):
         engine = Engine(tmp_path / "store", policy=Policy(gpu_batch_size=1, all_experts=every))
@@ -201,12 +185,10 @@ def test_hot_expert_cache_reads_each_kept_expert_once(tmp_path):
     steps hit them."""
     from kubeflash_node.engine.policy import Policy
 
-    model, hf = _qwen3_moe(tmp_path, experts=16)
+    model, hf = qwen3_moe(tmp_path)
     convert(str(hf), tmp_path / "store", dtype="float32")
     prompt = [3, 14, 15, 92, 65, 35]
-    with torch.no_grad():
-        ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)[0, len(prompt):].tolist()
+    [ref] = greedy(model, [prompt], 8)
     runs = {}
     for budget in (0, 1 << 20, 6 * 3 * 16 * 32 * 4):  # none, all 32 experts (1 MiB > 32 * 6 KiB), 6 experts
         (tmp_path / "store" / ".routing.json").unlink(missing_ok=True)  # each run cold (warm starts: test_moe_routing)
@@ -249,7 +231,8 @@ def test_int8_size_estimate_counts_every_expert(tmp_path):
     c = modelconfig.preset("qwen3-30b-a3b")
     int8, fp16 = sum(stage_sizes(c, 2, "int8")[0]), sum(stage_sizes(c, 2, "none")[0])
     assert 0.5 < int8 / fp16 < 0.56
-    _, hf = _qwen3_moe(tmp_path, hidden_size=128, head_dim=32, moe_intermediate_size=64)  # every matrix fits groups of 64
+    # every matrix fits groups of 64
+    _, hf = qwen3_moe(tmp_path, experts=4, hidden_size=128, head_dim=32, moe_intermediate_size=64)
     m = convert(str(hf), tmp_path / "store", dtype="float16", quantization="int8")
     small = config_from_hf(json.loads((hf / "config.json").read_text()))
     stored = stage_sizes(small, 2, "int8")[0][1]
@@ -264,7 +247,7 @@ def test_cost_model_predicts_the_bytes_a_routed_decode_step_reads(tmp_path):
     from kubeflash_node.engine.policy import Policy
     from kubeflash_node.store.modelconfig import ModelConfig
 
-    _, hf = _qwen3_moe(tmp_path, experts=16, hidden_size=256, head_dim=64, moe_intermediate_size=64)
+    _, hf = qwen3_moe(tmp_path, hidden_size=256, head_dim=64, moe_intermediate_size=64)
     m = convert(str(hf), tmp_path / "store", dtype="float32")
     c = ModelConfig.from_dict(m.config)
     assert c.expected_experts(1) == pytest.approx(2) and 2 < c.expected_experts(4) < 8
