@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_random import save_random_model
+from hf_random import left_padded, save_random_model
 
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.policy import Policy
@@ -42,9 +42,7 @@ def test_logits_match_transformers(name, tmp_path):
     convert(str(hf_dir), tmp_path / "store", dtype="float32")
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 11, 40)]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids, mask = left_padded(prompts)
     with torch.no_grad():
         kw = {} if name == "opt" else {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
         ref = model(input_ids=ids, attention_mask=mask, **kw).logits[:, -1]

@@ -18,6 +18,7 @@ import random
 
 import pytest
 import torch
+from hf_random import greedy, left_padded
 
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.policy import Policy
@@ -267,14 +268,11 @@ def test_logits_and_greedy_match_transformers(family, kw, legacy, tmp_path):
         _legacy_rope(hf_dir / "config.json")
     convert(str(hf_dir), tmp_path / "store", dtype="float32")
     prompts = _prompts()
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids, mask = left_padded(prompts)
     with torch.no_grad():
         pos = {} if family == "opt" else {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
         ref = model(input_ids=ids, attention_mask=mask, **pos).logits[:, -1]
-        ref_tokens = model.generate(torch.tensor([prompts[1]]), max_new_tokens=6, do_sample=False, eos_token_id=None,
-                                    pad_token_id=0)[0, len(prompts[1]):].tolist()
+    [ref_tokens] = greedy(model, [prompts[1]], 6)
     engine = Engine(tmp_path / "store", policy=Policy(gpu_batch_size=3))
     try:
         ours = engine.prefill_logits(prompts)

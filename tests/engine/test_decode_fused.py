@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_random import save_random_model
+from hf_random import greedy, save_random_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kubeflash_node.engine import model as M
@@ -50,17 +50,6 @@ PROMPTS = {"padded": [list(range(5, 25)), list(range(40, 47)), list(range(100, 1
 NEW = 8
 
 
-def _reference(model, prompts) -> list[list[int]]:
-    """transformers' greedy tokens for `prompts`, left padded as the engine pads them."""
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
-    return out[:, width:].tolist()
-
-
 def _tokens(store, policy, job_dir, prompts) -> tuple[list[list[int]], Engine]:
     engine = Engine(store, policy=policy, job_dir=job_dir)
     try:
@@ -76,7 +65,7 @@ def test_resident_fused_layers_match_transformers(random_model, tier, lengths, t
     streamed, unfused layers' token for token."""
     name, model, store = random_model
     prompts = PROMPTS[lengths]
-    ref = _reference(model, prompts)
+    ref = greedy(model, prompts, NEW)
     fused, engine = _tokens(store, Policy(gpu_batch_size=3, weights_gpu_percent=100, **TIERS[tier]), tmp_path / "a",
                             prompts)
     assert "fused_qkv" in engine.streamer.resident[1]

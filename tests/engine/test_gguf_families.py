@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hf_random import save_random_model
+from hf_random import greedy, left_padded, save_random_model
 
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.policy import Policy
@@ -181,13 +181,10 @@ def test_gguf_logits_and_tokens_match_transformers(name, tmp_path):
     assert m.config["family"] == {"mixtral": "mixtral", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}.get(name, name)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 11, 30)]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids, mask = left_padded(prompts)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
-        want = model.generate(torch.tensor([prompts[1]]), max_new_tokens=6, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[0, len(prompts[1]):].tolist()
+    [want] = greedy(model, [prompts[1]], 6)
     engine = Engine(tmp_path / "store", policy=Policy(gpu_batch_size=3))
     try:
         ours = engine.prefill_logits(prompts)

@@ -15,6 +15,7 @@ import threading
 
 import pytest
 import torch
+from hf_random import left_padded
 
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.policy import Policy
@@ -75,9 +76,7 @@ def test_prefetch_logits_equal_the_non_prefetch_path_exactly(moe_store):
         stats = engine.streamer.expert_prefetch
         assert (stats is not None and stats.issued > 0) == prefetch
     torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=0)
-    width = max(map(len, PROMPTS))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    ids, mask = left_padded(PROMPTS)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).logits[:, -1]
     torch.testing.assert_close(outs[True], ref, rtol=1e-4, atol=1e-4)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_random import greedy
 from test_config_parity import CASES, _prompts, _random_model
 
 from kubeflash_node.engine.generate import Engine, GenParams
@@ -39,13 +40,7 @@ def case(request, tmp_path_factory):
     model, hf_dir = _random_model(family, kw, root)
     convert(str(hf_dir), root / "store", dtype="float32")
     prompts = _prompts()
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)[:, width:].tolist()
-    return root / "store", prompts, ref
+    return root / "store", prompts, greedy(model, prompts, NEW)
 
 
 def test_the_picks_exist():
