@@ -6,7 +6,6 @@ next job calibrates it whole."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -15,13 +14,13 @@ from pathlib import Path
 
 import pytest
 from hf_random import save_random_model
+from tiny_jobs import run_tiny_job, tiny_job
 from transformers import LlamaConfig
 
 from kubeflash_node.engine.autocalib import LOCK, TEXT, ensure_calibrated, missing_targets
 from kubeflash_node.store import sparsity as cal
 from kubeflash_node.store.bundles import DIR
 from kubeflash_node.store.convert import convert
-from kubeflash_node.store.format import load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = 0.5
@@ -63,29 +62,11 @@ def test_a_job_calibrates_its_entry_once_then_runs_sparse(hf, tmp_path):
     """run_job with calibrate=True on an uncalibrated entry writes thresholds (the built-in text's sha256), neuron
     bundles and frequencies, then reads sparsely; the next job finds it calibrated (nothing rewritten); another
     target later adds itself and keeps the first."""
-    from kubeflash_api import parse_job
-    from kubeflash_node.engine.job import run_job
-
     store = _store(hf, tmp_path / "m")
     assert missing_targets(store, (TARGET,)) == (TARGET,)
-    manifest = dataclasses.replace(load_manifest(store), tokenizer=None)  # prompts as token ids below
-
-    def job(name: str, target: float):
-        spec = parse_job({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": name},
-                          "spec": {"model": {"uri": "dummy:tiny", "dtype": "float32"},
-                                   "input": {"synthetic": {"count": 1, "promptLength": 8}},
-                                   "generation": {"maxNewTokens": 3},
-                                   "offload": {"policy": "explicit", "gpuBatchSize": 1, "sparsity": target,
-                                               "weights": {"gpu": 0, "cpu": 0, "disk": 100},
-                                               "kv": {"gpu": 100, "cpu": 0, "disk": 0}}}})
-        r = dataclasses.replace  # synthetic ids within the tiny model's vocabulary
-        prompts = tuple(r(p, token_ids=tuple(t % 97 for t in p.token_ids)) for p in spec.input.prompts)
-        return r(spec, input=r(spec.input, prompts=prompts))
 
     def run(name: str, target: float) -> dict:
-        (tmp_path / name).mkdir()
-        return run_job(job(name, target), model_dir=store, manifest=manifest, output=tmp_path / f"{name}.jsonl",
-                       device="cpu", job_dir=tmp_path / name, calibrate=True)
+        return run_tiny_job(tiny_job({"sparsity": target}, name=name), store, tmp_path / name, calibrate=True)[0]
 
     rep = run("first", TARGET)
     c = cal.load(store)

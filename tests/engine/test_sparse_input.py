@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from test_sparse_stream import PROMPT, STREAM, TARGET, _generate, _reference, tiny  # noqa: F401  (the fixture)
+from tiny_jobs import run_tiny_job, tiny_job
 
 from kubeflash_node.engine import sparse
 from kubeflash_node.engine.generate import Engine
@@ -176,32 +177,16 @@ def test_a_job_merges_column_reads_by_the_machines_measured_read_cost(chan, tmp_
     """run_job on a machine whose disk is slow per read sets the channel and down-row merge gaps from its measured
     per-read cost (costmodel.merge_gap), runs input sparsity, and reports them with the reads the cost model
     predicted faster."""
-    import dataclasses
-
-    from kubeflash_api import parse_job
     from kubeflash_node.engine.bench import Ceilings
     from kubeflash_node.engine.costmodel import merge_gap
-    from kubeflash_node.engine.job import run_job
     from kubeflash_node.engine.machine import Machine
 
     _, store = chan
-    spec = parse_job({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "j"},
-                      "spec": {"model": {"uri": "dummy:tiny", "dtype": "float32"},
-                               "input": {"synthetic": {"count": 1, "promptLength": 8}},
-                               "generation": {"maxNewTokens": 3},
-                               "offload": {"policy": "explicit", "gpuBatchSize": 1, "sparsity": TARGET,
-                                           "weights": {"gpu": 0, "cpu": 0, "disk": 100},
-                                           "kv": {"gpu": 100, "cpu": 0, "disk": 0}}}})
-    r = dataclasses.replace  # synthetic ids within the tiny model's vocabulary
-    spec = r(spec, input=r(spec.input, prompts=tuple(r(p, token_ids=tuple(t % 97 for t in p.token_ids))
-                                                      for p in spec.input.prompts)))
     slow = Ceilings(disk_read_cold=0.05, disk_read_warm=0.05, disk_write=0.05, h2d_pinned=10.0, matmul_tflops=0.1,
                     disk_read_op_s=50e-6)
-    manifest = dataclasses.replace(load_manifest(store), tokenizer=None)
-    (tmp_path / "j").mkdir()
-    rep = run_job(spec, model_dir=store, manifest=manifest, output=tmp_path / "j.jsonl", device="cpu",
-                  job_dir=tmp_path / "j", machine=Machine(slow, 1 << 30, 4 << 30))["sparsity"]
-    c = ModelConfig.from_dict(manifest.config)
+    rep = run_tiny_job(tiny_job({"sparsity": TARGET}), store, tmp_path / "j",
+                       machine=Machine(slow, 1 << 30, 4 << 30))[0]["sparsity"]
+    c = ModelConfig.from_dict(load_manifest(store).config)
     want = [merge_gap(2 * c.intermediate_size * 4, 50e-6, 0.05), merge_gap(c.hidden_size * 4, 50e-6, 0.05)]
     assert rep["method"] == "input" and rep["channel_merge_gaps"] == want and want[1] > 0
     assert rep["reads"] in ("sparse", "dense") and "predicted" in rep["reads_why"]  # the cost model priced both

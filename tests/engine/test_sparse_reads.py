@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 from test_sparse_stream import TARGET, _ffn, _generate, _Logged, tiny  # noqa: F401  (the fixture)
+from tiny_jobs import run_tiny_job, tiny_job
 
 from kubeflash_node.engine.costmodel import SparseCost, sparse_layer_bytes
 from kubeflash_node.engine.neurons import merged
@@ -55,18 +56,7 @@ def test_merged_reads_are_fewer_give_the_same_tokens_and_match_the_cost_model(ti
 
 
 def _job(count: int, batch: int):
-    from kubeflash_api import parse_job
-
-    spec = parse_job({"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "j"},
-                      "spec": {"model": {"uri": "dummy:tiny", "dtype": "float32"},
-                               "input": {"synthetic": {"count": count, "promptLength": 8}},
-                               "generation": {"maxNewTokens": 4},
-                               "offload": {"policy": "explicit", "gpuBatchSize": batch, "sparsity": TARGET,
-                                           "weights": {"gpu": 0, "cpu": 0, "disk": 100},
-                                           "kv": {"gpu": 100, "cpu": 0, "disk": 0}}}})
-    r = dataclasses.replace  # synthetic ids within the tiny model's 97-token vocabulary
-    prompts = tuple(r(p, token_ids=tuple(t % 97 for t in p.token_ids)) for p in spec.input.prompts)
-    return r(spec, input=r(spec.input, prompts=prompts))
+    return tiny_job({"sparsity": TARGET}, count=count, new=4, batch=batch)
 
 
 def test_run_reads_as_the_cost_model_predicts_faster(tiny, tmp_path):  # noqa: F811
@@ -74,19 +64,14 @@ def test_run_reads_as_the_cost_model_predicts_faster(tiny, tmp_path):  # noqa: F
     their active neurons is nearly all of them) read dense although the bundles are there, and so does one prompt
     on a fast disk; the report names the reads and the predictions; the tokens of a prompt do not depend on it."""
     from kubeflash_node.engine.bench import Ceilings
-    from kubeflash_node.engine.job import run_job
     from kubeflash_node.engine.machine import Machine
 
     _, store = tiny
-    manifest = dataclasses.replace(load_manifest(store), tokenizer=None)  # synthetic token ids: no tokenizer
 
     def run(name, disk, count, batch):
         ceil = Ceilings(disk_read_cold=disk, disk_read_warm=disk, disk_write=disk, h2d_pinned=10.0,
                         matmul_tflops=0.1)
-        (tmp_path / name).mkdir()
-        rep = run_job(_job(count, batch), model_dir=store, manifest=manifest, output=tmp_path / f"{name}.jsonl",
-                      device="cpu", job_dir=tmp_path / name, machine=Machine(ceil, 1 << 30, 4 << 30))
-        rows = [json.loads(x)["response"]["body"]["token_ids"] for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        rep, _, rows = run_tiny_job(_job(count, batch), store, tmp_path / name, machine=Machine(ceil, 1 << 30, 4 << 30))
         return rep["sparsity"], rows
 
     slow, one = run("slow1", 0.05, 1, 1)
@@ -110,7 +95,6 @@ def test_the_plan_follows_the_measured_per_read_cost(tiny, tmp_path):  # noqa: F
     read and reads dense at 5 ms a read."""
     from kubeflash_node.engine.bench import Ceilings, measure_read_op
     from kubeflash_node.engine.costmodel import Budget, JobShape, merge_gap, plan, read_op_s, stage_sizes
-    from kubeflash_node.engine.job import run_job
     from kubeflash_node.engine.machine import Machine
     from kubeflash_node.store.modelconfig import preset
 
@@ -137,16 +121,13 @@ def test_the_plan_follows_the_measured_per_read_cost(tiny, tmp_path):  # noqa: F
     assert read_op_s(Ceilings(disk_read_cold=6.0)) == 20e-6  # not measured: the assumed cost
 
     _, store = tiny
-    manifest = dataclasses.replace(load_manifest(store), tokenizer=None)
-    row = 2 * ModelConfig.from_dict(manifest.config).hidden_size * 4  # a bundle: 2H float32
+    row = 2 * ModelConfig.from_dict(load_manifest(store).config).hidden_size * 4  # a bundle: 2H float32
 
     def run(op_s: float) -> dict:
         slow = Ceilings(disk_read_cold=0.05, disk_read_warm=0.05, disk_write=0.05, h2d_pinned=10.0,
                         matmul_tflops=0.1, disk_read_op_s=op_s)
-        name = f"j{op_s:g}"
-        (tmp_path / name).mkdir()
-        return run_job(_job(1, 1), model_dir=store, manifest=manifest, output=tmp_path / f"{name}.jsonl",
-                       device="cpu", job_dir=tmp_path / name, machine=Machine(slow, 1 << 30, 4 << 30))["sparsity"]
+        rep, _, _ = run_tiny_job(_job(1, 1), store, tmp_path / f"j{op_s:g}", machine=Machine(slow, 1 << 30, 4 << 30))
+        return rep["sparsity"]
 
     cheap, dear = run(50e-6), run(5e-3)
     assert cheap["reads"] == "sparse" and cheap["merge_gap"] == merge_gap(row, 50e-6, 0.05) > merge_gap(row, 20e-6, 0.05)
