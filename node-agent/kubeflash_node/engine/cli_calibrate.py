@@ -69,6 +69,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "run` of a Llama-family model then thresholds the FFN's inputs (TEAL) and reads only the kept "
                         "channels' columns, fewer bytes than the neuron bundles (docs/sparsity.md); default on; "
                         "--no-channels: the gate-activation method with neuron bundles")
+    p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=False,
+                   help="also write attention channel files (attn_channels/: each attention input channel's q, k and v "
+                        "column side by side, then each o column; as many bytes as the attention again): a sparse "
+                        "`kubeflash run` then thresholds the attention's inputs too and reads only the kept channels' "
+                        "columns (fewer bytes, more accuracy lost: docs/sparsity.md); default off: attention read whole. "
+                        "The attention thresholds are calibrated either way")
     p.add_argument("--predictor-rank", type=int_range(0, 4096), default=256,
                    help="with --bundle: rank of each layer's low-rank activation predictor (Deja Vu-style, fitted on "
                         "the FFN inputs of up to 4,096 calibration tokens a layer), used by the layers where, on "
@@ -140,6 +146,10 @@ def calibrate_cli(args: argparse.Namespace) -> Path:
         from ..store.channels import write_channels
 
         print(f"input-channel files: {write_channels(model_dir)}")
+        if args.attention:
+            from ..store.channels import write_attn_channels
+
+            print(f"attention channel files: {write_attn_channels(model_dir)}")
     if args.bundle:
         from ..store.bundles import write_bundles
 
@@ -233,7 +243,8 @@ def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, de
             bar.close()
     thresholds = rec.thresholds_at(targets)
     made = cal.Calibration(model_id=model_dir.name, manifest_sha256=digest, tokens=len(ids), text_sha256=text_sha256,
-                           thresholds=thresholds, inputs=rec.input_thresholds_at(targets))
+                           thresholds=thresholds, inputs=rec.input_thresholds_at(targets),
+                           attention=rec.attention.thresholds_at(targets))
     path = cal.save(model_dir, made) if write else made
     return (path, rec) if recorder else (path, {t: rec.frequency_at(th) for t, th in thresholds.items()})
 

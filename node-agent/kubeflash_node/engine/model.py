@@ -472,7 +472,9 @@ def llama_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, r
     if getattr(w, "prefetching", False):  # streamed experts (experts.RoutedWeights): read the likely ones during attention
         w.prefetch(predict_experts(c, w, norm(c, x, w["mlp_norm"])))
     h = norm(c, x, w["attn_norm"])
-    qkv = None if c.qk_norm else _qkv(c, w, h, c.num_kv_heads)
+    sa = w.get("sparse_attn")  # attention input sparsity (attnsparse.py): q/k/v/o of the kept channels only
+    wa, ha, h = (w, h, h) if sa is None else sa.qkv(c, w, h)
+    qkv = None if c.qk_norm else _qkv(c, wa, ha, c.num_kv_heads)
     if qkv is not None:  # one matmul, and Q and K rotated together in place: token-major [B, S, heads, D]
         qk, v = qkv
         if rope is not None:  # (in place: K stays next to V, so the cache writes both in one copy)
@@ -480,13 +482,20 @@ def llama_layer(c: ModelConfig, w: dict, x: torch.Tensor, batch: Batch, cache, r
         q, k = qk.split([c.num_heads, c.num_kv_heads], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, N, S, D]
     else:
-        q = split_heads(F.linear(h, w["wq"], w.get("bq")), c.num_heads, c.head_dim)
+        q = split_heads(F.linear(ha, wa["wq"], wa.get("bq")), c.num_heads, c.head_dim)
         q = _rotate(norm(c, q, w["q_norm"]) if c.qk_norm else q, rope)
-        k, v = llama_kv(c, w, h, rope)
+        k, v = llama_kv(c, wa, ha, rope)
+    del wa, ha
+
+    def project(hp: torch.Tensor):  # an X-cache layer's K, V of its stored inputs (masked ones when sparse)
+        wp, hp = (w, hp) if sa is None else sa.qkv(c, w, hp, count=False)[:2]
+        return llama_kv(c, wp, hp, prefix_rope(hp.shape[1]))
+
     o = cache.attend(q, k, v, batch.start, batch.mask_for(window, c.attn_softcap, c.attn_scale or None), x=h,  # [B, Nh, S, D]
-                     project=lambda hp: llama_kv(c, w, hp, prefix_rope(hp.shape[1])))
+                     project=project)
     del q, k, v  # the MLP's temporaries are the peak of a prefill: free what attention no longer needs
-    o = F.linear(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.q_dim), w["wo"], w.get("bo"))
+    o = o.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.q_dim)
+    o = F.linear(o, w["wo"], w.get("bo")) if sa is None else sa.out(c, w, o)
     x = x + (norm(c, o, w["post_attn_norm"]) if c.sandwich_norms else o)
     del o
     h = norm(c, x, w["mlp_norm"])

@@ -21,6 +21,9 @@ about (1 - t) of all three matrices, against 1/3 + 2/3 (1 - t) above. Both thres
 calibration (quantiles of |h| and |m|). Streamed from disk, the columns come from the input-channel files
 (store/channels.py: one gate|up bundle per input channel, then the down columns), one read per run.
 
+With method "input" the attention may be thresholded the same way (attnsparse.py: its input before q/k/v, its
+output before o; `attention` below), so that nothing of a layer's seven matrices is read whole.
+
 With neuron bundles (store/bundles.py) a layer streamed from disk arrives without its up/down matrices (the
 streamer skips them, `skip_tensors`): the active neurons' bundles come from a `NeuronCache` (neurons.py: a hot
 set chosen from calibration frequency, a window of recently active neurons, the rest read from the SSD).
@@ -94,7 +97,7 @@ class SparseFFN:
     def __init__(self, thresholds: Sequence[float] | None, *, num_layers: int, target: float | None = None,
                  source: str = "calibrated", bundles=None, hot: list[list[int]] | None = None,
                  window: int = 0, gap: int = 0, inputs: Sequence[tuple[float, float]] | None = None,
-                 channels=None):
+                 channels=None, attention=None):
         self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
         # method "input" (TEAL): per layer (threshold on |FFN input|, on |intermediate|); "gate" (CATS) otherwise
         self.input_th = None if inputs is None else [(float(a), float(b)) for a, b in inputs]
@@ -117,15 +120,28 @@ class SparseFFN:
         self.mid_samples: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # |act(gate) * up| samples
         self._gen = torch.Generator().manual_seed(0)
         self._layers = [self._for_layer(j) for j in range(num_layers)]
+        self.attention = attention  # attnsparse.SparseAttention (method "input" or recording) or None: dense attention
 
     @classmethod
     def recorder(cls, num_layers: int) -> SparseFFN:
-        return cls(None, num_layers=num_layers, source="record")
+        from .attnsparse import SparseAttention
+
+        rec = cls(None, num_layers=num_layers, source="record")
+        rec.attention = SparseAttention(None, num_layers=num_layers,
+                                        sampler=lambda kept, t: rec._keep_flat(kept, t, RECORD_MAX // 4))
+        return rec
 
     def wrap(self, layer_fn: Callable) -> Callable:
-        """`layer_fn` with this layer's sparse FFN handed to the model in its weight dict."""
+        """`layer_fn` with this layer's sparse FFN (and sparse attention, when on) handed to the model in its
+        weight dict."""
+        from .attnsparse import HOOK as ATTN
+
         def sparse_layer(c, w, x, batch, cache, rope, layer: int = 0):
-            return layer_fn(c, {**w, HOOK: self._layers[layer]}, x, batch, cache, rope, layer=layer)
+            hooks = {HOOK: self._layers[layer]}
+            if self.attention is not None:
+                self.attention.timings = self.timings
+                hooks[ATTN] = self.attention.layers[layer]
+            return layer_fn(c, {**w, **hooks}, x, batch, cache, rope, layer=layer)
         return sparse_layer
 
     def with_predictor(self, predictor, gates) -> SparseFFN:
@@ -141,6 +157,8 @@ class SparseFFN:
         if not sparse_reads and self.channels is not None:  # the same kept columns, gathered from whole layers
             self.channels.close()
             self.channels = None
+        if not sparse_reads and self.attention is not None:
+            self.attention.close()
         if not sparse_reads and self.bundles is not None:
             self.bundles.close()
             self.bundles = None
@@ -152,8 +170,9 @@ class SparseFFN:
     def skip_tensors(self, stage: int) -> frozenset[str]:
         """Tensors streamed stage `stage` may be read without (the bundles hold up/down; a layer whose predictor
         decides needs only the predicted gate rows), for the WeightStreamer."""
-        if self.channels is not None and 1 <= stage <= len(self.thresholds):
-            return frozenset({"w_gate", "w_up", "w_down"})  # every column needed comes from the channel files
+        if self.channels is not None and 1 <= stage <= len(self.thresholds):  # every column needed: channel files
+            attn = self.attention is not None and self.attention.channels is not None
+            return frozenset({"w_gate", "w_up", "w_down"} | ({"wq", "wk", "wv", "wo"} if attn else set()))
         if self.bundles is None or not 1 <= stage <= len(self.thresholds):
             return frozenset()
         if self.predictor is not None and self.predictor.use[stage - 1]:
@@ -199,6 +218,13 @@ class SparseFFN:
             out += "; no input-channel files (kubeflash calibrate writes them), so streamed layers are read whole"
         elif self.channels is not None:
             out += f"; {self.channels.bytes_read / 2**20:.1f} MiB read from the input-channel files"
+        if self.attention is not None:
+            a = self.attention.summary()
+            out += f"; attention inputs: {100 * a['token_sparsity']:.1f}% dropped"
+            if "decode" in a:
+                out += f", decode needs {100 * a['decode']['attn_read_fraction']:.1f}% of the q/k/v/o bytes"
+            if self.attention.channels is not None:
+                out += f" ({self.attention.channels.bytes_read / 2**20:.1f} MiB read from the attention channel files)"
         return out
 
     def weights(self) -> dict | None:
@@ -216,6 +242,11 @@ class SparseFFN:
             out["channel_bytes_read"], out["channel_reads"] = self.channels.bytes_read, self.channels.reads
         if self.method == "input":
             out["channel_merge_gaps"] = list(self.channel_gaps)
+        if self.attention is not None and self.attention.th is not None:
+            out["attention"] = self.attention.summary()
+            if self.attention.channels is not None:
+                out["attention"]["channel_bytes_read"] = self.attention.channels.bytes_read
+                out["attention"]["channel_reads"] = self.attention.channels.reads
         if self.choice is not None:
             out["reads"], out["reads_why"] = self.choice
         if self.bundles is not None:
@@ -238,6 +269,8 @@ class SparseFFN:
         for r in (self.bundles, self.gates, self.channels):
             if r is not None:
                 r.close()
+        if self.attention is not None:
+            self.attention.close()
 
     def _for_layer(self, j: int) -> Callable:
         def ffn(c: ModelConfig, w: dict, h: torch.Tensor) -> torch.Tensor:
@@ -490,7 +523,8 @@ def _rows(b: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
 
 
 def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec.offload.sparsity",
-            hot_bytes: int = 0, window: int = WINDOW, gap: int | None = None, method: str = "auto") -> SparseFFN:
+            hot_bytes: int = 0, window: int = WINDOW, gap: int | None = None, method: str = "auto",
+            attention: bool | None = None) -> SparseFFN:
     """The sparse FFN a job asking for `target` runs with: OPT-style ReLU models use their own zeros (exact, no
     calibration); other activations need the model's calibration for `target` (store/sparsity.py refuses a
     missing or stale one, naming `field`). With the model's neuron bundles (kubeflash calibrate writes them) the
@@ -501,7 +535,12 @@ def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec
     `method`: "input" thresholds the FFN's inputs (TEAL; needs a calibration with input thresholds; streamed
     layers read the kept columns from the input-channel files when the model has them), "gate" the gate
     activation (CATS, above), "auto" input where the model has input-channel files and input thresholds for
-    `target` (kubeflash calibrate writes both), gate otherwise (docs/sparsity.md says why)."""
+    `target` (kubeflash calibrate writes both), gate otherwise (docs/sparsity.md says why).
+
+    `attention` (method "input" only): True thresholds the attention's inputs too (attnsparse.py; needs a
+    calibration with attention thresholds; streamed layers read q/k/v/o columns from the attention channel files
+    when the model has them), False leaves the attention dense, None (auto) thresholds it where the model has
+    attention channel files and attention thresholds for `target` (`kubeflash calibrate --attention` writes both)."""
     from ..store.bundles import DIR, BundleReader, frequency
 
     if getattr(config, "num_experts", 0):
@@ -513,9 +552,12 @@ def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec
         th = thresholds_for_job(model_dir, target, config.num_layers, field)
         source = "calibrated"
         if method != "gate":
-            ffn = _input_for_job(config, model_dir, target, th, field, method, gap)
+            ffn = _input_for_job(config, model_dir, target, th, field, method, gap, attention)
             if ffn is not None:
                 return ffn
+    if attention:
+        raise ValueError(f"{field}: attention sparsity thresholds the attention's inputs as input sparsity (TEAL) does "
+                         "the FFN's; it needs the input method (a Llama-family model calibrated with input thresholds)")
     reader, hot = None, None
     if (Path(model_dir) / DIR).is_dir():
         reader = BundleReader(model_dir)  # refuses bundles of another version of the model
@@ -541,7 +583,7 @@ def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec
 
 
 def _input_for_job(config: ModelConfig, model_dir, target: float, th, field: str, method: str,
-                   gap: int | None) -> SparseFFN | None:
+                   gap: int | None, attention: bool | None = None) -> SparseFFN | None:
     """The input-sparse (TEAL) FFN of a job, or None where `method` is auto and the model lacks what it needs."""
     from ..store import channels
     from ..store.sparsity import CalibrationError, input_thresholds_for
@@ -561,7 +603,34 @@ def _input_for_job(config: ModelConfig, model_dir, target: float, th, field: str
 
         ffn.channel_gaps = (gap, gap) if gap is not None else (merge_gap(reader.in_row_bytes),
                                                                merge_gap(reader.down_row_bytes))
+    if attention is not False:
+        ffn.attention = _attention_for_job(config, model_dir, target, field, gap, attention)
     return ffn
+
+
+def _attention_for_job(config: ModelConfig, model_dir, target: float, field: str, gap: int | None,
+                       attention: bool | None):
+    """The job's attnsparse.SparseAttention, or None where `attention` is None (auto) and the model lacks what it
+    needs (attention thresholds for `target` and the attention channel files)."""
+    from ..store import channels
+    from ..store.sparsity import CalibrationError, attention_thresholds_for
+    from .attnsparse import SparseAttention
+
+    ths = attention_thresholds_for(model_dir, target, num_layers=config.num_layers, field=field)
+    have = channels.attn_present(model_dir)
+    if attention is None and (ths is None or not have):
+        return None
+    if ths is None:
+        raise CalibrationError(f"{field} {target:g} with attention sparsity: the calibration in {model_dir} has no "
+                               f"attention thresholds (made before attention sparsity); run `kubeflash calibrate "
+                               f"{model_dir} --text FILE --attention` again")
+    reader = channels.AttnChannelReader(model_dir) if have else None
+    gaps = (0, 0)
+    if reader is not None:
+        from .costmodel import merge_gap
+
+        gaps = (gap, gap) if gap is not None else (merge_gap(reader.in_row_bytes), merge_gap(reader.down_row_bytes))
+    return SparseAttention(ths, num_layers=config.num_layers, channels=reader, gaps=gaps)
 
 
 def hot_budget(resources, device: str) -> int:

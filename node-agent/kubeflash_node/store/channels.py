@@ -10,6 +10,11 @@ read per run of consecutive channels, each read at least 2I elements (57 KiB in 
 `ChannelReader` does exactly those reads (os.preadv, store/bundles.read_rows) and counts bytes and reads. Written
 crash-safely; the index names the manifest it was cut from, so files of an older model are refused. Knows nothing
 of torch.
+
+Attention input sparsity (engine/sparse.py, `SparseAttention`) does the same for q/k/v and o: `attn_channels/
+layer_NNN.bin` holds H rows of [q column | k column | v column] (q_dim + 2 kv_dim elements: one bundle per channel
+of the attention input) and then q_dim rows of o columns (H elements each: one per channel of the attention
+output). `kubeflash calibrate --attention` writes them; `AttnChannelReader` reads them.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from .sparsity import manifest_sha256
 DIR = "ffn_channels"
 INDEX = "index.json"
 FORMAT = "kubeflash-ffn-channels/1"
+ATTN_DIR = "attn_channels"
+ATTN_FORMAT = "kubeflash-attn-channels/1"
 
 
 def write_channels(model_dir: Path) -> Path:
@@ -61,8 +68,45 @@ def write_channels(model_dir: Path) -> Path:
     return out
 
 
+def write_attn_channels(model_dir: Path) -> Path:
+    """Cut every decoder layer's q/k/v columns (one bundle per attention input channel) and o columns into
+    `<model_dir>/attn_channels` (Llama family: separate wq, wk, wv, wo matrices)."""
+    model_dir = Path(model_dir)
+    m = load_manifest(model_dir)
+    if m.extra.get("quant"):
+        raise StoreError(f"{model_dir}: quantized matrices are not cut into channels (use a float store)")
+    out = model_dir / ATTN_DIR
+    out.mkdir(exist_ok=True)
+    layers = [s for s in m.stages if s.startswith("layer_")]
+    dims = None
+    for j, stage in enumerate(layers):
+        t = m.files[stage].tensors
+        if not all(n in t for n in ("wq", "wk", "wv", "wo")):
+            raise StoreError(f"{model_dir}: {stage} lacks one of wq, wk, wv, wo; attention channel files are for the "
+                             "Llama family's separate projections")
+        buf = np.memmap(model_dir / stage, dtype=np.uint8, mode="r")
+        q, k, v, o = (tensor_view(buf, t[n]) for n in ("wq", "wk", "wv", "wo"))  # [Q, H], [K, H], [K, H], [H, Q]
+        dims = (int(q.shape[1]), int(q.shape[0]), int(k.shape[0]))
+        tmp = out / f".layer_{j:03d}.bin.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(np.ascontiguousarray(np.concatenate([q.T, k.T, v.T], axis=1)).tobytes())  # [H, Q + 2K]
+            fh.write(np.ascontiguousarray(o.T).tobytes())  # [Q, H]
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out / f"layer_{j:03d}.bin")
+    atomic_write_json(out / INDEX, {"format": ATTN_FORMAT, "manifest_sha256": manifest_sha256(model_dir),
+                                    "layers": len(layers), "hidden": dims[0], "q_dim": dims[1], "kv_dim": dims[2],
+                                    "dtype": str(q.dtype)})
+    fsync_dir(out)
+    return out
+
+
 def present(model_dir: Path) -> bool:
     return (Path(model_dir) / DIR / INDEX).is_file()
+
+
+def attn_present(model_dir: Path) -> bool:
+    return (Path(model_dir) / ATTN_DIR / INDEX).is_file()
 
 
 class ChannelReader:
@@ -87,6 +131,7 @@ class ChannelReader:
         return self._read(layer, ids, self.hidden, self.hidden * self.in_row_bytes, "down columns")
 
     def _read(self, layer: int, ids: list[int], elems: int, base: int, what: str) -> np.ndarray:
+        """[len(ids), elems] rows of layer `layer`'s file region starting at byte `base`, counted."""
         out, got, n = read_rows(self.fds[layer], ids, elems, self.dtype, base,
                                 where=f"{self.dir}/layer_{layer:03d}.bin {what}")
         self.bytes_read += got
@@ -97,3 +142,25 @@ class ChannelReader:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+class AttnChannelReader(ChannelReader):
+    """Reads kept attention input channels' q|k|v columns and kept attention output channels' o columns."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir) / ATTN_DIR
+        idx, self.fds = open_layer_files(model_dir, ATTN_DIR, ATTN_FORMAT, "attention channel files",
+                                         f"kubeflash calibrate {model_dir} --text FILE --attention")
+        self.hidden, self.q_dim, self.kv_dim = idx["hidden"], idx["q_dim"], idx["kv_dim"]
+        self.dtype = np.dtype(idx["dtype"])
+        self.in_row_bytes = (self.q_dim + 2 * self.kv_dim) * self.dtype.itemsize  # one input channel: q|k|v column
+        self.down_row_bytes = self.hidden * self.dtype.itemsize  # one output channel: o column
+        self.bytes_read, self.reads = 0, 0
+
+    def inputs(self, layer: int, ids: list[int]) -> np.ndarray:
+        """[len(ids), Q + 2K] q column | k column | v column of the sorted attention input channels `ids`."""
+        return self._read(layer, ids, self.q_dim + 2 * self.kv_dim, 0, "q/k/v columns")
+
+    def down(self, layer: int, ids: list[int]) -> np.ndarray:
+        """[len(ids), H] o columns of the sorted attention output channels `ids`."""
+        return self._read(layer, ids, self.hidden, self.hidden * self.in_row_bytes, "o columns")

@@ -41,12 +41,16 @@ class Calibration:
     # target sparsity -> per decoder layer (threshold on |FFN input|, on |intermediate activation|): input
     # sparsity (TEAL), engine/sparse.py's method "input"; empty in calibrations made before it
     inputs: dict[float, tuple[tuple[float, float], ...]] = field(default_factory=dict)
+    # target sparsity -> per decoder layer (threshold on |attention input|, on |attention output before o|):
+    # attention input sparsity (engine/sparse.py, SparseAttention); empty in calibrations made before it
+    attention: dict[float, tuple[tuple[float, float], ...]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "method": self.method, "model_id": self.model_id,
                 "manifest_sha256": self.manifest_sha256, "tokens": self.tokens, "text_sha256": self.text_sha256,
                 "targets": [{"sparsity": t, "thresholds": list(th),
-                             **({"inputs": [list(p) for p in self.inputs[t]]} if t in self.inputs else {})}
+                             **({"inputs": [list(p) for p in self.inputs[t]]} if t in self.inputs else {}),
+                             **({"attention": [list(p) for p in self.attention[t]]} if t in self.attention else {})}
                             for t, th in sorted(self.thresholds.items())]}
 
     @classmethod
@@ -58,9 +62,11 @@ class Calibration:
             th = {float(e["sparsity"]): tuple(float(x) for x in e["thresholds"]) for e in data["targets"]}
             ins = {float(e["sparsity"]): tuple((float(a), float(b)) for a, b in e["inputs"])
                    for e in data["targets"] if "inputs" in e}
+            att = {float(e["sparsity"]): tuple((float(a), float(b)) for a, b in e["attention"])
+                   for e in data["targets"] if "attention" in e}
             return cls(model_id=str(data["model_id"]), manifest_sha256=str(data["manifest_sha256"]),
                        tokens=int(data["tokens"]), text_sha256=str(data["text_sha256"]), thresholds=th,
-                       method=str(data.get("method", METHOD)), inputs=ins)
+                       method=str(data.get("method", METHOD)), inputs=ins, attention=att)
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{where}: malformed calibration ({type(e).__name__}: {e})") from e
 
@@ -123,10 +129,21 @@ def input_thresholds_for(model_dir: Path, target: float, *, num_layers: int,
                          field: str) -> tuple[tuple[float, float], ...] | None:
     """Per layer (threshold on |FFN input|, on |intermediate activation|) of `target` (input sparsity, TEAL), or
     None when the calibration predates them; refused like thresholds_for when there is none or it is stale."""
+    return _pairs_for(model_dir, target, num_layers, field, "inputs")
+
+
+def attention_thresholds_for(model_dir: Path, target: float, *, num_layers: int,
+                             field: str) -> tuple[tuple[float, float], ...] | None:
+    """Per layer (threshold on |attention input|, on |attention output before o|) of `target`, or None when the
+    calibration predates them; refused like thresholds_for when there is none or it is stale."""
+    return _pairs_for(model_dir, target, num_layers, field, "attention")
+
+
+def _pairs_for(model_dir: Path, target: float, num_layers: int, field: str, kind: str):
     thresholds_for(model_dir, target, num_layers=num_layers, field=field)  # the same refusals
     cal = load(Path(model_dir))
-    got = next((v for t, v in cal.inputs.items() if abs(t - target) < 1e-9), None)
+    got = next((v for t, v in getattr(cal, kind).items() if abs(t - target) < 1e-9), None)
     if got is not None and len(got) != num_layers:
-        raise CalibrationError(f"{Path(model_dir) / FILE}: {len(got)} layer input thresholds for a model of "
+        raise CalibrationError(f"{Path(model_dir) / FILE}: {len(got)} layer {kind} thresholds for a model of "
                                f"{num_layers} layers; run `kubeflash calibrate {model_dir} --text FILE` again")
     return got
