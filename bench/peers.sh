@@ -37,6 +37,10 @@ for step in "$@"; do case $step in
   # ours, fp16: converted outside the cgroup, then the auto policy under the budgets
   ours13) $KF convert dummy:opt-13b --out "$STORE/opt13" --dtype float16 2>&1 | tail -1
           CPUMEM=10GiB ours ours-opt13-fp16 16 --model "$STORE/opt13"; rm -rf "$STORE/opt13" ;;
+  # ours on the workload of acc13, air13 and zero13 (16 prompts x 512 tokens, 4 generated), host budget 12 GiB of
+  # the 16G cgroup (the ZeRO comparison in docs/benchmarks.md, session 11)
+  ours13z) $KF convert dummy:opt-13b --out "$STORE/opt13" --dtype float16 2>&1 | tail -1
+           GEN=4 CPUMEM=12GiB ours ours-opt13-fp16-gen4-cpu12 16 --model "$STORE/opt13"; rm -rf "$STORE/opt13" ;;
   # ours, compression allowed: the cost model may pick int8/int4 weights and 8/4-bit KV (converted first)
   ours13c) ours ours-opt13-auto-compress 64 --model dummy:opt-13b --allow-compression
            rm -rf "$STORE/models" ;;
