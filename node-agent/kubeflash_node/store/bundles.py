@@ -36,12 +36,8 @@ def write_bundles(model_dir: Path, freq: dict[float, np.ndarray] | None = None) 
     """Cut every decoder layer's up rows and down columns into neuron bundles under `<model_dir>/ffn_bundles`,
     with the calibration's per-neuron activation frequencies (`freq`: target -> [L, I]) beside them."""
     model_dir = Path(model_dir)
-    m = load_manifest(model_dir)
-    if m.extra.get("quant"):
-        raise StoreError(f"{model_dir}: quantized matrices are not bundled (bundle a float16/bfloat16/float32 store)")
-    out = model_dir / DIR
-    out.mkdir(exist_ok=True)
-    layers = [s for s in m.stages if s.startswith("layer_")]
+    m, out, layers = start_layer_files(model_dir, DIR, "quantized matrices are not bundled (bundle a "
+                                                       "float16/bfloat16/float32 store)")
     for j, stage in enumerate(layers):
         f = m.files[stage]
         buf = np.memmap(model_dir / stage, dtype=np.uint8, mode="r")
@@ -70,6 +66,18 @@ def write_bundles(model_dir: Path, freq: dict[float, np.ndarray] | None = None) 
                                     "frequency": freqs})
     fsync_dir(out)
     return out
+
+
+def start_layer_files(model_dir: Path, sub: str, quantized: str):
+    """(manifest, the directory `<model_dir>/<sub>`, created, the decoder layers' stage names) for a writer of
+    per-layer row files (neuron bundles, input channels), which cuts float matrices only: StoreError
+    `<model_dir>: <quantized>` for a quantized store."""
+    m = load_manifest(model_dir)
+    if m.extra.get("quant"):
+        raise StoreError(f"{model_dir}: {quantized}")
+    out = Path(model_dir) / sub
+    out.mkdir(exist_ok=True)
+    return m, out, [s for s in m.stages if s.startswith("layer_")]
 
 
 def open_layer_files(model_dir: Path, sub: str, fmt: str, what: str, hint: str) -> tuple[dict, list[int]]:
