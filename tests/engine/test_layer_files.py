@@ -1,5 +1,6 @@
-"""The writers of per-layer row files (store/bundles.write_bundles, store/channels.write_channels) cut float matrices
-only: on an int8 store each refuses with its own message naming the store, before it makes its directory."""
+"""The writers of per-layer row files (store/bundles.write_bundles, store/channels.write_channels and
+write_attn_channels) cut float matrices only: on an int8 store each refuses with its own message naming the store,
+before it makes its directory."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def int8_store(tmp_path_factory):
     (bundles.write_bundles, bundles.DIR, "quantized matrices are not bundled (bundle a float16/bfloat16/float32 "
                                          "store)"),
     (channels.write_channels, channels.DIR, "quantized matrices are not cut into channels (use a float store)"),
-], ids=["bundles", "channels"])
+    (channels.write_attn_channels, channels.ATTN_DIR, "quantized matrices are not cut into channels (use a float "
+                                                      "store)"),
+], ids=["bundles", "channels", "attention-channels"])
 def test_a_quantized_store_is_refused_with_the_writers_message(int8_store, write, sub, message):
     with pytest.raises(StoreError) as e:
         write(int8_store)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundles import open_layer_files, read_rows
-from .format import StoreError, atomic_write_json, fsync_dir, load_manifest, tensor_view
+from .bundles import open_layer_files, read_rows, start_layer_files
+from .format import StoreError, atomic_write_json, fsync_dir, tensor_view
 from .sparsity import manifest_sha256
 
 DIR = "ffn_channels"
@@ -33,18 +33,14 @@ INDEX = "index.json"
 FORMAT = "kubeflash-ffn-channels/1"
 ATTN_DIR = "attn_channels"
 ATTN_FORMAT = "kubeflash-attn-channels/1"
+QUANTIZED = "quantized matrices are not cut into channels (use a float store)"
 
 
 def write_channels(model_dir: Path) -> Path:
     """Cut every decoder layer's gate/up columns (one bundle per input channel) and down columns into
     `<model_dir>/ffn_channels` (Llama family: gate, up and down matrices)."""
     model_dir = Path(model_dir)
-    m = load_manifest(model_dir)
-    if m.extra.get("quant"):
-        raise StoreError(f"{model_dir}: quantized matrices are not cut into channels (use a float store)")
-    out = model_dir / DIR
-    out.mkdir(exist_ok=True)
-    layers = [s for s in m.stages if s.startswith("layer_")]
+    m, out, layers = start_layer_files(model_dir, DIR, QUANTIZED)
     shape = None
     for j, stage in enumerate(layers):
         t = m.files[stage].tensors
@@ -72,12 +68,7 @@ def write_attn_channels(model_dir: Path) -> Path:
     """Cut every decoder layer's q/k/v columns (one bundle per attention input channel) and o columns into
     `<model_dir>/attn_channels` (Llama family: separate wq, wk, wv, wo matrices)."""
     model_dir = Path(model_dir)
-    m = load_manifest(model_dir)
-    if m.extra.get("quant"):
-        raise StoreError(f"{model_dir}: quantized matrices are not cut into channels (use a float store)")
-    out = model_dir / ATTN_DIR
-    out.mkdir(exist_ok=True)
-    layers = [s for s in m.stages if s.startswith("layer_")]
+    m, out, layers = start_layer_files(model_dir, ATTN_DIR, QUANTIZED)
     dims = None
     for j, stage in enumerate(layers):
         t = m.files[stage].tensors
