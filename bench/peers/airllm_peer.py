@@ -1,38 +1,76 @@
 #!/usr/bin/env python3
-"""Peer benchmark: AirLLM (4.0.0) layer streaming of an OPT or Llama shape with dummy fp16 weights, one JSON result.
+"""Peer benchmark: AirLLM (4.0.0) layer streaming of an OPT or Llama shape with dummy fp16 weights, one JSON result
+and a timestamped log of every phase.
 
-    python bench/peers/airllm_peer.py --model opt-13b --hf-dir /root/air-opt13 --json OUT.json \\
-        --prompts 16 --prompt-len 512 --gen-len 4 --gpu-memory 12GiB [--cold]
+    python bench/peers/airllm_peer.py --model opt-13b --dir /root/air13 --json OUT.json --log OUT.log \\
+        --prompts 16 --prompt-len 512 --gen-len 4 --gpu-memory 12GiB [--cold] [--time-limit 480]
+    python bench/peers/airllm_peer.py --model opt-13b --dir /root/air13 --log OUT.log --setup-only
 
 AirLLM is not a dependency of kubeflash: carry its wheel (`pip download --no-deps airllm==4.0.0`) to the GPU machine,
 whose image has the rest (transformers, accelerate, safetensors, huggingface_hub, tqdm).
 
 What is measured: one greedy `generate` of AirLLM's model (B random prompts of P tokens, exactly G new tokens each),
 wall time from the call to its return with the GPU synchronized; prefill_s is up to the first token's logits,
-decode_s the rest. A 1-token warm-up on a short prompt runs first (untimed). AirLLM re-reads every layer from its
-per-layer files for each forward pass (its design: one layer in GPU memory at a time, the next one read ahead on a
-thread), so every generated token re-reads all the weights, the streaming regime of `kubeflash bench --weights disk`.
+decode_s the rest. Every forward pass (the prefill, then one per further token) is logged with its time, the bytes
+AirLLM read and how long its reads took on its prefetch thread (`load_layer_to_cpu`: safetensors' mmap-backed
+load plus, on CUDA, the copy into pinned memory, which is where the file pages are faulted in), the main thread's
+time in AirLLM's per-layer pre-hooks (waiting for that prefetch, copying to the GPU) and post-hooks (its
+gc.collect/malloc_trim/empty_cache after every layer), and whether the last logits are finite.
 
-How the weights are served: a Hugging Face directory (config.json, one safetensors shard per decoder layer and
-model.safetensors.index.json) written once into --hf-dir tensor by tensor as small random fp16 values (normal std
-0.02, norms 1, biases 0); AirLLM then splits it into its own per-layer files under --hf-dir/splitted_model (its
-`find_or_create_local_splitted_path`), both outside the timed run. Reused by later runs.
+KV cache (read in AirLLM 4.0.0's airllm_base.py, confirmed on CPU by airllm_check.py): AirLLM's `generate` is
+transformers' own `generate` on the real model built on the meta device, with forward hooks that load each
+module's weights before it runs and drop them after. transformers keeps its KV cache (use_cache defaults on), so
+the prefill runs the whole prompt once and each later token runs one position per sequence; but every forward
+re-reads every layer's weights from its file, so G generated tokens read the whole model G times. At opt-13b
+(25.7 GB of fp16) and G = 4 that is 103 GB read: about 79 s at a 1.3 GB/s cold read, several times more where
+AirLLM's mmap page-fault reads fall short of the disk's rate (this log says which).
+
+How the weights are served (set-up, untimed; --setup-only does it alone, e.g. outside a cgroup): AirLLM runs from
+its own split, one safetensors file per module named `<module>.safetensors` plus an empty
+`<module>.safetensors.done` marker in DIR/splitted_model, and `find_or_create_local_splitted_path` skips its split
+when every module the checkpoint index names has both files. So this script writes those files directly: DIR gets
+config.json, then DIR/splitted_model/* (each file to a temporary name, fsynced, renamed, then its marker), and
+model.safetensors.index.json last, mapping every tensor to its split file (transformers loads the same folder).
+No Hugging Face checkpoint is written and nothing is split or copied. The values: every distinct tensor shape gets
+one buffer of N(0, 0.02^2) fp16 values drawn once from a generator seeded by --seed, reused for each tensor of that
+shape (all decoder layers hold the same values, q/k/v/out projections share one buffer, lm_head equals the token
+embedding); LayerNorm/RMSNorm weights are 1, biases 0. They are not all zero, and the run checks that every
+forward's logits are finite in fp16 (airllm_check.py --fp16-shape checks it on CPU at a real shape). The files
+are real bytes on disk, read back like any checkpoint. --via-checkpoint instead writes a Hugging Face checkpoint
+(one shard per decoder layer, fresh random values per tensor) and lets AirLLM split it, which hard-links the
+one-layer shards and copies only the embeddings, norm and head (airllm_check.py checks that both ways give the
+same files).
+
+Warm-up: one untimed 1-token generate on an 8-token prompt through a one-decoder-layer view of the same files
+(DIR/warmup: its config says 1 layer, its split files are hard links), which pays CUDA's and AirLLM's first-use
+costs (CUDA context, cuBLAS, pinned host buffers of the layer's sizes) without reading the whole model once more.
+--cold then drops the page cache before the timed run.
 
 Adapting AirLLM (said here because it changes what runs): its generic streamer names the Llama-style modules
 (model.embed_tokens, model.layers, model.norm, lm_head). For OPT this script gives it OPT's names (model.decoder.*)
 and keeps the learned positional embedding resident (AirLLM's `resident` list, loaded once); OPT's output projection
-is written untied (its own lm_head tensor, the same bytes as the embedding) so AirLLM streams it like the other
-heads. No tokenizer is written: the prompts are token ids, so the tokenizer AirLLM would load is skipped.
+is untied (its own lm_head tensor) so AirLLM streams it like the other heads. No tokenizer is written: the prompts
+are token ids, so the tokenizer AirLLM would load is skipped.
+
+Stopping early: --time-limit S (SIGALRM) or a SIGTERM (e.g. from `timeout`) stops the run; the JSON is then
+written with "complete": false, the phases and forwards finished so far, and the exit status is 124.
 
 Result JSON: system, versions, model, device, prompts, prompt_len, gen_len, prefill_s, decode_s, total_s,
-generated_tokens, tokens_per_s, gpu_peak_bytes, gpu_memory_cap_bytes, checkpoint_bytes, page_cache.
+generated_tokens, tokens_per_s, gpu_peak_bytes, gpu_memory_cap_bytes, weights_bytes, weights_written_by,
+page_cache, complete, phases ({name: seconds}), forwards ([{tokens, seconds, read_bytes, read_s, pre_hook_s,
+post_hook_s, logits_finite}]).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -46,6 +84,9 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 AIRLLM_MAX_SEQ = 4096  # the sequence length AirLLM's model is built for (prompt + generated tokens)
+SPLIT = "splitted_model"  # AirLLM's folder of per-module files
+INDEX = "model.safetensors.index.json"
+GB = 1e9
 # name: (hidden, layers, heads, kv heads, ffn, vocab, positions); llama-tiny is for tests
 LLAMA_PRESETS = {
     "llama-3-8b": (4096, 32, 32, 8, 14336, 128256, 8192),
@@ -68,8 +109,198 @@ def hf_config(preset: str):
     return c
 
 
+def layer_names(preset: str) -> dict:
+    """AirLLM's `layer_names_dict` for this shape: the modules it streams, in order, and the resident ones."""
+    if preset in OPT_PRESETS:
+        return {"embed": "model.decoder.embed_tokens", "layer_prefix": "model.decoder.layers",
+                "norm": "model.decoder.final_layer_norm", "lm_head": "lm_head",
+                "resident": ["model.decoder.embed_positions"]}
+    return {"embed": "model.embed_tokens", "layer_prefix": "model.layers", "norm": "model.norm", "lm_head": "lm_head"}
+
+
+def empty_state(config) -> dict[str, torch.Tensor]:
+    """The fp16 model's tensors on the meta device (names, shapes; no memory)."""
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config).half().state_dict()
+
+
+# ---- the log ---------------------------------------------------------------------------------------------------
+
+
+class PhaseLog:
+    """Timestamped lines to stdout and (appended) to a log file; remembers each phase's seconds for the JSON."""
+
+    def __init__(self, path: Path | None):
+        self.t0 = time.perf_counter()
+        self.phases: dict[str, float] = {}
+        self.file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = path.open("a", buffering=1)
+
+    def __call__(self, message: str) -> None:
+        now = datetime.now(timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+        line = f"{now} +{time.perf_counter() - self.t0:7.1f}s {message}"
+        print(line, flush=True)
+        if self.file:
+            self.file.write(line + "\n")
+
+    @contextlib.contextmanager
+    def phase(self, name: str, what: str):
+        """Log `what` starting, then its duration; the seconds land in self.phases[name]."""
+        self(f"{name}: {what} ...")
+        start = time.perf_counter()
+        yield
+        self.phases[name] = time.perf_counter() - start
+        self(f"{name}: done in {self.phases[name]:.1f} s")
+
+    def quiet(self):
+        """Send what third-party code prints (AirLLM's progress lines) to the log file only."""
+        return contextlib.redirect_stdout(self.file) if self.file else contextlib.nullcontext()
+
+
+# ---- the weights -----------------------------------------------------------------------------------------------
+
+
+def _owner(name: str, modules: list[str]) -> str | None:
+    """The module file a tensor goes to: the longest module prefix (with its dot) that names it, as AirLLM's split."""
+    owners = [m for m in modules if name.startswith(m + ".")]
+    return max(owners, key=len) if owners else None
+
+
+def split_modules(config, preset: str, tensors) -> dict[str, list[str]]:
+    """{module: its tensor names} in AirLLM's split layout, in AirLLM's order (embed, layers, norm, head, residents).
+    Refuses a tensor no module owns (AirLLM would leave it on the meta device)."""
+    names = layer_names(preset)
+    modules = [names["embed"], *(f"{names['layer_prefix']}.{i}" for i in range(config.num_hidden_layers)),
+               names["norm"], names["lm_head"], *names.get("resident", [])]
+    out: dict[str, list[str]] = {m: [] for m in modules}
+    for name in tensors:
+        owner = _owner(name, modules)
+        if owner is None:
+            raise SystemExit(f"tensor {name!r} of {preset} belongs to none of AirLLM's modules {modules}")
+        out[owner].append(name)
+    return {m: t for m, t in out.items() if t}
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """`write(tmp_path)`, fsync, rename onto `path` (nothing half-written under the real name)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write fp16 `tensors` in the safetensors format (8-byte little-endian header length, JSON header padded with
+    spaces to 8 bytes, then each tensor's bytes in order), straight from their memory: tensors may share one buffer,
+    which safetensors' save_file refuses, and nothing is copied into one big bytes object first."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        if t.dtype != torch.float16 or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous float16 tensor, got {t.dtype}")
+        size = t.numel() * 2
+        header[name] = {"dtype": "F16", "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for t in tensors.values():
+            f.write(memoryview(t.view(torch.uint8).numpy()))
+
+
+def split_complete(folder: Path, modules) -> bool:
+    """AirLLM's own test for "already split": every module's file and its .done marker exist."""
+    split = folder / SPLIT
+    return all((split / f"{m}.safetensors").is_file() and (split / f"{m}.safetensors.done").is_file()
+               for m in modules)
+
+
+def _index_matches(folder: Path, tensors, what: str) -> bool:
+    """True if DIR's index names exactly these tensors; False if there is none; refuses another model's index."""
+    index_file = folder / INDEX
+    if not index_file.is_file():
+        return False
+    if set(json.loads(index_file.read_text())["weight_map"]) != set(tensors):
+        raise SystemExit(f"{index_file} describes another model than {what}: pass an empty --dir")
+    return True
+
+
+def dummy_values(seed: int = 0):
+    """`value(name, shape)` -> the fp16 tensor the direct split writes for that tensor: zeros for biases, ones for
+    norms, else one N(0, 0.02^2) buffer per distinct shape, drawn once (in first-asked order) and reused."""
+    generator = torch.Generator().manual_seed(seed)
+    buffers: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def value(name: str, shape) -> torch.Tensor:
+        if name.endswith(".bias"):
+            return torch.zeros(shape, dtype=torch.float16)
+        if "norm" in name:
+            return torch.ones(shape, dtype=torch.float16)
+        key = tuple(shape)
+        if key not in buffers:
+            buffers[key] = torch.empty(key, dtype=torch.float16).normal_(0.0, 0.02, generator=generator)
+        return buffers[key]
+
+    return value
+
+
+def ensure_split(config, preset: str, folder: Path, seed: int = 0, log=print) -> bool:
+    """Write AirLLM's split files for the dummy model straight into `folder` (module docstring), unless its index
+    already describes this model and every split file is there. True if written."""
+    tensors = empty_state(config)
+    modules = split_modules(config, preset, tensors)
+    what = f"{config.architectures[0]} with {config.num_hidden_layers} layers"
+    if _index_matches(folder, tensors, what):
+        if split_complete(folder, modules):
+            return False
+        (folder / INDEX).unlink()  # written last: without it the folder is rewritten below
+    split = folder / SPLIT
+    split.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    value = dummy_values(seed)
+    total = sum(2 * t.numel() for t in tensors.values())
+    start = time.perf_counter()
+    weight_map = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"AirLLM split files -> {split}", mininterval=5,
+              file=sys.stderr) as bar:
+        for i, (module, names) in enumerate(modules.items()):
+            out = {name: value(name, tensors[name].shape) for name in names}
+            target = split / f"{module}.safetensors"
+            (split / f"{module}.safetensors.done").unlink(missing_ok=True)
+            _write_atomic(target, lambda tmp, out=out: write_safetensors(out, tmp))
+            (split / f"{module}.safetensors.done").touch()
+            weight_map.update(dict.fromkeys(names, f"{SPLIT}/{module}.safetensors"))
+            bar.update(sum(2 * v.numel() for v in out.values()))
+            if i % 10 == 9:
+                log(f"  {i + 1}/{len(modules)} module files, {bar.n / GB:.1f} GB, "
+                    f"{bar.n / GB / (time.perf_counter() - start):.2f} GB/s")
+    _fsync_dir(split)
+    _write_atomic(folder / INDEX, lambda tmp: tmp.write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)))
+    _fsync_dir(folder)
+    return True
+
+
 def _shard_of(name: str) -> str:
-    """The shard a tensor goes to: one per decoder layer, one for everything else."""
+    """The HF checkpoint shard a tensor goes to: one per decoder layer, one for everything else."""
     parts = name.split(".")
     if "layers" in parts:
         return f"layer-{int(parts[parts.index('layers') + 1]):05d}"
@@ -77,15 +308,10 @@ def _shard_of(name: str) -> str:
 
 
 def ensure_checkpoint(config, folder: Path, seed: int = 0) -> bool:
-    """Write the dummy HF checkpoint into `folder` unless its index already describes this model; True if written."""
-    with init_empty_weights():
-        tensors = AutoModelForCausalLM.from_config(config).half().state_dict()
-    index_file = folder / "model.safetensors.index.json"
-    if index_file.is_file():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        if set(weight_map) != set(tensors):
-            raise SystemExit(f"{index_file} describes another model than {config.architectures[0]} "
-                             f"with {config.num_hidden_layers} layers: pass an empty --hf-dir")
+    """Write a dummy Hugging Face checkpoint into `folder` (fresh N(0, 0.02^2) values per tensor, norms 1, biases
+    0), for AirLLM to split itself, unless its index already describes this model; True if written."""
+    tensors = empty_state(config)
+    if _index_matches(folder, tensors, f"{config.architectures[0]} with {config.num_hidden_layers} layers"):
         return False
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
@@ -109,71 +335,244 @@ def ensure_checkpoint(config, folder: Path, seed: int = 0) -> bool:
                 out[name] = value
                 weight_map[name] = files[shard]
                 bar.update(2 * value.numel())
-            save_file(out, str(folder / files[shard]), metadata={"format": "pt"})
+            _write_atomic(folder / files[shard],
+                          lambda tmp, out=out: save_file(out, str(tmp), metadata={"format": "pt"}))
     config.save_pretrained(folder)
     total = sum(2 * t.numel() for t in tensors.values())
     # last: a folder without the index is rewritten from scratch
-    index_file.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    _write_atomic(folder / INDEX, lambda tmp: tmp.write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)))
     return True
 
 
+def warmup_view(config, preset: str, folder: Path) -> Path:
+    """DIR/warmup: a one-decoder-layer model over the same split files (hard links, or symlinks across file systems),
+    for the warm-up. Returns its folder."""
+    small = type(config).from_dict(config.to_dict())
+    small.num_hidden_layers = 1
+    view = folder / "warmup"
+    tensors = empty_state(small)
+    modules = split_modules(small, preset, tensors)
+    (view / SPLIT).mkdir(parents=True, exist_ok=True)
+    small.save_pretrained(view)
+    weight_map = {}
+    for module, names in modules.items():
+        for suffix in (".safetensors", ".safetensors.done"):
+            src, dst = folder / SPLIT / f"{module}{suffix}", view / SPLIT / f"{module}{suffix}"
+            if not dst.exists():
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    dst.symlink_to(src.resolve())
+        weight_map.update(dict.fromkeys(names, f"{SPLIT}/{module}.safetensors"))
+    (view / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return view
+
+
+# ---- AirLLM, instrumented --------------------------------------------------------------------------------------
+
+
+class Counters:
+    """What AirLLM's hooks spent during the current forward (reset by the model-level pre-hook)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.read_bytes = 0
+        self.read_s = 0.0  # load_layer_to_cpu, on whichever thread ran it (mostly the prefetch thread)
+        self.pre_s = 0.0  # main thread in the per-module pre-hooks: prefetch wait + copy to the device
+        self.post_s = 0.0  # main thread in the per-module post-hooks: drop to meta + clean_memory
+
+
 def airllm_model(preset: str, folder: Path, device: str):
-    """AirLLM's generic streaming model over `folder`, given OPT's module names where the shape is OPT."""
+    """AirLLM's generic streaming model over `folder`, given OPT's module names where the shape is OPT, with
+    timing counters (`model.counters`) around its load and its per-module hooks."""
     from airllm.airllm_base import AirLLMBaseModel
+
+    counters = Counters()
 
     class Streamed(AirLLMBaseModel):
         def set_layer_names_dict(self):
-            if preset in OPT_PRESETS:
-                self.layer_names_dict = {"embed": "model.decoder.embed_tokens", "layer_prefix": "model.decoder.layers",
-                                         "norm": "model.decoder.final_layer_norm", "lm_head": "lm_head",
-                                         "resident": ["model.decoder.embed_positions"]}
-            else:
-                super().set_layer_names_dict()
+            self.layer_names_dict = layer_names(preset)
 
         def get_tokenizer(self, hf_token=None):
             return None  # the prompts are token ids
 
-    return Streamed(str(folder), device=device, dtype=torch.float16, max_seq_len=AIRLLM_MAX_SEQ)
+        def load_layer_to_cpu(self, layer_name):
+            start = time.perf_counter()
+            state = super().load_layer_to_cpu(layer_name)
+            counters.read_s += time.perf_counter() - start
+            counters.read_bytes += sum(v.numel() * v.element_size() for v in state.values())
+            return state
+
+        def _pre_hook(self, module, args):
+            start = time.perf_counter()
+            super()._pre_hook(module, args)
+            counters.pre_s += time.perf_counter() - start
+
+        def _post_hook(self, module, args, output):
+            start = time.perf_counter()
+            output = super()._post_hook(module, args, output)
+            counters.post_s += time.perf_counter() - start
+            return output
+
+    model = Streamed(str(folder), device=device, dtype=torch.float16, max_seq_len=AIRLLM_MAX_SEQ)
+    model.counters = counters
+    return model
+
+
+def trace_forwards(model, sync, log, records: list) -> None:
+    """Log every forward of `model` (prefill, then one per generated token) and append its record to `records`."""
+    counters = model.counters
+    state = {}
+
+    def pre(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        sync()
+        counters.reset()
+        state["start"], state["shape"] = time.perf_counter(), tuple(ids.shape) if ids is not None else None
+
+    def post(module, args, kwargs, output):
+        sync()
+        seconds = time.perf_counter() - state["start"]
+        logits = getattr(output, "logits", None)
+        finite = bool(torch.isfinite(logits[:, -1]).all()) if logits is not None else None
+        n = len(records)
+        records.append({"tokens": list(state["shape"] or ()), "seconds": seconds, "read_bytes": counters.read_bytes,
+                        "read_s": counters.read_s, "pre_hook_s": counters.pre_s, "post_hook_s": counters.post_s,
+                        "logits_finite": finite})
+        rate = counters.read_bytes / GB / counters.read_s if counters.read_s else 0.0
+        kind = "prefill" if n == 0 else f"token {n + 1}"
+        log(f"forward {n + 1} ({kind}, input {'x'.join(map(str, state['shape'] or ()))}): {seconds:.2f} s; "
+            f"read {counters.read_bytes / GB:.2f} GB in {counters.read_s:.2f} s ({rate:.2f} GB/s, load_layer_to_cpu); "
+            f"main thread {counters.pre_s:.2f} s in layer pre-hooks (prefetch wait + copy to device), "
+            f"{counters.post_s:.2f} s in post-hooks (gc/malloc_trim/empty_cache), "
+            f"{max(seconds - counters.pre_s - counters.post_s, 0.0):.2f} s other (compute); "
+            f"logits {'finite' if finite else 'NOT FINITE'}")
+        if finite is False:
+            raise SystemExit(f"forward {n + 1}: the logits are not finite in fp16")
+        return output
+
+    model.model.register_forward_pre_hook(pre, with_kwargs=True)
+    model.model.register_forward_hook(post, with_kwargs=True)
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+
+
+class Stopped(BaseException):
+    """Raised from the SIGTERM/SIGALRM handler (a BaseException, so no library code swallows it)."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     presets = [*OPT_PRESETS, *LLAMA_PRESETS]
     p = argparse.ArgumentParser(description="Time AirLLM's generate on an OPT or Llama shape streamed layer by layer "
-                                            "from disk (dummy fp16 weights, no hub access).")
+                                            "from disk (dummy fp16 weights written as AirLLM's split files, no hub "
+                                            "access); logs every phase with timestamps.")
     p.add_argument("--model", required=True, choices=presets, metavar="PRESET", help=", ".join(presets))
-    p.add_argument("--hf-dir", type=Path, required=True, metavar="DIR",
-                   help="HF checkpoint folder (written there first unless its index describes this model); AirLLM's "
-                        "split files go to DIR/splitted_model")
-    p.add_argument("--json", type=Path, required=True, metavar="FILE", help="write the result to this JSON file")
+    p.add_argument("--dir", "--hf-dir", dest="dir", type=Path, required=True, metavar="DIR",
+                   help="weights folder: config.json, AirLLM's split files in DIR/splitted_model and the index, written "
+                        "first unless the index describes this model")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the result to this JSON file (required unless "
+                                                            "--setup-only)")
+    p.add_argument("--log", type=Path, metavar="FILE", help="also append the timestamped log to this file")
+    p.add_argument("--setup-only", action="store_true",
+                   help="write the weights, let AirLLM split or check them, and exit (no GPU)")
+    p.add_argument("--via-checkpoint", action="store_true",
+                   help="write a Hugging Face checkpoint instead and let AirLLM split it (slower; for checks)")
+    p.add_argument("--time-limit", type=float, metavar="S",
+                   help="stop after S seconds, writing the partial result (also done on SIGTERM)")
     add_workload_args(p, gen_default=4)
     args = p.parse_args(argv)
+    if not args.setup_only and args.json is None:
+        p.error("--json is required unless --setup-only")
     config = hf_config(args.model)
     check_workload(p, args, positions=min(config.max_position_embeddings, AIRLLM_MAX_SEQ),
                    family=f"{args.model} under AirLLM")
     return args
 
 
+def airllm_split(preset: str, folder: Path) -> Path:
+    """AirLLM's own `find_or_create_local_splitted_path` on `folder`: splits a HF checkpoint, or (the direct files
+    in place) only checks that every module's file and marker are there. Returns the split folder."""
+    from airllm.utils import find_or_create_local_splitted_path
+
+    return Path(find_or_create_local_splitted_path(str(folder), layer_names=layer_names(preset))[1])
+
+
+def _write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    log = PhaseLog(args.log)
+    records: list[dict] = []
     cuda = args.device == "cuda"
-    device = "cuda:0" if cuda else "cpu"
-    cap = cap_gpu_memory(args.gpu_memory) if cuda else None
-    config = hf_config(args.model)
-    ensure_checkpoint(config, args.hf_dir, args.seed)
-    model = airllm_model(args.model, args.hf_dir, device)
+    result = {"system": "airllm", "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+              "model": args.model, "device": "cuda:0" if cuda else "cpu", "prompts": args.prompts,
+              "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+              "weights_written_by": "airllm (split of a HF checkpoint)" if args.via_checkpoint
+              else "airllm_peer.py (AirLLM's split files directly)"}
 
-    measured = timed_run(model, config.vocab_size, args, args.hf_dir)
-    import airllm
+    def stop(signum, _frame):
+        raise Stopped(signal.Signals(signum).name)
 
-    result = {
-        "system": "airllm",
-        "versions": {"airllm": getattr(airllm, "__version__", "4.0.0"), "transformers": transformers.__version__,
-                     "torch": torch.__version__},
-        **measured, "gpu_memory_cap_bytes": cap,
-        "checkpoint_bytes": sum(f.stat().st_size for f in args.hf_dir.glob("*.safetensors")),
-    }
-    write_result(args.json, result)
-    return result
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGALRM, stop)
+    if args.time_limit:
+        signal.setitimer(signal.ITIMER_REAL, args.time_limit)
+    log(f"airllm_peer {args.model}: {args.prompts} prompts x {args.prompt_len} tokens, {args.gen_len} generated, "
+        f"device {result['device']}, weights in {args.dir}")
+    try:
+        config = hf_config(args.model)
+        with log.phase("weights", "AirLLM's split files" + (" (via a HF checkpoint)" if args.via_checkpoint else "")):
+            if args.via_checkpoint:
+                written = ensure_checkpoint(config, args.dir, args.seed)
+            else:
+                written = ensure_split(config, args.model, args.dir, args.seed, log)
+            log(f"  {'written' if written else 'reused'}: {args.dir}")
+        import airllm
+
+        result["versions"]["airllm"] = getattr(airllm, "__version__", "4.0.0")
+        with log.phase("airllm_split", "AirLLM's find_or_create_local_splitted_path (its split, or its check that "
+                                       "the split files are all there)"), log.quiet():
+            airllm_split(args.model, args.dir)
+        if args.setup_only:
+            return result
+        cap = cap_gpu_memory(args.gpu_memory) if cuda else None
+        device = result["device"]
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        with log.phase("warmup", "1-token generate on 8 tokens through a one-layer view of the same files"):
+            with log.quiet():
+                small = airllm_model(args.model, warmup_view(config, args.model, args.dir), device)
+            ids = torch.randint(4, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(args.seed))
+            small.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), max_new_tokens=1,
+                           do_sample=False)
+            sync()
+            del small
+        with log.phase("model_load", "AirLLM's model (split check, meta model, resident modules, hooks)"), log.quiet():
+            model = airllm_model(args.model, args.dir, device)
+        result["weights_bytes"] = sum(f.stat().st_size for f in (args.dir / SPLIT).glob("*.safetensors"))
+        trace_forwards(model, sync, log, records)
+        with log.phase("generate", f"timed generate ({'cold' if args.cold else 'warm'} page cache)"):
+            measured = timed_run(model, config.vocab_size, args, args.dir / SPLIT, warmup=False)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        result.update(measured, gpu_memory_cap_bytes=cap, complete=True, phases=log.phases, forwards=records)
+        write_result(args.json, result)
+        log(f"result: {args.json}")
+        return result
+    except Stopped as e:
+        done = sum(r["seconds"] for r in records)
+        log(f"STOPPED by {e}: {len(records)} of {args.gen_len} forwards done ({done:.1f} s); partial result")
+        if args.json:
+            result.update(complete=False, stopped_by=str(e), phases=log.phases, forwards=records)
+            _write_json(args.json, result)
+            log(f"partial result: {args.json}")
+        sys.stdout.flush()
+        os._exit(124)  # without joining AirLLM's prefetch thread
 
 
 if __name__ == "__main__":
