@@ -95,15 +95,17 @@ def open_layer_files(model_dir: Path, sub: str, fmt: str, what: str, hint: str) 
 
 
 class _RowFiles:
-    """Open files (one per layer) of fixed-size rows, read a sorted set of rows with one preadv per run of
-    consecutive ones (read_rows), and count the bytes and reads."""
+    """Open files (one per layer) of fixed-size rows (row_elems, unless a region of the file has rows of its own
+    width), read a sorted set of rows with one preadv per run of consecutive ones (read_rows), and count the bytes
+    and reads."""
 
     fds: list[int]
     row_elems: int
     dtype: np.dtype
 
-    def _read(self, layer: int, ids: list[int], base: int, where: str) -> np.ndarray:
-        out, got, n = read_rows(self.fds[layer], ids, self.row_elems, self.dtype, base, where=where)
+    def _read(self, layer: int, ids: list[int], base: int, where: str, elems: int | None = None) -> np.ndarray:
+        """[len(ids), elems (default row_elems)] rows of layer `layer`'s file region starting at byte `base`."""
+        out, got, n = read_rows(self.fds[layer], ids, elems or self.row_elems, self.dtype, base, where=where)
         self.bytes_read += got
         self.reads += n
         return out

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundles import open_layer_files, read_rows, start_layer_files
+from .bundles import _RowFiles, open_layer_files, start_layer_files
 from .format import StoreError, atomic_write_json, fsync_dir, tensor_view
 from .sparsity import manifest_sha256
 
@@ -100,7 +100,7 @@ def attn_present(model_dir: Path) -> bool:
     return (Path(model_dir) / ATTN_DIR / INDEX).is_file()
 
 
-class ChannelReader:
+class ChannelReader(_RowFiles):
     """Reads kept input channels' gate/up columns and kept neurons' down columns, one preadv per run."""
 
     def __init__(self, model_dir: Path):
@@ -115,24 +115,15 @@ class ChannelReader:
 
     def inputs(self, layer: int, ids: list[int]) -> np.ndarray:
         """[len(ids), 2I] gate column | up column of the sorted input channels `ids`."""
-        return self._read(layer, ids, 2 * self.intermediate, 0, "input channels")
+        return self._columns(layer, ids, 2 * self.intermediate, 0, "input channels")
 
     def down(self, layer: int, ids: list[int]) -> np.ndarray:
         """[len(ids), H] down columns of the sorted intermediate neurons `ids`."""
-        return self._read(layer, ids, self.hidden, self.hidden * self.in_row_bytes, "down columns")
+        return self._columns(layer, ids, self.hidden, self.hidden * self.in_row_bytes, "down columns")
 
-    def _read(self, layer: int, ids: list[int], elems: int, base: int, what: str) -> np.ndarray:
+    def _columns(self, layer: int, ids: list[int], elems: int, base: int, what: str) -> np.ndarray:
         """[len(ids), elems] rows of layer `layer`'s file region starting at byte `base`, counted."""
-        out, got, n = read_rows(self.fds[layer], ids, elems, self.dtype, base,
-                                where=f"{self.dir}/layer_{layer:03d}.bin {what}")
-        self.bytes_read += got
-        self.reads += n
-        return out
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
+        return self._read(layer, ids, base, f"{self.dir}/layer_{layer:03d}.bin {what}", elems)
 
 
 class AttnChannelReader(ChannelReader):
@@ -150,8 +141,8 @@ class AttnChannelReader(ChannelReader):
 
     def inputs(self, layer: int, ids: list[int]) -> np.ndarray:
         """[len(ids), Q + 2K] q column | k column | v column of the sorted attention input channels `ids`."""
-        return self._read(layer, ids, self.q_dim + 2 * self.kv_dim, 0, "q/k/v columns")
+        return self._columns(layer, ids, self.q_dim + 2 * self.kv_dim, 0, "q/k/v columns")
 
     def down(self, layer: int, ids: list[int]) -> np.ndarray:
         """[len(ids), H] o columns of the sorted attention output channels `ids`."""
-        return self._read(layer, ids, self.hidden, self.hidden * self.in_row_bytes, "o columns")
+        return self._columns(layer, ids, self.hidden, self.hidden * self.in_row_bytes, "o columns")
