@@ -238,7 +238,9 @@ def main(args: argparse.Namespace) -> int:
         if args.cold and policy.weights_gpu_percent + policy.weights_cpu_percent < 100 and not args.no_ceilings:
             files = [model_dir / st for st in manifest.stages]
             print("measuring the disk's cold read ceiling on the model's own files…", file=sys.stderr)
-            for k, v in measure_disk_files(files).items():
+            # the run's own read pattern: its reader threads plus one read per prefetched stage in flight, its tasks
+            pattern = dict(thread_options=(policy.io_threads + policy.prefetch,), task_options=(policy.io_task_bytes,))
+            for k, v in measure_disk_files(files, **pattern).items():
                 setattr(ceil, k, v)
             _print_ceilings(ceil)
         prompts = [[(7 * i + 13 * j) % 1000 + 3 for j in range(args.prompt_len)] for i in range(args.prompts)]
@@ -263,7 +265,8 @@ def main(args: argparse.Namespace) -> int:
     w = Workload(prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, block_size=policy.block_size)
     itemsize = torch.empty((), dtype=engine.dtype).element_size()
     roof = roofline(stage_bytes=manifest.stage_bytes, placement=engine.placement, w=w, c=engine.config, ceil=ceil,
-                    policy=policy, itemsize=itemsize)
+                    policy=policy, itemsize=itemsize,
+                    phase_s=(report.get("prefill_latency_s", 0.0), report.get("decode_latency_s", 0.0)))
     weights = "disk" if policy.weights_gpu_percent + policy.weights_cpu_percent == 0 else \
         f"{policy.weights_gpu_percent:g}:{policy.weights_cpu_percent:g}"
     tokens = args.prompts * args.gen_len
@@ -330,8 +333,10 @@ def _roofline_line(roof: dict, missing: dict) -> str:
     shown = [f"{n} {roof[f't_{n}_s']:.3f} s for {amount}" for n, key, amount in terms if key not in missing]
     left = [f"{n} ({amount}, ceiling not measured)" for n, key, amount in terms if key in missing]
     bound = f"{roof['bound']}-bound" if shown else "no measured term"
+    rate = f"; disk at {roof['disk_read_gbps']:.2f} GB/s (probe {roof['disk_read_probe_gbps']:.2f}, the run's own reads " \
+        f"{roof['disk_read_run_gbps']:.2f})" if roof["disk_bytes"] and "disk_read_cold" not in missing else ""
     return (f"roofline floor {roof['floor_s']:.3f} s ({bound}: {', '.join(shown) or '-'})"
-            + (f"; left out: {', '.join(left)}" if left else ""))
+            + (f"; left out: {', '.join(left)}" if left else "") + rate)
 
 
 def _dump(path: Path | None, obj: dict) -> None:

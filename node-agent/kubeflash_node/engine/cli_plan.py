@@ -333,6 +333,7 @@ def _to_json(plan, job, budget) -> dict:
             "policy": pr.candidate.policy.__dict__, "quantization": pr.candidate.quantization,
             "placement": pr.placement, "total_s": pr.total_s, "run_s": pr.run_s, "setup_s": pr.setup_s,
             "tokens_per_s": pr.tokens_per_s, "bound": pr.bound, "resource_s": pr.resource_s,
+            "phases": pr.phase_summary(),
             "gpu_bytes": pr.gpu_bytes, "cpu_bytes": pr.cpu_bytes, "sparse_reads": pr.candidate.sparse is not None}
 
     return {"job": job.__dict__, "budget": budget.__dict__, "considered": plan.considered, "fitting": plan.fitting,

@@ -108,6 +108,8 @@ class Prediction:
     tokens: int
     placement: dict[str, int] = field(default_factory=dict)
     lock_s: float = 0.0  # of run_s: page-locking the host KV cache that its block's prefill does not hide
+    # per phase ("prefill": step 0 of every block, "decode": the other steps): (resource_s, bound_s) as above
+    phases: dict[str, tuple[dict[str, float], dict[str, float]]] = field(default_factory=dict)
 
     @property
     def total_s(self) -> float:
@@ -125,7 +127,40 @@ class Prediction:
         share = self.bound_s[self.bound] / self.run_s if self.run_s else 0.0
         parts = ", ".join(f"{k} {v:.3g} s" for k, v in self.resource_s.items())
         lock = f"; {self.lock_s:.3g} s page-locking the host KV cache" if self.lock_s else ""
-        return f"{self.bound}-bound: the slowest resource in {share:.0%} of the run (summed stage time: {parts}){lock}"
+        phases = "".join(f"; {self.phase_why(ph)}" for ph in self.phases if self.phase_s(ph))
+        return (f"{self.bound}-bound: the slowest resource in {share:.0%} of the run (summed stage time: {parts})"
+                f"{lock}{phases}")
+
+    def phase_s(self, phase: str) -> float:
+        """Predicted seconds of one phase (prefill or decode; decode holds the page-locking prefill did not hide)."""
+        return sum(self.phases[phase][1].values()) + (self.lock_s if phase == "decode" else 0.0)
+
+    def phase_bound(self, phase: str) -> tuple[str, float]:
+        """(the resource that bounds the phase, how many times the next resource's summed time it is): the one
+        slowest in most of the phase's stages, against the largest other resource's summed stage time."""
+        res, bound = self.phases[phase]
+        top = max(bound, key=bound.get)
+        other = max((v for k, v in res.items() if k != top), default=0.0)
+        return top, res[top] / other if other else float("inf")
+
+    def phase_summary(self) -> dict[str, dict]:
+        """Per phase: predicted seconds, the bounding resource, how many times the next one's time it is, and the
+        summed stage time of each resource (what `kubeflash plan --json` writes)."""
+        out = {}
+        for ph, (res, _) in self.phases.items():
+            top, margin = self.phase_bound(ph)
+            out[ph] = {"s": self.phase_s(ph), "bound": top, "times_next": None if margin == float("inf") else margin,
+                       "resource_s": dict(res)}
+        return out
+
+    def phase_why(self, phase: str) -> str:
+        res, bound = self.phases[phase]
+        top, margin = self.phase_bound(phase)
+        share = bound[top] / sum(bound.values()) if sum(bound.values()) else 0.0
+        nxt = max((k for k in res if k != top), key=res.get)
+        by = f"{margin:.2g}x {nxt} {res[nxt]:.3g} s" if margin != float("inf") else "nothing else used"
+        return (f"{phase} {self.phase_s(phase):.3g} s {top}-bound ({share:.0%} of its stages; {top} {res[top]:.3g} s "
+                f"= {by})")
 
 
 # ------------------------------------------------------------------------------------------- sizes
@@ -505,6 +540,7 @@ def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget
     kv_fits_cache = kv_total <= budget.cpu_bytes - cpu
     res = {"disk": 0.0, "pcie": 0.0, "compute": 0.0}
     bound = dict.fromkeys(res, 0.0)
+    pre_res, pre_bound = dict.fromkeys(res, 0.0), dict.fromkeys(res, 0.0)
     last = len(stored) - 1
     kinds = Counter(("embed" if i == 0 else "head" if i == last else "xlayer" if i - 1 in xl else "layer",
                      where[i], stored[i], dense[i]) for i in range(last + 1))  # identical stages: computed once
@@ -522,14 +558,19 @@ def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget
             for k in res:
                 res[k] += got[0][k] * n * count
                 bound[k] += got[1][k] * n * count
-            prefill += got[2] * n
+                pre_res[k] += got[2][k] * n * count
+                pre_bound[k] += got[3][k] * n * count
+            prefill += sum(got[3].values()) * n
         if p.kv == "cpu" and job.gen_len > 1:  # a block's host cache is page-locked while its prefill runs
             need = _rate(sum(mbs) * (job.prompt_len + job.gen_len) * _kv_token(e, p, host=True), cal.host_lock_gbps)
             lock += max(0.0, need - prefill) * count
     setup = sum(_rate(stored[i], ceil.disk_read_cold) for i, w in enumerate(where) if w != "disk")
     tokens = job.prompts * job.gen_len
+    phases = {"prefill": (pre_res, pre_bound)}
+    if job.gen_len > 1:
+        phases["decode"] = ({k: res[k] - pre_res[k] for k in res}, {k: bound[k] - pre_bound[k] for k in res})
     return Prediction(cand, sum(bound.values()) + lock, setup, res, bound, gpu, cpu, tokens,
-                      {k: where.count(k) for k in ("gpu", "cpu", "disk")}, lock)
+                      {k: where.count(k) for k in ("gpu", "cpu", "disk")}, lock, phases)
 
 
 def _steps(gen_len: int, exact: int = 33) -> list[tuple[int, float]]:
@@ -543,12 +584,12 @@ def _steps(gen_len: int, exact: int = 33) -> list[tuple[int, float]]:
 
 
 def _stage_all_steps(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, mbs: Counter,
-                     kv_fits_cache: bool, sparse: SparseCost | None = None) -> tuple[dict, dict, float]:
-    """One stage over every step of one block: (seconds per resource, seconds each resource was the slowest,
-    seconds of the prefill step)."""
+                     kv_fits_cache: bool, sparse: SparseCost | None = None) -> tuple[dict, dict, dict, dict]:
+    """One stage over every step of one block: (seconds per resource, seconds each resource was the slowest) over
+    every step, then the same two for the prefill step alone."""
     res = {"disk": 0.0, "pcie": 0.0, "compute": 0.0}
     bound = dict.fromkeys(res, 0.0)
-    prefill = 0.0
+    pre_res, pre_bound = dict(res), dict(res)
     j = e.job
     for step, weight in _steps(j.gen_len):
         s_new, ctx = (j.prompt_len, j.prompt_len) if step == 0 else (1, j.prompt_len + step)
@@ -558,8 +599,8 @@ def _stage_all_steps(e: _Env, p: Policy, kind: str, where: str, stored: int, den
             res[k] += v * weight
         bound[top] += t[top] * weight
         if step == 0:
-            prefill = t[top]
-    return res, bound, prefill
+            pre_res, pre_bound[top] = dict(t), t[top]
+    return res, bound, pre_res, pre_bound
 
 
 def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, mbs: Counter,

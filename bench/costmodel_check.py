@@ -1,0 +1,128 @@
+"""Re-predict every recorded GPU `kubeflash bench` run with the current cost model and roofline, per phase.
+
+    .venv/bin/python bench/costmodel_check.py [FILES…] [--markdown] [--disk-read-cold GBPS]
+
+No GPU needed. Each result JSON (cli_bench.py writes them) holds the run's ceilings, workload, policy
+(report.policy) and measured times, prefill and decode apart (report.prefill_latency_s, decode_latency_s). For each
+run it prints the prediction of the current code for prefill, decode and the whole run against the measurement,
+the resource that bounds each phase, the disk rates (the probe's, and what the run's own reads reached in each
+phase: that phase's disk bytes over its time) and the roofline floor the current code computes from them.
+Without FILES: docs/bench-results/*.json, s9/, s11/ and peers/ours-*.json (the runs with a prediction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kubeflash_node.engine.bench import Ceilings, Workload, roofline
+from kubeflash_node.engine.costmodel import Budget, Candidate, JobShape, predict, stage_sizes
+from kubeflash_node.engine.policy import Policy
+from kubeflash_node.store.modelconfig import preset
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "bench-results"
+
+
+def default_files() -> list[Path]:
+    return sorted([*RESULTS.glob("*.json"), *RESULTS.glob("s9/*.json"), *RESULTS.glob("s11/*.json"),
+                   *RESULTS.glob("peers/ours-*.json")])
+
+
+def check_run(d: dict, disk_read_cold: float = 0.0) -> dict:
+    """Current prediction and floor of one recorded run beside what it measured (optionally another disk ceiling)."""
+    w, r = d["workload"], d["report"]
+    name = r.get("model") or w["model"]  # dummy:<preset>[@fill]
+    config = preset(name.split(":", 1)[1] if name.startswith("dummy:") else Path(name).name)
+    policy = Policy(**{k: v for k, v in r["policy"].items() if k in Policy.__dataclass_fields__})
+    itemsize = 4 if r["dtype"] == "float32" else 2
+    quant = w.get("quantization", "none")
+    sizes = stage_sizes(config, itemsize, quant)
+    ceil = Ceilings(**{k: v for k, v in d["ceilings"].items() if k in Ceilings.__dataclass_fields__})
+    ceil.disk_read_cold = disk_read_cold or ceil.disk_read_cold
+    job = JobShape(w["prompts"], w["prompt_len"], w["gen_len"])
+    budget = Budget(w.get("gpu_memory_bytes") or 1 << 50, w.get("cpu_memory_bytes") or 1 << 50)
+    pr = predict(Candidate(policy, quant), config=config, ceil=ceil, job=job, budget=budget, sizes=sizes,
+                 itemsize=itemsize)
+    meas = {"prefill": r.get("prefill_latency_s", 0.0), "decode": r.get("decode_latency_s", 0.0)}
+    roof = roofline(stage_bytes=sizes[0], placement=policy.placement(len(sizes[0])),
+                    w=Workload(job.prompts, job.prompt_len, job.gen_len, policy.block_size), c=config, ceil=ceil,
+                    policy=policy, itemsize=itemsize, phase_s=(meas["prefill"], meas["decode"]))
+    out = {"model": name.split(":", 1)[-1], "shape": f"{job.prompts}x({job.prompt_len}+{job.gen_len})",
+           "weights": w["weights"], "kv": w.get("kv", "device"), "batch": f"{policy.gpu_batch_size}x{policy.num_gpu_batches}",
+           "predicted_s": pr.run_s, "measured_s": d["measured_s"], "error": pr.run_s / d["measured_s"] - 1,
+           "recorded_s": d.get("predicted_s"), "bound": pr.bound, "probe_gbps": ceil.disk_read_cold,
+           "floor_s": roof["floor_s"], "floor_bound": roof["bound"], "efficiency": roof["floor_s"] / d["measured_s"],
+           "recorded_floor_s": d["roofline"]["floor_s"], "run_gbps": roof["disk_read_run_gbps"]}
+    for ph, t in meas.items():
+        if ph not in pr.phases:
+            out |= {f"{ph}_pred": 0.0, f"{ph}_meas": t, f"{ph}_err": None, f"{ph}_bound": "-", f"{ph}_gbps": 0.0}
+            continue
+        b, margin = pr.phase_bound(ph)
+        res = pr.phases[ph][0]
+        nbytes = roof[f"disk_bytes_{ph}"]
+        out |= {f"{ph}_pred": pr.phase_s(ph), f"{ph}_meas": t, f"{ph}_err": pr.phase_s(ph) / t - 1 if t else None,
+                f"{ph}_bound": f"{b} {margin:.2g}x" if margin != float("inf") else b,
+                f"{ph}_res": " / ".join(f"{res[k]:.3g}" for k in ("disk", "pcie", "compute")),
+                f"{ph}_gbps": nbytes / t / 1e9 if nbytes and t else 0.0}
+    return out
+
+
+COLS = [("run", "run", "{}"), ("model", "model", "{}"), ("shape", "prompts x (len+gen)", "{}"),
+        ("weights", "weights", "{}"), ("kv", "kv", "{}"), ("batch", "batch", "{}"),
+        ("prefill_pred", "prefill pred s", "{:.3g}"), ("prefill_meas", "prefill meas s", "{:.3g}"),
+        ("prefill_err", "prefill err", "{:+.0%}"), ("prefill_bound", "prefill bound (x next)", "{}"),
+        ("prefill_res", "prefill disk/pcie/compute s", "{}"),
+        ("decode_pred", "decode pred s", "{:.3g}"), ("decode_meas", "decode meas s", "{:.3g}"),
+        ("decode_err", "decode err", "{:+.0%}"), ("decode_bound", "decode bound (x next)", "{}"),
+        ("decode_res", "decode disk/pcie/compute s", "{}"),
+        ("predicted_s", "run pred s", "{:.3g}"), ("measured_s", "run meas s", "{:.3g}"), ("error", "run err", "{:+.1%}"),
+        ("recorded_s", "pred at the time s", "{:.3g}"),
+        ("probe_gbps", "disk GB/s probe", "{:.2f}"), ("prefill_gbps", "disk GB/s prefill", "{:.2f}"),
+        ("decode_gbps", "disk GB/s decode", "{:.2f}"), ("floor_s", "floor s", "{:.3g}"),
+        ("efficiency", "floor/meas", "{:.2f}"), ("recorded_floor_s", "floor at the time s", "{:.3g}")]
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    v = row.get(key)
+    if v is None or (isinstance(v, float) and v == 0.0 and "gbps" in key):
+        return "-"
+    return fmt.format(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="*", type=Path, help="bench result JSONs (default: every recorded GPU run)")
+    ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    ap.add_argument("--disk-read-cold", type=float, default=0.0, help="predict with this cold disk ceiling (GB/s)")
+    args = ap.parse_args(argv)
+    rows = []
+    for f in args.files or default_files():
+        d = json.loads(f.read_text())
+        if "workload" in d and d.get("measured_s") and d["workload"].get("device", "cuda").startswith("cuda"):
+            rows.append({"run": str(f.relative_to(RESULTS)) if f.resolve().is_relative_to(RESULTS) else f.name}
+                        | check_run(d, args.disk_read_cold))
+    table = [[_cell(row, k, fmt) for k, _, fmt in COLS] for row in rows]
+    if args.markdown:
+        print("| " + " | ".join(h for _, h, _ in COLS) + " |")
+        print("|" + "---|" * len(COLS))
+        for t in table:
+            print("| " + " | ".join(t) + " |")
+    else:
+        widths = [max(len(h), *(len(t[i]) for t in table)) for i, (_, h, _) in enumerate(COLS)]
+        print("  ".join(h.ljust(wd) for (_, h, _), wd in zip(COLS, widths)))
+        for t in table:
+            print("  ".join(v.ljust(wd) for v, wd in zip(t, widths)))
+    errs = [abs(r["error"]) for r in rows]
+    if errs:
+        within = sum(e <= 0.10 for e in errs)
+        above = [r["run"] for r in rows if r["efficiency"] > 1.0 + 1e-9]
+        print(f"\n{len(rows)} runs: {within} within 10%, mean |error| {sum(errs) / len(errs):.1%}, max "
+              f"{max(errs):.1%}; floors above the measured time: {', '.join(above) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
