@@ -1,6 +1,6 @@
 """Re-predict every recorded GPU `kubeflash bench` run with the current cost model and roofline, per phase.
 
-    .venv/bin/python bench/costmodel_check.py [FILES…] [--markdown] [--disk-read-cold GBPS]
+    .venv/bin/python bench/costmodel_check.py [FILES…] [--markdown] [--brief] [--disk-read-cold GBPS]
 
 No GPU needed. Each result JSON (cli_bench.py writes them) holds the run's ceilings, workload, policy
 (report.policy) and measured times, prefill and decode apart (report.prefill_latency_s, decode_latency_s). For each
@@ -56,6 +56,12 @@ def check_run(d: dict, disk_read_cold: float = 0.0) -> dict:
            "recorded_s": d.get("predicted_s"), "bound": pr.bound, "probe_gbps": ceil.disk_read_cold,
            "floor_s": roof["floor_s"], "floor_bound": roof["bound"], "efficiency": roof["floor_s"] / d["measured_s"],
            "recorded_floor_s": d["roofline"]["floor_s"], "run_gbps": roof["disk_read_run_gbps"]}
+    if config.num_experts and not policy.all_experts and "expert_reads" in r:  # uniform routing against the router
+        uniform = config.num_layers * sum(config.expected_experts(n * job.prompt_len)
+                                          + (job.gen_len - 1) * config.expected_experts(n)
+                                          for n in [min(policy.block_size, job.prompts - k)
+                                                    for k in range(0, job.prompts, policy.block_size)])
+        out["experts_ratio"] = (r["expert_reads"] + r.get("expert_cache_hits", 0)) / uniform
     for ph, t in meas.items():
         if ph not in pr.phases:
             out |= {f"{ph}_pred": 0.0, f"{ph}_meas": t, f"{ph}_err": None, f"{ph}_bound": "-", f"{ph}_gbps": 0.0}
@@ -82,7 +88,13 @@ COLS = [("run", "run", "{}"), ("model", "model", "{}"), ("shape", "prompts x (le
         ("recorded_s", "pred at the time s", "{:.3g}"),
         ("probe_gbps", "disk GB/s probe", "{:.2f}"), ("prefill_gbps", "disk GB/s prefill", "{:.2f}"),
         ("decode_gbps", "disk GB/s decode", "{:.2f}"), ("floor_s", "floor s", "{:.3g}"),
-        ("efficiency", "floor/meas", "{:.2f}"), ("recorded_floor_s", "floor at the time s", "{:.3g}")]
+        ("efficiency", "floor/meas", "{:.2f}"), ("recorded_floor_s", "floor at the time s", "{:.3g}"),
+        ("experts_ratio", "experts routed / uniform", "{:.2f}")]
+
+
+BRIEF = ("run", "shape", "kv", "prefill_pred", "prefill_meas", "prefill_err", "prefill_bound", "decode_pred",
+         "decode_meas", "decode_err", "decode_bound", "error", "probe_gbps", "prefill_gbps", "decode_gbps", "efficiency",
+         "experts_ratio")
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -96,23 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="*", type=Path, help="bench result JSONs (default: every recorded GPU run)")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    ap.add_argument("--brief", action="store_true", help="only the per-phase times, bounds, disk rates and floor")
     ap.add_argument("--disk-read-cold", type=float, default=0.0, help="predict with this cold disk ceiling (GB/s)")
     args = ap.parse_args(argv)
     rows = []
     for f in args.files or default_files():
         d = json.loads(f.read_text())
         if "workload" in d and d.get("measured_s") and d["workload"].get("device", "cuda").startswith("cuda"):
-            rows.append({"run": str(f.relative_to(RESULTS)) if f.resolve().is_relative_to(RESULTS) else f.name}
+            rows.append({"run": str(f.resolve().relative_to(RESULTS)) if f.resolve().is_relative_to(RESULTS) else f.name}
                         | check_run(d, args.disk_read_cold))
-    table = [[_cell(row, k, fmt) for k, _, fmt in COLS] for row in rows]
+    cols = [c for c in COLS if c[0] in BRIEF] if args.brief else COLS
+    table = [[_cell(row, k, fmt) for k, _, fmt in cols] for row in rows]
     if args.markdown:
-        print("| " + " | ".join(h for _, h, _ in COLS) + " |")
-        print("|" + "---|" * len(COLS))
+        print("| " + " | ".join(h for _, h, _ in cols) + " |")
+        print("|" + "---|" * len(cols))
         for t in table:
             print("| " + " | ".join(t) + " |")
     else:
-        widths = [max(len(h), *(len(t[i]) for t in table)) for i, (_, h, _) in enumerate(COLS)]
-        print("  ".join(h.ljust(wd) for (_, h, _), wd in zip(COLS, widths)))
+        widths = [max(len(h), *(len(t[i]) for t in table)) for i, (_, h, _) in enumerate(cols)]
+        print("  ".join(h.ljust(wd) for (_, h, _), wd in zip(cols, widths)))
         for t in table:
             print("  ".join(v.ljust(wd) for v, wd in zip(t, widths)))
     errs = [abs(r["error"]) for r in rows]

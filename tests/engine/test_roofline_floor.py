@@ -80,3 +80,19 @@ def test_disk_probe_reads_real_files_with_the_pattern_given(tmp_path):
     got = measure_disk_files(files, thread_options=(3,), task_options=(1 << 20,))
     assert got["disk_read_threads"] == 3 and got["disk_read_task_bytes"] == 1 << 20
     assert got["disk_probe_bytes"] == 6 << 20 and got["disk_read_cold"] > 0
+
+
+def test_no_recorded_gpu_run_has_a_floor_above_its_measured_time():
+    """bench/costmodel_check.py over every recorded GPU run: the floor the current code computes (the run's own read
+    rate where it beat the probe) is at most the measured time, and the predicted phases add up to the run."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from costmodel_check import check_run, default_files
+    finally:
+        sys.path.pop(0)
+    rows = [check_run(d) for f in default_files() if "measured_s" in (d := json.loads(f.read_text()))
+            and "workload" in d and d["measured_s"]]
+    assert len(rows) >= 30
+    for r in rows:
+        assert r["efficiency"] <= 1.0 + 1e-9, r
+        assert r["prefill_pred"] + r["decode_pred"] == pytest.approx(r["predicted_s"], rel=1e-6), r
