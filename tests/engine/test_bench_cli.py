@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -28,6 +30,10 @@ def test_auto_keeps_pinned_flags_and_plans_the_rest(tmp_path):
     assert w["num_gpu_batches"] in (1, 2) and w["quantization"] == "none"  # planned, no compression unasked
     assert r["predicted_s"] > 0 and r["predicted_gpu_gib"] > 0 and r["report"]["generated_tokens"] == 16
     assert "policy auto:" in proc.stderr and "kv cpu" in proc.stderr
+    phases = r["predicted_phases"]  # prefill and decode predicted apart, beside the measured ones
+    assert set(phases) == {"prefill", "decode"} and sum(p["s"] for p in phases.values()) == pytest.approx(r["predicted_s"])
+    assert "cost model per phase: prefill" in proc.stdout and "; decode" in proc.stdout
+    assert r["roofline"]["disk_read_gbps"] >= r["roofline"]["disk_read_probe_gbps"]
 
 
 def test_auto_with_an_impossible_pin_says_so(tmp_path):

@@ -281,6 +281,7 @@ def main(args: argparse.Namespace) -> int:
         "predicted_s": pred.run_s if pred else None,
         "prediction_error": (pred.run_s / elapsed - 1) if pred else None,
         "predicted_gpu_gib": pred.gpu_bytes / 2**30 if pred else None,  # compare report.peak_gpu_mem_gb (GiB)
+        "predicted_phases": pred.phase_summary() if pred else None,  # compare report.prefill/decode_latency_s
         "measured_s": elapsed, "setup_s": t_setup, "tokens_per_s": tokens / elapsed, "projected": False,
         "roofline": roof, "efficiency": roof["floor_s"] / elapsed if roof["floor_s"] else None,
         "ceilings": ceil.to_dict(), "unmeasured": missing, "report": report,
@@ -296,6 +297,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"cost model predicted {pred.run_s:.3f} s ({pred.run_s / elapsed - 1:+.1%}) and "
               f"{pred.gpu_bytes / 2**30:.2f} GiB of GPU tensors (peak allocated {report['peak_gpu_mem_gb']:.2f} GiB); "
               f"{describe(pred)}")
+        print("cost model per phase: " + "; ".join(
+            f"{ph} {pred.phase_s(ph):.3f} s predicted, {report.get(ph + '_latency_s', 0.0):.3f} s measured "
+            f"({pred.phase_bound(ph)[0]}-bound)" for ph in pred.phases))
     print(f"measured {elapsed:.3f} s  ->  {tokens / elapsed:.2f} generated tokens/s  (setup {t_setup:.2f} s)")
     print(_roofline_line(roof, missing))
     if result["efficiency"] is not None:
