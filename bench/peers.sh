@@ -58,11 +58,17 @@ for step in "$@"; do case $step in
            --json "$RES/acc-opt13-disk.json" --prompts 16 --prompt-len 512 --gen-len 4 --gpu-layers 4 \
            --gpu-memory "$GPU" --cold 2>&1 | tail -3
          rm -rf /root/acc13 ;;
-  # AirLLM 4.0.0 (its wheel carried in .whl): fp16 opt-13b streamed layer by layer from its own split files, the
-  # workload of acc13 (16 prompts x 512 tokens, 4 generated: every token re-reads every layer). Disk: the dummy HF
-  # checkpoint (26 GB) plus AirLLM's split copy (26 GB); run it with no other model on the disk.
-  air13) incg python3 bench/peers/airllm_peer.py --model opt-13b --hf-dir /root/air13 --json "$RES/air-opt13.json" \
-           --prompts 16 --prompt-len 512 --gen-len 4 --gpu-memory "$GPU" --cold 2>&1 | tail -3
+  # AirLLM 4.0.0 (its wheel carried in .whl): fp16 opt-13b streamed layer by layer from AirLLM's own per-module
+  # files, which the script writes directly outside the cgroup (25.7 GB on disk, no HF checkpoint; AirLLM finds its
+  # split complete and skips it), then the workload of acc13 (16 prompts x 512 tokens, 4 generated) in the cgroup.
+  # AirLLM keeps a KV cache but re-reads every layer for each token: 4 x 25.7 GB read. Every phase and forward is
+  # logged with timestamps on stdout and in $RES/air-opt13.log; the run stops itself after AIR_LIMIT seconds
+  # (default 360) and then writes a partial JSON ("complete": false, the forwards done).
+  air13) rm -f "$RES/air-opt13.log"
+         python3 bench/peers/airllm_peer.py --model opt-13b --dir /root/air13 --log "$RES/air-opt13.log" --setup-only &&
+         incg python3 bench/peers/airllm_peer.py --model opt-13b --dir /root/air13 --json "$RES/air-opt13.json" \
+           --log "$RES/air-opt13.log" --prompts 16 --prompt-len 512 --gen-len 4 --gpu-memory "$GPU" --cold \
+           --time-limit "${AIR_LIMIT:-360}"
          rm -rf /root/air13 ;;
   # DeepSpeed ZeRO-Inference 0.19.8 (wheels and libaio carried in .whl, bench/device-setup.sh): ZeRO-3 with every
   # parameter on NVMe through its async I/O, fp16 opt-13b, the workload of acc13 and air13

@@ -25,8 +25,18 @@ import time
 from pathlib import Path
 
 import torch
-from airllm_peer import (SPLIT, airllm_model, airllm_split, dummy_values, empty_state, ensure_checkpoint,
-                         ensure_split, hf_config, layer_names, trace_forwards)
+from airllm_peer import (
+    SPLIT,
+    airllm_model,
+    airllm_split,
+    dummy_values,
+    empty_state,
+    ensure_checkpoint,
+    ensure_split,
+    hf_config,
+    layer_names,
+    trace_forwards,
+)
 from peer_common import timed_generate
 from transformers import AutoModelForCausalLM
 
@@ -52,7 +62,7 @@ def greedy(preset: str, folder: Path, ids: torch.Tensor, records: list | None = 
     """AirLLM's greedy 5 tokens over `folder` and transformers' (float32) on the same folder, then the largest
     difference of their logits over `ids` relative to the largest logit (AirLLM computes in fp16)."""
     model = airllm_model(preset, folder, "cpu")
-    ref = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = ref(ids).logits
         gap = (model(ids).logits.float() - theirs).abs().max().item() / theirs.abs().max().item()
@@ -112,7 +122,7 @@ def fp16_shape(preset: str, tokens: int) -> int:
     value = dummy_values(0)
     state = {name: value(name, t.shape) for name, t in empty_state(config).items()}
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
     model.load_state_dict(state, assign=True)
     model.eval()
     ids = torch.randint(4, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))

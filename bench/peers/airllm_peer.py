@@ -22,8 +22,8 @@ transformers' own `generate` on the real model built on the meta device, with fo
 module's weights before it runs and drop them after. transformers keeps its KV cache (use_cache defaults on), so
 the prefill runs the whole prompt once and each later token runs one position per sequence; but every forward
 re-reads every layer's weights from its file, so G generated tokens read the whole model G times. At opt-13b
-(25.7 GB of fp16) and G = 4 that is 103 GB read: about 79 s at a 1.3 GB/s cold read, several times more where
-AirLLM's mmap page-fault reads fall short of the disk's rate (this log says which).
+(25.7 GB of fp16) and G = 4 that is 103 GB read: about 79 s if AirLLM reads at a 1.3 GB/s disk's cold rate, more
+where its reads (page faults on safetensors' memory map, one thread) fall short of that rate; the log says which.
 
 How the weights are served (set-up, untimed; --setup-only does it alone, e.g. outside a cgroup): AirLLM runs from
 its own split, one safetensors file per module named `<module>.safetensors` plus an empty
@@ -279,19 +279,17 @@ def ensure_split(config, preset: str, folder: Path, seed: int = 0, log=print) ->
     total = sum(2 * t.numel() for t in tensors.values())
     start = time.perf_counter()
     weight_map = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"AirLLM split files -> {split}", mininterval=5,
-              file=sys.stderr) as bar:
-        for i, (module, names) in enumerate(modules.items()):
-            out = {name: value(name, tensors[name].shape) for name in names}
-            target = split / f"{module}.safetensors"
-            (split / f"{module}.safetensors.done").unlink(missing_ok=True)
-            _write_atomic(target, lambda tmp, out=out: write_safetensors(out, tmp))
-            (split / f"{module}.safetensors.done").touch()
-            weight_map.update(dict.fromkeys(names, f"{SPLIT}/{module}.safetensors"))
-            bar.update(sum(2 * v.numel() for v in out.values()))
-            if i % 10 == 9:
-                log(f"  {i + 1}/{len(modules)} module files, {bar.n / GB:.1f} GB, "
-                    f"{bar.n / GB / (time.perf_counter() - start):.2f} GB/s")
+    done = 0
+    for i, (module, names) in enumerate(modules.items()):
+        out = {name: value(name, tensors[name].shape) for name in names}
+        (split / f"{module}.safetensors.done").unlink(missing_ok=True)
+        _write_atomic(split / f"{module}.safetensors", lambda tmp, out=out: write_safetensors(out, tmp))
+        (split / f"{module}.safetensors.done").touch()
+        weight_map.update(dict.fromkeys(names, f"{SPLIT}/{module}.safetensors"))
+        done += sum(2 * v.numel() for v in out.values())
+        if i % 10 == 9 or i == len(modules) - 1:
+            log(f"  {i + 1}/{len(modules)} module files, {done / GB:.1f} of {total / GB:.1f} GB, "
+                f"{done / GB / (time.perf_counter() - start):.2f} GB/s")
     _fsync_dir(split)
     _write_atomic(folder / INDEX, lambda tmp: tmp.write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)))
@@ -422,8 +420,9 @@ def airllm_model(preset: str, folder: Path, device: str):
     return model
 
 
-def trace_forwards(model, sync, log, records: list) -> None:
-    """Log every forward of `model` (prefill, then one per generated token) and append its record to `records`."""
+def trace_forwards(model, sync, log, records: list):
+    """Log every forward of `model` (prefill, then one per generated token) and append its record to `records`.
+    Returns a function that describes the forward in progress (None when none is)."""
     counters = model.counters
     state = {}
 
@@ -432,6 +431,7 @@ def trace_forwards(model, sync, log, records: list) -> None:
         sync()
         counters.reset()
         state["start"], state["shape"] = time.perf_counter(), tuple(ids.shape) if ids is not None else None
+        state["index"] = len(records)
 
     def post(module, args, kwargs, output):
         sync()
@@ -454,8 +454,30 @@ def trace_forwards(model, sync, log, records: list) -> None:
             raise SystemExit(f"forward {n + 1}: the logits are not finite in fp16")
         return output
 
+    def in_progress() -> dict | None:
+        """The forward running now (for a stopped run's log and JSON), or None."""
+        if "start" not in state or len(records) > state["index"]:
+            return None
+        return {"tokens": list(state["shape"] or ()), "seconds_so_far": time.perf_counter() - state["start"],
+                "read_bytes_so_far": counters.read_bytes, "read_s_so_far": counters.read_s}
+
     model.model.register_forward_pre_hook(pre, with_kwargs=True)
     model.model.register_forward_hook(post, with_kwargs=True)
+    return in_progress
+
+
+def clean_memory_ms() -> str:
+    """Time the parts of AirLLM's clean_memory (utils.py: gc.collect, malloc_trim, torch.cuda.empty_cache) once."""
+    import ctypes
+    import gc
+
+    times = []
+    for part in (gc.collect, lambda: ctypes.CDLL("libc.so.6").malloc_trim(0), torch.cuda.empty_cache):
+        start = time.perf_counter()
+        part()
+        times.append((time.perf_counter() - start) * 1e3)
+    return (f"gc.collect {times[0]:.0f} ms over {len(gc.get_objects())} objects, malloc_trim {times[1]:.0f} ms, "
+            f"empty_cache {times[2]:.1f} ms")
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -488,8 +510,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not args.setup_only and args.json is None:
         p.error("--json is required unless --setup-only")
     config = hf_config(args.model)
-    check_workload(p, args, positions=min(config.max_position_embeddings, AIRLLM_MAX_SEQ),
-                   family=f"{args.model} under AirLLM")
+    if not args.setup_only:
+        check_workload(p, args, positions=min(config.max_position_embeddings, AIRLLM_MAX_SEQ),
+                       family=f"{args.model} under AirLLM")
     return args
 
 
@@ -510,6 +533,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     log = PhaseLog(args.log)
     records: list[dict] = []
+    running = lambda: None  # noqa: E731 - replaced once the model is traced
     cuda = args.device == "cuda"
     result = {"system": "airllm", "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
               "model": args.model, "device": "cuda:0" if cuda else "cpu", "prompts": args.prompts,
@@ -524,8 +548,9 @@ def main(argv: list[str] | None = None) -> dict:
     signal.signal(signal.SIGALRM, stop)
     if args.time_limit:
         signal.setitimer(signal.ITIMER_REAL, args.time_limit)
-    log(f"airllm_peer {args.model}: {args.prompts} prompts x {args.prompt_len} tokens, {args.gen_len} generated, "
-        f"device {result['device']}, weights in {args.dir}")
+    log(f"airllm_peer {args.model}: " + ("weights only (--setup-only)" if args.setup_only else
+        f"{args.prompts} prompts x {args.prompt_len} tokens, {args.gen_len} generated, device {result['device']}")
+        + f", weights in {args.dir}")
     try:
         config = hf_config(args.model)
         with log.phase("weights", "AirLLM's split files" + (" (via a HF checkpoint)" if args.via_checkpoint else "")):
@@ -555,8 +580,9 @@ def main(argv: list[str] | None = None) -> dict:
             del small
         with log.phase("model_load", "AirLLM's model (split check, meta model, resident modules, hooks)"), log.quiet():
             model = airllm_model(args.model, args.dir, device)
+        log(f"  AirLLM's clean_memory after every streamed module, timed once here: {clean_memory_ms()}")
         result["weights_bytes"] = sum(f.stat().st_size for f in (args.dir / SPLIT).glob("*.safetensors"))
-        trace_forwards(model, sync, log, records)
+        running = trace_forwards(model, sync, log, records)
         with log.phase("generate", f"timed generate ({'cold' if args.cold else 'warm'} page cache)"):
             measured = timed_run(model, config.vocab_size, args, args.dir / SPLIT, warmup=False)
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -567,8 +593,13 @@ def main(argv: list[str] | None = None) -> dict:
     except Stopped as e:
         done = sum(r["seconds"] for r in records)
         log(f"STOPPED by {e}: {len(records)} of {args.gen_len} forwards done ({done:.1f} s); partial result")
+        now = running()
+        if now:
+            log(f"  forward {len(records) + 1} was running for {now['seconds_so_far']:.1f} s: "
+                f"{now['read_bytes_so_far'] / GB:.2f} GB read in {now['read_s_so_far']:.1f} s so far")
         if args.json:
-            result.update(complete=False, stopped_by=str(e), phases=log.phases, forwards=records)
+            result.update(complete=False, stopped_by=str(e), phases=log.phases, forwards=records,
+                          forward_in_progress=now)
             _write_json(args.json, result)
             log(f"partial result: {args.json}")
         sys.stdout.flush()
