@@ -78,7 +78,7 @@ import transformers
 from accelerate import init_empty_weights
 from accelerate_opt import PRESETS as OPT_PRESETS
 from accelerate_opt import opt_config
-from peer_common import add_workload_args, cap_gpu_memory, check_workload, timed_run, write_result
+from peer_common import add_workload_args, cap_gpu_memory, check_workload, timed_generate, timed_run, write_result
 from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -574,9 +574,7 @@ def main(argv: list[str] | None = None) -> dict:
             with log.quiet():
                 small = airllm_model(args.model, warmup_view(config, args.model, args.dir), device)
             ids = torch.randint(4, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(args.seed))
-            small.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), max_new_tokens=1,
-                           do_sample=False)
-            sync()
+            timed_generate(small, ids.to(device), 1, sync)
             del small
         with log.phase("model_load", "AirLLM's model (split check, meta model, resident modules, hooks)"), log.quiet():
             model = airllm_model(args.model, args.dir, device)
