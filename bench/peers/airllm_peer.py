@@ -3,7 +3,7 @@
 and a timestamped log of every phase.
 
     python bench/peers/airllm_peer.py --model opt-13b --dir /root/air13 --json OUT.json --log OUT.log \\
-        --prompts 16 --prompt-len 512 --gen-len 4 --gpu-memory 12GiB [--cold] [--time-limit 480]
+        --prompts 16 --prompt-len 512 --gen-len 4 --gpu-memory 12GiB [--cold] [--time-limit 360]
     python bench/peers/airllm_peer.py --model opt-13b --dir /root/air13 --log OUT.log --setup-only
 
 AirLLM is not a dependency of kubeflash: carry its wheel (`pip download --no-deps airllm==4.0.0`) to the GPU machine,
@@ -39,7 +39,7 @@ forward's logits are finite in fp16 (airllm_check.py --fp16-shape checks it on C
 are real bytes on disk, read back like any checkpoint. --via-checkpoint instead writes a Hugging Face checkpoint
 (one shard per decoder layer, fresh random values per tensor) and lets AirLLM split it, which hard-links the
 one-layer shards and copies only the embeddings, norm and head (airllm_check.py checks that both ways give the
-same files).
+same file layout: names, tensors, shapes, dtypes).
 
 Warm-up: one untimed 1-token generate on an 8-token prompt through a one-decoder-layer view of the same files
 (DIR/warmup: its config says 1 layer, its split files are hard links), which pays CUDA's and AirLLM's first-use
