@@ -9,8 +9,8 @@ Qwen3-MoE), converts each to a kubeflash store in float32 under --work, and for 
 --new greedy tokens. Cases: weights resident on the device (fused Q/K/V and gate/up), in CPU memory, streamed from
 disk (posix, and O_DIRECT where the file system takes it); KV on the device, in CPU memory with CPU attention, on
 disk with write-back; MoE with the hot-expert cache off and on (task size cutting expert runs); input-channel sparse
-reads at target 0 (every channel kept: transformers' tokens). One line per case: PASS/FAIL, the case, and for a
-FAIL the first differing (sequence, position). Exits 1 on any FAIL.
+reads at target 0, of the FFN and of the FFN and attention (every channel kept: transformers' tokens). One line per
+case: PASS/FAIL, the case, and for a FAIL the first differing (sequence, position). Exits 1 on any FAIL.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class Case:
     name: str
     policy: dict
     sparse: bool = False  # input-channel sparsity at target 0 (the store calibrated and its channel files written)
+    attention: bool = False  # with sparse: the attention's inputs too (q/k/v and o columns from attn_channels/)
     extra: dict = field(default_factory=dict)
 
 
@@ -86,6 +87,8 @@ def cases(model: str, store: Path, quick: bool) -> list[Case]:
                                                                                     io_task_bytes=8192)))
     if model == "llama-gqa":  # input-channel sparse reads (target 0: all channels kept)
         out.append(Case(model, "w-disk-posix kv-device sparse-input-t0", dict(io_backend="posix"), sparse=True))
+        out.append(Case(model, "w-disk-posix kv-device sparse-input-attn-t0", dict(io_backend="posix"), sparse=True,
+                        attention=True))
     return out
 
 
@@ -96,11 +99,12 @@ def build(name: str, work: Path, sparse: bool):
     convert(str(root / "hf"), root / "store", dtype="float32")
     if sparse:
         from kubeflash_node.engine.cli_calibrate import calibrate
-        from kubeflash_node.store.channels import write_channels
+        from kubeflash_node.store.channels import write_attn_channels, write_channels
 
         ids = torch.randint(0, 300, (512,), generator=torch.Generator().manual_seed(1)).tolist()
         calibrate(root / "store", ids, (0.0,), window=256)
         write_channels(root / "store")
+        write_attn_channels(root / "store")
     return model, root / "store"
 
 
@@ -126,7 +130,8 @@ def engine_tokens(case: Case, store: Path, device: str, new: int, job_dir: Path)
         from kubeflash_node.store.format import load_manifest
         from kubeflash_node.store.modelconfig import ModelConfig
 
-        ffn = sparse.for_job(ModelConfig.from_dict(load_manifest(store).config), store, 0.0, gap=0, method="input")
+        ffn = sparse.for_job(ModelConfig.from_dict(load_manifest(store).config), store, 0.0, gap=0, method="input",
+                             attention=case.attention)
     engine = Engine(store, policy=Policy(gpu_batch_size=len(PROMPTS), compute_dtype="float32", **case.policy),
                     device=device, job_dir=job_dir, sparsity=ffn)
     try:

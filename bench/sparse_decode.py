@@ -44,7 +44,8 @@ def run(store: Path, target, *, device: str, prompt: list[int], new: int, batch:
     out = {}
     for n in (1, 1 + new):
         for _ in range(repeat if n > 1 else 1):  # the fastest of `repeat` runs: the least disturbed by other work
-            ffn = None if target is None else for_job(c, store, target, hot_bytes=hot, gap=gap, method=method)
+            ffn = None if target is None else for_job(c, store, target, hot_bytes=hot, gap=gap,
+                                                      method=method.split("+")[0], attention=method == "input+attn")
             e = Engine(store, policy=Policy(gpu_batch_size=batch), device=device, sparsity=ffn)
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
@@ -59,11 +60,13 @@ def run(store: Path, target, *, device: str, prompt: list[int], new: int, batch:
             got = (t.bytes["load_weight"] + t.bytes["load_neurons"], e.stats["decode_s"],
                    torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0,
                    {k: t.sec[k] for k in PARTS},
-                   sum(r.reads for r in (ffn.bundles, ffn.channels) if r is not None) if ffn is not None else 0)
+                   sum(r.reads for r in (ffn.bundles, ffn.channels, ffn.attention and ffn.attention.channels)
+                       if r is not None) if ffn is not None else 0)
             if n not in out or got[1] < out[n][1]:
                 out[n] = got
     (b1, _, _, p1, r1), (b2, s2, peak, p2, r2) = out[1], out[1 + new]
     return {"target": "dense" if target is None else target, "method": None if ffn is None else ffn.method,
+            "attention": ffn is not None and ffn.attention is not None,
             "gap": None if ffn is None else (ffn.channel_gaps if ffn.method == "input" else ffn.gap),
             "bytes_per_step": (b2 - b1) / new,
             "s_per_step": s2 / new, "peak_gpu_gib": peak / 2**30,
@@ -90,9 +93,10 @@ def main() -> int:
                    "multiply once the reads are done) instead of reading into the bundle image while multiplying")
     p.add_argument("--cold", action="store_true", help="drop the store's files from the page cache before the run "
                    "and after every step, so every step reads from the disk (a disk-bound run on any machine)")
-    p.add_argument("--method", choices=["gate", "input"], default="gate",
+    p.add_argument("--method", choices=["gate", "input", "input+attn"], default="gate",
                    help="gate: threshold on act(gate(h)), gate read whole, neuron bundles (CATS); input: thresholds on "
-                        "the FFN input and intermediate, kept columns from the input-channel files (TEAL)")
+                        "the FFN input and intermediate, kept columns from the input-channel files (TEAL); input+attn: "
+                        "input, and the attention's inputs too (q/k/v and o columns from the attention channel files)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     targets = [float(t) for t in a.targets.split(",")]
@@ -111,14 +115,19 @@ def main() -> int:
     from kubeflash_node.store import sparsity as cal
 
     old = cal.load(store) if (store / cal.FILE).exists() else None
-    if not (store / "ffn_bundles").exists() or (a.method == "input" and (old is None or not old.inputs)):
+    teal = a.method.startswith("input")
+    if not (store / "ffn_bundles").exists() or (teal and (old is None or not old.inputs)) \
+            or (a.method == "input+attn" and (old is None or not old.attention)):
         ids = torch.randint(0, c.vocab_size, (1024,), generator=g).tolist()
         _, freq = calibrate(store, ids, tuple(targets), device=a.device, window=512)
         write_bundles(store, freq)
         print("calibrated and bundled", file=sys.stderr)
-    if a.method == "input" and not channels.present(store):
+    if teal and not channels.present(store):
         channels.write_channels(store)
         print("input-channel files written", file=sys.stderr)
+    if a.method == "input+attn" and not channels.attn_present(store):
+        channels.write_attn_channels(store)
+        print("attention channel files written", file=sys.stderr)
     prompt = torch.randint(0, c.vocab_size, (a.prompt,), generator=g).tolist()
     rows = []
     for t in ([] if os.environ.get("SPARSE_NO_DENSE") else [None]) + targets:

@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
             plan = make_plan(config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, quantizations=quants,
                              kv_bits=kv_bits, base=replace(_base_policy(ceil), expert_cache_bytes=cache), step=args.step,
                              keep=None if explicit else pinned(spec.offload, config), itemsize=itemsize,
-                             sparsity=_sparse_cost(spec, config, itemsize))
+                             sparsity=_sparse_cost(spec, config, itemsize, args.store))
         except ValueError as e:
             if explicit is None:
                 raise
@@ -298,17 +298,23 @@ def _offload_yaml(pr, prefetch: bool | None = None) -> str:
                else ""))
 
 
-def _sparse_cost(spec, config, itemsize: int):
+def _sparse_cost(spec, config, itemsize: int, store: Path | None = None):
     """spec.offload.sparsity as the cost model prices it (costmodel.SparseCost), or None (off, or a MoE model):
-    input sparsity (TEAL) for the Llama family, gate-activation reads of neuron bundles for OPT. The hot set's
-    hit rate is its share of the bundles (a uniform assumption; calibration frequencies do better)."""
+    input sparsity (TEAL) for the Llama family (the attention's inputs too where the model's store entry has the
+    attention channel files, `kubeflash calibrate --attention`), gate-activation reads of neuron bundles for OPT.
+    The hot set's hit rate is its share of the bundles (a uniform assumption; calibration frequencies do better)."""
+    from ..store.cache import DEFAULT_ROOT
+    from ..store.channels import attn_present
+    from ..store.ids import model_id
     from .costmodel import SparseCost, updown_bytes
     from .sparse import hot_budget
 
     if spec.offload.sparsity is None or config.num_experts:
         return None
     if config.architecture != "opt":  # kubeflash calibrate writes input-channel files: a run reads input-sparse
-        return SparseCost(spec.offload.sparsity, method="input")
+        m = spec.model
+        entry = (store or DEFAULT_ROOT) / "models" / model_id(m.uri, dtype=m.dtype, quantization=m.quantization)
+        return SparseCost(spec.offload.sparsity, method="input", attention=attn_present(entry))
     hot = hot_budget(spec.resources, "cuda")
     return SparseCost(spec.offload.sparsity, hot, min(1.0, hot / (config.num_layers * updown_bytes(config, itemsize))))
 

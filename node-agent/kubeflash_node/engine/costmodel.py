@@ -77,6 +77,9 @@ class SparseCost:
     # gate/up columns per kept input channel and down columns per kept neuron from the input-channel files, nothing
     # of the FFN read ahead (no hot set or window: hot_hit and window_hit unused)
     method: str = "gate"
+    # with method "input": the attention's inputs thresholded too (attnsparse.py): q/k/v columns per kept attention
+    # input channel and o columns per kept attention output channel from the attention channel files
+    attention: bool = False
 
     def read_share(self, tokens: int, decode: bool) -> float:
         """Expected share of a layer's neurons whose bundles one call of `tokens` tokens reads: the union of the
@@ -449,11 +452,20 @@ def input_layer_bytes(c: ModelConfig, stored: int, s: SparseCost, tokens: int, i
     """(bytes read ahead: the layer without its three FFN matrices; column bytes one call of `tokens` tokens reads;
     its reads) for a streamed layer of an input-sparse (TEAL) run: each input channel and each intermediate neuron
     kept with probability 1 - target per token, independently; a kept input channel costs a gate and an up column
-    (2I elements), a kept neuron a down column (H). Runs closer than merge_gap apart are read as one."""
+    (2I elements), a kept neuron a down column (H). Runs closer than merge_gap apart are read as one. With
+    s.attention the attention's matrices are read the same way: a kept input channel costs a q, k and v column
+    (Q + 2KV elements), a kept output channel an o column (H)."""
     share = 1 - s.target ** max(tokens, 1)
     q = 1 - share
-    ahead, demand, runs = stored - 3 * c.hidden_size * c.intermediate_size * itemsize, 0.0, 0.0
-    for n, row in ((c.hidden_size, 2 * c.intermediate_size * itemsize), (c.intermediate_size, c.hidden_size * itemsize)):
+    h, i = c.hidden_size, c.intermediate_size
+    kinds = [(h, 2 * i * itemsize), (i, h * itemsize)]
+    ahead = stored - 3 * h * i * itemsize
+    if s.attention:
+        qkv = c.q_dim + 2 * c.kv_dim
+        kinds += [(h, qkv * itemsize), (c.q_dim, h * itemsize)]
+        ahead -= (qkv + c.q_dim) * h * itemsize
+    demand, runs = 0.0, 0.0
+    for n, row in kinds:
         gap = merge_gap(row, op_s, gbps) if s.gap is None else s.gap
         through = sum(k * share * q ** k for k in range(1, gap + 1))
         demand += n * row * min(1.0, share * (1 + through))
@@ -613,8 +625,8 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
         slow = (moved - stored * (1 - e.c.expert_share())) * (1 / e.cal.expert_read_share - 1)
     comp = _rate(dense, e.cal.dequant_gbps) if where != "gpu" and stored != dense else 0.0
     if where == "disk" and layer and sparse is not None and sparse.method == "input":  # kept columns on demand
-        moved = stored - 3 * e.c.hidden_size * e.c.intermediate_size * e.itemsize
         op_s = read_op_s(e.ceil, e.cal)
+        moved = input_layer_bytes(e.c, stored, sparse, 1, e.itemsize, op_s=op_s, gbps=e.ceil.disk_read_cold)[0]
         for b, m in mbs.items():
             _, demand, runs = input_layer_bytes(e.c, stored, sparse, b * s_new, e.itemsize, op_s=op_s,
                                                 gbps=e.ceil.disk_read_cold)
@@ -764,8 +776,9 @@ def _reads(s: SparseCost | None) -> str:
         return ""
     hot = f", hot neurons {s.hot_bytes / 2**30:.2f} GiB" if s.hot_bytes else ""
     if s.method == "input":
+        attn = ", q/k/v/o columns likewise" if s.attention else ""
         return (f", input-sparse FFN reads (target {s.target:g}: {100 * (1 - s.target):.0f}% of gate/up/down columns a "
-                "decode token)")
+                f"decode token{attn})")
     return f", sparse FFN reads (target {s.target:g}: {100 * s.read_share(1, True):.0f}% of up/down a decode token{hot})"
 
 

@@ -236,7 +236,8 @@ def _sparse_cost(sparsity, config: ModelConfig, itemsize: int):
     from .costmodel import SparseCost, updown_bytes
 
     if sparsity.channels is not None:  # input sparsity (TEAL): kept columns from the input-channel files
-        return SparseCost(sparsity.target, method="input")
+        attn = sparsity.attention is not None and sparsity.attention.channels is not None  # q/k/v/o likewise
+        return SparseCost(sparsity.target, method="input", attention=attn)
     hot = sum(len(ids) for ids in sparsity.hot or []) * sparsity.bundles.row_bytes
     return SparseCost(sparsity.target, hot, min(1.0, hot / (config.num_layers * updown_bytes(config, itemsize))),
                       gap=sparsity.gap)
