@@ -230,3 +230,15 @@ def test_the_cost_model_prices_the_attention_columns_and_the_plan_says_so(both):
     # 20 us a read at 6 GB/s: a q|k|v row (12 KiB) costs a tenth of a read's overhead, runs are read through, and
     # the attention no longer read ahead with the layer makes the step slower than FFN-only (docs/sparsity.md)
     assert best(True, 6.0, 20e-6).total_s > best(False, 6.0, 20e-6).total_s
+
+
+def test_calibrate_refuses_attention_without_the_channel_files(tmp_path):
+    """`kubeflash calibrate --attention --no-channels` is refused before any work, naming both options."""
+    import subprocess
+    import sys
+
+    text = tmp_path / "t.txt"
+    text.write_text("a few words\n")
+    r = subprocess.run([sys.executable, "-m", "kubeflash_node.cli", "calibrate", "builtin:smollm2-135m", "--text",
+                        str(text), "--attention", "--no-channels"], capture_output=True, text=True)
+    assert r.returncode == 1 and "--attention with --no-channels" in r.stderr

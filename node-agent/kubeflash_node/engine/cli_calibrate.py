@@ -105,6 +105,9 @@ def _refuse_early(args: argparse.Namespace) -> None:
     """A --text that is no file, or a MODEL path that does not exist: ValueError naming it."""
     import re
 
+    if getattr(args, "attention", False) and not getattr(args, "channels", True):
+        raise ValueError("--attention with --no-channels: attention sparsity runs with the FFN's input sparsity, which "
+                         "reads the input-channel files; drop --no-channels")
     if not args.text.is_file():
         raise ValueError(f"--text {args.text}: {'is a directory' if args.text.is_dir() else 'no such file'}; "
                          "expected a UTF-8 text file of ordinary prose")
