@@ -21,6 +21,8 @@ client threads, and watches them. Writes one JSON report:
                                  -> all jobs Running (includes Ready-condition updates of jobs already Running)
   api_writes_per_job_to_running  the same counted per job up to that job's own Running (shared ledger writes spread)
   delete_writes_per_job          the same for the deletion
+  api_reads_per_job              the operator's get/list requests per job, burst start -> all jobs Running
+                                 (reads_by_kind: by "verb resource"; watches not counted)
   conflicts_409                  the operator's requests answered 409 (burst and deletion)
   delete_s                       delete-collection -> no job, no engine pod, no ledger entry left
   delete_call_s                  how long the delete-collection request itself took (the API server marking jobs)
@@ -90,6 +92,7 @@ WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
     "rules": [{"level": "Request", "users": [OPERATOR_USER], "verbs": sorted(WRITE_VERBS)},
+              {"level": "Metadata", "users": [OPERATOR_USER], "verbs": ["get", "list"]},  # its reads: counted only
               # everyone's job creates and pod deletes (the benchmark's, kwok's): the timeline's ends
               {"level": "Metadata", "verbs": ["create"], "resources": [{"group": GROUP, "resources": ["inferencejobs"]}]},
               {"level": "Metadata", "verbs": ["delete"], "resources": [{"group": "", "resources": ["pods"]}]},
@@ -443,9 +446,10 @@ def leftovers(api: client.ApiClient) -> dict[str, int]:
     return {"jobs": jobs, "pods": pods, "claims": claims, "kv_allocations": kv}
 
 
-def audit_counts(audit: Path, since: str, until: str | None = None) -> tuple[int, int, dict[str, int]]:
+def audit_counts(audit: Path, since: str, until: str | None = None, reads: dict[str, int] | None = None
+                 ) -> tuple[int, int, dict[str, int]]:
     """(writes, 409s, writes by "verb resource[/subresource]") by the operator user between two RFC3339 micro
-    timestamps (audit stage ResponseComplete)."""
+    timestamps (audit stage ResponseComplete); its gets and lists by kind go into `reads` if given."""
     writes = conflicts = 0
     kinds: dict[str, int] = {}
     if not audit.exists():
@@ -462,6 +466,10 @@ def audit_counts(audit: Path, since: str, until: str | None = None) -> tuple[int
             ref = ev.get("objectRef") or {}
             kind = f"{ev['verb']} {ref.get('resource')}" + (f"/{ref['subresource']}" if ref.get("subresource") else "")
             kinds[kind] = kinds.get(kind, 0) + 1
+        elif reads is not None and ev.get("verb") in ("get", "list"):
+            ref = ev.get("objectRef") or {}
+            kind = f"{ev['verb']} {ref.get('resource')}" + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+            reads[kind] = reads.get(kind, 0) + 1
         if (ev.get("responseStatus") or {}).get("code") == 409:
             conflicts += 1
     return writes, conflicts, kinds
@@ -657,7 +665,8 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
         spy.stop()
         jw.stop()
         time.sleep(1.5)  # the audit log's batch flush
-        w_burst, c_burst, k_burst = audit_counts(audit, stamp0, stamp1)
+        r_burst: dict[str, int] = {}
+        w_burst, c_burst, k_burst = audit_counts(audit, stamp0, stamp1, r_burst)
         w_del, c_del, k_del = audit_counts(audit, stamp2)
         to_running = writes_to_running(audit, jw.running_wall, stamp0, stamp1)
         to_node = [jw.placed[n] - created[n] for n in created if n in jw.placed]
@@ -685,6 +694,7 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             "api_writes_per_job_to_running": round(to_running, 2),
             "delete_writes_per_job": round(w_del / jobs, 2),
             "writes_by_kind": {"burst": k_burst, "delete": k_del},
+            "api_reads_per_job": round(sum(r_burst.values()) / jobs, 2), "reads_by_kind": r_burst,
             "conflicts_409": c_burst + c_del,
             "timeline": timeline(audit),
             "operator_rss_mib": round(rss, 1),

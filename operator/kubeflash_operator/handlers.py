@@ -134,6 +134,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     memo.node_states = {}  # Node name -> "cordoned" / "NotReady" / None, as node_index last saw it
     memo.metrics = Metrics()
     memo.trimmer = asyncio.create_task(_trim_heap())
+    memo.first_seen = {}  # new job's uid -> (newest resourceVersion, generation, kopf's finalizer on it)
+    kopfpatch.on_patched("first_seen", _finalizer_answered(memo))
     if cfg.metrics_port:
         memo.metrics.serve(cfg.metrics_port)
     logger.info("kubeflash operator configured: %s", cfg)
@@ -315,8 +317,11 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
         parsed[job.uid] = (job.generation, job.parsed)
     meta = body.get("metadata", {})
     version = meta.get("resourceVersion")
-    if FINALIZER not in (meta.get("finalizers") or []) and (now() - job.created).total_seconds() < FINALIZER_WAIT_S:
-        return TICK_S  # kopf's finalizer patch is on its way (it wakes us): a decision before it lands meets a 409
+    if not job.status and (now() - job.created).total_seconds() < FINALIZER_WAIT_S:
+        seen = memo.setdefault("first_seen", {}).get(job.uid)  # kopf's finalizer patch on its way (its answer
+        if seen is None or not seen[2]:  # or its event wakes us): a decision before it lands meets a 409, here or
+            # in kopf's own patch (it tests the resourceVersion)
+            return TICK_S
     sent = memo.sent.get(job.uid)
     if sent and _before(version, sent):
         return TICK_S  # our last status patch is not back from the watch yet: this view is older than what we wrote
@@ -335,14 +340,6 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     world = reconcile.World(now=now(), nodes=nodes, claims=claims, pods=pods, not_ready=unready,
                             place_memo=memo.book.place_memo)
     plan = reconcile.step(job, world, memo.config)
-    fresh = None
-    if plan.status and not job.status:  # kopf's finalizer patch (landed: the body shows it) moved a new job's
-        # version, and kopf's own view can keep the old one: read it (alongside the claim and the pod) for the
-        # patch. (Skipping this read when the view shows the finalizer left 205 of 5,000 jobs retrying a 409 every
-        # 0.5 s on the same stale view: bench/operator_scale.py --jobs 5000 --nodes 500 at b0272ac.)
-        fresh = asyncio.ensure_future(asyncio.to_thread(memo.kube.unchanged_version, job.namespace, job.name,
-                                                        job.status, job.generation))
-        fresh.add_done_callback(lambda f: f.cancelled() or f.exception())  # an abandoned read never warns
     # From here on the plan is carried out; no other placement ran since `claims` was read (no await in between).
     if plan.claim and not await _record_claim(memo, plan.claim, flashnode_index):
         return TICK_S  # the pair went to someone else (a write we had not seen): the next tick decides again
@@ -355,13 +352,13 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     try:
         await asyncio.to_thread(_carry_out, plan, job, pods, memo)
         if plan.status:  # conditional: a decision made on a view older than the job's status now is void
-            target = version
-            if fresh is not None:  # same status and generation since this view: the decision stands
-                target = await fresh
-                if target is None:  # the status moved on (our earlier write, not back in this view yet): void
+            if not job.status:  # a new job's first status: on the version kopf's finalizer patch made
+                written = await _first_status(memo, job, plan.status)
+                if written is None:  # the status moved on (our earlier write, not back in this view yet): void
                     return TICK_S
-            written = await asyncio.to_thread(memo.kube.patch_job_status, job.namespace, job.name, target,
-                                              plan.status)
+            else:
+                written = await asyncio.to_thread(memo.kube.patch_job_status, job.namespace, job.name, version,
+                                                  plan.status)
     except Conflict as e:
         stale_view = "InferenceJob" in str(e)
         memo.metrics.conflict("job" if stale_view else "pod")
@@ -377,6 +374,27 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
         memo.sent[job.uid] = (version, written, time.monotonic())  # views before `written` lack this write
     _report(plan, body, memo, direct=not job.status and (plan.status or {}).get("phase") == RUNNING)
     return idle
+
+
+async def _first_status(memo: kopf.Memo, job: reconcile.Job, status: dict[str, Any]) -> str | None:
+    """A new job's first status patch, conditional on the newest version seen with its status still empty and the
+    same generation (_first_seen: the answer to kopf's finalizer patch, or the watch; kopf's finalizer patch moved
+    the version, and the daemon's view can keep the older one), so no read per job; if that version is not the
+    job's any more (a 409), or none with the finalizer was seen, the job is read once and the patch goes on that
+    version if its status and generation are still the view's. (Patching the daemon's view without a read left
+    205 of 5,000 jobs retrying a 409 every 0.5 s on the same stale view: bench/operator_scale.py --jobs 5000
+    --nodes 500 at b0272ac.) None: the status moved on (the decision is void)."""
+    seen = memo.get("first_seen", {}).get(job.uid)
+    if seen is not None and seen[2] and seen[1] == job.generation:
+        try:
+            return await asyncio.to_thread(memo.kube.patch_job_status, job.namespace, job.name, seen[0], status)
+        except Conflict:
+            memo.metrics.conflict("job")
+    target = await asyncio.to_thread(memo.kube.unchanged_version, job.namespace, job.name, job.status,
+                                     job.generation)
+    if target is None:
+        return None
+    return await asyncio.to_thread(memo.kube.patch_job_status, job.namespace, job.name, target, status)
 
 
 async def _shard_parent(job: reconcile.Job, version: str, memo: kopf.Memo,
@@ -466,11 +484,46 @@ async def count_job_phase(event: kopf.RawEvent, namespace: str, name: str, uid: 
         memo.get("input_prefixes", {}).pop(uid, None)
         memo.get("shards_created", {}).pop(uid, None)
         memo.get("pod_seen", {}).pop((namespace, name), None)
+        memo.get("first_seen", {}).pop(uid, None)
         # normally the finalizer released it already (then this is a no-op); not if its handler timed out or the
         # finalizer was removed by hand: a gone job never keeps a pair
         await _release(memo, f"{namespace}/{name}", flashnode_index)
     else:  # e.g. our own status write is back: the next phase can start at once; a shard's parent sums it up
+        _first_seen(memo, body)
         _wake(memo, [uid, *shards.owner_uids(body)])
+
+
+def _first_seen(memo: kopf.Memo, body: Any) -> None:
+    """Note a new job's newest version (from its watch event, or from the answer to kopf's finalizer patch), with
+    its generation and whether kopf's finalizer is on it: its first status patch goes on that version. An older
+    version than the one noted (an event delivered after the patch's answer) changes nothing."""
+    meta = body.get("metadata", {})
+    uid, first = meta.get("uid", ""), memo.setdefault("first_seen", {})
+    if body.get("status"):  # placed (or failed): its first status patch is done
+        first.pop(uid, None)
+        return
+    version, had = meta.get("resourceVersion"), first.get(uid)
+    if had is not None and _older(version, had[0]):
+        return
+    finalized = FINALIZER in (meta.get("finalizers") or [])
+    first[uid] = (version, meta.get("generation"), finalized)
+    if finalized and not (had is not None and had[2]):  # the job's first step goes on now
+        _wake(memo, [uid])
+
+
+def _older(version: str | None, than: str | None) -> bool:
+    try:
+        return int(version or 0) < int(than or 0)
+    except ValueError:
+        return False
+
+
+def _finalizer_answered(memo: kopf.Memo) -> Any:
+    """kopfpatch.on_patched hook: kopf's patch of a job (its finalizer) answered with the job."""
+    def hook(plural: str, body: Any) -> None:
+        if plural == JOBS[2] and "first_seen" in memo:
+            _first_seen(memo, body)
+    return hook
 
 
 def _wake(memo: kopf.Memo, uids: Any) -> None:
