@@ -242,3 +242,17 @@ def test_calibrate_refuses_attention_without_the_channel_files(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kubeflash_node.cli", "calibrate", "builtin:smollm2-135m", "--text",
                         str(text), "--attention", "--no-channels"], capture_output=True, text=True)
     assert r.returncode == 1 and "--attention with --no-channels" in r.stderr
+
+
+@pytest.mark.parametrize("policy", [Policy(gpu_batch_size=1, x_cache_percent=100),
+                                    Policy(gpu_batch_size=1, x_cache_percent=100, weights_gpu_percent=100)],
+                         ids=["streamed", "resident"])
+def test_an_x_cache_layer_recomputes_the_sparse_k_and_v(both, policy):
+    """With the X-cache (the layer's input stored, K and V recomputed from it each step) the layer stores the masked
+    input and recomputes through the same hook, so the greedy tokens are those of the masked reference."""
+    model, store = both
+    ffn = _ffn(store, TARGET, attention=True)
+    ref = _masked(copy.deepcopy(model), ffn.input_th, ffn.attention.th)
+    tokens, _ = _generate(store, ffn, new=6, policy=policy)
+    ffn.close()
+    assert tokens == _reference(ref, 6)
