@@ -256,3 +256,27 @@ def test_an_x_cache_layer_recomputes_the_sparse_k_and_v(both, policy):
     tokens, _ = _generate(store, ffn, new=6, policy=policy)
     ffn.close()
     assert tokens == _reference(ref, 6)
+
+
+def test_recording_the_attention_leaves_the_ffn_thresholds_as_they_were(both, monkeypatch):
+    """The calibration pass samples the attention's magnitudes with its own random generator: the FFN's thresholds
+    of the same text are those of a pass that records no attention (a call's entries sampled, as a large model's
+    are: at most 1,000 kept a call here)."""
+    _, store = both
+    monkeypatch.setattr(sparse, "RECORD_PER_CALL", 1000)
+    n = ModelConfig.from_dict(load_manifest(store).config).num_layers
+    ids = torch.randint(0, 97, (600,), generator=torch.Generator().manual_seed(3)).tolist()
+    got = []
+    for attention in (True, False):
+        rec = sparse.SparseFFN.recorder(n)
+        if not attention:
+            rec.attention = None
+        e = Engine(store, policy=RESIDENT, sparsity=rec)
+        try:
+            for part in sparse.windows(ids, 256):
+                sparse.sequence_logits(e, part)
+        finally:
+            e.close()
+        got.append((rec.thresholds_at((0.5,)), rec.input_thresholds_at((0.5,))))
+    assert got[0] == got[1]
+    assert rec.attention is None and len(sparse.SparseFFN.recorder(n).attention.layers) == n

@@ -127,8 +127,9 @@ class SparseFFN:
         from .attnsparse import SparseAttention
 
         rec = cls(None, num_layers=num_layers, source="record")
+        gen = torch.Generator().manual_seed(1)  # its own: the FFN's samples (and thresholds) stay what they were
         rec.attention = SparseAttention(None, num_layers=num_layers,
-                                        sampler=lambda kept, t: rec._keep_flat(kept, t, RECORD_MAX // 4))
+                                        sampler=lambda kept, t: rec._keep_flat(kept, t, RECORD_MAX // 4, gen))
         return rec
 
     def wrap(self, layer_fn: Callable) -> Callable:
@@ -465,15 +466,15 @@ class SparseFFN:
         self._keep_flat(self.in_samples[layer], h, RECORD_MAX // 4)  # 2M samples a quantile: plenty, and bounded
         self._keep_flat(self.mid_samples[layer], m, RECORD_MAX // 4)
 
-    def _keep_flat(self, kept: list[torch.Tensor], a: torch.Tensor, most: int = RECORD_MAX) -> None:
+    def _keep_flat(self, kept: list[torch.Tensor], a: torch.Tensor, most: int = RECORD_MAX, gen=None) -> None:
         """Keep a uniform sample of |a|'s entries (at most RECORD_PER_CALL a call, `most` in all) in `kept`."""
         flat = a.detach().abs().reshape(-1).float().cpu()
         if flat.numel() > RECORD_PER_CALL:
-            flat = flat[torch.randint(flat.numel(), (RECORD_PER_CALL,), generator=self._gen)]
+            flat = flat[torch.randint(flat.numel(), (RECORD_PER_CALL,), generator=gen or self._gen)]
         kept.append(flat)
         if sum(t.numel() for t in kept) > most:
             allv = torch.cat(kept)
-            kept[:] = [allv[torch.randint(allv.numel(), (most // 2,), generator=self._gen)]]
+            kept[:] = [allv[torch.randint(allv.numel(), (most // 2,), generator=gen or self._gen)]]
 
     def _sample(self, kept: list[torch.Tensor], rows: torch.Tensor, most: int) -> None:
         """Keep up to `most` of the rows seen so far in `kept`, a uniform sample of the calls' rows."""
