@@ -325,7 +325,10 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     sent = memo.sent.get(job.uid)
     if sent and _before(version, sent):
         return TICK_S  # our last status patch is not back from the watch yet: this view is older than what we wrote
-    if not isinstance(job.parsed, SpecError) and job.parsed.parallelism > 1:  # never placed: its shard jobs are
+    if not isinstance(job.parsed, SpecError) and job.parsed.parallelism > 1:  # never placed itself (shards.py)
+        if not job.status and FINALIZER not in (meta.get("finalizers") or []) and (
+                now() - job.created).total_seconds() < FINALIZER_WAIT_S:
+            return TICK_S  # its status write goes on this view's version: one with the finalizer (its event wakes us)
         return await _shard_parent(job, version, memo, shard_index)
     pods = await _pods(memo.kube, job, pod_index)
     if _deleting(body):
