@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..store.modelconfig import ModelConfig
+from .sparse import paired_quantiles
 
 HOOK = "sparse_attn"  # the weight-dict key llama_layer looks for
 QKV = ("wq", "wk", "wv")
@@ -66,16 +67,7 @@ class SparseAttention:
     def thresholds_at(self, targets: Sequence[float]) -> dict[float, tuple[tuple[float, float], ...]]:
         """Per target: each layer's (|attention input| quantile, |attention output| quantile) at that target (0:
         keep every entry that is not exactly zero). Empty when nothing was recorded."""
-        if not all(self.in_samples) or not all(self.out_samples):
-            return {}
-        qs = torch.tensor(sorted(targets), dtype=torch.float64)
-        out: dict[float, list[tuple[float, float]]] = {float(t): [] for t in qs}
-        for ins, outs in zip(self.in_samples, self.out_samples):
-            a = torch.quantile(torch.cat(ins).double(), qs).tolist()
-            b = torch.quantile(torch.cat(outs).double(), qs).tolist()
-            for t, x, y in zip(qs.tolist(), a, b):
-                out[t].append((0.0, 0.0) if t == 0 else (float(x), float(y)))
-        return {t: tuple(v) for t, v in out.items()}
+        return paired_quantiles(self.in_samples, self.out_samples, targets)
 
     def close(self) -> None:
         if self.channels is not None:

@@ -91,6 +91,16 @@ class FFNReads:
         return out
 
 
+def _decode_needs(s: dict, what: str, layout: str = "") -> str:
+    """The run line's decode part from a reads summary `s`: the share of the FFN matrix bytes a decode step needs
+    (`what` they are) and the reads a layer call makes; empty before any decode step."""
+    if "decode" not in s:
+        return ""
+    d = s["decode"]
+    return (f"; decode needs {100 * d['ffn_read_fraction']:.1f}% of the FFN matrix bytes ({what}), "
+            f"{d['runs_per_layer_call']:g} runs a layer{layout}")
+
+
 class SparseFFN:
     """The sparse FFN of one model: per-layer thresholds (None: record activations for calibration instead)."""
 
@@ -186,10 +196,7 @@ class SparseFFN:
         out = f"sparsity {self.target:g} ({self.source}): {100 * s['token_sparsity']:.1f}% of FFN activations dropped"
         if self.method == "input":
             return out + self._input_line(s)
-        if "decode" in s:
-            d = s["decode"]
-            out += (f"; decode needs {100 * d['ffn_read_fraction']:.1f}% of the FFN matrix bytes (gate whole, up/down "
-                    f"of active neurons), {d['runs_per_layer_call']:g} runs a layer in a neuron-bundled layout")
+        out += _decode_needs(s, "gate whole, up/down of active neurons", " in a neuron-bundled layout")
         if self.predictor is not None:
             out += f"; low-rank predictor decides in {int(self.predictor.use.sum())} of {len(self.thresholds)} layers"
         if self.choice is not None:
@@ -209,10 +216,7 @@ class SparseFFN:
 
     def _input_line(self, s: dict) -> str:
         out = " (input sparsity: FFN inputs before gate/up, intermediate before down)"
-        if "decode" in s:
-            d = s["decode"]
-            out += (f"; decode needs {100 * d['ffn_read_fraction']:.1f}% of the FFN matrix bytes (gate/up columns of "
-                    f"kept input channels, down columns of kept neurons), {d['runs_per_layer_call']:g} runs a layer")
+        out += _decode_needs(s, "gate/up columns of kept input channels, down columns of kept neurons")
         if self.choice is not None:
             out += f"; {self.choice[1]}"
         if self.channels is None and self.choice is None:
@@ -500,16 +504,7 @@ class SparseFFN:
     def input_thresholds_at(self, targets: Sequence[float]) -> dict[float, tuple[tuple[float, float], ...]]:
         """Per target: each layer's (|FFN input| quantile, |intermediate| quantile) at that target (method "input";
         0: keep every entry that is not exactly zero). Empty when no gated FFN was recorded (OPT)."""
-        if not all(self.in_samples) or not all(self.mid_samples):
-            return {}
-        qs = torch.tensor(sorted(targets), dtype=torch.float64)
-        out: dict[float, list[tuple[float, float]]] = {float(t): [] for t in qs}
-        for ins, mids in zip(self.in_samples, self.mid_samples):
-            a = torch.quantile(torch.cat(ins).double(), qs).tolist()
-            b = torch.quantile(torch.cat(mids).double(), qs).tolist()
-            for t, x, y in zip(qs.tolist(), a, b):
-                out[t].append((0.0, 0.0) if t == 0 else (float(x), float(y)))
-        return {t: tuple(v) for t, v in out.items()}
+        return paired_quantiles(self.in_samples, self.mid_samples, targets)
 
     def frequency_at(self, thresholds: Sequence[float]):
         """[L, I] float32 numpy: per layer and neuron, the share of recorded tokens on which it was active
@@ -521,6 +516,23 @@ class SparseFFN:
 
 def _rows(b: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
     return None if b is None else b.index_select(0, idx)
+
+
+def paired_quantiles(firsts: list[list[torch.Tensor]], seconds: list[list[torch.Tensor]],
+                     targets: Sequence[float]) -> dict[float, tuple[tuple[float, float], ...]]:
+    """Per target: each layer's (quantile of its `firsts` samples, of its `seconds` samples) at that target, the
+    thresholds of a pair of masks (0: (0, 0), keep every entry that is not exactly zero). Empty when some layer
+    recorded nothing."""
+    if not all(firsts) or not all(seconds):
+        return {}
+    qs = torch.tensor(sorted(targets), dtype=torch.float64)
+    out: dict[float, list[tuple[float, float]]] = {float(t): [] for t in qs}
+    for one, two in zip(firsts, seconds):
+        a = torch.quantile(torch.cat(one).double(), qs).tolist()
+        b = torch.quantile(torch.cat(two).double(), qs).tolist()
+        for t, x, y in zip(qs.tolist(), a, b):
+            out[t].append((0.0, 0.0) if t == 0 else (float(x), float(y)))
+    return {t: tuple(v) for t, v in out.items()}
 
 
 def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec.offload.sparsity",
