@@ -18,7 +18,6 @@ and recomputes K, V from it through `qkv` again, so its K, V are those of the sp
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Sequence
 
 import torch
@@ -77,20 +76,10 @@ class SparseAttention:
     def rows(self, layer: int, ids: torch.Tensor, like: torch.Tensor, *, out: bool) -> torch.Tensor:
         """Rows of the attention channel files for the sorted ids: q|k|v bundles [K, Q + 2KV] or o columns [K, H],
         one read per run (runs at most `gaps` apart read as one, the extra rows dropped)."""
-        import numpy as np
+        from .neurons import read_kept
 
-        from .neurons import as_torch, merged
-
-        t0, before = time.perf_counter(), self.channels.bytes_read
-        want = ids.cpu().numpy()
-        span = merged(want, self.gaps[1 if out else 0])
-        got = as_torch((self.channels.down if out else self.channels.inputs)(layer, span.tolist()))
-        if span.shape[0] != want.shape[0]:
-            got = got.index_select(0, torch.from_numpy(np.searchsorted(span, want)))
-        n = self.channels.bytes_read - before
+        got, n = read_kept(self.channels, layer, ids, self.gaps[1 if out else 0], out=out, timings=self.timings)
         self.count["decode" if like.shape[1] == 1 else "prefill"]["file"] += n
-        if self.timings is not None:
-            self.timings.add("load_neurons", time.perf_counter() - t0, bytes=n)
         return got.to(like.device, like.dtype)
 
     def add(self, phase: str, *, tokens: int, dense: int, read: int, ids: torch.Tensor, keep: torch.Tensor) -> None:

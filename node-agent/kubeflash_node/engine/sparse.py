@@ -336,20 +336,11 @@ class SparseFFN:
     def _channel_rows(self, layer: int, ids: torch.Tensor, h: torch.Tensor, *, down: bool) -> torch.Tensor:
         """Rows of the input-channel files for the sorted ids: gate|up bundles [K, 2I] or down columns [A, H], read
         one run at a time (runs at most channel_gaps apart read as one, the extra rows dropped)."""
-        import numpy as np
+        from .neurons import read_kept
 
-        from .neurons import as_torch, merged
-
-        t0, before = time.perf_counter(), self.channels.bytes_read
-        want = ids.cpu().numpy()
-        span = merged(want, self.channel_gaps[1 if down else 0])
-        got = as_torch((self.channels.down if down else self.channels.inputs)(layer, span.tolist()))
-        if span.shape[0] != want.shape[0]:
-            got = got.index_select(0, torch.from_numpy(np.searchsorted(span, want)))
-        n = self.channels.bytes_read - before
+        got, n = read_kept(self.channels, layer, ids, self.channel_gaps[1 if down else 0], out=down,
+                           timings=self.timings)
         self.reads.bundle_bytes["decode" if h.shape[1] == 1 else "prefill"] += n
-        if self.timings is not None:
-            self.timings.add("load_neurons", time.perf_counter() - t0, bytes=n)
         return got.to(h.device, h.dtype)
 
     def _count_inputs(self, c: ModelConfig, h: torch.Tensor, keep_in: torch.Tensor, ch: torch.Tensor,
