@@ -797,6 +797,31 @@ def reads_choice(policy: Policy, sparse: SparseCost, *, config: ModelConfig, cei
     return won, reads_why(won, sp, dense, policy.gpu_batch_size)
 
 
+def attention_prices(policy: Policy, sparse: SparseCost, *, config: ModelConfig, ceil, job: JobShape,
+                     budget: Budget, sizes: tuple[list[int], list[int]], cal: Calibration = Calibration(),
+                     itemsize: int = 2) -> tuple[float, float]:
+    """(predicted seconds with FFN+attention input sparsity, with FFN-only) for a run of `policy` whose store has
+    the attention channel files: the same policy priced with the attention's columns read per kept channel and with
+    the attention read whole, ahead of compute with the rest of the layer."""
+    kw = dict(config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, cal=cal, itemsize=itemsize)
+    return tuple(predict(Candidate(policy, sparse=replace(sparse, attention=a)), **kw).total_s for a in (True, False))
+
+
+def attention_choice(attn_s: float, ffn_s: float, *, asked: bool = False) -> tuple[bool, str]:
+    """(thresholds the attention's inputs too, why) from the predicted seconds with FFN+attention input sparsity
+    and with FFN-only: the faster, FFN-only within SPARSE_MARGIN (it drops less); `asked`: the caller asked for
+    attention sparsity, which is kept and said to be slower where it is predicted so."""
+    more = f"{attn_s / ffn_s - 1:+.1%}" if ffn_s > 0 else "n/a"
+    if asked:
+        slower = ", slower than FFN-only" if attn_s > ffn_s else ""
+        return True, (f"FFN+attention input sparsity (asked for): predicted {attn_s:.4g} s against {ffn_s:.4g} s "
+                      f"FFN-only ({more}){slower}")
+    if attn_s < ffn_s * (1 - SPARSE_MARGIN):
+        return True, f"FFN+attention input sparsity: predicted {attn_s:.4g} s against {ffn_s:.4g} s FFN-only ({more})"
+    return False, (f"FFN-only input sparsity (attention read whole): predicted {ffn_s:.4g} s against {attn_s:.4g} s "
+                   f"with attention sparsity ({more})")
+
+
 def reads_why(sparse: bool, sparse_s: float, dense_s: float, batch: int) -> str:
     won, lost = (sparse_s, dense_s) if sparse else (dense_s, sparse_s)
     more = f"{lost / won - 1:+.1%}" if won > 0 else "n/a"

@@ -77,8 +77,8 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
         cache = _expert_cache(spec, config, device, machine, expert_cache)
         if policy is None and spec.offload.policy == "auto" and machine is not None:
-            chosen = auto_plan(spec, manifest=manifest, job=shape, machine=machine,
-                               sparsity=_sparse_cost(sparsity, config, itemsize), expert_cache=cache)
+            chosen = _auto_plan(spec, sparsity, config=config, itemsize=itemsize, manifest=manifest, job=shape,
+                                machine=machine, expert_cache=cache)
             policy = chosen.best.candidate.policy
         if policy is None:
             policy = replace(policy_for(spec, n_prompts=len(todo), device=device, config=config),
@@ -243,11 +243,22 @@ def _sparse_cost(sparsity, config: ModelConfig, itemsize: int):
                       gap=sparsity.gap)
 
 
+def _auto_plan(spec: JobSpec, sparsity, *, config: ModelConfig, itemsize: int, **kw):
+    """auto_plan with the job's sparse reads; where attention sparsity changes the reads, planned FFN-only too and
+    the faster plan kept (sparse.SparseFFN.price_attention: which, and the two predicted times)."""
+    cost = _sparse_cost(sparsity, config, itemsize)
+    chosen = auto_plan(spec, sparsity=cost, **kw)
+    if cost is None or not sparsity.attention_priced:
+        return chosen
+    ffn = auto_plan(spec, sparsity=replace(cost, attention=False), **kw)
+    return chosen if sparsity.price_attention(chosen.best.total_s, ffn.best.total_s) else ffn
+
+
 def _follow_reads(sparsity, spec: JobSpec, chosen, policy: Policy, *, config, manifest, job, machine,
                   itemsize: int) -> None:
     """Sparse or dense FFN reads, as the cost model predicts faster for this policy and batch: the automatic
     plan's pick, else the given policy priced both ways on the machine's ceilings; without ceilings, sparse."""
-    from .costmodel import Budget, reads_choice, reads_why, stage_sizes
+    from .costmodel import Budget, attention_prices, reads_choice, reads_why, stage_sizes
 
     if chosen is not None:
         sparse, best, other = chosen.best.candidate.sparse is not None, chosen.best, chosen.other_reads
@@ -256,11 +267,15 @@ def _follow_reads(sparsity, spec: JobSpec, chosen, policy: Policy, *, config, ma
                else f"{'sparse' if sparse else 'dense'} FFN reads: the plan's only fitting kind")
     elif machine is not None:
         sizes = (manifest.stage_bytes, stage_sizes(config, itemsize, spec.model.quantization)[1])
-        sparse, why = reads_choice(policy, _sparse_cost(sparsity, config, itemsize), config=config,
-                                   ceil=machine.ceilings, job=job, itemsize=itemsize, sizes=sizes,
-                                   budget=Budget(machine.gpu_bytes, machine.cpu_bytes, spec.resources.kv_disk))
+        kw = dict(config=config, ceil=machine.ceilings, job=job, itemsize=itemsize, sizes=sizes,
+                  budget=Budget(machine.gpu_bytes, machine.cpu_bytes, spec.resources.kv_disk))
+        if sparsity.attention_priced:  # FFN-only against FFN+attention first, for this policy
+            sparsity.price_attention(*attention_prices(policy, _sparse_cost(sparsity, config, itemsize), **kw))
+        sparse, why = reads_choice(policy, _sparse_cost(sparsity, config, itemsize), **kw)
     else:
         sparse, why = True, "sparse FFN reads: no measured ceilings to price them against dense"
+        if sparsity.attention_priced:
+            sparsity.attention_why = "FFN+attention input sparsity: no measured ceilings to price it against FFN-only"
     sparsity.follow(sparse, why)
 
 

@@ -131,6 +131,8 @@ class SparseFFN:
         self._gen = torch.Generator().manual_seed(0)
         self._layers = [self._for_layer(j) for j in range(num_layers)]
         self.attention = attention  # attnsparse.SparseAttention (method "input" or recording) or None: dense attention
+        self.attention_asked: bool | None = None  # the caller's `attention` (for_job): True is kept even if slower
+        self.attention_why: str | None = None  # FFN-only or FFN+attention, as the cost model priced them (why)
 
     @classmethod
     def recorder(cls, num_layers: int) -> SparseFFN:
@@ -178,6 +180,23 @@ class SparseFFN:
                 self.gates = None
         return self
 
+    @property
+    def attention_priced(self) -> bool:
+        """Whether the attention's sparsity changes the reads (its channel files are open), so the cost model
+        prices FFN-only against FFN+attention before the run (price_attention)."""
+        return self.attention is not None and self.attention.channels is not None
+
+    def price_attention(self, attn_s: float, ffn_s: float) -> bool:
+        """Keep the attention's input sparsity where it is predicted faster (`attn_s`) than FFN-only (`ffn_s`) or
+        the caller asked for it; else drop it (the attention computed and read whole). True: kept."""
+        from .costmodel import attention_choice
+
+        use, self.attention_why = attention_choice(attn_s, ffn_s, asked=self.attention_asked is True)
+        if not use:
+            self.attention.close()
+            self.attention = None
+        return use
+
     def skip_tensors(self, stage: int) -> frozenset[str]:
         """Tensors streamed stage `stage` may be read without (the bundles hold up/down; a layer whose predictor
         decides needs only the predicted gate rows), for the WeightStreamer."""
@@ -217,6 +236,8 @@ class SparseFFN:
     def _input_line(self, s: dict) -> str:
         out = " (input sparsity: FFN inputs before gate/up, intermediate before down)"
         out += _decode_needs(s, "gate/up columns of kept input channels, down columns of kept neurons")
+        if self.attention_why is not None:
+            out += f"; {self.attention_why}"
         if self.choice is not None:
             out += f"; {self.choice[1]}"
         if self.channels is None and self.choice is None:
@@ -254,6 +275,8 @@ class SparseFFN:
                 out["attention"]["channel_reads"] = self.attention.channels.reads
         if self.choice is not None:
             out["reads"], out["reads_why"] = self.choice
+        if self.attention_why is not None:
+            out["attention_why"] = self.attention_why
         if self.bundles is not None:
             out["bundle_bytes_read"], out["bundle_reads"] = self.bundles.bytes_read, self.bundles.reads
             out["merge_gap"] = self.gap
@@ -544,7 +567,9 @@ def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec
     `attention` (method "input" only): True thresholds the attention's inputs too (attnsparse.py; needs a
     calibration with attention thresholds; streamed layers read q/k/v/o columns from the attention channel files
     when the model has them), False leaves the attention dense, None (auto) thresholds it where the model has
-    attention channel files and attention thresholds for `target` (`kubeflash calibrate --attention` writes both)."""
+    attention channel files and attention thresholds for `target` (`kubeflash calibrate --attention` writes both).
+    A run prices auto against FFN-only on the machine's ceilings and keeps the faster (price_attention); True is
+    kept even where predicted slower, and the run line says so."""
     from ..store.bundles import DIR, BundleReader, frequency
 
     if getattr(config, "num_experts", 0):
@@ -609,6 +634,7 @@ def _input_for_job(config: ModelConfig, model_dir, target: float, th, field: str
                                                                merge_gap(reader.down_row_bytes))
     if attention is not False:
         ffn.attention = _attention_for_job(config, model_dir, target, field, gap, attention)
+        ffn.attention_asked = attention
     return ffn
 
 
