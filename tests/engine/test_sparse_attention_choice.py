@@ -60,3 +60,39 @@ def test_an_asked_for_attention_sparsity_is_kept_and_said_slower():
         True, "FFN+attention input sparsity (asked for): predicted 1.2 s against 1 s FFN-only (+20.0%), slower than FFN-only")
     assert attention_choice(1.2, 1.0)[0] is False and attention_choice(0.9, 1.0)[0] is True
     assert attention_choice(0.995, 1.0)[0] is False  # within the margin: FFN-only, which drops less
+
+
+@pytest.mark.parametrize(("gbps", "op_s", "attention"), [(6.0, 20e-6, False), (3.0, 1e-6, True)],
+                         ids=["20us-reads", "1us-reads"])
+def test_the_plan_takes_the_faster_and_says_so(tmp_path, capsys, gbps, op_s, attention):
+    """`kubeflash plan` of a llama-3-8b job at batch 1 whose store entry has the attention channel files: at 20 us a
+    read it plans FFN-only input sparsity, at 1 us FFN+attention (as test_sparse_attention's cost-model test
+    predicts), printing which with both predicted times, also in --json."""
+    import json
+
+    import yaml
+
+    from kubeflash_node.cli import main
+    from kubeflash_node.store.channels import ATTN_DIR, INDEX
+    from kubeflash_node.store.ids import model_id
+
+    uri = "dummy:llama-3-8b"
+    entry = tmp_path / "store" / "models" / model_id(uri, dtype="float16", quantization="none")
+    (entry / ATTN_DIR).mkdir(parents=True)
+    (entry / ATTN_DIR / INDEX).write_text("{}")  # what attn_present looks for (the plan reads no column)
+    job = {"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "j"},
+           "spec": {"model": {"uri": uri, "dtype": "float16"}, "input": {"prompts": ["hello"]},
+                    "generation": {"maxNewTokens": 32}, "offload": {"policy": "auto", "sparsity": 0.5}}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    ceil = Ceilings(disk_read_cold=gbps, disk_read_warm=gbps, disk_write=3.0, h2d_pinned=25.0, matmul_tflops=700.0,
+                    disk_read_op_s=op_s)
+    (tmp_path / "ceil.json").write_text(json.dumps(ceil.to_dict()))
+    rc = main(["plan", str(tmp_path / "job.yaml"), "--store", str(tmp_path / "store"), "--ceilings",
+               str(tmp_path / "ceil.json"), "--gpu-memory", "6GiB", "--cpu-memory", "8GiB", "--prompt-len", "64",
+               "--json", str(tmp_path / "plan.json")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    want = "FFN+attention input sparsity: predicted" if attention else "FFN-only input sparsity (attention read whole)"
+    assert f"sparsity 0.5: {want}" in out
+    assert ("q/k/v/o columns likewise" in out.split("chosen:")[1].split("\n")[0]) == attention
+    assert json.loads((tmp_path / "plan.json").read_text())["attention_why"].startswith(want)

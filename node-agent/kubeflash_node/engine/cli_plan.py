@@ -61,11 +61,13 @@ def main(args: argparse.Namespace) -> int:
         kv_bits = (16, 8, 4) if args.allow_compression else (QUANT_BITS[spec.offload.compression],)
         explicit = _explicit(spec, job, config, ceil, budget, sizes, itemsize) \
             if spec.offload.policy == "explicit" else None
+        attn_why = None  # FFN-only or FFN+attention, where the store has attn_channels/ (_priced_plan)
         try:  # under an explicit policy the automatic plan is shown beside it, for comparison, without its pins
-            plan = make_plan(config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, quantizations=quants,
-                             kv_bits=kv_bits, base=replace(_base_policy(ceil), expert_cache_bytes=cache), step=args.step,
-                             keep=None if explicit else pinned(spec.offload, config), itemsize=itemsize,
-                             sparsity=_sparse_cost(spec, config, itemsize, args.store))
+            plan, attn_why = _priced_plan(
+                make_plan, _sparse_cost(spec, config, itemsize, args.store), config=config, ceil=ceil, job=job,
+                budget=budget, sizes=sizes, quantizations=quants, kv_bits=kv_bits,
+                base=replace(_base_policy(ceil), expert_cache_bytes=cache), step=args.step,
+                keep=None if explicit else pinned(spec.offload, config), itemsize=itemsize)
         except ValueError as e:
             if explicit is None:
                 raise
@@ -105,13 +107,16 @@ def main(args: argparse.Namespace) -> int:
         moe["expert_prefetch"] = pf
     if spec.offload.sparsity is not None:
         print(_sparse_line(spec.offload.sparsity, plan, ceil))
+        if attn_why is not None:
+            print(f"sparsity {spec.offload.sparsity:g}: {attn_why}")
     if plan.runner_up:
         r = plan.runner_up
         print(f"runner-up: {describe(r)}  (+{max(0.0, r.total_s / plan.best.total_s - 1):.1%})")
         print("           why: " + r.why())
     print("\nto pin it, in the job's spec:\n" + _offload_yaml(plan.best, prefetch if moe is not None else None))
     if args.json:
-        atomic_write_json(args.json, _to_json(plan, job, budget) | ({"moe": moe} if moe else {}))
+        atomic_write_json(args.json, _to_json(plan, job, budget) | ({"moe": moe} if moe else {})
+                          | ({"attention_why": attn_why} if attn_why is not None else {}))
     return 0
 
 
@@ -317,6 +322,22 @@ def _sparse_cost(spec, config, itemsize: int, store: Path | None = None):
         return SparseCost(spec.offload.sparsity, method="input", attention=attn_present(entry))
     hot = hot_budget(spec.resources, "cuda")
     return SparseCost(spec.offload.sparsity, hot, min(1.0, hot / (config.num_layers * updown_bytes(config, itemsize))))
+
+
+def _priced_plan(make_plan, sparsity, **kw):
+    """(make_plan's plan with `sparsity`, None); where `sparsity` thresholds the attention too (the store has
+    attn_channels/), planned FFN-only as well and the faster plan kept, with the words saying which and the two
+    predicted times (costmodel.attention_choice, as `kubeflash run` chooses)."""
+    from dataclasses import replace
+
+    from .costmodel import attention_choice
+
+    plan = make_plan(sparsity=sparsity, **kw)
+    if sparsity is None or not sparsity.attention:
+        return plan, None
+    ffn = make_plan(sparsity=replace(sparsity, attention=False), **kw)
+    use, why = attention_choice(plan.best.total_s, ffn.best.total_s)
+    return (plan if use else ffn), why
 
 
 def _sparse_line(target: float, plan, ceil=None) -> str:
