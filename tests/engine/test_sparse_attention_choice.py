@@ -8,13 +8,15 @@ masked transformers reference of the choice made. An explicit request is kept an
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from test_sparse_attention import _ffn, _masked, both  # noqa: F401  (the fixture)
 from test_sparse_stream import TARGET, tiny  # noqa: F401  (the fixture)
-from tiny_jobs import run_tiny_job, tiny_job
+from tiny_jobs import job_doc, run_tiny_job, tiny_job
 
+from kubeflash_api import parse_job
 from kubeflash_node.engine.bench import Ceilings
 from kubeflash_node.engine.costmodel import attention_choice
 from kubeflash_node.engine.machine import Machine
@@ -25,6 +27,15 @@ DEAR = Ceilings(disk_read_cold=5.0, disk_read_warm=5.0, disk_write=5.0, h2d_pinn
 # a read costs 1 ns on a slow disk: every byte not read is time saved
 CHEAP = Ceilings(disk_read_cold=0.01, disk_read_warm=0.01, disk_write=0.01, h2d_pinned=10.0, matmul_tflops=1.0,
                  disk_read_op_s=1e-9)
+
+
+def _auto_job():
+    """tiny_job's job with `offload: {policy: auto, sparsity: TARGET}` (the plan picks the split)."""
+    doc = job_doc({})
+    doc["spec"]["offload"] = {"policy": "auto", "sparsity": TARGET}
+    spec = parse_job(doc)
+    prompts = tuple(dataclasses.replace(p, token_ids=tuple(t % 97 for t in p.token_ids)) for p in spec.input.prompts)
+    return dataclasses.replace(spec, input=dataclasses.replace(spec.input, prompts=prompts))
 
 
 def _reference(model, store, prompt: list[int], new: int, attention: bool) -> list[int]:
@@ -39,17 +50,22 @@ def _reference(model, store, prompt: list[int], new: int, attention: bool) -> li
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize(("ceil", "attention"), [(DEAR, False), (CHEAP, True)], ids=["dear-reads", "cheap-reads"])
-def test_the_run_takes_the_faster_of_ffn_only_and_ffn_with_attention(both, tmp_path, ceil, attention):  # noqa: F811
+@pytest.mark.parametrize(("auto", "ceil", "attention"), [(False, DEAR, False), (False, CHEAP, True), (True, CHEAP, False)],
+                         ids=["dear-reads", "cheap-reads", "auto-resident"])
+def test_the_run_takes_the_faster_of_ffn_only_and_ffn_with_attention(both, tmp_path, auto, ceil, attention):  # noqa: F811
+    """The given policy (weights on disk) priced both ways: FFN-only where reads are dear, FFN+attention where they
+    are cheap. Under policy auto both are planned: the ~800 KiB model fits the GPU, nothing is streamed, the plans
+    tie and FFN-only (which drops less) is kept."""
     model, store = both
-    spec = tiny_job({"sparsity": TARGET})
-    rep, _, rows = run_tiny_job(spec, store, tmp_path / "j", machine=Machine(ceil, 1 << 30, 4 << 30))
+    spec = _auto_job() if auto else tiny_job({"sparsity": TARGET})
+    rep, _, rows = run_tiny_job(spec, store, tmp_path / "j", machine=Machine(ceil, 2 << 30, 4 << 30))
     s = rep["sparsity"]
     assert ("attention" in s) == attention
     want = "FFN+attention input sparsity: predicted" if attention else "FFN-only input sparsity (attention read whole)"
     assert s["attention_why"].startswith(want) and s["attention_why"] in s["line"]
     a, b = (float(x.split()[0]) for x in s["attention_why"].split("predicted ")[1].split(" against ")[:2])
-    assert a < b  # the taken one predicted faster than the other
+    assert a == b if auto else a < b  # the taken one predicted faster than the other (auto: resident, a tie)
+    assert ("plan" in rep) == auto and (not auto or "disk=0)" in rep["plan"]["chosen"])  # auto: nothing streamed
     assert ("attention inputs:" in s["line"]) == attention
     prompt = list(spec.input.prompts[0].token_ids)
     assert rows[0] == _reference(model, store, prompt, len(rows[0]), attention)
