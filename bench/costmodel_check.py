@@ -17,10 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-from kubeflash_node.engine.bench import Ceilings, Workload, roofline
-from kubeflash_node.engine.costmodel import Budget, Candidate, JobShape, predict, stage_sizes
-from kubeflash_node.engine.policy import Policy
-from kubeflash_node.store.modelconfig import preset
+from validate_costmodel import print_table, recorded_run
+
+from kubeflash_node.engine.bench import Workload, roofline
+from kubeflash_node.engine.costmodel import Budget, Candidate, JobShape, predict
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "bench-results"
@@ -35,13 +35,7 @@ def check_run(d: dict, disk_read_cold: float = 0.0) -> dict:
     """Current prediction and floor of one recorded run beside what it measured (optionally another disk ceiling)."""
     w, r = d["workload"], d["report"]
     name = r.get("model") or w["model"]  # dummy:<preset>[@fill]
-    config = preset(name.split(":", 1)[1] if name.startswith("dummy:") else Path(name).name)
-    policy = Policy(**{k: v for k, v in r["policy"].items() if k in Policy.__dataclass_fields__})
-    itemsize = 4 if r["dtype"] == "float32" else 2
-    quant = w.get("quantization", "none")
-    sizes = stage_sizes(config, itemsize, quant)
-    ceil = Ceilings(**{k: v for k, v in d["ceilings"].items() if k in Ceilings.__dataclass_fields__})
-    ceil.disk_read_cold = disk_read_cold or ceil.disk_read_cold
+    config, policy, itemsize, quant, sizes, ceil = recorded_run(d, name, disk_read_cold)
     job = JobShape(w["prompts"], w["prompt_len"], w["gen_len"])
     budget = Budget(w.get("gpu_memory_bytes") or 1 << 50, w.get("cpu_memory_bytes") or 1 << 50)
     pr = predict(Candidate(policy, quant), config=config, ceil=ceil, job=job, budget=budget, sizes=sizes,
@@ -118,17 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"run": str(f.resolve().relative_to(RESULTS)) if f.resolve().is_relative_to(RESULTS) else f.name}
                         | check_run(d, args.disk_read_cold))
     cols = [c for c in COLS if c[0] in BRIEF] if args.brief else COLS
-    table = [[_cell(row, k, fmt) for k, _, fmt in cols] for row in rows]
-    if args.markdown:
-        print("| " + " | ".join(h for _, h, _ in cols) + " |")
-        print("|" + "---|" * len(cols))
-        for t in table:
-            print("| " + " | ".join(t) + " |")
-    else:
-        widths = [max(len(h), *(len(t[i]) for t in table)) for i, (_, h, _) in enumerate(cols)]
-        print("  ".join(h.ljust(wd) for (_, h, _), wd in zip(cols, widths)))
-        for t in table:
-            print("  ".join(v.ljust(wd) for v, wd in zip(t, widths)))
+    print_table(cols, [[_cell(row, k, fmt) for k, _, fmt in cols] for row in rows], args.markdown)
     errs = [abs(r["error"]) for r in rows]
     if errs:
         within = sum(e <= 0.10 for e in errs)

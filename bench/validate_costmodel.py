@@ -23,10 +23,11 @@ from kubeflash_node.store.modelconfig import preset
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def predict_run(d: dict, cal: Calibration = Calibration(), disk_read_cold: float = 0.0) -> dict:
-    """Prediction vs measurement of one recorded run (optionally with another cold disk ceiling, GB/s)."""
+def recorded_run(d: dict, name: str, disk_read_cold: float = 0.0):
+    """What a recorded bench JSON ran: the model's config (from `name`, dummy:<preset>[@fill] or a converted model's
+    directory), its policy, itemsize, quantization, stage sizes and ceilings (the cold disk ceiling replaced by
+    `disk_read_cold` GB/s where given)."""
     w, r = d["workload"], d["report"]
-    name = w["model"]  # dummy:<preset>[@fill] as given to bench, or a converted model's directory
     config = preset(name.split(":", 1)[1] if name.startswith("dummy:") else Path(name).name)
     policy = Policy(**{k: v for k, v in r["policy"].items() if k in Policy.__dataclass_fields__})
     itemsize = 4 if r["dtype"] == "float32" else 2
@@ -34,6 +35,28 @@ def predict_run(d: dict, cal: Calibration = Calibration(), disk_read_cold: float
     sizes = stage_sizes(config, itemsize, quant)
     ceil = Ceilings(**{k: v for k, v in d["ceilings"].items() if k in Ceilings.__dataclass_fields__})
     ceil.disk_read_cold = disk_read_cold or ceil.disk_read_cold
+    return config, policy, itemsize, quant, sizes, ceil
+
+
+def print_table(cols: list[tuple[str, str, str]], table: list[list[str]], markdown: bool) -> None:
+    """Rows of formatted cells under the headers of `cols` ((key, header, format) each): Markdown or aligned text."""
+    if markdown:
+        print("| " + " | ".join(h for _, h, _ in cols) + " |")
+        print("|" + "---|" * len(cols))
+        for t in table:
+            print("| " + " | ".join(t) + " |")
+    else:
+        widths = [max(len(h), *(len(t[i]) for t in table)) for i, (_, h, _) in enumerate(cols)]
+        print("  ".join(h.ljust(wd) for (_, h, _), wd in zip(cols, widths)))
+        for t in table:
+            print("  ".join(v.ljust(wd) for v, wd in zip(t, widths)))
+
+
+def predict_run(d: dict, cal: Calibration = Calibration(), disk_read_cold: float = 0.0) -> dict:
+    """Prediction vs measurement of one recorded run (optionally with another cold disk ceiling, GB/s)."""
+    w, r = d["workload"], d["report"]
+    name = w["model"]  # dummy:<preset>[@fill] as given to bench, or a converted model's directory
+    config, policy, itemsize, quant, sizes, ceil = recorded_run(d, name, disk_read_cold)
     pr = predict(Candidate(policy, quant), config=config, ceil=ceil, job=JobShape(w["prompts"], w["prompt_len"], w["gen_len"]),
                  budget=Budget(1 << 50, 1 << 50), sizes=sizes, cal=cal, itemsize=itemsize)
     # Runs recorded before the engine dropped the dense attention mask (issue 18; their workload has no
@@ -67,17 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             ("measured_s", "measured s", "{:.2f}"), ("error", "error", "{:+.1%}"), ("bound", "bound", "{}"),
             ("disk_ceiling", "disk GB/s ceiling", "{:.2f}"), ("disk_achieved", "disk GB/s run", "{:.2f}"),
             ("gpu_gib", "GPU GiB pred.", "{:.2f}"), ("gpu_gib_measured", "GPU GiB meas.", "{:.2f}")]
-    table = [[fmt.format(row[k]) for k, _, fmt in cols] for row in rows]
-    if args.markdown:
-        print("| " + " | ".join(h for _, h, _ in cols) + " |")
-        print("|" + "---|" * len(cols))
-        for t in table:
-            print("| " + " | ".join(t) + " |")
-    else:
-        widths = [max(len(h), *(len(t[i]) for t in table)) for i, (_, h, _) in enumerate(cols)]
-        print("  ".join(h.ljust(wd) for (_, h, _), wd in zip(cols, widths)))
-        for t in table:
-            print("  ".join(v.ljust(wd) for v, wd in zip(t, widths)))
+    print_table(cols, [[fmt.format(row[k]) for k, _, fmt in cols] for row in rows], args.markdown)
     errs = [abs(r["error"]) for r in rows]
     if errs:
         print(f"\n{len(rows)} runs: mean |error| {sum(errs) / len(errs):.1%}, max |error| {max(errs):.1%}")
