@@ -83,6 +83,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from kubeflash_node.store.format import fsync_dir
+
 AIRLLM_MAX_SEQ = 4096  # the sequence length AirLLM's model is built for (prompt + generated tokens)
 SPLIT = "splitted_model"  # AirLLM's folder of per-module files
 INDEX = "model.safetensors.index.json"
@@ -181,14 +183,6 @@ def split_modules(config, preset: str, tensors) -> dict[str, list[str]]:
             raise SystemExit(f"tensor {name!r} of {preset} belongs to none of AirLLM's modules {modules}")
         out[owner].append(name)
     return {m: t for m, t in out.items() if t}
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -290,10 +284,10 @@ def ensure_split(config, preset: str, folder: Path, seed: int = 0, log=print) ->
         if i % 10 == 9 or i == len(modules) - 1:
             log(f"  {i + 1}/{len(modules)} module files, {done / GB:.1f} of {total / GB:.1f} GB, "
                 f"{done / GB / (time.perf_counter() - start):.2f} GB/s")
-    _fsync_dir(split)
+    fsync_dir(split)
     _write_atomic(folder / INDEX, lambda tmp: tmp.write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)))
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return True
 
 

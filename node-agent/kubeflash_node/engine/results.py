@@ -21,6 +21,8 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ..store.format import fsync_dir
+
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -158,7 +160,7 @@ class ResultsFile:
         except OSError:  # a file system without hard links: a moment with no results.jsonl (nothing lost)
             os.replace(self.path, aside)
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         print(f"kubeflash: {self.path}: {self.stale} stored result(s) were computed for other settings or prompts "
               f"(model, generation, compression, or the prompt itself changed, or the prompt is gone); moved the "
               f"file to {aside}; kept the {len(self.kept)} result(s) that still match", file=sys.stderr)
@@ -177,14 +179,6 @@ class ResultsFile:
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_results(path: Path) -> dict[str, dict]:
