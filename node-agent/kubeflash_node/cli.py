@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 
@@ -68,8 +69,24 @@ def _check_device(args: argparse.Namespace) -> None:
         args._subparser.error(error)
 
 
+# PyTorch's CUDA caching allocator in expandable segments: a segment grows in place (2 MiB pages mapped into one
+# virtual range) instead of a new cudaMalloc per size class, so memory freed by one stage's tensors serves the next
+# stage's of another size. With the default, a 35:20 opt-13b plan ran out of a 12 GiB cap at 10.46 GiB allocated plus
+# 1.46 GiB reserved but unallocated (docs/benchmarks.md, "Session 11 on one H100"); the cost model counts tensors and a
+# fixed reserve (Calibration.gpu_reserve_bytes), not fragmentation. Read by torch when CUDA's allocator starts.
+ALLOC_CONF = "expandable_segments:True"
+
+
+def set_allocator_env(env=os.environ) -> None:
+    """Give engine processes (and the processes they start: tensor-parallel ranks) ALLOC_CONF, before torch is
+    imported; a value the user set under either name (PYTORCH_ALLOC_CONF, PYTORCH_CUDA_ALLOC_CONF) is kept."""
+    if not any(k in env for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    set_allocator_env()
     chosen = _chosen(argv)
     parser = build_parser(only=chosen)
     args = parser.parse_args(argv)

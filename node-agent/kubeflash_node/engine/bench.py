@@ -281,12 +281,13 @@ def workload_flops(c: ModelConfig, w: Workload) -> float:
 
 
 def roofline(*, stage_bytes: list[int], placement: list[str], w: Workload, c: ModelConfig, ceil: Ceilings,
-             policy, itemsize: int, phase_s: tuple[float, float] | None = None) -> dict:
+             policy, itemsize: int, phase_s: tuple[float, float] | None = None, routing=None) -> dict:
     """Bytes and FLOPs the run must move and do under `policy`'s placement and KV techniques, and the time floor
     each implies. The disk term's rate is the faster of the probe's and, given the run's measured (prefill,
     decode) seconds `phase_s`, the rate its own reads reached in either phase (that phase's disk bytes over its
     time, a lower bound of the disk's rate): the disk term then never exceeds prefill + decode time, where the
-    probe alone (another access pattern, another minute) has read up to 1.35x slower than the runs."""
+    probe alone (another access pattern, another minute) has read up to 1.35x slower than the runs. A streamed MoE
+    layer's routed experts: under `routing` (costmodel.RoutingProfile, measured) where given, else uniform routing."""
     from .costmodel import kv_link_bytes, routed_layer_bytes
 
     sizes = [min(w.block_size, w.prompts - k) for k in range(0, w.prompts, w.block_size)]
@@ -298,8 +299,8 @@ def roofline(*, stage_bytes: list[int], placement: list[str], w: Workload, c: Mo
         layer = len(stage_bytes) == c.num_layers + 2 and 0 < i <= c.num_layers  # embed, layers, head
         if not (layer and c.num_experts and not policy.all_experts):
             return b * w.blocks, b * w.blocks * (w.gen_len - 1)
-        return (sum(routed_layer_bytes(c, b, policy, n * w.prompt_len) for n in sizes),
-                sum((w.gen_len - 1) * routed_layer_bytes(c, b, policy, n) for n in sizes))
+        return (sum(routed_layer_bytes(c, b, policy, n * w.prompt_len, sequences=n, routing=routing) for n in sizes),
+                sum((w.gen_len - 1) * routed_layer_bytes(c, b, policy, n, sequences=n, routing=routing) for n in sizes))
 
     streamed = [(moved(i, b), p) for i, (b, p) in enumerate(zip(stage_bytes, placement)) if p in ("disk", "cpu")]
     disk_w = [sum(m[k] for m, p in streamed if p == "disk") for k in (0, 1)]

@@ -12,6 +12,7 @@ fitted to the H100 runs in docs/bench-results (docs/costmodel.md has the fit and
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -61,6 +62,43 @@ class Calibration:
     merge_gbps: float = 3.0  # read rate that prices a merged read's extra rows when no disk ceiling is known (assumed)
     gpu_reserve_bytes: int = 1 << 30  # CUDA context and allocator slack beyond the tensors counted
     host_base_bytes: int = 2 << 30  # the process itself (Python, torch, CUDA runtime)
+    routing: RoutingProfile | None = None  # a MoE model's measured routing (None: uniform routing, assumed)
+
+
+@dataclass(frozen=True)
+class RoutingProfile:
+    """Measured routing of one MoE model: the mean distinct experts one layer read routed to, at a few read shapes
+    (sequences sharing the read, tokens of each: a prefill read takes every prompt token, a decode read one).
+
+    Uniform routing (ModelConfig.expected_experts) takes every token of a read as an independent pick of k experts
+    out of E. Measured reads route to fewer: a prompt's tokens share experts and some experts are picked more often
+    (session 9, Qwen3-30B-A3B random weights: 8 prompt tokens -> 18 experts against 51.6 uniform, 64 decode tokens ->
+    94.8 against 125.9). A point is kept as its effective tokens, n = ln(1 - D/E) / ln(1 - k/E) (the tokens a
+    uniform router needs for D distinct experts), over its tokens; another shape takes the ratio of the points of
+    its kind (prefill or decode), interpolated in log(tokens) between the nearest two, held beyond them, never
+    above 1 (uniform) and never under one token's k experts."""
+
+    points: tuple[tuple[int, int, float], ...]  # (sequences, tokens of each, distinct experts a layer read)
+
+    def distinct(self, c: ModelConfig, sequences: int, per_seq: int) -> float:
+        """Expected distinct experts one layer read of `sequences` x `per_seq` tokens routes to."""
+        tokens = max(1, sequences * per_seq)
+        kind = sorted((s * t, _effective_tokens(c, d) / (s * t)) for s, t, d in self.points
+                      if (t > 1) == (per_seq > 1) and s * t > 0)
+        if not kind or not c.num_experts:
+            return c.expected_experts(tokens)
+        lo = max((pt for pt in kind if pt[0] <= tokens), default=kind[0])
+        hi = min((pt for pt in kind if pt[0] >= tokens), default=kind[-1])
+        f = 0.0 if hi[0] == lo[0] else (math.log(tokens) - math.log(lo[0])) / (math.log(hi[0]) - math.log(lo[0]))
+        ratio = min(1.0, lo[1] + f * (hi[1] - lo[1]))
+        return c.expected_experts(max(1.0, ratio * tokens))
+
+
+def _effective_tokens(c: ModelConfig, distinct: float) -> float:
+    """Tokens a uniform router sends to `distinct` experts of a layer (inverse of ModelConfig.expected_experts)."""
+    e, k = c.num_experts, c.num_experts_per_tok
+    share = min(distinct, e - 1e-6) / e
+    return math.log(1 - share) / math.log(1 - k / e)
 
 
 @dataclass(frozen=True)
@@ -306,13 +344,17 @@ def _kv_time(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bo
     return t
 
 
-def routed_layer_bytes(c: ModelConfig, stored: int, p: Policy, tokens: int) -> float:
-    """Bytes a streamed MoE layer reads for `tokens` tokens of one pass: its non-expert part, plus the experts
-    routed to (expected under uniform routing, ModelConfig.expected_experts) that the hot-expert cache does not
-    hold (its share of all layers' experts: a uniform router's hit rate)."""
+def routed_layer_bytes(c: ModelConfig, stored: int, p: Policy, tokens: int, *, sequences: int = 0,
+                       routing: RoutingProfile | None = None) -> float:
+    """Bytes a streamed MoE layer reads for `tokens` tokens of one pass (of `sequences` sequences; 0: one token
+    each): its non-expert part, plus the experts routed to that the hot-expert cache does not hold (its share of all
+    layers' experts: a uniform router's hit rate). Routed to: under `routing` where measured, else expected under
+    uniform routing (ModelConfig.expected_experts)."""
     experts = stored * c.expert_share()
     hit = min(1.0, p.expert_cache_bytes / (experts * c.num_layers)) if experts else 0.0
-    return stored - experts + experts * c.expected_experts(tokens) / c.num_experts * (1 - hit)
+    seqs = sequences or tokens
+    routed = routing.distinct(c, seqs, max(1, round(tokens / seqs))) if routing and seqs else c.expected_experts(tokens)
+    return stored - experts + experts * routed / c.num_experts * (1 - hit)
 
 
 # ------------------------------------------------------------------------------------------- MoE expert prefetch
@@ -399,7 +441,8 @@ def expert_prefetch_cost(p: Policy, *, config: ModelConfig, ceil, job: JobShape,
         for step, weight in _steps(job.gen_len):
             s_new, ctx = (job.prompt_len, job.prompt_len) if step == 0 else (1, job.prompt_len + step)
             tokens = sum(mbs) * s_new
-            r = experts * config.expected_experts(tokens) / config.num_experts * (1 - hit)
+            r = experts * (cal.routing.distinct(config, sum(mbs), s_new) if cal.routing else
+                           config.expected_experts(tokens)) / config.num_experts * (1 - hit)
             a = sum(_attention_s(e, p, b, s_new, ctx, kv_fits_cache) for b in mbs)
             n = (layer - experts) / rate
             h = guess_hit_rate(config, tokens, guess)
@@ -620,7 +663,8 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
     """Per-resource seconds of one stage in one pass over the micro-batches `mbs` ({size: how many})."""
     moved, layer, slow = stored, kind not in ("embed", "head"), 0.0
     if where == "disk" and layer and e.c.num_experts and not p.all_experts:
-        moved = routed_layer_bytes(e.c, stored, p, sum(b * m for b, m in mbs.items()) * s_new)
+        seqs = sum(b * m for b, m in mbs.items())  # the block's micro-batches share one read of the layer
+        moved = routed_layer_bytes(e.c, stored, p, seqs * s_new, sequences=seqs, routing=e.cal.routing)
         # the routed experts' reads, priced at expert_read_share of a whole layer's rate: their extra time
         slow = (moved - stored * (1 - e.c.expert_share())) * (1 / e.cal.expert_read_share - 1)
     comp = _rate(dense, e.cal.dequant_gbps) if where != "gpu" and stored != dense else 0.0
