@@ -1,7 +1,7 @@
 """Re-predict every recorded GPU `kubeflash bench` run with the current cost model and roofline, per phase.
 
     .venv/bin/python bench/costmodel_check.py [FILES…] [--markdown] [--brief] [--disk-read-cold GBPS]
-                                              [--routing uniform|others|own]
+                                              [--routing uniform|others|own] [--expert-read-share S]
 
 No GPU needed. Each result JSON (cli_bench.py writes them) holds the run's ceilings, workload, policy
 (report.policy) and measured times, prefill and decode apart (report.prefill_latency_s, decode_latency_s). For each
@@ -15,7 +15,8 @@ planner does without a measured profile (uniform routing); `others` with costmod
 OTHER recorded routed runs of the same model (every default file, the run itself left out: what an earlier run
 measured, out of sample); `own` with the run's own routing (its bytes exact, leaving only the rates to test). A run's
 routing points: its expert reads per layer, split into prefill and decode by its decode weight bytes
-(routing_points).
+(routing_points). `--expert-read-share` prices routed expert reads at that share of the cold disk rate instead of
+Calibration.expert_read_share (the runs recorded before the batched expert reads read one expert at a time).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from validate_costmodel import print_table, recorded_run
@@ -66,7 +68,8 @@ def routing_profiles(files: list[Path]) -> dict[str, list[tuple[Path, tuple[int,
     return out
 
 
-def check_run(d: dict, disk_read_cold: float = 0.0, routing: RoutingProfile | None = None) -> dict:
+def check_run(d: dict, disk_read_cold: float = 0.0, routing: RoutingProfile | None = None,
+              cal: Calibration = Calibration()) -> dict:
     """Current prediction and floor of one recorded run beside what it measured (optionally another disk ceiling,
     and a measured routing profile for a routed MoE run; the uniform-routing prediction is kept as `error_uniform`)."""
     w, r = d["workload"], d["report"]
@@ -75,7 +78,7 @@ def check_run(d: dict, disk_read_cold: float = 0.0, routing: RoutingProfile | No
     job = JobShape(w["prompts"], w["prompt_len"], w["gen_len"])
     budget = Budget(w.get("gpu_memory_bytes") or 1 << 50, w.get("cpu_memory_bytes") or 1 << 50)
     pr, uniform_pr = (predict(Candidate(policy, quant), config=config, ceil=ceil, job=job, budget=budget, sizes=sizes,
-                              itemsize=itemsize, cal=Calibration(routing=rp)) for rp in (routing, None))
+                              itemsize=itemsize, cal=replace(cal, routing=rp)) for rp in (routing, None))
     meas = {"prefill": r.get("prefill_latency_s", 0.0), "decode": r.get("decode_latency_s", 0.0)}
     roof = roofline(stage_bytes=sizes[0], placement=policy.placement(len(sizes[0])),
                     w=Workload(job.prompts, job.prompt_len, job.gen_len, policy.block_size), c=config, ceil=ceil,
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routing", choices=("uniform", "others", "own"), default="uniform",
                     help="routed MoE runs: uniform routing, or the routing measured by the other recorded runs of the "
                          "model, or by the run itself")
+    ap.add_argument("--expert-read-share", type=float, default=Calibration.expert_read_share,
+                    help="routed expert reads' rate over the cold disk rate (default: Calibration's)")
     args = ap.parse_args(argv)
     files = args.files or default_files()
     profiles = routing_profiles(sorted({*default_files(), *files})) if args.routing != "uniform" else {}
@@ -155,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             pts = [pt for src, pt in profiles.get(d["report"].get("model") or d["workload"]["model"], [])
                    if (src == f.resolve()) == (args.routing == "own")]
             rows.append({"run": str(f.resolve().relative_to(RESULTS)) if f.resolve().is_relative_to(RESULTS) else f.name}
-                        | check_run(d, args.disk_read_cold, RoutingProfile(tuple(pts)) if pts else None))
+                        | check_run(d, args.disk_read_cold, RoutingProfile(tuple(pts)) if pts else None,
+                                    Calibration(expert_read_share=args.expert_read_share)))
     cols = [c for c in COLS if c[0] in BRIEF] if args.brief else COLS
     if args.routing == "uniform":
         cols = [c for c in cols if c[0] != "error_uniform"]

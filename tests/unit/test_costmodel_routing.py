@@ -118,3 +118,25 @@ def test_cli_sets_allocator_env_before_torch():
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.split()[-2:] == ["expandable_segments:True", "False"]
+
+
+def test_first_stages_are_read_during_setup():
+    """The streamer submits its first `prefetch + 1` stage reads while the engine is built (the H200 runs' prefill
+    weight bytes were 47/50 of a pass with every expert read): their disk time is setup, not the first prefill; later
+    passes and a routed layer's experts (read after the router) stay in the run."""
+    c = preset("llama-3-8b")
+    sizes = stage_sizes(c, 2, "none")
+    ceil = Ceil()
+    stage_s = sizes[0][1] / (ceil.disk_read_cold * 1e9)
+
+    def run(prefetch: int, gen: int = 1):
+        p = Policy(weights_gpu_percent=0.0, weights_cpu_percent=0.0, gpu_batch_size=1, prefetch=prefetch)
+        return predict(Candidate(p), config=c, ceil=ceil, job=JobShape(1, 16, gen), budget=Budget(1 << 40, 1 << 40),
+                       sizes=sizes)
+
+    two, four = run(1), run(3)  # 2 slots: the embedding and layer 0; 4 slots: layers 1 and 2 besides
+    embed_s = sizes[0][0] / (ceil.disk_read_cold * 1e9)
+    assert two.run_s - four.run_s == pytest.approx(2 * stage_s, rel=0.01)
+    assert four.setup_s - two.setup_s == pytest.approx(2 * stage_s, rel=0.01)
+    assert two.setup_s == pytest.approx(embed_s + stage_s, rel=0.01)
+    assert run(3, gen=3).phase_s("decode") == pytest.approx(run(1, gen=3).phase_s("decode"), rel=1e-6)
