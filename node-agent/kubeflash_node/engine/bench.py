@@ -303,8 +303,14 @@ def roofline(*, stage_bytes: list[int], placement: list[str], w: Workload, c: Mo
                 sum((w.gen_len - 1) * routed_layer_bytes(c, b, policy, n, sequences=n, routing=routing) for n in sizes))
 
     streamed = [(moved(i, b), p) for i, (b, p) in enumerate(zip(stage_bytes, placement)) if p in ("disk", "cpu")]
-    disk_w = [sum(m[k] for m, p in streamed if p == "disk") for k in (0, 1)]
-    pcie_w = round(sum(sum(m) for m, _ in streamed))
+    # the streamer reads its first prefetch + 1 stages while the engine is built, before the run (a routed MoE
+    # layer's slot: its non-expert part), as costmodel._read_at_setup prices them
+    first = [(i, b, p) for i, (b, p) in enumerate(zip(stage_bytes, placement)) if p in ("disk", "cpu")]
+    early = [(b * (1 - c.expert_share()) if c.num_experts and not policy.all_experts and 0 < i <= c.num_layers else b, p)
+             for i, b, p in first[:policy.prefetch + 1]] if w.prompts else []
+    disk_w = [sum(m[k] for m, p in streamed if p == "disk") - (0 if k else sum(b for b, p in early if p == "disk"))
+              for k in (0, 1)]
+    pcie_w = round(sum(sum(m) for m, _ in streamed) - sum(b for b, _ in early))
     read_token, write_token = kv_link_bytes(c, policy, itemsize)
     # decode step s reads the prefix back (prompt_len + s tokens) and writes one token, per sequence
     kv_read = sum((w.prompt_len + s) for s in range(1, w.gen_len)) * read_token * w.prompts
