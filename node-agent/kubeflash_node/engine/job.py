@@ -18,7 +18,7 @@ from ..store.kvblocks import DEFAULT_BUDGET, ENV_KV_CACHE_BUDGET, KVBlockStore
 from ..store.modelconfig import ModelConfig
 from .generate import Engine, GenParams
 from .machine import Machine, within_resources
-from .planning import auto_plan, check_context, check_kv_disk, check_one_sequence, job_shape, policy_for
+from .planning import auto_plan, check_context, check_kv_disk, check_one_sequence, check_vocab, job_shape, policy_for
 from .policy import Policy
 from .prefixcache import PrefixCache
 from .progress import Progress
@@ -58,8 +58,10 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         machine = within_resources(spec, machine, device)
         shape = job_shape([ids[i] for i in todo], max_new)
         config = ModelConfig.from_dict(manifest.config)  # refused before any work: positions, one sequence's KV
-        check_context(config, [ids[i] for i in todo], max_new,
-                      [f"spec.input.prompts[{i}] (id {spec.input.prompts[i].id})" for i in todo])
+        where = "spec.input.synthetic" if spec.input.synthetic else "spec.input.prompts"
+        names = [f"{where}[{i}] (id {spec.input.prompts[i].id})" for i in todo]
+        check_context(config, [ids[i] for i in todo], max_new, names)
+        check_vocab(config, [ids[i] for i in todo], names)
         # refused before any work: no or stale calibration (unless `calibrate`: then calibrated once, first)
         sparsity = _sparsity(spec, config, model_dir, device, calibrate)
         if sparsity is not None and sparsity.bundles is not None and machine is not None:  # merged reads: this disk's

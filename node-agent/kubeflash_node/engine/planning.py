@@ -154,6 +154,17 @@ def check_context(config, prompts: list[list[int]], max_new: int, names: list[st
                             f"lower spec.generation.maxNewTokens / the prompt's max_tokens")
 
 
+def check_vocab(config, prompts: list[list[int]], names: list[str]) -> None:
+    """Refuse, before anything runs, a prompt holding a token id the model has no embedding for (synthetic prompts
+    use ids 3..1002, past a tiny model's vocabulary), naming the prompt, the id and vocab_size."""
+    for name, p in zip(names, prompts, strict=True):
+        bad = next((t for t in p if not 0 <= t < config.vocab_size), None)
+        if bad is not None:
+            hint = " (synthetic prompts use token ids 3 to 1002)" if name.startswith("spec.input.synthetic") else ""
+            raise SpecError(f"{name}: token id {bad} is outside the model's vocabulary of {config.vocab_size} ids "
+                            f"(0 to {config.vocab_size - 1}){hint}")
+
+
 def sequence_kv_bytes(config, policy: Policy, tokens: int, itemsize: int) -> int:
     """Bytes of one sequence's cache of `tokens` tokens over every layer as `policy`'s tier holds it (KV bits,
     X-cache layers; CPU attention keeps float32, twice the 16-bit bytes)."""

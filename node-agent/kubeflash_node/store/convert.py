@@ -123,11 +123,24 @@ def _opt_layer_names(prefix: str, c: ModelConfig) -> dict[str, str]:
     return out
 
 
+def _llama_shape(key: str, c: ModelConfig) -> tuple[int, ...] | None:
+    """The shape config.json implies for a Llama-family layer tensor (canonical name); None: not checked here
+    (the router: _check_layers names the expert count it disagrees with)."""
+    h, q, kv, inner = c.hidden_size, c.q_dim, c.kv_dim, c.intermediate_size
+    key = key.split(".", 1)[1] if key.startswith("e") and "." in key else key  # e{j}.w_gate -> w_gate
+    return {"wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q), "wqkv": (q + 2 * kv, h),
+            "bq": (q,), "bk": (kv,), "bv": (kv,), "bo": (h,), "w_gate": (inner, h), "w_up": (inner, h),
+            "w_down": (h, inner), "w_gate_up": (2 * inner, h), "attn_norm": (h,), "mlp_norm": (h,),
+            "post_attn_norm": (h,), "post_mlp_norm": (h,), "q_norm": (c.head_dim,), "k_norm": (c.head_dim,),
+            "b_gate": (inner,), "b_up": (inner,), "b_down": (h,)}.get(key)
+
+
 class HFSource(Source):
     """A Hugging Face directory: config.json + *.safetensors (+ tokenizer files)."""
 
     TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                        "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+    VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # a tokenizer needs one of these
 
     def __init__(self, path: Path):
         from safetensors import safe_open
@@ -136,17 +149,26 @@ class HFSource(Source):
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise SourceError(f"{cfg_path}: missing; a Hugging Face model directory needs config.json")
-        self.hf_config = json.loads(cfg_path.read_text())
+        try:
+            self.hf_config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise SourceError(f"{cfg_path}: not a readable JSON file ({e})") from None
+        if not isinstance(self.hf_config, dict):
+            raise SourceError(f"{cfg_path}: expected a JSON object of model options, got "
+                              f"{type(self.hf_config).__name__}")
         self.config = config_from_hf(self.hf_config)
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise SourceError(f"{path}: no *.safetensors files (only safetensors checkpoints are supported)")
         self.index: dict[str, Path] = {}
+        self._open = {}
         for f in files:
-            with safe_open(f, framework="pt") as h:
+            try:  # a truncated or damaged file: its header does not cover it, or it is not safetensors at all
+                self._open[f] = h = safe_open(f, framework="pt")
                 for k in h.keys():
                     self.index[k] = f
-        self._open = {f: safe_open(f, framework="pt") for f in files}
+            except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError, OSError, ...)
+                raise SourceError(f"{f}: not a readable safetensors file ({e})") from None
         self.description = f"hf:{path}"
         # OPT checkpoints come with and without the "model." prefix
         roots = ("decoder.", "layers.", "embed_tokens")
@@ -162,9 +184,15 @@ class HFSource(Source):
             return
         for i in range(c.num_layers):
             p = f"{self.prefix}layers.{i}."
-            for name in _llama_layer_names(p, c).values():
+            for key, name in _llama_layer_names(p, c).items():
                 if name not in self.index:
                     raise SourceError(f"{self.path}: tensor {name!r} missing from the safetensors files")
+                self._check_shape(name, _llama_shape(key, c))
+        embed = f"{self.prefix}embed_tokens.weight"
+        if embed in self.index:
+            self._check_shape(embed, (c.vocab_size, c.hidden_size))
+        if not c.tie_word_embeddings and "lm_head.weight" in self.index:
+            self._check_shape("lm_head.weight", (c.vocab_size, c.hidden_size))
         if not c.num_experts:
             return
         router, expert, _ = _EXPERTS[c.family]
@@ -183,6 +211,15 @@ class HFSource(Source):
 
     def _shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open[self.index[name]].get_slice(name).get_shape())
+
+    def _check_shape(self, name: str, want: tuple[int, ...] | None) -> None:
+        """A tensor whose shape disagrees with config.json (vocab_size, hidden_size, head_dim, ...) is refused
+        before anything is written, naming the tensor, both shapes and the keys that set the expected one."""
+        got = self._shape(name)
+        if want is not None and got != want:
+            raise SourceError(f"{self.path}: tensor {name!r} has shape {list(got)} but config.json implies "
+                              f"{list(want)} (vocab_size, hidden_size, num_attention_heads, num_key_value_heads, "
+                              f"head_dim, intermediate_size)")
 
     def _get(self, name: str):
         if name not in self.index:
@@ -229,7 +266,7 @@ class HFSource(Source):
 
     def save_tokenizer(self, out: Path) -> bool:
         found = [self.path / n for n in self.TOKENIZER_FILES if (self.path / n).is_file()]
-        if not found:
+        if not any(f.name in self.VOCABULARY_FILES for f in found):  # generation_config.json alone is no tokenizer
             return False
         out.mkdir(parents=True, exist_ok=True)
         for f in found:

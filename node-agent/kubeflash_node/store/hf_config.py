@@ -60,8 +60,86 @@ _ROPE_REQUIRED = {"linear": {"factor"}, "dynamic": {"factor"}, "yarn": {"factor"
                   "longrope": {"short_factor", "long_factor"}, "llama3": {"factor", "low_freq_factor", "high_freq_factor"}}
 
 
+# Every key each rope_type reads (transformers' RotaryEmbeddingConfigMixin validators), beside rope_type / type,
+# rope_theta and partial_rotary_factor; any other key in the dict is an option we do not compute, refused by name.
+# dynamic also takes original_max_position_embeddings, which transformers' dynamic RoPE does not read either.
+_ROPE_KEYS = {"default": set(), "linear": {"factor"}, "dynamic": {"factor", "original_max_position_embeddings"},
+              "yarn": {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+                       "mscale", "mscale_all_dim", "truncate"},
+              "longrope": {"short_factor", "long_factor", "original_max_position_embeddings", "attention_factor",
+                           "factor"},
+              "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}
+# (test, what is expected) of each RoPE value that is given (None stays the default)
+_ROPE_VALUES = {"factor": (lambda v: _is_number(v) and v >= 1, "a number >= 1"),
+                "low_freq_factor": (lambda v: _is_number(v) and v > 0, "a positive number"),
+                "high_freq_factor": (lambda v: _is_number(v) and v > 0, "a positive number"),
+                "original_max_position_embeddings": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+                "attention_factor": (lambda v: _is_number(v) and v > 0, "a positive number"),
+                "beta_fast": (lambda v: _is_number(v) and v > 0, "a positive number"),
+                "beta_slow": (lambda v: _is_number(v) and v > 0, "a positive number"),
+                "mscale": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+                "mscale_all_dim": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+                "truncate": (lambda v: isinstance(v, bool), "true or false"),
+                "short_factor": (lambda v: isinstance(v, list) and all(_is_number(x) and x > 0 for x in v),
+                                 "a list of positive numbers"),
+                "long_factor": (lambda v: isinstance(v, list) and all(_is_number(x) and x > 0 for x in v),
+                                "a list of positive numbers")}
+# Sizes every family's config.json states as positive integers (absent or null: the family's default, if any)
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "intermediate_size", "moe_intermediate_size", "max_position_embeddings", "ffn_dim",
+                  "word_embed_proj_dim")
+_REQUIRED = {"llama": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
+             "opt": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim")}
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "norm_topk_prob", "use_sliding_window",
+          "do_layer_norm_before", "enable_bias", "layer_norm_elementwise_affine", "_remove_final_layer_norm")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v not in (float("inf"), -float("inf"))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def refuse(key: str, value, expected: str) -> ConfigError:
     return ConfigError(f"config.json {key} = {value!r} is not supported; expected {expected}")
+
+
+def _check_types(cfg: dict, arch: str) -> None:
+    """Sizes, norms' epsilon, RoPE base and flags of the wrong type or range are refused by key, before they
+    reach a shape or a formula (a string "32", a negative epsilon, "yes" for a flag)."""
+    for key in _REQUIRED[arch]:
+        if cfg.get(key) is None and not (key == "intermediate_size" and cfg.get("model_type") == "qwen3_moe"):
+            raise ConfigError(f"config.json {key} is missing; expected a positive integer")
+    for key in _POSITIVE_INTS:
+        v = cfg.get(key)
+        if v is not None and not (_is_int(v) and v > 0):
+            raise refuse(key, v, "a positive integer")
+    for key in ("rms_norm_eps", "layer_norm_eps", "rope_theta", "rope_local_base_freq"):
+        v = cfg.get(key)
+        if (v is not None or (key.endswith("_eps") and key in cfg)) and not (_is_number(v) and v > 0):
+            raise refuse(key, v, "a positive number")
+    for key in _BOOLS:
+        v = cfg.get(key)
+        if v is not None and not isinstance(v, bool):
+            raise refuse(key, v, "true or false")
+
+
+def _check_rope_values(rope: dict, key: str, kind: str) -> None:
+    """The dict's keys are those `kind` reads, each of the type and range transformers expects."""
+    unknown = sorted(set(rope) - _ROPE_KEYS[kind], key=str)
+    if unknown:
+        allowed = sorted(_ROPE_KEYS[kind] | {"rope_type", "rope_theta"})
+        raise refuse(f"{key}.{unknown[0]}", rope[unknown[0]],
+                     f"only the keys rope_type {kind} reads ({', '.join(allowed)}); this option is not implemented")
+    for k, v in rope.items():
+        ok, expected = _ROPE_VALUES[k]
+        if v is not None and not ok(v):
+            raise refuse(f"{key}.{k}", v, expected)
+    if kind == "llama3" and rope["high_freq_factor"] <= rope["low_freq_factor"]:
+        raise refuse(f"{key}.high_freq_factor", rope["high_freq_factor"],
+                     f"a number greater than low_freq_factor ({rope['low_freq_factor']})")
 
 
 def _activation(cfg: dict, key: str, default: str) -> str:
@@ -79,8 +157,12 @@ def _rope(cfg: dict, mt: str, head_dim: int, max_pos: int, *, key: str = "", par
     if params is None:
         key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
         params = cfg.get(key) or {}
+    if not isinstance(params, dict):
+        raise refuse(key, params, "an object of RoPE parameters, e.g. {\"rope_type\": \"linear\", \"factor\": 2.0}")
     rope = dict(params)
     theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or _DEFAULTS[mt]["rope_theta"]
+    if not (_is_number(theta) and theta > 0):
+        raise refuse(f"{key}.rope_theta" if "rope_theta" in params else "rope_theta", theta, "a positive number")
     kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
     rope.pop("type", None)
     if mt == "phi3":  # Phi3Config: su and yarn are its names for longrope; nothing else is accepted
@@ -90,10 +172,11 @@ def _rope(cfg: dict, mt: str, head_dim: int, max_pos: int, *, key: str = "", par
     partial = rope.pop("partial_rotary_factor", None) or cfg.get("partial_rotary_factor")
     if partial not in (None, 1, 1.0):
         raise refuse("partial_rotary_factor", partial, "1.0 (the Llama family rotates the whole head)")
+    if kind not in ROPE_TYPES + ("default",):
+        raise refuse(f"{key}.rope_type", kind, "default or one of " + ", ".join(ROPE_TYPES))
+    _check_rope_values(rope, key, kind)
     if kind == "default":
         return float(theta), None
-    if kind not in ROPE_TYPES:
-        raise refuse(f"{key}.rope_type", kind, "default or one of " + ", ".join(ROPE_TYPES))
     missing = _ROPE_REQUIRED[kind] - {k for k, v in rope.items() if v is not None}
     if missing:
         raise ConfigError(f"config.json {key}.{sorted(missing)[0]} is missing; rope_type {kind} needs it")
@@ -230,6 +313,12 @@ def _gemma3_rope(cfg: dict, head_dim: int, max_pos: int) -> tuple[float, dict | 
     local = dict(params.get("sliding_attention") or {})
     local.setdefault("rope_theta", cfg.get("rope_local_base_freq", d["rope_local_base_freq"]))
     kind = local.get("rope_type") or local.get("type") or "default"
+    unknown = sorted(set(local) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"}, key=str)
+    if kind == "default" and unknown:
+        raise refuse(f"rope_parameters.sliding_attention.{unknown[0]}", local[unknown[0]],
+                     "only rope_type and rope_theta (plain RoPE on sliding layers); this option is not implemented")
+    if not (_is_number(local["rope_theta"]) and local["rope_theta"] > 0):
+        raise refuse("rope_parameters.sliding_attention.rope_theta", local["rope_theta"], "a positive number")
     if kind != "default":
         raise refuse("rope_parameters.sliding_attention.rope_type", kind, "default (plain RoPE on sliding layers)")
     if local.get("partial_rotary_factor") not in (None, 1, 1.0):
@@ -302,8 +391,10 @@ def config_from_hf(cfg: dict) -> ModelConfig:
     """Map a transformers config.json onto ModelConfig (the LLAMA_TYPES and opt)."""
     mt = cfg.get("model_type", "")
     if mt in LLAMA_TYPES:
+        _check_types(cfg, "llama")
         return _llama(cfg, mt)
     if mt == "opt":
+        _check_types(cfg, "opt")
         return _opt(cfg)
     raise ConfigError(f"config.json model_type {mt!r} is not supported; expected one of {', '.join(LLAMA_TYPES)}, opt"
                       + (" (for Gemma 3, the text model: model_type gemma3_text)" if mt == "gemma3" else ""))

@@ -1,0 +1,190 @@
+"""Bad model sources and jobs as an outside tester makes them: each is refused in one line naming the config.json
+key, the file or the prompt and what was expected, and nothing is written to the store.
+
+(a) config.json options we do not compute, or of the wrong type or range: RoPE keys a rope_type does not read,
+    RoPE values transformers would only warn about (factor "2", 0, -1; beta_fast "x"; llama3's high <= low
+    frequency factor), rope_scaling that is not an object, sizes given as strings, a null epsilon, a flag "yes".
+    Each family the README names (Llama, Qwen3-MoE, Gemma 2/3, Phi-3, Mixtral).
+(b) A truncated safetensors file, a config.json that is not JSON, tensors whose shapes disagree with config.json,
+    a directory saved without a tokenizer (generation_config.json alone is no tokenizer).
+(c) `kubeflash run` of synthetic prompts on a model whose vocabulary is smaller than their token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubeflash_node.store.convert import SourceError, convert
+
+LLAMA = dict(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+QWEN3_MOE = {**LLAMA, "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
+             "moe_intermediate_size": 16, "head_dim": 8}
+MIXTRAL = {**LLAMA, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2}
+PHI3 = {**LLAMA, "model_type": "phi3", "pad_token_id": 0}
+GEMMA2 = {**LLAMA, "model_type": "gemma2", "head_dim": 8}
+GEMMA3 = {**LLAMA, "model_type": "gemma3_text", "head_dim": 8}
+LONG = [1.0] * 4  # head_dim / 2 of the tiny configs
+
+REFUSED = [
+    # RoPE options a rope_type does not read: refused by their key, for every family
+    pytest.param({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "bogus": 1}},
+                 "rope_scaling.bogus = 1", id="llama-linear-unknown-key"),
+    pytest.param({**QWEN3_MOE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                "original_max_position_embeddings": 16, "whatever": 1}},
+                 "rope_scaling.whatever = 1", id="qwen3moe-yarn-unknown-key"),
+    pytest.param({**MIXTRAL, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1,
+                                              "high_freq_factor": 4, "extra_key": 3}},
+                 "rope_scaling.extra_key = 3", id="mixtral-llama3-unknown-key"),
+    pytest.param({**PHI3, "rope_scaling": {"type": "longrope", "short_factor": LONG, "long_factor": LONG,
+                                           "frobnicate": 1}},
+                 "rope_scaling.frobnicate = 1", id="phi3-longrope-unknown-key"),
+    pytest.param({**GEMMA2, "rope_scaling": {"rope_type": "default", "factor": 2.0}},
+                 "rope_scaling.factor = 2.0", id="gemma2-default-with-factor"),
+    pytest.param({**GEMMA3, "rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6, "zzz": 2},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+                 "rope_parameters.full_attention.zzz = 2", id="gemma3-full-unknown-key"),
+    pytest.param({**GEMMA3, "rope_parameters": {"full_attention": {"rope_type": "default"},
+                                                "sliding_attention": {"rope_type": "default", "extra": 1}}},
+                 "rope_parameters.sliding_attention.extra = 1", id="gemma3-sliding-unknown-key"),
+    pytest.param({**LLAMA, "rope_scaling": {"rope_type": "foo", "factor": 2.0}}, "rope_scaling.rope_type = 'foo'",
+                 id="llama-unknown-type"),
+    # RoPE values of the wrong type or range
+    pytest.param({**LLAMA, "rope_scaling": "linear"}, "rope_scaling = 'linear'", id="rope-not-an-object"),
+    pytest.param({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": "2"}}, "rope_scaling.factor = '2'",
+                 id="factor-string"),
+    pytest.param({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 0}}, "rope_scaling.factor = 0",
+                 id="factor-zero"),
+    pytest.param({**LLAMA, "rope_scaling": {"rope_type": "dynamic", "factor": -1}}, "rope_scaling.factor = -1",
+                 id="factor-negative"),
+    pytest.param({**LLAMA, "rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_fast": "x"}},
+                 "rope_scaling.beta_fast = 'x'", id="yarn-beta-string"),
+    pytest.param({**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4,
+                                            "high_freq_factor": 1}},
+                 "rope_scaling.high_freq_factor = 1", id="llama3-high-below-low"),
+    pytest.param({**PHI3, "rope_scaling": {"type": "longrope", "short_factor": ["a"] * 4, "long_factor": LONG}},
+                 "rope_scaling.short_factor = ['a', 'a', 'a', 'a']", id="phi3-longrope-strings"),
+    pytest.param({**LLAMA, "rope_theta": "abc"}, "rope_theta = 'abc'", id="theta-string"),
+    pytest.param({**LLAMA, "rope_theta": -5}, "rope_theta = -5", id="theta-negative"),
+    # sizes, epsilons and flags
+    pytest.param({**LLAMA, "hidden_size": "32"}, "hidden_size = '32'", id="hidden-size-string"),
+    pytest.param({**LLAMA, "max_position_embeddings": 0}, "max_position_embeddings = 0", id="positions-zero"),
+    pytest.param({**LLAMA, "num_hidden_layers": True}, "num_hidden_layers = True", id="layers-bool"),
+    pytest.param({**LLAMA, "rms_norm_eps": None}, "rms_norm_eps = None", id="eps-null"),
+    pytest.param({**QWEN3_MOE, "norm_topk_prob": "yes"}, "norm_topk_prob = 'yes'", id="qwen3moe-flag-string"),
+    pytest.param({k: v for k, v in LLAMA.items() if k != "hidden_size"}, "hidden_size is missing",
+                 id="hidden-size-missing"),
+]
+
+
+@pytest.mark.parametrize("cfg,names", REFUSED)
+def test_config_options_are_refused_by_key(cfg, names, tmp_path):
+    """convert refuses from config.json alone, before any weight is read, naming the key and its value."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SourceError) as e:
+        convert(str(tmp_path / "hf"), tmp_path / "store", dtype="float32")
+    assert str(e.value).startswith(f"config.json {names}"), str(e.value)
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A random tiny Llama saved by transformers (config.json, model.safetensors, generation_config.json)."""
+    from hf_random import save_random_model
+    from transformers import LlamaConfig
+
+    out = tmp_path_factory.mktemp("hf") / "llama"
+    save_random_model(LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"}), out)
+    return out
+
+
+def _copy(src: Path, dst: Path, **config) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    if config:
+        cfg = json.loads((dst / "config.json").read_text()) | config
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_truncated_safetensors_is_refused_by_file(tiny_llama, tmp_path):
+    src = _copy(tiny_llama, tmp_path / "hf")
+    weights = src / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    with pytest.raises(SourceError, match=rf"^{weights}: not a readable safetensors file \("):
+        convert(str(src), tmp_path / "store", dtype="float32")
+    weights.write_bytes(b"\x10\x00")  # not even a header
+    with pytest.raises(SourceError, match=rf"^{weights}: not a readable safetensors file \("):
+        convert(str(src), tmp_path / "store", dtype="float32")
+    assert not (tmp_path / "store").exists()
+
+
+def test_config_json_that_is_not_json_is_refused_by_file(tiny_llama, tmp_path):
+    src = _copy(tiny_llama, tmp_path / "hf")
+    for text in ('{"model_type": "llama",', "[1, 2]", "\xff\xfe"):
+        (src / "config.json").write_bytes(text.encode("latin-1"))
+        with pytest.raises(SourceError, match=rf"^{src / 'config.json'}: "):
+            convert(str(src), tmp_path / "store", dtype="float32")
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("config,tensor,shapes", [
+    ({"head_dim": 6}, "model.layers.0.self_attn.q_proj.weight", "[32, 32] but config.json implies [24, 32]"),
+    ({"vocab_size": 50}, "model.embed_tokens.weight", "[97, 32] but config.json implies [50, 32]"),
+    ({"intermediate_size": 48}, "model.layers.0.mlp.gate_proj.weight", "[64, 32] but config.json implies [48, 32]"),
+])
+def test_tensor_shapes_that_disagree_with_config_are_refused(tiny_llama, tmp_path, config, tensor, shapes):
+    src = _copy(tiny_llama, tmp_path / "hf", **config)
+    with pytest.raises(SourceError) as e:
+        convert(str(src), tmp_path / "store", dtype="float32")
+    assert str(e.value).startswith(f"{src}: tensor {tensor!r} has shape {shapes}"), str(e.value)
+    assert not (tmp_path / "store").exists()
+
+
+def _job(path: Path, uri: str, *, prompt_length: int) -> Path:
+    doc = {"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": path.stem},
+           "spec": {"model": {"uri": uri, "dtype": "float32"},
+                    "input": {"synthetic": {"count": 1, "promptLength": prompt_length}},
+                    "generation": {"maxNewTokens": 2},
+                    "offload": {"policy": "explicit", "weights": {"disk": 100}, "kv": {"gpu": 100}}}}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_a_directory_without_tokenizer_runs_synthetic_prompts_or_names_their_vocabulary(tiny_llama, tmp_path):
+    """A model saved without a tokenizer converts with none (generation_config.json is not one) and runs
+    synthetic prompts; ids past its 97-id vocabulary (a 16-token synthetic prompt reaches id 107) are refused
+    naming spec.input.synthetic and vocab_size before anything runs; a prompt past its 64 positions names the
+    context window."""
+    store = tmp_path / "home"
+    run = [sys.executable, "-m", "kubeflash_node.cli", "run", "--device", "cpu", "--store", str(store)]
+
+    def kubeflash_run(name: str, length: int):
+        return subprocess.run([*run, str(_job(tmp_path / f"{name}.yaml", str(tiny_llama), prompt_length=length))],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    r = kubeflash_run("fits", 8)  # ids 3..94
+    assert r.returncode == 0, r.stderr
+    [line] = (tmp_path / "kubeflash-out" / "fits" / "results.jsonl").read_text().splitlines()
+    assert len(json.loads(line)["response"]["body"]["token_ids"]) == 2
+    for name, length, message in [
+            ("past-vocab", 16, "token id 107 is outside the model's vocabulary of 97 ids (0 to 96) (synthetic "
+                               "prompts use token ids 3 to 1002)"),
+            ("past-positions", 80, "80 tokens + max_new_tokens 2 = 82 tokens exceed the model's context window "
+                                   "of 64 tokens")]:
+        r = kubeflash_run(name, length)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        [error] = [x[x.index("kubeflash run: error:"):] for x in r.stderr.splitlines() if "kubeflash run: error:" in x]
+        assert error.startswith("kubeflash run: error: spec.input.synthetic[0] (id synthetic-0): " + message), error
+        results = tmp_path / "kubeflash-out" / name / "results.jsonl"
+        assert not results.exists() or not results.read_text().strip()
