@@ -31,6 +31,7 @@ from kubeflash_api import JobSpec, SpecError, from_canonical, parse_job, parse_j
 from kubeflash_api.batch import parse_line
 from kubeflash_api.contract import API_VERSION
 from kubeflash_api.errors import show
+from kubeflash_api.inferencejob import MAX_PARALLELISM, MAX_SPARSITY
 from kubeflash_api.files import load_manifest
 from kubeflash_api.quantity import MAX_BYTES, PATTERN, parse_quantity
 
@@ -84,7 +85,14 @@ def _split(draw, *, one_tier: bool = False) -> dict:
 def offload(draw) -> dict:
     out = draw(st.fixed_dictionaries({}, optional={
         "gpuBatchSize": st.integers(1, 4096), "numGpuBatches": st.integers(1, 1024), "xCache": st.booleans(),
-        "compression": st.sampled_from(["none", "int8", "int4"])}))
+        "compression": st.sampled_from(["none", "int8", "int4"]),
+        "sparsity": st.one_of(st.just("off"), st.just(False), st.floats(0, MAX_SPARSITY), st.just(0)),
+        "expertCache": st.one_of(st.just("auto"), st.just(0), QUANTITY),
+        "expertPrefetch": st.sampled_from(["auto", "on", "off", True, False])}))
+    if draw(st.booleans()):
+        out["tensorParallel"] = draw(st.integers(1, 8))
+        if out["tensorParallel"] > 1 and draw(st.booleans()):
+            out["reduce"] = draw(st.sampled_from(["auto", "ring"]))
     if draw(st.booleans()):
         out["policy"] = "explicit"
         out["weights"] = _split(draw)
@@ -130,7 +138,9 @@ MODEL = st.fixed_dictionaries({"uri": URI}, optional={
     "quantization": st.sampled_from(["none", "int8", "int4"])})
 SPEC = st.fixed_dictionaries({"model": MODEL, "input": INPUT}, optional={
     "generation": GENERATION, "resources": RESOURCES, "offload": offload(), "output": OUTPUT,
-    "backoffLimit": st.integers(0, 20), "image": _text(max_size=60)})
+    "backoffLimit": st.integers(0, 20), "image": _text(max_size=60),
+    "cache": st.fixed_dictionaries({}, optional={"prefix": st.booleans()}),
+    "parallelism": st.integers(1, MAX_PARALLELISM)})
 METADATA = st.fixed_dictionaries({"name": st.from_regex(r"[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?", fullmatch=True)},
                                  optional={"namespace": LABEL,
                                            "labels": st.dictionaries(SEGMENT, _text(0, 20), max_size=3)})
@@ -164,6 +174,12 @@ def test_valid_manifests_parse_and_round_trip(doc):
     if "kvDisk" in raw.get("resources", {}):
         assert job.resources.kv_disk == _bytes(raw["resources"]["kvDisk"])
     assert job.output.path == raw.get("output", {}).get("path")
+    off = raw.get("offload", {})
+    assert job.offload.tensor_parallel == off.get("tensorParallel", 1)
+    assert job.offload.expert_prefetch == {True: "on", False: "off"}.get(off.get("expertPrefetch"),
+                                                                         off.get("expertPrefetch", "auto"))
+    assert job.parallelism == raw.get("parallelism", 1)
+    assert job.cache.prefix == raw.get("cache", {}).get("prefix", job.cache.prefix)
     _round_trips(job)
 
 
@@ -333,7 +349,8 @@ def test_junk_documents_are_refused_by_path(doc):
 
 @FEW
 @given(MANIFEST, st.sampled_from(["spec", "metadata", "spec.model", "spec.input", "spec.generation",
-                                  "spec.offload", "spec.resources", "spec.output", "metadata.labels"]), JUNK)
+                                  "spec.offload", "spec.resources", "spec.output", "metadata.labels", "spec.cache",
+                                  "spec.parallelism", "spec.shard"]), JUNK)
 def test_junk_as_a_whole_section(doc, section, junk):
     """Random junk in place of a whole section never escapes as another exception."""
     *parents, last = section.split(".")
