@@ -31,8 +31,8 @@ from kubeflash_api import JobSpec, SpecError, from_canonical, parse_job, parse_j
 from kubeflash_api.batch import parse_line
 from kubeflash_api.contract import API_VERSION
 from kubeflash_api.errors import show
-from kubeflash_api.inferencejob import MAX_PARALLELISM, MAX_SPARSITY
 from kubeflash_api.files import load_manifest
+from kubeflash_api.inferencejob import MAX_PARALLELISM, MAX_SPARSITY
 from kubeflash_api.quantity import MAX_BYTES, PATTERN, parse_quantity
 
 FUZZ = settings(max_examples=200, derandomize=True, database=None, deadline=None,
