@@ -41,10 +41,13 @@ def default_files() -> list[Path]:
 
 
 def routing_points(d: dict) -> list[tuple[int, int, float]]:
-    """(sequences, tokens of each, distinct experts a layer read) of a recorded routed MoE run of one block without a
-    hot-expert cache (its reads are net of the cache's hits): decode from the decode weight bytes (each step reads
-    embedding, head, every layer's non-expert part and its routed experts), prefill from the expert reads left."""
+    """(sequences, tokens of each, distinct experts a layer read) of a recorded routed MoE run: its report's
+    routing_profile where the engine recorded one; else, for a run of one block without a hot-expert cache (its reads
+    are net of the cache's hits), decode from the decode weight bytes (each step reads embedding, head, every layer's
+    non-expert part and its routed experts), prefill from the expert reads left."""
     w, r = d["workload"], d["report"]
+    if (rec := RoutingProfile.from_report(d)) is not None:  # recorded by the engine itself since session 12
+        return list(rec.points)
     config, policy, _, _, sizes, _ = recorded_run(d, r.get("model") or w["model"])
     if (not config.num_experts or policy.all_experts or policy.expert_cache_bytes or "expert_reads" not in r
             or w["prompts"] > policy.block_size):

@@ -274,3 +274,38 @@ def test_cost_model_predicts_the_bytes_a_routed_decode_step_reads(tmp_path):
     predicted = routed_layer_bytes(c, m.files["layer_000.bin"].size, Policy(), 1)
     assert per_layer == pytest.approx(predicted, rel=0.05)
     assert predicted < 0.35 * m.files["layer_000.bin"].size  # 2 of 16 experts, plus attention and router
+
+
+def test_report_records_the_routing_profile_the_cost_model_takes(tmp_path):
+    """The report's routing_profile is the mean distinct experts a routed layer read routed to, by read shape: a batch-1
+    decode step routes its one token to exactly k experts a layer, a prefill of several tokens to between k and E, and
+    the requests over all shapes are the run's expert reads; costmodel.RoutingProfile reads it back and prices the
+    measured shapes as measured."""
+    from kubeflash_node.engine.costmodel import RoutingProfile
+    from kubeflash_node.engine.policy import Policy
+    from kubeflash_node.engine.report import build_report
+    from kubeflash_node.store.modelconfig import ModelConfig
+
+    _, hf = qwen3_moe(tmp_path)
+    m = convert(str(hf), tmp_path / "store", dtype="float32")
+    c = ModelConfig.from_dict(m.config)
+    engine = Engine(tmp_path / "store", policy=Policy(gpu_batch_size=2))
+    try:
+        engine.generate([[3, 14, 15, 92, 65, 35], [7, 8, 9, 10, 11, 12]], GenParams(max_new_tokens=4))
+    finally:
+        engine.close()
+    report = build_report(engine)
+    profile = {(s, t): n for s, t, n in report["routing_profile"]}
+    assert set(profile) == {(2, 6), (2, 1)}
+    k, e = c.num_experts_per_tok, c.num_experts
+    assert k <= profile[(2, 1)] <= 2 * k and k <= profile[(2, 6)] <= min(e, 12 * k)
+    layers = c.num_layers
+    assert (profile[(2, 6)] + 3 * profile[(2, 1)]) * layers == pytest.approx(report["expert_reads"])
+    rp = RoutingProfile.from_report({"report": report})
+    assert rp.distinct(c, 2, 6) == pytest.approx(profile[(2, 6)], rel=1e-6)
+    every = Engine(tmp_path / "store", policy=Policy(gpu_batch_size=2, all_experts=True))
+    try:
+        every.generate([[3, 14, 15]], GenParams(max_new_tokens=2))
+    finally:
+        every.close()
+    assert build_report(every)["routing_profile"] == [] and RoutingProfile.from_report(build_report(every)) is None

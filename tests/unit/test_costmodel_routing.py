@@ -6,6 +6,7 @@ with PyTorch's expandable-segments allocator unless the user chose a configurati
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -152,3 +153,41 @@ def test_recorded_every_expert_run_prefill_bytes_match_the_roofline():
     row = dict(zip((h.strip() for h in lines[0]), (c.strip() for c in lines[2])))
     assert float(row["disk GB/s prefill"]) == pytest.approx(31.089e9 / 16.869e9, abs=0.01)
     assert float(row["disk GB/s decode"]) == pytest.approx(33.036e9 / 16.022e9, abs=0.01)
+
+
+def test_plan_prices_with_a_recorded_routing_profile(tmp_path):
+    """`kubeflash plan --routing-from BENCH_JSON` takes the run's report.routing_profile: it says so, its MoE lines give
+    the measured experts, and the predicted time of the chosen routed plan is no longer than under uniform routing; a
+    JSON without a profile is refused, naming the flag."""
+    job = tmp_path / "job.yaml"
+    job.write_text("""apiVersion: kubeflash.io/v1alpha1
+kind: InferenceJob
+metadata: {name: moe}
+spec:
+  model: {uri: "dummy:qwen3-30b-a3b", dtype: float16}
+  input: {synthetic: {count: 4, promptLength: 8}}
+  generation: {maxNewTokens: 3}
+  resources: {gpuMemory: 12Gi, cpuMemory: 16Gi}
+""")
+    bench = tmp_path / "bench.json"
+    bench.write_text('{"report": {"routing_profile": [[4, 1, 23.6], [4, 8, 49.7]]}}')
+    env = os.environ | {"KUBEFLASH_HOME": str(tmp_path / "home")}
+    ceilings = str(ROOT / "docs/bench-results/s12/moe-routed-b4.json")
+
+    def plan(*extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+        out = tmp_path / f"p{len(extra)}.json"
+        proc = subprocess.run([sys.executable, "-m", "kubeflash_node.cli", "plan", str(job), "--ceilings", ceilings,
+                               "--json", str(out), *extra], capture_output=True, text=True, timeout=600, env=env)
+        return proc, (json.loads(out.read_text()) if proc.returncode == 0 else {})
+
+    (uni, p_uni), (meas, p_meas) = plan(), plan("--routing-from", str(bench))
+    assert uni.returncode == 0 and meas.returncode == 0, uni.stderr + meas.stderr
+    assert "routing: measured by" in meas.stdout and "4 x 8 tokens -> 49.7 experts" in meas.stdout
+    assert "routing: measured by" not in uni.stdout
+    if not p_meas["best"]["policy"]["all_experts"]:
+        assert p_meas["moe"]["expected_experts_prefill"] == pytest.approx(49.7, rel=1e-3)
+    assert p_meas["best"]["total_s"] < p_uni["best"]["total_s"]
+    bad = tmp_path / "none.json"
+    bad.write_text('{"report": {}}')
+    refused, _ = plan("--routing-from", str(bad))
+    assert refused.returncode == 1 and "--routing-from" in refused.stderr and "routing_profile" in refused.stderr

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also weigh int8/int4 weights and 8/4-bit KV (changes the outputs: see docs/compression.md)")
     p.add_argument("--step", type=int_range(1, 100), default=10, help="step of the weights' gpu/cpu percentages (default 10)")
     p.add_argument("--json", type=Path, help="write the plan to this JSON file")
+    p.add_argument("--routing-from", type=Path, metavar="BENCH_JSON",
+                   help="MoE models: price routed expert reads with the routing a run of this model measured (its "
+                        "report's routing_profile: kubeflash bench --json) instead of uniform routing")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -41,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     from kubeflash_api.local import load_job_file as load_job
 
     from ..store.format import StoreError
-    from .costmodel import QUANT_BITS, Budget, describe, x_cache_note
+    from .costmodel import QUANT_BITS, Budget, Calibration, describe, x_cache_note
     from .costmodel import plan as make_plan
     from .moeplan import expert_cache_bytes, expert_prefetch_choice, moe_assumptions
     from .planning import pinned
@@ -51,6 +54,7 @@ def main(args: argparse.Namespace) -> int:
         _check_json_path(args.json)
         ceil, assumed = _ceilings(args)
         config, sizes, itemsize, size_note, tokenizer = _model(spec, args.store)
+        cal = Calibration(routing=_routing(args.routing_from, config))
         job = _job(spec, tokenizer, args.prompt_len)
         r = spec.resources
         gpu_bytes = args.gpu_memory or r.gpu_memory or _gpu_or_assumed(assumed)
@@ -59,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
                         r.kv_disk)
         quants = tuple(sizes) if args.allow_compression else (spec.model.quantization,)
         kv_bits = (16, 8, 4) if args.allow_compression else (QUANT_BITS[spec.offload.compression],)
-        explicit = _explicit(spec, job, config, ceil, budget, sizes, itemsize) \
+        explicit = _explicit(spec, job, config, ceil, budget, sizes, itemsize, cal) \
             if spec.offload.policy == "explicit" else None
         attn_why = None  # FFN-only or FFN+attention, where the store has attn_channels/ (_priced_plan)
         try:  # under an explicit policy the automatic plan is shown beside it, for comparison, without its pins
@@ -67,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
                 make_plan, _sparse_cost(spec, config, itemsize, args.store), config=config, ceil=ceil, job=job,
                 budget=budget, sizes=sizes, quantizations=quants, kv_bits=kv_bits,
                 base=replace(_base_policy(ceil), expert_cache_bytes=cache), step=args.step,
-                keep=None if explicit else pinned(spec.offload, config), itemsize=itemsize)
+                keep=None if explicit else pinned(spec.offload, config), itemsize=itemsize, cal=cal)
         except ValueError as e:
             if explicit is None:
                 raise
@@ -83,6 +87,9 @@ def main(args: argparse.Namespace) -> int:
           f"matmul {ceil.matmul_tflops:.0f} TFLOP/s")
     for line in assumed:
         print("assumed: " + line)
+    if cal.routing is not None:
+        print(f"routing: measured by {args.routing_from} (" + ", ".join(
+            f"{s} x {t} tokens -> {n:.1f} experts" for s, t, n in cal.routing.points) + " a layer read)")
     if explicit is not None:
         print(f"budgets: GPU {budget.gpu_bytes / 2**30:.2f} GiB, CPU {budget.cpu_bytes / 2**30:.2f} GiB\n")
         print("\n".join(explicit))
@@ -98,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     print("chosen:    " + describe(plan.best))
     print("           why: " + plan.best.why())
     stored = sizes[plan.best.candidate.quantization][0]
-    moe_lines, moe = moe_assumptions(config, plan.best.candidate.policy, job, stored)
+    moe_lines, moe = moe_assumptions(config, plan.best.candidate.policy, job, stored, cal.routing)
     prefetch, pf_lines, pf = expert_prefetch_choice(spec.offload.expert_prefetch, config, plan.best.candidate.policy,
                                                     job, stored, ceil, itemsize=itemsize)
     for line in moe_lines + pf_lines:
@@ -109,6 +116,9 @@ def main(args: argparse.Namespace) -> int:
         print(_sparse_line(spec.offload.sparsity, plan, ceil))
         if attn_why is not None:
             print(f"sparsity {spec.offload.sparsity:g}: {attn_why}")
+        layers = _layer_reads(spec, config, itemsize, args.store, plan, ceil)
+        if layers is not None:
+            print(f"sparsity {spec.offload.sparsity:g}: {layers.line()}")
     if plan.runner_up:
         r = plan.runner_up
         print(f"runner-up: {describe(r)}  (+{max(0.0, r.total_s / plan.best.total_s - 1):.1%})")
@@ -140,17 +150,37 @@ def _check_json_path(path: Path | None) -> None:
     _remove_empty(check_writable("--json", path, path.parent))
 
 
-def _explicit(spec, job, config, ceil, budget, sizes, itemsize) -> list[str]:
+def _routing(path: Path | None, config):
+    """The routing profile --routing-from names (costmodel.RoutingProfile), or None: uniform routing."""
+    import json
+
+    from .costmodel import RoutingProfile
+
+    if path is None:
+        return None
+    if not config.num_experts:
+        raise ValueError(f"--routing-from {path}: the model has no experts (a mixture-of-experts model only)")
+    try:
+        got = RoutingProfile.from_report(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--routing-from {path}: not JSON ({e}); expected a kubeflash bench --json result") from None
+    if got is None:
+        raise ValueError(f"--routing-from {path}: no report.routing_profile (a kubeflash bench --json result of a "
+                         f"routed MoE run, without expert prefetch, expected)")
+    return got
+
+
+def _explicit(spec, job, config, ceil, budget, sizes, itemsize, cal) -> list[str]:
     """Lines on the manifest's explicit policy: the prediction, and whether it fits the budgets (by how much not)."""
     from dataclasses import replace
 
-    from .costmodel import Calibration, Candidate, describe, kv_disk_bytes, memory, predict
+    from .costmodel import Candidate, describe, kv_disk_bytes, memory, predict
     from .planning import policy_for
 
     base = _base_policy(ceil)
     pol = replace(policy_for(spec, n_prompts=job.prompts, device="cuda", config=config),
                   io_threads=base.io_threads, io_task_bytes=base.io_task_bytes)
-    cand, cal, q = Candidate(pol, spec.model.quantization), Calibration(), spec.model.quantization
+    cand, q = Candidate(pol, spec.model.quantization), spec.model.quantization
     gpu, cpu = memory(cand, config=config, job=job, sizes=sizes[q], cal=cal, itemsize=itemsize)
     disk = kv_disk_bytes(cand, config=config, job=job, itemsize=itemsize)
     pr = predict(cand, config=config, ceil=ceil, job=job, budget=budget, sizes=sizes[q], cal=cal, itemsize=itemsize)
@@ -322,6 +352,32 @@ def _sparse_cost(spec, config, itemsize: int, store: Path | None = None):
         return SparseCost(spec.offload.sparsity, method="input", attention=attn_present(entry))
     hot = hot_budget(spec.resources, "cuda")
     return SparseCost(spec.offload.sparsity, hot, min(1.0, hot / (config.num_layers * updown_bytes(config, itemsize))))
+
+
+def _layer_reads(spec, config, itemsize: int, store: Path | None, plan, ceil):
+    """Input sparsity read sparsely, with the store entry's keep frequencies: each layer priced on its own at the
+    chosen micro-batch, the hot set of spec.resources held (layerreads.py, as `kubeflash run` does); else None."""
+    from ..store.cache import DEFAULT_ROOT
+    from ..store.channels import frequency, present
+    from ..store.ids import model_id
+    from .channelcache import hot_rows
+    from .costmodel import read_op_s
+    from .layerreads import choose_layers
+    from .sparse import hot_budget
+
+    sparse = plan.best.candidate.sparse
+    if sparse is None or sparse.method != "input":
+        return None
+    m = spec.model
+    entry = (store or DEFAULT_ROOT) / "models" / model_id(m.uri, dtype=m.dtype, quantization=m.quantization)
+    freq = frequency(entry, spec.offload.sparsity) if present(entry) else None
+    if freq is None:
+        return None
+    h, i = config.hidden_size, config.intermediate_size
+    rows = dict(hidden=h, in_row_bytes=2 * i * itemsize, down_row_bytes=h * itemsize)
+    held = hot_rows(freq, **rows, budget_bytes=hot_budget(spec.resources, "cuda"))
+    return choose_layers(freq, **rows, tokens=plan.best.candidate.policy.gpu_batch_size, op_s=read_op_s(ceil),
+                         gbps=ceil.disk_read_cold, held=held)
 
 
 def _priced_plan(make_plan, sparsity, **kw):

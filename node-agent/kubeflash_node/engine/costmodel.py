@@ -80,6 +80,16 @@ class RoutingProfile:
 
     points: tuple[tuple[int, int, float], ...]  # (sequences, tokens of each, distinct experts a layer read)
 
+    @classmethod
+    def from_report(cls, d: dict) -> RoutingProfile | None:
+        """The profile a run recorded (`routing_profile` of its report, or of a bench JSON's `report`); None where it
+        has none (a dense model, every expert read, expert prefetch on, or a run from before the engine recorded it)."""
+        r = d.get("report", d) if isinstance(d, dict) else {}
+        pts = r.get("routing_profile") if isinstance(r, dict) else None
+        if not pts:
+            return None
+        return cls(tuple((int(s), int(t), float(n)) for s, t, n in pts))
+
     def distinct(self, c: ModelConfig, sequences: int, per_seq: int) -> float:
         """Expected distinct experts one layer read of `sequences` x `per_seq` tokens routes to."""
         tokens = max(1, sequences * per_seq)

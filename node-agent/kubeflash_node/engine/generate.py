@@ -109,7 +109,7 @@ class Engine:
                 self.streamer.resident[stage] = fuse_projections(self.streamer.resident[stage])
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cache_bytes": 0,
                       "generated_tokens": 0, "block_setup_s": 0.0, "prefill_weight_bytes": 0,
-                      "decode_weight_bytes": 0, "decode_passes": 0}
+                      "decode_weight_bytes": 0, "decode_passes": 0, "routing": {}}
         self.prefix = prefix_cache.bind(self) if prefix_cache is not None else None
         if cuda:
             self._warm_kernels()
@@ -172,13 +172,30 @@ class Engine:
         for b0 in range(0, n, bs):
             yield list(range(b0, min(b0 + bs, n)))
 
+    def _expert_requests(self) -> int:
+        """Routed experts requested so far over every routed layer read: read, or served by the hot-expert cache."""
+        return self.timings.count["load_expert"] + self.timings.count["expert_cache_hit"]
+
+    def _count_routing(self, mbs, step: int, requests: int) -> None:
+        """Add one pass's routed expert requests to the run's routing by read shape (sequences of the block, tokens of
+        each: the prompt at step 0, one after), with the routed layer reads they came from; the report's
+        routing_profile is their mean, what costmodel.RoutingProfile takes. Not counted with expert prefetch, whose
+        reads include guesses the router did not pick."""
+        layers = len(self.streamer.routed)
+        if not layers or self.streamer.expert_prefetch is not None:
+            return
+        shape = (sum(mb.ids.shape[0] for mb in mbs), max(mb.ids.shape[1] - mb.cached for mb in mbs) if step == 0 else 1)
+        got = self.stats["routing"].setdefault(shape, [0, 0])
+        got[0] += requests
+        got[1] += layers
+
     # ------------------------------------------------------------------------------------ schedule
     def _run_block(self, prompts, block, params, gen, stop, on_step) -> list[Completion]:
         t0 = time.perf_counter()
         mbs = self._make_block(prompts, block, params)  # queues the block's KV cache (host memory locks meanwhile)
         self.stats["block_setup_s"] += time.perf_counter() - t0
         for step in range(params.max_new_tokens):
-            t0, b0 = time.perf_counter(), self.timings.weight_bytes()
+            t0, b0, r0 = time.perf_counter(), self.timings.weight_bytes(), self._expert_requests()
             self._pass(mbs, step=step, params=params, gen=gen, stop=stop)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -189,6 +206,7 @@ class Engine:
             # counts the next pass's first stages and not its own: even over a run, exact for routed experts)
             self.stats[f"{key}_weight_bytes"] += self.timings.weight_bytes() - b0
             self.stats["decode_passes"] += step > 0
+            self._count_routing(mbs, step, self._expert_requests() - r0)
             self.stats[f"{key}_tokens"] += sum(mb.ids.shape[0] * (mb.ids.shape[1] - mb.cached if step == 0 else 1)
                                                for mb in mbs)
             if step == 0 and self.prefix:

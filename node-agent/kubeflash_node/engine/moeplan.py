@@ -37,9 +37,11 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
-def moe_assumptions(c: ModelConfig, p: Policy, job: JobShape, stored: list[int]) -> tuple[list[str], dict | None]:
+def moe_assumptions(c: ModelConfig, p: Policy, job: JobShape, stored: list[int],
+                    routing=None) -> tuple[list[str], dict | None]:
     """(lines for the plan's output, the same as a dict for --json) for plan policy `p`; ([], None) for a dense
-    model. `stored`: bytes of each stage as stored (embed, layers, head)."""
+    model. `stored`: bytes of each stage as stored (embed, layers, head); `routing`: a measured
+    costmodel.RoutingProfile (None: uniform routing)."""
     if not c.num_experts:
         return [], None
     e, k = c.num_experts, c.num_experts_per_tok
@@ -52,12 +54,16 @@ def moe_assumptions(c: ModelConfig, p: Policy, job: JobShape, stored: list[int])
         return [head, "  all experts: every expert is read with its layer (no routing assumed)"], \
             {"experts": e, "top_k": k, "all_experts": True, "streamed_layers": len(disk)}
     block = p.gpu_batch_size * p.num_gpu_batches  # sequences that share one read of each layer
-    decode, prefill = c.expected_experts(block), c.expected_experts(block * max(1, job.prompt_len))
+    plen = max(1, job.prompt_len)
+    decode, prefill = (routing.distinct(c, block, 1), routing.distinct(c, block, plen)) if routing else \
+        (c.expected_experts(block), c.expected_experts(block * plen))
     expert_bytes = layer * c.expert_share() * c.num_layers  # as routed_layer_bytes takes it: every layer's experts
     hit = min(1.0, p.expert_cache_bytes / expert_bytes) if expert_bytes else 0.0
-    per_read = routed_layer_bytes(c, layer, p, block)
+    per_read = routed_layer_bytes(c, layer, p, block, sequences=block, routing=routing)
+    how = "routing as measured (--routing-from)" if routing else \
+        "assumed uniform routing (random weights route so; a trained router is skewed, which reads fewer)"
     lines = [head,
-             f"  assumed uniform routing (random weights route so; a trained router is skewed, which reads fewer): "
+             f"  {how}: "
              f"a decode read serves {block} tokens -> {decode:.1f} of {e} experts expected per layer "
              f"({decode / e:.0%} of its expert bytes); a prefill read serves {block} x {job.prompt_len} tokens -> "
              f"{prefill:.1f}",

@@ -35,6 +35,9 @@ def build_report(engine) -> dict:
         "decode_weight_bytes_per_pass": s["decode_weight_bytes"] / s["decode_passes"] if s["decode_passes"] else 0.0,
         "decode_weight_bytes_per_token": s["decode_weight_bytes"] / s["decode_tokens"] if s["decode_tokens"] else 0.0,
         "expert_reads": t.count["load_expert"], "expert_cache_hits": t.count["expert_cache_hit"],  # MoE only
+        # MoE: mean distinct experts a routed layer read routed to, by (sequences, tokens of each): costmodel.RoutingProfile
+        "routing_profile": [[seqs, per_seq, requests / layers]
+                            for (seqs, per_seq), (requests, layers) in sorted(s.get("routing", {}).items())],
         "prefill_latency_s": s["prefill_s"], "prefill_tokens": s["prefill_tokens"],
         "prefill_throughput_tok_s": s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0.0,
         "decode_latency_s": s["decode_s"], "decode_tokens": s["decode_tokens"],
