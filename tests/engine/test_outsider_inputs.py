@@ -188,3 +188,21 @@ def test_a_directory_without_tokenizer_runs_synthetic_prompts_or_names_their_voc
         assert error.startswith("kubeflash run: error: spec.input.synthetic[0] (id synthetic-0): " + message), error
         results = tmp_path / "kubeflash-out" / name / "results.jsonl"
         assert not results.exists() or not results.read_text().strip()
+
+
+@pytest.mark.parametrize("value,expected", [("fast", "a number >= 0"), (-1.0, "a number >= 0"), (True, "a number"),
+                                            (None, "a number >= 0"), (float("nan"), "a number >= 0")])
+def test_ceilings_file_values_of_the_wrong_type_are_refused_by_key(value, expected, tmp_path):
+    """`--ceilings FILE` (kubeflash plan, bench, run): a value that is not a number >= 0 names the file and the key
+    (it used to reach a format string: "Unknown format code 'f' for object of type 'str'")."""
+    from kubeflash_node.engine.bench import Ceilings
+
+    path = tmp_path / "ceilings.json"
+    path.write_text(json.dumps({"ceilings": {"disk_read_cold": value, "h2d_pinned": 25.0}}))
+    with pytest.raises(ValueError, match=rf"^{path}: disk_read_cold = .*; expected {expected}"):
+        Ceilings.load(path)
+    path.write_text(json.dumps({"disk_read_threads": 2.5}))
+    with pytest.raises(ValueError, match=rf"^{path}: disk_read_threads = 2.5; expected an integer >= 0"):
+        Ceilings.load(path)
+    path.write_text(json.dumps({"disk_read_cold": 3, "h2d_pinned": 25.5, "disk_read_threads": 8, "other": "x"}))
+    assert Ceilings.load(path).disk_read_cold == 3 and Ceilings.load(path).disk_read_threads == 8

@@ -56,7 +56,13 @@ class Ceilings:
         d = d.get("ceilings", d) if isinstance(d, dict) else None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a JSON object of ceilings (disk_read_cold, h2d_pinned, …)")
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k, v in fields.items():  # a string or a negative rate would only fail later, in a formula or a format
+            whole = cls.__dataclass_fields__[k].type == "int"
+            if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)) or not 0 <= v < float("inf"):
+                raise ValueError(f"{path}: {k} = {v!r}; expected {'an integer' if whole else 'a number'} >= 0, "
+                                 "as kubeflash bench --ceilings-only --json writes it")
+        return cls(**fields)
 
 
 def drop_file_pages(paths) -> None:
