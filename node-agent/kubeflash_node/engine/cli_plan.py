@@ -107,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
     stored = sizes[plan.best.candidate.quantization][0]
     moe_lines, moe = moe_assumptions(config, plan.best.candidate.policy, job, stored, cal.routing)
     prefetch, pf_lines, pf = expert_prefetch_choice(spec.offload.expert_prefetch, config, plan.best.candidate.policy,
-                                                    job, stored, ceil, itemsize=itemsize)
+                                                    job, stored, ceil, itemsize=itemsize, routing=cal.routing)
     for line in moe_lines + pf_lines:
         print(line)
     if moe is not None:

@@ -17,7 +17,7 @@ streamed from disk), with the lines that say why (the plan prints them; the run 
 from __future__ import annotations
 
 from ..store.modelconfig import ModelConfig
-from .costmodel import JobShape, PrefetchCost, expert_prefetch_cost, guess_hit_rate, routed_layer_bytes
+from .costmodel import Calibration, JobShape, PrefetchCost, expert_prefetch_cost, guess_hit_rate, routed_layer_bytes
 from .policy import Policy
 
 EXPERT_CACHE_AUTO_SHARE = 1 / 8  # of the compute device's budget, under spec.offload.expertCache: auto
@@ -78,13 +78,15 @@ def moe_assumptions(c: ModelConfig, p: Policy, job: JobShape, stored: list[int],
 
 
 def expert_prefetch_choice(setting: str, c: ModelConfig, p: Policy, job: JobShape, stored: list[int], ceil, *,
-                           itemsize: int = 2) -> tuple[bool, list[str], dict | None]:
+                           itemsize: int = 2, routing=None) -> tuple[bool, list[str], dict | None]:
     """(prefetch on, lines saying what was chosen and why, the same for --json and the run report) for
     spec.offload.expertPrefetch `setting` (auto | on | off) under policy `p`; `ceil`: measured ceilings (None: none
-    here, so auto is off). A dense model: (False, [], None)."""
+    here, so auto is off); `routing`: a measured costmodel.RoutingProfile (None: uniform routing). A dense model:
+    (False, [], None)."""
     if not c.num_experts:
         return False, [], None
-    cost = expert_prefetch_cost(p, config=c, ceil=ceil, job=job, stored=stored, itemsize=itemsize) \
+    cost = expert_prefetch_cost(p, config=c, ceil=ceil, job=job, stored=stored, itemsize=itemsize,
+                                cal=Calibration(routing=routing)) \
         if ceil is not None else None
     priced = cost is not None and cost.layers > 0
     if priced:
