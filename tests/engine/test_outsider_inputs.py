@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,55 @@ def test_ceilings_file_values_of_the_wrong_type_are_refused_by_key(value, expect
         Ceilings.load(path)
     path.write_text(json.dumps({"disk_read_cold": 3, "h2d_pinned": 25.5, "disk_read_threads": 8, "other": "x"}))
     assert Ceilings.load(path).disk_read_cold == 3 and Ceilings.load(path).disk_read_threads == 8
+
+
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory) -> Path:
+    """A random Llama of 48 small layers (~30 MB in float32): long enough a conversion to kill between stages."""
+    from transformers import LlamaConfig
+
+    from hf_random import save_random_model
+
+    out = tmp_path_factory.mktemp("hf") / "deep"
+    save_random_model(LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=48,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64), out)
+    return out
+
+
+@pytest.mark.parametrize("overwrite,stages", [(False, ("embed.bin", "layer_024.bin")),
+                                               (True, ("layer_000.bin", "head.bin"))], ids=["new", "overwrite"])
+def test_convert_killed_at_any_stage_leaves_no_half_written_entry(deep_llama, tmp_path, overwrite, stages):
+    """`kubeflash convert` killed with SIGKILL while it writes its first, a middle or its last stage file: the
+    store holds no entry (or, with --overwrite, the old one, complete and unchanged: every file's sha256 checks),
+    so nothing a later run would accept is half written; the next convert clears the killed ones' scratch
+    directories and publishes a complete entry."""
+    from kubeflash_node.store.format import STAGING, load_manifest, verify
+
+    out = tmp_path / "store" / "m"
+    cmd = [sys.executable, "-m", "kubeflash_node.cli", "convert", str(deep_llama), "--out", str(out),
+           "--dtype", "float32"] + (["--overwrite"] if overwrite else [])
+    old = None
+    if overwrite:
+        convert(str(deep_llama), out, dtype="float16")
+        old = (out / "manifest.json").read_bytes()
+    for stage in stages:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while not list(out.parent.glob(f"{STAGING}m-*/{stage}")) and p.poll() is None:
+                assert time.monotonic() < deadline, f"convert never wrote {stage}"
+                time.sleep(0.0005)
+            assert p.poll() is None, f"convert finished before it could be killed at {stage}"
+        finally:
+            p.kill()
+            p.wait()
+        if overwrite:
+            assert (out / "manifest.json").read_bytes() == old, stage
+            verify(out, load_manifest(out))
+        else:
+            assert not out.exists(), stage
+    convert(str(deep_llama), out, dtype="float32", overwrite=overwrite)
+    m = load_manifest(out)
+    assert m.dtype == "float32" and len(m.stages) == 50
+    verify(out, m)
+    assert not list(out.parent.glob(f"{STAGING}*"))  # the killed runs' scratch directories are gone
