@@ -212,9 +212,8 @@ def test_ceilings_file_values_of_the_wrong_type_are_refused_by_key(value, expect
 @pytest.fixture(scope="module")
 def deep_llama(tmp_path_factory) -> Path:
     """A random Llama of 48 small layers (~30 MB in float32): long enough a conversion to kill between stages."""
-    from transformers import LlamaConfig
-
     from hf_random import save_random_model
+    from transformers import LlamaConfig
 
     out = tmp_path_factory.mktemp("hf") / "deep"
     save_random_model(LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=48,
