@@ -92,7 +92,7 @@ def _calibrate(model_dir: Path, targets, *, device: str, text: Path, max_tokens:
     if manifest.config.get("architecture") != "opt":  # input sparsity's column files (store/channels.py)
         from ..store.channels import write_channels
 
-        write_channels(model_dir)
+        write_channels(model_dir, {t: rec.input_frequency_at(v) for t, v in calibration.inputs.items()})
     if predictor_rank:
         for t, v in th.items():
             fit_predictor(model_dir, rec, v, rank=predictor_rank, target=t)

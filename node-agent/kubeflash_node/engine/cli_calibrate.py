@@ -148,7 +148,8 @@ def calibrate_cli(args: argparse.Namespace) -> Path:
     if args.channels and manifest.config.get("architecture", "llama") != "opt":
         from ..store.channels import write_channels
 
-        print(f"input-channel files: {write_channels(model_dir)}")
+        ins = rec.input_thresholds_at(args.sparsity)
+        print(f"input-channel files: {write_channels(model_dir, {t: rec.input_frequency_at(v) for t, v in ins.items()})}")
         if args.attention:
             from ..store.channels import write_attn_channels
 

@@ -92,6 +92,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         if sparsity is not None and (sparsity.bundles is not None or sparsity.channels is not None):
             _follow_reads(sparsity, spec, chosen, policy, config=config, manifest=manifest, job=shape, machine=machine,
                           itemsize=itemsize)
+            _layer_reads(sparsity, model_dir, policy, machine)
         prefix = _prefix_cache(spec, kv_cache_dir)
         seed = {"routing_seed": routing_seed} if routing_seed is not None else {}
         engine = engine_factory(model_dir, policy=policy, device=device, job_dir=job_dir, prefix_cache=prefix,
@@ -279,6 +280,29 @@ def _follow_reads(sparsity, spec: JobSpec, chosen, policy: Policy, *, config, ma
         if sparsity.attention_priced:
             sparsity.attention_why = "FFN+attention input sparsity: no measured ceilings to price it against FFN-only"
     sparsity.follow(sparse, why)
+
+
+def _layer_reads(sparsity, model_dir: Path, policy: Policy, machine) -> None:
+    """Input sparsity reading sparsely, with the machine's ceilings and the calibration's keep frequencies: each
+    layer priced on its own at the policy's micro-batch (layerreads.py); where the union of kept rows approaches
+    them all, the layer's FFN is streamed whole instead."""
+    if sparsity.channels is None or machine is None:
+        return
+    import numpy as np
+
+    from ..store.channels import frequency
+    from .costmodel import read_op_s
+    from .layerreads import choose_layers
+
+    freq = frequency(model_dir, sparsity.target)
+    if freq is None:  # channel files cut before the frequencies were written: every layer as the run chose
+        return
+    ch = sparsity.channels
+    held = [(np.flatnonzero(a.hot).tolist(), np.flatnonzero(b.hot).tolist()) for a, b in ch.layers] \
+        if hasattr(ch, "layers") else None
+    sparsity.per_layer(choose_layers(freq, hidden=ch.hidden, in_row_bytes=ch.in_row_bytes,
+                                     down_row_bytes=ch.down_row_bytes, tokens=policy.gpu_batch_size,
+                                     op_s=read_op_s(machine.ceilings), gbps=machine.ceilings.disk_read_cold, held=held))
 
 
 def _prefix_cache(spec: JobSpec, kv_cache_dir: Path | None) -> PrefixCache:

@@ -273,14 +273,17 @@ def merged(ids: np.ndarray, gap: int) -> np.ndarray:
     return np.concatenate([rep + (np.arange(rep.shape[0]) - start), ids[-1:]])
 
 
-def read_kept(reader, layer: int, ids: torch.Tensor, gap: int, *, out: bool, timings=None) -> tuple[torch.Tensor, int]:
-    """(rows, bytes read) of a channel file (store/channels.py's readers) for the sorted ids: `reader.down` rows
-    where `out`, else `reader.inputs` rows; one read per run, runs at most `gap` apart read as one and the extra rows
-    dropped. The read is timed as load_neurons in `timings` when given."""
+def read_kept(reader, layer: int, ids: torch.Tensor, gap: int, *, out: bool, timings=None,
+              decode: bool | None = None) -> tuple[torch.Tensor, int]:
+    """(rows, bytes read) of a channel file (store/channels.py's readers, or channelcache.ChannelCache, which takes
+    `decode`) for the sorted ids: `reader.down` rows where `out`, else `reader.inputs` rows; one read per run, runs
+    at most `gap` apart read as one and the extra rows dropped. The read is timed as load_neurons in `timings` when
+    given."""
     t0, before = time.perf_counter(), reader.bytes_read
     want = ids.cpu().numpy()
     span = merged(want, gap)
-    got = as_torch((reader.down if out else reader.inputs)(layer, span.tolist()))
+    more = {} if decode is None else {"decode": decode}
+    got = as_torch((reader.down if out else reader.inputs)(layer, span.tolist(), **more))
     if span.shape[0] != want.shape[0]:
         got = got.index_select(0, torch.from_numpy(np.searchsorted(span, want)))
     n = reader.bytes_read - before

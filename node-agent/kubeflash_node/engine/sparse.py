@@ -50,6 +50,7 @@ RECORD_MAX = 1 << 23  # ... and per layer in all (torch.quantile takes at most 1
 FREQ_TOKENS = 512  # whole activation vectors kept per layer while calibrating, for per-neuron frequencies
 PRED_TOKENS = 4096  # FFN inputs kept per layer while calibrating (float16), to fit and check the predictors
 WINDOW = 5  # decode calls a neuron's bundle stays after it was last active (LLM in a flash's k)
+CHANNEL_WINDOW = 0  # the same for input sparsity's channel rows: none (docs/sparsity.md: its memory is not budgeted)
 HOT_SHARE = 0.25  # of the job's memory budget on the compute device, for the resident hot neurons
 BUNDLED = frozenset({"w_up", "w_down", "fc2_w"})  # matrices a bundled layer's stage is read without
 
@@ -128,11 +129,15 @@ class SparseFFN:
         self.inputs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # [n, H] float16 FFN inputs
         self.in_samples: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # |FFN input| samples
         self.mid_samples: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # |act(gate) * up| samples
+        self.mid_vectors: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # [n, I] float16 |intermediate|
         self._gen = torch.Generator().manual_seed(0)
+        self._mid_gen = torch.Generator().manual_seed(2)
         self._layers = [self._for_layer(j) for j in range(num_layers)]
         self.attention = attention  # attnsparse.SparseAttention (method "input" or recording) or None: dense attention
         self.attention_asked: bool | None = None  # the caller's `attention` (for_job): True is kept even if slower
         self.attention_why: str | None = None  # FFN-only or FFN+attention, as the cost model priced them (why)
+        self.dense_layers: frozenset[int] = frozenset()  # input method: layers streamed with their FFN whole
+        self.layers_why: str | None = None  # layerreads.LayerReads.line(): the per-layer choice and why
 
     @classmethod
     def recorder(cls, num_layers: int) -> SparseFFN:
@@ -186,6 +191,12 @@ class SparseFFN:
         prices FFN-only against FFN+attention before the run (price_attention)."""
         return self.attention is not None and self.attention.channels is not None
 
+    def per_layer(self, choice) -> SparseFFN:
+        """Read the FFN whole in the layers `choice` (a layerreads.LayerReads) prices dense, the kept columns in the
+        rest (input method; the same kept columns either way, so the same outputs)."""
+        self.dense_layers, self.layers_why = choice.dense_layers, choice.line()
+        return self
+
     def price_attention(self, attn_s: float, ffn_s: float) -> bool:
         """Keep the attention's input sparsity where it is predicted faster (`attn_s`) than FFN-only (`ffn_s`) or
         the caller asked for it; else drop it (the attention computed and read whole). True: kept."""
@@ -202,7 +213,8 @@ class SparseFFN:
         decides needs only the predicted gate rows), for the WeightStreamer."""
         if self.channels is not None and 1 <= stage <= len(self.thresholds):  # every column needed: channel files
             attn = self.attention is not None and self.attention.channels is not None
-            return frozenset({"w_gate", "w_up", "w_down"} | ({"wq", "wk", "wv", "wo"} if attn else set()))
+            ffn = set() if stage - 1 in self.dense_layers else {"w_gate", "w_up", "w_down"}
+            return frozenset(ffn | ({"wq", "wk", "wv", "wo"} if attn else set()))
         if self.bundles is None or not 1 <= stage <= len(self.thresholds):
             return frozenset()
         if self.predictor is not None and self.predictor.use[stage - 1]:
@@ -240,10 +252,17 @@ class SparseFFN:
             out += f"; {self.attention_why}"
         if self.choice is not None:
             out += f"; {self.choice[1]}"
+        if self.layers_why is not None:
+            out += f"; {self.layers_why}"
         if self.channels is None and self.choice is None:
             out += "; no input-channel files (kubeflash calibrate writes them), so streamed layers are read whole"
         elif self.channels is not None:
             out += f"; {self.channels.bytes_read / 2**20:.1f} MiB read from the input-channel files"
+            c = self.channel_cache()
+            if c is not None:
+                out += (f" (rows held: hot set {c['hot_bytes'] / 2**20:.1f} MiB, window {c['window']}, "
+                        f"{100 * c['hit_rate']:.1f}% of kept rows served from them, peak held "
+                        f"{c['peak_held_bytes'] / 2**20:.1f} MiB)")
         if self.attention is not None:
             a = self.attention.summary()
             out += f"; attention inputs: {100 * a['token_sparsity']:.1f}% dropped"
@@ -252,6 +271,14 @@ class SparseFFN:
             if self.attention.channels is not None:
                 out += f" ({self.attention.channels.bytes_read / 2**20:.1f} MiB read from the attention channel files)"
         return out
+
+    def channel_cache(self) -> dict | None:
+        """The input-channel rows' hot set and window (channelcache.ChannelCache), or None where there is none."""
+        c = self.channels
+        if not hasattr(c, "window"):
+            return None
+        return {"hot_bytes": c.hot_bytes, "window": c.window, "hits": c.hits, "misses": c.misses,
+                "hit_rate": c.hits / max(1, c.hits + c.misses), "peak_held_bytes": c.peak_held_bytes}
 
     def weights(self) -> dict | None:
         """Weight bytes the engine read and would have read dense (None without bundles or an engine)."""
@@ -266,6 +293,8 @@ class SparseFFN:
         out = {"target": self.target, "source": self.source, "method": self.method, **self.reads.summary()}
         if self.channels is not None:
             out["channel_bytes_read"], out["channel_reads"] = self.channels.bytes_read, self.channels.reads
+            if self.channel_cache() is not None:
+                out["channel_cache"] = self.channel_cache()
         if self.method == "input":
             out["channel_merge_gaps"] = list(self.channel_gaps)
         if self.attention is not None and self.attention.th is not None:
@@ -277,6 +306,8 @@ class SparseFFN:
             out["reads"], out["reads_why"] = self.choice
         if self.attention_why is not None:
             out["attention_why"] = self.attention_why
+        if self.layers_why is not None:
+            out["dense_layers"], out["layers_why"] = sorted(self.dense_layers), self.layers_why
         if self.bundles is not None:
             out["bundle_bytes_read"], out["bundle_reads"] = self.bundles.bytes_read, self.bundles.reads
             out["merge_gap"] = self.gap
@@ -361,8 +392,9 @@ class SparseFFN:
         one run at a time (runs at most channel_gaps apart read as one, the extra rows dropped)."""
         from .neurons import read_kept
 
+        cached = hasattr(self.channels, "window")  # a channelcache.ChannelCache: the window keeps decode reads
         got, n = read_kept(self.channels, layer, ids, self.channel_gaps[1 if down else 0], out=down,
-                           timings=self.timings)
+                           timings=self.timings, decode=(h.shape[1] == 1) if cached else None)
         self.reads.bundle_bytes["decode" if h.shape[1] == 1 else "prefill"] += n
         return got.to(h.device, h.dtype)
 
@@ -483,6 +515,8 @@ class SparseFFN:
     def _record_inputs(self, layer: int, h: torch.Tensor, m: torch.Tensor) -> None:
         self._keep_flat(self.in_samples[layer], h, RECORD_MAX // 4)  # 2M samples a quantile: plenty, and bounded
         self._keep_flat(self.mid_samples[layer], m, RECORD_MAX // 4)
+        self._sample(self.mid_vectors[layer], m.detach().abs().reshape(-1, m.shape[-1]).to("cpu", torch.float16),
+                     FREQ_TOKENS, self._mid_gen)  # its own generator: the thresholds' samples stay what they were
 
     def _keep_flat(self, kept: list[torch.Tensor], a: torch.Tensor, most: int = RECORD_MAX, gen=None) -> None:
         """Keep a uniform sample of |a|'s entries (at most RECORD_PER_CALL a call, `most` in all) in `kept`."""
@@ -494,12 +528,13 @@ class SparseFFN:
             allv = torch.cat(kept)
             kept[:] = [allv[torch.randint(allv.numel(), (most // 2,), generator=gen or self._gen)]]
 
-    def _sample(self, kept: list[torch.Tensor], rows: torch.Tensor, most: int) -> None:
+    def _sample(self, kept: list[torch.Tensor], rows: torch.Tensor, most: int, gen=None) -> None:
         """Keep up to `most` of the rows seen so far in `kept`, a uniform sample of the calls' rows."""
-        kept.append(rows[torch.randperm(rows.shape[0], generator=self._gen)[:most]])
+        gen = gen or self._gen
+        kept.append(rows[torch.randperm(rows.shape[0], generator=gen)[:most]])
         if sum(v.shape[0] for v in kept) > most:
             allv = torch.cat(kept)
-            kept[:] = [allv[torch.randperm(allv.shape[0], generator=self._gen)[:most]]]
+            kept[:] = [allv[torch.randperm(allv.shape[0], generator=gen)[:most]]]
 
     def thresholds_at(self, targets: Sequence[float]) -> dict[float, tuple[float, ...]]:
         """Per target: each layer's |activation| quantile at that target over what was recorded. A target of 0
@@ -528,6 +563,17 @@ class SparseFFN:
         return np.stack([(torch.cat(v).float() > t).float().mean(0).numpy() for v, t in zip(self.vectors, thresholds)])
 
 
+    def input_frequency_at(self, inputs: Sequence[tuple[float, float]]):
+        """[L, H + I] float32 numpy (method "input"): per layer, the share of recorded tokens on which each FFN input
+        channel (first H) and each intermediate neuron (last I) was kept at the layer's (input, intermediate)
+        thresholds: what the input-channel files' hot set is chosen from (channelcache.hot_rows)."""
+        import numpy as np
+
+        return np.stack([np.concatenate([(torch.cat(h).float().abs() > a).float().mean(0).numpy(),
+                                         (torch.cat(m).float() > b).float().mean(0).numpy()])
+                         for h, m, (a, b) in zip(self.inputs, self.mid_vectors, inputs)])
+
+
 def _rows(b: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
     return None if b is None else b.index_select(0, idx)
 
@@ -551,7 +597,7 @@ def paired_quantiles(firsts: list[list[torch.Tensor]], seconds: list[list[torch.
 
 def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec.offload.sparsity",
             hot_bytes: int = 0, window: int = WINDOW, gap: int | None = None, method: str = "auto",
-            attention: bool | None = None) -> SparseFFN:
+            attention: bool | None = None, channel_window: int = CHANNEL_WINDOW) -> SparseFFN:
     """The sparse FFN a job asking for `target` runs with: OPT-style ReLU models use their own zeros (exact, no
     calibration); other activations need the model's calibration for `target` (store/sparsity.py refuses a
     missing or stale one, naming `field`). With the model's neuron bundles (kubeflash calibrate writes them) the
@@ -563,6 +609,9 @@ def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec
     layers read the kept columns from the input-channel files when the model has them), "gate" the gate
     activation (CATS, above), "auto" input where the model has input-channel files and input thresholds for
     `target` (kubeflash calibrate writes both), gate otherwise (docs/sparsity.md says why).
+
+    With method "input" and input-channel files, `hot_bytes` of the rows most often kept on the calibration text
+    are held (channelcache.py) and a row read in a decode call stays `channel_window` calls of its kind.
 
     `attention` (method "input" only): True thresholds the attention's inputs too (attnsparse.py; needs a
     calibration with attention thresholds; streamed layers read q/k/v/o columns from the attention channel files
@@ -581,7 +630,8 @@ def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec
         th = thresholds_for_job(model_dir, target, config.num_layers, field)
         source = "calibrated"
         if method != "gate":
-            ffn = _input_for_job(config, model_dir, target, th, field, method, gap, attention)
+            ffn = _input_for_job(config, model_dir, target, th, field, method, gap, attention,
+                                 hot_bytes=hot_bytes, window=channel_window)
             if ffn is not None:
                 return ffn
     if attention:
@@ -612,7 +662,8 @@ def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec
 
 
 def _input_for_job(config: ModelConfig, model_dir, target: float, th, field: str, method: str,
-                   gap: int | None, attention: bool | None = None) -> SparseFFN | None:
+                   gap: int | None, attention: bool | None = None, *, hot_bytes: int = 0,
+                   window: int = 0) -> SparseFFN | None:
     """The input-sparse (TEAL) FFN of a job, or None where `method` is auto and the model lacks what it needs."""
     from ..store import channels
     from ..store.sparsity import CalibrationError, input_thresholds_for
@@ -625,6 +676,13 @@ def _input_for_job(config: ModelConfig, model_dir, target: float, th, field: str
         raise CalibrationError(f"{field} {target:g}: the calibration in {model_dir} has no input thresholds (made "
                                f"before input sparsity); run `kubeflash calibrate {model_dir} --text FILE` again")
     reader = channels.ChannelReader(model_dir) if have else None
+    if reader is not None and (hot_bytes or window):
+        from .channelcache import ChannelCache, hot_rows
+
+        freq = channels.frequency(model_dir, target) if hot_bytes else None
+        hot = None if freq is None else hot_rows(freq, hidden=reader.hidden, in_row_bytes=reader.in_row_bytes,
+                                                 down_row_bytes=reader.down_row_bytes, budget_bytes=hot_bytes)
+        reader = ChannelCache(reader, hot=hot, window=window)
     ffn = SparseFFN(th, num_layers=config.num_layers, target=target, source="calibrated", inputs=ins,
                     channels=reader)
     if reader is not None:

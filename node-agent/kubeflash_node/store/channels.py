@@ -19,6 +19,7 @@ output). `kubeflash calibrate --attention` writes them; `AttnChannelReader` read
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -36,9 +37,10 @@ ATTN_FORMAT = "kubeflash-attn-channels/1"
 QUANTIZED = "quantized matrices are not cut into channels (use a float store)"
 
 
-def write_channels(model_dir: Path) -> Path:
+def write_channels(model_dir: Path, freq: dict[float, np.ndarray] | None = None) -> Path:
     """Cut every decoder layer's gate/up columns (one bundle per input channel) and down columns into
-    `<model_dir>/ffn_channels` (Llama family: gate, up and down matrices)."""
+    `<model_dir>/ffn_channels` (Llama family: gate, up and down matrices), with the calibration's per-row keep
+    frequencies (`freq`: target -> [L, H + I], input channels then neurons) beside them, for the hot set."""
     model_dir = Path(model_dir)
     m, out, layers = start_layer_files(model_dir, DIR, QUANTIZED)
     shape = None
@@ -57,9 +59,10 @@ def write_channels(model_dir: Path) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, out / f"layer_{j:03d}.bin")
+    freqs = {f"{t:g}": _save_npy(out, f"freq_{t:g}.npy", f) for t, f in sorted((freq or {}).items())}
     atomic_write_json(out / INDEX, {"format": FORMAT, "manifest_sha256": manifest_sha256(model_dir),
                                     "layers": len(layers), "intermediate": int(shape[0]), "hidden": int(shape[1]),
-                                    "dtype": str(gate.dtype)})
+                                    "dtype": str(gate.dtype), "frequency": freqs})
     fsync_dir(out)
     return out
 
@@ -90,6 +93,31 @@ def write_attn_channels(model_dir: Path) -> Path:
                                     "dtype": str(q.dtype)})
     fsync_dir(out)
     return out
+
+
+def _save_npy(out: Path, name: str, a: np.ndarray) -> str:
+    tmp = out / f".{name}.tmp"
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(a, dtype=np.float32))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out / name)
+    return name
+
+
+def frequency(model_dir: Path, target: float) -> np.ndarray | None:
+    """[L, H + I] keep frequencies of `target` written with the input-channel files, or None where there are none
+    (channel files cut before the hot set existed, or the target not calibrated with them)."""
+    d = Path(model_dir) / DIR
+    try:
+        name = json.loads((d / INDEX).read_text()).get("frequency", {}).get(f"{target:g}")
+        if name is None:
+            return None
+        if name != f"freq_{target:g}.npy":
+            raise ValueError(f"{INDEX} names {name!r}, expected freq_{target:g}.npy")
+        return np.load(d / name, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{d}: unreadable keep frequencies for {target:g} ({e}); run kubeflash calibrate again") from e
 
 
 def present(model_dir: Path) -> bool:

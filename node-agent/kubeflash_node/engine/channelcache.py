@@ -1,0 +1,135 @@
+"""Input sparsity's channel rows served from memory first: a resident hot set and a sliding window (issue 20).
+
+Input sparsity (sparse.py, method "input") reads, per layer call, the kept FFN input channels' gate|up rows and the
+kept neurons' down rows from the input-channel files (store/channels.py). `ChannelCache` wraps that reader with the
+same interface (`inputs`, `down`, `bytes_read`, `reads`), so `neurons.read_kept` and the sparse FFN use it unchanged:
+- the hot set: per layer, the rows most often kept on the calibration text (`hot_rows`: both kinds of row, ranked
+  together by keep frequency, that fit a byte budget over all layers), read once at start and held;
+- the window: a row read in a decode call stays while it was kept in one of the layer's last `window` calls of its
+  kind (LLM in a flash's windowing). Prefill reads what it misses without keeping it.
+Only the rows neither holds are read from the SSD; `bytes_read` counts exactly those (the hot set's start-up read is
+`resident_bytes`), and `peak_held_bytes` the most memory hot set and window held at once, so a run can be checked
+against its budget. The rows are the files' own bytes, so a held row gives the same numbers as a read one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def hot_rows(freq: np.ndarray, *, hidden: int, in_row_bytes: int, down_row_bytes: int,
+             budget_bytes: int) -> list[tuple[list[int], list[int]]]:
+    """Per layer, (sorted input channel ids, sorted neuron ids) of the hot set: over all layers the rows most often
+    kept (`freq` [L, H + I]: input channels first) whose bytes fit `budget_bytes`, the most frequent first."""
+    layers, width = freq.shape
+    size = np.where(np.arange(width) < hidden, in_row_bytes, down_row_bytes)  # [H + I] bytes of each row
+    order = np.argsort(-freq.reshape(-1), kind="stable")
+    fits = np.cumsum(np.tile(size, layers)[order]) <= budget_bytes
+    out: list[tuple[list[int], list[int]]] = [([], []) for _ in range(layers)]
+    for f in order[fits].tolist():
+        j, r = divmod(f, width)
+        (out[j][0].append(r) if r < hidden else out[j][1].append(r - hidden))
+    return [(sorted(a), sorted(b)) for a, b in out]
+
+
+class _Rows:
+    """One layer's rows of one kind: an image (row i at i; zeros until read) and which rows it holds."""
+
+    def __init__(self, n: int, elems: int, dtype: np.dtype):
+        import mmap
+
+        self.image = np.frombuffer(mmap.mmap(-1, max(1, n * elems * dtype.itemsize)), dtype=dtype)[:n * elems]
+        self.image = self.image.reshape(n, elems)  # anonymous memory: pages committed only where written
+        self.held, self.hot = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        self.last = np.full(n, -1 << 40, dtype=np.int64)  # decode call the row was last kept in
+        self.step = 0
+
+
+class ChannelCache:
+    """A store.channels.ChannelReader whose rows come from a hot set and a window before the SSD."""
+
+    def __init__(self, reader, *, hot: list[tuple[list[int], list[int]]] | None = None, window: int = 0,
+                 window_bytes: int | None = None):
+        self.reader, self.window = reader, window
+        # at most this many bytes of window rows (hot set excluded) over all layers, split by the rows' bytes; the
+        # least recently kept rows leave first (None: no cap)
+        self.window_bytes = window_bytes
+        self.hidden, self.intermediate, self.dtype = reader.hidden, reader.intermediate, reader.dtype
+        self.in_row_bytes, self.down_row_bytes = reader.in_row_bytes, reader.down_row_bytes
+        layers = len(hot) if hot is not None else len(reader.fds)
+        self.layers = [(_Rows(self.hidden, 2 * self.intermediate, self.dtype),
+                        _Rows(self.intermediate, self.hidden, self.dtype)) for _ in range(layers)]
+        self.hits = self.misses = 0  # rows served from memory / read from the SSD
+        self.hit_bytes = 0  # bytes of the rows served from memory
+        self.peak_held_bytes = 0
+        before = reader.bytes_read
+        for j, ids in enumerate(hot or []):
+            for down, got in enumerate(ids):
+                if got:
+                    rows = self.layers[j][down]
+                    idx = np.asarray(got, dtype=np.int64)
+                    rows.image[idx] = self._fetch(j, got, bool(down))
+                    rows.held[idx] = rows.hot[idx] = True
+        self.resident_bytes = reader.bytes_read - before  # the hot set, read once at start
+        self.hot_bytes = self.held_bytes()
+        self.peak_held_bytes = self.hot_bytes
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from the SSD for rows not held (the hot set's start-up read excluded)."""
+        return self.reader.bytes_read - self.resident_bytes
+
+    @property
+    def reads(self) -> int:
+        return self.reader.reads
+
+    def inputs(self, layer: int, ids: list[int], *, decode: bool = False) -> np.ndarray:
+        """[len(ids), 2I] gate column | up column of the sorted input channels `ids`."""
+        return self._rows(layer, ids, False, decode)
+
+    def down(self, layer: int, ids: list[int], *, decode: bool = False) -> np.ndarray:
+        """[len(ids), H] down columns of the sorted neurons `ids`."""
+        return self._rows(layer, ids, True, decode)
+
+    def _fetch(self, layer: int, ids: list[int], down: bool) -> np.ndarray:
+        return (self.reader.down if down else self.reader.inputs)(layer, ids)
+
+    def _rows(self, layer: int, ids: list[int], down: bool, decode: bool) -> np.ndarray:
+        st = self.layers[layer][down]
+        idx = np.asarray(ids, dtype=np.int64)
+        miss = idx[~st.held[idx]]
+        self.hits += idx.shape[0] - miss.shape[0]
+        self.misses += miss.shape[0]
+        self.hit_bytes += (idx.shape[0] - miss.shape[0]) * (self.down_row_bytes if down else self.in_row_bytes)
+        got = self._fetch(layer, miss.tolist(), down) if miss.shape[0] else None
+        if not (decode and self.window > 0):  # not kept: what is held and what was read
+            out = st.image[idx]
+            if got is not None:
+                out[~st.held[idx]] = got
+            return out
+        st.image[miss] = got if got is not None else st.image[miss]
+        st.last[idx] = st.step
+        st.held[miss] = True
+        st.held &= st.hot | (st.last > st.step - self.window)
+        if self.window_bytes is not None:
+            self._cap(st, down)
+        st.step += 1
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes())
+        return st.image[idx]
+
+    def _cap(self, st: _Rows, down: bool) -> None:
+        """Drop the least recently kept window rows of `st` beyond its share of window_bytes."""
+        row = self.down_row_bytes if down else self.in_row_bytes
+        layer_bytes = self.hidden * self.in_row_bytes + self.intermediate * self.down_row_bytes
+        most = int(self.window_bytes * st.held.shape[0] * row / layer_bytes / len(self.layers)) // row  # rows
+        win = np.flatnonzero(st.held & ~st.hot)
+        if win.shape[0] > most:
+            st.held[win[np.argsort(-st.last[win], kind="stable")[most:]]] = False
+
+    def held_bytes(self) -> int:
+        """Bytes of the rows held now (hot set and window)."""
+        return sum(int(a.held.sum()) * self.in_row_bytes + int(b.held.sum()) * self.down_row_bytes
+                   for a, b in self.layers)
+
+    def close(self) -> None:
+        self.reader.close()

@@ -1,0 +1,151 @@
+"""Input sparsity's hot set and window (engine/channelcache.py) on a tiny random Llama (CPU, float32), every layer
+streamed: the calibration writes each channel's and neuron's keep frequency beside the channel files; the hot set
+takes the most frequent rows within its byte budget; rows held (hot or in the window) are never read from the
+SSD, and the SSD bytes saved are exactly the held rows' bytes; no output changes, and at target 0 the tokens are
+transformers' own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hf_random import save_random_model
+from transformers import LlamaConfig
+
+from kubeflash_node.engine import sparse
+from kubeflash_node.engine.channelcache import ChannelCache, hot_rows
+from kubeflash_node.engine.cli_calibrate import calibrate
+from kubeflash_node.engine.generate import Engine, GenParams
+from kubeflash_node.engine.policy import Policy
+from kubeflash_node.store import channels
+from kubeflash_node.store.convert import convert
+from kubeflash_node.store.format import load_manifest
+from kubeflash_node.store.modelconfig import ModelConfig
+
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
+TARGET = 0.5
+STREAM = Policy(gpu_batch_size=1)  # every stage read from disk each step
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(transformers model, store calibrated at 0 and TARGET with input-channel files and their frequencies)."""
+    root = tmp_path_factory.mktemp("chcache")
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = save_random_model(cfg, root / "hf")
+    store = root / "store"
+    convert(str(root / "hf"), store, dtype="float32")
+    ids = torch.randint(0, 97, (768,), generator=torch.Generator().manual_seed(1)).tolist()
+    _, rec = calibrate(store, ids, (0.0, TARGET), window=256, recorder=True)
+    ins = rec.input_thresholds_at((0.0, TARGET))
+    channels.write_channels(store, {t: rec.input_frequency_at(v) for t, v in ins.items()})
+    return model, store
+
+
+def _ffn(store, target: float, *, hot: int = 0, window: int = 0) -> sparse.SparseFFN:
+    c = ModelConfig.from_dict(load_manifest(store).config)
+    return sparse.for_job(c, store, target, gap=0, method="input", hot_bytes=hot, channel_window=window)
+
+
+def _generate(store, ffn, new: int = 6) -> list[int]:
+    e = Engine(store, policy=STREAM, sparsity=ffn)
+    try:
+        [c] = e.generate([PROMPT], GenParams(max_new_tokens=new))
+    finally:
+        e.close()
+    return c.tokens
+
+
+def _ffn_total(store) -> int:
+    m = load_manifest(store)
+    return sum(e.nbytes for s in m.stages if s.startswith("layer_")
+               for n, e in m.files[s].tensors.items() if n in ("w_gate", "w_up", "w_down"))
+
+
+def test_calibration_writes_keep_frequencies_that_match_the_thresholds(tiny):
+    """At 0 every nonzero entry is kept (frequency about 1); at TARGET the mean frequency is about 1 - TARGET."""
+    _, store = tiny
+    c = ModelConfig.from_dict(load_manifest(store).config)
+    f0, f = channels.frequency(store, 0.0), channels.frequency(store, TARGET)
+    assert f.shape == (c.num_layers, c.hidden_size + c.intermediate_size)
+    assert f0.min() > 0.99  # (the samples are kept as float16: an entry below its smallest step reads as 0)
+    assert 0.35 < float(f.mean()) < 0.65 and f.min() >= 0 and f.max() <= 1
+    assert channels.frequency(store, 0.4) is None
+
+
+def test_hot_rows_take_the_most_frequent_rows_of_both_kinds_within_the_budget():
+    freq = np.array([[0.9, 0.1, 0.8, 0.2, 0.95], [0.5, 0.99, 0.0, 0.7, 0.3]], dtype=np.float32)  # H = 2, I = 3
+    got = hot_rows(freq, hidden=2, in_row_bytes=100, down_row_bytes=10, budget_bytes=230)
+    # by frequency: L1 ch1 (100 bytes), L0 n2 (10), L0 ch0 (100), L0 n0 (10), L1 n1 (10): 230; L1 ch0 overflows
+    assert got == [([0], [0, 2]), ([1], [1])]
+    assert hot_rows(freq, hidden=2, in_row_bytes=100, down_row_bytes=10, budget_bytes=0) == [([], []), ([], [])]
+
+
+@pytest.mark.parametrize("window", [0, 1, 3], ids=["w0", "w1", "w3"])
+def test_held_rows_are_not_read_and_change_no_token(tiny, window):
+    """With a hot set of a third of the FFN bytes (and a window), the tokens are those without either, and the SSD
+    bytes of the channel reads fall by exactly the bytes of the rows served from memory."""
+    _, store = tiny
+    plain = _ffn(store, TARGET)
+    want = _generate(store, plain)
+    hot = _ffn_total(store) // 3
+    ffn = _ffn(store, TARGET, hot=hot, window=window)
+    assert isinstance(ffn.channels, ChannelCache) and 0 < ffn.channels.hot_bytes <= hot
+    assert _generate(store, ffn) == want
+    cache = ffn.channels
+    assert cache.hit_bytes > 0 and cache.bytes_read + cache.hit_bytes == plain.channels.bytes_read
+    assert cache.peak_held_bytes >= cache.hot_bytes
+    if window:
+        assert cache.peak_held_bytes > cache.hot_bytes
+    assert ffn.describe()["channel_cache"]["hot_bytes"] == cache.hot_bytes and "rows held" in ffn.line()
+
+
+def test_a_window_serves_rows_kept_in_the_previous_decode_step(tiny):
+    """Window only (no hot set): the decode steps read fewer bytes than without it; prefill keeps nothing."""
+    _, store = tiny
+    plain, win = _ffn(store, TARGET), _ffn(store, TARGET, window=2)
+    assert _generate(store, win) == _generate(store, plain)
+    assert win.channels.hot_bytes == 0 and win.channels.hit_bytes > 0
+    assert win.channels.bytes_read < plain.channels.bytes_read
+
+
+def test_a_hot_set_holding_every_row_reads_no_channel_row_and_target_0_is_transformers(tiny):
+    model, store = tiny
+    ffn = _ffn(store, 0.0, hot=2 * _ffn_total(store), window=2)
+    tokens = _generate(store, ffn)
+    assert ffn.channels.bytes_read == 0 and ffn.channels.misses == 0
+    with torch.no_grad():
+        out = model.generate(torch.tensor([PROMPT]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    assert tokens == out[0, len(PROMPT):].tolist()
+
+
+def test_per_layer_choice_reads_dense_where_the_union_of_kept_rows_approaches_all():
+    """A layer whose rows are kept on 99.9% of tokens reads dense, one kept on 10% sparse; at 64 tokens a call both
+    read dense; rows the hot set holds are not priced."""
+    from kubeflash_node.engine.layerreads import choose_layers
+
+    hidden, inter = 8, 32
+    freq = np.stack([np.full(hidden + inter, 0.999), np.full(hidden + inter, 0.1)]).astype(np.float32)
+    kw = dict(hidden=hidden, in_row_bytes=2 * inter * 4, down_row_bytes=hidden * 4, op_s=1e-10, gbps=3.0)
+    one = choose_layers(freq, tokens=1, **kw)
+    assert one.sparse == (False, True) and one.dense_layers == {0}
+    assert choose_layers(freq, tokens=64, **kw).sparse == (False, False)
+    every = [(list(range(hidden)), list(range(inter))), ([], [])]
+    assert choose_layers(freq, tokens=1, held=every, **kw).sparse == (True, True)  # nothing left to read in layer 0
+    assert "1 of 2 layers read sparse, 1 dense" in one.line()
+
+
+def test_a_layer_read_dense_gives_the_same_tokens_and_reads_no_channel_row(tiny):
+    """The engine streams a dense-priced layer with its FFN matrices and takes the same kept columns from them."""
+    _, store = tiny
+    from kubeflash_node.engine.layerreads import LayerReads
+
+    plain = _ffn(store, TARGET)
+    want = _generate(store, plain)
+    mixed = _ffn(store, TARGET).per_layer(LayerReads((False, True, False), (1.0, 0.1, 1.0), 0.5, 1))
+    assert mixed.skip_tensors(1) == frozenset() and mixed.skip_tensors(2) == {"w_gate", "w_up", "w_down"}
+    assert _generate(store, mixed) == want
+    assert 0 < mixed.channels.bytes_read < plain.channels.bytes_read
+    assert mixed.describe()["dense_layers"] == [0, 2] and "1 of 3 layers read sparse, 2 dense" in mixed.line()
