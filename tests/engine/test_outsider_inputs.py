@@ -258,3 +258,33 @@ def test_convert_killed_at_any_stage_leaves_no_half_written_entry(deep_llama, tm
     assert m.dtype == "float32" and len(m.stages) == 50
     verify(out, m)
     assert not list(out.parent.glob(f"{STAGING}*"))  # the killed runs' scratch directories are gone
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
+def test_a_damaged_cached_model_is_named_with_the_way_back(tiny_llama, tmp_path, damage):
+    """kubeflash run's cache (ensure_model): a stage file cut short or with a flipped byte, or a manifest that is
+    not JSON, is refused naming the file, and the error says how to get the model back (remove the entry, run
+    again); after that the model converts anew and verifies."""
+    import shutil
+
+    from kubeflash_node.store.cache import ensure_model
+    from kubeflash_node.store.format import StoreError
+
+    model_dir, _ = ensure_model(str(tiny_llama), dtype="float32", root=tmp_path, progress_bar=False)
+    target = model_dir / ("manifest.json" if damage == "manifest" else "layer_001.bin")
+    data = bytearray(target.read_bytes())
+    if damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        data[len(data) // 3] ^= 0xFF
+        target.write_bytes(data)
+    else:
+        target.write_text('{"broken')
+    with pytest.raises(StoreError) as e:
+        ensure_model(str(tiny_llama), dtype="float32", root=tmp_path, progress_bar=False)
+    assert str(e.value).startswith(str(target)), str(e.value)
+    assert str(e.value).endswith(f"the cached model {model_dir} is damaged: remove that directory and run again to "
+                                 "convert it anew"), str(e.value)
+    shutil.rmtree(model_dir)
+    again, manifest = ensure_model(str(tiny_llama), dtype="float32", root=tmp_path, progress_bar=False)
+    assert again == model_dir and len(manifest.stages) == 4

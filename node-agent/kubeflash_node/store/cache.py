@@ -66,7 +66,11 @@ def ensure_model(uri: str, *, dtype: str = "float16", quantization: str = "none"
         if not (model_dir / MANIFEST).exists():
             _convert_into(uri, model_dir, root=Path(root), dtype=dtype, quantization=quantization,
                           progress_bar=progress_bar)
-        return model_dir, verify_model(model_dir)  # a broken published model: an error naming the file
+        try:
+            return model_dir, verify_model(model_dir)  # a broken published model: an error naming the file
+        except StoreError as e:  # and what brings the model back: this cache entry is only ever a conversion
+            raise StoreError(f"{e}; the cached model {model_dir} is damaged: remove that directory and run again "
+                             "to convert it anew") from None
 
 
 def _convert_into(uri: str, model_dir: Path, *, root: Path, dtype: str, quantization: str,
