@@ -288,3 +288,22 @@ def test_a_damaged_cached_model_is_named_with_the_way_back(tiny_llama, tmp_path,
     shutil.rmtree(model_dir)
     again, manifest = ensure_model(str(tiny_llama), dtype="float32", root=tmp_path, progress_bar=False)
     assert again == model_dir and len(manifest.stages) == 4
+
+
+def test_a_bad_source_is_refused_before_torch_is_imported(tiny_llama, tmp_path):
+    """The refusals above come within a second: config.json, the safetensors headers and the tensor shapes are
+    checked before torch (seconds to import) is loaded. One process tries each bad source in turn."""
+    bad_rope = _copy(tiny_llama, tmp_path / "rope", rope_scaling={"rope_type": "linear", "factor": 2.0, "x": 1})
+    bad_shape = _copy(tiny_llama, tmp_path / "shape", head_dim=6)
+    cut = _copy(tiny_llama, tmp_path / "cut")
+    os.truncate(cut / "model.safetensors", (cut / "model.safetensors").stat().st_size - 1)
+    code = ("import sys\nfrom kubeflash_node.store.convert import SourceError, convert\n"
+            f"for src in {[str(bad_rope), str(bad_shape), str(cut)]!r}:\n"
+            "    try:\n        convert(src, src + '-store')\n    except SourceError as e:\n        print(e)\n"
+            "    else:\n        raise SystemExit('converted ' + src)\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("config.json rope_scaling.x = 1") and "has shape [32, 32]" in lines[1], lines
+    assert "truncated or damaged" in lines[2] and lines[3] == "no torch", lines

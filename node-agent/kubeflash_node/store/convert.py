@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 from dataclasses import replace
@@ -123,6 +124,41 @@ def _opt_layer_names(prefix: str, c: ModelConfig) -> dict[str, str]:
     return out
 
 
+def _safetensors_header(f: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header (8-byte little-endian length, then JSON), checked
+    the way safetensors checks it (the tensors' byte ranges lie in the file and cover its data exactly), without
+    importing torch; a truncated or damaged file is refused naming it."""
+    def bad(why: str) -> SourceError:
+        return SourceError(f"{f}: not a readable safetensors file ({why})")
+
+    try:
+        with open(f, "rb") as h:
+            size = os.fstat(h.fileno()).st_size
+            head = h.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise bad(f"{size} bytes: the header's length does not fit the file")
+            meta = json.loads(h.read(n).decode("utf-8"))
+    except OSError as e:
+        raise bad(e.strerror or str(e)) from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"header is not JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise bad("header is not a JSON object")
+    out, end = {}, 0
+    for k, v in meta.items():
+        if k == "__metadata__":
+            continue
+        shape, span = (v.get("shape"), v.get("data_offsets")) if isinstance(v, dict) else (None, None)
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(span, list)
+                and len(span) == 2 and all(isinstance(o, int) for o in span) and 0 <= span[0] <= span[1]):
+            raise bad(f"tensor {k!r} has no valid shape and data_offsets")
+        out[k], end = tuple(shape), max(end, span[1])
+    if 8 + n + end != size:
+        raise bad(f"{size} bytes, but its header describes {8 + n + end}: truncated or damaged")
+    return out
+
+
 def _llama_shape(key: str, c: ModelConfig) -> tuple[int, ...] | None:
     """The shape config.json implies for a Llama-family layer tensor (canonical name); None: not checked here
     (the router: _check_layers names the expert count it disagrees with)."""
@@ -143,7 +179,7 @@ class HFSource(Source):
     VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # a tokenizer needs one of these
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
+        from safetensors import safe_open  # the module only: torch is imported when a file is opened
 
         self.path = path
         cfg_path = path / "config.json"
@@ -161,14 +197,12 @@ class HFSource(Source):
         if not files:
             raise SourceError(f"{path}: no *.safetensors files (only safetensors checkpoints are supported)")
         self.index: dict[str, Path] = {}
-        self._open = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._open = {}  # file -> safe_open handle, opened when a tensor is first read (safetensors imports torch)
+        self._safe_open = safe_open
         for f in files:
-            try:  # a truncated or damaged file: its header does not cover it, or it is not safetensors at all
-                self._open[f] = h = safe_open(f, framework="pt")
-                for k in h.keys():
-                    self.index[k] = f
-            except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError, OSError, ...)
-                raise SourceError(f"{f}: not a readable safetensors file ({e})") from None
+            for k, shape in _safetensors_header(f).items():
+                self.index[k], self._shapes[k] = f, shape
         self.description = f"hf:{path}"
         # OPT checkpoints come with and without the "model." prefix
         roots = ("decoder.", "layers.", "embed_tokens")
@@ -210,7 +244,7 @@ class HFSource(Source):
                 raise SourceError(f"{self.path}: tensor {name!r} is an expert past config.json {key} = {c.num_experts}")
 
     def _shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open[self.index[name]].get_slice(name).get_shape())
+        return self._shapes[name]
 
     def _check_shape(self, name: str, want: tuple[int, ...] | None) -> None:
         """A tensor whose shape disagrees with config.json (vocab_size, hidden_size, head_dim, ...) is refused
@@ -224,7 +258,13 @@ class HFSource(Source):
     def _get(self, name: str):
         if name not in self.index:
             raise SourceError(f"{self.path}: tensor {name!r} missing from the safetensors files")
-        return self._open[self.index[name]].get_tensor(name)
+        f = self.index[name]
+        if f not in self._open:
+            try:
+                self._open[f] = self._safe_open(f, framework="pt")
+            except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError, OSError, ...)
+                raise SourceError(f"{f}: not a readable safetensors file ({e})") from None
+        return self._open[f].get_tensor(name)
 
     def _take(self, names: dict[str, str]) -> Tensors:
         return {k: self._get(v) for k, v in names.items()}
@@ -451,16 +491,16 @@ def convert(uri: str, out_dir: Path, *, dtype: str = "float16", quantization: st
     layers' big matrices; everything else is stored in `dtype`, which is also the GPU compute dtype.
     `progress(done, total, stage)` is called after each stage file is written.
     """
-    from .quantformat import QuantSpec
-
     if dtype not in STORE_DTYPES:
         raise SourceError(f"dtype {dtype!r} is not supported; expected one of {STORE_DTYPES}")
+    source = open_source(uri)  # config.json, headers and shapes checked first: a bad source is refused before torch
+    from .quantformat import QuantSpec  # imports torch (seconds)
+
     try:
         quant = QuantSpec.named(quantization, symmetric=symmetric)
         quant = replace(quant, group=group) if quant else None
     except ValueError as e:
         raise SourceError(str(e)) from None
-    source = open_source(uri)
     c = source.config
     stages = ["embed.bin"] + [f"layer_{i:03d}.bin" for i in range(c.num_layers)] + ["head.bin"]
     writer = ModelWriter(Path(out_dir), overwrite=overwrite)
