@@ -63,6 +63,8 @@ CONFLICT_DELAY_S = 0.5  # a tick whose decision was void (409) looks again this 
 CANCEL_AFTER_S = 1.0  # a stopped job coroutine (job deleted or ended) exits by itself (it is woken at once); kopf
 # cancels it only after this long (0.1 s was too short for a loop busy with a 5,000-job delete-collection: ~1,000
 # "Daemon 'run_job' is cancelled. Will escalate." warnings, one per job cancelled mid-step)
+ORPHAN_SWEEP_S = 60.0  # how often recorded claims are checked for jobs that are gone (_orphans; no call if none)
+GONE_KEEP_S = 60.0  # a deleted job's uid is remembered this long (a step's claim write that lands after its DELETED)
 FINALIZER_WAIT_S = 10.0  # a new job's first step waits this long at most for kopf's finalizer patch to come back
 _ROUTINE = ("Handler 'count_job_phase' succeeded.", "Handler 'flashnode_gone' succeeded.",
             # a deleted job: release_job's own line says what happened; kopf's three more were 6 % of the
@@ -134,6 +136,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     memo.node_states = {}  # Node name -> "cordoned" / "NotReady" / None, as node_index last saw it
     memo.metrics = Metrics()
     memo.trimmer = asyncio.create_task(_trim_heap())
+    memo.orphan_sweep = asyncio.create_task(_sweep_orphans(memo))
     memo.first_seen = {}  # new job's uid -> (newest resourceVersion, generation, kopf's finalizer on it)
     kopfpatch.on_patched("first_seen", _finalizer_answered(memo))
     if cfg.metrics_port:
@@ -158,6 +161,8 @@ async def _trim_heap() -> None:
 def shutdown(memo: kopf.Memo, **_: Any) -> None:
     if memo.get("trimmer"):
         memo.trimmer.cancel()
+    if memo.get("orphan_sweep"):
+        memo.orphan_sweep.cancel()
     if memo.get("metrics"):
         memo.metrics.close()
 
@@ -317,19 +322,22 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
         parsed[job.uid] = (job.generation, job.parsed)
     meta = body.get("metadata", {})
     version = meta.get("resourceVersion")
+    early = False  # kopf's finalizer patch is on its way (its answer or its event wakes us): a status decided
+    # before it lands meets a 409, here or in kopf's own patch (it tests the resourceVersion), and a pod must not
+    # exist for a job that could vanish without the finalizer; the pair is claimed meanwhile (see below)
     if not job.status and (now() - job.created).total_seconds() < FINALIZER_WAIT_S:
-        seen = memo.setdefault("first_seen", {}).get(job.uid)  # kopf's finalizer patch on its way (its answer
-        if seen is None or not seen[2]:  # or its event wakes us): a decision before it lands meets a 409, here or
-            # in kopf's own patch (it tests the resourceVersion)
-            return TICK_S
+        seen = memo.setdefault("first_seen", {}).get(job.uid)
+        early = seen is None or not seen[2]
     sent = memo.sent.get(job.uid)
     if sent and _before(version, sent):
         return TICK_S  # our last status patch is not back from the watch yet: this view is older than what we wrote
     if not isinstance(job.parsed, SpecError) and job.parsed.parallelism > 1:  # never placed itself (shards.py)
-        if not job.status and FINALIZER not in (meta.get("finalizers") or []) and (
-                now() - job.created).total_seconds() < FINALIZER_WAIT_S:
+        if early or (not job.status and FINALIZER not in (meta.get("finalizers") or []) and (
+                now() - job.created).total_seconds() < FINALIZER_WAIT_S):
             return TICK_S  # its status write goes on this view's version: one with the finalizer (its event wakes us)
         return await _shard_parent(job, version, memo, shard_index)
+    if early and (job.uid in memo.get("gone", {}) or _deleting(body)):
+        return TICK_S
     pods = await _pods(memo.kube, job, pod_index)
     if _deleting(body):
         return TICK_S
@@ -344,6 +352,15 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
                             place_memo=memo.book.place_memo)
     plan = reconcile.step(job, world, memo.config)
     # From here on the plan is carried out; no other placement ran since `claims` was read (no await in between).
+    if early:
+        # Before kopf's finalizer is back only the claim goes out (its conditional ledger write overlaps kopf's
+        # patch instead of following it: one API round trip less on the way to Running); the pod and the status
+        # wait for the finalizer, and the next step reuses the recorded claim (reconcile: claims.of). A job deleted
+        # before its finalizer landed never reaches release_job: its DELETED event releases what is recorded or
+        # in flight (_release), and a claim landing after that event is taken back here.
+        if plan.claim and await _record_claim(memo, plan.claim, flashnode_index) and job.uid in memo.get("gone", {}):
+            await _release(memo, job.key, flashnode_index)
+        return TICK_S
     if plan.claim and not await _record_claim(memo, plan.claim, flashnode_index):
         return TICK_S  # the pair went to someone else (a write we had not seen): the next tick decides again
     if _deleting(body):  # marked while the claim was written: nothing more (the finalizer releases the claim)
@@ -352,16 +369,23 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
         await _release(memo, job.key, flashnode_index, end=_view_phase(job, plan))
     elif not plan.claim and (stale := _stray_entries(memo, job.key, claim_of(body, kv_bytes=0))):
         await _release(memo, job.key, flashnode_index, stale)  # a lost decision's entry (crash, other replica)
+    seen = memo.get("first_seen", {}).get(job.uid) if plan.status and not job.status else None
+
+    def effects() -> str | None:
+        """The plan's effects, then its status patch, in one thread call (one hop from and back to the event loop
+        per step, not one per call: under load each hop waited 0.3 s p50, 0.9-1.8 s p99 between the pod's create
+        and the status patch, audit log of bench/operator_scale.py)."""
+        _carry_out(plan, job, pods, memo)
+        if not plan.status:  # conditional: a decision made on a view older than the job's status now is void
+            return None
+        if not job.status:  # a new job's first status: on the version kopf's finalizer patch made
+            return _first_status(memo, job, plan.status, seen)
+        return memo.kube.patch_job_status(job.namespace, job.name, version, plan.status)
+
     try:
-        await asyncio.to_thread(_carry_out, plan, job, pods, memo)
-        if plan.status:  # conditional: a decision made on a view older than the job's status now is void
-            if not job.status:  # a new job's first status: on the version kopf's finalizer patch made
-                written = await _first_status(memo, job, plan.status)
-                if written is None:  # the status moved on (our earlier write, not back in this view yet): void
-                    return TICK_S
-            else:
-                written = await asyncio.to_thread(memo.kube.patch_job_status, job.namespace, job.name, version,
-                                                  plan.status)
+        written = await asyncio.to_thread(effects)
+        if plan.status and written is None:  # the status moved on (our earlier write, not back in this view yet)
+            return TICK_S
     except Conflict as e:
         stale_view = "InferenceJob" in str(e)
         memo.metrics.conflict("job" if stale_view else "pod")
@@ -379,25 +403,25 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     return idle
 
 
-async def _first_status(memo: kopf.Memo, job: reconcile.Job, status: dict[str, Any]) -> str | None:
+def _first_status(memo: kopf.Memo, job: reconcile.Job, status: dict[str, Any],
+                  seen: tuple[str, Any, bool] | None) -> str | None:
     """A new job's first status patch, conditional on the newest version seen with its status still empty and the
     same generation (_first_seen: the answer to kopf's finalizer patch, or the watch; kopf's finalizer patch moved
     the version, and the daemon's view can keep the older one), so no read per job; if that version is not the
     job's any more (a 409), or none with the finalizer was seen, the job is read once and the patch goes on that
     version if its status and generation are still the view's. (Patching the daemon's view without a read left
     205 of 5,000 jobs retrying a 409 every 0.5 s on the same stale view: bench/operator_scale.py --jobs 5000
-    --nodes 500 at b0272ac.) None: the status moved on (the decision is void)."""
-    seen = memo.get("first_seen", {}).get(job.uid)
+    --nodes 500 at b0272ac.) None: the status moved on (the decision is void). Blocking: runs in a thread, with
+    `seen` (memo.first_seen's entry for the job) read on the event loop before."""
     if seen is not None and seen[2] and seen[1] == job.generation:
         try:
-            return await asyncio.to_thread(memo.kube.patch_job_status, job.namespace, job.name, seen[0], status)
+            return memo.kube.patch_job_status(job.namespace, job.name, seen[0], status)
         except Conflict:
             memo.metrics.conflict("job")
-    target = await asyncio.to_thread(memo.kube.unchanged_version, job.namespace, job.name, job.status,
-                                     job.generation)
+    target = memo.kube.unchanged_version(job.namespace, job.name, job.status, job.generation)
     if target is None:
         return None
-    return await asyncio.to_thread(memo.kube.patch_job_status, job.namespace, job.name, target, status)
+    return memo.kube.patch_job_status(job.namespace, job.name, target, status)
 
 
 async def _shard_parent(job: reconcile.Job, version: str, memo: kopf.Memo,
@@ -488,6 +512,11 @@ async def count_job_phase(event: kopf.RawEvent, namespace: str, name: str, uid: 
         memo.get("shards_created", {}).pop(uid, None)
         memo.get("pod_seen", {}).pop((namespace, name), None)
         memo.get("first_seen", {}).pop(uid, None)
+        gone = memo.setdefault("gone", {})  # uids seen deleted, for a step's early claim that lands after this
+        gone[uid] = time.monotonic()
+        if len(gone) > 256:
+            for old in [u for u, t in gone.items() if time.monotonic() - t > GONE_KEEP_S]:
+                del gone[old]
         # normally the finalizer released it already (then this is a no-op); not if its handler timed out or the
         # finalizer was removed by hand: a gone job never keeps a pair
         await _release(memo, f"{namespace}/{name}", flashnode_index)
@@ -585,6 +614,10 @@ async def _record_claim(memo: kopf.Memo, claim: Claim, flashnode_index: kopf.Ind
     taken in the newest ledger (someone else's write came first). Held in the book while the write is in flight,
     so placements decided meanwhile already count it."""
     book = memo.book
+    rec = book.record(claim.node)
+    if rec is not None and rec.view.name == claim.node and rec.ledger.get(claim.job) == claim and not any(
+            claim.job in queue for queue in book.pending.values()):
+        return True  # recorded already (a step before kopf's finalizer was back wrote it): no write, no wait
     book.held[claim.job] = claim
     try:
         return await _update_ledger(memo, claim.node, flashnode_index, claim.job, claim)
@@ -592,7 +625,7 @@ async def _record_claim(memo: kopf.Memo, claim: Claim, flashnode_index: kopf.Ind
         book.held.pop(claim.job, None)
 
 
-async def _release(memo: kopf.Memo, job: str, flashnode_index: kopf.Index,
+async def _release(memo: kopf.Memo, job: str, flashnode_index: kopf.Index | None,
                    entries: list[tuple[str, Claim]] | None = None, *, end: str = "") -> None:
     """Remove `job` from every ledger that records it (or only the given entries, each if it is still there).
     With `end` (its phase now) each claim becomes an ended record; without, its ended records go too (deleted)."""
@@ -600,6 +633,15 @@ async def _release(memo: kopf.Memo, job: str, flashnode_index: kopf.Index,
         records = _placement_view(memo.book, memo.node_states, claims=False)[0]
         changes = [(r.view.name, Release(end=end)) for r in records.values()
                    if job in r.ledger or (not end and job in r.ended)]
+        if not end:  # a claim still being written (held, or queued for its node's next write) goes too
+            book = memo.book
+            held = book.held.get(job)
+            queued = [name for name, queue in book.pending.items() if job in queue]
+            nodes = [held.node] if held is not None else []
+            nodes += [rec.view.name for name in queued if (rec := book.record(name)) is not None]
+            for node in nodes:
+                if all(node != other for other, _ in changes):
+                    changes.append((node, Release(end=end)))
     else:
         changes = [(entry.node, Release(entry)) for _, entry in entries]
     for node, change in changes:
@@ -678,6 +720,40 @@ async def _write_batch(memo: kopf.Memo, name: str, flashnode_index: kopf.Index,
         book.note(body)
         return results
     raise kopf.TemporaryError(f"FlashNode {name} kept changing while its claims were written", delay=1)
+
+
+async def _sweep_orphans(memo: kopf.Memo) -> None:
+    """Every ORPHAN_SWEEP_S: take back the recorded claims of jobs that no longer exist (see _orphans)."""
+    suspects: set[tuple[str, Claim]] = set()
+    while True:
+        await asyncio.sleep(ORPHAN_SWEEP_S)
+        try:
+            suspects = await _orphans(memo, suspects)
+        except Exception:  # noqa: BLE001 - logged; the next sweep tries again
+            logging.getLogger(__name__).exception("orphan claim sweep failed; next in %ss", ORPHAN_SWEEP_S)
+
+
+async def _orphans(memo: kopf.Memo, suspects: set[tuple[str, Claim]]) -> set[tuple[str, Claim]]:
+    """A claim whose job has no coroutine here (a live job always has one; a deleted one keeps its claim only while
+    its finalizer waits for its pods, and the job is still listed then) and whose uid the job list of its namespace
+    (metadata only) does not show, in two sweeps in a row, is released (exactly that entry, conditional write).
+    Such a claim is left where a job was deleted while the operator was down, between a claim written before
+    kopf's finalizer landed (reconcile_job's early step) and that finalizer; or where the finalizer was removed by
+    hand. Two sweeps, because a job created after one list was taken is missing from it; a uid is never reused.
+    Returns the suspects for the next sweep. Nothing to do, no API call: the common case."""
+    records = _placement_view(memo.book, memo.node_states, claims=False)[0]
+    live = memo.get("wakeups", {})
+    found = {(r.view.name, c) for r in records.values() for c in r.ledger.values() if c.uid and c.uid not in live}
+    if not found:
+        return set()
+    uids: set[str] = set()
+    for namespace in sorted({c.job.partition("/")[0] for _, c in found}):
+        uids |= await asyncio.to_thread(memo.kube.job_uids, namespace)
+    found = {(node, c) for node, c in found if c.uid not in uids}
+    for node, c in sorted(found & suspects, key=lambda e: (e[0], e[1].job)):
+        logging.getLogger(__name__).warning("job %s (uid %s) is gone: its claim on %s released", c.job, c.uid, node)
+        await _release(memo, c.job, None, [(node, c)])
+    return found - suspects
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -162,6 +162,18 @@ class Kube:
             return None
         return meta.get("resourceVersion")
 
+    def job_uids(self, namespace: str) -> set[str]:
+        """The uids of every InferenceJob in `namespace` (one list, metadata only: PartialObjectMetadataList)."""
+        method, url, headers, _, _ = self.api.param_serialize(
+            method="GET", resource_path=f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/inferencejobs",
+            header_params={"Accept": "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"},
+            auth_settings=["BearerToken"])
+        r = self.api.call_api(method, url, headers)
+        r.read()
+        if not 200 <= r.status <= 299:
+            raise ApiException.from_response(http_resp=r, body=r.data.decode("utf-8", "replace"), data=None)
+        return {str((i.get("metadata") or {}).get("uid")) for i in json.loads(r.data).get("items") or []}
+
     def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return self._call("GET", f"{PODS_PATH.format(ns=namespace)}/{name}")

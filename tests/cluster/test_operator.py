@@ -401,6 +401,25 @@ def test_deleting_a_job_deletes_its_pod_and_frees_the_pair(ns, kube, control_pla
     assert kube.wait_phase("second", "Running")["pod"] == "second-1"
 
 
+def test_jobs_deleted_as_they_are_created_leave_no_claim_and_free_the_pair(ns, kube, control_plane):
+    """A new job's pair is claimed while kopf's finalizer patch is still on its way; a job deleted in that window
+    goes without the finalizer (no release_job), so its claim must go with its DELETED event, also when the claim's
+    ledger write lands after that event. Ten jobs on a one-pair node, each deleted right after its create, then
+    one more: it runs there, and the ledger holds it alone."""
+    node = kube.gpu_node(control_plane, "n", models=(MODEL,))
+    for i in range(10):
+        kube.submit(f"gone-{i}")
+        kube.delete_job(f"gone-{i}")
+    for i in range(10):
+        wait_for(f"job gone-{i} gone", lambda i=i: kube.job(f"gone-{i}"), lambda j: j is None)
+    kube.submit("last")
+    assert kube.wait_phase("last", "Running")["node"] == node
+    claims = lambda: json.loads(kube.flashnode(node)["metadata"].get("annotations", {}).get(  # noqa: E731
+        "kubeflash.io/claims") or "{}")
+    assert set(wait_for("only last's claim", claims, lambda c: set(c) == {f"{kube.ns}/last"})) == {f"{kube.ns}/last"}
+    assert all(kube.pod_names(f"gone-{i}") == [] for i in range(10))
+
+
 def test_restart_mid_job_creates_no_duplicate_pod(ns, kube, control_plane, operator):
     """A restarted operator adopts the running pod; even a pod whose creation never reached the job's status is
     adopted by its deterministic name instead of being created twice."""
