@@ -307,3 +307,19 @@ def test_a_bad_source_is_refused_before_torch_is_imported(tiny_llama, tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0].startswith("config.json rope_scaling.x = 1") and "has shape [32, 32]" in lines[1], lines
     assert "truncated or damaged" in lines[2] and lines[3] == "no torch", lines
+
+
+def test_calibrate_takes_a_hugging_face_directory(tiny_llama, tmp_path):
+    """`kubeflash calibrate MODEL` with MODEL a Hugging Face directory (as its --help says it may be) converts it
+    into the store first, instead of reading the directory as a store entry ("manifest.json: missing"); this one
+    was saved without a tokenizer, which the error then names."""
+    text = tmp_path / "prose.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    r = subprocess.run([sys.executable, "-m", "kubeflash_node.cli", "calibrate", str(tiny_llama), "--text", str(text),
+                        "--device", "cpu", "--store", str(tmp_path / "home"), "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "manifest.json" not in r.stderr, r.stderr
+    assert f"MODEL {tiny_llama}: has no tokenizer (a dummy: model, or a directory saved without" in r.stderr, r.stderr
+    [entry] = [p for p in (tmp_path / "home" / "models").iterdir() if not p.name.startswith(".")]
+    assert (entry / "manifest.json").is_file()

@@ -125,14 +125,15 @@ def calibrate_cli(args: argparse.Namespace) -> Path:
     _refuse_early(args)  # before the model is converted (minutes)
     device = resolve_device(args.device)
     model_dir = Path(args.model)
-    if not model_dir.is_dir():
+    if not (model_dir / "manifest.json").is_file():  # a source (a Hugging Face directory too): its store entry
         from ..store.cache import DEFAULT_ROOT, ensure_model
 
         model_dir, _ = ensure_model(args.model, dtype="float32" if device == "cpu" else args.dtype,
                                     root=args.store or DEFAULT_ROOT, progress_bar=not args.quiet)
     manifest = load_manifest(model_dir)
     if not manifest.tokenizer:
-        raise StoreError(f"MODEL {args.model}: has no tokenizer (a dummy: model), so it cannot read --text")
+        raise StoreError(f"MODEL {args.model}: has no tokenizer (a dummy: model, or a directory saved without "
+                         "tokenizer.json, tokenizer.model or vocab.json), so it cannot read --text")
     try:
         text = args.text.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
