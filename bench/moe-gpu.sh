@@ -41,7 +41,8 @@ for step in "$@"; do case $step in
   zeromoe) echo "=== zeromoe: zero_inference.py --model qwen3-30b-a3b --layers ${ZLAYERS:-16} --prompts ${ZB:-4} (cgroup $CG)"
            incg timeout "${ZERO_LIMIT:-540}" python3 bench/peers/zero_inference.py --model qwen3-30b-a3b \
              --layers "${ZLAYERS:-16}" --nvme-dir "$STORE/zeromoe" --json "$OUT/zero-moe-b${ZB:-4}.json" --prompts "${ZB:-4}" \
-             --prompt-len "${PLEN:-8}" --gen-len 3 ${GPU:+--gpu-memory "$GPU"} --cold 2>&1 | grep -v "^\[20" | tail -5
+             --prompt-len "${PLEN:-8}" --gen-len 3 ${GPU:+--gpu-memory "$GPU"} --cold --log "$OUT/zero-moe-b${ZB:-4}.log" \
+             --time-limit "$(( ${ZERO_LIMIT:-540} - 20 ))" 2>&1 | grep -v "^\[20" | tail -5
            rm -rf "$STORE/zeromoe" ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac; date; done

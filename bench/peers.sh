@@ -15,8 +15,14 @@ GPU=${GPU:-12GiB}
 PLEN=${PLEN:-512}
 mkdir -p "$STORE" "$RES"
 KF="python3 -m kubeflash_node.cli"
+ceilings() { # the machine's ceilings, measured once into $STORE/ceilings.json (every `ours` run prices from it)
+  [ -f "$STORE/ceilings.json" ] || { $KF bench --store "$STORE" --ceilings-only --json "$STORE/c.json" &&
+    python3 -c "import json;json.dump(json.load(open('$STORE/c.json'))['ceilings'],open('$STORE/ceilings.json','w'))"; }
+  cp "$STORE/ceilings.json" "$RES/"
+}
 ours() { # name prompts [bench args…]: kubeflash bench, auto policy unless args pin one
   local name=$1 n=$2; shift 2
+  ceilings
   echo "=== $name: kubeflash bench --prompts $n $*"
   incg $KF bench --store "$STORE" --ceilings "$STORE/ceilings.json" --prompts "$n" --prompt-len "$PLEN" --gen-len "${GEN:-32}" \
     --gpu-memory "$GPU" --cpu-memory "${CPUMEM:-14GiB}" --cold --json "$RES/$name.json" "$@" 2>&1 \
@@ -31,9 +37,7 @@ flexgen() { # name [FlexGen args…]
 }
 FG_OPTS=()
 for step in "$@"; do case $step in
-  ceilings) [ -f "$STORE/ceilings.json" ] || { $KF bench --store "$STORE" --ceilings-only --json "$STORE/c.json" &&
-            python3 -c "import json;json.dump(json.load(open('$STORE/c.json'))['ceilings'],open('$STORE/ceilings.json','w'))"; }
-            cp "$STORE/ceilings.json" "$RES/" ;;
+  ceilings) ceilings ;;
   # ours, fp16: converted outside the cgroup, then the auto policy under the budgets
   ours13) $KF convert dummy:opt-13b --out "$STORE/opt13" --dtype float16 2>&1 | tail -1
           CPUMEM=10GiB ours ours-opt13-fp16 16 --model "$STORE/opt13"; rm -rf "$STORE/opt13" ;;
@@ -73,7 +77,8 @@ for step in "$@"; do case $step in
   # DeepSpeed ZeRO-Inference 0.19.8 (wheels and libaio carried in .whl, bench/device-setup.sh): ZeRO-3 with every
   # parameter on NVMe through its async I/O, fp16 opt-13b, the workload of acc13 and air13
   zero13) incg python3 bench/peers/zero_inference.py --model opt-13b --nvme-dir /root/zero13 --json "$RES/zero-opt13.json" \
-            --prompts 16 --prompt-len 512 --gen-len 4 --gpu-memory "$GPU" --cold 2>&1 | tee "$RES/zero-opt13.log" \
+            --prompts 16 --prompt-len 512 --gen-len 4 --gpu-memory "$GPU" --cold --log "$RES/zero-opt13-phases.log" \
+            --time-limit "${ZERO_LIMIT:-560}" 2>&1 | tee "$RES/zero-opt13.log" \
             | grep -v "^\[20" | tail -5
           rm -rf /root/zero13 ;;
   # long-context decode: opt-1.3b with 32K learned positions (a shape; FlexGen's max_seq_len raised to match),

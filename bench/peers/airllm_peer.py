@@ -583,6 +583,9 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"result: {args.json}")
         return result
     except Stopped as e:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig in (signal.SIGTERM, signal.SIGALRM):  # a second signal must not interrupt writing the partial result
+            signal.signal(sig, signal.SIG_IGN)
         done = sum(r["seconds"] for r in records)
         log(f"STOPPED by {e}: {len(records)} of {args.gen_len} forwards done ({done:.1f} s); partial result")
         now = running()

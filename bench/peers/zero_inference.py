@@ -21,8 +21,8 @@ op compiles against them when the run starts).
 
 What is measured: one greedy `generate` of the ZeRO-3 engine's module (B random prompts of P tokens, exactly G new
 tokens each), wall time from the call to its return with the GPU synchronized; prefill_s is up to the first token's
-logits, decode_s the rest; a 1-token warm-up on a short prompt runs first (untimed), which also builds the async_io
-op. ZeRO-3 gathers each layer's parameters from their NVMe swap files before the layer runs and releases them after
+logits, decode_s the rest; the async_io op is built and a 1-token warm-up on a short prompt runs first (untimed).
+ZeRO-3 gathers each layer's parameters from their NVMe swap files before the layer runs and releases them after
 (DeepSpeed's parameter prefetch reads ahead), so every generated token re-reads every weight from the disk: the
 regime of `kubeflash bench --weights disk`.
 
@@ -32,8 +32,16 @@ parameter is initialised (the model's own random init, the dummy weights), parti
 ZeRO-Inference ones: `offload_param: {device: nvme, pin_memory: true}`, buffers large enough for the largest tensor,
 `stage3_param_persistence_threshold: 0` (every tensor streamed), and the `aio` section below.
 
+Where the time goes: --log FILE appends timestamped lines for every phase (DeepSpeed's import and init, the build of
+its async_io op, building the model under zero.Init, which writes the swap files, with a line every 15 s saying how
+many bytes are in --nvme-dir, the warm-up and the generate), every forward (its input shape and seconds) and every
+decoder layer of it (seconds since the forward began), so a run stopped by a time limit still says where it was.
+--time-limit S (SIGALRM) or a SIGTERM (e.g. from `timeout`) stops the run; the JSON is then written with "complete":
+false, the phases and forwards finished so far, and the exit status is 124.
+
 Result JSON: system, versions, model, device, prompts, prompt_len, gen_len, prefill_s, decode_s, total_s,
-generated_tokens, tokens_per_s, gpu_peak_bytes, gpu_memory_cap_bytes, nvme_bytes, page_cache, ds_config.
+generated_tokens, tokens_per_s, gpu_peak_bytes, gpu_memory_cap_bytes, nvme_bytes, page_cache, ds_config, complete,
+phases ({name: seconds}), forwards ([{tokens, seconds}]).
 """
 
 from __future__ import annotations
@@ -42,13 +50,16 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
 import transformers
 from accelerate_opt import PRESETS as OPT_PRESETS
-from airllm_peer import LLAMA_PRESETS, hf_config
+from airllm_peer import GB, LLAMA_PRESETS, PhaseLog, Stopped, _write_json, hf_config
 from peer_common import add_workload_args, cap_gpu_memory, check_workload, timed_run, write_result
 from transformers import AutoModelForCausalLM
 
@@ -123,6 +134,77 @@ def zero_model(config, nvme: Path, device: str, dtype: torch.dtype):
     return engine.module, cfg
 
 
+def dir_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+class Heartbeat:
+    """While a phase runs, log every `every` seconds how many bytes `folder` holds and at what rate it grew."""
+
+    def __init__(self, log, folder: Path, every: float = 15.0):
+        self.log, self.folder, self.every = log, folder, every
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        start, last_b, last_t = time.perf_counter(), 0, time.perf_counter()
+        while not self.done.wait(self.every):
+            b, t = dir_bytes(self.folder), time.perf_counter()
+            self.log(f"  {self.folder}: {b / GB:.2f} GB after {t - start:.0f} s ({(b - last_b) / GB / (t - last_t):.2f} GB/s "
+                     "in the last interval)")
+            last_b, last_t = b, t
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+
+
+def trace_forwards(model, sync, log, records: list):
+    """Log every forward of `model` (prefill, then one per generated token) and each of its decoder layers' end, and
+    append {tokens, seconds} per forward to `records`. Returns a function describing the forward in progress."""
+    state: dict = {}
+
+    def pre(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        sync()
+        state.update(start=time.perf_counter(), shape=tuple(ids.shape) if ids is not None else (), index=len(records),
+                     layers=0)
+
+    def post(module, args, kwargs, output):
+        sync()
+        seconds = time.perf_counter() - state["start"]
+        n = len(records)
+        records.append({"tokens": list(state["shape"]), "seconds": seconds})
+        kind = "prefill" if state["shape"] and state["shape"][-1] > 1 else "decode step"  # the first is the warm-up's
+        log(f"forward {n + 1} ({kind}, input {'x'.join(map(str, state['shape']))}): {seconds:.2f} s")
+        return output
+
+    def layer_done(module, args, output):
+        if "start" in state:
+            sync()
+            state["layers"] += 1
+            log(f"  forward {len(records) + 1}: layer {state['layers']} done at "
+                f"{time.perf_counter() - state['start']:.2f} s")
+        return output
+
+    model.register_forward_pre_hook(pre, with_kwargs=True)
+    model.register_forward_hook(post, with_kwargs=True)
+    inner = model.model
+    for layer in (inner.decoder.layers if hasattr(inner, "decoder") else inner.layers):  # OPT / Llama, Qwen3-MoE
+        layer.register_forward_hook(layer_done)
+
+    def in_progress() -> dict | None:
+        if "start" not in state or len(records) > state["index"]:
+            return None
+        return {"tokens": list(state["shape"]), "seconds_so_far": time.perf_counter() - state["start"],
+                "layers_done": state["layers"]}
+
+    return in_progress
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     presets = [*OPT_PRESETS, *LLAMA_PRESETS, *MOE_PRESETS]
     p = argparse.ArgumentParser(description="Time DeepSpeed ZeRO-Inference (ZeRO-3, parameters on NVMe) on an OPT, "
@@ -133,6 +215,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--nvme-dir", type=Path, required=True, metavar="DIR",
                    help="where ZeRO swaps the parameters out (emptied first)")
     p.add_argument("--json", type=Path, required=True, metavar="FILE", help="write the result to this JSON file")
+    p.add_argument("--log", type=Path, metavar="FILE", help="append a timestamped line per phase, forward and layer")
+    p.add_argument("--time-limit", type=float, metavar="S",
+                   help="stop after S seconds, writing the partial result (also done on SIGTERM)")
     add_workload_args(p, gen_default=4)
     args = p.parse_args(argv)
     config = peer_config(args.model)
@@ -144,8 +229,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    log = PhaseLog(args.log)
+    records: list[dict] = []
+    running = lambda: None  # noqa: E731 - replaced once the model is traced
     cuda = args.device == "cuda"
     device = "cuda:0" if cuda else "cpu"
+    result: dict = {"system": "deepspeed-zero-inference", "model": args.model, "device": device,
+                    "prompts": args.prompts, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+                    "versions": {"transformers": transformers.__version__, "torch": torch.__version__}}
+
+    def stop(signum, _frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGALRM, stop)
+    if args.time_limit:
+        signal.setitimer(signal.ITIMER_REAL, args.time_limit)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                  ("MASTER_PORT", "29512")):
@@ -157,28 +256,57 @@ def main(argv: list[str] | None = None) -> dict:
     if arch:
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(
             dict.fromkeys(re.sub(r"(?<=\d)[a-z]+(?=(\+PTX)?$)", "", a) for a in re.split(r"[;\s]+", arch.strip()) if a))
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    cap = cap_gpu_memory(args.gpu_memory) if cuda else None
-    torch.manual_seed(args.seed)
-    dtype = torch.float16 if cuda else torch.float32
     config = peer_config(args.model, args.layers)
-    shutil.rmtree(args.nvme_dir, ignore_errors=True)
-    args.nvme_dir.mkdir(parents=True)
-    model, cfg = zero_model(config, args.nvme_dir, device, dtype)
+    log(f"zero_inference {args.model} ({config.num_hidden_layers} layers): {args.prompts} prompts x "
+        f"{args.prompt_len} tokens, {args.gen_len} generated, device {device}, swap files in {args.nvme_dir}")
+    try:
+        with log.phase("init", "import deepspeed, init_distributed"):
+            import deepspeed
 
-    measured = timed_run(model, config.vocab_size, args, args.nvme_dir)
-    result = {
-        "system": "deepspeed-zero-inference",
-        "versions": {"deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
-                     "torch": torch.__version__},
-        "layers": config.num_hidden_layers, **measured, "gpu_memory_cap_bytes": cap,
-        "nvme_bytes": sum(f.stat().st_size for f in args.nvme_dir.rglob("*") if f.is_file()),
-        "ds_config": cfg,
-    }
-    write_result(args.json, result)
-    return result
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        result["versions"]["deepspeed"] = deepspeed.__version__
+        with log.phase("op", "DeepSpeed's async_io op (compiled with ninja at first use, then loaded from "
+                             "~/.cache/torch_extensions)"):
+            from deepspeed.ops.op_builder import AsyncIOBuilder
+
+            AsyncIOBuilder().load(verbose=False)
+        cap = cap_gpu_memory(args.gpu_memory) if cuda else None
+        torch.manual_seed(args.seed)
+        dtype = torch.float16 if cuda else torch.float32
+        shutil.rmtree(args.nvme_dir, ignore_errors=True)
+        args.nvme_dir.mkdir(parents=True)
+        with log.phase("build", "the model under zero.Init (every parameter initialised and swapped out to NVMe)"), \
+                Heartbeat(log, args.nvme_dir):
+            model, cfg = zero_model(config, args.nvme_dir, device, dtype)
+        result["nvme_bytes"] = dir_bytes(args.nvme_dir)
+        log(f"  swap files: {result['nvme_bytes'] / GB:.2f} GB")
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        running = trace_forwards(model, sync, log, records)
+        with log.phase("run", "1-token warm-up, then the timed generate "
+                              f"({'cold' if args.cold else 'warm'} page cache)"):
+            measured = timed_run(model, config.vocab_size, args, args.nvme_dir)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        del records[0]  # the warm-up's forward
+        result.update(layers=config.num_hidden_layers, **measured, gpu_memory_cap_bytes=cap, ds_config=cfg,
+                      complete=True, phases=log.phases, forwards=records)
+        write_result(args.json, result)
+        log(f"result: {args.json}")
+        return result
+    except Stopped as e:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig in (signal.SIGTERM, signal.SIGALRM):  # a second signal must not interrupt writing the partial result
+            signal.signal(sig, signal.SIG_IGN)
+        log(f"STOPPED by {e}: phases done {log.phases}; {len(records)} forwards done (the first is the warm-up)")
+        now = running()
+        if now:
+            log(f"  forward {len(records) + 1} was running for {now['seconds_so_far']:.1f} s, "
+                f"{now['layers_done']} layers done")
+        result.update(complete=False, stopped_by=str(e), phases=log.phases, forwards=records, forward_in_progress=now,
+                      nvme_bytes=dir_bytes(args.nvme_dir) if args.nvme_dir.exists() else 0)
+        _write_json(args.json, result)
+        log(f"partial result: {args.json}")
+        sys.stdout.flush()
+        os._exit(124)  # without joining DeepSpeed's threads
 
 
 if __name__ == "__main__":
