@@ -481,6 +481,26 @@ class Stopped(BaseException):
     """Raised from the SIGTERM/SIGALRM handler (a BaseException, so no library code swallows it)."""
 
 
+def _raise_stopped(signum, _frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+def arm_stop(time_limit: float | None) -> None:
+    """SIGTERM, and SIGALRM after `time_limit` seconds when given, raise Stopped in the main thread."""
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    signal.signal(signal.SIGALRM, _raise_stopped)
+    if time_limit:
+        signal.setitimer(signal.ITIMER_REAL, time_limit)
+
+
+def disarm_stop() -> None:
+    """No further Stopped: the timer off and both signals ignored (a second signal must not interrupt writing the
+    partial result)."""
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    for sig in (signal.SIGTERM, signal.SIGALRM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     presets = [*OPT_PRESETS, *LLAMA_PRESETS]
     p = argparse.ArgumentParser(description="Time AirLLM's generate on an OPT or Llama shape streamed layer by layer "
@@ -534,14 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
               "prompt_len": args.prompt_len, "gen_len": args.gen_len,
               "weights_written_by": "airllm (split of a HF checkpoint)" if args.via_checkpoint
               else "airllm_peer.py (AirLLM's split files directly)"}
-
-    def stop(signum, _frame):
-        raise Stopped(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGALRM, stop)
-    if args.time_limit:
-        signal.setitimer(signal.ITIMER_REAL, args.time_limit)
+    arm_stop(args.time_limit)
     log(f"airllm_peer {args.model}: " + ("weights only (--setup-only)" if args.setup_only else
         f"{args.prompts} prompts x {args.prompt_len} tokens, {args.gen_len} generated, device {result['device']}")
         + f", weights in {args.dir}")
@@ -583,9 +596,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"result: {args.json}")
         return result
     except Stopped as e:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for sig in (signal.SIGTERM, signal.SIGALRM):  # a second signal must not interrupt writing the partial result
-            signal.signal(sig, signal.SIG_IGN)
+        disarm_stop()
         done = sum(r["seconds"] for r in records)
         log(f"STOPPED by {e}: {len(records)} of {args.gen_len} forwards done ({done:.1f} s); partial result")
         now = running()

@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate_opt import PRESETS as OPT_PRESETS
-from airllm_peer import GB, LLAMA_PRESETS, PhaseLog, Stopped, _write_json, hf_config
+from airllm_peer import GB, LLAMA_PRESETS, PhaseLog, Stopped, _write_json, arm_stop, disarm_stop, hf_config
 from peer_common import add_workload_args, cap_gpu_memory, check_workload, timed_run, write_result
 from transformers import AutoModelForCausalLM
 
@@ -237,14 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"system": "deepspeed-zero-inference", "model": args.model, "device": device,
                     "prompts": args.prompts, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
                     "versions": {"transformers": transformers.__version__, "torch": torch.__version__}}
-
-    def stop(signum, _frame):
-        raise Stopped(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGALRM, stop)
-    if args.time_limit:
-        signal.setitimer(signal.ITIMER_REAL, args.time_limit)
+    arm_stop(args.time_limit)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                  ("MASTER_PORT", "29512")):
@@ -293,9 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"result: {args.json}")
         return result
     except Stopped as e:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for sig in (signal.SIGTERM, signal.SIGALRM):  # a second signal must not interrupt writing the partial result
-            signal.signal(sig, signal.SIG_IGN)
+        disarm_stop()
         log(f"STOPPED by {e}: phases done {log.phases}; {len(records)} forwards done (the first is the warm-up)")
         now = running()
         if now:
