@@ -323,3 +323,27 @@ def test_calibrate_takes_a_hugging_face_directory(tiny_llama, tmp_path):
     assert f"MODEL {tiny_llama}: has no tokenizer (a dummy: model, or a directory saved without" in r.stderr, r.stderr
     [entry] = [p for p in (tmp_path / "home" / "models").iterdir() if not p.name.startswith(".")]
     assert (entry / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["rope", "shape", "truncated"])
+def test_run_refuses_a_bad_hugging_face_directory_before_torch(tiny_llama, tmp_path, damage):
+    """`kubeflash run` on a job whose spec.model.uri is a Hugging Face directory with an option we do not compute,
+    a tensor of the wrong shape or a truncated safetensors file: one line naming spec.model.uri and the key, tensor
+    or file, before torch is imported (python -X importtime lists every module the process imported)."""
+    src = _copy(tiny_llama, tmp_path / "hf", **({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "zz": 1}}
+                                                 if damage == "rope" else {"vocab_size": 50} if damage == "shape"
+                                                 else {}))
+    if damage == "truncated":
+        os.truncate(src / "model.safetensors", 100)
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "kubeflash_node.cli", "run",
+                        str(_job(tmp_path / "bad.yaml", str(src), prompt_length=4)), "--device", "cpu",
+                        "--store", str(tmp_path / "home")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    [error] = [x for x in r.stderr.splitlines() if x.startswith("kubeflash run: error:")]
+    expected = {"rope": "spec.model.uri: config.json rope_scaling.zz = 1 is not supported",
+                "shape": f"spec.model.uri: {src}: tensor 'model.embed_tokens.weight' has shape [97, 32]",
+                "truncated": f"spec.model.uri: {src / 'model.safetensors'}: not a readable safetensors file"}[damage]
+    assert error.startswith("kubeflash run: error: " + expected), error
+    imported = {x.rsplit("|", 1)[-1].strip() for x in r.stderr.splitlines() if x.startswith("import time:")}
+    assert "numpy" in imported and "torch" not in imported
+    assert not (tmp_path / "home" / "models").exists() or not any((tmp_path / "home" / "models").iterdir())

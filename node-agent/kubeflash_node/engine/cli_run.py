@@ -199,9 +199,18 @@ def _check_source(uri: str) -> None:
         except ValueError as e:
             raise SpecError(f"spec.model.uri: {e}") from None
     elif not uri.startswith("builtin:") and not re.match(r"^[a-z][a-z0-9+.-]*://", uri):
-        if not Path(uri).expanduser().exists():
+        path = Path(uri).expanduser()
+        if not path.exists():
             raise SpecError(f"spec.model.uri: {uri}: no such file or directory (expected builtin:…, dummy:…, "
                             "a .gguf file or a Hugging Face directory with config.json)")
+        if path.is_dir() and (path / "config.json").is_file():  # config.json, safetensors headers, shapes: no torch
+            from ..store.convert import HFSource
+            from ..store.hf_config import SourceError
+
+            try:
+                HFSource(path)
+            except SourceError as e:
+                raise SpecError(f"spec.model.uri: {e}") from None
 
 
 def _check_paths(args, *, job_dir: Path, output: Path, store: Path) -> list[Path]:
