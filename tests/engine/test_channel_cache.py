@@ -149,3 +149,42 @@ def test_a_layer_read_dense_gives_the_same_tokens_and_reads_no_channel_row(tiny)
     assert _generate(store, mixed) == want
     assert 0 < mixed.channels.bytes_read < plain.channels.bytes_read
     assert mixed.describe()["dense_layers"] == [0, 2] and "1 of 3 layers read sparse, 2 dense" in mixed.line()
+
+
+def test_a_capped_window_holds_at_most_its_bytes_and_changes_no_token(tiny):
+    """window_bytes: the window's rows (hot set excluded) never exceed the cap; fewer rows are served than uncapped."""
+    _, store = tiny
+    want = _generate(store, _ffn(store, TARGET))
+    free, capped = _ffn(store, TARGET, window=3), _ffn(store, TARGET, window=3)
+    cap = _ffn_total(store) // 10
+    capped.channels.window_bytes = cap
+    assert _generate(store, free) == want and _generate(store, capped) == want
+    assert 0 < capped.channels.peak_held_bytes <= cap < free.channels.peak_held_bytes
+    assert 0 < capped.channels.hit_bytes < free.channels.hit_bytes
+
+
+@pytest.mark.parametrize("batch", [1, 16], ids=["b1", "b16"])
+def test_a_job_prices_every_layer_and_reads_dense_where_the_batch_keeps_almost_every_row(tiny, tmp_path, batch):
+    """run_job with the machine's ceilings (reads nearly free, a slow disk) at one sequence reads sparsely and then
+    prices each layer from the keep frequencies: every layer sparse; at 16 in one micro-batch (the union of their
+    kept rows is nearly all) the run already reads dense, so no layer is priced; the tokens equal those of the same
+    job run without ceilings (every layer sparse from the channel files: the same kept columns)."""
+    from tiny_jobs import run_tiny_job, tiny_job
+
+    from kubeflash_node.engine.bench import Ceilings
+    from kubeflash_node.engine.machine import Machine
+
+    _, store = tiny
+    disk = Ceilings(disk_read_cold=0.05, disk_read_warm=0.05, disk_write=0.05, h2d_pinned=10.0, matmul_tflops=0.1,
+                    disk_read_op_s=1e-12)
+    spec = tiny_job({"sparsity": TARGET}, count=batch, batch=batch)
+    rep, _, rows = run_tiny_job(spec, store, tmp_path / "m", machine=Machine(disk, 1 << 30, 4 << 30))
+    s = rep["sparsity"]
+    n = ModelConfig.from_dict(load_manifest(store).config).num_layers
+    if batch == 1:
+        assert s["reads"] == "sparse" and s["layers_why"].startswith("per layer at micro-batch 1: 3 of 3 layers")
+        assert s["dense_layers"] == [] and n == 3
+    else:
+        assert s["reads"] == "dense" and "layers_why" not in s
+    rep2, _, rows2 = run_tiny_job(spec, store, tmp_path / "n")
+    assert "dense_layers" not in rep2["sparsity"] and rows == rows2
