@@ -1,6 +1,7 @@
-"""`kubeflash plan` states what it assumed for a mixture-of-experts model: uniform routing's expected distinct
-experts per layer read (decode and prefill) for the chosen batch, the hot-expert cache's assumed hit rate, and the
-bytes a streamed layer's read is then expected to move; a dense model's plan has no such lines."""
+"""`kubeflash plan` states what it assumed for a mixture-of-experts model (no measured routing profile here): uniform
+routing's expected distinct experts per layer read (decode and prefill) for the chosen batch, the hot-expert cache's
+assumed hit rate, and the bytes a streamed layer's read is then expected to move; a dense model's plan has no such
+lines."""
 
 from __future__ import annotations
 
@@ -51,8 +52,10 @@ def test_plan_states_its_moe_assumptions(tmp_path):
     assert moe["expected_experts_prefill"] == pytest.approx(c.expected_experts(block * 64))
     assert moe["assumed_hit_rate"] == 0.0 and moe["expert_cache_bytes"] == 0
     assert "MoE: 128 experts, top-8 per token" in out
-    assert (f"assumed uniform routing (random weights route so; a trained router is skewed, which reads fewer): a "
+    assert (f"assumed uniform routing (no measured profile; measured reads route to fewer experts, docs/moe.md): a "
             f"decode read serves {block} tokens -> {moe['expected_experts_decode']:.1f} of 128 experts expected") in out
+    assert "routing: uniform (no measured profile)\n" in out and moe["routing"]["measured"] is False
+    assert "random weights route" not in out  # measured random-weight runs route to fewer experts than uniform
     assert "hot-expert cache: 0.0 MiB of" in out and "assumed hit rate 0%" in out
     assert moe["layer_read_bytes_decode"] < moe["layer_bytes"]
 

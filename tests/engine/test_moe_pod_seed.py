@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
 from readonly_mount import read_only  # noqa: E402
 
 from kubeflash_node.store.routing import JOB_ROUTING_FILE, ROUTING_FILE, publish_routing  # noqa: E402
+from kubeflash_node.store.routingprofile import JOB_PROFILE_FILE, PROFILE_FILE  # noqa: E402
+from kubeflash_node.store.routingprofile import load as load_profile  # noqa: E402
 
 from agent_harness import AgentProc, model_id  # noqa: E402
 
@@ -79,12 +81,18 @@ def test_second_pod_of_a_moe_model_starts_from_the_first_jobs_routing_counts(tmp
     cold, rows1 = _pod(model_dir, job1, "moe-1", tmp_path)
     assert cold["routing"] == {"seeded_from": None, "saved_to": str(job1 / JOB_ROUTING_FILE)}
     assert not (model_dir / ROUTING_FILE).exists()
+    # the routed run's routing profile (store/routingprofile.py) goes the same way: the job dir, then the model's
+    assert cold["routing_profile_saved_to"] == str(job1 / JOB_PROFILE_FILE)
+    assert not (model_dir / PROFILE_FILE).exists()
 
     assert agent.run_once() == 0, agent.log()  # publishes moe-1's counts next to the model
     published = json.loads((model_dir / ROUTING_FILE).read_text())
     assert published == json.loads((job1 / JOB_ROUTING_FILE).read_text())
     assert (model_dir / ROUTING_FILE).stat().st_mode & 0o044 == 0o044  # the pod's user can read it
     assert "routing counts published" in agent.log()
+    assert "routing profile published" in agent.log()
+    assert (model_dir / PROFILE_FILE).read_bytes() == (job1 / JOB_PROFILE_FILE).read_bytes()
+    assert load_profile(model_dir)[0].runs == 1
 
     warm, rows2 = _pod(model_dir, job2, "moe-2", tmp_path)
     assert warm["routing"] == {"seeded_from": str(model_dir / ROUTING_FILE), "saved_to": str(job2 / JOB_ROUTING_FILE)}
@@ -100,6 +108,7 @@ def test_second_pod_of_a_moe_model_starts_from_the_first_jobs_routing_counts(tmp
     assert again == mine and all(again["layers"][k][j] >= n for k, v in published["layers"].items()
                                  for j, n in v.items())
     assert not publish_routing(model_dir, (job2 / JOB_ROUTING_FILE).read_bytes(), where="again")  # idempotent
+    assert load_profile(model_dir)[0].runs == 2  # moe-2's profile: the model's (moe-1's run) plus its own
 
 
 def test_bad_routing_file_is_refused_naming_the_entry(tmp_path):

@@ -182,8 +182,8 @@ spec:
 
     (uni, p_uni), (meas, p_meas) = plan(), plan("--routing-from", str(bench))
     assert uni.returncode == 0 and meas.returncode == 0, uni.stderr + meas.stderr
-    assert "routing: measured by" in meas.stdout and "4 x 8 tokens -> 49.7 experts" in meas.stdout
-    assert "routing: measured by" not in uni.stdout
+    assert f"routing: measured (by {bench}: 4 x 1 tokens -> 23.6 experts, 4 x 8 tokens -> 49.7 experts" in meas.stdout
+    assert "routing: uniform (no measured profile)\n" in uni.stdout  # no entry in the store: nothing measured
     if not p_meas["best"]["policy"]["all_experts"]:
         assert p_meas["moe"]["expected_experts_prefill"] == pytest.approx(49.7, rel=1e-3)
     assert p_meas["best"]["total_s"] < p_uni["best"]["total_s"]

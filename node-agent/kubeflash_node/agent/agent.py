@@ -19,6 +19,8 @@ from typing import Any
 from kubeflash_node.store.format import StoreError, atomic_write_json
 from kubeflash_node.store.routing import JOB_ROUTING_FILE, publish_routing
 from kubeflash_node.store.routing import MAX_BYTES as ROUTING_MAX_BYTES
+from kubeflash_node.store.routingprofile import JOB_PROFILE_FILE, publish_profile
+from kubeflash_node.store.routingprofile import MAX_BYTES as PROFILE_MAX_BYTES
 
 from . import progress as progress_doc
 from . import status as status_mod
@@ -59,6 +61,7 @@ class Agent:
         self.conditions: list[dict] = []
         self.relayed: dict[str, dict] = {}
         self._routing_seen: dict[str, bytes] = {}  # job -> sha256 of the routing.json last published
+        self._profile_seen: dict[str, bytes] = {}  # job -> sha256 of the routing-profile.json last published
         self.last_status: dict[str, Any] = {}
         self.last_ok: float | None = None
         self.last_error = ""
@@ -220,13 +223,17 @@ class Agent:
     def _publish_routing(self, alive: dict[str, str], pods: dict[str, JobWant]) -> None:
         """A MoE job's routing counts (<job dir>/routing.json: its model volume is read-only) folded into its model's
         .routing.json on this node (store/routing.py), which the next pod of the model reads to start its hot-expert
-        cache warm. Read no-follow and capped, each new version once; a bad file is logged and left."""
+        cache warm; and its routing profile (<job dir>/routing-profile.json: the model's plus its run) made the
+        model's .routing-profile.json (store/routingprofile.py), which the next pod's policy: auto prices with. Read
+        no-follow and capped, each new version once; a bad file is logged and left."""
         self._routing_seen = {k: v for k, v in self._routing_seen.items() if k in alive}
+        self._profile_seen = {k: v for k, v in self._profile_seen.items() if k in alive}
         ready = self.cache.ready()
         for key, disk in alive.items():
             mid = pods[key].model_id if key in pods else ""
             if mid not in ready:
                 continue
+            self._publish_profile(key, disk, model_dir(self.inv.disk(ready[mid]).path, mid), mid)
             try:
                 raw = self.jobs.read(key, disk, JOB_ROUTING_FILE, ROUTING_MAX_BYTES)
             except (OSError, Unsafe):  # none yet (the engine writes it as it closes), or not a regular file
@@ -239,6 +246,20 @@ class Agent:
                     log.info("routing counts published", extra={"job": key, "model": mid})
             except (ValueError, StoreError, OSError) as e:
                 log.warning("routing counts refused", extra={"job": key, "model": mid, "error": str(e)})
+
+    def _publish_profile(self, key: str, disk: str, mdir: Path, mid: str) -> None:
+        try:
+            raw = self.jobs.read(key, disk, JOB_PROFILE_FILE, PROFILE_MAX_BYTES)
+        except (OSError, Unsafe):  # none (yet: the engine writes it as it closes), or not a regular file
+            return
+        if self._profile_seen.get(key) == (digest := hashlib.sha256(raw).digest()):
+            return
+        self._profile_seen[key] = digest
+        try:
+            if publish_profile(mdir, raw, where=f"{key}/{JOB_PROFILE_FILE}"):
+                log.info("routing profile published", extra={"job": key, "model": mid})
+        except (ValueError, OSError) as e:
+            log.warning("routing profile refused", extra={"job": key, "model": mid, "error": str(e)})
 
     def _results_reader(self, key: str, disk: str):
         """read(cap) -> the job's results.jsonl, no-follow and capped; a refusal is noted for the job's status."""

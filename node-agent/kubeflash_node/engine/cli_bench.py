@@ -174,9 +174,10 @@ def main(args: argparse.Namespace) -> int:
     from ..store.format import StoreError, load_manifest
     from .bench import Ceilings, Workload, drop_page_cache, measure_ceilings, measure_disk_files, roofline
     from .cli_run import resolve_device
-    from .costmodel import Budget, Candidate, JobShape, describe, plan, predict
+    from .costmodel import Budget, Calibration, Candidate, JobShape, describe, plan, predict
     from .generate import Engine, EngineError, GenParams
     from .memory import cap_gpu_allocator, gpu_total, mem_available
+    from .moeplan import Routing, stored_routing
     from .policy import make_policy
     from .report import build_report, format_report
 
@@ -212,6 +213,7 @@ def main(args: argparse.Namespace) -> int:
                            prefetch=args.prefetch, io_backend=args.io_backend, all_experts=args.all_experts,
                            expert_cache_bytes=args.expert_cache, expert_prefetch=args.expert_prefetch)
         itemsize = 4 if args.dtype == "float32" else 2
+        routing = Routing()  # MoE: priced with the model's measured routing profile where its entry has one
         if mode == "auto":
             if args.no_ceilings:
                 raise ValueError("--policy auto plans from measured ceilings: drop --no-ceilings")
@@ -220,15 +222,22 @@ def main(args: argparse.Namespace) -> int:
                 if args.quantization not in quants:
                     raise ValueError(f"--quantization {args.quantization}: {args.model} is stored as {quants[0]}")
                 allowed = (args.quantization,)
+            if len(allowed) == 1:  # the entry this run reads (with --allow-compression: several, so uniform)
+                routing = stored_routing(config, _entry(args, allowed[0]))
             bits = (16, 8, 4) if args.allow_compression or (args.kv_bits or 16) != 16 else (16,)
             chosen = plan(config=config, ceil=ceil, job=job, budget=budget, sizes=sizes, quantizations=allowed,
-                          kv_bits=bits, base=base, itemsize=itemsize, keep=_pins(args)).best
+                          kv_bits=bits, base=base, itemsize=itemsize, keep=_pins(args),
+                          cal=Calibration(routing=routing.profile)).best
             policy, quant = chosen.candidate.policy, chosen.candidate.quantization
             print(f"policy auto: {describe(chosen)}\n             {chosen.why()}", file=sys.stderr)
+            if config.num_experts:
+                print(routing.line(config, policy.block_size, args.prompt_len), file=sys.stderr)
         else:
             policy, quant = _explicit_policy(args, base)
         if quant not in sizes:
             raise ValueError(f"--quantization {quant}: {args.model} is stored as {quants[0]}")
+        if mode != "auto":  # the prediction of the policy run: with the entry's measured routing too
+            routing = stored_routing(config, _entry(args, quant))
         if args.gpu_memory and device.startswith("cuda"):
             cap_gpu_allocator(budget.gpu_bytes, device)
         if Path(args.model).is_dir():
@@ -261,7 +270,8 @@ def main(args: argparse.Namespace) -> int:
         return 1
     gbs = policy.gpu_batch_size
     pred = predict(Candidate(policy, quant), config=config, ceil=ceil, job=job, budget=budget,
-                   sizes=(manifest.stage_bytes, sizes[quant][1]), itemsize=itemsize) if not missing else None
+                   sizes=(manifest.stage_bytes, sizes[quant][1]), itemsize=itemsize,
+                   cal=Calibration(routing=routing.profile)) if not missing else None
     w = Workload(prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, block_size=policy.block_size)
     itemsize = torch.empty((), dtype=engine.dtype).element_size()
     roof = roofline(stage_bytes=manifest.stage_bytes, placement=engine.placement, w=w, c=engine.config, ceil=ceil,
@@ -286,6 +296,10 @@ def main(args: argparse.Namespace) -> int:
         "roofline": roof, "efficiency": roof["floor_s"] / elapsed if roof["floor_s"] else None,
         "ceilings": ceil.to_dict(), "unmeasured": missing, "report": report,
     }
+    if config.num_experts:  # the routing the plan (policy auto) and the prediction were priced with
+        result["routing_assumed"] = routing.to_json(config, policy.block_size, args.prompt_len)
+    if engine.routing_profile_saved is not None:
+        result["routing_profile_saved_to"] = str(engine.routing_profile_saved)
     print(format_report(report))
     print(f"\nworkload: {args.prompts} x ({args.prompt_len} prompt + {args.gen_len} gen), weights={weights}"
           f"{'' if quant == 'none' else ' ' + quant}, kv={policy.kv}{'' if policy.kv_bits == 16 else f' {policy.kv_bits}-bit'}"
@@ -306,6 +320,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"efficiency = floor / measured = {result['efficiency']:.3f}")
     _dump(args.json, result)
     return 0
+
+
+def _entry(args, quantization: str) -> Path:
+    """The store entry the run reads: --model itself where it is a store directory."""
+    from ..store.ids import model_id
+
+    if Path(args.model).is_dir():
+        return Path(args.model)
+    return args.store / "models" / model_id(args.model, dtype=args.dtype, quantization=quantization)
 
 
 def _why_missing(args, gpu_here: bool) -> str:

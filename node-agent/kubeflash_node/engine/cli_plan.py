@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="write the plan to this JSON file")
     p.add_argument("--routing-from", type=Path, metavar="BENCH_JSON",
                    help="MoE models: price routed expert reads with the routing a run of this model measured (its "
-                        "report's routing_profile: kubeflash bench --json) instead of uniform routing")
+                        "report's routing_profile: kubeflash bench --json) instead of the store entry's measured "
+                        "profile (.routing-profile.json, which routed runs write) or, without one, uniform routing")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -54,7 +55,8 @@ def main(args: argparse.Namespace) -> int:
         _check_json_path(args.json)
         ceil, assumed = _ceilings(args)
         config, sizes, itemsize, size_note, tokenizer = _model(spec, args.store)
-        cal = Calibration(routing=_routing(args.routing_from, config))
+        routing = _routing(args.routing_from, config, _entry(spec, args.store))
+        cal = Calibration(routing=routing.profile)
         job = _job(spec, tokenizer, args.prompt_len)
         r = spec.resources
         gpu_bytes = args.gpu_memory or r.gpu_memory or _gpu_or_assumed(assumed)
@@ -87,9 +89,6 @@ def main(args: argparse.Namespace) -> int:
           f"matmul {ceil.matmul_tflops:.0f} TFLOP/s")
     for line in assumed:
         print("assumed: " + line)
-    if cal.routing is not None:
-        print(f"routing: measured by {args.routing_from} (" + ", ".join(
-            f"{s} x {t} tokens -> {n:.1f} experts" for s, t, n in cal.routing.points) + " a layer read)")
     if explicit is not None:
         print(f"budgets: GPU {budget.gpu_bytes / 2**30:.2f} GiB, CPU {budget.cpu_bytes / 2**30:.2f} GiB\n")
         print("\n".join(explicit))
@@ -105,13 +104,18 @@ def main(args: argparse.Namespace) -> int:
     print("chosen:    " + describe(plan.best))
     print("           why: " + plan.best.why())
     stored = sizes[plan.best.candidate.quantization][0]
-    moe_lines, moe = moe_assumptions(config, plan.best.candidate.policy, job, stored, cal.routing)
+    best = plan.best.candidate.policy
+    if config.num_experts:  # which routing the MoE reads were priced with
+        print(routing.line(config, best.gpu_batch_size * best.num_gpu_batches, job.prompt_len))
+    moe_lines, moe = moe_assumptions(config, best, job, stored, cal.routing,
+                                     source="--routing-from" if args.routing_from else "the store entry's profile")
     prefetch, pf_lines, pf = expert_prefetch_choice(spec.offload.expert_prefetch, config, plan.best.candidate.policy,
                                                     job, stored, ceil, itemsize=itemsize, routing=cal.routing)
     for line in moe_lines + pf_lines:
         print(line)
     if moe is not None:
         moe["expert_prefetch"] = pf
+        moe["routing"] = routing.to_json(config, best.gpu_batch_size * best.num_gpu_batches, job.prompt_len)
     if spec.offload.sparsity is not None:
         print(_sparse_line(spec.offload.sparsity, plan, ceil))
         if attn_why is not None:
@@ -150,14 +154,26 @@ def _check_json_path(path: Path | None) -> None:
     _remove_empty(check_writable("--json", path, path.parent))
 
 
-def _routing(path: Path | None, config):
-    """The routing profile --routing-from names (costmodel.RoutingProfile), or None: uniform routing."""
+def _entry(spec, store: Path | None) -> Path:
+    """The job's model entry in the local store (it may not be there)."""
+    from ..store.cache import DEFAULT_ROOT
+    from ..store.ids import model_id
+
+    m = spec.model
+    return (store or DEFAULT_ROOT) / "models" / model_id(m.uri, dtype=m.dtype, quantization=m.quantization)
+
+
+def _routing(path: Path | None, config, entry: Path):
+    """The routing to price MoE reads with (moeplan.Routing): the profile --routing-from names, else the one stored
+    in the model's entry (routed runs write it), else uniform routing (with the reason where a stored one is not
+    used: a corrupt file or another model's is ignored, named)."""
     import json
 
     from .costmodel import RoutingProfile
+    from .moeplan import Routing, stored_routing
 
     if path is None:
-        return None
+        return stored_routing(config, entry)
     if not config.num_experts:
         raise ValueError(f"--routing-from {path}: the model has no experts (a mixture-of-experts model only)")
     try:
@@ -167,7 +183,8 @@ def _routing(path: Path | None, config):
     if got is None:
         raise ValueError(f"--routing-from {path}: no report.routing_profile (a kubeflash bench --json result of a "
                          f"routed MoE run, without expert prefetch, expected)")
-    return got
+    return Routing(got, f"by {path}: " + ", ".join(f"{s} x {t} tokens -> {n:.1f} experts" for s, t, n in got.points)
+                   + " a layer read")
 
 
 def _explicit(spec, job, config, ceil, budget, sizes, itemsize, cal) -> list[str]:
@@ -375,7 +392,7 @@ def _layer_reads(spec, config, itemsize: int, store: Path | None, plan, ceil):
         return None
     h, i = config.hidden_size, config.intermediate_size
     rows = dict(hidden=h, in_row_bytes=2 * i * itemsize, down_row_bytes=h * itemsize)
-    held = hot_rows(freq, **rows, budget_bytes=hot_budget(spec.resources, "cuda"))
+    held = hot_rows(freq, **rows, budget_bytes=hot_budget(spec.resources, "cpu"))  # held in host memory
     return choose_layers(freq, **rows, tokens=plan.best.candidate.policy.gpu_batch_size, op_s=read_op_s(ceil),
                          gbps=ceil.disk_read_cold, held=held)
 

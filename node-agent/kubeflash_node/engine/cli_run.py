@@ -154,8 +154,12 @@ def _finish(args, spec, report: dict, *, output: Path, job_dir: Path) -> int:
         print(f"policy auto: {report['plan']['chosen']}\n             {report['plan']['why']}")
     if "sparsity" in report:
         print(report["sparsity"]["line"])
+    if "routing_assumed" in report:  # MoE: the routing the plan and the prefetch choice were priced with
+        print(report["routing_assumed"]["line"])
     if "expert_prefetch_choice" in report:  # MoE: spec.offload.expertPrefetch as run, and why
         print("\n".join(report["expert_prefetch_choice"]["lines"]))
+    if "routing_profile_saved_to" in report:  # MoE, routed: this run's routing added to the model's profile
+        print(f"routing profile: saved to {report['routing_profile_saved_to']}")
     if "routing" in report:  # MoE: the routing counts' files (saved_to: the job dir where the model's is read-only)
         r = report["routing"]
         print(f"routing counts: seeded from {r['seeded_from'] or 'nothing'}; saved to {r['saved_to'] or 'nowhere'}")

@@ -11,6 +11,7 @@ then run every micro-batch of the block through it (zig-zag), loading and storin
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,7 @@ class Engine:
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "decode_tokens": 0, "cache_bytes": 0,
                       "generated_tokens": 0, "block_setup_s": 0.0, "prefill_weight_bytes": 0,
                       "decode_weight_bytes": 0, "decode_passes": 0, "routing": {}}
+        self.routing_profile_saved = self.routing_profile_warning = None  # set at close (_save_routing_profile)
         self.prefix = prefix_cache.bind(self) if prefix_cache is not None else None
         if cuda:
             self._warm_kernels()
@@ -136,6 +138,24 @@ class Engine:
 
     def close(self) -> None:
         self.streamer.close()
+        self._save_routing_profile()
+
+    def _save_routing_profile(self) -> None:
+        """A routed MoE run's routing by read shape added to the model's measured profile (store/routingprofile.py:
+        the model's entry, else the job dir), once; where it went (or None) and any warning in
+        `self.routing_profile_saved` / `_warning` for the report. Best effort: a profile only prices later plans."""
+        from ..store.routingprofile import record
+
+        run = self.stats["routing"]
+        if not run or self.routing_profile_saved is not None or self.manifest.extra.get("tensor_parallel"):
+            return  # not routed, saved already, or a tensor-parallel rank's shard (not the model's entry)
+        try:
+            saved, why = record(self.dir, {k: tuple(v) for k, v in run.items()}, job_dir=self.job_dir)
+        except OSError as e:
+            saved, why = None, f"routing profile not saved ({e})"
+        self.routing_profile_saved, self.routing_profile_warning = saved, why
+        if why:
+            print(f"kubeflash: {why}", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------ public
     def generate(self, prompts: Sequence[Sequence[int]], params: GenParams,

@@ -18,6 +18,7 @@ from ..store.kvblocks import DEFAULT_BUDGET, ENV_KV_CACHE_BUDGET, KVBlockStore
 from ..store.modelconfig import ModelConfig
 from .generate import Engine, GenParams
 from .machine import Machine, within_resources
+from .moeplan import stored_routing
 from .planning import auto_plan, check_context, check_kv_disk, check_one_sequence, check_vocab, job_shape, policy_for
 from .policy import Policy
 from .prefixcache import PrefixCache
@@ -78,9 +79,10 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         itemsize = 4 if manifest.dtype == "float32" else 2
         check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
         cache = _expert_cache(spec, config, device, machine, expert_cache)
+        measured = stored_routing(config, model_dir)  # MoE: the model's measured routing profile, else uniform
         if policy is None and spec.offload.policy == "auto" and machine is not None:
             chosen = _auto_plan(spec, sparsity, config=config, itemsize=itemsize, manifest=manifest, job=shape,
-                                machine=machine, expert_cache=cache)
+                                machine=machine, expert_cache=cache, routing=measured.profile)
             policy = chosen.best.candidate.policy
         if policy is None:
             policy = replace(policy_for(spec, n_prompts=len(todo), device=device, config=config),
@@ -88,7 +90,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
         check_kv_disk(spec, policy, manifest=manifest, job=shape)
         policy, prefetch = _expert_prefetch(spec, policy, config=config, manifest=manifest, job=shape, machine=machine,
-                                            itemsize=itemsize)
+                                            itemsize=itemsize, routing=measured.profile)
         if sparsity is not None and (sparsity.bundles is not None or sparsity.channels is not None):
             _follow_reads(sparsity, spec, chosen, policy, config=config, manifest=manifest, job=shape, machine=machine,
                           itemsize=itemsize)
@@ -147,6 +149,8 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
                               "predicted_s": chosen.best.run_s, "considered": chosen.considered}
         if prefetch is not None:  # MoE: spec.offload.expertPrefetch as run, and why
             report["expert_prefetch_choice"] = prefetch
+        if config.num_experts and machine is not None:  # MoE, priced: the routing the plan and prefetch assumed
+            report["routing_assumed"] = measured.to_json(config, policy.block_size, shape.prompt_len)
         progress.write("done", timings=_timings(engine))
         return report
     except BaseException as e:
@@ -159,6 +163,8 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         routing = getattr(getattr(engine, "streamer", None), "routing", None)  # MoE: set at close
         if report is not None and routing is not None and engine.streamer.expert_cache is not None:
             report["routing"] = routing.describe()
+        if report is not None and getattr(engine, "routing_profile_saved", None) is not None:  # MoE, routed
+            report["routing_profile_saved_to"] = str(engine.routing_profile_saved)
 
 
 def _expert_cache(spec: JobSpec, config: ModelConfig, device: str, machine: Machine | None,
@@ -179,13 +185,14 @@ def _expert_cache(spec: JobSpec, config: ModelConfig, device: str, machine: Mach
 
 
 def _expert_prefetch(spec: JobSpec, policy: Policy, *, config: ModelConfig, manifest, job, machine: Machine | None,
-                     itemsize: int) -> tuple[Policy, dict | None]:
+                     itemsize: int, routing=None) -> tuple[Policy, dict | None]:
     """The policy with spec.offload.expertPrefetch applied (auto: as the cost model prices it for this policy on the
     machine's ceilings; off without them), and the choice with its reasons for the report (None: a dense model)."""
     from .moeplan import expert_prefetch_choice
 
     on, lines, choice = expert_prefetch_choice(spec.offload.expert_prefetch, config, policy, job, manifest.stage_bytes,
-                                               machine.ceilings if machine is not None else None, itemsize=itemsize)
+                                               machine.ceilings if machine is not None else None, itemsize=itemsize,
+                                               routing=routing)
     if choice is None:
         return policy, None
     return replace(policy, expert_prefetch=on), choice | {"lines": [line.strip() for line in lines]}
@@ -229,7 +236,8 @@ def _sparsity(spec: JobSpec, config: ModelConfig, model_dir: Path, device: str, 
     target = spec.offload.sparsity
     if calibrate and needs_calibration(config) and missing_targets(model_dir, (target,)):
         ensure_calibrated(model_dir, (target,), device=device)  # first use: once, under the entry's lock
-    return for_job(config, model_dir, target, hot_bytes=hot_budget(spec.resources, device))
+    return for_job(config, model_dir, target, hot_bytes=hot_budget(spec.resources, device),
+                   channel_hot_bytes=hot_budget(spec.resources, "cpu"))  # input sparsity's rows: host memory
 
 
 def _sparse_cost(sparsity, config: ModelConfig, itemsize: int):
@@ -246,7 +254,7 @@ def _sparse_cost(sparsity, config: ModelConfig, itemsize: int):
                       gap=sparsity.gap)
 
 
-def _auto_plan(spec: JobSpec, sparsity, *, config: ModelConfig, itemsize: int, **kw):
+def _auto_plan(spec: JobSpec, sparsity, *, config: ModelConfig, itemsize: int, **kw):  # kw: auto_plan's
     """auto_plan with the job's sparse reads; where attention sparsity changes the reads, planned FFN-only too and
     the faster plan kept (sparse.SparseFFN.price_attention: which, and the two predicted times)."""
     cost = _sparse_cost(sparsity, config, itemsize)

@@ -1,9 +1,13 @@
 """What `kubeflash plan` assumes about a mixture-of-experts model, stated beside the plan (torch-free).
 
 The cost model prices a streamed MoE layer by routed_layer_bytes: its non-expert bytes plus the distinct experts a
-layer read is expected to route to under uniform routing (ModelConfig.expected_experts of the tokens sharing that
-read: a block's sequences in decode, times the prompt in prefill), less the hot-expert cache's hits, taken as the
-cache's share of all layers' experts (what a uniform router gives). These lines say so, with the numbers used.
+layer read is expected to route to, less the hot-expert cache's hits, taken as the cache's share of all layers'
+experts (what a uniform router gives). The distinct experts come from the model's measured routing profile where
+there is one (`stored_routing`: the store entry's .routing-profile.json, which every routed run adds to, see
+store/routingprofile.py; or `kubeflash plan --routing-from BENCH_JSON`), else from uniform routing
+(ModelConfig.expected_experts of the tokens sharing that read: a block's sequences in decode, times the prompt in
+prefill). `Routing.line` is the one line the plan and the run print about which it assumed; these lines say so too,
+with the numbers used.
 
 `expert_cache_bytes` turns spec.offload.expertCache into the cache's budget: a quantity as given; `auto` an eighth
 (EXPERT_CACHE_AUTO_SHARE) of the GPU budget (the memory the experts' cache lives in on a GPU run) or, on a CPU run,
@@ -16,8 +20,19 @@ streamed from disk), with the lines that say why (the plan prints them; the run 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 from ..store.modelconfig import ModelConfig
-from .costmodel import Calibration, JobShape, PrefetchCost, expert_prefetch_cost, guess_hit_rate, routed_layer_bytes
+from .costmodel import (
+    Calibration,
+    JobShape,
+    PrefetchCost,
+    RoutingProfile,
+    expert_prefetch_cost,
+    guess_hit_rate,
+    routed_layer_bytes,
+)
 from .policy import Policy
 
 EXPERT_CACHE_AUTO_SHARE = 1 / 8  # of the compute device's budget, under spec.offload.expertCache: auto
@@ -33,15 +48,54 @@ def expert_cache_bytes(c: ModelConfig, value: int | str, *, budget: int | None) 
     return int(value)
 
 
+@dataclass(frozen=True)
+class Routing:
+    """The routing a plan prices a MoE model's routed reads with: a measured profile, or uniform (profile None)."""
+
+    profile: RoutingProfile | None = None
+    source: str = ""  # where the measured profile came from (a file)
+    runs: int = 0  # the runs it sums (0: not known, as for a bench JSON given with --routing-from)
+    note: str | None = None  # why a stored profile was not used (it names the file), or None
+
+    def line(self, c: ModelConfig, block: int, prompt_len: int) -> str:
+        """`routing: ...`: measured (in how many runs, the distinct experts a layer read at this batch) or uniform."""
+        if self.profile is None:
+            return "routing: uniform (no measured profile" + (f"; {self.note})" if self.note else ")")
+        runs = f"in {self.runs} run{'s' if self.runs != 1 else ''} " if self.runs else ""
+        plen = max(1, prompt_len)
+        return (f"routing: measured {runs}({self.source}), {self.profile.distinct(c, block, 1):.1f} distinct experts "
+                f"per layer at batch {block} (uniform: {c.expected_experts(block):.1f}); a prefill read of {block} x "
+                f"{plen} tokens {self.profile.distinct(c, block, plen):.1f} "
+                f"(uniform: {c.expected_experts(block * plen):.1f})")
+
+    def to_json(self, c: ModelConfig, block: int, prompt_len: int) -> dict:
+        return {"measured": self.profile is not None, "source": self.source or None, "runs": self.runs,
+                "note": self.note, "line": self.line(c, block, prompt_len),
+                "points": [list(pt) for pt in self.profile.points] if self.profile else []}
+
+
+def stored_routing(c: ModelConfig, model_dir: Path | None) -> Routing:
+    """The routing profile measured on the model stored at `model_dir` (its .routing-profile.json), or uniform
+    routing: none there, a dense model, or a file that is not this model's profile (`note` says why, naming it)."""
+    from ..store.routingprofile import PROFILE_FILE, load
+
+    if not c.num_experts or model_dir is None or not (Path(model_dir) / "manifest.json").is_file():
+        return Routing()
+    got, why = load(Path(model_dir))
+    if got is None:
+        return Routing(note=why)
+    return Routing(RoutingProfile(got.points()), str(Path(model_dir) / PROFILE_FILE), got.runs)
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 def moe_assumptions(c: ModelConfig, p: Policy, job: JobShape, stored: list[int],
-                    routing=None) -> tuple[list[str], dict | None]:
+                    routing=None, *, source: str = "--routing-from") -> tuple[list[str], dict | None]:
     """(lines for the plan's output, the same as a dict for --json) for plan policy `p`; ([], None) for a dense
     model. `stored`: bytes of each stage as stored (embed, layers, head); `routing`: a measured
-    costmodel.RoutingProfile (None: uniform routing)."""
+    costmodel.RoutingProfile (None: uniform routing), measured as `source` says."""
     if not c.num_experts:
         return [], None
     e, k = c.num_experts, c.num_experts_per_tok
@@ -60,8 +114,8 @@ def moe_assumptions(c: ModelConfig, p: Policy, job: JobShape, stored: list[int],
     expert_bytes = layer * c.expert_share() * c.num_layers  # as routed_layer_bytes takes it: every layer's experts
     hit = min(1.0, p.expert_cache_bytes / expert_bytes) if expert_bytes else 0.0
     per_read = routed_layer_bytes(c, layer, p, block, sequences=block, routing=routing)
-    how = "routing as measured (--routing-from)" if routing else \
-        "assumed uniform routing (random weights route so; a trained router is skewed, which reads fewer)"
+    how = f"routing as measured ({source})" if routing else \
+        "assumed uniform routing (no measured profile; measured reads route to fewer experts, docs/moe.md)"
     lines = [head,
              f"  {how}: "
              f"a decode read serves {block} tokens -> {decode:.1f} of {e} experts expected per layer "

@@ -42,14 +42,16 @@ def job_shape(prompts: list[list[int]], gen_len: int):
     return JobShape(prompts=len(prompts), prompt_len=max(len(p) for p in prompts), gen_len=gen_len)
 
 
-def auto_plan(spec: JobSpec, *, manifest, job, machine: Machine, sparsity=None, expert_cache: int = 0):
+def auto_plan(spec: JobSpec, *, manifest, job, machine: Machine, sparsity=None, expert_cache: int = 0,
+              routing=None):
     """The cost model's plan for `job` (costmodel.JobShape) on this machine (costmodel.Plan): placement, batch
     shape and the exact techniques; the store's quantization and the KV compression stay as the manifest says.
-    `expert_cache`: bytes of the MoE hot-expert cache, priced in the reads and held back from the GPU budget."""
+    `expert_cache`: bytes of the MoE hot-expert cache, priced in the reads and held back from the GPU budget;
+    `routing`: the MoE model's measured costmodel.RoutingProfile (None: uniform routing)."""
     from dataclasses import replace
 
     from ..store.modelconfig import ModelConfig
-    from .costmodel import QUANT_BITS, Budget, plan, stage_sizes
+    from .costmodel import QUANT_BITS, Budget, Calibration, plan, stage_sizes
 
     config = ModelConfig.from_dict(manifest.config)
     itemsize = 4 if manifest.dtype == "float32" else 2
@@ -62,7 +64,8 @@ def auto_plan(spec: JobSpec, *, manifest, job, machine: Machine, sparsity=None, 
         return plan(config=config, ceil=ceil, job=job,
                     budget=Budget(max(0, machine.gpu_bytes - expert_cache), machine.cpu_bytes, spec.resources.kv_disk),
                     sizes={q: (manifest.stage_bytes, dense)}, quantizations=(q,), kv_bits=(kv_bits,), base=base,
-                    keep=pinned(spec.offload, config), itemsize=itemsize, sparsity=sparsity)
+                    keep=pinned(spec.offload, config), itemsize=itemsize, sparsity=sparsity,
+                    cal=Calibration(routing=routing))
     except ValueError as e:  # nothing fits: say which manifest fields set the budgets
         raise SpecError(f"{e} (the budgets: spec.resources.gpuMemory, cpuMemory and kvDisk, within what this "
                         f"machine has; and what spec.offload pins)") from None
