@@ -597,7 +597,8 @@ def paired_quantiles(firsts: list[list[torch.Tensor]], seconds: list[list[torch.
 
 def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec.offload.sparsity",
             hot_bytes: int = 0, window: int = WINDOW, gap: int | None = None, method: str = "auto",
-            attention: bool | None = None, channel_window: int = CHANNEL_WINDOW) -> SparseFFN:
+            attention: bool | None = None, channel_window: int = CHANNEL_WINDOW,
+            channel_hot_bytes: int | None = None) -> SparseFFN:
     """The sparse FFN a job asking for `target` runs with: OPT-style ReLU models use their own zeros (exact, no
     calibration); other activations need the model's calibration for `target` (store/sparsity.py refuses a
     missing or stale one, naming `field`). With the model's neuron bundles (kubeflash calibrate writes them) the
@@ -610,8 +611,9 @@ def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec
     activation (CATS, above), "auto" input where the model has input-channel files and input thresholds for
     `target` (kubeflash calibrate writes both), gate otherwise (docs/sparsity.md says why).
 
-    With method "input" and input-channel files, `hot_bytes` of the rows most often kept on the calibration text
-    are held (channelcache.py) and a row read in a decode call stays `channel_window` calls of its kind.
+    With method "input" and input-channel files, `channel_hot_bytes` (None: `hot_bytes`) of the rows most often kept
+    on the calibration text are held in host memory (channelcache.py) and a row read in a decode call stays
+    `channel_window` calls of its kind.
 
     `attention` (method "input" only): True thresholds the attention's inputs too (attnsparse.py; needs a
     calibration with attention thresholds; streamed layers read q/k/v/o columns from the attention channel files
@@ -631,7 +633,8 @@ def for_job(config: ModelConfig, model_dir, target: float, *, field: str = "spec
         source = "calibrated"
         if method != "gate":
             ffn = _input_for_job(config, model_dir, target, th, field, method, gap, attention,
-                                 hot_bytes=hot_bytes, window=channel_window)
+                                 hot_bytes=hot_bytes if channel_hot_bytes is None else channel_hot_bytes,
+                                 window=channel_window)
             if ffn is not None:
                 return ffn
     if attention:
