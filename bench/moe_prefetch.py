@@ -10,8 +10,8 @@ batch of --batch prompts of --prompt random tokens for --new tokens with every s
 prefetch off / on --repeat times each. Decode step time: the engine's decode seconds over its decode steps (prefill
 and set-up drop out). --cold drops the page cache of each layer file (posix_fadvise DONTNEED) when the streamer hands
 the layer out, so that layer's expert reads, predicted or on demand, come from the disk; without it the reads are
-warm (page cache) once the first run has read them. Random weights route about uniformly: the hot-expert cache is
-off, every routed expert is read. The hit rate and prefetched bytes count the prefill too.
+warm (page cache) once the first run has read them. The hot-expert cache is off (random weights have no synthetic
+skew for it to keep), every routed expert is read. The hit rate and prefetched bytes count the prefill too.
 """
 
 from __future__ import annotations

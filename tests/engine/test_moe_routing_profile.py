@@ -113,6 +113,7 @@ def test_routed_runs_write_the_profile_and_the_next_plan_uses_it(entry, tmp_path
     assert moe["expected_experts_decode"] == pytest.approx(measured.distinct(c, block, 1))
     assert moe["expected_experts_prefill"] == pytest.approx(measured.distinct(c, block, 6))
     assert "routing as measured (the store entry's profile)" in after.stdout
+    print(f"\nbefore any run: {_line(before.stdout)}\nafter two routed runs: {line}")
 
     # policy: auto through run_job on the GPU machine's ceilings prices with it and says so in the report
     doc = job_doc({}, name="auto", count=2, prompt_length=6, new=4)
@@ -125,6 +126,7 @@ def test_routed_runs_write_the_profile_and_the_next_plan_uses_it(entry, tmp_path
     assumed = report["routing_assumed"]
     assert "plan" in report and assumed["measured"] and assumed["runs"] == 2
     assert assumed["line"].startswith(f"routing: measured in 2 runs ({path}), ")
+    print(f"policy auto (run_job): {report['plan']['chosen']}\n  {assumed['line']}")
 
 
 def test_another_models_profile_is_ignored(entry, tmp_path):

@@ -171,8 +171,8 @@ class ModelConfig:
 
     def expected_experts(self, tokens: int) -> float:
         """Distinct experts a layer routes `tokens` tokens to, expected under uniform routing (each token picks
-        num_experts_per_tok of num_experts): E * (1 - (1 - k/E) ** tokens). Random weights route about so;
-        trained routers are skewed, which only lowers it."""
+        num_experts_per_tok of num_experts): E * (1 - (1 - k/E) ** tokens). Measured reads route to fewer, random
+        weights too (a prompt's tokens share experts): costmodel.RoutingProfile prices a model's measured routing."""
         e, k = self.num_experts, self.num_experts_per_tok
         return e * (1 - (1 - k / e) ** tokens) if e else 0.0
 
