@@ -250,3 +250,35 @@ def test_neuron_bundles_read_only_the_active_neurons(tmp_path, smol_store):
     (model / "manifest.json").write_text(json.dumps(m | {"source": "changed"}))
     with pytest.raises(Exception, match="stale"):
         BundleReader(model)
+
+
+def _streamed_job(tmp_path: Path, name: str, sparsity, cpu_memory: str | None = None) -> Path:
+    doc = {"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": name},
+           "spec": {"model": {"uri": URI}, "input": {"prompts": ["What is the capital of France?"]},
+                    "generation": {"maxNewTokens": 8},
+                    "offload": {"policy": "explicit", "gpuBatchSize": 1, "weights": {"gpu": 0, "cpu": 0, "disk": 100},
+                                "kv": {"gpu": 100, "cpu": 0, "disk": 0}, "sparsity": sparsity}}}
+    if cpu_memory:
+        doc["spec"]["resources"] = {"cpuMemory": cpu_memory}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize("target", [0, 0.5], ids=["t0", "t50"])
+def test_a_hot_set_of_input_channel_rows_saves_exactly_its_ssd_bytes(tmp_path, store_root, target):
+    """SmolLM2 streamed from disk with input sparsity: a job with cpuMemory holds a quarter of it as hot channel
+    rows (chosen from the calibration's keep frequencies) and reads from the channel files exactly the bytes it
+    read without them less the bytes served from memory, with the same tokens; at target 0 those are the dense
+    run's tokens."""
+    _, plain, rep = _run(tmp_path, store_root, _streamed_job(tmp_path, f"plain{int(100 * target)}", target))
+    _, hot, rep_hot = _run(tmp_path, store_root, _streamed_job(tmp_path, f"hot{int(100 * target)}", target, "300Mi"))
+    s, h = rep["sparsity"], rep_hot["sparsity"]
+    assert s["method"] == h["method"] == "input" and "channel_cache" not in s
+    c = h["channel_cache"]
+    assert 0 < c["hot_bytes"] <= 300 * 2**20 // 4 and c["window"] == 0 and c["hit_bytes"] > 0
+    assert h["channel_bytes_read"] + c["hit_bytes"] == s["channel_bytes_read"]
+    assert [v["token_ids"] for v in hot.values()] == [v["token_ids"] for v in plain.values()]
+    if target == 0:
+        _, dense, _ = _run(tmp_path, store_root, _streamed_job(tmp_path, "dense-streamed", "off"))
+        assert [v["token_ids"] for v in hot.values()] == [v["token_ids"] for v in dense.values()]

@@ -277,7 +277,7 @@ class SparseFFN:
         c = self.channels
         if not hasattr(c, "window"):
             return None
-        return {"hot_bytes": c.hot_bytes, "window": c.window, "hits": c.hits, "misses": c.misses,
+        return {"hot_bytes": c.hot_bytes, "window": c.window, "hits": c.hits, "misses": c.misses, "hit_bytes": c.hit_bytes,
                 "hit_rate": c.hits / max(1, c.hits + c.misses), "peak_held_bytes": c.peak_held_bytes}
 
     def weights(self) -> dict | None:
