@@ -85,7 +85,8 @@ def main() -> int:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=8)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--hot", default="0", help="hot-set bytes (e.g. 1073741824)")
+    p.add_argument("--hot", default="0", help="hot-set bytes (e.g. 1073741824; with --method input*, channel rows held "
+                   "in host memory, chosen by keep frequency)")
     p.add_argument("--gap", type=int, help="merge runs of missing neurons this many apart (default: "
                    "costmodel.merge_gap's, from the per-read cost; 0: one read per run)")
     p.add_argument("--repeat", type=int, default=1, help="run each setting this many times, report the fastest")
@@ -115,15 +116,18 @@ def main() -> int:
     from kubeflash_node.store import sparsity as cal
 
     old = cal.load(store) if (store / cal.FILE).exists() else None
+    chan_freq = None
     teal = a.method.startswith("input")
     if not (store / "ffn_bundles").exists() or (teal and (old is None or not old.inputs)) \
             or (a.method == "input+attn" and (old is None or not old.attention)):
         ids = torch.randint(0, c.vocab_size, (1024,), generator=g).tolist()
-        _, freq = calibrate(store, ids, tuple(targets), device=a.device, window=512)
-        write_bundles(store, freq)
+        _, rec = calibrate(store, ids, tuple(targets), device=a.device, window=512, recorder=True)
+        made = cal.load(store)
+        write_bundles(store, {t: rec.frequency_at(v) for t, v in made.thresholds.items()})
+        chan_freq = {t: rec.input_frequency_at(v) for t, v in made.inputs.items()}  # --hot: the channel rows' hot set
         print("calibrated and bundled", file=sys.stderr)
-    if teal and not channels.present(store):
-        channels.write_channels(store)
+    if teal and (not channels.present(store) or chan_freq):
+        channels.write_channels(store, chan_freq)
         print("input-channel files written", file=sys.stderr)
     if a.method == "input+attn" and not channels.attn_present(store):
         channels.write_attn_channels(store)
