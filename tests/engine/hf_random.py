@@ -38,3 +38,20 @@ def greedy(model, prompts: list[list[int]], new: int) -> list[list[int]]:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None,
                              pad_token_id=0)
     return out[:, ids.shape[1]:].tolist()
+
+
+def tiny_llama_store(root: Path):
+    """(transformers model, store dir, calibration ids) for the sparsity tests' tiny random Llama (hidden 64,
+    intermediate 256, 3 layers, vocabulary 97): saved under root/hf, converted to float32 under root/store; the ids
+    are 768 seeded random tokens to calibrate it on."""
+    from transformers import LlamaConfig
+
+    from kubeflash_node.store.convert import convert
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = save_random_model(cfg, root / "hf")
+    store = root / "store"
+    convert(str(root / "hf"), store, dtype="float32")
+    ids = torch.randint(0, 97, (768,), generator=torch.Generator().manual_seed(1)).tolist()
+    return model, store, ids

@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hf_random import save_random_model
-from transformers import LlamaConfig
+from hf_random import tiny_llama_store
 
 from kubeflash_node.engine import sparse
 from kubeflash_node.engine.channelcache import ChannelCache, hot_rows
@@ -18,7 +17,6 @@ from kubeflash_node.engine.cli_calibrate import calibrate
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.policy import Policy
 from kubeflash_node.store import channels
-from kubeflash_node.store.convert import convert
 from kubeflash_node.store.format import load_manifest
 from kubeflash_node.store.modelconfig import ModelConfig
 
@@ -31,12 +29,7 @@ STREAM = Policy(gpu_batch_size=1)  # every stage read from disk each step
 def tiny(tmp_path_factory):
     """(transformers model, store calibrated at 0 and TARGET with input-channel files and their frequencies)."""
     root = tmp_path_factory.mktemp("chcache")
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = save_random_model(cfg, root / "hf")
-    store = root / "store"
-    convert(str(root / "hf"), store, dtype="float32")
-    ids = torch.randint(0, 97, (768,), generator=torch.Generator().manual_seed(1)).tolist()
+    model, store, ids = tiny_llama_store(root)
     _, rec = calibrate(store, ids, (0.0, TARGET), window=256, recorder=True)
     ins = rec.input_thresholds_at((0.0, TARGET))
     channels.write_channels(store, {t: rec.input_frequency_at(v) for t, v in ins.items()})

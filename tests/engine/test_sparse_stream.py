@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_random import save_random_model
-from transformers import LlamaConfig
+from hf_random import tiny_llama_store
 
 from kubeflash_node.engine import sparse
 from kubeflash_node.engine.cli_calibrate import calibrate
@@ -32,12 +31,7 @@ STREAM = Policy(gpu_batch_size=1)  # every stage read from disk each step
 def tiny(tmp_path_factory):
     """(transformers model, store dir calibrated at 0 and TARGET with bundles and frequencies)."""
     root = tmp_path_factory.mktemp("sparse")
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = save_random_model(cfg, root / "hf")
-    store = root / "store"
-    convert(str(root / "hf"), store, dtype="float32")
-    ids = torch.randint(0, 97, (768,), generator=torch.Generator().manual_seed(1)).tolist()
+    model, store, ids = tiny_llama_store(root)
     _, freq = calibrate(store, ids, (0.0, TARGET), window=256)
     write_bundles(store, freq)
     return model, store

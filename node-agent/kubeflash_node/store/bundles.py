@@ -165,7 +165,12 @@ class GateRows(_RowFiles):
 
 def frequency(model_dir: Path, target: float) -> np.ndarray | None:
     """[L, I] activation frequencies of `target` written with the bundles, or None when there are none."""
-    d = Path(model_dir) / DIR
+    return load_frequency(Path(model_dir) / DIR, target, "activation frequencies")
+
+
+def load_frequency(d: Path, target: float, what: str) -> np.ndarray | None:
+    """The frequencies of `target` that directory `d`'s index.json names (freq_<target>.npy), or None where it names
+    none; `what` they are, for the error a missing or unreadable file raises (StoreError)."""
     try:
         name = json.loads((d / INDEX).read_text()).get("frequency", {}).get(f"{target:g}")
         if name is None:
@@ -174,8 +179,7 @@ def frequency(model_dir: Path, target: float) -> np.ndarray | None:
             raise ValueError(f"{INDEX} names {name!r}, expected freq_{target:g}.npy")
         return np.load(d / name, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise StoreError(f"{d}: unreadable activation frequencies for {target:g} ({e}); run kubeflash calibrate "
-                         "again") from e
+        raise StoreError(f"{d}: unreadable {what} for {target:g} ({e}); run kubeflash calibrate again") from e
 
 
 PARALLEL_RUNS = 64  # a read of more runs than this is split over READ_THREADS threads (preadv releases the GIL)

@@ -19,13 +19,12 @@ output). `kubeflash calibrate --attention` writes them; `AttnChannelReader` read
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .bundles import _RowFiles, open_layer_files, start_layer_files
+from .bundles import _RowFiles, load_frequency, open_layer_files, start_layer_files
 from .format import StoreError, atomic_write_json, fsync_dir, tensor_view
 from .sparsity import manifest_sha256
 
@@ -108,16 +107,7 @@ def _save_npy(out: Path, name: str, a: np.ndarray) -> str:
 def frequency(model_dir: Path, target: float) -> np.ndarray | None:
     """[L, H + I] keep frequencies of `target` written with the input-channel files, or None where there are none
     (channel files cut before the hot set existed, or the target not calibrated with them)."""
-    d = Path(model_dir) / DIR
-    try:
-        name = json.loads((d / INDEX).read_text()).get("frequency", {}).get(f"{target:g}")
-        if name is None:
-            return None
-        if name != f"freq_{target:g}.npy":
-            raise ValueError(f"{INDEX} names {name!r}, expected freq_{target:g}.npy")
-        return np.load(d / name, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise StoreError(f"{d}: unreadable keep frequencies for {target:g} ({e}); run kubeflash calibrate again") from e
+    return load_frequency(Path(model_dir) / DIR, target, "keep frequencies")
 
 
 def present(model_dir: Path) -> bool:
