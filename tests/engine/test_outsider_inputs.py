@@ -347,3 +347,44 @@ def test_run_refuses_a_bad_hugging_face_directory_before_torch(tiny_llama, tmp_p
     imported = {x.rsplit("|", 1)[-1].strip() for x in r.stderr.splitlines() if x.startswith("import time:")}
     assert "numpy" in imported and "torch" not in imported
     assert not (tmp_path / "home" / "models").exists() or not any((tmp_path / "home" / "models").iterdir())
+
+
+MANIFEST_DAMAGE = [
+    pytest.param(lambda m: m["stages"].__setitem__(1, "../../../../etc/passwd"),
+                 "stages[1] = '../../../../etc/passwd' is not one of its files", id="stage-outside"),
+    pytest.param(lambda m: m["config"].__setitem__("hidden_size", "32"), "config.hidden_size = '32' is not of type int",
+                 id="config-string"),
+    pytest.param(lambda m: m["config"].__setitem__("num_layers", 5), "2 layer stages, but config.num_layers is 5",
+                 id="layer-count"),
+    pytest.param(lambda m: m.__setitem__("dtype", "int3"), "dtype 'int3' is not one of float16, bfloat16, float32",
+                 id="dtype"),
+    pytest.param(lambda m: m["files"]["layer_000.bin"]["tensors"]["wq"].__setitem__("offset", 10**12),
+                 "files.layer_000.bin.tensors.wq: bytes 1000000000000..1000000004096 lie outside the file's",
+                 id="offset-past-file"),
+    pytest.param(lambda m: m["files"]["layer_000.bin"]["tensors"]["wq"].__setitem__("shape", [8, 8]),
+                 "files.layer_000.bin.tensors.wq: shape [8, 8] of float32 is 256 bytes, but nbytes is 4096",
+                 id="shape-vs-bytes"),
+    pytest.param(lambda m: m["files"]["layer_000.bin"]["tensors"]["wq"].__setitem__("dtype", "float64"),
+                 "files.layer_000.bin.tensors.wq.dtype 'float64' is not one of", id="tensor-dtype"),
+]
+
+
+@pytest.mark.parametrize("edit,message", MANIFEST_DAMAGE)
+def test_a_manifest_edited_in_place_is_refused_by_field(tiny_llama, tmp_path, edit, message):
+    """The stage files' sha256 sit in the manifest, so a manifest damaged or edited by hand is checked for itself
+    when loaded: a stage outside its files, config values of the wrong type, a layer count, dtype, tensor shape or
+    offset that disagree are refused naming the field (before: a traceback, or weights read as another shape)."""
+    from kubeflash_node.store.format import StoreError, load_manifest, verify_model
+
+    store = tmp_path / "store"
+    convert(str(tiny_llama), store, dtype="float32")
+    good = json.loads((store / "manifest.json").read_text())
+    bad = json.loads(json.dumps(good))
+    edit(bad)
+    (store / "manifest.json").write_text(json.dumps(bad))
+    for load in (load_manifest, verify_model):
+        with pytest.raises(StoreError) as e:
+            load(store)
+        assert str(e.value).startswith(f"{store / 'manifest.json'}: {message}"), str(e.value)
+    (store / "manifest.json").write_text(json.dumps(good))
+    assert load_manifest(store).num_layers == 2

@@ -27,10 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    """A random 2-layer Llama with GQA (4 query heads over 2 K/V heads), saved as safetensors."""
+    """A random 2-layer Llama with GQA (4 query heads over 2 K/V heads), saved as safetensors. Its vocabulary holds
+    the synthetic prompts' token ids (3 to 1002: a job with ids past vocab_size is refused)."""
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     out = tmp_path_factory.mktemp("hf") / "tiny-llama"
     save_random_model(cfg, out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -276,6 +277,7 @@ def _read_manifest(model_dir: Path) -> tuple[Manifest, bytes]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"{path}: not valid JSON ({e})") from e
     manifest = Manifest.from_json(data, where=str(path))
+    _check_structure(manifest, where=str(path))
     for name, (size, _) in checked_files(manifest, where=str(path)).items():
         f = model_dir / name
         if not f.is_file():
@@ -284,6 +286,53 @@ def _read_manifest(model_dir: Path) -> tuple[Manifest, bytes]:
         if got != size:
             raise StoreError(f"{f}: {got} bytes, expected {size} (truncated or corrupt)")
     return manifest, raw
+
+
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1, "uint8": 1}  # what tensor_view can read
+
+
+def _check_structure(m: Manifest, *, where: str) -> None:
+    """What the sha256 of the stage files cannot vouch for, since the manifest itself holds them: every stage is a
+    listed file, the dtype is a store dtype, the config's sizes and flags have their types, and each tensor's shape,
+    dtype and bytes agree and lie inside its file. A manifest edited by hand or damaged in place is refused naming
+    the field, instead of a traceback or weights read from the wrong place."""
+    from dataclasses import fields
+
+    from .modelconfig import ModelConfig
+
+    def bad(what: str) -> StoreError:
+        return StoreError(f"{where}: {what}")
+
+    if m.dtype not in ("float16", "bfloat16", "float32"):
+        raise bad(f"dtype {m.dtype!r} is not one of float16, bfloat16, float32")
+    if not isinstance(m.config, dict):
+        raise bad(f"config is {type(m.config).__name__}, expected an object of model options")
+    kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+    for f in fields(ModelConfig):
+        v, kind = m.config.get(f.name), str(f.type)  # the annotation as written (from __future__ import annotations)
+        if v is None or kind not in kinds:
+            continue
+        if not isinstance(v, kinds[kind]) or (isinstance(v, bool) and kind != "bool"):
+            raise bad(f"config.{f.name} = {v!r} is not of type {kind}")
+    for i, name in enumerate(m.stages):
+        if not isinstance(name, str) or name not in m.files:
+            raise bad(f"stages[{i}] = {name!r} is not one of its files")
+    layers = m.config.get("num_layers")
+    if isinstance(layers, int) and m.stages and m.num_layers != layers:
+        raise bad(f"{m.num_layers} layer stages, but config.num_layers is {layers}")
+    for name, entry in m.files.items():
+        for t, e in entry.tensors.items():
+            size = _ITEMSIZE.get(e.dtype)
+            if size is None:
+                raise bad(f"files.{name}.tensors.{t}.dtype {e.dtype!r} is not one of {', '.join(_ITEMSIZE)}")
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e.shape):
+                raise bad(f"files.{name}.tensors.{t}.shape {list(e.shape)} is not a list of sizes")
+            if e.nbytes != math.prod(e.shape) * size:
+                raise bad(f"files.{name}.tensors.{t}: shape {list(e.shape)} of {e.dtype} is "
+                          f"{math.prod(e.shape) * size} bytes, but nbytes is {e.nbytes}")
+            if e.offset < 0 or e.offset + e.nbytes > entry.size:
+                raise bad(f"files.{name}.tensors.{t}: bytes {e.offset}..{e.offset + e.nbytes} lie outside the "
+                          f"file's {entry.size}")
 
 
 def checked_files(manifest: Manifest, *, where: str = MANIFEST) -> dict[str, tuple[int, str]]:
