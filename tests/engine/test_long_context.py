@@ -131,7 +131,7 @@ def test_prompt_past_the_positions_is_refused_before_any_work(opt_store, tmp_pat
     from kubeflash_api import SpecError
 
     # opt-125m has 2048 learned positions: 2040 + 16 = 2056
-    with pytest.raises(SpecError, match=r"spec.input.prompts\[0\] \(id synthetic-0\): 2040 tokens \+ "
+    with pytest.raises(SpecError, match=r"spec.input.synthetic\[0\] \(id synthetic-0\): 2040 tokens \+ "
                                         r"max_new_tokens 16 = 2056 tokens exceed the model's context window of 2048"):
         _refused(opt_store, tmp_path, _job(max_new=16, length=2040), monkeypatch)
 
