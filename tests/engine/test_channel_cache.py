@@ -181,3 +181,65 @@ def test_a_job_prices_every_layer_and_reads_dense_where_the_batch_keeps_almost_e
         assert s["reads"] == "dense" and "layers_why" not in s
     rep2, _, rows2 = run_tiny_job(spec, store, tmp_path / "n")
     assert "dense_layers" not in rep2["sparsity"] and rows == rows2
+
+
+def test_the_cost_model_prices_the_hot_set_as_the_engine_reads_it(tiny, tmp_path):
+    """A job whose cpuMemory holds a hot set (a quarter of it, about a third of the FFN bytes): kubeflash plan's
+    pricing from the store entry's keep frequencies (cli_plan._sparse_cost) is the run's own (job._sparse_cost, the
+    same rows), its predicted channel-file bytes per decode layer call are the engine's measured ones within 15%,
+    below the prediction without a hot set by exactly the expected hits, and the plan's host memory (memory, predict,
+    the chosen line) holds the hot set's bytes."""
+    from dataclasses import replace
+
+    from tiny_jobs import tiny_job
+
+    from kubeflash_api.names import model_id
+    from kubeflash_node.engine.bench import Ceilings
+    from kubeflash_node.engine.cli_plan import _sparse_cost as plan_cost
+    from kubeflash_node.engine.costmodel import (
+        Budget,
+        Candidate,
+        JobShape,
+        SparseCost,
+        describe,
+        input_layer_bytes,
+        memory,
+        predict,
+        stage_sizes,
+    )
+    from kubeflash_node.engine.job import _sparse_cost as run_cost
+    from kubeflash_node.engine.sparse import hot_budget
+
+    _, store = tiny
+    c = ModelConfig.from_dict(load_manifest(store).config)
+    spec = tiny_job({"sparsity": TARGET})
+    spec = replace(spec, resources=replace(spec.resources, cpu_memory=4 * _ffn_total(store) // 3))
+    (tmp_path / "models").mkdir()
+    m = spec.model
+    (tmp_path / "models" / model_id(m.uri, dtype=m.dtype, quantization=m.quantization)).symlink_to(store)
+    ffn = sparse.for_job(c, store, TARGET, gap=0, method="input", channel_hot_bytes=hot_budget(spec.resources, "cpu"))
+    cost = plan_cost(spec, c, 4, tmp_path)
+    assert cost == run_cost(ffn, c, 4) and cost.channel_hot_bytes == ffn.channels.hot_bytes > 0
+    assert 0.2 < cost.channel_hit < 1
+
+    _generate(store, ffn, new=9)
+    steps = 8 * c.num_layers  # decode layer calls
+    layer = load_manifest(store).files["layer_000.bin"].size
+    kw = dict(op_s=2e-5, gbps=3.0)
+    hot = input_layer_bytes(c, layer, replace(cost, gap=0), 1, 4, **kw)[1]
+    plain = input_layer_bytes(c, layer, SparseCost(TARGET, gap=0, method="input"), 1, 4, **kw)[1]
+    measured = ffn.reads.bundle_bytes["decode"] / steps
+    assert hot == pytest.approx(measured, rel=0.15)
+    assert hot == pytest.approx(plain - cost.channel_saved(1) / c.num_layers)
+    # the hit share is of the frequencies' expected bytes, equal to the uniform model's in expectation at one token
+    assert cost.channel_saved(1) == pytest.approx(cost.channel_hit * c.num_layers * plain, rel=0.05)
+
+    job, sizes, none = JobShape(1, 8, 9), stage_sizes(c, 4), SparseCost(TARGET, method="input")
+    with_hot = memory(Candidate(STREAM, sparse=cost), config=c, job=job, sizes=sizes)
+    without = memory(Candidate(STREAM, sparse=none), config=c, job=job, sizes=sizes)
+    assert with_hot[1] - without[1] == cost.channel_hot_bytes and with_hot[0] == without[0]
+    ceil = Ceilings(disk_read_cold=3.0, disk_read_warm=3.0, disk_write=3.0, h2d_pinned=25.0, matmul_tflops=1.0,
+                    disk_read_op_s=2e-5)
+    pr = predict(Candidate(STREAM, sparse=cost), config=c, ceil=ceil, job=job, budget=Budget(1 << 30, 1 << 30),
+                 sizes=sizes)
+    assert pr.cpu_bytes == with_hot[1] and "hot channel rows" in describe(pr)

@@ -32,6 +32,30 @@ def hot_rows(freq: np.ndarray, *, hidden: int, in_row_bytes: int, down_row_bytes
     return [(sorted(a), sorted(b)) for a, b in out]
 
 
+PRICE_BINS = 32  # hot_pricing: the held rows' keep frequencies in this many equal-width bins
+
+
+def hot_pricing(freq: np.ndarray, hot: list[tuple[list[int], list[int]]] | None, *, hidden: int, in_row_bytes: int,
+                down_row_bytes: int) -> tuple[int, tuple[tuple[float, int], ...], float]:
+    """The hot set `hot` (hot_rows of `freq`) as the cost model prices it (costmodel.SparseCost's channel_hot_*):
+    (its bytes in host memory; its rows as (keep frequency, bytes over all layers) pairs, the frequencies in
+    PRICE_BINS bins, each at its rows' byte-weighted mean (exact for a one-token call); the expected share of a
+    decode token's kept-row bytes it serves, from the keep frequencies)."""
+    layers, width = freq.shape
+    size = np.where(np.arange(width) < hidden, in_row_bytes, down_row_bytes).astype(np.float64)  # [H + I]
+    f = np.clip(freq.astype(np.float64), 0, 1)
+    held = np.zeros((layers, width), dtype=bool)
+    for j, (ins, downs) in enumerate(hot or []):
+        held[j, ins] = True
+        held[j, [hidden + i for i in downs]] = True
+    fh, bh = f[held], np.broadcast_to(size, f.shape)[held]
+    bins = np.minimum((fh * PRICE_BINS).astype(np.int64), PRICE_BINS - 1)
+    total, weighted = np.bincount(bins, bh, PRICE_BINS), np.bincount(bins, bh * fh, PRICE_BINS)
+    pairs = tuple((float(weighted[k] / total[k]), int(total[k])) for k in np.flatnonzero(total))
+    need = float((f * size).sum())
+    return int(bh.sum()), pairs, float((fh * bh).sum() / need) if need else 0.0
+
+
 class _Rows:
     """One layer's rows of one kind: an image (row i at i; zeros until read) and which rows it holds."""
 

@@ -354,9 +354,11 @@ def _sparse_cost(spec, config, itemsize: int, store: Path | None = None):
     """spec.offload.sparsity as the cost model prices it (costmodel.SparseCost), or None (off, or a MoE model):
     input sparsity (TEAL) for the Llama family (the attention's inputs too where the model's store entry has the
     attention channel files, `kubeflash calibrate --attention`), gate-activation reads of neuron bundles for OPT.
-    The hot set's hit rate is its share of the bundles (a uniform assumption; calibration frequencies do better)."""
+    Input sparsity's hot set (a quarter of spec.resources.cpuMemory) is chosen and priced from the entry's keep
+    frequencies as `kubeflash run` chooses it (channelcache.hot_rows, hot_pricing). OPT's hot set's hit rate is its
+    share of the bundles (a uniform assumption; calibration frequencies do better)."""
     from ..store.cache import DEFAULT_ROOT
-    from ..store.channels import attn_present
+    from ..store.channels import attn_present, frequency, present
     from ..store.ids import model_id
     from .costmodel import SparseCost, updown_bytes
     from .sparse import hot_budget
@@ -366,9 +368,25 @@ def _sparse_cost(spec, config, itemsize: int, store: Path | None = None):
     if config.architecture != "opt":  # kubeflash calibrate writes input-channel files: a run reads input-sparse
         m = spec.model
         entry = (store or DEFAULT_ROOT) / "models" / model_id(m.uri, dtype=m.dtype, quantization=m.quantization)
-        return SparseCost(spec.offload.sparsity, method="input", attention=attn_present(entry))
+        freq = frequency(entry, spec.offload.sparsity) if present(entry) else None
+        held, pairs, hit = (0, (), 0.0) if freq is None else _hot_pricing(freq, config, itemsize, spec.resources)
+        return SparseCost(spec.offload.sparsity, method="input", attention=attn_present(entry),
+                          channel_hot_bytes=held, channel_hot=pairs, channel_hit=hit)
     hot = hot_budget(spec.resources, "cuda")
     return SparseCost(spec.offload.sparsity, hot, min(1.0, hot / (config.num_layers * updown_bytes(config, itemsize))))
+
+
+def _hot_pricing(freq, config, itemsize: int, resources):
+    """channelcache.hot_pricing of the hot set a job with `resources` holds (a quarter of cpuMemory), or no hot set."""
+    from .channelcache import hot_pricing, hot_rows
+    from .sparse import hot_budget
+
+    budget = hot_budget(resources, "cpu")
+    if not budget:
+        return 0, (), 0.0
+    h, i = config.hidden_size, config.intermediate_size
+    rows = dict(hidden=h, in_row_bytes=2 * i * itemsize, down_row_bytes=h * itemsize)
+    return hot_pricing(freq, hot_rows(freq, **rows, budget_bytes=budget), **rows)
 
 
 def _layer_reads(spec, config, itemsize: int, store: Path | None, plan, ceil):
@@ -420,6 +438,10 @@ def _sparse_line(target: float, plan, ceil=None) -> str:
     picked, rest = ("sparse", "dense") if best.candidate.sparse else ("dense", "sparse")
     measured = "measured" if getattr(ceil, "disk_read_op_s", 0) else "assumed"
     op = f"; a bundle read costs {read_op_s(ceil) * 1e6:.1f} us on top of its bytes ({measured})"
+    s = next((pr.candidate.sparse for pr in (best, other) if pr is not None and pr.candidate.sparse), None)
+    if s is not None and s.channel_hot_bytes:  # input sparsity's hot set, priced with the sparse reads
+        op += (f"; hot set {s.channel_hot_bytes / 2**20:.1f} MiB of channel rows in host memory (a quarter of "
+               f"cpuMemory), expected to serve {100 * s.channel_hit:.1f}% of a decode token's kept FFN column bytes")
     if other is None:
         return f"sparsity {target:g}: {picked} FFN reads (no {rest} candidate fits){op}"
     more = max(0.0, other.total_s / best.total_s - 1)

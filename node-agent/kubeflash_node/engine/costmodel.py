@@ -123,11 +123,24 @@ class SparseCost:
     gap: int | None = None  # runs this many inactive neurons apart are read as one (None: merge_gap from the disk)
     # "gate": CATS, the gate read ahead with the layer, up/down per active neuron from the bundles; "input": TEAL,
     # gate/up columns per kept input channel and down columns per kept neuron from the input-channel files, nothing
-    # of the FFN read ahead (no hot set or window: hot_hit and window_hit unused)
+    # of the FFN read ahead (hot_bytes, hot_hit and window_hit unused: its hot set is channel_hot_* below)
     method: str = "gate"
     # with method "input": the attention's inputs thresholded too (attnsparse.py): q/k/v columns per kept attention
     # input channel and o columns per kept attention output channel from the attention channel files
     attention: bool = False
+    # with method "input": its hot set (channelcache.py, chosen and priced by channelcache.hot_rows/hot_pricing from
+    # the calibration's keep frequencies): bytes held in host memory; the held rows as (keep frequency, bytes over
+    # all layers) pairs, never read from the SSD; the expected share of a decode token's kept-row bytes it serves.
+    # The window (channel_window, 0 in a job) is not priced.
+    channel_hot_bytes: int = 0
+    channel_hot: tuple[tuple[float, int], ...] = ()
+    channel_hit: float = 0.0
+
+    def channel_saved(self, tokens: int) -> float:
+        """Expected bytes over all layers one call of `tokens` tokens finds in the input hot set instead of reading
+        them: a held row kept on a share f of the calibration's tokens is needed with probability 1 - (1 - f)^tokens
+        (as layerreads.choose_layers prices it)."""
+        return sum(b * (1 - (1 - f) ** max(tokens, 1)) for f, b in self.channel_hot)
 
     def read_share(self, tokens: int, decode: bool) -> float:
         """Expected share of a layer's neurons whose bundles one call of `tokens` tokens reads: the union of the
@@ -507,7 +520,9 @@ def input_layer_bytes(c: ModelConfig, stored: int, s: SparseCost, tokens: int, i
     kept with probability 1 - target per token, independently; a kept input channel costs a gate and an up column
     (2I elements), a kept neuron a down column (H). Runs closer than merge_gap apart are read as one. With
     s.attention the attention's matrices are read the same way: a kept input channel costs a q, k and v column
-    (Q + 2KV elements), a kept output channel an o column (H)."""
+    (Q + 2KV elements), a kept output channel an o column (H). The FFN's columns the input hot set holds
+    (s.channel_saved, a layer's share of it) are not read: the FFN's bytes and reads fall by that share of its bytes
+    (the uniform model less the calibration's frequencies of the held rows: equal in expectation at one token)."""
     share = 1 - s.target ** max(tokens, 1)
     q = 1 - share
     h, i = c.hidden_size, c.intermediate_size
@@ -517,12 +532,15 @@ def input_layer_bytes(c: ModelConfig, stored: int, s: SparseCost, tokens: int, i
         qkv = c.q_dim + 2 * c.kv_dim
         kinds += [(h, qkv * itemsize), (c.q_dim, h * itemsize)]
         ahead -= (qkv + c.q_dim) * h * itemsize
-    demand, runs = 0.0, 0.0
+    parts = []  # per kind: (bytes, reads)
     for n, row in kinds:
         gap = merge_gap(row, op_s, gbps) if s.gap is None else s.gap
         through = sum(k * share * q ** k for k in range(1, gap + 1))
-        demand += n * row * min(1.0, share * (1 + through))
-        runs += n * share * q ** (gap + 1) + share
+        parts.append((n * row * min(1.0, share * (1 + through)), n * share * q ** (gap + 1) + share))
+    ffn = parts[0][0] + parts[1][0]
+    left = 1 - min(1.0, s.channel_saved(tokens) / c.num_layers / ffn) if ffn else 1.0  # not held by the hot set
+    demand = left * ffn + sum(b for b, _ in parts[2:])
+    runs = left * (parts[0][1] + parts[1][1]) + sum(r for _, r in parts[2:])
     return ahead, demand, runs
 
 
@@ -539,7 +557,8 @@ def memory(cand: Candidate, *, config: ModelConfig, job: JobShape, sizes: tuple[
     e = _Env(config, None, job, Budget(0, 0), cal, itemsize)
     stored, dense = sizes
     gpu, cpu = _memory(e, cand.policy, stored, dense, _placement(config, cand.policy, len(stored)))
-    return gpu + (cand.sparse.hot_bytes if cand.sparse else 0), cpu
+    s = cand.sparse
+    return gpu + (s.hot_bytes if s else 0), cpu + (s.channel_hot_bytes if s else 0)  # input hot rows: host memory
 
 
 def kv_disk_bytes(cand: Candidate, *, config: ModelConfig, job: JobShape, itemsize: int = 2) -> int:
@@ -600,6 +619,7 @@ def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget
     where = _placement(config, p, len(stored))
     gpu, cpu = _memory(e, p, stored, dense, where)
     gpu += cand.sparse.hot_bytes if cand.sparse else 0
+    cpu += cand.sparse.channel_hot_bytes if cand.sparse else 0  # input sparsity's hot rows: host memory
     xl = p.x_layers(config.num_layers)
     kv_total = job.prompts * (job.prompt_len + job.gen_len) * _kv_token(e, p)
     kv_fits_cache = kv_total <= budget.cpu_bytes - cpu
@@ -867,8 +887,10 @@ def _reads(s: SparseCost | None) -> str:
     hot = f", hot neurons {s.hot_bytes / 2**30:.2f} GiB" if s.hot_bytes else ""
     if s.method == "input":
         attn = ", q/k/v/o columns likewise" if s.attention else ""
+        held = (f", hot channel rows {s.channel_hot_bytes / 2**30:.2f} GiB in host memory (expected to serve "
+                f"{100 * s.channel_hit:.0f}% of a decode token's kept FFN column bytes)" if s.channel_hot_bytes else "")
         return (f", input-sparse FFN reads (target {s.target:g}: {100 * (1 - s.target):.0f}% of gate/up/down columns a "
-                f"decode token{attn})")
+                f"decode token{attn}{held})")
     return f", sparse FFN reads (target {s.target:g}: {100 * s.read_share(1, True):.0f}% of up/down a decode token{hot})"
 
 

@@ -248,7 +248,9 @@ def _sparse_cost(sparsity, config: ModelConfig, itemsize: int):
 
     if sparsity.channels is not None:  # input sparsity (TEAL): kept columns from the input-channel files
         attn = sparsity.attention is not None and sparsity.attention.channels is not None  # q/k/v/o likewise
-        return SparseCost(sparsity.target, method="input", attention=attn)
+        held, pairs, hit = sparsity.channel_hot or (0, (), 0.0)  # the hot set in host memory (channelcache.py)
+        return SparseCost(sparsity.target, method="input", attention=attn, channel_hot_bytes=held, channel_hot=pairs,
+                          channel_hit=hit)
     hot = sum(len(ids) for ids in sparsity.hot or []) * sparsity.bundles.row_bytes
     return SparseCost(sparsity.target, hot, min(1.0, hot / (config.num_layers * updown_bytes(config, itemsize))),
                       gap=sparsity.gap)

@@ -138,6 +138,9 @@ class SparseFFN:
         self.attention_why: str | None = None  # FFN-only or FFN+attention, as the cost model priced them (why)
         self.dense_layers: frozenset[int] = frozenset()  # input method: layers streamed with their FFN whole
         self.layers_why: str | None = None  # layerreads.LayerReads.line(): the per-layer choice and why
+        # input method with a hot set: channelcache.hot_pricing's (bytes, (frequency, bytes) pairs, hit share),
+        # what the cost model prices the hot set with (job.py); None: no hot set
+        self.channel_hot: tuple | None = None
 
     @classmethod
     def recorder(cls, num_layers: int) -> SparseFFN:
@@ -679,15 +682,18 @@ def _input_for_job(config: ModelConfig, model_dir, target: float, th, field: str
         raise CalibrationError(f"{field} {target:g}: the calibration in {model_dir} has no input thresholds (made "
                                f"before input sparsity); run `kubeflash calibrate {model_dir} --text FILE` again")
     reader = channels.ChannelReader(model_dir) if have else None
+    priced = None
     if reader is not None and (hot_bytes or window):
-        from .channelcache import ChannelCache, hot_rows
+        from .channelcache import ChannelCache, hot_pricing, hot_rows
 
         freq = channels.frequency(model_dir, target) if hot_bytes else None
-        hot = None if freq is None else hot_rows(freq, hidden=reader.hidden, in_row_bytes=reader.in_row_bytes,
-                                                 down_row_bytes=reader.down_row_bytes, budget_bytes=hot_bytes)
+        rows = dict(hidden=reader.hidden, in_row_bytes=reader.in_row_bytes, down_row_bytes=reader.down_row_bytes)
+        hot = None if freq is None else hot_rows(freq, **rows, budget_bytes=hot_bytes)
+        priced = None if freq is None else hot_pricing(freq, hot, **rows)
         reader = ChannelCache(reader, hot=hot, window=window)
     ffn = SparseFFN(th, num_layers=config.num_layers, target=target, source="calibrated", inputs=ins,
                     channels=reader)
+    ffn.channel_hot = priced
     if reader is not None:
         from .costmodel import merge_gap
 
