@@ -10,19 +10,15 @@ import numpy as np
 import pytest
 import torch
 from hf_random import tiny_llama_store
+from test_sparse_stream import PROMPT, STREAM, TARGET
 
 from kubeflash_node.engine import sparse
 from kubeflash_node.engine.channelcache import ChannelCache, hot_rows
 from kubeflash_node.engine.cli_calibrate import calibrate
 from kubeflash_node.engine.generate import Engine, GenParams
-from kubeflash_node.engine.policy import Policy
 from kubeflash_node.store import channels
 from kubeflash_node.store.format import load_manifest
 from kubeflash_node.store.modelconfig import ModelConfig
-
-PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
-TARGET = 0.5
-STREAM = Policy(gpu_batch_size=1)  # every stage read from disk each step
 
 
 @pytest.fixture(scope="module")

@@ -50,16 +50,7 @@ def write_bundles(model_dir: Path, freq: dict[float, np.ndarray] | None = None) 
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, out / f"layer_{j:03d}.bin")
-    freqs = {}
-    for target, f in sorted((freq or {}).items()):
-        name = f"freq_{target:g}.npy"
-        tmp = out / f".{name}.tmp"
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.asarray(f, dtype=np.float32))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out / name)
-        freqs[f"{target:g}"] = name
+    freqs = {f"{t:g}": save_npy(out, f"freq_{t:g}.npy", f) for t, f in sorted((freq or {}).items())}
     atomic_write_json(out / INDEX, {"format": FORMAT, "manifest_sha256": manifest_sha256(model_dir),
                                     "layers": len(layers), "neurons": int(bundle.shape[0]),
                                     "row_elems": int(bundle.shape[1]), "dtype": str(bundle.dtype),
@@ -161,6 +152,17 @@ class GateRows(_RowFiles):
     def read(self, layer: int, ids: list[int]) -> np.ndarray:
         """[len(ids), H] gate rows of the sorted neuron ids `ids`."""
         return self._read(layer, ids, self.entries[layer].offset, f"layer {layer} gate rows")
+
+
+def save_npy(out: Path, name: str, a: np.ndarray) -> str:
+    """`a` as float32 in out/name (temp + fsync + rename); returns `name`."""
+    tmp = out / f".{name}.tmp"
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(a, dtype=np.float32))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out / name)
+    return name
 
 
 def frequency(model_dir: Path, target: float) -> np.ndarray | None:

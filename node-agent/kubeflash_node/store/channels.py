@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundles import _RowFiles, load_frequency, open_layer_files, start_layer_files
+from .bundles import _RowFiles, load_frequency, open_layer_files, save_npy, start_layer_files
 from .format import StoreError, atomic_write_json, fsync_dir, tensor_view
 from .sparsity import manifest_sha256
 
@@ -58,7 +58,7 @@ def write_channels(model_dir: Path, freq: dict[float, np.ndarray] | None = None)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, out / f"layer_{j:03d}.bin")
-    freqs = {f"{t:g}": _save_npy(out, f"freq_{t:g}.npy", f) for t, f in sorted((freq or {}).items())}
+    freqs = {f"{t:g}": save_npy(out, f"freq_{t:g}.npy", f) for t, f in sorted((freq or {}).items())}
     atomic_write_json(out / INDEX, {"format": FORMAT, "manifest_sha256": manifest_sha256(model_dir),
                                     "layers": len(layers), "intermediate": int(shape[0]), "hidden": int(shape[1]),
                                     "dtype": str(gate.dtype), "frequency": freqs})
@@ -92,16 +92,6 @@ def write_attn_channels(model_dir: Path) -> Path:
                                     "dtype": str(q.dtype)})
     fsync_dir(out)
     return out
-
-
-def _save_npy(out: Path, name: str, a: np.ndarray) -> str:
-    tmp = out / f".{name}.tmp"
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(a, dtype=np.float32))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / name)
-    return name
 
 
 def frequency(model_dir: Path, target: float) -> np.ndarray | None:
