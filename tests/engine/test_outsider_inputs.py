@@ -388,3 +388,28 @@ def test_a_manifest_edited_in_place_is_refused_by_field(tiny_llama, tmp_path, ed
         assert str(e.value).startswith(f"{store / 'manifest.json'}: {message}"), str(e.value)
     (store / "manifest.json").write_text(json.dumps(good))
     assert load_manifest(store).num_layers == 2
+
+
+def test_overwrite_never_replaces_the_source_or_a_folder_that_is_not_a_model(tiny_llama, tmp_path):
+    """`kubeflash convert SRC --out SRC --overwrite` used to convert the model and then replace its own Hugging Face
+    directory with the store (config.json and safetensors gone); `--out <any folder> --overwrite` replaced that
+    folder whatever it held. Both are refused now, naming the folder, and nothing is touched; --overwrite still
+    replaces a model kubeflash convert wrote."""
+    src = _copy(tiny_llama, tmp_path / "hf")
+    before = sorted(p.name for p in src.iterdir())
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("precious")
+    cli = [sys.executable, "-m", "kubeflash_node.cli", "convert", str(src), "--dtype", "float32", "--overwrite", "--out"]
+    for out, message in [(src, f"{src}: is the source {src} or a folder holding it"),
+                         (tmp_path, f"{tmp_path}: is the source {src} or a folder holding it"),
+                         (notes, f"{notes}: exists and is not a kubeflash model (no manifest.json)")]:
+        r = subprocess.run([*cli, str(out)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and f"kubeflash convert: error: {message}" in r.stderr, r.stderr
+    assert sorted(p.name for p in src.iterdir()) == before
+    assert (notes / "keep.txt").read_text() == "precious" and len(list(notes.iterdir())) == 1
+    convert(str(src), tmp_path / "store", dtype="float32")
+    convert(str(src), tmp_path / "store", dtype="float16", overwrite=True)
+    from kubeflash_node.store.format import load_manifest
+
+    assert load_manifest(tmp_path / "store").dtype == "float16"

@@ -493,6 +493,11 @@ def convert(uri: str, out_dir: Path, *, dtype: str = "float16", quantization: st
     """
     if dtype not in STORE_DTYPES:
         raise SourceError(f"dtype {dtype!r} is not supported; expected one of {STORE_DTYPES}")
+    local = Path(uri).expanduser()
+    if local.exists() and (local.resolve() == Path(out_dir).expanduser().resolve()
+                           or Path(out_dir).expanduser().resolve() in local.resolve().parents):
+        raise SourceError(f"{out_dir}: is the source {uri} or a folder holding it; the converted model would "
+                          "replace its own source (choose another output directory)")
     source = open_source(uri)  # config.json, headers and shapes checked first: a bad source is refused before torch
     from .quantformat import QuantSpec  # imports torch (seconds)
 

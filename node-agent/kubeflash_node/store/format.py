@@ -216,6 +216,9 @@ class ModelWriter:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise StoreError(f"{self.out_dir}: already exists (pass --overwrite to replace it)")
+        if self.out_dir.exists() and not (self.out_dir.is_dir() and (self.out_dir / MANIFEST).is_file()):
+            raise StoreError(f"{self.out_dir}: exists and is not a kubeflash model (no {MANIFEST}); --overwrite "
+                             "replaces only a model directory kubeflash convert wrote, never other files")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         prefix = f"{STAGING}{self.out_dir.name}-"
         clean_stale(self.out_dir.parent, (prefix,))  # what an earlier, killed conversion of this model left
