@@ -413,3 +413,29 @@ def test_overwrite_never_replaces_the_source_or_a_folder_that_is_not_a_model(tin
     from kubeflash_node.store.format import load_manifest
 
     assert load_manifest(tmp_path / "store").dtype == "float16"
+
+
+def test_results_never_replace_the_manifest_or_the_input_batch(tmp_path):
+    """`kubeflash run job.yaml --output prompts.jsonl` (the job's own input file), or `--output job.yaml`, or
+    spec.output.path naming the input under --job-dir at the manifest's folder: refused before anything runs and
+    both files left as they were (results used to replace them, the originals set aside as .stale)."""
+    import shutil
+
+    ROOT = Path(__file__).resolve().parents[2]
+    shutil.copy(ROOT / "examples" / "prompts.jsonl", tmp_path / "prompts.jsonl")
+    doc = {"apiVersion": "kubeflash.io/v1alpha1", "kind": "InferenceJob", "metadata": {"name": "io"},
+           "spec": {"model": {"uri": "dummy:opt-125m"}, "input": {"file": "prompts.jsonl"}}}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    (tmp_path / "job2.yaml").write_text(yaml.safe_dump({**doc, "spec": {**doc["spec"],
+                                                                        "output": {"path": "prompts.jsonl"}}}))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    run = [sys.executable, "-m", "kubeflash_node.cli", "run", "--store", str(tmp_path / "home")]
+    for args, message in [([str(job), "--output", str(tmp_path / "prompts.jsonl")],
+                           f"--output {tmp_path / 'prompts.jsonl'}: is spec.input.file"),
+                          ([str(job), "--output", str(job)], f"--output {job}: is the manifest"),
+                          ([str(tmp_path / "job2.yaml"), "--job-dir", str(tmp_path)],
+                           f"spec.output.path {tmp_path / 'prompts.jsonl'}: is spec.input.file")]:
+        r = subprocess.run([*run, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and f"kubeflash run: error: {message}; expected another file" in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -81,6 +81,7 @@ def main(args: argparse.Namespace) -> int:
         from ..store.cache import DEFAULT_ROOT  # numpy: after the manifest is read
 
         _check_source(spec.model.uri)
+        _check_not_an_input(args, spec, output)
         created = _check_paths(args, job_dir=job_dir, output=output, store=Path(args.store or DEFAULT_ROOT))
     except (SpecError, ValueError) as e:
         _remove_empty(created)
@@ -215,6 +216,18 @@ def _check_source(uri: str) -> None:
                 HFSource(path)
             except SourceError as e:
                 raise SpecError(f"spec.model.uri: {e}") from None
+
+
+def _check_not_an_input(args, spec, output: Path) -> None:
+    """The results file is neither the manifest nor the input batch: results would replace it, the file itself set
+    aside as <name>.<time>.stale, and the next run would read results as its job."""
+    inputs = [("the manifest", Path(args.manifest))]
+    if spec.input.file:
+        inputs.append(("spec.input.file", Path(args.manifest).parent / spec.input.file))
+    for what, path in inputs:
+        if path.resolve() == output.resolve():
+            raise ValueError(f"{'--output' if args.output else 'spec.output.path'} {output}: is {what}; expected "
+                             "another file for the results")
 
 
 def _check_paths(args, *, job_dir: Path, output: Path, store: Path) -> list[Path]:
