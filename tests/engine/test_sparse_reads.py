@@ -79,7 +79,7 @@ def test_run_reads_as_the_cost_model_predicts_faster(tiny, tmp_path):  # noqa: F
     assert slow["bundle_bytes_read"] > 0 and slow["weights_bytes_read"] < slow["weights_bytes_dense"]
     assert "micro-batch 1" in slow["reads_why"]
     wide, many = run("slow16", 0.05, 16, 16)
-    assert wide["reads"] == "dense" and "micro-batch 16" in wide["reads_why"]
+    assert wide["reads"] == "dense" and "micro-batch 16" in wide["reads_why"], wide["reads_why"]
     assert "bundle_bytes_read" not in wide
     fast, same = run("fast1", 50.0, 1, 1)
     assert fast["reads"] == "dense" and "bundle_bytes_read" not in fast

@@ -650,8 +650,9 @@ def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget
             need = _rate(sum(mbs) * (job.prompt_len + job.gen_len) * _kv_token(e, p, host=True), cal.host_lock_gbps)
             lock += max(0.0, need - prefill) * count
     setup = sum(_rate(stored[i], ceil.disk_read_cold) for i, w in enumerate(where) if w != "disk")
-    if job.prompts and not cand.sparse:  # the first streamed stages are read while the engine is built
-        moved, first_setup = _read_at_setup(e, p, where, stored, dense, xl, _blocks(job, p)[0][1], kv_fits_cache)
+    if job.prompts:  # the first streamed stages are read while the engine is built
+        moved, first_setup = _read_at_setup(e, p, where, stored, dense, xl, _blocks(job, p)[0][1], kv_fits_cache,
+                                            cand.sparse)
         setup += first_setup
         for k in res:
             res[k] += moved[0][k]
@@ -667,21 +668,29 @@ def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget
 
 
 def _read_at_setup(e: _Env, p: Policy, where: list[str], stored: list[int], dense: list[int], xl: set,
-                   mbs: list[int], kv_fits_cache: bool) -> tuple[tuple[dict, dict], float]:
+                   mbs: list[int], kv_fits_cache: bool,
+                   sparse: SparseCost | None = None) -> tuple[tuple[dict, dict], float]:
     """The streamer submits the reads of the first `prefetch + 1` streamed stages (one a slot) when it is built, and
     the engine warms its kernels after that, so those reads run in the setup, not in the first prefill: the engine's
     prefill weight bytes on the H200 were 0.941 of a pass with every expert read (3 of Qwen3-MoE's 50 stages, session
     9 and 12). Returns the change of the first prefill's (seconds per resource, seconds each resource was the
     slowest) without those reads (a routed MoE layer's slot holds its non-expert part only: its experts are read
-    after the router), and their disk time, which goes to the setup."""
+    after the router; a sparse run's layer slot holds what _stage reads ahead, the FFN's kept rows or columns are
+    read per call), and their disk time, which goes to the setup."""
     d_res, d_bound = dict.fromkeys(("disk", "pcie", "compute"), 0.0), dict.fromkeys(("disk", "pcie", "compute"), 0.0)
     setup, last = 0.0, len(stored) - 1
     for i in [i for i, w in enumerate(where) if w != "gpu"][:p.prefetch + 1]:
         kind = "embed" if i == 0 else "head" if i == last else "xlayer" if i - 1 in xl else "layer"
         t = _stage(e, p, kind, where[i], stored[i], dense[i], Counter(mbs), e.job.prompt_len, e.job.prompt_len,
-                   kv_fits_cache)
-        routed = kind not in ("embed", "head") and where[i] == "disk" and e.c.num_experts and not p.all_experts
-        ahead = stored[i] * (1 - e.c.expert_share()) if routed else stored[i]  # what the slot's read holds
+                   kv_fits_cache, sparse)
+        layer = kind not in ("embed", "head") and where[i] == "disk"
+        ahead = stored[i]  # what the slot's read holds
+        if layer and sparse is not None:
+            ahead = (input_layer_bytes(e.c, stored[i], sparse, 1, e.itemsize, op_s=read_op_s(e.ceil, e.cal),
+                                       gbps=e.ceil.disk_read_cold)[0] if sparse.method == "input"
+                     else stored[i] - updown_bytes(e.c, e.itemsize))
+        elif layer and e.c.num_experts and not p.all_experts:
+            ahead = stored[i] * (1 - e.c.expert_share())
         after = dict(t, pcie=max(0.0, t["pcie"] - _rate(ahead, e.ceil.h2d_pinned)))
         if where[i] == "disk":
             after["disk"] = max(0.0, t["disk"] - _rate(ahead, e.ceil.disk_read_cold))
