@@ -512,7 +512,8 @@ def writes_to_running(audit: Path, running_wall: dict[str, float], since: str, u
 
 def timeline(audit: Path) -> dict[str, float]:
     """p50 / p99 seconds of each step of a job's way, from the API server's receive times (audit log):
-    created -> kopf's finalizer patch -> pod create -> status patch (placement), and on deletion the operator's
+    created -> kopf's finalizer patch -> pod create -> status patch (placement; finalizer -> status is the operator's
+    own part of it, without the watch delivery before kopf's patch), and on deletion the operator's
     pod delete -> the kubelet's (kwok's) final pod delete -> the finalizer's removal."""
     marks: dict[str, dict[str, float]] = {}
     for line in audit.read_text().splitlines() if audit.exists() else ():
@@ -537,7 +538,8 @@ def timeline(audit: Path) -> dict[str, float]:
         if step:
             marks.setdefault(name, {}).setdefault(step, t)
     out = {}
-    for a, b in (("created", "finalizer"), ("finalizer", "pod"), ("pod", "status"), ("created", "status"),
+    for a, b in (("created", "finalizer"), ("finalizer", "pod"), ("pod", "status"), ("finalizer", "status"),
+                 ("created", "status"),
                  ("pod_delete", "pod_gone"), ("pod_gone", "released")):
         gaps = [m[b] - m[a] for m in marks.values() if a in m and b in m]
         if gaps:
