@@ -239,3 +239,105 @@ def test_the_cost_model_prices_the_hot_set_as_the_engine_reads_it(tiny, tmp_path
     pr = predict(Candidate(STREAM, sparse=cost), config=c, ceil=ceil, job=job, budget=Budget(1 << 30, 1 << 30),
                  sizes=sizes)
     assert pr.cpu_bytes == with_hot[1] and "hot channel rows" in describe(pr)
+
+
+def test_hot_tiers_take_the_most_frequent_rows_for_the_device_and_the_next_for_host_memory():
+    """hot_tiers: the device tier is hot_rows of its budget, the host tier the rows next in frequency within its own;
+    a device tier of 0 bytes leaves the host tier as hot_rows alone chooses it."""
+    from kubeflash_node.engine.channelcache import hot_tiers
+
+    freq = np.array([[0.9, 0.1, 0.8, 0.2, 0.95], [0.5, 0.99, 0.0, 0.7, 0.3]], dtype=np.float32)  # H = 2, I = 3
+    kw = dict(hidden=2, in_row_bytes=100, down_row_bytes=10)
+    dev, host = hot_tiers(freq, **kw, budgets=(110, 120))
+    # by frequency: L1 ch1 (100), L0 n2 (10) | L0 ch0 (100), L0 n0 (10), L1 n1 (10); L1 ch0 overflows
+    assert dev == [([], [2]), ([1], [])] and host == [([0], [0]), ([], [1])]
+    assert dev == hot_rows(freq, **kw, budget_bytes=110)
+    assert hot_tiers(freq, **kw, budgets=(0, 230))[1] == hot_rows(freq, **kw, budget_bytes=230)
+
+
+def _held(store, *, device_bytes: int, host_bytes: int) -> sparse.SparseFFN:
+    """The input-sparse FFN with a hot set split by sparse.hold_on_device (from a job's host hot set, or from the
+    bare channel reader where it has none), its device tier on the CPU (the compute device of these tests: the tier
+    is where its tensors are placed and what is counted)."""
+    ffn = _ffn(store, TARGET, hot=host_bytes)
+    assert sparse.hold_on_device(ffn, store, device_bytes=device_bytes, host_bytes=host_bytes, device="cpu")
+    return ffn
+
+
+def test_rows_held_on_the_device_are_neither_read_nor_copied_and_change_no_token(tiny):
+    """A hot set of a third of the FFN bytes in host memory, the same rows on the compute device, and split half and
+    half: the same tokens; the device's rows are never read from the SSD (the SSD bytes equal the host-held run's)
+    and never copied host->device (held_h2d_bytes 0; h2d_bytes less by exactly their bytes), the host's cross once
+    per use (held_h2d_bytes = their hit bytes); every kept row is read, copied or on the device exactly once."""
+    _, store = tiny
+    plain = _ffn(store, TARGET)
+    want = _generate(store, plain)
+    kept = plain.channels.bytes_read  # gap 0: every kept row's bytes, read from the SSD
+    hot = _ffn_total(store) // 3
+    host = _ffn(store, TARGET, hot=hot)
+    dev = _held(store, device_bytes=hot, host_bytes=0)
+    split = _held(store, device_bytes=hot // 2, host_bytes=hot - hot // 2)
+    for ffn in (host, dev, split):
+        assert _generate(store, ffn) == want
+    h, d, s = host.channels, dev.channels, split.channels
+    assert h.device_bytes == 0 and h.h2d_bytes == kept and h.held_h2d_bytes == h.hit_bytes > 0
+    assert d.device_bytes == h.hot_bytes > 0 and d.hot_bytes == 0  # the same rows, on the device
+    assert d.bytes_read == h.bytes_read and d.device_hit_bytes == d.hit_bytes == h.hit_bytes
+    assert d.held_h2d_bytes == 0 and d.h2d_bytes == kept - d.device_hit_bytes
+    assert 0 < s.device_bytes <= hot // 2 and 0 < s.hot_bytes <= hot - hot // 2
+    assert 0 < s.device_hit_bytes < s.hit_bytes and s.held_h2d_bytes == s.hit_bytes - s.device_hit_bytes
+    assert s.bytes_read + s.hit_bytes == kept and s.h2d_bytes + s.device_hit_bytes == kept
+    assert all(t is None or t.device.type == "cpu" for layer in s.on_device for t in layer)
+    c = split.describe()["channel_cache"]
+    assert c["device_bytes"] == s.device_bytes and c["held_h2d_bytes"] == s.held_h2d_bytes
+    assert "MiB on the compute device" in split.line()
+
+
+def test_the_plan_holds_the_hot_set_in_the_gpu_room_and_grows_its_gpu_memory_by_exactly_those_bytes(tiny, tmp_path):
+    """kubeflash plan (cli_plan._device_tier): with GPU room after the chosen plan's predicted use, the hot set's
+    most frequent rows are priced on the GPU (the run's own pricing after sparse.hold_on_device with that room), the
+    next within a quarter of cpuMemory in host memory; the plan's GPU bytes grow by exactly the device tier's bytes.
+    The same rows on the GPU instead of host memory: the same disk time, less PCIe time, GPU + and CPU - their bytes."""
+    from dataclasses import replace
+
+    from tiny_jobs import tiny_job
+
+    from kubeflash_api.names import model_id
+    from kubeflash_node.engine.bench import Ceilings
+    from kubeflash_node.engine.cli_plan import _device_tier
+    from kubeflash_node.engine.cli_plan import _sparse_cost as plan_cost
+    from kubeflash_node.engine.costmodel import Budget, Calibration, Candidate, JobShape, Plan, describe, predict, stage_sizes
+    from kubeflash_node.engine.job import _sparse_cost as run_cost
+    from kubeflash_node.engine.sparse import hot_budget
+
+    _, store = tiny
+    c = ModelConfig.from_dict(load_manifest(store).config)
+    spec = tiny_job({"sparsity": TARGET})
+    spec = replace(spec, resources=replace(spec.resources, cpu_memory=4 * _ffn_total(store) // 3))
+    (tmp_path / "models").mkdir()
+    m = spec.model
+    (tmp_path / "models" / model_id(m.uri, dtype=m.dtype, quantization=m.quantization)).symlink_to(store)
+    cost = plan_cost(spec, c, 4, tmp_path)
+    job, sizes, cal = JobShape(1, 8, 9), {"none": stage_sizes(c, 4)}, Calibration()
+    ceil = Ceilings(disk_read_cold=3.0, disk_read_warm=3.0, disk_write=3.0, h2d_pinned=25.0, matmul_tflops=1.0,
+                    disk_read_op_s=2e-5)
+    kw = dict(config=c, ceil=ceil, job=job, sizes=sizes["none"], cal=cal, itemsize=4)
+    pr = predict(Candidate(STREAM, sparse=cost), budget=Budget(1 << 40, 1 << 40), **kw)
+    room = _ffn_total(store) // 4
+    budget = Budget(pr.gpu_bytes + cal.gpu_reserve_bytes + room, 1 << 30)
+    plan = _device_tier(Plan(pr, None, 1, 1), spec, c, 4, tmp_path, budget=budget, ceil=ceil, job=job, sizes=sizes,
+                        cal=cal)
+    tiered = plan.best.candidate.sparse
+    assert 0 < tiered.channel_gpu_bytes <= room and 0 < tiered.channel_hot_bytes <= hot_budget(spec.resources, "cpu")
+    assert plan.best.gpu_bytes == pr.gpu_bytes + tiered.channel_gpu_bytes
+    assert plan.best.cpu_bytes == pr.cpu_bytes - cost.channel_hot_bytes + tiered.channel_hot_bytes
+    assert tiered.channel_hit > cost.channel_hit and "on the GPU" in describe(plan.best)
+    ffn = _ffn(store, TARGET, hot=hot_budget(spec.resources, "cpu"))
+    sparse.hold_on_device(ffn, store, device_bytes=room, host_bytes=hot_budget(spec.resources, "cpu"), device="cpu")
+    assert run_cost(ffn, c, 4) == tiered and ffn.channels.device_bytes == tiered.channel_gpu_bytes
+    # the host hot set's rows moved to the GPU: not read either way, no longer copied over PCIe
+    moved = replace(cost, channel_hot_bytes=0, channel_hot=(), channel_gpu_bytes=cost.channel_hot_bytes,
+                    channel_gpu=cost.channel_hot)
+    on = predict(Candidate(STREAM, sparse=moved), budget=Budget(1 << 40, 1 << 40), **kw)
+    assert on.gpu_bytes - pr.gpu_bytes == pr.cpu_bytes - on.cpu_bytes == cost.channel_hot_bytes
+    assert on.resource_s["disk"] == pytest.approx(pr.resource_s["disk"]) and on.resource_s["pcie"] < pr.resource_s["pcie"]

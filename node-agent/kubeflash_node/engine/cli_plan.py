@@ -78,6 +78,9 @@ def main(args: argparse.Namespace) -> int:
             if explicit is None:
                 raise
             plan, explicit = None, explicit + [f"policy auto would not fit either: {e}"]
+        if plan is not None:
+            plan = _device_tier(plan, spec, config, itemsize, args.store, budget=budget, ceil=ceil, job=job,
+                                sizes=sizes, cal=cal)
     except (SpecError, StoreError, ValueError, OSError) as e:
         print(f"kubeflash plan: error: {e}", file=sys.stderr)
         return 1
@@ -392,10 +395,7 @@ def _hot_pricing(freq, config, itemsize: int, resources):
 def _layer_reads(spec, config, itemsize: int, store: Path | None, plan, ceil):
     """Input sparsity read sparsely, with the store entry's keep frequencies: each layer priced on its own at the
     chosen micro-batch, the hot set of spec.resources held (layerreads.py, as `kubeflash run` does); else None."""
-    from ..store.cache import DEFAULT_ROOT
-    from ..store.channels import frequency, present
-    from ..store.ids import model_id
-    from .channelcache import hot_rows
+    from .channelcache import hot_tiers
     from .costmodel import read_op_s
     from .layerreads import choose_layers
     from .sparse import hot_budget
@@ -403,16 +403,51 @@ def _layer_reads(spec, config, itemsize: int, store: Path | None, plan, ceil):
     sparse = plan.best.candidate.sparse
     if sparse is None or sparse.method != "input":
         return None
-    m = spec.model
-    entry = (store or DEFAULT_ROOT) / "models" / model_id(m.uri, dtype=m.dtype, quantization=m.quantization)
-    freq = frequency(entry, spec.offload.sparsity) if present(entry) else None
+    freq = _entry_frequency(spec, store)
     if freq is None:
         return None
     h, i = config.hidden_size, config.intermediate_size
     rows = dict(hidden=h, in_row_bytes=2 * i * itemsize, down_row_bytes=h * itemsize)
-    held = hot_rows(freq, **rows, budget_bytes=hot_budget(spec.resources, "cpu"))  # held in host memory
+    # held on the GPU (its tier's bytes select the same rows) and in host memory
+    dev, host = hot_tiers(freq, **rows, budgets=(sparse.channel_gpu_bytes, hot_budget(spec.resources, "cpu")))
+    held = [(sorted(a + c), sorted(b + d)) for (a, b), (c, d) in zip(dev, host)]
     return choose_layers(freq, **rows, tokens=plan.best.candidate.policy.gpu_batch_size, op_s=read_op_s(ceil),
                          gbps=ceil.disk_read_cold, held=held)
+
+
+def _entry_frequency(spec, store: Path | None):
+    """The store entry's keep frequencies at spec.offload.sparsity (store.channels.frequency), or None."""
+    from ..store.channels import frequency, present
+
+    entry = _entry(spec, store)
+    return frequency(entry, spec.offload.sparsity) if present(entry) else None
+
+
+def _device_tier(plan, spec, config, itemsize: int, store: Path | None, *, budget, ceil, job, sizes, cal):
+    """Input sparsity's hot set as `kubeflash run` holds it on a GPU (job._device_tier): its most frequent rows in
+    the GPU memory the budget leaves after the chosen plan's predicted use (costmodel.device_room), the next within a
+    quarter of cpuMemory in host memory (channelcache.hot_tiers); the chosen plan priced again with both tiers (its
+    GPU figure grows by exactly the device tier's bytes). The plan unchanged without keep frequencies or room."""
+    from dataclasses import replace
+
+    from .channelcache import hot_pricing, hot_tiers
+    from .costmodel import device_room, predict
+    from .sparse import hot_budget
+
+    s = plan.best.candidate.sparse
+    room = device_room(plan.best, budget, cal) if s is not None and s.method == "input" else 0
+    freq = _entry_frequency(spec, store) if room else None
+    if freq is None:
+        return plan
+    h, i = config.hidden_size, config.intermediate_size
+    rows = dict(hidden=h, in_row_bytes=2 * i * itemsize, down_row_bytes=h * itemsize)
+    dev, host = hot_tiers(freq, **rows, budgets=(room, hot_budget(spec.resources, "cpu")))
+    (gb, gp, gh), (hb, hp, hh) = hot_pricing(freq, dev, **rows), hot_pricing(freq, host, **rows)
+    cand = replace(plan.best.candidate, sparse=replace(s, channel_gpu_bytes=gb, channel_gpu=gp, channel_hot_bytes=hb,
+                                                       channel_hot=hp, channel_hit=gh + hh))
+    best = predict(cand, config=config, ceil=ceil, job=job, budget=budget, sizes=sizes[cand.quantization], cal=cal,
+                   itemsize=itemsize)
+    return replace(plan, best=best)
 
 
 def _priced_plan(make_plan, sparsity, **kw):
@@ -439,8 +474,10 @@ def _sparse_line(target: float, plan, ceil=None) -> str:
     measured = "measured" if getattr(ceil, "disk_read_op_s", 0) else "assumed"
     op = f"; a bundle read costs {read_op_s(ceil) * 1e6:.1f} us on top of its bytes ({measured})"
     s = next((pr.candidate.sparse for pr in (best, other) if pr is not None and pr.candidate.sparse), None)
-    if s is not None and s.channel_hot_bytes:  # input sparsity's hot set, priced with the sparse reads
-        op += (f"; hot set {s.channel_hot_bytes / 2**20:.1f} MiB of channel rows in host memory (a quarter of "
+    if s is not None and (s.channel_hot_bytes or s.channel_gpu_bytes):  # input sparsity's hot set, priced with them
+        dev = (f"{s.channel_gpu_bytes / 2**20:.1f} MiB on the GPU (the room its budget leaves after the plan) + "
+               if s.channel_gpu_bytes else "")
+        op += (f"; hot set {dev}{s.channel_hot_bytes / 2**20:.1f} MiB of channel rows in host memory (a quarter of "
                f"cpuMemory), expected to serve {100 * s.channel_hit:.1f}% of a decode token's kept FFN column bytes")
     if other is None:
         return f"sparsity {target:g}: {picked} FFN reads (no {rest} candidate fits){op}"

@@ -135,12 +135,19 @@ class SparseCost:
     channel_hot_bytes: int = 0
     channel_hot: tuple[tuple[float, int], ...] = ()
     channel_hit: float = 0.0
+    # its device tier (channelcache.hot_tiers: the most frequent rows, where the GPU budget leaves room after the
+    # plan's own use): bytes in GPU memory, and its rows as (keep frequency, bytes) pairs, neither read from the SSD
+    # nor copied host->device (the host tier's rows above are not read, but cross PCIe each call); channel_hit is
+    # both tiers'
+    channel_gpu_bytes: int = 0
+    channel_gpu: tuple[tuple[float, int], ...] = ()
 
-    def channel_saved(self, tokens: int) -> float:
-        """Expected bytes over all layers one call of `tokens` tokens finds in the input hot set instead of reading
-        them: a held row kept on a share f of the calibration's tokens is needed with probability 1 - (1 - f)^tokens
-        (as layerreads.choose_layers prices it)."""
-        return sum(b * (1 - (1 - f) ** max(tokens, 1)) for f, b in self.channel_hot)
+    def channel_saved(self, tokens: int, *, host: bool = True, device: bool = True) -> float:
+        """Expected bytes over all layers one call of `tokens` tokens finds in the input hot set (its host and/or
+        device tier) instead of reading them: a held row kept on a share f of the calibration's tokens is needed with
+        probability 1 - (1 - f)^tokens (as layerreads.choose_layers prices it)."""
+        pairs = (self.channel_hot if host else ()) + (self.channel_gpu if device else ())
+        return sum(b * (1 - (1 - f) ** max(tokens, 1)) for f, b in pairs)
 
     def read_share(self, tokens: int, decode: bool) -> float:
         """Expected share of a layer's neurons whose bundles one call of `tokens` tokens reads: the union of the
@@ -551,6 +558,12 @@ def _placement(c: ModelConfig, p: Policy, n: int) -> list[str]:
     return where
 
 
+def device_room(pr: Prediction, budget: Budget, cal: Calibration = Calibration()) -> int:
+    """GPU bytes the budget leaves after a plan's own predicted use and the reserve (what the input hot set's device
+    tier may hold; channelcache.hot_tiers), 0 where none."""
+    return max(0, budget.gpu_bytes - cal.gpu_reserve_bytes - pr.gpu_bytes)
+
+
 def memory(cand: Candidate, *, config: ModelConfig, job: JobShape, sizes: tuple[list[int], list[int]],
            cal: Calibration = Calibration(), itemsize: int = 2) -> tuple[int, int]:
     """(GPU bytes, CPU bytes) the candidate needs at its peak (the GPU figure excludes cal.gpu_reserve_bytes)."""
@@ -558,7 +571,8 @@ def memory(cand: Candidate, *, config: ModelConfig, job: JobShape, sizes: tuple[
     stored, dense = sizes
     gpu, cpu = _memory(e, cand.policy, stored, dense, _placement(config, cand.policy, len(stored)))
     s = cand.sparse
-    return gpu + (s.hot_bytes if s else 0), cpu + (s.channel_hot_bytes if s else 0)  # input hot rows: host memory
+    return (gpu + (s.hot_bytes + s.channel_gpu_bytes if s else 0),  # input hot rows: their device tier and
+            cpu + (s.channel_hot_bytes if s else 0))  # host memory
 
 
 def kv_disk_bytes(cand: Candidate, *, config: ModelConfig, job: JobShape, itemsize: int = 2) -> int:
@@ -618,7 +632,7 @@ def predict(cand: Candidate, *, config: ModelConfig, ceil, job: JobShape, budget
     p, (stored, dense) = cand.policy, sizes
     where = _placement(config, p, len(stored))
     gpu, cpu = _memory(e, p, stored, dense, where)
-    gpu += cand.sparse.hot_bytes if cand.sparse else 0
+    gpu += cand.sparse.hot_bytes + cand.sparse.channel_gpu_bytes if cand.sparse else 0  # input hot rows' device tier
     cpu += cand.sparse.channel_hot_bytes if cand.sparse else 0  # input sparsity's hot rows: host memory
     xl = p.x_layers(config.num_layers)
     kv_total = job.prompts * (job.prompt_len + job.gen_len) * _kv_token(e, p)
@@ -762,7 +776,10 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
             moved += m * demand
             comp += m * (_rate(demand, e.ceil.disk_read_cold) + runs * op_s)
     disk = _rate(moved + slow, e.ceil.disk_read_cold) if where == "disk" else 0.0
-    pcie = _rate(moved, e.ceil.h2d_pinned) if where != "gpu" else 0.0
+    crossing = moved  # the input hot set's host tier is not read but crosses PCIe; its device tier does neither
+    if where == "disk" and layer and sparse is not None and sparse.method == "input" and sparse.channel_hot:
+        crossing += sum(m * sparse.channel_saved(b * s_new, device=False) for b, m in mbs.items()) / e.c.num_layers
+    pcie = _rate(crossing, e.ceil.h2d_pinned) if where != "gpu" else 0.0
     peak = e.ceil.matmul_tflops * 1e3 * e.cal.compute_efficiency  # GFLOP/s
     for b, m in mbs.items():
         if kind == "embed":
@@ -896,8 +913,10 @@ def _reads(s: SparseCost | None) -> str:
     hot = f", hot neurons {s.hot_bytes / 2**30:.2f} GiB" if s.hot_bytes else ""
     if s.method == "input":
         attn = ", q/k/v/o columns likewise" if s.attention else ""
-        held = (f", hot channel rows {s.channel_hot_bytes / 2**30:.2f} GiB in host memory (expected to serve "
-                f"{100 * s.channel_hit:.0f}% of a decode token's kept FFN column bytes)" if s.channel_hot_bytes else "")
+        dev = f"{s.channel_gpu_bytes / 2**30:.2f} GiB on the GPU + " if s.channel_gpu_bytes else ""
+        held = (f", hot channel rows {dev}{s.channel_hot_bytes / 2**30:.2f} GiB in host memory (expected to serve "
+                f"{100 * s.channel_hit:.0f}% of a decode token's kept FFN column bytes)"
+                if s.channel_hot_bytes or s.channel_gpu_bytes else "")
         return (f", input-sparse FFN reads (target {s.target:g}: {100 * (1 - s.target):.0f}% of gate/up/down columns a "
                 f"decode token{attn}{held})")
     return f", sparse FFN reads (target {s.target:g}: {100 * s.read_share(1, True):.0f}% of up/down a decode token{hot})"

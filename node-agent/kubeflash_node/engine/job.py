@@ -94,6 +94,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         if sparsity is not None and (sparsity.bundles is not None or sparsity.channels is not None):
             _follow_reads(sparsity, spec, chosen, policy, config=config, manifest=manifest, job=shape, machine=machine,
                           itemsize=itemsize)
+            _device_tier(sparsity, spec, chosen, model_dir=model_dir, device=device, machine=machine)
             _layer_reads(sparsity, model_dir, policy, machine)
         prefix = _prefix_cache(spec, kv_cache_dir)
         seed = {"routing_seed": routing_seed} if routing_seed is not None else {}
@@ -249,8 +250,9 @@ def _sparse_cost(sparsity, config: ModelConfig, itemsize: int):
     if sparsity.channels is not None:  # input sparsity (TEAL): kept columns from the input-channel files
         attn = sparsity.attention is not None and sparsity.attention.channels is not None  # q/k/v/o likewise
         held, pairs, hit = sparsity.channel_hot or (0, (), 0.0)  # the hot set in host memory (channelcache.py)
+        dev, on, dev_hit = sparsity.channel_gpu or (0, (), 0.0)  # and its device tier (sparse.hold_on_device)
         return SparseCost(sparsity.target, method="input", attention=attn, channel_hot_bytes=held, channel_hot=pairs,
-                          channel_hit=hit)
+                          channel_hit=hit + dev_hit, channel_gpu_bytes=dev, channel_gpu=on)
     hot = sum(len(ids) for ids in sparsity.hot or []) * sparsity.bundles.row_bytes
     return SparseCost(sparsity.target, hot, min(1.0, hot / (config.num_layers * updown_bytes(config, itemsize))),
                       gap=sparsity.gap)
@@ -292,14 +294,25 @@ def _follow_reads(sparsity, spec: JobSpec, chosen, policy: Policy, *, config, ma
     sparsity.follow(sparse, why)
 
 
+def _device_tier(sparsity, spec: JobSpec, chosen, *, model_dir: Path, device: str, machine) -> None:
+    """On a GPU, input sparsity's hot set takes the GPU memory the budget leaves after the chosen plan's predicted
+    use (costmodel.device_room) for its most frequent rows, the next a quarter of cpuMemory in host memory as before
+    (sparse.hold_on_device); on the CPU, without an automatic plan or with dense reads, it stays as it is."""
+    if chosen is None or str(device) == "cpu" or sparsity.channels is None:
+        return
+    from .costmodel import Budget, device_room
+    from .sparse import hold_on_device, hot_budget
+
+    room = device_room(chosen.best, Budget(machine.gpu_bytes, machine.cpu_bytes, spec.resources.kv_disk))
+    hold_on_device(sparsity, model_dir, device_bytes=room, host_bytes=hot_budget(spec.resources, "cpu"), device=device)
+
+
 def _layer_reads(sparsity, model_dir: Path, policy: Policy, machine) -> None:
     """Input sparsity reading sparsely, with the machine's ceilings and the calibration's keep frequencies: each
     layer priced on its own at the policy's micro-batch (layerreads.py); where the union of kept rows approaches
     them all, the layer's FFN is streamed whole instead."""
     if sparsity.channels is None or machine is None:
         return
-    import numpy as np
-
     from ..store.channels import frequency
     from .costmodel import read_op_s
     from .layerreads import choose_layers
@@ -308,8 +321,7 @@ def _layer_reads(sparsity, model_dir: Path, policy: Policy, machine) -> None:
     if freq is None:  # channel files cut before the frequencies were written: every layer as the run chose
         return
     ch = sparsity.channels
-    held = [(np.flatnonzero(a.hot).tolist(), np.flatnonzero(b.hot).tolist()) for a, b in ch.layers] \
-        if hasattr(ch, "layers") else None
+    held = ch.held_rows() if hasattr(ch, "held_rows") else None
     sparsity.per_layer(choose_layers(freq, hidden=ch.hidden, in_row_bytes=ch.in_row_bytes,
                                      down_row_bytes=ch.down_row_bytes, tokens=policy.gpu_batch_size,
                                      op_s=read_op_s(machine.ceilings), gbps=machine.ceilings.disk_read_cold, held=held))

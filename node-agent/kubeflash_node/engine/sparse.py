@@ -141,6 +141,7 @@ class SparseFFN:
         # input method with a hot set: channelcache.hot_pricing's (bytes, (frequency, bytes) pairs, hit share),
         # what the cost model prices the hot set with (job.py); None: no hot set
         self.channel_hot: tuple | None = None
+        self.channel_gpu: tuple | None = None  # the same of its device tier (hold_on_device); None: none
 
     @classmethod
     def recorder(cls, num_layers: int) -> SparseFFN:
@@ -263,7 +264,8 @@ class SparseFFN:
             out += f"; {self.channels.bytes_read / 2**20:.1f} MiB read from the input-channel files"
             c = self.channel_cache()
             if c is not None:
-                out += (f" (rows held: hot set {c['hot_bytes'] / 2**20:.1f} MiB, window {c['window']}, "
+                dev = f"{c['device_bytes'] / 2**20:.1f} MiB on the compute device + " if c["device_bytes"] else ""
+                out += (f" (rows held: hot set {dev}{c['hot_bytes'] / 2**20:.1f} MiB in host memory, window {c['window']}, "
                         f"{100 * c['hit_rate']:.1f}% of kept rows served from them, peak held "
                         f"{c['peak_held_bytes'] / 2**20:.1f} MiB)")
         if self.attention is not None:
@@ -281,7 +283,9 @@ class SparseFFN:
         if not hasattr(c, "window"):
             return None
         return {"hot_bytes": c.hot_bytes, "window": c.window, "hits": c.hits, "misses": c.misses, "hit_bytes": c.hit_bytes,
-                "hit_rate": c.hits / max(1, c.hits + c.misses), "peak_held_bytes": c.peak_held_bytes}
+                "hit_rate": c.hits / max(1, c.hits + c.misses), "peak_held_bytes": c.peak_held_bytes,
+                "device_bytes": c.device_bytes, "device_hit_bytes": c.device_hit_bytes, "h2d_bytes": c.h2d_bytes,
+                "held_h2d_bytes": c.held_h2d_bytes}
 
     def weights(self) -> dict | None:
         """Weight bytes the engine read and would have read dense (None without bundles or an engine)."""
@@ -396,6 +400,12 @@ class SparseFFN:
         from .neurons import read_kept
 
         cached = hasattr(self.channels, "window")  # a channelcache.ChannelCache: the window keeps decode reads
+        if cached:  # its device tier's rows stay where they are; the rest are read and copied to h's device
+            got, n = self.channels.gather(layer, ids, self.channel_gaps[1 if down else 0], down=down,
+                                          decode=h.shape[1] == 1, device=h.device, dtype=h.dtype,
+                                          timings=self.timings)
+            self.reads.bundle_bytes["decode" if h.shape[1] == 1 else "prefill"] += n
+            return got
         got, n = read_kept(self.channels, layer, ids, self.channel_gaps[1 if down else 0], out=down,
                            timings=self.timings, decode=(h.shape[1] == 1) if cached else None)
         self.reads.bundle_bytes["decode" if h.shape[1] == 1 else "prefill"] += n
@@ -728,6 +738,27 @@ def _attention_for_job(config: ModelConfig, model_dir, target: float, field: str
 
         gaps = (gap, gap) if gap is not None else (merge_gap(reader.in_row_bytes), merge_gap(reader.down_row_bytes))
     return SparseAttention(ths, num_layers=config.num_layers, channels=reader, gaps=gaps)
+
+
+def hold_on_device(ffn: SparseFFN, model_dir, *, device_bytes: int, host_bytes: int, device) -> bool:
+    """Input sparsity's hot set in two tiers (channelcache.hot_tiers): its most frequent rows within `device_bytes`
+    held on the compute device `device`, the next within `host_bytes` in host memory; the channel cache rebuilt with
+    both (same reader and window; a bare channel reader wrapped) and ffn.channel_gpu / channel_hot priced for them.
+    False (nothing changed) without input-channel files, keep frequencies or room."""
+    from ..store.channels import frequency
+    from .channelcache import ChannelCache, hot_pricing, hot_tiers
+
+    c = ffn.channels
+    freq = frequency(model_dir, ffn.target) if c is not None and ffn.method == "input" and device_bytes > 0 else None
+    if freq is None:
+        return False
+    rows = dict(hidden=c.hidden, in_row_bytes=c.in_row_bytes, down_row_bytes=c.down_row_bytes)
+    dev, host = hot_tiers(freq, **rows, budgets=(device_bytes, host_bytes))
+    cached = isinstance(c, ChannelCache)
+    ffn.channels = ChannelCache(c.reader if cached else c, hot=host, window=c.window if cached else 0,
+                                window_bytes=c.window_bytes if cached else None, device_hot=dev, device=device)
+    ffn.channel_gpu, ffn.channel_hot = hot_pricing(freq, dev, **rows), hot_pricing(freq, host, **rows)
+    return True
 
 
 def hot_budget(resources, device: str) -> int:
