@@ -24,7 +24,7 @@ from kubeflash_node.engine.bench import drop_file_pages
 from kubeflash_node.engine.cli_calibrate import calibrate
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.policy import Policy
-from kubeflash_node.engine.sparse import for_job
+from kubeflash_node.engine.sparse import for_job, hold_on_device
 from kubeflash_node.store.bundles import write_bundles
 from kubeflash_node.store.convert import convert
 from kubeflash_node.store.format import load_manifest
@@ -39,13 +39,15 @@ def drop_cached(store: Path) -> None:
 
 
 def run(store: Path, target, *, device: str, prompt: list[int], new: int, batch: int, hot: int,
-        gap: int | None, repeat: int = 1, cold: bool = False, method: str = "gate") -> dict:
+        gap: int | None, repeat: int = 1, cold: bool = False, method: str = "gate", hot_device: int = 0) -> dict:
     c = ModelConfig.from_dict(load_manifest(store).config)
     out = {}
     for n in (1, 1 + new):
         for _ in range(repeat if n > 1 else 1):  # the fastest of `repeat` runs: the least disturbed by other work
             ffn = None if target is None else for_job(c, store, target, hot_bytes=hot, gap=gap,
                                                       method=method.split("+")[0], attention=method == "input+attn")
+            if ffn is not None and hot_device:  # input sparsity: the most frequent rows on the compute device
+                hold_on_device(ffn, store, device_bytes=hot_device, host_bytes=hot, device=device)
             e = Engine(store, policy=Policy(gpu_batch_size=batch), device=device, sparsity=ffn)
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
@@ -73,7 +75,10 @@ def run(store: Path, target, *, device: str, prompt: list[int], new: int, batch:
             # seconds a decode step spends, summed over layers (the prefill's run subtracted); load_weight and
             # load_neurons run on reader threads, the *_stall parts are the compute thread waiting for them
             "parts_per_step": {k: round((p2[k] - p1[k]) / new, 4) for k in PARTS},
-            "preadv_per_step": (r2 - r1) / new}
+            "preadv_per_step": (r2 - r1) / new,
+            # input sparsity's hot set over the whole last run: bytes on the device / in host memory, and the rows'
+            # bytes copied host->device (all, and those host memory held)
+            "channel_cache": None if ffn is None else ffn.channel_cache()}
 
 
 def main() -> int:
@@ -87,6 +92,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--hot", default="0", help="hot-set bytes (e.g. 1073741824; with --method input*, channel rows held "
                    "in host memory, chosen by keep frequency)")
+    p.add_argument("--hot-device", default="0", help="with --method input*: this many bytes of the most frequent "
+                   "channel rows held on the compute device (never read, never copied host->device), --hot's next")
     p.add_argument("--gap", type=int, help="merge runs of missing neurons this many apart (default: "
                    "costmodel.merge_gap's, from the per-read cost; 0: one read per run)")
     p.add_argument("--repeat", type=int, default=1, help="run each setting this many times, report the fastest")
@@ -136,7 +143,8 @@ def main() -> int:
     rows = []
     for t in ([] if os.environ.get("SPARSE_NO_DENSE") else [None]) + targets:
         rows.append(run(store, t, device=a.device, prompt=prompt, new=a.new, batch=a.batch, hot=int(a.hot),
-                        gap=a.gap, repeat=a.repeat, cold=a.cold, method=a.method))
+                        gap=a.gap, repeat=a.repeat, cold=a.cold, method=a.method,
+                        hot_device=int(a.hot_device)))
         print(json.dumps(rows[-1]), flush=True)
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
