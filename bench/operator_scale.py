@@ -30,6 +30,9 @@ client threads, and watches them. Writes one JSON report:
   operator_peak_rss_mib          the operator's peak resident memory (VmHWM) up to the end of the deletion
   operator_rss_mib_before_burst  its resident memory before the first create (every node indexed, no job)
   operator_rss_by_map_mib        operator_rss_mib by kind of mapping (malloc's main heap, anonymous, files)
+  throttle                       burst (to all pods Running) and delete: seconds the scheduler's and the controller
+                                 manager's clients waited on their own rate limiter (and requests that waited over
+                                 0.1 s), seconds requests queued in the API server's priority-and-fairness levels
   timeline                       p50/p99 of each step from the audit log: created -> finalizer (kopf's patch) ->
                                  pod (create) -> status (patch); pod_delete (operator) -> pod_gone (kwok's final
                                  delete) -> released (the finalizer's removal)
@@ -55,12 +58,14 @@ import json
 import math
 import os
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,7 +85,11 @@ GROUP, VERSION = "kubeflash.io", "v1alpha1"
 NS = "default"
 MODEL_URI = "builtin:smollm2-135m"
 GiB = 2**30
-OPERATOR_USER = "kubeflash-operator"
+# The operator runs as the chart's ServiceAccount would: that user and groups, bound to cluster-admin (RBAC is not
+# what this measures). Not system:masters: the API server's priority and fairness exempts that group, and a real
+# operator's requests are classified by the "service-accounts" FlowSchema into the workload-low priority level.
+OPERATOR_USER = "system:serviceaccount:kubeflash:kubeflash-operator"
+OPERATOR_GROUPS = "system:serviceaccounts,system:serviceaccounts:kubeflash,system:authenticated"
 CLAIMS_ANNOTATION = "kubeflash.io/claims"
 # The API server marks the items of a delete-collection with this many workers (its default, 1, marks 200 jobs
 # one after the other: ~20 s on this machine before the operator sees the last one). delete_call_s reports it.
@@ -103,17 +112,91 @@ AUDIT_POLICY = {
 # ----------------------------------------------------------------------------------------------- the cluster
 
 
+# The components that rate-limit their own requests (client-go's token bucket): kube-scheduler (binds, Events;
+# its default 50 QPS / burst 100) and kube-controller-manager (each controller's client 20 QPS / burst 30). kwok
+# v0.7.0 has no limit (its client's RateLimiter is flowcontrol.NewFakeAlwaysRateLimiter(); no flag sets one);
+# the operator (kopf's aiohttp session, the kubernetes client's urllib3 pool) has none either. Their /metrics
+# are opened to anonymous reads so the report can say how long each waited (docs/benchmarks.md, issue 24).
+THROTTLED = ("kube-scheduler", "kube-controller-manager")
+_PORT_NAME = {"kube-scheduler": "scheduler", "kube-controller-manager": "controller-manager"}  # ControlPlane's
+METRICS_OPEN = "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics"
+
+
+def _prom(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Prometheus text exposition -> (name, labels, value) per sample."""
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, rest = head.partition("{")
+        labels = dict(kv.split("=", 1) for kv in rest.rstrip("}").split(",") if "=" in kv) if rest else {}
+        out.append((name, {k: v.strip('"') for k, v in labels.items()}, float(value)))
+    return out
+
+
+def throttle_snapshot(cp: ControlPlane) -> dict[str, float]:
+    """Cumulative waits so far: each THROTTLED component's client-side rate limiter (seconds waited, requests,
+    requests that waited over 0.1 s) and the API server's priority-and-fairness queues (seconds queued,
+    requests rejected, requests dispatched per priority level: exempt is system:masters, every client here but
+    the operator)."""
+    snap: dict[str, float] = {}
+    for comp in THROTTLED:
+        try:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # its self-signed serving certificate
+            with urllib.request.urlopen(f"https://127.0.0.1:{cp.bound_ports[_PORT_NAME[comp]]}/metrics", timeout=10,
+                                        context=ctx) as resp:
+                body = resp.read().decode()
+        except Exception as e:  # noqa: BLE001 -- a report without this part beats no report
+            print(f"(no /metrics from {comp}: {e})", file=sys.stderr)
+            continue
+        for name, labels, v in _prom(body):
+            if name == "rest_client_rate_limiter_duration_seconds_sum":
+                snap[f"{comp} waited_s"] = snap.get(f"{comp} waited_s", 0.0) + v
+            elif name == "rest_client_rate_limiter_duration_seconds_count":
+                snap[f"{comp} requests"] = snap.get(f"{comp} requests", 0.0) + v
+                snap[f"{comp} waited_over_0.1s"] = snap.get(f"{comp} waited_over_0.1s", 0.0) + v
+            elif name == "rest_client_rate_limiter_duration_seconds_bucket" and labels.get("le") == "0.1":
+                snap[f"{comp} waited_over_0.1s"] = snap.get(f"{comp} waited_over_0.1s", 0.0) - v
+    status, body = cp.api_get("/metrics", timeout=10)
+    if status == 200:
+        snap.update({"apiserver apf_queued_s": 0.0, "apiserver apf_rejected": 0.0})
+        for name, labels, v in _prom(body.decode()):
+            if name == "apiserver_flowcontrol_request_wait_duration_seconds_sum":
+                snap["apiserver apf_queued_s"] = snap.get("apiserver apf_queued_s", 0.0) + v
+            elif name == "apiserver_flowcontrol_rejected_requests_total":
+                snap["apiserver apf_rejected"] = snap.get("apiserver apf_rejected", 0.0) + v
+            elif name == "apiserver_flowcontrol_dispatched_requests_total":
+                key = f"apiserver apf_dispatched {labels.get('priority_level')}"
+                snap[key] = snap.get(key, 0.0) + v
+    return snap
+
+
+def throttle_delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: round(b[k] - a.get(k, 0.0), 3) for k in sorted(b)}
+
+
 def start_cluster(bin_dir: Path, work: Path) -> tuple[ControlPlane, Path, Path]:
     """The control plane with an audit log of the operator user's writes; returns it, the operator's kubeconfig
     and the audit log path."""
     policy, audit = work / "audit-policy.yaml", work / "audit.log"
     policy.write_text(yaml.safe_dump(AUDIT_POLICY))
     token = os.urandom(16).hex()
-    cp = ControlPlane(bin_dir, extra_tokens=[(token, OPERATOR_USER, "system:masters")], extra_apiserver_args=[
+    # The API server's inflight limits are its defaults (400 + 200, the total that priority and fairness shares
+    # out); the scheduler's and controller manager's client limits are set to their defaults on purpose (a stock
+    # cluster's; THROTTLED says why they matter); kwok has none (THROTTLED).
+    cp = ControlPlane(bin_dir, extra_tokens=[(token, OPERATOR_USER, OPERATOR_GROUPS)], extra_apiserver_args=[
         f"--audit-policy-file={policy}", f"--audit-log-path={audit}", "--audit-log-format=json",
-        "--audit-log-mode=batch", "--audit-log-batch-max-wait=1s", "--max-requests-inflight=800",
-        "--max-mutating-requests-inflight=400", f"--delete-collection-workers={DELETE_COLLECTION_WORKERS}"],
-        kwok_options={"podPlayStageParallelism": KWOK_POD_WORKERS}).start()
+        "--audit-log-mode=batch", "--audit-log-batch-max-wait=1s", "--max-requests-inflight=400",
+        "--max-mutating-requests-inflight=200", f"--delete-collection-workers={DELETE_COLLECTION_WORKERS}"],
+        kwok_options={"podPlayStageParallelism": KWOK_POD_WORKERS},
+        extra_args={"kube-scheduler": [METRICS_OPEN, "--kube-api-qps=50", "--kube-api-burst=100"],
+                    "kube-controller-manager": [METRICS_OPEN, "--kube-api-qps=20", "--kube-api-burst=30"]}).start()
+    cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+              "metadata": {"name": "kubeflash-bench-operator"},
+              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+              "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": OPERATOR_USER}]})
     kc = yaml.safe_load(cp.kubeconfig.read_text())
     kc["users"][0]["user"]["token"] = token
     op_kubeconfig = work / "operator.kubeconfig"
@@ -617,6 +700,7 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
         rss_before, rss_map_before = op.rss_mib(), op.memory_map()
         pids = {**dict(cp.processes()), "operator": op.proc.pid}
         cpu_burst = cpu_seconds(pids)
+        thr0 = throttle_snapshot(cp)
         t0, stamp0, cpu_start = time.monotonic(), _stamp(), op.cpu_s()
         created = burst(api, jobs, threads=create_threads, raw=raw_creates)
         t_created = time.monotonic()
@@ -631,6 +715,7 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
                 if p.status.phase == "Running") >= jobs, min(settle_timeout, 120), every=1.0)
         except TimeoutError:  # e.g. the scheduler refuses them: reported as null, the rest still measured
             t_pods = None
+        thr1 = throttle_snapshot(cp)
         booked = double_booked(api)
         time.sleep(2)
         if os.environ.get("KUBEFLASH_BENCH_GCSTATS"):  # the collector's passes so far (bench/opmem.py)
@@ -646,6 +731,7 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             # where that memory is, or the collector's passes in the idle window (the operator writes it)
             os.kill(op.proc.pid, signal.SIGUSR1)
         spy = Sampler(op.proc.pid, "delete")
+        thr2 = throttle_snapshot(cp)
         stamp2, td, cpu_del = _stamp(), time.monotonic(), op.cpu_s()
         print(f"(burst: {jobs} jobs Running {t_running - t0:.1f} s after the burst began, placed "
               f"{max(jw.placed.values()) - t0 if jw.placed else float('nan'):.1f} s; operator CPU {burst_cpu:.1f} s, "
@@ -663,6 +749,7 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
         except TimeoutError:
             t_deleted = None
         delete_cpu = op.cpu_s() - cpu_del
+        thr3 = throttle_snapshot(cp)
         peak_rss = op.rss_mib("VmHWM")
         spy.stop()
         jw.stop()
@@ -699,6 +786,7 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             "api_reads_per_job": round(sum(r_burst.values()) / jobs, 2), "reads_by_kind": r_burst,
             "conflicts_409": c_burst + c_del,
             "timeline": timeline(audit),
+            "throttle": {"burst": throttle_delta(thr0, thr1), "delete": throttle_delta(thr2, thr3)},
             "operator_rss_mib": round(rss, 1),
             "operator_rss_mib_before_burst": round(rss_before, 1),
             "operator_rss_by_map_mib": rss_map, "operator_rss_by_map_mib_before_burst": rss_map_before,

@@ -141,7 +141,8 @@ class ControlPlane:
                  extra_apiserver_args: Sequence[str] = (), bind_address: str = "127.0.0.1",
                  advertise_address: str = "127.0.0.1", ports: Mapping[str, int] | None = None,
                  persistent: bool = False, extra_tokens: Sequence[tuple[str, str, str]] = (),
-                 with_kwok: bool = True, endpoint_reconciler: str = "none", kwok_options: Mapping | None = None):
+                 with_kwok: bool = True, endpoint_reconciler: str = "none", kwok_options: Mapping | None = None,
+                 extra_args: Mapping[str, Sequence[str]] | None = None):
         """The defaults serve tests/cluster (loopback, free ports, children die with the test process).
 
         The real-node harness (kind/realnode.py) sets: bind_address 0.0.0.0 and advertise_address the node's
@@ -150,7 +151,11 @@ class ControlPlane:
         workdir stays), ``extra_tokens`` (token, user, comma-separated groups) for the kubelet and kube-proxy,
         no kwok, and the lease endpoint reconciler (the Service's endpoint is the advertised address).
         ``kwok_options``: KwokConfiguration options (e.g. podPlayStageParallelism; kwok's defaults otherwise).
+        ``extra_args``: component name -> flags appended to its command line (e.g. kube-scheduler's
+        --kube-api-qps); ``bound_ports`` holds each component's port once started (its /metrics).
         """
+        self.extra_args = {k: list(v) for k, v in (extra_args or {}).items()}
+        self.bound_ports: dict[str, int] = {}
         self.kwok_options = dict(kwok_options or {})
         self.bin_dir = Path(bin_dir) if bin_dir else default_bin_dir()
         self._given_workdir = Path(workdir) if workdir else None
@@ -234,7 +239,8 @@ class ControlPlane:
         return [(p.name, p.popen.pid) for p in self._procs]
 
     def _port(self, name: str) -> int:
-        return self.ports.get(name) or free_port()
+        self.bound_ports[name] = self.ports.get(name) or free_port()
+        return self.bound_ports[name]
 
     def log_path(self, component: str) -> Path:
         assert self.workdir is not None
@@ -412,6 +418,7 @@ class ControlPlane:
         self._ssl = ssl.create_default_context(cafile=str(self.ca_file))
 
     def _spawn(self, name: str, args: Sequence[str]) -> _Proc:
+        args = [*args, *self.extra_args.get(name, ())]
         log = self.log_path(name)
         with open(log, "ab") as fh:
             fh.write(f"$ {' '.join(args)}\n".encode())
