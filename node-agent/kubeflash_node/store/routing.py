@@ -25,16 +25,25 @@ MAX_BYTES = 16 << 20
 MAX_COUNT = 1 << 53
 
 
-def parse_routing(raw: bytes, experts: dict[str, int], *, where: str) -> dict[str, dict[str, int]]:
-    """The `layers` of a routing file (layer file -> expert id -> count), checked against `experts` (layer file ->
-    its number of experts): ValueError naming `where` and what was expected."""
-    if len(raw) > MAX_BYTES:
-        raise ValueError(f"{where}: {len(raw)} bytes, at most {MAX_BYTES} expected")
+def load_format(raw: bytes, fmt: str, *, where: str, max_bytes: int = MAX_BYTES) -> dict:
+    """A small JSON file's object, its "format" `fmt`: ValueError naming `where` when it is too large, not JSON or
+    not such an object."""
+    if len(raw) > max_bytes:
+        raise ValueError(f"{where}: {len(raw)} bytes, at most {max_bytes} expected")
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{where}: not JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != ROUTING_FORMAT or not isinstance(data.get("layers"), dict):
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise ValueError(f"{where}: expected a JSON object with format {fmt!r}")
+    return data
+
+
+def parse_routing(raw: bytes, experts: dict[str, int], *, where: str) -> dict[str, dict[str, int]]:
+    """The `layers` of a routing file (layer file -> expert id -> count), checked against `experts` (layer file ->
+    its number of experts): ValueError naming `where` and what was expected."""
+    data = load_format(raw, ROUTING_FORMAT, where=where)
+    if not isinstance(data.get("layers"), dict):
         raise ValueError(f"{where}: expected a JSON object with format {ROUTING_FORMAT!r} and layers")
     out: dict[str, dict[str, int]] = {}
     for layer, counts in data["layers"].items():

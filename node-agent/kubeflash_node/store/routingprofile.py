@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .format import MANIFEST, atomic_write_bytes
+from .routing import load_format
 
 PROFILE_FILE = ".routing-profile.json"  # in the model's store directory
 JOB_PROFILE_FILE = "routing-profile.json"  # in the job directory, where the model directory is read-only
@@ -74,14 +75,7 @@ def _int(v, lo: int, where: str) -> int:
 
 def parse_profile(raw: bytes, *, where: str) -> StoredProfile:
     """A profile file's contents, checked: ValueError naming `where` and what was expected."""
-    if len(raw) > MAX_BYTES:
-        raise ValueError(f"{where}: {len(raw)} bytes, at most {MAX_BYTES} expected")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: not JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
-        raise ValueError(f"{where}: expected a JSON object with format {PROFILE_FORMAT!r}")
+    data = load_format(raw, PROFILE_FORMAT, where=where, max_bytes=MAX_BYTES)
     if not isinstance(data.get("model_id"), str) or not isinstance(data.get("manifest_sha256"), str):
         raise ValueError(f"{where}: expected model_id and manifest_sha256 strings")
     runs = _int(data.get("runs"), 1, f"{where}: runs")
