@@ -79,8 +79,12 @@ def main(args: argparse.Namespace) -> int:
                 raise
             plan, explicit = None, explicit + [f"policy auto would not fit either: {e}"]
         if plan is not None:
+            before_s = plan.best.total_s
             plan = _device_tier(plan, spec, config, itemsize, args.store, budget=budget, ceil=ceil, job=job,
                                 sizes=sizes, cal=cal)
+            if attn_why is not None and plan.best.total_s != before_s:  # the two were priced without the GPU tier
+                attn_why += (f" (both priced before the hot set's GPU tier, which brings the chosen plan to "
+                             f"{plan.best.total_s:.4g} s)")
     except (SpecError, StoreError, ValueError, OSError) as e:
         print(f"kubeflash plan: error: {e}", file=sys.stderr)
         return 1
