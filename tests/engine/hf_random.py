@@ -55,3 +55,21 @@ def tiny_llama_store(root: Path):
     convert(str(root / "hf"), store, dtype="float32")
     ids = torch.randint(0, 97, (768,), generator=torch.Generator().manual_seed(1)).tolist()
     return model, store, ids
+
+
+def assert_config_refused(cfg: dict, names: str, tmp: Path) -> None:
+    """`kubeflash convert` of a directory holding only `cfg` as its config.json is refused from the config alone,
+    before any weight is read: a SourceError starting with "config.json NAMES", and no store written."""
+    import json
+
+    from kubeflash_node.store.convert import SourceError, convert
+
+    (tmp / "hf").mkdir()
+    (tmp / "hf" / "config.json").write_text(json.dumps(cfg))
+    try:
+        convert(str(tmp / "hf"), tmp / "store", dtype="float32")
+    except SourceError as e:
+        assert str(e).startswith(f"config.json {names}"), str(e)
+    else:
+        raise AssertionError(f"convert accepted a config.json that should be refused naming {names!r}")
+    assert not (tmp / "store").exists()

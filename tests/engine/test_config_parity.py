@@ -18,11 +18,11 @@ import random
 
 import pytest
 import torch
-from hf_random import greedy, left_padded
+from hf_random import assert_config_refused, greedy, left_padded
 
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.policy import Policy
-from kubeflash_node.store.convert import SourceError, convert
+from kubeflash_node.store.convert import convert
 
 VOCAB = 211
 PROMPT_LENS = (5, 17, 40)  # longer than every sliding window drawn below
@@ -426,12 +426,7 @@ REFUSED = [
 @pytest.mark.parametrize("cfg,names", REFUSED)
 def test_unsupported_options_are_refused_by_key(cfg, names, tmp_path):
     """convert refuses at load time, before any weight is read, with the config.json key and value."""
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SourceError) as e:
-        convert(str(tmp_path / "hf"), tmp_path / "store", dtype="float32")
-    assert str(e.value).startswith(f"config.json {names}"), str(e.value)
-    assert not (tmp_path / "store").exists()
+    assert_config_refused(cfg, names, tmp_path)
 
 
 SIZED = [c for c in CASES if c.id.startswith(("llama-0", "qwen2-useTrue-mwl0", "smollm3", "opt"))]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hf_random import assert_config_refused
 
 from kubeflash_node.store.convert import SourceError, convert
 
@@ -89,12 +90,7 @@ REFUSED = [
 @pytest.mark.parametrize("cfg,names", REFUSED)
 def test_config_options_are_refused_by_key(cfg, names, tmp_path):
     """convert refuses from config.json alone, before any weight is read, naming the key and its value."""
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SourceError) as e:
-        convert(str(tmp_path / "hf"), tmp_path / "store", dtype="float32")
-    assert str(e.value).startswith(f"config.json {names}"), str(e.value)
-    assert not (tmp_path / "store").exists()
+    assert_config_refused(cfg, names, tmp_path)
 
 
 @pytest.fixture(scope="module")
