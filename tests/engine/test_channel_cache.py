@@ -52,6 +52,32 @@ def _ffn_total(store) -> int:
                for n, e in m.files[s].tensors.items() if n in ("w_gate", "w_up", "w_down"))
 
 
+def _planned_job(store, tmp_path):
+    """(the tiny model's config, a job at TARGET whose cpuMemory holds a hot set of about a third of the FFN bytes: a
+    quarter of it), the store entry linked under tmp_path/models where `kubeflash plan --store tmp_path` finds it."""
+    from dataclasses import replace
+
+    from tiny_jobs import tiny_job
+
+    from kubeflash_api.names import model_id
+
+    c = ModelConfig.from_dict(load_manifest(store).config)
+    spec = tiny_job({"sparsity": TARGET})
+    spec = replace(spec, resources=replace(spec.resources, cpu_memory=4 * _ffn_total(store) // 3))
+    (tmp_path / "models").mkdir()
+    m = spec.model
+    (tmp_path / "models" / model_id(m.uri, dtype=m.dtype, quantization=m.quantization)).symlink_to(store)
+    return c, spec
+
+
+def _ceilings():
+    """A 3 GB/s disk at 20 us a read, written by hand for the pricing tests."""
+    from kubeflash_node.engine.bench import Ceilings
+
+    return Ceilings(disk_read_cold=3.0, disk_read_warm=3.0, disk_write=3.0, h2d_pinned=25.0, matmul_tflops=1.0,
+                    disk_read_op_s=2e-5)
+
+
 def test_calibration_writes_keep_frequencies_that_match_the_thresholds(tiny):
     """At 0 every nonzero entry is kept (frequency about 1); at TARGET the mean frequency is about 1 - TARGET."""
     _, store = tiny
@@ -187,10 +213,6 @@ def test_the_cost_model_prices_the_hot_set_as_the_engine_reads_it(tiny, tmp_path
     the chosen line) holds the hot set's bytes."""
     from dataclasses import replace
 
-    from tiny_jobs import tiny_job
-
-    from kubeflash_api.names import model_id
-    from kubeflash_node.engine.bench import Ceilings
     from kubeflash_node.engine.cli_plan import _sparse_cost as plan_cost
     from kubeflash_node.engine.costmodel import (
         Budget,
@@ -207,12 +229,7 @@ def test_the_cost_model_prices_the_hot_set_as_the_engine_reads_it(tiny, tmp_path
     from kubeflash_node.engine.sparse import hot_budget
 
     _, store = tiny
-    c = ModelConfig.from_dict(load_manifest(store).config)
-    spec = tiny_job({"sparsity": TARGET})
-    spec = replace(spec, resources=replace(spec.resources, cpu_memory=4 * _ffn_total(store) // 3))
-    (tmp_path / "models").mkdir()
-    m = spec.model
-    (tmp_path / "models" / model_id(m.uri, dtype=m.dtype, quantization=m.quantization)).symlink_to(store)
+    c, spec = _planned_job(store, tmp_path)
     ffn = sparse.for_job(c, store, TARGET, gap=0, method="input", channel_hot_bytes=hot_budget(spec.resources, "cpu"))
     cost = plan_cost(spec, c, 4, tmp_path)
     assert cost == run_cost(ffn, c, 4) and cost.channel_hot_bytes == ffn.channels.hot_bytes > 0
@@ -234,8 +251,7 @@ def test_the_cost_model_prices_the_hot_set_as_the_engine_reads_it(tiny, tmp_path
     with_hot = memory(Candidate(STREAM, sparse=cost), config=c, job=job, sizes=sizes)
     without = memory(Candidate(STREAM, sparse=none), config=c, job=job, sizes=sizes)
     assert with_hot[1] - without[1] == cost.channel_hot_bytes and with_hot[0] == without[0]
-    ceil = Ceilings(disk_read_cold=3.0, disk_read_warm=3.0, disk_write=3.0, h2d_pinned=25.0, matmul_tflops=1.0,
-                    disk_read_op_s=2e-5)
+    ceil = _ceilings()
     pr = predict(Candidate(STREAM, sparse=cost), config=c, ceil=ceil, job=job, budget=Budget(1 << 30, 1 << 30),
                  sizes=sizes)
     assert pr.cpu_bytes == with_hot[1] and "hot channel rows" in describe(pr)
@@ -300,10 +316,6 @@ def test_the_plan_holds_the_hot_set_in_the_gpu_room_and_grows_its_gpu_memory_by_
     The same rows on the GPU instead of host memory: the same disk time, less PCIe time, GPU + and CPU - their bytes."""
     from dataclasses import replace
 
-    from tiny_jobs import tiny_job
-
-    from kubeflash_api.names import model_id
-    from kubeflash_node.engine.bench import Ceilings
     from kubeflash_node.engine.cli_plan import _device_tier
     from kubeflash_node.engine.cli_plan import _sparse_cost as plan_cost
     from kubeflash_node.engine.costmodel import Budget, Calibration, Candidate, JobShape, Plan, describe, predict, stage_sizes
@@ -311,16 +323,10 @@ def test_the_plan_holds_the_hot_set_in_the_gpu_room_and_grows_its_gpu_memory_by_
     from kubeflash_node.engine.sparse import hot_budget
 
     _, store = tiny
-    c = ModelConfig.from_dict(load_manifest(store).config)
-    spec = tiny_job({"sparsity": TARGET})
-    spec = replace(spec, resources=replace(spec.resources, cpu_memory=4 * _ffn_total(store) // 3))
-    (tmp_path / "models").mkdir()
-    m = spec.model
-    (tmp_path / "models" / model_id(m.uri, dtype=m.dtype, quantization=m.quantization)).symlink_to(store)
+    c, spec = _planned_job(store, tmp_path)
     cost = plan_cost(spec, c, 4, tmp_path)
     job, sizes, cal = JobShape(1, 8, 9), {"none": stage_sizes(c, 4)}, Calibration()
-    ceil = Ceilings(disk_read_cold=3.0, disk_read_warm=3.0, disk_write=3.0, h2d_pinned=25.0, matmul_tflops=1.0,
-                    disk_read_op_s=2e-5)
+    ceil = _ceilings()
     kw = dict(config=c, ceil=ceil, job=job, sizes=sizes["none"], cal=cal, itemsize=4)
     pr = predict(Candidate(STREAM, sparse=cost), budget=Budget(1 << 40, 1 << 40), **kw)
     room = _ffn_total(store) // 4
