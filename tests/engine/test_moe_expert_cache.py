@@ -10,23 +10,17 @@ directory, the report says so, and a later job seeded from that file starts warm
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from readonly_mount import read_only
-from tiny_jobs import job_doc, run_tiny_job, tiny_job
+from tiny_jobs import job_doc, plan_cli, run_tiny_job, tiny_job
 from tiny_moe import VOCAB, qwen3_moe_store
 
 from kubeflash_api import SpecError, from_canonical, parse_job, to_canonical
 from kubeflash_node.engine.experts import JOB_ROUTING_FILE, ROUTING_FILE
 
-ROOT = Path(__file__).resolve().parents[2]
-CEILINGS = ROOT / "docs" / "bench-results" / "ceilings.json"
-KUBEFLASH = [str(Path(sys.executable).parent / "kubeflash")]
 BUDGET = 6 * 3 * 16 * 32 * 4  # room for 6 of the 2 x 16 float32 experts of the tiny model
 JOB = dict(name="moe", count=2, prompt_length=6, new=10)  # two prompts, one at a time
 
@@ -114,22 +108,8 @@ def test_read_only_model_dir_counts_land_in_job_dir_and_seed_a_warm_run(store, t
 
 
 def _plan(tmp_path: Path, offload: str) -> tuple[str, dict]:
-    job = tmp_path / "job.yaml"
-    job.write_text(f"""apiVersion: kubeflash.io/v1alpha1
-kind: InferenceJob
-metadata: {{name: moe}}
-spec:
-  model: {{uri: "dummy:qwen3-30b-a3b", dtype: float16}}
-  input: {{synthetic: {{count: 4, promptLength: 64}}}}
-  generation: {{maxNewTokens: 32}}
-  resources: {{gpuMemory: 12Gi, cpuMemory: 16Gi}}
-  offload: {offload}
-""")
-    env = os.environ | {"KUBEFLASH_HOME": str(tmp_path / "home")}
-    proc = subprocess.run(KUBEFLASH + ["plan", str(job), "--ceilings", str(CEILINGS), "--json", str(tmp_path / "p.json")],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout, json.loads((tmp_path / "p.json").read_text())
+    proc, plan = plan_cli(tmp_path, "dummy:qwen3-30b-a3b", offload=offload)
+    return proc.stdout, plan
 
 
 def test_plan_prices_the_jobs_expert_cache(tmp_path):

@@ -5,40 +5,20 @@ lines."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tiny_jobs import plan_cli
 
 from kubeflash_node.engine.costmodel import JobShape, routed_layer_bytes
 from kubeflash_node.engine.moeplan import moe_assumptions
 from kubeflash_node.engine.policy import Policy
 from kubeflash_node.store.modelconfig import preset
 
-ROOT = Path(__file__).resolve().parents[2]
-CEILINGS = ROOT / "docs" / "bench-results" / "ceilings.json"
-KUBEFLASH = [str(Path(sys.executable).parent / "kubeflash")]
-
 
 def _plan(tmp_path: Path, uri: str) -> tuple[str, dict]:
-    job = tmp_path / "job.yaml"
-    job.write_text(f"""apiVersion: kubeflash.io/v1alpha1
-kind: InferenceJob
-metadata: {{name: moe}}
-spec:
-  model: {{uri: "{uri}", dtype: float16}}
-  input: {{synthetic: {{count: 4, promptLength: 64}}}}
-  generation: {{maxNewTokens: 32}}
-  resources: {{gpuMemory: 12Gi, cpuMemory: 16Gi}}
-""")
-    env = os.environ | {"KUBEFLASH_HOME": str(tmp_path / "home")}
-    proc = subprocess.run(KUBEFLASH + ["plan", str(job), "--ceilings", str(CEILINGS), "--json", str(tmp_path / "p.json")],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout, json.loads((tmp_path / "p.json").read_text())
+    proc, plan = plan_cli(tmp_path, uri)
+    return proc.stdout, plan
 
 
 def test_plan_states_its_moe_assumptions(tmp_path):

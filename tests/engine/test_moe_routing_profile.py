@@ -12,16 +12,14 @@ runs.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from readonly_mount import read_only
-from tiny_jobs import job_doc, run_tiny_job, tiny_job
+from tiny_jobs import CEILINGS, KUBEFLASH, job_doc, plan_cli, run_tiny_job, tiny_job
 from tiny_moe import VOCAB, qwen3_moe
 
 from kubeflash_api import parse_job
@@ -32,10 +30,6 @@ from kubeflash_node.engine.moeplan import stored_routing
 from kubeflash_node.store import routingprofile as rp
 from kubeflash_node.store.cache import ensure_model
 from kubeflash_node.store.modelconfig import ModelConfig
-
-ROOT = Path(__file__).resolve().parents[2]
-CEILINGS = ROOT / "docs" / "bench-results" / "ceilings.json"
-KUBEFLASH = [str(Path(sys.executable).parent / "kubeflash")]
 
 
 @pytest.fixture()
@@ -54,23 +48,7 @@ def _routed(tmp: Path, model_dir: Path, name: str, **kw):
 
 
 def _plan(tmp: Path, hf: Path, root: Path) -> tuple[subprocess.CompletedProcess, dict]:
-    job = tmp / "plan.yaml"
-    job.write_text(f"""apiVersion: kubeflash.io/v1alpha1
-kind: InferenceJob
-metadata: {{name: moe}}
-spec:
-  model: {{uri: "{hf}", dtype: float32}}
-  input: {{synthetic: {{count: 2, promptLength: 6}}}}
-  generation: {{maxNewTokens: 4}}
-  resources: {{gpuMemory: 12Gi, cpuMemory: 16Gi}}
-""")
-    out = tmp / "plan.json"
-    out.unlink(missing_ok=True)
-    env = os.environ | {"KUBEFLASH_HOME": str(tmp / "home")}
-    proc = subprocess.run(KUBEFLASH + ["plan", str(job), "--ceilings", str(CEILINGS), "--store", str(root),
-                                       "--json", str(out)], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr
-    return proc, json.loads(out.read_text())
+    return plan_cli(tmp, hf, dtype="float32", count=2, prompt_length=6, new=4, store=root)
 
 
 def _line(out: str) -> str:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from kubeflash_api import parse_job
@@ -51,3 +54,31 @@ def run_tiny_job(spec, store: Path, job_dir: Path, **kw) -> tuple[dict, Engine, 
                      job_dir=job_dir, engine_factory=factory, **kw)
     rows = [json.loads(x)["response"]["body"]["token_ids"] for x in (job_dir / "out.jsonl").read_text().splitlines()]
     return report, engines[0], rows
+
+
+CEILINGS = Path(__file__).resolve().parents[2] / "docs" / "bench-results" / "ceilings.json"  # the H100's
+KUBEFLASH = [str(Path(sys.executable).parent / "kubeflash")]
+
+
+def plan_cli(tmp: Path, uri, *, dtype: str = "float16", count: int = 4, prompt_length: int = 64, new: int = 32,
+             offload: str | None = None, store: Path | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+    """`kubeflash plan` in its own process (KUBEFLASH_HOME under `tmp`, run from `tmp`) of a job of `count` synthetic
+    prompts on `uri`, with the GPU/CPU budgets 12Gi/16Gi, against CEILINGS, and `offload` (flow YAML) and `--store`
+    when given: (the process, asserted to exit 0, the plan's --json)."""
+    job, out = tmp / "plan-job.yaml", tmp / "plan.json"
+    job.write_text(f"""apiVersion: kubeflash.io/v1alpha1
+kind: InferenceJob
+metadata: {{name: moe}}
+spec:
+  model: {{uri: "{uri}", dtype: {dtype}}}
+  input: {{synthetic: {{count: {count}, promptLength: {prompt_length}}}}}
+  generation: {{maxNewTokens: {new}}}
+  resources: {{gpuMemory: 12Gi, cpuMemory: 16Gi}}
+""" + (f"  offload: {offload}\n" if offload is not None else ""))
+    out.unlink(missing_ok=True)
+    env = os.environ | {"KUBEFLASH_HOME": str(tmp / "home")}
+    proc = subprocess.run(KUBEFLASH + ["plan", str(job), "--ceilings", str(CEILINGS), "--json", str(out)]
+                          + (["--store", str(store)] if store is not None else []),
+                          capture_output=True, text=True, timeout=600, cwd=tmp, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc, json.loads(out.read_text())
