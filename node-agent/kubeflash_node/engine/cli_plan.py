@@ -364,23 +364,26 @@ def _sparse_cost(spec, config, itemsize: int, store: Path | None = None):
     Input sparsity's hot set (a quarter of spec.resources.cpuMemory) is chosen and priced from the entry's keep
     frequencies as `kubeflash run` chooses it (channelcache.hot_rows, hot_pricing). OPT's hot set's hit rate is its
     share of the bundles (a uniform assumption; calibration frequencies do better)."""
-    from ..store.cache import DEFAULT_ROOT
-    from ..store.channels import attn_present, frequency, present
-    from ..store.ids import model_id
+    from ..store.channels import attn_present
     from .costmodel import SparseCost, updown_bytes
     from .sparse import hot_budget
 
     if spec.offload.sparsity is None or config.num_experts:
         return None
     if config.architecture != "opt":  # kubeflash calibrate writes input-channel files: a run reads input-sparse
-        m = spec.model
-        entry = (store or DEFAULT_ROOT) / "models" / model_id(m.uri, dtype=m.dtype, quantization=m.quantization)
-        freq = frequency(entry, spec.offload.sparsity) if present(entry) else None
+        freq = _entry_frequency(spec, store)
         held, pairs, hit = (0, (), 0.0) if freq is None else _hot_pricing(freq, config, itemsize, spec.resources)
-        return SparseCost(spec.offload.sparsity, method="input", attention=attn_present(entry),
+        return SparseCost(spec.offload.sparsity, method="input", attention=attn_present(_entry(spec, store)),
                           channel_hot_bytes=held, channel_hot=pairs, channel_hit=hit)
     hot = hot_budget(spec.resources, "cuda")
     return SparseCost(spec.offload.sparsity, hot, min(1.0, hot / (config.num_layers * updown_bytes(config, itemsize))))
+
+
+def _row_sizes(config, itemsize: int) -> dict:
+    """The input-channel rows' sizes channelcache's hot_rows/hot_tiers/hot_pricing and layerreads take: an input
+    channel's gate + up column, a neuron's down column (store.channels.ChannelReader's in_row_bytes, down_row_bytes)."""
+    h, i = config.hidden_size, config.intermediate_size
+    return dict(hidden=h, in_row_bytes=2 * i * itemsize, down_row_bytes=h * itemsize)
 
 
 def _hot_pricing(freq, config, itemsize: int, resources):
@@ -391,8 +394,7 @@ def _hot_pricing(freq, config, itemsize: int, resources):
     budget = hot_budget(resources, "cpu")
     if not budget:
         return 0, (), 0.0
-    h, i = config.hidden_size, config.intermediate_size
-    rows = dict(hidden=h, in_row_bytes=2 * i * itemsize, down_row_bytes=h * itemsize)
+    rows = _row_sizes(config, itemsize)
     return hot_pricing(freq, hot_rows(freq, **rows, budget_bytes=budget), **rows)
 
 
@@ -410,8 +412,7 @@ def _layer_reads(spec, config, itemsize: int, store: Path | None, plan, ceil):
     freq = _entry_frequency(spec, store)
     if freq is None:
         return None
-    h, i = config.hidden_size, config.intermediate_size
-    rows = dict(hidden=h, in_row_bytes=2 * i * itemsize, down_row_bytes=h * itemsize)
+    rows = _row_sizes(config, itemsize)
     # held on the GPU (its tier's bytes select the same rows) and in host memory
     dev, host = hot_tiers(freq, **rows, budgets=(sparse.channel_gpu_bytes, hot_budget(spec.resources, "cpu")))
     held = [(sorted(a + c), sorted(b + d)) for (a, b), (c, d) in zip(dev, host)]
@@ -443,8 +444,7 @@ def _device_tier(plan, spec, config, itemsize: int, store: Path | None, *, budge
     freq = _entry_frequency(spec, store) if room else None
     if freq is None:
         return plan
-    h, i = config.hidden_size, config.intermediate_size
-    rows = dict(hidden=h, in_row_bytes=2 * i * itemsize, down_row_bytes=h * itemsize)
+    rows = _row_sizes(config, itemsize)
     dev, host = hot_tiers(freq, **rows, budgets=(room, hot_budget(spec.resources, "cpu")))
     (gb, gp, gh), (hb, hp, hh) = hot_pricing(freq, dev, **rows), hot_pricing(freq, host, **rows)
     cand = replace(plan.best.candidate, sparse=replace(s, channel_gpu_bytes=gb, channel_gpu=gp, channel_hot_bytes=hb,
