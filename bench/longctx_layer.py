@@ -124,8 +124,9 @@ def main():
     rows = []
     shapes = {"ragged": [8192 - 512 * i for i in range(8)]}
     for spec in a.shapes.split(";"):
-        n, _, b = spec.partition("x")
-        shapes.setdefault(spec, [int(n)] * int(b or 1))
+        if spec not in shapes:  # LEN or LENxB (a named shape such as "ragged" is already there)
+            n, _, b = spec.partition("x")
+            shapes[spec] = [int(n)] * int(b or 1)
     if a.profile:
         profile(c, w, rope, shapes[a.shapes.split(";")[0]])
     for lengths in (shapes[s] for s in a.shapes.split(";")):

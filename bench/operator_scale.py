@@ -7,6 +7,9 @@ straight to Running), runs `kubeflash operator` as its own process under its own
 client threads, and watches them. Writes one JSON report:
 
   to_node_p50_s / to_node_p99_s  job created (client clock) -> status.node seen in the watch
+  to_running_p50_s / _p99_s       job created (client clock) -> phase Running seen in the watch (its pod created)
+  to_pod_running_p50_s / _p99_s   job created (client clock) -> its engine pod Running on its KWOK node (pod watch;
+                                 pods_seen_running: how many were seen Running)
   burst_s                        how long the N creates took (8 client threads, --create-threads)
   burst_cpu_s                    CPU seconds during the creates: each control-plane process, the operator, this
                                  script ("bench": its client threads and job watch), the machine (everyone's)
@@ -384,9 +387,11 @@ class JobWatch:
         self.running: dict[str, float] = {}
         self.running_wall: dict[str, float] = {}  # epoch seconds (to compare with the audit log)
         self._stop = threading.Event()
-        rv = self.custom.list_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs")["metadata"]["resourceVersion"]
-        self._thread = threading.Thread(target=self._run, args=(rv,), daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    def _list(self, **kw: Any) -> dict[str, Any]:
+        return self.custom.list_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs", **kw)
 
     def _see(self, obj: dict[str, Any], t: float) -> None:
         name, status = obj["metadata"]["name"], obj.get("status") or {}
@@ -396,12 +401,12 @@ class JobWatch:
             self.running[name] = t
             self.running_wall[name] = time.time()
 
-    def _run(self, rv: str) -> None:
+    def _run(self) -> None:
+        rv = self._list()["metadata"]["resourceVersion"]
         while not self._stop.is_set():
             w = watch.Watch()
             try:
-                for ev in w.stream(self.custom.list_namespaced_custom_object, GROUP, VERSION, NS, "inferencejobs",
-                                   resource_version=rv, timeout_seconds=60):
+                for ev in w.stream(self._list, resource_version=rv, timeout_seconds=60):
                     if ev["type"] == "ERROR":  # e.g. 410 Gone: the version is too old
                         raise RuntimeError(ev["object"])
                     rv = ev["object"]["metadata"]["resourceVersion"]
@@ -411,7 +416,7 @@ class JobWatch:
             except Exception:  # noqa: BLE001 - a dropped or expired watch: list again, resume from there
                 time.sleep(0.2)
                 try:
-                    listed = self.custom.list_namespaced_custom_object(GROUP, VERSION, NS, "inferencejobs")
+                    listed = self._list()
                 except Exception:  # noqa: BLE001
                     continue
                 rv = listed["metadata"]["resourceVersion"]
@@ -420,6 +425,24 @@ class JobWatch:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class PodWatch(JobWatch):
+    """First time (monotonic) each job's engine pod is Running on its KWOK node (`running`, by job name)."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api, self.core = api, client.CoreV1Api(api)
+        super().__init__(api)
+
+    def _list(self, **kw: Any) -> Any:
+        listed = self.core.list_namespaced_pod(NS, label_selector="kubeflash.io/job", **kw)
+        # a watch reads the raw stream (its events' objects arrive as dicts: this function names no return type)
+        return listed if kw.get("watch") else self.api.sanitize_for_serialization(listed)
+
+    def _see(self, obj: dict[str, Any], t: float) -> None:
+        job = (obj["metadata"].get("labels") or {}).get("kubeflash.io/job")
+        if job and (obj.get("status") or {}).get("phase") == "Running":
+            self.running.setdefault(job, t)
 
 
 def job_body(name: str) -> dict[str, Any]:
@@ -694,7 +717,7 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
         others = [OperatorProcess(op_kubeconfig, work / f"operator-{i}.log") for i in range(1, replicas)]
         for o in (op, *others):
             o.wait_ready()
-        jw = JobWatch(api)
+        jw, pw = JobWatch(api), PodWatch(api)
         core = client.CoreV1Api(api)
         spy = Sampler(op.proc.pid, "burst")
         rss_before, rss_map_before = op.rss_mib(), op.memory_map()
@@ -753,18 +776,26 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
         peak_rss = op.rss_mib("VmHWM")
         spy.stop()
         jw.stop()
+        pw.stop()
         time.sleep(1.5)  # the audit log's batch flush
         r_burst: dict[str, int] = {}
         w_burst, c_burst, k_burst = audit_counts(audit, stamp0, stamp1, r_burst)
         w_del, c_del, k_del = audit_counts(audit, stamp2)
-        to_running = writes_to_running(audit, jw.running_wall, stamp0, stamp1)
+        writes_running = writes_to_running(audit, jw.running_wall, stamp0, stamp1)
         to_node = [jw.placed[n] - created[n] for n in created if n in jw.placed]
+        to_running = [jw.running[n] - created[n] for n in created if n in jw.running]
+        to_pod = [pw.running[n] - created[n] for n in created if n in pw.running]
         log = "".join(o.text() for o in (op, *others))
         return {
             "jobs": jobs, "nodes": nodes, "pairs_per_node": pairs, "operators": replicas,
             "to_node_p50_s": round(statistics.median(to_node), 3),
             "to_node_p99_s": round(pct(to_node, 0.99), 3),
             "to_node_max_s": round(max(to_node), 3),
+            "to_running_p50_s": round(statistics.median(to_running), 3),
+            "to_running_p99_s": round(pct(to_running, 0.99), 3),
+            "to_pod_running_p50_s": round(statistics.median(to_pod), 3) if to_pod else None,
+            "to_pod_running_p99_s": round(pct(to_pod, 0.99), 3) if to_pod else None,
+            "pods_seen_running": len(to_pod),
             "burst_s": round(t_created - t0, 3),
             "create_threads": create_threads, "raw_creates": raw_creates,
             "burst_cpu_s": cpu_burst,
@@ -780,7 +811,7 @@ def run(jobs: int, nodes: int, *, bin_dir: Path | None = None, work: Path | None
             "left_after_delete": left,
             "double_booked": len(booked), "double_booked_pairs": booked[:20],
             "api_writes_per_job": round(w_burst / jobs, 2),
-            "api_writes_per_job_to_running": round(to_running, 2),
+            "api_writes_per_job_to_running": round(writes_running, 2),
             "delete_writes_per_job": round(w_del / jobs, 2),
             "writes_by_kind": {"burst": k_burst, "delete": k_del},
             "api_reads_per_job": round(sum(r_burst.values()) / jobs, 2), "reads_by_kind": r_burst,
