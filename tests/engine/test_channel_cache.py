@@ -347,3 +347,28 @@ def test_the_plan_holds_the_hot_set_in_the_gpu_room_and_grows_its_gpu_memory_by_
     on = predict(Candidate(STREAM, sparse=moved), budget=Budget(1 << 40, 1 << 40), **kw)
     assert on.gpu_bytes - pr.gpu_bytes == pr.cpu_bytes - on.cpu_bytes == cost.channel_hot_bytes
     assert on.resource_s["disk"] == pytest.approx(pr.resource_s["disk"]) and on.resource_s["pcie"] < pr.resource_s["pcie"]
+
+
+def _row_bytes(c, rows) -> int:
+    return sum(len(a) * c.in_row_bytes + len(b) * c.down_row_bytes for a, b in rows)
+
+
+def test_the_device_tier_reads_each_hot_row_from_the_ssd_once_at_start(tiny):
+    """A job's host hot set, then its GPU tier (sparse.hold_on_device, as a GPU run starts): the rebuilt channel cache
+    takes the rows the job's cache already holds from memory, so the channel files give each row of either hot set
+    exactly once (the reader's bytes are those of the union of the first hot set and both tiers), and the tokens
+    are the same as without any hot set."""
+    _, store = tiny
+    want = _generate(store, _ffn(store, TARGET))
+    hot = _ffn_total(store) // 3
+    ffn = _ffn(store, TARGET, hot=hot)
+    first, reader = ffn.channels.held_rows(), ffn.channels.reader
+    assert reader.bytes_read == _row_bytes(reader, first) > 0
+    assert sparse.hold_on_device(ffn, store, device_bytes=hot // 2, host_bytes=hot, device="cpu")
+    c = ffn.channels
+    tiers = c.held_rows()
+    union = [(sorted(set(a) | set(x)), sorted(set(b) | set(y))) for (a, b), (x, y) in zip(first, tiers)]
+    assert c.reader is reader and 0 < c.device_bytes and 0 < c.hot_bytes
+    assert reader.bytes_read == _row_bytes(reader, union) < _row_bytes(reader, first) + _row_bytes(reader, tiers)
+    assert c.resident_bytes == _row_bytes(reader, union) - _row_bytes(reader, first) and c.bytes_read == 0
+    assert _generate(store, ffn) == want

@@ -91,7 +91,9 @@ class ChannelCache:
 
     def __init__(self, reader, *, hot: list[tuple[list[int], list[int]]] | None = None, window: int = 0,
                  window_bytes: int | None = None, device_hot: list[tuple[list[int], list[int]]] | None = None,
-                 device=None):
+                 device=None, previous: ChannelCache | None = None):
+        # `previous`: the cache this one replaces (same reader): the rows its hot set holds are taken from its memory,
+        # not read from the SSD a second time
         self.reader, self.window = reader, window
         # at most this many bytes of window rows (hot set excluded) over all layers, split by the rows' bytes; the
         # least recently kept rows leave first (None: no cap)
@@ -110,7 +112,7 @@ class ChannelCache:
                 if got:
                     rows = self.layers[j][down]
                     idx = np.asarray(got, dtype=np.int64)
-                    rows.image[idx] = self._fetch(j, got, bool(down))
+                    rows.image[idx] = self._start_rows(j, got, bool(down), previous)
                     rows.held[idx] = rows.hot[idx] = True
         # the device tier (`device_hot`, rows not in `hot`): per layer and kind, each row's slot in a tensor on the
         # compute device `device` (-1: not there) and that tensor [n, width] in the files' dtype (gather serves them)
@@ -122,12 +124,12 @@ class ChannelCache:
             for down, got in enumerate(ids):
                 if got:
                     self.slots[j][down][got] = np.arange(len(got))
-                    self.on_device[j][down] = _to_device(self._fetch(j, got, bool(down)), device)
+                    self.on_device[j][down] = _to_device(self._start_rows(j, got, bool(down), previous), device)
         self.device_bytes = sum(len(a) * self.in_row_bytes + len(b) * self.down_row_bytes for a, b in device_hot or [])
         self.device_hit_bytes = 0  # bytes of the rows served from the device tier
         self.h2d_bytes = 0  # bytes of rows gather handed from host memory / the SSD to the compute device
         self.held_h2d_bytes = 0  # of those, the rows host memory held (hot set or window)
-        self.resident_bytes = reader.bytes_read - before  # the hot set (both tiers), read once at start
+        self.resident_bytes = reader.bytes_read - before  # the hot set (both tiers) `previous` lacked, read at start
         self._start = reader.bytes_read  # (a reader handed over from another cache has read before this one)
         self.hot_bytes = self.held_bytes()
         self.peak_held_bytes = self.hot_bytes
@@ -176,6 +178,18 @@ class ChannelCache:
             self.hit_bytes += k * row
             self.device_hit_bytes += k * row
         return out, n
+
+    def _start_rows(self, layer: int, ids: list[int], down: bool, previous: ChannelCache | None) -> np.ndarray:
+        """[len(ids), width] hot rows at start: those `previous`'s hot set holds from its memory, the rest read."""
+        if previous is None:
+            return self._fetch(layer, ids, down)
+        st = previous.layers[layer][down]
+        idx = np.asarray(ids, dtype=np.int64)
+        have = st.hot[idx]
+        out = st.image[idx]  # a copy (fancy indexing); rows not held are zeros until read below
+        if not have.all():
+            out[~have] = self._fetch(layer, idx[~have].tolist(), down)
+        return out
 
     def _fetch(self, layer: int, ids: list[int], down: bool) -> np.ndarray:
         return (self.reader.down if down else self.reader.inputs)(layer, ids)

@@ -743,7 +743,8 @@ def _attention_for_job(config: ModelConfig, model_dir, target: float, field: str
 def hold_on_device(ffn: SparseFFN, model_dir, *, device_bytes: int, host_bytes: int, device) -> bool:
     """Input sparsity's hot set in two tiers (channelcache.hot_tiers): its most frequent rows within `device_bytes`
     held on the compute device `device`, the next within `host_bytes` in host memory; the channel cache rebuilt with
-    both (same reader and window; a bare channel reader wrapped) and ffn.channel_gpu / channel_hot priced for them.
+    both (same reader and window; a bare channel reader wrapped; the rows the old cache's hot set holds taken from
+    its memory, so no row is read from the SSD twice at start) and ffn.channel_gpu / channel_hot priced for them.
     False (nothing changed) without input-channel files, keep frequencies or room."""
     from ..store.channels import frequency
     from .channelcache import ChannelCache, hot_pricing, hot_tiers
@@ -756,7 +757,8 @@ def hold_on_device(ffn: SparseFFN, model_dir, *, device_bytes: int, host_bytes: 
     dev, host = hot_tiers(freq, **rows, budgets=(device_bytes, host_bytes))
     cached = isinstance(c, ChannelCache)
     ffn.channels = ChannelCache(c.reader if cached else c, hot=host, window=c.window if cached else 0,
-                                window_bytes=c.window_bytes if cached else None, device_hot=dev, device=device)
+                                window_bytes=c.window_bytes if cached else None, device_hot=dev, device=device,
+                                previous=c if cached else None)  # its hot rows not read again
     ffn.channel_gpu, ffn.channel_hot = hot_pricing(freq, dev, **rows), hot_pricing(freq, host, **rows)
     return True
 
