@@ -87,6 +87,41 @@ def test_make_batch_holds_no_dense_mask():
         M.make_batch(mask, 0, tp, "cpu")
 
 
+def test_make_batch_positions_and_refusals_over_random_masks():
+    """Slot j of a row holds position (real slots up to j) - 1, at least 0, and a row whose real tokens are not
+    consecutive up to the last slot is refused: the definitions, checked against masks drawn at random (rows with
+    no real token, gaps, real tokens past the step's slots, which make_batch must ignore)."""
+    g = torch.Generator().manual_seed(7)
+    refused = accepted = 0
+    for _ in range(2000):
+        b, cap = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 13, (1,), generator=g))
+        start = int(torch.randint(0, cap, (1,), generator=g))
+        new = int(torch.randint(1, cap - start + 1, (1,), generator=g))
+        t = start + new
+        mask = torch.zeros(b, cap, dtype=torch.long)
+        for r in range(b):
+            if torch.rand(1, generator=g) < 0.8:
+                n = int(torch.randint(0, t + 1, (1,), generator=g))
+                mask[r, t - n:t] = 1
+            else:
+                mask[r] = torch.randint(0, 2, (cap,), generator=g)
+            mask[r, t:] = torch.randint(0, 2, (cap - t,), generator=g)
+        real = mask[:, :t].cumsum(-1)
+        valid = all(bool((mask[r, t - int(real[r, -1]):t] == 1).all()) for r in range(b))
+        if not valid:
+            with pytest.raises(ValueError, match="consecutive"):
+                M.make_batch(mask, start, new)
+            refused += 1
+            continue
+        batch = M.make_batch(mask, start, new)
+        expect = (real - 1).clamp(min=0)
+        assert torch.equal(batch.all_positions, expect)
+        assert torch.equal(batch.positions, expect[:, start:t])
+        assert batch.span.first == tuple((t - real[:, -1]).tolist())
+        accepted += 1
+    assert refused > 100 and accepted > 1000
+
+
 def test_context_limit_follows_rope_scaling():
     from kubeflash_node.engine.planning import context_limit
     from kubeflash_node.store.modelconfig import preset

@@ -570,12 +570,18 @@ def make_batch(attn_mask: torch.Tensor, start: int, new: int, device=None) -> Ba
     """Positions and attention span for `new` tokens written at slot `start` of a left-padded cache.
 
     attn_mask: [B, T] on the host, 1 for real tokens (cache slots first..start+new-1 of each row), 0 for padding.
+    Host work is O(B x T) comparisons once and O(B) numbers after; the positions are built on `device` from the
+    per-row padding (slot j of row r is position max(j - first[r], 0)), so nothing of size [B, T] crosses to it.
     """
     t = start + new
-    am = attn_mask[:, :t].bool().cpu()
-    first = (am.long().cumsum(-1) == 0).sum(-1)  # [B] leading padding slots
-    if not bool((am.sum(-1) == t - first).all()):
+    am = attn_mask[:, :t].cpu() != 0
+    real = am.sum(-1)  # [B]
+    first = t - real  # a valid row's real tokens are its last `real` slots
+    lead = am.int().argmax(-1)  # each row's first real slot (0 for a row with none)
+    if not bool(((real == 0) | (lead == first)).all()):
         raise ValueError("make_batch: each row's real tokens must be consecutive and end at the last slot")
-    every = (am.long().cumsum(-1) - 1).clamp(min=0).to(device)  # [B, T]: one copy to the device
-    return Batch(positions=every[:, start:t], span=Span(start, tuple(first.tolist())), prefix_positions=every[:, :start],
+    firsts = first.tolist()
+    slots = torch.arange(t, device=device)
+    every = (slots[None, :] - torch.tensor(firsts, device=device)[:, None]).clamp(min=0)  # [B, T] long
+    return Batch(positions=every[:, start:t], span=Span(start, tuple(firsts)), prefix_positions=every[:, :start],
                  all_positions=every)
