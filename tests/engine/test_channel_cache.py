@@ -276,7 +276,7 @@ def _held(store, *, device_bytes: int, host_bytes: int) -> sparse.SparseFFN:
     bare channel reader where it has none), its device tier on the CPU (the compute device of these tests: the tier
     is where its tensors are placed and what is counted)."""
     ffn = _ffn(store, TARGET, hot=host_bytes)
-    assert sparse.hold_on_device(ffn, store, device_bytes=device_bytes, host_bytes=host_bytes, device="cpu")
+    assert sparse.hold_on_device(ffn, device_bytes=device_bytes, host_bytes=host_bytes, device="cpu")
     return ffn
 
 
@@ -339,7 +339,7 @@ def test_the_plan_holds_the_hot_set_in_the_gpu_room_and_grows_its_gpu_memory_by_
     assert plan.best.cpu_bytes == pr.cpu_bytes - cost.channel_hot_bytes + tiered.channel_hot_bytes
     assert tiered.channel_hit > cost.channel_hit and "on the GPU" in describe(plan.best)
     ffn = _ffn(store, TARGET, hot=hot_budget(spec.resources, "cpu"))
-    sparse.hold_on_device(ffn, store, device_bytes=room, host_bytes=hot_budget(spec.resources, "cpu"), device="cpu")
+    sparse.hold_on_device(ffn, device_bytes=room, host_bytes=hot_budget(spec.resources, "cpu"), device="cpu")
     assert run_cost(ffn, c, 4) == tiered and ffn.channels.device_bytes == tiered.channel_gpu_bytes
     # the host hot set's rows moved to the GPU: not read either way, no longer copied over PCIe
     moved = replace(cost, channel_hot_bytes=0, channel_hot=(), channel_gpu_bytes=cost.channel_hot_bytes,
@@ -364,7 +364,7 @@ def test_the_device_tier_reads_each_hot_row_from_the_ssd_once_at_start(tiny):
     ffn = _ffn(store, TARGET, hot=hot)
     first, reader = ffn.channels.held_rows(), ffn.channels.reader
     assert reader.bytes_read == _row_bytes(reader, first) > 0
-    assert sparse.hold_on_device(ffn, store, device_bytes=hot // 2, host_bytes=hot, device="cpu")
+    assert sparse.hold_on_device(ffn, device_bytes=hot // 2, host_bytes=hot, device="cpu")
     c = ffn.channels
     tiers = c.held_rows()
     union = [(sorted(set(a) | set(x)), sorted(set(b) | set(y))) for (a, b), (x, y) in zip(first, tiers)]
@@ -372,3 +372,48 @@ def test_the_device_tier_reads_each_hot_row_from_the_ssd_once_at_start(tiny):
     assert reader.bytes_read == _row_bytes(reader, union) < _row_bytes(reader, first) + _row_bytes(reader, tiers)
     assert c.resident_bytes == _row_bytes(reader, union) - _row_bytes(reader, first) and c.bytes_read == 0
     assert _generate(store, ffn) == want
+
+
+_OPENED: list[str] | None = None  # while a list: the paths open() was called with (the audit hook below)
+
+
+def _audit(event: str, args) -> None:
+    if _OPENED is not None and event == "open" and isinstance(args[0], (str, bytes, __import__("os").PathLike)):
+        _OPENED.append(str(args[0]))
+
+
+def test_a_job_start_reads_the_keep_frequency_file_once(tiny, tmp_path):
+    """The per-row keep frequencies are loaded once per job and passed on: run_job with the machine's ceilings and a
+    host hot set (the hot set's choice and the per-layer pricing both need them) opens the frequency file once, and a
+    GPU start (sparse.for_job, sparse.hold_on_device, job._layer_reads) opens it once too (counted by the
+    interpreter's own audit events for open())."""
+    import sys
+
+    from tiny_jobs import run_tiny_job
+
+    from kubeflash_node.engine.bench import Ceilings
+    from kubeflash_node.engine.job import _layer_reads
+    from kubeflash_node.engine.machine import Machine
+    from kubeflash_node.engine.sparse import hot_budget
+
+    global _OPENED
+    _, store = tiny
+    c, spec = _planned_job(store, tmp_path)
+    freq = str(store / channels.DIR / f"freq_{TARGET:g}.npy")
+    disk = Ceilings(disk_read_cold=0.05, disk_read_warm=0.05, disk_write=0.05, h2d_pinned=10.0, matmul_tflops=0.1,
+                    disk_read_op_s=1e-12)  # a slow disk, reads nearly free: sparse reads
+    machine = Machine(disk, 1 << 30, 4 << 30)
+    sys.addaudithook(_audit)
+    try:
+        _OPENED = []
+        rep, engine, _ = run_tiny_job(spec, store, tmp_path / "job", machine=machine)
+        at_run, _OPENED = _OPENED.count(freq), []
+        ffn = sparse.for_job(c, store, TARGET, hot_bytes=hot_budget(spec.resources, "cpu"))
+        assert sparse.hold_on_device(ffn, device_bytes=_ffn_total(store) // 4,
+                                     host_bytes=hot_budget(spec.resources, "cpu"), device="cpu")
+        _layer_reads(ffn, engine.policy, machine)
+        at_gpu_start = _OPENED.count(freq)
+    finally:
+        _OPENED = None
+    assert rep["sparsity"]["channel_cache"]["hot_bytes"] > 0 and "layers_why" in rep["sparsity"]
+    assert (at_run, at_gpu_start) == (1, 1) and ffn.layers_why is not None

@@ -94,8 +94,8 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         if sparsity is not None and (sparsity.bundles is not None or sparsity.channels is not None):
             _follow_reads(sparsity, spec, chosen, policy, config=config, manifest=manifest, job=shape, machine=machine,
                           itemsize=itemsize)
-            _device_tier(sparsity, spec, chosen, model_dir=model_dir, device=device, machine=machine)
-            _layer_reads(sparsity, model_dir, policy, machine)
+            _device_tier(sparsity, spec, chosen, device=device, machine=machine)
+            _layer_reads(sparsity, policy, machine)
         prefix = _prefix_cache(spec, kv_cache_dir)
         seed = {"routing_seed": routing_seed} if routing_seed is not None else {}
         engine = engine_factory(model_dir, policy=policy, device=device, job_dir=job_dir, prefix_cache=prefix,
@@ -294,7 +294,7 @@ def _follow_reads(sparsity, spec: JobSpec, chosen, policy: Policy, *, config, ma
     sparsity.follow(sparse, why)
 
 
-def _device_tier(sparsity, spec: JobSpec, chosen, *, model_dir: Path, device: str, machine) -> None:
+def _device_tier(sparsity, spec: JobSpec, chosen, *, device: str, machine) -> None:
     """On a GPU, input sparsity's hot set takes the GPU memory the budget leaves after the chosen plan's predicted
     use (costmodel.device_room) for its most frequent rows, the next a quarter of cpuMemory in host memory as before
     (sparse.hold_on_device); on the CPU, without an automatic plan or with dense reads, it stays as it is."""
@@ -304,20 +304,19 @@ def _device_tier(sparsity, spec: JobSpec, chosen, *, model_dir: Path, device: st
     from .sparse import hold_on_device, hot_budget
 
     room = device_room(chosen.best, Budget(machine.gpu_bytes, machine.cpu_bytes, spec.resources.kv_disk))
-    hold_on_device(sparsity, model_dir, device_bytes=room, host_bytes=hot_budget(spec.resources, "cpu"), device=device)
+    hold_on_device(sparsity, device_bytes=room, host_bytes=hot_budget(spec.resources, "cpu"), device=device)
 
 
-def _layer_reads(sparsity, model_dir: Path, policy: Policy, machine) -> None:
-    """Input sparsity reading sparsely, with the machine's ceilings and the calibration's keep frequencies: each
-    layer priced on its own at the policy's micro-batch (layerreads.py); where the union of kept rows approaches
-    them all, the layer's FFN is streamed whole instead."""
+def _layer_reads(sparsity, policy: Policy, machine) -> None:
+    """Input sparsity reading sparsely, with the machine's ceilings and the calibration's keep frequencies (as
+    sparse.for_job loaded them: sparsity.channel_freq): each layer priced on its own at the policy's micro-batch
+    (layerreads.py); where the union of kept rows approaches them all, the layer's FFN is streamed whole instead."""
     if sparsity.channels is None or machine is None:
         return
-    from ..store.channels import frequency
     from .costmodel import read_op_s
     from .layerreads import choose_layers
 
-    freq = frequency(model_dir, sparsity.target)
+    freq = sparsity.channel_freq
     if freq is None:  # channel files cut before the frequencies were written: every layer as the run chose
         return
     ch = sparsity.channels

@@ -142,6 +142,9 @@ class SparseFFN:
         # what the cost model prices the hot set with (job.py); None: no hot set
         self.channel_hot: tuple | None = None
         self.channel_gpu: tuple | None = None  # the same of its device tier (hold_on_device); None: none
+        # input method: the input-channel files' [L, H + I] keep frequencies at `target` (store.channels.frequency),
+        # loaded once at job start (for_job) for the hot set, its device tier and the per-layer choice; None: none
+        self.channel_freq = None
 
     @classmethod
     def recorder(cls, num_layers: int) -> SparseFFN:
@@ -692,18 +695,18 @@ def _input_for_job(config: ModelConfig, model_dir, target: float, th, field: str
         raise CalibrationError(f"{field} {target:g}: the calibration in {model_dir} has no input thresholds (made "
                                f"before input sparsity); run `kubeflash calibrate {model_dir} --text FILE` again")
     reader = channels.ChannelReader(model_dir) if have else None
+    freq = channels.frequency(model_dir, target) if have else None  # the job's one read of them (channel_freq)
     priced = None
     if reader is not None and (hot_bytes or window):
         from .channelcache import ChannelCache, hot_pricing, hot_rows
 
-        freq = channels.frequency(model_dir, target) if hot_bytes else None
         rows = dict(hidden=reader.hidden, in_row_bytes=reader.in_row_bytes, down_row_bytes=reader.down_row_bytes)
-        hot = None if freq is None else hot_rows(freq, **rows, budget_bytes=hot_bytes)
-        priced = None if freq is None else hot_pricing(freq, hot, **rows)
+        hot = None if freq is None or not hot_bytes else hot_rows(freq, **rows, budget_bytes=hot_bytes)
+        priced = None if hot is None else hot_pricing(freq, hot, **rows)
         reader = ChannelCache(reader, hot=hot, window=window)
     ffn = SparseFFN(th, num_layers=config.num_layers, target=target, source="calibrated", inputs=ins,
                     channels=reader)
-    ffn.channel_hot = priced
+    ffn.channel_hot, ffn.channel_freq = priced, freq
     if reader is not None:
         from .costmodel import merge_gap
 
@@ -740,17 +743,17 @@ def _attention_for_job(config: ModelConfig, model_dir, target: float, field: str
     return SparseAttention(ths, num_layers=config.num_layers, channels=reader, gaps=gaps)
 
 
-def hold_on_device(ffn: SparseFFN, model_dir, *, device_bytes: int, host_bytes: int, device) -> bool:
+def hold_on_device(ffn: SparseFFN, *, device_bytes: int, host_bytes: int, device) -> bool:
     """Input sparsity's hot set in two tiers (channelcache.hot_tiers): its most frequent rows within `device_bytes`
     held on the compute device `device`, the next within `host_bytes` in host memory; the channel cache rebuilt with
     both (same reader and window; a bare channel reader wrapped; the rows the old cache's hot set holds taken from
     its memory, so no row is read from the SSD twice at start) and ffn.channel_gpu / channel_hot priced for them.
-    False (nothing changed) without input-channel files, keep frequencies or room."""
-    from ..store.channels import frequency
+    False (nothing changed) without input-channel files, keep frequencies (ffn.channel_freq, as for_job loaded them)
+    or room."""
     from .channelcache import ChannelCache, hot_pricing, hot_tiers
 
     c = ffn.channels
-    freq = frequency(model_dir, ffn.target) if c is not None and ffn.method == "input" and device_bytes > 0 else None
+    freq = ffn.channel_freq if c is not None and ffn.method == "input" and device_bytes > 0 else None
     if freq is None:
         return False
     rows = dict(hidden=c.hidden, in_row_bytes=c.in_row_bytes, down_row_bytes=c.down_row_bytes)
