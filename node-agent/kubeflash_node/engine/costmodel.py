@@ -2,11 +2,15 @@
 and CPU memory budgets, pick the fastest and say which resource bounds it.
 
 Pure (no torch). The schedule reads stage j+1 (disk -> pinned host -> GPU, `prefetch` deep) while stage j runs
-for every micro-batch of the block, and a micro-batch's KV load/store runs on the compute stream, so
+for every micro-batch of the block, and a micro-batch's KV copies to and from the device run on the compute stream,
+so
     t_stage = max(t_disk, t_pcie, t_compute + t_kv)      t_run = sum over blocks, steps, stages of t_stage
-plus a one-time setup that reads the resident stages. Compute is FLOPs / (matmul peak x efficiency) plus a
-fixed per-(layer, micro-batch) overhead (Python and kernel launches); Calibration holds those constants,
-fitted to the H100 runs in docs/bench-results (docs/costmodel.md has the fit and the errors).
+plus a one-time setup that reads the resident stages. The disk KV tier's prefix reads and its writes (a prefill
+writes the whole prompt's K and V) run on their own threads: they count in t_disk, beside streamed weights, so they
+overlap compute (the larger of the two, never the sum). Compute is the GPU's work, FLOPs / (matmul peak x
+efficiency) plus the weights' HBM reads, and a fixed per-(layer, micro-batch) overhead (Python and kernel launches);
+Calibration holds those constants, fitted to the H100 runs in docs/bench-results (docs/costmodel.md has the fit
+and the errors).
 """
 
 from __future__ import annotations
@@ -340,20 +344,20 @@ def x_cache_fits(c: ModelConfig, bits: int) -> bool:
 
 
 def _layer_compute(e: _Env, b: int, s_new: int, ctx: int, dense: int) -> float:
-    """Seconds of one layer for one micro-batch of b sequences adding s_new tokens to a cache of ctx-s_new."""
+    """GPU seconds of one layer for one micro-batch of b sequences adding s_new tokens to a cache of ctx-s_new: its
+    FLOPs and one read of its dense weights (the per-call overhead is _stage's)."""
     f0 = e.c.layer_flops_per_token(0)
     f1 = e.c.layer_flops_per_token(1) - f0
     prev = ctx - s_new
     flops = b * (s_new * f0 + f1 * (s_new * prev + s_new * (s_new + 1) / 2))
-    return _rate(flops, e.ceil.matmul_tflops * 1e3 * e.cal.compute_efficiency) + e.cal.layer_overhead_s \
-        + _rate(dense, e.cal.hbm_gbps)
+    return _rate(flops, e.ceil.matmul_tflops * 1e3 * e.cal.compute_efficiency) + _rate(dense, e.cal.hbm_gbps)
 
 
 def _kv_time(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bool, x: bool = False) -> float:
-    """KV work of one layer for one micro-batch on the compute stream: the store and the prefix's copy to the
-    device from disk (the cpu tier's copy is prefetched on a side stream, the disk tier's read on a reader thread:
-    those count on the link and the disk, in _stage); an X-cache
-    layer recomputes the cached tokens' K, V; CPU attention scans the host KV where it lives."""
+    """KV work of one layer for one micro-batch on the compute stream: the new rows' copy off the device and the
+    prefix's copy to the device from disk (the cpu tier's copy is prefetched on a side stream, the disk tier's read
+    and write run on their own threads: those count on the link and the disk, in _stage); an X-cache layer
+    recomputes the cached tokens' K, V; CPU attention scans the host KV where it lives."""
     if e.job.gen_len <= 1:
         return 0.0
     prev = ctx - s_new
@@ -369,9 +373,17 @@ def _kv_time(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bo
     t += _rate(store + (load if p.kv == "disk" else 0), e.ceil.h2d_pinned)
     if p.kv_bits != 16:
         t += _rate((load + store) / row * b * _kv_row(e, 16, x), e.cal.dequant_gbps)
-    if p.kv == "disk":  # the prefix read is prefetched on a reader thread: it counts on the disk, in _stage
-        t += _rate(store, e.ceil.disk_read_warm if kv_fits_cache else e.ceil.disk_write)
     return t
+
+
+def kv_write_s(e: _Env, p: Policy, b: int, s_new: int, x: bool = False) -> float:
+    """Disk seconds of the disk KV tier writing one layer's new rows for one micro-batch (s_new tokens of b
+    sequences: a prefill writes the whole prompt's K and V, a decode step one row each), at the ceilings' disk_write
+    rate. The tier writes on its own thread (kvcache.DiskKV), so _stage counts this on the disk, where it overlaps
+    the layer's compute and shares the disk with the tier's prefix reads and streamed weights."""
+    if p.kv != "disk" or e.job.gen_len <= 1:
+        return 0.0
+    return _rate(s_new * b * _kv_row(e, p.kv_bits, x), e.ceil.disk_write)
 
 
 def routed_layer_bytes(c: ModelConfig, stored: int, p: Policy, tokens: int, *, sequences: int = 0,
@@ -787,14 +799,15 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
         elif kind == "head":
             comp += m * (_rate(2 * b * e.c.hidden_size * e.c.vocab_size, peak) + e.cal.layer_overhead_s / 2)
         else:
-            comp += m * (_layer_compute(e, b, s_new, ctx, dense)
+            comp += m * (e.cal.layer_overhead_s + _layer_compute(e, b, s_new, ctx, dense)
                          + _kv_time(e, p, b, s_new, ctx, kv_fits_cache, x=kind == "xlayer"))
             if p.kv in ("cpu", "disk") and not (p.cpu_attention and kind != "xlayer") and e.job.gen_len > 1:
                 # the prefix crosses PCIe (prefetched, or after its disk read), sharing the link with the weights
                 pcie += m * _rate(ctx * b * _kv_row(e, p.kv_bits, kind == "xlayer"), e.ceil.h2d_pinned)
-            if p.kv == "disk" and e.job.gen_len > 1:  # KV reads share the disk with weights (or the page cache)
-                disk += m * _rate((ctx - s_new) * b * _kv_row(e, p.kv_bits, kind == "xlayer"),
-                                  e.ceil.disk_read_warm if kv_fits_cache else e.ceil.disk_read_cold)
+            if p.kv == "disk" and e.job.gen_len > 1:  # KV reads (or the page cache's) and writes share the disk
+                disk += m * (_rate((ctx - s_new) * b * _kv_row(e, p.kv_bits, kind == "xlayer"),
+                                   e.ceil.disk_read_warm if kv_fits_cache else e.ceil.disk_read_cold)
+                             + kv_write_s(e, p, b, s_new, x=kind == "xlayer"))
     return {"disk": disk, "pcie": pcie, "compute": comp}
 
 
