@@ -1,6 +1,7 @@
 """What the cost model overlaps: the disk KV tier's writes (a prefill writes the whole prompt's K and V) run on their
 own thread, so they are priced on the disk at the ceilings' disk_write rate and a stage takes the larger of them and
-its compute, never the sum (issue 18, items 2 and 4)."""
+its compute, never the sum; a resident layer over a device cache takes the larger of its per-call overhead and its
+GPU work (the CPU launches ahead), a streamed one their sum (issue 18, items 2 and 4)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kubeflash_node.engine.policy import Policy
 from kubeflash_node.store.modelconfig import preset
 
 LLAMA32K = preset("llama-3-8b-32k")
+OPT = preset("opt-1.3b")
 JOB32K = JobShape(4, 32736, 4)  # the session-13 long-context run: 4 x 32K prompts, KV on the SSD
 KV_DISK = Policy(weights_gpu_percent=100, kv="disk", kv_write_back=True, gpu_batch_size=4)
 
@@ -76,3 +78,34 @@ def test_the_plan_says_a_slow_disk_write_bounds_the_kv_disk_prefill():
     assert _pred(ceil=Ceil(disk_write=0.5)).phase_summary()["prefill"]["bound"] == "disk"
     assert _pred(ceil=Ceil(disk_write=20.0)).phase_summary()["prefill"]["bound"] == "compute"
     assert _pred().phase_summary()["decode"]["bound"] == "disk"  # 4 x 32K of K and V read back every step
+
+
+def test_a_resident_layer_over_a_device_cache_takes_the_larger_of_overhead_and_gpu_work():
+    """Decode of a small resident job over a device cache: the GPU's work is under the per-call overhead, so a faster
+    GPU changes nothing; the same job streaming its weights from host memory pays both, so it does."""
+    job = JobShape(4, 256, 16)
+    resident = Policy(weights_gpu_percent=100, gpu_batch_size=4)
+    streamed = Policy(weights_gpu_percent=0, weights_cpu_percent=100, gpu_batch_size=4)
+
+    def decode_compute(policy, tflops):
+        return _pred(policy, job, Ceil(matmul_tflops=tflops), c=OPT).phases["decode"][0]["compute"]
+
+    assert decode_compute(resident, 770.0) == pytest.approx(decode_compute(resident, 1540.0), rel=1e-12)
+    assert decode_compute(streamed, 770.0) > decode_compute(streamed, 1540.0)
+    overhead = Calibration().layer_overhead_s
+    calls = OPT.num_layers * (job.gen_len - 1)  # one micro-batch
+    assert decode_compute(resident, 770.0) == pytest.approx(calls * overhead * (1 + 0.75 / OPT.num_layers))
+
+
+def test_x_cache_recompute_past_the_overhead_is_the_call_time():
+    """Where a resident X-cache layer's recompute of K, V outlasts the overhead (ourslc: 8 x 8K tokens, ~1.7 ms), the
+    call takes the GPU's time, so halving the overhead only speeds up the other layers' calls."""
+    job, p = JobShape(16, 8192, 32), Policy(weights_gpu_percent=100, gpu_batch_size=8, x_cache_percent=50.0)
+
+    def decode(overhead):
+        return _pred(p, job, c=OPT, cal=Calibration(layer_overhead_s=overhead)).phase_s("decode")
+
+    full, half = decode(1.5e-3), decode(0.75e-3)
+    x_layers = len(p.x_layers(OPT.num_layers))
+    calls = (OPT.num_layers - x_layers + 0.75) * 2 * (job.gen_len - 1)  # the others, the embedding and the head
+    assert full - half == pytest.approx(calls * 0.75e-3, rel=1e-6)
