@@ -269,11 +269,12 @@ class Engine:
     def _layer(self, j: int, k: int, mb: _MicroBatch, w, phase: str, mbs: list[_MicroBatch]) -> None:
         t = self.timings
         with t(f"load_cache_{phase}"):
-            kv = self.kv.load(j, k, mb.batch.start)
-            # the next (layer, micro-batch) in schedule order: its cache crosses PCIe while this one computes
+            # the next (layer, micro-batch) in schedule order, asked for before this one is waited for: its cache
+            # is read (disk) or crosses PCIe while this one's arrives and computes, so the link never idles
             nj, nk = (j, k + 1) if k + 1 < len(mbs) else (j + 1, 0)
             if nj < self.config.num_layers:
                 self.kv.prefetch(nj, nk, mbs[nk].batch.start)
+            kv = self.kv.load(j, k, mb.batch.start)
         with t(f"compute_layer_{phase}"):
             mb.x = self.layer_fn(self.config, w, mb.x, mb.batch, kv, mb.rope, layer=j)
         with t(f"store_cache_{phase}"):
@@ -332,6 +333,8 @@ class Engine:
         if tier == "cpu" and cpu_attention:
             return CpuAttentionKV(**kw)
         directory = (self.job_dir / "kv") if self.job_dir else None
+        if tier == "disk":  # its reads and writes split as the weights' reads are (threads, task size, backend)
+            kw |= dict(io_threads=p.io_threads, io_task_bytes=p.io_task_bytes, io_backend=p.io_backend)
         if tier == "disk" and p.kv_write_back:
             if directory is None:
                 raise ValueError("kv tier 'disk' needs a job directory for its files")

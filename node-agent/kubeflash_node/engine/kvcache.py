@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import pinned
+from .kvio import ALIGN, KVFile, Slots, SpanIO, aligned
 from .model import attention
 from .quant import KVCodec
 
@@ -200,43 +201,53 @@ class HostKV(DeviceKV):
 
 class DiskKV:
     """KV in files under `directory`: kv_l{layer}_m{mb}.bin, rows of [B, 2, Nk, D] per token position.
-    `prefetch` reads the next (layer, micro-batch)'s prefix on a reader thread while the current one computes;
-    its rows were written by that entry's last store, which came before (a step stores every entry once)."""
+
+    Writes are queued on a writer thread, so a prefill layer's compute overlaps the previous layer's write: a store of
+    at least DIRECT_MIN bytes is copied (on the compute stream, asynchronously) into a page-aligned staging buffer,
+    page-locked on a GPU, and the writer writes it once that copy is done; smaller ones (a decode step's row) go as
+    a host copy. At most WRITES_IN_FLIGHT writes are queued or being written (a store waits for the oldest beyond
+    that), so staging holds at most WRITES_IN_FLIGHT stores' bytes: one micro-batch's prompt rows of one layer each.
+    A failed write raises, naming the file, at the next store, load or at close (which waits for every write).
+    A read or write of a range is split into `io_task_bytes` pieces over `io_threads` threads (the policy's, which
+    the disk probe chose); whole pages go through O_DIRECT where `io_backend` and the file system allow (kvio).
+    `prefetch` reads the next (layer, micro-batch)'s prefix on a reader thread while the current one computes; its
+    rows were written by that entry's last store, which came before (a step stores every entry once). On a GPU a
+    prefix is read into one of READ_SLOTS page-locked buffers, reused once its copy to the device has run."""
 
     WRITES_IN_FLIGHT = 2
-    READ_THREADS = 4
-    READ_CHUNK = 16 << 20
+    READ_SLOTS = 2  # the prefix being copied to the device, and the next one being read
+    DIRECT_MIN = 1 << 20
 
-    def __init__(self, *, device, dtype, num_kv_heads: int, head_dim: int, directory: Path, bits: int = 16):
-        self.device, self.dtype, self.nk, self.d = device, dtype, num_kv_heads, head_dim
+    def __init__(self, *, device, dtype, num_kv_heads: int, head_dim: int, directory: Path, bits: int = 16,
+                 io_threads: int = 4, io_task_bytes: int = 16 << 20, io_backend: str = "auto"):
+        self.device, self.dtype, self.nk, self.d = torch.device(device), dtype, num_kv_heads, head_dim
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.files: dict[tuple[int, int], tuple[int, int]] = {}  # -> (fd, batch)
+        self.files: dict[tuple[int, int], KVFile] = {}
         self.codec = _codec(bits, head_dim)
         # bytes of one head's K (or V) row: D values, or the codec's packed row
         self.head_bytes = self.codec.nbytes if self.codec else head_dim * torch.empty((), dtype=dtype).element_size()
         self.io = {"reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0}
         self.io_lock = threading.Lock()
+        cuda = self.device.type == "cuda"
+        # O_DIRECT as the weight reads choose it (io.make_reader): asked for, or 'auto' on a GPU
+        self.direct = io_backend in ("odirect", "kvikio") or (io_backend == "auto" and cuda)
+        self.spans = SpanIO(io_threads, io_task_bytes)
+        self.staging = Slots(self.WRITES_IN_FLIGHT, pin=cuda)
+        self.read_slots = Slots(self.READ_SLOTS, pin=True) if cuda else None  # on the CPU the K, V are views of it
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="kf-kv-read")
-        self.ahead: dict[tuple[int, int, int], Future] = {}  # (layer, mb, file rows) -> raw prefix
+        self.ahead: dict[tuple[int, int, int, int], Future] = {}  # (layer, mb, file rows, prefix rows) -> buffer
         self.loads = {"prefetched": 0, "waited": 0}
-        # Writes run on their own thread so a prefill's compute overlaps the disk (at most WRITES_IN_FLIGHT host
-        # copies wait, so host memory stays bounded); a read of a file first waits for that file's writes. One
-        # prefix is read in READ_CHUNK pieces by READ_THREADS threads: a single reader reaches ~2/3 of a cold
-        # virtio/NVMe disk's bandwidth, several reach it (docs/benchmarks.md, "Long context").
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="kf-kv-write")
-        self.writing: list[tuple[int, Future]] = []  # (fd, write) in submission order
-        self.chunks = ThreadPoolExecutor(self.READ_THREADS, thread_name_prefix="kf-kv-chunk")
+        self.writing: list[tuple[KVFile, Future]] = []  # (file, write) in submission order
 
     def allocate(self, layer: int, mb: int, batch: int, capacity: int) -> None:
-        path = self.dir / f"kv_l{layer:03d}_m{mb:03d}.bin"
         old = self.files.pop((layer, mb), None)
         if old:
-            self._writes_of(old[0], wait=True)  # nothing may still write to a descriptor about to close
-            os.close(old[0])
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(fd, capacity * self._row(batch))
-        self.files[layer, mb] = (fd, batch)
+            self._writes_of(old, wait=True)  # nothing may still write to a descriptor about to close
+            old.close()
+        path = self.dir / f"kv_l{layer:03d}_m{mb:03d}.bin"
+        self.files[layer, mb] = KVFile.create(path, capacity * self._row(batch), batch, direct=self.direct)
 
     def _row(self, batch: int) -> int:
         return batch * 2 * self.nk * self.head_bytes
@@ -244,110 +255,135 @@ class DiskKV:
     def load(self, layer: int, mb: int, start: int) -> LayerKV:
         if start == 0:
             return LayerKV(None, None, in_place=False)
-        return self._kv(self._prefix(layer, mb, start), start, self.files[layer, mb][1])
+        return self._kv(self._prefix(layer, mb, start), start, self.files[layer, mb].batch)
 
     def _file_rows(self, layer: int, mb: int, start: int) -> int:
         """Token rows of the prefix that are read from the file (all of them here)."""
         return start
 
     def _prefix(self, layer: int, mb: int, start: int) -> torch.Tensor:
-        """The file's part of the prefix, host uint8: from a prefetch if one was made, else read now."""
+        """A host uint8 buffer of at least `start` rows whose first rows hold the file's part of the prefix: from a
+        prefetch if one was made, else read now."""
+        self._raise_failed()
         n = self._file_rows(layer, mb, start)
-        fut = self.ahead.pop((layer, mb, n), None)
+        if n == 0:  # every row is still buffered (write-back): nothing to read
+            return self._buffer(start * self._row(self.files[layer, mb].batch))
+        fut = self.ahead.pop((layer, mb, n, start), None)
         self.loads["waited" if fut is None else "prefetched"] += 1
         if fut is not None:
             return fut.result()
-        fd, b = self.files[layer, mb]
-        return self._read(fd, n * self._row(b), layer, mb, self._writes_of(fd))
+        f = self.files[layer, mb]
+        return self._read(f, n * self._row(f.batch), start * self._row(f.batch), self._writes_of(f))
 
     def prefetch(self, layer: int, mb: int, start: int) -> None:
         n = self._file_rows(layer, mb, start) if start else 0
-        if n == 0 or (layer, mb, n) in self.ahead:
+        if n == 0 or (layer, mb, n, start) in self.ahead:
             return
-        fd, b = self.files[layer, mb]
-        self.ahead[layer, mb, n] = self.reader.submit(self._read, fd, n * self._row(b), layer, mb, self._writes_of(fd))
+        f = self.files[layer, mb]
+        self.ahead[layer, mb, n, start] = self.reader.submit(self._read, f, n * self._row(f.batch),
+                                                             start * self._row(f.batch), self._writes_of(f))
 
-    def _writes_of(self, fd: int | None, wait: bool = False) -> list[Future]:
-        """The writes still in flight (all of them, or those to `fd`); with `wait`, waited for (errors raised)."""
-        self.writing = [(f, w) for f, w in self.writing if not w.done() or w.exception() is not None]
-        found = [w for f, w in self.writing if fd is None or f == fd]
+    def _writes_of(self, f: KVFile | None, wait: bool = False) -> list[Future]:
+        """The writes still in flight (all of them, or those to `f`); with `wait`, waited for (errors raised)."""
+        self.writing = [(g, w) for g, w in self.writing if not w.done() or w.exception() is not None]
+        found = [w for g, w in self.writing if f is None or g is f]
         if wait:
             for w in found:
                 w.result()
         return found
 
+    def _raise_failed(self) -> None:
+        """A write that failed on the writer thread raises here (its message names the file)."""
+        for _, w in self.writing:
+            if w.done() and w.exception() is not None:
+                w.result()
+
     def store(self, layer: int, mb: int, kv: LayerKV) -> None:
         k_new, v_new, start = kv.new
-        fd, b = self.files[layer, mb]
-        self._write(fd, self._rows(k_new, v_new), start * self._row(b))
+        f = self.files[layer, mb]
+        self._write(f, self._rows(k_new, v_new), start * self._row(f.batch))
 
     # ---- byte-level pieces shared with the write-back tier (kvnear.WriteBackDiskKV)
     def _rows(self, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
-        # k_new, v_new: [B, Nk, S, D] -> host uint8 [S, row bytes] (encoded when compressed)
+        # k_new, v_new: [B, Nk, S, D] -> uint8 [S, row bytes] on their device (encoded when compressed)
         rows = torch.stack([k_new, v_new], dim=1).permute(3, 0, 1, 2, 4).contiguous()  # [S, B, 2, Nk, D]
-        rows = (self.codec.encode(rows) if self.codec else rows).cpu()
+        rows = self.codec.encode(rows) if self.codec else rows
         return rows.view(torch.uint8).reshape(rows.shape[0], -1)
 
     def _kv(self, raw: torch.Tensor, t: int, b: int) -> LayerKV:
-        # raw: host uint8, t token rows -> K, V [B, Nk, t, D] on the compute device
+        # raw: host uint8 holding t token rows first -> K, V [B, Nk, t, D] on the compute device
+        data = raw[:t * self._row(b)]
+        if self.read_slots is not None:  # a page-locked slot: copied asynchronously, reused once the copy ran
+            data = data.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            self.read_slots.give(raw, done)
         if self.codec:
-            rows = self.codec.decode(raw.view(t, b, 2, self.nk, self.head_bytes).to(self.device), self.dtype)
+            rows = self.codec.decode(data.view(t, b, 2, self.nk, self.head_bytes).to(self.device), self.dtype)
         else:
-            rows = raw.view(self.dtype).view(t, b, 2, self.nk, self.d).to(self.device)
+            rows = data.view(self.dtype).view(t, b, 2, self.nk, self.d).to(self.device)
         kv = rows.permute(1, 2, 3, 0, 4)  # [B, 2, Nk, T, D]
         return LayerKV(kv[:, 0], kv[:, 1], in_place=False)
 
-    def _read(self, fd: int, n: int, layer: int, mb: int, after: list[Future] = ()) -> torch.Tensor:
+    def _read(self, f: KVFile, n: int, room: int, after: list[Future] = ()) -> torch.Tensor:
+        """A host buffer of `room` bytes or more whose first `n` are the file's first `n` bytes."""
         for w in after:  # the rows being read were submitted for writing before this read
             w.result()
-        raw = torch.empty(n, dtype=torch.uint8)
-        view = memoryview(raw.numpy())
-
-        def piece(lo: int, hi: int) -> None:
-            done = lo
-            while done < hi:
-                got = os.preadv(fd, [view[done:hi]], done)
-                if got == 0:
-                    raise OSError(f"{self.dir}: KV file for layer {layer} micro-batch {mb} is shorter than expected")
-                done += got
-
-        step = max(self.READ_CHUNK, -(-n // self.READ_THREADS))
-        for f in [self.chunks.submit(piece, lo, min(lo + step, n)) for lo in range(0, n, step)]:
-            f.result()
+        buf = self._buffer(room)
+        self.spans.run(f, buf, 0, n, 0, write=False)
         with self.io_lock:
             self.io["reads"] += 1
             self.io["read_bytes"] += n
-        return raw
+        return buf
 
-    def _write(self, fd: int, rows: torch.Tensor, offset: int) -> None:
-        """Queue `rows` (host memory, owned by this call from now on) for writing at `offset` of `fd`."""
-        rows = rows.contiguous()
+    def _buffer(self, n: int) -> torch.Tensor:
+        # never waits: a read slot comes back when the main thread's copy of an earlier prefix has run
+        return self.read_slots.take(n, wait=False) if self.read_slots is not None else aligned(n, pin=False)
+
+    def _write(self, f: KVFile, rows: torch.Tensor, offset: int) -> None:
+        """Queue `rows` (uint8, on the compute device or the host, not changed by the caller from now on) for writing
+        at `offset` of `f`: through a staging slot when large, else as a host copy."""
+        self._raise_failed()
+        n = rows.numel() * rows.element_size()
         while len(self._writes_of(None)) >= self.WRITES_IN_FLIGHT:
             self.writing[0][1].result()
-        self.writing.append((fd, self.writer.submit(self._write_now, fd, rows, offset)))
+        if n >= self.DIRECT_MIN:
+            at = offset % ALIGN  # the slot's bytes lie on the file's page boundaries: its whole pages go direct
+            buf = self.staging.take(at + n)
+            buf[at:at + n].copy_(rows.reshape(-1).view(torch.uint8), non_blocking=True)
+            copied = None
+            if rows.is_cuda:
+                copied = torch.cuda.Event()
+                copied.record(torch.cuda.current_stream(rows.device))
+            job = self.writer.submit(self._write_staged, f, buf, at, n, offset, copied)
+        else:
+            host = rows.cpu().contiguous().reshape(-1).view(torch.uint8)
+            job = self.writer.submit(self.spans.run, f, host, 0, n, offset, write=True)
+        self.writing.append((f, job))
         with self.io_lock:  # counted when queued: every queued write is done before a read of its file or close
             self.io["writes"] += 1
-            self.io["write_bytes"] += rows.numel() * rows.element_size()
+            self.io["write_bytes"] += n
 
-    @staticmethod
-    def _write_now(fd: int, rows: torch.Tensor, offset: int) -> None:
-        data = memoryview(rows.view(torch.uint8).numpy()).cast("B")
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
+    def _write_staged(self, f: KVFile, buf: torch.Tensor, at: int, n: int, offset: int, copied) -> None:
+        try:
+            if copied is not None:
+                copied.synchronize()  # the device -> staging copy has landed
+            self.spans.run(f, buf, at, n, offset, write=True)
+        finally:
+            self.staging.give(buf)
 
     def nbytes(self) -> int:
-        return sum(os.fstat(fd).st_size for fd, _ in self.files.values())
+        return sum(os.fstat(f.fd).st_size for f in self.files.values())
 
     def close(self) -> None:
         for fut in self.ahead.values():
             fut.cancel()
         self.reader.shutdown(wait=True)  # no read or write is left on a descriptor about to close
         self.writer.shutdown(wait=True)
-        self.chunks.shutdown(wait=True)
+        self.spans.close()
         self.ahead.clear()
-        for fd, _ in self.files.values():
-            os.close(fd)
+        for f in self.files.values():
+            f.close()
         self.files.clear()
         self._writes_of(None, wait=True)  # a write that failed says so here
 

@@ -60,7 +60,8 @@ class CpuAttentionKV(HostKV):
 
 
 class WriteBackDiskKV(DiskKV):
-    """Disk KV with new rows held in host memory and written back in chunks of at least `flush_bytes`."""
+    """Disk KV with new rows held in host memory and written back in chunks of at least `flush_bytes`; a store that
+    alone reaches `flush_bytes` with nothing buffered (a prefill's rows) is written as it is, from the device."""
 
     def __init__(self, *, flush_bytes: int = 8 << 20, **kw):
         super().__init__(**kw)
@@ -74,9 +75,14 @@ class WriteBackDiskKV(DiskKV):
 
     def store(self, layer: int, mb: int, kv: LayerKV) -> None:
         k_new, v_new, _ = kv.new
-        rows = self.pending[layer, mb]
-        rows.append(self._rows(k_new, v_new))  # [S, row bytes] on the host
-        if sum(r.numel() for r in rows) >= self.flush_bytes:
+        rows, pending = self._rows(k_new, v_new), self.pending[layer, mb]  # [S, row bytes] on the compute device
+        if not pending and rows.numel() >= self.flush_bytes:
+            f = self.files[layer, mb]
+            self._write(f, rows, self.flushed[layer, mb] * self._row(f.batch))
+            self.flushed[layer, mb] += rows.shape[0]
+            return
+        pending.append(rows.cpu())
+        if sum(r.numel() for r in pending) >= self.flush_bytes:
             self._flush(layer, mb)
 
     def _file_rows(self, layer: int, mb: int, start: int) -> int:
@@ -85,21 +91,24 @@ class WriteBackDiskKV(DiskKV):
     def load(self, layer: int, mb: int, start: int) -> LayerKV:
         if start == 0:
             return LayerKV(None, None, in_place=False)
-        b = self.files[layer, mb][1]
-        n = self.flushed[layer, mb]
-        parts = [self._prefix(layer, mb, start).view(n, -1)] if n else []
-        raw = torch.cat(parts + self.pending[layer, mb])  # [start, row bytes]: file prefix, then buffered rows
-        if raw.shape[0] != start:
-            raise RuntimeError(f"KV write-back: layer {layer} micro-batch {mb} holds {raw.shape[0]} rows, expected {start}")
+        b = self.files[layer, mb].batch
+        raw = self._prefix(layer, mb, start)  # room for the whole prefix, the file's rows first
+        at = self.flushed[layer, mb] * self._row(b)
+        for r in self.pending[layer, mb]:  # then the buffered rows, in place: no copy of the file's part
+            raw[at:at + r.numel()].copy_(r.reshape(-1))
+            at += r.numel()
+        if at != start * self._row(b):
+            raise RuntimeError(f"KV write-back: layer {layer} micro-batch {mb} holds {at // self._row(b)} rows, "
+                               f"expected {start}")
         return self._kv(raw, start, b)
 
     def _flush(self, layer: int, mb: int) -> None:
         rows = self.pending[layer, mb]
         if not rows:
             return
-        fd, b = self.files[layer, mb]
+        f = self.files[layer, mb]
         data = torch.cat(rows)
-        self._write(fd, data, self.flushed[layer, mb] * self._row(b))
+        self._write(f, data, self.flushed[layer, mb] * self._row(f.batch))
         self.flushed[layer, mb] += data.shape[0]
         rows.clear()
 
