@@ -417,3 +417,63 @@ def test_a_job_start_reads_the_keep_frequency_file_once(tiny, tmp_path):
         _OPENED = None
     assert rep["sparsity"]["channel_cache"]["hot_bytes"] > 0 and "layers_why" in rep["sparsity"]
     assert (at_run, at_gpu_start) == (1, 1) and ffn.layers_why is not None
+
+
+def test_the_run_reports_the_plan_priced_with_the_gpu_tier_as_kubeflash_plan_does(tiny, tmp_path):
+    """A job whose GPU budget leaves room for the hot set's GPU tier after the chosen plan (gpuMemory: the 1 GiB
+    reserve + 1.5 MiB; a slow disk, so the plan streams sparsely): `kubeflash plan --json` in its own process prices
+    the chosen plan with both tiers; the run's steps (job._sparsity, _auto_plan, _follow_reads, then _device_tier as a
+    GPU start takes it, its tier placed on the CPU here) report (job._plan_report: report.json's "plan" and the run
+    line's "policy auto:") the same chosen line and predicted time, with the tier's bytes on the GPU."""
+    import json
+    import subprocess
+
+    from tiny_jobs import KUBEFLASH
+
+    from kubeflash_api.local import load_job_file
+    from kubeflash_api.names import model_id
+    from kubeflash_node.engine import job as run
+    from kubeflash_node.engine.bench import Ceilings
+    from kubeflash_node.engine.costmodel import JobShape
+    from kubeflash_node.engine.machine import Machine, within_resources
+
+    _, store = tiny
+    ceil = Ceilings(disk_read_cold=0.05, disk_read_warm=0.05, disk_write=0.05, h2d_pinned=10.0, matmul_tflops=100.0,
+                    disk_read_op_s=1e-12)
+    (tmp_path / "ceilings.json").write_text(json.dumps(ceil.__dict__))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / model_id("dummy:tiny", dtype="float32", quantization="none")).symlink_to(store)
+    manifest_yaml = tmp_path / "job.yaml"
+    manifest_yaml.write_text(f"""apiVersion: kubeflash.io/v1alpha1
+kind: InferenceJob
+metadata: {{name: tier}}
+spec:
+  model: {{uri: "dummy:tiny", dtype: float32}}
+  input: {{synthetic: {{count: 1, promptLength: 8}}}}
+  generation: {{maxNewTokens: 9}}
+  resources: {{gpuMemory: "{(1 << 30) + (3 << 19)}", cpuMemory: "{(2 << 30) + (2 << 20)}"}}
+  offload: {{policy: auto, sparsity: {TARGET}}}
+""")
+    proc = subprocess.run(KUBEFLASH + ["plan", str(manifest_yaml), "--ceilings", str(tmp_path / "ceilings.json"),
+                                       "--store", str(tmp_path), "--json", str(tmp_path / "plan.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    planned = json.loads((tmp_path / "plan.json").read_text())["best"]
+    [line] = [x.removeprefix("chosen:    ") for x in proc.stdout.splitlines() if x.startswith("chosen:")]
+
+    spec, manifest = load_job_file(manifest_yaml), load_manifest(store)
+    c = ModelConfig.from_dict(manifest.config)
+    machine = within_resources(spec, Machine(ceil, 1 << 40, 1 << 40), "cpu")
+    shape = JobShape(1, 8, 9)
+    sparsity = run._sparsity(spec, c, store, "cpu")
+    chosen = run._auto_plan(spec, sparsity, config=c, itemsize=4, manifest=manifest, job=shape, machine=machine,
+                            expert_cache=0, routing=None)
+    untiered = chosen.best
+    run._follow_reads(sparsity, spec, chosen, chosen.best.candidate.policy, config=c, manifest=manifest, job=shape,
+                      machine=machine, itemsize=4)
+    chosen = run._device_tier(sparsity, spec, chosen, device="cpu", machine=machine, manifest=manifest, job=shape)
+    reported = run._plan_report(chosen)
+    assert sparsity.channels.device_bytes > 0 and "on the GPU" in line
+    assert untiered.gpu_bytes < planned["gpu_bytes"] == chosen.best.gpu_bytes
+    assert reported["chosen"] == line and reported["predicted_s"] == pytest.approx(planned["run_s"], rel=1e-12)
+    assert chosen.best.total_s == pytest.approx(planned["total_s"], rel=1e-12) != untiered.total_s

@@ -94,7 +94,9 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         if sparsity is not None and (sparsity.bundles is not None or sparsity.channels is not None):
             _follow_reads(sparsity, spec, chosen, policy, config=config, manifest=manifest, job=shape, machine=machine,
                           itemsize=itemsize)
-            _device_tier(sparsity, spec, chosen, device=device, machine=machine)
+            if str(device) != "cpu":  # the hot set's GPU tier, and the plan priced with it as kubeflash plan does
+                chosen = _device_tier(sparsity, spec, chosen, device=device, machine=machine, manifest=manifest,
+                                      job=shape, expert_cache=cache, routing=measured.profile)
             _layer_reads(sparsity, policy, machine)
         prefix = _prefix_cache(spec, kv_cache_dir)
         seed = {"routing_seed": routing_seed} if routing_seed is not None else {}
@@ -144,10 +146,7 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
         if sparsity is not None:
             report["sparsity"] = sparsity.describe() | {"line": sparsity.line()}
         if chosen is not None:
-            from .costmodel import describe
-
-            report["plan"] = {"chosen": describe(chosen.best), "why": chosen.best.why(),
-                              "predicted_s": chosen.best.run_s, "considered": chosen.considered}
+            report["plan"] = _plan_report(chosen)
         if prefetch is not None:  # MoE: spec.offload.expertPrefetch as run, and why
             report["expert_prefetch_choice"] = prefetch
         if config.num_experts and machine is not None:  # MoE, priced: the routing the plan and prefetch assumed
@@ -294,17 +293,37 @@ def _follow_reads(sparsity, spec: JobSpec, chosen, policy: Policy, *, config, ma
     sparsity.follow(sparse, why)
 
 
-def _device_tier(sparsity, spec: JobSpec, chosen, *, device: str, machine) -> None:
-    """On a GPU, input sparsity's hot set takes the GPU memory the budget leaves after the chosen plan's predicted
-    use (costmodel.device_room) for its most frequent rows, the next a quarter of cpuMemory in host memory as before
-    (sparse.hold_on_device); on the CPU, without an automatic plan or with dense reads, it stays as it is."""
-    if chosen is None or str(device) == "cpu" or sparsity.channels is None:
-        return
-    from .costmodel import Budget, device_room
+def _device_tier(sparsity, spec: JobSpec, chosen, *, device: str, machine, manifest, job, expert_cache: int = 0,
+                 routing=None):
+    """On a GPU (the caller skips it on the CPU), input sparsity's hot set takes the GPU memory the budget leaves
+    after the chosen plan's predicted use (costmodel.device_room) for its most frequent rows, the next a quarter of
+    cpuMemory in host memory as before (sparse.hold_on_device). Returns the chosen plan priced again with both tiers
+    on auto_plan's own terms (planning.repriced), as `kubeflash plan` prices it (cli_plan._device_tier), so the
+    report and the run line carry plan's figures; without an automatic plan, with dense reads or no room, unchanged."""
+    if chosen is None or sparsity.channels is None:
+        return chosen
+    from .costmodel import device_room
+    from .planning import plan_terms, repriced
     from .sparse import hold_on_device, hot_budget
 
-    room = device_room(chosen.best, Budget(machine.gpu_bytes, machine.cpu_bytes, spec.resources.kv_disk))
-    hold_on_device(sparsity, device_bytes=room, host_bytes=hot_budget(spec.resources, "cpu"), device=device)
+    terms = plan_terms(spec, manifest=manifest, machine=machine, expert_cache=expert_cache, routing=routing)
+    room = device_room(chosen.best, terms["budget"], terms["cal"])
+    s = chosen.best.candidate.sparse
+    if s is None or s.method != "input" or not hold_on_device(sparsity, device_bytes=room,
+                                                                host_bytes=hot_budget(spec.resources, "cpu"),
+                                                                device=device):
+        return chosen
+    (gb, gp, gh), (hb, hp, hh) = sparsity.channel_gpu, sparsity.channel_hot
+    return repriced(chosen, replace(s, channel_gpu_bytes=gb, channel_gpu=gp, channel_hot_bytes=hb, channel_hot=hp,
+                                    channel_hit=gh + hh), terms, job=job)
+
+
+def _plan_report(chosen) -> dict:
+    """report.json's "plan" (and the run line's "policy auto:"): the chosen plan as priced, why, the alternatives."""
+    from .costmodel import describe
+
+    return {"chosen": describe(chosen.best), "why": chosen.best.why(), "predicted_s": chosen.best.run_s,
+            "considered": chosen.considered}
 
 
 def _layer_reads(sparsity, policy: Policy, machine) -> None:

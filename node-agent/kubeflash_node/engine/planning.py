@@ -50,25 +50,44 @@ def auto_plan(spec: JobSpec, *, manifest, job, machine: Machine, sparsity=None, 
     `routing`: the MoE model's measured costmodel.RoutingProfile (None: uniform routing)."""
     from dataclasses import replace
 
+    from .costmodel import QUANT_BITS, plan
+
+    kw = plan_terms(spec, manifest=manifest, machine=machine, expert_cache=expert_cache, routing=routing)
+    q = spec.model.quantization
+    base = replace(make_policy(kw["ceil"]), expert_cache_bytes=expert_cache)
+    try:
+        return plan(job=job, **kw, quantizations=(q,), kv_bits=(QUANT_BITS[spec.offload.compression],), base=base,
+                    keep=pinned(spec.offload, kw["config"]), sparsity=sparsity)
+    except ValueError as e:  # nothing fits: say which manifest fields set the budgets
+        raise SpecError(f"{e} (the budgets: spec.resources.gpuMemory, cpuMemory and kvDisk, within what this "
+                        f"machine has; and what spec.offload pins)") from None
+
+
+def plan_terms(spec: JobSpec, *, manifest, machine: Machine, expert_cache: int = 0, routing=None) -> dict:
+    """What auto_plan prices a job with (costmodel.plan's config, ceil, budget, sizes of the manifest's
+    quantization, itemsize and cal), so a plan priced again (repriced) uses the very same terms."""
     from ..store.modelconfig import ModelConfig
-    from .costmodel import QUANT_BITS, Budget, Calibration, plan, stage_sizes
+    from .costmodel import Budget, Calibration, stage_sizes
 
     config = ModelConfig.from_dict(manifest.config)
     itemsize = 4 if manifest.dtype == "float32" else 2
     q = spec.model.quantization
-    dense = stage_sizes(config, itemsize, q)[1]
-    ceil = machine.ceilings
-    base = replace(make_policy(ceil), expert_cache_bytes=expert_cache)
-    kv_bits = QUANT_BITS[spec.offload.compression]
-    try:
-        return plan(config=config, ceil=ceil, job=job,
-                    budget=Budget(max(0, machine.gpu_bytes - expert_cache), machine.cpu_bytes, spec.resources.kv_disk),
-                    sizes={q: (manifest.stage_bytes, dense)}, quantizations=(q,), kv_bits=(kv_bits,), base=base,
-                    keep=pinned(spec.offload, config), itemsize=itemsize, sparsity=sparsity,
-                    cal=Calibration(routing=routing))
-    except ValueError as e:  # nothing fits: say which manifest fields set the budgets
-        raise SpecError(f"{e} (the budgets: spec.resources.gpuMemory, cpuMemory and kvDisk, within what this "
-                        f"machine has; and what spec.offload pins)") from None
+    return dict(config=config, ceil=machine.ceilings, itemsize=itemsize, cal=Calibration(routing=routing),
+                budget=Budget(max(0, machine.gpu_bytes - expert_cache), machine.cpu_bytes, spec.resources.kv_disk),
+                sizes={q: (manifest.stage_bytes, stage_sizes(config, itemsize, q)[1])})
+
+
+def repriced(chosen, sparse, terms: dict, *, job):
+    """The plan `chosen` (costmodel.Plan) with its best candidate's sparse reads replaced by `sparse` (the hot set's
+    tiers as the run holds them) and priced again on the same `terms` (plan_terms) with costmodel.predict, as
+    `kubeflash plan` prices its chosen plan after the hot set's GPU tier."""
+    from dataclasses import replace
+
+    from .costmodel import predict
+
+    cand = replace(chosen.best.candidate, sparse=sparse)
+    t = {k: v for k, v in terms.items() if k != "sizes"}
+    return replace(chosen, best=predict(cand, job=job, sizes=terms["sizes"][cand.quantization], **t))
 
 
 def check_kv_disk(spec: JobSpec, policy: Policy, *, manifest, job) -> None:
