@@ -37,10 +37,15 @@ class GGUFSource:
     def __init__(self, path: Path):
         from gguf import GGUFReader
 
+        from .ggufcheck import CorruptGGUF, check
+
         self.path = path
         try:
+            check(path)  # the layout first: a corrupt file refused by byte, field and what was expected
             self.reader = GGUFReader(str(path))
-        except Exception as e:  # gguf raises plain ValueError/struct errors on a bad file
+        except CorruptGGUF as e:
+            raise SourceError(f"{path}: not a readable GGUF file: {e}") from None
+        except Exception as e:  # what the check does not cover: gguf raises plain ValueError/numpy errors
             raise SourceError(f"{path}: not a readable GGUF file ({e})") from e
         self.tensors = {t.name: t for t in self.reader.tensors}
         arch = self.arch = self._field("general.architecture")
