@@ -203,9 +203,9 @@ class DiskKV:
     """KV in files under `directory`: kv_l{layer}_m{mb}.bin, rows of [B, 2, Nk, D] per token position.
 
     Writes are queued on a writer thread, so a prefill layer's compute overlaps the previous layer's write: a store of
-    at least DIRECT_MIN bytes is copied (on the compute stream, asynchronously) into a page-aligned staging buffer,
-    page-locked on a GPU, and the writer writes it once that copy is done; smaller ones (a decode step's row) go as
-    a host copy. At most WRITES_IN_FLIGHT writes are queued or being written (a store waits for the oldest beyond
+    at least DIRECT_MIN bytes is copied into a page-aligned staging buffer (page-locked on a GPU, copied on a side
+    stream, asynchronously) and the writer writes it once that copy is done; smaller ones (a decode step's row) go
+    as a host copy. At most WRITES_IN_FLIGHT writes are queued or being written (a store waits for the oldest beyond
     that), so staging holds at most WRITES_IN_FLIGHT stores' bytes: one micro-batch's prompt rows of one layer each.
     A failed write raises, naming the file, at the next store, load or at close (which waits for every write).
     A read or write of a range is split into `io_task_bytes` pieces over `io_threads` threads (the policy's, which
@@ -233,8 +233,10 @@ class DiskKV:
         # O_DIRECT as the weight reads choose it (io.make_reader): asked for, or 'auto' on a GPU
         self.direct = io_backend in ("odirect", "kvikio") or (io_backend == "auto" and cuda)
         self.spans = SpanIO(io_threads, io_task_bytes)
-        self.staging = Slots(self.WRITES_IN_FLIGHT, pin=cuda)
-        self.read_slots = Slots(self.READ_SLOTS, pin=True) if cuda else None  # on the CPU the K, V are views of it
+        index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
+        self.copy_stream = None  # a GPU's side stream for the staging copies (made on first use)
+        self.staging = Slots(self.WRITES_IN_FLIGHT, pin=cuda, device=index)
+        self.read_slots = Slots(self.READ_SLOTS, pin=True, device=index) if cuda else None  # CPU: K, V are views
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="kf-kv-read")
         self.ahead: dict[tuple[int, int, int, int], Future] = {}  # (layer, mb, file rows, prefix rows) -> buffer
         self.loads = {"prefetched": 0, "waited": 0}
@@ -350,11 +352,7 @@ class DiskKV:
         if n >= self.DIRECT_MIN:
             at = offset % ALIGN  # the slot's bytes lie on the file's page boundaries: its whole pages go direct
             buf = self.staging.take(at + n)
-            buf[at:at + n].copy_(rows.reshape(-1).view(torch.uint8), non_blocking=True)
-            copied = None
-            if rows.is_cuda:
-                copied = torch.cuda.Event()
-                copied.record(torch.cuda.current_stream(rows.device))
+            copied = self._stage(rows, buf[at:at + n])
             job = self.writer.submit(self._write_staged, f, buf, at, n, offset, copied)
         else:
             host = rows.cpu().contiguous().reshape(-1).view(torch.uint8)
@@ -363,6 +361,23 @@ class DiskKV:
         with self.io_lock:  # counted when queued: every queued write is done before a read of its file or close
             self.io["writes"] += 1
             self.io["write_bytes"] += n
+
+    def _stage(self, rows: torch.Tensor, dest: torch.Tensor):
+        """Copy `rows` into the staging bytes `dest`; from a GPU on a copy stream of its own, after the work that made
+        them, so the next layer's compute does not queue behind it: returns the copy's CUDA event (None on the host)."""
+        flat = rows.reshape(-1).view(torch.uint8)
+        if not flat.is_cuda:
+            dest.copy_(flat)
+            return None
+        if self.copy_stream is None:
+            self.copy_stream = torch.cuda.Stream(flat.device)
+        self.copy_stream.wait_stream(torch.cuda.current_stream(flat.device))
+        with torch.cuda.stream(self.copy_stream):
+            dest.copy_(flat, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        flat.record_stream(self.copy_stream)  # made on the compute stream, freed there once the copy has run
+        return copied
 
     def _write_staged(self, f: KVFile, buf: torch.Tensor, at: int, n: int, offset: int, copied) -> None:
         try:

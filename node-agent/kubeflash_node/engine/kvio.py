@@ -50,9 +50,12 @@ class KVFile:
                 os.close(fd)
 
 
-def aligned(n: int, *, pin: bool) -> torch.Tensor:
-    """n uninitialized host bytes starting on a page (page-locked when `pin`: a GPU copies them asynchronously)."""
+def aligned(n: int, *, pin: bool, device: int | None = None) -> torch.Tensor:
+    """n uninitialized host bytes starting on a page; page-locked when `pin` (a GPU copies them asynchronously), in
+    CUDA device `device`'s context (a reader thread starts on device 0)."""
     if pin:
+        if device is not None:
+            torch.cuda.set_device(device)
         return pinned.empty((n,), torch.uint8)  # page aligned unless the driver refused (then: buffered I/O)
     raw = torch.empty(n + ALIGN, dtype=torch.uint8)
     at = -raw.data_ptr() % ALIGN
@@ -65,8 +68,8 @@ class Slots:
     makes a spare instead, which `give` drops). `give(buf, event)`: the buffer is free once `event` (a CUDA copy out of
     it) has completed."""
 
-    def __init__(self, count: int, *, pin: bool):
-        self.count, self.pin = count, pin
+    def __init__(self, count: int, *, pin: bool, device: int | None = None):
+        self.count, self.pin, self.device = count, pin, device
         self.free: list[tuple[torch.Tensor, object]] = []
         self.made = 0
         self.cv = threading.Condition()
@@ -82,7 +85,7 @@ class Slots:
                 buf = ev = None  # too small: made again in its place
         if ev is not None:
             ev.synchronize()
-        return buf if buf is not None else aligned(n, pin=self.pin)
+        return buf if buf is not None else aligned(n, pin=self.pin, device=self.device)
 
     def give(self, buf: torch.Tensor, event=None) -> None:
         with self.cv:
