@@ -11,6 +11,7 @@ This module knows nothing of torch: tensors arrive as numpy arrays.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -33,6 +34,23 @@ DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": None}  # bfl
 
 class StoreError(Exception):
     """A store on disk is missing, truncated, corrupt or of an unknown format; the message names the file."""
+
+
+class NoSpaceError(StoreError):
+    """The file system a model would be written to has less room than the model needs (said before any write)."""
+
+
+def check_room(folder: Path, need: int, what: str) -> None:
+    """NoSpaceError unless the file system of `folder` (or of its nearest existing parent) has `need` bytes free;
+    `what` says what needs them ("dummy:opt-125m needs about 0.234 GiB in float16")."""
+    where = Path(folder)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    st = os.statvfs(where)
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise NoSpaceError(f"{what}, but {where} has {free / 2**30:.3f} GiB free; expected room for the converted "
+                           "model (free some space or choose another folder)")
 
 
 @dataclass(frozen=True)
@@ -143,7 +161,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> N
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with _named(path), os.fdopen(fd, "wb") as f:
             if mode is not None:
                 os.fchmod(f.fileno(), mode)
             f.write(data)
@@ -154,6 +172,17 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> N
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _named(path: Path):
+    """An OSError of a write (ENOSPC on flush, EIO) carries no file name: give it `path`'s."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -183,30 +212,40 @@ def write_stage(path: Path, tensors: Iterable[tuple[str, np.ndarray, str]]) -> F
     """
     entries: dict[str, TensorEntry] = {}
     digest = hashlib.sha256()
-    offset = 0
-    with open(path, "wb") as f:
-        for name, arr, dtype in tensors:
-            pad = align_up(offset) - offset
-            if pad:
-                f.write(b"\0" * pad)
-                digest.update(b"\0" * pad)
-                offset += pad
-            raw = _raw(arr)
-            if len(raw) >= HOLE_BYTES and not np.frombuffer(raw, np.uint64 if len(raw) % 8 == 0 else np.uint8).any():
-                f.seek(len(raw), os.SEEK_CUR)  # an all-zero tensor becomes a hole: reads as zeros, takes no disk
-            else:
-                f.write(raw)
-            digest.update(raw)
-            entries[name] = TensorEntry(offset, tuple(int(s) for s in arr.shape), dtype, len(raw))
-            offset += len(raw)
-        pad = align_up(offset) - offset  # whole file a multiple of ALIGN, so O_DIRECT can read it in one go
-        f.write(b"\0" * pad)
-        digest.update(b"\0" * pad)
-        offset += pad
-        f.truncate(offset)  # a file ending in a hole still has its full size
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with _named(path), open(path, "wb") as f:
+            offset = _write_tensors(f, tensors, entries, digest)
+    except OSError:
+        Path(path).unlink(missing_ok=True)
+        raise
     return FileEntry(size=offset, sha256=digest.hexdigest(), tensors=entries)
+
+
+def _write_tensors(f, tensors: Iterable[tuple[str, np.ndarray, str]], entries: dict, digest) -> int:
+    """write_stage's body: the tensors at aligned offsets, the file padded to ALIGN and fsynced; its size."""
+    offset = 0
+    for name, arr, dtype in tensors:
+        pad = align_up(offset) - offset
+        if pad:
+            f.write(b"\0" * pad)
+            digest.update(b"\0" * pad)
+            offset += pad
+        raw = _raw(arr)
+        if len(raw) >= HOLE_BYTES and not np.frombuffer(raw, np.uint64 if len(raw) % 8 == 0 else np.uint8).any():
+            f.seek(len(raw), os.SEEK_CUR)  # an all-zero tensor becomes a hole: reads as zeros, takes no disk
+        else:
+            f.write(raw)
+        digest.update(raw)
+        entries[name] = TensorEntry(offset, tuple(int(s) for s in arr.shape), dtype, len(raw))
+        offset += len(raw)
+    pad = align_up(offset) - offset  # whole file a multiple of ALIGN, so O_DIRECT can read it in one go
+    f.write(b"\0" * pad)
+    digest.update(b"\0" * pad)
+    offset += pad
+    f.truncate(offset)  # a file ending in a hole still has its full size
+    f.flush()
+    os.fsync(f.fileno())
+    return offset
 
 
 class ModelWriter:
@@ -237,9 +276,13 @@ class ModelWriter:
         manifest.extra["other_files"] = checksum_other_files(self.tmp, skip=set(manifest.files))
         atomic_write_json(self.tmp / MANIFEST, manifest.to_json())
         fsync_dir(self.tmp)
-        if self.out_dir.exists():  # --overwrite: move the old one into a scratch dir first, then drop it
+        if self.out_dir.exists() and exchange(self.tmp, self.out_dir):  # --overwrite: the entries swapped at once,
+            fsync_dir(self.out_dir.parent)  # the name never without a whole entry; the scratch now holds the old
+            self.scratch.remove()
+            return self.out_dir
+        if self.out_dir.exists():  # no RENAME_EXCHANGE here: the old one into a scratch dir, the new into place
             with Scratch(self.out_dir.parent, f"{STAGING}{self.out_dir.name}-old-") as old:
-                os.replace(self.out_dir, old.path / "old")
+                os.replace(self.out_dir, old.path / "old")  # a kill from here to the next line leaves no entry
                 os.replace(self.tmp, self.out_dir)
         else:
             os.replace(self.tmp, self.out_dir)
@@ -249,6 +292,46 @@ class ModelWriter:
 
     def abort(self) -> None:
         self.scratch.remove()
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two names
+_AT_FDCWD = -100
+
+
+def _renameat2():
+    """libc's renameat2 (glibc 2.28+, Linux 3.15+), or None."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def can_exchange() -> bool:
+    """Whether this libc has renameat2 (the file system may still refuse RENAME_EXCHANGE: exchange says)."""
+    return _renameat2() is not None
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the existing entries `a` and `b` (same file system) in one step with renameat2(RENAME_EXCHANGE): each name
+    leads to one whole entry at every moment, a kill -9 included. False, nothing changed, where the libc, kernel or
+    file system lacks it (ModelWriter.publish then falls back to two renames, with a window between them)."""
+    import ctypes
+    import errno
+
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # no such call, or not on this file system
+        return False
+    raise OSError(err, f"renameat2(RENAME_EXCHANGE) of {a} and {b}: {os.strerror(err)}")
 
 
 def checksum_other_files(model_dir: Path, *, skip: set[str]) -> dict[str, dict]:
