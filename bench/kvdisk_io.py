@@ -6,10 +6,11 @@ DiskKV / WriteBackDiskKV (the classes the engine runs), beside the disk's sequen
 
 Prefill: for each layer one store of `batch x tokens` rows (the Llama-3-8B shape: 8 KV heads of 128 float16 values),
 then --compute-ms of sleep standing in for the next layer's GPU compute (the CPU is free meanwhile, as it is while
-the GPU computes); the figures are the wall time to the last byte written, the time the stores held the schedule
-and, of that, rows_s: the stores' CPU work laying the rows out token-major (a device kernel on a GPU). Decode: the
-files' page cache dropped (fsync + fadvise DONTNEED), then one step: each layer's prefix loaded in schedule order
-(prefetch of the next layer, load of this one, --decode-compute-ms of sleep).
+the GPU computes); the figures are the wall time to the last byte written and synced (fsync: a 32K cache is more
+than the page cache holds), the time the stores held the schedule and, of that, rows_s: the stores' CPU work laying
+the rows out token-major (a device kernel on a GPU).
+Decode: the files' page cache dropped (fsync + fadvise DONTNEED), then one step: each layer's prefix loaded in
+schedule order (prefetch of the next layer, load of this one, --decode-compute-ms of sleep).
 Reads and writes use the tier's O_DIRECT path where it has one (--backend odirect), else buffered.
 """
 
@@ -73,13 +74,13 @@ def main() -> None:
         held += time.perf_counter() - s0
         time.sleep(args.compute_ms / 1e3)
     kv._writes_of(None, wait=True)  # every write done
-    prefill = time.perf_counter() - t0
-    written = kv.io["write_bytes"]
     files = sorted(d.glob("kv_*.bin"))
-    for p in files:
+    for p in files:  # and on the disk: a 32K cache does not fit the page cache (the GPU run's cgroup: 12 GiB)
         fd = os.open(p, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
+    prefill = time.perf_counter() - t0
+    written = kv.io["write_bytes"]
     drop_file_pages(files)
     t0 = time.perf_counter()
     kv.prefetch(0, 0, args.tokens)
