@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
     heap.tune_gc()  # every module imported: they leave the collector's scans
 
     kopf.configure(verbose=args.verbose)
-    elector = _elect(args) if args.leader_elect else None
+    elector = _elect(args, cfg) if args.leader_elect else None
     liveness = f"http://0.0.0.0:{cfg.liveness_port}/healthz" if cfg.liveness_port else None
     try:
         kopf.run(
@@ -102,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
     return 1 if elector is not None and elector.lost.is_set() else 0
 
 
-def _elect(args: argparse.Namespace):
+def _elect(args: argparse.Namespace, cfg: OperatorConfig):
     """Wait for the Lease, then keep renewing it (kopf stops when a renewal fails for too long)."""
     import socket
 
@@ -110,7 +110,7 @@ def _elect(args: argparse.Namespace):
     from kubeflash_operator.lease import Elector
 
     identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
-    elector = Elector(Kube.connect().api, namespace=args.leader_elect_namespace, identity=identity)
+    elector = Elector(Kube.connect(timeout_s=cfg.api_timeout_s).api, namespace=args.leader_elect_namespace, identity=identity)
     elector.wait_until_leader()
     elector.keep_renewing()
     return elector

@@ -33,6 +33,9 @@ class OperatorConfig:
     backoff_cap_s: float = 300.0  # longest retry delay
     unschedulable_timeout_s: float = 300.0  # a pod the scheduler cannot place this long fails its attempt
     image_pull_timeout_s: float = 300.0  # a pod that cannot pull its image this long fails its attempt
+    # connect timeout and read timeout of every call of the operator's blocking Kubernetes client (kube.Kube: pods,
+    # job status, FlashNode ledger, ConfigMaps; the Lease elector): a call past it fails naming the request
+    api_timeout_s: float = 30.0
     # "detours": a job that goes from new to Running in its first step (the direct path) posts no Normal Event, its
     # status conditions say the same (one API write per job less: issue 24's 4 writes from apply to Running);
     # every other step's Normal news does. "all": that first step's news too, as one Event.
@@ -56,6 +59,8 @@ class OperatorConfig:
                 parse_quantity(getattr(self, name), path=ENV_PREFIX + name.upper(), lo=1)
             except SpecError as e:
                 raise ValueError(str(e)) from None
+        if not self.api_timeout_s > 0:
+            raise ValueError(f"{ENV_PREFIX}API_TIMEOUT_S must be a number of seconds above 0, got {self.api_timeout_s!r}")
         if any(not isinstance(i, str) or not i or any(c.isspace() for c in i) for i in self.allowed_images):
             raise ValueError(f"{ENV_PREFIX}ALLOWED_IMAGES must be image references without spaces, got "
                              f"{self.allowed_images!r}")

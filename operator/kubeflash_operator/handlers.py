@@ -129,7 +129,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     objects = logging.getLogger("kopf.objects")
     if not any(isinstance(f, _QuietRoutine) for f in objects.filters):
         objects.addFilter(_QuietRoutine())
-    memo.kube = Kube.connect()
+    memo.kube = Kube.connect(timeout_s=cfg.api_timeout_s)
     memo.book = ClaimBook()
     memo.sent = {}  # job uid -> (resourceVersion our last status patch was based on, the one it made, when)
     memo.wakeups = {}  # job uid -> the asyncio.Event that wakes its coroutine

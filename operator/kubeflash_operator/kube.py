@@ -24,9 +24,11 @@ from kubeflash_api.flashnode import MAX_MODELS
 from kubeflash_api.prefixes import SAMPLE, job_fingerprints
 from kubeflash_operator.bookkeeping import CLAIMS_ANNOTATION, ENDED_ANNOTATION, parse_ledger
 from kubeflash_operator.builder import JOB_LABEL, MANAGED_BY, NODE_LABEL, owner_reference
+from kubeflash_operator.config import OperatorConfig
 
 GROUP, VERSION = "kubeflash.io", "v1alpha1"
 POOL_SIZE = 32  # HTTP connections kept to the API server (the operator's API threads share them)
+API_TIMEOUT_S = OperatorConfig.api_timeout_s  # the setting's default: each call's connect and read timeout
 GC_SLACK = 16  # a full spec.models list is trimmed this many entries below the cap, so the next adds write once
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,49 @@ def connection_info() -> dict[str, Any]:
         "scheme": scheme or None, "token": token or None,
         "certificate_path": c.cert_file, "private_key_path": c.key_file,
     }
+
+
+class RequestTimeout(ApiException):
+    """A call that got no answer (or no connection) within the request timeout, or lost its connection: status 0,
+    as the client reports TLS errors, so callers that re-raise what is not a 404/409 re-raise it; the message names
+    the request."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(status=0, reason=message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TimedApiClient(client.ApiClient):
+    """The kubernetes ApiClient with every call bounded: `timeout_s` to connect and `timeout_s` to read (between
+    bytes of the answer), one attempt (no urllib3 retries that would multiply it; kopf's handlers and the Lease
+    renewal retry on their own). A call given its own _request_timeout keeps it. The generated API classes
+    (CoreV1Api, CustomObjectsApi, CoordinationV1Api) and Kube._call all go through call_api."""
+
+    def __init__(self, configuration: client.Configuration, *, timeout_s: float = API_TIMEOUT_S) -> None:
+        configuration.retries = False  # urllib3: one attempt, its own error raised (no MaxRetryError wrapping)
+        super().__init__(configuration)
+        self.timeout_s = timeout_s
+
+    def call_api(self, method, url, header_params=None, body=None, post_params=None, _request_timeout=None):
+        import urllib3
+
+        t = self.timeout_s
+        try:
+            return super().call_api(method, url, header_params, body, post_params,
+                                    _request_timeout if _request_timeout is not None else (t, t))
+        except urllib3.exceptions.TimeoutError as e:
+            raise RequestTimeout(f"{method} {url}: no answer from the API server within the {t:g} s request timeout "
+                                 f"(connect, then read; KUBEFLASH_OPERATOR_API_TIMEOUT_S): {e}") from e
+        except urllib3.exceptions.HTTPError as e:  # refused, reset, DNS: the connection itself failed
+            raise RequestTimeout(f"{method} {url}: the connection to the API server failed: {e}") from e
+
+
+def api_client(configuration: client.Configuration, *, timeout_s: float = API_TIMEOUT_S) -> TimedApiClient:
+    """The operator's blocking client over `configuration`, every call bounded by `timeout_s` (TimedApiClient)."""
+    return TimedApiClient(configuration, timeout_s=timeout_s)
 
 
 class Conflict(Exception):
@@ -102,11 +147,13 @@ class Kube:
         return json.loads(r.data) if r.data else None
 
     @classmethod
-    def connect(cls, pool_size: int = POOL_SIZE) -> Kube:
+    def connect(cls, pool_size: int = POOL_SIZE, *, timeout_s: float = API_TIMEOUT_S) -> Kube:
+        """From the in-cluster or kubeconfig credentials (load_config), each call bounded by `timeout_s` (connect,
+        then read: OperatorConfig.api_timeout_s)."""
         load_config()
         conf = client.Configuration.get_default_copy()
         conf.connection_pool_maxsize = pool_size  # one kept-alive connection per API thread, no TLS per call
-        return cls(client.ApiClient(conf))
+        return cls(api_client(conf, timeout_s=timeout_s))
 
     # -------------------------------------------------------------------------------------------- pods
 
