@@ -47,7 +47,7 @@ def run(store: Path, target, *, device: str, prompt: list[int], new: int, batch:
             ffn = None if target is None else for_job(c, store, target, hot_bytes=hot, gap=gap,
                                                       method=method.split("+")[0], attention=method == "input+attn")
             if ffn is not None and hot_device:  # input sparsity: the most frequent rows on the compute device
-                hold_on_device(ffn, store, device_bytes=hot_device, host_bytes=hot, device=device)
+                hold_on_device(ffn, device_bytes=hot_device, host_bytes=hot, device=device)
             e = Engine(store, policy=Policy(gpu_batch_size=batch), device=device, sparsity=ffn)
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
