@@ -12,6 +12,11 @@ the rows out token-major (a device kernel on a GPU).
 Decode: the files' page cache dropped (fsync + fadvise DONTNEED), then one step: each layer's prefix loaded in
 schedule order (prefetch of the next layer, load of this one, --decode-compute-ms of sleep).
 Reads and writes use the tier's O_DIRECT path where it has one (--backend odirect), else buffered.
+
+    .venv/bin/python bench/kvdisk_io.py --dir /tmp/kvio --io-only --io-gib 1
+
+--io-only: the tier's byte mover alone (kvio.SpanIO, --threads x --task-mib pieces) writing --io-gib GiB from a
+page-aligned buffer into a fresh KV file, fsync included, then reading it back cold, with O_DIRECT and buffered.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 
 from kubeflash_node.engine.bench import drop_file_pages
 from kubeflash_node.engine.kvcache import DiskKV, LayerKV
+from kubeflash_node.engine.kvio import KVFile, SpanIO, aligned
 from kubeflash_node.engine.kvnear import WriteBackDiskKV
 
 GB = 1e9
@@ -42,6 +48,30 @@ def _tier(args, directory: Path):
     return cls(**kw)
 
 
+def io_only(args) -> None:
+    n = args.io_gib << 30
+    buf = aligned(n, pin=False)
+    buf.fill_(7)
+    path = args.dir / "span.bin"
+    args.dir.mkdir(parents=True, exist_ok=True)
+    for direct in (True, False):
+        f, spans = KVFile.create(path, n, 1, direct=direct), SpanIO(args.threads, args.task_mib << 20)
+        t0 = time.perf_counter()
+        spans.run(f, buf, 0, n, 0, write=True)
+        os.fsync(f.fd)
+        w = time.perf_counter() - t0
+        drop_file_pages([path])
+        t0 = time.perf_counter()
+        spans.run(f, buf, 0, n, 0, write=False)
+        r = time.perf_counter() - t0
+        print(json.dumps({"direct": f.dfd is not None, "threads": args.threads, "task_mib": args.task_mib,
+                          "write_fsync_gbps": round(n / w / GB, 3), "cold_read_gbps": round(n / r / GB, 3),
+                          "direct_bytes": spans.direct}))
+        f.close()
+        spans.close()
+        path.unlink()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/kvio"))
@@ -54,7 +84,11 @@ def main() -> None:
     ap.add_argument("--task-mib", type=int, default=16)
     ap.add_argument("--backend", default="odirect")
     ap.add_argument("--write-back", action="store_true")
+    ap.add_argument("--io-only", action="store_true")
+    ap.add_argument("--io-gib", type=int, default=1)
     args = ap.parse_args()
+    if args.io_only:
+        return io_only(args)
     d = args.dir / "kv"
     shutil.rmtree(d, ignore_errors=True)
     kv = _tier(args, d)
