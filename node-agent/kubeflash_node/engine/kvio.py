@@ -81,19 +81,22 @@ class Slots:
             buf, ev = self.free.pop() if self.free else (None, None)
             if buf is None:
                 self.made += 1  # a new one (a spare beyond `count` when not waiting)
-            elif buf.numel() < n:
-                buf = ev = None  # too small: made again in its place
         if ev is not None:
-            ev.synchronize()
-        return buf if buf is not None else aligned(n, pin=self.pin, device=self.device)
+            ev.synchronize()  # before it is written again, or freed: no copy may still read it
+        if buf is None or buf.numel() < n:  # none free, or too small: made (again, in its place)
+            buf = aligned(n, pin=self.pin, device=self.device)
+        return buf
 
     def give(self, buf: torch.Tensor, event=None) -> None:
         with self.cv:
-            if self.made > self.count:
-                self.made -= 1  # a spare: dropped
+            spare = self.made > self.count
+            if spare:
+                self.made -= 1
             else:
                 self.free.append((buf, event))
             self.cv.notify()
+        if spare and event is not None:
+            event.synchronize()  # a spare is dropped (its memory freed) only after the copy out of it has run
 
 
 class SpanIO:
