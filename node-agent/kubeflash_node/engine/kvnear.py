@@ -91,15 +91,15 @@ class WriteBackDiskKV(DiskKV):
     def load(self, layer: int, mb: int, start: int) -> LayerKV:
         if start == 0:
             return LayerKV(None, None, in_place=False)
-        b = self.files[layer, mb].batch
+        b, pending = self.files[layer, mb].batch, self.pending[layer, mb]
+        held = self.flushed[layer, mb] + sum(r.shape[0] for r in pending)
+        if held != start:
+            raise RuntimeError(f"KV write-back: layer {layer} micro-batch {mb} holds {held} rows, expected {start}")
         raw = self._prefix(layer, mb, start)  # room for the whole prefix, the file's rows first
         at = self.flushed[layer, mb] * self._row(b)
-        for r in self.pending[layer, mb]:  # then the buffered rows, in place: no copy of the file's part
+        for r in pending:  # then the buffered rows, in place: no copy of the file's part
             raw[at:at + r.numel()].copy_(r.reshape(-1))
             at += r.numel()
-        if at != start * self._row(b):
-            raise RuntimeError(f"KV write-back: layer {layer} micro-batch {mb} holds {at // self._row(b)} rows, "
-                               f"expected {start}")
         return self._kv(raw, start, b)
 
     def _flush(self, layer: int, mb: int) -> None:
