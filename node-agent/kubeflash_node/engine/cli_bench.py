@@ -266,7 +266,9 @@ def main(args: argparse.Namespace) -> int:
         report = build_report(engine)
         engine.close()
     except (StoreError, EngineError, ValueError, OSError) as e:
-        print(f"kubeflash bench: error: {e}", file=sys.stderr)
+        from .cli_run import say
+
+        print(f"kubeflash bench: error: {say(e)}", file=sys.stderr)
         return 1
     gbs = policy.gpu_batch_size
     pred = predict(Candidate(policy, quant), config=config, ceil=ceil, job=job, budget=budget,

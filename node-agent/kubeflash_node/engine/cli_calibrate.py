@@ -95,27 +95,43 @@ def main(args: argparse.Namespace) -> int:
     try:
         path = calibrate_cli(args)
     except (StoreError, EngineError, ValueError, OSError) as e:
-        print(f"kubeflash calibrate: error: {e}", file=sys.stderr)
+        from .cli_run import say
+
+        print(f"kubeflash calibrate: error: {say(e)}", file=sys.stderr)
         return 1
     print(f"calibration: {path}")
     return 0
 
 
 def _refuse_early(args: argparse.Namespace) -> None:
-    """A --text that is no file, or a MODEL path that does not exist: ValueError naming it."""
+    """A --text that is no regular file, not UTF-8 or shorter than calibration needs, or a MODEL path that does not
+    exist or a dummy: model (no tokenizer): ValueError naming it."""
     import re
 
     if getattr(args, "attention", False) and not getattr(args, "channels", True):
         raise ValueError("--attention with --no-channels: attention sparsity runs with the FFN's input sparsity, which "
                          "reads the input-channel files; drop --no-channels")
     if not args.text.is_file():
-        raise ValueError(f"--text {args.text}: {'is a directory' if args.text.is_dir() else 'no such file'}; "
-                         "expected a UTF-8 text file of ordinary prose")
+        why = "is a directory" if args.text.is_dir() else "is not a regular file" if args.text.exists() else \
+            "no such file"
+        raise ValueError(f"--text {args.text}: {why}; expected a UTF-8 text file of ordinary prose")
     model = str(args.model)
+    if model.startswith("dummy:"):  # it would be converted first, minutes for a large preset, to be refused after
+        raise ValueError(f"MODEL {model}: random weights have no tokenizer, so they cannot read --text; expected "
+                         "builtin:smollm2-135m, a Hugging Face directory or .gguf file with a tokenizer, or a model "
+                         "directory converted from one")
     if not model.startswith(("builtin:", "dummy:")) and not re.match(r"^[a-z][a-z0-9+.-]*://", model) \
             and not Path(model).expanduser().exists():
         raise ValueError(f"MODEL {model}: no such file or directory; expected a model directory (kubeflash convert "
                          "--out DIR), builtin:smollm2-135m, a Hugging Face directory or a .gguf file")
+    data = args.text.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text {args.text}: not UTF-8 text ({e})") from None
+    if len(data) + 2 < MIN_TOKENS:  # no tokenizer makes more tokens than bytes, besides a BOS and an EOS it adds
+        raise ValueError(f"--text {args.text}: {len(data)} bytes; calibration needs at least {MIN_TOKENS} tokens "
+                         "(a few pages of ordinary prose)")
 
 
 def calibrate_cli(args: argparse.Namespace) -> Path:

@@ -8,6 +8,8 @@ FlexGen's timing breakdown are printed at the end.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -53,8 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_device(name: str) -> str:
     """The compute device; on CPU one core is left to the reader threads (OpenMP spins badly when oversubscribed)."""
-    import os
-
     import torch
 
     from .devices import check_device
@@ -119,9 +119,17 @@ def main(args: argparse.Namespace) -> int:
         bar.close()
     except (SpecError, StoreError, EngineError, ValueError, OSError) as e:
         _remove_empty(created)
-        print(f"kubeflash run: error: {e}", file=sys.stderr)
+        print(f"kubeflash run: error: {say(e)}", file=sys.stderr)
         return 1
     return _finish(args, spec, report, output=output, job_dir=job_dir)
+
+
+def say(e: Exception) -> str:
+    """An error as one line; a file system error names its file first ("[Errno 28] ..." named none)."""
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}" + ("; expected a disk with room for it" if e.errno in
+                                                 (errno.ENOSPC, errno.EDQUOT) else "")
+    return str(e)
 
 
 def _tensor_parallel(args, spec) -> tuple[int, str]:
@@ -176,6 +184,7 @@ def _finish(args, spec, report: dict, *, output: Path, job_dir: Path) -> int:
 def _model(spec, *, dtype: str, root: Path, quiet: bool):
     """The converted model; a source that cannot be read is reported as spec.model.uri's problem."""
     from ..store.cache import ensure_model
+    from ..store.format import NoSpaceError
     from ..store.hf_config import SourceError
     from ..store.modelconfig import preset
 
@@ -184,6 +193,8 @@ def _model(spec, *, dtype: str, root: Path, quiet: bool):
         if uri.startswith("dummy:"):
             preset(uri.removeprefix("dummy:"))  # an unknown preset, before anything is written
         return ensure_model(uri, dtype=dtype, quantization=spec.model.quantization, root=root, progress_bar=not quiet)
+    except NoSpaceError as e:
+        raise NoSpaceError(f"the model store {root} (--store or $KUBEFLASH_HOME): {e}") from None
     except (SourceError, ValueError) as e:
         if str(e).startswith("spec.model") or not (isinstance(e, SourceError) or "dummy preset" in str(e)):
             raise
@@ -265,8 +276,10 @@ def check_writable(label: str, path: Path, folder: Path) -> list[Path]:
                          "expected a writable directory") from None
     created = list(reversed(missing))
     try:  # a real write: os.access says yes to root on read-only mounts and /sys
-        with tempfile.TemporaryFile(dir=folder, prefix=".kubeflash-probe-"):
-            pass
+        with tempfile.TemporaryFile(dir=folder, prefix=".kubeflash-probe-") as f:
+            f.write(b"\0" * 4096)  # bytes, not an empty file: that fits on a full disk too
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
         _remove_empty(created)
         raise ValueError(f"{label} {path}: {folder} is not writable ({e.strerror or e}); "

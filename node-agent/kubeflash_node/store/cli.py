@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from .cache import _bar
     from .convert import convert
-    from .format import StoreError, verify
+    from .format import NoSpaceError, StoreError, verify
     from .modelconfig import PRESETS
     from .uris import check_scheme
 
@@ -56,14 +57,20 @@ def main(args: argparse.Namespace) -> int:
         bar.close()
         if args.verify:
             verify(args.out, manifest)
+    except NoSpaceError as e:  # said before anything is written
+        bar.close()
+        print(f"kubeflash convert: error: --out {args.out}: {e}", file=sys.stderr)
+        return 1
     except (StoreError, ValueError) as e:
         bar.close()
         print(f"kubeflash convert: error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:  # --out in a folder that cannot be created or written
+    except OSError as e:  # --out in a folder that cannot be created or written, or a disk that filled meanwhile
         bar.close()
+        room = e.errno in (errno.ENOSPC, errno.EDQUOT)
         print(f"kubeflash convert: error: --out {args.out}: {e.strerror or e} ({e.filename or args.out}); "
-              "expected a new directory in a writable folder", file=sys.stderr)
+              f"expected {'a folder with room for the model' if room else 'a new directory in a writable folder'}"
+              "; nothing was published", file=sys.stderr)
         return 1
     q = manifest.extra.get("quant")
     qs = f" + int{q['bits']} matrices (group {q['group']}{', symmetric' if q['symmetric'] else ''})" if q else ""

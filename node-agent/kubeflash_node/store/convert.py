@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .format import Manifest, ModelWriter, load_manifest, tensor_view
+from .format import ALIGN, Manifest, ModelWriter, check_room, load_manifest, tensor_view
 from .ggufsource import GGUFSource
 from .hf_config import ConfigError, SourceError, config_from_hf  # noqa: F401 (re-exported)
 from .modelconfig import ModelConfig, preset
@@ -482,6 +482,19 @@ def _stage_iter(tensors: Tensors, dtype: str, quant=None) -> Iterator[tuple[str,
             yield name, _to_store(t, dtype), dtype
 
 
+def _check_room(uri: str, c: ModelConfig, out_dir: Path, dtype: str, quantization: str) -> None:
+    """NoSpaceError, before anything is written, where the disk of `out_dir` cannot hold the converted model
+    (estimated from its config; quantized layers at their code bits). dummy:PRESET@zeros is written as holes."""
+    if uri.startswith("dummy:") and uri.endswith("@zeros"):
+        return
+    itemsize = 4 if dtype == "float32" else 2
+    layer = c.layer_params() * ({"int8": 1, "int4": 0.5}.get(quantization) or itemsize)
+    pads = (c.num_layers * c.layer_tensors() + 8) * ALIGN  # each tensor starts 4 KiB-aligned
+    need = int((c.embed_params() + c.head_params()) * itemsize + c.num_layers * layer) + pads
+    how = f"in {dtype}" + (f" with {quantization} layers" if quantization != "none" else "")
+    check_room(out_dir.parent, need, f"{uri} needs about {need / 2**30:.3f} GiB {how}")
+
+
 def convert(uri: str, out_dir: Path, *, dtype: str = "float16", quantization: str = "none",
             symmetric: bool = False, group: int = 64, overwrite: bool = False,
             progress: Callable[[int, int, str], None] | None = None) -> Manifest:
@@ -498,7 +511,11 @@ def convert(uri: str, out_dir: Path, *, dtype: str = "float16", quantization: st
                            or Path(out_dir).expanduser().resolve() in local.resolve().parents):
         raise SourceError(f"{out_dir}: is the source {uri} or a folder holding it; the converted model would "
                           "replace its own source (choose another output directory)")
+    if uri.startswith("dummy:"):  # its reader imports torch: the room is checked from the preset first
+        _check_room(uri, preset(uri.removeprefix("dummy:").partition("@")[0]), Path(out_dir), dtype, quantization)
     source = open_source(uri)  # config.json, headers and shapes checked first: a bad source is refused before torch
+    if not uri.startswith("dummy:"):
+        _check_room(uri, source.config, Path(out_dir), dtype, quantization)
     from .quantformat import QuantSpec  # imports torch (seconds)
 
     try:

@@ -1,0 +1,162 @@
+"""Defects a newcomer met walking README.md and docs/ on a CPU machine (helper-68's pass), each refused within a
+second naming the field or file and what was expected, with nothing stored lost or half-written:
+
+(a) a full disk under `kubeflash run`'s job directory or store, or under `kubeflash convert --out`: a bare
+    "[Errno 28] No space left on device" (no file, no field) after torch was imported and the model converted, or
+    a conversion that wrote until the disk was full before it failed;
+(b) `kubeflash calibrate --text` of an empty, too short or binary file refused only after torch and the model were
+    loaded (4-7 s), and `--text /dev/null` called "no such file".
+
+The full-disk cases use a real small tmpfs (mount needs root; skipped with the reason otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-X", "importtime", "-m", "kubeflash_node.cli"]
+
+
+def _cli(*args: str, cwd: Path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float, set[str]]:
+    """(the process, its wall time, the modules it imported) of one kubeflash command."""
+    t = time.monotonic()
+    r = subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **(env or {})})
+    imported = {x.rsplit("|", 1)[-1].strip() for x in r.stderr.splitlines() if x.startswith("import time:")}
+    r.stderr = "\n".join(x for x in r.stderr.splitlines() if not x.startswith("import time:"))
+    return r, time.monotonic() - t, imported
+
+
+def _error(r: subprocess.CompletedProcess, command: str) -> str:
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    [line] = [x for x in r.stderr.splitlines() if x.startswith(f"kubeflash {command}: error:")]
+    return line.removeprefix(f"kubeflash {command}: error: ")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 4 MiB tmpfs filled to the last byte (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+    try:
+        with open(disk / "ballast", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\1" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def _job(tmp_path: Path) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text("apiVersion: kubeflash.io/v1alpha1\nkind: InferenceJob\nmetadata: {name: full}\nspec:\n"
+                    "  model: {uri: 'dummy:opt-125m'}\n  input: {synthetic: {count: 1, promptLength: 4}}\n"
+                    "  generation: {maxNewTokens: 2}\n")
+    return path
+
+
+def test_run_with_its_job_directory_on_a_full_disk_names_it_before_torch(tmp_path, full_disk):
+    """--job-dir on a full disk: refused naming --job-dir and the disk's state, before torch is imported (the empty
+    probe file the check wrote fit on a full disk, and the run died later on progress.json with no file named)."""
+    r, took, imported = _cli("run", str(_job(tmp_path)), "--device", "cpu", "--job-dir", str(full_disk / "job"),
+                             "--store", str(tmp_path / "home"), cwd=tmp_path)
+    assert _error(r, "run").startswith(f"--job-dir {full_disk / 'job'}: {full_disk / 'job'} is not writable (No space "
+                                       "left on device)"), r.stderr
+    assert "torch" not in imported and took < 5, took
+    assert not (full_disk / "job").exists() and not (tmp_path / "home").exists()
+
+
+def test_run_with_its_store_on_a_full_disk_names_the_space_it_needs(tmp_path, full_disk):
+    """The store ($KUBEFLASH_HOME) on a disk with too little room for the model: one line naming the store, the bytes
+    the model needs and the bytes free, before any stage file is written (it was a bare "[Errno 28]" after the first
+    stages); no job directory and no scratch directory are left."""
+    home = full_disk / "home"
+    os.remove(full_disk / "ballast")
+    (full_disk / "ballast").write_bytes(b"\1" * (2 << 20))  # 2 MiB free: the probes fit, the model does not
+    r, took, _ = _cli("run", str(_job(tmp_path)), "--device", "cpu", cwd=tmp_path, env={"KUBEFLASH_HOME": str(home)})
+    error = _error(r, "run")
+    assert error.startswith(f"the model store {home} (--store or $KUBEFLASH_HOME): dummy:opt-125m needs about "
+                            f"0.467 GiB in float32, but {home / 'models'} has 0.00"), error
+    assert took < 15, took
+    assert [p.name for p in (home / "models").iterdir() if not p.name.endswith(".lock")] == []
+    assert not (tmp_path / "kubeflash-out").exists()
+
+
+def test_convert_onto_a_full_disk_refuses_before_writing(tmp_path, full_disk):
+    """kubeflash convert --out on a disk without room: refused before the first stage is written (it used to write
+    until the disk was full, seconds later, and call the folder unwritable); a store that does fit converts."""
+    r, took, imported = _cli("convert", "dummy:opt-125m", "--out", str(full_disk / "opt"), cwd=tmp_path)
+    error = _error(r, "convert")
+    assert error.startswith(f"--out {full_disk / 'opt'}: dummy:opt-125m needs about 0.234 GiB in float16, but "
+                            f"{full_disk} has 0.000 GiB free"), error
+    assert "torch" not in imported and took < 5, took
+    assert sorted(p.name for p in full_disk.iterdir()) == ["ballast"]
+
+
+def test_a_disk_that_fills_during_a_write_is_named_by_file(tmp_path, full_disk):
+    """Where the space runs out after the checks (another writer took it): the error names the file being written,
+    and the half-written file is gone (atomic_write_bytes, write_stage)."""
+    from kubeflash_node.store.format import atomic_write_json, write_stage
+
+    target = full_disk / "progress.json"
+    with pytest.raises(OSError) as e:
+        atomic_write_json(target, {"x": "y" * 100000})
+    assert e.value.filename == str(target) and "No space left" in str(e.value), str(e.value)
+    import numpy as np
+
+    stage = full_disk / "layer_000.bin"
+    with pytest.raises(OSError) as e:
+        write_stage(stage, [("w", np.ones((256, 256), np.float32), "float32")])
+    assert e.value.filename == str(stage) and "No space left" in str(e.value), str(e.value)
+    assert sorted(p.name for p in full_disk.iterdir()) == ["ballast"]
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "0 bytes; calibration needs at least 512 tokens (a few pages of ordinary prose)"),
+    (b"Just a line.\n", "13 bytes; calibration needs at least 512 tokens (a few pages of ordinary prose)"),
+    (b"\xfa\xfb" * 2000, "not UTF-8 text ('utf-8' codec can't decode byte 0xfa in position 0"),
+], ids=["empty", "short", "binary"])
+def test_calibrate_refuses_a_text_it_cannot_use_before_torch(tmp_path, content, message):
+    """A --text with fewer bytes than the 512 tokens calibration needs (no tokenizer makes more tokens than bytes)
+    or that is not UTF-8 is refused before torch is imported and the model converted."""
+    text = tmp_path / "text.txt"
+    text.write_bytes(content)
+    r, took, imported = _cli("calibrate", "builtin:smollm2-135m", "--text", str(text), "--device", "cpu",
+                             "--store", str(tmp_path / "home"), "--quiet", cwd=tmp_path)
+    assert _error(r, "calibrate").startswith(f"--text {text}: {message}"), r.stderr
+    assert "torch" not in imported and took < 5, took
+    assert not (tmp_path / "home").exists()
+
+
+def test_calibrate_names_a_text_that_is_not_a_regular_file(tmp_path):
+    """--text /dev/null exists: it is no regular file, not "no such file"."""
+    r, _, _ = _cli("calibrate", "builtin:smollm2-135m", "--text", "/dev/null", "--device", "cpu", cwd=tmp_path)
+    assert _error(r, "calibrate") == ("--text /dev/null: is not a regular file; expected a UTF-8 text file of "
+                                      "ordinary prose")
+
+
+def test_calibrate_refuses_a_dummy_model_before_converting_it(tmp_path):
+    """MODEL dummy:PRESET has no tokenizer: refused at once, naming MODEL, instead of after converting the preset
+    into the store (minutes for a large one) with "has no tokenizer"."""
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    r, took, imported = _cli("calibrate", "dummy:llama-3-8b", "--text", str(text), "--device", "cpu",
+                             "--store", str(tmp_path / "home"), "--quiet", cwd=tmp_path)
+    assert _error(r, "calibrate").startswith("MODEL dummy:llama-3-8b: random weights have no tokenizer, so they "
+                                             "cannot read --text"), r.stderr
+    assert "torch" not in imported and took < 5, took
+    assert not (tmp_path / "home").exists()
