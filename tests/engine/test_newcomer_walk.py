@@ -160,3 +160,30 @@ def test_calibrate_refuses_a_dummy_model_before_converting_it(tmp_path):
                                              "cannot read --text"), r.stderr
     assert "torch" not in imported and took < 5, took
     assert not (tmp_path / "home").exists()
+
+
+def test_a_models_family_is_named_as_config_json_gives_it(tmp_path):
+    """A Gemma 2 directory is reported as gemma2 (its config.json model_type, ModelConfig.family, "for reports") by
+    convert's summary, plan's model line and run's report, as --list-presets names its presets; all three said
+    "llama" (the engine's architecture), so a newcomer could not tell whether the right model had been read."""
+    from hf_random import save_random_model
+    from transformers import Gemma2Config
+
+    src = tmp_path / "gemma"
+    save_random_model(Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=64), src)
+    r, _, _ = _cli("convert", str(src), "--out", str(tmp_path / "store"), "--dtype", "float32", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith(f"{tmp_path / 'store'}: gemma2, 2 layers, float32"), r.stdout
+    job = tmp_path / "job.yaml"
+    job.write_text("apiVersion: kubeflash.io/v1alpha1\nkind: InferenceJob\nmetadata: {name: g}\nspec:\n"
+                   f"  model: {{uri: '{src}', dtype: float32}}\n  input: {{synthetic: {{count: 1, promptLength: 4}}}}\n"
+                   "  generation: {maxNewTokens: 2}\n")
+    home = str(tmp_path / "home")
+    r, _, _ = _cli("run", str(job), "--device", "cpu", "--quiet", "--store", home, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    [model] = [x for x in r.stdout.splitlines() if x.startswith("model ") and " layers, " in x]
+    assert model.endswith(f"hf:{src} (gemma2, 2 layers, float32)"), model
+    r, _, _ = _cli("plan", str(job), "--store", home, "--ceilings", str(ROOT / "docs" / "bench-results" /
+                                                                      "ceilings.json"), cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith(f"model: {src} (gemma2, 2 layers, float32;"), r.stdout

@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
     except (SpecError, StoreError, ValueError, OSError) as e:
         print(f"kubeflash plan: error: {e}", file=sys.stderr)
         return 1
-    print(f"model: {spec.model.uri} ({config.architecture}, {config.num_layers} layers, {spec.model.dtype}; "
+    print(f"model: {spec.model.uri} ({config.family or config.architecture}, {config.num_layers} layers, {spec.model.dtype}; "
           f"{sum(sizes[spec.model.quantization][0]) / 2**30:.2f} GiB stored, {size_note})")
     print(f"job: {job.prompts} prompts x ({job.prompt_len} prompt + {job.gen_len} generated tokens)")
     op = f", {ceil.disk_read_op_s * 1e6:.1f} us a small read" if getattr(ceil, "disk_read_op_s", 0) else ""

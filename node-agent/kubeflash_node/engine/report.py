@@ -18,7 +18,8 @@ def build_report(engine) -> dict:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB -> GiB
     total_s = s["prefill_s"] + s["decode_s"]
     report = {
-        "model": m.source, "architecture": c.architecture, "layers": c.num_layers, "dtype": m.dtype,
+        "model": m.source, "architecture": c.architecture, "family": c.family or c.architecture,
+        "layers": c.num_layers, "dtype": m.dtype,
         "device": str(engine.device), "policy": engine.policy.__dict__ | {"placement": _placement(engine.placement)},
         "io_backend": engine.streamer.reader.name,
         "load_weight_per_layer_s": t.mean("load_weight"),
@@ -65,7 +66,7 @@ def _placement(p: list[str]) -> dict:
 def format_report(r: dict) -> str:
     """A text table like FlexLLMGen's benchmark printout."""
     rows = [
-        ("model", f"{r['model']} ({r['architecture']}, {r['layers']} layers, {r['dtype']})"),
+        ("model", f"{r['model']} ({r.get('family') or r['architecture']}, {r['layers']} layers, {r['dtype']})"),
         ("device / io backend", f"{r['device']} / {r['io_backend']}"),
         ("weights placement (stages)", ", ".join(f"{k}={v}" for k, v in r["policy"]["placement"].items())),
         ("load_weight (per-layer)", f"{r['load_weight_per_layer_s']:.6f} s  (stall {r['load_weight_stall_per_layer_s']:.6f} s)"),

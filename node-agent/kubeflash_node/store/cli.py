@@ -74,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
         return 1
     q = manifest.extra.get("quant")
     qs = f" + int{q['bits']} matrices (group {q['group']}{', symmetric' if q['symmetric'] else ''})" if q else ""
-    print(f"{args.out}: {manifest.architecture}, {manifest.num_layers} layers, {manifest.dtype}{qs}, "
+    family = manifest.config.get("family") or manifest.architecture  # config.json's model_type, as presets list it
+    print(f"{args.out}: {family}, {manifest.num_layers} layers, {manifest.dtype}{qs}, "
           f"{manifest.total_bytes / 2**30:.3f} GiB, tokenizer: {manifest.tokenizer or 'none'}")
     return 0
 
