@@ -187,3 +187,25 @@ def test_a_models_family_is_named_as_config_json_gives_it(tmp_path):
     r, _, _ = _cli("plan", str(job), "--store", home, "--ceilings", str(ROOT / "docs" / "bench-results" /
                                                                       "ceilings.json"), cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith(f"model: {src} (gemma2, 2 layers, float32;"), r.stdout
+
+
+@pytest.mark.parametrize("name,kind", [("model.safetensors", "fifo"), ("model.safetensors", "dir"),
+                                       ("config.json", "fifo"), ("config.json", "dir")])
+def test_a_source_file_that_is_no_regular_file_is_named(tmp_path, name, kind):
+    """A Hugging Face directory whose model.safetensors is a named pipe made convert wait forever on reading its
+    header (and `kubeflash run`, whose check reads it too); a config.json that is a pipe or a directory was called
+    "missing". Each is refused at once naming the file: not a regular file."""
+    from hf_random import save_random_model
+    from transformers import LlamaConfig
+
+    src = tmp_path / "hf"
+    save_random_model(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64), src)
+    (src / name).unlink()
+    os.mkfifo(src / name) if kind == "fifo" else (src / name).mkdir()
+    r, took, _ = _cli("convert", str(src), "--out", str(tmp_path / "store"), cwd=tmp_path)
+    error = _error(r, "convert")
+    want = {"model.safetensors": f"{src / name}: not a readable safetensors file (not a regular file)",
+            "config.json": f"{src / name}: is not a regular file; a Hugging Face model directory needs config.json"}
+    assert error == want[name], error
+    assert took < 5 and not (tmp_path / "store").exists()

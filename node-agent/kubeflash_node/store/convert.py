@@ -131,6 +131,8 @@ def _safetensors_header(f: Path) -> dict[str, tuple[int, ...]]:
     def bad(why: str) -> SourceError:
         return SourceError(f"{f}: not a readable safetensors file ({why})")
 
+    if not f.is_file():  # a named pipe would block the read below forever
+        raise bad("not a regular file")
     try:
         with open(f, "rb") as h:
             size = os.fstat(h.fileno()).st_size
@@ -183,8 +185,9 @@ class HFSource(Source):
 
         self.path = path
         cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise SourceError(f"{cfg_path}: missing; a Hugging Face model directory needs config.json")
+        if not cfg_path.is_file():  # a pipe would block the read below, a directory fail it
+            why = "is not a regular file" if cfg_path.exists() else "missing"
+            raise SourceError(f"{cfg_path}: {why}; a Hugging Face model directory needs config.json")
         try:
             self.hf_config = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as e:
