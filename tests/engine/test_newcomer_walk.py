@@ -209,3 +209,38 @@ def test_a_source_file_that_is_no_regular_file_is_named(tmp_path, name, kind):
             "config.json": f"{src / name}: is not a regular file; a Hugging Face model directory needs config.json"}
     assert error == want[name], error
     assert took < 5 and not (tmp_path / "store").exists()
+
+
+def _small_job(tmp_path: Path) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text("apiVersion: kubeflash.io/v1alpha1\nkind: InferenceJob\nmetadata: {name: p}\nspec:\n"
+                    "  model: {uri: 'dummy:opt-125m'}\n  input: {synthetic: {count: 1, promptLength: 4}}\n")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "fifo"])
+def test_plan_refuses_a_ceilings_path_that_is_no_file_before_torch(tmp_path, kind):
+    """`kubeflash plan --ceilings X` where X does not exist or is a named pipe: refused naming --ceilings before torch
+    is imported (the check sat after bench's import, 2-6 s of torch for a typo); a pipe is "not a regular file"."""
+    ceilings = tmp_path / "ceilings.json"
+    if kind == "fifo":
+        os.mkfifo(ceilings)
+    r, took, imported = _cli("plan", str(_small_job(tmp_path)), "--ceilings", str(ceilings), cwd=tmp_path)
+    why = "no such file" if kind == "missing" else "is not a regular file"
+    assert _error(r, "plan").startswith(f"--ceilings {ceilings}: {why}; expected a ceilings JSON file"), r.stderr
+    assert "torch" not in imported and took < 5, took
+
+
+def test_ceilings_that_are_not_utf8_or_a_pipe_are_named_by_file(tmp_path):
+    """Ceilings.load (plan, run, bench): bytes that are not UTF-8 were a bare "'utf-8' codec can't decode" naming no
+    file; a named pipe blocked the read. Both name the file now."""
+    from kubeflash_node.engine.bench import Ceilings
+
+    path = tmp_path / "ceilings.json"
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match=rf"^{path}: not JSON \("):
+        Ceilings.load(path)
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(ValueError, match=rf"^{path}: is not a regular file; expected the output of kubeflash bench"):
+        Ceilings.load(path)

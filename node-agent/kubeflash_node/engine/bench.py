@@ -49,9 +49,12 @@ class Ceilings:
     def load(cls, path: Path) -> "Ceilings":
         """Read ceilings JSON: `kubeflash bench --ceilings-only --json` output, a bench result holding a
         'ceilings' key, or the bare fields (unknown keys ignored)."""
+        if not Path(path).is_file():  # a named pipe would block the read
+            raise ValueError(f"{path}: {'is not a regular file' if Path(path).exists() else 'no such file'}; "
+                             "expected the output of kubeflash bench --ceilings-only --json")
         try:
-            d = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not JSON ({e}); expected the output of kubeflash bench --ceilings-only --json") from None
         d = d.get("ceilings", d) if isinstance(d, dict) else None
         if not isinstance(d, dict):

@@ -222,13 +222,15 @@ def _ceilings(args):
     the ceilings `kubeflash run` saved in the store. Ceilings without PCIe or matmul (measured where there is no
     GPU) are refused: a plan from them would count those resources as free."""
     from ..store.cache import DEFAULT_ROOT
-    from .bench import Ceilings
 
     saved = (args.store or DEFAULT_ROOT) / "ceilings.json"
+    if args.ceilings and not args.ceilings.is_file():  # before bench (torch: seconds) is imported
+        why = "is a directory" if args.ceilings.is_dir() else "is not a regular file" if args.ceilings.exists() \
+            else "no such file"
+        raise ValueError(f"--ceilings {args.ceilings}: {why}; expected a ceilings JSON file ({_HOW})")
+    from .bench import Ceilings
+
     if args.ceilings:
-        if not args.ceilings.is_file():
-            raise ValueError(f"--ceilings {args.ceilings}: " + ("is a directory" if args.ceilings.is_dir() else
-                             "no such file") + f"; expected a ceilings JSON file ({_HOW})")
         ceil, source = Ceilings.load(args.ceilings), f"--ceilings {args.ceilings}"
     elif args.measure:
         import torch
