@@ -244,3 +244,26 @@ def test_ceilings_that_are_not_utf8_or_a_pipe_are_named_by_file(tmp_path):
     os.mkfifo(path)
     with pytest.raises(ValueError, match=rf"^{path}: is not a regular file; expected the output of kubeflash bench"):
         Ceilings.load(path)
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("missing", "no such file; expected the routing.json an earlier MoE job wrote"),
+    ("dir", "is a directory; expected the routing.json an earlier MoE job wrote"),
+    ("other", "expected a JSON object with format 'kubeflash-routing/1'"),
+    ("text", "not JSON ("),
+])
+def test_run_refuses_a_routing_from_that_is_no_routing_file(tmp_path, kind, message):
+    """`kubeflash run --routing-from FILE` with FILE missing, a directory or not a routing counts file: refused naming
+    --routing-from before torch; it used to run, silently, with "routing counts: seeded from nothing"."""
+    path = tmp_path / "routing.json"
+    if kind == "dir":
+        path.mkdir()
+    elif kind == "other":
+        path.write_text('{"x": 1}')
+    elif kind == "text":
+        path.write_text("counts: many")
+    r, took, imported = _cli("run", str(_small_job(tmp_path)), "--routing-from", str(path), "--device", "cpu",
+                             "--store", str(tmp_path / "home"), cwd=tmp_path)
+    assert _error(r, "run").startswith(f"--routing-from {path}: {message}"), r.stderr
+    assert "torch" not in imported and took < 5, took
+    assert not (tmp_path / "kubeflash-out").exists() and not (tmp_path / "home").exists()

@@ -81,6 +81,7 @@ def main(args: argparse.Namespace) -> int:
         from ..store.cache import DEFAULT_ROOT  # numpy: after the manifest is read
 
         _check_source(spec.model.uri)
+        _check_routing_from(args.routing_from)
         _check_not_an_input(args, spec, output)
         created = _check_paths(args, job_dir=job_dir, output=output, store=Path(args.store or DEFAULT_ROOT))
     except (SpecError, ValueError) as e:
@@ -227,6 +228,20 @@ def _check_source(uri: str) -> None:
                 HFSource(path)
             except SourceError as e:
                 raise SpecError(f"spec.model.uri: {e}") from None
+
+
+def _check_routing_from(path: Path | None) -> None:
+    """--routing-from names a routing counts file (an earlier job's routing.json): one that is missing or not such a
+    file is refused, not silently run without ("seeded from nothing")."""
+    if path is None:
+        return
+    from ..store.routing import MAX_BYTES, ROUTING_FORMAT, load_format
+
+    if not path.is_file():
+        why = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "no such file"
+        raise ValueError(f"--routing-from {path}: {why}; expected the routing.json an earlier MoE job wrote")
+    with open(path, "rb") as f:
+        load_format(f.read(MAX_BYTES + 1), ROUTING_FORMAT, where=f"--routing-from {path}")
 
 
 def _check_not_an_input(args, spec, output: Path) -> None:
