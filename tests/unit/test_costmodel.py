@@ -343,3 +343,26 @@ def test_kv_disk_budget_keeps_the_plan_off_a_disk_cache_that_would_not_fit():
     with pytest.raises(ValueError, match="and 0.0 GiB of KV disk"):
         plan(config=OPT13, ceil=Ceil(), job=job, budget=Budget(2 * GIB, 3 * GIB, 0), sizes=sizes,
              keep=lambda q: q.kv == "disk")
+
+
+@pytest.mark.parametrize("x_percent", [0.0, 50.0], ids=["kv", "x-cache-half"])
+def test_disk_kv_charges_its_staging_and_read_buffers_to_the_host(x_percent):
+    """The disk KV tier's host buffers are charged: 2 staging buffers of a micro-batch's prompt rows of one layer
+    (kvcache.DiskKV.WRITES_IN_FLIGHT) and 2 prefix buffers of its rows (READ_SLOTS), each for the K/V tier and, with
+    X-cache layers, the X tier beside it; write-back's buffered rows come on top; a prefill-only job holds none."""
+    g, s, gen = 4, 32736, 4
+    job, sizes = JobShape(4, s, gen), stage_sizes(LLAMA, 2)
+    base = Policy(gpu_batch_size=g, weights_gpu_percent=100, x_cache_percent=x_percent)
+
+    def host(job=job, **kw):
+        return memory(Candidate(replace(base, **kw)), config=LLAMA, job=job, sizes=sizes)[1]
+
+    kv_row = 2 * LLAMA.num_kv_heads * LLAMA.head_dim * 2  # K and V of one token of one layer, float16
+    x_row = LLAMA.hidden_size * 2  # X as two halves
+    rows = [kv_row] + ([x_row] if x_percent else [])
+    buffers = sum(2 * g * s * r + 2 * g * (s + gen) * r for r in rows)
+    assert host(kv="disk") - host(kv="device") == buffers
+    buffered = LLAMA.num_layers * min(8 << 20, (s + gen) * g * kv_row)  # write-back's rows per (layer, micro-batch)
+    assert host(kv="disk", kv_write_back=True) - host(kv="disk") == buffered
+    one = JobShape(4, s, 1)
+    assert host(job=one, kv="disk") == host(job=one, kv="device")

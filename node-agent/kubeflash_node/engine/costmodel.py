@@ -597,6 +597,16 @@ def kv_disk_bytes(cand: Candidate, *, config: ModelConfig, job: JobShape, itemsi
     return int(min(p.block_size, job.prompts) * (job.prompt_len + job.gen_len) * _kv_token(e, p))
 
 
+def _disk_kv_buffers(e: _Env, p: Policy, g: int, s: int, cap: int, nx: int) -> int:
+    """Host bytes the disk KV tier (kvcache.DiskKV) holds besides its files, per tier object (the K/V one, and the
+    X-cache one where some layers hold X): WRITES_IN_FLIGHT = 2 staging buffers of one store, a micro-batch's prompt
+    rows of one layer (g x s rows), and 2 prefix buffers of a micro-batch's rows (g x cap): on a GPU the READ_SLOTS
+    page-locked read slots, on the CPU the prefix being attended (K, V are views of it) and the next one read
+    meanwhile."""
+    rows = ([_kv_row(e, p.kv_bits)] if nx < e.c.num_layers else []) + ([_kv_row(e, p.kv_bits, x=True)] if nx else [])
+    return int(sum(2 * g * s * r + 2 * g * cap * r for r in rows))
+
+
 def _memory(e: _Env, p: Policy, stored: list[int], dense: list[int], where: list[str]) -> tuple[int, int]:
     """(GPU bytes, CPU bytes) at the peak: what lives the whole run plus the larger of a micro-batch's prefill
     temporaries and a decode step's cache temporaries (they never coexist). Fitted to the measured peaks of
@@ -632,6 +642,8 @@ def _memory(e: _Env, p: Policy, stored: list[int], dense: list[int], where: list
         kv_host = blk * cap * _kv_token(e, p, host=True)
     if p.kv == "disk" and p.kv_write_back and j.gen_len > 1:  # rows buffered per (layer, micro-batch)
         kv_host = c.num_layers * -(-blk // g) * min(p.kv_write_back_bytes, cap * g * _kv_row(e, p.kv_bits))
+    if p.kv == "disk" and j.gen_len > 1:
+        kv_host += _disk_kv_buffers(e, p, g, s, cap, nx)
     cpu = e.cal.host_base_bytes + sum(stored[i] for i, w in enumerate(where) if w == "cpu") + ring + kv_host
     return int(gpu), int(cpu)
 
