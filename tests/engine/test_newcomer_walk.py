@@ -267,3 +267,16 @@ def test_run_refuses_a_routing_from_that_is_no_routing_file(tmp_path, kind, mess
     assert _error(r, "run").startswith(f"--routing-from {path}: {message}"), r.stderr
     assert "torch" not in imported and took < 5, took
     assert not (tmp_path / "kubeflash-out").exists() and not (tmp_path / "home").exists()
+
+
+def test_bench_says_to_convert_a_hugging_face_directory_first(tmp_path):
+    """`kubeflash bench --model HF_DIR` (its --help: a model directory kubeflash convert --out DIR wrote, for HF
+    sources): said "manifest.json: missing; ... is not a complete kubeflash model"; it now says what to run."""
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text('{"model_type": "llama"}')
+    r, took, imported = _cli("bench", "--model", str(src), "--device", "cpu", "--no-ceilings", "--weights", "disk",
+                             "--store", str(tmp_path / "bs"), cwd=tmp_path)
+    assert _error(r, "bench") == (f"--model {src}: is a Hugging Face directory, not a store; convert it first "
+                                  f"(kubeflash convert {src} --out DIR) and bench --model DIR"), r.stderr
+    assert "torch" not in imported and took < 5, took

@@ -132,6 +132,9 @@ def _model_shape(args):
 
     itemsize = 4 if args.dtype == "float32" else 2
     if Path(args.model).is_dir():
+        if not (Path(args.model) / "manifest.json").exists() and (Path(args.model) / "config.json").is_file():
+            raise ValueError(f"--model {args.model}: is a Hugging Face directory, not a store; convert it first "
+                             f"(kubeflash convert {args.model} --out DIR) and bench --model DIR")
         m = load_manifest(Path(args.model))
         config = ModelConfig.from_dict(m.config)
         q = {8: "int8", 4: "int4"}.get((m.extra.get("quant") or {}).get("bits"), "none")
