@@ -99,11 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(args) or 0)
     except Terminated:
-        print("terminated (SIGTERM); finished results are kept, a re-run resumes", file=sys.stderr)
+        print(f"terminated (SIGTERM){_AFTER_STOP.get(args.command, '')}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted{_AFTER_STOP.get(args.command, '')}", file=sys.stderr)
         return 130
+
+
+# what a stopped command leaves: run and engine keep each finished prompt's result; convert publishes nothing
+_AFTER_STOP = {"run": "; finished results are kept, a re-run resumes",
+               "engine": "; finished results are kept, a re-run resumes",
+               "convert": "; nothing was published (a re-run converts anew)"}
 
 
 class Terminated(KeyboardInterrupt):

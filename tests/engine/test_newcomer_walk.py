@@ -13,6 +13,7 @@ The full-disk cases use a real small tmpfs (mount needs root; skipped with the r
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -280,3 +281,21 @@ def test_bench_says_to_convert_a_hugging_face_directory_first(tmp_path):
     assert _error(r, "bench") == (f"--model {src}: is a Hugging Face directory, not a store; convert it first "
                                   f"(kubeflash convert {src} --out DIR) and bench --model DIR"), r.stderr
     assert "torch" not in imported and took < 5, took
+
+
+@pytest.mark.parametrize("sig,word,code", [(signal.SIGTERM, "terminated (SIGTERM)", 143),
+                                           (signal.SIGINT, "interrupted", 130)], ids=["sigterm", "sigint"])
+def test_a_stopped_convert_says_nothing_was_published(tmp_path, sig, word, code):
+    """kubeflash convert stopped by SIGTERM said "finished results are kept, a re-run resumes" (kubeflash run's
+    words) and by Ctrl-C only "interrupted": it says now that nothing was published, and nothing is."""
+    out = tmp_path / "store" / "m"
+    p = subprocess.Popen([sys.executable, "-m", "kubeflash_node.cli", "convert", "dummy:smollm2-135m", "--out",
+                          str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "store").glob(".*/layer_002.bin")):
+        assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+        time.sleep(0.005)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == code and err.rstrip().endswith(f"{word}; nothing was published (a re-run converts anew)"), err
+    assert not out.exists() and list((tmp_path / "store").iterdir()) == []

@@ -57,6 +57,9 @@ def main(args: argparse.Namespace) -> int:
         bar.close()
         if args.verify:
             verify(args.out, manifest)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the bar's line ends before the command's last word
+        bar.close()
+        raise
     except NoSpaceError as e:  # said before anything is written
         bar.close()
         print(f"kubeflash convert: error: --out {args.out}: {e}", file=sys.stderr)
