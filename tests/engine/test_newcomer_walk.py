@@ -299,3 +299,36 @@ def test_a_stopped_convert_says_nothing_was_published(tmp_path, sig, word, code)
     _, err = p.communicate(timeout=60)
     assert p.returncode == code and err.rstrip().endswith(f"{word}; nothing was published (a re-run converts anew)"), err
     assert not out.exists() and list((tmp_path / "store").iterdir()) == []
+
+
+def test_a_second_run_of_the_same_job_is_refused_while_the_first_runs(tmp_path):
+    """Two `kubeflash run job.yaml` at once (two terminals) both appended every prompt's result: results.jsonl held
+    7 lines for 4 prompts, 3 of them twice. The second is refused now, naming the job directory, and the first ends
+    with each prompt's result exactly once."""
+    import json
+
+    job = tmp_path / "two.yaml"
+    job.write_text("apiVersion: kubeflash.io/v1alpha1\nkind: InferenceJob\nmetadata: {name: two}\nspec:\n"
+                   "  model: {uri: 'dummy:opt-125m'}\n  input: {synthetic: {count: 4, promptLength: 8}}\n"
+                   "  generation: {maxNewTokens: 8}\n  offload: {policy: explicit, weights: {disk: 100}, "
+                   "kv: {gpu: 100}, gpuBatchSize: 1, numGpuBatches: 1}\n")
+    home = str(tmp_path / "home")
+    first = subprocess.Popen([sys.executable, "-m", "kubeflash_node.cli", "run", str(job), "--device", "cpu",
+                              "--quiet", "--store", home], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    progress = tmp_path / "kubeflash-out" / "two" / "progress.json"
+    deadline = time.monotonic() + 120
+    while not progress.exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.01)
+    r, took, _ = _cli("run", str(job), "--device", "cpu", "--quiet", "--store", home, cwd=tmp_path)
+    assert _error(r, "run") == (f"the job directory {Path('kubeflash-out') / 'two'}: another kubeflash run of this "
+                                "job is using it (running now); expected one run per job: wait for it to finish, then "
+                                "run again to resume"), r.stderr
+    assert took < 5, took
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    lines = (tmp_path / "kubeflash-out" / "two" / "results.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["custom_id"] for x in lines) == [f"synthetic-{i}" for i in range(4)]
+    r, _, _ = _cli("run", str(job), "--device", "cpu", "--quiet", "--store", home, cwd=tmp_path)  # the lock is gone
+    assert r.returncode == 0 and "already had results" in r.stdout, r.stderr

@@ -84,10 +84,21 @@ def main(args: argparse.Namespace) -> int:
         _check_routing_from(args.routing_from)
         _check_not_an_input(args, spec, output)
         created = _check_paths(args, job_dir=job_dir, output=output, store=Path(args.store or DEFAULT_ROOT))
+        locks = _lock_dirs(args, job_dir=job_dir, output=output)
     except (SpecError, ValueError) as e:
         _remove_empty(created)
         print(f"kubeflash run: error: {e}", file=sys.stderr)
         return 1
+    try:
+        return _run(args, spec, job_dir=job_dir, output=output, created=created, root=args.store or DEFAULT_ROOT)
+    finally:
+        for fd in locks:
+            os.close(fd)
+
+
+def _run(args, spec, *, job_dir: Path, output: Path, created: list[Path], root: Path) -> int:
+    """The run itself, once the manifest, the paths and the job's folders (locked) are known to be good."""
+    from kubeflash_api import SpecError
 
     from ..store.format import StoreError
     from ..store.modelconfig import ModelConfig
@@ -101,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
         tp, tp_field = _tensor_parallel(args, spec)
         reduce = check_request(tp, reduce=args.reduce or spec.offload.reduce, ring_dirs=args.ring_dir, device=device,
                                field=tp_field)
-        model_dir, manifest = _model(spec, dtype=dtype, root=args.store or DEFAULT_ROOT, quiet=args.quiet)
+        model_dir, manifest = _model(spec, dtype=dtype, root=root, quiet=args.quiet)
         if tp > 1:  # refused before any process starts; the ranks are processes of their own (engine/tplaunch.py)
             check_job(spec, ModelConfig.from_dict(manifest.config), tp, field=tp_field)
             report = run_tp(spec, world=tp, reduce=reduce, ring_dirs=args.ring_dir, model_dir=model_dir,
@@ -111,10 +122,10 @@ def main(args: argparse.Namespace) -> int:
         from .planning import needs_ceilings
 
         priced = needs_ceilings(spec, manifest)  # policy auto, sparse vs dense reads, MoE expertPrefetch auto
-        machine = _machine(args, args.store or DEFAULT_ROOT) if priced and device != "cpu" else None
+        machine = _machine(args, root) if priced and device != "cpu" else None
         report = run_job(spec, model_dir=model_dir, manifest=manifest, output=output, device=device,
                          job_dir=job_dir, machine=machine, on_tokens=bar.tokens, on_prompts=bar.prompts,
-                         kv_cache_dir=Path(args.store or DEFAULT_ROOT) / "kvcache",  # spec.cache.prefix: node cache
+                         kv_cache_dir=Path(root) / "kvcache",  # spec.cache.prefix: node cache
                          expert_cache=args.expert_cache, routing_seed=args.routing_from,
                          calibrate=args.calibrate)
         bar.close()
@@ -300,6 +311,32 @@ def check_writable(label: str, path: Path, folder: Path) -> list[Path]:
         raise ValueError(f"{label} {path}: {folder} is not writable ({e.strerror or e}); "
                          "expected a writable directory") from None
     return created
+
+
+def _lock_dirs(args, *, job_dir: Path, output: Path) -> list[int]:
+    """An exclusive flock on the job directory and the results file's folder, held for the whole run: a second
+    `kubeflash run` of the same job (another terminal) would append the same prompts' results again. ValueError
+    naming the folder when another run holds it. Returns the open descriptors (the kernel drops the locks at exit)."""
+    import fcntl
+
+    fds: list[int] = []
+    where = [("--job-dir" if args.job_dir else "the job directory", job_dir),
+             ("--output" if args.output else "spec.output.path", output.parent)]
+    for label, folder in where:
+        st = os.stat(folder)
+        if any((os.fstat(fd).st_dev, os.fstat(fd).st_ino) == (st.st_dev, st.st_ino) for fd in fds):
+            continue  # one folder: a second flock of it from this process would wait on the first
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            for f in fds:
+                os.close(f)
+            raise ValueError(f"{label} {folder}: another kubeflash run of this job is using it (running now); "
+                             "expected one run per job: wait for it to finish, then run again to resume") from None
+        fds.append(fd)
+    return fds
 
 
 def _remove_empty(created: list[Path]) -> None:
