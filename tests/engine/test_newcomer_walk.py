@@ -332,3 +332,15 @@ def test_a_second_run_of_the_same_job_is_refused_while_the_first_runs(tmp_path):
     assert sorted(json.loads(x)["custom_id"] for x in lines) == [f"synthetic-{i}" for i in range(4)]
     r, _, _ = _cli("run", str(job), "--device", "cpu", "--quiet", "--store", home, cwd=tmp_path)  # the lock is gone
     assert r.returncode == 0 and "already had results" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("uri,message", [
+    ("dummy:opt-125m@foo", "dummy:opt-125m@foo: the fill after @ must be one of random, zeros, skewed"),
+    ("dummy:opt-125m@skewed", "dummy:opt-125m@skewed: only a mixture-of-experts preset has a router to skew"),
+])
+def test_convert_refuses_a_bad_dummy_fill_before_torch(tmp_path, uri, message):
+    """A dummy: source's fill after @ was checked after torch was imported (1.6-2 s, more on a loaded machine)."""
+    r, took, imported = _cli("convert", uri, "--out", str(tmp_path / "m"), cwd=tmp_path)
+    assert _error(r, "convert") == message, r.stderr
+    assert "torch" not in imported and took < 5, took
+    assert not (tmp_path / "m").exists()

@@ -366,8 +366,6 @@ class DummySource(Source):
     FILLS = ("random", "zeros", "skewed")
 
     def __init__(self, name: str, seed: int = 0):
-        import torch
-
         name, _, fill = name.partition("@")
         if fill and fill not in self.FILLS:
             raise SourceError(f"dummy:{name}@{fill}: the fill after @ must be one of {', '.join(self.FILLS)}")
@@ -376,6 +374,8 @@ class DummySource(Source):
         if self.skewed and not self.config.num_experts:
             raise SourceError(f"dummy:{name}@skewed: only a mixture-of-experts preset has a router to skew")
         self.description = f"dummy:{name}" + (f"@{fill}" if fill in ("zeros", "skewed") else "")
+        import torch  # after the checks above: a bad fill is refused in a fraction of a second
+
         g = torch.Generator().manual_seed(seed)
         self.pool = torch.randn(1 << 22, generator=g) * 0.02  # 4M values, tiled: writing is disk-bound, not RNG-bound
 
