@@ -92,3 +92,85 @@ def test_a_failed_write_is_raised_naming_the_file(tmp_path, rows):
     with pytest.raises(OSError) as err:
         kv.close()
     assert err.value.errno == errno.ENOSPC and "kv_l000_m000.bin" in str(err.value)
+
+
+def _fallocate_works(path) -> bool:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        return libc.fallocate(fd, 0, ctypes.c_int64(0), ctypes.c_int64(1 << 20)) == 0
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def test_a_kv_files_blocks_are_allocated_when_it_is_made(tmp_path):
+    """allocate() lays the whole file's blocks out (fallocate) before any write, so the I/O threads' pieces, which
+    finish in any order, land in extents already in file order; the bytes still read back as written."""
+    if not _fallocate_works(tmp_path / "probe"):
+        pytest.skip("this file system has no fallocate: KV files stay sparse")
+    kv = _kv(tmp_path, io_threads=4, io_task_bytes=4096)
+    kv.allocate(0, 0, batch=64, capacity=200)  # 64 x 64 bytes a row: 800 KiB
+    size = 200 * kv._row(64)
+    st = os.stat(kv.files[0, 0].path)
+    assert st.st_size == size and st.st_blocks * 512 >= size
+    k, v = torch.randn(64, 2, 150, 4), torch.randn(64, 2, 150, 4)
+    kv.store(0, 0, _layer(k, v, 0))
+    got = kv.load(0, 0, 150)
+    assert torch.equal(got.k, k) and torch.equal(got.v, v)
+    kv.close()
+
+
+def test_a_kv_file_without_room_is_refused_when_made_naming_it(tmp_path):
+    """A KV file the disk (here: the process's file size limit) cannot hold is refused at allocate, naming the file
+    and its size, and nothing is left of it; not at a write in the middle of the prefill."""
+    import resource
+    import signal
+
+    if not _fallocate_works(tmp_path / "probe"):
+        pytest.skip("this file system has no fallocate")
+    kv = _kv(tmp_path)
+    old_sig = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, old[1]))
+    try:
+        with pytest.raises(OSError) as err:
+            kv.allocate(0, 0, batch=64, capacity=1000)  # 4 MB
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_sig)
+    assert err.value.errno == errno.EFBIG and "kv_l000_m000.bin" in str(err.value) and "4096000 bytes" in str(err.value)
+    assert not (tmp_path / "kv_l000_m000.bin").exists()
+    kv.close()
+
+
+def test_the_next_prefix_is_queued_behind_the_current_ones_pieces(tmp_path):
+    """prefetch queues a prefix's pieces on the I/O threads and returns: with every I/O thread still busy (standing
+    in for the current prefix's last pieces), two prefixes are both queued, neither waiting for the other's bytes,
+    and each loads what was stored once the threads free up."""
+    import threading
+
+    kv = _kv(tmp_path, io_threads=1, io_task_bytes=4096, io_backend="odirect")
+    data = {}
+    for layer in (0, 1):
+        kv.allocate(layer, 0, batch=64, capacity=100)
+        data[layer] = torch.randn(64, 2, 90, 4), torch.randn(64, 2, 90, 4)
+        kv.store(layer, 0, _layer(*data[layer], 0))
+    kv._writes_of(None, wait=True)
+    busy = threading.Event()
+    blocker = kv.spans.pool.submit(busy.wait, 30)  # the only I/O thread is taken
+    kv.prefetch(0, 0, 90)
+    kv.prefetch(1, 0, 90)
+    queued = [kv.ahead[layer, 0, 90, 90] for layer in (0, 1)]
+    wait(queued, timeout=10)
+    assert all(q.done() for q in queued)  # both reads handed to the I/O threads, none of their bytes read yet
+    assert all(not p.done() for q in queued for p in q.result()[1]) and kv.io["reads"] == 0
+    busy.set()
+    blocker.result()
+    for layer in (0, 1):
+        got = kv.load(layer, 0, 90)
+        assert torch.equal(got.k, data[layer][0]) and torch.equal(got.v, data[layer][1])
+    assert kv.loads == {"prefetched": 2, "waited": 0} and kv.io["reads"] == 2
+    kv.close()

@@ -210,9 +210,12 @@ class DiskKV:
     A failed write raises, naming the file, at the next store, load or at close (which waits for every write).
     A read or write of a range is split into `io_task_bytes` pieces over `io_threads` threads (the policy's, which
     the disk probe chose); whole pages go through O_DIRECT where `io_backend` and the file system allow (kvio).
-    `prefetch` reads the next (layer, micro-batch)'s prefix on a reader thread while the current one computes; its
-    rows were written by that entry's last store, which came before (a step stores every entry once). On a GPU a
-    prefix is read into one of READ_SLOTS page-locked buffers, reused once its copy to the device has run."""
+    `prefetch` starts the next (layer, micro-batch)'s prefix read while the current one's is still read and computes:
+    a reader thread waits for that entry's writes (its rows were written by its last store, which came before: a step
+    stores every entry once) and takes its buffer, then queues its pieces on the I/O threads behind the current
+    read's (kvio.SpanIO.start), so the threads go from one prefix's last pieces to the next one's and the reads in
+    flight never drain between layers, as the ceilings probe's one long read never does. On a GPU a prefix is read
+    into one of READ_SLOTS page-locked buffers, reused once its copy to the device has run."""
 
     WRITES_IN_FLIGHT = 2
     READ_SLOTS = 2  # the prefix being copied to the device, and the next one being read
@@ -272,9 +275,9 @@ class DiskKV:
             return self._buffer(start * self._row(self.files[layer, mb].batch))
         fut = self.ahead.pop((layer, mb, n, start), None)
         self.loads["waited" if fut is None else "prefetched"] += 1
-        if fut is not None:
-            return fut.result()
         f = self.files[layer, mb]
+        if fut is not None:
+            return self._finish_read(n * self._row(f.batch), fut.result())
         return self._read(f, n * self._row(f.batch), start * self._row(f.batch), self._writes_of(f))
 
     def prefetch(self, layer: int, mb: int, start: int) -> None:
@@ -282,7 +285,7 @@ class DiskKV:
         if n == 0 or (layer, mb, n, start) in self.ahead:
             return
         f = self.files[layer, mb]
-        self.ahead[layer, mb, n, start] = self.reader.submit(self._read, f, n * self._row(f.batch),
+        self.ahead[layer, mb, n, start] = self.reader.submit(self._start_read, f, n * self._row(f.batch),
                                                              start * self._row(f.batch), self._writes_of(f))
 
     def _writes_of(self, f: KVFile | None, wait: bool = False) -> list[Future]:
@@ -329,10 +332,18 @@ class DiskKV:
 
     def _read(self, f: KVFile, n: int, room: int, after: list[Future] = ()) -> torch.Tensor:
         """A host buffer of `room` bytes or more whose first `n` are the file's first `n` bytes."""
+        return self._finish_read(n, self._start_read(f, n, room, after))
+
+    def _start_read(self, f: KVFile, n: int, room: int, after: list[Future] = ()) -> tuple[torch.Tensor, list[Future]]:
+        """The buffer of a read of the file's first `n` bytes and its pieces, queued on the I/O threads."""
         for w in after:  # the rows being read were submitted for writing before this read
             w.result()
         buf = self._buffer(room)
-        self.spans.run(f, buf, 0, n, 0, write=False)
+        return buf, self.spans.start(f, buf, 0, n, 0, write=False)
+
+    def _finish_read(self, n: int, started: tuple[torch.Tensor, list[Future]]) -> torch.Tensor:
+        buf, pieces = started
+        self.spans.wait(pieces)  # a failed piece raises here, naming the file
         with self.io_lock:
             self.io["reads"] += 1
             self.io["read_bytes"] += n

@@ -5,14 +5,21 @@ A range's whole 4 KiB pages go through O_DIRECT where the file takes it (a 32K-t
 cache nor waits on its write-back: the disk's own rate, as the probe measures it), the partial pages at its two ends
 through the buffered descriptor; the kernel keeps the two coherent (a direct read writes back dirty pages of its
 range first). A failed read or write raises an OSError that names the file, with the errno of the failure.
+
+A file's blocks are allocated when it is made (fallocate): the I/O threads then write a range's pieces in whatever
+order they finish into extents already laid out in file order, and a prefix read later walks the disk in order, as
+the ceilings probe's sequentially written file does. Into a sparse file the concurrent pieces were placed in the
+order they landed (a 536 MB file written as 32 x 16 MiB pieces by 16 threads: 19 extents out of order, 5 in order
+with the blocks allocated first).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +42,12 @@ class KVFile:
     @classmethod
     def create(cls, path: Path, size: int, batch: int, *, direct: bool) -> "KVFile":
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(fd, size)
+        try:
+            allocate(fd, size, path)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)  # nothing half-allocated left on the disk
+            raise
         dfd = None
         if direct:
             try:
@@ -48,6 +60,24 @@ class KVFile:
         for fd in (self.fd, self.dfd):
             if fd is not None:
                 os.close(fd)
+
+
+_libc = None
+
+
+def allocate(fd: int, size: int, path: Path) -> None:
+    """Size the file to `size` bytes with its blocks allocated (fallocate(2), mode 0: unwritten extents, no bytes
+    written), so concurrent piece writes land in file order on the disk; a file system without fallocate gets a
+    sparse file (ftruncate). A disk without room for it raises now, naming the file, not at a write mid-run."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if size > 0 and _libc.fallocate(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(err, f"KV file {path}: no room for its {size} bytes: {os.strerror(err)}")
+    os.ftruncate(fd, size)  # the size, where fallocate is not supported (allocated files already have it)
 
 
 def aligned(n: int, *, pin: bool, device: int | None = None) -> torch.Tensor:
@@ -100,8 +130,9 @@ class Slots:
 
 
 class SpanIO:
-    """Reads and writes byte ranges of KV files as pieces of at most `task` bytes, the first on the calling thread
-    and the rest on `threads` I/O threads; counts the bytes that went through O_DIRECT."""
+    """Reads and writes byte ranges of KV files as pieces of at most `task` bytes on `threads` I/O threads (`run`: the
+    first on the calling thread, waited for; `start`: all queued, not waited for); counts the bytes that went
+    through O_DIRECT."""
 
     def __init__(self, threads: int, task: int):
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="kf-kv-io")
@@ -110,14 +141,46 @@ class SpanIO:
         self.direct = {"read": 0, "write": 0}
 
     def run(self, f: KVFile, buf: torch.Tensor, at: int, n: int, offset: int, *, write: bool) -> None:
-        """File bytes [offset, offset + n) to (write) or from buf[at:at + n] (buf: 1-D host uint8)."""
+        """File bytes [offset, offset + n) to (write) or from buf[at:at + n] (buf: 1-D host uint8): the first piece on
+        the calling thread, the rest on the I/O threads; returns once every piece has finished."""
+        pieces = self._pieces(f, buf, at, n, offset, write=write)
+        if not pieces:
+            return
+        subs = [self.pool.submit(p) for p in pieces[1:]]
+        errors = []
+        try:
+            pieces[0]()
+        except OSError as e:
+            errors.append(e)
+        self.wait(subs, errors)
+
+    def start(self, f: KVFile, buf: torch.Tensor, at: int, n: int, offset: int, *, write: bool) -> list[Future]:
+        """As `run`, every piece queued on the I/O threads and none waited for: a read started while another range's
+        pieces are still in flight follows them in the queue, so each thread goes from that range's last piece straight
+        to this one's (the reads in flight do not drain to none between two ranges). `wait` on the result."""
+        return [self.pool.submit(p) for p in self._pieces(f, buf, at, n, offset, write=write)]
+
+    @staticmethod
+    def wait(pieces: list[Future], errors: list[OSError] | None = None) -> None:
+        """Wait for every piece (none is left using its buffer), then raise the first failure."""
+        errors = [] if errors is None else errors
+        for s in pieces:
+            try:
+                s.result()
+            except OSError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def _pieces(self, f: KVFile, buf: torch.Tensor, at: int, n: int, offset: int, *, write: bool) -> list:
+        """The range as task-sized pieces, each a call that moves its bytes."""
         lo, hi = offset, offset + n
         a0, a1 = -(-lo // ALIGN) * ALIGN, hi // ALIGN * ALIGN  # the range's whole pages
         direct = f.dfd is not None and a1 > a0 and (buf.data_ptr() + at + a0 - lo) % ALIGN == 0
         spans = [(f.dfd, a0, a1), (f.fd, lo, a0), (f.fd, a1, hi)] if direct else [(f.fd, lo, hi)]
         pieces = [(fd, x, min(x + self.task, b)) for fd, a, b in spans for x in range(a, b, self.task)]
         if not pieces:
-            return
+            return []
         mv = memoryview(buf.numpy()).cast("B")
         shift = at - lo  # buffer index of file offset x: x + shift
 
@@ -137,19 +200,7 @@ class SpanIO:
                 with self.lock:
                     self.direct["write" if write else "read"] += x1 - x0
 
-        subs = [self.pool.submit(piece, *p) for p in pieces[1:]]
-        errors = []
-        try:
-            piece(*pieces[0])
-        except OSError as e:
-            errors.append(e)
-        for s in subs:  # every piece has finished with the buffer before this returns or raises
-            try:
-                s.result()
-            except OSError as e:
-                errors.append(e)
-        if errors:
-            raise errors[0]
+        return [lambda p=p: piece(*p) for p in pieces]
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
