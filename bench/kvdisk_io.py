@@ -10,7 +10,9 @@ the GPU computes); the figures are the wall time to the last byte written and sy
 than the page cache holds), the time the stores held the schedule and, of that, rows_s: the stores' CPU work laying
 the rows out token-major (a device kernel on a GPU).
 Decode: the files' page cache dropped (fsync + fadvise DONTNEED), then one step: each layer's prefix loaded in
-schedule order (prefetch of the next layer, load of this one, --decode-compute-ms of sleep).
+schedule order (prefetch of the next layer, load of this one, --decode-compute-ms of sleep); reads_in_flight_mean is
+the time-weighted mean of the preadv calls in flight from the first read to the last (the ceilings probe keeps
+--threads in flight throughout) and below_threads_s the time with fewer than --threads in flight.
 Reads and writes use the tier's O_DIRECT path where it has one (--backend odirect), else buffered.
 
     .venv/bin/python bench/kvdisk_io.py --dir /tmp/kvio --io-only --io-gib 1
@@ -26,6 +28,7 @@ import inspect
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +49,37 @@ def _tier(args, directory: Path):
     accepted = inspect.signature(DiskKV.__init__).parameters
     kw |= {k: v for k, v in extra.items() if k in accepted}  # the tier before this bench's change took none
     return cls(**kw)
+
+
+class _ReadsInFlight:
+    """Counts the preadv calls in flight (the tier's reads: one per piece) from now until `stop`."""
+
+    def __init__(self):
+        self.events, self.lock, self.orig = [], threading.Lock(), os.preadv
+
+        def preadv(fd, bufs, offset):
+            with self.lock:
+                self.events.append((time.perf_counter(), 1))
+            try:
+                return self.orig(fd, bufs, offset)
+            finally:
+                with self.lock:
+                    self.events.append((time.perf_counter(), -1))
+
+        os.preadv = preadv
+
+    def stop(self, threads: int) -> tuple[float, float]:
+        """(mean reads in flight, seconds with fewer than `threads` in flight) from the first read to the last."""
+        os.preadv = self.orig
+        ev = sorted(self.events)
+        if not ev:
+            return 0.0, 0.0
+        n, last, area, below = 0, ev[0][0], 0.0, 0.0
+        for t, d in ev:
+            area += n * (t - last)
+            below += (t - last) if n < threads else 0.0
+            n, last = n + d, t
+        return area / max(ev[-1][0] - ev[0][0], 1e-9), below
 
 
 def io_only(args) -> None:
@@ -116,6 +150,7 @@ def main() -> None:
     prefill = time.perf_counter() - t0
     written = kv.io["write_bytes"]
     drop_file_pages(files)
+    reads = _ReadsInFlight()
     t0 = time.perf_counter()
     kv.prefetch(0, 0, args.tokens)
     for j in range(args.layers):
@@ -128,12 +163,13 @@ def main() -> None:
     decode = time.perf_counter() - t0
     read = kv.io["read_bytes"]
     kv.close()
+    mean, below = reads.stop(args.threads)
     shutil.rmtree(d, ignore_errors=True)
     print(json.dumps({"write_bytes": written, "prefill_s": round(prefill, 3), "store_held_s": round(held, 3),
                       "rows_s": round(rows_s, 3),
                       "compute_s": args.layers * args.compute_ms / 1e3, "write_gbps": round(written / prefill / GB, 3),
                       "read_bytes": read, "decode_s": round(decode, 3), "read_gbps": round(read / decode / GB, 3),
-                      "loads": kv.loads}))
+                      "loads": kv.loads, "reads_in_flight_mean": round(mean, 2), "below_threads_s": round(below, 3)}))
 
 
 if __name__ == "__main__":
