@@ -344,3 +344,22 @@ def test_convert_refuses_a_bad_dummy_fill_before_torch(tmp_path, uri, message):
     assert _error(r, "convert") == message, r.stderr
     assert "torch" not in imported and took < 5, took
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("where", ["--output", "spec.output.path"])
+def test_run_refuses_a_results_path_that_is_a_named_pipe(tmp_path, where):
+    """A results file that is a named pipe (--output, or results.jsonl in the job directory) made kubeflash run
+    block forever reading it; refused now before torch, naming it."""
+    job = _small_job(tmp_path)
+    if where == "--output":
+        pipe, args = tmp_path / "out.jsonl", ["--output", str(tmp_path / "out.jsonl")]
+    else:
+        pipe, args = tmp_path / "kubeflash-out" / "p" / "results.jsonl", []
+        pipe.parent.mkdir(parents=True)
+    os.mkfifo(pipe)
+    shown = pipe if where == "--output" else Path(os.path.realpath(pipe))
+    r, took, imported = _cli("run", str(job), *args, "--device", "cpu", "--store", str(tmp_path / "home"),
+                             cwd=tmp_path)
+    assert _error(r, "run") == (f"{where} {shown}: is not a regular file; expected the path of a results JSONL "
+                                "file"), r.stderr
+    assert "torch" not in imported and took < 5, took

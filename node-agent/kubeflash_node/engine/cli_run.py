@@ -271,8 +271,9 @@ def _check_paths(args, *, job_dir: Path, output: Path, store: Path) -> list[Path
     """Refuse, before the model is converted, a job directory, output file or store that cannot be written.
 
     Returns the directories it created (outermost first), so a run refused later can remove them again."""
-    if output.is_dir():
-        raise ValueError(f"{'--output' if args.output else 'spec.output.path'} {output}: is a directory; "
+    if output.is_dir() or (output.exists() and not output.is_file()):  # a named pipe would block the first read
+        raise ValueError(f"{'--output' if args.output else 'spec.output.path'} {output}: is "
+                         f"{'a directory' if output.is_dir() else 'not a regular file'}; "
                          "expected the path of a results JSONL file")
     where = [("--job-dir" if args.job_dir else "the job directory", job_dir, job_dir),
              ("--output" if args.output else "spec.output.path", output, output.parent),
