@@ -363,3 +363,34 @@ def test_run_refuses_a_results_path_that_is_a_named_pipe(tmp_path, where):
     assert _error(r, "run") == (f"{where} {shown}: is not a regular file; expected the path of a results JSONL "
                                 "file"), r.stderr
     assert "torch" not in imported and took < 5, took
+
+
+@pytest.mark.parametrize("kind", ["missing", "fifo", "binary"])
+def test_plan_routing_from_that_is_no_bench_result_is_named(tmp_path, kind):
+    """`kubeflash plan --routing-from X`: a missing X was "[Errno 2] No such file or directory: 'X'" (no flag), bytes
+    that are not UTF-8 a bare codec error, and a named pipe blocked plan forever. Each names --routing-from now."""
+    path = tmp_path / "bench.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "binary":
+        path.write_bytes(b"\x9a\xff" * 50)
+    job = tmp_path / "moe.yaml"
+    job.write_text(_small_job(tmp_path).read_text().replace("dummy:opt-125m", "dummy:mixtral-8x7b"))
+    r, _, _ = _cli("plan", str(job), "--ceilings", str(ROOT / "docs" / "bench-results" / "ceilings.json"),
+                   "--routing-from", str(path), "--store", str(tmp_path / "home"), cwd=tmp_path)
+    want = {"missing": "no such file; expected a kubeflash bench --json result",
+            "fifo": "is not a regular file; expected a kubeflash bench --json result",
+            "binary": "not JSON ('utf-8' codec can't decode byte 0x9a"}[kind]
+    assert _error(r, "plan").startswith(f"--routing-from {path}: {want}"), r.stderr
+
+
+@pytest.mark.parametrize("kind,message", [("fifo", "cannot read the config file (not a regular file)"),
+                                          ("binary", "not UTF-8 text ('utf-8' codec can't decode byte 0x9a")])
+def test_agent_config_that_is_a_pipe_or_binary_is_named(tmp_path, kind, message):
+    """`kubeflash agent -c FILE`: a named pipe blocked the agent's start forever and a binary file was a
+    UnicodeDecodeError traceback; both are a config error (exit 2) naming the file."""
+    path = tmp_path / "agent.yaml"
+    os.mkfifo(path) if kind == "fifo" else path.write_bytes(b"\x9a\xff" * 50)
+    r = subprocess.run([sys.executable, "-m", "kubeflash_node.cli", "agent", "-c", str(path), "--no-kube", "--once",
+                        "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and f"{path}: {message}" in r.stderr, r.stderr

@@ -344,10 +344,14 @@ def load(path: str | Path | None, **overrides: Any) -> AgentConfig:
 
     raw: Mapping[str, Any] = {}
     if path:
+        if Path(path).exists() and not Path(path).is_file():  # a named pipe would block the read
+            raise ConfigError(f"{path}: cannot read the config file (not a regular file)")
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except OSError as e:
             raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e}); expected a YAML config file") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
     return from_mapping(raw, **overrides)

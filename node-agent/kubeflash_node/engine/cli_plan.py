@@ -183,9 +183,12 @@ def _routing(path: Path | None, config, entry: Path):
         return stored_routing(config, entry)
     if not config.num_experts:
         raise ValueError(f"--routing-from {path}: the model has no experts (a mixture-of-experts model only)")
+    if not path.is_file():  # a named pipe would block the read
+        why = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "no such file"
+        raise ValueError(f"--routing-from {path}: {why}; expected a kubeflash bench --json result")
     try:
-        got = RoutingProfile.from_report(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
+        got = RoutingProfile.from_report(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"--routing-from {path}: not JSON ({e}); expected a kubeflash bench --json result") from None
     if got is None:
         raise ValueError(f"--routing-from {path}: no report.routing_profile (a kubeflash bench --json result of a "
