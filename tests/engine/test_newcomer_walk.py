@@ -394,3 +394,23 @@ def test_agent_config_that_is_a_pipe_or_binary_is_named(tmp_path, kind, message)
     r = subprocess.run([sys.executable, "-m", "kubeflash_node.cli", "agent", "-c", str(path), "--no-kube", "--once",
                         "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr and f"{path}: {message}" in r.stderr, r.stderr
+
+
+def test_convert_to_an_existing_folder_is_refused_before_torch(tmp_path):
+    """`kubeflash convert SRC --out .` (or any existing folder, without --overwrite) was refused only once the
+    writer was built, after torch was imported (1.7 s); now at once, the folder untouched."""
+    (tmp_path / "keep.txt").write_text("x")
+    r, took, imported = _cli("convert", "dummy:opt-125m", "--out", ".", cwd=tmp_path)
+    assert _error(r, "convert") == ("--out .: already exists (pass --overwrite to replace a model kubeflash convert "
+                                    "wrote); expected a new directory"), r.stderr
+    assert "torch" not in imported and took < 5, took
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_a_folder_that_counts_no_blocks_is_not_called_full(tmp_path):
+    """--out under /proc or /sys (file systems that count no blocks) was called full ("has 0.000 GiB free") by the
+    room check; their own error (not writable) is said instead."""
+    r, _, _ = _cli("convert", "dummy:opt-125m", "--out", "/proc/kubeflash-test-model", cwd=tmp_path)
+    error = _error(r, "convert")
+    assert "GiB free" not in error and error.startswith("--out /proc/kubeflash-test-model: "), error
+    assert error.endswith("expected a new directory in a writable folder; nothing was published"), error

@@ -93,6 +93,9 @@ def _check_options(args: argparse.Namespace) -> None:
             raise ValueError(f"--quant-group {args.quant_group}: expected an even number >= 2")
     if args.symmetric and args.quantization == "none":
         raise ValueError("--symmetric: applies only with --quantization int8 or int4")
+    if Path(args.out).exists() and not args.overwrite:  # said before torch is imported, not after (ModelWriter)
+        raise ValueError(f"--out {args.out}: already exists (pass --overwrite to replace a model kubeflash convert "
+                         "wrote); expected a new directory")
     for folder in Path(args.out).parents:
         if folder.exists():
             if not folder.is_dir():
