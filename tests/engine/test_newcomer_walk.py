@@ -414,3 +414,15 @@ def test_a_folder_that_counts_no_blocks_is_not_called_full(tmp_path):
     error = _error(r, "convert")
     assert "GiB free" not in error and error.startswith("--out /proc/kubeflash-test-model: "), error
     assert error.endswith("expected a new directory in a writable folder; nothing was published"), error
+
+
+def test_run_names_its_results_and_report_by_whole_paths(tmp_path):
+    """The last two lines of kubeflash run named results.jsonl by its whole path and report.json relative to the
+    working directory ("report:  kubeflash-out/<job>/report.json"); both are whole paths now, and both files exist."""
+    r, _, _ = _cli("run", str(_small_job(tmp_path)), "--device", "cpu", "--quiet", "--store", str(tmp_path / "home"),
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    results, report = r.stdout.splitlines()[-2:]
+    out = Path(os.path.realpath(tmp_path)) / "kubeflash-out" / "p"
+    assert results == f"results: {out / 'results.jsonl'}" and report == f"report:  {out / 'report.json'}", r.stdout
+    assert (out / "results.jsonl").is_file() and (out / "report.json").is_file()

@@ -189,7 +189,7 @@ def _finish(args, spec, report: dict, *, output: Path, job_dir: Path) -> int:
         print(f"tensor parallel: {tp['ranks']} ranks, reduce {tp['reduce']}, shards beside the store entry "
               f"({Path(tp['shards'][0]).parent})")
     write_report(report, job_dir / "report.json")
-    print(f"results: {output}\nreport:  {job_dir / 'report.json'}")
+    print(f"results: {os.path.abspath(output)}\nreport:  {os.path.abspath(job_dir / 'report.json')}")  # both whole
     return 0
 
 
