@@ -289,7 +289,9 @@ def test_a_stopped_convert_says_nothing_was_published(tmp_path, sig, word, code)
     """kubeflash convert stopped by SIGTERM said "finished results are kept, a re-run resumes" (kubeflash run's
     words) and by Ctrl-C only "interrupted": it says now that nothing was published, and nothing is."""
     out = tmp_path / "store" / "m"
-    p = subprocess.Popen([sys.executable, "-m", "kubeflash_node.cli", "convert", "dummy:smollm2-135m", "--out",
+    # opt-1.3b: ~100 MB a layer, so the 21 stages after layer_002 take seconds, not the ~0.35 s smollm2-135m's took
+    # (in CI the whole convert finished before the signal arrived)
+    p = subprocess.Popen([sys.executable, "-m", "kubeflash_node.cli", "convert", "dummy:opt-1.3b", "--out",
                           str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list((tmp_path / "store").glob(".*/layer_002.bin")):
