@@ -291,8 +291,11 @@ def test_a_stopped_convert_says_nothing_was_published(tmp_path, sig, word, code)
     out = tmp_path / "store" / "m"
     # opt-1.3b: ~100 MB a layer, so the 21 stages after layer_002 take seconds, not the ~0.35 s smollm2-135m's took
     # (in CI the whole convert finished before the signal arrived)
+    # SIGINT's default action restored in the child: a shell's background job (CI runs the suite as one) ignores it,
+    # and Python then keeps ignoring it, as a terminal's foreground command never does
     p = subprocess.Popen([sys.executable, "-m", "kubeflash_node.cli", "convert", "dummy:opt-1.3b", "--out",
-                          str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list((tmp_path / "store").glob(".*/layer_002.bin")):
         assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
