@@ -438,10 +438,9 @@ def _device_tier(plan, spec, config, itemsize: int, store: Path | None, *, budge
     the GPU memory the budget leaves after the chosen plan's predicted use (costmodel.device_room), the next within a
     quarter of cpuMemory in host memory (channelcache.hot_tiers); the chosen plan priced again with both tiers (its
     GPU figure grows by exactly the device tier's bytes). The plan unchanged without keep frequencies or room."""
-    from dataclasses import replace
-
     from .channelcache import hot_pricing, hot_tiers
-    from .costmodel import device_room, predict
+    from .costmodel import device_room
+    from .planning import repriced
     from .sparse import hot_budget
 
     s = plan.best.candidate.sparse
@@ -451,12 +450,8 @@ def _device_tier(plan, spec, config, itemsize: int, store: Path | None, *, budge
         return plan
     rows = _row_sizes(config, itemsize)
     dev, host = hot_tiers(freq, **rows, budgets=(room, hot_budget(spec.resources, "cpu")))
-    (gb, gp, gh), (hb, hp, hh) = hot_pricing(freq, dev, **rows), hot_pricing(freq, host, **rows)
-    cand = replace(plan.best.candidate, sparse=replace(s, channel_gpu_bytes=gb, channel_gpu=gp, channel_hot_bytes=hb,
-                                                       channel_hot=hp, channel_hit=gh + hh))
-    best = predict(cand, config=config, ceil=ceil, job=job, budget=budget, sizes=sizes[cand.quantization], cal=cal,
-                   itemsize=itemsize)
-    return replace(plan, best=best)
+    return repriced(plan, (hot_pricing(freq, dev, **rows), hot_pricing(freq, host, **rows)),
+                    dict(config=config, ceil=ceil, budget=budget, sizes=sizes, cal=cal, itemsize=itemsize), job=job)
 
 
 def _priced_plan(make_plan, sparsity, **kw):

@@ -313,9 +313,7 @@ def _device_tier(sparsity, spec: JobSpec, chosen, *, device: str, machine, manif
                                                                 host_bytes=hot_budget(spec.resources, "cpu"),
                                                                 device=device):
         return chosen
-    (gb, gp, gh), (hb, hp, hh) = sparsity.channel_gpu, sparsity.channel_hot
-    return repriced(chosen, replace(s, channel_gpu_bytes=gb, channel_gpu=gp, channel_hot_bytes=hb, channel_hot=hp,
-                                    channel_hit=gh + hh), terms, job=job)
+    return repriced(chosen, (sparsity.channel_gpu, sparsity.channel_hot), terms, job=job)
 
 
 def _plan_report(chosen) -> dict:

@@ -77,15 +77,19 @@ def plan_terms(spec: JobSpec, *, manifest, machine: Machine, expert_cache: int =
                 sizes={q: (manifest.stage_bytes, stage_sizes(config, itemsize, q)[1])})
 
 
-def repriced(chosen, sparse, terms: dict, *, job):
-    """The plan `chosen` (costmodel.Plan) with its best candidate's sparse reads replaced by `sparse` (the hot set's
-    tiers as the run holds them) and priced again on the same `terms` (plan_terms) with costmodel.predict, as
-    `kubeflash plan` prices its chosen plan after the hot set's GPU tier."""
+def repriced(chosen, tiers, terms: dict, *, job):
+    """The plan `chosen` (costmodel.Plan) with its best candidate's sparse reads given the hot set's two tiers
+    `tiers` ((gpu bytes, gpu share, gpu hits), (host bytes, host share, host hits): channelcache.hot_pricing of each)
+    and priced again on the same `terms` (plan_terms) with costmodel.predict: how `kubeflash plan` and a GPU run
+    both price their chosen plan after the hot set's GPU tier."""
     from dataclasses import replace
 
     from .costmodel import predict
 
-    cand = replace(chosen.best.candidate, sparse=sparse)
+    (gb, gp, gh), (hb, hp, hh) = tiers
+    s = chosen.best.candidate.sparse
+    cand = replace(chosen.best.candidate, sparse=replace(s, channel_gpu_bytes=gb, channel_gpu=gp, channel_hot_bytes=hb,
+                                                         channel_hot=hp, channel_hit=gh + hh))
     t = {k: v for k, v in terms.items() if k != "sizes"}
     return replace(chosen, best=predict(cand, job=job, sizes=terms["sizes"][cand.quantization], **t))
 
