@@ -391,8 +391,11 @@ def _node_best(request: Request, node: NodeView, claims: Sequence[Claim], model_
             reserved[d] = reserved.get(d, 0) + n
     shard = -(-model_bytes // tp) if tp > 1 else 0  # a shard is about the model's bytes / N
     staged = _staged_shards(node, request.model_id, tp)
+    homes = _shard_homes(node, staged, tp)
     for gpu, disk_name in free:
         disk = node.disks[disk_name]
+        if tp > 1 and disk_name not in homes[0]:  # rank 0 streams shard 0 from its own pair's disk
+            continue
         copy = copies.get(disk_name)
         present = copy is not None and copy.state in _PRESENT
         need = request.kv_bytes + (0 if present else model_bytes) + (0 if (0, disk_name) in staged else shard)
@@ -416,13 +419,13 @@ def _node_best(request: Request, node: NodeView, claims: Sequence[Claim], model_
             continue
         taken = dict(reserved)
         taken[disk_name] = taken.get(disk_name, 0) + need
-        ranks, why = _other_ranks(request, node, free, gpu, taken, shard, staged)
+        ranks, why = _other_ranks(request, node, free, gpu, taken, shard, staged, homes)
         if ranks is None:
             worst = why
         elif best is None or score < best[0]:
             best = (score, gpu, disk_name, rank, ranks)
     if best is None:
-        return NoFit(worst)
+        return NoFit(worst or (_homeless(0, homes[0]) if tp > 1 else "no free pair fits"))
     score, gpu, disk_name, rank, ranks = best
     if tp <= 1:
         others = tuple(g for g, _ in free if g != gpu)[: request.gpus - 1]
@@ -439,17 +442,37 @@ def _staged_shards(node: NodeView, model_id: str, tp: int) -> set[tuple[int, str
             for sh in m.shards if sh.state in _PRESENT}
 
 
+def _shard_homes(node: NodeView, staged: set[tuple[int, str]], tp: int) -> dict[int, frozenset[str]]:
+    """The disks shard k is on (the node reports it there) or will be cut onto: the agent puts shard k on the disk
+    of pair k, pairs in GPU index order (agent/tpstaging.plan_targets). Rank k must run on a GPU paired with one of
+    them, or it would stream its shard from another pair's SSD."""
+    pairs = sorted(node.pairs)
+    out: dict[int, frozenset[str]] = {}
+    for k in range(tp):
+        on = frozenset(d for r, d in staged if r == k)
+        out[k] = on or frozenset([pairs[k][1]] if k < len(pairs) else [])
+    return out
+
+
+def _homeless(k: int, disks: frozenset[str]) -> str:
+    """Why rank k finds no pair: no free GPU is paired with the disk of shard k."""
+    if not disks:
+        return f"shard {k} has no disk: fewer GPU<->SSD pairs than ranks"
+    return (f"no free GPU is paired with disk {', '.join(sorted(disks))}, where shard {k} is (or is cut: shard k "
+            f"goes on pair k's disk), so rank {k} would stream it from another pair's SSD")
+
+
 def _other_ranks(request: Request, node: NodeView, free: Sequence[tuple[int, str]], first: int,
-                 taken: dict[str, int], shard: int, staged: set[tuple[int, str]]
-                 ) -> tuple[tuple[tuple[int, str], ...] | None, str]:
-    """Pairs for ranks 1..N-1 whose disk has room for the rank's KV and its shard, counting what the node's claims
-    and the ranks already chosen take on that disk: rank k goes to a pair whose disk already holds shard k (no
-    second copy staged), else to the lowest free GPU; (None, why) when fewer than N-1 fit."""
+                 taken: dict[str, int], shard: int, staged: set[tuple[int, str]],
+                 homes: dict[int, frozenset[str]]) -> tuple[tuple[tuple[int, str], ...] | None, str]:
+    """Pairs for ranks 1..N-1 whose disk holds shard k (or will: `homes`) and has room for the rank's KV and its
+    shard, counting what the node's claims and the ranks already chosen take on that disk; the lowest free GPU
+    among them; (None, why) when fewer than N-1 fit."""
     out: list[tuple[int, str]] = []
-    why = ""
     left = [(g, d) for g, d in free if g != first]
     for k in range(1, request.tensor_parallel):
-        for gpu, disk_name in sorted(left, key=lambda p: ((k, p[1]) not in staged, p[0])):
+        why = _homeless(k, homes[k])
+        for gpu, disk_name in sorted((p for p in left if p[1] in homes[k]), key=lambda p: p[0]):
             need = request.kv_bytes + (0 if (k, disk_name) in staged else shard)
             room = node.disks[disk_name].free_bytes - taken.get(disk_name, 0)
             if room < need:
@@ -461,7 +484,7 @@ def _other_ranks(request: Request, node: NodeView, free: Sequence[tuple[int, str
             left.remove((gpu, disk_name))
             break
         else:
-            return None, why or f"{len(out) + 1} GPU<->SSD pairs with room, needs {request.tensor_parallel}"
+            return None, why
     return tuple(out), ""
 
 

@@ -180,14 +180,37 @@ def test_kv_and_shard_space_is_reserved_on_every_ranks_disk_and_a_second_job_see
 
 def test_a_disk_too_small_for_rank_1_refuses_that_pair_naming_the_disk():
     """Two pairs, nvme1 with 5 GiB free and 10 GiB of KV asked per rank: no fit, the reason names nvme1, rank 1 and
-    what it needs (KV + shard); with a third pair on a roomy disk the job takes GPUs 0 and 2 instead."""
+    what it needs (KV + shard). A third pair on a roomy disk does not help while shard 1 is still to be cut: the
+    agent cuts shard 1 onto pair 1's disk, nvme1, so rank 1 must run there (GPU 2 would stream it from nvme1, the
+    other pair's SSD). Once the node reports shard 1 on nvme2, the job takes GPUs 0 and 2."""
     plan = placed("a", "10Gi", world(disk_node(pairs=TWO, free=(30 * GiB, 5 * GiB))))
     assert plan.claim is None
     assert ("n1: disk nvme1 (GPU 1) has 5.0Gi free, needs 14.0Gi for rank 1's KV (10.0Gi) and shard (4.0Gi)"
             in plan.status["message"])
     three = (*TWO, (2, "nvme2"))
-    claim = placed("a", "10Gi", world(disk_node(pairs=three, free=(30 * GiB, 5 * GiB, 30 * GiB)))).claim
+    plan = placed("a", "10Gi", world(disk_node(pairs=three, free=(30 * GiB, 5 * GiB, 30 * GiB))))
+    assert plan.claim is None
+    assert "n1: disk nvme1 (GPU 1) has 5.0Gi free, needs 14.0Gi for rank 1's KV" in plan.status["message"]
+    on2 = {**shard(1), "gpu": 2, "disk": "nvme2", "path": f"/mnt/nvme2/kubeflash/shards/{MODEL}.tp2/1"}
+    body = disk_node(pairs=three, free=(30 * GiB, 5 * GiB, 30 * GiB), shards=[shard(0), on2])
+    claim = placed("a", "10Gi", world(body)).claim
     assert (claim.gpus, claim.disks) == ((0, 2), ("nvme0", "nvme2"))
+
+
+def test_each_rank_runs_on_the_pair_whose_disk_gets_its_shard():
+    """Four pairs on four disks, no shard cut yet, GPU 0 held by a one-GPU job: the agent will cut shard 0 onto pair
+    0's disk (nvme0), so no pair can run rank 0 from its own SSD; the job is not placed and the reason names nvme0
+    and shard 0 (before this check it took GPUs 1 and 2, and rank 0 streamed shard 0 from nvme0, GPU 0's disk).
+    With GPU 0 free again the ranks take GPUs 0 and 1, the pairs of nvme0 and nvme1 where the shards go."""
+    four = ((0, "nvme0"), (1, "nvme1"), (2, "nvme2"), (3, "nvme3"))
+    body = disk_node(pairs=four, free=(30 * GiB,) * 4)
+    other = Claim(job="ns/other", node="n1", gpus=(0,), disk="nvme0", kv_bytes=GiB)
+    plan = placed("a", "1Gi", world(body, claims=[other]))
+    assert plan.claim is None
+    assert ("n1: no free GPU is paired with disk nvme0, where shard 0 is (or is cut: shard k goes on pair k's disk)"
+            in plan.status["message"]), plan.status["message"]
+    claim = placed("a", "1Gi", world(body)).claim
+    assert (claim.gpus, claim.disks) == ((0, 1), ("nvme0", "nvme1"))
 
 
 def test_a_second_cut_of_the_same_model_waits_naming_the_field():
