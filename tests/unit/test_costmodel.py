@@ -7,10 +7,11 @@ import functools
 import json
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from _ceilings import Ceil
 
 from kubeflash_node.engine.costmodel import Budget, Candidate, JobShape, _steps, candidates, choose, memory, predict, stage_sizes
 from kubeflash_node.engine.policy import Policy
@@ -21,18 +22,10 @@ GIB = 1 << 30
 LLAMA = preset("llama-3-8b")
 
 
-@dataclass
-class Ceil:
-    """The fields of bench.Ceilings the model reads (bench imports torch; this test stays pure)."""
-
-    disk_read_cold: float = 2.0
-    disk_read_warm: float = 14.0
-    disk_write: float = 2.0
-    h2d_pinned: float = 55.0
-    matmul_tflops: float = 750.0
+CEIL = Ceil(disk_read_cold=2.0, disk_read_warm=14.0, disk_write=2.0, h2d_pinned=55.0, matmul_tflops=750.0)
 
 
-def _pred(policy: Policy, job=JobShape(8, 512, 32), ceil=Ceil(), quant="none", c=LLAMA):
+def _pred(policy: Policy, job=JobShape(8, 512, 32), ceil=CEIL, quant="none", c=LLAMA):
     return predict(Candidate(policy, quant), config=c, ceil=ceil, job=job, budget=Budget(1 << 50, 1 << 50),
                    sizes=stage_sizes(c, 2, quant))
 
@@ -54,7 +47,7 @@ def test_chosen_policy_fits_the_budgets(gpu_gib, cpu_gib):
     """Whatever is chosen fits both budgets (GPU with its reserve)."""
     job = JobShape(16, 512, 16)
     sizes = {"none": stage_sizes(LLAMA, 2)}
-    plan = choose(candidates(job), config=LLAMA, ceil=Ceil(), job=job, budget=Budget(gpu_gib * GIB, cpu_gib * GIB),
+    plan = choose(candidates(job), config=LLAMA, ceil=CEIL, job=job, budget=Budget(gpu_gib * GIB, cpu_gib * GIB),
                   sizes=sizes)
     b = plan.best
     assert b.gpu_bytes + (1 << 30) <= gpu_gib * GIB and b.cpu_bytes <= cpu_gib * GIB
@@ -65,7 +58,7 @@ def test_no_candidate_fits_a_tiny_budget():
     """A budget below the weights in flight gets an error saying which budgets were tried."""
     job = JobShape(8, 512, 8)
     with pytest.raises(ValueError, match="no candidate policy fits 1.5 GiB of GPU"):
-        choose(candidates(job), config=LLAMA, ceil=Ceil(), job=job, budget=Budget(int(1.5 * GIB), 64 * GIB),
+        choose(candidates(job), config=LLAMA, ceil=CEIL, job=job, budget=Budget(int(1.5 * GIB), 64 * GIB),
                sizes={"none": stage_sizes(LLAMA, 2)})
 
 
@@ -82,10 +75,10 @@ def test_memory_counts_resident_weights_kv_and_slots():
 
 
 @pytest.mark.parametrize("ceil, policy, bound", [
-    (Ceil(disk_read_cold=1.0), Policy(), "disk"),
-    (Ceil(h2d_pinned=1.0), Policy(weights_cpu_percent=100), "pcie"),
-    (Ceil(matmul_tflops=5.0), Policy(weights_gpu_percent=100), "compute"),
-    (Ceil(), Policy(weights_gpu_percent=100, gpu_batch_size=8), "compute"),
+    (replace(CEIL, disk_read_cold=1.0), Policy(), "disk"),
+    (replace(CEIL, h2d_pinned=1.0), Policy(weights_cpu_percent=100), "pcie"),
+    (replace(CEIL, matmul_tflops=5.0), Policy(weights_gpu_percent=100), "compute"),
+    (CEIL, Policy(weights_gpu_percent=100, gpu_batch_size=8), "compute"),
 ], ids=["slow-disk", "slow-pcie", "slow-gpu", "resident"])
 def test_bound_names_the_slowest_resource(ceil, policy, bound):
     """The bound is the resource that is slowest in most of the run."""
@@ -95,7 +88,7 @@ def test_bound_names_the_slowest_resource(ceil, policy, bound):
 def test_disk_bound_run_time_is_bytes_over_bandwidth():
     """A disk-streamed decode run costs (passes x model bytes) / disk bandwidth when the disk is the bottleneck."""
     job = JobShape(8, 128, 16)
-    pr = _pred(Policy(gpu_batch_size=8), job=job, ceil=Ceil(disk_read_cold=1.0))
+    pr = _pred(Policy(gpu_batch_size=8), job=job, ceil=replace(CEIL, disk_read_cold=1.0))
     expect = job.gen_len * sum(stage_sizes(LLAMA, 2)[0]) / 1e9
     assert pr.bound == "disk" and pr.run_s == pytest.approx(expect, rel=0.01)
 
@@ -104,8 +97,8 @@ def test_monotonic_sanity():
     """More bandwidth never slows a run; more prompts or tokens never speed it up; resident beats streamed."""
     p = Policy(gpu_batch_size=8)
     base = _pred(p)
-    assert _pred(p, ceil=replace(Ceil(), disk_read_cold=4.0)).run_s <= base.run_s
-    assert _pred(p, ceil=replace(Ceil(), matmul_tflops=1500)).run_s <= base.run_s
+    assert _pred(p, ceil=replace(CEIL, disk_read_cold=4.0)).run_s <= base.run_s
+    assert _pred(p, ceil=replace(CEIL, matmul_tflops=1500)).run_s <= base.run_s
     assert _pred(p, job=JobShape(16, 512, 32)).run_s >= base.run_s
     assert _pred(p, job=JobShape(8, 512, 64)).run_s >= base.run_s
     assert _pred(replace(p, weights_gpu_percent=100)).run_s <= _pred(replace(p, weights_cpu_percent=100)).run_s \
@@ -118,7 +111,7 @@ def test_more_gpu_memory_never_slows_the_choice():
     job = JobShape(16, 256, 8)
     times = []
     for gib in (4, 8, 16, 32, 64):
-        plan = choose(candidates(job, step=25), config=LLAMA, ceil=Ceil(), job=job,
+        plan = choose(candidates(job, step=25), config=LLAMA, ceil=CEIL, job=job,
                       budget=Budget(gib * GIB, 64 * GIB), sizes={"none": stage_sizes(LLAMA, 2)})
         times.append(plan.best.total_s)
     assert times == sorted(times, reverse=True)
@@ -251,9 +244,9 @@ def test_x_cache_halves_the_offloaded_cache_and_adds_recompute():
     host_x = memory(Candidate(x), config=OPT13, job=job, sizes=sizes)[1]
     base = memory(Candidate(replace(kv, kv="device")), config=OPT13, job=job, sizes=sizes)[1]
     assert (host_x - base) * 2 == pytest.approx(host_kv - base, rel=1e-6)
-    slow_pcie = Ceil(h2d_pinned=5.0)  # PCIe-starved: moving half the bytes wins despite the recompute
+    slow_pcie = replace(CEIL, h2d_pinned=5.0)  # PCIe-starved: moving half the bytes wins despite the recompute
     assert _pred(x, job, slow_pcie, c=OPT13).run_s < _pred(kv, job, slow_pcie, c=OPT13).run_s
-    fast_pcie = Ceil(h2d_pinned=5000.0, matmul_tflops=50.0)  # compute-starved: recomputing K, V loses
+    fast_pcie = replace(CEIL, h2d_pinned=5000.0, matmul_tflops=50.0)  # compute-starved: recomputing K, V loses
     assert _pred(x, job, fast_pcie, c=OPT13).run_s > _pred(kv, job, fast_pcie, c=OPT13).run_s
 
 
@@ -266,11 +259,11 @@ def test_auto_plan_uses_a_technique_when_memory_is_tight():
     sizes = {"none": stage_sizes(OPT13, 2)}
     kv_total = 64 * 544 * OPT13.kv_bytes_per_token(2)
     budget = Budget(12 * GIB, int(kv_total * 0.7) + 4 * GIB)
-    best = plan(config=OPT13, ceil=Ceil(disk_read_cold=1.2), job=job, budget=budget, sizes=sizes).best
+    best = plan(config=OPT13, ceil=replace(CEIL, disk_read_cold=1.2), job=job, budget=budget, sizes=sizes).best
     p = best.candidate.policy
     assert best.gpu_bytes + (1 << 30) <= budget.gpu_bytes and best.cpu_bytes <= budget.cpu_bytes
     assert p.x_cache_percent > 0 or p.kv == "disk"
-    pinned = plan(config=OPT13, ceil=Ceil(), job=job, budget=budget, sizes=sizes,
+    pinned = plan(config=OPT13, ceil=CEIL, job=job, budget=budget, sizes=sizes,
                   keep=lambda q: q.gpu_batch_size == 8 and q.num_gpu_batches == 2).best.candidate.policy
     assert (pinned.gpu_batch_size, pinned.num_gpu_batches) == (8, 2)
 
@@ -298,7 +291,7 @@ def test_page_locking_is_hidden_behind_the_prefill_until_it_outlasts_it():
     sizes = stage_sizes(OPT13, 2)
 
     def pred(gbps):
-        return predict(Candidate(p), config=OPT13, ceil=Ceil(), job=job, budget=Budget(1 << 50, 1 << 50),
+        return predict(Candidate(p), config=OPT13, ceil=CEIL, job=job, budget=Budget(1 << 50, 1 << 50),
                        sizes=sizes, cal=Calibration(host_lock_gbps=gbps))
 
     fast, slow = pred(1000.0), pred(0.1)
@@ -333,15 +326,15 @@ def test_kv_disk_budget_keeps_the_plan_off_a_disk_cache_that_would_not_fit():
     sizes = {"none": stage_sizes(OPT13, 2)}
     kv_total = 64 * 544 * OPT13.kv_bytes_per_token(2)
     tight_cpu = Budget(12 * GIB, int(kv_total * 0.3) + 4 * GIB)
-    roomy = plan(config=OPT13, ceil=Ceil(), job=job, budget=tight_cpu, sizes=sizes)
-    small = plan(config=OPT13, ceil=Ceil(), job=job, budget=replace(tight_cpu, disk_bytes=GIB), sizes=sizes)
+    roomy = plan(config=OPT13, ceil=CEIL, job=job, budget=tight_cpu, sizes=sizes)
+    small = plan(config=OPT13, ceil=CEIL, job=job, budget=replace(tight_cpu, disk_bytes=GIB), sizes=sizes)
     for pr in (roomy, small):
         assert pr.best.gpu_bytes + GIB <= 12 * GIB
     assert kv_disk_bytes(small.best.candidate, config=OPT13, job=job) <= GIB
     assert kv_disk_bytes(Candidate(Policy(gpu_batch_size=8, num_gpu_batches=2, kv="disk")), config=OPT13, job=job) \
         == 16 * 544 * OPT13.kv_bytes_per_token(2)
     with pytest.raises(ValueError, match="and 0.0 GiB of KV disk"):
-        plan(config=OPT13, ceil=Ceil(), job=job, budget=Budget(2 * GIB, 3 * GIB, 0), sizes=sizes,
+        plan(config=OPT13, ceil=CEIL, job=job, budget=Budget(2 * GIB, 3 * GIB, 0), sizes=sizes,
              keep=lambda q: q.kv == "disk")
 
 

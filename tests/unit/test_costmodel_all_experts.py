@@ -9,8 +9,9 @@ the switch."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from _ceilings import Ceil
 
 from kubeflash_node.engine.costmodel import Budget, Calibration, JobShape, describe, plan, stage_sizes
 from kubeflash_node.store.modelconfig import preset
@@ -18,15 +19,7 @@ from kubeflash_node.store.modelconfig import preset
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class Ceil:
-    """bench.Ceilings as measured on the H200 in session 9 (docs/bench-results/s9/ceilings.json); bench imports
-    torch, this test stays pure."""
-
-    def __init__(self, d: dict):
-        self.__dict__.update(d)
-
-
-GPU = Ceil(json.loads((ROOT / "docs/bench-results/s9/ceilings.json").read_text()))
+GPU = Ceil.load(ROOT / "docs/bench-results/s9/ceilings.json")  # bench.Ceilings as measured on the H200 in session 9
 
 
 def _best(name: str, prompts: int, cal: Calibration = Calibration()):

@@ -5,9 +5,10 @@ GPU work (the CPU launches ahead), a streamed one their sum (issue 18, items 2 a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
+from _ceilings import Ceil
 
 from kubeflash_node.engine.costmodel import Budget, Calibration, Candidate, JobShape, predict, stage_sizes
 from kubeflash_node.engine.policy import Policy
@@ -19,18 +20,11 @@ JOB32K = JobShape(4, 32736, 4)  # the session-13 long-context run: 4 x 32K promp
 KV_DISK = Policy(weights_gpu_percent=100, kv="disk", kv_write_back=True, gpu_batch_size=4)
 
 
-@dataclass
-class Ceil:
-    """The fields of bench.Ceilings the model reads (the H100's of session 13, rounded)."""
-
-    disk_read_cold: float = 1.6
-    disk_read_warm: float = 13.8
-    disk_write: float = 2.4
-    h2d_pinned: float = 55.0
-    matmul_tflops: float = 770.0
+# the H100's of session 13, rounded
+CEIL = Ceil(disk_read_cold=1.6, disk_read_warm=13.8, disk_write=2.4, h2d_pinned=55.0, matmul_tflops=770.0)
 
 
-def _pred(policy=KV_DISK, job=JOB32K, ceil=Ceil(), c=LLAMA32K, cal=Calibration()):
+def _pred(policy=KV_DISK, job=JOB32K, ceil=CEIL, c=LLAMA32K, cal=Calibration()):
     # 10 GiB of host memory: the 17 GB cache does not fit the page cache
     return predict(Candidate(policy), config=c, ceil=ceil, job=job, budget=Budget(80 << 30, 10 << 30),
                    sizes=stage_sizes(c, 2), cal=cal)
@@ -42,7 +36,7 @@ def test_a_kv_disk_prefill_prices_writing_the_prompts_cache():
     pr = _pred()
     written = JOB32K.prompts * JOB32K.prompt_len * LLAMA32K.kv_bytes_per_token(2)  # 17.2 GB
     assert pr.phases["prefill"][0]["disk"] == pytest.approx(written / 2.4e9, rel=1e-9)
-    slower = _pred(ceil=Ceil(disk_write=1.2))
+    slower = _pred(ceil=replace(CEIL, disk_write=1.2))
     assert slower.phases["prefill"][0]["disk"] == pytest.approx(2 * pr.phases["prefill"][0]["disk"], rel=1e-9)
     assert _pred(replace(KV_DISK, kv="device", kv_write_back=False)).phases["prefill"][0]["disk"] == 0.0
     # decode writes one row a sequence per step: its disk time is the prefix reads plus those few bytes
@@ -55,15 +49,15 @@ def test_a_kv_disk_prefill_prices_writing_the_prompts_cache():
 def test_kv_writes_overlap_the_prefill_compute():
     """Writes shorter than a layer's compute hide behind it (the prefill takes as long as with a free disk) and
     leave it compute-bound; writes longer than it make the prefill disk-bound and take the larger, not the sum."""
-    free = _pred(ceil=Ceil(disk_write=1e9))
+    free = _pred(ceil=replace(CEIL, disk_write=1e9))
     compute = free.phases["prefill"][0]["compute"]
     written = JOB32K.prompts * JOB32K.prompt_len * LLAMA32K.kv_bytes_per_token(2)
-    hidden = _pred(ceil=Ceil(disk_write=written / (0.5 * compute) / 1e9))  # writes take half the compute
+    hidden = _pred(ceil=replace(CEIL, disk_write=written / (0.5 * compute) / 1e9))  # writes take half the compute
     assert hidden.phases["prefill"][0]["disk"] == pytest.approx(0.5 * compute, rel=1e-9)
     assert hidden.phase_s("prefill") == pytest.approx(free.phase_s("prefill"), rel=1e-12)
     top, margin = hidden.phase_bound("prefill")
     assert top == "compute" and margin == pytest.approx(2.0, rel=1e-6)
-    slow = _pred(ceil=Ceil(disk_write=written / (3 * compute) / 1e9))  # writes take 3x the compute
+    slow = _pred(ceil=replace(CEIL, disk_write=written / (3 * compute) / 1e9))  # writes take 3x the compute
     res, bound = slow.phases["prefill"]
     assert slow.phase_bound("prefill") == ("disk", pytest.approx(3.0, rel=1e-6))
     assert bound["disk"] == pytest.approx(res["disk"])  # every layer waits for its writes ...
@@ -75,8 +69,8 @@ def test_kv_writes_overlap_the_prefill_compute():
 def test_the_plan_says_a_slow_disk_write_bounds_the_kv_disk_prefill():
     """phase_summary (what `kubeflash plan --json` writes) names the disk for a prefill whose writes outlast its
     compute, and compute where they do not."""
-    assert _pred(ceil=Ceil(disk_write=0.5)).phase_summary()["prefill"]["bound"] == "disk"
-    assert _pred(ceil=Ceil(disk_write=20.0)).phase_summary()["prefill"]["bound"] == "compute"
+    assert _pred(ceil=replace(CEIL, disk_write=0.5)).phase_summary()["prefill"]["bound"] == "disk"
+    assert _pred(ceil=replace(CEIL, disk_write=20.0)).phase_summary()["prefill"]["bound"] == "compute"
     assert _pred().phase_summary()["decode"]["bound"] == "disk"  # 4 x 32K of K and V read back every step
 
 
@@ -88,7 +82,7 @@ def test_a_resident_layer_over_a_device_cache_takes_the_larger_of_overhead_and_g
     streamed = Policy(weights_gpu_percent=0, weights_cpu_percent=100, gpu_batch_size=4)
 
     def decode_compute(policy, tflops):
-        return _pred(policy, job, Ceil(matmul_tflops=tflops), c=OPT).phases["decode"][0]["compute"]
+        return _pred(policy, job, replace(CEIL, matmul_tflops=tflops), c=OPT).phases["decode"][0]["compute"]
 
     assert decode_compute(resident, 770.0) == pytest.approx(decode_compute(resident, 1540.0), rel=1e-12)
     assert decode_compute(streamed, 770.0) > decode_compute(streamed, 1540.0)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _ceilings import Ceil
 
 from kubeflash_node.engine.costmodel import Budget, Candidate, JobShape, predict, stage_sizes
 from kubeflash_node.engine.policy import Policy
@@ -20,19 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 LLAMA = preset("llama-3-8b")
 
 
-@dataclass
-class Ceil:
-    """The fields of bench.Ceilings the model reads."""
-
-    disk_read_cold: float = 1.5
-    disk_read_warm: float = 14.0
-    disk_write: float = 2.0
-    h2d_pinned: float = 55.0
-    matmul_tflops: float = 750.0
+CEIL = Ceil(disk_read_cold=1.5, disk_read_warm=14.0, disk_write=2.0, h2d_pinned=55.0, matmul_tflops=750.0)
 
 
 def _pred(policy: Policy, job: JobShape, budget=Budget(1 << 50, 1 << 50)):
-    return predict(Candidate(policy), config=LLAMA, ceil=Ceil(), job=job, budget=budget,
+    return predict(Candidate(policy), config=LLAMA, ceil=CEIL, job=job, budget=budget,
                    sizes=stage_sizes(LLAMA, 2))
 
 

@@ -9,9 +9,10 @@ non-expert part already outlasts attention (the disk has no idle window). on / o
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
+from _ceilings import Ceil
 
 from kubeflash_node.engine.costmodel import JobShape, expert_prefetch_cost, guess_hit_rate, stage_sizes
 from kubeflash_node.engine.moeplan import expert_prefetch_choice
@@ -21,19 +22,10 @@ from kubeflash_node.store.modelconfig import preset
 QWEN = preset("qwen3-30b-a3b")  # 128 experts, top-8
 
 
-@dataclass
-class Ceil:
-    """The fields of bench.Ceilings the cost model reads (bench imports torch; this test stays pure)."""
-
-    disk_read_cold: float = 1.0
-    disk_read_warm: float = 5.0
-    disk_write: float = 1.0
-    h2d_pinned: float = 0.0  # measured without a GPU
-    matmul_tflops: float = 0.2
-
-
-CPU = Ceil()  # a CPU run: slow matmuls beside a slow disk
-GPU = Ceil(1.41, 14.3, 2.09, 55.1, 759.0)  # docs/bench-results/ceilings.json, rounded
+# a CPU run: slow matmuls beside a slow disk (h2d_pinned 0: measured without a GPU)
+CPU = Ceil(disk_read_cold=1.0, disk_read_warm=5.0, disk_write=1.0, h2d_pinned=0.0, matmul_tflops=0.2)
+# docs/bench-results/ceilings.json, rounded
+GPU = Ceil(disk_read_cold=1.41, disk_read_warm=14.3, disk_write=2.09, h2d_pinned=55.1, matmul_tflops=759.0)
 STORED_F32 = stage_sizes(QWEN, 4, "none")[0]
 
 
@@ -82,7 +74,7 @@ def test_auto_stays_off_where_mispredicted_reads_would_waste():
     batch 1 the guess is right for half the experts, so the wrong half read during attention (and the reads started
     at the router, one per reader thread, which cannot be cancelled) add more disk time than the idle window holds:
     off. At batch 4 on the same machine the guess covers more of a larger read and the window is longer: on."""
-    slow = Ceil(disk_read_cold=4.0, matmul_tflops=0.003)
+    slow = replace(CPU, disk_read_cold=4.0, matmul_tflops=0.003)
     p, job = Policy(gpu_batch_size=1), JobShape(prompts=1, prompt_len=4, gen_len=33)
     cost = expert_prefetch_cost(p, config=QWEN, ceil=slow, job=job, stored=STORED_F32, itemsize=4)
     assert cost.attention_s > cost.nonexpert_s
@@ -146,7 +138,7 @@ def test_priced_bytes_agree_with_the_cpu_runs_measured(batch, prompt, new, route
     within 35% (how many wrong guesses had started before the router depends on thread timing). At batch 1 the run
     with prefetch was slower in every pair, and auto is off."""
     c = replace(QWEN, num_layers=4, vocab_size=32000)
-    cpu = Ceil(disk_read_cold=1.14, disk_read_warm=3.2, disk_write=1.42, matmul_tflops=0.084)
+    cpu = replace(CPU, disk_read_cold=1.14, disk_read_warm=3.2, disk_write=1.42, matmul_tflops=0.084)
     cost = expert_prefetch_cost(Policy(gpu_batch_size=batch, io_threads=4), config=c, ceil=cpu,
                                 job=JobShape(batch, prompt, new), stored=stage_sizes(c, 4, "none")[0], itemsize=4)
     print(f"\nbatch {batch}: routed {cost.routed / 2**20:.0f} MiB (measured {routed_mib:.0f}), wasted "

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _ceilings import Ceil
 
 from kubeflash_node import cli
 from kubeflash_node.engine.costmodel import (
@@ -35,8 +36,7 @@ S9 = RoutingProfile(((1, 8, 18.0), (1, 1, 8.0), (4, 8, 49.7), (4, 1, 23.6), (16,
                      (64, 8, 115.1), (64, 1, 94.8)))
 
 
-class Ceil:
-    disk_read_cold, disk_read_warm, disk_write, h2d_pinned, matmul_tflops = 1.5, 14.0, 2.0, 55.0, 760.0
+CEIL = Ceil(disk_read_cold=1.5, disk_read_warm=14.0, disk_write=2.0, h2d_pinned=55.0, matmul_tflops=760.0)
 
 
 @pytest.mark.parametrize("seqs,per_seq,distinct", [(4, 8, 49.7), (64, 1, 94.8), (1, 1, 8.0)], ids=["pre4", "dec64", "dec1"])
@@ -66,7 +66,7 @@ def test_no_point_of_the_kind_means_uniform():
 
 def _predict(policy: Policy, routing: RoutingProfile | None, config=Q3):
     sizes = stage_sizes(config, 2, "int8")
-    return predict(Candidate(policy, "int8"), config=config, ceil=Ceil(), job=JobShape(4, 8, 3),
+    return predict(Candidate(policy, "int8"), config=config, ceil=CEIL, job=JobShape(4, 8, 3),
                    budget=Budget(1 << 40, 1 << 40), sizes=sizes, cal=Calibration(routing=routing))
 
 
@@ -127,7 +127,7 @@ def test_first_stages_are_read_during_setup():
     passes and a routed layer's experts (read after the router) stay in the run."""
     c = preset("llama-3-8b")
     sizes = stage_sizes(c, 2, "none")
-    ceil = Ceil()
+    ceil = CEIL
     stage_s = sizes[0][1] / (ceil.disk_read_cold * 1e9)
 
     def run(prefetch: int, gen: int = 1):
