@@ -5,6 +5,7 @@ per rank, one KV volume per pair and KUBEFLASH_SHARD_DIRS / KUBEFLASH_RANK_DIRS 
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 from test_reconcile import CFG, MODEL, apply
@@ -55,6 +56,33 @@ def test_tensor_parallel_implies_gpus_and_a_mismatch_is_refused_naming_the_field
     assert plan.status["phase"] == "Failed" and plan.status["reason"] == "InvalidSpec"
     assert plan.status["message"].startswith("spec.resources.gpus must be 2 (or left out) with "
                                              "spec.offload.tensorParallel 2")
+
+
+def test_gpus_n_without_tensor_parallel_runs_n_ranks_on_n_pairs():
+    """resources.gpus 2 with tensorParallel left out is a tensor-parallel job of 2 ranks: the FlashNode entry asks
+    for 2 shards, the job waits for them, then runs on GPUs 0 and 1 with shard k and a KV volume on pair k's disk,
+    and the pod's own spec (KUBEFLASH_JOB_SPEC) says tensorParallel 2, so the engine starts a rank per GPU. With
+    tensorParallel 1 written out, gpus 2 is refused naming spec.resources.gpus (the second GPU would sit idle)."""
+    job = Job("ns", "j", "uid-1", job_spec(resources={"gpus": 2}), {}, created=NOW - timedelta(seconds=3),
+              generation=1)
+    job = apply(job, admit(job, now=NOW).status)
+    assert job.parsed.offload.tensor_parallel == 2 and job.parsed.resources.gpus == 2
+    plan = step(job, world(node(desired=False)), CFG)
+    assert plan.status["phase"] == "Staging" and plan.stage.entry["tensorParallel"] == 2
+    job = apply(job, plan.status)
+    plan = step(job, world(node(shards=[shard(0), shard(1)])), CFG)
+    t = plan.create.target
+    assert (t.gpus, t.shard_disks, t.kv_disks) == ((0, 1), ("nvme0", "nvme1"), ("nvme0", "nvme1"))
+    pod = build_pod(JobRef("ns", "j", "uid-1"), job.parsed, t, attempt=1, default_image="img")
+    ctr = pod["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in ctr["env"]}
+    assert json.loads(env[c.ENV_JOB_SPEC])["offload"]["tensorParallel"] == 2
+    assert ctr["resources"]["limits"]["nvidia.com/gpu"] == "2" and env[c.ENV_RANK_DIRS] == "/job:/ranks/1"
+    bad = Job("ns", "j", "uid-1", job_spec(offload={"tensorParallel": 1}, resources={"gpus": 2}), {}, created=NOW)
+    plan = admit(bad, now=NOW)
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "InvalidSpec"
+    assert plan.status["message"].startswith("spec.resources.gpus must be 1 (or left out) with "
+                                             "spec.offload.tensorParallel 1: one process uses one GPU, got 2")
 
 
 def test_needs_two_free_pairs_on_one_node():
