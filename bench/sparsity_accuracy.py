@@ -17,7 +17,10 @@ and method "input" (TEAL: thresholds on the FFN input before gate/up and on the 
 kept columns read from the input-channel files, store/channels.py), from the same calibration run; with --methods
 also "input+attn": the input method with the attention's inputs thresholded too (before q/k/v and before o,
 engine/attnsparse.py, the kept columns read from the attention channel files), whose layer bytes count the
-attention's kept columns instead of the whole attention.
+attention's kept columns instead of the whole attention. With --allocations uniform,greedy each input method is
+measured with both allocations of the target: every layer and input at the target, and TEAL's greedy per-layer
+allocation (engine/allocate.py, `kubeflash calibrate --allocation greedy`; the layer errors measured once on the
+first 128 calibration tokens, shared out over the FFN's inputs for input, the attention's too for input+attn).
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from accuracy import PROMPTS as ACCURACY_PROMPTS  # bench/accuracy.py, beside this script
 
-from kubeflash_node.engine import sparse
+from kubeflash_node.engine import allocate, sparse
+from kubeflash_node.engine.allocate import ALLOCATIONS
 from kubeflash_node.engine.attnsparse import SparseAttention
 from kubeflash_node.engine.cli_calibrate import calibrate
 from kubeflash_node.engine.generate import Engine, GenParams
@@ -40,6 +45,7 @@ from kubeflash_node.store.bundles import BundleReader, write_bundles
 from kubeflash_node.store.channels import AttnChannelReader, ChannelReader, write_attn_channels, write_channels
 from kubeflash_node.store.convert import convert
 from kubeflash_node.store.format import load_manifest
+from kubeflash_node.store.modelconfig import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "tests" / "data" / "GPL-3.txt"
@@ -97,19 +103,34 @@ def main() -> int:
     ap.add_argument("--targets", default=",".join(f"{t:g}" for t in TARGETS), help="target sparsities, comma-separated")
     ap.add_argument("--methods", default="gate,input",
                     help="gate, input (FFN inputs) and/or input+attn (FFN and attention inputs), comma-separated")
+    ap.add_argument("--allocations", default="uniform",
+                    help="uniform and/or greedy (engine/allocate.py: per layer and input, over the FFN's inputs for "
+                         "method input, the attention's too for input+attn), comma-separated")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     targets = tuple(sorted({float(t) for t in args.targets.split(",")}))
     methods = args.methods.split(",")
     if not set(methods) <= {"gate", "input", "input+attn"}:
         ap.error(f"--methods {args.methods}: expected gate, input and/or input+attn")
+    allocations = args.allocations.split(",")
+    if not set(allocations) <= set(ALLOCATIONS) or ("greedy" in allocations and "gate" in methods):
+        ap.error(f"--allocations {args.allocations}: expected uniform and/or greedy (greedy: input methods only)")
     store, tok = smollm2_float32(args.work)
     ids = tok(TEXT.read_text())["input_ids"]
     cal_ids, eval_ids = ids[:args.cal_tokens], ids[args.eval_start:args.eval_start + args.eval_tokens]
     chats = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True, add_generation_prompt=True,
                                      return_dict=True)["input_ids"] for q in PROMPTS]
     t0 = time.perf_counter()
-    calibrate(store, cal_ids, targets, window=512)
+    _, rec = calibrate(store, cal_ids, targets, window=512, recorder=True)
+    cals = {("uniform", m): cal.load(store) for m in methods}
+    if "greedy" in allocations:  # the layers' errors measured once, shared out over the FFN's (and attention's) inputs
+        config, t1 = ModelConfig.from_dict(load_manifest(store).config), time.perf_counter()
+        errors = allocate.measure(store, rec, cal_ids[:allocate.EVAL_TOKENS], attention=True)
+        print(f"greedy allocation: layer errors on {allocate.EVAL_TOKENS} tokens in {time.perf_counter() - t1:.0f} s",
+              file=sys.stderr)
+        for m in methods:
+            ins, att, lev = allocate.greedy(rec, errors, config, targets, attention=m == "input+attn")
+            cals["greedy", m] = replace(cals["uniform", m], inputs=ins, attention=att, allocation="greedy", levels=lev)
     write_bundles(store)
     write_channels(store)
     write_attn_channels(store)
@@ -127,7 +148,8 @@ def main() -> int:
              "token_sparsity": 0.0, "greedy_prefix": 1.0, "greedy_identical": len(chats), "ffn_read_fraction": 1.0,
              "ffn_read_fraction_measured": 1.0, "layer_read_fraction": 1.0, "runs_per_layer_call": 1,
              "method": "-", "attn_read_fraction": 1.0}]
-    for target, method in [(t, m) for t in targets for m in methods]:
+    for alloc, target, method in [(a, t, m) for t in targets for m in methods for a in allocations]:
+        cal.save(store, cals[alloc, method])
         th = cal.thresholds_for(store, target, num_layers=n_layers, field="target")
         ins = cal.input_thresholds_for(store, target, num_layers=n_layers, field="target") \
             if method.startswith("input") else None
@@ -148,7 +170,8 @@ def main() -> int:
         frac = d["ffn_read_fraction"]
         gate = d["ffn_bytes_per_layer_token_dense"] / 3 if method == "gate" else 0  # CATS reads the gate whole
         measured = (gate + d["bundle_bytes_per_layer_token"]) / d["ffn_bytes_per_layer_token_dense"]
-        rows.append({"sparsity": target, "method": method, "ppl": ppl, "ppl_increase_pct": 100 * (ppl / dense_ppl - 1),
+        rows.append({"sparsity": target, "method": method, "allocation": alloc, "ppl": ppl,
+                     "ppl_increase_pct": 100 * (ppl / dense_ppl - 1),
                      "top1_agreement": float((top == dense_top).float().mean()), "token_sparsity": tf_sparsity,
                      "greedy_prefix": sum(prefix_match(d, s) for d, s in zip(dense_out, out)) / len(chats),
                      "greedy_identical": sum(d == s for d, s in zip(dense_out, out)), "ffn_read_fraction": frac,
@@ -156,7 +179,7 @@ def main() -> int:
                      "attn_read_fraction": attn,
                      "runs_per_layer_call": d["runs_per_layer_call"], "ffn_read_fraction_measured": measured,
                      "bundle_bytes_per_layer_token": d["bundle_bytes_per_layer_token"]})
-        print(f"  target {target} {method}: done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        print(f"  target {target} {method} {alloc}: done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(table(rows, len(chats), args.new))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "eval_tokens": len(eval_ids), "cal_tokens": len(cal_ids),
@@ -165,13 +188,14 @@ def main() -> int:
 
 
 def table(rows, n_prompts: int, new: int) -> str:
-    head = ("| target | method | perplexity | vs dense | top-1 = dense | dropped activations | greedy prefix = dense | "
+    head = ("| target | method | allocation | perplexity | vs dense | top-1 = dense | dropped activations | "
+            "greedy prefix = dense | "
             f"greedy identical (of {n_prompts} x {new}) | FFN bytes / token (counted) | FFN bytes / token (read "
             "from bundles) | reads / layer | attention bytes / token | layer bytes / token |")
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         t = r["sparsity"] if isinstance(r["sparsity"], str) else f"{r['sparsity']:.2f}"
-        lines.append(f"| {t} | {r['method']} | {r['ppl']:.3f} | {r['ppl_increase_pct']:+.2f}% | "
+        lines.append(f"| {t} | {r['method']} | {r.get('allocation', '-')} | {r['ppl']:.3f} | {r['ppl_increase_pct']:+.2f}% | "
                      f"{100 * r['top1_agreement']:.1f}% | "
                      f"{100 * r['token_sparsity']:.1f}% | {100 * r['greedy_prefix']:.1f}% | {r['greedy_identical']} | "
                      f"{100 * r['ffn_read_fraction']:.1f}% | {100 * r['ffn_read_fraction_measured']:.1f}% | "

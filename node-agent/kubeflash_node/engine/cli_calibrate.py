@@ -19,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .allocate import ALLOCATIONS, EVAL_TOKENS, STEP
 from .cliargs import int_range
 
 MIN_TOKENS = 512  # fewer and the per-layer quantiles rest on too few tokens to mean anything
@@ -75,6 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "`kubeflash run` then thresholds the attention's inputs too and reads only the kept channels' "
                         "columns (fewer bytes, more accuracy lost: docs/sparsity.md); default off: attention read whole. "
                         "The attention thresholds are calibrated either way")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                   help="how each target is shared out over layers and inputs: uniform (every layer's FFN input and "
+                        "intermediate, and attention input and output, at the target; default) or greedy (TEAL: per "
+                        f"layer and input, raised {STEP:g} at a time where the layer's output error on the first "
+                        f"{EVAL_TOKENS} calibration tokens grows least per weight byte saved, until the byte-weighted "
+                        "mean is the target; over the attention's inputs too with --attention; several minutes more "
+                        "on a CPU; docs/sparsity.md)")
     p.add_argument("--predictor-rank", type=int_range(0, 4096), default=256,
                    help="with --bundle: rank of each layer's low-rank activation predictor (Deja Vu-style, fitted on "
                         "the FFN inputs of up to 4,096 calibration tokens a layer), used by the layers where, on "
@@ -108,6 +116,9 @@ def _refuse_early(args: argparse.Namespace) -> None:
     exist or a dummy: model (no tokenizer): ValueError naming it."""
     import re
 
+    if getattr(args, "allocation", "uniform") == "greedy" and not getattr(args, "channels", True):
+        raise ValueError("--allocation greedy with --no-channels: greedy allocation shares out input sparsity's "
+                         "thresholds, which a run uses only with the input-channel files; drop --no-channels")
     if getattr(args, "attention", False) and not getattr(args, "channels", True):
         raise ValueError("--attention with --no-channels: attention sparsity runs with the FFN's input sparsity, which "
                          "reads the input-channel files; drop --no-channels")
@@ -161,11 +172,13 @@ def calibrate_cli(args: argparse.Namespace) -> Path:
         raise ValueError(f"--text {args.text}: {len(ids)} tokens, calibration needs at least {MIN_TOKENS} "
                          "(a few pages of ordinary prose)")
     path, rec = calibrate(model_dir, ids, args.sparsity, device=device, window=args.window,
-                          progress=not args.quiet, text_sha256=_sha256(args.text), recorder=True)
+                          progress=not args.quiet, text_sha256=_sha256(args.text), recorder=True,
+                          allocation=args.allocation, attention=args.attention)
     if args.channels and manifest.config.get("architecture", "llama") != "opt":
+        from ..store import sparsity as cal
         from ..store.channels import write_channels
 
-        ins = rec.input_thresholds_at(args.sparsity)
+        ins = cal.load(model_dir).inputs  # as written: greedy allocation's per-layer thresholds too
         print(f"input-channel files: {write_channels(model_dir, {t: rec.input_frequency_at(v) for t, v in ins.items()})}")
         if args.attention:
             from ..store.channels import write_attn_channels
@@ -228,8 +241,10 @@ def gate_matrices(model_dir: Path) -> list:
 
 def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, device: str = "cpu",
               window: int = 512, progress: bool = False, text_sha256: str = "", recorder: bool = False,
-              write: bool = True):
-    """Record FFN activations over `ids` and write the thresholds of `targets` into the model's store entry;
+              write: bool = True, allocation: str = "uniform", attention: bool = False):
+    """Record FFN activations over `ids` and write the thresholds of `targets` into the model's store entry
+    (`allocation` "greedy": the input-sparsity thresholds per layer and input by allocate.py, over the FFN's inputs,
+    and the attention's too with `attention`; "uniform": every layer and input at the target);
     returns (the file, target -> [L, I] per-neuron activation frequency at that target's thresholds), or with
     `recorder` (the file, the sparse.SparseFFN recorder holding the samples). `write` False: nothing written, the
     store.sparsity.Calibration in place of the file (the caller saves it last: autocalib.py)."""
@@ -263,9 +278,17 @@ def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, de
         if bar:
             bar.close()
     thresholds = rec.thresholds_at(targets)
+    inputs, attn, levels = rec.input_thresholds_at(targets), rec.attention.thresholds_at(targets), {}
+    if allocation == "greedy":
+        if not inputs:
+            raise ValueError(f"--allocation greedy: MODEL {model_dir} has no gated FFN (OPT: ReLU sparsity needs no "
+                             "thresholds); expected a Llama-family model")
+        from .allocate import EVAL_TOKENS, greedy, measure
+
+        errors = measure(model_dir, rec, ids[:EVAL_TOKENS], device=device, attention=attention)
+        inputs, attn, levels = greedy(rec, errors, config, targets, attention=attention)
     made = cal.Calibration(model_id=model_dir.name, manifest_sha256=digest, tokens=len(ids), text_sha256=text_sha256,
-                           thresholds=thresholds, inputs=rec.input_thresholds_at(targets),
-                           attention=rec.attention.thresholds_at(targets))
+                           thresholds=thresholds, inputs=inputs, attention=attn, allocation=allocation, levels=levels)
     path = cal.save(model_dir, made) if write else made
     return (path, rec) if recorder else (path, {t: rec.frequency_at(th) for t, th in thresholds.items()})
 

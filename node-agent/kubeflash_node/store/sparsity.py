@@ -44,13 +44,20 @@ class Calibration:
     # target sparsity -> per decoder layer (threshold on |attention input|, on |attention output before o|):
     # attention input sparsity (engine/sparse.py, SparseAttention); empty in calibrations made before it
     attention: dict[float, tuple[tuple[float, float], ...]] = field(default_factory=dict)
+    # how the input and attention thresholds share each target out: "uniform" (every layer and input at the target)
+    # or "greedy" (engine/allocate.py: per layer and input, where the output error per byte saved is least)
+    allocation: str = "uniform"
+    # greedy only: target -> per decoder layer the level of (attention input, attention output, FFN input,
+    # intermediate) whose byte-weighted mean is the target; empty for uniform calibrations
+    levels: dict[float, tuple[tuple[float, ...], ...]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "method": self.method, "model_id": self.model_id,
+        return {"format": FORMAT, "method": self.method, "allocation": self.allocation, "model_id": self.model_id,
                 "manifest_sha256": self.manifest_sha256, "tokens": self.tokens, "text_sha256": self.text_sha256,
                 "targets": [{"sparsity": t, "thresholds": list(th),
                              **({"inputs": [list(p) for p in self.inputs[t]]} if t in self.inputs else {}),
-                             **({"attention": [list(p) for p in self.attention[t]]} if t in self.attention else {})}
+                             **({"attention": [list(p) for p in self.attention[t]]} if t in self.attention else {}),
+                             **({"levels": [list(p) for p in self.levels[t]]} if t in self.levels else {})}
                             for t, th in sorted(self.thresholds.items())]}
 
     @classmethod
@@ -64,9 +71,12 @@ class Calibration:
                    for e in data["targets"] if "inputs" in e}
             att = {float(e["sparsity"]): tuple((float(a), float(b)) for a, b in e["attention"])
                    for e in data["targets"] if "attention" in e}
+            lev = {float(e["sparsity"]): tuple(tuple(float(x) for x in p) for p in e["levels"])
+                   for e in data["targets"] if "levels" in e}
             return cls(model_id=str(data["model_id"]), manifest_sha256=str(data["manifest_sha256"]),
                        tokens=int(data["tokens"]), text_sha256=str(data["text_sha256"]), thresholds=th,
-                       method=str(data.get("method", METHOD)), inputs=ins, attention=att)
+                       method=str(data.get("method", METHOD)), inputs=ins, attention=att,
+                       allocation=str(data.get("allocation", "uniform")), levels=lev)
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{where}: malformed calibration ({type(e).__name__}: {e})") from e
 
