@@ -303,7 +303,57 @@ def test_a_stopped_convert_says_nothing_was_published(tmp_path, sig, word, code)
     p.send_signal(sig)
     _, err = p.communicate(timeout=60)
     assert p.returncode == code and err.rstrip().endswith(f"{word}; nothing was published (a re-run converts anew)"), err
-    assert not out.exists() and list((tmp_path / "store").iterdir()) == []
+    assert not (tmp_path / "store").exists()  # nor its lock, nor the folder it made for --out
+
+
+def _converting(out: Path, *, kill: bool = False) -> subprocess.Popen:
+    """A `kubeflash convert dummy:opt-1.3b --out OUT` (~100 MB a layer: seconds to go) once its third layer is written;
+    killed with SIGKILL there and waited for where `kill`."""
+    p = subprocess.Popen([sys.executable, "-m", "kubeflash_node.cli", "convert", "dummy:opt-1.3b", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.parent.glob(f".staging-{out.name}-*/layer_002.bin")):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.005)
+    if kill:
+        p.kill()
+        p.communicate(timeout=60)
+    return p
+
+
+def test_a_second_convert_to_the_same_out_is_refused_while_the_first_runs(tmp_path):
+    """Two `kubeflash convert` to one --out at once both succeeded, the second replacing the first's model without a
+    word. The second is refused now within seconds, before torch, naming --out and the lock its first holds (with
+    --overwrite too), and the first publishes its own model; its lock is gone when it ends."""
+    out = tmp_path / "store" / "m"
+    first = _converting(out)
+    lock = tmp_path / "store" / ".m.lock"
+    for extra in ([], ["--overwrite"]):
+        r, took, imported = _cli("convert", "dummy:opt-125m", "--out", str(out), *extra, cwd=tmp_path)
+        assert _error(r, "convert") == (f"--out {out}: another kubeflash convert is writing it now (it holds {lock}); "
+                                        "expected one convert per --out: wait for that one to end, or choose another "
+                                        "--out"), r.stderr
+        assert "torch" not in imported and took < 5, took
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    from kubeflash_node.store.format import load_manifest
+
+    assert load_manifest(out).num_layers == 24  # opt-1.3b's, not opt-125m's 12
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["m"]
+
+
+def test_a_killed_converts_lock_does_not_block_the_next(tmp_path):
+    """A convert killed with SIGKILL leaves its lock file (it cannot remove it), but the kernel let go of its lock:
+    the next convert to that --out runs, publishes, and leaves neither the lock nor the killed one's scratch."""
+    out = tmp_path / "store" / "m"
+    _converting(out, kill=True)
+    assert (tmp_path / "store" / ".m.lock").exists()
+    r, _, _ = _cli("convert", "dummy:opt-125m", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    from kubeflash_node.store.format import load_manifest
+
+    assert load_manifest(out).num_layers == 12
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["m"]
 
 
 def test_a_second_run_of_the_same_job_is_refused_while_the_first_runs(tmp_path):

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..store.scratch import remove_empty as _remove_empty  # a refused run leaves no folder it made
 from .cliargs import int_range, positive_size
 
 
@@ -338,15 +339,6 @@ def _lock_dirs(args, *, job_dir: Path, output: Path) -> list[int]:
                              "expected one run per job: wait for it to finish, then run again to resume") from None
         fds.append(fd)
     return fds
-
-
-def _remove_empty(created: list[Path]) -> None:
-    """Remove the directories this run created that are still empty (innermost first): a refused run leaves none."""
-    for d in reversed(created):
-        try:
-            d.rmdir()
-        except OSError:
-            pass
 
 
 def _machine(args, store: Path):

@@ -6,15 +6,12 @@ handed out only verified (store.format.verify_model); each call first removes wh
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 from pathlib import Path
-from typing import Iterator
 
 from .format import MANIFEST, Manifest, StoreError, verify_model
 from .ids import model_id
-from .scratch import STAGING, Scratch, clean_stale
+from .scratch import STAGING, Scratch, clean_stale, entry_lock
 
 DEFAULT_ROOT = Path(os.environ.get("KUBEFLASH_HOME", Path.home() / ".cache" / "kubeflash"))
 
@@ -62,7 +59,7 @@ def ensure_model(uri: str, *, dtype: str = "float16", quantization: str = "none"
     models.mkdir(parents=True, exist_ok=True)
     clean_stale(models)
     clean_stale(Path(root) / "downloads")
-    with _model_lock(models / f".{model_dir.name}.lock"):
+    with entry_lock(model_dir):  # the lock `kubeflash convert --out` this entry takes too
         if not (model_dir / MANIFEST).exists():
             _convert_into(uri, model_dir, root=Path(root), dtype=dtype, quantization=quantization,
                           progress_bar=progress_bar)
@@ -90,17 +87,6 @@ def _convert_into(uri: str, model_dir: Path, *, root: Path, dtype: str, quantiza
                        progress=lambda n, total, stage: bar(n, total, stage))
     bar.close()
     return manifest
-
-
-@contextlib.contextmanager
-def _model_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path` (created if missing) for the duration; the kernel drops it if we die."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 class _bar:

@@ -32,6 +32,7 @@ def main(args: argparse.Namespace) -> int:
     from .convert import convert
     from .format import NoSpaceError, StoreError, verify
     from .modelconfig import PRESETS
+    from .scratch import EntryBusy, entry_lock, remove_empty
     from .uris import check_scheme
 
     if args.list_presets:
@@ -50,13 +51,23 @@ def main(args: argparse.Namespace) -> int:
         print(f"kubeflash convert: error: {e}", file=sys.stderr)
         return 1
     bar = _bar(f"converting {args.source}", sys.stderr.isatty() or True)
+    created: list[Path] = []  # folders above --out this command made (for its lock), removed if left empty
     try:
-        manifest = convert(args.source, args.out, dtype=args.dtype, quantization=args.quantization,
-                           symmetric=args.symmetric, group=args.quant_group or 64, overwrite=args.overwrite,
-                           progress=bar)
+        _make_parents(Path(args.out), created)
+        with entry_lock(Path(args.out), wait=False):  # held to the end: a second convert to --out is refused
+            manifest = convert(args.source, args.out, dtype=args.dtype, quantization=args.quantization,
+                               symmetric=args.symmetric, group=args.quant_group or 64, overwrite=args.overwrite,
+                               progress=bar)
+        created = []
         bar.close()
         if args.verify:
             verify(args.out, manifest)
+    except EntryBusy as e:  # said at once, before torch is imported
+        bar.close()
+        print(f"kubeflash convert: error: --out {args.out}: another kubeflash convert is writing it now (it holds "
+              f"{e.lock}); expected one convert per --out: wait for that one to end, or choose another --out",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the bar's line ends before the command's last word
         bar.close()
         raise
@@ -75,6 +86,8 @@ def main(args: argparse.Namespace) -> int:
               f"expected {'a folder with room for the model' if room else 'a new directory in a writable folder'}"
               "; nothing was published", file=sys.stderr)
         return 1
+    finally:
+        remove_empty(created)  # a refused or stopped convert leaves no folder it made
     q = manifest.extra.get("quant")
     qs = f" + int{q['bits']} matrices (group {q['group']}{', symmetric' if q['symmetric'] else ''})" if q else ""
     family = manifest.config.get("family") or manifest.architecture  # config.json's model_type, as presets list it
@@ -101,3 +114,15 @@ def _check_options(args: argparse.Namespace) -> None:
             if not folder.is_dir():
                 raise ValueError(f"--out {args.out}: {folder} is a file; expected a new directory in a folder")
             break
+
+
+
+def _make_parents(out: Path, made: list[Path]) -> None:
+    """Create the folders above `out` that are missing (its lock file lives beside it), appending each to `made`
+    (outermost first) as it is made."""
+    for d in reversed(out.parents):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        made.append(d)

@@ -4,14 +4,19 @@ A scratch directory is `<parent>/.staging-<name>-<random>`. Its creator holds an
 directory itself while it works in it; the kernel drops that lock when the process dies (kill -9 included).
 `clean_stale(parent)` removes every scratch directory whose lock it can take, so a dead run's leftovers go on
 the next start while a live conversion running beside it is never touched.
+
+A store entry being written (`<parent>/<name>`, by `kubeflash convert --out` or a run's store cache) is held with
+`entry_lock`: an exclusive flock on `<parent>/.<name>.lock`, so two writers of one entry never both publish it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 STAGING = ".staging-"
@@ -91,3 +96,62 @@ def clean_stale(parent: Path, prefixes: tuple[str, ...] = (STAGING,)) -> list[st
             os.close(fd)
         removed.append(entry.name)
     return removed
+
+
+class EntryBusy(Exception):
+    """Another process holds the entry's lock (entry_lock with wait=False); `lock` is the lock file's path."""
+
+    def __init__(self, entry: Path, lock: Path):
+        super().__init__(f"{entry}: another process is writing it (it holds {lock})")
+        self.entry, self.lock = entry, lock
+
+
+def entry_lock_path(entry: Path) -> Path:
+    return Path(entry).parent / f".{Path(entry).name}.lock"
+
+
+@contextlib.contextmanager
+def entry_lock(entry: Path, *, wait: bool = True) -> Iterator[None]:
+    """Hold the exclusive flock on `entry`'s lock file (`<parent>/.<name>.lock`, created; the parent must exist) for
+    the duration: waits for another holder, or raises EntryBusy at once where `wait` is False. The kernel drops the
+    lock when its holder dies (kill -9 included), so a killed writer never blocks the next one; the file is removed
+    as the lock is let go, and a lock taken on a file its holder removed meanwhile is taken again on the new one."""
+    path = entry_lock_path(entry)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise EntryBusy(Path(entry), path) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder before us removed it as it let go: lock the file the name leads to now
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still held: whoever opened this file meanwhile finds it gone and takes a new one
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
+
+
+def remove_empty(created: list[Path]) -> None:
+    """Remove the directories a command created (outermost first in `created`) that are still empty, innermost
+    first: a refused or stopped command leaves none behind."""
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:
+            pass

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from kubeflash_node.store.format import Manifest, ModelWriter, load_manifest
 from kubeflash_node.store.scratch import STAGING, Scratch, clean_stale
@@ -80,3 +81,36 @@ def test_model_writer_cleans_a_killed_conversion_of_the_same_model(tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_an_entry_lock_refuses_a_second_writer_and_hands_over_to_a_waiting_one(tmp_path):
+    """entry_lock: while held, a non-waiting taker gets EntryBusy naming the lock file; a waiting one (a thread, its
+    own open file) gets the lock when the holder lets go, although the holder removed the file it had locked; once
+    both are done no lock file is left."""
+    import threading
+
+    from kubeflash_node.store.scratch import EntryBusy, entry_lock, entry_lock_path
+
+    entry = tmp_path / "m"
+    got: list[str] = []
+
+    def waiter() -> None:
+        with entry_lock(entry):
+            got.append("held")
+            try:  # the waiter's lock is a real one: a third taker is refused
+                with entry_lock(entry, wait=False):
+                    pass
+            except EntryBusy:
+                got.append("third refused")
+
+    with entry_lock(entry):
+        with pytest.raises(EntryBusy) as e:
+            with entry_lock(entry, wait=False):
+                pass
+        assert e.value.lock == entry_lock_path(entry) == tmp_path / ".m.lock" and e.value.lock.exists()
+        t = threading.Thread(target=waiter)
+        t.start()
+        t.join(0.3)
+        assert t.is_alive() and got == []  # waiting on the lock
+    t.join(10)
+    assert got == ["held", "third refused"] and list(tmp_path.iterdir()) == []
