@@ -312,14 +312,17 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
     """Admit, place, stage, run and watch one job (a new job is admitted and placed in its first step); returns
     how long to sleep unless woken, None once the job is gone."""
     job = _job(body)
-    if (prefixes := await _input_prefixes(memo, job)) is not None:
-        job = replace(job, prefixes=prefixes)
     parsed = memo.setdefault("parsed", {})
     cached = parsed.get(job.uid)
     if cached is not None and cached[0] == job.generation and job.generation is not None:
         job.__dict__["parsed"] = cached[1]  # Job.parsed is a cached_property: the spec is parsed once per generation
     else:
         parsed[job.uid] = (job.generation, job.parsed)
+    prefixes, blocked = await _input_prefixes(memo, job), await _configmaps_blocking(memo, job)
+    if prefixes is not None or blocked is not None:
+        spec = job.parsed
+        job = replace(job, prefixes=prefixes, blocked=blocked)
+        job.__dict__["parsed"] = spec
     meta = body.get("metadata", {})
     version = meta.get("resourceVersion")
     early = False  # kopf's finalizer patch is on its way (its answer or its event wakes us): a status decided
@@ -511,6 +514,7 @@ async def count_job_phase(event: kopf.RawEvent, namespace: str, name: str, uid: 
         memo.sent.pop(uid, None)
         memo.get("parsed", {}).pop(uid, None)
         memo.get("input_prefixes", {}).pop(uid, None)
+        memo.get("configmaps_ok", {}).pop(uid, None)
         memo.get("shards_created", {}).pop(uid, None)
         memo.get("pod_seen", {}).pop((namespace, name), None)
         memo.get("first_seen", {}).pop(uid, None)
@@ -794,6 +798,23 @@ async def _input_prefixes(memo: kopf.Memo, job: reconcile.Job) -> tuple[str, ...
         hit = seen[job.uid] = (job.generation, await asyncio.to_thread(memo.kube.input_prefixes, job.namespace,
                                                                        cm.name, cm.key))
     return hit[1]
+
+
+async def _configmaps_blocking(memo: kopf.Memo, job: reconcile.Job) -> tuple[str, str] | None:
+    """Why a job not placed yet cannot start (Kube.configmap_problem: its input ConfigMap or key missing, its
+    output ConfigMap someone else's), read each step until none is found, then not again for this generation."""
+    spec = job.parsed
+    if job.status.get("phase") not in (None, "Pending") or isinstance(spec, SpecError):
+        return None
+    cm_in, cm_out = spec.input.config_map, spec.output.config_map
+    checked = memo.setdefault("configmaps_ok", {})
+    if (cm_in is None and cm_out is None) or checked.get(job.uid) == job.generation:
+        return None
+    problem = await asyncio.to_thread(memo.kube.configmap_problem, job.namespace, job=job.name, uid=job.uid,
+                                      input_cm=(cm_in.name, cm_in.key) if cm_in else None, output_cm=cm_out)
+    if problem is None:
+        checked[job.uid] = job.generation
+    return problem
 
 
 async def _pods(kube: Kube, job: reconcile.Job, pod_index: kopf.Index, *, fresh: bool = False

@@ -38,6 +38,7 @@ class Job:
     created: datetime
     generation: int | None = None
     prefixes: tuple[str, ...] | None = None  # fingerprints of prompts not in the spec (its input ConfigMap's)
+    blocked: tuple[str, str] | None = None  # (reason, message naming the field): an object it needs cannot serve it
 
     @property
     def key(self) -> str:
@@ -184,6 +185,13 @@ def step(job: Job, world: World, cfg: OperatorConfig) -> Plan:
 def _pending(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, cfg: OperatorConfig) -> None:
     retry_at = parse_time(view.get("retryAt"))
     if retry_at and world.now < retry_at:
+        return
+    if job.blocked:  # e.g. its input ConfigMap is missing: no pair is taken for a pod that could not start
+        reason, message = job.blocked
+        cond = st.condition(view, "Scheduled") or {}
+        if cond.get("reason") != reason or cond.get("message") != message:
+            _set(plan, job, view, world, "Scheduled", "False", reason, message, top=True)
+            plan.events.append(Event("Warning", reason, message))
         return
     request = Request(job.key, spec.model.id, gpus=spec.resources.gpus, kv_bytes=spec.resources.kv_disk,
                       prefix_cache=spec.cache.prefix, tensor_parallel=spec.offload.tensor_parallel,

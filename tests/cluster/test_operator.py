@@ -62,8 +62,12 @@ class Operator:
 @pytest.fixture(scope="module")
 def crds(control_plane):
     control_plane.kubectl("apply", "-f", str(REPO / "crds"))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                          "crd/inferencejobs.kubeflash.io", "crd/flashnodes.kubeflash.io")
+    # polled, not `kubectl wait --for=condition=Established`: on a CRD created a moment ago (no status.conditions
+    # yet) that kubectl fails at once ("conditions accessor error: <nil>") instead of waiting
+    for crd in ("inferencejobs.kubeflash.io", "flashnodes.kubeflash.io"):
+        wait_for(f"CRD {crd} Established", lambda crd=crd: control_plane.kubectl_json("get", "crd", crd),
+                 lambda o: any(c.get("type") == "Established" and c.get("status") == "True"
+                               for c in (o.get("status") or {}).get("conditions") or []), timeout=60)
 
 
 @pytest.fixture(scope="module")
