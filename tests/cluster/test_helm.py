@@ -266,8 +266,15 @@ def test_helm_lint(control_plane, tmp_path, variant):
     ("crds.enabled=maybe", "enabled"),
     ("agent.image.digest=latest", "digest"),
     ("operator.enginePod.memory=lots", "memory"),
+    # the agent refuses two disks of one name (CrashLoopBackOff on every node): refused at render, naming the value
+    ("agent.extraDisks[0].name=nvme0,agent.extraDisks[0].path=/mnt/b", 'agent.extraDisks[0].name "nvme0" is already '
+                                                                       "the name of agent.storeName"),
+    ("agent.extraDisks[0].name=b,agent.extraDisks[0].path=/var/lib/kubeflash/", "agent.extraDisks[0].path"),
+    ("agent.extraDisks[0].name=b,agent.extraDisks[0].path=/mnt/b,agent.extraDisks[1].name=b,"
+     "agent.extraDisks[1].path=/mnt/c", "agent.extraDisks[1].name"),
 ], ids=["typo", "disks-come-from-storePath", "port-is-a-flag", "relative-store", "not-a-bool", "digest-not-a-digest",
-        "memory-not-a-quantity"])
+        "memory-not-a-quantity", "extra-disk-named-like-the-store", "extra-disk-at-the-store-path",
+        "two-extra-disks-one-name"])
 def test_values_schema_rejects_mistakes(control_plane, bad, complaint):
     proc = control_plane.helm("template", "kf", str(CHART), "--set", bad, check=False)
     assert proc.returncode != 0, f"--set {bad} was accepted"

@@ -68,10 +68,24 @@ repository:tag (the tag defaults to the chart's appVersion). */}}
 {{- end }}
 
 {{/* The agent's store disks: agent.storePath, then agent.extraDisks (each is mounted at its own path). */}}
+{{/* Names and paths must be unique (the agent refuses its config otherwise, and a DaemonSet mounts each path
+once): refused here, naming the value, rather than by agents in CrashLoopBackOff. */}}
 {{- define "kubeflash.agent.disks" -}}
 {{- $disks := list (dict "name" .Values.agent.storeName "path" .Values.agent.storePath) }}
-{{- range .Values.agent.extraDisks }}
-{{- $disks = append $disks . }}
+{{- $names := dict .Values.agent.storeName "agent.storeName" }}
+{{- $paths := dict (trimSuffix "/" .Values.agent.storePath) "agent.storePath" }}
+{{- range $i, $d := .Values.agent.extraDisks }}
+{{- $at := printf "agent.extraDisks[%d]" $i }}
+{{- if hasKey $names $d.name }}
+{{- fail (printf "%s.name %q is already the name of %s: each store disk needs its own name" $at $d.name (get $names $d.name)) }}
+{{- end }}
+{{- $path := trimSuffix "/" $d.path }}
+{{- if hasKey $paths $path }}
+{{- fail (printf "%s.path %q is already the path of %s: each store disk needs its own directory" $at $d.path (get $paths $path)) }}
+{{- end }}
+{{- $_ := set $names $d.name $at }}
+{{- $_ := set $paths $path $at }}
+{{- $disks = append $disks $d }}
 {{- end }}
 {{- toYaml $disks }}
 {{- end }}
