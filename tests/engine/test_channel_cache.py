@@ -213,6 +213,7 @@ def test_the_cost_model_prices_the_hot_set_as_the_engine_reads_it(tiny, tmp_path
     the chosen line) holds the hot set's bytes."""
     from dataclasses import replace
 
+    from kubeflash_node.engine.cli_plan import _entry_frequency
     from kubeflash_node.engine.cli_plan import _sparse_cost as plan_cost
     from kubeflash_node.engine.costmodel import (
         Budget,
@@ -231,7 +232,7 @@ def test_the_cost_model_prices_the_hot_set_as_the_engine_reads_it(tiny, tmp_path
     _, store = tiny
     c, spec = _planned_job(store, tmp_path)
     ffn = sparse.for_job(c, store, TARGET, gap=0, method="input", channel_hot_bytes=hot_budget(spec.resources, "cpu"))
-    cost = plan_cost(spec, c, 4, tmp_path)
+    cost = plan_cost(spec, c, 4, tmp_path, _entry_frequency(spec, c, tmp_path))
     assert cost == run_cost(ffn, c, 4) and cost.channel_hot_bytes == ffn.channels.hot_bytes > 0
     assert 0.2 < cost.channel_hit < 1
 
@@ -316,7 +317,7 @@ def test_the_plan_holds_the_hot_set_in_the_gpu_room_and_grows_its_gpu_memory_by_
     The same rows on the GPU instead of host memory: the same disk time, less PCIe time, GPU + and CPU - their bytes."""
     from dataclasses import replace
 
-    from kubeflash_node.engine.cli_plan import _device_tier
+    from kubeflash_node.engine.cli_plan import _device_tier, _entry_frequency
     from kubeflash_node.engine.cli_plan import _sparse_cost as plan_cost
     from kubeflash_node.engine.costmodel import Budget, Calibration, Candidate, JobShape, Plan, describe, predict, stage_sizes
     from kubeflash_node.engine.job import _sparse_cost as run_cost
@@ -324,14 +325,15 @@ def test_the_plan_holds_the_hot_set_in_the_gpu_room_and_grows_its_gpu_memory_by_
 
     _, store = tiny
     c, spec = _planned_job(store, tmp_path)
-    cost = plan_cost(spec, c, 4, tmp_path)
+    freq = _entry_frequency(spec, c, tmp_path)
+    cost = plan_cost(spec, c, 4, tmp_path, freq)
     job, sizes, cal = JobShape(1, 8, 9), {"none": stage_sizes(c, 4)}, Calibration()
     ceil = _ceilings()
     kw = dict(config=c, ceil=ceil, job=job, sizes=sizes["none"], cal=cal, itemsize=4)
     pr = predict(Candidate(STREAM, sparse=cost), budget=Budget(1 << 40, 1 << 40), **kw)
     room = _ffn_total(store) // 4
     budget = Budget(pr.gpu_bytes + cal.gpu_reserve_bytes + room, 1 << 30)
-    plan = _device_tier(Plan(pr, None, 1, 1), spec, c, 4, tmp_path, budget=budget, ceil=ceil, job=job, sizes=sizes,
+    plan = _device_tier(Plan(pr, None, 1, 1), spec, c, 4, freq, budget=budget, ceil=ceil, job=job, sizes=sizes,
                         cal=cal)
     tiered = plan.best.candidate.sparse
     assert 0 < tiered.channel_gpu_bytes <= room and 0 < tiered.channel_hot_bytes <= hot_budget(spec.resources, "cpu")
@@ -382,13 +384,21 @@ def _audit(event: str, args) -> None:
         _OPENED.append(str(args[0]))
 
 
+def _audit_once() -> None:
+    """Install _audit, once per process: an audit hook cannot be removed, and a second one would count each open twice
+    (in every test that counts opens after the first)."""
+    import sys
+
+    if not getattr(_audit, "installed", False):
+        sys.addaudithook(_audit)
+        _audit.installed = True
+
+
 def test_a_job_start_reads_the_keep_frequency_file_once(tiny, tmp_path):
     """The per-row keep frequencies are loaded once per job and passed on: run_job with the machine's ceilings and a
     host hot set (the hot set's choice and the per-layer pricing both need them) opens the frequency file once, and a
     GPU start (sparse.for_job, sparse.hold_on_device, job._layer_reads) opens it once too (counted by the
     interpreter's own audit events for open())."""
-    import sys
-
     from tiny_jobs import run_tiny_job
 
     from kubeflash_node.engine.bench import Ceilings
@@ -403,7 +413,7 @@ def test_a_job_start_reads_the_keep_frequency_file_once(tiny, tmp_path):
     disk = Ceilings(disk_read_cold=0.05, disk_read_warm=0.05, disk_write=0.05, h2d_pinned=10.0, matmul_tflops=0.1,
                     disk_read_op_s=1e-12)  # a slow disk, reads nearly free: sparse reads
     machine = Machine(disk, 1 << 30, 4 << 30)
-    sys.addaudithook(_audit)
+    _audit_once()
     try:
         _OPENED = []
         rep, engine, _ = run_tiny_job(spec, store, tmp_path / "job", machine=machine)
@@ -419,25 +429,15 @@ def test_a_job_start_reads_the_keep_frequency_file_once(tiny, tmp_path):
     assert (at_run, at_gpu_start) == (1, 1) and ffn.layers_why is not None
 
 
-def test_the_run_reports_the_plan_priced_with_the_gpu_tier_as_kubeflash_plan_does(tiny, tmp_path):
-    """A job whose GPU budget leaves room for the hot set's GPU tier after the chosen plan (gpuMemory: the 1 GiB
-    reserve + 1.5 MiB; a slow disk, so the plan streams sparsely): `kubeflash plan --json` in its own process prices
-    the chosen plan with both tiers; the run's steps (job._sparsity, _auto_plan, _follow_reads, then _device_tier as a
-    GPU start takes it, its tier placed on the CPU here) report (job._plan_report: report.json's "plan" and the run
-    line's "policy auto:") the same chosen line and predicted time, with the tier's bytes on the GPU."""
+def _tier_job(store, tmp_path):
+    """(ceilings, job.yaml, `kubeflash plan` arguments with --json tmp_path/plan.json) of a job whose GPU budget leaves
+    room for the hot set's GPU tier after the chosen plan (gpuMemory: the 1 GiB reserve + 1.5 MiB; a slow disk, so
+    the plan streams sparsely), the store entry linked under tmp_path/models."""
     import json
-    import subprocess
 
-    from tiny_jobs import KUBEFLASH
-
-    from kubeflash_api.local import load_job_file
     from kubeflash_api.names import model_id
-    from kubeflash_node.engine import job as run
     from kubeflash_node.engine.bench import Ceilings
-    from kubeflash_node.engine.costmodel import JobShape
-    from kubeflash_node.engine.machine import Machine, within_resources
 
-    _, store = tiny
     ceil = Ceilings(disk_read_cold=0.05, disk_read_warm=0.05, disk_write=0.05, h2d_pinned=10.0, matmul_tflops=100.0,
                     disk_read_op_s=1e-12)
     (tmp_path / "ceilings.json").write_text(json.dumps(ceil.__dict__))
@@ -454,9 +454,29 @@ spec:
   resources: {{gpuMemory: "{(1 << 30) + (3 << 19)}", cpuMemory: "{(2 << 30) + (2 << 20)}"}}
   offload: {{policy: auto, sparsity: {TARGET}}}
 """)
-    proc = subprocess.run(KUBEFLASH + ["plan", str(manifest_yaml), "--ceilings", str(tmp_path / "ceilings.json"),
-                                       "--store", str(tmp_path), "--json", str(tmp_path / "plan.json")],
-                          capture_output=True, text=True, timeout=600)
+    return ceil, manifest_yaml, ["plan", str(manifest_yaml), "--ceilings", str(tmp_path / "ceilings.json"),
+                                 "--store", str(tmp_path), "--json", str(tmp_path / "plan.json")]
+
+
+def test_the_run_reports_the_plan_priced_with_the_gpu_tier_as_kubeflash_plan_does(tiny, tmp_path):
+    """A job whose GPU budget leaves room for the hot set's GPU tier after the chosen plan (gpuMemory: the 1 GiB
+    reserve + 1.5 MiB; a slow disk, so the plan streams sparsely): `kubeflash plan --json` in its own process prices
+    the chosen plan with both tiers; the run's steps (job._sparsity, _auto_plan, _follow_reads, then _device_tier as a
+    GPU start takes it, its tier placed on the CPU here) report (job._plan_report: report.json's "plan" and the run
+    line's "policy auto:") the same chosen line and predicted time, with the tier's bytes on the GPU."""
+    import json
+    import subprocess
+
+    from tiny_jobs import KUBEFLASH
+
+    from kubeflash_api.local import load_job_file
+    from kubeflash_node.engine import job as run
+    from kubeflash_node.engine.costmodel import JobShape
+    from kubeflash_node.engine.machine import Machine, within_resources
+
+    _, store = tiny
+    ceil, manifest_yaml, plan_args = _tier_job(store, tmp_path)
+    proc = subprocess.run(KUBEFLASH + plan_args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     planned = json.loads((tmp_path / "plan.json").read_text())["best"]
     [line] = [x.removeprefix("chosen:    ") for x in proc.stdout.splitlines() if x.startswith("chosen:")]
@@ -477,3 +497,28 @@ spec:
     assert untiered.gpu_bytes < planned["gpu_bytes"] == chosen.best.gpu_bytes
     assert reported["chosen"] == line and reported["predicted_s"] == pytest.approx(planned["run_s"], rel=1e-12)
     assert chosen.best.total_s == pytest.approx(planned["total_s"], rel=1e-12) != untiered.total_s
+
+
+def test_a_plan_reads_the_keep_frequency_file_once(tiny, tmp_path, capsys, monkeypatch):
+    """`kubeflash plan` of a job that uses the keep frequencies three times (the host hot set's pricing, the hot set's
+    GPU tier, the per-layer sparse or dense reads) read the frequency file three times; it reads it once now, as a run
+    does (counted by the interpreter's own audit events for open(), the plan run in this process)."""
+    import os
+
+    from kubeflash_node import cli
+
+    global _OPENED
+    _, store = tiny
+    _, _, plan_args = _tier_job(store, tmp_path)
+    # cli.main gives the process ALLOC_CONF where none is set: set here, so that monkeypatch takes it back after
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF", cli.ALLOC_CONF))
+    _audit_once()
+    try:
+        _OPENED = []
+        assert cli.main(plan_args) == 0, capsys.readouterr().err
+        opened = [p for p in _OPENED if p.endswith(f"freq_{TARGET:g}.npy")]
+    finally:
+        _OPENED = None
+    out = capsys.readouterr().out
+    assert "on the GPU" in out and f"sparsity {TARGET:g}: per layer at micro-batch" in out, out  # all three used it
+    assert len(opened) == 1, opened

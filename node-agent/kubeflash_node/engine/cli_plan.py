@@ -67,10 +67,11 @@ def main(args: argparse.Namespace) -> int:
         kv_bits = (16, 8, 4) if args.allow_compression else (QUANT_BITS[spec.offload.compression],)
         explicit = _explicit(spec, job, config, ceil, budget, sizes, itemsize, cal) \
             if spec.offload.policy == "explicit" else None
+        freq = _entry_frequency(spec, config, args.store)  # read once: the hot set, its GPU tier, per-layer reads
         attn_why = None  # FFN-only or FFN+attention, where the store has attn_channels/ (_priced_plan)
         try:  # under an explicit policy the automatic plan is shown beside it, for comparison, without its pins
             plan, attn_why = _priced_plan(
-                make_plan, _sparse_cost(spec, config, itemsize, args.store), config=config, ceil=ceil, job=job,
+                make_plan, _sparse_cost(spec, config, itemsize, args.store, freq), config=config, ceil=ceil, job=job,
                 budget=budget, sizes=sizes, quantizations=quants, kv_bits=kv_bits,
                 base=replace(_base_policy(ceil), expert_cache_bytes=cache), step=args.step,
                 keep=None if explicit else pinned(spec.offload, config), itemsize=itemsize, cal=cal)
@@ -80,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
             plan, explicit = None, explicit + [f"policy auto would not fit either: {e}"]
         if plan is not None:
             before_s = plan.best.total_s
-            plan = _device_tier(plan, spec, config, itemsize, args.store, budget=budget, ceil=ceil, job=job,
+            plan = _device_tier(plan, spec, config, itemsize, freq, budget=budget, ceil=ceil, job=job,
                                 sizes=sizes, cal=cal)
             if attn_why is not None and plan.best.total_s != before_s:  # the two were priced without the GPU tier
                 attn_why += (f" (both priced before the hot set's GPU tier, which brings the chosen plan to "
@@ -127,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
         print(_sparse_line(spec.offload.sparsity, plan, ceil))
         if attn_why is not None:
             print(f"sparsity {spec.offload.sparsity:g}: {attn_why}")
-        layers = _layer_reads(spec, config, itemsize, args.store, plan, ceil)
+        layers = _layer_reads(spec, config, itemsize, freq, plan, ceil)
         if layers is not None:
             print(f"sparsity {spec.offload.sparsity:g}: {layers.line()}")
     if plan.runner_up:
@@ -362,13 +363,13 @@ def _offload_yaml(pr, prefetch: bool | None = None) -> str:
                else ""))
 
 
-def _sparse_cost(spec, config, itemsize: int, store: Path | None = None):
+def _sparse_cost(spec, config, itemsize: int, store: Path | None = None, freq=None):
     """spec.offload.sparsity as the cost model prices it (costmodel.SparseCost), or None (off, or a MoE model):
     input sparsity (TEAL) for the Llama family (the attention's inputs too where the model's store entry has the
     attention channel files, `kubeflash calibrate --attention`), gate-activation reads of neuron bundles for OPT.
     Input sparsity's hot set (a quarter of spec.resources.cpuMemory) is chosen and priced from the entry's keep
-    frequencies as `kubeflash run` chooses it (channelcache.hot_rows, hot_pricing). OPT's hot set's hit rate is its
-    share of the bundles (a uniform assumption; calibration frequencies do better)."""
+    frequencies `freq` (_entry_frequency's) as `kubeflash run` chooses it (channelcache.hot_rows, hot_pricing).
+    OPT's hot set's hit rate is its share of the bundles (a uniform assumption; calibration frequencies do better)."""
     from ..store.channels import attn_present
     from .costmodel import SparseCost, updown_bytes
     from .sparse import hot_budget
@@ -376,7 +377,6 @@ def _sparse_cost(spec, config, itemsize: int, store: Path | None = None):
     if spec.offload.sparsity is None or config.num_experts:
         return None
     if config.architecture != "opt":  # kubeflash calibrate writes input-channel files: a run reads input-sparse
-        freq = _entry_frequency(spec, store)
         held, pairs, hit = (0, (), 0.0) if freq is None else _hot_pricing(freq, config, itemsize, spec.resources)
         return SparseCost(spec.offload.sparsity, method="input", attention=attn_present(_entry(spec, store)),
                           channel_hot_bytes=held, channel_hot=pairs, channel_hit=hit)
@@ -403,19 +403,17 @@ def _hot_pricing(freq, config, itemsize: int, resources):
     return hot_pricing(freq, hot_rows(freq, **rows, budget_bytes=budget), **rows)
 
 
-def _layer_reads(spec, config, itemsize: int, store: Path | None, plan, ceil):
-    """Input sparsity read sparsely, with the store entry's keep frequencies: each layer priced on its own at the
-    chosen micro-batch, the hot set of spec.resources held (layerreads.py, as `kubeflash run` does); else None."""
+def _layer_reads(spec, config, itemsize: int, freq, plan, ceil):
+    """Input sparsity read sparsely, with the store entry's keep frequencies `freq` (_entry_frequency's): each layer
+    priced on its own at the chosen micro-batch, the hot set of spec.resources held (layerreads.py, as `kubeflash
+    run` does); else None."""
     from .channelcache import hot_tiers
     from .costmodel import read_op_s
     from .layerreads import choose_layers
     from .sparse import hot_budget
 
     sparse = plan.best.candidate.sparse
-    if sparse is None or sparse.method != "input":
-        return None
-    freq = _entry_frequency(spec, store)
-    if freq is None:
+    if sparse is None or sparse.method != "input" or freq is None:
         return None
     rows = _row_sizes(config, itemsize)
     # held on the GPU (its tier's bytes select the same rows) and in host memory
@@ -425,19 +423,24 @@ def _layer_reads(spec, config, itemsize: int, store: Path | None, plan, ceil):
                          gbps=ceil.disk_read_cold, held=held)
 
 
-def _entry_frequency(spec, store: Path | None):
-    """The store entry's keep frequencies at spec.offload.sparsity (store.channels.frequency), or None."""
+def _entry_frequency(spec, config, store: Path | None):
+    """The store entry's keep frequencies at spec.offload.sparsity (store.channels.frequency), read once a plan and
+    passed to _sparse_cost, _device_tier and _layer_reads (`kubeflash run` reads them once too); None without input
+    sparsity (off, a MoE model, OPT's bundles) or without input-channel files."""
     from ..store.channels import frequency, present
 
+    if spec.offload.sparsity is None or config.num_experts or config.architecture == "opt":
+        return None
     entry = _entry(spec, store)
     return frequency(entry, spec.offload.sparsity) if present(entry) else None
 
 
-def _device_tier(plan, spec, config, itemsize: int, store: Path | None, *, budget, ceil, job, sizes, cal):
+def _device_tier(plan, spec, config, itemsize: int, freq, *, budget, ceil, job, sizes, cal):
     """Input sparsity's hot set as `kubeflash run` holds it on a GPU (job._device_tier): its most frequent rows in
     the GPU memory the budget leaves after the chosen plan's predicted use (costmodel.device_room), the next within a
-    quarter of cpuMemory in host memory (channelcache.hot_tiers); the chosen plan priced again with both tiers (its
-    GPU figure grows by exactly the device tier's bytes). The plan unchanged without keep frequencies or room."""
+    quarter of cpuMemory in host memory (channelcache.hot_tiers), both from the keep frequencies `freq`; the chosen
+    plan priced again with both tiers (its GPU figure grows by exactly the device tier's bytes). The plan unchanged
+    without keep frequencies or room."""
     from .channelcache import hot_pricing, hot_tiers
     from .costmodel import device_room
     from .planning import repriced
@@ -445,8 +448,7 @@ def _device_tier(plan, spec, config, itemsize: int, store: Path | None, *, budge
 
     s = plan.best.candidate.sparse
     room = device_room(plan.best, budget, cal) if s is not None and s.method == "input" else 0
-    freq = _entry_frequency(spec, store) if room else None
-    if freq is None:
+    if freq is None or not room:
         return plan
     rows = _row_sizes(config, itemsize)
     dev, host = hot_tiers(freq, **rows, budgets=(room, hot_budget(spec.resources, "cpu")))
