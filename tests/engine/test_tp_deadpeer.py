@@ -35,7 +35,9 @@ GUARD_S = 120  # the parent's join: a hang fails the test here instead of blocki
 
 def _record(tmp: str, rank: int, started: float, err: BaseException | None) -> None:
     out = {"elapsed": time.monotonic() - started, "error": f"{type(err).__name__}: {err}" if err else None}
-    (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(out))
+    tmp_file = Path(tmp) / f".rank{rank}.json"
+    tmp_file.write_text(json.dumps(out))
+    tmp_file.rename(Path(tmp) / f"rank{rank}.json")  # the parent polls for the name: never a half-written file
 
 
 def _gloo_rank(rank: int, world: int, tmp: str, how: str, timeout_s: float) -> None:

@@ -77,7 +77,7 @@ class SSDRing:
         self.next = Path(cfg.dirs[(rank + 1) % self.world])
         self.seq = 0
         for who, d in ((rank, self.mine), ((rank + 1) % self.world, self.next)):
-            _check_dir(who, d)
+            check_dir(who, d)
         self.host = socket.gethostname()
         self._closed = threading.Event()
         self._sendq: queue.Queue = queue.Queue()
@@ -87,7 +87,11 @@ class SSDRing:
         self._last_check = 0.0
         self.alive = self.mine / f"{PREFIX}{cfg.session}-alive{rank}"
         if self.world > 1:
-            _atomic_write(self.alive, f"{os.getpid()} {self.host}\n".encode())
+            try:
+                _atomic_write(self.alive, f"{os.getpid()} {self.host}\n".encode())
+            except OSError as e:  # a full disk takes the empty probe but not the heartbeat's bytes
+                raise SSDRingError(f"rank {rank}: cannot write its heartbeat {self.alive} into its ring directory "
+                                   f"({e.strerror or e})") from e
             self._threads = [threading.Thread(target=self._heartbeat, name="kf-ring-beat", daemon=True),
                              threading.Thread(target=self._writer, name="kf-ring-write", daemon=True)]
             for th in self._threads:
@@ -286,7 +290,7 @@ def _pid_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def _check_dir(rank: int, d: Path) -> None:
+def check_dir(rank: int, d: Path) -> None:
     """Refuse at start-up, naming the rank, a ring directory that is missing or cannot take a file."""
     if not d.is_dir():
         raise SSDRingError(f"rank {rank}'s ring directory {d} does not exist or is not a directory")

@@ -129,8 +129,7 @@ def run_tp(spec, *, world: int, reduce: str, ring_dirs: list[Path] | None, model
     tp_dir.mkdir(parents=True, exist_ok=True)
     rings = tuple(Path(d) for d in ring_dirs) if ring_dirs else tuple(tp_dir / f"ring{r}" for r in range(world))
     if reduce == "ring":
-        for d in rings:
-            d.mkdir(parents=True, exist_ok=True)
+        _check_ring_dirs(rings)
     # ranks > 0 run exactly the prompts rank 0 will run (the ones without a matching result in `output`)
     done = ResultsFile(output, fingerprints(spec, manifest=manifest, device=device), model=spec.model.uri).done
     rest = replace(spec, input=replace(spec.input, prompts=tuple(p for p in spec.input.prompts if p.id not in done)))
@@ -168,6 +167,22 @@ def run_tp(spec, *, world: int, reduce: str, ring_dirs: list[Path] | None, model
     report["tensor_parallel"] = {"ranks": world, "reduce": reduce, "shards": [str(s) for s in shards],
                                  **({"ring_dirs": [str(d) for d in rings]} if reduce == "ring" else {})}
     return report
+
+
+def _check_ring_dirs(rings: tuple[Path, ...]) -> None:
+    """Make each rank's ring directory and check that it takes a file, before any rank starts; TPLaunchError
+    naming the rank and the directory otherwise (a full disk is found at the first write, naming the file)."""
+    from .ssdring import SSDRingError, check_dir
+
+    for r, d in enumerate(rings):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TPLaunchError(f"rank {r}'s ring directory {d} cannot be made ({e.strerror or e})") from None
+        try:
+            check_dir(r, d)
+        except SSDRingError as e:
+            raise TPLaunchError(str(e)) from None
 
 
 def check_shard_dirs(model_dir: Path, shards: list[Path], world: int) -> None:
@@ -223,7 +238,7 @@ def _wait(procs, q, output: Path) -> dict:
                     raise TPLaunchError("rank 0 exited without a report") from None
                 report = msg[1] if msg[0] == "report" else None
             return report
-        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]  # before the launcher stops the others
         if failed:
             _stop(procs)
             while True:  # the others' messages, now that they stopped
@@ -244,8 +259,9 @@ def _failure(procs, codes, errors: dict[int, str], output: Path) -> str:
         r = killed[0]
         name = signal.Signals(-codes[r]).name if -codes[r] in signal.Signals._value2member_map_ else str(-codes[r])
         return f"rank {r} (pid {procs[r].pid}) was killed by {name}{after}"
-    if errors:
-        r = min(errors)
+    if errors:  # a rank that failed on its own, not one the launcher stopped because of it
+        first = [r for r in sorted(errors) if codes[r] not in (None, 0)]
+        r = first[0] if first else min(errors)
         return f"rank {r} (pid {procs[r].pid}) failed: {errors[r]}{after}"
     r = next(r for r, c in enumerate(codes) if c not in (None, 0))
     return f"rank {r} (pid {procs[r].pid}) exited with status {codes[r]}{after}"
