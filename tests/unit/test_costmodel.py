@@ -11,8 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from _ceilings import Ceil
 
+from kubeflash_node.engine.ceilings import Ceilings
 from kubeflash_node.engine.costmodel import Budget, Candidate, JobShape, _steps, candidates, choose, memory, predict, stage_sizes
 from kubeflash_node.engine.policy import Policy
 from kubeflash_node.store.modelconfig import preset
@@ -22,7 +22,7 @@ GIB = 1 << 30
 LLAMA = preset("llama-3-8b")
 
 
-CEIL = Ceil(disk_read_cold=2.0, disk_read_warm=14.0, disk_write=2.0, h2d_pinned=55.0, matmul_tflops=750.0)
+CEIL = Ceilings(disk_read_cold=2.0, disk_read_warm=14.0, disk_write=2.0, h2d_pinned=55.0, matmul_tflops=750.0)
 
 
 def _pred(policy: Policy, job=JobShape(8, 512, 32), ceil=CEIL, quant="none", c=LLAMA):

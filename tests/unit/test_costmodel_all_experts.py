@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _ceilings import Ceil
-
+from kubeflash_node.engine.ceilings import Ceilings
 from kubeflash_node.engine.costmodel import Budget, Calibration, JobShape, describe, plan, stage_sizes
 from kubeflash_node.store.modelconfig import preset
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-GPU = Ceil.load(ROOT / "docs/bench-results/s9/ceilings.json")  # bench.Ceilings as measured on the H200 in session 9
+GPU = Ceilings.load(ROOT / "docs/bench-results/s9/ceilings.json")  # measured on the H200 in session 9
 
 
 def _best(name: str, prompts: int, cal: Calibration = Calibration()):

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from _ceilings import Ceil
 
+from kubeflash_node.engine.ceilings import Ceilings
 from kubeflash_node.engine.costmodel import Budget, Calibration, Candidate, JobShape, predict, stage_sizes
 from kubeflash_node.engine.policy import Policy
 from kubeflash_node.store.modelconfig import preset
@@ -21,7 +21,7 @@ KV_DISK = Policy(weights_gpu_percent=100, kv="disk", kv_write_back=True, gpu_bat
 
 
 # the H100's of session 13, rounded
-CEIL = Ceil(disk_read_cold=1.6, disk_read_warm=13.8, disk_write=2.4, h2d_pinned=55.0, matmul_tflops=770.0)
+CEIL = Ceilings(disk_read_cold=1.6, disk_read_warm=13.8, disk_write=2.4, h2d_pinned=55.0, matmul_tflops=770.0)
 
 
 def _pred(policy=KV_DISK, job=JOB32K, ceil=CEIL, c=LLAMA32K, cal=Calibration()):

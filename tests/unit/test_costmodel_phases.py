@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from _ceilings import Ceil
 
+from kubeflash_node.engine.ceilings import Ceilings
 from kubeflash_node.engine.costmodel import Budget, Candidate, JobShape, predict, stage_sizes
 from kubeflash_node.engine.policy import Policy
 from kubeflash_node.store.modelconfig import preset
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LLAMA = preset("llama-3-8b")
 
 
-CEIL = Ceil(disk_read_cold=1.5, disk_read_warm=14.0, disk_write=2.0, h2d_pinned=55.0, matmul_tflops=750.0)
+CEIL = Ceilings(disk_read_cold=1.5, disk_read_warm=14.0, disk_write=2.0, h2d_pinned=55.0, matmul_tflops=750.0)
 
 
 def _pred(policy: Policy, job: JobShape, budget=Budget(1 << 50, 1 << 50)):

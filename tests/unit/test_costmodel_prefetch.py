@@ -12,8 +12,8 @@ import random
 from dataclasses import replace
 
 import pytest
-from _ceilings import Ceil
 
+from kubeflash_node.engine.ceilings import Ceilings
 from kubeflash_node.engine.costmodel import JobShape, expert_prefetch_cost, guess_hit_rate, stage_sizes
 from kubeflash_node.engine.moeplan import expert_prefetch_choice
 from kubeflash_node.engine.policy import Policy
@@ -23,9 +23,9 @@ QWEN = preset("qwen3-30b-a3b")  # 128 experts, top-8
 
 
 # a CPU run: slow matmuls beside a slow disk (h2d_pinned 0: measured without a GPU)
-CPU = Ceil(disk_read_cold=1.0, disk_read_warm=5.0, disk_write=1.0, h2d_pinned=0.0, matmul_tflops=0.2)
+CPU = Ceilings(disk_read_cold=1.0, disk_read_warm=5.0, disk_write=1.0, h2d_pinned=0.0, matmul_tflops=0.2)
 # docs/bench-results/ceilings.json, rounded
-GPU = Ceil(disk_read_cold=1.41, disk_read_warm=14.3, disk_write=2.09, h2d_pinned=55.1, matmul_tflops=759.0)
+GPU = Ceilings(disk_read_cold=1.41, disk_read_warm=14.3, disk_write=2.09, h2d_pinned=55.1, matmul_tflops=759.0)
 STORED_F32 = stage_sizes(QWEN, 4, "none")[0]
 
 

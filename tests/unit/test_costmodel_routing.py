@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from _ceilings import Ceil
 
 from kubeflash_node import cli
+from kubeflash_node.engine.ceilings import Ceilings
 from kubeflash_node.engine.costmodel import (
     Budget,
     Calibration,
@@ -36,7 +36,7 @@ S9 = RoutingProfile(((1, 8, 18.0), (1, 1, 8.0), (4, 8, 49.7), (4, 1, 23.6), (16,
                      (64, 8, 115.1), (64, 1, 94.8)))
 
 
-CEIL = Ceil(disk_read_cold=1.5, disk_read_warm=14.0, disk_write=2.0, h2d_pinned=55.0, matmul_tflops=760.0)
+CEIL = Ceilings(disk_read_cold=1.5, disk_read_warm=14.0, disk_write=2.0, h2d_pinned=55.0, matmul_tflops=760.0)
 
 
 @pytest.mark.parametrize("seqs,per_seq,distinct", [(4, 8, 49.7), (64, 1, 94.8), (1, 1, 8.0)], ids=["pre4", "dec64", "dec1"])
