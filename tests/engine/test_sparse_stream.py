@@ -229,8 +229,9 @@ def test_cost_model_predicts_the_bytes_a_sparse_decode_step_reads(tiny):
 def test_plan_weighs_sparse_against_dense_reads():
     """The plan prices both reads of a llama-3-8b-shaped model from a 6 GB/s disk: at batch 1 and target 0.9 the
     sparse reads win and the dense alternative is shown; at target 0.5 the many small bundle reads (one per run of
-    active neurons, on the compute thread) cost more than they save unless nearby runs are merged into one read;
-    at batch 256 the union of active neurons is
+    active neurons, on the compute thread, the policy's four in flight) cost more than they save at 80 us a read
+    unless nearby runs are merged into one read, and less at the assumed 20 us (5 us a read with four in flight;
+    one at a time, as the engine read them before, dense won there); at batch 256 the union of active neurons is
     nearly all of them and dense reads win whatever the cost of a read."""
     from kubeflash_node.engine.bench import Ceilings
     from kubeflash_node.engine.costmodel import Budget, Calibration, JobShape, SparseCost, plan, stage_sizes
@@ -247,11 +248,11 @@ def test_plan_weighs_sparse_against_dense_reads():
         return "sparse" if p.best.candidate.sparse else "dense"
 
     assert picked(0.9, 1) == "sparse"
-    assert picked(0.5, 1) == "dense"
+    assert picked(0.5, 1, neuron_read_op_s=80e-6) == "dense" and picked(0.5, 1) == "sparse"
     assert picked(0.5, 1, neuron_read_op_s=0.0) == "sparse"
     assert picked(0.5, 256, neuron_read_op_s=0.0) == "dense"
-    # runs up to merge_gap apart read as one (7 bundles at 6 GB/s): fewer reads, and sparse wins at 0.5 too
-    assert picked(0.5, 1, gap=None) == "sparse" and picked(0.5, 256, gap=None) == "dense"
+    # runs up to merge_gap apart read as one (29 bundles at 80 us and 6 GB/s): fewer reads, and sparse wins again
+    assert picked(0.5, 1, gap=None, neuron_read_op_s=80e-6) == "sparse" and picked(0.5, 256, gap=None) == "dense"
 
 
 @pytest.fixture(scope="module")

@@ -419,8 +419,9 @@ def _layer_reads(spec, config, itemsize: int, freq, plan, ceil):
     # held on the GPU (its tier's bytes select the same rows) and in host memory
     dev, host = hot_tiers(freq, **rows, budgets=(sparse.channel_gpu_bytes, hot_budget(spec.resources, "cpu")))
     held = [(sorted(a + c), sorted(b + d)) for (a, b), (c, d) in zip(dev, host)]
-    return choose_layers(freq, **rows, tokens=plan.best.candidate.policy.gpu_batch_size, op_s=read_op_s(ceil),
-                         gbps=ceil.disk_read_cold, held=held)
+    policy = plan.best.candidate.policy
+    return choose_layers(freq, **rows, tokens=policy.gpu_batch_size, op_s=read_op_s(ceil), gbps=ceil.disk_read_cold,
+                         held=held, threads=policy.io_threads)
 
 
 def _entry_frequency(spec, config, store: Path | None):

@@ -519,6 +519,15 @@ def merge_gap(row_bytes: int, op_s: float = Calibration.neuron_read_op_s, gbps: 
     return max(0, int(op_s * gbps * 1e9 // row_bytes)) if row_bytes else 0
 
 
+def row_reads_s(demand: float, runs: float, *, op_s: float, gbps: float, threads: int) -> float:
+    """Seconds one read call of a layer call waits for its rows (neuron bundles, one kind of input-channel rows;
+    `demand` bytes in `runs` reads): the bytes at the disk's rate `gbps`, and a read's fixed cost `op_s` (measured
+    one read at a time) per read, overlapped `threads` at a time: the engine keeps up to its policy's io_threads
+    row reads of a call in flight (store/bundles.preadv_all, as the weight streamer reads a layer), fewer where the
+    call makes fewer reads."""
+    return _rate(demand, gbps) + runs * op_s / max(1.0, min(float(threads), runs))
+
+
 def sparse_layer_bytes(c: ModelConfig, stored: int, s: SparseCost, tokens: int, itemsize: int,
                        decode: bool = True, gap: int = 0) -> tuple[float, float, float]:
     """(bytes read ahead: the layer without up/down; bundle bytes one call of `tokens` tokens reads; its reads)
@@ -543,6 +552,25 @@ def input_layer_bytes(c: ModelConfig, stored: int, s: SparseCost, tokens: int, i
     (Q + 2KV elements), a kept output channel an o column (H). The FFN's columns the input hot set holds
     (s.channel_saved, a layer's share of it) are not read: the FFN's bytes and reads fall by that share of its bytes
     (the uniform model less the calibration's frequencies of the held rows: equal in expectation at one token)."""
+    ahead, parts, left = _input_kinds(c, stored, s, tokens, itemsize, op_s=op_s, gbps=gbps)
+    ffn = parts[0][0] + parts[1][0]
+    demand = left * ffn + sum(b for b, _ in parts[2:])
+    runs = left * (parts[0][1] + parts[1][1]) + sum(r for _, r in parts[2:])
+    return ahead, demand, runs
+
+
+def input_layer_calls(c: ModelConfig, stored: int, s: SparseCost, tokens: int, itemsize: int, *, op_s: float,
+                      gbps: float) -> list[tuple[float, float]]:
+    """(bytes, reads) of each read call a layer call of an input-sparse run makes, one after the other (each needs
+    the compute before it): the gate|up rows, the down rows and, with s.attention, the q|k|v rows and the o rows;
+    their sums are input_layer_bytes's. A call's reads are in flight together, never two calls' (row_reads_s)."""
+    _, parts, left = _input_kinds(c, stored, s, tokens, itemsize, op_s=op_s, gbps=gbps)
+    return [(left * b, left * r) for b, r in parts[:2]] + parts[2:]
+
+
+def _input_kinds(c: ModelConfig, stored: int, s: SparseCost, tokens: int, itemsize: int, *, op_s: float,
+                 gbps: float) -> tuple[float, list[tuple[float, float]], float]:
+    """(bytes read ahead, (bytes, reads) per kind of row, the FFN's share not held by the hot set)."""
     share = 1 - s.target ** max(tokens, 1)
     q = 1 - share
     h, i = c.hidden_size, c.intermediate_size
@@ -559,9 +587,7 @@ def input_layer_bytes(c: ModelConfig, stored: int, s: SparseCost, tokens: int, i
         parts.append((n * row * min(1.0, share * (1 + through)), n * share * q ** (gap + 1) + share))
     ffn = parts[0][0] + parts[1][0]
     left = 1 - min(1.0, s.channel_saved(tokens) / c.num_layers / ffn) if ffn else 1.0  # not held by the hot set
-    demand = left * ffn + sum(b for b, _ in parts[2:])
-    runs = left * (parts[0][1] + parts[1][1]) + sum(r for _, r in parts[2:])
-    return ahead, demand, runs
+    return ahead, parts, left
 
 
 def _placement(c: ModelConfig, p: Policy, n: int) -> list[str]:
@@ -796,10 +822,11 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
         op_s = read_op_s(e.ceil, e.cal)
         moved = input_layer_bytes(e.c, stored, sparse, 1, e.itemsize, op_s=op_s, gbps=e.ceil.disk_read_cold)[0]
         for b, m in mbs.items():
-            _, demand, runs = input_layer_bytes(e.c, stored, sparse, b * s_new, e.itemsize, op_s=op_s,
-                                                gbps=e.ceil.disk_read_cold)
-            moved += m * demand
-            comp += m * (_rate(demand, e.ceil.disk_read_cold) + runs * op_s)
+            calls = input_layer_calls(e.c, stored, sparse, b * s_new, e.itemsize, op_s=op_s,
+                                      gbps=e.ceil.disk_read_cold)
+            moved += m * sum(n for n, _ in calls)
+            comp += m * sum(row_reads_s(n, r, op_s=op_s, gbps=e.ceil.disk_read_cold, threads=p.io_threads)
+                            for n, r in calls)
     elif where == "disk" and layer and sparse is not None:  # each micro-batch reads its active bundles on demand
         moved = stored - updown_bytes(e.c, e.itemsize)
         op_s = read_op_s(e.ceil, e.cal)
@@ -809,7 +836,7 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
             _, demand, runs = sparse_layer_bytes(e.c, stored, sparse, b * s_new, e.itemsize, decode=s_new == 1,
                                                  gap=gap)
             moved += m * demand
-            comp += m * (_rate(demand, e.ceil.disk_read_cold) + runs * op_s)
+            comp += m * row_reads_s(demand, runs, op_s=op_s, gbps=e.ceil.disk_read_cold, threads=p.io_threads)
     disk = _rate(moved + slow, e.ceil.disk_read_cold) if where == "disk" else 0.0
     crossing = moved  # the input hot set's host tier is not read but crosses PCIe; its device tier does neither
     if where == "disk" and layer and sparse is not None and sparse.method == "input" and sparse.channel_hot:

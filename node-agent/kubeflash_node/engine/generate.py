@@ -105,6 +105,8 @@ class Engine:
             skip_tensors=sparsity.skip_tensors if sparsity is not None else None,
             routing=RoutingFiles(self.dir, job_dir, routing_seed),  # MoE counts: model dir, else the job dir
             expert_prefetch=policy.expert_prefetch)
+        if sparsity is not None:  # rows read with the streamer's threads and task size (through the page cache)
+            sparsity.io(threads=policy.io_threads, task_bytes=policy.io_task_bytes)
         for stage in range(1, n - 1):  # resident layers: Q/K/V and gate/up concatenated once, one matmul each a step
             if stage in self.streamer.resident:
                 self.streamer.resident[stage] = fuse_projections(self.streamer.resident[stage])

@@ -340,7 +340,8 @@ def _layer_reads(sparsity, policy: Policy, machine) -> None:
     held = ch.held_rows() if hasattr(ch, "held_rows") else None
     sparsity.per_layer(choose_layers(freq, hidden=ch.hidden, in_row_bytes=ch.in_row_bytes,
                                      down_row_bytes=ch.down_row_bytes, tokens=policy.gpu_batch_size,
-                                     op_s=read_op_s(machine.ceilings), gbps=machine.ceilings.disk_read_cold, held=held))
+                                     op_s=read_op_s(machine.ceilings), gbps=machine.ceilings.disk_read_cold, held=held,
+                                     threads=policy.io_threads))
 
 
 def _prefix_cache(spec: JobSpec, kv_cache_dir: Path | None) -> PrefixCache:

@@ -6,12 +6,14 @@ call of `tokens` tokens needs the union of their kept rows: row r (kept on a sha
 ffn_channels/freq_<target>.npy) is needed with probability 1 - (1 - f_r)^tokens (tokens taken as independent),
 unless the hot set holds it. A layer reads sparsely where
 
-    expected bytes of needed rows not held / rate + expected runs x per-read cost  <  FFN bytes / rate,
+    expected bytes of needed rows not held / rate + expected runs x per-read cost / reads in flight  <  FFN bytes / rate,
 
 less SPARSE_MARGIN, the margin costmodel.reads_choice gives dense reads (fewer, larger, read ahead). Expected runs:
 a row needed whose predecessor is not, summed over the rows of each kind. Layers differ where their keep rates do
 (the calibration's thresholds give each layer its target on average, not per row), and at a larger micro-batch
-the union of kept rows approaches all of them, so dense wins there. Pure (numpy only).
+the union of kept rows approaches all of them, so dense wins there. Reads in flight: the policy's io_threads, at
+most one a run, per kind of row (a call reads its gate|up rows, then its down rows: costmodel.row_reads_s). Pure
+(numpy only).
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ class LayerReads:
 
 
 def choose_layers(freq: np.ndarray, *, hidden: int, in_row_bytes: int, down_row_bytes: int, tokens: int,
-                  op_s: float, gbps: float, held: list[tuple[list[int], list[int]]] | None = None) -> LayerReads:
+                  op_s: float, gbps: float, held: list[tuple[list[int], list[int]]] | None = None,
+                  threads: int = 1) -> LayerReads:
     """Sparse or dense reads per layer for calls of `tokens` tokens (`freq` [L, H + I]: input channels' keep
     frequencies, then the neurons'; `held` per layer (input channel ids, neuron ids) the hot set holds; `op_s` the
-    per-read cost, `gbps` the disk's read rate)."""
+    per-read cost, `gbps` the disk's read rate, `threads` the reads in flight at most: the policy's io_threads)."""
     layers, width = freq.shape
     rate = gbps * 1e9
     need = 1 - (1 - np.clip(freq.astype(np.float64), 0, 1)) ** max(1, tokens)  # [L, H + I]
@@ -61,7 +64,8 @@ def choose_layers(freq: np.ndarray, *, hidden: int, in_row_bytes: int, down_row_
     for kind in (slice(0, hidden), slice(hidden, width)):
         p = need[:, kind]
         prev = np.concatenate([np.zeros((layers, 1)), p[:, :-1]], axis=1)
-        out.append(((p * size[kind]).sum(1) / rate, (p * (1 - prev)).sum(1) * op_s))
+        runs = (p * (1 - prev)).sum(1)  # [L] expected reads
+        out.append(((p * size[kind]).sum(1) / rate, runs * op_s / np.maximum(1.0, np.minimum(float(threads), runs))))
     sparse_s = out[0][0] + out[0][1] + out[1][0] + out[1][1]  # [L]
     return LayerReads(tuple(bool(s < dense_s * (1 - SPARSE_MARGIN)) for s in sparse_s),
                       tuple(float(s) for s in sparse_s), dense_s, max(1, tokens))

@@ -192,6 +192,28 @@ class SparseFFN:
                 self.gates = None
         return self
 
+    def readers(self) -> list:
+        """The store readers (store/bundles.py's row files) the rows are read with: neuron bundles, gate rows, the
+        input-channel files (under a channel cache too), the attention's channel files."""
+        found = (self.bundles, self.gates, getattr(self.channels, "reader", self.channels),
+                 None if self.attention is None else self.attention.channels)
+        return [r for r in found if r is not None]
+
+    def io(self, *, threads: int, task_bytes: int, direct: bool = False) -> SparseFFN:
+        """Read rows as the weight streamer reads a layer (the engine passes its policy's io_threads and
+        io_task_bytes): up to `threads` reads in flight, tasks of at most `task_bytes`; O_DIRECT where `direct` and
+        the rows are 4 KiB-aligned (off in the engine; bench/sparse_decode.py --rows-odirect)."""
+        for r in self.readers():
+            r.io(threads=threads, task_bytes=task_bytes, direct=direct)
+        return self
+
+    def reads_in_flight(self) -> dict:
+        """The row reads' seconds summed over the preadv calls (read_s), the seconds the engine waited for them
+        (wait_s), and their ratio: the mean number of reads in flight while it waited."""
+        read_s = sum(r.read_s for r in self.readers())
+        wait_s = sum(r.wait_s for r in self.readers())
+        return {"read_s": read_s, "wait_s": wait_s, "mean": read_s / wait_s if wait_s else 0.0}
+
     @property
     def attention_priced(self) -> bool:
         """Whether the attention's sparsity changes the reads (its channel files are open), so the cost model
@@ -307,6 +329,8 @@ class SparseFFN:
                 out["channel_cache"] = self.channel_cache()
         if self.method == "input":
             out["channel_merge_gaps"] = list(self.channel_gaps)
+        if self.readers():
+            out["reads_in_flight_mean"] = round(self.reads_in_flight()["mean"], 2)
         if self.attention is not None and self.attention.th is not None:
             out["attention"] = self.attention.summary()
             if self.attention.channels is not None:

@@ -14,9 +14,13 @@ a run picks its resident hot set. Knows nothing of torch.
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -26,6 +30,11 @@ from .sparsity import manifest_sha256
 DIR = "ffn_bundles"
 INDEX = "index.json"
 FORMAT = "kubeflash-ffn-bundles/1"
+ALIGN = 4096
+READ_THREADS = 4  # reads in flight at most, where the engine hands no policy (the streamer's default io_threads)
+TASK_BYTES = 16 << 20  # a read task's bytes at most, likewise (the streamer's default io_task_bytes)
+MIN_TASK_BYTES = 1 << 20  # a long read is cut into pieces of at least this (tasks_of) ...
+SERIAL_READS = 8  # ... and a set of at most this many reads below it is read on the calling thread alone
 
 
 def _parts(tensors) -> tuple[str, ...]:
@@ -87,29 +96,85 @@ def open_layer_files(model_dir: Path, sub: str, fmt: str, what: str, hint: str) 
 
 class _RowFiles:
     """Open files (one per layer) of fixed-size rows (row_elems, unless a region of the file has rows of its own
-    width), read a sorted set of rows with one preadv per run of consecutive ones (read_rows), and count the bytes
-    and reads."""
+    width), read a sorted set of rows with one preadv per run of consecutive ones (row_reads), and count the bytes
+    and reads. A large set's reads are cut into tasks and run `threads` at a time (the caller and threads - 1 pool
+    threads), as the weight streamer reads a layer (`io`: the engine hands it the policy's reader threads and task
+    size); `read_s` sums the seconds the preadv calls took and `wait_s` the seconds the callers waited for them, so
+    read_s / wait_s is the mean number of reads in flight while a caller waits. With `direct` aligned sets bypass
+    the page cache, as the streamer's O_DIRECT reads do (off in the engine: on this machine's virtio disk it read
+    no faster than buffered with four threads; bench/sparse_decode.py --rows-odirect turns it on)."""
 
     fds: list[int]
     row_elems: int
     dtype: np.dtype
+    threads: int = READ_THREADS  # reads in flight at most (io)
+    task_bytes: int = TASK_BYTES  # a task's bytes at most (io)
+    direct: bool = False  # O_DIRECT (page cache bypassed) where a read set is 4 KiB-aligned (io)
+    read_s: float = 0.0
+    wait_s: float = 0.0
+    _pool: ThreadPoolExecutor | None = None
+    _direct_fds: dict | None = None  # layer -> its O_DIRECT fd, or None where the file system refuses O_DIRECT
+
+    def io(self, *, threads: int, task_bytes: int, direct: bool = False) -> None:
+        """Read with up to `threads` reads in flight, in tasks of at most `task_bytes`, with O_DIRECT where `direct`
+        and a set's rows are 4 KiB-aligned (rows of a multiple of 4 KiB: llama-3-8b's in float16): what the weight
+        streamer does with its policy's io_threads, io_task_bytes and backend."""
+        self._shutdown()
+        self.threads, self.task_bytes = max(1, int(threads)), max(ALIGN, int(task_bytes))
+        self.direct = bool(direct)
 
     def _read(self, layer: int, ids: list[int], base: int, where: str, elems: int | None = None) -> np.ndarray:
         """[len(ids), elems (default row_elems)] rows of layer `layer`'s file region starting at byte `base`."""
-        out, got, n = read_rows(self.fds[layer], ids, elems or self.row_elems, self.dtype, base, where=where)
-        self.bytes_read += got
-        self.reads += n
+        shape = (len(ids), elems or self.row_elems)
+        fd = self._fd(layer, base, shape[1] * self.dtype.itemsize)
+        out = aligned_empty(shape, self.dtype) if fd != self.fds[layer] else np.empty(shape, dtype=self.dtype)
+        self._reads(fd, row_reads(out, ids, base, same_rows=False), where)
         return out
 
     def _read_into(self, layer: int, ids: list[int], base: int, out: np.ndarray, where: str) -> None:
-        got, n = read_rows_into(self.fds[layer], ids, out, base, where=where)
+        """Rows `ids` (sorted) of the region into the same rows of `out`."""
+        fd = self._fd(layer, base, out.shape[1] * out.itemsize, out)
+        self._reads(fd, row_reads(out, ids, base, same_rows=True), where)
+
+    def _fd(self, layer: int, base: int, row_bytes: int, out: np.ndarray | None = None) -> int:
+        """The fd to read layer `layer`'s rows with: its O_DIRECT one where `direct`, the file system allows it, and
+        every read is aligned (the region's start, a row, `out`'s buffer); else the buffered one."""
+        if not self.direct or base % ALIGN or row_bytes % ALIGN or (out is not None and out.ctypes.data % ALIGN):
+            return self.fds[layer]
+        if self._direct_fds is None:
+            self._direct_fds = {}
+        if layer not in self._direct_fds:
+            try:  # the same file, reopened
+                self._direct_fds[layer] = os.open(f"/proc/self/fd/{self.fds[layer]}", os.O_RDONLY | os.O_DIRECT)
+            except OSError:
+                self._direct_fds[layer] = None
+        fd = self._direct_fds[layer]
+        return self.fds[layer] if fd is None else fd
+
+    def _reads(self, fd: int, todo: list, where: str) -> None:
+        t0 = time.perf_counter()
+        got, n, busy = preadv_all(fd, todo, where, threads=self.threads, task_bytes=self.task_bytes,
+                                  pool=self._executor)
         self.bytes_read += got
         self.reads += n
+        self.read_s += busy
+        self.wait_s += time.perf_counter() - t0
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.threads - 1, thread_name_prefix="kf-rows")
+        return self._pool
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def close(self) -> None:
-        for fd in self.fds:
+        self._shutdown()
+        for fd in self.fds + [d for d in (self._direct_fds or {}).values() if d is not None]:
             os.close(fd)
-        self.fds = []
+        self.fds, self._direct_fds = [], None
 
 
 class BundleReader(_RowFiles):
@@ -184,53 +249,76 @@ def load_frequency(d: Path, target: float, what: str) -> np.ndarray | None:
         raise StoreError(f"{d}: unreadable {what} for {target:g} ({e}); run kubeflash calibrate again") from e
 
 
-PARALLEL_RUNS = 64  # a read of more runs than this is split over READ_THREADS threads (preadv releases the GIL)
-READ_THREADS = 4
-_POOL: ThreadPoolExecutor | None = None
+def aligned_empty(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """An uninitialized array of `shape` in page-aligned anonymous memory (an O_DIRECT read's destination)."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(1, n)), dtype=np.uint8)[:n].view(dtype).reshape(shape)
 
 
-def read_rows(fd: int, ids: list[int], row_elems: int, dtype: np.dtype, base: int, *,
-              where: str) -> tuple[np.ndarray, int, int]:
-    """(rows [len(ids), row_elems] of a row-major file region starting at byte `base`, bytes read, reads): one
-    preadv per run of consecutive ids, the runs of a large set read on a few threads at once."""
-    row_bytes = row_elems * dtype.itemsize
-    out = np.empty((len(ids), row_elems), dtype=dtype)
-    raw = out.view(np.uint8).reshape(len(ids), row_bytes)
-    todo, k = [], 0
-    for start, n in runs(ids):
-        todo.append((raw[k:k + n], base + start * row_bytes, n * row_bytes))
-        k += n
-    return out, _preadv_all(fd, todo, where), len(todo)
-
-
-def read_rows_into(fd: int, ids: list[int], out: np.ndarray, base: int, *, where: str) -> tuple[int, int]:
-    """(bytes read, reads): rows `ids` (sorted) of a row-major file region starting at byte `base` into the same
-    rows of `out` ([rows, row_elems], the file's dtype), one preadv per run of consecutive ids."""
+def row_reads(out: np.ndarray, ids: list[int], base: int, *, same_rows: bool) -> list:
+    """The (destination, file offset, length) reads, one per run of consecutive ids, that bring rows `ids` (sorted)
+    of a row-major file region starting at byte `base` into `out` ([rows, row_elems], the file's dtype): into the
+    same rows where `same_rows` (a layer's bundle image), else into rows 0, 1, ... in order."""
     raw = out.view(np.uint8).reshape(out.shape[0], -1)
-    row_bytes = raw.shape[1]
-    todo = [(raw[start:start + n], base + start * row_bytes, n * row_bytes) for start, n in runs(ids)]
-    return _preadv_all(fd, todo, where), len(todo)
+    row_bytes, todo, k = raw.shape[1], [], 0
+    for start, n in runs(ids):
+        at = start if same_rows else k
+        todo.append((raw[at:at + n], base + start * row_bytes, n * row_bytes))
+        k += n
+    return todo
 
 
-def _preadv_all(fd: int, todo: list, where: str) -> int:
-    """Bytes read by the (destination, file offset, length) reads `todo`, those of a large set on a few threads."""
-    global _POOL
+def tasks_of(todo: list, *, threads: int, task_bytes: int) -> list[list]:
+    """The reads `todo` ((destination, file offset, length), in file order) as tasks for `threads` readers, cut the
+    way the weight streamer cuts a layer's reads: consecutive reads share a task up to about total / threads bytes
+    (at most `task_bytes`), and a read longer than that (at least MIN_TASK_BYTES) is cut into pieces of it. One task
+    where `threads` is 1 or the set is small (at most MIN_TASK_BYTES in at most SERIAL_READS reads: a hand-off to
+    another thread costs about what such a read does from the page cache)."""
+    total = sum(n for _, _, n in todo)
+    if threads <= 1 or (total <= MIN_TASK_BYTES and len(todo) <= SERIAL_READS):
+        return [todo] if todo else []
+    share = min(task_bytes, -(-total // threads))  # a task's bytes: every reader busy, none past task_bytes
+    piece = max(MIN_TASK_BYTES, share) // ALIGN * ALIGN  # a long read's pieces
+    out, cur, size = [], [], 0
+    for dest, offset, n in todo:
+        flat = dest.reshape(-1)
+        for off in range(0, n, piece):
+            m = min(piece, n - off)
+            cur.append((flat[off:off + m], offset + off, m))
+            size += m
+            if size >= share:
+                out.append(cur)
+                cur, size = [], 0
+    return out + ([cur] if cur else [])
 
-    def some(part) -> int:
-        total = 0
-        for dest, offset, want in part:
-            got = os.preadv(fd, [dest], offset)
-            if got != want:
-                raise StoreError(f"{where}: short read ({got} of {want} bytes at {offset})")
-            total += got
-        return total
 
-    if len(todo) <= PARALLEL_RUNS:
-        return some(todo)
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="kf-neurons")
-    step = -(-len(todo) // READ_THREADS)
-    return sum(_POOL.map(some, [todo[i:i + step] for i in range(0, len(todo), step)]))
+def preadv_all(fd: int, todo: list, where: str, *, threads: int, task_bytes: int,
+               pool: Callable[[], ThreadPoolExecutor]) -> tuple[int, int, float]:
+    """(bytes, preadv calls, seconds the calls took summed) of the reads `todo` ((destination, file offset, length)):
+    as tasks (tasks_of) that the calling thread and up to threads - 1 of `pool()`'s threads take in file order, one
+    after the other, so up to `threads` reads are in flight until the last task is taken."""
+    tasks = tasks_of(todo, threads=threads, task_bytes=task_bytes)
+    lock, left = threading.Lock(), iter(tasks)
+
+    def drain() -> tuple[int, int, float]:
+        total, count, busy = 0, 0, 0.0
+        while True:
+            with lock:
+                part = next(left, None)
+            if part is None:
+                return total, count, busy
+            t0 = time.perf_counter()
+            for dest, offset, want in part:
+                got = os.preadv(fd, [dest], offset)
+                if got != want:
+                    raise StoreError(f"{where}: short read ({got} of {want} bytes at {offset})")
+                total += got
+            busy += time.perf_counter() - t0
+            count += len(part)
+
+    helpers = [pool().submit(drain) for _ in range(min(threads, len(tasks)) - 1)]
+    done = [drain()] + [f.result() for f in helpers]
+    return sum(d[0] for d in done), sum(d[1] for d in done), sum(d[2] for d in done)
 
 
 def runs(ids: list[int]) -> list[tuple[int, int]]:

@@ -7,7 +7,8 @@ of the down matrix. In the stage file a column is I (or H) scattered elements; h
 `ffn_channels/layer_NNN.bin` holds H rows of [gate column | up column] (2I elements each: one bundle per input
 channel) and then I rows of down columns (H elements each), the store's dtype. A step's kept channels are one
 read per run of consecutive channels, each read at least 2I elements (57 KiB in llama-3-8b at float16).
-`ChannelReader` does exactly those reads (os.preadv, store/bundles.read_rows) and counts bytes and reads. Written
+`ChannelReader` does exactly those reads (os.preadv, store/bundles.row_reads; several in flight, as the weight
+streamer reads: bundles.preadv_all) and counts bytes and reads. Written
 crash-safely; the index names the manifest it was cut from, so files of an older model are refused. Knows nothing
 of torch.
 
