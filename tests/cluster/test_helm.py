@@ -86,8 +86,9 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def crd_established(cp, name: str) -> bool:
-    crd = cp.kubectl_json("get", "crd", name)
-    return any(c["type"] == "Established" and c["status"] == "True" for c in crd.get("status", {}).get("conditions", []))
+    crd = cp.kubectl_json("get", "crd", name)  # a CRD created a moment ago has status.conditions null
+    return any(c["type"] == "Established" and c["status"] == "True"
+               for c in (crd.get("status") or {}).get("conditions") or [])
 
 
 def delete_crds(cp) -> None:
