@@ -48,25 +48,19 @@ class Job:
     def parsed(self) -> JobSpec | SpecError:
         """The spec parsed once for this view of the job (kubeflash_api), or why it cannot run in a cluster."""
         try:
-            spec = check_cluster(parse_job_spec(self.spec, name=self.name, namespace=self.namespace))
-            return _tp_gpus(spec, tp_given="tensorParallel" in ((self.spec or {}).get("offload") or {}))
+            return _tp_gpus(check_cluster(parse_job_spec(self.spec, name=self.name, namespace=self.namespace)))
         except SpecError as e:
             return e
 
 
-def _tp_gpus(spec: JobSpec, *, tp_given: bool = True) -> JobSpec:
+def _tp_gpus(spec: JobSpec) -> JobSpec:
     """One rank per GPU<->SSD pair. spec.offload.tensorParallel N needs N pairs: resources.gpus left at 1 becomes N,
-    another value is refused naming the field. resources.gpus N > 1 with tensorParallel left out (`tp_given`
-    False) becomes tensorParallel N, so every GPU the pod holds streams its own shard from its own pair's disk;
-    with tensorParallel 1 written out it is refused (one process uses one GPU: the others would sit idle)."""
+    another value is refused naming the field. resources.gpus N > 1 with tensorParallel at 1 (left out: the CRD
+    writes the default 1, so "left out" and 1 look alike) becomes tensorParallel N, so every GPU the pod holds
+    streams its own shard from its own pair's disk instead of one process using one GPU of N."""
     tp = spec.offload.tensor_parallel
     if tp == 1 and spec.resources.gpus > 1:
-        n = spec.resources.gpus
-        if tp_given:
-            raise SpecError("spec.resources.gpus", f"must be 1 (or left out) with spec.offload.tensorParallel 1: one "
-                                                   f"process uses one GPU, got {n} (spec.offload.tensorParallel {n} "
-                                                   f"runs a rank on each)")
-        return replace(spec, offload=replace(spec.offload, tensor_parallel=n))
+        return replace(spec, offload=replace(spec.offload, tensor_parallel=spec.resources.gpus))
     if tp <= 1 or spec.resources.gpus == tp:
         return spec
     if spec.resources.gpus != 1:

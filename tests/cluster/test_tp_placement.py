@@ -54,3 +54,34 @@ def test_tensor_parallel_job_waits_for_both_shards_then_runs_on_two_pairs(ns, ku
     assert volumes["kv-1"]["csi"]["volumeAttributes"]["kubeflash.io/disk"] == "nvme1"
     env = {e["name"]: e.get("value") for e in ctr["env"]}
     assert (env["KUBEFLASH_SHARD_DIRS"], env["KUBEFLASH_RANK_DIRS"]) == ("/shards/0:/shards/1", "/job:/ranks/1")
+
+
+def test_gpus_two_without_tensor_parallel_runs_two_ranks_on_two_pairs(ns, kube, control_plane):  # noqa: F811
+    """resources.gpus 2 with tensorParallel left out, through the real API server: on a node with one pair it waits
+    (Pending, the reason says 1 free pair, needs 2); on a node with two pairs it asks the FlashNode for 2 shards,
+    and once they are Ready runs a pod with 2 GPUs, shard k and a KV volume on pair k's disk, and tensorParallel 2
+    in the spec the engine reads (KUBEFLASH_JOB_SPEC)."""
+    import json
+
+    kube.gpu_node(control_plane, "one", pairs=1, models=(MODEL,))
+    kube.settle()
+    kube.submit("g2", resources={"gpus": 2})
+    s = wait_for("the reason for no placement", lambda: kube.status("g2"),
+                 lambda s: "1 free GPU<->SSD pairs, needs 2" in (s.get("message") or ""))
+    assert s.get("phase") in (None, "Pending") and kube.pods("g2") == []
+    node = kube.gpu_node(control_plane, "two", pairs=2, models=(MODEL,))
+    s = kube.wait_phase("g2", "Staging")
+    assert (s["node"], s["gpus"]) == (node, [0, 1])
+    wait_for("the model asked with tensorParallel 2", lambda: kube.flashnode(node)["spec"].get("models") or [],
+             lambda ms: any(m["id"] == MODEL and m.get("tensorParallel") == 2 for m in ms))
+    kube.agent_status(node, {"heartbeat": now_rfc(), "models": [model_row(("Ready", "Ready"))]})
+    kube.wait_phase("g2", "Running")
+    pod = wait_for("pod bound", lambda: kube.pods("g2"), lambda ps: ps and ps[0]["spec"].get("nodeName"))[0]
+    ctr = pod["spec"]["containers"][0]
+    assert ctr["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    for k, kv in ((0, "kv"), (1, "kv-1")):
+        assert volumes[f"shard-{k}"]["csi"]["volumeAttributes"]["kubeflash.io/disk"] == f"nvme{k}"
+        assert volumes[kv]["csi"]["volumeAttributes"]["kubeflash.io/disk"] == f"nvme{k}"
+    env = {e["name"]: e.get("value") for e in ctr["env"]}
+    assert json.loads(env["KUBEFLASH_JOB_SPEC"])["offload"]["tensorParallel"] == 2
