@@ -346,6 +346,21 @@ class ControlPlane:
             return self.kubectl_json("get", "node", name)
         return self.wait_node_ready(name, timeout=timeout)
 
+    def wait_crds_established(self, *names: str, timeout: float = 60) -> None:
+        """Wait until each CustomResourceDefinition is Established. Polled: `kubectl wait --for=condition=Established`
+        fails at once on a CRD created a moment ago, whose status.conditions is still null ("conditions accessor
+        error: <nil>")."""
+        deadline = time.monotonic() + timeout
+        for name in names:
+            while True:
+                crd = self.kubectl_json("get", "crd", name)
+                if any(c.get("type") == "Established" and c.get("status") == "True"
+                       for c in (crd.get("status") or {}).get("conditions") or []):
+                    break
+                if time.monotonic() > deadline:
+                    raise ControlPlaneError(f"CRD {name} not Established within {timeout}s: {crd.get('status')}")
+                time.sleep(0.2)
+
     def wait_node_ready(self, name: str, timeout: float = 60) -> dict:
         """Wait until the node reports Ready=True and carries no not-ready/unreachable taint."""
         deadline = time.monotonic() + timeout

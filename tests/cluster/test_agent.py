@@ -43,8 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 def crds(control_plane):
     # --validate=false: a re-apply (another module applied them first) must not trip over unknown fields
     control_plane.kubectl("apply", "--validate=false", "-f", str(REPO / "crds"))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                          "crd/inferencejobs.kubeflash.io", "crd/flashnodes.kubeflash.io")
+    control_plane.wait_crds_established("inferencejobs.kubeflash.io", "flashnodes.kubeflash.io")
 
 
 @pytest.fixture

@@ -35,8 +35,7 @@ OPERATOR_ENV = {
 def operator(control_plane, kubeconfig):
     # --validate=false: a re-apply (another module applied them first) must not trip over unknown fields
     control_plane.kubectl("apply", "--validate=false", "-f", str(REPO / "crds"))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                          "crd/inferencejobs.kubeflash.io", "crd/flashnodes.kubeflash.io")
+    control_plane.wait_crds_established("inferencejobs.kubeflash.io", "flashnodes.kubeflash.io")
     saved = {k: os.environ.get(k) for k in [*OPERATOR_ENV, "KUBECONFIG"]}
     os.environ.update(OPERATOR_ENV, KUBECONFIG=kubeconfig)
     runner = kopf_testing.KopfRunner(["run", "--standalone", "-A", "-m", "kubeflash_operator.handlers"], timeout=60)

@@ -56,8 +56,7 @@ def ledger(cp, node: str, claims: dict, ended: dict | None = None) -> None:
 def test_agent_works_with_chart_rbac(control_plane, namespace, tmp_path):
     cp = control_plane
     cp.kubectl("apply", "--validate=false", "-f", str(REPO / "crds"))
-    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/inferencejobs.kubeflash.io",
-               "crd/flashnodes.kubeflash.io")
+    cp.wait_crds_established("inferencejobs.kubeflash.io", "flashnodes.kubeflash.io")
     node = f"{namespace}-rbac"
     cp.create_fake_node(node)
     agent = AgentProc(tmp_path, {

@@ -27,8 +27,7 @@ GROUP, VERSION = "kubeflash.io", "v1alpha1"
 def test_model_churn_past_the_cap_keeps_staging_and_keeps_what_live_jobs_need(control_plane, namespace):
     cp = control_plane
     cp.kubectl("apply", "--validate=false", "-f", str(CRDS))
-    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/inferencejobs.kubeflash.io",
-               "crd/flashnodes.kubeflash.io")
+    cp.wait_crds_established("inferencejobs.kubeflash.io", "flashnodes.kubeflash.io")
     api = kubernetes.config.new_client_from_config(config_file=str(cp.kubeconfig))
     custom = kubernetes.client.CustomObjectsApi(api)
     node = f"gc-{uuid.uuid4().hex[:6]}"

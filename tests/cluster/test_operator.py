@@ -62,12 +62,7 @@ class Operator:
 @pytest.fixture(scope="module")
 def crds(control_plane):
     control_plane.kubectl("apply", "-f", str(REPO / "crds"))
-    # polled, not `kubectl wait --for=condition=Established`: on a CRD created a moment ago (no status.conditions
-    # yet) that kubectl fails at once ("conditions accessor error: <nil>") instead of waiting
-    for crd in ("inferencejobs.kubeflash.io", "flashnodes.kubeflash.io"):
-        wait_for(f"CRD {crd} Established", lambda crd=crd: control_plane.kubectl_json("get", "crd", crd),
-                 lambda o: any(c.get("type") == "Established" and c.get("status") == "True"
-                               for c in (o.get("status") or {}).get("conditions") or []), timeout=60)
+    control_plane.wait_crds_established("inferencejobs.kubeflash.io", "flashnodes.kubeflash.io")
 
 
 @pytest.fixture(scope="module")

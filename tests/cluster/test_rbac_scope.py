@@ -45,8 +45,7 @@ class Setup:
 
     def install(self) -> None:
         self.cp.kubectl("apply", "--validate=false", "-f", str(CRDS))
-        self.cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/inferencejobs.kubeflash.io",
-                        "crd/flashnodes.kubeflash.io")
+        self.cp.wait_crds_established("inferencejobs.kubeflash.io", "flashnodes.kubeflash.io")
         args = ["template", "kfr", str(CHART), "--namespace", self.ns, "--set", f"operator.watchNamespaces={{{self.ns}}}",
                 "--set", "operator.watchAllNamespaces=false"]
         for t in TEMPLATES:
