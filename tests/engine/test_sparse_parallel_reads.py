@@ -188,3 +188,21 @@ def test_a_layers_read_calls_are_priced_one_after_the_other():
     assert each[0] == pytest.approx(calls[0][0] / 1.84e9 + calls[0][1] * 47.6e-6 / 4) and calls[0][1] > 100
     assert each[3] == pytest.approx(calls[3][0] / 1.84e9 + calls[3][1] * 47.6e-6 / 1.5) and calls[3][1] == 1.5
     assert sum(each) > row_reads_s(demand, reads, threads=4, **kw)  # pooling the calls' reads would under-price
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "odirect"])
+def test_reads_through_gaps_drop_the_rows_between_as_they_are_read(rows_file, direct):
+    """Runs at most `gap` rows apart are one preadv (as neurons.merged reads them) whose rows between land in a
+    discard buffer: the rows equal the file's kept rows, the reads and bytes are the merged runs' (what the merged
+    read counted before, when the extra rows were read into the result and gathered out after)."""
+    from kubeflash_node.engine.neurons import merged
+
+    path, data = rows_file
+    ids = _kept(2048, seed=5)
+    r = _Rows(path)
+    r.io(threads=4, task_bytes=1 << 20, direct=direct)
+    got = r._read_gapped(0, ids, 0, "rows", ROW, 3)
+    span = merged(np.asarray(ids), 3)
+    assert np.array_equal(got, data[ids])
+    assert r.reads == len(runs(span.tolist())) < len(runs(ids)) and r.bytes_read == len(span) * ROW
+    r.close()

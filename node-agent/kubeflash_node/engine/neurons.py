@@ -277,15 +277,19 @@ def read_kept(reader, layer: int, ids: torch.Tensor, gap: int, *, out: bool, tim
               decode: bool | None = None) -> tuple[torch.Tensor, int]:
     """(rows, bytes read) of a channel file (store/channels.py's readers, or channelcache.ChannelCache, which takes
     `decode`) for the sorted ids: `reader.down` rows where `out`, else `reader.inputs` rows; one read per run, runs
-    at most `gap` apart read as one and the extra rows dropped. The read is timed as load_neurons in `timings` when
-    given."""
+    at most `gap` apart read as one and the extra rows dropped (a channel reader drops them as they are read:
+    `gapped`; a cache reads the merged span and the kept rows are gathered after). The read is timed as
+    load_neurons in `timings` when given."""
     t0, before = time.perf_counter(), reader.bytes_read
     want = ids.cpu().numpy()
-    span = merged(want, gap)
-    more = {} if decode is None else {"decode": decode}
-    got = as_torch((reader.down if out else reader.inputs)(layer, span.tolist(), **more))
-    if span.shape[0] != want.shape[0]:
-        got = got.index_select(0, torch.from_numpy(np.searchsorted(span, want)))
+    if gap and hasattr(reader, "gapped"):  # a channel file: the rows between runs dropped as they are read
+        got = as_torch(reader.gapped(layer, want.tolist(), gap, out=out))
+    else:
+        span = merged(want, gap)
+        more = {} if decode is None else {"decode": decode}
+        got = as_torch((reader.down if out else reader.inputs)(layer, span.tolist(), **more))
+        if span.shape[0] != want.shape[0]:
+            got = got.index_select(0, torch.from_numpy(np.searchsorted(span, want)))
     n = reader.bytes_read - before
     if timings is not None:
         timings.add("load_neurons", time.perf_counter() - t0, bytes=n)

@@ -35,6 +35,7 @@ READ_THREADS = 4  # reads in flight at most, where the engine hands no policy (t
 TASK_BYTES = 16 << 20  # a read task's bytes at most, likewise (the streamer's default io_task_bytes)
 MIN_TASK_BYTES = 1 << 20  # a long read is cut into pieces of at least this (tasks_of) ...
 SERIAL_READS = 8  # ... and a set of at most this many reads below it is read on the calling thread alone
+IOV_MAX = 1024  # buffers one preadv takes at most (Linux)
 
 
 def _parts(tensors) -> tuple[str, ...]:
@@ -130,6 +131,25 @@ class _RowFiles:
         out = aligned_empty(shape, self.dtype) if fd != self.fds[layer] else np.empty(shape, dtype=self.dtype)
         self._reads(fd, row_reads(out, ids, base, same_rows=False), where)
         return out
+
+    def _read_gapped(self, layer: int, ids: list[int], base: int, where: str, elems: int, gap: int) -> np.ndarray:
+        """[len(ids), elems] rows `ids` (sorted) of the region, runs at most `gap` apart read as one preadv, the rows
+        between dropped as they are read (gapped_reads)."""
+        shape = (len(ids), elems)
+        row_bytes = elems * self.dtype.itemsize
+        fd = self._fd(layer, base, row_bytes)
+        direct = fd != self.fds[layer]
+        out = aligned_empty(shape, self.dtype) if direct else np.empty(shape, dtype=self.dtype)
+        trash = self._discard(gap * row_bytes, direct)
+        self._reads(fd, gapped_reads(out, ids, base, gap, trash), where)
+        return out
+
+    def _discard(self, nbytes: int, aligned: bool) -> np.ndarray:
+        """A buffer of at least `nbytes` the rows read through gaps land in (kept, grown as needed; page-aligned)."""
+        have = getattr(self, "_trash", None)
+        if have is None or have.size < nbytes:
+            have = self._trash = aligned_empty((1, max(nbytes, ALIGN)), np.uint8)
+        return have
 
     def _read_into(self, layer: int, ids: list[int], base: int, out: np.ndarray, where: str) -> None:
         """Rows `ids` (sorted) of the region into the same rows of `out`."""
@@ -268,6 +288,31 @@ def row_reads(out: np.ndarray, ids: list[int], base: int, *, same_rows: bool) ->
     return todo
 
 
+def gapped_reads(out: np.ndarray, ids: list[int], base: int, gap: int, discard: np.ndarray) -> list:
+    """The reads that bring rows `ids` (sorted) of a row-major file region starting at byte `base` into rows 0, 1, ...
+    of `out`, runs at most `gap` rows apart read by one preadv whose destinations are the kept rows and, for the rows
+    between, `discard` (at least `gap` rows; every gap lands there): one read per merged run, as neurons.merged
+    reads them, without reading the extra rows into `out` and copying the kept ones out after. A merged read's
+    destination is a list of buffers (at most IOV_MAX)."""
+    raw = out.view(np.uint8).reshape(out.shape[0], -1)
+    row_bytes, todo, k = raw.shape[1], [], 0
+    trash = discard.view(np.uint8).reshape(-1)
+    bufs, start, end = [], -1, -1  # the read being built: buffers, first row, row after its last
+    for first, n in runs(ids):
+        if bufs and first - end <= gap and len(bufs) + 2 <= IOV_MAX:
+            if first > end:
+                bufs.append(trash[:(first - end) * row_bytes])
+        else:
+            if bufs:
+                todo.append((bufs, base + start * row_bytes, (end - start) * row_bytes))
+            bufs, start = [], first
+        bufs.append(raw[k:k + n].reshape(-1))
+        k, end = k + n, first + n
+    if bufs:
+        todo.append((bufs, base + start * row_bytes, (end - start) * row_bytes))
+    return todo
+
+
 def tasks_of(todo: list, *, threads: int, task_bytes: int) -> list[list]:
     """The reads `todo` ((destination, file offset, length), in file order) as tasks for `threads` readers, cut the
     way the weight streamer cuts a layer's reads: consecutive reads share a task up to about total / threads bytes
@@ -281,6 +326,13 @@ def tasks_of(todo: list, *, threads: int, task_bytes: int) -> list[list]:
     piece = max(MIN_TASK_BYTES, share) // ALIGN * ALIGN  # a long read's pieces
     out, cur, size = [], [], 0
     for dest, offset, n in todo:
+        if isinstance(dest, list):  # a read through gaps (gapped_reads): whole, never cut
+            cur.append((dest, offset, n))
+            size += n
+            if size >= share:
+                out.append(cur)
+                cur, size = [], 0
+            continue
         flat = dest.reshape(-1)
         for off in range(0, n, piece):
             m = min(piece, n - off)
@@ -309,7 +361,7 @@ def preadv_all(fd: int, todo: list, where: str, *, threads: int, task_bytes: int
                 return total, count, busy
             t0 = time.perf_counter()
             for dest, offset, want in part:
-                got = os.preadv(fd, [dest], offset)
+                got = os.preadv(fd, dest if isinstance(dest, list) else [dest], offset)
                 if got != want:
                     raise StoreError(f"{where}: short read ({got} of {want} bytes at {offset})")
                 total += got

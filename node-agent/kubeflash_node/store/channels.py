@@ -112,6 +112,8 @@ def attn_present(model_dir: Path) -> bool:
 class ChannelReader(_RowFiles):
     """Reads kept input channels' gate/up columns and kept neurons' down columns, one preadv per run."""
 
+    _what = ("input channels", "down columns")  # the file's two regions, for errors
+
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir) / DIR
         idx, self.fds = open_layer_files(model_dir, DIR, FORMAT, "input-channel files",
@@ -124,19 +126,32 @@ class ChannelReader(_RowFiles):
 
     def inputs(self, layer: int, ids: list[int]) -> np.ndarray:
         """[len(ids), 2I] gate column | up column of the sorted input channels `ids`."""
-        return self._columns(layer, ids, 2 * self.intermediate, 0, "input channels")
+        return self._columns(layer, ids, 2 * self.intermediate, 0, self._what[0])
 
     def down(self, layer: int, ids: list[int]) -> np.ndarray:
         """[len(ids), H] down columns of the sorted intermediate neurons `ids`."""
-        return self._columns(layer, ids, self.hidden, self.hidden * self.in_row_bytes, "down columns")
+        return self._columns(layer, ids, self.hidden, self.hidden * self.in_row_bytes, self._what[1])
 
-    def _columns(self, layer: int, ids: list[int], elems: int, base: int, what: str) -> np.ndarray:
-        """[len(ids), elems] rows of layer `layer`'s file region starting at byte `base`, counted."""
-        return self._read(layer, ids, base, f"{self.dir}/layer_{layer:03d}.bin {what}", elems)
+    def _columns(self, layer: int, ids: list[int], elems: int, base: int, what: str, gap: int = 0) -> np.ndarray:
+        """[len(ids), elems] rows of layer `layer`'s file region starting at byte `base`, counted; runs at most `gap`
+        apart read as one, the rows between dropped as they are read."""
+        where = f"{self.dir}/layer_{layer:03d}.bin {what}"
+        if gap:
+            return self._read_gapped(layer, ids, base, where, elems, gap)
+        return self._read(layer, ids, base, where, elems)
+
+    def gapped(self, layer: int, ids: list[int], gap: int, *, out: bool) -> np.ndarray:
+        """`down(layer, ids)` where `out`, else `inputs(layer, ids)`, runs at most `gap` apart read as one preadv
+        (the rows between dropped as they are read, never copied): what neurons.read_kept asks for."""
+        if out:
+            return self._columns(layer, ids, self.hidden, self.hidden * self.in_row_bytes, self._what[1], gap)
+        return self._columns(layer, ids, self.in_row_bytes // self.dtype.itemsize, 0, self._what[0], gap)
 
 
 class AttnChannelReader(ChannelReader):
     """Reads kept attention input channels' q|k|v columns and kept attention output channels' o columns."""
+
+    _what = ("q/k/v columns", "o columns")
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir) / ATTN_DIR
@@ -150,8 +165,8 @@ class AttnChannelReader(ChannelReader):
 
     def inputs(self, layer: int, ids: list[int]) -> np.ndarray:
         """[len(ids), Q + 2K] q column | k column | v column of the sorted attention input channels `ids`."""
-        return self._columns(layer, ids, self.q_dim + 2 * self.kv_dim, 0, "q/k/v columns")
+        return self._columns(layer, ids, self.q_dim + 2 * self.kv_dim, 0, self._what[0])
 
     def down(self, layer: int, ids: list[int]) -> np.ndarray:
         """[len(ids), H] o columns of the sorted attention output channels `ids`."""
-        return self._columns(layer, ids, self.hidden, self.hidden * self.in_row_bytes, "o columns")
+        return self._columns(layer, ids, self.hidden, self.hidden * self.in_row_bytes, self._what[1])
