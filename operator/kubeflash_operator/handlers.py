@@ -318,7 +318,7 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
         job.__dict__["parsed"] = cached[1]  # Job.parsed is a cached_property: the spec is parsed once per generation
     else:
         parsed[job.uid] = (job.generation, job.parsed)
-    prefixes, blocked = await _input_prefixes(memo, job), await _configmaps_blocking(memo, job)
+    prefixes, blocked = await _input_prefixes(memo, job), await _objects_blocking(memo, job)
     if prefixes is not None or blocked is not None:
         spec = job.parsed
         job = replace(job, prefixes=prefixes, blocked=blocked)
@@ -514,7 +514,7 @@ async def count_job_phase(event: kopf.RawEvent, namespace: str, name: str, uid: 
         memo.sent.pop(uid, None)
         memo.get("parsed", {}).pop(uid, None)
         memo.get("input_prefixes", {}).pop(uid, None)
-        memo.get("configmaps_ok", {}).pop(uid, None)
+        memo.get("objects_ok", {}).pop(uid, None)
         memo.get("shards_created", {}).pop(uid, None)
         memo.get("pod_seen", {}).pop((namespace, name), None)
         memo.get("first_seen", {}).pop(uid, None)
@@ -800,18 +800,22 @@ async def _input_prefixes(memo: kopf.Memo, job: reconcile.Job) -> tuple[str, ...
     return hit[1]
 
 
-async def _configmaps_blocking(memo: kopf.Memo, job: reconcile.Job) -> tuple[str, str] | None:
-    """Why a job not placed yet cannot start (Kube.configmap_problem: its input ConfigMap or key missing, its
-    output ConfigMap someone else's), read each step until none is found, then not again for this generation."""
+async def _objects_blocking(memo: kopf.Memo, job: reconcile.Job) -> tuple[str, str] | None:
+    """Why a job not placed yet cannot start (Kube.objects_problem: its input ConfigMap or key or a claim it names
+    missing, its output ConfigMap someone else's), read each step until none is found, then not again for this
+    generation."""
     spec = job.parsed
     if job.status.get("phase") not in (None, "Pending") or isinstance(spec, SpecError):
         return None
     cm_in, cm_out = spec.input.config_map, spec.output.config_map
-    checked = memo.setdefault("configmaps_ok", {})
-    if (cm_in is None and cm_out is None) or checked.get(job.uid) == job.generation:
+    pvcs = {f: c for f, c in (("spec.input.pvc.claimName", spec.input.pvc),
+                              ("spec.output.pvc.claimName", spec.output.pvc)) if c}
+    checked = memo.setdefault("objects_ok", {})
+    if (cm_in is None and cm_out is None and not pvcs) or checked.get(job.uid) == job.generation:
         return None
-    problem = await asyncio.to_thread(memo.kube.configmap_problem, job.namespace, job=job.name, uid=job.uid,
-                                      input_cm=(cm_in.name, cm_in.key) if cm_in else None, output_cm=cm_out)
+    problem = await asyncio.to_thread(memo.kube.objects_problem, job.namespace, job=job.name, uid=job.uid,
+                                      input_cm=(cm_in.name, cm_in.key) if cm_in else None, output_cm=cm_out,
+                                      pvcs=pvcs)
     if problem is None:
         checked[job.uid] = job.generation
     return problem

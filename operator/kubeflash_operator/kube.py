@@ -288,14 +288,16 @@ class Kube:
 
     # ------------------------------------------------------------------------------- a job's namespace objects
 
-    def configmap_problem(self, namespace: str, *, job: str, uid: str, input_cm: tuple[str, str] | None,
-                          output_cm: str | None) -> tuple[str, str] | None:
+    def objects_problem(self, namespace: str, *, job: str, uid: str, input_cm: tuple[str, str] | None = None,
+                        output_cm: str | None = None, pvcs: Mapping[str, str] | None = None
+                        ) -> tuple[str, str] | None:
         """(reason, message naming the field) when the job's input ConfigMap or its key is missing (its pod would
-        wait in ContainerCreating forever) or its output ConfigMap exists and is not this job's (never written);
-        None when both can serve it, or when a read fails otherwise (the pod then tells)."""
+        wait in ContainerCreating forever), its output ConfigMap exists and is not this job's (never written), or a
+        PersistentVolumeClaim it names (`pvcs`: field -> claim name) is missing (its pod would be unschedulable);
+        None when all can serve it, or when a read fails otherwise (the pod then tells)."""
         if input_cm is not None:
             name, key = input_cm
-            cm = self._configmap(namespace, name)
+            cm = self._read(self.core.read_namespaced_config_map, namespace, name)
             if cm is None:
                 return "InputNotFound", (f"spec.input.configMap.name: ConfigMap {namespace}/{name} not found; the job "
                                          "waits for it")
@@ -303,22 +305,26 @@ class Kube:
             if cm and key not in keys:
                 return "InputNotFound", (f"spec.input.configMap.key: ConfigMap {namespace}/{name} has no key {key!r} "
                                          f"(keys: {', '.join(sorted(keys)) or 'none'}); the job waits for it")
+        for field, claim in (pvcs or {}).items():
+            if self._read(self.core.read_namespaced_persistent_volume_claim, namespace, claim) is None:
+                reason = "InputNotFound" if field.startswith("spec.input") else "OutputNotFound"
+                return reason, f"{field}: PersistentVolumeClaim {namespace}/{claim} not found; the job waits for it"
         if output_cm is not None:
-            cm = self._configmap(namespace, output_cm)
+            cm = self._read(self.core.read_namespaced_config_map, namespace, output_cm)
             if cm and not owned_by(cm, job, uid):
                 return "OutputConflict", (f"spec.output.configMap: ConfigMap {namespace}/{output_cm} exists and was "
                                           "not created by kubeflash for this job; the operator never writes it (delete "
                                           "it or name another); the job waits")
         return None
 
-    def _configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """The ConfigMap as a dict, None if not found, {} if it could not be read (logged)."""
+    def _read(self, read: Any, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object as a dict, None if not found, {} if it could not be read (logged: e.g. no RBAC for it)."""
         try:
-            return self._dict(self.core.read_namespaced_config_map(name, namespace))
+            return self._dict(read(name, namespace))
         except ApiException as e:
             if e.status == 404:
                 return None
-            log.info("ConfigMap %s/%s not read: %s", namespace, name, e.reason)
+            log.info("%s/%s not read: %s", namespace, name, e.reason)
             return {}
 
     # ------------------------------------------------------------------------------------ output ConfigMap

@@ -76,3 +76,28 @@ def test_output_configmap_owned_by_someone_else_waits_naming_the_field(ns, kube,
     kube.wait_phase("j", "Running")
     cm = kube.core.read_namespaced_config_map("taken", ns)
     assert cm.metadata.labels["kubeflash.io/job"] == "j" and kube.pod_names("j") == ["j-1"]
+
+
+def test_missing_claims_wait_naming_the_field(ns, kube, control_plane):  # noqa: F811
+    """spec.input.pvc or spec.output.pvc naming a claim that does not exist: Pending with InputNotFound /
+    OutputNotFound naming the field, no pod and no pair held (was: a pod the scheduler left unschedulable, failed
+    after the timeout, retried backoffLimit times on the pair); once the claim exists the job runs."""
+    node = kube.gpu_node(control_plane, "n", models=(MODEL,))
+    kube.settle()
+    kube.submit("in", input={"file": "batch.jsonl", "pvc": {"claimName": "prompts"}})
+    s = _blocked(kube, "in", "InputNotFound")
+    assert s["message"] == (f"spec.input.pvc.claimName: PersistentVolumeClaim {ns}/prompts not found; the job "
+                            "waits for it")
+    kube.submit("out", output={"pvc": {"claimName": "results"}})
+    s = _blocked(kube, "out", "OutputNotFound")
+    assert s["message"].startswith(f"spec.output.pvc.claimName: PersistentVolumeClaim {ns}/results not found")
+    assert kube.pod_names("in") == [] and kube.pod_names("out") == []
+    kube.submit("other")  # the node's only pair is free
+    assert kube.wait_phase("other", "Running")["node"] == node
+    kube.end_pod("other-1", "Succeeded")
+    kube.wait_phase("other", "Succeeded")
+    kube.core.create_namespaced_persistent_volume_claim(ns, {"metadata": {"name": "prompts"}, "spec": {
+        "accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+    s = kube.wait_phase("in", "Running")
+    assert s["node"] == node and kube.pod_names("in") == ["in-1"]
+    assert kube.status("out")["phase"] == "Pending"
