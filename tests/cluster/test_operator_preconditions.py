@@ -4,7 +4,8 @@ status that stays empty (an outsider's pass over the Kubernetes path).
 spec.input.configMap names a ConfigMap (and key) the pod mounts: missing, the real kubelet would leave the pod in
 ContainerCreating forever (FailedMount only in Events) while the job said Running. spec.output.configMap names a
 ConfigMap someone else already owns: the operator refused to write it, but only in its log, every 0.5 s, leaving
-the job's status empty. Both now keep the job Pending within a second, its Scheduled condition and status.message
+the job's status empty. A missing spec.input.pvc / spec.output.pvc claim left the pod unschedulable, failing
+attempt after attempt on a held pair. All now keep the job Pending within a second, its Scheduled condition and status.message
 naming the field, with no pod and no pair held, and the job starts once the user fixes the ConfigMap.
 The operator runs in-process (test_operator's fixtures); KWOK runs the pods.
 """
