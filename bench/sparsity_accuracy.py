@@ -113,8 +113,9 @@ def main() -> int:
     if not set(methods) <= {"gate", "input", "input+attn"}:
         ap.error(f"--methods {args.methods}: expected gate, input and/or input+attn")
     allocations = args.allocations.split(",")
-    if not set(allocations) <= set(ALLOCATIONS) or ("greedy" in allocations and "gate" in methods):
-        ap.error(f"--allocations {args.allocations}: expected uniform and/or greedy (greedy: input methods only)")
+    if not set(allocations) <= set(ALLOCATIONS) or (set(allocations) - {"uniform"} and "gate" in methods):
+        ap.error(f"--allocations {args.allocations}: expected some of {', '.join(ALLOCATIONS)} (greedy ones: input "
+                 "methods only)")
     store, tok = smollm2_float32(args.work)
     ids = tok(TEXT.read_text())["input_ids"]
     cal_ids, eval_ids = ids[:args.cal_tokens], ids[args.eval_start:args.eval_start + args.eval_tokens]
@@ -123,14 +124,15 @@ def main() -> int:
     t0 = time.perf_counter()
     _, rec = calibrate(store, cal_ids, targets, window=512, recorder=True)
     cals = {("uniform", m): cal.load(store) for m in methods}
-    if "greedy" in allocations:  # the layers' errors measured once, shared out over the FFN's (and attention's) inputs
+    if set(allocations) - {"uniform"}:  # the layers' errors measured once, shared out over the FFN's (and attention's) inputs
         config, t1 = ModelConfig.from_dict(load_manifest(store).config), time.perf_counter()
         errors = allocate.measure(store, rec, cal_ids[:allocate.EVAL_TOKENS], attention=True)
         print(f"greedy allocation: layer errors on {allocate.EVAL_TOKENS} tokens in {time.perf_counter() - t1:.0f} s",
               file=sys.stderr)
-        for m in methods:
-            ins, att, lev = allocate.greedy(rec, errors, config, targets, attention=m == "input+attn")
-            cals["greedy", m] = replace(cals["uniform", m], inputs=ins, attention=att, allocation="greedy", levels=lev)
+        for a, m in [(a, m) for a in allocations if a != "uniform" for m in methods]:
+            ins, att, lev = allocate.greedy(rec, errors, config, targets, attention=m == "input+attn",
+                                            per_layer=a == "greedy")
+            cals[a, m] = replace(cals["uniform", m], inputs=ins, attention=att, allocation=a, levels=lev)
     write_bundles(store)
     write_channels(store)
     write_attn_channels(store)

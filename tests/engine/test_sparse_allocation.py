@@ -1,6 +1,7 @@
 """Greedy sparsity allocation (TEAL, engine/allocate.py) on a tiny random Llama (CPU, float32): `calibrate` with
-allocation "greedy" writes per-layer, per-input thresholds whose byte-weighted mean level meets each target (over the
-FFN's inputs alone, or the attention's too), each the calibration's quantile at its level; a greedy-calibrated store
+allocation "greedy" writes per-layer, per-input thresholds whose byte-weighted mean level meets each target in every
+layer ("greedy-global": over all layers; over the FFN's inputs alone, or the attention's too), each the
+calibration's quantile at its level; a greedy-calibrated store
 runs streamed from the channel files and gives the dense computation on the masked tensors; target 0 is the dense
 model token for token; calibrations written before the option load as uniform; bad choices are refused naming the
 option."""
@@ -43,16 +44,17 @@ def _config(store) -> ModelConfig:
 
 
 def test_levels_meet_each_target_and_thresholds_are_their_quantiles(greedy):
-    """The byte-weighted mean level over every layer's four inputs reaches the target within one step; the layers
-    and inputs do not all get the target (greedy spends it unevenly); each threshold is the recorded quantile at its
-    input's level."""
+    """Each layer's byte-weighted mean level over its four inputs reaches the target within one step (TEAL's
+    block-wise allocation); the inputs do not all get the target (greedy spends it unevenly); each threshold is the
+    recorded quantile at its input's level."""
     _, store, rec = greedy
     got = cal.load(store)
     sizes = allocate.input_bytes(_config(store))
     assert got.allocation == "greedy" and set(got.levels) == set(TARGETS)
     for t in TARGETS:
-        mean = allocate.average(got.levels[t], sizes, (0, 1, 2, 3))
-        assert t - 1e-9 <= mean < t + allocate.STEP, (t, mean)
+        for lv in got.levels[t]:
+            mean = allocate.average([lv], sizes, (0, 1, 2, 3))
+            assert t - 1e-9 <= mean < t + allocate.STEP, (t, mean)
         for j, lv in enumerate(got.levels[t]):
             assert got.inputs[t][j] == (rec.input_thresholds_at([lv[2]])[lv[2]][j][0],
                                         rec.input_thresholds_at([lv[3]])[lv[3]][j][1])
@@ -62,14 +64,17 @@ def test_levels_meet_each_target_and_thresholds_are_their_quantiles(greedy):
     assert set(got.inputs[0.0]) == {(0.0, 0.0)} and set(got.attention[0.0]) == {(0.0, 0.0)}
 
 
-def test_ffn_only_allocation_leaves_the_attention_uniform(greedy):
+@pytest.mark.parametrize("per_layer", [True, False], ids=["greedy", "greedy-global"])
+def test_ffn_only_allocation_leaves_the_attention_uniform(greedy, per_layer):
     """Without the attention (`--allocation greedy` without --attention) only the FFN's inputs are shared out: their
-    byte-weighted mean meets the target, the attention levels stay 0 and its thresholds are the uniform ones."""
+    byte-weighted mean meets the target (each layer's, or over all layers for greedy-global, within a step), the
+    attention levels stay 0 and its thresholds are the uniform ones."""
     _, store, rec = greedy
     c = _config(store)
     errors = allocate.measure(store, rec, [i % 97 for i in range(allocate.EVAL_TOKENS)], attention=False)
-    ffn, attn, levels = allocate.greedy(rec, errors, c, (0.25,), attention=False)
-    assert allocate.average(levels[0.25], allocate.input_bytes(c), (2, 3)) >= 0.25 - 1e-9
+    ffn, attn, levels = allocate.greedy(rec, errors, c, (0.25,), attention=False, per_layer=per_layer)
+    for part in ([[lv] for lv in levels[0.25]] if per_layer else [levels[0.25]]):
+        assert 0.25 - 1e-9 <= allocate.average(part, allocate.input_bytes(c), (2, 3)) < 0.25 + allocate.STEP
     assert all(lv[0] == lv[1] == 0 for lv in levels[0.25])
     assert attn[0.25] == rec.attention.thresholds_at([0.25])[0.25]
 
@@ -118,13 +123,17 @@ def test_old_calibrations_load_as_uniform(greedy):
 
 
 def test_allocate_spends_where_error_per_byte_is_least():
-    """Two layers, the FFN input only: the layer whose error grows slower takes the steps until the mean is met;
-    a target past every input's highest level is refused."""
+    """Two layers, the FFN input only: over all layers the one whose error grows slower takes the steps until the
+    mean is met; per layer each takes the target; within a layer the input of least error per byte goes first; a
+    target past every input's highest level is refused."""
     flat, steep = [0.01 * i for i in range(len(allocate.LEVELS))], [1.0 * i for i in range(len(allocate.LEVELS))]
     zero = [0.0] * len(allocate.LEVELS)
     errors = [[zero, zero, flat, zero], [zero, zero, steep, zero]]
     levels = allocate.allocate(errors, (1, 1, 1, 1), 0.3, inputs=(2,))
     assert [lv[2] for lv in levels] == [0.6, 0.0]
+    assert [lv[2] for lv in allocate.allocate(errors, (1, 1, 1, 1), 0.3, inputs=(2,), per_layer=True)] == [0.3, 0.3]
+    [one] = allocate.allocate([[zero, zero, steep, flat]], (1, 1, 1, 1), 0.3, inputs=(2, 3), per_layer=True)
+    assert one[2:] == [0.0, 0.6]
     with pytest.raises(ValueError, match="target sparsity 0.9"):
         allocate.allocate(errors, (1, 1, 1, 1), 0.9, inputs=(2,))
 

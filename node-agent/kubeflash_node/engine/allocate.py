@@ -4,10 +4,12 @@ Uniform input sparsity gives every layer and every thresholded input the same ta
 instead spends the target where it hurts least: on calibration tokens, each decoder layer is run with one of its
 inputs thresholded at a level (the others dense) and its output compared with the dense output (squared error over
 the squared norm of the dense output: the residual stream it lands on); then, starting from nothing dropped, the
-level of the (layer, input) whose next step adds the least error per weight byte saved is raised one step, until
-the byte-weighted average level over every allocated input reaches the target. The inputs: the attention input
-(before q/k/v), the attention output (before o), the FFN input (before gate/up), the intermediate (before down); a
-level's threshold is the calibration's quantile of that input's magnitudes at that level, as with uniform
+level of the input whose next step adds the least error per weight byte saved is raised one step, until the
+byte-weighted average level reaches the target: in every layer on its own ("greedy", TEAL's block-wise
+allocation, the steps competing within a layer), or over all layers ("greedy-global", the steps competing across
+layers too). The inputs: the attention input (before q/k/v), the attention output (before o), the FFN input (before
+gate/up), the intermediate (before down); a level's threshold is the calibration's quantile of that input's
+magnitudes at that level, as with uniform
 allocation, so the on-disk format is the same (store/sparsity.py: per layer, per input, one threshold).
 
 Errors of one layer's inputs are measured apart and added (each measured with the layer's input dense), so this is
@@ -20,7 +22,9 @@ import heapq
 import math
 from typing import Sequence
 
-ALLOCATIONS = ("uniform", "greedy")  # `kubeflash calibrate --allocation`, store.sparsity.Calibration.allocation
+# `kubeflash calibrate --allocation`, store.sparsity.Calibration.allocation: every layer and input at the target;
+# every layer at the target, shared out over its inputs (TEAL's block-wise greedy); shared out over layers too
+ALLOCATIONS = ("uniform", "greedy", "greedy-global")
 INPUTS = ("attn_in", "attn_out", "ffn_in", "ffn_mid")  # the thresholded inputs of a layer, in this order
 STEP = 0.05  # a greedy step: the level an input's sparsity rises by
 LEVELS = tuple(round(STEP * i, 2) for i in range(17))  # 0, 0.05, ..., 0.8: the levels an input can take
@@ -43,10 +47,13 @@ def average(levels: Sequence[Sequence[float]], sizes: Sequence[int], inputs: Seq
 
 
 def allocate(errors: Sequence[Sequence[Sequence[float]]], sizes: Sequence[int], target: float, *,
-             inputs: Sequence[int] = (0, 1, 2, 3)) -> list[list[float]]:
+             inputs: Sequence[int] = (0, 1, 2, 3), per_layer: bool = False) -> list[list[float]]:
     """Per layer, the level of each input (INPUTS' order; those not in `inputs` stay 0) whose byte-weighted mean over
     `inputs` first reaches `target`, raised greedily one step at a time where the error added per byte saved is
-    least. errors[l][k][i]: layer l's output error with input k at LEVELS[i] (the others dense)."""
+    least. errors[l][k][i]: layer l's output error with input k at LEVELS[i] (the others dense). `per_layer`: each
+    layer's own mean reaches the target (the steps compete within a layer only: TEAL's block-wise allocation)."""
+    if per_layer:
+        return [allocate([e], sizes, target, inputs=inputs)[0] for e in errors]
     levels = [[0.0] * len(INPUTS) for _ in errors]
     at = [[0] * len(INPUTS) for _ in errors]  # index into LEVELS
     heap = []
@@ -135,16 +142,17 @@ def measure(model_dir, rec, ids: Sequence[int], *, device: str = "cpu", attentio
     return probe.errors
 
 
-def greedy(rec, errors, config, targets: Sequence[float], *, attention: bool):
+def greedy(rec, errors, config, targets: Sequence[float], *, attention: bool, per_layer: bool = True):
     """(FFN pairs, attention pairs, levels) per target, as store.sparsity.Calibration holds them: the greedy levels'
-    thresholds from `rec`; without `attention` only the FFN's inputs are allocated (the attention's stay uniform)."""
+    thresholds from `rec`; without `attention` only the FFN's inputs are allocated (the attention's stay uniform);
+    `per_layer` False: over the layers too (allocation "greedy-global")."""
     inputs = (0, 1, 2, 3) if attention else (2, 3)
     sizes = input_bytes(config)
     ffn_tab, attn_tab = rec.input_thresholds_at(LEVELS), rec.attention.thresholds_at(LEVELS)
     uniform_attn = rec.attention.thresholds_at(targets)
     ffn, attn, levels = {}, {}, {}
     for t in targets:
-        lv = allocate(errors, sizes, t, inputs=inputs)
+        lv = allocate(errors, sizes, t, inputs=inputs, per_layer=per_layer)
         levels[t] = tuple(tuple(v) for v in lv)
         ffn[t] = tuple((ffn_tab[v[2]][j][0], ffn_tab[v[3]][j][1]) for j, v in enumerate(lv))
         attn[t] = tuple((attn_tab[v[0]][j][0], attn_tab[v[1]][j][1]) for j, v in enumerate(lv)) if attention \

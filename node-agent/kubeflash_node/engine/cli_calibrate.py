@@ -78,11 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "The attention thresholds are calibrated either way")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                    help="how each target is shared out over layers and inputs: uniform (every layer's FFN input and "
-                        "intermediate, and attention input and output, at the target; default) or greedy (TEAL: per "
-                        f"layer and input, raised {STEP:g} at a time where the layer's output error on the first "
-                        f"{EVAL_TOKENS} calibration tokens grows least per weight byte saved, until the byte-weighted "
-                        "mean is the target; over the attention's inputs too with --attention; several minutes more "
-                        "on a CPU; docs/sparsity.md)")
+                        "intermediate, and attention input and output, at the target; default); greedy (TEAL's "
+                        f"block-wise allocation: each layer at the target, its inputs raised {STEP:g} at a time where "
+                        f"the layer's output error on the first {EVAL_TOKENS} calibration tokens grows least per weight "
+                        "byte saved); greedy-global (the same steps competing over all layers, until the byte-weighted "
+                        "mean is the target). Over the attention's inputs too with --attention; a few minutes more on "
+                        "a CPU; on SmolLM2 both lose more accuracy than uniform (docs/sparsity.md)")
     p.add_argument("--predictor-rank", type=int_range(0, 4096), default=256,
                    help="with --bundle: rank of each layer's low-rank activation predictor (Deja Vu-style, fitted on "
                         "the FFN inputs of up to 4,096 calibration tokens a layer), used by the layers where, on "
@@ -116,8 +117,8 @@ def _refuse_early(args: argparse.Namespace) -> None:
     exist or a dummy: model (no tokenizer): ValueError naming it."""
     import re
 
-    if getattr(args, "allocation", "uniform") == "greedy" and not getattr(args, "channels", True):
-        raise ValueError("--allocation greedy with --no-channels: greedy allocation shares out input sparsity's "
+    if getattr(args, "allocation", "uniform") != "uniform" and not getattr(args, "channels", True):
+        raise ValueError(f"--allocation {args.allocation} with --no-channels: greedy allocation shares out input sparsity's "
                          "thresholds, which a run uses only with the input-channel files; drop --no-channels")
     if getattr(args, "attention", False) and not getattr(args, "channels", True):
         raise ValueError("--attention with --no-channels: attention sparsity runs with the FFN's input sparsity, which "
@@ -279,14 +280,15 @@ def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, de
             bar.close()
     thresholds = rec.thresholds_at(targets)
     inputs, attn, levels = rec.input_thresholds_at(targets), rec.attention.thresholds_at(targets), {}
-    if allocation == "greedy":
+    if allocation != "uniform":
         if not inputs:
-            raise ValueError(f"--allocation greedy: MODEL {model_dir} has no gated FFN (OPT: ReLU sparsity needs no "
+            raise ValueError(f"--allocation {allocation}: MODEL {model_dir} has no gated FFN (OPT: ReLU sparsity needs no "
                              "thresholds); expected a Llama-family model")
         from .allocate import EVAL_TOKENS, greedy, measure
 
         errors = measure(model_dir, rec, ids[:EVAL_TOKENS], device=device, attention=attention)
-        inputs, attn, levels = greedy(rec, errors, config, targets, attention=attention)
+        inputs, attn, levels = greedy(rec, errors, config, targets, attention=attention,
+                                      per_layer=allocation == "greedy")
     made = cal.Calibration(model_id=model_dir.name, manifest_sha256=digest, tokens=len(ids), text_sha256=text_sha256,
                            thresholds=thresholds, inputs=inputs, attention=attn, allocation=allocation, levels=levels)
     path = cal.save(model_dir, made) if write else made

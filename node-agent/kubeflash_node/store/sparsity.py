@@ -44,8 +44,9 @@ class Calibration:
     # target sparsity -> per decoder layer (threshold on |attention input|, on |attention output before o|):
     # attention input sparsity (engine/sparse.py, SparseAttention); empty in calibrations made before it
     attention: dict[float, tuple[tuple[float, float], ...]] = field(default_factory=dict)
-    # how the input and attention thresholds share each target out: "uniform" (every layer and input at the target)
-    # or "greedy" (engine/allocate.py: per layer and input, where the output error per byte saved is least)
+    # how the input and attention thresholds share each target out: "uniform" (every layer and input at the target),
+    # "greedy" or "greedy-global" (engine/allocate.py: per input, where the output error per byte saved is least,
+    # each layer at the target, or over all layers)
     allocation: str = "uniform"
     # greedy only: target -> per decoder layer the level of (attention input, attention output, FFN input,
     # intermediate) whose byte-weighted mean is the target; empty for uniform calibrations
