@@ -355,9 +355,10 @@ def _layer_compute(e: _Env, b: int, s_new: int, ctx: int, dense: int) -> float:
 
 
 def _kv_time(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bool, x: bool = False) -> float:
-    """KV work of one layer for one micro-batch on the compute stream: the new rows' copy off the device and the
-    prefix's copy to the device from disk (the cpu tier's copy is prefetched on a side stream, the disk tier's read
-    and write run on their own threads: those count on the link and the disk, in _stage); an X-cache layer
+    """KV work of one layer for one micro-batch on the compute stream: the new rows' copy off the device (disk tier)
+    and the prefix's copy to the device from disk (the cpu tier's prefix is prefetched on a copy stream and its new
+    rows stored on a store stream, after the compute that made them and overlapping the next layer's; the disk tier's
+    read and write run on their own threads: those count on the link and the disk, in _stage); an X-cache layer
     recomputes the cached tokens' K, V; CPU attention scans the host KV where it lives."""
     if e.job.gen_len <= 1:
         return 0.0
@@ -371,7 +372,8 @@ def _kv_time(e: _Env, p: Policy, b: int, s_new: int, ctx: int, kv_fits_cache: bo
             + _rate(s_new * b * 2 * e.c.kv_dim * 4, e.ceil.h2d_pinned)
     row = _kv_row(e, p.kv_bits, x) * b
     load, store = prev * row, s_new * row
-    t += _rate(store + (load if p.kv == "disk" else 0), e.ceil.h2d_pinned)
+    if p.kv == "disk":
+        t += _rate(store + load, e.ceil.h2d_pinned)
     if p.kv_bits != 16:
         t += _rate((load + store) / row * b * _kv_row(e, 16, x), e.cal.dequant_gbps)
     return t
@@ -654,6 +656,11 @@ def _memory(e: _Env, p: Policy, stored: list[int], dense: list[int], where: list
     # K and V (until the cache stores them) and its hidden activations (OPT's ReLU in place; Llama's gate, up)
     mlp = (1 if c.architecture == "opt" else 2) * c.intermediate_size
     prefill = g * s * max(2 * h + 2 * q + 2 * kv, 3 * h + 2 * kv + mlp) * isz
+    if j.gen_len > 1 and p.kv == "cpu" and not p.cpu_attention:
+        # and the previous layer's stored rows, held until their copy to the host, which runs beside this layer's
+        # compute, is done (kvcache.HostKV.store)
+        rows = ([_kv_row(e, p.kv_bits)] if nx < c.num_layers else []) + ([_kv_row(e, p.kv_bits, x=True)] if nx else [])
+        prefill += g * s * max(rows)
     decode = 0
     if j.gen_len > 1 and (p.kv != "device" or p.kv_bits != 16):
         decode = 2 * g * cap * 2 * kv * isz  # one layer's prefix for one micro-batch, loaded/decoded + concatenated
