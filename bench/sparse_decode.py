@@ -110,15 +110,13 @@ def drop_cached(store: Path) -> None:
 
 def run(store: Path, target, *, device: str, prompt: list[int], new: int, batch: int, hot: int,
         gap: int | None, repeat: int = 1, cold: bool = False, method: str = "gate", hot_device: int = 0,
-        rows_odirect: bool = False, gap_threads: int = 0) -> dict:
+        rows_odirect: bool = False) -> dict:
     c = ModelConfig.from_dict(load_manifest(store).config)
     out = {}
     for n in (1, 1 + new):
         for _ in range(repeat if n > 1 else 1):  # the fastest of `repeat` runs: the least disturbed by other work
             ffn = None if target is None else for_job(c, store, target, hot_bytes=hot, gap=gap,
                                                       method=method.split("+")[0], attention=method == "input+attn")
-            if ffn is not None and gap_threads and gap is None and ffn.gap_pricing is not None:  # gaps kept as priced
-                ffn.choose_gaps(*ffn.gap_pricing, threads=gap_threads).gap_pricing = None  # for gap_threads reads
             if ffn is not None and hot_device:  # input sparsity: the most frequent rows on the compute device
                 hold_on_device(ffn, device_bytes=hot_device, host_bytes=hot, device=device)
             policy = Policy(gpu_batch_size=batch)
@@ -182,9 +180,6 @@ def main() -> int:
                    "channel rows held on the compute device (never read, never copied host->device), --hot's next")
     p.add_argument("--gap", type=int, help="merge runs of missing neurons this many apart (default: "
                    "costmodel.merge_gap's, from the per-read cost; 0: one read per run)")
-    p.add_argument("--gap-threads", type=int, default=0, help="with --method input*: choose the merge gaps as if "
-                   "this many reads were in flight (1: one at a time, as before the gaps were priced with the "
-                   "policy's io_threads; default: the policy's io_threads, as the engine does)")
     p.add_argument("--repeat", type=int, default=1, help="run each setting this many times, report the fastest")
     p.add_argument("--slots", action="store_true", help="on the CPU, the neuron cache's slot buffer (gather, then "
                    "multiply once the reads are done) instead of reading into the bundle image while multiplying")
@@ -238,7 +233,7 @@ def main() -> int:
     for t in ([] if os.environ.get("SPARSE_NO_DENSE") else [None]) + targets:
         rows.append(run(store, t, device=a.device, prompt=prompt, new=a.new, batch=a.batch, hot=int(a.hot),
                         gap=a.gap, repeat=a.repeat, cold=a.cold, method=a.method,
-                        hot_device=int(a.hot_device), rows_odirect=a.rows_odirect, gap_threads=a.gap_threads))
+                        hot_device=int(a.hot_device), rows_odirect=a.rows_odirect))
         print(json.dumps(rows[-1]), flush=True)
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from test_sparse_stream import PROMPT, TARGET, tiny  # noqa: F401  (the fixture)
 
 from kubeflash_node.engine import sparse
-from kubeflash_node.engine.costmodel import SparseCost, input_layer_bytes, input_layer_calls, merge_gap, row_reads_s
+from kubeflash_node.engine.costmodel import SparseCost, input_layer_bytes, input_layer_calls, row_reads_s
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.layerreads import choose_layers
 from kubeflash_node.engine.policy import Policy
@@ -111,16 +110,14 @@ def test_direct_reads_bypass_the_page_cache_where_aligned_and_read_the_same_rows
 
 
 def test_tasks_cut_long_reads_and_keep_small_sets_on_the_caller():
-    """A run longer than a task is cut into pieces (at least MIN_TASK_BYTES, at most task_bytes, about total /
-    (threads x TASKS_PER_THREAD)); a set of a few small reads stays one task; every byte is read exactly once, in
-    file order."""
+    """A run longer than a task is cut into pieces (at least MIN_TASK_BYTES, at most task_bytes); a set of a few
+    small reads stays one task; every byte is read exactly once, in file order."""
     buf = np.zeros(64 << 20, dtype=np.uint8)
     whole = [(buf, 0, buf.size)]
     got = tasks_of(whole, threads=4, task_bytes=8 << 20)
     pieces = [p for t in got for p in t]
-    assert bundles.TASKS_PER_THREAD == 4 and len(got) == 16 and all(n == 4 << 20 for _, _, n in pieces)
-    assert [o for _, o, _ in pieces] == list(range(0, 64 << 20, 4 << 20))
-    assert len(tasks_of(whole, threads=2, task_bytes=4 << 20)) == 16  # task_bytes still bounds a task
+    assert len(got) == 8 and all(n == 8 << 20 for _, _, n in pieces)
+    assert [o for _, o, _ in pieces] == list(range(0, 64 << 20, 8 << 20))
     small = [(buf[i * ROW:(i + 1) * ROW], i * ROW, ROW) for i in range(0, 16, 2)]
     assert tasks_of(small, threads=4, task_bytes=8 << 20) == [small]
     assert len(tasks_of(whole, threads=1, task_bytes=8 << 20)) == 1
@@ -197,9 +194,7 @@ def test_a_layers_read_calls_are_priced_one_after_the_other():
 def test_reads_through_gaps_drop_the_rows_between_as_they_are_read(rows_file, direct):
     """Runs at most `gap` rows apart are one preadv (as neurons.merged reads them) whose rows between land in a
     discard buffer: the rows equal the file's kept rows, the reads and bytes are the merged runs' (what the merged
-    read counted before, when the extra rows were read into the result and gathered out after), but for a merged run
-    longer than a task's piece: cut where rows between start (tasks_of), one read more and those 1 to `gap` rows
-    fewer a cut."""
+    read counted before, when the extra rows were read into the result and gathered out after)."""
     from kubeflash_node.engine.neurons import merged
 
     path, data = rows_file
@@ -209,57 +204,5 @@ def test_reads_through_gaps_drop_the_rows_between_as_they_are_read(rows_file, di
     got = r._read_gapped(0, ids, 0, "rows", ROW, 3)
     span = merged(np.asarray(ids), 3)
     assert np.array_equal(got, data[ids])
-    merged_reads, cuts = len(runs(span.tolist())), r.reads - len(runs(span.tolist()))
-    assert merged_reads <= r.reads < len(runs(ids)) and cuts > 0  # 1 MiB pieces: merged runs of 129+ rows are cut
-    assert cuts * ROW <= len(span) * ROW - r.bytes_read <= cuts * 3 * ROW
+    assert r.reads == len(runs(span.tolist())) < len(runs(ids)) and r.bytes_read == len(span) * ROW
     r.close()
-
-
-def test_a_long_read_through_gaps_is_cut_where_the_rows_between_start(tmp_path):
-    """tasks_of cuts a merged read (gapped_reads) of many kept runs into pieces for the readers, each ending with
-    kept rows, the rows between at a cut not read: the rows equal the kept ones, in more reads and fewer bytes than
-    the merged read alone, and every piece but the last is at least MIN_TASK_BYTES."""
-    rows = 1024
-    data = np.arange(rows * ROW // 2, dtype=np.uint16).reshape(rows, ROW // 2)  # 8 KiB rows, 8 MiB
-    path = tmp_path / "rows.bin"
-    path.write_bytes(data.tobytes())
-    ids = [i for i in range(rows) if i % 3 != 1]  # runs of 2 kept rows, 1 row between: one merged read with gap 1
-    out = np.empty((len(ids), ROW // 2), dtype=np.uint16)
-    todo = bundles.gapped_reads(out, ids, 0, 1, np.empty((1, ROW), dtype=np.uint8))
-    assert len(todo) == 1 and todo[0][2] == (ids[-1] + 1) * ROW  # one read, every row to the last kept
-    tasks = tasks_of(todo, threads=4, task_bytes=16 << 20)
-    pieces = [p for t in tasks for p in t]
-    assert len(pieces) > 1 and all(n >= bundles.MIN_TASK_BYTES for _, _, n in pieces[:-1])
-    assert sum(n for _, _, n in pieces) < todo[0][2] and [o for _, o, _ in pieces] == sorted(o for _, o, _ in pieces)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        got, reads, _ = bundles.preadv_all(fd, todo, "rows", threads=4, task_bytes=16 << 20,
-                                           pool=lambda: ThreadPoolExecutor(3))
-    finally:
-        os.close(fd)
-    assert reads == len(pieces) and got == sum(n for _, _, n in pieces)
-    assert np.array_equal(out, data[ids])
-
-
-def test_the_merge_gap_is_priced_with_the_reads_in_flight(chan):
-    """merge_gap divides a read's fixed cost by the reads in flight, as row_reads_s does, so the gap shrinks with
-    io_threads; the engine chooses its input gaps that way once it names its threads (SparseFFN.io), unless a gap
-    was given, and the cost model's input calls read fewer bytes in more reads with threads than one at a time."""
-    row = 8192
-    assert merge_gap(row, 28.4e-6, 2.78) == 9 and merge_gap(row, 28.4e-6, 2.78, threads=8) == 1
-    assert merge_gap(57344, 28.4e-6, 2.78, threads=8) == 0 and merge_gap(row, 28.4e-6, 2.78, threads=0) == 9
-    c = ModelConfig.from_dict(load_manifest(chan).config)
-    ffn = sparse.for_job(c, chan, TARGET, method="input")
-    r = ffn.channels
-    one = (merge_gap(r.in_row_bytes), merge_gap(r.down_row_bytes))
-    assert ffn.channel_gaps == one
-    ffn.io(threads=4, task_bytes=1 << 20)
-    assert ffn.channel_gaps == (merge_gap(r.in_row_bytes, threads=4), merge_gap(r.down_row_bytes, threads=4))
-    assert ffn.channel_gaps[1] < one[1]
-    given = sparse.for_job(c, chan, TARGET, gap=5, method="input").io(threads=4, task_bytes=1 << 20)
-    assert given.channel_gaps == (5, 5)
-    big = preset("llama-3-8b")
-    kw = dict(op_s=28.4e-6, gbps=2.78)
-    serial = input_layer_calls(big, 436 << 20, SparseCost(0.5, method="input"), 1, 2, **kw)
-    eight = input_layer_calls(big, 436 << 20, SparseCost(0.5, method="input"), 1, 2, threads=8, **kw)
-    assert sum(b for b, _ in eight) < sum(b for b, _ in serial) and sum(n for _, n in eight) > sum(n for _, n in serial)

@@ -514,15 +514,11 @@ def read_op_s(ceil, cal: Calibration | None = None) -> float:
     return getattr(ceil, "disk_read_op_s", 0.0) or (cal or Calibration()).neuron_read_op_s
 
 
-def merge_gap(row_bytes: int, op_s: float = Calibration.neuron_read_op_s, gbps: float = Calibration.merge_gbps,
-              threads: int = 1) -> int:
+def merge_gap(row_bytes: int, op_s: float = Calibration.neuron_read_op_s, gbps: float = Calibration.merge_gbps) -> int:
     """Inactive neurons worth reading to join two runs of missing ones into one read: a read costs `op_s` on top
     of its bytes, so a gap of g bundles is read through while g * row_bytes at `gbps` costs less than `op_s`
-    (20 us at 3 GB/s: 60 kB, 13 bundles of SmolLM2-135M in float32, 3 of llama-3-8b in float16). With `threads`
-    reads in flight (the readers' io_threads) a read's fixed cost is paid `threads` at a time, as row_reads_s
-    prices it (a call of at least `threads` reads): op_s / threads against the bytes, so the gap shrinks."""
-    op = op_s / max(1, int(threads))
-    return max(0, int(op * gbps * 1e9 // row_bytes)) if row_bytes else 0
+    (20 us at 3 GB/s: 60 kB, 13 bundles of SmolLM2-135M in float32, 3 of llama-3-8b in float16)."""
+    return max(0, int(op_s * gbps * 1e9 // row_bytes)) if row_bytes else 0
 
 
 def row_reads_s(demand: float, runs: float, *, op_s: float, gbps: float, threads: int) -> float:
@@ -549,7 +545,7 @@ def sparse_layer_bytes(c: ModelConfig, stored: int, s: SparseCost, tokens: int, 
 
 
 def input_layer_bytes(c: ModelConfig, stored: int, s: SparseCost, tokens: int, itemsize: int, *, op_s: float,
-                      gbps: float, threads: int = 1) -> tuple[float, float, float]:
+                      gbps: float) -> tuple[float, float, float]:
     """(bytes read ahead: the layer without its three FFN matrices; column bytes one call of `tokens` tokens reads;
     its reads) for a streamed layer of an input-sparse (TEAL) run: each input channel and each intermediate neuron
     kept with probability 1 - target per token, independently; a kept input channel costs a gate and an up column
@@ -558,7 +554,7 @@ def input_layer_bytes(c: ModelConfig, stored: int, s: SparseCost, tokens: int, i
     (Q + 2KV elements), a kept output channel an o column (H). The FFN's columns the input hot set holds
     (s.channel_saved, a layer's share of it) are not read: the FFN's bytes and reads fall by that share of its bytes
     (the uniform model less the calibration's frequencies of the held rows: equal in expectation at one token)."""
-    ahead, parts, left = _input_kinds(c, stored, s, tokens, itemsize, op_s=op_s, gbps=gbps, threads=threads)
+    ahead, parts, left = _input_kinds(c, stored, s, tokens, itemsize, op_s=op_s, gbps=gbps)
     ffn = parts[0][0] + parts[1][0]
     demand = left * ffn + sum(b for b, _ in parts[2:])
     runs = left * (parts[0][1] + parts[1][1]) + sum(r for _, r in parts[2:])
@@ -566,18 +562,17 @@ def input_layer_bytes(c: ModelConfig, stored: int, s: SparseCost, tokens: int, i
 
 
 def input_layer_calls(c: ModelConfig, stored: int, s: SparseCost, tokens: int, itemsize: int, *, op_s: float,
-                      gbps: float, threads: int = 1) -> list[tuple[float, float]]:
+                      gbps: float) -> list[tuple[float, float]]:
     """(bytes, reads) of each read call a layer call of an input-sparse run makes, one after the other (each needs
     the compute before it): the gate|up rows, the down rows and, with s.attention, the q|k|v rows and the o rows;
     their sums are input_layer_bytes's. A call's reads are in flight together, never two calls' (row_reads_s)."""
-    _, parts, left = _input_kinds(c, stored, s, tokens, itemsize, op_s=op_s, gbps=gbps, threads=threads)
+    _, parts, left = _input_kinds(c, stored, s, tokens, itemsize, op_s=op_s, gbps=gbps)
     return [(left * b, left * r) for b, r in parts[:2]] + parts[2:]
 
 
 def _input_kinds(c: ModelConfig, stored: int, s: SparseCost, tokens: int, itemsize: int, *, op_s: float,
-                 gbps: float, threads: int = 1) -> tuple[float, list[tuple[float, float]], float]:
-    """(bytes read ahead, (bytes, reads) per kind of row, the FFN's share not held by the hot set); the merge gaps
-    as the engine chooses them, with `threads` reads in flight (merge_gap)."""
+                 gbps: float) -> tuple[float, list[tuple[float, float]], float]:
+    """(bytes read ahead, (bytes, reads) per kind of row, the FFN's share not held by the hot set)."""
     share = 1 - s.target ** max(tokens, 1)
     q = 1 - share
     h, i = c.hidden_size, c.intermediate_size
@@ -589,7 +584,7 @@ def _input_kinds(c: ModelConfig, stored: int, s: SparseCost, tokens: int, itemsi
         ahead -= (qkv + c.q_dim) * h * itemsize
     parts = []  # per kind: (bytes, reads)
     for n, row in kinds:
-        gap = merge_gap(row, op_s, gbps, threads) if s.gap is None else s.gap
+        gap = merge_gap(row, op_s, gbps) if s.gap is None else s.gap
         through = sum(k * share * q ** k for k in range(1, gap + 1))
         parts.append((n * row * min(1.0, share * (1 + through)), n * share * q ** (gap + 1) + share))
     ffn = parts[0][0] + parts[1][0]
@@ -764,7 +759,7 @@ def _read_at_setup(e: _Env, p: Policy, where: list[str], stored: list[int], dens
         ahead = stored[i]  # what the slot's read holds
         if layer and sparse is not None:
             ahead = (input_layer_bytes(e.c, stored[i], sparse, 1, e.itemsize, op_s=read_op_s(e.ceil, e.cal),
-                                       gbps=e.ceil.disk_read_cold, threads=p.io_threads)[0] if sparse.method == "input"
+                                       gbps=e.ceil.disk_read_cold)[0] if sparse.method == "input"
                      else stored[i] - updown_bytes(e.c, e.itemsize))
         elif layer and e.c.num_experts and not p.all_experts:
             ahead = stored[i] * (1 - e.c.expert_share())
@@ -832,11 +827,10 @@ def _stage(e: _Env, p: Policy, kind: str, where: str, stored: int, dense: int, m
     comp = _rate(dense, e.cal.dequant_gbps) if where != "gpu" and stored != dense else 0.0
     if where == "disk" and layer and sparse is not None and sparse.method == "input":  # kept columns on demand
         op_s = read_op_s(e.ceil, e.cal)
-        moved = input_layer_bytes(e.c, stored, sparse, 1, e.itemsize, op_s=op_s, gbps=e.ceil.disk_read_cold,
-                                  threads=p.io_threads)[0]
+        moved = input_layer_bytes(e.c, stored, sparse, 1, e.itemsize, op_s=op_s, gbps=e.ceil.disk_read_cold)[0]
         for b, m in mbs.items():
             calls = input_layer_calls(e.c, stored, sparse, b * s_new, e.itemsize, op_s=op_s,
-                                      gbps=e.ceil.disk_read_cold, threads=p.io_threads)
+                                      gbps=e.ceil.disk_read_cold)
             moved += m * sum(n for n, _ in calls)
             comp += m * sum(row_reads_s(n, r, op_s=op_s, gbps=e.ceil.disk_read_cold, threads=p.io_threads)
                             for n, r in calls)

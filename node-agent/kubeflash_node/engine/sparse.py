@@ -115,7 +115,6 @@ class SparseFFN:
         self.method = "gate" if self.input_th is None else "input"
         self.channels = channels  # store.channels.ChannelReader: gate/up columns and down columns, per run
         self.channel_gaps = (0, 0)  # runs of kept input channels / down columns this many apart are read as one
-        self.gap_pricing: tuple[float, float] | None = None  # (a read's op_s, gbps) the input gaps are chosen from
         self.bundles = bundles  # store.bundles.BundleReader: up rows / down columns read from the bundle files
         self.hot, self.window = hot, window  # hot neuron ids per layer, kept; decode calls a read bundle stays
         self.gap = gap  # runs of missing neurons this many inactive ones apart are read as one (neurons.merged)
@@ -206,24 +205,6 @@ class SparseFFN:
         the rows are 4 KiB-aligned (off in the engine; bench/sparse_decode.py --rows-odirect)."""
         for r in self.readers():
             r.io(threads=threads, task_bytes=task_bytes, direct=direct)
-        if self.gap_pricing is not None:  # the merge gaps priced with `threads` reads in flight
-            self.choose_gaps(*self.gap_pricing, threads=threads)
-        return self
-
-    def choose_gaps(self, op_s: float, gbps: float, *, threads: int = 1) -> SparseFFN:
-        """Input sparsity's merge gaps (channel_gaps, the attention's gaps) from a read's fixed cost `op_s` and the
-        disk's rate `gbps`, with `threads` reads in flight (costmodel.merge_gap, as the cost model prices the calls);
-        kept (gap_pricing), so that io() chooses them again for its threads. Not where a gap was given."""
-        from .costmodel import merge_gap
-
-        self.gap_pricing = (op_s, gbps)
-        if self.channels is not None:
-            self.channel_gaps = tuple(merge_gap(r, op_s, gbps, threads) for r in (self.channels.in_row_bytes,
-                                                                                   self.channels.down_row_bytes))
-        a = self.attention
-        if a is not None and a.channels is not None:
-            a.gaps = tuple(merge_gap(r, op_s, gbps, threads) for r in (a.channels.in_row_bytes,
-                                                                        a.channels.down_row_bytes))
         return self
 
     def reads_in_flight(self) -> dict:
@@ -750,15 +731,14 @@ def _input_for_job(config: ModelConfig, model_dir, target: float, th, field: str
     ffn = SparseFFN(th, num_layers=config.num_layers, target=target, source="calibrated", inputs=ins,
                     channels=reader)
     ffn.channel_hot, ffn.channel_freq = priced, freq
-    if reader is not None and gap is not None:
-        ffn.channel_gaps = (gap, gap)
+    if reader is not None:
+        from .costmodel import merge_gap
+
+        ffn.channel_gaps = (gap, gap) if gap is not None else (merge_gap(reader.in_row_bytes),
+                                                               merge_gap(reader.down_row_bytes))
     if attention is not False:
         ffn.attention = _attention_for_job(config, model_dir, target, field, gap, attention)
         ffn.attention_asked = attention
-    if gap is None:  # the calibration's assumed read cost, one read at a time until io() names its threads
-        from .costmodel import Calibration
-
-        ffn.choose_gaps(Calibration.neuron_read_op_s, Calibration.merge_gbps)
     return ffn
 
 
@@ -779,7 +759,11 @@ def _attention_for_job(config: ModelConfig, model_dir, target: float, field: str
                                f"attention thresholds (made before attention sparsity); run `kubeflash calibrate "
                                f"{model_dir} --text FILE --attention` again")
     reader = channels.AttnChannelReader(model_dir) if have else None
-    gaps = (gap, gap) if reader is not None and gap is not None else (0, 0)  # else SparseFFN.choose_gaps
+    gaps = (0, 0)
+    if reader is not None:
+        from .costmodel import merge_gap
+
+        gaps = (gap, gap) if gap is not None else (merge_gap(reader.in_row_bytes), merge_gap(reader.down_row_bytes))
     return SparseAttention(ths, num_layers=config.num_layers, channels=reader, gaps=gaps)
 
 

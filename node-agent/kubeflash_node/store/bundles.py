@@ -35,7 +35,6 @@ READ_THREADS = 4  # reads in flight at most, where the engine hands no policy (t
 TASK_BYTES = 16 << 20  # a read task's bytes at most, likewise (the streamer's default io_task_bytes)
 MIN_TASK_BYTES = 1 << 20  # a long read is cut into pieces of at least this (tasks_of) ...
 SERIAL_READS = 8  # ... and a set of at most this many reads below it is read on the calling thread alone
-TASKS_PER_THREAD = 4  # a large set is cut into about this many tasks a reader, so readers that finish early take more
 IOV_MAX = 1024  # buffers one preadv takes at most (Linux)
 
 
@@ -294,8 +293,7 @@ def gapped_reads(out: np.ndarray, ids: list[int], base: int, gap: int, discard: 
     of `out`, runs at most `gap` rows apart read by one preadv whose destinations are the kept rows and, for the rows
     between, `discard` (at least `gap` rows; every gap lands there): one read per merged run, as neurons.merged
     reads them, without reading the extra rows into `out` and copying the kept ones out after. A merged read's
-    destination is a list of buffers (at most IOV_MAX): kept rows, rows between, kept rows, ..., kept rows (a run's
-    kept rows are one buffer; tasks_of cuts a long read where rows between start)."""
+    destination is a list of buffers (at most IOV_MAX)."""
     raw = out.view(np.uint8).reshape(out.shape[0], -1)
     row_bytes, todo, k = raw.shape[1], [], 0
     trash = discard.view(np.uint8).reshape(-1)
@@ -317,27 +315,23 @@ def gapped_reads(out: np.ndarray, ids: list[int], base: int, gap: int, discard: 
 
 def tasks_of(todo: list, *, threads: int, task_bytes: int) -> list[list]:
     """The reads `todo` ((destination, file offset, length), in file order) as tasks for `threads` readers, cut the
-    way the weight streamer cuts a layer's reads: consecutive reads share a task up to about total / (threads x
-    TASKS_PER_THREAD) bytes (at most `task_bytes`: readers that finish early take the tasks left, so none idles while
-    one reads a long tail), and a read longer than that (at least MIN_TASK_BYTES) is cut into pieces of it; a read
-    through gaps (gapped_reads) is cut where the rows between two kept runs start, those rows then not read (one
-    preadv more a cut, the gap's bytes less). One task where `threads` is 1 or the set is small (at most
-    MIN_TASK_BYTES in at most SERIAL_READS reads: a hand-off to another thread costs about what such a read does
-    from the page cache)."""
+    way the weight streamer cuts a layer's reads: consecutive reads share a task up to about total / threads bytes
+    (at most `task_bytes`), and a read longer than that (at least MIN_TASK_BYTES) is cut into pieces of it. One task
+    where `threads` is 1 or the set is small (at most MIN_TASK_BYTES in at most SERIAL_READS reads: a hand-off to
+    another thread costs about what such a read does from the page cache)."""
     total = sum(n for _, _, n in todo)
     if threads <= 1 or (total <= MIN_TASK_BYTES and len(todo) <= SERIAL_READS):
         return [todo] if todo else []
-    share = min(task_bytes, -(-total // (threads * TASKS_PER_THREAD)))  # a task's bytes, none past task_bytes
+    share = min(task_bytes, -(-total // threads))  # a task's bytes: every reader busy, none past task_bytes
     piece = max(MIN_TASK_BYTES, share) // ALIGN * ALIGN  # a long read's pieces
     out, cur, size = [], [], 0
     for dest, offset, n in todo:
-        if isinstance(dest, list):  # a read through gaps: whole, or cut before the rows between two kept runs
-            for part in _gapped_pieces(dest, offset, piece):
-                cur.append(part)
-                size += part[2]
-                if size >= share:
-                    out.append(cur)
-                    cur, size = [], 0
+        if isinstance(dest, list):  # a read through gaps (gapped_reads): whole, never cut
+            cur.append((dest, offset, n))
+            size += n
+            if size >= share:
+                out.append(cur)
+                cur, size = [], 0
             continue
         flat = dest.reshape(-1)
         for off in range(0, n, piece):
@@ -348,21 +342,6 @@ def tasks_of(todo: list, *, threads: int, task_bytes: int) -> list[list]:
                 out.append(cur)
                 cur, size = [], 0
     return out + ([cur] if cur else [])
-
-
-def _gapped_pieces(bufs: list, offset: int, piece: int) -> list:
-    """The read through gaps (bufs: kept, between, kept, ..., kept; at file `offset`) as reads of at least `piece`
-    bytes each, cut where rows between start: those rows are skipped (never read), each piece ends with kept rows."""
-    out, start, at, size = [], 0, offset, 0  # the piece being built: first buffer, its file offset, its bytes
-    for i, b in enumerate(bufs):
-        if i % 2 and size >= piece:  # rows between, after a full piece: end it here, skip them
-            out.append((bufs[start:i], at, size))
-            start, at, size = i + 1, at + size + b.nbytes, 0
-            continue
-        size += b.nbytes
-    if size:
-        out.append((bufs[start:], at, size))
-    return out
 
 
 def preadv_all(fd: int, todo: list, where: str, *, threads: int, task_bytes: int,
