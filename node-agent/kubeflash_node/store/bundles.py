@@ -115,6 +115,7 @@ class _RowFiles:
     wait_s: float = 0.0
     _pool: ThreadPoolExecutor | None = None
     _direct_fds: dict | None = None  # layer -> its O_DIRECT fd, or None where the file system refuses O_DIRECT
+    _trash: np.ndarray | None = None  # where rows read through merge gaps land (_discard)
 
     def io(self, *, threads: int, task_bytes: int, direct: bool = False) -> None:
         """Read with up to `threads` reads in flight, in tasks of at most `task_bytes`, with O_DIRECT where `direct`
@@ -140,16 +141,15 @@ class _RowFiles:
         fd = self._fd(layer, base, row_bytes)
         direct = fd != self.fds[layer]
         out = aligned_empty(shape, self.dtype) if direct else np.empty(shape, dtype=self.dtype)
-        trash = self._discard(gap * row_bytes, direct)
+        trash = self._discard(gap * row_bytes)
         self._reads(fd, gapped_reads(out, ids, base, gap, trash), where)
         return out
 
-    def _discard(self, nbytes: int, aligned: bool) -> np.ndarray:
+    def _discard(self, nbytes: int) -> np.ndarray:
         """A buffer of at least `nbytes` the rows read through gaps land in (kept, grown as needed; page-aligned)."""
-        have = getattr(self, "_trash", None)
-        if have is None or have.size < nbytes:
-            have = self._trash = aligned_empty((1, max(nbytes, ALIGN)), np.uint8)
-        return have
+        if self._trash is None or self._trash.size < nbytes:
+            self._trash = aligned_empty((1, max(nbytes, ALIGN)), np.uint8)
+        return self._trash
 
     def _read_into(self, layer: int, ids: list[int], base: int, out: np.ndarray, where: str) -> None:
         """Rows `ids` (sorted) of the region into the same rows of `out`."""
@@ -327,17 +327,13 @@ def tasks_of(todo: list, *, threads: int, task_bytes: int) -> list[list]:
     out, cur, size = [], [], 0
     for dest, offset, n in todo:
         if isinstance(dest, list):  # a read through gaps (gapped_reads): whole, never cut
-            cur.append((dest, offset, n))
-            size += n
-            if size >= share:
-                out.append(cur)
-                cur, size = [], 0
-            continue
-        flat = dest.reshape(-1)
-        for off in range(0, n, piece):
-            m = min(piece, n - off)
-            cur.append((flat[off:off + m], offset + off, m))
-            size += m
+            pieces = [(dest, offset, n)]
+        else:
+            flat = dest.reshape(-1)
+            pieces = [(flat[off:off + piece], offset + off, min(piece, n - off)) for off in range(0, n, piece)]
+        for read in pieces:
+            cur.append(read)
+            size += read[2]
             if size >= share:
                 out.append(cur)
                 cur, size = [], 0
