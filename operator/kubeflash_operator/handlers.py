@@ -318,7 +318,8 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, flashnode_index: kopf.
         job.__dict__["parsed"] = cached[1]  # Job.parsed is a cached_property: the spec is parsed once per generation
     else:
         parsed[job.uid] = (job.generation, job.parsed)
-    prefixes, blocked = await _input_prefixes(memo, job), await _objects_blocking(memo, job)
+    blocked = await _objects_blocking(memo, job)  # a blocked job is not placed: its prefixes are not read
+    prefixes = await _input_prefixes(memo, job) if blocked is None else None
     if prefixes is not None or blocked is not None:
         spec = job.parsed
         job = replace(job, prefixes=prefixes, blocked=blocked)
@@ -785,7 +786,8 @@ def _job(body: kopf.Body) -> reconcile.Job:
 
 async def _input_prefixes(memo: kopf.Memo, job: reconcile.Job) -> tuple[str, ...] | None:
     """The prefix fingerprints of a waiting job's input ConfigMap (spec.cache.prefix placement), read once per
-    generation; None where placement needs none (no cache.prefix, inline prompts, placed already)."""
+    generation once the ConfigMap could be read; None where placement needs none (no cache.prefix, inline prompts,
+    placed already)."""
     if job.status.get("phase") not in (None, "Pending") or not job.spec.get("cache", {}).get("prefix"):
         return None
     spec = job.parsed
@@ -795,8 +797,10 @@ async def _input_prefixes(memo: kopf.Memo, job: reconcile.Job) -> tuple[str, ...
     hit = seen.get(job.uid)
     if hit is None or hit[0] != job.generation:
         cm = spec.input.config_map
-        hit = seen[job.uid] = (job.generation, await asyncio.to_thread(memo.kube.input_prefixes, job.namespace,
-                                                                       cm.name, cm.key))
+        read = await asyncio.to_thread(memo.kube.input_prefixes, job.namespace, cm.name, cm.key)
+        if read is None:  # not readable now (created after the job, a failed read): placed without, tried again
+            return ()
+        hit = seen[job.uid] = (job.generation, read)
     return hit[1]
 
 

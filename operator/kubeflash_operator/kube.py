@@ -271,14 +271,15 @@ class Kube:
 
     # ------------------------------------------------------------------------------------ input ConfigMap
 
-    def input_prefixes(self, namespace: str, name: str, key: str) -> tuple[str, ...]:
+    def input_prefixes(self, namespace: str, name: str, key: str) -> tuple[str, ...] | None:
         """Prefix fingerprints (kubeflash_api.prefixes) of the first prompts in a job's input ConfigMap, for
-        cache-aware placement; () when it cannot be read or parsed (the engine reports that, not placement)."""
+        cache-aware placement; () when its key cannot be parsed (the engine reports that, not placement), None
+        when the ConfigMap cannot be read now."""
         try:
             cm = self._dict(self.core.read_namespaced_config_map(name, namespace))
         except ApiException as e:
             log.info("input ConfigMap %s/%s not read for placement: %s", namespace, name, e.reason)
-            return ()
+            return None
         text = (cm.get("data") or {}).get(key) or ""
         head = "\n".join(text.split("\n")[:SAMPLE])  # JSONL lines end at "\n" only (kubeflash_api.batch)
         try:

@@ -258,10 +258,12 @@ def test_prefix_cache_job_lands_where_its_blocks_are_and_mounts_the_cache(ns, ku
     assert (env["KUBEFLASH_KV_CACHE_DIR"], env["KUBEFLASH_KV_CACHE_BUDGET"]) == ("/kvcache", str(8 * GiB))
 
 
-def test_prefix_cache_job_lands_where_its_input_configmaps_prefix_is_cached(ns, kube, control_plane):
+@pytest.mark.parametrize("configmap_first", [True, False], ids=["configmap-first", "job-first"])
+def test_prefix_cache_job_lands_where_its_input_configmaps_prefix_is_cached(ns, kube, control_plane, configmap_first):
     """Two nodes cache the same number of blocks of the model for the namespace; the slower one's cache lists the
     prefix fingerprints of this job's input ConfigMap (status.kvCache.entries[].prefixes, as the agent publishes
-    what engines left): the operator reads the ConfigMap's first lines and places the job there."""
+    what engines left): the operator reads the ConfigMap's first lines and places the job there. A job submitted
+    before its ConfigMap waits (InputNotFound) and, once it exists, is placed by its prefixes all the same."""
     from kubeflash_api.batch import parse_batch
     from kubeflash_api.prefixes import job_fingerprints
 
@@ -270,7 +272,12 @@ def test_prefix_cache_job_lands_where_its_input_configmaps_prefix_is_cached(ns, 
         {"role": "user", "content": doc + f"Question {i}?"}]}}) for i in range(3))
     fps = job_fingerprints(parse_batch(lines, "batch.jsonl"))
     assert fps
-    kube.core.create_namespaced_config_map(ns, {"metadata": {"name": "batch"}, "data": {"batch.jsonl": lines}})
+
+    def configmap() -> None:
+        kube.core.create_namespaced_config_map(ns, {"metadata": {"name": "batch"}, "data": {"batch.jsonl": lines}})
+
+    if configmap_first:
+        configmap()
 
     def cache(prefixes: list[str]) -> dict:
         return {"kvCache": {"budgetBytes": 8 * GiB, "entries": [
@@ -280,6 +287,10 @@ def test_prefix_cache_job_lands_where_its_input_configmaps_prefix_is_cached(ns, 
     kube.gpu_node(control_plane, "fast", read=14.0, models=(MODEL,), status=cache([]))
     kube.settle()
     kube.submit("doc", cache={"prefix": True}, input={"configMap": {"name": "batch", "key": "batch.jsonl"}})
+    if not configmap_first:
+        wait_for("doc waits for its input", lambda: kube.status("doc"),
+                 lambda s: condition(s, "Scheduled").get("reason") == "InputNotFound")
+        configmap()
     assert kube.wait_phase("doc", "Running")["node"] == holder
 
 
