@@ -3,7 +3,8 @@
 Standalone by default (one replica); --leader-elect lets several replicas run, only the holder of the Lease acting.
 In a pod it uses its service account, elsewhere --kubeconfig, $KUBECONFIG or ~/.kube/config. Tuning knobs are
 environment variables KUBEFLASH_OPERATOR_<FIELD> (ENGINE_IMAGE, ENGINE_DEVICE, HEARTBEAT_TIMEOUT_S,
-BACKOFF_BASE_S, BACKOFF_CAP_S, UNSCHEDULABLE_TIMEOUT_S, IMAGE_PULL_TIMEOUT_S, ...; docs/operator.md).
+BACKOFF_BASE_S, BACKOFF_CAP_S, UNSCHEDULABLE_TIMEOUT_S, IMAGE_PULL_TIMEOUT_S, CONTAINER_START_TIMEOUT_S, ...;
+docs/operator.md).
 """
 # kopf and the kubernetes client are imported only in main(), so --help and a bad flag need neither.
 

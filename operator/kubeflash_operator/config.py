@@ -33,6 +33,9 @@ class OperatorConfig:
     backoff_cap_s: float = 300.0  # longest retry delay
     unschedulable_timeout_s: float = 300.0  # a pod the scheduler cannot place this long fails its attempt
     image_pull_timeout_s: float = 300.0  # a pod that cannot pull its image this long fails its attempt
+    # a pod whose container has not started this long after its kubelet took it (status.startTime) fails its attempt:
+    # ContainerCreating (a CSI volume that does not mount; also a first pull of the image), CreateContainerError, …
+    container_start_timeout_s: float = 300.0
     # connect timeout and read timeout of every call of the operator's blocking Kubernetes client (kube.Kube: pods,
     # job status, FlashNode ledger, ConfigMaps; the Lease elector): a call past it fails naming the request
     api_timeout_s: float = 30.0
@@ -61,6 +64,9 @@ class OperatorConfig:
                 raise ValueError(str(e)) from None
         if not self.api_timeout_s > 0:
             raise ValueError(f"{ENV_PREFIX}API_TIMEOUT_S must be a number of seconds above 0, got {self.api_timeout_s!r}")
+        if not self.container_start_timeout_s > 0:  # every pod is ContainerCreating for a moment
+            raise ValueError(f"{ENV_PREFIX}CONTAINER_START_TIMEOUT_S must be a number of seconds above 0, "
+                             f"got {self.container_start_timeout_s!r}")
         if any(not isinstance(i, str) or not i or any(c.isspace() for c in i) for i in self.allowed_images):
             raise ValueError(f"{ENV_PREFIX}ALLOWED_IMAGES must be image references without spaces, got "
                              f"{self.allowed_images!r}")

@@ -11,6 +11,7 @@ from kubeflash_operator.timefmt import parse_time
 
 IMAGE_ERRORS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 FATAL_IMAGE_ERRORS = frozenset({"InvalidImageName", "ErrImageNeverPull"})  # retrying cannot help
+STARTING = frozenset({"ContainerCreating", "PodInitializing"})  # the kubelet's usual way to a running container
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class PodView:
     terminated_reason: str = ""  # container-level (Error, OOMKilled, Completed, …)
     created: datetime | None = None
     unschedulable_since: datetime | None = None
+    started: datetime | None = None  # status.startTime: the kubelet took the pod; its container waits from here
 
     @property
     def failure(self) -> tuple[str, str]:
@@ -69,4 +71,5 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
         terminated_reason=terminated.get("reason") or "",
         created=parse_time(meta.get("creationTimestamp")),
         unschedulable_since=parse_time(scheduled.get("lastTransitionTime")) if unschedulable else None,
+        started=parse_time(status.get("startTime")),
     )

@@ -21,7 +21,7 @@ from kubeflash_api.prefixes import job_fingerprints
 from kubeflash_operator import status as st
 from kubeflash_operator.builder import PodTarget, image_refusal, pod_name
 from kubeflash_operator.config import OperatorConfig
-from kubeflash_operator.pods import FATAL_IMAGE_ERRORS, PodView
+from kubeflash_operator.pods import FATAL_IMAGE_ERRORS, STARTING, PodView
 from kubeflash_operator.scheduler import Claim, ModelCopy, NodeView, NoFit, Request, ShardCopy, as_claims, place, reuse
 from kubeflash_operator.timefmt import format_time, parse_time
 
@@ -303,8 +303,12 @@ def _running(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, c
                since=pod.created, timeout=timeout)
     elif pod.phase == "Unknown":
         _ready(plan, job, view, world, "False", "NodeUnreachable", f"pod {name}: its node stopped reporting")
-    elif pod.waiting:
-        _ready(plan, job, view, world, "False", pod.waiting[0], f"pod {name}: {pod.waiting[1] or pod.waiting[0]}")
+    elif pod.waiting:  # its container never started: a volume that does not mount, CreateContainerError, …
+        reason, detail = pod.waiting
+        detail = detail or (f"{reason} (its container has not started; `kubectl -n {job.namespace} describe pod "
+                            f"{name}` shows why in its events, e.g. FailedMount)")
+        _stuck(plan, job, spec, view, world, cfg, reason=reason, message=f"pod {name}: {detail}",
+               since=pod.started or pod.created, timeout=cfg.container_start_timeout_s, warn=reason not in STARTING)
 
 
 _PHASES = {st.PENDING: _pending, st.SCHEDULED: _scheduled, st.STAGING: _staging, st.RUNNING: _running}
@@ -431,14 +435,18 @@ def _finish(plan: Plan, job: Job, view: Mapping, world: World, pod: PodView) -> 
     plan.release = True
 
 
-def _stuck(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, cfg: OperatorConfig, *,
-           reason: str, message: str, since: datetime | None, timeout: float, replace: bool = False) -> None:
-    """A pod that cannot start: surface it at once, fail the attempt once it has lasted `timeout` seconds."""
-    if timeout <= 0 or (since is not None and world.now - since >= timedelta(seconds=timeout)):
+def _stuck(plan: Plan, job: Job, spec: JobSpec, view: Mapping, world: World, cfg: OperatorConfig, *, reason: str,
+           message: str, since: datetime | None, timeout: float, replace: bool = False, warn: bool = True) -> None:
+    """A pod that cannot start: surface it at once (a Warning unless not `warn`), fail the attempt once it has lasted
+    `timeout` seconds, saying how long it waited."""
+    waited = (world.now - since).total_seconds() if since is not None else 0.0
+    if timeout <= 0 or (since is not None and waited >= timeout):
+        if timeout > 0:
+            message += f" (waited {waited:.0f} s, limit {timeout:g} s)"
         _attempt_failed(plan, job, spec, view, world, cfg, reason=reason, message=message,
                         delete_pod=True, replace=replace)
         return
-    if (st.condition(view, "Ready") or {}).get("reason") != reason:
+    if warn and (st.condition(view, "Ready") or {}).get("reason") != reason:
         plan.events.append(Event("Warning", reason, message))
     _ready(plan, job, view, world, "False", reason, message)
 

@@ -267,6 +267,8 @@ def test_helm_lint(control_plane, tmp_path, variant):
     ("crds.enabled=maybe", "enabled"),
     ("agent.image.digest=latest", "digest"),
     ("operator.enginePod.memory=lots", "memory"),
+    # 0 would fail every attempt at once: every pod is ContainerCreating for a moment
+    ("operator.config.container_start_timeout_s=0", "container_start_timeout_s"),
     # the agent refuses two disks of one name (CrashLoopBackOff on every node): refused at render, naming the value
     ("agent.extraDisks[0].name=nvme0,agent.extraDisks[0].path=/mnt/b", 'agent.extraDisks[0].name "nvme0" is already '
                                                                        "the name of agent.storeName"),
@@ -274,7 +276,7 @@ def test_helm_lint(control_plane, tmp_path, variant):
     ("agent.extraDisks[0].name=b,agent.extraDisks[0].path=/mnt/b,agent.extraDisks[1].name=b,"
      "agent.extraDisks[1].path=/mnt/c", "agent.extraDisks[1].name"),
 ], ids=["typo", "disks-come-from-storePath", "port-is-a-flag", "relative-store", "not-a-bool", "digest-not-a-digest",
-        "memory-not-a-quantity", "extra-disk-named-like-the-store", "extra-disk-at-the-store-path",
+        "memory-not-a-quantity", "start-timeout-zero", "extra-disk-named-like-the-store", "extra-disk-at-the-store-path",
         "two-extra-disks-one-name"])
 def test_values_schema_rejects_mistakes(control_plane, bad, complaint):
     proc = control_plane.helm("template", "kf", str(CHART), "--set", bad, check=False)

@@ -47,3 +47,14 @@ def test_normal_events_default_and_choices():
     assert OperatorConfig.from_env({"KUBEFLASH_OPERATOR_NORMAL_EVENTS": "all"}).normal_events == "all"
     with pytest.raises(ValueError, match="KUBEFLASH_OPERATOR_NORMAL_EVENTS must be one of detours, all, got 'some'"):
         OperatorConfig.from_env({"KUBEFLASH_OPERATOR_NORMAL_EVENTS": "some"})
+
+
+def test_container_start_timeout_default_env_and_refusals():
+    """KUBEFLASH_OPERATOR_CONTAINER_START_TIMEOUT_S (300 s by default); zero (every pod is ContainerCreating for a
+    moment), negative or not a number is refused naming the variable."""
+    assert OperatorConfig().container_start_timeout_s == 300.0
+    env = {"KUBEFLASH_OPERATOR_CONTAINER_START_TIMEOUT_S": "45.5"}
+    assert OperatorConfig.from_env(env).container_start_timeout_s == 45.5
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(ValueError, match="KUBEFLASH_OPERATOR_CONTAINER_START_TIMEOUT_S"):
+            OperatorConfig.from_env({"KUBEFLASH_OPERATOR_CONTAINER_START_TIMEOUT_S": bad})

@@ -33,3 +33,13 @@ def test_unschedulable_and_image_errors():
 def test_deleting_pod_is_flagged():
     """A deletionTimestamp marks the pod as going away."""
     assert pod_view({"metadata": {"name": "p", "deletionTimestamp": "2025-06-01T12:00:00Z"}}).deleting
+
+
+def test_waiting_container_and_the_kubelets_start_time():
+    """A container that has not started (not an image error) is waiting with its reason; startTime is read."""
+    view = pod_view({"metadata": {"name": "p", "creationTimestamp": "2025-06-01T12:00:00Z"}, "status": {
+        "phase": "Pending", "startTime": "2025-06-01T12:00:07Z",
+        "containerStatuses": [{"state": {"waiting": {"reason": "ContainerCreating"}}}]}})
+    assert view.waiting == ("ContainerCreating", "") and view.image_error is None
+    assert (view.created.second, view.started.second) == (0, 7)
+    assert pod_view({"metadata": {"name": "p"}}).started is None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from kubeflash_api import parse_job_spec
 from kubeflash_operator.config import OperatorConfig
 from kubeflash_operator.pods import PodView
@@ -12,7 +14,8 @@ from kubeflash_operator.scheduler import Claim, node_view
 
 from operator_factories import NOW, GiB, flashnode, job_spec, rfc
 
-CFG = OperatorConfig(backoff_base_s=10, backoff_cap_s=60, unschedulable_timeout_s=120, image_pull_timeout_s=60)
+CFG = OperatorConfig(backoff_base_s=10, backoff_cap_s=60, unschedulable_timeout_s=120, image_pull_timeout_s=60,
+                     container_start_timeout_s=90)
 MODEL = parse_job_spec(job_spec(), name="j", namespace="default").model.id
 
 
@@ -241,6 +244,48 @@ def test_invalid_image_name_fails_the_attempt_at_once():
     job = running()
     plan = step(job, world(holder(), pods=[PodView("j-1", waiting=("InvalidImageName", "bad"), created=NOW)]), CFG)
     assert plan.status["attempts"][0]["reason"] == "InvalidImageName" and plan.delete_pods == ["j-1"]
+
+
+def test_container_that_never_starts_times_out_from_the_kubelets_start_time():
+    """ContainerCreating (a volume that keeps failing to mount) names the reason on Ready at once (no Warning: every
+    pod starts that way), writes nothing more while it waits, and fails the attempt 90 s after the kubelet took the
+    pod (status.startTime, not the pod's creation nor the first step that saw it), saying how long it waited."""
+    job = running()
+    started = NOW + timedelta(seconds=20)  # bound and taken by its kubelet 20 s after the create
+    pod = PodView("j-1", waiting=("ContainerCreating", ""), created=NOW, started=started)
+    plan = step(job, world(holder(), pods=[pod], now=started + timedelta(seconds=2)), CFG)
+    ready = next(c for c in plan.status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ContainerCreating") and plan.events == []
+    assert "kubectl -n ns describe pod j-1" in ready["message"] and "FailedMount" in ready["message"]
+    job = apply(job, plan.status)
+    for later in (30, 89):
+        plan = step(job, world(holder(), pods=[pod], now=started + timedelta(seconds=later)), CFG)
+        assert (plan.status, plan.events, plan.delete_pods) == ({}, [], [])
+    plan = step(job, world(holder(), pods=[pod], now=started + timedelta(seconds=90)), CFG)
+    assert plan.delete_pods == ["j-1"] and plan.status["phase"] == "Scheduled" and plan.status["retryAt"]
+    attempt = plan.status["attempts"][0]
+    assert attempt["reason"] == "ContainerCreating" and attempt["message"].endswith("(waited 90 s, limit 90 s)")
+    assert "attempt 1 failed (ContainerCreating: pod j-1: ContainerCreating (its container has not started" in \
+        plan.status["message"]
+
+
+@pytest.mark.parametrize("reason", ["CreateContainerError", "CreateContainerConfigError"])
+def test_container_create_errors_warn_at_once_then_fail_the_attempt(reason):
+    """A create error shows on Ready with its message and one Warning; without a start time the pod's creation
+    counts; after the timeout the pod is deleted and backoffLimit 0 fails the job with the reason and the wait."""
+    job = running(admitted(backoffLimit=0))
+    pod = PodView("j-1", waiting=(reason, "failed to prepare subPath for volumeMount \"kv\""), created=NOW)
+    plan = step(job, world(holder(), pods=[pod], now=NOW + timedelta(seconds=5)), CFG)
+    ready = next(c for c in plan.status["conditions"] if c["type"] == "Ready")
+    assert (ready["reason"], ready["message"]) == (reason, 'pod j-1: failed to prepare subPath for volumeMount "kv"')
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", reason)]
+    job = apply(job, plan.status)
+    assert step(job, world(holder(), pods=[pod], now=NOW + timedelta(seconds=60)), CFG).events == []
+    plan = step(job, world(holder(), pods=[pod], now=NOW + timedelta(seconds=95)), CFG)
+    assert plan.delete_pods == ["j-1"] and plan.release
+    assert (plan.status["phase"], plan.status["reason"]) == ("Failed", "BackoffLimitExceeded")
+    assert f'({reason}: pod j-1: failed to prepare subPath for volumeMount "kv" (waited 95 s, limit 90 s))' in \
+        plan.status["message"]
 
 
 def test_unschedulable_pod_times_out_and_is_placed_again():
