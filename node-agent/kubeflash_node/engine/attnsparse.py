@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..store.modelconfig import ModelConfig
-from .sparse import paired_quantiles
+from .sparse import ColumnNorms, over, paired_quantiles, scaled
 
 HOOK = "sparse_attn"  # the weight-dict key llama_layer looks for
 QKV = ("wq", "wk", "wv")
@@ -36,8 +36,10 @@ class SparseAttention:
     None: record both magnitudes for calibration (`sampler(kept, tensor, most)` keeps a sample) instead."""
 
     def __init__(self, thresholds: Sequence[tuple[float, float]] | None, *, num_layers: int, channels=None,
-                 gaps: tuple[int, int] = (0, 0), sampler: Callable | None = None):
+                 gaps: tuple[int, int] = (0, 0), sampler: Callable | None = None, scales: dict | None = None):
         self.th = None if thresholds is None else [(float(a), float(b)) for a, b in thresholds]
+        # criterion wina: the attention input's (q|k|v columns) and output's (o columns) norms, masks on |x| * c
+        self.scales = None if scales is None else ColumnNorms(scales["attn_in"], scales["attn_out"])
         self.channels = channels  # store.channels.AttnChannelReader: q|k|v columns and o columns, per run
         self.gaps = gaps  # runs of kept input / output channels this many apart are read as one
         self.sampler = sampler
@@ -103,10 +105,11 @@ class _Layer:
         """(weights with wq/wk/wv (and fused_qkv, biases) narrowed to the kept input channels [*, K], the input
         narrowed alike [B, S, K], the masked input [B, S, H]) for the attention input h [B, S, H]."""
         s = self.s
+        norms = None if s.scales is None else s.scales.get(0, self.j, h.device)  # wina: |h| * norms
         if s.th is None:  # calibrating: record, run dense
-            s.sampler(s.in_samples[self.j], h)
+            s.sampler(s.in_samples[self.j], h if norms is None else scaled(h, norms))
             return w, h, h
-        keep = h.abs() > s.th[self.j][0]  # [B, S, H]
+        keep = over(h, s.th[self.j][0], norms)  # [B, S, H]
         ch = keep.reshape(-1, h.shape[-1]).any(0).nonzero().squeeze(1)  # [K] kept channels, union over tokens
         hx = h * keep  # [B, S, H] what the dense projection of the masked input sees (an X-cache stores it)
         if "fused_qkv" in w:
@@ -131,10 +134,11 @@ class _Layer:
     def out(self, c: ModelConfig, w: dict, o: torch.Tensor) -> torch.Tensor:
         """The o projection [B, S, H] of the attention output o [B, S, Q] with its small entries dropped."""
         s = self.s
+        norms = None if s.scales is None else s.scales.get(1, self.j, o.device)
         if s.th is None:
-            s.sampler(s.out_samples[self.j], o)
+            s.sampler(s.out_samples[self.j], o if norms is None else scaled(o, norms))
             return F.linear(o, w["wo"], w.get("bo"))
-        keep = o.abs() > s.th[self.j][1]  # [B, S, Q]
+        keep = over(o, s.th[self.j][1], norms)  # [B, S, Q]
         ch = keep.reshape(-1, o.shape[-1]).any(0).nonzero().squeeze(1)  # [K]
         ok = o.index_select(-1, ch) * keep.index_select(-1, ch)  # [B, S, K]
         wo = w["wo"].index_select(1, ch) if "wo" in w else s.rows(self.j, ch, o, out=True).T  # [H, K]

@@ -84,6 +84,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "byte saved); greedy-global (the same steps competing over all layers, until the byte-weighted "
                         "mean is the target). Over the attention's inputs too with --attention; a few minutes more on "
                         "a CPU; on SmolLM2 both lose more accuracy than uniform (docs/sparsity.md)")
+    p.add_argument("--criterion", choices=("magnitude", "wina"), default="magnitude",
+                   help="what input sparsity's thresholds (FFN and, with --attention, attention inputs) compare: "
+                        "magnitude (TEAL: keep entry i of a linear's input when |x_i| exceeds the layer's threshold; "
+                        "default) or wina (WINA, weight-informed: when |x_i| times the norm of the weight columns x_i "
+                        "multiplies does, over the concatenated gate|up and q|k|v columns where one input feeds "
+                        "several matrices); each threshold the quantile of that score at the target, so the share of "
+                        "entries dropped is the target either way. Not with --allocation greedy*; the gate method's "
+                        "thresholds stay magnitudes. Measured on SmolLM2 in docs/sparsity.md")
     p.add_argument("--predictor-rank", type=int_range(0, 4096), default=256,
                    help="with --bundle: rank of each layer's low-rank activation predictor (Deja Vu-style, fitted on "
                         "the FFN inputs of up to 4,096 calibration tokens a layer), used by the layers where, on "
@@ -108,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
 
         print(f"kubeflash calibrate: error: {say(e)}", file=sys.stderr)
         return 1
-    print(f"calibration: {path}")
+    print(f"calibration: {path}" + (f" (criterion {args.criterion})" if args.criterion != "magnitude" else ""))
     return 0
 
 
@@ -120,6 +128,9 @@ def _refuse_early(args: argparse.Namespace) -> None:
     if getattr(args, "allocation", "uniform") != "uniform" and not getattr(args, "channels", True):
         raise ValueError(f"--allocation {args.allocation} with --no-channels: greedy allocation shares out input sparsity's "
                          "thresholds, which a run uses only with the input-channel files; drop --no-channels")
+    if getattr(args, "criterion", "magnitude") != "magnitude" and getattr(args, "allocation", "uniform") != "uniform":
+        raise ValueError(f"--criterion {args.criterion} with --allocation {args.allocation}: greedy allocation measures "
+                         "its levels as magnitudes; use --allocation uniform with --criterion wina")
     if getattr(args, "attention", False) and not getattr(args, "channels", True):
         raise ValueError("--attention with --no-channels: attention sparsity runs with the FFN's input sparsity, which "
                          "reads the input-channel files; drop --no-channels")
@@ -174,7 +185,8 @@ def calibrate_cli(args: argparse.Namespace) -> Path:
                          "(a few pages of ordinary prose)")
     path, rec = calibrate(model_dir, ids, args.sparsity, device=device, window=args.window,
                           progress=not args.quiet, text_sha256=_sha256(args.text), recorder=True,
-                          allocation=args.allocation, attention=args.attention)
+                          allocation=args.allocation, attention=args.attention,
+                          criterion=getattr(args, "criterion", "magnitude"))
     if args.channels and manifest.config.get("architecture", "llama") != "opt":
         from ..store import sparsity as cal
         from ..store.channels import write_channels
@@ -240,15 +252,43 @@ def gate_matrices(model_dir: Path) -> list:
     return gates
 
 
+def column_norms(model_dir: Path) -> dict:
+    """WINA's c for every decoder layer (store.sparsity.SCALES keys, [L, channels] float32 numpy each): per input
+    channel the L2 norm of the weight columns it multiplies; where one input feeds several matrices (q, k, v; gate,
+    up) the norm of its column of them stacked, sqrt(sum of the squared column norms), as one kept set serves all."""
+    import numpy as np
+
+    from ..store.format import load_manifest, tensor_view
+
+    m = load_manifest(model_dir)
+    groups = {"attn_in": ("wq", "wk", "wv"), "attn_out": ("wo",), "ffn_in": ("w_gate", "w_up"), "ffn_mid": ("w_down",)}
+    out: dict = {k: [] for k in groups}
+    for stage in (s for s in m.stages if s.startswith("layer_")):
+        buf, t = np.memmap(Path(model_dir) / stage, dtype=np.uint8, mode="r"), m.files[stage].tensors
+        for k, names in groups.items():
+            sq = 0.0
+            for n in names:
+                if n not in t or t[n].dtype not in ("float16", "bfloat16", "float32"):
+                    raise ValueError(f"--criterion wina: MODEL {model_dir} has no {t[n].dtype + ' ' if n in t else ''}"
+                                     f"{n} matrix of floats in {stage} (fused or quantized weights); expected a "
+                                     "Llama-family float16/bfloat16/float32 store")
+                w = tensor_view(buf, t[n])
+                w = (w.astype(np.uint32) << 16).view(np.float32) if w.dtype == np.uint16 else w  # bfloat16 bits
+                sq = sq + np.square(w, dtype=np.float64).sum(0)  # [in] squared column norms
+            out[k].append(np.sqrt(sq).astype(np.float32))
+    return {k: np.stack(v) for k, v in out.items()}
+
+
 def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, device: str = "cpu",
               window: int = 512, progress: bool = False, text_sha256: str = "", recorder: bool = False,
-              write: bool = True, allocation: str = "uniform", attention: bool = False):
+              write: bool = True, allocation: str = "uniform", attention: bool = False, criterion: str = "magnitude"):
     """Record FFN activations over `ids` and write the thresholds of `targets` into the model's store entry
     (`allocation` "greedy": the input-sparsity thresholds per layer and input by allocate.py, over the FFN's inputs,
     and the attention's too with `attention`; "uniform": every layer and input at the target);
     returns (the file, target -> [L, I] per-neuron activation frequency at that target's thresholds), or with
     `recorder` (the file, the sparse.SparseFFN recorder holding the samples). `write` False: nothing written, the
-    store.sparsity.Calibration in place of the file (the caller saves it last: autocalib.py)."""
+    store.sparsity.Calibration in place of the file (the caller saves it last: autocalib.py). `criterion` "wina": the
+    input and attention thresholds are quantiles of |x| * c (column_norms), recorded with the calibration."""
     from ..store import sparsity as cal
     from ..store.format import load_manifest
     from ..store.modelconfig import ModelConfig
@@ -261,7 +301,12 @@ def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, de
     config = ModelConfig.from_dict(load_manifest(model_dir).config)
     if getattr(config, "num_experts", 0):
         raise ValueError(f"MODEL {model_dir}: a mixture-of-experts model; activation sparsity applies to dense FFNs")
-    rec = SparseFFN.recorder(config.num_layers)
+    scales = None
+    if criterion != "magnitude":
+        if config.architecture == "opt" or allocation != "uniform":
+            raise ValueError(f"--criterion {criterion}: needs a Llama-family model (gated FFN) and --allocation uniform")
+        scales = column_norms(model_dir)
+    rec = SparseFFN.recorder(config.num_layers, scales=scales)
     engine = Engine(model_dir, policy=make_policy(gpu_batch_size=1), device=device, sparsity=rec)
     parts = windows(ids, window)
     bar = None
@@ -290,7 +335,8 @@ def calibrate(model_dir: Path, ids: list[int], targets: tuple[float, ...], *, de
         inputs, attn, levels = greedy(rec, errors, config, targets, attention=attention,
                                       per_layer=allocation == "greedy")
     made = cal.Calibration(model_id=model_dir.name, manifest_sha256=digest, tokens=len(ids), text_sha256=text_sha256,
-                           thresholds=thresholds, inputs=inputs, attention=attn, allocation=allocation, levels=levels)
+                           thresholds=thresholds, inputs=inputs, attention=attn, allocation=allocation, levels=levels,
+                           criterion=criterion, scales=scales or {})
     path = cal.save(model_dir, made) if write else made
     return (path, rec) if recorder else (path, {t: rec.frequency_at(th) for t, th in thresholds.items()})
 

@@ -131,6 +131,9 @@ def main(args: argparse.Namespace) -> int:
         layers = _layer_reads(spec, config, itemsize, freq, plan, ceil)
         if layers is not None:
             print(f"sparsity {spec.offload.sparsity:g}: {layers.line()}")
+        crit = _criterion(spec, config, args.store)
+        if crit is not None:
+            print(f"sparsity {spec.offload.sparsity:g}: {crit}")
     if plan.runner_up:
         r = plan.runner_up
         print(f"runner-up: {describe(r)}  (+{max(0.0, r.total_s / plan.best.total_s - 1):.1%})")
@@ -434,6 +437,25 @@ def _entry_frequency(spec, config, store: Path | None):
         return None
     entry = _entry(spec, store)
     return frequency(entry, spec.offload.sparsity) if present(entry) else None
+
+
+def _criterion(spec, config, store: Path | None) -> str | None:
+    """What the store entry's input sparsity thresholds compare (kubeflash calibrate --criterion), where that is
+    not magnitude; None for magnitude, OPT or a MoE model, and where the entry has no readable calibration (the run
+    refuses it with the command to run)."""
+    from ..store import sparsity as cal
+    from ..store.format import StoreError
+
+    if spec.offload.sparsity is None or config.num_experts or config.architecture == "opt":
+        return None
+    try:
+        c = cal.load(_entry(spec, store))
+    except StoreError:
+        return None
+    if c is None or c.criterion == "magnitude":
+        return None
+    return (f"calibrated with --criterion {c.criterion} (a channel is kept where |x| x its weight column norm is "
+            "above the threshold)")
 
 
 def _device_tier(plan, spec, config, itemsize: int, freq, *, budget, ceil, job, sizes, cal):

@@ -21,6 +21,10 @@ about (1 - t) of all three matrices, against 1/3 + 2/3 (1 - t) above. Both thres
 calibration (quantiles of |h| and |m|). Streamed from disk, the columns come from the input-channel files
 (store/channels.py: one gate|up bundle per input channel, then the down columns), one read per run.
 
+With `kubeflash calibrate --criterion wina` (WINA, weight-informed) the input method's masks compare |x_c| * c_c
+with the threshold instead of |x_c|, c_c the norm of the weight columns entry c multiplies (gate|up columns for the
+FFN input, the down column for the intermediate; ColumnNorms), and the thresholds are the quantiles of |x| * c.
+
 With method "input" the attention may be thresholded the same way (attnsparse.py: its input before q/k/v, its
 output before o; `attention` below), so that nothing of a layer's seven matrices is read whole.
 
@@ -108,8 +112,12 @@ class SparseFFN:
     def __init__(self, thresholds: Sequence[float] | None, *, num_layers: int, target: float | None = None,
                  source: str = "calibrated", bundles=None, hot: list[list[int]] | None = None,
                  window: int = 0, gap: int = 0, inputs: Sequence[tuple[float, float]] | None = None,
-                 channels=None, attention=None):
+                 channels=None, attention=None, scales: dict | None = None):
         self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
+        # criterion wina (store.sparsity.CRITERIA): the FFN input's and intermediate's column norms, masks on |x| * c
+        # (recording: the samples are |x| * c); None: magnitude, masks on |x|
+        self.scales = None if scales is None else ColumnNorms(scales["ffn_in"], scales["ffn_mid"])
+        self.criterion = "magnitude" if scales is None else "wina"
         # method "input" (TEAL): per layer (threshold on |FFN input|, on |intermediate|); "gate" (CATS) otherwise
         self.input_th = None if inputs is None else [(float(a), float(b)) for a, b in inputs]
         self.method = "gate" if self.input_th is None else "input"
@@ -147,12 +155,14 @@ class SparseFFN:
         self.channel_freq = None
 
     @classmethod
-    def recorder(cls, num_layers: int) -> SparseFFN:
+    def recorder(cls, num_layers: int, scales: dict | None = None) -> SparseFFN:
+        """Records the samples calibration takes its thresholds from; with `scales` (store.sparsity.SCALES: column
+        norms) the input method's and the attention's samples are |x| * c (criterion wina), else |x|."""
         from .attnsparse import SparseAttention
 
-        rec = cls(None, num_layers=num_layers, source="record")
+        rec = cls(None, num_layers=num_layers, source="record", scales=scales)
         gen = torch.Generator().manual_seed(1)  # its own: the FFN's samples (and thresholds) stay what they were
-        rec.attention = SparseAttention(None, num_layers=num_layers,
+        rec.attention = SparseAttention(None, num_layers=num_layers, scales=scales,
                                         sampler=lambda kept, t: rec._keep_flat(kept, t, RECORD_MAX // 4, gen))
         return rec
 
@@ -276,6 +286,8 @@ class SparseFFN:
 
     def _input_line(self, s: dict) -> str:
         out = " (input sparsity: FFN inputs before gate/up, intermediate before down)"
+        if self.criterion != "magnitude":
+            out += f"; criterion {self.criterion} (|x| x weight column norm against the threshold)"
         out += _decode_needs(s, "gate/up columns of kept input channels, down columns of kept neurons")
         if self.attention_why is not None:
             out += f"; {self.attention_why}"
@@ -329,6 +341,7 @@ class SparseFFN:
                 out["channel_cache"] = self.channel_cache()
         if self.method == "input":
             out["channel_merge_gaps"] = list(self.channel_gaps)
+            out["criterion"] = self.criterion
         if self.readers():
             out["reads_in_flight_mean"] = round(self.reads_in_flight()["mean"], 2)
         if self.attention is not None and self.attention.th is not None:
@@ -404,7 +417,7 @@ class SparseFFN:
         the step's tokens, each token's own drops zeroed), so it equals the dense FFN on the masked tensors."""
         t_in, t_mid = self.input_th[layer]
         hidden, inter = h.shape[-1], c.intermediate_size
-        keep_in = h.abs() > t_in  # [B, S, H]
+        keep_in = over(h, t_in, None if self.scales is None else self.scales.get(0, layer, h.device))  # [B, S, H]
         ch = keep_in.reshape(-1, hidden).any(0).nonzero().squeeze(1)  # [K] kept input channels, union
         hk = h.index_select(-1, ch) * keep_in.index_select(-1, ch)  # [B, S, K]
         if "w_gate" in w:
@@ -413,7 +426,7 @@ class SparseFFN:
             rows = self._channel_rows(layer, ch, h, down=False)  # [K, 2I]
             gate, up = rows[:, :inter].T, rows[:, inter:].T
         m = ACTIVATIONS[c.hidden_act](F.linear(hk, gate, w.get("b_gate"))) * F.linear(hk, up, w.get("b_up"))
-        keep = m.abs() > t_mid  # [B, S, I]
+        keep = over(m, t_mid, None if self.scales is None else self.scales.get(1, layer, m.device))  # [B, S, I]
         active = keep.reshape(-1, inter).any(0).nonzero().squeeze(1)  # [A]
         mk = m.index_select(-1, active).masked_fill_(~keep.index_select(-1, active), 0)  # [B, S, A]
         down = w["w_down"].index_select(1, active) if "w_down" in w else \
@@ -553,8 +566,11 @@ class SparseFFN:
         self._keep_flat(self.samples[layer], a)
 
     def _record_inputs(self, layer: int, h: torch.Tensor, m: torch.Tensor) -> None:
-        self._keep_flat(self.in_samples[layer], h, RECORD_MAX // 4)  # 2M samples a quantile: plenty, and bounded
-        self._keep_flat(self.mid_samples[layer], m, RECORD_MAX // 4)
+        s = self.scales  # wina: the quantiles are taken of |x| * c
+        self._keep_flat(self.in_samples[layer], h if s is None else scaled(h, s.get(0, layer, h.device)),
+                        RECORD_MAX // 4)  # 2M samples a quantile: plenty, and bounded
+        self._keep_flat(self.mid_samples[layer], m if s is None else scaled(m, s.get(1, layer, m.device)),
+                        RECORD_MAX // 4)
         self._sample(self.mid_vectors[layer], m.detach().abs().reshape(-1, m.shape[-1]).to("cpu", torch.float16),
                      FREQ_TOKENS, self._mid_gen)  # its own generator: the thresholds' samples stay what they were
 
@@ -606,12 +622,41 @@ class SparseFFN:
     def input_frequency_at(self, inputs: Sequence[tuple[float, float]]):
         """[L, H + I] float32 numpy (method "input"): per layer, the share of recorded tokens on which each FFN input
         channel (first H) and each intermediate neuron (last I) was kept at the layer's (input, intermediate)
-        thresholds: what the input-channel files' hot set is chosen from (channelcache.hot_rows)."""
+        thresholds: what the input-channel files' hot set is chosen from (channelcache.hot_rows). Criterion wina:
+        kept where |x| * c is above the threshold."""
         import numpy as np
 
-        return np.stack([np.concatenate([(torch.cat(h).float().abs() > a).float().mean(0).numpy(),
-                                         (torch.cat(m).float() > b).float().mean(0).numpy()])
-                         for h, m, (a, b) in zip(self.inputs, self.mid_vectors, inputs)])
+        s = self.scales
+        return np.stack([np.concatenate([over(torch.cat(h).float(), a, None if s is None else s.get(0, j, "cpu"))
+                                         .float().mean(0).numpy(),
+                                         over(torch.cat(m).float(), b, None if s is None else s.get(1, j, "cpu"))
+                                         .float().mean(0).numpy()])
+                         for j, (h, m, (a, b)) in enumerate(zip(self.inputs, self.mid_vectors, inputs))])
+
+
+class ColumnNorms:
+    """WINA's per-channel weight column norms of two inputs ([layers, channels] each, store.sparsity.SCALES), handed
+    out per layer on the device asked, each copied there once."""
+
+    def __init__(self, first, second):
+        self.cpu = (torch.as_tensor(first, dtype=torch.float32), torch.as_tensor(second, dtype=torch.float32))
+        self.on: dict = {}
+
+    def get(self, k: int, layer: int, device) -> torch.Tensor:
+        key = (k, str(device))
+        if key not in self.on:
+            self.on[key] = self.cpu[k].to(device)
+        return self.on[key][layer]
+
+
+def scaled(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """|x| * c in float32 (c [n] over x's last dimension): WINA's score of each entry."""
+    return x.detach().abs().float() * c
+
+
+def over(x: torch.Tensor, t: float, c: torch.Tensor | None = None) -> torch.Tensor:
+    """The keep mask of a thresholded input: |x| > t (criterion magnitude, c None), or |x| * c > t (wina)."""
+    return x.abs() > t if c is None else scaled(x, c) > t
 
 
 def _rows(b: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
@@ -709,9 +754,9 @@ def _input_for_job(config: ModelConfig, model_dir, target: float, th, field: str
                    window: int = 0) -> SparseFFN | None:
     """The input-sparse (TEAL) FFN of a job, or None where `method` is auto and the model lacks what it needs."""
     from ..store import channels
-    from ..store.sparsity import CalibrationError, input_thresholds_for
+    from ..store.sparsity import CRITERIA, CalibrationError, input_thresholds_for, scales_for
 
-    ins = input_thresholds_for(model_dir, target, num_layers=config.num_layers, field=field)
+    ins = input_thresholds_for(model_dir, target, num_layers=config.num_layers, field=field, criteria=CRITERIA)
     have = channels.present(model_dir)
     if method == "auto" and (ins is None or not have):
         return None
@@ -728,8 +773,9 @@ def _input_for_job(config: ModelConfig, model_dir, target: float, th, field: str
         hot = None if freq is None or not hot_bytes else hot_rows(freq, **rows, budget_bytes=hot_bytes)
         priced = None if hot is None else hot_pricing(freq, hot, **rows)
         reader = ChannelCache(reader, hot=hot, window=window)
+    scales = scales_for(model_dir, num_layers=config.num_layers)  # None: magnitude
     ffn = SparseFFN(th, num_layers=config.num_layers, target=target, source="calibrated", inputs=ins,
-                    channels=reader)
+                    channels=reader, scales=scales)
     ffn.channel_hot, ffn.channel_freq = priced, freq
     if reader is not None:
         from .costmodel import merge_gap
@@ -737,20 +783,20 @@ def _input_for_job(config: ModelConfig, model_dir, target: float, th, field: str
         ffn.channel_gaps = (gap, gap) if gap is not None else (merge_gap(reader.in_row_bytes),
                                                                merge_gap(reader.down_row_bytes))
     if attention is not False:
-        ffn.attention = _attention_for_job(config, model_dir, target, field, gap, attention)
+        ffn.attention = _attention_for_job(config, model_dir, target, field, gap, attention, scales)
         ffn.attention_asked = attention
     return ffn
 
 
 def _attention_for_job(config: ModelConfig, model_dir, target: float, field: str, gap: int | None,
-                       attention: bool | None):
+                       attention: bool | None, scales: dict | None = None):
     """The job's attnsparse.SparseAttention, or None where `attention` is None (auto) and the model lacks what it
     needs (attention thresholds for `target` and the attention channel files)."""
     from ..store import channels
-    from ..store.sparsity import CalibrationError, attention_thresholds_for
+    from ..store.sparsity import CRITERIA, CalibrationError, attention_thresholds_for
     from .attnsparse import SparseAttention
 
-    ths = attention_thresholds_for(model_dir, target, num_layers=config.num_layers, field=field)
+    ths = attention_thresholds_for(model_dir, target, num_layers=config.num_layers, field=field, criteria=CRITERIA)
     have = channels.attn_present(model_dir)
     if attention is None and (ths is None or not have):
         return None
@@ -764,7 +810,7 @@ def _attention_for_job(config: ModelConfig, model_dir, target: float, field: str
         from .costmodel import merge_gap
 
         gaps = (gap, gap) if gap is not None else (merge_gap(reader.in_row_bytes), merge_gap(reader.down_row_bytes))
-    return SparseAttention(ths, num_layers=config.num_layers, channels=reader, gaps=gaps)
+    return SparseAttention(ths, num_layers=config.num_layers, channels=reader, gaps=gaps, scales=scales)
 
 
 def hold_on_device(ffn: SparseFFN, *, device_bytes: int, host_bytes: int, device) -> bool:
