@@ -170,13 +170,21 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null 2>&1 || { tail -20 "${run_dir}/dockerd.log" >&2; log "ERROR: dockerd did not start"; exit 1; }
 fi
 
-save() { # ref: the tar, then drop older keys of the same image (tars and tags; shared layers stay cached)
-  local tar old; tar="$(tar_of "$1")"
+drop_older_tars() { # ref: the tars of older keys of the same image (a new key replaces them)
+  local tar old prefix; tar="$(tar_of "$1")"; prefix="$(tar_of "${1%-*}-")"
+  for old in "${prefix%.tar}"*.tar; do [[ "$old" == "$tar" || ! -f "$old" ]] || rm -f "$old"; done
+}
+need_space() { # dir bytes what: fail at once, naming the disk and the numbers, when dir has less free
+  local free; free=$(( $(stat -f -c '%a * %S' "$1") ))
+  (( free >= $2 )) || { log "ERROR: $3 needs about $(( $2 >> 30 )) GiB free in $1 ($(df -h --output=target "$1" | tail -1 | tr -d ' ')), which has $(( free >> 30 )) GiB; free some (old test runs: rm -rf /tmp/pytest-of-\$USER) and run again"; exit 1; }
+}
+save() { # ref: the tar (older keys' tars dropped first: one image's tar on disk at a time), then older tags
+  local tar; tar="$(tar_of "$1")"
+  drop_older_tars "$1"
+  need_space "$cache" $(( $(docker image inspect -f '{{.Size}}' "$1") + (1 << 30) )) "saving $1"
   docker save -o "${tar}.tmp" "$1"
   mv -f "${tar}.tmp" "$tar"
   log "$1 saved to $tar ($(du -h "$tar" | cut -f1))"
-  local prefix; prefix="$(tar_of "${1%-*}-")"
-  for old in "${prefix%.tar}"*.tar; do [[ "$old" == "$tar" || ! -f "$old" ]] || rm -f "$old"; done
   docker images --format '{{.Repository}}:{{.Tag}}' "${1%:*}" | grep -vxF "$1" | xargs -r docker rmi >/dev/null || true
 }
 
@@ -251,6 +259,9 @@ build() { # ref dockerfile [--build-arg ...]
 }
 [[ -s "$(tar_of "$operator_ref")" ]] || build "$operator_ref" operator/Dockerfile
 if [[ ! -s "$(tar_of "$node_ref")" ]]; then
+  # a new node image (torch and its CUDA wheels: ~6 GB) is built as layers under $docker_root, then saved beside it
+  drop_older_tars "$node_ref"
+  need_space "$cache" $(( 8 << 30 )) "building $node_ref (its layers and its tar)"
   serve_wheels
   # the same URLs on every run (a build arg's value is part of Docker's layer cache key)
   build "$node_ref" node-agent/Dockerfile --build-arg "TORCH_WHEELS=http://127.0.0.1:$wheels_port/torch/" \

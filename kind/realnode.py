@@ -511,16 +511,22 @@ def import_images(refs: dict[str, str]) -> None:
         full = f"docker.io/{refs[kind]}" if "/" in refs[kind] else f"docker.io/library/{refs[kind]}"
         if full in have:
             continue
+        repo = full.rsplit(":", 1)[0]
+        old = [r for r in have if r.rsplit(":", 1)[0] == repo and r != full]
+        if old and kind != "pause":  # older keys of this image go first: the disk never holds both (~2 x 6 GB each)
+            ctr("images", "rm", "--sync", *old, check=False)
+        tar = Path(refs[f"{kind}_tar"])
+        need, free = 2 * tar.stat().st_size + (1 << 30), shutil.disk_usage(DATA).free  # its blobs, then unpacked
+        if free < need:
+            raise HarnessError(f"importing {refs[kind]} into containerd needs about {need >> 30} GiB free in {DATA} "
+                               f"({tar} is {tar.stat().st_size >> 30} GiB, stored and unpacked), which has "
+                               f"{free >> 30} GiB; free some (old test runs: rm -rf /tmp/pytest-of-$USER) and run again")
         t0 = time.monotonic()
         log(f"importing {refs[kind]} into containerd")
-        ctr("images", "import", refs[f"{kind}_tar"], timeout=1800)
+        ctr("images", "import", str(tar), timeout=1800)
         if kind == "pause":
             ctr("images", "label", full, "io.cri-containerd.pinned=pinned", check=False)
         log(f"{refs[kind]} imported in {time.monotonic() - t0:.0f}s")
-        repo = full.rsplit(":", 1)[0]
-        old = [r for r in have if r.rsplit(":", 1)[0] == repo and r != full]
-        if old and kind != "pause":  # older keys of this image: their layers go with them (shared ones stay)
-            ctr("images", "rm", *old, check=False)
 
 
 def helm_install(bin_dir: Path, refs: dict[str, str]) -> None:
