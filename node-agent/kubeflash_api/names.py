@@ -63,17 +63,21 @@ def job_dir_name(namespace: str, name: str) -> str:
 
 
 def check_relative(value: object, path: str) -> str:
-    """A relative path a user gives (`results/out.jsonl`): no '..', not absolute, no NUL, normalized."""
+    """A relative path a user gives (`results/out.jsonl`) naming a file: no '..', not absolute, no control
+    characters, normalized."""
     if not isinstance(value, str) or not value.strip():
         raise SpecError(path, f"must be a non-empty relative path, got {show(value)}")
-    if len(value) > 1024 or "\0" in value or "\\" in value:
-        raise SpecError(path, f"must be a relative path of at most 1024 characters without NUL or '\\', got {value!r}")
+    if len(value) > 1024 or "\\" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise SpecError(path, f"must be a relative path of at most 1024 characters without control characters (NUL, "
+                              f"newline, ...) or '\\', got {value!r}")
     parts = value.split("/")
     if value.startswith("/") or ".." in parts:
         raise SpecError(path, f"must be a path relative to its root without '..', got {value!r}")
     clean = [p for p in parts if p not in ("", ".")]
-    if not clean:
+    if not clean or parts[-1] in ("", "."):  # 'results/' names a folder
         raise SpecError(path, f"must name a file, got {value!r}")
+    if any(len(p.encode("utf-8", "surrogatepass")) > 255 for p in clean):  # NAME_MAX: its first write would fail
+        raise SpecError(path, f"must have no part longer than 255 bytes, got {value!r}")
     return "/".join(clean)
 
 

@@ -1,5 +1,6 @@
 """`kubeflash convert` refuses, before any work and naming the flag, options it would otherwise ignore or fail on
-late: --quant-group / --symmetric without quantization, an odd or tiny group, and an --out below a file."""
+late: --quant-group / --symmetric without quantization, an odd or tiny group, an --out below a file, and --overwrite
+of a folder that is not a model."""
 
 from __future__ import annotations
 
@@ -32,3 +33,16 @@ def test_out_below_a_file_names_the_file(tmp_path):
     proc = convert("dummy:smollm2-135m", "--out", str(tmp_path / "afile" / "m"), cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"--out {tmp_path / 'afile' / 'm'}: {tmp_path / 'afile'} is a file" in proc.stderr
+
+
+def test_overwrite_of_a_folder_that_is_not_a_model_is_refused_before_converting(tmp_path):
+    """--out <folder of other files> --overwrite was refused only after the whole model was converted (7.6 s for
+    SmolLM2); now before the source is read, the folder untouched and no scratch left beside it."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("precious")
+    proc = convert("builtin:smollm2-135m", "--out", str(notes), "--overwrite", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"kubeflash convert: error: {notes}: exists and is not a kubeflash model (no manifest.json)" in proc.stderr
+    assert "converting" not in proc.stderr  # no stage was written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"] and (notes / "keep.txt").read_text() == "precious"

@@ -1,5 +1,6 @@
-"""`kubeflash run` refuses a missing model, an unknown dummy preset, an output it cannot write and a bad
---tensor-parallel before torch is imported, naming what is wrong, and leaves no directory behind.
+"""`kubeflash run` refuses a missing model, an unknown builtin or dummy preset, an output it cannot write or that
+names a folder, and a bad --tensor-parallel or size before torch is imported, naming what is wrong, and leaves no
+directory behind.
 
 Found by trying the product as a newcomer: these used to import torch first (seconds), leave an empty
 kubeflash-out/<job>/, and an output under /sys (os.access says yes to root) failed only after the model was
@@ -31,7 +32,8 @@ def _run(tmp_path: Path, *args: str) -> tuple[dict, str]:
 @pytest.mark.parametrize(("uri", "expected"), [
     ("/nonexistent/kubeflash/model.gguf", "spec.model.uri: /nonexistent/kubeflash/model.gguf: no such file"),
     ("dummy:no-such-preset", "spec.model.uri: unknown dummy preset 'no-such-preset'"),
-])
+    ("builtin:smollm2-136m", "spec.model.uri: builtin model 'smollm2-136m' is unknown; expected builtin:smollm2-135m"),
+], ids=["missing-file", "unknown-dummy", "unknown-builtin"])
 def test_missing_model_refused_before_torch_and_leaves_nothing(tmp_path, uri, expected):
     result, err = _run(tmp_path, str(_manifest(tmp_path, uri)))
     assert result == {"code": 1, "torch": False}, err
@@ -56,3 +58,21 @@ def test_tensor_parallel_zero_is_a_usage_error(tmp_path):
     assert result == {"code": 2, "torch": False}, err
     assert "argument --tensor-parallel: must be an integer >= 1, got '0'" in err
     assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_output_naming_a_folder_is_a_usage_error(tmp_path):
+    """`--output out/` was written as a file named out (Path drops the slash)."""
+    result, err = _run(tmp_path, str(_manifest(tmp_path, "builtin:smollm2-135m")), "--output", "out/")
+    assert result == {"code": 2, "torch": False}, err
+    assert "argument --output: 'out/' ends in '/'; expected the path of a file" in err
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+@pytest.mark.parametrize(("size", "expected"), [
+    ("9" * 400, "is past 1 EiB"),  # was an OverflowError traceback (float infinity)
+    ("1.5.5Gi", "'1.5.5Gi' is not a size"),  # was "could not convert string to float"
+], ids=["400-digits", "two-dots"])
+def test_nonsense_memory_sizes_are_usage_errors(tmp_path, size, expected):
+    result, err = _run(tmp_path, str(_manifest(tmp_path, "builtin:smollm2-135m")), "--cpu-memory", size)
+    assert result == {"code": 2, "torch": False}, err
+    assert "argument --cpu-memory: " in err and expected in err

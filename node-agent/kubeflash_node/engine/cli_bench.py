@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cliargs import int_range, percent, positive_size
+from .cliargs import file_path, int_range, percent, positive_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk-probe", type=positive_size, default="2GiB",
                    help="size of the disk probe file written and read back under --store (default 2GiB; larger is steadier)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default)")
-    p.add_argument("--json", type=Path, help="write everything measured to this JSON file")
+    p.add_argument("--json", type=file_path, help="write everything measured to this JSON file")
 
 
 def _placement_args(s: str) -> tuple[float, float]:

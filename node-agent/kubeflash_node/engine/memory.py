@@ -8,17 +8,23 @@ only inside the functions that need a GPU.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from pathlib import Path
 
-_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+from kubeflash_api.quantity import MAX_BYTES
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
 
 
 def parse_size(s: str) -> int:
-    """`5GiB`, `5Gi`, `64G`, `500MiB`, `1073741824` -> bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]i?)?b?\s*", str(s).lower())
+    """`5GiB`, `5Gi`, `64G`, `500MiB`, `1073741824` -> bytes (at most 1 EiB)."""
+    m = re.fullmatch(r"\s*([0-9]+\.?[0-9]*|\.[0-9]+)\s*([kmgt]i?)?b?\s*", str(s).lower())
     if not m:
         raise ValueError(f"{s!r} is not a size; expected something like 5GiB, 64G or 500MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+    n = int(Fraction(m.group(1)) * _UNITS[m.group(2) or ""])  # exact: no float overflow for 400 digits
+    if n > MAX_BYTES:
+        raise ValueError(f"{s!r} is past 1 EiB; expected something like 5GiB, 64G or 500MiB")
+    return n
 
 
 def gpu_total() -> int:

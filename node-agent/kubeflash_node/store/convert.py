@@ -514,6 +514,7 @@ def convert(uri: str, out_dir: Path, *, dtype: str = "float16", quantization: st
                            or Path(out_dir).expanduser().resolve() in local.resolve().parents):
         raise SourceError(f"{out_dir}: is the source {uri} or a folder holding it; the converted model would "
                           "replace its own source (choose another output directory)")
+    ModelWriter.check_out(Path(out_dir), overwrite=overwrite)  # before the source is read and converted
     if uri.startswith("dummy:"):  # its reader imports torch: the room is checked from the preset first
         _check_room(uri, preset(uri.removeprefix("dummy:").partition("@")[0]), Path(out_dir), dtype, quantization)
     source = open_source(uri)  # config.json, headers and shapes checked first: a bad source is refused before torch

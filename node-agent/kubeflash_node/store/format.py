@@ -253,17 +253,22 @@ class ModelWriter:
 
     def __init__(self, out_dir: Path, *, overwrite: bool = False):
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not overwrite:
-            raise StoreError(f"{self.out_dir}: already exists (pass --overwrite to replace it)")
-        if self.out_dir.exists() and not (self.out_dir.is_dir() and (self.out_dir / MANIFEST).is_file()):
-            raise StoreError(f"{self.out_dir}: exists and is not a kubeflash model (no {MANIFEST}); --overwrite "
-                             "replaces only a model directory kubeflash convert wrote, never other files")
+        self.check_out(self.out_dir, overwrite=overwrite)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         prefix = f"{STAGING}{self.out_dir.name}-"
         clean_stale(self.out_dir.parent, (prefix,))  # what an earlier, killed conversion of this model left
         self.scratch = Scratch(self.out_dir.parent, prefix)
         self.tmp = self.scratch.path
         self.files: dict[str, FileEntry] = {}
+
+    @staticmethod
+    def check_out(out_dir: Path, *, overwrite: bool) -> None:
+        """StoreError if `out_dir` may not be written: it exists (without overwrite), or is not a model."""
+        if out_dir.exists() and not overwrite:
+            raise StoreError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+        if out_dir.exists() and not (out_dir.is_dir() and (out_dir / MANIFEST).is_file()):
+            raise StoreError(f"{out_dir}: exists and is not a kubeflash model (no {MANIFEST}); --overwrite "
+                             "replaces only a model directory kubeflash convert wrote, never other files")
 
     def add_stage(self, name: str, tensors: Iterable[tuple[str, np.ndarray, str]]) -> FileEntry:
         entry = write_stage(self.tmp / name, tensors)

@@ -49,12 +49,14 @@ def test_metadata_name_that_could_be_a_path_is_refused(name):
 
 
 @pytest.mark.parametrize("file", ["../x.jsonl", "a/../../x.jsonl", "/etc/passwd", "a/..", "..", "a\\..\\x", "./",
-                                  "a\0b"],
+                                  "a\0b", "out/", "out/.", "a\nb.jsonl", "a\tb", "x" * 256 + ".jsonl"],
                          ids=["dotdot", "inner-dotdot", "absolute", "trailing-dotdot", "parent", "backslash", "dot",
-                              "nul"])
+                              "nul", "folder", "folder-dot", "newline", "tab", "part-over-255-bytes"])
 @pytest.mark.parametrize("field", ["input.file", "output.path"])
 def test_dotdot_and_absolute_paths_are_refused_by_the_parser(file, field):
-    """'..' components, absolute paths, backslashes and NUL never get past the parser, in either field."""
+    """'..' components, absolute paths, backslashes and control characters never get past the parser, in either
+    field; nor does a path naming a folder ('out/' was written as a file named out) or a part longer than a file name
+    may be (the run failed on its first write, after the model was converted)."""
     section, key = field.split(".")
     spec = {"input": {"file": file}} if section == "input" else {"output": {"path": file}}
     with pytest.raises(SpecError) as err:
