@@ -58,6 +58,7 @@ def main(args: argparse.Namespace) -> int:
         routing = _routing(args.routing_from, config, _entry(spec, args.store))
         cal = Calibration(routing=routing.profile)
         job = _job(spec, tokenizer, args.prompt_len)
+        _check_prompt_len(config, job, args.prompt_len)
         r = spec.resources
         gpu_bytes = args.gpu_memory or r.gpu_memory or _gpu_or_assumed(assumed)
         cache = expert_cache_bytes(config, spec.offload.expert_cache, budget=gpu_bytes)  # spec.offload.expertCache
@@ -231,11 +232,11 @@ def _ceilings(args):
     from ..store.cache import DEFAULT_ROOT
 
     saved = (args.store or DEFAULT_ROOT) / "ceilings.json"
-    if args.ceilings and not args.ceilings.is_file():  # before bench (torch: seconds) is imported
+    if args.ceilings and not args.ceilings.is_file():  # said at once
         why = "is a directory" if args.ceilings.is_dir() else "is not a regular file" if args.ceilings.exists() \
             else "no such file"
         raise ValueError(f"--ceilings {args.ceilings}: {why}; expected a ceilings JSON file ({_HOW})")
-    from .bench import Ceilings
+    from .ceilings import Ceilings  # torch-free: a plan imports no torch unless it measures
 
     if args.ceilings:
         ceil, source = Ceilings.load(args.ceilings), f"--ceilings {args.ceilings}"
@@ -338,6 +339,16 @@ def _job(spec, tokenizer_dir: Path | None, prompt_len: int):
             lens += [len(t) // 4 + 16 for t in texts]  # ~4 characters a token
         prompt_len = max(lens)
     return JobShape(prompts=len(prompts), prompt_len=prompt_len, gen_len=gen)
+
+
+def _check_prompt_len(config, job, prompt_len: int) -> None:
+    """--prompt-len past the model's positions is refused naming it (it was priced: 'no candidate policy fits')."""
+    from .planning import context_limit
+
+    limit = context_limit(config)
+    if prompt_len and prompt_len + job.gen_len > limit:
+        raise ValueError(f"--prompt-len {prompt_len}: {prompt_len} + {job.gen_len} generated tokens exceed the model's "
+                         f"context window of {limit} tokens; expected at most {max(limit - job.gen_len, 0)}")
 
 
 def _base_policy(ceil):
