@@ -42,6 +42,32 @@ def test_missing_model_refused_before_torch_and_leaves_nothing(tmp_path, uri, ex
     assert not (tmp_path / "store").exists()
 
 
+def _builtin_gguf() -> Path:
+    from kubeflash_node.store.convert import builtin_gguf
+
+    return builtin_gguf("smollm2-135m")
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), [
+    ("m.gguf", lambda: b"\xf3junk" * 100, "not a readable GGUF file: at byte 0, the magic"),
+    ("m.gguf", lambda: _builtin_gguf().read_bytes()[:100_000],
+     "not a readable GGUF file: at byte 1099, the element count of key 'tokenizer.ggml.tokens'"),
+    ("m.safetensors", lambda: b"\0" * 64, "expected a .gguf file or a Hugging Face directory with config.json"),
+    ("m", None, "m/config.json: missing; a Hugging Face model directory needs config.json"),
+], ids=["garbage-gguf", "truncated-gguf", "other-file", "folder-without-config"])
+def test_a_model_path_that_is_no_model_is_refused_before_torch(tmp_path, name, content, expected):
+    """A corrupt GGUF or a path that is no model was refused only after torch was imported (~5 s)."""
+    uri = tmp_path / name
+    if content is None:
+        uri.mkdir()
+    else:
+        uri.write_bytes(content())
+    result, err = _run(tmp_path, str(_manifest(tmp_path, str(uri))))
+    assert result == {"code": 1, "torch": False}, err
+    assert f"spec.model.uri: {tmp_path / expected if content is None else f'{uri}: {expected}'}" in err
+    assert list((tmp_path / "work").iterdir()) == [] and not (tmp_path / "store").exists()
+
+
 @pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs sysfs mounted at /sys")
 def test_unwritable_output_refused_before_torch_and_created_dirs_removed(tmp_path):
     job_dir = tmp_path / "work" / "a" / "b"

@@ -121,8 +121,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _refuse_early(args: argparse.Namespace) -> None:
-    """A --text that is no regular file, not UTF-8 or shorter than calibration needs, or a MODEL path that does not
-    exist or a dummy: model (no tokenizer): ValueError naming it."""
+    """A --text that is no regular file, not UTF-8 or shorter than calibration needs, a MODEL that does not exist, is
+    no model or a dummy: model (no tokenizer), or a --store that is a file: ValueError naming it."""
     import re
 
     if getattr(args, "allocation", "uniform") != "uniform" and not getattr(args, "channels", True):
@@ -147,6 +147,16 @@ def _refuse_early(args: argparse.Namespace) -> None:
             and not Path(model).expanduser().exists():
         raise ValueError(f"MODEL {model}: no such file or directory; expected a model directory (kubeflash convert "
                          "--out DIR), builtin:smollm2-135m, a Hugging Face directory or a .gguf file")
+    from kubeflash_api import SpecError
+
+    from .cli_run import _check_source
+
+    try:  # an unknown builtin, a corrupt GGUF, a folder or file that is no model: not after torch and the store
+        _check_source(model, field=f"MODEL {model}")
+    except SpecError as e:
+        raise ValueError(str(e)) from None
+    if args.store and args.store.exists() and not args.store.is_dir():
+        raise ValueError(f"--store {args.store}: is a file; expected the model store's directory")
     data = args.text.read_bytes()
     try:
         data.decode("utf-8")

