@@ -7,7 +7,8 @@
     level, deleted keys, random unicode, nested junk) either parse or raise SpecError whose path is non-empty and
     names a place that exists in the mutated manifest (or a missing key of a mapping that exists): never any
     other exception.
-(c) The same for batch lines (kubeflash_api.batch.parse_line) and quantities (kubeflash_api.quantity).
+(c) The same for batch lines (kubeflash_api.batch.parse_line) and quantities (kubeflash_api.quantity); any path
+    the parser takes for spec.output.path or spec.input.file names a file that stays in its root.
 (d) Random bytes as a manifest file: SpecError naming the file, or a mapping.
 Derandomized and database-less, so CI sees the same examples every run.
 """
@@ -477,6 +478,31 @@ def test_quantity_strings_agree_with_the_crd_pattern(text):
     except SpecError as e:
         parsed = "must be at most" in e.problem
     assert parsed == _crd_accepts(text), text
+
+
+@FUZZ
+@given(st.one_of(st.text(max_size=40), st.text(st.sampled_from("ab./\\\n\t\0é"), max_size=12),
+                 st.lists(st.sampled_from(["a", ".", "..", "", "x" * 255, "é" * 128, "b.jsonl"]), min_size=1,
+                          max_size=4).map("/".join)))
+@pytest.mark.parametrize("field", ["spec.output.path", "spec.input.file"])
+def test_any_accepted_path_names_a_file_inside_its_root(field, text):
+    """spec.output.path and spec.input.file: whatever the parser takes names a file (no trailing '/'), with no
+    control character, no part a file system refuses (over 255 bytes) and no way out of its root; all else is a
+    SpecError naming the field (the run used to write 'out/' as a file, a newline into a file name, and fail on
+    a 300-character name only after the model was converted)."""
+    section, key = field.split(".")[1:]
+    doc = {"apiVersion": API_VERSION, "kind": "InferenceJob", "metadata": {"name": "j"},
+           "spec": {"model": {"uri": "builtin:x"}, "input": {"prompts": ["hi"]}}}
+    doc["spec"][section] = {key: text}
+    try:
+        parse_job(doc)
+    except SpecError as e:
+        assert e.path == field, (e.path, text)
+        return
+    parts = text.split("/")
+    assert parts[-1] not in ("", ".", "..") and not text.startswith("/") and ".." not in parts, text
+    assert all(ord(c) >= 32 and c not in "\x7f\\" for c in text), text
+    assert all(len(p.encode()) <= 255 for p in parts), text
 
 
 # ---------------------------------------------------------------------------------------- manifest files
