@@ -102,3 +102,20 @@ def test_nonsense_memory_sizes_are_usage_errors(tmp_path, size, expected):
     result, err = _run(tmp_path, str(_manifest(tmp_path, "builtin:smollm2-135m")), "--cpu-memory", size)
     assert result == {"code": 2, "torch": False}, err
     assert "argument --cpu-memory: " in err and expected in err
+
+
+@pytest.mark.parametrize(("output", "expected"), [
+    ("jd/progress.json", "--output jd/progress.json: is the run's own progress.json in jd"),
+    ("jd/report.json", "--output jd/report.json: is the run's own report.json in jd"),
+    ("jd/kv/r.jsonl", "--output jd/kv/r.jsonl: is the run's own kv/ folder in jd"),
+    ("jd", "--output jd: is the job directory"),
+], ids=["progress", "report", "kv-folder", "job-dir"])
+def test_results_onto_the_runs_own_files_are_refused_before_torch(tmp_path, output, expected):
+    """Results written to report.json were replaced by the report at the end (and the run said 'results:
+    …/report.json'); onto progress.json the run died with a JSONDecodeError traceback after the model ran."""
+    result, err = _run(tmp_path, str(_manifest(tmp_path, "builtin:smollm2-135m")), "--job-dir", "jd",
+                       "--output", output)
+    assert result == {"code": 1, "torch": False}, err
+    assert f"kubeflash run: error: {expected}; expected another file for the results (default: jd/results.jsonl)" \
+        in err
+    assert list((tmp_path / "work").iterdir()) == []

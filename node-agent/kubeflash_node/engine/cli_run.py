@@ -84,6 +84,7 @@ def main(args: argparse.Namespace) -> int:
         _check_source(spec.model.uri)
         _check_routing_from(args.routing_from)
         _check_not_an_input(args, spec, output)
+        _check_not_the_jobs(args, output, job_dir)
         created = _check_paths(args, job_dir=job_dir, output=output, store=Path(args.store or DEFAULT_ROOT))
         locks = _lock_dirs(args, job_dir=job_dir, output=output)
     except (SpecError, ValueError) as e:
@@ -286,6 +287,23 @@ def _check_not_an_input(args, spec, output: Path) -> None:
         if path.resolve() == output.resolve():
             raise ValueError(f"{'--output' if args.output else 'spec.output.path'} {output}: is {what}; expected "
                              "another file for the results")
+
+
+def _check_not_the_jobs(args, output: Path, job_dir: Path) -> None:
+    """The results file is none of the files the run itself writes in the job directory: results written to
+    report.json were replaced by the report at the end, and progress.json was read back as results (a traceback)."""
+    from kubeflash_api.contract import PROGRESS_FILE, REPORT_FILE
+
+    from ..store.routing import JOB_ROUTING_FILE
+
+    job = job_dir.resolve()
+    rel = output.resolve().relative_to(job).parts if job in output.resolve().parents else ()
+    own = "the job directory" if output.resolve() == job else \
+        f"the run's own {rel[0]} in {job_dir}" if rel in ((PROGRESS_FILE,), (REPORT_FILE,), (JOB_ROUTING_FILE,)) \
+        else f"the run's own {rel[0]}/ folder in {job_dir}" if rel[:1] in (("kv",), ("tp",)) else None
+    if own:
+        raise ValueError(f"{'--output' if args.output else 'spec.output.path'} {output}: is {own}; expected another "
+                         f"file for the results (default: {job_dir / 'results.jsonl'})")
 
 
 def _check_paths(args, *, job_dir: Path, output: Path, store: Path) -> list[Path]:
