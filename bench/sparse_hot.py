@@ -22,6 +22,7 @@ from pathlib import Path
 from kubeflash_node.engine import sparse
 from kubeflash_node.engine.generate import Engine, GenParams
 from kubeflash_node.engine.policy import Policy
+from kubeflash_node.store import sparsity as cal
 from kubeflash_node.store.format import load_manifest
 from kubeflash_node.store.modelconfig import ModelConfig
 
@@ -85,6 +86,7 @@ def main() -> int:
     eval_ids = ids[args.eval_start:args.eval_start + args.eval_tokens]
     prompt = eval_ids[:args.prompt_tokens]
     total = ffn_bytes(args.model_dir)
+    criterion = cal.load(args.model_dir).criterion  # kubeflash calibrate --criterion: what the thresholds compare
     t0 = time.perf_counter()
     dense_b, dense_toks, _ = decode(args.model_dir, prompt, args.new, target=None, attn=False, hot=0, window=0)
     if args.dense_ppl:
@@ -112,7 +114,7 @@ def main() -> int:
                           cap=None if cap is None else int(cap * total))
                 b, toks, cache = decode(args.model_dir, prompt, args.new, **kw)
                 base_toks = base_toks or toks
-                row = {"target": target, "method": method, "hot_share": share, "window": window,
+                row = {"target": target, "method": method, "criterion": criterion, "hot_share": share, "window": window,
                        "window_cap_share": cap, "ppl": ppl,
                        "ppl_increase_pct": 100 * (ppl / dense_ppl - 1), "ssd_bytes_per_token": b,
                        "vs_dense": dense_b / b, "tokens_equal_no_cache": toks == base_toks,
