@@ -84,6 +84,16 @@ def _masked(model, cal_, target):
     return model, dropped
 
 
+
+def _record(store, recorder, ids) -> None:
+    """Run the calibration text through an engine over `store` with `recorder` as its sparsity (it records)."""
+    e = Engine(store, policy=Policy(gpu_batch_size=1), sparsity=recorder)
+    try:
+        for part in sparse.windows(ids, 256):
+            sparse.sequence_logits(e, part)
+    finally:
+        e.close()
+
 def test_the_calibration_holds_the_weights_column_norms_and_quantiles_of_the_score(tiny):
     model, store, ids = tiny
     got = cal.load(store)
@@ -93,12 +103,7 @@ def test_the_calibration_holds_the_weights_column_norms_and_quantiles_of_the_sco
     assert set(got.inputs[0.0]) == {(0.0, 0.0)}
     # the thresholds are the quantiles of |x| * c: re-recorded through a recorder with those norms
     rec = sparse.SparseFFN.recorder(len(got.inputs[TARGET]), scales=got.scales)
-    e = Engine(store, policy=Policy(gpu_batch_size=1), sparsity=rec)
-    try:
-        for part in sparse.windows(ids, 256):
-            sparse.sequence_logits(e, part)
-    finally:
-        e.close()
+    _record(store, rec, ids)
     assert rec.input_thresholds_at((TARGET,))[TARGET] == got.inputs[TARGET]
     assert rec.attention.thresholds_at((TARGET,))[TARGET] == got.attention[TARGET]
     # and each is the target's share of the recorded scores: half of them fall at or below it
@@ -178,12 +183,7 @@ def test_magnitude_writes_the_file_it_wrote_before_and_masks_on_the_magnitude(ti
     _, rec1 = calibrate(mag, ids, (TARGET,), window=256, recorder=True, write=False, criterion="wina")
     assert rec.input_thresholds_at((TARGET,)) != rec1.input_thresholds_at((TARGET,))
     one = sparse.SparseFFN.recorder(len(ones["ffn_in"]), scales=ones)
-    e = Engine(mag, policy=Policy(gpu_batch_size=1), sparsity=one)
-    try:
-        for part in sparse.windows(ids, 256):
-            sparse.sequence_logits(e, part)
-    finally:
-        e.close()
+    _record(mag, one, ids)
     assert one.input_thresholds_at((TARGET,)) == rec.input_thresholds_at((TARGET,))
     assert one.attention.thresholds_at((TARGET,)) == rec.attention.thresholds_at((TARGET,))
 
