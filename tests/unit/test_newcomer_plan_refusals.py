@@ -43,3 +43,17 @@ def test_json_naming_a_folder_is_a_usage_error(tmp_path):
     assert result == {"code": 2, "torch": False}, err
     assert "argument --json: 'out/' ends in '/'; expected the path of a file" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_budgets_nothing_fits_say_where_they_came_from_and_the_least_any_plan_needs(tmp_path):
+    """`--gpu-memory 1` was answered 'no candidate policy fits 0.0 GiB of GPU ...' without saying which input set that
+    budget or how much would do."""
+    result, err = _plan(tmp_path, "--ceilings", str(CEILINGS), "--gpu-memory", "1", "--cpu-memory", "1Mi")
+    assert result["code"] == 1, err
+    line = next(ln for ln in err.splitlines() if ln.startswith("kubeflash plan: error: "))
+    assert "no candidate policy fits 0.0 GiB of GPU and 0.0 GiB of CPU memory" in line
+    assert "(GPU budget from --gpu-memory, CPU budget from --cpu-memory)" in line
+    least = float(line.split("the least GPU any candidate needs is ")[1].split(" GiB")[0])
+    assert 1.0 < least < 2.0, line  # the 1 GiB reserve and SmolLM2's smallest working set (~0.07 GiB)
+    ok, out = _plan(tmp_path, "--ceilings", str(CEILINGS), "--gpu-memory", f"{least + 0.01:.2f}Gi", "--cpu-memory", "64Gi")
+    assert ok["code"] == 0, out  # and that much is enough

@@ -77,8 +77,12 @@ def main(args: argparse.Namespace) -> int:
                 base=replace(_base_policy(ceil), expert_cache_bytes=cache), step=args.step,
                 keep=None if explicit else pinned(spec.offload, config), itemsize=itemsize, cal=cal)
         except ValueError as e:
-            if explicit is None:
+            if explicit is None and not str(e).startswith("no candidate policy fits"):
                 raise
+            if explicit is None:
+                raise ValueError(f"{e} (GPU budget from {_source(args.gpu_memory, r.gpu_memory, 'gpuMemory', 'gpu')}, "
+                                 f"CPU budget from {_source(args.cpu_memory, r.cpu_memory, 'cpuMemory', 'cpu')})"
+                                 ) from None
             plan, explicit = None, explicit + [f"policy auto would not fit either: {e}"]
         if plan is not None:
             before_s = plan.best.total_s
@@ -200,6 +204,15 @@ def _routing(path: Path | None, config, entry: Path):
                          f"routed MoE run, without expert prefetch, expected)")
     return Routing(got, f"by {path}: " + ", ".join(f"{s} x {t} tokens -> {n:.1f} experts" for s, t, n in got.points)
                    + " a layer read")
+
+
+def _source(flag: int | None, spec: int | None, field: str, which: str) -> str:
+    """Where a budget came from, for a refusal: the flag, the manifest's field, or this machine."""
+    if flag:
+        return f"--{which}-memory"
+    if spec:
+        return f"spec.resources.{field}"
+    return "this machine's GPU (or the assumed 80 GiB)" if which == "gpu" else "this machine's available memory"
 
 
 def _explicit(spec, job, config, ceil, budget, sizes, itemsize, cal) -> list[str]:

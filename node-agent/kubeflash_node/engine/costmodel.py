@@ -925,17 +925,24 @@ def choose(cands: list[Candidate], *, config: ModelConfig, ceil, job: JobShape, 
            sizes: dict[str, tuple[list[int], list[int]]], cal: Calibration = Calibration(),
            itemsize: int = 2) -> Plan:
     """Predict every candidate that fits both budgets; the fastest wins (ties: less summed work, less GPU)."""
-    fits, memo = [], {}
+    fits, memo, least = [], {}, None
     for cand in cands:
         gpu, cpu = memory(cand, config=config, job=job, sizes=sizes[cand.quantization], cal=cal, itemsize=itemsize)
         disk = kv_disk_bytes(cand, config=config, job=job, itemsize=itemsize)
         if gpu + cal.gpu_reserve_bytes <= budget.gpu_bytes and cpu <= budget.cpu_bytes and disk <= budget.disk_bytes:
             fits.append(predict(cand, config=config, ceil=ceil, job=job, budget=budget,
                                 sizes=sizes[cand.quantization], cal=cal, itemsize=itemsize, memo=memo))
+        elif least is None or (gpu, cpu) < least:
+            least = (gpu, cpu)
     if not fits:
         disk = "" if budget.disk_bytes >= 1 << 62 else f" (and {budget.disk_bytes / 2**30:.1f} GiB of KV disk)"
+        need = "" if least is None else (f"; the least GPU any candidate needs is "
+                                         f"{(least[0] + cal.gpu_reserve_bytes) / 2**30:.2f} GiB (with the "
+                                         f"{cal.gpu_reserve_bytes / 2**30:g} GiB reserve), with {least[1] / 2**30:.2f} "
+                                         "GiB of CPU memory")
         raise ValueError(f"no candidate policy fits {budget.gpu_bytes / 2**30:.1f} GiB of GPU and "
-                         f"{budget.cpu_bytes / 2**30:.1f} GiB of CPU memory{disk}; raise a budget or shorten the job")
+                         f"{budget.cpu_bytes / 2**30:.1f} GiB of CPU memory{disk}{need}; raise a budget or shorten "
+                         "the job")
     # ties (a hidden resource changes nothing) go to the candidate that does less work, then uses less GPU
     fits.sort(key=lambda pr: (round(pr.total_s, 9), round(sum(pr.resource_s.values()), 9), pr.gpu_bytes, pr.cpu_bytes))
     best = fits[0]
