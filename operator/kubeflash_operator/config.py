@@ -62,11 +62,11 @@ class OperatorConfig:
                 parse_quantity(getattr(self, name), path=ENV_PREFIX + name.upper(), lo=1)
             except SpecError as e:
                 raise ValueError(str(e)) from None
-        if not self.api_timeout_s > 0:
-            raise ValueError(f"{ENV_PREFIX}API_TIMEOUT_S must be a number of seconds above 0, got {self.api_timeout_s!r}")
-        if not self.container_start_timeout_s > 0:  # every pod is ContainerCreating for a moment
-            raise ValueError(f"{ENV_PREFIX}CONTAINER_START_TIMEOUT_S must be a number of seconds above 0, "
-                             f"got {self.container_start_timeout_s!r}")
+        # above 0: a call needs some time; every pod is ContainerCreating for a moment
+        for name in ("api_timeout_s", "container_start_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} must be a number of seconds above 0, "
+                                 f"got {getattr(self, name)!r}")
         if any(not isinstance(i, str) or not i or any(c.isspace() for c in i) for i in self.allowed_images):
             raise ValueError(f"{ENV_PREFIX}ALLOWED_IMAGES must be image references without spaces, got "
                              f"{self.allowed_images!r}")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..store.modelconfig import ModelConfig
-from .sparse import ColumnNorms, over, paired_quantiles, scaled
+from .sparse import ColumnNorms, norms_of, over, paired_quantiles, scaled
 
 HOOK = "sparse_attn"  # the weight-dict key llama_layer looks for
 QKV = ("wq", "wk", "wv")
@@ -105,7 +105,7 @@ class _Layer:
         """(weights with wq/wk/wv (and fused_qkv, biases) narrowed to the kept input channels [*, K], the input
         narrowed alike [B, S, K], the masked input [B, S, H]) for the attention input h [B, S, H]."""
         s = self.s
-        norms = None if s.scales is None else s.scales.get(0, self.j, h.device)  # wina: |h| * norms
+        norms = norms_of(s.scales, 0, self.j, h.device)  # wina: |h| * norms
         if s.th is None:  # calibrating: record, run dense
             s.sampler(s.in_samples[self.j], h if norms is None else scaled(h, norms))
             return w, h, h
@@ -134,7 +134,7 @@ class _Layer:
     def out(self, c: ModelConfig, w: dict, o: torch.Tensor) -> torch.Tensor:
         """The o projection [B, S, H] of the attention output o [B, S, Q] with its small entries dropped."""
         s = self.s
-        norms = None if s.scales is None else s.scales.get(1, self.j, o.device)
+        norms = norms_of(s.scales, 1, self.j, o.device)
         if s.th is None:
             s.sampler(s.out_samples[self.j], o if norms is None else scaled(o, norms))
             return F.linear(o, w["wo"], w.get("bo"))

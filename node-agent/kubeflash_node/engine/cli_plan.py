@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     from kubeflash_api.local import load_job_file as load_job
 
     from ..store.format import StoreError
-    from .costmodel import QUANT_BITS, Budget, Calibration, describe, x_cache_note
+    from .costmodel import QUANT_BITS, Budget, Calibration, NoPlanFits, describe, x_cache_note
     from .costmodel import plan as make_plan
     from .moeplan import expert_cache_bytes, expert_prefetch_choice, moe_assumptions
     from .planning import pinned
@@ -77,13 +77,14 @@ def main(args: argparse.Namespace) -> int:
                 base=replace(_base_policy(ceil), expert_cache_bytes=cache), step=args.step,
                 keep=None if explicit else pinned(spec.offload, config), itemsize=itemsize, cal=cal)
         except ValueError as e:
-            if explicit is None and not str(e).startswith("no candidate policy fits"):
-                raise
-            if explicit is None:
-                raise ValueError(f"{e} (GPU budget from {_source(args.gpu_memory, r.gpu_memory, 'gpuMemory', 'gpu')}, "
+            if explicit is not None:
+                plan, explicit = None, explicit + [f"policy auto would not fit either: {e}"]
+            elif isinstance(e, NoPlanFits):
+                raise NoPlanFits(f"{e} (GPU budget from {_source(args.gpu_memory, r.gpu_memory, 'gpuMemory', 'gpu')}, "
                                  f"CPU budget from {_source(args.cpu_memory, r.cpu_memory, 'cpuMemory', 'cpu')})"
                                  ) from None
-            plan, explicit = None, explicit + [f"policy auto would not fit either: {e}"]
+            else:
+                raise
         if plan is not None:
             before_s = plan.best.total_s
             plan = _device_tier(plan, spec, config, itemsize, freq, budget=budget, ceil=ceil, job=job,

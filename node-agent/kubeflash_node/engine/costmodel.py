@@ -921,6 +921,10 @@ def _shape(pr: Prediction) -> tuple:
     return tuple(pr.placement.values()), pr.candidate.quantization
 
 
+class NoPlanFits(ValueError):
+    """No candidate fits the budgets (choose): the message says how much the least of them needs."""
+
+
 def choose(cands: list[Candidate], *, config: ModelConfig, ceil, job: JobShape, budget: Budget,
            sizes: dict[str, tuple[list[int], list[int]]], cal: Calibration = Calibration(),
            itemsize: int = 2) -> Plan:
@@ -940,7 +944,7 @@ def choose(cands: list[Candidate], *, config: ModelConfig, ceil, job: JobShape, 
                                          f"{(least[0] + cal.gpu_reserve_bytes) / 2**30:.2f} GiB (with the "
                                          f"{cal.gpu_reserve_bytes / 2**30:g} GiB reserve), with {least[1] / 2**30:.2f} "
                                          "GiB of CPU memory")
-        raise ValueError(f"no candidate policy fits {budget.gpu_bytes / 2**30:.1f} GiB of GPU and "
+        raise NoPlanFits(f"no candidate policy fits {budget.gpu_bytes / 2**30:.1f} GiB of GPU and "
                          f"{budget.cpu_bytes / 2**30:.1f} GiB of CPU memory{disk}{need}; raise a budget or shorten "
                          "the job")
     # ties (a hidden resource changes nothing) go to the candidate that does less work, then uses less GPU

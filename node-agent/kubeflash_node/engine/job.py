@@ -71,11 +71,11 @@ def run_job(spec: JobSpec, *, model_dir: Path, manifest, output: Path, device: s
             sparsity.gap = merge_gap(sparsity.bundles.row_bytes, read_op_s(machine.ceilings),
                                      gbps=machine.ceilings.disk_read_cold)
         if sparsity is not None and sparsity.channels is not None and machine is not None:  # input sparsity's rows
-            from .costmodel import merge_gap, read_op_s
+            from .costmodel import read_op_s
+            from .sparse import channel_gaps
 
-            op, gbps = read_op_s(machine.ceilings), machine.ceilings.disk_read_cold
-            sparsity.channel_gaps = tuple(merge_gap(r, op, gbps=gbps) for r in (sparsity.channels.in_row_bytes,
-                                                                               sparsity.channels.down_row_bytes))
+            sparsity.channel_gaps = channel_gaps(sparsity.channels, op_s=read_op_s(machine.ceilings),
+                                                 gbps=machine.ceilings.disk_read_cold)
         itemsize = 4 if manifest.dtype == "float32" else 2
         check_one_sequence(spec, policy, config=config, job=shape, itemsize=itemsize, machine=machine)
         cache = _expert_cache(spec, config, device, machine, expert_cache)

@@ -417,7 +417,7 @@ class SparseFFN:
         the step's tokens, each token's own drops zeroed), so it equals the dense FFN on the masked tensors."""
         t_in, t_mid = self.input_th[layer]
         hidden, inter = h.shape[-1], c.intermediate_size
-        keep_in = over(h, t_in, None if self.scales is None else self.scales.get(0, layer, h.device))  # [B, S, H]
+        keep_in = over(h, t_in, norms_of(self.scales, 0, layer, h.device))  # [B, S, H]
         ch = keep_in.reshape(-1, hidden).any(0).nonzero().squeeze(1)  # [K] kept input channels, union
         hk = h.index_select(-1, ch) * keep_in.index_select(-1, ch)  # [B, S, K]
         if "w_gate" in w:
@@ -426,7 +426,7 @@ class SparseFFN:
             rows = self._channel_rows(layer, ch, h, down=False)  # [K, 2I]
             gate, up = rows[:, :inter].T, rows[:, inter:].T
         m = ACTIVATIONS[c.hidden_act](F.linear(hk, gate, w.get("b_gate"))) * F.linear(hk, up, w.get("b_up"))
-        keep = over(m, t_mid, None if self.scales is None else self.scales.get(1, layer, m.device))  # [B, S, I]
+        keep = over(m, t_mid, norms_of(self.scales, 1, layer, m.device))  # [B, S, I]
         active = keep.reshape(-1, inter).any(0).nonzero().squeeze(1)  # [A]
         mk = m.index_select(-1, active).masked_fill_(~keep.index_select(-1, active), 0)  # [B, S, A]
         down = w["w_down"].index_select(1, active) if "w_down" in w else \
@@ -627,10 +627,8 @@ class SparseFFN:
         import numpy as np
 
         s = self.scales
-        return np.stack([np.concatenate([over(torch.cat(h).float(), a, None if s is None else s.get(0, j, "cpu"))
-                                         .float().mean(0).numpy(),
-                                         over(torch.cat(m).float(), b, None if s is None else s.get(1, j, "cpu"))
-                                         .float().mean(0).numpy()])
+        return np.stack([np.concatenate([over(torch.cat(h).float(), a, norms_of(s, 0, j, "cpu")).float().mean(0).numpy(),
+                                         over(torch.cat(m).float(), b, norms_of(s, 1, j, "cpu")).float().mean(0).numpy()])
                          for j, (h, m, (a, b)) in enumerate(zip(self.inputs, self.mid_vectors, inputs))])
 
 
@@ -647,6 +645,11 @@ class ColumnNorms:
         if key not in self.on:
             self.on[key] = self.cpu[k].to(device)
         return self.on[key][layer]
+
+
+def norms_of(scales: ColumnNorms | None, k: int, layer: int, device) -> torch.Tensor | None:
+    """Input `k`'s column norms of `layer` on `device` (criterion wina), None without scales (magnitude)."""
+    return None if scales is None else scales.get(k, layer, device)
 
 
 def scaled(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -778,10 +781,7 @@ def _input_for_job(config: ModelConfig, model_dir, target: float, th, field: str
                     channels=reader, scales=scales)
     ffn.channel_hot, ffn.channel_freq = priced, freq
     if reader is not None:
-        from .costmodel import merge_gap
-
-        ffn.channel_gaps = (gap, gap) if gap is not None else (merge_gap(reader.in_row_bytes),
-                                                               merge_gap(reader.down_row_bytes))
+        ffn.channel_gaps = channel_gaps(reader, gap)
     if attention is not False:
         ffn.attention = _attention_for_job(config, model_dir, target, field, gap, attention, scales)
         ffn.attention_asked = attention
@@ -805,12 +805,18 @@ def _attention_for_job(config: ModelConfig, model_dir, target: float, field: str
                                f"attention thresholds (made before attention sparsity); run `kubeflash calibrate "
                                f"{model_dir} --text FILE --attention` again")
     reader = channels.AttnChannelReader(model_dir) if have else None
-    gaps = (0, 0)
-    if reader is not None:
-        from .costmodel import merge_gap
-
-        gaps = (gap, gap) if gap is not None else (merge_gap(reader.in_row_bytes), merge_gap(reader.down_row_bytes))
+    gaps = (0, 0) if reader is None else channel_gaps(reader, gap)
     return SparseAttention(ths, num_layers=config.num_layers, channels=reader, gaps=gaps, scales=scales)
+
+
+def channel_gaps(reader, gap: int | None = None, **pricing) -> tuple[int, int]:
+    """Input sparsity's merge gaps for a channel reader's two kinds of rows (input rows; down or o rows): `gap` for
+    both where given, else costmodel.merge_gap's for each row size (`pricing`: its op_s and gbps, else assumed)."""
+    from .costmodel import merge_gap
+
+    if gap is not None:
+        return gap, gap
+    return merge_gap(reader.in_row_bytes, **pricing), merge_gap(reader.down_row_bytes, **pricing)
 
 
 def hold_on_device(ffn: SparseFFN, *, device_bytes: int, host_bytes: int, device) -> bool:
